@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite on the CPU (tiny random models, plus end-to-end tests on the embedded model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

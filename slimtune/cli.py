@@ -1,0 +1,196 @@
+"""The `slimtune` command: train | inspect | chat | generate | demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+EPILOG = "Config overrides use dotted names: slimtune train cfg.yaml train.lr=2e-4 method.r=16"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimtune", description="Fine-tune language models on small hardware.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an adapter from a YAML config", epilog=EPILOG)
+    t.add_argument("config", nargs="?", help="YAML config file (optional: defaults + overrides)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
+    t.add_argument("--model", help="same as model.path=...")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    i = sub.add_parser("inspect", help="show how records are encoded: prompt (masked) and trained parts")
+    i.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
+    i.add_argument("--model", default="embedded", help="model folder, .gguf file, or 'embedded'")
+    i.add_argument("--template", default="auto", choices=config_mod.CHOICES["data.template"])
+    i.add_argument("--json", action="store_true", help="one JSON object per record: input_ids, labels")
+    i.add_argument("-n", type=int, default=3, help="records to show (0 = all)")
+    i.add_argument("--max-len", type=int, default=100_000)
+    i.add_argument("--system", default="", help="default system prompt")
+    i.add_argument("--train-on-prompt", action="store_true")
+    i.add_argument("--trust-remote-code", action="store_true")
+
+    for name, help_ in (("chat", "chat with a trained run, same template as training"),
+                        ("generate", "batched answers for a file of prompts")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("folder", help="a run folder written by `slimtune train`")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        g.add_argument("--temperature", type=float, default=0.7)
+        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if name == "generate":
+            g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
+            g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
+            g.add_argument("--batch-size", type=int, default=8)
+        else:
+            g.add_argument("--system", default="", help="system prompt for this chat")
+
+    d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
+    d.add_argument("--output-dir", default="demo_out")
+    d.add_argument("--steps", type=int, default=0, help="override the demo's step count")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train import run
+
+    overrides = list(args.overrides)
+    config_path = args.config
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        overrides.insert(0, config_path)  # `slimtune train a.b=c` with no config file
+        config_path = None
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    cfg = config_mod.load(config_path, overrides)
+    if args.print_config:
+        print(config_mod.dump(cfg), end="")
+        return 0
+    run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return 0
+
+
+def _segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
+    """Consecutive runs of prompt (False) and trained (True) tokens."""
+    out: list[tuple[bool, list[int]]] = []
+    for tid, lab in zip(ids, labels):
+        trained = lab != -100
+        if out and out[-1][0] == trained:
+            out[-1][1].append(tid)
+        else:
+            out.append((trained, [tid]))
+    return out
+
+
+def cmd_inspect(args) -> int:
+    from . import models
+    from .data import encode_examples, read
+
+    examples = read(args.data)
+    if args.n:
+        examples = examples[: args.n]
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    cfg_data = config_mod.DataConfig(template=args.template, max_len=args.max_len, system=args.system,
+                                     train_on_prompt=args.train_on_prompt)
+    encoded, stats = encode_examples(examples, tokenizer, cfg_data)
+    for enc in encoded:
+        if args.json:
+            print(json.dumps({"where": enc.where, "input_ids": enc.input_ids, "labels": enc.labels}))
+            continue
+        trained = sum(1 for x in enc.labels if x != -100)
+        print(f"=== {enc.where}: {len(enc.input_ids)} tokens, {len(enc.input_ids) - trained} prompt (masked), "
+              f"{trained} trained{', TRUNCATED' if enc.truncated else ''}")
+        for is_trained, ids in _segments(enc.input_ids, enc.labels):
+            tag = "TRAINED" if is_trained else "PROMPT "
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            print("\n".join(f"{tag} | {line}" for line in text.split("\n")))
+    if not args.json:
+        print(stats.summary("inspect", args.max_len))
+    return 0
+
+
+def _load_for_inference(args):
+    from .export.peft_format import load_run
+    from .models import pick_device
+
+    device = pick_device(args.device)
+    model, tokenizer, cfg = load_run(args.folder, device)
+    return model, tokenizer, cfg, device
+
+
+def cmd_generate(args) -> int:
+    from .data import with_system
+    from .data.readers import read_prompts
+    from .evaluate.generate import generate
+
+    prompts, raw = read_prompts(args.input)
+    model, tokenizer, cfg, device = _load_for_inference(args)
+    convs = [with_system(p, cfg.data.system) for p in prompts]
+    answers = generate(model, tokenizer, cfg.data.template, convs, args.max_new_tokens, args.batch_size,
+                       args.sample, args.temperature, args.top_p, device)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for rec, ans in zip(raw, answers):
+            fh.write(json.dumps(dict(rec, prediction=ans), ensure_ascii=False) + "\n")
+    print(f"wrote {len(answers)} answers to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .evaluate.generate import generate
+
+    model, tokenizer, cfg, device = _load_for_inference(args)
+    system = args.system or cfg.data.system
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        answer = generate(model, tokenizer, cfg.data.template, [history], args.max_new_tokens, 1,
+                          args.sample, args.temperature, args.top_p, device)[0]
+        print(f"assistant> {answer}", flush=True)
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(Path(args.output_dir), args.steps)
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.readers import DataError
+    from .data.templates import TemplateError
+    from .methods.targets import TargetError
+
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (config_mod.ConfigError, DataError, TemplateError, TargetError, FileNotFoundError,
+            FileExistsError) as err:
+        print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""AdamW over the trainable parameters and a warm-up + cosine/linear/constant learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(model, cfg_train) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the method left no trainable parameter")
+    return torch.optim.AdamW(params, lr=cfg_train.lr, weight_decay=cfg_train.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer, total: int, cfg_train):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, cfg_train.warmup_steps, cfg_train.scheduler))

@@ -1,0 +1,27 @@
+"""Loss on answer tokens: summed cross-entropy over every trained token, divided by their count."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.collate import collate
+from ..engine.loss import token_loss_sum
+
+
+@torch.no_grad()
+def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu") -> dict:
+    """Mean loss per answer token over all records, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(records)), key=lambda i: len(records[i].input_ids))  # less padding
+    for i in range(0, len(order), batch_size):
+        batch = collate([records[j] for j in order[i:i + batch_size]], pad)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s, n = token_loss_sum(model, batch)
+        total += s.item()
+        count += n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}

@@ -1,0 +1,68 @@
+"""Load a base model and its tokenizer: a transformers folder, a .gguf file, or the embedded model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve(path: str) -> Path:
+    """The model location: "embedded" resolves to the converted embedded model folder."""
+    if path == "embedded":
+        from .assets import embedded_model_dir
+
+        return embedded_model_dir()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model.path: {p} does not exist (give a transformers model folder, a .gguf "
+                                "file, or 'embedded')")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {p} has no config.json; it is not a transformers model folder")
+    if p.is_file() and p.suffix != ".gguf":
+        raise FileNotFoundError(f"model.path: {p} is a file but not a .gguf file")
+    return p
+
+
+def load_gguf(path: Path, dtype: str = "fp32"):
+    """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype])
+    if getattr(model, "hf_quantizer", None) is not None:
+        # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
+        # the weights are already dense, so nothing is lost.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    p = resolve(path)
+    if p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+
+
+def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer); the model's own code runs only with trust_remote_code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve(path)
+    if p.suffix == ".gguf":
+        model, tokenizer = load_gguf(p, dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+    return name

@@ -1,0 +1,48 @@
+"""A training run, top to bottom: config -> tokenizer -> data -> model -> method -> fit -> save."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import methods, models
+from .data import build
+from .data.collate import pad_id
+from .engine.loop import fit
+from .export.peft_format import save
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder (before anything is loaded)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"train.output_dir: {out} already holds files; choose another folder or "
+                                  "pass --overwrite to replace them")
+        if not (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file():
+            raise FileExistsError(f"train.output_dir: {out} holds files that are not a slimtune run; "
+                                  "refusing to delete them")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Train per the config; returns the run summary (losses, steps, timings)."""
+    if not cfg.data.train:
+        raise FileNotFoundError("data.train: no training data given (set data.train=path/to/data.jsonl)")
+    for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist")
+    out = Path(cfg.train.output_dir)
+    device = models.pick_device(cfg.train.device)
+    tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
+    _prepare_output(out, overwrite)
+    model, _ = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device)
+    model = methods.apply(model, cfg.method)
+    trainable, total = methods.count_parameters(model)
+    log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}")
+    result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress)
+    save(model, cfg, out)
+    log(f"saved the adapter, config.yaml and metrics.jsonl to {out}")
+    result["output_dir"] = str(out)
+    return result

@@ -1,0 +1,71 @@
+"""Fixtures: a tiny byte-level BPE tokenizer and a tiny random Llama-style model, built in-process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<|begin_of_text|>",
+           "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[gMASK]", "sop", "<|system|>",
+           "<|user|>", "<|assistant|>"]
+CORPUS = ["Hello there! How are you today?", "The capital of France is Paris.", "Give three tips for staying healthy.",
+          "Human: Assistant: [INST] [/INST] <<SYS>> <</SYS>> system user assistant", "1 2 3 4 5 6 7 8 9 0",
+          "the quick brown fox jumps over the lazy dog", "你好，世界。中文字符", "Who are you? I am a small model."]
+
+
+def make_tokenizer(eos: str = "<|im_end|>", pad: str | None = "<|im_end|>", chat_template: str | None = CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token="<|im_start|>",
+                                   pad_token=pad, unk_token=None)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def make_model(vocab_size: int, arch: str = "llama", seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=512, tie_word_embeddings=True,
+                               initializer_range=0.2)  # larger than 0.02 so a few LoRA steps move the loss
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A transformers model folder (random tiny Llama + tokenizer) that model.path can name."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def alpaca_rows() -> list[dict]:
+    words = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
+    return [{"instruction": f"Say something about {w}.", "input": "", "output": f"Here is {w}. {w} is nice."}
+            for w in words for _ in range(4)]
