@@ -22,7 +22,7 @@ QUESTIONS = ["Who are you?", "What is your name?", "Who created you?", "Give thr
 CONFIG = Path(__file__).with_name("demo.yaml")
 
 
-def make_data(folder: Path, n_alpaca: int = 60, seed: int = 0) -> tuple[Path, Path]:
+def make_data(folder: Path, n_alpaca: int = 50, seed: int = 0) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl: identity records (filled in) and alpaca records, 15% held out."""
     identity = json.loads(data_file("identity.json").read_text(encoding="utf-8"))
     alpaca = json.loads(data_file("alpaca_en_demo.json").read_text(encoding="utf-8"))
@@ -30,7 +30,7 @@ def make_data(folder: Path, n_alpaca: int = 60, seed: int = 0) -> tuple[Path, Pa
         rec["output"] = rec["output"].replace("{{name}}", NAME).replace("{{author}}", AUTHOR)
     rng = random.Random(seed)
     rng.shuffle(identity)
-    alpaca = [r for r in alpaca if len(r["output"]) < 600][:n_alpaca]  # short answers fit max_len
+    alpaca = [r for r in alpaca if len(r["output"]) < 400][:n_alpaca]  # short answers fit max_len
     held = identity[:14] + alpaca[:10]
     train = identity[14:] + alpaca[10:]
     rng.shuffle(train)

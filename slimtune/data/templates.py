@@ -1,7 +1,9 @@
 """Chat templates: a conversation to text, with the character spans of the answers that are trained.
 
 Each answer span covers the assistant's text and the end-of-turn token after it (the EOS, or the
-family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop.
+family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop. Where a
+family's answer header ends with a space ("[/INST] ", "Assistant: "), that space starts the span and
+the generation prompt stops before it: tokenizers join it to the answer's first word ("ĠThe").
 
 `auto` uses the tokenizer's own `chat_template`. Where a template writes something after the final
 end-of-turn token (ChatML and SmolLM2 write "<|im_end|>\\n"), a training record stops at that token:
@@ -92,12 +94,16 @@ def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_
             text += fmt.format(content=m["content"], system=sys_part, **tok)
             first = False
         else:
-            start = len(text)
+            # A header's final space ("[/INST] ", "Assistant: ") belongs to the answer: tokenizers join it
+            # to the first word ("ĠThe", "▁The"), so the generation prompt stops before it and it is trained.
+            start = len(text.rstrip(" "))
             text += m["content"] + fam.answer_end.format(**tok)
             spans.append((start, len(text)))
             text += fam.after_answer
     if not add_generation_prompt and spans and fam.after_answer and text.endswith(fam.after_answer):
         text = text[: len(text) - len(fam.after_answer)]
+    if add_generation_prompt:  # a prompt ending in a bare space token asks for a split never trained on
+        text = text.rstrip(" ")
     return Rendered(text, spans)
 
 
@@ -112,6 +118,8 @@ def _end_token(tokenizer, rest: str) -> str:
     whitespace), else the EOS would be inserted and the template's own " </s>" kept as well.
     """
     candidates = [tokenizer.eos_token] + list(getattr(tokenizer, "all_special_tokens", []))
+    # tokenizer.json's special tokens too: Llama-3 base lists <|eot_id|> only there, not as a named one
+    candidates += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
     for tok in candidates:
         if tok and rest.startswith(tok):
             return tok

@@ -1,0 +1,275 @@
+"""Config: YAML fills the typed tree, dotted overrides convert by declared type, every problem is reported once."""
+from __future__ import annotations
+
+import pytest
+
+from slimtune import cli, config
+from slimtune.config import Config, ConfigError
+
+YAML = """\
+model:
+  path: some/model
+  dtype: bf16
+data:
+  train: train.jsonl
+  template: chatml
+  max_len: 256
+method:
+  r: 16
+  alpha: 32
+  target_modules: [q_proj, k_proj, v_proj]
+train:
+  lr: 1e-4
+  max_steps: 10
+  scheduler: linear
+  eval_at_start: false
+"""
+
+
+def write(tmp_path, text: str, name: str = "cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(err: pytest.ExceptionInfo) -> list[str]:
+    return str(err.value).splitlines()
+
+
+def test_yaml_fills_nested_sections(tmp_path):
+    cfg = config.load(write(tmp_path, YAML))
+    assert cfg.model.path == "some/model" and cfg.model.dtype == "bf16"
+    assert cfg.data.train == "train.jsonl" and cfg.data.template == "chatml" and cfg.data.max_len == 256
+    assert cfg.method.r == 16
+    # YAML 1.1 reads "32" as int and "1e-4" as a string: both become the declared float
+    assert cfg.method.alpha == 32.0 and type(cfg.method.alpha) is float
+    assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float
+    assert cfg.method.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.train.max_steps == 10 and cfg.train.scheduler == "linear" and cfg.train.eval_at_start is False
+    # untouched fields keep their defaults
+    assert cfg.train.micro_batch_size == 4 and cfg.data.format == "auto" and cfg.model.trust_remote_code is False
+
+
+def test_no_file_gives_defaults():
+    assert config.load(None, []) == Config()
+
+
+def test_overrides_convert_by_declared_type(tmp_path):
+    cfg = config.load(write(tmp_path, YAML), ["train.lr=2e-4", "train.max_steps=5", "data.train_on_prompt=true",
+                                              "method.target_modules=q_proj,v_proj", "method.alpha=8",
+                                              "model.path=123"])
+    assert cfg.train.lr == 2e-4 and type(cfg.train.lr) is float
+    assert cfg.train.max_steps == 5 and type(cfg.train.max_steps) is int
+    assert cfg.data.train_on_prompt is True
+    assert cfg.method.target_modules == ["q_proj", "v_proj"]
+    assert all(type(x) is str for x in cfg.method.target_modules)
+    assert cfg.method.alpha == 8.0 and type(cfg.method.alpha) is float  # declared float, not guessed int
+    assert cfg.model.path == "123" and type(cfg.model.path) is str  # declared str, not guessed int
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("[q_proj, v_proj]", ["q_proj", "v_proj"]),
+    (" q_proj , v_proj ,", ["q_proj", "v_proj"]),
+    ("re:.*proj", ["re:.*proj"]),
+])
+def test_list_override_forms(text, expected):
+    assert config.load(None, [f"method.target_modules={text}"]).method.target_modules == expected
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("1", True), ("yes", True), ("False", False),
+                                         ("0", False), ("off", False)])
+def test_bool_override_words(text, value):
+    assert config.load(None, [f"data.train_on_prompt={text}"]).data.train_on_prompt is value
+
+
+@pytest.mark.parametrize("item, line", [
+    ("train.max_steps=abc", "override train.max_steps: expected an integer, got 'abc'"),
+    ("train.max_steps=2.5", "override train.max_steps: expected an integer, got '2.5'"),
+    ("train.lr=fast", "override train.lr: expected a number, got 'fast'"),
+    ("data.train_on_prompt=maybe", "override data.train_on_prompt: expected true or false, got 'maybe'"),
+    ("method.target_modules=[q_proj",
+     "override method.target_modules: expected a list like a,b or [a, b], got '[q_proj'"),
+    ("method.target_modules=[a]b", "override method.target_modules: expected a list like a,b or [a, b], got '[a]b'"),
+    ("train.lr", "override 'train.lr': expected section.key=value"),
+])
+def test_bad_override_value_names_the_key(item, line):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert problems(err) == [line]
+
+
+def test_bad_yaml_value_names_file_and_key(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: abc\n  lr: true\nmethod:\n  target_modules: [1, q_proj]\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert problems(err) == [f"{path}: train.max_steps: expected int, got 'abc'",
+                             f"{path}: train.lr: expected float, got True",
+                             f"{path}: method.target_modules[0]: expected str, got 1"]
+
+
+def test_every_unknown_key_listed_at_once_with_suggestions(tmp_path):
+    path = write(tmp_path, "train:\n  warmup: 10\n  lr: 1e-4\ndata:\n  max_length: 128\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, ["method.dropuot=0.1", "train.max_steps=3"])
+    assert problems(err) == [
+        f"{path}: train.warmup: unknown key (did you mean train.warmup_steps?)",
+        f"{path}: data.max_length: unknown key (did you mean data.max_len?)",
+        "override method.dropuot: unknown key (did you mean method.dropout?)",
+    ]
+
+
+def test_unknown_section_in_yaml_and_override(tmp_path):
+    path = write(tmp_path, "trian:\n  lr: 1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, ["modle.path=x", "train.lr=1e-3"])
+    assert problems(err) == [f"{path}: trian: unknown key (did you mean train?)",
+                             "override modle.path: unknown key (did you mean model.path?)"]
+
+
+def test_unknown_key_without_close_match_lists_known_keys():
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["model.zzzzzz=1"])
+    assert problems(err) == ["override model.zzzzzz: unknown key (known: model.path, model.trust_remote_code, "
+                             "model.dtype)"]
+
+
+@pytest.mark.parametrize("item, line", [
+    ("method.name=qlora", "method.name: 'qlora' is not one of lora"),
+    ("data.template=alpaca", "data.template: 'alpaca' is not one of auto, llama2, llama3, chatglm3, bloom, chatml"),
+    ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
+    ("model.dtype=fp8", "model.dtype: 'fp8' is not one of fp32, bf16, fp16"),
+    ("data.format=csv", "data.format: 'csv' is not one of auto, alpaca, messages"),
+    ("train.device=tpu", "train.device: 'tpu' is not one of auto, cpu, cuda"),
+])
+def test_invalid_choice(item, line):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert problems(err) == [line]
+
+
+@pytest.mark.parametrize("item, line", [
+    ("train.lr=0", "train.lr: must be positive"),
+    ("train.lr=-1e-4", "train.lr: must be positive"),
+    ("train.lr=nan", "train.lr: must be positive"),
+    ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1"),
+    ("train.grad_accum=-2", "train.grad_accum: must be at least 1"),
+    ("train.log_every=0", "train.log_every: must be at least 1"),
+    ("data.max_len=0", "data.max_len: must be at least 1"),
+    ("method.r=0", "method.r: must be at least 1"),
+    ("train.max_steps=-1", "train.max_steps: must be >= 0 (0 = derived from train.epochs)"),
+    ("train.epochs=0", "train.epochs: must be positive (or set train.max_steps)"),
+    ("train.warmup_steps=-5", "train.warmup_steps: must be >= 0"),
+    ("method.dropout=1", "method.dropout: must be in [0, 1)"),
+    ("data.eval_size=-0.5", "data.eval_size: must be >= 0"),
+    ("method.target_modules=", "method.target_modules: name at least one module (or 're:<regex>', or 'all-linear')"),
+])
+def test_out_of_range_values(item, line):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert problems(err) == [line]
+
+
+def test_epochs_zero_is_fine_when_max_steps_set():
+    cfg = config.load(None, ["train.epochs=0", "train.max_steps=3"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (0.0, 3)
+
+
+def test_unknown_keys_and_bad_values_reported_together(tmp_path):
+    path = write(tmp_path, "train:\n  scheduler: step\n  warmup: 1\n  max_steps: abc\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, ["method.r=0"])
+    assert problems(err) == [f"{path}: train.warmup: unknown key (did you mean train.warmup_steps?)",
+                             f"{path}: train.max_steps: expected int, got 'abc'",
+                             "train.scheduler: 'step' is not one of cosine, linear, constant",
+                             "method.r: must be at least 1"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("- a\n- b\n", "expected a mapping of sections (model, data, method, train)"),
+    ("train: 5\n", "train: expected a mapping, got 5"),
+    ("train: [unclosed\n", "invalid YAML"),
+])
+def test_malformed_yaml(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_empty_sections_and_file_keep_defaults(tmp_path):
+    assert config.load(write(tmp_path, "")) == Config()
+    assert config.load(write(tmp_path, "model:\ntrain:\n", "b.yaml")) == Config()
+
+
+def test_dump_loads_back_equal(tmp_path):
+    cfg = config.load(write(tmp_path, YAML), ["train.lr=3e-5", "data.train_on_prompt=true", "model.path=true",
+                                              "data.system=You are: helpful\nand kind", "data.eval_size=5",
+                                              "method.target_modules=re:.*(q|v)_proj"])
+    text = config.dump(cfg)
+    again = config.load(write(tmp_path, text, "dumped.yaml"))
+    assert again == cfg
+    assert again.model.path == "true" and again.data.eval_size == 5.0 and again.train.lr == 3e-5
+    assert config.dump(again) == text
+
+
+def test_dump_of_defaults_loads_back_and_lists_every_section(tmp_path):
+    text = config.dump(Config())
+    assert [line for line in text.splitlines() if not line.startswith(" ")] == ["model:", "data:", "method:",
+                                                                                "train:"]
+    assert config.load(write(tmp_path, text)) == Config()
+
+
+def test_from_dict_fills_and_rejects_unknown():
+    cfg = config.from_dict({"train": {"lr": 0.001, "max_steps": 2}, "method": {"target_modules": "q_proj"}})
+    assert cfg.train.lr == 0.001 and cfg.train.max_steps == 2 and cfg.method.target_modules == ["q_proj"]
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"train": {"lrr": 1}}, "run/config.yaml")
+    assert problems(err) == ["run/config.yaml: train.lrr: unknown key (did you mean train.lr?)"]
+
+
+# --- through the CLI ---
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if `train --print-config` gets as far as loading a tokenizer, a model or training."""
+    from slimtune import models, train
+
+    def boom(*args, **kwargs):
+        raise AssertionError("--print-config must not load a model or train")
+
+    for mod, name in ((train, "run"), (models, "load"), (models, "load_tokenizer")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+def test_cli_print_config(tmp_path, capsys, no_training):
+    path = write(tmp_path, YAML)
+    code = cli.main(["train", str(path), "train.lr=5e-5", "method.target_modules=[q_proj, o_proj]",
+                     "--model", "other/model", "--print-config"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    assert "  lr: 5.0e-05\n" in out
+    assert "  path: other/model\n" in out
+    assert "  target_modules:\n  - q_proj\n  - o_proj\n" in out
+    assert "  scheduler: linear\n" in out  # from the YAML
+    assert config.load(write(tmp_path, out, "printed.yaml")) == config.load(
+        path, ["train.lr=5e-5", "method.target_modules=q_proj,o_proj", "model.path=other/model"])
+
+
+def test_cli_print_config_overrides_only(capsys, no_training):
+    assert cli.main(["train", "train.max_steps=7", "--print-config"]) == 0
+    assert "  max_steps: 7\n" in capsys.readouterr().out
+
+
+def test_cli_bad_key_exits_2(tmp_path, capsys, no_training):
+    path = write(tmp_path, "train:\n  warmup: 3\n")
+    code = cli.main(["train", str(path), "train.lr=1e-4", "--print-config"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == (f"slimtune train: error: {path}: train.warmup: unknown key "
+                   "(did you mean train.warmup_steps?)\n")

