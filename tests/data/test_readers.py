@@ -369,3 +369,14 @@ def test_parse_messages_returns_example_or_data_error(msgs):
         assert str(err).startswith(f"{where}: field \"messages")
         return
     assert ex.messages == msgs and msgs[-1]["role"] == "assistant"
+
+
+def test_utf8_byte_order_mark_is_read(tmp_path):
+    rows = [{"instruction": "Q", "output": "A"}]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    for path in (jsonl, listed):
+        (ex,) = read(path)
+        assert ex.messages == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
