@@ -1,4 +1,4 @@
-"""The `slimtune` command: train | inspect | chat | generate | demo."""
+"""The `slimtune` command: train | inspect | chat | generate | targets | params | merge | demo."""
 from __future__ import annotations
 
 import argparse
@@ -50,15 +50,28 @@ def _parser() -> argparse.ArgumentParser:
         else:
             g.add_argument("--system", default="", help="system prompt for this chat")
 
+    tg = sub.add_parser("targets", help="list a model's Linear/Conv1D modules (LoRA targets), shapes, counts")
+    tg.add_argument("model", help="model folder (config.json is enough), .gguf file, or 'embedded'")
+    tg.add_argument("--trust-remote-code", action="store_true")
+
+    pc = sub.add_parser("params", help="trainable / total parameters of a config's method, from config.json "
+                                       "alone (built on the meta device, no weights loaded)")
+    pc.add_argument("config", nargs="?")
+    pc.add_argument("overrides", nargs="*")
+    pc.add_argument("--model", help="same as model.path=...")
+
+    mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
+    mg.add_argument("folder", help="a run folder written by `slimtune train`")
+    mg.add_argument("--output", required=True, help="folder for the merged model")
+    mg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
     d.add_argument("--steps", type=int, default=0, help="override the demo's step count")
     return p
 
 
-def cmd_train(args) -> int:
-    from .train import run
-
+def _config(args) -> config_mod.Config:
     overrides = list(args.overrides)
     config_path = args.config
     if config_path and "=" in config_path and not Path(config_path).exists():
@@ -66,7 +79,13 @@ def cmd_train(args) -> int:
         config_path = None
     if args.model:
         overrides.append(f"model.path={args.model}")
-    cfg = config_mod.load(config_path, overrides)
+    return config_mod.load(config_path, overrides)
+
+
+def cmd_train(args) -> int:
+    from .train import run
+
+    cfg = _config(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
@@ -168,6 +187,37 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+    from .methods.targets import describe
+
+    mcfg = models.load_config(args.model, args.trust_remote_code)
+    with torch.device("meta"):  # shapes only: no weights are read
+        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=args.trust_remote_code)
+    print(describe(model))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from .methods import count_on_meta
+
+    cfg = _config(args)
+    trainable, total = count_on_meta(cfg.model.path, cfg.method, cfg.model.trust_remote_code)
+    print(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
+          f"trainable%: {100 * trainable / total:.4f}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .export.merge import merge
+
+    merge(args.folder, args.output, args.dtype)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -175,18 +225,19 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
-            "demo": cmd_demo}
+            "targets": cmd_targets, "params": cmd_params, "merge": cmd_merge, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data.readers import DataError
     from .data.templates import TemplateError
+    from .methods.base import MethodError
     from .methods.targets import TargetError
 
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DataError, TemplateError, TargetError, FileNotFoundError,
+    except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, FileNotFoundError,
             FileExistsError) as err:
         print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -36,13 +36,25 @@ class DataConfig:
     seed: int = 0  # seed of the train/eval split
 
 
+METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",
+           "prefix_tuning", "ia3")
+
+
 @dataclass
 class MethodConfig:
-    name: str = "lora"  # fine-tuning method
-    r: int = 8  # LoRA rank
-    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    name: str = "lora"  # lora | dora | rslora | pissa | qlora | full | freeze | bitfit | prompt_tuning | p_tuning | prefix_tuning | ia3
+    r: int = 8  # LoRA rank (lora, dora, rslora, pissa, qlora)
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) for rslora)
     dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, or one "re:<regex>"
+    target_modules: list[str] = field(default_factory=list)  # [] = the architecture's default; names, all-linear, or one "re:<regex>"
+    bias: str = "none"  # LoRA: also train biases: none | all | lora_only
+    layers_to_transform: list[int] = field(default_factory=list)  # LoRA/IA3 only in these layer indices ([] = all)
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved with the adapter
+    quant_bits: int = 4  # qlora: base weights in 4-bit NF4 (4) or 8-bit (8)
+    trainable_layers: int = 2  # freeze: train the last N decoder layers
+    trainable_pattern: str = ""  # freeze: train the parameters whose name matches this regex instead
+    num_virtual_tokens: int = 20  # prompt_tuning / p_tuning / prefix_tuning: length of the learned prompt
+    encoder_hidden_size: int = 128  # p_tuning: width of the prompt encoder MLP
 
 
 @dataclass
@@ -61,6 +73,7 @@ class TrainConfig:
     log_every: int = 1  # write metrics every N steps
     eval_at_start: bool = True  # measure the eval loss before the first step too
     device: str = "auto"  # auto | cpu | cuda
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
 @dataclass
@@ -75,7 +88,8 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
     "data.format": ("auto", "alpaca", "messages"),
     "data.template": ("auto", "llama2", "llama3", "chatglm3", "bloom", "chatml"),
-    "method.name": ("lora",),
+    "method.name": METHODS,
+    "method.bias": ("none", "all", "lora_only"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -228,8 +242,12 @@ def validate(cfg: Config) -> list[str]:
         problems.append("method.dropout: must be in [0, 1)")
     if cfg.data.eval_size < 0:
         problems.append("data.eval_size: must be >= 0")
-    if not cfg.method.target_modules:
-        problems.append("method.target_modules: name at least one module (or 're:<regex>', or 'all-linear')")
+    if cfg.method.quant_bits not in (4, 8):
+        problems.append("method.quant_bits: must be 4 (NF4) or 8")
+    if cfg.method.num_virtual_tokens < 1:
+        problems.append("method.num_virtual_tokens: must be at least 1")
+    if cfg.method.trainable_layers < 0:
+        problems.append("method.trainable_layers: must be >= 0")
     return problems
 
 

@@ -47,17 +47,33 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
 
 
-def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device: str = "cpu"):
-    """(model, tokenizer); the model's own code runs only with trust_remote_code."""
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's transformers config alone (config.json, or a GGUF file's metadata): no weights read."""
+    from transformers import AutoConfig
+
+    p = resolve(path)
+    if p.suffix == ".gguf":
+        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+
+
+def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device: str = "cpu",
+         quantization=None):
+    """(model, tokenizer); the model's own code runs only with trust_remote_code. With a bitsandbytes
+    quantization config the weights are quantized while loading, straight onto the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = resolve(path)
     if p.suffix == ".gguf":
+        if quantization is not None:
+            raise ValueError("model.path: a .gguf model cannot be loaded for qlora; convert it to a folder first")
         model, tokenizer = load_gguf(p, dtype)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer
+        return model.to(device), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                 **extra)
+    return (model if quantization is not None else model.to(device)), tokenizer
 
 
 def pick_device(name: str) -> str:

@@ -9,6 +9,7 @@ from .data import build
 from .data.collate import pad_id
 from .engine.loop import fit
 from .export.peft_format import save
+from .methods.quant import quantization_config
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
@@ -24,6 +25,16 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def enable_checkpointing(model, cfg_method) -> None:
+    """Recompute activations in backward. Non-reentrant checkpointing needs no input that requires grad,
+    so a frozen embedding (every adapter method) still gets gradients through the checkpointed layers;
+    input grads are enabled anyway for code paths that use the reentrant variant."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg_method.name != "full":
+        model.enable_input_require_grads()
+
+
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> dict:
     """Train per the config; returns the run summary (losses, steps, timings)."""
     if not cfg.data.train:
@@ -33,12 +44,15 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> 
             raise FileNotFoundError(f"{key}: {path} does not exist")
     out = Path(cfg.train.output_dir)
     device = models.pick_device(cfg.train.device)
+    quant = quantization_config(cfg.method)  # qlora without CUDA stops here, before anything loads
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     _prepare_output(out, overwrite)
-    model, _ = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device)
+    model, _ = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device, quant)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model, cfg.method)
     model = methods.apply(model, cfg.method)
-    trainable, total = methods.count_parameters(model)
+    trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress)

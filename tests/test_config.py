@@ -135,7 +135,8 @@ def test_unknown_key_without_close_match_lists_known_keys():
 
 
 @pytest.mark.parametrize("item, line", [
-    ("method.name=qlora", "method.name: 'qlora' is not one of lora"),
+    ("method.name=lora2", "method.name: 'lora2' is not one of lora, dora, rslora, pissa, qlora, full, freeze, "
+                          "bitfit, prompt_tuning, p_tuning, prefix_tuning, ia3"),
     ("data.template=alpaca", "data.template: 'alpaca' is not one of auto, llama2, llama3, chatglm3, bloom, chatml"),
     ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of fp32, bf16, fp16"),
@@ -162,7 +163,7 @@ def test_invalid_choice(item, line):
     ("train.warmup_steps=-5", "train.warmup_steps: must be >= 0"),
     ("method.dropout=1", "method.dropout: must be in [0, 1)"),
     ("data.eval_size=-0.5", "data.eval_size: must be >= 0"),
-    ("method.target_modules=", "method.target_modules: name at least one module (or 're:<regex>', or 'all-linear')"),
+    ("method.quant_bits=3", "method.quant_bits: must be 4 (NF4) or 8"),
 ])
 def test_out_of_range_values(item, line):
     with pytest.raises(ConfigError) as err:

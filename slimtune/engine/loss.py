@@ -34,8 +34,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     keep = labels != IGNORE
     parts = split_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        logits = logits[keep]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
+        logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
     else:
         decoder, head = parts
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

@@ -1,4 +1,5 @@
-"""A run folder: the adapter in peft's own format, the resolved config.yaml and metrics.jsonl.
+"""A run folder: the adapter in peft's own format (or, for full/freeze/bitfit, the trained parameters),
+the resolved config.yaml and metrics.jsonl.
 
 `peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code; slimtune's
 own `load_run` reads config.yaml to find the base model and the chat template too.
@@ -14,8 +15,11 @@ from .. import models
 
 
 def save(model, cfg, out_dir: Path) -> None:
+    """The method's artifact (peft adapter, or our trained parts) plus the resolved config.yaml."""
+    from .. import methods
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)  # adapter_config.json + adapter_model.safetensors
+    methods.save(model, out_dir)
     (out_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
 
 
@@ -26,15 +30,24 @@ def read_config(folder: Path) -> config_mod.Config:
     return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
-def load_run(folder: str | Path, device: str = "cpu"):
-    """(model with the adapter, tokenizer, config) from a run folder, in eval mode."""
+def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True):
+    """(trained model, tokenizer, config) from a run folder, in eval mode. quantized=False loads a
+    qlora run's base in full precision (for merging)."""
     from peft import PeftModel
+
+    from ..methods.quant import quantization_config
+    from . import parts
 
     folder = Path(folder)
     cfg = read_config(folder)
-    base, tokenizer = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json; the run did not finish saving")
-    model = PeftModel.from_pretrained(base, folder).to(device)
+    quant = quantization_config(cfg.method) if quantized else None
+    base, tokenizer = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device, quant)
+    if (folder / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(base, folder)
+    elif (folder / parts.PARTS).is_file():
+        model = parts.load(base, folder)
+    else:
+        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
+                                "finish saving")
     model.eval()
     return model, tokenizer, cfg

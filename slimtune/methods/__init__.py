@@ -1,24 +1,51 @@
-"""Fine-tuning methods behind one config key (method.name); each module has apply/trainable/adapter_state."""
+"""Fine-tuning methods behind one config key (method.name).
+
+peft methods (lora, dora, rslora, pissa, qlora, ia3, prompt_tuning, p_tuning, prefix_tuning) save in
+peft's format; ours (full, freeze, bitfit) save only the parameters they train, as safetensors.
+"""
 from __future__ import annotations
 
-from . import lora
+from dataclasses import replace
+from pathlib import Path
 
-REGISTRY = {"lora": lora}
+from . import bitfit, freeze, full, ia3, lora, prompt
+from .base import MethodError, count_parameters, is_peft, trainable
+
+REGISTRY = {
+    "lora": lora, "dora": lora, "rslora": lora, "pissa": lora, "qlora": lora,
+    "ia3": ia3, "prompt_tuning": prompt, "p_tuning": prompt, "prefix_tuning": prompt,
+    "full": full, "freeze": freeze, "bitfit": bitfit,
+}
 
 
 def apply(model, cfg):
-    """Apply the configured method; returns the model to train."""
+    """Apply the configured method; returns the model to train (a PeftModel for peft methods)."""
     return REGISTRY[cfg.name].apply(model, cfg)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counted as peft's print_trainable_parameters does."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if n == 0 and hasattr(p, "ds_numel"):  # pragma: no cover - deepspeed-sharded parameters
-            n = p.ds_numel
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+def save(model, out_dir: Path) -> None:
+    """peft methods: adapter_config.json + adapter_model.safetensors; ours: the trained parameters."""
+    if is_peft(model):
+        lora.save(model, out_dir)  # also handles PiSSA's conversion; a plain save_pretrained otherwise
+    else:
+        from ..export import parts
+
+        parts.save(model, out_dir)
+
+
+def count_on_meta(model_path: str, cfg, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(trainable, total) for a method from the model's config.json alone: built on the meta device,
+    no weights read. PiSSA and QLoRA have LoRA's shapes (no SVD or quantization runs on meta)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_config
+
+    mcfg = load_config(model_path, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
+    shaped = replace(cfg, name="lora") if cfg.name in ("pissa", "qlora") else cfg
+    return count_parameters(apply(model, shaped))
+
+
+__all__ = ["MethodError", "REGISTRY", "apply", "count_on_meta", "count_parameters", "save", "trainable"]

@@ -1,28 +1,61 @@
-"""LoRA through peft: low-rank adapters on the targeted Linear layers, saved in peft's own format."""
+"""LoRA and its variants through peft: lora, dora (use_dora), rslora (use_rslora), pissa (SVD init), qlora.
+
+PiSSA moves the principal part of each weight into the adapter, so the trained adapter only fits the
+residual base; at save time it is converted (peft's path_initial_model_for_weight_conversion) into a
+plain LoRA of rank 2r that loads on the original base, as every other adapter does.
+"""
 from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
 
 from . import targets
 
 
-def apply(model, cfg):
-    """Wrap the model with LoRA adapters; only the adapters are trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def lora_config(model, cfg):
+    from peft import LoraConfig, TaskType
 
-    lcfg = LoraConfig(
+    return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
+        bias=cfg.bias,
         target_modules=targets.resolve(model, cfg.target_modules),
+        layers_to_transform=cfg.layers_to_transform or None,
+        modules_to_save=cfg.modules_to_save or None,
+        use_dora=cfg.name == "dora",
+        use_rslora=cfg.name == "rslora",
+        # a fast randomized SVD: the residual is exact whatever the precision of the principal part
+        init_lora_weights="pissa_niter_16" if cfg.name == "pissa" else True,
     )
-    return get_peft_model(model, lcfg)
 
 
-def trainable(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+def apply(model, cfg):
+    """Wrap the model with LoRA adapters; only adapters (and modules_to_save) train."""
+    from peft import get_peft_model
+
+    if cfg.name == "qlora":
+        from .quant import prepare
+
+        model = prepare(model)
+    peft_model = get_peft_model(model, lora_config(model, cfg))
+    if cfg.name == "pissa" and not str(next(model.parameters()).device) == "meta":
+        # keep the initial adapter: saving converts against it. init_lora_weights=True so that loading
+        # the initial adapter later does not run the SVD again.
+        peft_model.peft_config["default"].init_lora_weights = True
+        init_dir = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
+        peft_model.save_pretrained(init_dir)
+        peft_model._slimtune_pissa_init = init_dir
+    return peft_model
 
 
-def adapter_state(model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
+def save(model, out_dir: Path) -> None:
+    init_dir = getattr(model, "_slimtune_pissa_init", None)
+    if init_dir is None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        return
+    model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
+    shutil.rmtree(init_dir, ignore_errors=True)
+    model._slimtune_pissa_init = None

@@ -23,10 +23,25 @@ def linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if _is_linear(m) and m is not head]
 
 
+def default_targets(model, table: str = "LORA") -> list[str]:
+    """peft's per-architecture default targets (LORA or IA3 table); an error lists what exists."""
+    from peft.utils import constants
+
+    mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{table}_TARGET_MODULES_MAPPING")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        short = Counter(n.rsplit(".", 1)[-1] for n in linear_names(model))
+        raise TargetError(f"method.target_modules: no default for model type {model_type!r}; name the modules "
+                          f"(or all-linear); {_available(short)}")
+    return list(mapping[model_type])
+
+
 def resolve(model, targets: list[str]) -> list[str] | str:
-    """Targets in the form peft's LoraConfig takes: a list of suffixes or one regex string."""
+    """Targets in the form peft's configs take: a list of suffixes or one regex string."""
     names = linear_names(model)
     short = Counter(n.rsplit(".", 1)[-1] for n in names)
+    if not targets:
+        targets = default_targets(model)
     if targets == ["all-linear"]:
         return sorted(short)
     if len(targets) == 1 and targets[0].startswith("re:"):
@@ -39,7 +54,7 @@ def resolve(model, targets: list[str]) -> list[str] | str:
             raise TargetError(f"method.target_modules: regex {pattern!r} matches no Linear module (it must "
                               f"match the full name, e.g. {names[0] if names else '-'}); {_available(short)}")
         return pattern
-    missing = [t for t in targets if t not in short]
+    missing = [t for t in targets if t not in short and not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise TargetError(f"method.target_modules: {', '.join(missing)} match no Linear module; "
                           f"{_available(short)}")
@@ -48,3 +63,26 @@ def resolve(model, targets: list[str]) -> list[str] | str:
 
 def _available(short: Counter) -> str:
     return "available: " + ", ".join(f"{k} (x{v})" for k, v in sorted(short.items()))
+
+
+def describe(model) -> str:
+    """A table of the Linear/Conv1D modules by short name, with shapes and counts, and all-linear."""
+    modules = dict(model.named_modules())
+    rows: dict[str, tuple[set, int]] = {}
+    for name in linear_names(model):
+        module = modules[name]
+        out_f, in_f = module.weight.shape
+        if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores the weight as (in, out)
+            out_f, in_f = in_f, out_f
+        key = name.rsplit(".", 1)[-1]
+        shapes, count = rows.get(key, (set(), 0))
+        rows[key] = (shapes | {f"{in_f}->{out_f}"}, count + 1)
+    width = max([len(k) for k in rows] + [6])
+    lines = [f"{'module':<{width}}  count  in->out features"]
+    lines += [f"{k:<{width}}  {c:>5}  {', '.join(sorted(s))}" for k, (s, c) in sorted(rows.items())]
+    lines.append(f"all-linear = {', '.join(sorted(rows))}")
+    try:
+        lines.append(f"default (method.target_modules: []) = {', '.join(default_targets(model))}")
+    except TargetError:
+        lines.append("default: none for this architecture; name the modules")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Our methods' artifact (full, freeze, bitfit): only the trained parameters, by name, in safetensors.
+
+Base + parts restores the trained model exactly; `slimtune merge` writes it out as a plain model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PARTS = "slimtune_parts.safetensors"
+
+
+def save(model, out_dir: Path) -> None:
+    state = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
+
+
+def load(base, folder: Path):
+    """Copy the saved parameters into the base model in place; every saved name must exist in it."""
+    state = load_file(str(Path(folder) / PARTS))
+    params = dict(base.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{folder / PARTS}: parameters not in the base model: {', '.join(unknown[:5])}; "
+                         "was it trained on another model?")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{folder / PARTS}: {name} has shape {tuple(value.shape)}, the base model "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+    return base

@@ -1,0 +1,40 @@
+"""What every method shares: the error type, freezing, and parameter counts as peft reports them."""
+from __future__ import annotations
+
+import torch
+
+
+class MethodError(ValueError):
+    """A method that cannot apply to this model or machine; the message says what to do instead."""
+
+
+def freeze_all(model) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counted as peft's get_nb_trainable_parameters does (4-bit weights unpacked)."""
+    trainable_n = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if n == 0 and hasattr(p, "ds_numel"):  # pragma: no cover - deepspeed-sharded parameters
+            n = p.ds_numel
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of storage
+            n *= 2 * (p.element_size() if hasattr(p, "element_size") else p.quant_storage.itemsize)
+        total += n
+        if p.requires_grad:
+            trainable_n += n
+    return trainable_n, total
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def on_device_of(model) -> torch.device:
+    return next(model.parameters()).device

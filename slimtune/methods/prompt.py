@@ -1,0 +1,17 @@
+"""Prompt methods through peft: prompt_tuning (learned input embeddings), p_tuning (the same from an MLP
+encoder), prefix_tuning (P-tuning v2: learned keys and values in every layer). The base stays frozen."""
+from __future__ import annotations
+
+
+def apply(model, cfg):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    common = dict(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.name == "prompt_tuning":
+        pcfg = PromptTuningConfig(**common)
+    elif cfg.name == "p_tuning":
+        pcfg = PromptEncoderConfig(**common, encoder_hidden_size=cfg.encoder_hidden_size)
+    else:
+        pcfg = PrefixTuningConfig(**common)
+    return get_peft_model(model, pcfg)
+

@@ -1,0 +1,34 @@
+"""QLoRA's base: weights quantized by bitsandbytes at load time (4-bit NF4 or 8-bit); CUDA only."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .base import MethodError
+
+
+def quantization_config(cfg):
+    """The transformers quantization config for method qlora, or None for every other method."""
+    if cfg.name != "qlora":
+        return None
+    if not torch.cuda.is_available():
+        raise MethodError("method qlora quantizes the base weights with bitsandbytes, which needs a CUDA GPU; "
+                          "on the CPU use method.name=lora (the same adapter on a full-precision base)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MethodError("method qlora needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def prepare(model):
+    """peft's preparation of a k-bit model: norms in fp32, input grads on; checkpointing is the run's choice."""
+    from peft import prepare_model_for_kbit_training
+
+    ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
