@@ -25,14 +25,20 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def enable_checkpointing(model, cfg_method) -> None:
-    """Recompute activations in backward. Non-reentrant checkpointing needs no input that requires grad,
-    so a frozen embedding (every adapter method) still gets gradients through the checkpointed layers;
-    input grads are enabled anyway for code paths that use the reentrant variant."""
+def enable_checkpointing(model, cfg_method, log=print) -> bool:
+    """Recompute activations in backward; returns whether it is on. Non-reentrant checkpointing needs no
+    input that requires grad, so a frozen embedding (every adapter method) still gets gradients; input
+    grads are enabled anyway for code that uses the reentrant variant. Prefix tuning passes its prefix as
+    a KV cache, which checkpointed layers drop (peft refuses the pair): it trains without checkpointing."""
+    if cfg_method.name == "prefix_tuning":
+        log("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers would drop the learned "
+            "prefix (its keys/values travel as a KV cache); activations take the memory they need")
+        return False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg_method.name != "full":
         model.enable_input_require_grads()
+    return True
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> dict:
@@ -50,7 +56,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> 
     _prepare_output(out, overwrite)
     model, _ = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device, quant)
     if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model, cfg.method)
+        enable_checkpointing(model, cfg.method, log)
     model = methods.apply(model, cfg.method)
     trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "

@@ -31,4 +31,5 @@ def prepare(model):
     from peft import prepare_model_for_kbit_training
 
     ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
