@@ -45,6 +45,7 @@ def arch_dirs(tmp_path_factory, tok):
         cfg = AutoConfig.for_model(arch, vocab_size=len(tok), tie_word_embeddings=True, initializer_range=0.2, **kw)
         folder = tmp_path_factory.mktemp(arch)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)  # models.load reads the tokenizer beside the weights
         out[arch] = folder
     return out
 
