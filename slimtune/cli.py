@@ -231,13 +231,15 @@ COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate
 def main(argv: list[str] | None = None) -> int:
     from .data.readers import DataError
     from .data.templates import TemplateError
+    from .engine.precision import PrecisionError
     from .methods.base import MethodError
     from .methods.targets import TargetError
 
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, FileNotFoundError,
+    except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
+            FileNotFoundError,
             FileExistsError) as err:
         print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
         return 2

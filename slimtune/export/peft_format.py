@@ -35,13 +35,15 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True):
     qlora run's base in full precision (for merging)."""
     from peft import PeftModel
 
+    from ..engine.precision import base_dtype_name
     from ..methods.quant import quantization_config
     from . import parts
 
     folder = Path(folder)
     cfg = read_config(folder)
     quant = quantization_config(cfg.method) if quantized else None
-    base, tokenizer = models.load(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, device, quant)
+    dtype = base_dtype_name(cfg, device)
+    base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
     if (folder / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(base, folder)
     elif (folder / parts.PARTS).is_file():

@@ -1,0 +1,93 @@
+"""Precision modes and the fp16 traps caught before training.
+
+| train.precision | frozen base | trainable weights + AdamW state | compute | loss scaling |
+|---|---|---|---|---|
+| fp32      | fp32 | fp32 | fp32 | - |
+| bf16      | bf16 | fp32 | bf16 autocast | - |
+| bf16-pure | bf16 | bf16 | bf16 | - |
+| fp16      | fp16 | fp32 | fp16 autocast | dynamic (GradScaler) |
+| fp16-pure | fp16 | fp16 | fp16 | - (refused unless adam_eps is a normal fp16 number) |
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure")
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # 6.1e-05: the smallest normal fp16 number
+
+
+class PrecisionError(ValueError):
+    """A precision setting that would train wrongly; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    weights: torch.dtype  # the frozen base
+    trainable: torch.dtype  # trainable weights, their gradients and AdamW state
+    autocast: torch.dtype | None  # compute dtype under torch.autocast, None = no autocast
+    scaler: bool  # dynamic loss scaling (fp16 mixed)
+
+
+def bf16_supported(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return True  # PyTorch runs bf16 on every CPU (slowly where the CPU lacks bf16 instructions)
+
+
+def resolve(precision: str, device: str) -> str:
+    """auto: bf16 on a GPU that has it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cuda") and bf16_supported(device) else "fp32"
+
+
+def plan(precision: str, device: str, adam_eps: float = 1e-8) -> Plan:
+    """The dtypes of a run, after refusing the settings that cannot train correctly."""
+    name = resolve(precision, device)
+    if name.startswith("bf16") and not bf16_supported(device):
+        raise PrecisionError(f"train.precision={name}: this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+                             "use train.precision=fp16 (mixed, with dynamic loss scaling)")
+    if name == "fp16-pure" and not adam_eps >= FP16_TINY:
+        stored = float(torch.tensor(adam_eps, dtype=torch.float16))
+        raise PrecisionError(
+            f"train.precision=fp16-pure keeps AdamW's state in fp16, where train.adam_eps={adam_eps:g} becomes "
+            f"{stored:g} (fp16's smallest normal number is {FP16_TINY:.3g}): the update m/(sqrt(v)+eps) then "
+            "divides by ~0 for small gradients and blows up. Use train.precision=fp16 (fp32 trainable weights "
+            "and optimizer state, fp16 base), or bf16 where the GPU has it, or raise train.adam_eps to >= 1e-4")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "fp32":
+        return Plan(name, torch.float32, torch.float32, None, False)
+    base = half[name.split("-")[0]]
+    if name.endswith("-pure"):
+        return Plan(name, base, base, None, False)
+    return Plan(name, base, torch.float32, base, name == "fp16")
+
+
+def cast_trainable(model, dtype: torch.dtype) -> None:
+    """Trainable weights in their own dtype (fp32 by default) while the frozen base stays half."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def autocast(p: Plan, device: str):
+    if p.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=p.autocast)
+
+
+def scaler(p: Plan, device: str) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 mixed precision (a disabled no-op otherwise)."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=p.scaler)
+
+
+def base_dtype_name(cfg, device: str) -> str:
+    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    dtype = plan(cfg.train.precision, device, cfg.train.adam_eps).weights
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
