@@ -19,7 +19,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slimtune's CLI sets it
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -104,7 +105,7 @@ def main() -> None:
     total = torch.cuda.mem_get_info()[1]
     head = {"bench": "memory_grid", "shape": args.shape, "method": args.method, "precision": args.precision,
             "device": torch.cuda.get_device_name(), "device_total_gib": total / GIB, "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     try:
         model, mcfg = build(args.shape, args.method, plan, args.model_dir)
         weights = torch.cuda.memory_allocated()
@@ -144,5 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "")
     main()

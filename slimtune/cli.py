@@ -1,8 +1,9 @@
-"""The `slimtune` command: train | inspect | chat | generate | targets | params | merge | demo."""
+"""The `slimtune` command: train | inspect | chat | generate | targets | params | estimate | merge | demo."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("config", nargs="?")
     pc.add_argument("overrides", nargs="*")
     pc.add_argument("--model", help="same as model.path=...")
+
+    es = sub.add_parser("estimate", help="predicted peak GPU memory of a config, by component, before any run")
+    es.add_argument("config", nargs="?")
+    es.add_argument("overrides", nargs="*")
+    es.add_argument("--model", help="same as model.path=...")
+    es.add_argument("--budget", help="GPU memory available, e.g. 24GiB: says whether the run fits and what would")
 
     mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
@@ -211,6 +218,36 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .engine import memory
+
+    cfg = _config(args)
+    budget = memory.parse_size(args.budget) if args.budget else None
+    rows = None
+    if cfg.data.train:
+        from . import models
+
+        rows = memory.data_rows(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    est = memory.estimate(cfg, rows)
+    where = f"the longest {len(rows)} records of {cfg.data.train}" if rows else \
+        f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
+    print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
+          f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
+    print(est.table())
+    if budget is not None:
+        total = est.peak + est.cuda_context
+        verdict = "fits" if total <= budget else "does NOT fit"
+        print(f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA context: "
+              f"{verdict}")
+        if total > budget:
+            fixes = memory.suggestions(cfg, budget, rows)
+            print("changes that fit:" if fixes else "no single change fits; combine them or use a larger GPU")
+            for text, peak in sorted(fixes, key=lambda x: -x[1]):
+                print(f"  {text:<50} {peak / memory.GIB:8.2f} GiB")
+            return 0 if fixes else 1
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .export.merge import merge
 
@@ -225,10 +262,14 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
-            "targets": cmd_targets, "params": cmd_params, "merge": cmd_merge, "demo": cmd_demo}
+            "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # expandable segments: far less fragmentation, so reserved memory stays close to allocated (and to
+    # `slimtune estimate`); must be set before CUDA initializes
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from .data.readers import DataError
     from .data.templates import TemplateError
     from .engine.precision import PrecisionError

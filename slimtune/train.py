@@ -8,7 +8,9 @@ from . import methods, models
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
+from .engine import memory
 from .engine.loop import fit
+from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .export.peft_format import save
 from .methods.quant import quantization_config
@@ -29,18 +31,31 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 def enable_checkpointing(model, cfg_method, log=print) -> bool:
     """Recompute activations in backward; returns whether it is on. Non-reentrant checkpointing needs no
-    input that requires grad, so a frozen embedding (every adapter method) still gets gradients; input
-    grads are enabled anyway for code that uses the reentrant variant. Prefix tuning passes its prefix as
-    a KV cache, which checkpointed layers drop (peft refuses the pair): it trains without checkpointing."""
+    input that requires grad, so with a frozen embedding (every method but full) gradients still reach the
+    adapters, and `enable_input_require_grads` is not needed: that hook would also make frozen layers
+    below a `freeze` run's trainable ones keep activations for a backward they never need. Prefix tuning
+    passes its prefix as a KV cache, which checkpointed layers drop (peft refuses the pair): it trains
+    without checkpointing."""
     if cfg_method.name == "prefix_tuning":
         log("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers would drop the learned "
             "prefix (its keys/values travel as a KV cache); activations take the memory they need")
         return False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if cfg_method.name != "full":
-        model.enable_input_require_grads()
     return True
+
+
+def _predict(cfg, built, log) -> float | None:
+    """The memory estimate for this run's worst micro-batch, printed before the model loads."""
+    try:
+        sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
+        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size])
+    except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
+        log(f"memory estimate unavailable: {err}")
+        return None
+    log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
+        "`slimtune estimate` shows the parts)")
+    return est.peak
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> dict:
@@ -57,6 +72,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> 
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     _prepare_output(out, overwrite)
+    predicted = _predict(cfg, built, log)
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)
@@ -66,6 +82,11 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print) -> 
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan)
+    if "peak_reserved_gib" in result and predicted is not None:
+        meas = result["peak_reserved_gib"]
+        log(f"GPU memory: measured peak {meas:.2f} GiB reserved ({result['peak_allocated_gib']:.2f} allocated), "
+            f"predicted {predicted / GIB:.2f} GiB ({100 * (predicted / GIB / meas - 1):+.1f}%)")
+        result["predicted_peak_gib"] = predicted / GIB
     save(model, cfg, out)
     log(f"saved the adapter, config.yaml and metrics.jsonl to {out}")
     result["output_dir"] = str(out)

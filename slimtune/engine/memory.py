@@ -1,0 +1,247 @@
+"""Peak GPU memory predicted from the config alone: the model is built on the meta device from config.json.
+
+The peak is the larger of two moments of a step:
+- end of forward / start of backward: weights + trainable + AdamW state + gradients (if accumulating)
+  + activations saved for backward + the loss's logits (fp32 copies over the trained positions);
+- the optimizer step: weights + trainable + state + gradients + AdamW's foreach temporaries.
+Activation bytes per token per layer are proportional to (hidden + intermediate) with a coefficient per
+method family, measured on an H100 (bench/memory_grid.py, 2026-11-23; bench/check_estimator.py compares
+every cell). Allocator slack (reserved - allocated) and the CUDA context are added on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+GIB = 2 ** 30
+BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# bytes saved for backward per token per layer, per (hidden + intermediate) element, bf16/fp16 base.
+# lora-like: peft casts each adapted layer's input to fp32 and saves it; full/freeze: Linear inputs in
+# the compute dtype; prompt methods: only what the frozen layers need to pass gradients through.
+LAYER_COEF = {"lora": 12.2, "qlora": 10.5, "ia3": 9.0, "prompt": 8.2, "full": 13.4, "freeze": 22.8}
+LOGIT_BYTES = 10.4  # per trained position x vocab: bf16 head output, its fp32 copy, log-softmax for backward
+CKPT_INPUT = 1.0  # checkpointing keeps each layer's input: hidden x dtype bytes (x this factor)
+ALLOC_SLACK = 0.08  # reserved beyond allocated at the peak, as a fraction of the transient memory
+CUDA_CONTEXT = 0.5 * GIB  # driver + kernels, outside PyTorch's allocator
+
+
+@dataclass
+class Estimate:
+    weights: float = 0.0  # frozen base (4-bit/8-bit for qlora)
+    trainable: float = 0.0  # trainable parameters (fp32 by default)
+    gradients: float = 0.0
+    optimizer: float = 0.0  # AdamW exp_avg + exp_avg_sq
+    activations: float = 0.0  # saved for backward, with the configured checkpointing
+    activations_other: float = 0.0  # the same with checkpointing toggled (for comparison)
+    logits: float = 0.0  # loss over the trained positions
+    optimizer_step_extra: float = 0.0  # foreach temporaries during the AdamW step
+    allocator: float = 0.0  # reserved - allocated slack
+    cuda_context: float = CUDA_CONTEXT
+    grad_accum: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def persistent(self) -> float:
+        return self.weights + self.trainable + self.optimizer
+
+    @property
+    def peak_allocated(self) -> float:
+        transient = self.activations + self.logits
+        # with one micro-batch per step, gradients fill in as activations are freed: the backward holds
+        # mostly one or the other; accumulation keeps the gradients through the next forward
+        fb = transient + self.gradients if self.grad_accum > 1 else max(transient, self.gradients)
+        step = self.gradients + self.optimizer_step_extra
+        return self.persistent + max(fb, step)
+
+    @property
+    def peak(self) -> float:
+        """Predicted peak reserved by PyTorch (what the allocator holds), without the CUDA context."""
+        return self.peak_allocated + self.allocator
+
+    def table(self) -> str:
+        rows = [("weights (frozen base)", self.weights), ("trainable parameters", self.trainable),
+                ("gradients", self.gradients), ("optimizer state (AdamW)", self.optimizer),
+                ("activations", self.activations), ("logits + loss", self.logits),
+                ("optimizer step temporaries", self.optimizer_step_extra), ("allocator slack", self.allocator)]
+        lines = [f"  {name:<28} {v / GIB:8.2f} GiB" for name, v in rows]
+        lines.append(f"  {'predicted peak (reserved)':<28} {self.peak / GIB:8.2f} GiB")
+        lines.append(f"  {'+ CUDA context':<28} {self.cuda_context / GIB:8.2f} GiB")
+        lines.append(f"  {'activations if checkpointing toggled':<28} {self.activations_other / GIB:.2f} GiB")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _family(name: str) -> str:
+    if name in ("lora", "dora", "rslora", "pissa"):
+        return "lora"
+    if name in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        return "prompt"
+    return {"qlora": "qlora", "ia3": "ia3", "full": "full", "freeze": "freeze", "bitfit": "prompt"}[name]
+
+
+_META: dict[str, tuple] = {}
+
+
+def _meta_model(cfg):
+    """The method applied to the model built on the meta device (cached: estimates come in grids)."""
+    key = repr((cfg.model.path, cfg.method))
+    if key not in _META:
+        _META[key] = _build_meta(cfg)
+    return _META[key]
+
+
+def _build_meta(cfg):
+    from transformers import AutoModelForCausalLM
+
+    from .. import methods
+    from ..models import load_config
+
+    mcfg = load_config(cfg.model.path, cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+    shaped = replace(cfg.method, name="lora") if cfg.method.name in ("pissa", "qlora") else cfg.method
+    return methods.apply(model, shaped), mcfg
+
+
+def _plan(cfg):
+    from . import precision
+
+    name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision  # an estimate is for a GPU
+    return precision.plan(name, "cpu", cfg.train.adam_eps)
+
+
+def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
+    """Predicted peak for a config. rows: (length, trained tokens) of the largest micro-batch; by default
+    micro_batch_size rows of data.max_len tokens, all trained (the worst case)."""
+    model, mcfg = _meta_model(cfg)
+    plan = _plan(cfg)
+    est = Estimate(grad_accum=cfg.train.grad_accum)
+    wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    trainable_n = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable_n += p.numel()
+            continue
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
+            # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
+            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
+            est.weights += p.numel() * per
+        else:
+            est.weights += p.numel() * wbytes
+    est.trainable = est.gradients = trainable_n * tbytes
+    est.optimizer = 2 * trainable_n * tbytes
+    est.optimizer_step_extra = trainable_n * tbytes  # foreach AdamW: one parameter-sized temporary
+
+    h = mcfg.hidden_size
+    inter = getattr(mcfg, "intermediate_size", None) or 4 * h
+    layers = mcfg.num_hidden_layers
+    vocab = mcfg.vocab_size
+    if rows is None:
+        rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
+    width = max(length for length, _ in rows)
+    tokens = width * len(rows)  # right padding: every row is as long as the longest
+    trained = sum(t for _, t in rows)
+    family = _family(cfg.method.name)
+    act_dtype = 2 if plan.weights != torch.float32 else 4
+    scale = act_dtype / 2
+    per_layer = LAYER_COEF[family] * (h + inter) * scale
+    if family == "prompt" and cfg.method.name != "prefix_tuning":
+        tokens_in = tokens + len(rows) * cfg.method.num_virtual_tokens
+    else:
+        tokens_in = tokens
+    # layers below a freeze run's trainable ones take no part in backward: they keep nothing
+    deep = min(cfg.method.trainable_layers, layers) if family == "freeze" else layers
+    full_acts = tokens_in * deep * per_layer
+    resid = 4 if family == "full" and plan.trainable == torch.float32 else act_dtype
+    ckpt_acts = tokens_in * deep * h * resid * CKPT_INPUT + tokens_in * per_layer
+    use_ckpt = cfg.train.gradient_checkpointing and cfg.method.name != "prefix_tuning"
+    est.activations, est.activations_other = (ckpt_acts, full_acts) if use_ckpt else (full_acts, ckpt_acts)
+    # peft's prompt wrappers compute every position's logits (bf16, transient) before the loss picks the
+    # trained ones; the fp32 copies and log-softmax cover the trained positions only
+    est.logits = max(trained * vocab * LOGIT_BYTES, (tokens if family == "prompt" else 0) * vocab * 2) * scale
+    if plan.autocast is not None and family in ("full", "freeze"):
+        est.activations += trainable_n * BYTES[plan.autocast]  # autocast's half copies of fp32 weights
+    est.allocator = ALLOC_SLACK * (est.peak_allocated - est.persistent)
+    if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
+        est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
+    return est
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '24GB', '24g', '1500MiB' -> bytes (GB is read as GiB, as GPU makers mean it)."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([GMK]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--budget {text!r}: expected a size like 24GiB or 1500MiB")
+    return float(m.group(1)) * {"G": GIB, "M": 2 ** 20, "K": 2 ** 10, "": 1}[m.group(2).upper()]
+
+
+def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
+    """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
+    from ..data import encode_examples, read
+
+    encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
+    sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
+    return sizes[: cfg.train.micro_batch_size]
+
+
+def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
+    """Single changes to the config that bring the predicted peak (with the CUDA context) under budget."""
+    cands: list[tuple[str, object]] = []
+    tc = cfg.train
+    if not tc.gradient_checkpointing:
+        cands.append(("train.gradient_checkpointing=true", replace(cfg, train=replace(tc, gradient_checkpointing=True))))
+    mb = tc.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        accum = tc.grad_accum * tc.micro_batch_size // mb
+        cands.append((f"train.micro_batch_size={mb} train.grad_accum={accum}",
+                      replace(cfg, train=replace(tc, micro_batch_size=mb, grad_accum=accum))))
+    for length in (2048, 1024, 512, 256):
+        if length < cfg.data.max_len:
+            cands.append((f"data.max_len={length}", replace(cfg, data=replace(cfg.data, max_len=length))))
+    if cfg.method.name in ("lora", "dora", "rslora", "pissa"):
+        cands.append(("method.name=qlora", replace(cfg, method=replace(cfg.method, name="qlora"))))
+    if cfg.method.name in ("full",):
+        cands.append(("method.name=lora", replace(cfg, method=replace(cfg.method, name="lora"))))
+    if _plan(cfg).weights == torch.float32:
+        cands.append(("train.precision=bf16", replace(cfg, train=replace(tc, precision="bf16"))))
+    out = []
+    for text, c in cands:
+        est = estimate(c, None if rows is None else _trim(rows, c))
+        out.append((text, est.peak + est.cuda_context))
+    fits = [(t, p) for t, p in out if p <= budget]
+    if fits:
+        return fits
+    combined, texts = cfg, []  # no single change: apply them one after another until it fits
+    for text, c in cands:
+        if "micro_batch_size" in text and any("micro_batch_size" in t for t in texts):
+            texts = [t for t in texts if "micro_batch_size" not in t]
+        if "max_len" in text and any("max_len" in t for t in texts):
+            texts = [t for t in texts if "max_len" not in t]
+        combined = _merge(combined, c, cfg)
+        texts.append(text)
+        est = estimate(combined, None if rows is None else _trim(rows, combined))
+        if est.peak + est.cuda_context <= budget:
+            return [(" ".join(texts), est.peak + est.cuda_context)]
+    return []
+
+
+def _merge(acc, changed, original):
+    """acc with the fields where `changed` differs from `original` taken from `changed`."""
+    parts = {}
+    for section in ("model", "data", "method", "train"):
+        a, c, o = getattr(acc, section), getattr(changed, section), getattr(original, section)
+        diff = {k: getattr(c, k) for k in vars(o) if getattr(c, k) != getattr(o, k)}
+        parts[section] = replace(a, **diff)
+    return replace(acc, **parts)
+
+
+def _trim(rows, cfg) -> list[tuple[int, int]]:
+    """The worst micro-batch under a changed config: fewer rows, or rows cut at a shorter max_len."""
+    cut = [(min(n, cfg.data.max_len), min(t, cfg.data.max_len)) for n, t in rows]
+    return cut[: cfg.train.micro_batch_size]

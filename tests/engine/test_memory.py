@@ -1,0 +1,101 @@
+"""The memory estimator's byte accounting, checked against hand-computed values on a tiny config."""
+from __future__ import annotations
+
+import pytest
+
+from slimtune import cli, config
+from slimtune.engine import memory
+
+# tiny Llama: h=64, i=128, 2 layers, 4 heads, 2 KV heads (k/v width 32), vocab 400, tied embeddings
+EMBED = 400 * 64
+LAYER_LINEARS = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128  # q k v o gate up down = 36,864
+NORMS = 2 * 2 * 64 + 64  # two per layer + the final one
+TOTAL = EMBED + 2 * LAYER_LINEARS + NORMS
+LORA_QV = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # r=4 on q (64->64) and v (64->32), 2 layers
+
+
+def _cfg(tiny_model_dir, **train) -> config.Config:
+    cfg = config.Config()
+    cfg.model.path = str(tiny_model_dir)
+    cfg.method = config.MethodConfig(r=4, target_modules=["q_proj", "v_proj"])
+    cfg.train = config.TrainConfig(**{"precision": "bf16", "micro_batch_size": 2, **train})
+    cfg.data.max_len = 10
+    return cfg
+
+
+def test_lora_bf16_components(tiny_model_dir):
+    assert TOTAL == 99_648 and LORA_QV == 1_792
+    est = memory.estimate(_cfg(tiny_model_dir))
+    assert est.weights == TOTAL * 2  # bf16 base
+    assert est.trainable == est.gradients == est.optimizer_step_extra == LORA_QV * 4  # fp32 adapters
+    assert est.optimizer == 2 * LORA_QV * 4  # AdamW exp_avg + exp_avg_sq
+    tokens = 2 * 10
+    per_layer = memory.LAYER_COEF["lora"] * (64 + 128)
+    assert est.activations == pytest.approx(tokens * 2 * per_layer)
+    assert est.activations_other == pytest.approx(tokens * 2 * 64 * 2 + tokens * per_layer)  # checkpointed
+    assert est.logits == pytest.approx(tokens * 400 * memory.LOGIT_BYTES)
+    persistent = TOTAL * 2 + LORA_QV * 4 * 3
+    assert est.peak_allocated == pytest.approx(persistent + est.activations + est.logits)
+    assert est.peak == pytest.approx(est.peak_allocated + memory.ALLOC_SLACK * (est.activations + est.logits))
+
+
+def test_checkpointing_swaps_the_activation_terms(tiny_model_dir):
+    off = memory.estimate(_cfg(tiny_model_dir))
+    on = memory.estimate(_cfg(tiny_model_dir, gradient_checkpointing=True))
+    assert on.activations == pytest.approx(off.activations_other)
+    assert on.activations_other == pytest.approx(off.activations)
+
+
+def test_qlora_packs_the_layer_linears_into_nf4(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir)
+    cfg.method.name = "qlora"
+    est = memory.estimate(cfg)
+    nf4 = 2 * LAYER_LINEARS * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4 bits + absmax per 64 + its fp32 scale
+    assert est.weights == pytest.approx(nf4 + (EMBED + NORMS) * 2)
+
+
+def test_full_training_fp32_master_weights(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir)
+    cfg.method.name = "full"
+    est = memory.estimate(cfg)
+    assert est.weights == 0 and est.trainable == TOTAL * 4 and est.optimizer == TOTAL * 8
+    # the optimizer step: state + every gradient + one foreach temporary
+    step_peak = est.weights + est.trainable + est.optimizer + TOTAL * 4 + TOTAL * 4
+    assert est.peak_allocated == pytest.approx(max(step_peak, est.persistent + est.activations + est.logits))
+
+
+def test_fp32_doubles_activation_bytes(tiny_model_dir):
+    half = memory.estimate(_cfg(tiny_model_dir))
+    full = memory.estimate(_cfg(tiny_model_dir, precision="fp32"))
+    assert full.activations == pytest.approx(2 * half.activations)
+    assert full.weights == 2 * half.weights
+
+
+def test_grad_accumulation_keeps_gradients_through_the_forward(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, grad_accum=4)
+    cfg.method.name = "full"
+    est = memory.estimate(cfg)
+    assert est.peak_allocated == pytest.approx(est.persistent + max(
+        est.activations + est.logits + est.gradients, est.gradients + est.optimizer_step_extra))
+
+
+def test_budget_suggestions_fit(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path)
+    argv = ["estimate", f"model.path={tmp_path}", "train.micro_batch_size=8", "data.max_len=1024",
+            "train.precision=bf16", "--budget", "24GiB"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "changes that fit:" in out
+    line = out.splitlines()[-1]
+    assert float(line.split()[-2]) <= 24.0
+
+
+def test_parse_size():
+    assert memory.parse_size("24GiB") == 24 * 2 ** 30
+    assert memory.parse_size("24GB") == memory.parse_size("24g") == 24 * 2 ** 30
+    assert memory.parse_size("1500MiB") == 1500 * 2 ** 20
+    with pytest.raises(ValueError, match="expected a size"):
+        memory.parse_size("lots")
