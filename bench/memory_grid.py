@@ -53,7 +53,7 @@ def build(shape: str, name: str, plan, model_dir: str | None):
     if name == "qlora":
         from slimtune import models
 
-        model, _ = models.load(model_dir, "bf16", device="cuda", quantization=quantization_config(mcfg))
+        model, _ = models.load(model_dir, "bf16", device="cuda", quantization=quantization_config(mcfg, plan.name))
     else:
         cfg = LlamaConfig(**SHAPES[shape], dtype=plan.weights)
         with torch.device("cuda"):

@@ -27,7 +27,7 @@ PYM
 fi
 for method in lora qlora full freeze prompt_tuning; do
   for prec in bf16 fp16; do
-    [ "$method" = qlora ] && [ "$prec" = fp16 ] && continue   # NF4 compute dtype follows the GPU: bf16 here
+    [ -n "${ONLY:-}" ] && [ "$method" != "$ONLY" ] && continue   # ONLY=qlora: one method
     echo "== $SHAPE $method $prec"
     "$PY" bench/memory_grid.py --shape "$SHAPE" --method "$method" --precision "$prec" --model-dir "$MODEL_DIR" \
       --results "$RES" 2>&1 | grep -v -i -E "warn|^\{"

@@ -8,8 +8,9 @@ import torch
 from .base import MethodError
 
 
-def quantization_config(cfg):
-    """The transformers quantization config for method qlora, or None for every other method."""
+def quantization_config(cfg, compute: str = "auto"):
+    """The transformers quantization config for method qlora, or None for every other method. compute: the
+    dtype the 4-bit matmuls run in, the run's half precision (auto: bf16 where the GPU has it, else fp16)."""
     if cfg.name != "qlora":
         return None
     if not torch.cuda.is_available():
@@ -21,9 +22,11 @@ def quantization_config(cfg):
 
     if cfg.quant_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if compute == "auto":
+        compute = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.float16 if compute.startswith("fp16") else torch.bfloat16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def prepare(model):
