@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
+                   "train.output_dir (same as train.resume=auto)")
 
     i = sub.add_parser("inspect", help="show how records are encoded: prompt (masked) and trained parts")
     i.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
@@ -96,7 +98,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
-    run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+    run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume)
     return 0
 
 

@@ -34,6 +34,7 @@ class DataConfig:
     train_on_prompt: bool = False  # also train on prompt tokens (labels not masked)
     limit: int = 0  # read only the first N training records (0 = all)
     seed: int = 0  # seed of the train/eval split
+    on_bad_record: str = "error"  # error: stop at the first bad record | skip: leave it out, listed in output_dir/skipped_records.jsonl
 
 
 METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",
@@ -77,6 +78,10 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon (fp16-pure needs >= 1e-4: 1e-8 is 0 in fp16)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     offload_activations: bool = False  # keep saved activations in CPU memory (with checkpointing: layer inputs)
+    save_every: int = 100  # write a resumable checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2  # keep the newest K checkpoints in output_dir/checkpoints (0 = all)
+    resume: str = "no"  # auto: continue from the newest complete checkpoint in output_dir (as --resume) | no
+    on_nan: str = "stop"  # a NaN/inf loss or gradient: stop the run | skip that step's update
 
 
 @dataclass
@@ -96,6 +101,9 @@ CHOICES = {
     "method.bias": ("none", "all", "lora_only"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.resume": ("no", "auto"),
+    "train.on_nan": ("stop", "skip"),
+    "data.on_bad_record": ("error", "skip"),
 }
 
 
@@ -242,6 +250,9 @@ def validate(cfg: Config) -> list[str]:
         problems.append("train.epochs: must be positive (or set train.max_steps)")
     if cfg.train.warmup_steps < 0:
         problems.append("train.warmup_steps: must be >= 0")
+    for key in ("save_every", "keep_checkpoints"):
+        if getattr(cfg.train, key) < 0:
+            problems.append(f"train.{key}: must be >= 0")
     if not 0 <= cfg.method.dropout < 1:
         problems.append("method.dropout: must be in [0, 1)")
     if cfg.data.eval_size < 0:

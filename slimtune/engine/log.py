@@ -1,7 +1,8 @@
-"""Run logs: metrics.jsonl (one JSON object per line) and the progress bar."""
+"""Run logs: metrics.jsonl (one JSON object per line), TensorBoard scalars beside it, and the progress bar."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,15 +11,23 @@ from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, truncate_to: int | None = None):
+        """truncate_to: a resumed run cuts the file back to its checkpoint's length, so the steps it
+        repeats (and a line half-written when the run was killed) appear once."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is not None and path.exists():
+            os.truncate(path, min(truncate_to, path.stat().st_size))
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, **row) -> None:
         row.setdefault("time", round(time.time(), 3))
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far: where a resumed run cuts the file."""
+        return self._fh.tell()
 
     def close(self) -> None:
         self._fh.close()
@@ -28,7 +37,60 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def progress(total: int, enabled: bool = True):
-    """A bar showing step/total, elapsed and remaining time; loss and tokens/s go in its postfix."""
-    return tqdm(total=total, desc="train", unit="step", file=sys.stderr, disable=not enabled,
+def tag(key: str) -> str:
+    """TensorBoard tag of a metrics key: eval_loss -> eval/loss, lr -> train/lr."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+class RunLog:
+    """Each row goes to metrics.jsonl and, as scalars at its step, to TensorBoard event files in the
+    same folder (`tensorboard --logdir <output_dir>`)."""
+
+    def __init__(self, out_dir: Path, truncate_to: int | None = None, purge_step: int | None = None, log=print):
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_to)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # a log must never stop a run
+            log(f"TensorBoard logs off: {err} (pip install tensorboard)")
+            return
+        # purge_step: TensorBoard drops the events a killed run wrote after its last checkpoint
+        self.tb = SummaryWriter(str(out_dir), purge_step=purge_step, flush_secs=30)
+
+    def write(self, **row) -> None:
+        self.metrics.write(**row)
+        if self.tb is None or "step" not in row:
+            return
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(tag(key), value, row["step"])
+
+    def offset(self) -> int:
+        if self.tb is not None:
+            self.tb.flush()  # a checkpoint's events are on disk with it
+        return self.metrics.offset()
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def memory_gib(device: str) -> tuple[str, float]:
+    """("mem_gib", peak GPU memory allocated) on CUDA, else ("rss_gib", the process's peak resident memory)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "mem_gib", torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return "rss_gib", 0.0
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return "rss_gib", kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def progress(total: int, enabled: bool = True, initial: int = 0):
+    """A bar showing step/total, elapsed and remaining time; loss, tokens/s and memory go in its postfix."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, disable=not enabled,
                 dynamic_ncols=True, mininterval=0.5)

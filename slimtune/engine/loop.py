@@ -1,34 +1,66 @@
-"""The training loop, in plain PyTorch: shuffled micro-batches, gradient accumulation, AdamW, schedule."""
+"""The training loop, in plain PyTorch: shuffled micro-batches, gradient accumulation, AdamW, schedule,
+numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..data.collate import collate
 from ..data.encode import Encoded
+from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
+from . import checkpoint, guards, precision
+from .log import RunLog, memory_gib, progress
 from .loss import token_loss_sum
-from .log import MetricsLog, progress
-from . import precision
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
 
 
-def micro_batches(records: list[Encoded], size: int, seed: int) -> Iterator[list[Encoded]]:
-    """Endless micro-batches: every epoch a new seeded shuffle, every record once per epoch."""
-    epoch = 0
-    while True:
-        order = list(range(len(records)))
-        random.Random(seed + epoch).shuffle(order)
-        for i in range(0, len(order), size):
-            yield [records[j] for j in order[i:i + size]]
-        epoch += 1
+class MicroBatches:
+    """Endless micro-batches: every epoch a new seeded shuffle, every record once per epoch. Its position
+    (epoch, that epoch's order, index within it) goes into checkpoints, so a resumed run reads on from
+    the very record where the saved one stopped."""
+
+    def __init__(self, records: list[Encoded], size: int, seed: int):
+        self.records, self.size, self.seed = records, size, seed
+        self.epoch, self.index, self.order = 0, 0, self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.records)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[Encoded]:
+        if self.index >= len(self.order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = self._shuffle(self.epoch)
+        batch = [self.records[j] for j in self.order[self.index:self.index + self.size]]
+        self.index += self.size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if sorted(state["order"]) != list(range(len(self.records))):
+            raise DataError(f"the checkpoint's data order covers {len(state['order'])} records, the data now "
+                            f"{len(self.records)}: resume with the data it was trained on")
+        self.epoch, self.index, self.order = state["epoch"], state["index"], list(state["order"])
+
+
+def micro_batches(records: list[Encoded], size: int, seed: int) -> MicroBatches:
+    return MicroBatches(records, size, seed)
 
 
 def total_steps(n_records: int, cfg_train) -> int:
@@ -44,7 +76,7 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib
     `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses."""
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     if n_tokens == 0:
-        raise RuntimeError("a training step has no trained token (every label is -100)")
+        raise DataError("a training step has no trained token (every label is -100)")
     total = 0.0
     for b in batches:
         with context():
@@ -56,24 +88,30 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib
 
 
 def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
-         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it."""
+         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False) -> dict:
+    """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
+    guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"]."""
     loss, n_tokens = accumulate(model, batches, context, scaler)
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"loss": loss, "tokens": n_tokens}
-    if scaler is not None and scaler.is_enabled():
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    bad = guards.nonfinite(loss, norm, scaling) if guard else None
+    if scaling:
         scale = scaler.get_scale()
-        scaler.step(optimizer)  # skipped when the gradients hold inf/nan
+        if bad is None:
+            scaler.step(optimizer)  # skipped when the gradients hold inf/nan
         scaler.update()
         row.update(loss_scale=scale, skipped=scaler.get_scale() < scale)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    elif bad is None:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    row["grad_norm"] = float(norm)
+    row["grad_norm"] = norm
+    if bad:
+        row["nonfinite"] = bad
     return row
 
 
@@ -88,64 +126,181 @@ def forward_context(p: Plan, device: str, offload: bool):
     return context
 
 
+def fingerprint(records: list[Encoded]) -> dict:
+    """What a resume checks: the encoded training data are the ones the checkpoint was trained on."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(array("q", r.input_ids).tobytes() + b"|" + array("q", r.labels).tobytes() + b"\n")
+    return {"records": len(records), "sha256": h.hexdigest()}
+
+
+@dataclass
+class Run:
+    """What the loop carries from step to step; all of it goes into a checkpoint."""
+    model: torch.nn.Module
+    cfg: object
+    plan: Plan
+    device: str
+    out_dir: Path
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    stream: MicroBatches
+    data: dict  # fingerprint of the training data
+    step: int = 0  # optimizer steps done
+    seen: int = 0  # tokens (padding excluded) trained on
+    elapsed: float = 0.0  # training seconds, those of the runs this one resumes included
+    result: dict = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # recent losses, for the NaN message
+
+
 def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
-        log=print, show_progress: bool = True, plan: Plan | None = None) -> dict:
-    """Train for the configured steps; eval before (optionally) and after; metrics go to metrics.jsonl."""
+        log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None) -> dict:
+    """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
+    (optionally) and after. Metrics go to metrics.jsonl and TensorBoard, checkpoints to out_dir/checkpoints.
+    SIGINT/SIGTERM save a checkpoint and return early, with result["interrupted"] set."""
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
     steps = total_steps(len(train), tc)
     optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, steps, tc)
-    scaler = precision.scaler(plan, device)
+    run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
+              precision.scaler(plan, device), MicroBatches(train, tc.micro_batch_size, tc.seed), fingerprint(train),
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0})
+    offset = _restore(run, resume, log) if resume else None
+    logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations)
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
-    result: dict = {"steps": steps, "precision": plan.name, "skipped_steps": 0}
-    cuda = device.startswith("cuda")
-    if held and tc.eval_at_start:
-        result["eval_before"] = eval_loss(model, held, pad, tc.micro_batch_size, device, context)
-        metrics.write(step=0, **result["eval_before"])
-        log(f"eval loss before training: {result['eval_before']['eval_loss']:.4f}")
-    model.train()
-    stream = micro_batches(train, tc.micro_batch_size, tc.seed)
-    bar = progress(steps, show_progress)
-    start, seen = time.perf_counter(), 0
-    for i in range(steps):
-        batches = [{k: v.to(device) for k, v in collate(next(stream), pad).items()} for _ in range(tc.grad_accum)]
-        seen += sum(int(b["attention_mask"].sum()) for b in batches)
-        row = step(model, batches, optimizer, scheduler, tc.max_grad_norm, context, scaler)
-        result["skipped_steps"] += int(row.pop("skipped", False))
-        elapsed = time.perf_counter() - start
-        row.update(step=i + 1, lr=scheduler.get_last_lr()[0], tokens_per_s=seen / elapsed, elapsed_s=elapsed)
-        if plan.scaler:
-            row["skipped_steps"] = result["skipped_steps"]  # each one an fp16 overflow
-        if cuda:
-            row["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if (i + 1) % tc.log_every == 0 or i + 1 == steps:
-            metrics.write(**row)
-        post = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if cuda:
-            post["mem"] = f"{row['mem_gib']:.1f}G"
-        if plan.scaler:
-            post["scale"] = f"{row['loss_scale']:.0f}"
-        bar.set_postfix(**post, refresh=False)
-        bar.update(1)
-        result["train_loss"] = row["loss"]
-    bar.close()
-    result["train_seconds"] = time.perf_counter() - start
-    result["tokens_per_s"] = seen / max(result["train_seconds"], 1e-9)
-    if plan.scaler:
-        log(f"fp16 loss scaling: final scale {scaler.get_scale():.0f}, {result['skipped_steps']} of {steps} "
+    try:
+        if held and tc.eval_at_start and not resume:
+            run.result["eval_before"] = eval_loss(model, held, pad, tc.micro_batch_size, device, context)
+            logs.write(step=0, **run.result["eval_before"])
+            log(f"eval loss before training: {run.result['eval_before']['eval_loss']:.4f}")
+        _train(run, pad, context, logs, log, show_progress)
+        if not run.result.get("interrupted"):
+            _finish(run, held, pad, context, logs, log)
+    finally:
+        logs.close()
+    return run.result
+
+
+def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool) -> None:
+    tc = run.cfg.train
+    run.model.train()
+    bar = progress(run.steps, show_progress, initial=run.step)
+    start = time.perf_counter() - run.elapsed
+    try:
+        with checkpoint.StopOnSignal(log) as stop:
+            while run.step < run.steps:
+                records = [next(run.stream) for _ in range(tc.grad_accum)]
+                row = _step(run, records, pad, context, log)
+                run.elapsed = time.perf_counter() - start
+                _report(run, row, logs, bar)
+                if (tc.save_every and run.step % tc.save_every == 0) or run.step == run.steps or stop.requested:
+                    _save(run, logs)
+                if stop.requested:
+                    run.result.update(interrupted=stop.requested, stopped_at=run.step)
+                    break
+    finally:
+        bar.close()
+    run.result["train_seconds"] = run.elapsed
+    run.result["tokens_per_s"] = run.seen / max(run.elapsed, 1e-9)
+
+
+def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dict:
+    """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
+    tc = run.cfg.train
+    wheres = [r.where for rs in records for r in rs]
+    batches = [{k: v.to(run.device) for k, v in collate(rs, pad).items()} for rs in records]
+    run.seen += sum(int(b["attention_mask"].sum()) for b in batches)
+    try:
+        row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
+                   guard=True)
+    except DataError:
+        raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
+                        f"(records {', '.join(wheres)}); each record needs an answer token after its first "
+                        "position within data.max_len") from None
+    run.step += 1
+    bad = row.pop("nonfinite", None)
+    if bad:
+        value = row["loss"] if bad == "loss" else row["grad_norm"]
+        cause = guards.likely_cause(bad, run.model, run.plan.name, tc.lr, run.losses)
+        text = guards.message(bad, run.step, value, wheres, cause)
+        if tc.on_nan == "stop":
+            last = checkpoint.latest(run.out_dir)
+            raise guards.NumericError(
+                f"{text} Stopped before applying this update (train.on_nan=stop); "
+                + (f"the newest checkpoint is {last} (slimtune train CONFIG --resume goes on from it; "
+                   "train.on_nan=skip skips such steps)" if last else "no checkpoint was written yet"))
+        run.result["nan_steps"] += 1
+        row["nan_skipped"] = True
+        log(f"warning: {text} Skipped this update (train.on_nan=skip).")
+    else:
+        run.losses = (run.losses + [row["loss"]])[-20:]
+    run.result["skipped_steps"] += int(row.pop("skipped", False))
+    return row
+
+
+def _report(run: Run, row: dict, logs: RunLog, bar) -> None:
+    """metrics.jsonl + TensorBoard every log_every steps; the bar's postfix every step."""
+    row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], tokens_per_s=run.seen / max(run.elapsed, 1e-9),
+               elapsed_s=run.elapsed)
+    if run.plan.scaler:
+        row["skipped_steps"] = run.result["skipped_steps"]  # each one an fp16 overflow
+    mem_key, mem = memory_gib(run.device)
+    row[mem_key] = mem
+    if run.step % run.cfg.train.log_every == 0 or run.step == run.steps:
+        logs.write(**row)
+    post = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{mem:.1f}G")
+    if run.plan.scaler:
+        post["scale"] = f"{row['loss_scale']:.0f}"
+    bar.set_postfix(**post, refresh=False)
+    bar.update(1)
+    run.result["train_loss"] = row["loss"]
+
+
+def _save(run: Run, logs: RunLog) -> Path:
+    tc = run.cfg.train
+    state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": dict(run.result),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
+             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset()}
+    return checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints)
+
+
+def _restore(run: Run, folder: Path, log) -> int:
+    """Load a checkpoint into the run; returns the metrics.jsonl length to cut back to."""
+    state = checkpoint.load(folder, run.model)
+    if state["data"] != run.data:
+        raise DataError(f"{folder}: the training data differ from those it was trained on ({state['data']['records']} "
+                        f"encoded records then, {run.data['records']} now, or other content); resume with the same "
+                        "data and data.* settings, or start a new run")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.stream.load_state_dict(state["stream"])
+    run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
+    run.result.update(state["result"])
+    run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
+    checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
+    log(f"resuming from {folder} at step {run.step} of {run.steps}")
+    return state["metrics_bytes"]
+
+
+def _finish(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, log) -> None:
+    r, tc = run.result, run.cfg.train
+    if run.plan.scaler:
+        log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {r['skipped_steps']} of {run.steps} "
             "steps skipped for overflow")
-    if cuda:
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if r["nan_steps"]:
+        log(f"train.on_nan=skip: {r['nan_steps']} of {run.steps} steps skipped for a NaN/inf loss or gradient")
+    if run.device.startswith("cuda"):
+        r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if held:
-        result["eval_after"] = eval_loss(model, held, pad, tc.micro_batch_size, device, context)
-        metrics.write(step=steps, **result["eval_after"])
-        before = result.get("eval_before", {}).get("eval_loss")
-        change = f" (before: {before:.4f}, {100 * (result['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
+        r["eval_after"] = eval_loss(run.model, held, pad, tc.micro_batch_size, run.device, context)
+        logs.write(step=run.steps, **r["eval_after"])
+        before = r.get("eval_before", {}).get("eval_loss")
+        change = f" (before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
             if before else ""
-        log(f"eval loss after training: {result['eval_after']['eval_loss']:.4f}{change}")
-    metrics.close()
-    return result
+        log(f"eval loss after training: {r['eval_after']['eval_loss']:.4f}{change}")

@@ -1,0 +1,197 @@
+"""Checkpoints that survive kills: step folders written atomically, the newest K kept, the newest complete
+one found for --resume, and SIGINT/SIGTERM turned into a save at the next step boundary.
+
+    <output_dir>/checkpoints/step-000120/
+        adapter_config.json + adapter_model.safetensors (or slimtune_parts.safetensors), config.yaml:
+            the method's own save, so `slimtune chat/merge/generate` take this folder as they take a run's
+        trainable.safetensors   peft methods: the raw trainable parameters, what a resume loads
+        trainer_state.pt        optimizer, scheduler, GradScaler, RNG states, data position, progress
+        COMPLETE                written last, before the folder gets its name
+
+A folder is written as .tmp-step-000120-<pid>, every file fsynced, then renamed: a kill leaves either
+a complete step folder or a .tmp one, which is never picked and is removed by the next run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import config as config_mod
+
+ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
+STEP = re.compile(r"step-(\d+)")
+# keys a resumed run may change: they alter what is logged or saved, never the numbers trained
+FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
+             "train.eval_at_start"}
+
+
+def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all)."""
+    root = Path(out_dir) / ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_weights(model, tmp)
+    (tmp / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+    torch.save(state, tmp / STATE)
+    (tmp / DONE).write_text(json.dumps({"step": step, "files": sorted(p.name for p in tmp.iterdir())}) + "\n")
+    for p in tmp.iterdir():
+        _fsync(p)
+    _fsync(tmp)
+    if final.exists():  # only after a resume from an older step re-reaches it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)  # the rename itself reaches the disk
+    prune(root, keep)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_weights(model, folder: Path) -> None:
+    """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
+    them, and PiSSA's is converted to fit the original base, so neither loads back into training)."""
+    from .. import methods
+    from ..methods.base import is_peft
+
+    # PiSSA's save converts against its initial adapter and then deletes it; later saves need it too
+    init = getattr(model, "_slimtune_pissa_init", None)
+    if init is not None:
+        keep = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
+        shutil.copytree(init, keep, dirs_exist_ok=True)
+    methods.save(model, folder)
+    if init is not None:
+        model._slimtune_pissa_init = keep
+    if is_peft(model):
+        state = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(folder / RAW), metadata={"format": "pt", "writer": "slimtune"})
+
+
+def complete(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under checkpoints/, oldest first."""
+    found = []
+    for p in Path(root).glob("step-*"):
+        m = STEP.fullmatch(p.name)
+        if m and (p / DONE).is_file() and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = complete(Path(out_dir) / ROOT)
+    return found[-1][1] if found else None
+
+
+def prune(root: Path, keep: int) -> None:
+    found = complete(root)
+    for _, old in found[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean(out_dir: Path) -> None:
+    """Remove the half-written folders that killed runs left (never picked, only in the way)."""
+    for p in (Path(out_dir) / ROOT).glob(".tmp-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(folder: Path, model) -> dict:
+    """Copy the checkpoint's trainable parameters into the model; returns its trainer state."""
+    from ..export.parts import PARTS
+
+    folder = Path(folder)
+    weights = load_file(str(folder / (RAW if (folder / RAW).is_file() else PARTS)))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        odd = sorted(set(weights) ^ set(params))
+        raise ValueError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
+                         "it was written by another model or method")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return torch.load(folder / STATE, map_location="cpu", weights_only=True)
+
+
+def differences(saved: config_mod.Config, cfg: config_mod.Config) -> list[str]:
+    """`key: saved -> now` for every setting that would change what a resumed run trains."""
+    a, b = config_mod.to_dict(saved), config_mod.to_dict(cfg)
+    out = []
+    for section in b:
+        for key in b[section]:
+            dotted = f"{section}.{key}"
+            if dotted not in FREE_KEYS and a.get(section, {}).get(key) != b[section][key]:
+                out.append(f"{dotted}: {a.get(section, {}).get(key)!r} there, {b[section][key]!r} now")
+    return out
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generators (dropout masks come from torch's)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [name, keys.tolist(), pos, has_gauss, gauss]  # plain types: weights_only loads them
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM during training ask for a checkpoint at the next step boundary instead of
+    killing the run mid-step; the handlers step aside after the first, so a second signal stops at once."""
+
+    def __init__(self, log=print):
+        self.log, self.requested, self._old = log, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        self._restore()
+        self.log(f"\n{self.requested}: saving a checkpoint after this step, then stopping "
+                 "(send it again to stop at once)")
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()

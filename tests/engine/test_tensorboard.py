@@ -1,0 +1,84 @@
+"""TensorBoard event files in the output folder, read back with tensorboard's own event reader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from slimtune import cli
+from slimtune.engine.log import read_metrics
+
+
+def _config(tmp: Path, model_dir: Path, **train) -> Path:
+    data = write_jsonl(tmp / "train.jsonl", [{"instruction": f"Tell me about {w}.", "output": f"{w} is fine."}
+                                             for w in ("Paris", "blue", "seven", "the fox") for _ in range(3)])
+    tree = {"model": {"path": str(model_dir)},
+            "data": {"train": str(data), "eval_size": 4, "max_len": 64},
+            "method": {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "train": {"output_dir": str(tmp / "run"), "max_steps": 5, "micro_batch_size": 4, "lr": 1e-2,
+                      "device": "cpu", **train}}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_event_files_hold_the_logged_scalars(tmp_path, tiny_model_dir):
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir)), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert list(run.glob("events.out.tfevents.*"))
+    scalars = _scalars(run)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/rss_gib", "eval/loss"):
+        assert tag in scalars, sorted(scalars)
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [s for s, _ in scalars[f"train/{key}"]] == [1, 2, 3, 4, 5]
+        # TensorBoard stores float32
+        assert [v for _, v in scalars[f"train/{key}"]] == [pytest.approx(r[key], rel=1e-6) for r in rows]
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert scalars["eval/loss"] == [(0, pytest.approx(evals[0]["eval_loss"], rel=1e-6)),
+                                    (5, pytest.approx(evals[1]["eval_loss"], rel=1e-6))]
+    assert all(v > 0 for _, v in scalars["train/tokens_per_s"] + scalars["train/rss_gib"])
+
+
+def test_fp16_run_logs_the_loss_scale(tmp_path, tiny_model_dir):
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir, precision="fp16", max_steps=3)),
+                     "--no-progress"]) == 0
+    scale = _scalars(tmp_path / "run")["train/loss_scale"]
+    assert [s for s, _ in scale] == [1, 2, 3] and all(v >= 1 for _, v in scale)
+
+
+def test_a_resumed_run_replaces_what_the_crashed_one_logged_after_its_checkpoint(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    import slimtune.engine.loop as loop
+
+    real, calls = loop.step, []
+
+    def crash_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise SystemExit("killed")  # step 4 was logged, the newest checkpoint is step 3
+        return real(*args, **kwargs)
+
+    cfg = _config(tmp_path, tiny_model_dir, save_every=3, max_steps=6)
+    monkeypatch.setattr(loop, "step", crash_at_step_5)
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(cfg), "--no-progress"])
+    run = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    monkeypatch.setattr(loop, "step", real)
+    assert cli.main(["train", str(cfg), "--no-progress", "--resume"]) == 0
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl cut back to the checkpoint
+    losses = _scalars(run)["train/loss"]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]  # and TensorBoard purged the orphaned step 4
+    assert [v for _, v in losses] == [pytest.approx(r["loss"], rel=1e-6) for r in rows]
