@@ -1,4 +1,4 @@
-"""The `slimtune` command: train | inspect | chat | generate | targets | params | estimate | merge | demo."""
+"""The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo."""
 from __future__ import annotations
 
 import argparse
@@ -43,13 +43,16 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("folder", help="a run folder written by `slimtune train`")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-        g.add_argument("--temperature", type=float, default=0.7)
-        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+        g.add_argument("--top-p", type=float, default=0.9, help="with --sample (1 = off)")
+        g.add_argument("--top-k", type=int, default=50, help="with --sample (0 = off)")
+        g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+        g.add_argument("--seed", type=int, help="with --sample: the same seed gives the same answers")
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         if name == "generate":
             g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
             g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
-            g.add_argument("--batch-size", type=int, default=8)
+            g.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 8 on the CPU)")
         else:
             g.add_argument("--system", default="", help="system prompt for this chat")
 
@@ -73,6 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+    ev = sub.add_parser("eval", help="loss and perplexity on the answer tokens of a test set; with --generate "
+                                     "also EM, F1, BLEU-4, ROUGE (and --extraction item-set P/R/F1)")
+    ev.add_argument("folder", nargs="?", help="a run folder written by `slimtune train` (or give --base)")
+    ev.add_argument("--data", required=True, help="test records (alpaca or messages); the last answer is the reference")
+    ev.add_argument("--base", help="evaluate this model with no adapter: folder, .gguf file, or 'embedded'")
+    ev.add_argument("--template", choices=config_mod.CHOICES["data.template"],
+                    help="with --base: the chat template (default auto); a run uses its own")
+    ev.add_argument("--system", help="system prompt (default: the run's data.system)")
+    ev.add_argument("--output", help="folder for scores.json and predictions.jsonl (default: FOLDER/eval-<data>)")
+    ev.add_argument("--generate", action="store_true", help="generate answers (greedy) and score them")
+    ev.add_argument("--extraction", action="store_true", help="also score answers as sets of items "
+                                                              "(implies --generate)")
+    ev.add_argument("--separator", default="\\n", help="between extraction items (default: newline; \\t = tab)")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, help="records per batch (default: 8; generation 64 on CUDA)")
+    ev.add_argument("--max-len", type=int, default=0, help="tokens per record (default: the run's data.max_len)")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
@@ -150,29 +172,41 @@ def _load_for_inference(args):
     return model, tokenizer, cfg, device
 
 
+def _sampling(args):
+    from .evaluate.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
 def cmd_generate(args) -> int:
     from .data import with_system
     from .data.readers import read_prompts
-    from .evaluate.generate import generate
+    from .evaluate.generate import run
 
     prompts, raw = read_prompts(args.input)
     model, tokenizer, cfg, device = _load_for_inference(args)
     convs = [with_system(p, cfg.data.system) for p in prompts]
-    answers = generate(model, tokenizer, cfg.data.template, convs, args.max_new_tokens, args.batch_size,
-                       args.sample, args.temperature, args.top_p, device)
+    gen = run(model, tokenizer, cfg.data.template, convs, _sampling(args), args.batch_size, device)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
-        for rec, ans in zip(raw, answers):
+        for rec, ans in zip(raw, gen.texts):
             fh.write(json.dumps(dict(rec, prediction=ans), ensure_ascii=False) + "\n")
-    print(f"wrote {len(answers)} answers to {out}")
+    unfinished = sum(not x for x in gen.stopped)
+    print(f"wrote {len(gen.texts)} answers to {out}: {gen.new_tokens} new tokens in {gen.seconds:.1f} s "
+          f"({gen.tokens_per_s:.1f} tokens/s on {device}); {unfinished} hit --max-new-tokens={args.max_new_tokens}")
     return 0
 
 
 def cmd_chat(args) -> int:
-    from .evaluate.generate import generate
+    from transformers import TextStreamer
+
+    from .evaluate.generate import run
 
     model, tokenizer, cfg, device = _load_for_inference(args)
+    sampling = _sampling(args)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens arrive
     system = args.system or cfg.data.system
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
@@ -189,10 +223,10 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        answer = generate(model, tokenizer, cfg.data.template, [history], args.max_new_tokens, 1,
-                          args.sample, args.temperature, args.top_p, device)[0]
-        print(f"assistant> {answer}", flush=True)
-        history.append({"role": "assistant", "content": answer})
+        print("assistant> ", end="", flush=True)
+        gen = run(model, tokenizer, cfg.data.template, [history], sampling, 1, device, streamer=streamer)
+        print(f"[{gen.new_tokens} tokens, {gen.tokens_per_s:.1f} tokens/s]", file=sys.stderr, flush=True)
+        history.append({"role": "assistant", "content": gen.texts[0]})
     return 0
 
 
@@ -250,6 +284,23 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .data.readers import DataError
+    from .evaluate.generate import Sampling
+    from .evaluate.report import main as eval_main
+    from .models import pick_device
+
+    if args.folder and (args.base or args.template):
+        raise DataError("eval: give a run folder, or --base MODEL [--template T], not both (a run uses its "
+                        "own model and template)")
+    sep = args.separator.replace("\\n", "\n").replace("\\t", "\t")
+    eval_main(args.folder, args.data, base=args.base, template=args.template or "auto", output=args.output,
+              generate=args.generate, extraction_sep=sep if args.extraction else None,
+              sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
+              device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system)
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .export.merge import merge
 
@@ -265,7 +316,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
             "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
-            "demo": cmd_demo}
+            "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.readers import DataError
     from .data.templates import TemplateError
     from .engine.precision import PrecisionError
+    from .export.merge import MergeError
     from .methods.base import MethodError
     from .methods.targets import TargetError
 
@@ -282,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
-            FileNotFoundError,
+            MergeError, FileNotFoundError,
             FileExistsError) as err:
         print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
         return 2

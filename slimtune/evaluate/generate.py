@@ -1,5 +1,13 @@
-"""Generation with the training template: batched (left padding, length-sorted), greedy by default."""
+"""Generation with the training template: batched (left padding, length-sorted), greedy by default.
+
+Prompts are rendered exactly as in training (`data.render` with the generation prompt), so the model
+sees at inference the text it was trained on, and decoding stops on the template's end tokens (the
+EOS and, e.g., ChatML's <|im_end|>), not only on the tokenizer's EOS.
+"""
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -8,29 +16,118 @@ from ..data.encode import prompt_ids
 from ..data.templates import render, stop_tokens
 
 
+@dataclass
+class Sampling:
+    """Decoding settings; greedy unless do_sample."""
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; > 1 makes tokens already in the text less likely
+    seed: int | None = None  # for sampling: the same seed gives the same answers
+
+
+@dataclass
+class Generated:
+    texts: list[str]  # answers, in input order, without the stop token
+    tokens: list[list[int]] = field(default_factory=list)  # new token ids, through the stop token if any
+    stopped: list[bool] = field(default_factory=list)  # ended on a stop token (else max_new_tokens)
+    seconds: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
 def stop_ids(template: str, tokenizer) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(template, tokenizer)]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
+def default_batch_size(device: str) -> int:
+    # on a GPU decoding is bound by reading the weights once per step, so a large batch is almost free;
+    # on a CPU the matmuls already use every core at batch 8
+    return 64 if str(device).startswith("cuda") else 8
+
+
+class RepetitionPenalty:
+    """CTRL's repetition penalty (as transformers' RepetitionPenaltyLogitsProcessor: positive logits
+    divided, negative ones multiplied) over the tokens of each row's own text only. transformers' version
+    also penalizes the left padding, and the pad token is often the EOS: a padded row would then be
+    pushed away from stopping and answer differently than the same prompt alone."""
+
+    def __init__(self, penalty: float, prompt_mask: torch.Tensor):
+        self.penalty, self.prompt_mask = penalty, prompt_mask.bool()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        grown = input_ids.shape[1] - self.prompt_mask.shape[1]
+        valid = torch.cat([self.prompt_mask, self.prompt_mask.new_ones(input_ids.shape[0], grown)], dim=1)
+        seen = torch.zeros_like(scores).scatter_add_(1, input_ids, valid.to(scores.dtype)) > 0
+        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalized, scores)
+
+
+def _decode_kwargs(s: Sampling) -> dict:
+    # every setting explicit: a model's generation_config.json may ship its own top_k or
+    # repetition_penalty (Qwen2.5's does), which would otherwise apply silently
+    if not s.do_sample:
+        return dict(do_sample=False, repetition_penalty=1.0)
+    return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repetition_penalty=1.0)
+
+
+def _finish(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
+    """The row's new tokens through its first stop token (what follows is padding of a finished row)."""
+    cut = next((k for k, t in enumerate(row) if t in stops), None)
+    return (row, False) if cut is None else (row[:cut + 1], True)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, template: str, conversations: list[list[dict]], max_new_tokens: int = 128,
-             batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             device: str = "cpu") -> list[str]:
-    """Answers for conversations that end with a user turn, in input order."""
+def run(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
+        batch_size: int | None = None, device: str = "cpu", streamer=None) -> Generated:
+    """Answers for conversations that end with a user turn, in input order, with token counts and time.
+    A streamer (transformers' TextStreamer) needs batch_size 1."""
+    from transformers import LogitsProcessorList
+
+    s = sampling or Sampling()
+    batch_size = batch_size or default_batch_size(device)
     prompts = [prompt_ids(render(template, c, tokenizer, add_generation_prompt=True), tokenizer)
                for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    out: list[str] = [""] * len(prompts)
+    out = Generated([""] * len(prompts), [[] for _ in prompts], [False] * len(prompts))
     pad, stops = pad_id(tokenizer), stop_ids(template, tokenizer)
+    was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad).items()}
-        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                             **kwargs)
+        procs = LogitsProcessorList()
+        if s.repetition_penalty != 1.0:
+            procs.append(RepetitionPenalty(s.repetition_penalty, batch["attention_mask"]))
+        gen = model.generate(**batch, max_new_tokens=s.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                             use_cache=True, logits_processor=procs, streamer=streamer, **_decode_kwargs(s))
         for row, i in zip(gen[:, batch["input_ids"].shape[1]:].tolist(), idx):
-            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-            out[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+            out.tokens[i], out.stopped[i] = _finish(row, stops)
+            answer = out.tokens[i][:-1] if out.stopped[i] else out.tokens[i]
+            out.texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    out.seconds = time.perf_counter() - start
+    model.train(was_training)
     return out
+
+
+def generate(model, tokenizer, template: str, conversations: list[list[dict]], max_new_tokens: int = 128,
+             batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             device: str = "cpu", **sampling) -> list[str]:
+    """Answers for conversations that end with a user turn, in input order (see `run` for timings)."""
+    s = Sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                 **sampling)
+    return run(model, tokenizer, template, conversations, s, batch_size, device).texts

@@ -1,0 +1,156 @@
+"""`slimtune eval`: loss and perplexity on the answer tokens of held-out records, and with generation
+EM / F1 / BLEU-4 / ROUGE (and item-set P/R/F1 for extraction), for a trained run or a bare base model.
+
+`evaluate_run` is the one entry point: the eval command, the demo and (through a hook) the training
+loop call it, so a number from any of them means the same thing. Records are rendered with the run's
+template and system prompt, as in training; generation is greedy so scores are reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import config as config_mod
+from ..data import encode_examples, with_system
+from ..data.collate import pad_id
+from ..data.readers import DataError, Example, read
+from . import metrics
+from .generate import Sampling, run as run_generation
+from .perplexity import eval_loss
+
+LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+          ("rougeL", "ROUGE-L")]
+
+
+@dataclass
+class Report:
+    scores: dict
+    predictions: list[dict] = field(default_factory=list)  # one row per record (only with generation)
+
+    def summary(self) -> str:
+        s = self.scores
+        lines = [f"eval: {s['records']} records, {s['truncated']} truncated at max_len={s['max_len']}: loss "
+                 f"{s['eval_loss']:.4f}, perplexity {s['eval_ppl']:.3f} over {s['eval_tokens']} answer tokens"]
+        if s.get("no_answer"):
+            lines[0] += f" ({s['no_answer']} records lost every answer token to truncation: not in the loss)"
+        if "em" in s:
+            lines.append(f"generation: {s['generated_tokens']} new tokens in {s['generate_seconds']:.1f} s "
+                         f"({s['tokens_per_s']:.1f} tokens/s); {s['unfinished']} of {s['records']} answers hit "
+                         f"max_new_tokens={s['max_new_tokens']}")
+            lines.append("  ".join(f"{name} {s[key]:.2f}" for key, name in LABELS))
+        if "extraction_f1" in s:
+            lines.append(f"extraction (items split on {s['separator']!r}): precision {s['extraction_precision']:.2f} "
+                         f"recall {s['extraction_recall']:.2f} F1 {s['extraction_f1']:.2f}")
+        return "\n".join(lines)
+
+    def write(self, folder: str | Path) -> Path:
+        """scores.json, and predictions.jsonl beside it when answers were generated."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scores.json").write_text(json.dumps(self.scores, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        if self.predictions:
+            with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+                for row in self.predictions:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return out
+
+
+def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context) -> dict:
+    """Loss over the answer tokens only, whatever data.train_on_prompt was in training."""
+    data_cfg = replace(cfg.data, train_on_prompt=False)
+    stats = None
+    if records is None:
+        records, stats = encode_examples(examples, tokenizer, data_cfg)
+    kept = [r for r in records if any(x != -100 for x in r.labels)]
+    out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context) if kept else \
+        {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
+    out.update(records=len(records), no_answer=len(records) - len(kept), max_len=cfg.data.max_len,
+               truncated=stats.truncated if stats else sum(r.truncated for r in records))
+    return out
+
+
+def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, separator) -> tuple[dict, list]:
+    convs = [with_system(ex, cfg.data.system) for ex in examples]
+    gen = run_generation(model, tokenizer, cfg.data.template, [c[:-1] for c in convs], sampling, batch_size,
+                         device)
+    refs = [c[-1]["content"] for c in convs]
+    rows = []
+    for ex, conv, ref, pred, toks, stopped in zip(examples, convs, refs, gen.texts, gen.tokens, gen.stopped):
+        row = {"where": ex.where, "prompt": conv[-2]["content"], "reference": ref, "prediction": pred,
+               "new_tokens": len(toks), "stopped": stopped}
+        row.update({k: round(v, 6) for k, v in metrics.score_answer(pred, ref, separator).items()})
+        rows.append(row)
+    scores = metrics.corpus_scores(gen.texts, refs, separator)
+    scores.update(generated_tokens=gen.new_tokens, generate_seconds=gen.seconds, tokens_per_s=gen.tokens_per_s,
+                  unfinished=sum(not x for x in gen.stopped), max_new_tokens=sampling.max_new_tokens)
+    if separator is not None:
+        scores["separator"] = separator
+    return scores, rows
+
+
+def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Example], generate: bool = False, *,
+                 extraction_sep: str | None = None, sampling: Sampling | None = None, batch_size: int = 8,
+                 gen_batch_size: int | None = None, device: str = "cpu", context=contextlib.nullcontext,
+                 records=None) -> Report:
+    """Scores of a model on held-out records (each ending with the reference answer).
+
+    Args:
+        cfg: the run's config; its data.template, data.system and data.max_len render the records.
+        records: the same examples already encoded (the training loop's held-out set), to skip encoding.
+        context: wraps each loss forward (the training loop's autocast).
+        extraction_sep: also score answers as item sets split on this separator (implies generate).
+        batch_size: records per loss forward; gen_batch_size: prompts per generate call (None: 64 on
+            CUDA, 8 on the CPU).
+    """
+    scores = _loss(model, tokenizer, cfg, examples, records, batch_size, device, context)
+    rows: list[dict] = []
+    if generate or extraction_sep is not None:
+        gen_scores, rows = _generation(model, tokenizer, cfg, examples, sampling or Sampling(max_new_tokens=256),
+                                       gen_batch_size, device, extraction_sep)
+        scores.update(gen_scores)
+    return Report(scores, rows)
+
+
+def load_model(folder: str | None, base: str | None, template: str, device: str, system: str = ""):
+    """(model, tokenizer, cfg) of a run folder, or of a base model with no adapter and the given template."""
+    from .. import models
+    from ..engine.precision import base_dtype_name
+
+    if folder:
+        from ..export.peft_format import load_run
+
+        return load_run(folder, device)
+    cfg = config_mod.load(None, [f"model.path={base}", f"data.template={template}", f"data.system={system}"])
+    model, tokenizer = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device)
+    return model.eval(), tokenizer, cfg
+
+
+def main(folder: str | None, data: str, *, base: str | None = None, template: str = "auto",
+         output: str | None = None, generate: bool = False, extraction_sep: str | None = None,
+         sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu", limit: int = 0,
+         max_len: int = 0, system: str | None = None, log=print) -> Report:
+    """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
+    if bool(folder) == bool(base):
+        raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")
+    examples = read(data, limit=limit)
+    model, tokenizer, cfg = load_model(folder, base, template, device, system or "")
+    if max_len:
+        cfg.data.max_len = max_len
+    if system is not None:
+        cfg.data.system = system
+    start = time.perf_counter()
+    report = evaluate_run(model, tokenizer, cfg, examples, generate, extraction_sep=extraction_sep,
+                          sampling=sampling, batch_size=batch_size or 8, gen_batch_size=batch_size,
+                          device=device)
+    report.scores = {"model": str(folder or base), "data": str(data), "template": cfg.data.template,
+                     **report.scores, "seconds": time.perf_counter() - start}
+    log(report.summary())
+    out = Path(output) if output else (Path(folder) / f"eval-{Path(data).stem}" if folder else
+                                       Path(f"eval-{Path(str(base)).name}-{Path(data).stem}"))
+    report.write(out)
+    log(f"wrote {out / 'scores.json'}" + (f" and {out / 'predictions.jsonl'}" if report.predictions else ""))
+    return report
