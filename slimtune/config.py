@@ -40,6 +40,8 @@ class DataConfig:
 METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",
            "prefix_tuning", "ia3")
 
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # learned tokens before each row: never packed
+
 
 @dataclass
 class MethodConfig:
@@ -72,12 +74,20 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     seed: int = 42  # seed for init, dropout and shuffling
     log_every: int = 1  # write metrics every N steps
-    eval_at_start: bool = True  # measure the eval loss before the first step too
+    eval_at_start: bool = True  # evaluate on the held-out split before the first step too
+    eval_every: int = 0  # also evaluate every N optimizer steps (0 = only before and after training)
+    eval_generate: bool = False  # those evals also generate answers (greedy): EM, F1, BLEU-4, ROUGE
+    eval_max_records: int = 0  # generate for only the first N held-out records (0 = all; the loss uses all)
+    eval_max_new_tokens: int = 128  # tokens per generated answer
+    eval_separator: str = ""  # also score answers as item sets split on this ("\n" = newline; implies eval_generate)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | bf16-pure | fp16 | fp16-pure
     adam_eps: float = 1e-8  # AdamW epsilon (fp16-pure needs >= 1e-4: 1e-8 is 0 in fp16)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     offload_activations: bool = False  # keep saved activations in CPU memory (with checkpointing: layer inputs)
+    packing: str = "auto"  # records packed in rows, no padding, attention within each record: auto (CUDA) | on | rows | off
+    loss: str = "auto"  # head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)
+    fused_lora: str = "auto"  # LoRA layers as one autograd node each (kernels/lora.py): auto (CUDA) | on | off
     save_every: int = 100  # write a resumable checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # keep the newest K checkpoints in output_dir/checkpoints (0 = all)
     resume: str = "no"  # auto: continue from the newest complete checkpoint in output_dir (as --resume) | no
@@ -103,6 +113,9 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.resume": ("no", "auto"),
     "train.on_nan": ("stop", "skip"),
+    "train.packing": ("auto", "on", "rows", "off"),
+    "train.loss": ("auto", "chunked", "plain"),
+    "train.fused_lora": ("auto", "on", "off"),
     "data.on_bad_record": ("error", "skip"),
 }
 
@@ -250,9 +263,10 @@ def validate(cfg: Config) -> list[str]:
         problems.append("train.epochs: must be positive (or set train.max_steps)")
     if cfg.train.warmup_steps < 0:
         problems.append("train.warmup_steps: must be >= 0")
-    for key in ("save_every", "keep_checkpoints"):
+    for key in ("save_every", "keep_checkpoints", "eval_every", "eval_max_records"):
         if getattr(cfg.train, key) < 0:
             problems.append(f"train.{key}: must be >= 0")
+    problems += _check_eval(cfg)
     if not 0 <= cfg.method.dropout < 1:
         problems.append("method.dropout: must be in [0, 1)")
     if cfg.data.eval_size < 0:
@@ -263,6 +277,23 @@ def validate(cfg: Config) -> list[str]:
         problems.append("method.num_virtual_tokens: must be at least 1")
     if cfg.method.trainable_layers < 0:
         problems.append("method.trainable_layers: must be >= 0")
+    if cfg.train.packing in ("on", "rows") and cfg.method.name in PROMPT_METHODS:
+        problems.append(f"train.packing: {cfg.train.packing} does not work with method.name={cfg.method.name}, which prepends virtual "
+                        "tokens to every row (a packed row holds several records); set train.packing=auto or off")
+    return problems
+
+
+def _check_eval(cfg: Config) -> list[str]:
+    """In-training evaluation needs held-out records, which data.eval_size=0 without data.eval leaves none of."""
+    tc, problems = cfg.train, []
+    if tc.eval_max_new_tokens < 1:
+        problems.append("train.eval_max_new_tokens: must be at least 1")
+    held = bool(cfg.data.eval) or cfg.data.eval_size > 0
+    for key, on in (("eval_every", tc.eval_every > 0), ("eval_generate", tc.eval_generate),
+                    ("eval_separator", bool(tc.eval_separator))):
+        if on and not held:
+            problems.append(f"train.{key}: there is no held-out split to evaluate on (data.eval is empty and "
+                            "data.eval_size is 0); set data.eval or data.eval_size, or turn it off")
     return problems
 
 

@@ -17,6 +17,7 @@ from .engine import checkpoint, memory
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
+from .evaluate.report import in_training
 from .export.peft_format import read_config, save
 from .methods.quant import quantization_config
 
@@ -127,8 +128,9 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
+    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
-                 resume=start)
+                 resume=start, evaluate=hook)
     if result.get("interrupted"):
         log(f"{result['interrupted']}: stopped after step {result['stopped_at']} of {result['steps']}; checkpoint "
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")

@@ -24,6 +24,7 @@ class Built:
     train_stats: Stats
     eval_stats: Stats
     skipped: list[dict] = field(default_factory=list)  # {"where", "reason", "record"} of each record left out
+    eval_examples: list[Example] = field(default_factory=list)  # eval's records as read, in its order
 
 
 def _lines(path: Path) -> Iterator[tuple[str, Any]]:
@@ -165,11 +166,13 @@ def build(cfg_data, tokenizer, log=print) -> Built:
     if held:
         log(estats.summary("eval", cfg_data.max_len))
     train = _drop_empty(train, "train", log, skipped, cfg_data.max_len)
-    held = _drop_empty(held, "eval", log, skipped, cfg_data.max_len)
+    encoded, held = held, _drop_empty(held, "eval", log, skipped, cfg_data.max_len)
+    kept = {id(r) for r in held}
+    eval_ex = [ex for ex, r in zip(eval_ex, encoded) if id(r) in kept]  # still one example per eval record
     if not train:
         raise DataError(f"{cfg_data.train}: no training record has an answer token left within "
                         f"data.max_len={cfg_data.max_len}; raise data.max_len")
-    return Built(train, held, tstats, estats, skipped)
+    return Built(train, held, tstats, estats, skipped, eval_ex)
 
 
 def _drop_empty(records: list[Encoded], name: str, log, skipped: list[dict], max_len: int) -> list[Encoded]:

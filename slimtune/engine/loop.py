@@ -3,6 +3,7 @@ numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import random
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+from ..data import pack
 from ..data.collate import collate
 from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
+from ..evaluate.report import LABELS, Report
+from ..kernels import attention, lora
 from . import checkpoint, guards, precision
 from .log import RunLog, memory_gib, progress
 from .loss import token_loss_sum
@@ -27,13 +32,32 @@ from .precision import Plan
 class MicroBatches:
     """Endless micro-batches: every epoch a new seeded shuffle, every record once per epoch. Its position
     (epoch, that epoch's order, index within it) goes into checkpoints, so a resumed run reads on from
-    the very record where the saved one stopped."""
+    the very record where the saved one stopped. With a token budget (packing) a micro-batch is a bin of
+    records holding at most `budget` tokens (data/pack.bins, seeded per epoch) instead of `size` records,
+    and the epoch's order is its list of bins. rows=True keeps `size` records per micro-batch (the unpacked
+    order) and only packs each into one row (train.packing=rows)."""
 
-    def __init__(self, records: list[Encoded], size: int, seed: int):
-        self.records, self.size, self.seed = records, size, seed
+    def __init__(self, records: list[Encoded], size: int, seed: int, budget: int = 0, rows: bool = False):
+        self.records, self.size, self.seed, self.budget = records, size, seed, budget
+        self.rows = rows and budget <= 0
         self.epoch, self.index, self.order = 0, 0, self._shuffle(0)
 
-    def _shuffle(self, epoch: int) -> list[int]:
+    @property
+    def binned(self) -> bool:
+        return self.budget > 0
+
+    @property
+    def packed(self) -> bool:
+        """Each micro-batch is collated as one packed row (data/pack.collate)."""
+        return self.binned or self.rows
+
+    def per_epoch(self) -> int:
+        """Micro-batches in an epoch (packed: in the first epoch; later ones differ by a bin or so)."""
+        return len(self.order) if self.binned else math.ceil(len(self.records) / self.size)
+
+    def _shuffle(self, epoch: int) -> list:
+        if self.binned:
+            return pack.bins([len(r.input_ids) for r in self.records], self.budget, self.seed + epoch)
         order = list(range(len(self.records)))
         random.Random(self.seed + epoch).shuffle(order)
         return order
@@ -45,42 +69,87 @@ class MicroBatches:
         if self.index >= len(self.order):
             self.epoch, self.index = self.epoch + 1, 0
             self.order = self._shuffle(self.epoch)
-        batch = [self.records[j] for j in self.order[self.index:self.index + self.size]]
-        self.index += self.size
+        if self.binned:
+            batch = [self.records[j] for j in self.order[self.index]]
+            self.index += 1
+        else:
+            batch = [self.records[j] for j in self.order[self.index:self.index + self.size]]
+            self.index += self.size
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "order": list(self.order)}
+        order = [list(b) for b in self.order] if self.binned else list(self.order)
+        return {"epoch": self.epoch, "index": self.index, "order": order}
 
     def load_state_dict(self, state: dict) -> None:
-        if sorted(state["order"]) != list(range(len(self.records))):
-            raise DataError(f"the checkpoint's data order covers {len(state['order'])} records, the data now "
+        order = state["order"]
+        packed = bool(order) and isinstance(order[0], list)
+        if packed != self.binned:
+            was, now = ("in bins", "by records") if packed else ("by records", "in bins")
+            raise DataError(f"the checkpoint's micro-batches were made {was} and this run's {now}: resume with the "
+                            "same train.packing on the same kind of device (train.packing=auto packs in bins on "
+                            "CUDA only; rows and off both take micro_batch_size records)")
+        flat = [j for b in order for j in b] if packed else order
+        if sorted(flat) != list(range(len(self.records))):
+            raise DataError(f"the checkpoint's data order covers {len(flat)} records, the data now "
                             f"{len(self.records)}: resume with the data it was trained on")
-        self.epoch, self.index, self.order = state["epoch"], state["index"], list(state["order"])
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.order = [list(b) for b in order] if packed else list(order)
 
 
 def micro_batches(records: list[Encoded], size: int, seed: int) -> MicroBatches:
     return MicroBatches(records, size, seed)
 
 
-def total_steps(n_records: int, cfg_train) -> int:
+def total_steps(n_records: int, cfg_train, micro_per_epoch: int = 0) -> int:
+    """max_steps, else epochs x optimizer steps per epoch (micro_per_epoch: packed bins per epoch)."""
     if cfg_train.max_steps > 0:
         return cfg_train.max_steps
-    per_epoch = math.ceil(n_records / (cfg_train.micro_batch_size * cfg_train.grad_accum))
+    micro = micro_per_epoch or math.ceil(n_records / cfg_train.micro_batch_size)
+    per_epoch = math.ceil(micro / cfg_train.grad_accum)
     return max(1, math.ceil(per_epoch * cfg_train.epochs))
 
 
+def use_packing(mode: str, model, device: str) -> str | None:
+    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens),
+    "rows" (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in bins on
+    CUDA where packed rows are exact for the model. On the CPU auto stays off: padding costs less there
+    than on a GPU, and the per-record attention fallback (kernels/reference.py) is not measured faster
+    than one padded batch."""
+    if mode == "off":
+        return None
+    why = attention.unsupported(model)
+    if mode in ("on", "rows") and why:
+        raise ConfigError(f"train.packing={mode}: {why}; set train.packing=auto or off")
+    if why is not None or (mode == "auto" and not device.startswith("cuda")):
+        return None
+    return "rows" if mode == "rows" else "bins"
+
+
+def use_chunked_loss(mode: str, device: str) -> bool:
+    """train.loss: chunked computes head + cross-entropy a chunk of rows at a time (kernels/linear_ce.py);
+    auto does so on CUDA, where the full-vocabulary logits are most of the memory; plain otherwise."""
+    return mode == "chunked" or (mode == "auto" and device.startswith("cuda"))
+
+
+def use_fused_lora(mode: str, device: str) -> bool:
+    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
+    chain of small ops leaves the GPU waiting on the CPU."""
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
+               scaler: torch.amp.GradScaler | None = None, chunked: bool = False) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
-    `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses."""
+    `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
+    the head and loss a chunk of rows at a time (engine/loss.py)."""
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     if n_tokens == 0:
         raise DataError("a training step has no trained token (every label is -100)")
     total = 0.0
     for b in batches:
         with context():
-            s, _ = token_loss_sum(model, b)
+            s, _ = token_loss_sum(model, b, chunked)
         loss = s / n_tokens  # dividing by the step's token count keeps accumulation exact
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += s.detach().item()
@@ -88,10 +157,11 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib
 
 
 def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
-         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False) -> dict:
+         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False,
+         chunked: bool = False) -> dict:
     """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
     guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"]."""
-    loss, n_tokens = accumulate(model, batches, context, scaler)
+    loss, n_tokens = accumulate(model, batches, context, scaler, chunked)
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"loss": loss, "tokens": n_tokens}
     scaling = scaler is not None and scaler.is_enabled()
@@ -156,35 +226,53 @@ class Run:
 
 
 def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
-        log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None) -> dict:
+        log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None,
+        evaluate=None) -> dict:
     """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
-    (optionally) and after. Metrics go to metrics.jsonl and TensorBoard, checkpoints to out_dir/checkpoints.
-    SIGINT/SIGTERM save a checkpoint and return early, with result["interrupted"] set."""
+    (optionally), every train.eval_every steps and after. Metrics go to metrics.jsonl and TensorBoard,
+    checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM save a checkpoint
+    and return early, with result["interrupted"] set.
+
+    Args:
+        evaluate: (model, context) -> Report on the held-out split (evaluate.report.in_training, which
+            can also generate); None: the loss of `held` alone.
+    """
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
-    steps = total_steps(len(train), tc)
+    packed = use_packing(tc.packing, model, device)
+    stream = MicroBatches(train, tc.micro_batch_size, tc.seed,
+                          tc.micro_batch_size * cfg.data.max_len if packed == "bins" else 0, rows=packed == "rows")
+    steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), MicroBatches(train, tc.micro_batch_size, tc.seed), fingerprint(train),
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0})
+              precision.scaler(plan, device), stream, fingerprint(train),
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0,
+                      "packing": packed or "off", "chunked_loss": use_chunked_loss(tc.loss, device)})
+    if packed:
+        attention.enable(model)
+        log(_describe_packing(stream, device, plan))
+    run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations)
+    measure = functools.partial(_evaluate, run, held, pad, context, logs, evaluate) if held else None
     try:
-        if held and tc.eval_at_start and not resume:
-            run.result["eval_before"] = eval_loss(model, held, pad, tc.micro_batch_size, device, context)
-            logs.write(step=0, **run.result["eval_before"])
-            log(f"eval loss before training: {run.result['eval_before']['eval_loss']:.4f}")
-        _train(run, pad, context, logs, log, show_progress)
+        if measure and tc.eval_at_start and not resume:
+            run.result["eval_before"] = measure(0).row()
+            log(f"eval before training: {_describe(run.result['eval_before'])}")
+        _train(run, pad, context, logs, log, show_progress, measure)
         if not run.result.get("interrupted"):
-            _finish(run, held, pad, context, logs, log)
+            _finish(run, measure, logs, log)
     finally:
         logs.close()
+        lora.disable(model)
+        if packed:
+            attention.disable(model)
     return run.result
 
 
-def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool) -> None:
+def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, measure=None) -> None:
     tc = run.cfg.train
     run.model.train()
     bar = progress(run.steps, show_progress, initial=run.step)
@@ -196,6 +284,7 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool) 
                 row = _step(run, records, pad, context, log)
                 run.elapsed = time.perf_counter() - start
                 _report(run, row, logs, bar)
+                _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row
                 if (tc.save_every and run.step % tc.save_every == 0) or run.step == run.steps or stop.requested:
                     _save(run, logs)
                 if stop.requested:
@@ -211,11 +300,11 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    batches = [{k: v.to(run.device) for k, v in collate(rs, pad).items()} for rs in records]
-    run.seen += sum(int(b["attention_mask"].sum()) for b in batches)
+    batches = [_to(pack.collate(rs) if run.stream.packed else collate(rs, pad), run.device) for rs in records]
+    run.seen += sum(pack.tokens(b) for b in batches)
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True)
+                   guard=True, chunked=run.result["chunked_loss"])
     except DataError:
         raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "
@@ -241,6 +330,21 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     return row
 
 
+def _to(batch: dict, device: str) -> dict:
+    """Tensors to the device; packed rows' max_length_q/k stay Python ints (no device sync to read them)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
+    lengths = [len(r.input_ids) for r in stream.records]
+    fast = device.startswith("cuda") and attention.varlen_available() and plan.name != "fp32"
+    rows = (f"{stream.size} records per row" if stream.rows else
+            f"{len(lengths)} records in {stream.per_epoch()} rows of at most {stream.budget} tokens "
+            f"({100 * pack.fill(lengths, stream.order, stream.budget):.1f}% full)")
+    return (f"packing: {rows}; attention within each record: "
+            + ("varlen flash attention" if fast else "one SDPA call per record (plain PyTorch)"))
+
+
 def _report(run: Run, row: dict, logs: RunLog, bar) -> None:
     """metrics.jsonl + TensorBoard every log_every steps; the bar's postfix every step."""
     row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], tokens_per_s=run.seen / max(run.elapsed, 1e-9),
@@ -257,6 +361,37 @@ def _report(run: Run, row: dict, logs: RunLog, bar) -> None:
     bar.set_postfix(**post, refresh=False)
     bar.update(1)
     run.result["train_loss"] = row["loss"]
+
+
+def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, hook, at: int) -> Report:
+    """Held-out scores at step `at`, logged as eval_* keys. The RNG streams training draws from (dropout
+    masks, shuffles) are put back as they were, so a run trains on the same numbers whether it evaluates
+    or not, and a resumed run as the uninterrupted one."""
+    rng, was_training = checkpoint.rng_state(), run.model.training
+    try:
+        report = hook(run.model, context) if hook else \
+            Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context))
+    finally:
+        checkpoint.set_rng_state(rng)
+        run.model.train(was_training)
+    logs.write(step=at, **report.row())
+    return report
+
+
+def _maybe_eval(run: Run, measure, log) -> None:
+    """Every train.eval_every steps; the last step's eval is _finish's."""
+    every = run.cfg.train.eval_every
+    if measure and every and run.step % every == 0 and run.step < run.steps:
+        log(f"eval at step {run.step} of {run.steps}: {_describe(measure(run.step).row())}")
+
+
+def _describe(row: dict) -> str:
+    text = f"loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.3f}"
+    if "eval_em" in row:
+        text += "; " + "  ".join(f"{name} {row['eval_' + key]:.2f}" for key, name in LABELS)
+    if "eval_extraction_f1" in row:
+        text += f"; extraction F1 {row['eval_extraction_f1']:.2f}"
+    return text
 
 
 def _save(run: Run, logs: RunLog) -> Path:
@@ -287,8 +422,8 @@ def _restore(run: Run, folder: Path, log) -> int:
     return state["metrics_bytes"]
 
 
-def _finish(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, log) -> None:
-    r, tc = run.result, run.cfg.train
+def _finish(run: Run, measure, logs: RunLog, log) -> None:
+    r = run.result
     if run.plan.scaler:
         log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {r['skipped_steps']} of {run.steps} "
             "steps skipped for overflow")
@@ -297,10 +432,15 @@ def _finish(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, log)
     if run.device.startswith("cuda"):
         r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    if held:
-        r["eval_after"] = eval_loss(run.model, held, pad, tc.micro_batch_size, run.device, context)
-        logs.write(step=run.steps, **r["eval_after"])
+    if measure:
+        report = measure(run.steps)
+        r["eval_after"] = report.row()
         before = r.get("eval_before", {}).get("eval_loss")
-        change = f" (before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
+        change = f" (loss before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
             if before else ""
-        log(f"eval loss after training: {r['eval_after']['eval_loss']:.4f}{change}")
+        log(f"eval after training: {_describe(r['eval_after'])}{change}")
+        report.scores["step"] = run.steps
+        (run.out_dir / "eval" / "predictions.jsonl").unlink(missing_ok=True)  # a resumed run's, if it generated
+        out = report.write(run.out_dir / "eval")
+        r["eval_dir"] = str(out)
+        log(f"wrote {out / 'scores.json'}" + (" and predictions.jsonl" if report.predictions else ""))

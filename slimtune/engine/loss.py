@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.encode import IGNORE
+from ..kernels import linear_ce
 
 
 def split_head(model):
@@ -28,18 +29,28 @@ def split_head(model):
     return decoder, head
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, their count) for one batch."""
+def model_inputs(batch: dict) -> dict:
+    """What the model takes from a batch: all but labels. Packed rows (data/pack.py) bring position_ids,
+    cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over trained positions, their count) for one batch.
+    chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     parts = split_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
         logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
     else:
         decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
+        hidden = decoder(**model_inputs(batch)).last_hidden_state
+        rows = hidden[:, :-1][keep]
+        if chunked and linear_ce.fits(head):
+            return linear_ce.linear_cross_entropy(rows, head.weight, labels[keep], head.bias), int(keep.sum())
+        logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())

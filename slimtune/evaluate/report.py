@@ -23,6 +23,9 @@ from .perplexity import eval_loss
 
 LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
           ("rougeL", "ROUGE-L")]
+# the scores a training run logs at each eval step (the others describe the setup, the same every time)
+LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
+          "extraction_precision", "extraction_recall", "extraction_f1", "unfinished", "generate_seconds")
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Report:
             lines.append(f"extraction (items split on {s['separator']!r}): precision {s['extraction_precision']:.2f} "
                          f"recall {s['extraction_recall']:.2f} F1 {s['extraction_f1']:.2f}")
         return "\n".join(lines)
+
+    def row(self) -> dict:
+        """The logged scores as metrics.jsonl keys, each eval_-prefixed (em -> eval_em, TensorBoard's eval/em)."""
+        return {k if k.startswith("eval_") else f"eval_{k}": self.scores[k] for k in LOGGED if k in self.scores}
 
     def write(self, folder: str | Path) -> Path:
         """scores.json, and predictions.jsonl beside it when answers were generated."""
@@ -113,6 +120,26 @@ def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Exampl
                                        gen_batch_size, device, extraction_sep)
         scores.update(gen_scores)
     return Report(scores, rows)
+
+
+def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], records, device: str):
+    """The training loop's hook, (model, context) -> Report, per the train.eval_* keys: the loss over every
+    held-out record (`records`, already encoded), generation over the first train.eval_max_records."""
+    tc = cfg.train
+    sep = tc.eval_separator.replace("\\n", "\n").replace("\\t", "\t") or None  # as eval's --separator
+    generate = tc.eval_generate or sep is not None
+    subset = examples[:tc.eval_max_records] if tc.eval_max_records else examples
+    sampling = Sampling(max_new_tokens=tc.eval_max_new_tokens)
+
+    def hook(model, context=contextlib.nullcontext) -> Report:
+        with context():  # generation too runs under the run's autocast: bf16 bases hold fp32 trainables
+            report = evaluate_run(model, tokenizer, cfg, subset, generate, extraction_sep=sep, sampling=sampling,
+                                  batch_size=tc.micro_batch_size, device=device, records=records)
+        if generate:
+            report.scores["generated_records"] = len(subset)
+        return report
+
+    return hook
 
 
 def load_model(folder: str | None, base: str | None, template: str, device: str, system: str = ""):

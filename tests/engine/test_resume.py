@@ -143,9 +143,13 @@ def reference(tmp_path_factory, tiny_model_dir):
     return tmp / "ref"
 
 
-@pytest.mark.parametrize("sig, how", [(signal.SIGTERM, "--resume"), (signal.SIGINT, "train.resume=auto")])
+EVALS = {"eval_every": 3, "eval_generate": True, "eval_max_records": 2, "eval_max_new_tokens": 4}
+
+
+@pytest.mark.parametrize("sig, how, evals", [(signal.SIGTERM, "--resume", {}), (signal.SIGINT, "train.resume=auto", {}),
+                                             (signal.SIGTERM, "--resume", EVALS)], ids=["term", "int", "term-evals"])
 def test_signal_saves_at_step_boundary_and_resume_is_exact(tmp_path, tiny_model_dir, reference, monkeypatch,
-                                                           capsys, sig, how):
+                                                           capsys, sig, how, evals):
     import slimtune.engine.loop as loop
 
     real, calls = loop.step, []
@@ -156,7 +160,7 @@ def test_signal_saves_at_step_boundary_and_resume_is_exact(tmp_path, tiny_model_
             os.kill(os.getpid(), sig)  # arrives mid-step, as Ctrl-C does
         return real(*args, **kwargs)
 
-    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=12, save_every=0)
+    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=12, save_every=0, **evals)  # the reference: none
     handler = signal.getsignal(sig)
     monkeypatch.setattr(loop, "step", signalled_step)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 0
@@ -172,6 +176,11 @@ def test_signal_saves_at_step_boundary_and_resume_is_exact(tmp_path, tiny_model_
     assert _losses(run) == _losses(reference)
     got, want = _adapter(run), _adapter(reference)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    if evals:  # evaluating (generation too) changed no training number; each eval row is there once
+        rows = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+        assert [r["step"] for r in rows] == [0, 3, 6, 9, 12] and all("eval_f1" in r for r in rows)
+        ref = [r["eval_loss"] for r in read_metrics(reference / "metrics.jsonl") if "eval_loss" in r]
+        assert [rows[0]["eval_loss"], rows[-1]["eval_loss"]] == ref
 
 
 def test_checkpoint_folder_is_a_run_folder_and_half_written_ones_are_never_picked(reference):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU session for issue 8 (run through the device tool from the repo root, .whl carried):
+#   bash bench/gpu_speed.sh 1b   kernel GPU tests, slimtune variants + profile, then the peers, at 1B
+#   bash bench/gpu_speed.sh 8b   slimtune at 1B (fused LoRA on/off) and 8B, then the peers at 8B
+#   bash bench/gpu_speed.sh explore   slimtune variants at 1B and 8B
+# Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
+set -uo pipefail
+SIZE=${1:-1b}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+pip() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}"; }
+pip /tmp/site_test .whl/pytest-*.whl .whl/iniconfig-*.whl .whl/pluggy-*.whl
+pip /tmp/site .whl/*.whl
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "$SIZE" = 1b ]; then
+  PYTHONPATH=/tmp/site_test timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site_test timeout 240 python3 bench/speed.py --sizes 1b --out "$OUT/speed.jsonl" \
+    --recipes slimtune,slimtune:loss=plain,slimtune:packing=off,slimtune:packing=on,slimtune:profile="$OUT/prof_1b.txt"
+  PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 1b --recipes hf,liger,unsloth --out "$OUT/speed.jsonl"
+elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
+  PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune,slimtune:compile:profile="$OUT/prof_compiled.txt"
+else
+  PYTHONPATH=/tmp/site_test timeout 120 python3 bench/speed.py --sizes 1b --out "$OUT/speed.jsonl" \
+    --recipes slimtune,slimtune:fused_lora=off,slimtune:profile="$OUT/prof_1b.txt"
+  PYTHONPATH=/tmp/site_test timeout 150 python3 bench/speed.py --sizes 8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune,slimtune:profile="$OUT/prof_8b.txt"
+  PYTHONPATH=/tmp/site timeout 380 python3 bench/speed.py --sizes 8b --recipes hf,liger,unsloth --out "$OUT/speed.jsonl"
+fi

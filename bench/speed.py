@@ -1,0 +1,271 @@
+"""Speed and memory on one GPU, slimtune beside its peers, each recipe in its own process.
+
+The workload is bench/peers/seed_recipe.py's "modern" one, the same for every recipe: a random-init
+Llama-shaped model (1b: Llama-3.2-1B shapes, 8b: Llama-3.1-8B shapes; speed and memory do not depend on
+the weights' values), synthetic alpaca-like records (seed_recipe.synthetic_examples: prompt 15..120
+tokens, response lognormal around 180 tokens, sigma 0.7, clipped to 8..2000, plus EOS, prompt masked
+with -100, cut at max_len 1024), LoRA r=16 / alpha 16 / dropout 0 on the seven projections, 8 records
+per micro-batch, accumulation 2 (16 records per optimizer step), gradient checkpointing, bf16, lr 1e-4,
+2 warm-up steps then 6 timed steps.
+
+Recipes:
+  hf       transformers Trainer + peft, padded batches (seed_recipe.py)
+  liger    the same with Liger-Kernel patched into Llama (seed_recipe.py --liger)
+  unsloth  unsloth, padded and padding-free (unsloth_recipe.py; two results)
+  slimtune slimtune's engine: each micro-batch's 8 records packed into one row (train.packing=rows:
+           the same records per step as the peers), varlen attention, chunked head + loss, fused AdamW
+
+Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
+peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
+
+  python bench/speed.py --sizes 1b,8b                    # every recipe, one after another
+  python bench/speed.py --sizes 1b --recipes slimtune    # only ours
+  python bench/speed.py --worker --size 1b --packing rows --loss chunked   # one slimtune process
+
+Peers need wheels the GPU image lacks: `bash bench/peers/peer_wheels.sh .whl`, carry .whl, and install
+with pip --target as bench/gpu_speed.sh does. Results are appended to bench/results/<date>-<device>.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+ROOT = HERE.parent
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _workload(size: str, n: int, max_len: int):
+    sys.path.insert(0, str(PEERS))
+    from seed_recipe import SIZES, synthetic_examples
+    return SIZES[size], synthetic_examples(n, max_len)
+
+
+def worker(a) -> dict:
+    """slimtune's engine on the workload: model -> checkpointing -> LoRA -> precision -> step()."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(ROOT))
+    from slimtune import config as config_mod, methods
+    from slimtune.data import pack
+    from slimtune.data.collate import collate
+    from slimtune.data.encode import Encoded
+    from slimtune.engine import loop, precision
+    from slimtune.engine.optim import build_optimizer, build_scheduler
+    from slimtune.kernels import attention, linear_ce, lora
+    from slimtune.train import enable_checkpointing
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bs, ga, steps, warmup = a.bs, a.ga, a.steps, a.warmup
+    shape, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
+    cfg = config_mod.from_dict({
+        "method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
+        "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4, "precision": "bf16" if dev == "cuda" else "fp32",
+                  "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup},
+        "data": {"max_len": a.max_len}})
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(**shape, max_position_embeddings=4096)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation="sdpa")
+    n_params = sum(p.numel() for p in model.parameters())
+    enable_checkpointing(model, cfg.method, log=lambda *_: None)
+    model = methods.apply(model, cfg.method)
+    plan = precision.plan(cfg.train.precision, dev, cfg.train.adam_eps)
+    precision.cast_trainable(model, plan.trainable)
+    packed = loop.use_packing(a.packing, model, dev)
+    chunked = loop.use_chunked_loss(a.loss, dev)
+    fused = lora.enable(model) if loop.use_fused_lora(a.fused_lora, dev) else 0
+    if a.chunk_bytes:
+        linear_ce.CHUNK_BYTES = a.chunk_bytes
+    if packed:
+        attention.enable(model)
+    records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
+    stream = loop.MicroBatches(records, bs, 0, bs * a.max_len if packed == "bins" else 0, rows=packed == "rows")
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
+    context = loop.forward_context(plan, dev, False)
+    if a.compile:
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True)
+    model.train()
+
+    def one_step():
+        micro = [next(stream) for _ in range(ga)]
+        batches = [loop._to(pack.collate(rs) if stream.packed else collate(rs, 0), dev) for rs in micro]
+        real = sum(pack.tokens(b) for b in batches)
+        padded = sum(b["input_ids"].numel() for b in batches)
+        row = loop.step(model, batches, optimizer, scheduler, 1.0, context, None, guard=True, chunked=chunked)
+        return real, padded, row
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        one_step()
+    sync()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    real = padded = 0
+    times, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        ts = time.perf_counter()
+        if a.profile and i == steps - 1:
+            _profile(one_step, a.profile)
+            continue
+        r, p, row = one_step()
+        sync()
+        times.append(time.perf_counter() - ts)
+        real, padded = real + r, padded + p
+        losses.append(round(row["loss"], 4))
+    dt = sum(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+    label = f"slimtune ({bs}x{ga} records, packing={packed or 'off'}, loss={'chunked' if chunked else 'plain'}" + \
+        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + ")"
+    return dict(recipe=label, size=a.size, params=n_params, bs=bs, ga=ga, grad_ckpt=True, lora_targets=ALL_LINEAR,
+                r=16, max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), padded_tok_s=round(padded / dt),
+                pad_fraction=round(1 - real / padded, 3), peak_gib=round(peak, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev == "cuda" else 0.0,
+                mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3),
+                mfu_recompute=round(real / dt * 6 * n_params / PEAK_FLOPS, 3),
+                step_s=[round(t, 3) for t in times], losses=losses,
+                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                versions=_versions())
+
+
+def _profile(one_step, path: str) -> None:
+    """One step under torch.profiler: the top CUDA-time ops and the CPU/GPU totals, printed and saved."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    Path(path).write_text(table)
+    print(table[:6000], file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for p in ("torch", "transformers", "peft", "triton", "liger_kernel", "unsloth"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _run(cmd: list[str], log) -> list[dict]:
+    """One recipe's process; its JSON result lines ('RESULT {...}' or '{...}')."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    found = []
+    for line in proc.stdout.splitlines():
+        text = line[len("RESULT "):] if line.startswith("RESULT ") else line
+        if text.startswith("{"):
+            try:
+                found.append(json.loads(text))
+            except json.JSONDecodeError:
+                pass
+    log(f"{' '.join(cmd[1:])}: rc {proc.returncode}, {time.perf_counter() - t0:.0f}s, {len(found)} result(s)")
+    if proc.returncode or not found:
+        log(proc.stderr[-3000:])
+    return found
+
+
+def recipe_commands(name: str, size: str, a) -> list[list[str]]:
+    py = sys.executable
+    steps = ["--steps", str(a.steps), "--warmup", str(a.warmup)]
+    if name == "hf":
+        return [[py, str(PEERS / "seed_recipe.py"), "--size", size, "--configs", "modern", *steps]]
+    if name == "liger":
+        return [[py, str(PEERS / "seed_recipe.py"), "--size", size, "--configs", "modern", "--liger", *steps]]
+    if name == "unsloth":
+        path = f"/dev/shm/m{size}"
+        make = [] if Path(path, "config.json").exists() else \
+            [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
+        return make + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
+                        "--modes", "padded,padding_free", *steps]]
+    if name.startswith("slimtune"):
+        extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
+        args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
+        for item in extra:
+            key, _, value = item.partition("=")
+            args += [f"--{key}"] + ([value] if value else [])
+        return [args]
+    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, slimtune[:packing=..][:loss=..][:compile]")
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| recipe | size | real tok/s | peak GiB | MFU (4N) | pad fraction |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['recipe']} | {r['size']} | {r['real_tok_s']:,} | {r['peak_gib']:.2f} | {r['mfu_real']:.3f} "
+                   f"| {r['pad_fraction']:.2f} |")
+    return "\n".join(out)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    lines = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        ours = [r for r in rows if r["size"] == size and r["recipe"].startswith("slimtune")]
+        peers = [r for r in rows if r["size"] == size and not r["recipe"].startswith("slimtune")]
+        for o in ours:
+            for p in peers:
+                lines.append(f"{size}: {o['recipe']} / {p['recipe']}: speed {o['real_tok_s'] / p['real_tok_s']:.2f}x, "
+                             f"memory {o['peak_gib'] / max(p['peak_gib'], 1e-9):.2f}x")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help="run slimtune's engine in this process")
+    ap.add_argument("--size", default="1b")
+    ap.add_argument("--sizes", default="1b")
+    ap.add_argument("--recipes", default="slimtune,hf,liger,unsloth")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--ga", type=int, default=2)
+    ap.add_argument("--max_len", type=int, default=1024)
+    ap.add_argument("--packing", default="rows")
+    ap.add_argument("--loss", default="auto")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fused_lora", default="auto")
+    ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
+    ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a)), flush=True)
+        return 0
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    rows = []
+    for size in a.sizes.split(","):
+        for name in a.recipes.split(","):
+            for cmd in recipe_commands(name, size, a):
+                rows += _run(cmd, log)
+    if not rows:
+        return 1
+    device = rows[0]["device"]
+    slug = "h100" if "H100" in device else "h200" if "H200" in device else device.lower().replace(" ", "-")
+    out = Path(a.out or HERE / "results" / f"{datetime.date.today()}-{slug}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps(dict(r, bench="speed", date=str(datetime.date.today()))) + "\n")
+    print(table(rows))
+    print("\n".join(ratios(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

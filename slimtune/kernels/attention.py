@@ -1,0 +1,188 @@
+"""Attention for packed rows: every record attends causally to itself only.
+
+Registered with transformers as attention implementation "slimtune_packed" (AttentionInterface, plus a
+mask function in AttentionMaskInterface). Single-row forwards without a padding mask (the packed rows
+of data/pack.py, which bring cu_seq_lens_q and max_length_q) go to
+  - CUDA, bf16/fp16, no attention dropout: torch.nn.attention.varlen.varlen_attn, PyTorch's own
+    FlashAttention-2 varlen kernel (no flash-attn package needed): no mask, no padding, O(T) memory;
+  - elsewhere (CPU, fp32, dropout): reference.packed_attention, one causal SDPA call per record, which
+    computes what the unpacked forward computes for each record.
+Every other forward (padded batches in eval, generation with a cache, left padding) goes to transformers'
+own SDPA with the mask it builds, so a model left switched over still evaluates and generates correctly.
+
+torch.nn.attention.varlen changed between releases (is_causal became window_size=(-1, 0) in early 2026,
+enable_gqa came later), so the call is built from the installed signature: see _varlen_kwargs.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from . import reference
+
+NAME = "slimtune_packed"
+HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def varlen_available() -> bool:
+    return _varlen_fn() is not None and torch.cuda.is_available()
+
+
+@functools.cache
+def _varlen_params() -> frozenset:
+    return frozenset(inspect.signature(_varlen_fn()).parameters)
+
+
+def _varlen_kwargs(q, k, v, scale, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """q/k/v and keyword arguments for the installed varlen_attn."""
+    params, kw = _varlen_params(), {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # older releases check nothing and document equal heads: do not rely on the kernel's GQA
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale is not None:  # the kernel's own scale is 1/sqrt(D)
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if "window_size" in params:
+        kw["window_size"] = (window - 1 if window else -1, 0)  # a tuple: varlen_attn compares with (-1, 0)
+    else:
+        kw["is_causal"] = True
+    return q, k, v, kw
+
+
+def varlen(query, key, value, cu_seq_lens, max_length: int, scale=None, window=None) -> torch.Tensor:
+    """Fast path: (1, H, T, D) query, (1, H_kv, T, D) key/value -> (1, T, H, D)."""
+    dtype = query.dtype
+    if dtype not in HALF:  # fp32 activations under autocast (RoPE in fp32): the kernel takes half only
+        dtype = torch.get_autocast_dtype("cuda")
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (T, H, D)
+    q, k, v, kw = _varlen_kwargs(q, k, v, scale, window)
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    out = _varlen_fn()(q, k, v, cu, cu, int(max_length), int(max_length), **kw)
+    return out.unsqueeze(0)
+
+
+def _fast(query: torch.Tensor, dropout: float, window: int | None) -> bool:
+    if not query.is_cuda or _varlen_fn() is None or dropout > 0 or query.shape[-1] > 256:
+        return False
+    if window and "window_size" not in _varlen_params():  # the first varlen_attn had no sliding window
+        return False
+    return query.dtype in HALF or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in HALF)
+
+
+def _segments(query, kwargs) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens, longest record) of a single row: from the batch, else from restarting position_ids."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        longest = kwargs.get("max_length_q")
+        return cu, int(longest) if longest is not None else int((cu[1:] - cu[:-1]).max())
+    length = query.shape[2]
+    pos = kwargs.get("position_ids")
+    starts = [0]
+    if pos is not None and pos.shape[-1] == length:
+        starts = torch.nonzero(pos.reshape(-1)[1:] != pos.reshape(-1)[:-1] + 1).flatten().add(1).tolist()
+        starts = [0] + starts
+    bounds = starts + [length]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+    return cu, max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+              **kwargs):
+    """The AttentionInterface function: (B, H, T, D) tensors -> ((B, T, H, D) output, None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    single = query.shape[0] == 1 and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True)
+    if kwargs.get("cu_seq_lens_q") is not None and not single:
+        raise ValueError(f"a packed batch must be one row of full causal attention; got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    if attention_mask is not None or not single:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    for feature in ("softcap", "s_aux"):
+        if kwargs.get(feature) is not None:
+            raise NotImplementedError(f"packed attention has no {feature} (this model uses it); set train.packing=off")
+    cu, longest = _segments(query, kwargs)
+    window = kwargs.get("sliding_window")
+    window = window if window and window < longest else None  # a window wider than every record changes nothing
+    if _fast(query, dropout, window):
+        return varlen(query, key, value, cu, longest, scaling, window), None
+    out = reference.packed_attention(query, key, value, cu, scaling, dropout, window)
+    return out.transpose(1, 2), None
+
+
+def _mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
+    """No mask for what attention() computes itself (one unpadded row); transformers' SDPA mask otherwise.
+    A sliding-window layer's mask (local_size) is dropped too: attention() applies the window that the
+    attention module passes as sliding_window (Llama-family modules, Qwen2/3 and Mistral all do)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and batch_size == 1 and q_length == kv_length and not kwargs.get("use_vmap"):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
+                     **kwargs)
+
+
+@functools.cache
+def register() -> str:
+    """Make NAME a transformers attention implementation (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    return NAME
+
+
+def _base(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model) -> str | None:
+    """Why packed rows would not be exact for this model, or None when they are."""
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if peft_cfg is not None and peft_cfg.is_prompt_learning:
+        return f"{peft_cfg.peft_type.value.lower()} prepends virtual tokens to every row"
+    base = _base(model)
+    if not getattr(base, "_supports_attention_backend", False):
+        return f"{type(base).__name__} does not route its attention through transformers' AttentionInterface"
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    for key in ("attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(cfg, key, None):
+            return f"its config sets {key}, which packed attention does not implement"
+    return None
+
+
+def enable(model) -> None:
+    """Switch the model (through a peft wrapper) to packed attention; disable() switches back."""
+    base = _base(model)
+    if getattr(base, "_slimtune_attn_before", None) is None:
+        base._slimtune_attn_before = base.config._attn_implementation
+    base.set_attn_implementation(register())
+
+
+def disable(model) -> None:
+    base = _base(model)
+    before = getattr(base, "_slimtune_attn_before", None)
+    if before is not None:
+        base.set_attn_implementation(before)
+        base._slimtune_attn_before = None
+
+
+def enabled(model) -> bool:
+    return _base(model).config._attn_implementation == NAME

@@ -1,0 +1,35 @@
+"""Plain-PyTorch twins of the fast ops in this folder: the CPU path and what the tests compare against."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets), logits in fp32."""
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+                     scale: float | None = None, dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
+    """Causal attention within each record of a packed row, never across: one SDPA call per record.
+
+    query (1, H, T, D), key/value (1, H_kv, T, D) with H a multiple of H_kv; records start at cu_seq_lens
+    (N + 1 offsets). window: each token sees itself and the window - 1 tokens before it. -> (1, H, T, D).
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # query head h reads kv head h // groups, as transformers' repeat_kv
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bounds = [int(b) for b in cu_seq_lens.tolist()]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b == a:
+            continue
+        mask = None
+        if window and b - a > window:
+            i = torch.arange(b - a, device=query.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        parts.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask,
+                                                    dropout_p=dropout, is_causal=mask is None, scale=scale))
+    return torch.cat(parts, dim=2)

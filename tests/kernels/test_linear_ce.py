@@ -1,0 +1,70 @@
+"""Chunked linear + cross-entropy against the plain-PyTorch reference: loss and every gradient."""
+import pytest
+import torch
+
+from slimtune.kernels import reference
+from slimtune.kernels.linear_ce import linear_cross_entropy
+
+
+def _inputs(n, h, v, bias, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+def _grads(fn, hidden, weight, b, targets, scale=1.0, **kw):
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    loss = fn(hidden, weight, targets, b, **kw)
+    (loss * scale).backward()
+    return loss.detach(), [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+
+
+@pytest.mark.parametrize("n,h,v,rows", [(7, 16, 123, 3), (123, 64, 431, 16), (431, 33, 7, 100), (5, 8, 50, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference_fp32(n, h, v, rows, bias):
+    args = _inputs(n, h, v, bias)
+    ref_loss, ref_grads = _grads(reference.linear_cross_entropy, *args, scale=0.37)
+    loss, grads = _grads(linear_cross_entropy, *args, scale=0.37, rows=rows)
+    # fp32 throughout; the sums run in another order (chunks), hence relative 1e-5 and not bit equality
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        # a weight gradient sums n rows: its small entries carry the rounding of its large ones
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_does():
+    hidden, weight, _, targets = _inputs(40, 16, 97, False)
+    weight.requires_grad_(False)
+    loss = linear_cross_entropy(hidden, weight, targets, rows=7)
+    loss.backward()
+    assert weight.grad is None
+    ref = hidden.detach().clone().requires_grad_()
+    reference.linear_cross_entropy(ref, weight, targets).backward()
+    torch.testing.assert_close(hidden.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_plain_autocast():
+    hidden, weight, _, targets = _inputs(123, 64, 431, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _grads(reference.linear_cross_entropy, hidden, weight, None, targets)
+        loss, grads = _grads(linear_cross_entropy, hidden, weight, None, targets, rows=10)
+    # both multiply in bf16 (8 bits of mantissa) and take softmax in fp32; the loss agrees to fp32
+    # rounding of the same bf16 logits, the gradients to bf16 rounding (2^-8 relative)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_no_grad_and_empty():
+    hidden, weight, _, targets = _inputs(9, 8, 20, False)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, rows=4)
+        torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets))
+    empty = linear_cross_entropy(hidden[:0], weight, targets[:0])
+    assert empty.item() == 0.0
+    empty.backward()
