@@ -123,9 +123,9 @@ def test_packed_stream_resumes_exactly_and_refuses_a_mismatched_checkpoint():
     b.load_state_dict(state)
     ahead = [[r.where for r in next(a)] for _ in range(2 * len(a.order))]
     assert [[r.where for r in next(b)] for _ in range(len(ahead))] == ahead  # across the next epoch boundary
-    with pytest.raises(DataError, match="packing on and this run has it off"):
+    with pytest.raises(DataError, match="micro-batches were made in bins and this run.s by records"):
         MicroBatches(records, size=2, seed=5).load_state_dict(state)
-    with pytest.raises(DataError, match="packing off and this run has it on"):
+    with pytest.raises(DataError, match="micro-batches were made by records and this run.s in bins"):
         b.load_state_dict(MicroBatches(records, size=2, seed=5).state_dict())
     with pytest.raises(DataError, match="covers 40 records"):
         MicroBatches(records[:30], size=2, seed=5, budget=96).load_state_dict(state)
