@@ -57,7 +57,6 @@ def worker(a) -> dict:
     sys.path.insert(0, str(ROOT))
     from slimtune import config as config_mod, methods
     from slimtune.data import pack
-    from slimtune.data.collate import collate
     from slimtune.data.encode import Encoded
     from slimtune.engine import loop, precision
     from slimtune.engine.optim import build_optimizer, build_scheduler
@@ -101,7 +100,7 @@ def worker(a) -> dict:
 
     def one_step():
         micro = [next(stream) for _ in range(ga)]
-        batches = [loop._to(pack.collate(rs) if stream.packed else collate(rs, 0), dev) for rs in micro]
+        batches = [loop.collate_micro(rs, stream.packed, 0, dev) for rs in micro]
         real = sum(pack.tokens(b) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
         row = loop.step(model, batches, optimizer, scheduler, 1.0, context, None, guard=True, chunked=chunked)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -61,6 +62,29 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
+
+
+def lora_run_config(tmp: Path, model_dir: Path, name: str, copies: int = 4, **train) -> Path:
+    """A small LoRA run on the CPU written to tmp/NAME.yaml: 8 x `copies` records of ~52 tokens in
+    tmp/train.jsonl (4 held out), r=4 on q/v with dropout 0.1 (so torch's RNG matters), fp32; `train`
+    keys override the defaults."""
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
+                           for w in WORDS for i in range(copies)])
+    tree = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data), "eval_size": 4, "max_len": 64},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"output_dir": str(tmp / name), "lr": 1e-2, "warmup_steps": 2, "save_every": 0,
+                  "precision": "fp32", "device": "cpu", **train},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
     return path
 
 

@@ -300,7 +300,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    batches = [_to(pack.collate(rs) if run.stream.packed else collate(rs, pad), run.device) for rs in records]
+    batches = [collate_micro(rs, run.stream.packed, pad, run.device) for rs in records]
     run.seen += sum(pack.tokens(b) for b in batches)
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
@@ -330,8 +330,10 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     return row
 
 
-def _to(batch: dict, device: str) -> dict:
-    """Tensors to the device; packed rows' max_length_q/k stay Python ints (no device sync to read them)."""
+def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:
+    """One micro-batch on the device: packed rows (data/pack.py) or right-padded ones. Packed rows'
+    max_length_q/k stay Python ints (no device sync to read them)."""
+    batch = pack.collate(records) if packed else collate(records, pad)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

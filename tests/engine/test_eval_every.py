@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import write_jsonl
+from conftest import lora_run_config, write_jsonl
 from slimtune import config
 from slimtune import train as train_mod
 from slimtune.config import ConfigError
@@ -23,24 +22,13 @@ from slimtune.engine.log import read_metrics
 from slimtune.evaluate.perplexity import eval_loss
 from slimtune.export.peft_format import load_run
 
-WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 
 
 def _config(tmp: Path, model_dir: Path, name: str, **train) -> config.Config:
     """Dropout on, so a step that ran in eval mode or with other dropout masks would change the loss."""
-    data = tmp / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
-                           for w in WORDS for i in range(3)])
-    tree = {"model": {"path": str(model_dir)},
-            "data": {"train": str(data), "eval_size": 4, "max_len": 64},
-            "method": {"name": "lora", "r": 4, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"output_dir": str(tmp / name), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-2,
-                      "warmup_steps": 0, "scheduler": "constant", "precision": "fp32", "device": "cpu",
-                      "save_every": 0, **train}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return config.load(path)
+    return config.load(lora_run_config(tmp, model_dir, name, copies=3,
+                                       **{"max_steps": 6, "micro_batch_size": 4, "warmup_steps": 0,
+                                          "scheduler": "constant", **train}))
 
 
 def _train(cfg: config.Config) -> dict:

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import lora_run_config
 from slimtune import cli
 from slimtune.engine import checkpoint
 from slimtune.engine.log import read_metrics
 
-WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 STEPS = 10
 
 
@@ -24,21 +22,8 @@ def _config(tmp: Path, model_dir: Path, name: str, **train) -> Path:
     """28 training records of ~52 tokens; bins of at most 2 x 64 tokens hold 2 or 3 of them (14 bins an
     epoch), so 10 steps of 2 micro-batches cross into a second, newly packed epoch; LoRA dropout on, so
     its RNG must resume too."""
-    data = tmp / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
-                           for w in WORDS for i in range(4)])
-    tree = {
-        "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "eval_size": 4, "max_len": 64},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"output_dir": str(tmp / name), "max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2,
-                  "lr": 1e-2, "warmup_steps": 2, "save_every": 0, "precision": "fp32", "device": "cpu",
-                  "packing": "on", **train},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return lora_run_config(tmp, model_dir, name, **{"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2,
+                                                    "packing": "on", **train})
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:

@@ -18,33 +18,20 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import lora_run_config, write_jsonl
 from slimtune import cli
 from slimtune.engine import checkpoint
 from slimtune.engine.log import read_metrics
 
 STEPS = 24
-WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 
 
 def _config(tmp: Path, model_dir: Path, name: str, **train) -> Path:
     """28 training records, 8 per step: 24 steps cross six epochs (each a new shuffle); dropout on, so the
     dropout masks (torch's RNG) must resume too; warm-up + cosine, so the schedule must."""
-    data = tmp / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
-                           for w in WORDS for i in range(4)])
-    tree = {
-        "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "eval_size": 4, "max_len": 64},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"output_dir": str(tmp / name), "max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2,
-                  "lr": 1e-2, "warmup_steps": 2, "scheduler": "cosine", "save_every": 1, "keep_checkpoints": 2,
-                  "precision": "fp32", "device": "cpu", **train},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return lora_run_config(tmp, model_dir, name, **{"max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2,
+                                                    "scheduler": "cosine", "save_every": 1,
+                                                    "keep_checkpoints": 2, **train})
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
