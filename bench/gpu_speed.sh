@@ -3,6 +3,8 @@
 #   bash bench/gpu_speed.sh 1b   kernel GPU tests, slimtune variants + profile, then the peers, at 1B
 #   bash bench/gpu_speed.sh 8b   slimtune at 1B (fused LoRA on/off) and 8B, then the peers at 8B
 #   bash bench/gpu_speed.sh explore   slimtune variants at 1B and 8B
+#   bash bench/gpu_speed.sh offload-1b|offload-8b   GPU offload test; slimtune with layer inputs in CPU memory,
+#        16 records in one micro-batch and 8 x 2, beside unsloth (the fastest, lowest-peak peer)
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
 SIZE=${1:-1b}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +18,16 @@ if [ "$SIZE" = 1b ]; then
   PYTHONPATH=/tmp/site_test timeout 240 python3 bench/speed.py --sizes 1b --out "$OUT/speed.jsonl" \
     --recipes slimtune,slimtune:loss=plain,slimtune:packing=off,slimtune:packing=on,slimtune:profile="$OUT/prof_1b.txt"
   PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 1b --recipes hf,liger,unsloth --out "$OUT/speed.jsonl"
+elif [ "$SIZE" = offload-1b ]; then
+  PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/engine/test_offload_gpu.py -rs 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site_test timeout 200 python3 bench/speed.py --sizes 1b --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload,slimtune:offload,slimtune:bs=16:ga=1,slimtune:bs=16:ga=1:offload:profile="$OUT/prof_1b_16x1_offload.txt"
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes 1b --recipes unsloth --out "$OUT/speed.jsonl"
+elif [ "$SIZE" = offload-8b ]; then
+  PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/engine/test_offload_gpu.py -rs 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site_test timeout 240 python3 bench/speed.py --sizes 8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload,slimtune:offload,slimtune
+  PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes 8b --recipes unsloth --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \

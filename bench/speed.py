@@ -92,7 +92,7 @@ def worker(a) -> dict:
     stream = loop.MicroBatches(records, bs, 0, bs * a.max_len if packed == "bins" else 0, rows=packed == "rows")
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
-    context = loop.forward_context(plan, dev, False)
+    context = loop.forward_context(plan, dev, a.offload, model)
     if a.compile:
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=True)
@@ -128,7 +128,8 @@ def worker(a) -> dict:
     dt = sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     label = f"slimtune ({bs}x{ga} records, packing={packed or 'off'}, loss={'chunked' if chunked else 'plain'}" + \
-        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + ")"
+        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + \
+        (", activations offloaded" if a.offload else "") + ")"
     return dict(recipe=label, size=a.size, params=n_params, bs=bs, ga=ga, grad_ckpt=True, lora_targets=ALL_LINEAR,
                 r=16, max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), padded_tok_s=round(padded / dt),
                 pad_fraction=round(1 - real / padded, 3), peak_gib=round(peak, 2),
@@ -238,6 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--packing", default="rows")
     ap.add_argument("--loss", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")

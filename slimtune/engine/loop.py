@@ -25,6 +25,7 @@ from ..kernels import attention, lora
 from . import checkpoint, guards, precision
 from .log import RunLog, memory_gib, progress
 from .loss import token_loss_sum
+from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
 
@@ -185,13 +186,16 @@ def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, ma
     return row
 
 
-def forward_context(p: Plan, device: str, offload: bool):
-    """Autocast per the precision plan, plus saved activations kept in CPU memory when asked."""
+def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module | None = None):
+    """Autocast per the precision plan, plus saved activations kept in CPU memory when asked (engine/offload.py;
+    `model`'s parameters are never copied out)."""
+    hooks = OffloadActivations(model) if offload else None
+
     def context():
         stack = contextlib.ExitStack()
         stack.enter_context(precision.autocast(p, device))
-        if offload:
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=device.startswith("cuda")))
+        if hooks is not None:
+            stack.enter_context(hooks)
         return stack
     return context
 
@@ -255,7 +259,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
-    context = forward_context(plan, device, tc.offload_activations)
+    context = forward_context(plan, device, tc.offload_activations, model)
     measure = functools.partial(_evaluate, run, held, pad, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:

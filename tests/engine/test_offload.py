@@ -1,0 +1,79 @@
+"""train.offload_activations (engine/offload.py): with checkpointed layers, the tensors autograd keeps outside
+them are the layers' inputs, which the hooks move out and bring back with the same gradients. On the CPU a
+copy stands in for the move to pinned memory; tests/engine/test_offload_gpu.py checks the real one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model
+from slimtune import config, methods
+from slimtune.engine.offload import OffloadActivations
+
+TOKENS = (2, 96)
+
+
+def _model(checkpointing: bool):
+    model = make_model(400)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    model = methods.apply(model, config.MethodConfig(name="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    return model
+
+
+def _grads(model, hooks=None) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 400, TOKENS)
+    if hooks is None:
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        with hooks:
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpointed_layers_offload_exactly_their_inputs():
+    model = _model(checkpointing=True)
+    hidden = TOKENS[0] * TOKENS[1] * model.config.hidden_size * 4
+    loss0, ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    hooks = OffloadActivations(model, min_bytes=hidden, device_type="cpu")
+    loss1, got = _grads(model, hooks)
+    # outside the checkpointed layers autograd keeps one hidden state per layer (its input) and the final
+    # norm's input (saved twice, moved once); the rest is the head's log-softmax
+    states = [n for shape, n in hooks.moved if shape == (*TOKENS, model.config.hidden_size)]
+    assert states == [hidden] * (model.config.num_hidden_layers + 1)
+    assert {shape for shape, _ in hooks.moved} == {(*TOKENS, model.config.hidden_size), (TOKENS[0] * TOKENS[1], 400)}
+    assert loss1 == loss0
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_parameters_and_small_tensors_stay():
+    model = _model(checkpointing=False)
+    hooks = OffloadActivations(model, min_bytes=1, device_type="cpu")
+    loss0, ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss1, got = _grads(model, hooks)
+    assert loss1 == loss0 and all(torch.equal(ref[k], got[k]) for k in ref)
+    weights = {tuple(p.shape) for p in model.parameters()}
+    assert len(hooks.moved) > 20 and not weights & {shape for shape, _ in hooks.moved}  # activations only
+    floor = OffloadActivations(model, min_bytes=TOKENS[0] * TOKENS[1] * 400 * 4 + 1, device_type="cpu")
+    _grads(model, floor)
+    assert floor.moved == []  # nothing is as large as the logits + 1 byte
+
+
+def test_the_loop_trains_the_same_with_offload(tiny_model_dir, tmp_path):
+    from conftest import lora_run_config
+    from slimtune import train as train_mod
+    from slimtune.engine.log import read_metrics
+
+    losses = {}
+    for offload in (False, True):
+        cfg = config.load(lora_run_config(tmp_path, tiny_model_dir, f"run{offload}", max_steps=3,
+                                          micro_batch_size=4, offload_activations=offload))
+        train_mod.run(cfg, show_progress=False, log=lambda *a: None)
+        losses[offload] = [r["loss"] for r in read_metrics(tmp_path / f"run{offload}" / "metrics.jsonl") if "loss" in r]
+    assert len(losses[True]) == 3 and losses[True] == losses[False]
