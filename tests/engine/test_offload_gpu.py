@@ -60,9 +60,13 @@ def _run(offload: bool):
 
 def test_offloaded_layer_inputs_same_gradients_lower_peak():
     loss0, ref, peak0, _ = _run(False)
+    _, again, _, _ = _run(False)  # attention's backward adds in a varying order: the gradients' own noise
     loss1, got, peak1, moved = _run(True)
-    assert loss1 == loss0
-    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert loss1 == loss0  # the forward is deterministic: the same values went in
+    assert ref.keys() == got.keys()
+    for k in ref:
+        noise = float((again[k] - ref[k]).norm())
+        assert float((got[k] - ref[k]).norm()) <= 2 * noise + 1e-6 * float(ref[k].norm()), k
     layer_input = TOKENS * HIDDEN * 2
     # every layer's input (bf16) and the final norm's (its fp32 copy); small or weight tensors stay
     assert sum(n == layer_input for s, n in moved if s == (1, TOKENS, HIDDEN)) == LAYERS
