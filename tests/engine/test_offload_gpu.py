@@ -64,9 +64,11 @@ def test_offloaded_layer_inputs_same_gradients_lower_peak():
     loss1, got, peak1, moved = _run(True)
     assert loss1 == loss0  # the forward is deterministic: the same values went in
     assert ref.keys() == got.keys()
-    for k in ref:
-        noise = float((again[k] - ref[k]).norm())
-        assert float((got[k] - ref[k]).norm()) <= 2 * noise + 1e-6 * float(ref[k].norm()), k
+    rel = lambda a, k: float((a[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))  # noqa: E731
+    noise = max(rel(again, k) for k in ref)
+    worst = max(rel(got, k) for k in ref)
+    print(f"gradients: relative difference with offload {worst:.2e}, between two plain runs {noise:.2e}")
+    assert worst <= 3 * noise + 1e-6
     layer_input = TOKENS * HIDDEN * 2
     # every layer's input (bf16) and the final norm's (its fp32 copy); small or weight tensors stay
     assert sum(n == layer_input for s, n in moved if s == (1, TOKENS, HIDDEN)) == LAYERS
