@@ -60,7 +60,7 @@ def worker(a) -> dict:
     from slimtune.data.encode import Encoded
     from slimtune.engine import loop, precision
     from slimtune.engine.optim import build_optimizer, build_scheduler
-    from slimtune.kernels import attention, linear_ce, lora
+    from slimtune.kernels import attention, linear_ce, lora, norm_mlp
     from slimtune.train import enable_checkpointing
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +84,7 @@ def worker(a) -> dict:
     packed = loop.use_packing(a.packing, model, dev)
     chunked = loop.use_chunked_loss(a.loss, dev)
     fused = lora.enable(model) if loop.use_fused_lora(a.fused_lora, dev) else 0
+    fused_nm = norm_mlp.enable(model) if loop.use_fused_norm_mlp(a.fused_norm_mlp, dev) else 0
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     if packed:
@@ -129,7 +130,8 @@ def worker(a) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     label = f"slimtune ({bs}x{ga} records, packing={packed or 'off'}, loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + \
-        (", activations offloaded" if a.offload else "") + ")"
+        (", activations offloaded" if a.offload else "") + \
+        (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + ")"
     return dict(recipe=label, size=a.size, params=n_params, bs=bs, ga=ga, grad_ckpt=True, lora_targets=ALL_LINEAR,
                 r=16, max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), padded_tok_s=round(padded / dt),
                 pad_fraction=round(1 - real / padded, 3), peak_gib=round(peak, 2),
@@ -241,6 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
+    ap.add_argument("--fused_norm_mlp", default="off")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--out", default="")

@@ -21,7 +21,7 @@ from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
 from ..evaluate.report import LABELS, Report
-from ..kernels import attention, lora
+from ..kernels import attention, lora, norm_mlp
 from . import checkpoint, guards, precision
 from .log import RunLog, memory_gib, progress
 from .loss import token_loss_sum
@@ -137,6 +137,14 @@ def use_fused_lora(mode: str, device: str) -> bool:
     """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
     chain of small ops leaves the GPU waiting on the CPU."""
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
+def use_fused_norm_mlp(mode: str, device: str) -> bool:
+    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py); auto where CUDA and Liger are."""
+    if mode == "on" and not device.startswith("cuda"):
+        raise ConfigError("train.fused_norm_mlp=on: Liger's kernels are Triton, CUDA only; use auto or off on "
+                          f"{device}")
+    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available())
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
@@ -257,6 +265,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         attention.enable(model)
         log(_describe_packing(stream, device, plan))
     run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
+    run.result["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations, model)
@@ -271,6 +280,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     finally:
         logs.close()
         lora.disable(model)
+        norm_mlp.disable(model)
         if packed:
             attention.disable(model)
     return run.result
