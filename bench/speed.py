@@ -84,7 +84,7 @@ def worker(a) -> dict:
     packed = loop.use_packing(a.packing, model, dev)
     chunked = loop.use_chunked_loss(a.loss, dev)
     fused = lora.enable(model) if loop.use_fused_lora(a.fused_lora, dev) else 0
-    fused_nm = norm_mlp.enable(model) if loop.use_fused_norm_mlp(a.fused_norm_mlp, dev) else 0
+    fused_nm = norm_mlp.enable(model) if loop.use_fused_norm_mlp(a.fused_norm_mlp, dev, model) else 0
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     if packed:
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
-    ap.add_argument("--fused_norm_mlp", default="off")
+    ap.add_argument("--fused_norm_mlp", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--out", default="")

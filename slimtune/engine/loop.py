@@ -139,12 +139,14 @@ def use_fused_lora(mode: str, device: str) -> bool:
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
-def use_fused_norm_mlp(mode: str, device: str) -> bool:
-    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py); auto where CUDA and Liger are."""
+def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = None) -> bool:
+    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py). auto: on CUDA with Liger
+    installed, for models whose hidden size is at least norm_mlp.MIN_HIDDEN (where it was measured to pay)."""
     if mode == "on" and not device.startswith("cuda"):
         raise ConfigError("train.fused_norm_mlp=on: Liger's kernels are Triton, CUDA only; use auto or off on "
                           f"{device}")
-    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available())
+    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available()
+                            and norm_mlp.pays(model))
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
@@ -265,7 +267,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         attention.enable(model)
         log(_describe_packing(stream, device, plan))
     run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
-    run.result["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device) else 0
+    run.result["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations, model)

@@ -22,6 +22,15 @@ NORM_TYPES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 MLP_TYPES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 
 
+MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
+
+
+def pays(model: torch.nn.Module | None) -> bool:
+    """Whether train.fused_norm_mlp=auto takes this model: wide enough that the GPU, not the CPU, sets the pace."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    return hidden >= MIN_HIDDEN
+
+
 def available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 

@@ -41,3 +41,7 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ConfigError, match="CUDA only"):
         use_fused_norm_mlp("on", "cpu")
     assert not use_fused_norm_mlp("auto", "cpu") and not use_fused_norm_mlp("off", "cuda")
+    monkeypatch.setattr(norm_mlp, "available", lambda: True)
+    wide, narrow = torch.nn.Module(), make_model(300)
+    wide.config = type("C", (), {"hidden_size": 4096})()
+    assert use_fused_norm_mlp("auto", "cuda", wide) and not use_fused_norm_mlp("auto", "cuda", narrow)
