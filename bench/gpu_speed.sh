@@ -38,7 +38,7 @@ elif [ "$SIZE" = final-1b ] || [ "$SIZE" = final-8b ]; then  # the README table:
   S=${SIZE#final-}
   PYTHONPATH=/tmp/site timeout 90 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload,slimtune
-  PYTHONPATH=/tmp/site timeout 450 python3 bench/speed.py --sizes $S --recipes unsloth,liger,hf --out "$OUT/speed.jsonl"
+  PYTHONPATH=/tmp/site timeout 450 python3 bench/speed.py --sizes $S --recipes ${PEERS:-unsloth,liger,hf} --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
