@@ -70,18 +70,28 @@ def batch(mb: int, length: int, vocab: int):
     return {"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": torch.ones_like(ids).cuda()}
 
 
-def cell(model, plan, mb: int, length: int, vocab: int) -> dict:
-    tc = config.TrainConfig(lr=1e-5, scheduler="constant", precision=plan.name)
+def packed_batch(mb: int, length: int, vocab: int):
+    """The fast engine's micro-batch: mb records of `length` tokens in one packed row."""
+    from slimtune.data.encode import Encoded
+    from slimtune.engine.loop import collate_micro
+
     b = batch(mb, length, vocab)
+    records = [Encoded(b["input_ids"][i].tolist(), b["labels"][i].tolist()) for i in range(mb)]
+    return collate_micro(records, True, 0, "cuda")
+
+
+def cell(model, plan, mb: int, length: int, vocab: int, fast: bool = False, offload: bool = False) -> dict:
+    tc = config.TrainConfig(lr=1e-5, scheduler="constant", precision=plan.name)
+    b = packed_batch(mb, length, vocab) if fast else batch(mb, length, vocab)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     opt = build_optimizer(model, tc)
     sched = build_scheduler(opt, 2, tc)
-    ctx = forward_context(plan, "cuda", offload=False)
+    ctx = forward_context(plan, "cuda", offload, model)
     scaler = precision.scaler(plan, "cuda")
     t0 = time.perf_counter()
-    rows = [step(model, [b], opt, sched, 1.0, ctx, scaler) for _ in range(2)]
+    rows = [step(model, [b], opt, sched, 1.0, ctx, scaler, chunked=fast) for _ in range(2)]
     torch.cuda.synchronize()
     out = {"seconds": round(time.perf_counter() - t0, 3), "losses": [round(r["loss"], 4) for r in rows],
            "static_gib": base / GIB, "after_step_gib": torch.cuda.memory_allocated() / GIB,
@@ -100,12 +110,16 @@ def main() -> None:
     ap.add_argument("--mb", default="1,2,8")
     ap.add_argument("--lens", default="384,1024,4096")
     ap.add_argument("--results", required=True)
+    ap.add_argument("--engine", choices=["plain", "fast"], default="plain",
+                    help="fast: what train does on CUDA (packed rows, chunked loss, fused LoRA, Liger norm/MLP auto)")
+    ap.add_argument("--offload", action="store_true", help="train.offload_activations (with --engine fast)")
     args = ap.parse_args()
     plan = precision.plan(args.precision, "cuda")
     total = torch.cuda.mem_get_info()[1]
     head = {"bench": "memory_grid", "shape": args.shape, "method": args.method, "precision": args.precision,
             "device": torch.cuda.get_device_name(), "device_total_gib": total / GIB, "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "engine": args.engine, "offload": args.offload}
     try:
         model, mcfg = build(args.shape, args.method, plan, args.model_dir)
         weights = torch.cuda.memory_allocated()
@@ -121,8 +135,16 @@ def main() -> None:
     vocab = model.config.vocab_size
     model = methods.apply(model, mcfg)
     precision.cast_trainable(model, plan.trainable)
+    fast = args.engine == "fast"
+    if fast:
+        from slimtune.engine.loop import use_fused_norm_mlp
+        from slimtune.kernels import attention, lora, norm_mlp
+
+        attention.enable(model)
+        head["fused_lora_layers"] = lora.enable(model)
+        head["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp("auto", "cuda", model) else 0
     head.update(weights_gib=weights / GIB, params=methods.count_parameters(model))
-    for ckpt in (False, True):
+    for ckpt in ((True,) if args.offload else (False, True)):
         if ckpt:
             enable_checkpointing(model, mcfg, log=lambda m: None)
         model.train()
@@ -130,7 +152,7 @@ def main() -> None:
             for length in map(int, args.lens.split(",")):
                 row = dict(head, ckpt=ckpt, mb=mb, len=length, trained_tokens=mb * (length - length // 2))
                 try:
-                    row.update(cell(model, plan, mb, length, vocab), oom=False)
+                    row.update(cell(model, plan, mb, length, vocab, fast, args.offload), oom=False)
                 except torch.OutOfMemoryError:
                     row.update(oom=True, peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB)
                 for p in model.parameters():
