@@ -41,10 +41,16 @@ def main(paths: list[str]) -> int:
             cfg.method = method_cfg(r["method"])
             cfg.train.precision, cfg.train.micro_batch_size = r["precision"], r["mb"]
             cfg.train.gradient_checkpointing, cfg.data.max_len = r["ckpt"], r["len"]
+            if r.get("engine") == "fast":  # one packed row of mb records (memory_grid.py --engine fast)
+                cfg.train.packing, cfg.train.offload_activations = "rows", r.get("offload", False)
+                cfg.train.fused_norm_mlp = "on" if r.get("fused_norm_mlp") else "off"
+            else:  # padded rows, plain loss, peft's own LoRA layers
+                cfg.train.packing, cfg.train.loss, cfg.train.fused_lora = "off", "plain", "off"
             est = estimate(cfg, [(r["len"], r["len"] - r["len"] // 2)] * r["mb"])
             pred = est.peak / GIB
             fits = est.peak + est.cuda_context <= r["device_total_gib"] * GIB
-            row = dict(shape=r["shape"], method=r["method"], precision=r["precision"], ckpt=r["ckpt"], mb=r["mb"],
+            row = dict(shape=r["shape"], method=r["method"], precision=r["precision"], engine=r.get("engine", "plain"),
+                       offload=r.get("offload", False), ckpt=r["ckpt"], mb=r["mb"],
                        len=r["len"], predicted_gib=round(pred, 3), predicted_fits=fits, oom=r["oom"])
             if r["oom"]:
                 if fits:

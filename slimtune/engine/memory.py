@@ -7,6 +7,11 @@ The peak is the larger of two moments of a step:
 Activation bytes per token per layer are proportional to (hidden + intermediate) with a coefficient per
 method family, measured on an H100 (bench/memory_grid.py, 2026-11-23; bench/check_estimator.py compares
 every cell). Allocator slack (reserved - allocated) and the CUDA context are added on top.
+
+LoRA on the fast engine (what `train` does on CUDA by default: packed rows, chunked loss, fused LoRA layers,
+Liger's norm/MLP where auto takes it, optionally offloaded layer inputs) has its own model, fitted on
+bench/results/2026-11-23-h100-memory_grid_fast.jsonl: tokens are the real ones (no padding), the loss holds
+one chunk of logits at a time, and the peak is the larger of the loss moment and a layer's backward.
 """
 from __future__ import annotations
 
@@ -24,6 +29,13 @@ LOGIT_BYTES = 10.4  # per trained position x vocab: bf16 head output, its fp32 c
 CKPT_INPUT = 1.0  # checkpointing keeps each layer's input: hidden x dtype bytes (x this factor)
 ALLOC_SLACK = 0.08  # reserved beyond allocated at the peak, as a fraction of the transient memory
 CUDA_CONTEXT = 0.5 * GIB  # driver + kernels, outside PyTorch's allocator
+# the fast engine (LoRA): bytes per token per layer per (hidden + intermediate) element saved without
+# checkpointing (fused LoRA layers keep the compute-dtype input; Liger's SwiGLU keeps gate and up only)
+FAST_LAYER_COEF, FAST_LAYER_COEF_LIGER = 10.6, 8.3
+FAST_LOGIT_BYTES = 10.0  # per row of a loss chunk x vocab: fp32 logits, their softmax grad, the bf16 head output
+FAST_FINAL_HIDDEN = 16.0  # per token x hidden at the loss: the final norm's fp32 copies and the rows picked
+FAST_BACKWARD = 20.0  # per token x hidden in a layer's backward: gradient buffers of the hidden state
+FAST_CONST = 0.04 * GIB
 
 
 @dataclass
@@ -137,6 +149,8 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
 
     h = mcfg.hidden_size
     inter = getattr(mcfg, "intermediate_size", None) or 4 * h
+    if fast_engine(cfg):
+        return _fast(est, cfg, mcfg, h, inter, rows)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
     if rows is None:
@@ -170,6 +184,50 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
     return est
 
 
+def fast_engine(cfg) -> bool:
+    """Whether `train` on a GPU runs this config on the fast engine the fast model describes: plain LoRA
+    without dropout (fused layers), packed rows and the chunked loss."""
+    m, tc = cfg.method, cfg.train
+    return (m.name in ("lora", "rslora", "pissa") and m.dropout == 0 and tc.packing != "off"
+            and tc.loss != "plain" and tc.fused_lora != "off")
+
+
+def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
+    from ..kernels import linear_ce, norm_mlp
+
+    tc = cfg.train
+    layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
+    if rows is None:
+        rows = [(cfg.data.max_len, cfg.data.max_len)] * tc.micro_batch_size
+    tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
+    if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
+        budget = tc.micro_batch_size * cfg.data.max_len
+        trained, tokens = trained * budget / max(tokens, 1), budget
+    liger = tc.fused_norm_mlp == "on" or (tc.fused_norm_mlp == "auto" and h >= norm_mlp.MIN_HIDDEN
+                                          and norm_mlp.available())
+    per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
+    chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
+
+    def moments(ckpt: bool) -> tuple[float, float]:
+        if ckpt:
+            stored = 0.0 if tc.offload_activations else tokens * layers * h * 2
+            backward = stored + tokens * (per_layer + FAST_BACKWARD * h)
+        else:
+            stored = tokens * layers * per_layer
+            backward = stored + tokens * FAST_BACKWARD * h
+        loss = stored + tokens * h * FAST_FINAL_HIDDEN + chunk
+        return backward + FAST_CONST, max(0.0, loss - backward)
+
+    acts, logits = moments(tc.gradient_checkpointing)
+    est.activations, est.logits = acts, logits
+    est.activations_other = sum(moments(not tc.gradient_checkpointing))
+    est.allocator = ALLOC_SLACK * (est.peak_allocated - est.persistent)
+    est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
+                     f"{linear_ce.chunk_rows(vocab)} rows" + (", Liger norm/MLP" if liger else "")
+                     + (", layer inputs offloaded to CPU" if tc.offload_activations else ""))
+    return est
+
+
 def parse_size(text: str) -> float:
     """'24GiB', '24GB', '24g', '1500MiB' -> bytes (GB is read as GiB, as GPU makers mean it)."""
     import re
@@ -195,6 +253,8 @@ def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
     tc = cfg.train
     if not tc.gradient_checkpointing:
         cands.append(("train.gradient_checkpointing=true", replace(cfg, train=replace(tc, gradient_checkpointing=True))))
+    elif fast_engine(cfg) and not tc.offload_activations:
+        cands.append(("train.offload_activations=true", replace(cfg, train=replace(tc, offload_activations=True))))
     mb = tc.micro_batch_size
     while mb > 1:
         mb //= 2

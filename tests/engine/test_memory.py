@@ -99,3 +99,57 @@ def test_parse_size():
     assert memory.parse_size("1500MiB") == 1500 * 2 ** 20
     with pytest.raises(ValueError, match="expected a size"):
         memory.parse_size("lots")
+
+
+def _fast(tiny_model_dir, **train) -> config.Config:
+    cfg = _cfg(tiny_model_dir, **{"packing": "rows", "fused_norm_mlp": "off", **train})
+    cfg.method = config.MethodConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return cfg
+
+
+def test_fast_engine_is_what_train_runs_on_a_gpu(tiny_model_dir):
+    assert memory.fast_engine(_fast(tiny_model_dir))
+    assert not memory.fast_engine(_cfg(tiny_model_dir))  # LoRA dropout: peft's own layers, padded model
+    for key, value in (("packing", "off"), ("loss", "plain"), ("fused_lora", "off")):
+        assert not memory.fast_engine(_fast(tiny_model_dir, **{key: value}))
+
+
+def test_fast_engine_counts_real_tokens_one_loss_chunk_and_offload(tiny_model_dir):
+    rows = [(10, 6), (7, 3)]  # packed: 17 real tokens, no padding to 2 x 10
+    est = memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=True), rows)
+    per_layer = memory.FAST_LAYER_COEF * (64 + 128)
+    stored = 17 * 2 * 64 * 2  # each layer's bf16 input
+    backward = stored + 17 * (per_layer + memory.FAST_BACKWARD * 64)
+    loss = stored + 17 * 64 * memory.FAST_FINAL_HIDDEN + 9 * 400 * memory.FAST_LOGIT_BYTES  # 9 trained rows
+    assert est.activations == pytest.approx(backward + memory.FAST_CONST)
+    assert est.logits == pytest.approx(max(0.0, loss - backward))
+    off = memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=True, offload_activations=True), rows)
+    assert est.activations - off.activations == pytest.approx(stored)  # offloaded: no layer input stays
+    plain = memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=False), rows)
+    assert plain.activations == pytest.approx(17 * 2 * per_layer + 17 * memory.FAST_BACKWARD * 64 + memory.FAST_CONST)
+
+
+def test_fast_engine_loss_holds_one_chunk(tiny_model_dir, monkeypatch):
+    from slimtune.kernels import linear_ce
+
+    monkeypatch.setattr(linear_ce, "CHUNK_BYTES", 4 * 400 * 5)  # 16 rows (the floor) per chunk
+    rows = [(10, 10)] * 4  # 40 trained positions, but only one chunk of 16 rows at a time
+    est = memory.estimate(_fast(tiny_model_dir, micro_batch_size=4), rows)
+    per_layer = memory.FAST_LAYER_COEF * (64 + 128)
+    stored = 40 * 2 * per_layer
+    loss = stored + 40 * 64 * memory.FAST_FINAL_HIDDEN + 16 * 400 * memory.FAST_LOGIT_BYTES
+    assert est.logits == pytest.approx(max(0.0, loss - stored - 40 * memory.FAST_BACKWARD * 64))
+
+
+def test_bins_take_the_whole_token_budget(tiny_model_dir):
+    rows = [(10, 5), (6, 3)]
+    bins = memory.estimate(_fast(tiny_model_dir, packing="auto"), rows)
+    full = memory.estimate(_fast(tiny_model_dir, packing="rows"), [(10, 5), (10, 5)])
+    assert bins.activations == pytest.approx(full.activations)  # 2 x max_len = 20 tokens either way
+
+
+def test_offload_is_suggested_on_the_fast_engine(tiny_model_dir):
+    cfg = _fast(tiny_model_dir, gradient_checkpointing=True)
+    est = memory.estimate(cfg)
+    texts = [t for t, _ in memory.suggestions(cfg, est.peak + est.cuda_context - 1)]
+    assert "train.offload_activations=true" in texts
