@@ -28,6 +28,8 @@ LAYER_COEF = {"lora": 12.2, "qlora": 10.5, "ia3": 9.0, "prompt": 8.2, "full": 13
 LOGIT_BYTES = 10.4  # per trained position x vocab: bf16 head output, its fp32 copy, log-softmax for backward
 CKPT_INPUT = 1.0  # checkpointing keeps each layer's input: hidden x dtype bytes (x this factor)
 ALLOC_SLACK = 0.08  # reserved beyond allocated at the peak, as a fraction of the transient memory
+ALLOC_SLACK_CKPT = 0.22  # the same with checkpointing on the padded engine (recompute fragments more)
+ALLOC_SLACK_CAP = 3 * GIB  # the slack stops growing past this (expandable segments map what is used)
 CUDA_CONTEXT = 0.5 * GIB  # driver + kernels, outside PyTorch's allocator
 # the fast engine (LoRA): bytes per token per layer per (hidden + intermediate) element saved without
 # checkpointing (fused LoRA layers keep the compute-dtype input; Liger's SwiGLU keeps gate and up only)
@@ -178,7 +180,8 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
     est.logits = max(trained * vocab * LOGIT_BYTES, (tokens if family == "prompt" else 0) * vocab * 2) * scale
     if plan.autocast is not None and family in ("full", "freeze"):
         est.activations += trainable_n * BYTES[plan.autocast]  # autocast's half copies of fp32 weights
-    est.allocator = ALLOC_SLACK * (est.peak_allocated - est.persistent)
+    est.allocator = min(ALLOC_SLACK_CAP, (ALLOC_SLACK_CKPT if use_ckpt else ALLOC_SLACK)
+                        * (est.peak_allocated - est.persistent))
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
     return est
@@ -221,7 +224,7 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
     acts, logits = moments(tc.gradient_checkpointing)
     est.activations, est.logits = acts, logits
     est.activations_other = sum(moments(not tc.gradient_checkpointing))
-    est.allocator = ALLOC_SLACK * (est.peak_allocated - est.persistent)
+    est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
                      f"{linear_ce.chunk_rows(vocab)} rows" + (", Liger norm/MLP" if liger else "")
                      + (", layer inputs offloaded to CPU" if tc.offload_activations else ""))
