@@ -5,7 +5,6 @@ in Built.skipped (train writes them to skipped_records.jsonl): a dataset never s
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,33 +27,8 @@ class Built:
 
 
 def _lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) of a JSONL file line by line, a broken line as (where, DataError) so that skip mode
-    can pass over it; a JSON list or a save_to_disk folder is read whole by the reader."""
-    if path.is_dir() or (path.suffix == ".json" and _is_list(path)):
-        yield from readers._raw_records(path)
-        return
-    try:
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # as the reader: a BOM is no content
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{path} line {lineno}"
-        try:
-            line = readers._decode(raw, path, f"line {lineno}")
-            if not line.strip():
-                continue
-            yield where, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield where, DataError(f"{where}: invalid JSON at column {err.colno}: {err.msg}")
-        except RecursionError:
-            yield where, DataError(f"{where}: JSON nested too deeply to read")
-        except DataError as err:
-            yield where, err
-
-
-def _is_list(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"["
+    """(where, record) of a file; a broken JSONL line as (where, DataError) so that skip mode can pass over it."""
+    return readers._raw_records(path, lenient=True)
 
 
 def _bad_text(rec: Any) -> str | None:

@@ -24,8 +24,10 @@ class Example:
     where: str  # "train.jsonl line 17" or "data.json record 5"
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, parsed record) from a JSON list, a JSONL file, or a save_to_disk folder."""
+def _raw_records(path: Path, lenient: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yield (where, parsed record) from a JSON list, a JSONL file, or a save_to_disk folder. lenient: a
+    JSONL line that cannot be read comes as (where, DataError) instead of stopping the read, so that
+    data.on_bad_record=skip can pass over it (a JSON list or a folder is read whole either way)."""
     if path.is_dir():
         yield from _disk_records(path)
         return
@@ -43,15 +45,27 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
         for i, item in enumerate(items):
             yield f"{path} record {i}", item
         return
+    for where, item in _jsonl(data, path):
+        if isinstance(item, DataError) and not lenient:
+            raise item
+        yield where, item
+
+
+def _jsonl(data: bytes, path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record or the DataError saying why it cannot be read) for each non-blank line."""
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        line = _decode(raw, path, f"line {lineno}")
-        if not line.strip():
-            continue
+        where = f"{path} line {lineno}"
         try:
-            item = json.loads(line)
+            line = _decode(raw, path, f"line {lineno}")
+            if not line.strip():
+                continue
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {lineno}: invalid JSON at column {err.colno}: {err.msg}") from None
-        yield f"{path} line {lineno}", item
+            yield where, DataError(f"{where}: invalid JSON at column {err.colno}: {err.msg}")
+        except RecursionError:
+            yield where, DataError(f"{where}: JSON nested too deeply to read")
+        except DataError as err:
+            yield where, err
 
 
 def _decode(data: bytes, path: Path, where: str | None) -> str:
