@@ -13,7 +13,11 @@ Recipes:
   liger    the same with Liger-Kernel patched into Llama (seed_recipe.py --liger)
   unsloth  unsloth, padded and padding-free (unsloth_recipe.py; two results)
   slimtune slimtune's engine: each micro-batch's 8 records packed into one row (train.packing=rows:
-           the same records per step as the peers), varlen attention, chunked head + loss, fused AdamW
+           the same records per step as the peers), varlen attention, chunked head + loss, fused LoRA
+           layers, Liger norm/MLP where auto takes it, fused AdamW. Keys after a colon change it:
+           slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
+           inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, chunk_bytes=,
+           compile, profile=PATH
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
