@@ -7,6 +7,7 @@
 #        16 records in one micro-batch and 8 x 2, beside unsloth (the fastest, lowest-peak peer)
 #   bash bench/gpu_speed.sh final-1b|final-8b   slimtune (16 x 1 offloaded, and 8 x 2) then unsloth, Liger, HF
 #   bash bench/gpu_speed.sh memory-fast   memory grid of the fast engine path (packed, chunked, fused), +- offload
+#   bash bench/gpu_speed.sh rope   Liger RoPE GPU test; headline config with/without Liger RoPE and compiled layers
 #   bash bench/gpu_speed.sh norm-mlp   GPU tests (offload, Liger norm/MLP) and slimtune with/without Liger's norm/MLP
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
@@ -45,6 +46,10 @@ elif [ "$SIZE" = memory-fast ]; then  # the estimator's grid on the fast engine 
     PYTHONPATH=/tmp/site timeout 150 python3 bench/memory_grid.py --shape $shape --method lora --precision bf16 \
       --engine fast $off --results "$OUT/memory_grid_fast.jsonl" 2>&1 | grep -v Warn | tail -20
   done; done
+elif [ "$SIZE" = rope ]; then  # does Liger's RoPE pay? and torch.compile on the headline configuration
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rope_gpu.py -rs 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload,slimtune:bs=16:ga=1:offload:fused_rope=on,slimtune:bs=16:ga=1:offload:compile
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \

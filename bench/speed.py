@@ -16,7 +16,7 @@ Recipes:
            the same records per step as the peers), varlen attention, chunked head + loss, fused LoRA
            layers, Liger norm/MLP where auto takes it, fused AdamW. Keys after a colon change it:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
-           inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, chunk_bytes=,
+           inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
            compile, profile=PATH
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
@@ -64,7 +64,7 @@ def worker(a) -> dict:
     from slimtune.data.encode import Encoded
     from slimtune.engine import loop, precision
     from slimtune.engine.optim import build_optimizer, build_scheduler
-    from slimtune.kernels import attention, linear_ce, lora, norm_mlp
+    from slimtune.kernels import attention, linear_ce, lora, norm_mlp, rope
     from slimtune.train import enable_checkpointing
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +89,7 @@ def worker(a) -> dict:
     chunked = loop.use_chunked_loss(a.loss, dev)
     fused = lora.enable(model) if loop.use_fused_lora(a.fused_lora, dev) else 0
     fused_nm = norm_mlp.enable(model) if loop.use_fused_norm_mlp(a.fused_norm_mlp, dev, model) else 0
+    fused_rope = rope.enable(model) if loop.use_fused_rope(a.fused_rope, dev) else 0
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     if packed:
@@ -135,7 +136,8 @@ def worker(a) -> dict:
     label = f"slimtune ({bs}x{ga} records, packing={packed or 'off'}, loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + \
         (", activations offloaded" if a.offload else "") + \
-        (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + ")"
+        (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + \
+        (f", Liger RoPE layers={fused_rope}" if fused_rope else "") + ")"
     return dict(recipe=label, size=a.size, params=n_params, bs=bs, ga=ga, grad_ckpt=True, lora_targets=ALL_LINEAR,
                 r=16, max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), padded_tok_s=round(padded / dt),
                 pad_fraction=round(1 - real / padded, 3), peak_gib=round(peak, 2),
@@ -248,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
     ap.add_argument("--fused_norm_mlp", default="auto")
+    ap.add_argument("--fused_rope", default="off")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--out", default="")

@@ -34,7 +34,7 @@ STEP = re.compile(r"step-(\d+)")
 FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
              "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records",
              "train.eval_max_new_tokens", "train.eval_separator", "train.loss",
-             "train.fused_lora", "train.fused_norm_mlp"}
+             "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope"}
 
 
 def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int) -> Path:

@@ -21,7 +21,7 @@ from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
 from ..evaluate.report import LABELS, Report
-from ..kernels import attention, lora, norm_mlp
+from ..kernels import attention, lora, norm_mlp, rope
 from . import checkpoint, guards, precision
 from .log import RunLog, memory_gib, progress
 from .loss import token_loss_sum
@@ -149,6 +149,14 @@ def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = N
                             and norm_mlp.pays(model))
 
 
+def use_fused_rope(mode: str, device: str) -> bool:
+    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py); off by default
+    until it is measured to pay."""
+    if mode == "on" and not device.startswith("cuda"):
+        raise ConfigError(f"train.fused_rope=on: Liger's kernels are Triton, CUDA only; use auto or off on {device}")
+    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available())
+
+
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
                scaler: torch.amp.GradScaler | None = None, chunked: bool = False) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
@@ -268,6 +276,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         log(_describe_packing(stream, device, plan))
     run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
     run.result["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0
+    run.result["fused_rope"] = rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations, model)
@@ -283,6 +292,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         logs.close()
         lora.disable(model)
         norm_mlp.disable(model)
+        rope.disable(model)
         if packed:
             attention.disable(model)
     return run.result
