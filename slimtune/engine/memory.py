@@ -227,7 +227,11 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
                      f"{linear_ce.chunk_rows(vocab)} rows" + (", Liger norm/MLP" if liger else "")
-                     + (", layer inputs offloaded to CPU" if tc.offload_activations else ""))
+                     + (", layer inputs offloaded to CPU" if tc.offload_activations and tc.gradient_checkpointing
+                        else ""))
+    if tc.offload_activations and not tc.gradient_checkpointing:
+        est.notes.append("offload without checkpointing is not modelled (not measured): activations are counted "
+                         "as if on the GPU, an upper bound")
     return est
 
 
