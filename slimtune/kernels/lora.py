@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from . import bind
+
 ATTR = "_slimtune_fused_lora"
 
 
@@ -106,19 +108,15 @@ def enable(model) -> int:
             name = _eligible(module)
             if name is not None:
                 original = module.forward
-                module.forward = functools.partial(_forward, module, name, original)
-                setattr(module, ATTR, original)
+                bind.bind(module, functools.partial(_forward, module, name, original), ATTR, original)
                 n += 1
     return n
 
 
 def disable(model) -> None:
     """peft's own forward back on every layer enable() fused."""
-    for module in model.modules():
-        if hasattr(module, ATTR):
-            del module.forward  # the instance attribute: the class's forward shows through again
-            delattr(module, ATTR)
+    bind.unbind(model, ATTR)
 
 
 def enabled(model) -> int:
-    return sum(hasattr(m, ATTR) for m in model.modules())
+    return bind.count(model, ATTR)

@@ -17,6 +17,8 @@ import importlib.util
 
 import torch
 
+from . import bind
+
 ATTR = "_slimtune_norm_mlp"
 NORM_TYPES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 MLP_TYPES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
@@ -61,22 +63,16 @@ def enable(model: torch.nn.Module) -> int:
                           "train.fused_norm_mlp=auto uses it only where it is installed")
     n = 0
     for m in model.modules():
-        if getattr(m, ATTR, False):
-            n += 1
-            continue
-        if type(m).__name__ in NORM_TYPES and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
-            m.forward = _norm_forward.__get__(m, type(m))
-        elif _eligible_mlp(m):
-            m.forward = _mlp_forward.__get__(m, type(m))
-        else:
-            continue
-        setattr(m, ATTR, True)
+        if not hasattr(m, ATTR):
+            if type(m).__name__ in NORM_TYPES and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+                bind.bind(m, _norm_forward.__get__(m, type(m)), ATTR)
+            elif _eligible_mlp(m):
+                bind.bind(m, _mlp_forward.__get__(m, type(m)), ATTR)
+            else:
+                continue
         n += 1
     return n
 
 
 def disable(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if getattr(m, ATTR, False):
-            del m.forward
-            delattr(m, ATTR)
+    bind.unbind(model, ATTR)

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import bind
 from .norm_mlp import available
 
 ATTR = "_slimtune_rope"
@@ -49,16 +50,13 @@ def enable(model: torch.nn.Module) -> int:
         raise ImportError("train.fused_rope=on needs Liger-Kernel (pip install liger-kernel)")
     n = 0
     for m in model.modules():
-        if getattr(m, ATTR, False) or _eligible(m):
-            if not getattr(m, ATTR, False):
-                m.forward = _forward.__get__(m, type(m))
-                setattr(m, ATTR, True)
-            n += 1
+        if not hasattr(m, ATTR):
+            if not _eligible(m):
+                continue
+            bind.bind(m, _forward.__get__(m, type(m)), ATTR)
+        n += 1
     return n
 
 
 def disable(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if getattr(m, ATTR, False):
-            del m.forward
-            delattr(m, ATTR)
+    bind.unbind(model, ATTR)
