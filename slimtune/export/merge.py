@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .. import models
 from ..data.collate import pad_id
 from ..data.templates import FAMILIES, render
 from ..methods.base import MethodError, is_peft
 from ..models import DTYPES
-from .peft_format import read_config
 
 PROBE = ["Who are you?", "The capital of France is", "Give three tips for staying healthy."]
 N_PROMPTS, PROMPT_LEN = 4, 128
@@ -51,20 +49,9 @@ class MergeError(ValueError):
 def _load_fp32(folder: Path):
     """(trained model, tokenizer, config), base in fp32 on the CPU whatever the run trained in: a qlora
     run's base is loaded unquantized, and bf16 runs are merged at full precision before any cast."""
-    from peft import PeftModel
+    from .peft_format import load_run
 
-    from . import parts
-
-    cfg = read_config(folder)
-    base, tokenizer = models.load(cfg.model.path, "fp32", cfg.model.trust_remote_code, "cpu")
-    if (folder / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(base, folder)
-    elif (folder / parts.PARTS).is_file():
-        model = parts.load(base, folder)
-    else:
-        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
-                                "finish saving")
-    return model.eval(), tokenizer, cfg
+    return load_run(folder, "cpu", quantized=False, dtype="fp32")
 
 
 def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:

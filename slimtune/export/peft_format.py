@@ -30,9 +30,10 @@ def read_config(folder: Path) -> config_mod.Config:
     return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
-def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True):
+def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None):
     """(trained model, tokenizer, config) from a run folder, in eval mode. quantized=False loads a
-    qlora run's base in full precision (for merging)."""
+    qlora run's base in full precision (for merging); dtype: the base's dtype ("fp32"...) instead of the
+    run's."""
     from peft import PeftModel
 
     from ..engine.precision import base_dtype_name
@@ -42,7 +43,7 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True):
     folder = Path(folder)
     cfg = read_config(folder)
     quant = quantization_config(cfg.method) if quantized else None
-    dtype = base_dtype_name(cfg, device)
+    dtype = dtype or base_dtype_name(cfg, device)
     base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
     if (folder / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(base, folder)
