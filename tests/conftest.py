@@ -68,24 +68,26 @@ def write_jsonl(path: Path, rows: list) -> Path:
 WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 
 
-def lora_run_config(tmp: Path, model_dir: Path, name: str, copies: int = 4, **train) -> Path:
+def lora_run_config(tmp: Path, model_dir: Path, name: str, copies: int = 4, data: dict | None = None,
+                    method: dict | None = None, **train) -> Path:
     """A small LoRA run on the CPU written to tmp/NAME.yaml: 8 x `copies` records of ~52 tokens in
-    tmp/train.jsonl (4 held out), r=4 on q/v with dropout 0.1 (so torch's RNG matters), fp32; `train`
-    keys override the defaults."""
-    data = tmp / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
+    tmp/train.jsonl (4 held out), r=4 on q/v with dropout 0.1 (so torch's RNG matters), fp32; `data`,
+    `method` and `train` keys override the defaults."""
+    path = tmp / "train.jsonl"
+    if not path.exists():
+        write_jsonl(path, [{"instruction": f"Say something about {w} ({i}).", "output": f"Here is {w}. {w} is nice."}
                            for w in WORDS for i in range(copies)])
     tree = {
         "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "eval_size": 4, "max_len": 64},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(path), "eval_size": 4, "max_len": 64, **(data or {})},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                   **(method or {})},
         "train": {"output_dir": str(tmp / name), "lr": 1e-2, "warmup_steps": 2, "save_every": 0,
                   "precision": "fp32", "device": "cpu", **train},
     }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    out = tmp / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(tree))
+    return out
 
 
 @pytest.fixture

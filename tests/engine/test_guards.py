@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import lora_run_config
 from slimtune import cli, config, methods
 from slimtune.data import encode_examples
 from slimtune.data.collate import collate, pad_id
@@ -24,16 +23,8 @@ NAN = float("nan")
 
 
 def _config(tmp: Path, model_dir: Path, **train) -> Path:
-    data = write_jsonl(tmp / "train.jsonl", [{"instruction": f"Say something about {w}.", "output": f"{w} is nice."}
-                                             for w in ("Paris", "blue", "seven", "the fox") for _ in range(3)])
-    tree = {"model": {"path": str(model_dir)},
-            "data": {"train": str(data), "eval_size": 0, "max_len": 64},
-            "method": {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"output_dir": str(tmp / "run"), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-2,
-                      "save_every": 1, "precision": "fp32", "device": "cpu", **train}}
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return lora_run_config(tmp, model_dir, "run", copies=2, data={"eval_size": 0}, method={"dropout": 0.0},
+                           **{"max_steps": 6, "micro_batch_size": 4, "warmup_steps": 0, "save_every": 1, **train})
 
 
 @pytest.fixture

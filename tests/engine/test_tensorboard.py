@@ -4,24 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import write_jsonl
+from conftest import lora_run_config
 from slimtune import cli
 from slimtune.engine.log import read_metrics
 
 
 def _config(tmp: Path, model_dir: Path, **train) -> Path:
-    data = write_jsonl(tmp / "train.jsonl", [{"instruction": f"Tell me about {w}.", "output": f"{w} is fine."}
-                                             for w in ("Paris", "blue", "seven", "the fox") for _ in range(3)])
-    tree = {"model": {"path": str(model_dir)},
-            "data": {"train": str(data), "eval_size": 4, "max_len": 64},
-            "method": {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"output_dir": str(tmp / "run"), "max_steps": 5, "micro_batch_size": 4, "lr": 1e-2,
-                      "device": "cpu", **train}}
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return lora_run_config(tmp, model_dir, "run", copies=2, method={"dropout": 0.0},
+                           **{"max_steps": 5, "micro_batch_size": 4, "warmup_steps": 0, **train})
 
 
 def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
