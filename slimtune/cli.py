@@ -270,6 +270,10 @@ def cmd_estimate(args) -> int:
     print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
           f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
     print(est.table())
+    quick = memory.faster(cfg, rows)
+    if quick and (budget is None or quick[1] <= budget):
+        print(f"faster on a GPU, same records per step: {quick[0]} (predicted {quick[1] / memory.GIB:.2f} GiB "
+              "with the CUDA context)")
     if budget is not None:
         total = est.peak + est.cuda_context
         verdict = "fits" if total <= budget else "does NOT fit"

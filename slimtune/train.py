@@ -85,16 +85,21 @@ def enable_checkpointing(model, cfg_method, log=print) -> bool:
     return True
 
 
-def _predict(cfg, built, log) -> float | None:
-    """The memory estimate for this run's worst micro-batch, printed before the model loads."""
+def _predict(cfg, built, log, device: str = "cpu") -> float | None:
+    """The memory estimate for this run's worst micro-batch, printed before the model loads; on a GPU,
+    a faster split of the same records per step when there is one (memory.faster)."""
     try:
         sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
         est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size])
+        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) if device.startswith("cuda") else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
     log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
         "`slimtune estimate` shows the parts)")
+    if quick:
+        log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
+            f"(predicted {quick[1] / GIB:.2f} GiB with the CUDA context)")
     return est.peak
 
 
@@ -118,7 +123,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
         _prepare_output(out, clear=overwrite or resume, cfg=cfg)
     checkpoint.clean(out)
     _write_skipped(out, built.skipped, log)
-    predicted = _predict(cfg, built, log)
+    predicted = _predict(cfg, built, log, device)
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)

@@ -153,3 +153,22 @@ def test_offload_is_suggested_on_the_fast_engine(tiny_model_dir):
     est = memory.estimate(cfg)
     texts = [t for t, _ in memory.suggestions(cfg, est.peak + est.cuda_context - 1)]
     assert "train.offload_activations=true" in texts
+
+
+def test_faster_split_same_records_per_step(tiny_model_dir):
+    cfg = _fast(tiny_model_dir, gradient_checkpointing=True, micro_batch_size=2, grad_accum=4)
+    text, peak = memory.faster(cfg)
+    assert text == "train.micro_batch_size=8 train.grad_accum=1 train.offload_activations=true"
+    one = _fast(tiny_model_dir, gradient_checkpointing=True, micro_batch_size=8, grad_accum=1, offload_activations=True)
+    est = memory.estimate(one)
+    assert peak == pytest.approx(est.peak + est.cuda_context)
+    assert memory.faster(_fast(tiny_model_dir, gradient_checkpointing=True, grad_accum=1)) is None  # nothing to merge
+    assert memory.faster(_cfg(tiny_model_dir, gradient_checkpointing=True, grad_accum=4)) is None  # padded engine
+
+
+def test_estimate_cli_prints_the_faster_split(tmp_path, tiny_model_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tiny_model_dir}}}\nmethod: {{name: lora, dropout: 0.0}}\n"
+                   "train: {micro_batch_size: 2, grad_accum: 4, gradient_checkpointing: true}\n")
+    assert cli.main(["estimate", str(cfg)]) == 0
+    assert "faster on a GPU, same records per step: train.micro_batch_size=8 train.grad_accum=1" in capsys.readouterr().out
