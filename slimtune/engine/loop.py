@@ -142,19 +142,14 @@ def use_fused_lora(mode: str, device: str) -> bool:
 def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = None) -> bool:
     """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py). auto: on CUDA with Liger
     installed, for models whose hidden size is at least norm_mlp.MIN_HIDDEN (where it was measured to pay)."""
-    if mode == "on" and not device.startswith("cuda"):
-        raise ConfigError("train.fused_norm_mlp=on: Liger's kernels are Triton, CUDA only; use auto or off on "
-                          f"{device}")
-    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available()
-                            and norm_mlp.pays(model))
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    return norm_mlp.chosen(mode, device, hidden)
 
 
 def use_fused_rope(mode: str, device: str) -> bool:
     """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py); off by default
     until it is measured to pay."""
-    if mode == "on" and not device.startswith("cuda"):
-        raise ConfigError(f"train.fused_rope=on: Liger's kernels are Triton, CUDA only; use auto or off on {device}")
-    return mode == "on" or (mode == "auto" and device.startswith("cuda") and norm_mlp.available())
+    return norm_mlp.wanted("fused_rope", mode, device)
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,

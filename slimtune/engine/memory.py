@@ -151,12 +151,12 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
 
     h = mcfg.hidden_size
     inter = getattr(mcfg, "intermediate_size", None) or 4 * h
+    if rows is None:
+        rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     if fast_engine(cfg):
         return _fast(est, cfg, mcfg, h, inter, rows)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
-    if rows is None:
-        rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     width = max(length for length, _ in rows)
     tokens = width * len(rows)  # right padding: every row is as long as the longest
     trained = sum(t for _, t in rows)
@@ -200,14 +200,11 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
 
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
-    if rows is None:
-        rows = [(cfg.data.max_len, cfg.data.max_len)] * tc.micro_batch_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
     if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
-    liger = tc.fused_norm_mlp == "on" or (tc.fused_norm_mlp == "auto" and h >= norm_mlp.MIN_HIDDEN
-                                          and norm_mlp.available())
+    liger = norm_mlp.chosen(tc.fused_norm_mlp, "cuda", h)  # as train on a GPU decides it
     per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
 
