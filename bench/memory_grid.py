@@ -62,12 +62,12 @@ def build(shape: str, name: str, plan, model_dir: str | None):
     return model, mcfg
 
 
-def batch(mb: int, length: int, vocab: int):
+def batch(mb: int, length: int, vocab: int, device: str = "cuda"):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (mb, length), generator=g)
     labels = ids.clone()
     labels[:, : length // 2] = -100
-    return {"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": torch.ones_like(ids).cuda()}
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
 def packed_batch(mb: int, length: int, vocab: int):
@@ -75,7 +75,7 @@ def packed_batch(mb: int, length: int, vocab: int):
     from slimtune.data.encode import Encoded
     from slimtune.engine.loop import collate_micro
 
-    b = batch(mb, length, vocab)
+    b = batch(mb, length, vocab, "cpu")  # the same tokens, read on the host
     records = [Encoded(b["input_ids"][i].tolist(), b["labels"][i].tolist()) for i in range(mb)]
     return collate_micro(records, True, 0, "cuda")
 
