@@ -74,7 +74,7 @@ def hf_curve(model_dir: str, records, pad: int, cfg) -> list[float]:
     from transformers import Trainer, TrainingArguments
 
     tc = cfg.train
-    stream = loop.MicroBatches(records, tc.micro_batch_size, tc.seed)  # the padded loop's own order
+    stream = loop.micro_batches(records, tc, cfg.data.max_len, "off")  # the padded loop's own order
     # one dataset item per micro-batch (an epoch's last one can be short), handed over one at a time
     micro = [[{"input_ids": r.input_ids, "labels": r.labels} for r in next(stream)]
              for _ in range(tc.max_steps * tc.grad_accum)]

@@ -64,7 +64,7 @@ def worker(a) -> dict:
     from slimtune.data.encode import Encoded
     from slimtune.engine import loop, precision
     from slimtune.engine.optim import build_optimizer, build_scheduler
-    from slimtune.kernels import attention, linear_ce, lora, norm_mlp, rope
+    from slimtune.kernels import linear_ce
     from slimtune.train import enable_checkpointing
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +73,9 @@ def worker(a) -> dict:
     cfg = config_mod.from_dict({
         "method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4, "precision": "bf16" if dev == "cuda" else "fp32",
-                  "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup},
+                  "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
+                  "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp, "fused_rope": a.fused_rope,
+                  "offload_activations": a.offload, "seed": 0},
         "data": {"max_len": a.max_len}})
     torch.manual_seed(0)
     mcfg = LlamaConfig(**shape, max_position_embeddings=4096)
@@ -85,20 +87,16 @@ def worker(a) -> dict:
     model = methods.apply(model, cfg.method)
     plan = precision.plan(cfg.train.precision, dev, cfg.train.adam_eps)
     precision.cast_trainable(model, plan.trainable)
-    packed = loop.use_packing(a.packing, model, dev)
-    chunked = loop.use_chunked_loss(a.loss, dev)
-    fused = lora.enable(model) if loop.use_fused_lora(a.fused_lora, dev) else 0
-    fused_nm = norm_mlp.enable(model) if loop.use_fused_norm_mlp(a.fused_norm_mlp, dev, model) else 0
-    fused_rope = rope.enable(model) if loop.use_fused_rope(a.fused_rope, dev) else 0
+    took = loop.enable_kernels(model, cfg.train, dev)  # as train does
+    packed, chunked = took["packing"], took["chunked_loss"]
+    fused, fused_nm, fused_rope = took["fused_lora_layers"], took["fused_norm_mlp"], took["fused_rope"]
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
-    if packed:
-        attention.enable(model)
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
-    stream = loop.MicroBatches(records, bs, 0, bs * a.max_len if packed == "bins" else 0, rows=packed == "rows")
+    stream = loop.micro_batches(records, cfg.train, a.max_len, packed)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
-    context = loop.forward_context(plan, dev, a.offload, model)
+    context = loop.forward_context(plan, dev, cfg.train.offload_activations, model)
     if a.compile:
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=True)
@@ -133,7 +131,7 @@ def worker(a) -> dict:
         losses.append(round(row["loss"], 4))
     dt = sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    label = f"slimtune ({bs}x{ga} records, packing={packed or 'off'}, loss={'chunked' if chunked else 'plain'}" + \
+    label = f"slimtune ({bs}x{ga} records, packing={packed}, loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + \
         (", activations offloaded" if a.offload else "") + \
         (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + \

@@ -98,8 +98,10 @@ class MicroBatches:
         self.order = [list(b) for b in order] if packed else list(order)
 
 
-def micro_batches(records: list[Encoded], size: int, seed: int) -> MicroBatches:
-    return MicroBatches(records, size, seed)
+def micro_batches(records: list[Encoded], tc, max_len: int, packing: str) -> MicroBatches:
+    """The stream train.* asks for; packing as enable_kernels reports it (bins | rows | off)."""
+    return MicroBatches(records, tc.micro_batch_size, tc.seed, tc.micro_batch_size * max_len if packing == "bins" else 0,
+                        rows=packing == "rows")
 
 
 def total_steps(n_records: int, cfg_train, micro_per_epoch: int = 0) -> int:
@@ -150,6 +152,29 @@ def use_fused_rope(mode: str, device: str) -> bool:
     """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py); off by default
     until it is measured to pay."""
     return norm_mlp.wanted("fused_rope", mode, device)
+
+
+def enable_kernels(model, tc, device: str) -> dict:
+    """Switch on in `model` the fast paths train.* asks for on this device; what each took, as fit's result
+    reports it. disable_kernels takes them all back."""
+    packed = use_packing(tc.packing, model, device)
+    try:
+        if packed:
+            attention.enable(model)
+        return {"packing": packed or "off", "chunked_loss": use_chunked_loss(tc.loss, device),
+                "fused_lora_layers": lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
+                "fused_norm_mlp": norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0,
+                "fused_rope": rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0}
+    except Exception:
+        disable_kernels(model)  # a refused key leaves the model as it came
+        raise
+
+
+def disable_kernels(model) -> None:
+    lora.disable(model)
+    norm_mlp.disable(model)
+    rope.disable(model)
+    attention.disable(model)
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
@@ -257,21 +282,15 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
-    packed = use_packing(tc.packing, model, device)
-    stream = MicroBatches(train, tc.micro_batch_size, tc.seed,
-                          tc.micro_batch_size * cfg.data.max_len if packed == "bins" else 0, rows=packed == "rows")
+    took = enable_kernels(model, tc, device)
+    stream = micro_batches(train, tc, cfg.data.max_len, took["packing"])
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
               precision.scaler(plan, device), stream, fingerprint(train),
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0,
-                      "packing": packed or "off", "chunked_loss": use_chunked_loss(tc.loss, device)})
-    if packed:
-        attention.enable(model)
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took})
+    if stream.packed:
         log(_describe_packing(stream, device, plan))
-    run.result["fused_lora_layers"] = lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0
-    run.result["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0
-    run.result["fused_rope"] = rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
     context = forward_context(plan, device, tc.offload_activations, model)
@@ -285,11 +304,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
             _finish(run, measure, logs, log)
     finally:
         logs.close()
-        lora.disable(model)
-        norm_mlp.disable(model)
-        rope.disable(model)
-        if packed:
-            attention.disable(model)
+        disable_kernels(model)
     return run.result
 
 
