@@ -136,13 +136,11 @@ def main() -> None:
     model = methods.apply(model, mcfg)
     precision.cast_trainable(model, plan.trainable)
     fast = args.engine == "fast"
-    if fast:
-        from slimtune.engine.loop import use_fused_norm_mlp
-        from slimtune.kernels import attention, lora, norm_mlp
+    if fast:  # as train switches them on: packed rows, fused LoRA, Liger norm/MLP where auto takes it
+        from slimtune.engine.loop import enable_kernels
 
-        attention.enable(model)
-        head["fused_lora_layers"] = lora.enable(model)
-        head["fused_norm_mlp"] = norm_mlp.enable(model) if use_fused_norm_mlp("auto", "cuda", model) else 0
+        took = enable_kernels(model, config.TrainConfig(packing="rows", fused_lora="on"), "cuda")
+        head.update(fused_lora_layers=took["fused_lora_layers"], fused_norm_mlp=took["fused_norm_mlp"])
     head.update(weights_gib=weights / GIB, params=methods.count_parameters(model))
     for ckpt in ((True,) if args.offload else (False, True)):
         if ckpt:
