@@ -8,6 +8,9 @@
 #   bash bench/gpu_speed.sh final-1b|final-8b   slimtune (16 x 1 offloaded, and 8 x 2) then unsloth, Liger, HF
 #   bash bench/gpu_speed.sh memory-fast   memory grid of the fast engine path (packed, chunked, fused), +- offload
 #   bash bench/gpu_speed.sh rope   Liger RoPE GPU test; headline config with/without Liger RoPE and compiled layers
+#   bash bench/gpu_speed.sh memory-qlora   the estimator's grid for qlora in fp16, 1B and 8B
+#   bash bench/gpu_speed.sh memory-3b   out-of-sample estimator check on a 3B shape
+#   bash bench/gpu_speed.sh compile   compiled layers with Liger RoPE, and without Liger's norm/MLP (8B)
 #   bash bench/gpu_speed.sh norm-mlp   GPU tests (offload, Liger norm/MLP) and slimtune with/without Liger's norm/MLP
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
@@ -50,6 +53,30 @@ elif [ "$SIZE" = rope ]; then  # does Liger's RoPE pay? and torch.compile on the
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rope_gpu.py -rs 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload,slimtune:bs=16:ga=1:offload:fused_rope=on,slimtune:bs=16:ga=1:offload:compile
+elif [ "$SIZE" = memory-qlora ]; then  # the estimator's qlora fp16 cells (bitsandbytes from .whl), 1B then 8B
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 100 python3 -m pytest -q -p no:cacheprovider tests/methods/test_methods.py -k qlora -rs 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
+  for shape in 1b 3b; do  # what is alive at full fine-tuning's peak (the estimator over-predicts 3B by 25%)
+    PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_trace.py --shape $shape --out "$OUT/memory_trace.jsonl" 2>&1 | grep -v -i warn | tail -40
+  done
+  for shape in 1b 8b; do
+    OUT=$OUT ONLY=qlora PRECS=fp16 PYTHONPATH=/tmp/site timeout 280 bash bench/memory_grid.sh $shape 2>&1 | tail -4
+  done
+elif [ "$SIZE" = memory-3b ]; then  # out-of-sample check of the estimator: a shape its constants never saw
+  for m in "lora bf16" "full bf16" "freeze fp16" "prompt_tuning bf16"; do set -- $m
+    PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_grid.py --shape 3b --method $1 --precision $2 \
+      --results "$OUT/memory_grid_3b.jsonl" 2>&1 | grep -v -i -E "warn|^\{" | tail -3
+  done
+  PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_grid.py --shape 3b --method lora --precision bf16 --engine fast --offload \
+    --results "$OUT/memory_grid_3b.jsonl" 2>&1 | grep -v -i -E "warn|^\{" | tail -3
+elif [ "$SIZE" = memory-full ]; then  # full fine-tuning 1B: the grid's cell beside the traced one
+  PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_grid.py --shape 1b --method full --precision bf16 --mb 1 --lens 384 \
+    --results "$OUT/memory_grid_full.jsonl" 2>&1 | grep -v -i warn | tail -3
+  for shape in 1b 3b; do
+    PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_trace.py --shape $shape --out "$OUT/memory_trace.jsonl" 2>&1 | grep -v -i warn | tail -34
+  done
+elif [ "$SIZE" = compile ]; then  # compiled layers with and without Liger (Liger's Functions vs dynamo under checkpointing)
+  PYTHONPATH=/tmp/site timeout 560 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload:compile:fused_rope=on,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off:fused_rope=on
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \

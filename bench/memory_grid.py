@@ -34,6 +34,9 @@ from slimtune.train import enable_checkpointing  # noqa: E402
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # out-of-sample: the estimator's constants were fitted on 1b/8b cells only (Llama-3.2-3B's shape)
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
@@ -53,7 +56,8 @@ def build(shape: str, name: str, plan, model_dir: str | None):
     if name == "qlora":
         from slimtune import models
 
-        model, _ = models.load(model_dir, "bf16", device="cuda", quantization=quantization_config(mcfg, plan.name))
+        half = "fp16" if plan.weights == torch.float16 else "bf16"  # as train: the base's unquantized parts too
+        model, _ = models.load(model_dir, half, device="cuda", quantization=quantization_config(mcfg, plan.name))
     else:
         cfg = LlamaConfig(**SHAPES[shape], dtype=plan.weights)
         with torch.device("cuda"):

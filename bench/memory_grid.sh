@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 RES=${OUT:-/tmp}/memory_grid_$SHAPE.jsonl
 : > "$RES"
 MODEL_DIR=/tmp/llama-$SHAPE-random
-if [ ! -f "$MODEL_DIR/config.json" ]; then   # qlora quantizes while loading, so it needs a saved model
+if [ ! -f "$MODEL_DIR/config.json" ] && [ "${ONLY:-qlora}" = qlora ]; then   # qlora quantizes while loading, so it needs a saved model
   "$PY" - "$SHAPE" "$MODEL_DIR" <<'PYM'
 import sys, torch
 sys.path.insert(0, "bench")
@@ -26,8 +26,8 @@ tok.save_pretrained(sys.argv[2])
 PYM
 fi
 for method in lora qlora full freeze prompt_tuning; do
-  for prec in bf16 fp16; do
-    [ -n "${ONLY:-}" ] && [ "$method" != "$ONLY" ] && continue   # ONLY=qlora: one method
+  for prec in ${PRECS:-bf16 fp16}; do
+    [ -n "${ONLY:-}" ] && [ "$method" != "$ONLY" ] && continue   # ONLY=qlora: one method; PRECS=fp16: one precision
     echo "== $SHAPE $method $prec"
     "$PY" bench/memory_grid.py --shape "$SHAPE" --method "$method" --precision "$prec" --model-dir "$MODEL_DIR" \
       --results "$RES" 2>&1 | grep -v -i -E "warn|^\{"

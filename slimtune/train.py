@@ -115,7 +115,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     resume = resume or cfg.train.resume == "auto"
     start = _check_output(out, cfg, overwrite, resume)
     device = models.pick_device(cfg.train.device)
-    quant = quantization_config(cfg.method)  # qlora without CUDA stops here, before anything loads
+    quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded

@@ -167,6 +167,23 @@ def test_qlora_trains_on_gpu(arch_dirs, tok):  # pragma: no cover - run through 
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="qlora quantizes with bitsandbytes, which needs CUDA")
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_qlora_base_and_matmuls_in_the_runs_precision(arch_dirs, precision, dtype):  # pragma: no cover - GPU
+    """As train loads it: fp16 runs keep the unquantized parts and the 4-bit matmuls in fp16 (a bf16 embedding
+    under fp16 autocast made half copies of every layer input: +40% activation memory, measured)."""
+    from slimtune import models
+    from slimtune.engine.precision import base_dtype_name
+    from slimtune.methods.quant import quantization_config
+
+    cfg = config.Config()
+    cfg.model.path, cfg.method, cfg.train.precision = str(arch_dirs["llama"]), _method_cfg("qlora"), precision
+    quant = quantization_config(cfg.method, cfg.train.precision)
+    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, "cuda"), device="cuda", quantization=quant)
+    assert model.get_input_embeddings().weight.dtype == dtype
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == dtype
+
+
 def test_layers_to_transform_and_modules_to_save(arch_dirs):
     cfg = replace(_method_cfg("lora"), layers_to_transform=[1], modules_to_save=["lm_head"])
     model = methods.apply(_load(arch_dirs["llama"]), cfg)
