@@ -74,6 +74,10 @@ elif [ "$SIZE" = memory-full ]; then  # full fine-tuning 1B: the grid's cell bes
   for shape in 1b 3b; do
     PYTHONPATH=/tmp/site timeout 100 python3 bench/memory_trace.py --shape $shape --out "$OUT/memory_trace.jsonl" 2>&1 | grep -v -i warn | tail -34
   done
+elif [ "$SIZE" = final-unsloth ]; then  # slimtune's defaults (Liger RoPE auto) beside unsloth, 1B and 8B, one machine
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload,slimtune
+  PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 1b,8b --recipes unsloth --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = compile ]; then  # compiled layers with and without Liger (Liger's Functions vs dynamo under checkpointing)
   PYTHONPATH=/tmp/site timeout 560 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile:fused_rope=on,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off:fused_rope=on

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
     ap.add_argument("--fused_norm_mlp", default="auto")
-    ap.add_argument("--fused_rope", default="off")
+    ap.add_argument("--fused_rope", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--out", default="")

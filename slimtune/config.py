@@ -88,7 +88,7 @@ class TrainConfig:
     packing: str = "auto"  # records packed in rows, no padding, attention within each record: auto (CUDA) | on | rows | off
     loss: str = "auto"  # head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)
     fused_lora: str = "auto"  # LoRA layers as one autograd node each (kernels/lora.py): auto (CUDA) | on | off
-    fused_rope: str = "off"  # Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off
+    fused_rope: str = "auto"  # Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off
     fused_norm_mlp: str = "auto"  # Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off
     save_every: int = 100  # write a resumable checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # keep the newest K checkpoints in output_dir/checkpoints (0 = all)

@@ -149,8 +149,8 @@ def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = N
 
 
 def use_fused_rope(mode: str, device: str) -> bool:
-    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py); off by default
-    until it is measured to pay."""
+    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py). auto: on CUDA with
+    Liger installed (H100, 16 records/step: +18% tokens/s at 1B, +17% at 8B, the same peak; bench/results)."""
     return norm_mlp.wanted("fused_rope", mode, device)
 
 
