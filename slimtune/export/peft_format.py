@@ -42,7 +42,7 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
 
     folder = Path(folder)
     cfg = read_config(folder)
-    quant = quantization_config(cfg.method) if quantized else None
+    quant = quantization_config(cfg.method, cfg.train.precision) if quantized else None  # as the run trained
     dtype = dtype or base_dtype_name(cfg, device)
     base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
     if (folder / "adapter_config.json").is_file():

@@ -167,6 +167,21 @@ def test_qlora_trains_on_gpu(arch_dirs, tok):  # pragma: no cover - run through 
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("precision,bf16_gpu,dtype", [("fp16", True, torch.float16), ("fp16-pure", True, torch.float16),
+                                                    ("bf16", True, torch.bfloat16), ("auto", True, torch.bfloat16),
+                                                    ("auto", False, torch.float16)])
+def test_qlora_compute_dtype_follows_the_precision(monkeypatch, precision, bf16_gpu, dtype):
+    import importlib.util
+
+    from slimtune.methods import quant
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(quant.importlib.util, "find_spec", lambda n, *a: object() if n == "bitsandbytes" else real(n, *a))
+    assert quant.quantization_config(_method_cfg("qlora"), precision).bnb_4bit_compute_dtype == dtype
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="qlora quantizes with bitsandbytes, which needs CUDA")
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_qlora_base_and_matmuls_in_the_runs_precision(arch_dirs, precision, dtype):  # pragma: no cover - GPU
