@@ -408,7 +408,8 @@ def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, ho
     rng, was_training = checkpoint.rng_state(), run.model.training
     try:
         report = hook(run.model, context) if hook else \
-            Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context))
+            Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
+                             use_chunked_loss(run.cfg.train.loss, run.device)))
     finally:
         checkpoint.set_rng_state(rng)
         run.model.train(was_training)

@@ -12,8 +12,10 @@ from ..engine.loss import token_loss_sum
 
 @torch.no_grad()
 def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu",
-              context=contextlib.nullcontext) -> dict:
-    """Mean loss per answer token over all records, and its perplexity."""
+              context=contextlib.nullcontext, chunked: bool = False) -> dict:
+    """Mean loss per answer token over all records, and its perplexity. chunked: head + loss a chunk of rows
+    at a time, as training's train.loss=chunked (the full-vocabulary logits of a batch would otherwise add
+    several GiB to a run whose training never holds them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -22,7 +24,7 @@ def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu"
         batch = collate([records[j] for j in order[i:i + batch_size]], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
         with context():
-            s, n = token_loss_sum(model, batch)
+            s, n = token_loss_sum(model, batch, chunked)
         total += s.item()
         count += n
     model.train(was_training)

@@ -73,7 +73,10 @@ def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context)
     if records is None:
         records, stats = encode_examples(examples, tokenizer, data_cfg)
     kept = [r for r in records if any(x != -100 for x in r.labels)]
-    out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context) if kept else \
+    from ..engine.loop import use_chunked_loss  # (engine.loop reports through this module)
+
+    chunked = use_chunked_loss(cfg.train.loss, str(device))
+    out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context, chunked) if kept else \
         {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
     out.update(records=len(records), no_answer=len(records) - len(kept), max_len=cfg.data.max_len,
                truncated=stats.truncated if stats else sum(r.truncated for r in records))

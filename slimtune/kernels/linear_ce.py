@@ -29,39 +29,45 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
 
 
+def _chunks(hidden, weight, bias, targets, rows: int, need: tuple[bool, bool, bool]):
+    """The summed loss and, where `need` asks, the gradients of hidden / weight / bias, a chunk at a time."""
+    need_h, need_w, need_b = need
+    dtype = _compute_dtype(weight)
+    with torch.autocast(weight.device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = bias.to(torch.float32) if bias is not None else None
+        # gradients are unscaled (|softmax - onehot| <= 1) until backward multiplies by grad_output,
+        # so fp16 would lose the small ones: keep them in fp32 there, in the compute dtype otherwise
+        gdtype = torch.float32 if dtype == torch.float16 else dtype
+        grad_h = torch.empty(h.shape, dtype=gdtype, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            logits = (hc @ w.T).float()
+            if b is not None:
+                logits += b
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            if need_b:
+                grad_b += g.sum(0)
+            g = g.to(dtype)
+            if need_h:
+                grad_h[start:start + rows] = g @ w
+            if need_w:
+                grad_w += g.T @ hc
+    return total, grad_h, grad_w, grad_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows):
-        dtype = _compute_dtype(weight)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        with torch.autocast(weight.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            b = bias.to(torch.float32) if bias is not None else None
-            # gradients are unscaled (|softmax - onehot| <= 1) until backward multiplies by grad_output,
-            # so fp16 would lose the small ones: keep them in fp32 there, in the compute dtype otherwise
-            gdtype = torch.float32 if dtype == torch.float16 else dtype
-            grad_h = torch.empty(h.shape, dtype=gdtype, device=h.device) if need_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for start in range(0, h.shape[0], rows):
-                hc, tc = h[start:start + rows], targets[start:start + rows]
-                logits = (hc @ w.T).float()
-                if b is not None:
-                    logits += b
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                if not (need_h or need_w or need_b):
-                    continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                if need_b:
-                    grad_b += g.sum(0)
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[start:start + rows] = g @ w
-                if need_w:
-                    grad_w += g.T @ hc
+        total, grad_h, grad_w, grad_b = _chunks(hidden, weight, bias, targets, rows, ctx.needs_input_grad[:3])
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -83,8 +89,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `rows` rows at a time. hidden (N, H), weight (V, H), targets (N,) all trained (no ignore index)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
-    rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, min(rows, hidden.shape[0])))
+    rows = max(1, min(rows or chunk_rows(weight.shape[0]), hidden.shape[0]))
+    if not torch.is_grad_enabled():  # evaluation: the loss alone (needs_input_grad would still ask for grads)
+        return _chunks(hidden, weight, bias, targets, rows, (False, False, False))[0]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
 
 
 def fits(head) -> bool:

@@ -73,6 +73,8 @@ def test_eval_rows_at_every_n_steps_hold_the_loss_of_the_model_at_that_step(ever
         fresh = eval_loss(model, held, pad_id(tok), cfg.train.micro_batch_size)["eval_loss"]
         logged = next(r["eval_loss"] for r in rows if r["step"] == step)
         assert logged == pytest.approx(fresh, abs=1e-5), step
+        chunked = eval_loss(model, held, pad_id(tok), cfg.train.micro_batch_size, chunked=True)["eval_loss"]
+        assert chunked == pytest.approx(fresh, abs=1e-5), step  # GPU runs evaluate with the chunked loss
     assert result["eval_after"]["eval_loss"] == rows[-1]["eval_loss"]
     scores = json.loads((run / "eval" / "scores.json").read_text())
     assert scores["step"] == 6 and scores["eval_loss"] == rows[-1]["eval_loss"] and scores["records"] == len(held)
