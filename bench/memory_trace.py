@@ -57,7 +57,7 @@ def main() -> None:
         if e["action"] == "alloc":
             live[e["addr"]] = (e["size"], where(e.get("frames", [])))
             total += e["size"]
-        elif e["action"] in ("free_requested",) and e["addr"] in live:
+        elif e["action"] == "free_requested" and e["addr"] in live:
             total -= live.pop(e["addr"])[0]
         if total > peak:
             peak, when = total, i

@@ -24,7 +24,7 @@ from ..evaluate.report import LABELS, Report
 from ..kernels import attention, lora, norm_mlp, rope
 from . import checkpoint, guards, precision
 from .log import RunLog, memory_gib, progress
-from .loss import token_loss_sum
+from .loss import token_loss_sum, use_chunked_loss
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
@@ -127,12 +127,6 @@ def use_packing(mode: str, model, device: str) -> str | None:
     if why is not None or (mode == "auto" and not device.startswith("cuda")):
         return None
     return "rows" if mode == "rows" else "bins"
-
-
-def use_chunked_loss(mode: str, device: str) -> bool:
-    """train.loss: chunked computes head + cross-entropy a chunk of rows at a time (kernels/linear_ce.py);
-    auto does so on CUDA, where the full-vocabulary logits are most of the memory; plain otherwise."""
-    return mode == "chunked" or (mode == "auto" and device.startswith("cuda"))
 
 
 def use_fused_lora(mode: str, device: str) -> bool:

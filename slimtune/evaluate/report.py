@@ -17,6 +17,7 @@ from .. import config as config_mod
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
+from ..engine.loss import use_chunked_loss
 from . import metrics
 from .generate import Sampling, run as run_generation
 from .perplexity import eval_loss
@@ -73,8 +74,6 @@ def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context)
     if records is None:
         records, stats = encode_examples(examples, tokenizer, data_cfg)
     kept = [r for r in records if any(x != -100 for x in r.labels)]
-    from ..engine.loop import use_chunked_loss  # (engine.loop reports through this module)
-
     chunked = use_chunked_loss(cfg.train.loss, str(device))
     out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context, chunked) if kept else \
         {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
