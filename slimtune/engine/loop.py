@@ -403,7 +403,7 @@ def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, ho
     try:
         report = hook(run.model, context) if hook else \
             Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
-                             use_chunked_loss(run.cfg.train.loss, run.device)))
+                             run.result["chunked_loss"]))  # as the steps compute it
     finally:
         checkpoint.set_rng_state(rng)
         run.model.train(was_training)
