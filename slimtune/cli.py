@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    mg.add_argument("--overwrite", action="store_true", help="replace the merged model already in --output")
 
     ev = sub.add_parser("eval", help="loss and perplexity on the answer tokens of a test set; with --generate "
                                      "also EM, F1, BLEU-4, ROUGE (and --extraction item-set P/R/F1)")
@@ -120,8 +122,13 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
-    run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume)
-    return 0
+    protect = (args.config,) if args.config and Path(args.config).is_file() else ()
+    result = run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume,
+                 protect=protect)
+    # a stopped run is not a finished one: 128 + the signal number, as a shell reports it, so a
+    # scheduler does not record a preempted job as done
+    stopped = result.get("interrupted")
+    return 128 + signal.Signals[stopped].value if stopped else 0
 
 
 def _segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
@@ -308,7 +315,7 @@ def cmd_eval(args) -> int:
 def cmd_merge(args) -> int:
     from .export.merge import merge
 
-    merge(args.folder, args.output, args.dtype)
+    merge(args.folder, args.output, args.dtype, overwrite=args.overwrite)
     return 0
 
 

@@ -38,12 +38,20 @@ def load_gguf(path: Path, dtype: str = "fp32"):
     return model, tokenizer
 
 
+# a tokenizer folder holds at least one of these (fast, sentencepiece, BPE, WordPiece, tiktoken vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     p = resolve(path)
     if p.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
+        raise FileNotFoundError(f"model.path: {p} has no tokenizer files (expected one of "
+                                f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
     return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
 
 

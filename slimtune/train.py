@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,50 +12,65 @@ from .config import ConfigError
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, memory
+from .engine import checkpoint, memory, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .evaluate.report import in_training
+from .engine.runfolder import RunFolderError
+from .export.parts import PARTS
 from .export.peft_format import read_config, save
 from .methods.quant import quantization_config
 
 
-def _is_run(out: Path) -> bool:
-    return any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", checkpoint.ROOT))
-
-
-def _check_output(out: Path, cfg, overwrite: bool, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run). Refuses, before anything is loaded, to mix two
-    runs in one folder: a folder holding files needs --overwrite, or --resume with the same config."""
-    if overwrite and resume:
-        raise ConfigError("--overwrite replaces the run in train.output_dir and --resume (train.resume=auto) "
-                          "continues it; choose one")
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    if not _is_run(out):
-        raise FileExistsError(f"train.output_dir: {out} already holds files that are not a slimtune run; "
-                              "choose another folder")
+def _check_output(out: Path, cfg, overwrite: bool, resume: bool, log=print) -> tuple[Path | None, dict | None]:
+    """(the checkpoint to resume from, or None for a fresh run; the manifest of the run whose own files a
+    fresh start removes). Refuses, before anything is loaded, to mix two runs in one folder or to touch a
+    folder slimtune did not write: a folder holding files needs --overwrite, or --resume with the same config."""
+    names = runfolder.entries(out)
+    manifest = runfolder.read_manifest(out) if names else None
+    if not names or (manifest is not None and names <= runfolder.STARTED):  # nothing, or a run stopped before step 1
+        if resume:
+            log(f"nothing to resume in {out}: starting a new run")
+        return None, manifest
+    if resume:
+        return _resume_from(out, cfg, manifest is not None), manifest
+    if manifest is None:
+        raise FileExistsError(f"train.output_dir: {out} already holds files that are not a slimtune run (no "
+                              f"{runfolder.MANIFEST}); slimtune deletes only what it wrote: choose another folder")
     if overwrite:
-        return None
-    if not resume:
-        raise FileExistsError(f"train.output_dir: {out} already holds files; choose another folder, pass --resume "
-                              "to continue that run, or --overwrite to replace it")
+        return None, manifest
+    raise FileExistsError(f"train.output_dir: {out} already holds files; choose another folder, pass --resume "
+                          "to continue that run, or --overwrite to replace it (only slimtune's own files are removed)")
+
+
+def _resume_from(out: Path, cfg, marked: bool) -> Path:
+    """The newest complete checkpoint, if it was written by this same config; else an error saying why not."""
     last = checkpoint.latest(out)
-    if last is not None or (out / "config.yaml").is_file():
-        diff = checkpoint.differences(read_config(last or out), cfg)
-        if diff:
-            raise FileExistsError(f"train.output_dir: {out} holds a different run, which --resume would mix with "
-                                  "this one: " + "; ".join(diff) + ". Use that run's config, or another folder")
+    instead = "--overwrite to train it again" if marked else "another train.output_dir"
+    if last is None and any((out / name).is_file() for name in ("adapter_config.json", PARTS)):
+        raise RunFolderError(f"train.output_dir: {out} holds a finished run (its adapter is saved) and no complete "
+                             f"checkpoint in {out / checkpoint.ROOT}: there is nothing to resume; use it as it is, "
+                             f"or pass {instead}")
+    if last is None:
+        raise RunFolderError(f"train.output_dir: {out} has no complete checkpoint in {out / checkpoint.ROOT} to "
+                             f"resume from; pass {instead}")
+    diff = checkpoint.differences(read_config(last), cfg)
+    if diff:
+        raise FileExistsError(f"train.output_dir: {out} holds a different run, which --resume would mix with "
+                              "this one: " + "; ".join(diff) + ". Use that run's config, or another folder")
     return last
 
 
-def _prepare_output(out: Path, clear: bool, cfg) -> None:
-    """A fresh run starts in an empty folder (clearing one that _check_output let through) with its
-    config.yaml, so a killed run is known for what it is."""
-    if clear and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_output(out: Path, cfg, manifest: dict | None, created: bool, protect: list[Path], log) -> None:
+    """A fresh run removes what an earlier run wrote here (its own files, never the user's), then marks the
+    folder as a run and writes its config.yaml, so a killed run is known for what it is."""
+    if manifest is not None:
+        gone = runfolder.remove_own(out, manifest, protect, log)
+        if gone:
+            log(f"removed the earlier run's {', '.join(gone)} from {out}; other files there were kept")
+        created = bool(manifest.get("created_folder"))
+    runfolder.write_manifest(out, created, runfolder.entries(out) - {runfolder.MANIFEST})
     (out / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
 
 
@@ -103,26 +117,44 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
     return est.peak
 
 
-def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False) -> dict:
-    """Train per the config; returns the run summary (losses, steps, timings). resume (or
-    train.resume=auto) continues from the newest complete checkpoint in train.output_dir."""
+def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
+        protect: tuple = ()) -> dict:
+    """Train per the config; returns the run summary (losses, steps, timings; "interrupted": the signal's
+    name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
+    checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
     if not cfg.data.train:
         raise FileNotFoundError("data.train: no training data given (set data.train=path/to/data.jsonl)")
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{key}: {path} does not exist")
+    if overwrite and (resume or cfg.train.resume == "auto"):
+        raise ConfigError("--overwrite replaces the run in train.output_dir and --resume (train.resume=auto) "
+                          "continues it; choose one")
     out = Path(cfg.train.output_dir)
-    resume = resume or cfg.train.resume == "auto"
-    start = _check_output(out, cfg, overwrite, resume)
+    made = runfolder.probe(out)  # a read-only folder or a full disk: one line now, not after encoding the data
+    keep = [Path.cwd(), *(Path(p) for p in (cfg.data.train, cfg.data.eval, *protect) if p)]
+    try:
+        with runfolder.Lock(out, log):
+            return _run(cfg, out, out in made, keep, overwrite, resume or cfg.train.resume == "auto",
+                        show_progress, log)
+    except OSError as err:  # a disk that fills mid-run, a folder made read-only: one line, not a traceback
+        nice = runfolder.environment_error(err, out)
+        if nice is None:
+            raise
+        raise nice from err
+    finally:
+        runfolder.remove_if_empty(made)  # a run stopped by a check leaves no folder behind
+
+
+def _run(cfg, out: Path, created: bool, keep: list[Path], overwrite: bool, resume: bool, show_progress: bool,
+         log) -> dict:
+    """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
+    start, manifest = _check_output(out, cfg, overwrite, resume, log)
     device = models.pick_device(cfg.train.device)
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
-    if start is None:
-        _prepare_output(out, clear=overwrite or resume, cfg=cfg)
-    checkpoint.clean(out)
-    _write_skipped(out, built.skipped, log)
     predicted = _predict(cfg, built, log, device)
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
     if cfg.train.gradient_checkpointing:
@@ -134,6 +166,13 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
+    # every check has passed: only now does output_dir get its first file
+    if start is None:
+        _prepare_output(out, cfg, manifest, created, keep, log)
+    else:
+        runfolder.adopt(out)
+    checkpoint.clean(out)
+    _write_skipped(out, built.skipped, log)
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
                  resume=start, evaluate=hook)
     if result.get("interrupted"):

@@ -9,7 +9,8 @@ one found for --resume, and SIGINT/SIGTERM turned into a save at the next step b
         COMPLETE                written last, before the folder gets its name
 
 A folder is written as .tmp-step-000120-<pid>, every file fsynced, then renamed: a kill leaves either
-a complete step folder or a .tmp one, which is never picked and is removed by the next run.
+a complete step folder or a .tmp one, which is never picked and is removed by the next run. Pruning
+renames a step folder to .old-step-000120-<pid> before deleting it, for the same reason.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int) -> Path:
         _fsync(p)
     _fsync(tmp)
     if final.exists():  # only after a resume from an older step re-reaches it
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(tmp, final)
     _fsync(root)  # the rename itself reaches the disk
     prune(root, keep)
@@ -104,15 +105,28 @@ def latest(out_dir: Path) -> Path | None:
 
 
 def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints (0 = keep all)."""
     found = complete(root)
     for _, old in found[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    """Rename first, then delete: a kill mid-delete leaves an .old- folder, which is never picked and
+    which clean() removes, not a step folder missing some of its files."""
+    aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    if aside.exists():  # this process pruned the same step before (a resume re-reached it)
+        shutil.rmtree(aside)
+    os.rename(folder, aside)
+    _fsync(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def clean(out_dir: Path) -> None:
-    """Remove the half-written folders that killed runs left (never picked, only in the way)."""
-    for p in (Path(out_dir) / ROOT).glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what killed runs left: half-written (.tmp-) and half-deleted (.old-) checkpoint folders."""
+    for pattern in (".tmp-step-*", ".old-step-*"):
+        for p in (Path(out_dir) / ROOT).glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load(folder: Path, model) -> dict:

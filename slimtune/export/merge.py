@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -158,14 +160,56 @@ def _check(diff: float, scale: float, dtype: str, what: str) -> None:
                          "reproduce the trained one" + (": try --dtype bf16 or fp32" if dtype == "fp16" else ""))
 
 
-def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> dict:
-    """Write the merged model folder; returns the measured differences (max |logit diff| vs the
-    adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back)."""
-    from transformers import AutoModelForCausalLM
+def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
+    """Refuse, before anything loads, an --output that would overwrite or mix with what the merge reads
+    (a base model overwritten by its own merge makes every later load of the run apply the adapter twice),
+    or a folder holding something other than a merged model."""
+    from ..models import resolve
 
-    folder, out = Path(folder), Path(output)
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder  # a checkpoint's run
+    where = out.resolve()
+    for what, path in (("the base model", resolve(cfg.model.path)), ("the run folder", run)):
+        path = path.resolve()
+        if where == path or where in path.parents or path in where.parents:
+            raise FileExistsError(f"merge --output {out} is, holds, or is inside {what} {path}, which the merge "
+                                  "reads: give another --output folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"merge --output {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
     if (out / "config.yaml").exists() or (out / "adapter_config.json").exists():
         raise FileExistsError(f"{out} holds a training run; give merge another --output folder")
+    if not overwrite:
+        raise FileExistsError(f"merge --output {out} is not empty; pass --overwrite to replace the model there, or "
+                              "give another folder")
+    if not (out / "config.json").is_file() or where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise FileExistsError(f"merge --output {out} holds files but no merged model (config.json); --overwrite "
+                              "replaces only a model folder: give another folder")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put the checked folder in place: the old model is renamed aside first and deleted only after, so
+    a kill leaves the old model or the new one at --output, never half of each."""
+    out = out.resolve()
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    elif out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print, overwrite: bool = False) -> dict:
+    """Write the merged model folder; returns the measured differences (max |logit diff| vs the
+    adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back).
+    overwrite: replace a merged model already in `output` (written beside it, then renamed into place)."""
+    from transformers import AutoModelForCausalLM
+
+    from .peft_format import read_config
+
+    folder, out = Path(folder), Path(output)
+    _check_output(folder, out, read_config(folder), overwrite)
     model, tokenizer, cfg = _load_fp32(folder)
     if is_peft(model) and model.active_peft_config.is_prompt_learning:
         raise MethodError(f"method {cfg.method.name} adds virtual tokens at run time; there are no weights "
@@ -180,12 +224,19 @@ def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print
     log(f"merge check on {where}: merged vs adapter model max |logit diff| = {merge_diff:.2e} in fp32 "
         f"(largest |logit| {scale:.1f}, tolerance {TOLERANCE['fp32'] * max(scale, 1):.1e})")
     _check(merge_diff, scale, "fp32", "merge")
-    _write(model, tokenizer, cfg, out, dtype)
-    del model
-    gc.collect()
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).eval()
-    saved_diff = float((real_logits(saved, batch) - before).abs().max())
+    tmp = out.resolve().with_name(f".{out.resolve().name}.tmp-{os.getpid()}")  # beside it: a rename, one disk
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(model, tokenizer, cfg, tmp, dtype)
+        del model
+        gc.collect()
+        saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        saved_diff = float((real_logits(saved, batch) - before).abs().max())
+        del saved
+        _check(saved_diff, scale, dtype, f"{out} loaded in {dtype}")
+        _replace(tmp, out)  # only a folder that passed its check replaces what --output held
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"saved {out} ({cfg.method.name}, {dtype}) loaded back: max |logit diff| = {saved_diff:.2e} vs the "
         f"fp32 adapter model (tolerance {TOLERANCE[dtype] * max(scale, 1):.1e})")
-    _check(saved_diff, scale, dtype, f"{out} loaded in {dtype}")
     return {"merge_diff": merge_diff, "saved_diff": saved_diff, "logit_scale": scale, "dtype": dtype}

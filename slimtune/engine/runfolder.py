@@ -1,0 +1,198 @@
+"""A run folder's safety: what `slimtune train` may delete there, and who may write there at a time.
+
+    <output_dir>/.slimtune-run.json   written when a run first writes to the folder: the names slimtune
+                                      writes at its top (what --overwrite may remove), and the user's files
+                                      that were there then (never removed, whatever their names)
+    <output_dir>/.slimtune-lock       the PID of the process training here, flock'ed while it runs
+
+A folder without the manifest is not slimtune's own: nothing in it is ever deleted. Entries are renamed
+to .slimtune-old-* before they are deleted, so a kill mid-delete leaves a name the next run removes,
+never a half-deleted checkpoint that looks complete.
+"""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..config import ConfigError
+
+MANIFEST, LOCK, PROBE, OLD = ".slimtune-run.json", ".slimtune-lock", ".slimtune-probe", ".slimtune-old-"
+# everything `slimtune train` writes at the top of its output folder (peft's save_pretrained adds README.md)
+WRITES = ["config.yaml", "metrics.jsonl", "skipped_records.jsonl", "checkpoints", "eval", "adapter_config.json",
+          "adapter_model.safetensors", "slimtune_parts.safetensors", "README.md", "events.out.tfevents.*",
+          MANIFEST, OLD + "*"]
+# a fresh run's folder before its first step: a run stopped there (a failed check, a kill) left nothing else
+STARTED = {MANIFEST, "config.yaml"}
+
+
+class RunFolderError(ConfigError):
+    """train.output_dir cannot be used as asked: another process holds it, it can't be written, or it
+    holds files slimtune did not write."""
+
+
+def probe(out: Path) -> list[Path]:
+    """Create the folder if needed and write + remove a small file in it, so a read-only folder or a
+    full disk stops the run in one line before any slow work. Returns the folders it created."""
+    made = [p for p in [out, *out.parents] if not p.exists()][::-1]
+    path = out / PROBE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"\0" * 4096)  # a disk with no free block fails here, as a checkpoint would
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        path.unlink()
+    except OSError as err:
+        path.unlink(missing_ok=True) if out.is_dir() else None
+        remove_if_empty(made)
+        raise RunFolderError(f"train.output_dir: cannot write to {err.filename or out}: {_cause(err)}; "
+                             "choose a folder you can write to (train.output_dir=...)" +
+                             (", or free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "")) from err
+    return made
+
+
+def _cause(err: OSError) -> str:
+    return f"{err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+def environment_error(err: OSError, out: Path) -> RunFolderError | None:
+    """One line for an OSError the machine caused mid-run (a full disk, a folder made read-only), else None."""
+    inside = err.filename is None or Path(out).resolve() in Path(err.filename).resolve().parents
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or (inside and err.errno in (errno.EACCES, errno.EPERM)):
+        return RunFolderError(f"writing {err.filename or out} failed: {_cause(err)}; the newest complete checkpoint "
+                              "is intact: free space or fix the folder, then `slimtune train CONFIG --resume`")
+    return None
+
+
+def remove_if_empty(made: list[Path]) -> None:
+    """Remove the folders probe() created (deepest first) that are still empty: a run that stopped
+    before writing anything leaves no folder behind."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote there) or already gone
+            return
+
+
+def entries(out: Path) -> set[str]:
+    """Names at the top of the folder, without the lock and probe of the process looking."""
+    return {p.name for p in out.iterdir()} - {LOCK, PROBE} if out.is_dir() else set()
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path}: unreadable ({err}); it marks the folder as a slimtune run: restore it, "
+                             "or choose another train.output_dir") from None
+    if not isinstance(data, dict) or not isinstance(data.get("writes"), list):
+        raise RunFolderError(f"{path}: not a slimtune run manifest (no 'writes' list); choose another "
+                             "train.output_dir")
+    return data
+
+
+def write_manifest(out: Path, created_folder: bool, user_files: set[str]) -> None:
+    """Mark the folder as a run: what slimtune writes here, and which files were the user's."""
+    tree = {"slimtune_run": 1, "created_folder": created_folder, "writes": WRITES, "user_files": sorted(user_files)}
+    tmp = out / f"{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(tree, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+
+
+def own(out: Path, manifest: dict) -> list[str]:
+    """The names in the folder that slimtune wrote there, per its manifest."""
+    keep = set(manifest.get("user_files") or [])
+    patterns = [str(p) for p in manifest["writes"]]
+    return sorted(n for n in entries(out) if n not in keep and any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def remove_own(out: Path, manifest: dict, protect: list[Path], log=print) -> list[str]:
+    """Delete what slimtune wrote (not the manifest, rewritten by the caller), never an entry that is or
+    holds a protected path (the working directory, the config, the data). Returns the names removed."""
+    guard = [Path(p).resolve() for p in protect]
+    gone = []
+    for name in own(out, manifest):
+        path = (out / name).resolve()
+        if name == MANIFEST:
+            continue
+        held = [g for g in guard if g == path or path in g.parents]
+        if held:
+            log(f"kept {out / name}: it holds {held[0]}, which this run reads")
+            continue
+        aside = out / f"{OLD}{os.getpid()}-{name}" if not name.startswith(OLD) else out / name
+        os.rename(out / name, aside)  # atomic: a kill leaves a .slimtune-old-* name, not half of a checkpoint
+        gone.append(name)
+    for name in entries(out):
+        if name.startswith(OLD):
+            _delete(out / name)
+    return gone
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class Lock:
+    """One process per run folder: an flock on .slimtune-lock holding the PID. The kernel drops the flock
+    when its process dies, however it dies, so a lock left by a killed run is taken over (with a line
+    saying so) and a live one is refused, naming its PID."""
+
+    def __init__(self, out: Path, log=print):
+        self.path, self.log, self.fd = Path(out) / LOCK, log, None
+
+    def __enter__(self) -> Lock:
+        import fcntl
+
+        for _ in range(5):  # the holder may unlink the file between our open and flock: open the new one
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunFolderError(f"train.output_dir: {self.path.parent} is in use by another slimtune process "
+                                     f"(PID {_pid(self.path) or 'unknown'}, in {self.path}); wait for it to finish "
+                                     "or stop it, or choose another folder") from None
+            if self.path.exists() and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                break
+            os.close(fd)
+        else:  # pragma: no cover - five races in a row
+            raise RunFolderError(f"train.output_dir: could not take {self.path}; another process keeps replacing it")
+        self.fd, old = fd, _pid(self.path)
+        if old not in (None, os.getpid()):
+            self.log(f"{self.path.parent}: took over the lock of PID {old}, which is no longer running "
+                     "(a run killed there)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still held: no other process can be between open and flock
+        os.close(self.fd)
+        self.fd = None
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def adopt(out: Path) -> None:
+    """Mark a run folder written before manifests existed, on --resume: its files with slimtune's names
+    are the run's, every other one the user's."""
+    if read_manifest(out) is None:
+        user = {n for n in entries(out) if not any(fnmatch.fnmatchcase(n, p) for p in WRITES)}
+        write_manifest(out, False, user)
