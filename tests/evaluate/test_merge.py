@@ -184,4 +184,48 @@ def test_bf16_merge_and_refusals(runs, tmp_path, capsys):
 
     assert {t.dtype for t in load_file(tmp_path / "m16" / "model.safetensors").values()} == {torch.bfloat16}
     assert cli.main(["merge", str(run), "--output", str(run)]) == 2  # never into a run folder
-    assert "holds a training run" in capsys.readouterr().err
+    assert f"merge --output {run} is, holds, or is inside the run folder" in capsys.readouterr().err
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_outputs_that_would_overwrite_what_it_reads(runs, tmp_path, capsys):
+    """The issue's case: merging into the base model's own folder overwrote model.safetensors, and the
+    run's eval loss then moved, the adapter being applied to an already-merged base."""
+    run, _, _, model_dir = runs["lora-llama-auto"]
+    base, trained = _files(model_dir), _files(run)
+    step = next((run / "checkpoints").iterdir())
+    cases = [(run, model_dir, "is, holds, or is inside the base model"),
+             (run, model_dir / "merged", "is, holds, or is inside the base model"),
+             (run, model_dir.parent, "is, holds, or is inside the base model"),  # holds it
+             (run, run / "merged", "is, holds, or is inside the run folder"),
+             (step, run, "is, holds, or is inside the run folder")]  # a checkpoint's own run
+    for folder, output, message in cases:
+        assert cli.main(["merge", str(folder), "--output", str(output), "--overwrite"]) == 2, output
+        err = capsys.readouterr().err
+        assert f"slimtune merge: error: merge --output {output} {message}" in err, err
+    assert _files(model_dir) == base and _files(run) == trained  # not one byte changed
+    assert not (model_dir / "merged").exists() and not (run / "merged").exists()
+
+
+def test_merge_into_a_non_empty_folder_needs_overwrite_and_replaces_atomically(runs, tmp_path, capsys):
+    run = runs["lora-llama-auto"][0]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces a model folder only
+        assert cli.main(["merge", str(run), "--output", str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert ("holds files but no merged model (config.json)" if extra else "not empty; pass --overwrite") in err
+    assert _files(mine) == {"notes.txt": b"mine"}
+    out = tmp_path / "merged"
+    assert cli.main(["merge", str(run), "--output", str(out)]) == 0
+    (out / "model.safetensors").write_bytes(b"stale")  # an older merge
+    assert cli.main(["merge", str(run), "--output", str(out)]) == 2
+    assert f"merge --output {out} is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"stale"
+    assert cli.main(["merge", str(run), "--output", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]  # no .tmp-/.old- sibling left
