@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
     t.add_argument("--model", help="same as model.path=...")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
+                   "(only the files slimtune wrote there are removed)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
                    "train.output_dir (same as train.resume=auto)")

@@ -125,6 +125,9 @@ def test_overwrite_removes_only_slimtune_files(finished, capsys):
     assert (run / "src" / "main.py").is_file()
     assert "removed the earlier run's" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]  # the folder was slimtune's
+    manifest = runfolder.read_manifest(run)  # it names everything train wrote: nothing escapes --overwrite
+    assert set(runfolder.own(run, manifest)) | {"my_notes.txt", "src"} == runfolder.entries(run)
+    assert {"adapter_model.safetensors", "metrics.jsonl", "eval", "README.md"} <= set(runfolder.own(run, manifest))
     assert not list(run.glob(runfolder.OLD + "*"))
 
 

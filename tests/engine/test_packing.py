@@ -64,7 +64,7 @@ def test_stopped_packed_run_resumes_bit_identically(tmp_path, tiny_model_dir, pa
 
     cfg = _config(tmp_path, tiny_model_dir, "run")
     monkeypatch.setattr(loop, "step", signalled_step)
-    assert cli.main(["train", str(cfg), "--no-progress"]) == 0
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 143  # stopped by SIGTERM, not finished
     monkeypatch.setattr(loop, "step", real)
     run = tmp_path / "run"
     assert [p.name for p in (run / checkpoint.ROOT).iterdir()] == ["step-000004"]
