@@ -16,8 +16,8 @@ from .engine import checkpoint, memory, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
-from .evaluate.report import in_training
 from .engine.runfolder import RunFolderError
+from .evaluate.report import in_training
 from .export.parts import PARTS
 from .export.peft_format import read_config, save
 from .methods.quant import quantization_config

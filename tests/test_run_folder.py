@@ -58,7 +58,8 @@ def test_project_folder_survives_resume_and_overwrite(tmp_path, tiny_model_dir, 
     (proj / "config.yaml").write_text(yaml.safe_dump(tree))
     _user_files(proj)
     before = _snapshot(proj)
-    for flag, message in (("--resume", f"train.output_dir: {proj} has no complete checkpoint in {proj / 'checkpoints'}"),
+    no_checkpoint = f"train.output_dir: {proj} has no complete checkpoint in {proj / 'checkpoints'}"
+    for flag, message in (("--resume", no_checkpoint),
                           ("--overwrite", f"train.output_dir: {proj} already holds files that are not a slimtune run"),
                           ("--no-progress", "already holds files that are not a slimtune run")):
         assert cli.main(["train", str(proj / "config.yaml"), flag]) == 2, flag
@@ -261,7 +262,7 @@ def test_an_unwritable_output_folder_is_one_line_before_the_data_are_encoded(tmp
 
     real_open = os.open
 
-    def read_only(path, *args, **kwargs):  # as a read-only folder answers (tests may run as root, which chmod can't stop)
+    def read_only(path, *args, **kwargs):  # as a read-only folder answers (root, running tests, ignores chmod)
         if Path(path).name == runfolder.PROBE:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)

@@ -11,6 +11,7 @@ never a half-deleted checkpoint that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import json
@@ -49,7 +50,8 @@ def probe(out: Path) -> list[Path]:
             os.close(fd)
         path.unlink()
     except OSError as err:
-        path.unlink(missing_ok=True) if out.is_dir() else None
+        with contextlib.suppress(OSError):  # a probe half-written to a full disk
+            path.unlink(missing_ok=True)
         remove_if_empty(made)
         raise RunFolderError(f"train.output_dir: cannot write to {err.filename or out}: {_cause(err)}; "
                              "choose a folder you can write to (train.output_dir=...)" +
