@@ -66,7 +66,7 @@ def _prepare_output(out: Path, cfg, manifest: dict | None, created: bool, protec
     """A fresh run removes what an earlier run wrote here (its own files, never the user's), then marks the
     folder as a run and writes its config.yaml, so a killed run is known for what it is."""
     if manifest is not None:
-        gone = runfolder.remove_own(out, manifest, protect, log)
+        gone = runfolder.remove_own(out, manifest, protect)
         if gone:
             log(f"removed the earlier run's {', '.join(gone)} from {out}; other files there were kept")
         created = bool(manifest.get("created_folder"))

@@ -117,26 +117,26 @@ def own(out: Path, manifest: dict) -> list[str]:
     return sorted(n for n in entries(out) if n not in keep and any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
-def remove_own(out: Path, manifest: dict, protect: list[Path], log=print) -> list[str]:
-    """Delete what slimtune wrote (not the manifest, rewritten by the caller), never an entry that is or
-    holds a protected path (the working directory, the config, the data). Returns the names removed."""
+def remove_own(out: Path, manifest: dict, protect: list[Path]) -> list[str]:
+    """Delete what slimtune wrote (not the manifest, which the caller rewrites). An entry that is or holds a
+    path this run reads (the working directory, the data) stops it before anything is removed; the config
+    file itself stays, as the run writes its resolved copy there. Returns the names removed."""
     guard = [Path(p).resolve() for p in protect]
-    gone = []
-    for name in own(out, manifest):
+    names = [n for n in own(out, manifest) if n != MANIFEST]
+    for name in names:
         path = (out / name).resolve()
-        if name == MANIFEST:
-            continue
-        held = [g for g in guard if g == path or path in g.parents]
+        held = [g for g in guard if path in g.parents or (g == path and name != "config.yaml")]
         if held:
-            log(f"kept {out / name}: it holds {held[0]}, which this run reads")
-            continue
-        aside = out / f"{OLD}{os.getpid()}-{name}" if not name.startswith(OLD) else out / name
+            raise RunFolderError(f"train.output_dir: --overwrite would remove {out / name}, which is or holds "
+                                 f"{held[0]} that this run reads; move it out of the run folder first")
+    names = [n for n in names if (out / n).resolve() not in guard]  # a config.yaml this run was started from
+    for name in names:
+        aside = out / name if name.startswith(OLD) else out / f"{OLD}{os.getpid()}-{name}"
         os.rename(out / name, aside)  # atomic: a kill leaves a .slimtune-old-* name, not half of a checkpoint
-        gone.append(name)
     for name in entries(out):
         if name.startswith(OLD):
             _delete(out / name)
-    return gone
+    return names
 
 
 def _delete(path: Path) -> None:
