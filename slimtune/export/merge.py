@@ -189,7 +189,8 @@ def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Put the checked folder in place: the old model is renamed aside first and deleted only after, so
-    a kill leaves the old model or the new one at --output, never half of each."""
+    a kill leaves the old model or the new one (or the old one beside it, as .NAME.old-PID), never half
+    of each."""
     out = out.resolve()
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.is_dir() and not any(out.iterdir()):
@@ -197,7 +198,9 @@ def _replace(tmp: Path, out: Path) -> None:
     elif out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    for kind in ("tmp", "old"):  # this merge's, and those of merges killed here
+        for left in out.parent.glob(f".{out.name}.{kind}-*"):
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print, overwrite: bool = False) -> dict:

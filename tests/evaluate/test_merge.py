@@ -226,6 +226,7 @@ def test_merge_into_a_non_empty_folder_needs_overwrite_and_replaces_atomically(r
     assert cli.main(["merge", str(run), "--output", str(out)]) == 2
     assert f"merge --output {out} is not empty; pass --overwrite" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == b"stale"
+    (tmp_path / ".merged.tmp-4242").mkdir()  # a merge killed while writing
     assert cli.main(["merge", str(run), "--output", str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() != b"stale"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]  # no .tmp-/.old- sibling left
