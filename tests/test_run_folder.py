@@ -148,6 +148,16 @@ def test_overwrite_never_removes_what_the_run_reads(tmp_path, tiny_model_dir, ca
         == [1, 2]
 
 
+def test_a_manifest_claiming_every_file_removes_only_slimtune_names(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    (out / runfolder.MANIFEST).write_text(json.dumps({"writes": ["*", "metrics.jsonl"], "user_files": []}))
+    assert runfolder.remove_own(out, runfolder.read_manifest(out), []) == ["metrics.jsonl"]
+    assert sorted(runfolder.entries(out)) == [runfolder.MANIFEST, "notes.txt"]
+
+
 def test_a_failed_check_writes_nothing(tmp_path, tiny_model_dir, capsys):
     cfg = _run(tmp_path, tiny_model_dir)
     assert cli.main(["train", str(cfg), "method.target_modules=qkv_proj", "--no-progress"]) == 2

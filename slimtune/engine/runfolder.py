@@ -25,7 +25,7 @@ MANIFEST, LOCK, PROBE, OLD = ".slimtune-run.json", ".slimtune-lock", ".slimtune-
 # everything `slimtune train` writes at the top of its output folder (peft's save_pretrained adds README.md)
 WRITES = ["config.yaml", "metrics.jsonl", "skipped_records.jsonl", "checkpoints", "eval", "adapter_config.json",
           "adapter_model.safetensors", "slimtune_parts.safetensors", "README.md", "events.out.tfevents.*",
-          MANIFEST, OLD + "*"]
+          MANIFEST, MANIFEST + ".tmp-*", OLD + "*"]
 # a fresh run's folder before its first step: a run stopped there (a failed check, a kill) left nothing else
 STARTED = {MANIFEST, "config.yaml"}
 
@@ -65,7 +65,7 @@ def _cause(err: OSError) -> str:
 
 def environment_error(err: OSError, out: Path) -> RunFolderError | None:
     """One line for an OSError the machine caused mid-run (a full disk, a folder made read-only), else None."""
-    inside = err.filename is None or Path(out).resolve() in Path(err.filename).resolve().parents
+    inside = err.filename is None or Path(out).resolve() in Path(str(err.filename)).resolve().parents
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or (inside and err.errno in (errno.EACCES, errno.EPERM)):
         return RunFolderError(f"writing {err.filename or out} failed: {_cause(err)}; the newest complete checkpoint "
                               "is intact: free space or fix the folder, then `slimtune train CONFIG --resume`")
@@ -111,9 +111,10 @@ def write_manifest(out: Path, created_folder: bool, user_files: set[str]) -> Non
 
 
 def own(out: Path, manifest: dict) -> list[str]:
-    """The names in the folder that slimtune wrote there, per its manifest."""
+    """The names in the folder that slimtune wrote there, per its manifest. Only names this slimtune
+    writes count: a manifest edited (or shipped in a downloaded folder) to say "*" deletes nothing more."""
     keep = set(manifest.get("user_files") or [])
-    patterns = [str(p) for p in manifest["writes"]]
+    patterns = [p for p in manifest["writes"] if p in WRITES]
     return sorted(n for n in entries(out) if n not in keep and any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
