@@ -118,6 +118,15 @@ def test_resume_with_no_checkpoint_is_an_error_naming_the_folder(finished, capsy
     assert (run / "metrics.jsonl").is_file() and (run / "my_notes.txt").is_file()
 
 
+def test_resume_adopts_a_run_written_before_manifests(finished, capsys):
+    cfg, run = finished
+    (run / runfolder.MANIFEST).unlink()  # as slimtune wrote run folders before this change
+    assert cli.main(["train", str(cfg), "--overwrite", "--no-progress"]) == 2  # not provably slimtune's
+    assert "not a slimtune run" in capsys.readouterr().err
+    assert cli.main(["train", str(cfg), "--resume", "--no-progress"]) == 0  # resuming deletes nothing
+    assert runfolder.read_manifest(run)["user_files"] == ["my_notes.txt", "src"]
+
+
 def test_overwrite_removes_only_slimtune_files(finished, capsys):
     cfg, run = finished
     (run / "checkpoints" / "mine.txt").write_text("a user file inside a folder slimtune made")
