@@ -23,7 +23,8 @@ from .export.peft_format import read_config, save
 from .methods.quant import quantization_config
 
 
-def _check_output(out: Path, cfg, overwrite: bool, resume: bool, log=print) -> tuple[Path | None, dict | None]:
+def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
+                  log=print) -> tuple[Path | None, dict | None]:
     """(the checkpoint to resume from, or None for a fresh run; the manifest of the run whose own files a
     fresh start removes). Refuses, before anything is loaded, to mix two runs in one folder or to touch a
     folder slimtune did not write: a folder holding files needs --overwrite, or --resume with the same config."""
@@ -39,6 +40,7 @@ def _check_output(out: Path, cfg, overwrite: bool, resume: bool, log=print) -> t
         raise FileExistsError(f"train.output_dir: {out} already holds files that are not a slimtune run (no "
                               f"{runfolder.MANIFEST}); slimtune deletes only what it wrote: choose another folder")
     if overwrite:
+        runfolder.doomed(out, manifest, keep)  # refuses here, before anything loads, to remove what the run reads
         return None, manifest
     raise FileExistsError(f"train.output_dir: {out} already holds files; choose another folder, pass --resume "
                           "to continue that run, or --overwrite to replace it (only slimtune's own files are removed)")
@@ -149,7 +151,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
 def _run(cfg, out: Path, created: bool, keep: list[Path], overwrite: bool, resume: bool, show_progress: bool,
          log) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
-    start, manifest = _check_output(out, cfg, overwrite, resume, log)
+    start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
     device = models.pick_device(cfg.train.device)
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps

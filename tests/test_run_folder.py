@@ -141,16 +141,18 @@ def test_overwrite_removes_only_slimtune_files(finished, capsys):
     assert not list(run.glob(runfolder.OLD + "*"))
 
 
-def test_overwrite_never_removes_what_the_run_reads(tmp_path, tiny_model_dir, capsys):
+def test_overwrite_never_removes_what_the_run_reads(tmp_path, tiny_model_dir, monkeypatch, capsys):
     cfg = _run(tmp_path, tiny_model_dir)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     data = write_jsonl(run / "eval" / "data.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(8)])
     before = _snapshot(run)
+    monkeypatch.setattr(train, "build", _never_encode)  # refused before the slow work
     assert cli.main(["train", str(cfg), f"data.train={data}", "--overwrite", "--no-progress"]) == 2
     assert f"train.output_dir: --overwrite would remove {run / 'eval'}, which is or holds {data} that this run " \
         "reads; move it out of the run folder first" in capsys.readouterr().err
     assert _snapshot(run) == before
+    monkeypatch.undo()
     # the run's own config.yaml, given as the config: read, then rewritten with the same settings
     assert cli.main(["train", str(run / "config.yaml"), "--overwrite", "--no-progress"]) == 0
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r] \

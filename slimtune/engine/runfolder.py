@@ -118,10 +118,10 @@ def own(out: Path, manifest: dict) -> list[str]:
     return sorted(n for n in entries(out) if n not in keep and any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
-def remove_own(out: Path, manifest: dict, protect: list[Path]) -> list[str]:
-    """Delete what slimtune wrote (not the manifest, which the caller rewrites). An entry that is or holds a
-    path this run reads (the working directory, the data) stops it before anything is removed; the config
-    file itself stays, as the run writes its resolved copy there. Returns the names removed."""
+def doomed(out: Path, manifest: dict, protect: list[Path]) -> list[str]:
+    """What a fresh start removes: what slimtune wrote, not the manifest (the caller rewrites it). An entry
+    that is or holds a path this run reads (the working directory, the data) is an error; the config file
+    itself stays, as the run writes its resolved copy there."""
     guard = [Path(p).resolve() for p in protect]
     names = [n for n in own(out, manifest) if n != MANIFEST]
     for name in names:
@@ -130,7 +130,12 @@ def remove_own(out: Path, manifest: dict, protect: list[Path]) -> list[str]:
         if held:
             raise RunFolderError(f"train.output_dir: --overwrite would remove {out / name}, which is or holds "
                                  f"{held[0]} that this run reads; move it out of the run folder first")
-    names = [n for n in names if (out / n).resolve() not in guard]  # a config.yaml this run was started from
+    return [n for n in names if (out / n).resolve() not in guard]  # a config.yaml this run was started from
+
+
+def remove_own(out: Path, manifest: dict, protect: list[Path]) -> list[str]:
+    """Delete what `doomed` lists; returns the names removed."""
+    names = doomed(out, manifest, protect)
     for name in names:
         aside = out / name if name.startswith(OLD) else out / f"{OLD}{os.getpid()}-{name}"
         os.rename(out / name, aside)  # atomic: a kill leaves a .slimtune-old-* name, not half of a checkpoint
