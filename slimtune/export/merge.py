@@ -46,12 +46,12 @@ class MergeError(ValueError):
     """The merged model differs from the trained one by more than the dtype's rounding allows."""
 
 
-def _load_fp32(folder: Path):
+def _load_fp32(folder: Path, trust_remote_code: bool = False):
     """(trained model, tokenizer, config), base in fp32 on the CPU whatever the run trained in: a qlora
     run's base is loaded unquantized, and bf16 runs are merged at full precision before any cast."""
     from .peft_format import load_run
 
-    return load_run(folder, "cpu", quantized=False, dtype="fp32")
+    return load_run(folder, "cpu", quantized=False, dtype="fp32", trust_remote_code=trust_remote_code)
 
 
 def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:
@@ -134,9 +134,18 @@ def jinja_template(name: str, tokenizer) -> str:
     )
 
 
-def _write(model, tokenizer, cfg, out: Path, dtype: str) -> None:
+def _drop_custom_code(model, tokenizer) -> None:
+    """Without --trust-remote-code the model ran on transformers' own classes: the merged folder names no
+    custom code (an auto_map left in would point at .py files that are not copied)."""
+    model.config.__dict__.pop("auto_map", None)
+    tokenizer.init_kwargs.pop("auto_map", None)
+
+
+def _write(model, tokenizer, cfg, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
     from ..evaluate.generate import stop_ids
 
+    if not trust_remote_code:
+        _drop_custom_code(model, tokenizer)
     model.to(DTYPES[dtype])
     gen_cfg = model.generation_config
     stops = stop_ids(cfg.data.template, tokenizer)
@@ -158,15 +167,18 @@ def _check(diff: float, scale: float, dtype: str, what: str) -> None:
                          "reproduce the trained one" + (": try --dtype bf16 or fp32" if dtype == "fp16" else ""))
 
 
-def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print) -> dict:
+def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print,
+          trust_remote_code: bool = False) -> dict:
     """Write the merged model folder; returns the measured differences (max |logit diff| vs the
-    adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back)."""
+    adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back).
+    trust_remote_code: the user's own flag; only with it does the model folder's own Python run, and
+    only then is it copied into the output."""
     from transformers import AutoModelForCausalLM
 
     folder, out = Path(folder), Path(output)
     if (out / "config.yaml").exists() or (out / "adapter_config.json").exists():
         raise FileExistsError(f"{out} holds a training run; give merge another --output folder")
-    model, tokenizer, cfg = _load_fp32(folder)
+    model, tokenizer, cfg = _load_fp32(folder, trust_remote_code)
     if is_peft(model) and model.active_peft_config.is_prompt_learning:
         raise MethodError(f"method {cfg.method.name} adds virtual tokens at run time; there are no weights "
                           "to merge into the base: load the adapter with peft instead")
@@ -180,10 +192,12 @@ def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print
     log(f"merge check on {where}: merged vs adapter model max |logit diff| = {merge_diff:.2e} in fp32 "
         f"(largest |logit| {scale:.1f}, tolerance {TOLERANCE['fp32'] * max(scale, 1):.1e})")
     _check(merge_diff, scale, "fp32", "merge")
-    _write(model, tokenizer, cfg, out, dtype)
+    _write(model, tokenizer, cfg, out, dtype, trust_remote_code)
     del model
     gc.collect()
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).eval()
+    # trust_remote_code said outright: left unset, transformers asks [y/N] on a folder with custom code
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code).eval()
     saved_diff = float((real_logits(saved, batch) - before).abs().max())
     log(f"saved {out} ({cfg.method.name}, {dtype}) loaded back: max |logit diff| = {saved_diff:.2e} vs the "
         f"fp32 adapter model (tolerance {TOLERANCE[dtype] * max(scale, 1):.1e})")
