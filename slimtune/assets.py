@@ -40,7 +40,7 @@ def embedded_gguf() -> Path:
 
 def embedded_folder() -> Path:
     """Where the converted embedded model lives (or will): a path of this machine, so a run records the
-    name "embedded" instead (models.load)."""
+    name "embedded" instead (models.portable_name)."""
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 

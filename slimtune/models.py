@@ -62,19 +62,23 @@ def portable_name(path: str) -> str:
     return EMBEDDED if path == EMBEDDED or Path(path).expanduser().resolve() == embedded_folder().resolve() else path
 
 
+def _json(path: Path) -> dict:
+    """A JSON object file, or {} when absent or unreadable (transformers names the file when it loads it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def custom_code(folder: Path) -> list[str]:
     """Where a model folder names its own Python: one 'FILE: auto_map -> module.Class' per file."""
     found = []
     for name in ("config.json", "tokenizer_config.json"):
-        path = Path(folder) / name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, ValueError):
-            continue  # unreadable or not JSON: transformers names the file when it loads it
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        auto_map = _json(Path(folder) / name).get("auto_map")
         if auto_map and isinstance(auto_map, dict):
             refs = {str(r) for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if r}
-            found.append(f"{path}: auto_map -> {', '.join(sorted(refs))}")
+            found.append(f"{Path(folder) / name}: auto_map -> {', '.join(sorted(refs))}")
     return found
 
 
@@ -87,7 +91,7 @@ def check_code(p: Path, trust_remote_code: bool) -> None:
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = json.loads((p / "config.json").read_text(encoding="utf-8")).get("model_type")
+    model_type = _json(p / "config.json").get("model_type")
     if model_type in CONFIG_MAPPING:
         warnings.warn(f"{found[0]}: not run; transformers' own {model_type!r} code loads this model ({TRUST_HINT} "
                       "and want it instead)", stacklevel=3)
@@ -110,7 +114,8 @@ def pickle_refused(file: Path, err: Exception, advice: str = CONVERT) -> str:
 
 def _bad_pickle(p: Path) -> Path:
     """The pickled weight file a refused load came from (the folder itself when none fails alone)."""
-    files = [f for pattern in ("*.bin", "*.pt", "*.pth") for f in sorted(p.glob(pattern))] if p.is_dir() else [p]
+    # transformers reads pytorch_model.bin or its shards; other pickles in the folder are not weights
+    files = (sorted(p.glob("pytorch_model*.bin")) or sorted(p.glob("*.bin"))) if p.is_dir() else [p]
     if len(files) == 1:
         return files[0]
     for f in files:
