@@ -10,7 +10,7 @@ import contextlib
 import json
 import pickle
 import re
-import warnings
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ EMBEDDED = "embedded"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TRUST_HINT = ("pass --trust-remote-code (or set model.trust_remote_code: true in the config you train with) "
               "if you trust that code")
+_NOTED: set[str] = set()
 CONVERT = "convert it to safetensors where you trust its source (load it there, save_pretrained writes safetensors)"
 
 
@@ -93,8 +94,11 @@ def check_code(p: Path, trust_remote_code: bool) -> None:
 
     model_type = _json(p / "config.json").get("model_type")
     if model_type in CONFIG_MAPPING:
-        warnings.warn(f"{found[0]}: not run; transformers' own {model_type!r} code loads this model ({TRUST_HINT} "
-                      "and want it instead)", stacklevel=3)
+        note = (f"warning: {found[0]}: not run; transformers' own {model_type!r} code loads this model instead "
+                "(to run the folder's code, pass --trust-remote-code if you trust it)")
+        if note not in _NOTED:  # once, though the tokenizer and the model are loaded apart
+            _NOTED.add(note)
+            print(note, file=sys.stderr)
         return
     raise UnsafeFileError(f"{'; '.join(found)}: model_type {model_type!r} exists only as this folder's own Python, "
                           f"which slimtune runs only when you ask: {TRUST_HINT}")

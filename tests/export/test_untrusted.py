@@ -124,13 +124,16 @@ def test_the_users_flag_is_honoured(name, tmp_path, run, tiny_model_dir, no_inpu
         assert "auto_map" in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
-def test_merge_without_flag_copies_no_code(tmp_path, run, tiny_model_dir, no_input):
+def test_merge_without_flag_copies_no_code(tmp_path, run, tiny_model_dir, no_input, capsys):
     """A folder of a known architecture that also names custom code (as many hub folders do): without the
     flag transformers' own class loads it, the code never runs, and the output names no .py."""
     model_dir, marker = custom_model(tmp_path, tiny_model_dir, model_type="llama")
     folder = downloaded_run(tmp_path, run, model_dir, trust=False)
-    with pytest.warns(UserWarning, match=r"config.json: auto_map -> .*not run; transformers' own 'llama'"):
-        assert cli.main(command("merge", folder, tmp_path)) == 0
+    assert cli.main(command("merge", folder, tmp_path)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert notes == [f"warning: {model_dir / 'config.json'}: auto_map -> custom.MarkerConfig, "
+                     "custom.MarkerForCausalLM: not run; transformers' own 'llama' code loads this model instead "
+                     "(to run the folder's code, pass --trust-remote-code if you trust it)"]
     merged = tmp_path / "merged"
     assert not marker.exists() and not list(merged.glob("*.py"))
     assert "auto_map" not in json.loads((merged / "config.json").read_text())
