@@ -38,9 +38,15 @@ def embedded_gguf() -> Path:
     return path
 
 
+def embedded_folder() -> Path:
+    """Where the converted embedded model lives (or will): a path of this machine, so a run records the
+    name "embedded" instead (models.portable_name)."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
 def embedded_model_dir() -> Path:
     """A safetensors folder of the embedded model, converted from the GGUF file on first use."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    target = embedded_folder()
     if (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf()

@@ -11,6 +11,8 @@ from pathlib import Path
 from . import config as config_mod
 
 EPILOG = "Config overrides use dotted names: slimtune train cfg.yaml train.lr=2e-4 method.r=16"
+TRUST_HELP = ("run the model folder's own Python (auto_map in its config.json); only when you trust it. A run "
+              "folder's config.yaml never switches this on")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--max-len", type=int, default=100_000)
     i.add_argument("--system", default="", help="default system prompt")
     i.add_argument("--train-on-prompt", action="store_true")
-    i.add_argument("--trust-remote-code", action="store_true")
+    i.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     for name, help_ in (("chat", "chat with a trained run, same template as training"),
                         ("generate", "batched answers for a file of prompts")):
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
         g.add_argument("--seed", type=int, help="with --sample: the same seed gives the same answers")
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
         if name == "generate":
             g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
             g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tg = sub.add_parser("targets", help="list a model's Linear/Conv1D modules (LoRA targets), shapes, counts")
     tg.add_argument("model", help="model folder (config.json is enough), .gguf file, or 'embedded'")
-    tg.add_argument("--trust-remote-code", action="store_true")
+    tg.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     pc = sub.add_parser("params", help="trainable / total parameters of a config's method, from config.json "
                                        "alone (built on the meta device, no weights loaded)")
@@ -79,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     mg.add_argument("--overwrite", action="store_true", help="replace the merged model already in --output")
+    mg.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP + " (and copies it into the output "
+                    "only then)")
 
     ev = sub.add_parser("eval", help="loss and perplexity on the answer tokens of a test set; with --generate "
                                      "also EM, F1, BLEU-4, ROUGE (and --extraction item-set P/R/F1)")
@@ -98,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-len", type=int, default=0, help="tokens per record (default: the run's data.max_len)")
     ev.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
@@ -176,7 +182,7 @@ def _load_for_inference(args):
     from .models import pick_device
 
     device = pick_device(args.device)
-    model, tokenizer, cfg = load_run(args.folder, device)
+    model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
     return model, tokenizer, cfg, device
 
 
@@ -309,14 +315,15 @@ def cmd_eval(args) -> int:
     eval_main(args.folder, args.data, base=args.base, template=args.template or "auto", output=args.output,
               generate=args.generate, extraction_sep=sep if args.extraction else None,
               sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
-              device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system)
+              device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system,
+              trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def cmd_merge(args) -> int:
     from .export.merge import merge
 
-    merge(args.folder, args.output, args.dtype, overwrite=args.overwrite)
+    merge(args.folder, args.output, args.dtype, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -341,12 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     from .export.merge import MergeError
     from .methods.base import MethodError
     from .methods.targets import TargetError
+    from .models import UnsafeFileError
 
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
-            MergeError, FileNotFoundError,
+            MergeError, UnsafeFileError, FileNotFoundError,
             FileExistsError) as err:
         print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
         return 2

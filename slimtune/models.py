@@ -1,23 +1,44 @@
-"""Load a base model and its tokenizer: a transformers folder, a .gguf file, or the embedded model."""
+"""Load a base model and its tokenizer: a transformers folder, a .gguf file, or the embedded model.
+
+Model folders are untrusted input: their own Python (an `auto_map` in config.json) runs only when the
+person at the command line asks (--trust-remote-code, or the config they train with), and pickled
+weights load only as plain tensors (torch's weights_only), never running code.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EMBEDDED = "embedded"
+# owner/name, as a model hub names a repository: what users copy from a model page
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+TRUST_HINT = ("pass --trust-remote-code (or set model.trust_remote_code: true in the config you train with) "
+              "if you trust that code")
+_NOTED: set[str] = set()
+CONVERT = "convert it to safetensors where you trust its source (load it there, save_pretrained writes safetensors)"
+
+
+class UnsafeFileError(ValueError):
+    """A model, adapter or checkpoint file slimtune will not load as it is: custom code without
+    --trust-remote-code, or a pickle that holds more than plain tensors."""
 
 
 def resolve(path: str) -> Path:
     """The model location: "embedded" resolves to the converted embedded model folder."""
-    if path == "embedded":
+    if path == EMBEDDED:
         from .assets import embedded_model_dir
 
         return embedded_model_dir()
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model.path: {p} does not exist (give a transformers model folder, a .gguf "
-                                "file, or 'embedded')")
+        raise FileNotFoundError(_missing(path, p))
     if p.is_dir() and not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {p} has no config.json; it is not a transformers model folder")
     if p.is_file() and p.suffix != ".gguf":
@@ -25,12 +46,116 @@ def resolve(path: str) -> Path:
     return p
 
 
+def _missing(path: str, p: Path) -> str:
+    if not HUB_ID.fullmatch(path):
+        return f"model.path: {p} does not exist (give a transformers model folder, a .gguf file, or 'embedded')"
+    return (f"model.path: {path} does not exist here; if it is a model hub id: slimtune never downloads, it loads "
+            f"a local transformers folder, a .gguf file or 'embedded'. On a machine with network run `hf download "
+            f"{path} --local-dir DIR` (older huggingface_hub: `huggingface-cli download {path} --local-dir DIR`), "
+            "copy DIR here and give model.path=DIR")
+
+
+def portable_name(path: str) -> str:
+    """The name a run records for its base: "embedded" for the embedded model's folder (a cache path of
+    this machine, which does not exist on another), else the path as given."""
+    from .assets import embedded_folder
+
+    return EMBEDDED if path == EMBEDDED or Path(path).expanduser().resolve() == embedded_folder().resolve() else path
+
+
+def _json(path: Path) -> dict:
+    """A JSON object file, or {} when absent or unreadable (transformers names the file when it loads it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def custom_code(folder: Path) -> list[str]:
+    """Where a model folder names its own Python: one 'FILE: auto_map -> module.Class' per file."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        auto_map = _json(Path(folder) / name).get("auto_map")
+        if auto_map and isinstance(auto_map, dict):
+            refs = {str(r) for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if r}
+            found.append(f"{Path(folder) / name}: auto_map -> {', '.join(sorted(refs))}")
+    return found
+
+
+def check_code(p: Path, trust_remote_code: bool) -> None:
+    """Refuse a folder whose model exists only as its own Python, unless trusted. Where transformers has
+    the architecture itself (many hub folders keep an auto_map from before it did), its code loads the
+    model and the folder's is never run: a warning says so."""
+    found = [] if trust_remote_code or not p.is_dir() else custom_code(p)
+    if not found:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = _json(p / "config.json").get("model_type")
+    if model_type in CONFIG_MAPPING:
+        note = (f"warning: {found[0]}: not run; transformers' own {model_type!r} code loads this model instead "
+                "(to run the folder's code, pass --trust-remote-code if you trust it)")
+        if note not in _NOTED:  # once, though the tokenizer and the model are loaded apart
+            _NOTED.add(note)
+            print(note, file=sys.stderr)
+        return
+    raise UnsafeFileError(f"{'; '.join(found)}: model_type {model_type!r} exists only as this folder's own Python, "
+                          f"which slimtune runs only when you ask: {TRUST_HINT}")
+
+
+def pickle_refused(file: Path, err: Exception, advice: str = CONVERT) -> str:
+    """One line for a pickle that torch's weights_only load refused: what it held, and what to do (torch's
+    own text suggests weights_only=False or allowlisting, both of which would run the pickle's code)."""
+    text = str(err)
+    name = re.search(r"GLOBAL ([\w.]+)", text)
+    detail = re.search(r"WeightsUnpickler error: ([^.\n]*)", text)
+    what = (f"it calls {name.group(1)}" if name else detail.group(1) if detail else
+            (text.strip().splitlines() or [type(err).__name__])[0])
+    return (f"{file}: not plain tensors ({what}); slimtune loads a pickle only as plain tensors and never runs "
+            f"code from it: {advice}")
+
+
+def _bad_pickle(p: Path) -> Path:
+    """The pickled weight file a refused load came from (the folder itself when none fails alone)."""
+    # transformers reads pytorch_model.bin or its shards; other pickles in the folder are not weights
+    files = (sorted(p.glob("pytorch_model*.bin")) or sorted(p.glob("*.bin"))) if p.is_dir() else [p]
+    if len(files) == 1:
+        return files[0]
+    for f in files:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - any failure marks the culprit; its own error was the load's
+            return f
+    return p
+
+
+@contextlib.contextmanager
+def refusals(p: Path):
+    """transformers' and torch's refusals of an untrusted folder as one line naming the file and what to do
+    (torch's own text suggests weights_only=False, which would run the pickle's code)."""
+    try:
+        yield
+    except UnsafeFileError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(pickle_refused(_bad_pickle(p), err)) from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        where = "; ".join(custom_code(p)) or f"{p}: custom code"
+        raise UnsafeFileError(f"{where}: this model needs its folder's own Python, which slimtune runs only when "
+                              f"you ask: {TRUST_HINT}") from None
+
+
 def load_gguf(path: Path, dtype: str = "fp32"):
     """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype])
+    # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
+                                                 trust_remote_code=False)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
         # the weights are already dense, so nothing is lost.
@@ -48,11 +173,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     p = resolve(path)
     if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
     if not any((p / name).is_file() for name in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
         raise FileNotFoundError(f"model.path: {p} has no tokenizer files (expected one of "
                                 f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
-    return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    check_code(p, trust_remote_code)
+    with refusals(p):
+        return AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
 
 
 def load_config(path: str, trust_remote_code: bool = False):
@@ -61,8 +188,10 @@ def load_config(path: str, trust_remote_code: bool = False):
 
     p = resolve(path)
     if p.suffix == ".gguf":
-        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
-    return AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
+    check_code(p, trust_remote_code)
+    with refusals(p):
+        return AutoConfig.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
 
 
 def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device: str = "cpu",
@@ -77,10 +206,12 @@ def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device
             raise ValueError("model.path: a .gguf model cannot be loaded for qlora; convert it to a folder first")
         model, tokenizer = load_gguf(p, dtype)
         return model.to(device), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    check_code(p, trust_remote_code)
     extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                 **extra)
+    with refusals(p):
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code),
+                                                     **extra)
     return (model if quantization is not None else model.to(device)), tokenizer
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
+from ..models import UnsafeFileError, pickle_refused
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
 STEP = re.compile(r"step-(\d+)")
@@ -73,6 +75,7 @@ def _save_weights(model, folder: Path) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and PiSSA's is converted to fit the original base, so neither loads back into training)."""
     from .. import methods
+    from ..export.peft_format import record_portable_base
     from ..methods.base import is_peft
 
     # PiSSA's save converts against its initial adapter and then deletes it; later saves need it too
@@ -81,6 +84,7 @@ def _save_weights(model, folder: Path) -> None:
         keep = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
         shutil.copytree(init, keep, dirs_exist_ok=True)
     methods.save(model, folder)
+    record_portable_base(folder)
     if init is not None:
         model._slimtune_pissa_init = keep
     if is_peft(model):
@@ -143,7 +147,17 @@ def load(folder: Path, model) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    return torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    return _load_state(folder / STATE)
+
+
+def _load_state(path: Path) -> dict:
+    """The trainer state, as plain tensors and Python values only: a pickle holding anything else (code
+    to run) is refused with the file's name, never loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(pickle_refused(path, err, "slimtune did not write it so; delete this checkpoint folder "
+                                             "to resume from an earlier one, or start over with --overwrite")) from None
 
 
 def differences(saved: config_mod.Config, cfg: config_mod.Config) -> list[str]:

@@ -144,16 +144,19 @@ def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], reco
     return hook
 
 
-def load_model(folder: str | None, base: str | None, template: str, device: str, system: str = ""):
-    """(model, tokenizer, cfg) of a run folder, or of a base model with no adapter and the given template."""
+def load_model(folder: str | None, base: str | None, template: str, device: str, system: str = "",
+               trust_remote_code: bool = False):
+    """(model, tokenizer, cfg) of a run folder, or of a base model with no adapter and the given template;
+    the model's own code runs only with the user's trust_remote_code, never a run's config.yaml."""
     from .. import models
     from ..engine.precision import base_dtype_name
 
     if folder:
         from ..export.peft_format import load_run
 
-        return load_run(folder, device)
-    cfg = config_mod.load(None, [f"model.path={base}", f"data.template={template}", f"data.system={system}"])
+        return load_run(folder, device, trust_remote_code=trust_remote_code)
+    cfg = config_mod.load(None, [f"model.path={base}", f"data.template={template}", f"data.system={system}",
+                                 f"model.trust_remote_code={bool(trust_remote_code)}"])
     model, tokenizer = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device)
     return model.eval(), tokenizer, cfg
 
@@ -161,12 +164,12 @@ def load_model(folder: str | None, base: str | None, template: str, device: str,
 def main(folder: str | None, data: str, *, base: str | None = None, template: str = "auto",
          output: str | None = None, generate: bool = False, extraction_sep: str | None = None,
          sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu", limit: int = 0,
-         max_len: int = 0, system: str | None = None, log=print) -> Report:
+         max_len: int = 0, system: str | None = None, trust_remote_code: bool = False, log=print) -> Report:
     """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
     if bool(folder) == bool(base):
         raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")
     examples = read(data, limit=limit)
-    model, tokenizer, cfg = load_model(folder, base, template, device, system or "")
+    model, tokenizer, cfg = load_model(folder, base, template, device, system or "", trust_remote_code)
     if max_len:
         cfg.data.max_len = max_len
     if system is not None:

@@ -48,12 +48,12 @@ class MergeError(ValueError):
     """The merged model differs from the trained one by more than the dtype's rounding allows."""
 
 
-def _load_fp32(folder: Path):
+def _load_fp32(folder: Path, trust_remote_code: bool = False):
     """(trained model, tokenizer, config), base in fp32 on the CPU whatever the run trained in: a qlora
     run's base is loaded unquantized, and bf16 runs are merged at full precision before any cast."""
     from .peft_format import load_run
 
-    return load_run(folder, "cpu", quantized=False, dtype="fp32")
+    return load_run(folder, "cpu", quantized=False, dtype="fp32", trust_remote_code=trust_remote_code)
 
 
 def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:
@@ -136,9 +136,18 @@ def jinja_template(name: str, tokenizer) -> str:
     )
 
 
-def _write(model, tokenizer, cfg, out: Path, dtype: str) -> None:
+def _drop_custom_code(model, tokenizer) -> None:
+    """Without --trust-remote-code the model ran on transformers' own classes: the merged folder names no
+    custom code (an auto_map left in would point at .py files that are not copied)."""
+    model.config.__dict__.pop("auto_map", None)
+    tokenizer.init_kwargs.pop("auto_map", None)
+
+
+def _write(model, tokenizer, cfg, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
     from ..evaluate.generate import stop_ids
 
+    if not trust_remote_code:
+        _drop_custom_code(model, tokenizer)
     model.to(DTYPES[dtype])
     gen_cfg = model.generation_config
     stops = stop_ids(cfg.data.template, tokenizer)
@@ -203,17 +212,20 @@ def _replace(tmp: Path, out: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print, overwrite: bool = False) -> dict:
+def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print, overwrite: bool = False,
+          trust_remote_code: bool = False) -> dict:
     """Write the merged model folder; returns the measured differences (max |logit diff| vs the
     adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back).
-    overwrite: replace a merged model already in `output` (written beside it, then renamed into place)."""
+    overwrite: replace a merged model already in `output` (written beside it, then renamed into place).
+    trust_remote_code: the user's own flag; only with it does the model folder's own Python run, and
+    only then is it copied into the output."""
     from transformers import AutoModelForCausalLM
 
     from .peft_format import read_config
 
     folder, out = Path(folder), Path(output)
     _check_output(folder, out, read_config(folder), overwrite)
-    model, tokenizer, cfg = _load_fp32(folder)
+    model, tokenizer, cfg = _load_fp32(folder, trust_remote_code)
     if is_peft(model) and model.active_peft_config.is_prompt_learning:
         raise MethodError(f"method {cfg.method.name} adds virtual tokens at run time; there are no weights "
                           "to merge into the base: load the adapter with peft instead")
@@ -230,10 +242,12 @@ def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print
     tmp = out.resolve().with_name(f".{out.resolve().name}.tmp-{os.getpid()}")  # beside it: a rename, one disk
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(model, tokenizer, cfg, tmp, dtype)
+        _write(model, tokenizer, cfg, tmp, dtype, trust_remote_code)
         del model
         gc.collect()
-        saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        # trust_remote_code said outright: left unset, transformers asks [y/N] on a folder with custom code
+        saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code).eval()
         saved_diff = float((real_logits(saved, batch) - before).abs().max())
         del saved
         _check(saved_diff, scale, dtype, f"{out} loaded in {dtype}")

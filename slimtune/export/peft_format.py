@@ -2,10 +2,18 @@
 the resolved config.yaml and metrics.jsonl.
 
 `peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code; slimtune's
-own `load_run` reads config.yaml to find the base model and the chat template too.
+own `load_run` reads config.yaml to find the base model and the chat template too. A run on the
+embedded model records its base as "embedded" (adapter_config.json's base_model_name_or_path, and
+model.path in config.yaml), which `models.resolve` finds on any machine with slimtune; plain peft users
+load the base themselves, e.g. from `python -c "from slimtune.assets import embedded_model_dir as d; print(d())"`.
+
+A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
+running the command does, with --trust-remote-code), and pickled adapters load only as plain tensors.
 """
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 
 import yaml
@@ -20,7 +28,22 @@ def save(model, cfg, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     methods.save(model, out_dir)
+    record_portable_base(out_dir)
     (out_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+
+
+def record_portable_base(folder: Path) -> None:
+    """adapter_config.json names its base by a name that loads on other machines ("embedded", not this
+    machine's cache folder). Rewritten after peft's save, not before: peft reads the same field during
+    the save to find the base's config.json, and a name that is no local path sends it to the model hub."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    name = adapter.get("base_model_name_or_path")
+    if name and models.portable_name(name) != name:
+        adapter["base_model_name_or_path"] = models.portable_name(name)
+        path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_config(folder: Path) -> config_mod.Config:
@@ -30,27 +53,51 @@ def read_config(folder: Path) -> config_mod.Config:
     return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
-def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None):
-    """(trained model, tokenizer, config) from a run folder, in eval mode. quantized=False loads a
-    qlora run's base in full precision (for merging); dtype: the base's dtype ("fp32"...) instead of the
-    run's."""
+def check_trust(cfg: config_mod.Config, folder: Path, trust_remote_code: bool) -> None:
+    """A run trained with the model folder's own code needs the user's own --trust-remote-code: the run's
+    config.yaml may come from anywhere, so it asks but never switches it on."""
+    if not cfg.model.trust_remote_code or trust_remote_code:
+        return
+    p = models.resolve(cfg.model.path)
+    found = models.custom_code(p) if p.is_dir() else []
+    if found:
+        raise models.UnsafeFileError(f"{folder / 'config.yaml'}: model.trust_remote_code: true, and {found[0]}; "
+                                     "a run folder cannot switch on the model's own code: pass "
+                                     f"--trust-remote-code if you trust {p}")
+
+
+def _adapter(base, folder: Path):
+    """The run's trained model: peft adapter or our trained parts on the base."""
     from peft import PeftModel
 
+    from . import parts
+
+    if (folder / "adapter_config.json").is_file():
+        try:
+            return PeftModel.from_pretrained(base, folder)
+        except pickle.UnpicklingError as err:  # adapter_model.bin with more than tensors
+            raise models.UnsafeFileError(models.pickle_refused(folder / "adapter_model.bin", err)) from None
+    if (folder / parts.PARTS).is_file():
+        return parts.load(base, folder)
+    raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
+                            "finish saving")
+
+
+def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None,
+             trust_remote_code: bool = False):
+    """(trained model, tokenizer, config) from a run folder, in eval mode. quantized=False loads a
+    qlora run's base in full precision (for merging); dtype: the base's dtype ("fp32"...) instead of the
+    run's. trust_remote_code: the user's own flag; the run's config.yaml never turns it on."""
     from ..engine.precision import base_dtype_name
     from ..methods.quant import quantization_config
-    from . import parts
 
     folder = Path(folder)
     cfg = read_config(folder)
+    check_trust(cfg, folder, trust_remote_code)
+    cfg.model.trust_remote_code = bool(trust_remote_code)  # what this process allowed, for anything downstream
     quant = quantization_config(cfg.method, cfg.train.precision) if quantized else None  # as the run trained
     dtype = dtype or base_dtype_name(cfg, device)
     base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
-    if (folder / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(base, folder)
-    elif (folder / parts.PARTS).is_file():
-        model = parts.load(base, folder)
-    else:
-        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
-                                "finish saving")
+    model = _adapter(base, folder)
     model.eval()
     return model, tokenizer, cfg
