@@ -92,3 +92,22 @@ def test_no_warning_for_keys_the_method_reads(captured, capsys):
     assert config.unused(config.load(None, ["method.name=full", "method.quant_bits=8"])) == [
         "method.quant_bits=8 has no effect with method.name=full, which reads no other method.* key; remove it "
         "(perhaps it was set for another method)"]
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from conftest import write_jsonl
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    assert cli.main(["train", f"data.train={data}", "--no-progress", "train.device=cuda",
+                     f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == ("slimtune train: error: train.device=cuda (or --device cuda), but no CUDA GPU "
+                                       "is visible to torch; use cpu or auto\n")
+
+
+def test_seed_beyond_64_bits_is_one_line(capsys):
+    assert cli.main(["train", f"train.seed={2 ** 64}", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("slimtune train: error: train.seed: an integer of 65 bits is beyond 64-bit "
+                                       "integers; must be in [0, 2**63)\n")

@@ -256,3 +256,11 @@ def test_huge_finite_weights_are_divergence_not_a_bad_record(tiny_model_dir, tok
     cause = guards.likely_cause("loss", model, "fp32", 1e38, [], start)
     assert cause.startswith(f"training diverged: the trainable weights grew to max |w| 3.3e+37 from {start:.3g}")
     assert "Lower train.lr (now 1e+38)" in cause
+
+
+@pytest.mark.parametrize("item, line", [("train.lr=inf", "train.lr: must be a finite number, got inf"),
+                                        ("train.adam_eps=0", "train.adam_eps: must be positive")])
+def test_the_settings_that_trained_an_all_nan_adapter_are_refused(tmp_path, tiny_model_dir, capsys, item, line):
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir)), "--no-progress", item]) == 2
+    assert capsys.readouterr().err.startswith(f"slimtune train: error: {line}")
+    assert not (tmp_path / "run").exists()
