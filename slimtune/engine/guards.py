@@ -78,7 +78,8 @@ def likely_cause(what: str, model, precision: str, lr: float, losses: list[float
     if diverged(now, start):
         return (f"training diverged: the trainable weights grew to max |w| {now:.3g} from {start:.3g} before the "
                 f"first step, so the forward pass overflowed; the batch's records are not the cause. Lower train.lr "
-                f"(now {lr:g}), add train.warmup_steps or set train.max_grad_norm")
+                f"(now {lr:g}) or add train.warmup_steps (AdamW moves each weight by about lr per step whatever "
+                "the gradient, so train.max_grad_norm does not help)")
     if precision.startswith("fp16"):
         return ("fp16 overflow: a value in the forward pass passed fp16's maximum of 65504; use "
                 "train.precision=bf16 where the GPU has it, or fp32")
