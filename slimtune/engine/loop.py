@@ -470,7 +470,6 @@ def _new_peak_lr(run: Run, log) -> None:
     sched.base_lrs = [lr] * len(sched.base_lrs)
     for group, rule in zip(run.optimizer.param_groups, sched.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * rule(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     log(f"train.lr is {lr:g} now ({old:g} in the checkpoint): the schedule goes on from step {run.step} at the new peak")
 
 
@@ -484,9 +483,11 @@ def _final_checks(run: Run) -> None:
             "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
             "train.max_skipped_share)")
     loss = r.get("train_loss", 0.0)
-    if not math.isfinite(loss):
-        raise guards.NumericError(f"the last step's loss is {loss} (not finite), so the adapter was not saved; "
-                                  + guards.resume_advice(run.out_dir, r.get("start_max_abs"), False))
+    if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
+        raise guards.NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
+                                  "update), and a run that ends on a non-finite loss is not reported as a success: "
+                                  f"the adapter was not saved. The checkpoint {checkpoint.latest(run.out_dir)} holds "
+                                  "the finite weights before it (chat, merge and eval take that folder)")
 
 
 def _finish(run: Run, measure, logs: RunLog, log) -> None:

@@ -264,3 +264,41 @@ def test_the_settings_that_trained_an_all_nan_adapter_are_refused(tmp_path, tiny
     assert cli.main(["train", str(_config(tmp_path, tiny_model_dir)), "--no-progress", item]) == 2
     assert capsys.readouterr().err.startswith(f"slimtune train: error: {line}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_ending_on_a_nan_loss_fails_naming_the_finite_checkpoint(tmp_path, tiny_model_dir, monkeypatch,
+                                                                        capsys):
+    import slimtune.engine.loop as loop
+
+    real, calls = loop.token_loss_sum, []
+
+    def last_is_nan(model, batch, chunked=False):
+        calls.append(1)
+        s, n = real(model, batch, chunked)
+        return (s * NAN if len(calls) == 6 else s), n
+
+    monkeypatch.setattr(loop, "token_loss_sum", last_is_nan)
+    cfg = _config(tmp_path, tiny_model_dir, on_nan="skip", max_skipped_share=0.5)
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 2
+    last = tmp_path / "run" / checkpoint.ROOT / "step-000006"
+    assert capsys.readouterr().err.endswith(
+        "error: the last step's loss is nan (not finite; train.on_nan=skip skipped its update), and a run that ends on "
+        f"a non-finite loss is not reported as a success: the adapter was not saved. The checkpoint {last} holds the "
+        "finite weights before it (chat, merge and eval take that folder)\n")
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert all(bool(torch.isfinite(w).all()) for w in load_file(last / checkpoint.RAW).values())
+
+
+def test_a_nan_held_out_loss_fails_and_scores_json_stays_json(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The issue's run: "eval_loss": NaN in scores.json (not JSON) and exit 0."""
+    import slimtune.evaluate.report as report
+
+    monkeypatch.setattr(report, "eval_loss", lambda *a, **k: {"eval_loss": NAN, "eval_ppl": NAN, "eval_tokens": 9})
+    cfg = lora_run_config(tmp_path, tiny_model_dir, "run", max_steps=2)
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 2
+    scores_path = tmp_path / "run" / "eval" / "scores.json"
+    assert capsys.readouterr().err.endswith(f"error: the held-out loss after training is nan (not finite; "
+                                            f"{scores_path} says why), so the adapter was not saved\n")
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    scores = json.loads(scores_path.read_text(), parse_constant=_refuse)
+    assert scores["eval_loss"] is None and scores["null_reasons"]["eval_loss"].startswith("nan: the model's loss")
