@@ -29,14 +29,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may re-set keys: that is its job
                 continue
-            key = self.construct_object(key_node, deep=True)
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise _Duplicate(f"line {line}: {_show(key)} is given twice (first on line {seen[key]}), and "
+                                     "YAML would keep only the last; remove one")
+                seen[key] = line
             except TypeError:  # an unhashable key: SafeLoader's own error names it
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _Duplicate(f"line {key_node.start_mark.line + 1}: {_show(key)} is given twice (first on line "
-                                 f"{first}), and YAML would keep only the last; remove one")
         return super().construct_mapping(node, deep)
 
 

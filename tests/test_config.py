@@ -353,6 +353,9 @@ def test_a_duplicate_section_or_key_is_refused_naming_the_line(tmp_path):
     path = write(tmp_path, "train:\n  lr: 1e-4\n  max_steps: 3\n  lr: 2e-4\n", "b.yaml")
     with pytest.raises(ConfigError, match=r"b.yaml line 4: 'lr' is given twice \(first on line 2\)"):
         config.load(path)
+    path = write(tmp_path, "train: {lr: 1.0e-4, lr: 2.0e-4}\n", "c.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml line 1: 'lr' is given twice \(first on line 1\)"):
+        config.load(path)
 
 
 def test_yaml_merge_keys_may_reset_keys(tmp_path):

@@ -19,7 +19,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_val
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                             max_size=3), max_leaves=8)
 KEYS = st.one_of(st.sampled_from(KNOWN), st.text(max_size=15))
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=200, deadline=None, database=None,  # no .hypothesis folder left behind
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _tree(pairs: list[tuple[str, object]]) -> dict:
