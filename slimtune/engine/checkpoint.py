@@ -30,12 +30,14 @@ from .. import config as config_mod
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
 STEP = re.compile(r"step-(\d+)")
-# keys a resumed run may change: they alter what is logged or saved, never the numbers trained; and train.lr,
-# so a run that diverged can go on from its last sane checkpoint more gently (loop._new_peak_lr)
-FREE_KEYS = {"train.lr", "train.max_skipped_share", "train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
+# keys a resumed run may change: they alter what is logged or saved, never the numbers trained
+FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
              "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records",
              "train.eval_max_new_tokens", "train.eval_separator", "train.loss",
              "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope"}
+# and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
+# gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
+FREE_KEYS |= {"train.lr", "train.max_skipped_share"}
 
 
 def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int) -> Path:

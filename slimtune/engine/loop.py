@@ -470,7 +470,8 @@ def _new_peak_lr(run: Run, log) -> None:
     sched.base_lrs = [lr] * len(sched.base_lrs)
     for group, rule in zip(run.optimizer.param_groups, sched.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * rule(sched.last_epoch)
-    log(f"train.lr is {lr:g} now ({old:g} in the checkpoint): the schedule goes on from step {run.step} at the new peak")
+    log(f"train.lr is {lr:g} now ({old:g} in the checkpoint): the schedule goes on from step {run.step} at the new "
+        "peak")
 
 
 def _final_checks(run: Run) -> None:
