@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("config", nargs="?")
     es.add_argument("overrides", nargs="*")
     es.add_argument("--model", help="same as model.path=...")
-    es.add_argument("--budget", help="GPU memory available, e.g. 24GiB: says whether the run fits and what would")
+    es.add_argument("--budget", help="GPU memory available, e.g. 24 (GiB), 24GiB or 1500MiB: says whether the run "
+                    "fits and what would")
 
     mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
@@ -112,14 +113,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> config_mod.Config:
-    overrides = list(args.overrides)
-    config_path = args.config
-    if config_path and "=" in config_path and not Path(config_path).exists():
-        overrides.insert(0, config_path)  # `slimtune train a.b=c` with no config file
-        config_path = None
+    """The config from the command line; items may come in any order around the flags: the one without
+    "=" (or that names an existing file) is the YAML, the others dotted overrides. Warnings about method.*
+    keys that do nothing go to stderr."""
+    items = ([args.config] if args.config else []) + list(args.overrides)
+    files = [x for x in items if "=" not in x or Path(x).is_file()]
+    if len(files) > 1:
+        raise config_mod.ConfigError(f"two config files given ({files[0]}, {files[1]}); give one YAML file, then "
+                                     "dotted overrides such as train.lr=2e-4")
+    overrides = [x for x in items if x not in files]
     if args.model:
         overrides.append(f"model.path={args.model}")
-    return config_mod.load(config_path, overrides)
+    cfg = config_mod.load(files[0] if files else None, overrides)
+    for text in config_mod.unused(cfg):
+        print(f"slimtune {args.command}: warning: {text}", file=sys.stderr)
+    return cfg
+
+
+# subcommands whose dotted overrides may also come after a flag (`train cfg.yaml --no-progress train.lr=2e-3`):
+# argparse ends a nargs="*" positional at the first flag, so the rest arrive as unrecognized arguments
+TAKES_OVERRIDES = ("train", "params", "estimate")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    odd = [x for x in extra if args.command not in TAKES_OVERRIDES or x.startswith("-")
+           or not ("=" in x or Path(x).is_file())]
+    if odd:
+        parser.error(f"unrecognized arguments: {' '.join(odd)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
 
 
 def cmd_train(args) -> int:
@@ -350,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.targets import TargetError
     from .models import UnsafeFileError
 
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,

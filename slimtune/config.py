@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,30 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem; the message lists every problem found, one per line."""
+
+
+class _Duplicate(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one silently,
+    so a second `train:` section replaced the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may re-set keys: that is its job
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _Duplicate(f"line {line}: {_show(key)} is given twice (first on line {seen[key]}), and "
+                                     "YAML would keep only the last; remove one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+        return super().construct_mapping(node, deep)
 
 
 @dataclass
@@ -94,6 +119,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # keep the newest K checkpoints in output_dir/checkpoints (0 = all)
     resume: str = "no"  # auto: continue from the newest complete checkpoint in output_dir (as --resume) | no
     on_nan: str = "stop"  # a NaN/inf loss or gradient: stop the run | skip that step's update
+    max_skipped_share: float = 0.1  # on_nan=skip: a run that skipped more than this share of its steps fails, unsaved
 
 
 @dataclass
@@ -141,28 +167,29 @@ def _convert(text: str, tp: Any, where: str) -> Any:
             return True
         if low in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(text)}")
     if tp is int:
         try:
             return int(text)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {_show(text)}") from None
     if tp is float:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {_show(text)}") from None
     if tp is str:
         return text
     if origin is list:
         (item,) = typing.get_args(tp)
         try:
             parsed = yaml.safe_load(text) if text.strip().startswith("[") else text.split(",")
-        except yaml.YAMLError:
-            raise ConfigError(f"{where}: expected a list like a,b or [a, b], got {text!r}") from None
-        if not isinstance(parsed, list):
-            raise ConfigError(f"{where}: expected a list like a,b or [a, b], got {text!r}")
-        return [_convert(str(x).strip(), item, where) for x in parsed if str(x).strip()]
+            items = [str(x).strip() for x in parsed] if isinstance(parsed, list) else None
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: str() of a 5000-digit int
+            items = None
+        if items is None:
+            raise ConfigError(f"{where}: expected a list like a,b or [a, b], got {_show(text)}")
+        return [_convert(x, item, where) for x in items if x]
     raise ConfigError(f"{where}: cannot convert to {tp}")  # pragma: no cover - all field types handled above
 
 
@@ -170,7 +197,7 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check a YAML value against the declared type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return float(value) if value.bit_length() <= 1000 else math.inf  # float() overflows past ~1e308
     if tp is float and isinstance(value, str):  # YAML reads 2e-4 as a string
         try:
             return float(value)
@@ -180,20 +207,67 @@ def _check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
+            problems.append(f"{where}: expected a list, got {_show(value)}")
             return value
         (item,) = typing.get_args(tp)
         return [_check_value(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     expected = tp if isinstance(tp, type) else object
     if expected is not object and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-        problems.append(f"{where}: expected {expected.__name__}, got {value!r}")
+        problems.append(f"{where}: expected {expected.__name__}, got {_show(value)}")
     return value
 
 
-def _unknown(key: str, known: list[str], prefix: str) -> str:
+# Names users bring from the transformers Trainer, LLaMA-Factory and axolotl, matched by meaning: by spelling
+# alone, train.learning_rate was closest to train.eval_generate.
+ALIASES = {
+    **dict.fromkeys(("learning_rate", "lr"), "train.lr"),
+    **dict.fromkeys(("batch_size", "per_device_train_batch_size", "train_batch_size"), "train.micro_batch_size"),
+    **dict.fromkeys(("epochs", "num_train_epochs", "num_epochs", "n_epochs"), "train.epochs"),
+    **dict.fromkeys(("gradient_accumulation_steps", "gradient_accumulation", "accumulation_steps"), "train.grad_accum"),
+    **dict.fromkeys(("warmup", "warmup_ratio", "num_warmup_steps"), "train.warmup_steps"),
+    **dict.fromkeys(("lora_r", "rank", "lora_rank"), "method.r"),
+    "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
+    **dict.fromkeys(("lora_target", "lora_target_modules", "target"), "method.target_modules"),
+    **dict.fromkeys(("finetuning_type", "adapter", "peft_type", "method"), "method.name"),
+    **dict.fromkeys(("quantization_bit", "load_in_4bit", "load_in_8bit", "bits"), "method.quant_bits"),
+    **dict.fromkeys(("cutoff_len", "max_seq_length", "max_seq_len", "sequence_len", "seq_len", "max_length",
+                     "model_max_length"), "data.max_len"),
+    **dict.fromkeys(("dataset", "datasets", "train_file", "data_path", "train_data", "data_files"), "data.train"),
+    **dict.fromkeys(("eval_dataset", "validation_file", "eval_file", "val_file"), "data.eval"),
+    **dict.fromkeys(("val_set_size", "val_size", "test_size", "validation_split"), "data.eval_size"),
+    **dict.fromkeys(("system_prompt", "default_system"), "data.system"),
+    **dict.fromkeys(("chat_template", "prompt_template"), "data.template"),
+    "train_on_inputs": "data.train_on_prompt", "max_samples": "data.limit",
+    **dict.fromkeys(("model_name_or_path", "model_name", "base_model", "model_path", "model"), "model.path"),
+    "torch_dtype": "model.dtype",
+    **dict.fromkeys(("bf16", "fp16", "mixed_precision"), "train.precision"),
+    **dict.fromkeys(("lr_scheduler_type", "lr_scheduler", "scheduler_type"), "train.scheduler"),
+    "logging_steps": "train.log_every", "save_steps": "train.save_every", "eval_steps": "train.eval_every",
+    "save_total_limit": "train.keep_checkpoints", "adam_epsilon": "train.adam_eps",
+    "resume_from_checkpoint": "train.resume", "max_new_tokens": "train.eval_max_new_tokens", "seed": "train.seed",
+}
+
+
+def _suggest(key, section: str, known: list[str]) -> str | None:
+    """The dotted key (or section) meant by an unknown `key` in `section` ("" = the top level)."""
+    if not isinstance(key, str):
+        return None
+    bare = key.strip().lower().replace("-", "_")
+    if bare in ALIASES:
+        return ALIASES[bare]
+    owners = [f"{s}.{bare}" for s in _fields(Config) if bare in _fields(_hint(Config)[s])]
+    if owners:  # a key of another section, or one given at the top level (output_dir)
+        return owners[0]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(prefix + k for k in known)})"
-    return f"{prefix}{key}: unknown key{hint}"
+    return f"{section}.{close[0]}" if close and section else (close[0] if close else None)
+
+
+def _unknown(key, known: list[str], section: str) -> str:
+    """`section.key: unknown key (did you mean ...?)`, by meaning first, then by spelling."""
+    meant = _suggest(key, section, known)
+    prefix = f"{section}." if section else ""
+    hint = f" (did you mean {meant}?)" if meant else f" (known: {', '.join(prefix + k for k in known)})"
+    return f"{prefix}{key if isinstance(key, str) and key.isprintable() else _show(key)}: unknown key{hint}"
 
 
 def _fill(cfg: Config, tree: dict, source: str, problems: list[str]) -> None:
@@ -203,18 +277,18 @@ def _fill(cfg: Config, tree: dict, source: str, problems: list[str]) -> None:
         return
     for name, body in tree.items():
         if name not in sections:
-            problems.append(f"{source}: " + _unknown(str(name), list(sections), ""))
+            problems.append(f"{source}: " + _unknown(name, list(sections), ""))
             continue
         section = getattr(cfg, name)
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"{source}: {name}: expected a mapping, got {body!r}")
+            problems.append(f"{source}: {name}: expected a mapping, got {_show(body)}")
             continue
         hints = _hint(type(section))
         for key, value in body.items():
             if key not in hints:
-                problems.append(f"{source}: " + _unknown(str(key), list(hints), f"{name}."))
+                problems.append(f"{source}: " + _unknown(key, list(hints), name))
                 continue
             before = len(problems)
             value = _check_value(value, hints[key], f"{source}: {name}.{key}", problems)
@@ -231,19 +305,91 @@ def _override(cfg: Config, item: str, problems: list[str]) -> None:
     sections = _fields(Config)
     if len(parts) != 2 or parts[0] not in sections:
         known = [f"{s}.{k}" for s in sections for k in _hint(type(getattr(cfg, s)))]
-        close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        problems.append(f"override {dotted}: unknown key{hint}")
+        meant = _suggest(parts[-1], "", []) or _suggest(dotted, "", known)
+        shown = dotted if dotted.isprintable() else _show(dotted)
+        problems.append(f"override {shown}: unknown key" + (f" (did you mean {meant}?)" if meant else ""))
         return
     section = getattr(cfg, parts[0])
     hints = _hint(type(section))
     if parts[1] not in hints:
-        problems.append("override " + _unknown(parts[1], list(hints), f"{parts[0]}."))
+        problems.append("override " + _unknown(parts[1], list(hints), parts[0]))
         return
     try:
         setattr(section, parts[1], _convert(text, hints[parts[1]], f"override {dotted}"))
     except ConfigError as err:
         problems.append(str(err))
+
+
+# Every int and float field (list[int] items too) and the values it takes: an interval, or a tuple of the
+# allowed values. Ints must also fit in 64 bits (torch seeds and tensor sizes overflow past that with a
+# traceback) and floats be finite (lr=inf or adam_eps=0 trained an all-NaN adapter). A test checks that no
+# numeric field is missing here.
+RANGES: dict[str, str | tuple] = {
+    "data.eval_size": "[0, inf)", "data.max_len": "[1, inf)", "data.limit": "[0, inf)", "data.seed": "[0, 2**63)",
+    "method.r": "[1, inf)", "method.alpha": "(0, inf)", "method.dropout": "[0, 1)",
+    "method.layers_to_transform": "[0, inf)", "method.quant_bits": (4, 8), "method.trainable_layers": "[0, inf)",
+    "method.num_virtual_tokens": "[1, inf)", "method.encoder_hidden_size": "[1, inf)",
+    "train.epochs": "[0, inf)", "train.max_steps": "[0, inf)", "train.micro_batch_size": "[1, inf)",
+    "train.grad_accum": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.max_grad_norm": "[0, inf)", "train.seed": "[0, 2**63)",
+    "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
+    "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
+    "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]",
+}
+# what a value outside its range is told, where the interval alone says too little
+RANGE_TEXT = {
+    "train.max_steps": "must be >= 0 (0 = derived from train.epochs)",
+    "method.quant_bits": "must be 4 (NF4) or 8",
+    "train.adam_eps": "must be positive (fp16-pure needs >= 1e-4)",
+}
+
+
+def _inside(value, spec: str | tuple) -> bool:
+    if isinstance(spec, tuple):
+        return value in spec
+    lo, hi = ({"inf": math.inf, "2**63": 2 ** 63}.get(x) or float(x) for x in spec[1:-1].split(", "))
+    above = value > lo if spec[0] == "(" else value >= lo
+    below = value < hi if spec[-1] == ")" else value <= hi
+    return above and below
+
+
+def _range_text(dotted: str, spec: str | tuple) -> str:
+    text = {"[1, inf)": "must be at least 1", "[0, inf)": "must be >= 0", "(0, inf)": "must be positive"}
+    return RANGE_TEXT.get(dotted) or text.get(spec) or f"must be in {spec}"
+
+
+def _show(value) -> str:
+    """repr for a message, kept short: Python refuses str() of an int past 4300 digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_number(dotted: str, value, spec) -> str | None:
+    """The problem with one numeric value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{dotted}: must be a finite number, got {value}"
+    if isinstance(value, int) and value.bit_length() > 63:
+        return f"{dotted}: {_show(value)} is beyond 64-bit integers; {_range_text(dotted, spec)}"
+    if not _inside(value, spec):
+        return f"{dotted}: {_range_text(dotted, spec)}"
+    return None
+
+
+def _check_numbers(cfg: Config) -> list[str]:
+    """Every numeric field against RANGES, in field order; the first bad item of a list."""
+    problems = []
+    for section in _fields(Config):
+        for key in _hint(type(getattr(cfg, section))):
+            dotted = f"{section}.{key}"
+            if dotted not in RANGES:
+                continue
+            value = getattr(getattr(cfg, section), key)
+            bad = [p for v in (value if isinstance(value, list) else [value])
+                   if (p := _check_number(dotted, v, RANGES[dotted]))]
+            problems += bad[:1]
+    return problems
 
 
 def validate(cfg: Config) -> list[str]:
@@ -254,44 +400,30 @@ def validate(cfg: Config) -> list[str]:
         value = getattr(getattr(cfg, s), k)
         if value not in allowed:
             problems.append(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
-    positive = ["data.max_len", "train.micro_batch_size", "train.grad_accum", "train.log_every", "method.r"]
-    for dotted in positive:
-        s, k = dotted.split(".")
-        if getattr(getattr(cfg, s), k) < 1:
-            problems.append(f"{dotted}: must be at least 1")
-    if not cfg.train.lr > 0:  # also refuses nan, which float("nan") would let through
-        problems.append("train.lr: must be positive")
-    if cfg.train.max_steps < 0:
-        problems.append("train.max_steps: must be >= 0 (0 = derived from train.epochs)")
-    if cfg.train.max_steps == 0 and cfg.train.epochs <= 0:
-        problems.append("train.epochs: must be positive (or set train.max_steps)")
-    if cfg.train.warmup_steps < 0:
-        problems.append("train.warmup_steps: must be >= 0")
-    for key in ("save_every", "keep_checkpoints", "eval_every", "eval_max_records"):
-        if getattr(cfg.train, key) < 0:
-            problems.append(f"train.{key}: must be >= 0")
+    numbers = _check_numbers(cfg)
+    problems += numbers
+    if not numbers:  # rules between keys read sane numbers only
+        problems += _check_relations(cfg)
     problems += _check_eval(cfg)
-    if not 0 <= cfg.method.dropout < 1:
-        problems.append("method.dropout: must be in [0, 1)")
-    if cfg.data.eval_size < 0:
-        problems.append("data.eval_size: must be >= 0")
-    if cfg.method.quant_bits not in (4, 8):
-        problems.append("method.quant_bits: must be 4 (NF4) or 8")
-    if cfg.method.num_virtual_tokens < 1:
-        problems.append("method.num_virtual_tokens: must be at least 1")
-    if cfg.method.trainable_layers < 0:
-        problems.append("method.trainable_layers: must be >= 0")
     if cfg.train.packing in ("on", "rows") and cfg.method.name in PROMPT_METHODS:
         problems.append(f"train.packing: {cfg.train.packing} does not work with method.name={cfg.method.name}, which prepends virtual "
                         "tokens to every row (a packed row holds several records); set train.packing=auto or off")
     return problems
 
 
+def _check_relations(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.train.max_steps == 0 and cfg.train.epochs <= 0:
+        problems.append("train.epochs: must be positive (or set train.max_steps)")
+    size = cfg.data.eval_size
+    if size >= 1 and size != int(size):
+        problems.append(f"data.eval_size: {size} is neither a fraction below 1 nor a whole number of records")
+    return problems
+
+
 def _check_eval(cfg: Config) -> list[str]:
     """In-training evaluation needs held-out records, which data.eval_size=0 without data.eval leaves none of."""
     tc, problems = cfg.train, []
-    if tc.eval_max_new_tokens < 1:
-        problems.append("train.eval_max_new_tokens: must be at least 1")
     held = bool(cfg.data.eval) or cfg.data.eval_size > 0
     for key, on in (("eval_every", tc.eval_every > 0), ("eval_generate", tc.eval_generate),
                     ("eval_separator", bool(tc.eval_separator))):
@@ -299,6 +431,40 @@ def _check_eval(cfg: Config) -> list[str]:
             problems.append(f"train.{key}: there is no held-out split to evaluate on (data.eval is empty and "
                             "data.eval_size is 0); set data.eval or data.eval_size, or turn it off")
     return problems
+
+
+# The method.* fields each method reads (name aside); unused() reports a set field its method ignores.
+LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "bias", "layers_to_transform", "modules_to_save")
+METHOD_FIELDS = {
+    **dict.fromkeys(("lora", "dora", "rslora", "pissa"), LORA_FIELDS), "qlora": LORA_FIELDS + ("quant_bits",),
+    "ia3": ("target_modules", "layers_to_transform", "modules_to_save"),  # layers_to_transform: refused there
+    "full": (), "bitfit": (), "freeze": ("trainable_layers", "trainable_pattern"),
+    "prompt_tuning": ("num_virtual_tokens",), "prefix_tuning": ("num_virtual_tokens",),
+    "p_tuning": ("num_virtual_tokens", "encoder_hidden_size"),
+}
+# last parts of the feed-forward module names peft's IA3 table uses (Llama, GPT-2, NeoX, Falcon, T5, ...)
+IA3_FEEDFORWARD = {"down_proj", "fc2", "fc_out", "dense_4h_to_h", "w2", "c_proj", "wo", "mlp"}
+
+
+def unused(cfg: Config) -> list[str]:
+    """Warnings, one line each, for method.* settings that do not do what they seem to: a field set away from
+    its default that method.name never reads (often left over from another method), and ia3 given LoRA-style
+    targets, which makes IA3 scale the attention alone."""
+    m, default, out = cfg.method, MethodConfig(), []
+    reads = METHOD_FIELDS.get(m.name, ())
+    for key in _fields(MethodConfig):
+        value = getattr(m, key)
+        if key != "name" and key not in reads and value != getattr(default, key):
+            uses = ", ".join(f"method.{k}" for k in reads) or "no other method.* key"
+            out.append(f"method.{key}={_show(value)} has no effect with method.name={m.name}, which reads {uses}; "
+                       f"remove it (perhaps it was set for another method)")
+    targets = [t for t in m.target_modules if t != "all-linear" and not t.startswith("re:")]
+    if m.name == "ia3" and targets == m.target_modules and targets and \
+            not any(t.rsplit(".", 1)[-1] in IA3_FEEDFORWARD for t in targets):
+        out.append(f"method.target_modules={', '.join(targets)} with method.name=ia3: IA3 scales only these, no "
+                   "feed-forward layer among them (LoRA-style targets, perhaps left from a LoRA config); peft's ia3 "
+                   "defaults (k_proj, v_proj, down_proj on Llama-style models) apply with method.target_modules=[]")
+    return out
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -309,10 +475,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: invalid YAML: {err}") from None
+        tree = _read_yaml(p)
         _fill(cfg, tree, str(p), problems)
     for item in overrides or []:
         _override(cfg, item, problems)
@@ -320,6 +483,17 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
+
+
+def _read_yaml(p: Path):
+    try:
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except _Duplicate as err:
+        raise ConfigError(f"{p} {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # also bad dates, 5000-digit ints
+        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(err).split()) or type(err).__name__}") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
 # owner/name, as a model hub names a repository: what users copy from a model page
@@ -219,5 +221,5 @@ def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+        raise ConfigError("train.device=cuda (or --device cuda), but no CUDA GPU is visible to torch; use cpu or auto")
     return name

@@ -152,7 +152,7 @@ def test_invalid_choice(item, line):
 @pytest.mark.parametrize("item, line", [
     ("train.lr=0", "train.lr: must be positive"),
     ("train.lr=-1e-4", "train.lr: must be positive"),
-    ("train.lr=nan", "train.lr: must be positive"),
+    ("train.lr=nan", "train.lr: must be a finite number, got nan"),
     ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1"),
     ("train.grad_accum=-2", "train.grad_accum: must be at least 1"),
     ("train.log_every=0", "train.log_every: must be at least 1"),
@@ -274,3 +274,127 @@ def test_cli_bad_key_exits_2(tmp_path, capsys, no_training):
     assert code == 2 and out == ""
     assert err == (f"slimtune train: error: {path}: train.warmup: unknown key "
                    "(did you mean train.warmup_steps?)\n")
+
+
+# --- every numeric key finite and in range (issue 15 item 7) ---
+
+@pytest.mark.parametrize("item, line", [
+    ("train.lr=inf", "train.lr: must be a finite number, got inf"),
+    ("train.adam_eps=0", "train.adam_eps: must be positive (fp16-pure needs >= 1e-4)"),
+    ("train.adam_eps=-1e-8", "train.adam_eps: must be positive (fp16-pure needs >= 1e-4)"),
+    ("train.adam_eps=nan", "train.adam_eps: must be a finite number, got nan"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
+    ("train.weight_decay=nan", "train.weight_decay: must be a finite number, got nan"),
+    ("train.epochs=inf", "train.epochs: must be a finite number, got inf"),
+    ("train.epochs=nan", "train.epochs: must be a finite number, got nan"),
+    ("data.eval_size=nan", "data.eval_size: must be a finite number, got nan"),
+    ("data.eval_size=inf", "data.eval_size: must be a finite number, got inf"),
+    ("data.eval_size=2.5", "data.eval_size: 2.5 is neither a fraction below 1 nor a whole number of records"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm: must be >= 0"),
+    ("train.max_grad_norm=inf", "train.max_grad_norm: must be a finite number, got inf"),
+    ("method.alpha=0", "method.alpha: must be positive"),
+    ("method.alpha=-16", "method.alpha: must be positive"),
+    ("method.dropout=nan", "method.dropout: must be a finite number, got nan"),
+    ("method.encoder_hidden_size=0", "method.encoder_hidden_size: must be at least 1"),
+    ("method.layers_to_transform=0,-1", "method.layers_to_transform: must be >= 0"),
+    ("data.limit=-1", "data.limit: must be >= 0"),
+    ("train.max_skipped_share=1.5", "train.max_skipped_share: must be in [0, 1]"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**63)"),
+    (f"train.seed={2 ** 64}", "train.seed: an integer of 65 bits is beyond 64-bit integers; must be in [0, 2**63)"),
+    (f"data.seed={2 ** 63}", "data.seed: 9223372036854775808 is beyond 64-bit integers; must be in [0, 2**63)"),
+    (f"train.max_steps={10 ** 30}", "train.max_steps: an integer of 100 bits is beyond 64-bit integers; must be >= 0 "
+                                    "(0 = derived from train.epochs)"),
+])
+def test_every_bad_number_is_refused_naming_the_key(item, line):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert problems(err) == [line]
+
+
+def test_every_numeric_field_has_a_range():
+    import dataclasses
+
+    numeric = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.type if
+               isinstance(s.type, type) else config._hint(Config)[s.name]) if config._hint(
+               config._hint(Config)[s.name])[f.name] in (int, float, list[int])}
+    assert numeric == set(config.RANGES)
+
+
+def test_bad_numbers_in_yaml_too(tmp_path):
+    path = write(tmp_path, "train:\n  lr: .inf\n  adam_eps: 0\n  seed: 99999999999999999999999\n"
+                           "data:\n  eval_size: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert problems(err) == ["data.eval_size: must be a finite number, got nan",
+                             "train.lr: must be a finite number, got inf",
+                             "train.seed: an integer of 77 bits is beyond 64-bit integers; must be in [0, 2**63)",
+                             "train.adam_eps: must be positive (fp16-pure needs >= 1e-4)"]
+
+
+def test_huge_numbers_never_raise_a_python_error(tmp_path):
+    digits = "9" * 5000  # str() of such an int raises ValueError in Python >= 3.11
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [f"train.max_steps={digits}", f"method.layers_to_transform=[{digits}]", f"train.lr={digits}"])
+    text = str(err.value)
+    assert "train.lr: must be a finite number, got inf" in text
+    assert "override train.max_steps: expected an integer, got '99999" in text
+    assert "method.layers_to_transform: expected a list like a,b or [a, b]" in text
+    assert len(text) < 2000
+
+
+# --- config problems that raised tracebacks or passed silently (issue 15 item 14) ---
+
+def test_a_duplicate_section_or_key_is_refused_naming_the_line(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-4\nmethod:\n  r: 8\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert problems(err) == [f"{path} line 5: 'train' is given twice (first on line 1), and YAML would keep only "
+                             "the last; remove one"]
+    path = write(tmp_path, "train:\n  lr: 1e-4\n  max_steps: 3\n  lr: 2e-4\n", "b.yaml")
+    with pytest.raises(ConfigError, match=r"b.yaml line 4: 'lr' is given twice \(first on line 2\)"):
+        config.load(path)
+    path = write(tmp_path, "train: {lr: 1.0e-4, lr: 2.0e-4}\n", "c.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml line 1: 'lr' is given twice \(first on line 1\)"):
+        config.load(path)
+
+
+def test_yaml_merge_keys_may_reset_keys(tmp_path):
+    path = write(tmp_path, "train:\n  <<: {lr: 1.0e-4, max_steps: 3}\n  lr: 2.0e-4\n", "n.yaml")
+    assert config.load(path).train.lr == 2e-4
+
+
+@pytest.mark.parametrize("text", ["train:\n  output_dir: 2001-13-45\n", "train: " + "[" * 2000 + "\n",
+                                  "train:\n  seed: " + "1" * 5000 + "\n"])
+def test_yaml_the_parser_chokes_on_is_a_config_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+# --- unknown keys suggested by meaning (issue 16 item 9) ---
+
+@pytest.mark.parametrize("item, meant", [
+    ("train.learning_rate=1e-4", "train.lr"), ("train.batch_size=8", "train.micro_batch_size"),
+    ("train.num_train_epochs=3", "train.epochs"), ("train.gradient_accumulation_steps=4", "train.grad_accum"),
+    ("train.warmup_ratio=0.1", "train.warmup_steps"), ("method.lora_r=8", "method.r"),
+    ("method.rank=8", "method.r"), ("method.lora_alpha=16", "method.alpha"),
+    ("method.lora_dropout=0", "method.dropout"),
+    ("data.cutoff_len=512", "data.max_len"), ("data.max_seq_length=512", "data.max_len"),
+    ("data.dataset=x.json", "data.train"), ("model.model_name_or_path=x", "model.path"),
+    ("output_dir=runs/a", "train.output_dir"), ("learning_rate=1e-4", "train.lr"), ("train.max_len=64", "data.max_len"),
+    ("train.lora_target=q_proj", "method.target_modules"), ("train.logging_steps=5", "train.log_every"),
+])
+def test_unknown_keys_suggested_by_meaning(item, meant):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert str(err.value).endswith(f"unknown key (did you mean {meant}?)")
+
+
+def test_top_level_keys_of_other_tools_suggested_in_yaml(tmp_path):
+    path = write(tmp_path, "output_dir: runs/x\ndataset: a.json\nmodel_name_or_path: m\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert problems(err) == [f"{path}: output_dir: unknown key (did you mean train.output_dir?)",
+                             f"{path}: dataset: unknown key (did you mean data.train?)",
+                             f"{path}: model_name_or_path: unknown key (did you mean model.path?)"]

@@ -1,5 +1,8 @@
 """Numeric guards: a NaN or inf loss or gradient stops the run (or skips the step, train.on_nan=skip) with a
-message naming the step, the batch's records and the likely cause.
+message naming the step, the batch's records and the likely cause, and the last checkpoint worth resuming.
+
+Divergence is told apart from a bad record by the trainable weights themselves: with lr=1e38 the first update
+made them ~1e38 (still finite), the next forward pass overflowed, and blaming that batch's records was wrong.
 
 fp16 loss scaling is left alone: there, inf gradients are the GradScaler's normal overflow signal (it skips
 the step and lowers the scale), so only a non-finite loss counts.
@@ -7,10 +10,18 @@ the step and lowers the scale), so only a non-finite loss counts.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from . import checkpoint
 from .precision import PrecisionError
+
+# Trainable weights whose max |w| passes GROWTH x their max |w| before the first step (at least 1) have
+# diverged. Healthy runs stay far below: LoRA's A starts near 1/sqrt(width) and B at 0 and end below 1;
+# full fine-tuning moves weights by a few percent. lr=1e38 reached 3.3e37.
+GROWTH = 1e3
 
 
 class NumericError(PrecisionError):
@@ -33,12 +44,42 @@ def broken_weights(model) -> list[str]:
     return [n for _, n in sorted(names)]
 
 
-def likely_cause(what: str, model, precision: str, lr: float, losses: list[float]) -> str:
-    """A best guess at why, most specific first, with what to do."""
+def max_abs(tensors) -> float:
+    """The largest |value| over the tensors; NaN or inf as soon as one holds it."""
+    top = 0.0
+    for t in tensors:
+        if t.numel():
+            value = float(torch.linalg.vector_norm(t.detach(), math.inf))  # no |t| copy: a 1 GiB embedding stays 1 GiB
+            if not math.isfinite(value):
+                return value
+            top = max(top, value)
+    return top
+
+
+def trainable_max(model) -> float:
+    return max_abs(p for p in model.parameters() if p.requires_grad)
+
+
+def diverged(now: float, start: float | None) -> bool:
+    """Finite weights far beyond where they started (GROWTH); without a start, only non-finite ones count."""
+    if not math.isfinite(now):
+        return True
+    return start is not None and now > GROWTH * max(start, 1.0)
+
+
+def likely_cause(what: str, model, precision: str, lr: float, losses: list[float], start: float | None = None) -> str:
+    """A best guess at why, most specific first, with what to do. start: the trainable weights' max |w|
+    before the first step (trainable_max), which tells divergence from a bad record."""
     broken = broken_weights(model)
     if broken:
         return (f"the weight {broken[0]} already holds NaN/inf ({len(broken)} tensors do): an earlier update "
                 "diverged or the weights loaded broken; lower train.lr, or check model.path's files")
+    now = trainable_max(model)
+    if diverged(now, start):
+        return (f"training diverged: the trainable weights grew to max |w| {now:.3g} from {start:.3g} before the "
+                f"first step, so the forward pass overflowed; the batch's records are not the cause. Lower train.lr "
+                f"(now {lr:g}) or add train.warmup_steps (AdamW moves each weight by about lr per step whatever "
+                "the gradient, so train.max_grad_norm does not help)")
     if precision.startswith("fp16"):
         return ("fp16 overflow: a value in the forward pass passed fp16's maximum of 65504; use "
                 "train.precision=bf16 where the GPU has it, or fp32")
@@ -55,3 +96,35 @@ def likely_cause(what: str, model, precision: str, lr: float, losses: list[float
 def message(what: str, step: int, value: float, wheres: list[str], cause: str) -> str:
     shown = ", ".join(wheres[:8]) + (f" and {len(wheres) - 8} more" if len(wheres) > 8 else "")
     return f"step {step}: the {what} is {value} (not finite); batch records: {shown}. Likely cause: {cause}."
+
+
+def checkpoint_max(folder: Path) -> float:
+    """max |w| of the trainable weights a checkpoint holds (what a resume loads)."""
+    from ..export.parts import PARTS
+
+    path = folder / (checkpoint.RAW if (folder / checkpoint.RAW).is_file() else PARTS)
+    with safe_open(str(path), framework="pt") as fh:
+        return max_abs(fh.get_tensor(k) for k in fh.keys())
+
+
+def resume_advice(out_dir: Path, start: float | None, diverging: bool) -> str:
+    """Where to go on from: the newest checkpoint whose weights are finite and sane (scanned newest first),
+    and the newer ones that are not, which --resume (newest first) would otherwise pick."""
+    found = checkpoint.complete(Path(out_dir) / checkpoint.ROOT)
+    if not found:
+        return "no checkpoint was written yet"
+    bad = []
+    for _, folder in reversed(found):
+        top = checkpoint_max(folder)
+        if not diverged(top, start):
+            break
+        bad.append(f"{folder.name} (max |w| {top:.3g})")
+    else:
+        return (f"every checkpoint holds diverged weights ({', '.join(bad)}); start again with a lower train.lr "
+                "(--overwrite)")
+    lower = " train.lr=<lower>" if diverging or bad else ""
+    if not bad:
+        return (f"the newest checkpoint is {folder} (slimtune train CONFIG --resume{lower} goes on from it; "
+                "train.on_nan=skip skips such steps)")
+    return (f"the last sane checkpoint is {folder}; the newer {', '.join(reversed(bad))} hold diverged weights, "
+            f"so move them out of {folder.parent}, then slimtune train CONFIG --resume{lower} goes on from it")

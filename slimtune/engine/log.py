@@ -2,12 +2,40 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+
+def strict_json(row: dict, reason=lambda key, value: f"{value} (not a finite number)") -> dict:
+    """row with each NaN/inf float as null and why under "null_reasons": JSON has no NaN, and json.dumps'
+    bare NaN is refused by strict readers (jq, JavaScript); a null alone would not say what happened.
+    reason(key, value) words the why."""
+    why: dict = {}
+
+    def clean(value, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            why[key] = reason(key, value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(row, "")
+    if why:
+        out["null_reasons"] = {**out.get("null_reasons", {}), **why}
+    return out
+
+
+def dumps(row: dict, **kwargs) -> str:
+    """The one way slimtune writes a JSON object of numbers: strict JSON, non-finite values as null."""
+    return json.dumps(strict_json(row), allow_nan=False, **kwargs)
 
 
 class MetricsLog:
@@ -22,7 +50,7 @@ class MetricsLog:
 
     def write(self, **row) -> None:
         row.setdefault("time", round(time.time(), 3))
-        self._fh.write(json.dumps(row) + "\n")
+        self._fh.write(dumps(row) + "\n")
         self._fh.flush()
 
     def offset(self) -> int:

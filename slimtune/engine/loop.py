@@ -282,7 +282,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
               precision.scaler(plan, device), stream, fingerprint(train),
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took})
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took,
+                      "start_max_abs": guards.trainable_max(model)})  # a resume keeps the first run's
     if stream.packed:
         log(_describe_packing(stream, device, plan))
     offset = _restore(run, resume, log) if resume else None
@@ -343,14 +344,12 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     bad = row.pop("nonfinite", None)
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]
-        cause = guards.likely_cause(bad, run.model, run.plan.name, tc.lr, run.losses)
+        start = run.result.get("start_max_abs")
+        cause = guards.likely_cause(bad, run.model, run.plan.name, tc.lr, run.losses, start)
         text = guards.message(bad, run.step, value, wheres, cause)
         if tc.on_nan == "stop":
-            last = checkpoint.latest(run.out_dir)
-            raise guards.NumericError(
-                f"{text} Stopped before applying this update (train.on_nan=stop); "
-                + (f"the newest checkpoint is {last} (slimtune train CONFIG --resume goes on from it; "
-                   "train.on_nan=skip skips such steps)" if last else "no checkpoint was written yet"))
+            raise guards.NumericError(f"{text} Stopped before applying this update (train.on_nan=stop); "
+                                      + guards.resume_advice(run.out_dir, start, cause.startswith("training diverged")))
         run.result["nan_steps"] += 1
         row["nan_skipped"] = True
         log(f"warning: {text} Skipped this update (train.on_nan=skip).")
@@ -429,6 +428,11 @@ def _describe(row: dict) -> str:
 
 def _save(run: Run, logs: RunLog) -> Path:
     tc = run.cfg.train
+    broken = [n for n, p in run.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if broken:  # an update made them so: a checkpoint of them would only be resumed into the same NaNs
+        raise guards.NumericError(f"step {run.step}: the trained weight {broken[0]} holds NaN/inf ({len(broken)} "
+                                  "tensors do), so no checkpoint or adapter was written; "
+                                  + guards.resume_advice(run.out_dir, run.result.get("start_max_abs"), True))
     state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": dict(run.result),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
@@ -450,9 +454,41 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
     run.result.update(state["result"])
     run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
+    _new_peak_lr(run, log)
     checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
     log(f"resuming from {folder} at step {run.step} of {run.steps}")
     return state["metrics_bytes"]
+
+
+def _new_peak_lr(run: Run, log) -> None:
+    """A resume may change train.lr (checkpoint.FREE_KEYS, so a diverged run can go on more gently): the
+    restored optimizer and schedule hold the old peak, so the schedule goes on from this step at the new one."""
+    lr, sched = run.cfg.train.lr, run.scheduler
+    old = sched.base_lrs[0]
+    if lr == old:
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, rule in zip(run.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * rule(sched.last_epoch)
+    log(f"train.lr is {lr:g} now ({old:g} in the checkpoint): the schedule goes on from step {run.step} at the new "
+        "peak")
+
+
+def _final_checks(run: Run) -> None:
+    """A run that skipped too many steps, or ended on non-finite numbers, fails without its adapter."""
+    r, tc = run.result, run.cfg.train
+    if r["nan_steps"] > tc.max_skipped_share * run.steps:
+        raise guards.NumericError(
+            f"train.on_nan=skip skipped {r['nan_steps']} of {run.steps} steps for a NaN/inf loss or gradient, more "
+            f"than train.max_skipped_share={tc.max_skipped_share:g} allows, so the adapter was not saved (the "
+            "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
+            "train.max_skipped_share)")
+    loss = r.get("train_loss", 0.0)
+    if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
+        raise guards.NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
+                                  "update), and a run that ends on a non-finite loss is not reported as a success: "
+                                  f"the adapter was not saved. The checkpoint {checkpoint.latest(run.out_dir)} holds "
+                                  "the finite weights before it (chat, merge and eval take that folder)")
 
 
 def _finish(run: Run, measure, logs: RunLog, log) -> None:
@@ -465,6 +501,7 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
     if run.device.startswith("cuda"):
         r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    _final_checks(run)
     if measure:
         report = measure(run.steps)
         r["eval_after"] = report.row()
@@ -477,3 +514,6 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         out = report.write(run.out_dir / "eval")
         r["eval_dir"] = str(out)
         log(f"wrote {out / 'scores.json'}" + (" and predictions.jsonl" if report.predictions else ""))
+        if not math.isfinite(r["eval_after"]["eval_loss"]):
+            raise guards.NumericError(f"the held-out loss after training is {r['eval_after']['eval_loss']} (not "
+                                      f"finite; {out / 'scores.json'} says why), so the adapter was not saved")

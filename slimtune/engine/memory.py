@@ -248,13 +248,20 @@ def faster(cfg, rows=None) -> tuple[str, float] | None:
 
 
 def parse_size(text: str) -> float:
-    """'24GiB', '24GB', '24g', '1500MiB' -> bytes (GB is read as GiB, as GPU makers mean it)."""
+    """'24', '24GiB', '24GB', '24g', '1500MiB' -> bytes. A bare number is GiB (24 bytes is never meant), and
+    GB is read as GiB, as GPU makers mean it."""
     import re
 
-    m = re.fullmatch(r"\s*([\d.]+)\s*([GMK]?)i?B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--budget {text!r}: expected a size like 24GiB or 1500MiB")
-    return float(m.group(1)) * {"G": GIB, "M": 2 ** 20, "K": 2 ** 10, "": 1}[m.group(2).upper()]
+    from ..config import ConfigError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([GMKT]?)(i?B)?\s*", text, re.IGNORECASE)
+    size = 0.0
+    if m:
+        unit = m.group(2).upper() or ("" if m.group(3) else "G")  # "100B" is bytes, a bare "24" GiB
+        size = float(m.group(1)) * {"T": 2 ** 40, "G": GIB, "M": 2 ** 20, "K": 2 ** 10, "": 1}[unit]
+    if not 0 < size < float("inf"):
+        raise ConfigError(f"--budget {text!r}: expected a positive size such as 24 (GiB), 24GiB or 1500MiB")
+    return size
 
 
 def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from .. import config as config_mod
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
+from ..engine.log import dumps, strict_json
 from ..engine.loss import use_chunked_loss
 from . import metrics
 from .generate import Sampling, run as run_generation
@@ -58,13 +59,22 @@ class Report:
         """scores.json, and predictions.jsonl beside it when answers were generated."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scores.json").write_text(json.dumps(self.scores, indent=2, ensure_ascii=False) + "\n",
+        scores = strict_json(self.scores, lambda key, value: _why_not_finite(self.scores, key, value))
+        (out / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                                          encoding="utf-8")
         if self.predictions:
             with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
                 for row in self.predictions:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    fh.write(dumps(row, ensure_ascii=False) + "\n")
         return out
+
+
+def _why_not_finite(scores: dict, key: str, value: float) -> str:
+    """The reason scores.json gives beside a null."""
+    if scores.get("eval_tokens") == 0:
+        return f"{value}: no record kept an answer token within max_len, so there is nothing to score"
+    return (f"{value}: the model's loss over the answer tokens is not finite (its weights or outputs hold NaN/inf); "
+            "this adapter is broken, train again with a lower train.lr")
 
 
 def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context) -> dict:

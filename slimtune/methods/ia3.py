@@ -22,6 +22,7 @@ def apply(model, cfg):
     if cfg.layers_to_transform:
         raise MethodError("method.layers_to_transform applies to the LoRA methods; for ia3 restrict layers with a "
                           "regex in method.target_modules, e.g. 're:.*layers\\.(0|1)\\..*(k_proj|v_proj)'")
+    targets.check_modules_to_save(model, cfg.modules_to_save)
     icfg = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=target, feedforward_modules=feedforward,
                      modules_to_save=cfg.modules_to_save or None)
     return get_peft_model(model, icfg)

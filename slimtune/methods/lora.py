@@ -16,13 +16,17 @@ from . import targets
 def lora_config(model, cfg):
     from peft import LoraConfig, TaskType
 
+    target = targets.resolve(model, cfg.target_modules)
+    targets.check_layers(model, cfg.layers_to_transform)
+    targets.check_modules_to_save(model, cfg.modules_to_save)
+    targets.check_rank(model, target, cfg.r)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         bias=cfg.bias,
-        target_modules=targets.resolve(model, cfg.target_modules),
+        target_modules=target,
         layers_to_transform=cfg.layers_to_transform or None,
         modules_to_save=cfg.modules_to_save or None,
         use_dora=cfg.name == "dora",

@@ -6,6 +6,9 @@ from collections import Counter
 
 import torch
 
+from .base import MethodError
+from .freeze import decoder_layers
+
 
 class TargetError(ValueError):
     pass
@@ -59,6 +62,58 @@ def resolve(model, targets: list[str]) -> list[str] | str:
         raise TargetError(f"method.target_modules: {', '.join(missing)} match no Linear module; "
                           f"{_available(short)}")
     return list(targets)
+
+
+def matched(model, target: list[str] | str) -> list[str]:
+    """Full names of the Linear modules a resolved target (resolve's result) selects, as peft matches them."""
+    names = linear_names(model)
+    if isinstance(target, str):
+        return [n for n in names if re.fullmatch(target, n)]
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in target)]
+
+
+def features(module) -> tuple[int, int]:
+    """(in, out) of a Linear (4-bit ones too: their weight is packed) or a GPT-2 Conv1D."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    rows, cols = module.weight.shape  # Conv1D stores (in, out)
+    return rows, cols
+
+
+def check_rank(model, target, r: int) -> None:
+    """A LoRA rank above a layer's width adds parameters but no capacity (the update's rank is at most the
+    smaller side): refuse it, naming the narrowest targeted layer."""
+    modules = dict(model.named_modules())
+    widths = [(min(features(modules[n])), n) for n in matched(model, target)]
+    width, name = min(widths) if widths else (r, "")
+    if r > width:
+        raise MethodError(f"method.r={r} is larger than the width of {name} ({width} = the smaller of its in and out "
+                          f"features); set method.r <= {width}, or leave that layer out of method.target_modules")
+
+
+def check_layers(model, layers: list[int]) -> None:
+    """layers_to_transform indices must exist; peft's own error only said the target modules were not found."""
+    if not layers:
+        return
+    try:
+        stack, depth = decoder_layers(model)
+    except MethodError:  # no stack of layers found: peft's own check is all there is
+        return
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise MethodError(f"method.layers_to_transform: {', '.join(map(str, bad))} out of range: this model has "
+                          f"{depth} decoder layers in {stack}, numbered 0 to {depth - 1}")
+
+
+def check_modules_to_save(model, names: list[str]) -> None:
+    """Every modules_to_save entry must name a module (peft matches by name suffix and skips the rest silently)."""
+    modules = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+        verb = "matches" if len(missing) == 1 else "match"
+        raise MethodError(f"method.modules_to_save: {', '.join(missing)} {verb} no module of this model; module names "
+                          f"end in: {', '.join(short)}")
 
 
 def _available(short: Counter) -> str:

@@ -97,8 +97,12 @@ def test_parse_size():
     assert memory.parse_size("24GiB") == 24 * 2 ** 30
     assert memory.parse_size("24GB") == memory.parse_size("24g") == 24 * 2 ** 30
     assert memory.parse_size("1500MiB") == 1500 * 2 ** 20
-    with pytest.raises(ValueError, match="expected a size"):
-        memory.parse_size("lots")
+    assert memory.parse_size("24") == memory.parse_size(" 24 ") == 24 * 2 ** 30  # a bare number is GiB, not bytes
+    assert memory.parse_size("0.5") == 2 ** 29 and memory.parse_size("512B") == 512
+    for bad in ("lots", "0", "1.2.3", "-4", "", "nan", "24 GiBs"):
+        with pytest.raises(config.ConfigError) as err:
+            memory.parse_size(bad)
+        assert str(err.value) == f"--budget {bad!r}: expected a positive size such as 24 (GiB), 24GiB or 1500MiB"
 
 
 def _fast(tiny_model_dir, **train) -> config.Config:

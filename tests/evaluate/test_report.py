@@ -110,3 +110,26 @@ def test_evaluate_run_with_encoded_records_and_fixed_answers(trained, monkeypatc
     assert r.scores["em"] == pytest.approx(25.0) and r.scores["unfinished"] == 1
     assert [row["extraction_f1"] for row in r.predictions] == pytest.approx([1.0, 2 / 3, 0.0, 0.5])
     assert "extraction (items split on '.')" in r.summary()
+
+
+def test_scores_json_is_strict_json_with_null_and_a_reason(tmp_path):
+    """A bare NaN is not JSON (issue 15 item 7): non-finite scores are null, with the reason beside them."""
+    import json
+
+    from slimtune.evaluate.report import Report
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    nan = float("nan")
+    Report({"eval_loss": nan, "eval_ppl": float("inf"), "eval_tokens": 12, "records": 3}).write(tmp_path / "a")
+    scores = json.loads((tmp_path / "a" / "scores.json").read_text(), parse_constant=refuse)
+    assert scores["eval_loss"] is None and scores["eval_ppl"] is None and scores["eval_tokens"] == 12
+    assert scores["null_reasons"]["eval_loss"].startswith("nan: the model's loss over the answer tokens is not finite")
+    assert scores["null_reasons"]["eval_ppl"].startswith("inf: ")
+    Report({"eval_loss": nan, "eval_tokens": 0}, [{"where": "x", "f1": nan}]).write(tmp_path / "b")
+    scores = json.loads((tmp_path / "b" / "scores.json").read_text(), parse_constant=refuse)
+    assert scores["null_reasons"] == {"eval_loss": "nan: no record kept an answer token within max_len, so there "
+                                                   "is nothing to score"}
+    row = json.loads((tmp_path / "b" / "predictions.jsonl").read_text(), parse_constant=refuse)
+    assert row == {"where": "x", "f1": None, "null_reasons": {"f1": "nan (not a finite number)"}}

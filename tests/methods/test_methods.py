@@ -222,3 +222,31 @@ def test_freeze_trains_exactly_the_last_layer(arch_dirs):
     names = methods.trainable(model)
     assert names and all(n.startswith("transformer.h.1.") for n in names)
     assert len(names) == sum(1 for n, _ in model.named_parameters() if n.startswith("transformer.h.1."))
+
+
+@pytest.mark.parametrize("change, line", [
+    (dict(layers_to_transform=[1, 5]), "method.layers_to_transform: 5 out of range: this model has 2 decoder layers "
+                                       "in model.layers, numbered 0 to 1"),
+    (dict(modules_to_save=["lm_head", "score"]), "method.modules_to_save: score matches no module of this model; "
+                                                 "module names end in: act_fn, down_proj, embed_tokens, gate_proj, "
+                                                 "input_layernorm, k_proj, layers, lm_head, mlp, model, norm, o_proj, "
+                                                 "post_attention_layernorm, q_proj, rotary_emb, self_attn, up_proj, "
+                                                 "v_proj"),
+    (dict(r=33, target_modules=["q_proj", "k_proj"]), "method.r=33 is larger than the width of "
+                                                      "model.layers.0.self_attn.k_proj (32 = the smaller of its in and "
+                                                      "out features); set method.r <= 32, or leave that layer out of "
+                                                      "method.target_modules"),
+])
+def test_method_settings_that_cannot_apply_are_one_line(arch_dirs, change, line):
+    """Issue 15 item 14: out-of-range layers raised peft's NoMatchingPeftModuleError; a modules_to_save that
+    matched nothing and a rank above a layer's width were accepted silently."""
+    with pytest.raises(MethodError) as err:
+        methods.apply(_load(arch_dirs["llama"]), replace(_method_cfg("lora"), **change))
+    assert str(err.value) == line
+    model = methods.apply(_load(arch_dirs["llama"]), replace(_method_cfg("lora"), r=32, target_modules=["k_proj"]))
+    assert methods.trainable(model)  # the width itself is fine
+
+
+def test_ia3_modules_to_save_must_match(arch_dirs):
+    with pytest.raises(MethodError, match="method.modules_to_save: nothing matches no module of this model"):
+        methods.apply(_load(arch_dirs["llama"]), replace(_method_cfg("ia3"), modules_to_save=["nothing"]))
