@@ -10,14 +10,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import targets
+from . import kinds, targets
 
 
 def lora_config(model, cfg):
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig
 
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=kinds.task_type(model),  # None on an encoder or the user's own module
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
