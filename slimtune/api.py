@@ -15,10 +15,11 @@ from . import config as config_mod
 from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
+from .data.readers import DataError
 from .engine import loop, user_loss
 from .export import parts, peft_format
 from .methods import kinds
-from .methods.base import MethodError, is_peft
+from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
 
 
@@ -71,7 +72,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
-        eval_data: Sequence[Encoded] = (), device: str = "cpu", out_dir: str | Path | None = None,
+        eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
         pad_id: int = 0, log=print, show_progress: bool = False) -> dict:
     """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
 
@@ -80,7 +81,9 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
             slimtune's engine (checkpoints and metrics.jsonl in out_dir, default train.output_dir);
             with loss_fn, dict batches of tensors (a list or a DataLoader), moved to `device`.
         loss_fn: (model, batch) -> scalar loss tensor, for models whose forward returns no LM loss.
+        device: where batches go; None: where the model's parameters are.
     """
+    device = device or str(on_device_of(model))
     if loss_fn is not None:
         return user_loss.fit(model, data, cfg, loss_fn, device, log)
     base = model.get_base_model() if is_peft(model) else model
@@ -89,7 +92,7 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
                           "loss does not apply; pass loss_fn=(model, batch) -> loss and dict batches")
     records = list(data)
     if records and not isinstance(records[0], Encoded):
-        raise ConfigError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
+        raise DataError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
     out = Path(out_dir or cfg.train.output_dir)
     return loop.fit(model, records, list(eval_data), cfg, pad_id, out, device, log, show_progress)
