@@ -138,20 +138,22 @@ def tutorial_counts() -> dict[str, str]:
     return out
 
 
-def base_model(folder: str | None, save_to: Path):
-    """The pretrained encoder (a local folder, or a tiny random BERT), also written to save_to so the
-    reload below starts from the same weights, as a user would from a hub folder."""
+def base_model(folder: str | None, out: Path) -> tuple[nn.Module, Path]:
+    """The pretrained encoder and the folder it loads from: a local BERT folder, or a tiny random BERT
+    written to out/base, so the reload below starts from the same weights, as a user's would."""
     from transformers import BertModel
 
-    bert = BertModel.from_pretrained(folder) if folder else tiny_bert()
-    bert.save_pretrained(save_to)
-    return bert
+    if folder:
+        return BertModel.from_pretrained(folder), Path(folder)
+    bert = tiny_bert()
+    bert.save_pretrained(out / "base")
+    return bert, out / "base"
 
 
 def run(out: Path, model_dir: str | None = None, steps: int = 60, lr: float = 1e-2, n: int = 256,
         log=print) -> dict:
     """Train, evaluate, save and reload; returns the numbers the test checks."""
-    bert = base_model(model_dir, out / "base")
+    bert, base_dir = base_model(model_dir, out)
     data = synthetic_spans(n, bert.config.vocab_size)
     train, test = batches(data[: n // 2]), batches(data[n // 2:])
     torch.manual_seed(1)  # the heads' random init
@@ -169,18 +171,18 @@ def run(out: Path, model_dir: str | None = None, steps: int = 60, lr: float = 1e
     slimtune.save(model, out / "adapter")
     changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, before[k]))
     return dict(losses=result["losses"], f1_before=f1_before, f1_after=f1_after, changed=changed,
-                params=sorted(before), logit_diff=reload_diff(model, out, test[0]))
+                params=sorted(before), logit_diff=reload_diff(model, base_dir, out / "adapter", test[0]))
 
 
 @torch.no_grad()
-def reload_diff(model, out: Path, batch: dict) -> float:
+def reload_diff(model, base_dir: Path, adapter: Path, batch: dict) -> float:
     """Plain peft, no slimtune: a fresh wrapper on the saved base (its heads newly random), the adapter
     loaded onto it (LoRA, and the heads from modules_to_save); max |logit difference| to the trained model."""
     from peft import PeftModel
     from transformers import BertModel
 
     torch.manual_seed(123)  # other head weights than the trained ones: the adapter must bring them
-    fresh = PeftModel.from_pretrained(SpanModel(BertModel.from_pretrained(out / "base")), out / "adapter").eval()
+    fresh = PeftModel.from_pretrained(SpanModel(BertModel.from_pretrained(base_dir)), adapter).eval()
     model.eval()
     got, ref = fresh(batch["input_ids"], batch["attention_mask"]), model(batch["input_ids"], batch["attention_mask"])
     return max(float((a - b).abs().max()) for a, b in zip(got, ref))

@@ -62,3 +62,10 @@ def test_the_script_runs_as_a_command():
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "heads frozen: trainable params: 589,824 || all params: 110,073,602" in out.stdout
+
+
+def test_a_local_bert_folder_is_the_base(example, tmp_path):
+    example.tiny_bert(seed=5).save_pretrained(tmp_path / "bert")
+    res = example.run(tmp_path / "out", str(tmp_path / "bert"), steps=2, n=32, log=lambda *a: None)
+    assert len(res["losses"]) == 2 and res["logit_diff"] <= 1e-5
+    assert not (tmp_path / "out" / "base").exists()  # the reload reads the given folder
