@@ -22,7 +22,8 @@ _WHERE = {
     "load_config": "api", "apply_method": "api", "count_parameters": "api", "fit": "api", "save": "api",
     "load": "api", "method_config": "api", "prepare": "train", "Prepared": "train",
     "describe_parameters": "methods.heads", "FrozenModuleWarning": "methods.heads",
-    "Config": "config", "ConfigError": "config", "MethodError": "methods.base",
+    "Config": "config", "ConfigError": "config", "MethodError": "methods.base", "PrecisionError": "engine.precision",
+    "DataError": "data.readers",
 }
 __all__ = ["__version__", "train", *_WHERE]
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; at run time 
     from . import train
     from .api import apply_method, count_parameters, fit, load, load_config, method_config, save
     from .config import Config, ConfigError
+    from .data.readers import DataError
+    from .engine.precision import PrecisionError
     from .methods.base import MethodError
     from .methods.heads import FrozenModuleWarning, describe_parameters
     from .train import Prepared, prepare

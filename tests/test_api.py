@@ -223,6 +223,12 @@ def test_fit_without_loss_fn_needs_a_causal_lm_and_loss_fn_a_scalar():
     with pytest.raises(DataError, match=r"step 1: loss_fn returned Tensor of shape \(8, 4\); it must return"):
         slimtune.fit(slimtune.apply_method(_sequential(), "full"), [{"x": torch.ones(8, 8)}], _cfg(),
                      loss_fn=lambda m, b: m(b["x"]), log=lambda *a: None)
+    model = slimtune.apply_method(_sequential(), "full")
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(slimtune.PrecisionError, match="fit: step 1: the loss is not finite .* nothing was updated"):
+        slimtune.fit(model, [{"x": torch.ones(8, 8)}], _cfg(), loss_fn=lambda m, b: m(b["x"]).sum() * float("nan"),
+                     log=lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
 def test_a_causal_lm_trains_saves_and_loads_by_the_api(tiny_model_dir, tokenizer, tmp_path):

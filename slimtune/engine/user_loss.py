@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..data.readers import DataError
-from . import precision
+from . import guards, precision
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -68,6 +68,10 @@ def fit(model: torch.nn.Module, batches: Iterable[dict], cfg, loss_fn: LossFn, d
             total += float(loss.detach())
         scaler.unscale_(optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+        bad = guards.nonfinite(total, float(norm), scaler.is_enabled())
+        if bad:  # stop before the update would write NaN into every trained weight
+            raise guards.NumericError(f"fit: step {step}: the {bad} is not finite (loss {total}); nothing was "
+                                      "updated at this step; lower train.lr or check what loss_fn computes")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
