@@ -26,7 +26,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from slimtune import config as config_mod, methods, models  # noqa: E402
+import slimtune  # noqa: E402
+from slimtune import config as config_mod, models  # noqa: E402
 from slimtune.data import encode_examples, read  # noqa: E402
 from slimtune.data.collate import pad_id  # noqa: E402
 from slimtune.engine import loop  # noqa: E402
@@ -57,14 +58,14 @@ def encoded(model_dir: str, data: str, cfg, limit: int = 0):
 
 def _adapted(model_dir: str, cfg):
     model, _ = models.load(model_dir, "fp32", False, "cpu")
-    torch.manual_seed(cfg.train.seed)  # the LoRA A matrices: the same draws in both recipes
-    return methods.apply(model, cfg.method)
+    # seeded with train.seed before the method: the LoRA A matrices are the same draws in both recipes
+    return slimtune.prepare(model, cfg, "cpu", log=lambda *a: None).model
 
 
 def slimtune_curve(model_dir: str, records, pad: int, cfg) -> list[float]:
     model = _adapted(model_dir, cfg)
     with tempfile.TemporaryDirectory() as out:
-        loop.fit(model, records, [], cfg, pad, Path(out), "cpu", log=lambda *a: None, show_progress=False)
+        slimtune.fit(model, records, cfg, out_dir=out, pad_id=pad, log=lambda *a: None)
         return [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
 
 

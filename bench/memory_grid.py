@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimtune import config, methods  # noqa: E402
+import slimtune  # noqa: E402
+from slimtune import config  # noqa: E402
 from slimtune.engine import precision  # noqa: E402
 from slimtune.engine.loop import forward_context, step  # noqa: E402
 from slimtune.engine.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -137,15 +138,15 @@ def main() -> None:
                         fh.write(json.dumps(row) + "\n")
         return
     vocab = model.config.vocab_size
-    model = methods.apply(model, mcfg)
-    precision.cast_trainable(model, plan.trainable)
     fast = args.engine == "fast"
-    if fast:  # as train switches them on: packed rows, fused LoRA, Liger norm/MLP where auto takes it
-        from slimtune.engine.loop import enable_kernels
-
-        took = enable_kernels(model, config.TrainConfig(packing="rows", fused_lora="on"), "cuda")
-        head.update(fused_lora_layers=took["fused_lora_layers"], fused_norm_mlp=took["fused_norm_mlp"])
-    head.update(weights_gib=weights / GIB, params=methods.count_parameters(model))
+    # checkpointing is switched on below, between the grid's halves; fast: the kernels as train switches them
+    # on (packed rows, fused LoRA, Liger norm/MLP where auto takes it)
+    tc = config.TrainConfig(precision=args.precision, packing="rows", fused_lora="on")
+    prep = slimtune.prepare(model, config.Config(method=mcfg, train=tc), "cuda", log=lambda m: None, kernels=fast)
+    model = prep.model
+    if fast:
+        head.update(fused_lora_layers=prep.kernels["fused_lora_layers"], fused_norm_mlp=prep.kernels["fused_norm_mlp"])
+    head.update(weights_gib=weights / GIB, params=slimtune.count_parameters(model))
     for ckpt in ((True,) if args.offload else (False, True)):
         if ckpt:
             enable_checkpointing(model, mcfg, log=lambda m: None)

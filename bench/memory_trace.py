@@ -17,9 +17,9 @@ from memory_grid import GIB, build, cell  # noqa: E402  (sets PYTORCH_CUDA_ALLOC
 
 import torch  # noqa: E402
 
-from slimtune import methods  # noqa: E402
+import slimtune  # noqa: E402
+from slimtune import config  # noqa: E402
 from slimtune.engine import precision  # noqa: E402
-from slimtune.train import enable_checkpointing  # noqa: E402
 
 
 def where(frames) -> str:
@@ -43,10 +43,8 @@ def main() -> None:
     a = ap.parse_args()
     plan = precision.plan(a.precision, "cuda")
     model, mcfg = build(a.shape, a.method, plan, None)
-    if a.ckpt:
-        enable_checkpointing(model, mcfg, log=lambda *_: None)
-    model = methods.apply(model, mcfg)
-    precision.cast_trainable(model, plan.trainable)
+    tc = config.TrainConfig(precision=a.precision, gradient_checkpointing=a.ckpt)
+    model = slimtune.prepare(model, config.Config(method=mcfg, train=tc), "cuda", log=lambda *_: None).model
     model.train()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     res = cell(model, plan, a.mb, a.len, model.config.vocab_size)

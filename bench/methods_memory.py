@@ -6,8 +6,8 @@
 
 Run each method in its own process (bench/methods_memory.sh does): peak-memory counters and the
 caching allocator then start clean for each. Everything goes through slimtune's own code:
-models.load (bitsandbytes NF4 for qlora), train.enable_checkpointing, methods.apply, and the
-training loop's step(), on synthetic batches (random token ids, the prompt half masked with -100).
+models.load (bitsandbytes NF4 for qlora), slimtune.prepare (checkpointing, the method, precision), and
+the training loop's step(), on synthetic batches (random token ids, the prompt half masked with -100).
 Prints one JSON line and appends it to bench/results/<date>-<device>.jsonl (and to every --results).
 """
 from __future__ import annotations
@@ -106,13 +106,13 @@ def train(args) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("methods_memory: no CUDA GPU is visible; this bench measures GPU memory "
                          "(run it on the GPU machine, or pass --device cpu for a logic check of lora)")
-    from slimtune import methods, models
-    from slimtune.config import MethodConfig, TrainConfig
+    import slimtune
+    from slimtune import models
+    from slimtune.config import Config, MethodConfig, TrainConfig
     from slimtune.data.collate import collate
     from slimtune.engine.loop import step
     from slimtune.engine.optim import build_optimizer, build_scheduler
     from slimtune.methods.quant import quantization_config
-    from slimtune.train import enable_checkpointing
 
     cuda = args.device == "cuda"
     mcfg = MethodConfig(name=args.method, r=16, alpha=32.0, dropout=0.0, target_modules=["all-linear"],
@@ -136,10 +136,9 @@ def train(args) -> dict:
         model, tokenizer = models.load(args.model, dtype="bf16", device=args.device, quantization=quant)
         load_s = time.perf_counter() - t0
         snap("weights_after_load_gib")
-        enable_checkpointing(model, mcfg)
-        model = methods.apply(model, mcfg)
+        model = slimtune.prepare(model, Config(method=mcfg, train=tcfg), args.device).model  # checkpointing too
         snap("after_apply_gib")
-        trainable, total = methods.count_parameters(model)
+        trainable, total = slimtune.count_parameters(model)
         vocab = model.get_input_embeddings().weight.shape[0]
         optimizer = build_optimizer(model, tcfg)
         scheduler = build_scheduler(optimizer, args.steps, tcfg)

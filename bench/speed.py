@@ -54,18 +54,19 @@ def _workload(size: str, n: int, max_len: int):
 
 
 def worker(a) -> dict:
-    """slimtune's engine on the workload: model -> checkpointing -> LoRA -> precision -> step()."""
+    """slimtune's engine on the workload: model -> slimtune.prepare (checkpointing, LoRA, precision, kernels)
+    -> step()."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     sys.path.insert(0, str(ROOT))
-    from slimtune import config as config_mod, methods
+    import slimtune
+    from slimtune import config as config_mod
     from slimtune.data import pack
     from slimtune.data.encode import Encoded
-    from slimtune.engine import loop, precision
+    from slimtune.engine import loop
     from slimtune.engine.optim import build_optimizer, build_scheduler
     from slimtune.kernels import linear_ce
-    from slimtune.train import enable_checkpointing
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bs, ga, steps, warmup = a.bs, a.ga, a.steps, a.warmup
@@ -83,11 +84,8 @@ def worker(a) -> dict:
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
-    enable_checkpointing(model, cfg.method, log=lambda *_: None)
-    model = methods.apply(model, cfg.method)
-    plan = precision.plan(cfg.train.precision, dev, cfg.train.adam_eps)
-    precision.cast_trainable(model, plan.trainable)
-    took = loop.enable_kernels(model, cfg.train, dev)  # as train does
+    prep = slimtune.prepare(model, cfg, dev, log=lambda *_: None, kernels=True)  # as train does
+    model, plan, took = prep.model, prep.plan, prep.kernels
     packed, chunked = took["packing"], took["chunked_loss"]
     fused, fused_nm, fused_rope = took["fused_lora_layers"], took["fused_norm_mlp"], took["fused_rope"]
     if a.chunk_bytes:

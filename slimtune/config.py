@@ -78,6 +78,7 @@ class MethodConfig:
     bias: str = "none"  # LoRA: also train biases: none | all | lora_only
     layers_to_transform: list[int] = field(default_factory=list)  # LoRA/IA3 only in these layer indices ([] = all)
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full and saved with the adapter
+    feedforward_modules: list[str] = field(default_factory=list)  # ia3: targets that scale their input ([] = the architecture's default; name them for a model without one)
     quant_bits: int = 4  # qlora: base weights in 4-bit NF4 (4) or 8-bit (8)
     trainable_layers: int = 2  # freeze: train the last N decoder layers
     trainable_pattern: str = ""  # freeze: train the parameters whose name matches this regex instead

@@ -66,12 +66,10 @@ def peft_matches(out_dir: Path, cfg) -> float:
 
 
 def main(out_dir: Path, steps: int = 0) -> int:
-    from . import models
+    from . import load, models, train
     from .data import read
     from .evaluate.generate import generate
     from .evaluate.report import evaluate_run
-    from .export.peft_format import load_run
-    from .train import run
 
     t0 = time.perf_counter()
     train_path, eval_path = make_data(out_dir / "data")
@@ -94,8 +92,8 @@ def main(out_dir: Path, steps: int = 0) -> int:
           f"{eval_path}`): loss {before['eval_loss']:.4f}, perplexity {before['eval_ppl']:.2f}")
     del base
 
-    result = run(cfg, overwrite=True)
-    model, tokenizer, _ = load_run(cfg.train.output_dir)
+    result = train(cfg, overwrite=True)  # the public API, as a user's script would
+    model = load(cfg.train.output_dir)  # the base from the run's config.yaml; the tokenizer is the base's
     show_answers("after training", generate(model, tokenizer, cfg.data.template, convs, 48, len(convs)))
     after = evaluate_run(model, tokenizer, cfg, held).scores
     print(f"eval after training (as `slimtune eval {cfg.train.output_dir} --data {eval_path}`): "

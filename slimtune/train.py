@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,13 +16,15 @@ from .data import build
 from .data.collate import pad_id
 from .engine import precision
 from .engine import checkpoint, memory, runfolder
-from .engine.loop import fit
+from .engine.loop import enable_kernels, fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.runfolder import RunFolderError
 from .evaluate.report import in_training
 from .export.parts import PARTS
 from .export.peft_format import read_config, save
+from .methods import kinds
+from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
 
 
@@ -96,8 +101,13 @@ def enable_checkpointing(model, cfg_method, log=print) -> bool:
         log("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers would drop the learned "
             "prefix (its keys/values travel as a KV cache); activations take the memory they need")
         return False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    owner = model if hasattr(model, "gradient_checkpointing_enable") else kinds.pretrained_base(model)
+    if owner is None:  # the user's own module: transformers' switch is not there to turn on
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} holds no transformers model, whose "
+                          "gradient_checkpointing_enable this turns on; set it to false (or checkpoint in the "
+                          "module's forward with torch.utils.checkpoint)")
+    owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    owner.config.use_cache = False
     return True
 
 
@@ -117,6 +127,32 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
             f"(predicted {quick[1] / GIB:.2f} GiB with the CUDA context)")
     return est.peak
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model made ready to train, and what prepare chose on the way."""
+    model: torch.nn.Module  # with the method applied (a PeftModel for peft methods)
+    plan: precision.Plan  # dtypes of the base, the trainable weights and autocast; fp16 loss scaling
+    kernels: dict = field(default_factory=dict)  # the fast paths switched on (enable_kernels); {} unless asked
+
+
+def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
+            heads: tuple[str, ...] = ()) -> Prepared:
+    """The one sequence train, the bench scripts and users share: gradient checkpointing, the method
+    (seeded with train.seed), trainable weights in the plan's dtype, and with kernels=True the fast paths
+    train.* asks for on `device` (fit switches them on itself for its run, and off after; ask for them when
+    driving engine steps yourself). Warns when a new module (a wrapper's head, or one named in `heads`)
+    stays frozen."""
+    plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model, cfg.method, log)
+    torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume
+    model = methods.apply(model, cfg.method)
+    warn_frozen(model, cfg.method.name, heads)
+    precision.cast_trainable(model, plan.trainable)
+    log(f"method {cfg.method.name}: {describe_parameters(model)}")
+    return Prepared(model, plan, enable_kernels(model, cfg.train, device) if kernels else {})
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
@@ -159,14 +195,7 @@ def _run(cfg, out: Path, created: bool, keep: list[Path], overwrite: bool, resum
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     predicted = _predict(cfg, built, log, device)
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
-    if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model, cfg.method, log)
-    torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume
-    model = methods.apply(model, cfg.method)
-    precision.cast_trainable(model, plan.trainable)
-    trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
-    log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
-        f"trainable%: {100 * trainable / total:.4f}")
+    model = prepare(model, cfg, device, log).model
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
     # every check has passed: only now does output_dir get its first file
     if start is None:
@@ -194,3 +223,16 @@ def _compare_memory(result: dict, predicted: float | None, log) -> None:
         log(f"GPU memory: measured peak {meas:.2f} GiB reserved ({result['peak_allocated_gib']:.2f} allocated), "
             f"predicted {predicted / GIB:.2f} GiB ({100 * (predicted / GIB / meas - 1):+.1f}%)")
         result["predicted_peak_gib"] = predicted / GIB
+
+
+class _Callable(types.ModuleType):
+    """`slimtune.train(cfg)` is the public API's train; it stays this module too, since importing a
+    submodule binds its name on the package (a function of that name would be replaced by it)."""
+
+    def __call__(self, cfg, overwrite: bool = False, show_progress: bool = True, log=print,
+                 resume: bool = False) -> dict:
+        """Train per the config, as `slimtune train` does; returns the run summary."""
+        return self.run(cfg, overwrite=overwrite, show_progress=show_progress, log=log, resume=resume)
+
+
+sys.modules[__name__].__class__ = _Callable

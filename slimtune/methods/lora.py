@@ -10,18 +10,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import targets
+from . import kinds, targets
 
 
 def lora_config(model, cfg):
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig
 
     target = targets.resolve(model, cfg.target_modules)
     targets.check_layers(model, cfg.layers_to_transform)
     targets.check_modules_to_save(model, cfg.modules_to_save)
     targets.check_rank(model, target, cfg.r)
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=kinds.task_type(model),  # None on an encoder or the user's own module
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,

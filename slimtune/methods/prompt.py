@@ -2,10 +2,18 @@
 encoder), prefix_tuning (P-tuning v2: learned keys and values in every layer). The base stays frozen."""
 from __future__ import annotations
 
+from . import kinds
+from .base import MethodError
+
 
 def apply(model, cfg):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
+    if not kinds.is_causal_lm(model):
+        raise MethodError(f"method {cfg.name} needs a transformers causal LM: its learned virtual tokens go before "
+                          "the input embeddings, attention mask and labels of a causal LM (peft's "
+                          f"PeftModelForCausalLM), and {type(model).__name__} is not one; use lora, dora, ia3, "
+                          "bitfit, freeze or full on it")
     common = dict(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     if cfg.name == "prompt_tuning":
         pcfg = PromptTuningConfig(**common)

@@ -6,12 +6,13 @@ from collections import Counter
 
 import torch
 
+from . import kinds
 from .base import MethodError
 from .freeze import decoder_layers
 
 
-class TargetError(ValueError):
-    pass
+class TargetError(MethodError):
+    """No module matches method.target_modules (a MethodError, so callers of apply catch both)."""
 
 
 def _is_linear(module) -> bool:
@@ -31,11 +32,14 @@ def default_targets(model, table: str = "LORA") -> list[str]:
     from peft.utils import constants
 
     mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{table}_TARGET_MODULES_MAPPING")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = kinds.model_type(model)  # a user's wrapper takes that of the transformers model inside it
     if model_type not in mapping:
         short = Counter(n.rsplit(".", 1)[-1] for n in linear_names(model))
-        raise TargetError(f"method.target_modules: no default for model type {model_type!r}; name the modules "
-                          f"(or all-linear); {_available(short)}")
+        what = f"model type {model_type!r}" if model_type else \
+            f"{type(model).__name__} (it has no transformers config to read the architecture from)"
+        raise TargetError(f"method.target_modules: no default for {what}; name the modules, e.g. "
+                          f"target_modules=[{', '.join(repr(k) for k in sorted(short)[:2])}] (or all-linear); "
+                          f"{_available(short)}")
     return list(mapping[model_type])
 
 

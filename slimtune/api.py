@@ -1,0 +1,129 @@
+"""The public Python API, re-exported by `slimtune/__init__.py`: a config, a method on any nn.Module
+(a transformers causal LM, an encoder such as BERT, the user's own module), training with slimtune's
+language-model loss or the caller's own, and the artifact saved in peft's format and loaded back.
+
+`prepare` (the sequence `slimtune train` runs) and `train` itself live in slimtune/train.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from . import config as config_mod
+from . import methods
+from .config import Config, ConfigError, MethodConfig
+from .data.encode import Encoded
+from .data.readers import DataError
+from .engine import loop, user_loss
+from .export import parts, peft_format
+from .methods import kinds
+from .methods.base import MethodError, is_peft, on_device_of
+from .methods.heads import warn_frozen
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config from a YAML file (None: the defaults) and dotted overrides ("train.lr=1e-4"), checked
+    as `slimtune train` checks it; ConfigError lists every problem."""
+    return config_mod.load(path, list(overrides))
+
+
+def method_config(name: str = "lora", **fields) -> MethodConfig:
+    """A checked MethodConfig: `fields` are method.* keys (r=16, target_modules=["query", "value"], ...)."""
+    tree = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+    try:
+        return config_mod.from_dict({"method": tree}, "apply_method").method
+    except ConfigError as err:  # every line says where: "apply_method: method.r: must be at least 1"
+        lines = [x if x.startswith("apply_method: ") else f"apply_method: {x}" for x in str(err).splitlines()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _quantized(model: torch.nn.Module) -> bool:
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def apply_method(model: torch.nn.Module, name: str = "lora", *, heads: Sequence[str] = (),
+                 **fields) -> torch.nn.Module:
+    """Apply method `name` to any nn.Module; returns the model to train (a PeftModel for peft methods).
+
+    Args:
+        fields: method.* settings, e.g. r=16, target_modules=["query", "value"], modules_to_save=["head"].
+            A model with no architecture default (no transformers config) needs target_modules; the
+            error lists the Linear modules there are.
+        heads: modules (names in `model`) that are not in the pretrained checkpoint. A FrozenModuleWarning
+            names those the method leaves frozen; a wrapper's direct submodules outside its transformers
+            model count as such without being named.
+    """
+    cfg = method_config(name, **fields)
+    if cfg.name == "qlora" and not _quantized(model):
+        raise MethodError("method qlora trains LoRA on a base that bitsandbytes quantized while loading (CUDA), and "
+                          f"this {type(model).__name__}'s weights are not quantized; load it with transformers' "
+                          "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True)) first, "
+                          "or use lora")
+    model = methods.apply(model, cfg)
+    warn_frozen(model, cfg.name, tuple(heads))
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), counted as peft's print_trainable_parameters counts them."""
+    return methods.count_parameters(model)
+
+
+def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
+        eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
+        pad_id: int = 0, log=print, show_progress: bool = False) -> dict:
+    """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
+
+    Args:
+        data: with loss_fn=None, encoded records (slimtune.data's Encoded) for a causal LM, trained with
+            slimtune's engine (checkpoints and metrics.jsonl in out_dir, default train.output_dir);
+            with loss_fn, dict batches of tensors (a list or a DataLoader), moved to `device`.
+        loss_fn: (model, batch) -> scalar loss tensor, for models whose forward returns no LM loss.
+        device: where batches go; None: where the model's parameters are.
+    """
+    device = device or str(on_device_of(model))
+    if loss_fn is not None:
+        return user_loss.fit(model, data, cfg, loss_fn, device, log)
+    base = model.get_base_model() if is_peft(model) else model
+    if not kinds.is_causal_lm(base):
+        raise MethodError(f"fit: {type(base).__name__} is not a transformers causal LM, so slimtune's language-model "
+                          "loss does not apply; pass loss_fn=(model, batch) -> loss and dict batches")
+    records = list(data)
+    if records and not isinstance(records[0], Encoded):
+        raise DataError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
+                          "records (slimtune.data.encode_examples), with loss_fn dict batches")
+    out = Path(out_dir or cfg.train.output_dir)
+    return loop.fit(model, records, list(eval_data), cfg, pad_id, out, device, log, show_progress)
+
+
+def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) -> Path:
+    """The method's artifact in `folder`: peft's adapter_config.json + adapter_model.safetensors (heads in
+    modules_to_save included), or for full/freeze/bitfit the trained parameters; with cfg also config.yaml,
+    so load(folder) alone finds the base model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        peft_format.save(model, cfg, folder)
+    else:
+        methods.save(model, folder)
+    return folder
+
+
+def load(folder: str | Path, model: torch.nn.Module | None = None, device: str = "cpu") -> torch.nn.Module:
+    """The trained model, in eval mode: the artifact in `folder` put on `model` (the same base the method
+    was applied to, built afresh), or with model=None on the base named by the folder's config.yaml."""
+    folder = Path(folder)
+    if model is None:
+        return peft_format.load_run(folder, device)[0]
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder)
+    elif (folder / parts.PARTS).is_file():
+        model = parts.load(model, folder)
+    else:
+        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
+                                "slimtune.save or `slimtune train` wrote")
+    return model.eval()
