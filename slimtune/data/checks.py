@@ -19,11 +19,11 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL, but tab, newline, CR
 
 WHAT = {
-    "duplicate": "repeat a JSON key (the last value is used)",
-    "nonfinite": "hold NaN or Infinity, which standard JSON does not allow",
-    "control": "hold NUL or other control characters in text",
-    "unknown": "have keys slimtune does not read",
-    "empty_user": "have an empty user turn",
+    "duplicate": "a repeated JSON key (the last value is used)",
+    "unknown": "keys slimtune does not read",
+    "nonfinite": "NaN or Infinity, which standard JSON does not allow",
+    "control": "NUL or other control characters in text",
+    "empty_user": "an empty user turn",
 }
 
 
@@ -56,6 +56,7 @@ class Notes:
 
     def add(self, kind: str, where: str, detail: str = "") -> None:
         self.counts[kind] += 1
+        where = where.removeprefix(f"{self.path} ")  # the line says the file once
         self.first.setdefault(kind, where + (f', field "{detail}"' if detail else ""))
 
     def unknown(self, where: str, keys: list[str], known: set[str]) -> None:
@@ -68,8 +69,9 @@ class Notes:
 
     def lines(self) -> list[str]:
         out = []
-        for kind, n in self.counts.items():
-            line = f"warning: {n} record{'s' * (n != 1)} of {self.path} {WHAT[kind]}; first: {self.first[kind]}"
+        for kind in (k for k in WHAT if k in self.counts):
+            n = self.counts[kind]
+            line = f"warning: {self.path}: {n} record{'s' * (n != 1)} with {WHAT[kind]}; first: {self.first[kind]}"
             if kind == "unknown":
                 keys = [f'"{k}"' + (f' (did you mean "{self.hints[k]}"?)' if k in self.hints else "")
                         for k, _ in self.unknown_keys.most_common(5)]

@@ -11,6 +11,7 @@ the trailing newline is dropped, so every encoded record ends with its EOS.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,31 +181,32 @@ def _end_token(candidates: list[str], eos: str, full: str, at: int) -> str:
     return ""
 
 
-PROBE = "\ue000slimtune-probe\ue001"  # private-use characters: no template writes them itself
-
-
-def _header(messages: list[dict], last: int, tokenizer) -> str:
-    """What the generation prompt writes after a user's text (ChatML: "<|im_end|>\\n<|im_start|>assistant\\n"),
-    from one render with a probe as the last user turn; "" when the template hides the probe."""
-    probe = _apply(tokenizer, messages[: last - 1] + [{"role": "user", "content": PROBE}], True)
-    at = probe.rfind(PROBE)
-    return probe[at + len(PROBE):] if at >= 0 else ""
-
-
-def _prompt_end(messages, i: int, tokenizer, full: str, header: str, pos: int, exact: bool) -> int:
-    """Where answer i starts in `full`: right after its generation prompt. Found by the header after the
-    user's text (linear in the record); rendered exactly where that fails, and always for the first and
-    last answers, which checks that earlier turns render the same once later ones follow."""
-    user = messages[i - 1]["content"] if i and messages[i - 1]["role"] == "user" else None
-    if header and user is not None and not exact:
-        h = full.find(header, pos)
-        if h - len(user) >= pos and full.startswith(user, h - len(user)):
-            return h + len(header)
+def _exact_prompt_end(messages, i: int, tokenizer, full: str, pos: int) -> int:
+    """Where answer i starts in `full`, from rendering its own generation prompt (which must be a prefix
+    of `full`: a template that renders earlier turns differently once later ones follow is refused)."""
     prefix = _apply(tokenizer, messages[:i], True)
     if not full.startswith(prefix) or len(prefix) < pos:
         raise RecordTemplateError("template 'auto': the tokenizer's chat_template renders earlier turns "
                                   "differently once later turns follow; choose an explicit data.template")
     return len(prefix)
+
+
+def _prompt_ends(messages, answers: list[int], tokenizer, full: str, where: list[tuple[int, int]]) -> dict:
+    """Where each answer starts in `full` (right after its generation prompt). Rendering every answer's
+    prompt costs time quadratic in the turns (269 s for 5,000 pairs), so only the first is rendered, and
+    any whose prompt does not end as the last rendered one did: the others are that header (what a prompt
+    writes after the user's text) found right after their user's text, whose place `where` gives (from
+    _auto_content; with [] every prompt is rendered)."""
+    ends, pos, header = {}, 0, ""
+    for i in answers:
+        user_end = where[i - 1][1] if where and i and messages[i - 1]["role"] == "user" else -1
+        if header and user_end >= pos and full.startswith(header, user_end):
+            ends[i] = user_end + len(header)
+        else:
+            ends[i] = _exact_prompt_end(messages, i, tokenizer, full, pos)
+            header = full[user_end:ends[i]] if 0 <= user_end <= ends[i] else ""
+        pos = ends[i]
+    return ends
 
 
 def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
@@ -213,40 +215,59 @@ def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -
                             f"from {', '.join(FAMILIES)}")
     if add_generation_prompt:
         text = _apply(tokenizer, messages, True)
-        return Rendered(text, [], _content_spans(text, messages, 0))
+        return Rendered(text, [], _auto_content(messages, tokenizer, text, True))
     full = _apply(tokenizer, messages, False)
+    where = _auto_content(messages, tokenizer, full, False)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    header = _header(messages, answers[-1], tokenizer) if len(answers) > 2 else ""
+    prompt_ends = _prompt_ends(messages, answers, tokenizer, full, where)
     ends, eos = _end_tokens(tokenizer), tokenizer.eos_token
     text, spans, pos = "", [], 0  # text is rebuilt from `full`, inserting an EOS where none is written
+    moved = []  # (offset in full, offset in text) where each copied piece starts
     for i in answers:
-        gen_end = _prompt_end(messages, i, tokenizer, full, header, pos, i in (answers[0], answers[-1]))
-        content = messages[i]["content"]
+        gen_end, content = prompt_ends[i], messages[i]["content"]
         start = full.find(content, gen_end)
-        if start < 0:
+        if start < 0 or start < pos:
             raise RecordTemplateError("template 'auto': the chat_template changes the assistant's text (a "
                                       "template that trims answers, say); choose an explicit data.template")
         end = start + len(content)
         end_tok = _end_token(ends, eos, full, end)
+        moved.append((pos, len(text)))
         text += full[pos:end]
         span_start = len(text) - (end - gen_end)  # the answer begins right after the generation prompt
         text += end_tok or eos  # a template that writes no end token still gets the EOS
         spans.append((span_start, len(text)))
         pos = end + len(end_tok)
     # what the template writes after the final end token (e.g. "\n") is dropped
-    return Rendered(text, spans, _content_spans(text, messages, 0))
+    content = [_move(s, e, moved, len(text)) for s, e in where]
+    return Rendered(text, spans, [c for c in content if c])
 
 
-def _content_spans(text: str, messages: list[dict], pos: int) -> list[tuple[int, int]]:
-    """Where each message's text sits in the rendered text (in order; a text the template changed is left
-    out): special-token text found there came from the data, not from the template."""
-    spans = []
-    for m in messages:
-        start = text.find(m["content"], pos) if m["content"] else -1
-        if start >= 0:
-            pos = start + len(m["content"])
-            spans.append((start, pos))
-    return spans
+def _auto_content(messages: list[dict], tokenizer, full: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's own text sits in `full` (control-token text there came from the data), from one
+    render with a marker in place of each text. The markers, replaced by the texts, must give `full` back;
+    a template that changes or repeats texts gives none (so nothing is escaped)."""
+    marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
+    skeleton = _apply(tokenizer, [{**m, "content": mk} for m, mk in zip(messages, marks)], add_generation_prompt)
+    spans, parts, pos, at = [], [], 0, 0
+    for m, mk in zip(messages, marks):
+        found = skeleton.find(mk, pos)
+        if found < 0:
+            return []
+        at += found - pos
+        spans.append((at, at + len(m["content"])))
+        parts += [skeleton[pos:found], m["content"]]
+        at, pos = at + len(m["content"]), found + len(mk)
+    parts.append(skeleton[pos:])
+    return spans if "".join(parts) == full else []
+
+
+def _move(s: int, e: int, moved: list[tuple[int, int]], size: int) -> tuple[int, int] | None:
+    """A span of `full` in the rebuilt text's offsets (None: in the dropped tail)."""
+    k = bisect.bisect_right(moved, (s, float("inf"))) - 1
+    if k < 0:
+        return None
+    start = s - moved[k][0] + moved[k][1]
+    return (start, start + e - s) if start + e - s <= size else None
 
 
 def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> Rendered:
