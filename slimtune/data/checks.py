@@ -49,8 +49,9 @@ class DupDict(dict):
 class Notes:
     """Readable but odd records: each kind counted, with the first record and field."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, unknown_keys: bool = True):
         self.path, self.counts, self.first = path, Counter(), {}
+        self.track_unknown = unknown_keys  # prompts files carry their other keys into the outputs
         self.unknown_keys: Counter = Counter()
         self.hints: dict[str, str] = {}
 
@@ -60,6 +61,8 @@ class Notes:
         self.first.setdefault(kind, where + (f', field "{detail}"' if detail else ""))
 
     def unknown(self, where: str, keys: list[str], known: set[str]) -> None:
+        if not self.track_unknown:
+            return
         self.add("unknown", where, keys[0])
         self.unknown_keys.update(keys)
         for k in keys:

@@ -297,7 +297,7 @@ def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict
         raise DataError(f"{p}: data.limit={limit} is negative; use 0 for every record or a positive count")
     if not p.exists():
         raise DataError(f"{p}: {'prompts' if prompts else 'data'} file not found")
-    examples, first, notes = [], len(skipped or []), Notes(p)
+    examples, first, notes = [], len(skipped or []), Notes(p, unknown_keys=not prompts)
     for where, rec in _raw_records(p, lenient=True):
         try:
             examples.append(_check(rec, where, fmt, notes, prompts))
