@@ -79,8 +79,8 @@ def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dic
         out.append((ex, enc))
     if stats.special_records and not getattr(cfg_data, "allow_special_tokens", False):
         log(f"warning: {stats.special_records} records hold the text of this tokenizer's control tokens "
-            f"(like {tokenizer.eos_token}) in their messages, encoded as plain text (first: {stats.first_special}); set "
-            "data.allow_special_tokens=true if it is meant as control tokens")
+            f"(like {tokenizer.eos_token}) in their messages, encoded as plain text (first: {stats.first_special}); "
+            "set data.allow_special_tokens=true if it is meant as control tokens")
     return out, stats
 
 

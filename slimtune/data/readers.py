@@ -242,20 +242,26 @@ def _top_system(rec: dict, out: list[dict], where: str, name: str) -> list[dict]
 FORMATS = {"alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
 
 
+def _formats(keys) -> dict[str, list[str]]:
+    """format: the fields that name it, of those in keys."""
+    names = {"messages": ("messages",), "sharegpt": ("conversations",),
+             "alpaca": ("instruction", "input", "output", "history")}
+    found = {f: [k for k in fields if k in keys] for f, fields in names.items()}
+    return {f: fields for f, fields in found.items() if fields}
+
+
 def _detect(rec: dict, where: str) -> str:
-    """The record's format by its fields; fields of two formats at once are refused (which one is meant?)."""
-    found = [f for f, key in (("messages", "messages"), ("sharegpt", "conversations")) if key in rec]
-    alpaca = [k for k in ("instruction", "input", "output", "history") if k in rec]
-    if alpaca:
-        found.append("alpaca")
+    """The record's format by its fields; fields of two formats at once are refused (which one is meant?).
+    A field set to null does not count there: a datasets folder holds every column in every row."""
+    found = _formats([k for k, v in rec.items() if v is not None]) or _formats(rec)
     if len(found) > 1:
-        fields = [k for k in ("messages", "conversations") if k in rec] + alpaca
+        fields = [k for names in found.values() for k in names]
         raise DataError(f"{where}: fields {', '.join(map(json.dumps, fields))} belong to different formats "
                         f"({' and '.join(found)}); keep one format per record")
     if not found:
         raise DataError(f'{where}: neither field "messages" (chat), "conversations" (sharegpt) nor '
                         f'"instruction"/"output" (alpaca) found; fields present: {", ".join(map(str, rec)) or "none"}')
-    return found[0]
+    return next(iter(found))
 
 
 def parse(rec: Any, where: str, fmt: str = "auto", notes: Notes | None = None) -> Example:
@@ -271,7 +277,7 @@ def parse(rec: Any, where: str, fmt: str = "auto", notes: Notes | None = None) -
 
 
 def _note(rec: dict, ex: Example, fmt: str, where: str, notes: Notes) -> None:
-    unknown = [str(k) for k in rec if k not in KNOWN[fmt]]
+    unknown = [str(k) for k, v in rec.items() if k not in KNOWN[fmt] and v is not None]  # null: a datasets column
     if unknown:
         notes.unknown(where, unknown, KNOWN[fmt])
     if any(m["role"] == "user" and not m["content"].strip() for m in ex.messages):

@@ -96,3 +96,14 @@ def test_conversations_beside_messages_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "sg.jsonl", [{"messages": chat, "conversations": chat}])
     with pytest.raises(DataError, match='fields "messages", "conversations" belong to different formats'):
         read(path)
+
+
+def test_datasets_folder_with_columns_of_two_formats(tmp_path):
+    """save_to_disk keeps every column in every row (null where a row has none): nulls do not mix formats."""
+    import datasets
+
+    rows = [{"instruction": "Q", "output": "A", "conversations": None},
+            {"instruction": None, "output": None, "conversations": [{"from": "human", "value": "Hi"},
+                                                                   {"from": "gpt", "value": "Yo"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert [ex.messages[-1]["content"] for ex in read(tmp_path / "ds")] == ["A", "Yo"]
