@@ -43,6 +43,8 @@ def with_system(ex: Example, system: str) -> list[dict]:
 def _turns(ex: Example, max_turns: int) -> None:
     """A record with more turns than data.max_turns is a bad record: one huge chat (5,000 turns is a 60 KB
     line) costs seconds to render and is cut at data.max_len anyway."""
+    if max_turns < 0:
+        raise DataError(f"data.max_turns={max_turns} is negative; use 0 for no cap or a positive count")
     n = sum(m["role"] != "system" for m in ex.messages)
     if max_turns and n > max_turns:
         raise DataError(f"{ex.where}: {n} user/assistant turns, more than data.max_turns={max_turns}; split the "

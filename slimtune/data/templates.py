@@ -247,7 +247,10 @@ def _auto_content(messages: list[dict], tokenizer, full: str, add_generation_pro
     render with a marker in place of each text. The markers, replaced by the texts, must give `full` back;
     a template that changes or repeats texts gives none (so nothing is escaped)."""
     marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
-    skeleton = _apply(tokenizer, [{**m, "content": mk} for m, mk in zip(messages, marks)], add_generation_prompt)
+    try:
+        skeleton = _apply(tokenizer, [{**m, "content": mk} for m, mk in zip(messages, marks)], add_generation_prompt)
+    except RecordTemplateError:  # a template that checks the texts themselves: the slow way, by rendering
+        return []
     spans, parts, pos, at = [], [], 0, 0
     for m, mk in zip(messages, marks):
         found = skeleton.find(mk, pos)
