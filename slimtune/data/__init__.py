@@ -43,8 +43,6 @@ def with_system(ex: Example, system: str) -> list[dict]:
 def _turns(ex: Example, max_turns: int) -> None:
     """A record with more turns than data.max_turns is a bad record: one huge chat (5,000 turns is a 60 KB
     line) costs seconds to render and is cut at data.max_len anyway."""
-    if max_turns < 0:
-        raise DataError(f"data.max_turns={max_turns} is negative; use 0 for no cap or a positive count")
     n = sum(m["role"] != "system" for m in ex.messages)
     if max_turns and n > max_turns:
         raise DataError(f"{ex.where}: {n} user/assistant turns, more than data.max_turns={max_turns}; split the "
@@ -52,20 +50,22 @@ def _turns(ex: Example, max_turns: int) -> None:
 
 
 def _encode_one(ex: Example, tokenizer, cfg_data) -> Encoded:
-    _turns(ex, getattr(cfg_data, "max_turns", 0))
+    _turns(ex, cfg_data.max_turns)
     try:
         rendered = render(cfg_data.template, with_system(ex, cfg_data.system), tokenizer)
     except RecordTemplateError as err:
         raise RecordTemplateError(f"{ex.where}: {err}") from None
     return encode(rendered, tokenizer, cfg_data.max_len, cfg_data.train_on_prompt, ex.where,
-                  getattr(cfg_data, "allow_special_tokens", False))
+                  cfg_data.allow_special_tokens)
 
 
 def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dict] | None = None,
                  log=readers._warn) -> tuple[list[tuple[Example, Encoded]], Stats]:
     """(example, encoded) of each record that renders; with `skipped` given, a record the template cannot
     render or with too many turns is listed there instead of stopping the run."""
-    warning = check_tokens(cfg_data.template, tokenizer, getattr(cfg_data, "force_template", False))
+    if cfg_data.max_turns < 0:
+        raise DataError(f"data.max_turns={cfg_data.max_turns} is negative; use 0 for no cap or a positive count")
+    warning = check_tokens(cfg_data.template, tokenizer, cfg_data.force_template)
     if warning:
         log(warning)
     stats, out = Stats(), []
@@ -79,7 +79,7 @@ def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dic
             continue
         stats.add(enc)
         out.append((ex, enc))
-    if stats.special_records and not getattr(cfg_data, "allow_special_tokens", False):
+    if stats.special_records and not cfg_data.allow_special_tokens:
         log(f"warning: {stats.special_records} records hold the text of this tokenizer's control tokens "
             f"(like {tokenizer.eos_token}) in their messages, encoded as plain text (first: {stats.first_special}); "
             "set data.allow_special_tokens=true if it is meant as control tokens")
