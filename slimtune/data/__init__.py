@@ -121,13 +121,16 @@ def build(cfg_data, tokenizer, log=print) -> Built:
     held, estats = encode_pairs(eval_ex, tokenizer, cfg_data, skipped, log)
     skipped = skipped if skipped is not None else []
     if len(skipped) > read_bad:
-        log(f"skipped {len(skipped) - read_bad} records the template cannot render (data.on_bad_record=skip); "
+        log(f"skipped {len(skipped) - read_bad} records that cannot be encoded (data.on_bad_record=skip); "
             f"first: {skipped[read_bad]['reason']}")
     log(tstats.summary("train", cfg_data.max_len))
     if held:
         log(estats.summary("eval", cfg_data.max_len))
     train = _drop_empty(train, "train", log, skipped, cfg_data.max_len)
     held = _drop_empty(held, "eval", log, skipped, cfg_data.max_len)
+    if not tstats.records:
+        raise DataError(f"{cfg_data.train}: no training record could be encoded; the first: "
+                        f"{skipped[read_bad]['reason']}")
     if not train:
         raise DataError(f"{cfg_data.train}: no training record has an answer token left within "
                         f"data.max_len={cfg_data.max_len}; raise data.max_len")

@@ -109,7 +109,7 @@ def test_trimming_template_names_the_record_and_skip_skips_it(tmp_path):
     (s,) = built.skipped
     assert (s["where"], s["file"], s["line"], s["record"]) == (f"{path} line 2", str(path), 2, rows[1])
     assert "changes the assistant's text" in s["reason"]
-    assert any("skipped 1 records the template cannot render" in line for line in lines)
+    assert any("skipped 1 records that cannot be encoded (data.on_bad_record=skip); first: " in line for line in lines)
 
 
 def test_template_raise_exception_is_a_record_error(tmp_path):
@@ -130,8 +130,12 @@ def test_too_many_turns_is_a_bad_record(tmp_path, tokenizer):
     assert str(err.value) == (f"{path} line 1: 6 user/assistant turns, more than data.max_turns=4; split the "
                               "conversation, or raise data.max_turns (0 = no cap)")
     cfg.on_bad_record = "skip"
-    built = build(cfg, tokenizer, log=lambda *_: None)
+    lines: list[str] = []
+    built = build(cfg, tokenizer, log=lines.append)
     assert len(built.train) == 1 and built.skipped[0]["line"] == 1
+    assert f"skipped 1 records that cannot be encoded (data.on_bad_record=skip); first: {path} line 1: 6 " \
+           "user/assistant turns, more than data.max_turns=4; split the conversation, or raise data.max_turns " \
+           "(0 = no cap)" in lines
 
 
 @pytest.mark.parametrize("template, message", [
@@ -203,3 +207,12 @@ def test_skipped_record_cut_away_by_truncation_keeps_the_record(tmp_path, tokeni
     (s,) = built.skipped
     assert (s["file"], s["line"], s["record"]) == (str(path), 2, rows[1])
     assert json.loads(json.dumps(s))["record"] == rows[1]
+
+
+def test_every_record_failing_the_template_is_one_clear_error(tmp_path):
+    tok = make_tokenizer(chat_template=TRIMMING)
+    path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Q", "output": "A\n"}] * 2)
+    with pytest.raises(DataError) as err:
+        build(DataConfig(train=str(path), eval_size=0, on_bad_record="skip"), tok, log=lambda *_: None)
+    assert str(err.value).startswith(f"{path}: no training record could be encoded; the first: {path} line 1: "
+                                     "template 'auto': the chat_template changes the assistant's text")
