@@ -1,7 +1,9 @@
 """Data: read and check every record, render them with a chat template, encode with masks, split train/eval.
 
-data.on_bad_record=error stops at the first bad record; skip leaves it out and lists it, with its reason,
-in Built.skipped (train writes them to skipped_records.jsonl): a dataset never shrinks silently.
+data.on_bad_record=error stops at the first bad record; skip leaves it out and lists it, with its reason and
+the record itself, in Built.skipped (train writes them to skipped_records.jsonl): a dataset never shrinks
+silently. Bad records are those the readers refuse, those the template cannot render, those with more than
+data.max_turns turns, and those left with no answer token after truncation.
 """
 from __future__ import annotations
 

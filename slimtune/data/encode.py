@@ -2,6 +2,8 @@
 
 Labels come from the answer spans' character offsets, never from token ids, so an EOS that equals
 the pad token is still trained. Records longer than max_len are cut on the right and counted.
+Control-token text inside a message (`<|im_end|>` written in an answer) is encoded as plain text, and
+counted, unless data.allow_special_tokens says it is meant as control tokens.
 """
 from __future__ import annotations
 

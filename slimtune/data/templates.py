@@ -7,7 +7,11 @@ the generation prompt stops before it: tokenizers join it to the answer's first 
 
 `auto` uses the tokenizer's own `chat_template`. Where a template writes something after the final
 end-of-turn token (ChatML and SmolLM2 write "<|im_end|>\\n"), a training record stops at that token:
-the trailing newline is dropped, so every encoded record ends with its EOS.
+the trailing newline is dropped, so every encoded record ends with its EOS. Its answers are found in
+time linear in the turns: one render, one render with markers in place of the texts (which also says
+where each message's own text lies), and one generation-prompt render per change of answer header.
+
+A fixed family needs its control tokens to be single tokens of the tokenizer (`check_tokens`).
 """
 from __future__ import annotations
 
