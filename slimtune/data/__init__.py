@@ -62,13 +62,14 @@ def _encode_one(ex: Example, tokenizer, cfg_data) -> Encoded:
 
 
 def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dict] | None = None,
-                 log=readers._warn) -> tuple[list[tuple[Example, Encoded]], Stats]:
+                 log=readers._warn, check: bool = True) -> tuple[list[tuple[Example, Encoded]], Stats]:
     """(example, encoded) of each record that renders; with `skipped` given, a record the template cannot
-    render or with too many turns is listed there instead of stopping the run."""
+    render or with too many turns is listed there instead of stopping the run. check=False: the template's
+    control tokens were already checked (and a forced one warned about) for this run."""
     if cfg_data.max_turns < 0:
         raise DataError(f"data.max_turns={cfg_data.max_turns} is negative; use 0 for no cap or a positive count")
     warning = check_tokens(cfg_data.template, tokenizer, cfg_data.force_template)
-    if warning:
+    if warning and check:
         log(warning)
     stats, out = Stats(), []
     for ex in examples:
@@ -120,7 +121,7 @@ def build(cfg_data, tokenizer, log=print) -> Built:
     if read_bad:
         log(f"skipped {read_bad} bad records (data.on_bad_record=skip); first: {skipped[0]['reason']}")
     train, tstats = encode_pairs(train_ex, tokenizer, cfg_data, skipped, log)
-    held, estats = encode_pairs(eval_ex, tokenizer, cfg_data, skipped, log)
+    held, estats = encode_pairs(eval_ex, tokenizer, cfg_data, skipped, log, check=False)
     skipped = skipped if skipped is not None else []
     if len(skipped) > read_bad:
         log(f"skipped {len(skipped) - read_bad} records that cannot be encoded (data.on_bad_record=skip); "
