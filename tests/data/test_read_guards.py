@@ -140,3 +140,12 @@ def test_build_reports_warnings_through_its_log(tmp_path, tokenizer):
     lines: list[str] = []
     build(DataConfig(train=str(path), eval_size=0, template="chatml"), tokenizer, log=lines.append)
     assert any(line.startswith(f"warning: {path}: 1 record with keys slimtune does not read") for line in lines)
+
+
+def test_inspect_names_the_huge_int_in_one_line(tmp_path, tiny_model_dir, capsys):
+    from slimtune import cli
+
+    path = _file(tmp_path, [GOOD, HUGE])
+    assert cli.main(["inspect", str(path), "--model", str(tiny_model_dir)]) == 2
+    assert capsys.readouterr().err == (f'slimtune inspect: error: {path} line 2: field "id" holds an integer of 5000 '
+                                       "digits, more than Python reads (4300); write it as a string or remove it\n")
