@@ -52,7 +52,7 @@ class DataConfig:
     train: str = ""  # alpaca JSON/JSONL, messages JSONL, or a datasets.save_to_disk folder
     eval: str = ""  # held-out file; empty = split eval_size records off the training data
     eval_size: float = 0.1  # held-out fraction (<1) or record count (>=1) when data.eval is empty
-    format: str = "auto"  # auto | alpaca | messages
+    format: str = "auto"  # auto | alpaca | messages | sharegpt
     template: str = "auto"  # auto (tokenizer's chat_template) | llama2 | llama3 | chatglm3 | bloom | chatml
     system: str = ""  # default system prompt for records without one ("" = the template's own default)
     max_len: int = 512  # tokens per record; longer records are truncated (and counted)
@@ -60,6 +60,9 @@ class DataConfig:
     limit: int = 0  # read only the first N training records (0 = all)
     seed: int = 0  # seed of the train/eval split
     on_bad_record: str = "error"  # error: stop at the first bad record | skip: leave it out, listed in output_dir/skipped_records.jsonl
+    max_turns: int = 1000  # records with more user/assistant messages are bad records (0 = no cap): one huge chat must not stall a run
+    allow_special_tokens: bool = False  # encode control-token text inside messages (<|im_end|>) as control tokens; default: as plain text, counted
+    force_template: bool = False  # apply a data.template whose control tokens this tokenizer lacks (encoded as text pieces) instead of refusing
 
 
 METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",
@@ -134,7 +137,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.precision": ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure"),
-    "data.format": ("auto", "alpaca", "messages"),
+    "data.format": ("auto", "alpaca", "messages", "sharegpt"),
     "data.template": ("auto", "llama2", "llama3", "chatglm3", "bloom", "chatml"),
     "method.name": METHODS,
     "method.bias": ("none", "all", "lora_only"),

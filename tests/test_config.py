@@ -140,7 +140,7 @@ def test_unknown_key_without_close_match_lists_known_keys():
     ("data.template=alpaca", "data.template: 'alpaca' is not one of auto, llama2, llama3, chatglm3, bloom, chatml"),
     ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of auto, fp32, bf16, fp16"),
-    ("data.format=csv", "data.format: 'csv' is not one of auto, alpaca, messages"),
+    ("data.format=csv", "data.format: 'csv' is not one of auto, alpaca, messages, sharegpt"),
     ("train.device=tpu", "train.device: 'tpu' is not one of auto, cpu, cuda"),
 ])
 def test_invalid_choice(item, line):

@@ -1,19 +1,21 @@
 """Data: read and check every record, render them with a chat template, encode with masks, split train/eval.
 
-data.on_bad_record=error stops at the first bad record; skip leaves it out and lists it, with its reason,
-in Built.skipped (train writes them to skipped_records.jsonl): a dataset never shrinks silently.
+data.on_bad_record=error stops at the first bad record; skip leaves it out and lists it, with its reason and
+the record itself, in Built.skipped (train writes them to skipped_records.jsonl): a dataset never shrinks
+silently. Bad records are those the readers refuse, those the template cannot render, those with more than
+data.max_turns turns, and those left with no answer token after truncation.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
 
 from . import readers
+from .checks import skip_entry
 from .encode import Encoded, Stats, encode
-from .readers import DataError, Example, parse
-from .templates import render
+from .readers import DataError, Example
+from .templates import RecordTemplateError, check_tokens, render
 
 
 @dataclass
@@ -26,70 +28,11 @@ class Built:
     eval_examples: list[Example] = field(default_factory=list)  # eval's records as read, in its order
 
 
-def _lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) of a file; a broken JSONL line as (where, DataError) so that skip mode can pass over it."""
-    return readers._raw_records(path, lenient=True)
-
-
-def _bad_text(rec: Any) -> str | None:
-    """The field holding the first string that is not Unicode text: a JSON escape like \\ud800 reads as a
-    lone surrogate, which the tokenizer rejects with a TypeError from deep inside. (A loop, not recursion:
-    a record may nest as deep as json allows.)"""
-    stack = [("", rec)]
-    while stack:
-        name, value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return name or "(record)"
-        elif isinstance(value, (dict, list)):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            stack += reversed([(f"{name}[{k}]" if isinstance(k, int) else f"{name}.{k}" if name else str(k), v)
-                               for k, v in items])
-    return None
-
-
-def _check(rec: Any, where: str, fmt: str) -> Example:
-    if isinstance(rec, DataError):
-        raise rec
-    bad = _bad_text(rec)
-    if bad:
-        raise DataError(f'{where}: field "{bad}" holds an unpaired surrogate (a \\ud800-style escape), which is '
-                        "not text; fix or remove that character")
-    return parse(rec, where, fmt)
-
-
-def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None) -> list[Example]:
-    """Every record of a file or folder, each checked; an empty source is an error. With `skipped` given
-    (data.on_bad_record=skip), a bad record is appended there with its reason instead of stopping the read."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    examples, first = [], len(skipped or [])
-    try:
-        for where, rec in _lines(p):
-            try:
-                examples.append(_check(rec, where, fmt))
-            except DataError as err:
-                if skipped is None:
-                    raise
-                skipped.append({"where": where, "reason": str(err), "record": _jsonable(rec)})
-            if limit and len(examples) >= limit:
-                break
-    except RecursionError:
-        raise DataError(f"{p}: JSON nested too deeply to read") from None
-    if not examples:
-        bad = len(skipped or []) - first
-        what = f"every one of its {bad} records is bad; the first: {skipped[first]['reason']}" if bad else \
-            "no records found"
-        raise DataError(f"{p}: {what}")
-    return examples
-
-
-def _jsonable(rec: Any) -> Any:
-    """The record as skipped_records.jsonl holds it (a broken line: its reason says enough)."""
-    return None if isinstance(rec, DataError) else rec
+def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None,
+         log=readers._warn) -> list[Example]:
+    """Every record of a file or folder, each checked (readers.read: the one path every command reads
+    through); with `skipped` given (data.on_bad_record=skip), bad records are listed there instead."""
+    return readers.read(path, fmt, limit, skipped, log)
 
 
 def with_system(ex: Example, system: str) -> list[dict]:
@@ -99,14 +42,57 @@ def with_system(ex: Example, system: str) -> list[dict]:
     return ex.messages
 
 
-def encode_examples(examples: list[Example], tokenizer, cfg_data) -> tuple[list[Encoded], Stats]:
+def _turns(ex: Example, max_turns: int) -> None:
+    """A record with more turns than data.max_turns is a bad record: one huge chat (5,000 turns is a 60 KB
+    line) costs seconds to render and is cut at data.max_len anyway."""
+    n = sum(m["role"] != "system" for m in ex.messages)
+    if max_turns and n > max_turns:
+        raise DataError(f"{ex.where}: {n} user/assistant turns, more than data.max_turns={max_turns}; split the "
+                        "conversation, or raise data.max_turns (0 = no cap)")
+
+
+def _encode_one(ex: Example, tokenizer, cfg_data) -> Encoded:
+    _turns(ex, cfg_data.max_turns)
+    try:
+        rendered = render(cfg_data.template, with_system(ex, cfg_data.system), tokenizer)
+    except RecordTemplateError as err:
+        raise RecordTemplateError(f"{ex.where}: {err}") from None
+    return encode(rendered, tokenizer, cfg_data.max_len, cfg_data.train_on_prompt, ex.where,
+                  cfg_data.allow_special_tokens)
+
+
+def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dict] | None = None,
+                 log=readers._warn, check: bool = True) -> tuple[list[tuple[Example, Encoded]], Stats]:
+    """(example, encoded) of each record that renders; with `skipped` given, a record the template cannot
+    render or with too many turns is listed there instead of stopping the run. check=False: the template's
+    control tokens were already checked (and a forced one warned about) for this run."""
+    if cfg_data.max_turns < 0:
+        raise DataError(f"data.max_turns={cfg_data.max_turns} is negative; use 0 for no cap or a positive count")
+    warning = check_tokens(cfg_data.template, tokenizer, cfg_data.force_template)
+    if warning and check:
+        log(warning)
     stats, out = Stats(), []
     for ex in examples:
-        rendered = render(cfg_data.template, with_system(ex, cfg_data.system), tokenizer)
-        enc = encode(rendered, tokenizer, cfg_data.max_len, cfg_data.train_on_prompt, ex.where)
+        try:
+            enc = _encode_one(ex, tokenizer, cfg_data)
+        except (DataError, RecordTemplateError) as err:
+            if skipped is None:
+                raise
+            skipped.append(skip_entry(ex.where, str(err), ex.raw))
+            continue
         stats.add(enc)
-        out.append(enc)
+        out.append((ex, enc))
+    if stats.special_records and not cfg_data.allow_special_tokens:
+        log(f"warning: {stats.special_records} records hold the text of this tokenizer's control tokens "
+            f"(like {tokenizer.eos_token}) in their messages, encoded as plain text (first: {stats.first_special}); "
+            "set data.allow_special_tokens=true if it is meant as control tokens")
     return out, stats
+
+
+def encode_examples(examples: list[Example], tokenizer, cfg_data, log=readers._warn) -> tuple[list[Encoded], Stats]:
+    """Encode every record; the first that cannot be rendered stops with an error naming it."""
+    pairs, stats = encode_pairs(examples, tokenizer, cfg_data, log=log)
+    return [enc for _, enc in pairs], stats
 
 
 def split(examples: list[Example], size: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -123,43 +109,49 @@ def build(cfg_data, tokenizer, log=print) -> Built:
     """Read, check, split and encode; print what was read, skipped and truncated. Records dropped for having
     no answer left after truncation are listed in Built.skipped too."""
     skipped: list[dict] | None = [] if cfg_data.on_bad_record == "skip" else None
-    examples = read(cfg_data.train, cfg_data.format, cfg_data.limit, skipped)
+    examples = read(cfg_data.train, cfg_data.format, cfg_data.limit, skipped, log)
     if cfg_data.eval:
-        train_ex, eval_ex = examples, read(cfg_data.eval, cfg_data.format, skipped=skipped)
+        train_ex, eval_ex = examples, read(cfg_data.eval, cfg_data.format, skipped=skipped, log=log)
     else:
         train_ex, eval_ex = split(examples, cfg_data.eval_size, cfg_data.seed)
     log(f"read {len(examples)} records from {cfg_data.train}"
         + (f" and {len(eval_ex)} from {cfg_data.eval}" if cfg_data.eval else
            f"; held out {len(eval_ex)} for eval"))
+    read_bad = len(skipped or [])
+    if read_bad:
+        log(f"skipped {read_bad} bad records (data.on_bad_record=skip); first: {skipped[0]['reason']}")
+    train, tstats = encode_pairs(train_ex, tokenizer, cfg_data, skipped, log)
+    held, estats = encode_pairs(eval_ex, tokenizer, cfg_data, skipped, log, check=False)
     skipped = skipped if skipped is not None else []
-    if skipped:
-        log(f"skipped {len(skipped)} bad records (data.on_bad_record=skip); first: {skipped[0]['reason']}")
-    train, tstats = encode_examples(train_ex, tokenizer, cfg_data)
-    held, estats = encode_examples(eval_ex, tokenizer, cfg_data)
+    if len(skipped) > read_bad:
+        log(f"skipped {len(skipped) - read_bad} records that cannot be encoded (data.on_bad_record=skip); "
+            f"first: {skipped[read_bad]['reason']}")
     log(tstats.summary("train", cfg_data.max_len))
     if held:
         log(estats.summary("eval", cfg_data.max_len))
     train = _drop_empty(train, "train", log, skipped, cfg_data.max_len)
-    encoded, held = held, _drop_empty(held, "eval", log, skipped, cfg_data.max_len)
-    kept = {id(r) for r in held}
-    eval_ex = [ex for ex, r in zip(eval_ex, encoded) if id(r) in kept]  # still one example per eval record
+    held = _drop_empty(held, "eval", log, skipped, cfg_data.max_len)
+    if not tstats.records:
+        raise DataError(f"{cfg_data.train}: no training record could be encoded; the first: "
+                        f"{skipped[read_bad]['reason']}")
     if not train:
         raise DataError(f"{cfg_data.train}: no training record has an answer token left within "
                         f"data.max_len={cfg_data.max_len}; raise data.max_len")
-    return Built(train, held, tstats, estats, skipped, eval_ex)
+    return Built([r for _, r in train], [r for _, r in held], tstats, estats, skipped, [ex for ex, _ in held])
 
 
-def _drop_empty(records: list[Encoded], name: str, log, skipped: list[dict], max_len: int) -> list[Encoded]:
+def _drop_empty(records: list[tuple[Example, Encoded]], name: str, log, skipped: list[dict],
+                max_len: int) -> list[tuple[Example, Encoded]]:
     """Records with no trained token left are not used: the loss skips each record's first position (it
     has no previous token), so a label there alone trains nothing."""
     kept, lost = [], []
-    for r in records:
-        (kept if any(x != -100 for x in r.labels[1:]) else lost).append(r)
+    for ex, r in records:
+        (kept if any(x != -100 for x in r.labels[1:]) else lost).append((ex, r))
     if lost:
         log(f"{name}: {len(lost)} records have no trained token left after truncation and are not used "
-            f"(first: {lost[0].where})")
+            f"(first: {lost[0][1].where})")
         reason = f"no trained token left after truncation to data.max_len={max_len}"
-        skipped += [{"where": r.where, "reason": f"{r.where}: {reason}", "record": None} for r in lost]
+        skipped += [skip_entry(r.where, f"{r.where}: {reason}", ex.raw) for ex, r in lost]
     return kept
 
 

@@ -2,6 +2,8 @@
 
 Labels come from the answer spans' character offsets, never from token ids, so an EOS that equals
 the pad token is still trained. Records longer than max_len are cut on the right and counted.
+Control-token text inside a message (`<|im_end|>` written in an answer) is encoded as plain text, and
+counted, unless data.allow_special_tokens says it is meant as control tokens.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Encoded:
     truncated: bool = False  # longer than max_len before cutting
     lost_eos: bool = False  # the final answer's end token was cut off
     lost_answer: bool = False  # every trained token was cut off
+    special_text: int = 0  # control-token texts inside the messages, encoded as plain text
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Stats:
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    special_records: int = 0  # records holding control-token text in their messages
+    first_special: str = ""  # the first of them
 
     def add(self, enc: Encoded) -> None:
         self.records += 1
@@ -40,6 +45,9 @@ class Stats:
         self.tokens += len(enc.input_ids)
         self.trained_tokens += sum(1 for x in enc.labels if x != IGNORE)
         self.lengths.append(len(enc.input_ids))
+        if enc.special_text:
+            self.special_records += 1
+            self.first_special = self.first_special or enc.where
 
     def summary(self, name: str, max_len: int) -> str:
         return (f"{name}: {self.records} records, {self.tokens} tokens ({self.trained_tokens} trained); "
@@ -47,16 +55,68 @@ class Stats:
                 f"and {self.lost_answer} lost their whole answer")
 
 
-def encode(rendered: Rendered, tokenizer, max_len: int, train_on_prompt: bool = False, where: str = "") -> Encoded:
-    """Tokenize the whole text once (so ids equal the template's own tokenization) and label by spans."""
+def _overlaps(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token, whether it overlaps a span. Tokens and spans both come in text order, so one sweep
+    (testing every span per token was quadratic: 40 s for one 5,000-turn record)."""
+    out, j = [], 0
+    for a, b in offsets:
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        out.append(j < len(spans) and spans[j][0] < b and a < spans[j][1])
+    return out
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's control tokens (named ones and tokenizer.json's special added tokens)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []))
+    ids.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
+    return ids
+
+
+def _escape(text: str, ids: list[int], offsets: list, content: list[tuple[int, int]], tokenizer):
+    """Control-token text that came from the data (inside a message's own text, not the template's) encoded
+    as the plain text it is: `<|im_end|>` in an answer must not end the turn. Returns ids, offsets, count."""
+    special = special_ids(tokenizer)
+    if not content or not special.intersection(ids):
+        return ids, offsets, 0
+    inside = _overlaps(offsets, content)
+    out_ids, out_off, n = [], [], 0
+    for tid, (a, b), ins in zip(ids, offsets, inside):
+        if tid in special and ins:
+            piece = tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True,
+                              return_offsets_mapping=True)
+            out_ids += piece["input_ids"]
+            out_off += [(a + x, a + y) for x, y in piece["offset_mapping"]]
+            n += 1
+        else:
+            out_ids.append(tid)
+            out_off.append((a, b))
+    return out_ids, out_off, n
+
+
+def _tokens(rendered: Rendered, tokenizer, allow_special: bool):
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if allow_special:
+        return ids, offsets, 0
+    return _escape(rendered.text, ids, offsets, rendered.content, tokenizer)
+
+
+def encode(rendered: Rendered, tokenizer, max_len: int, train_on_prompt: bool = False, where: str = "",
+           allow_special: bool = False) -> Encoded:
+    """Tokenize the whole text once (so ids equal the template's own tokenization) and label by spans.
+
+    Args:
+        allow_special: encode control-token text inside the messages (`<|im_end|>`) as the control token
+            (data.allow_special_tokens); by default it is encoded as plain text, and counted.
+    """
+    ids, offsets, special = _tokens(rendered, tokenizer, allow_special)
     # a token is trained when it overlaps an answer span: a token straddling the boundary ("▁Hi" after
     # "[/INST]") produces the answer's first characters, so it belongs to the answer.
-    answer = [any(a < e and b > s for s, e in rendered.spans) for a, b in offsets]
+    answer = _overlaps(offsets, rendered.spans)
     labels = [tid if (ans or train_on_prompt) else IGNORE for tid, ans in zip(ids, answer)]
     truncated = len(ids) > max_len
-    out = Encoded(ids[:max_len], labels[:max_len], where, truncated)
+    out = Encoded(ids[:max_len], labels[:max_len], where, truncated, special_text=special)
     if truncated:
         last = max((i for i, ans in enumerate(answer) if ans), default=-1)  # the final answer's end token
         out.lost_eos = last >= max_len
@@ -64,6 +124,7 @@ def encode(rendered: Rendered, tokenizer, max_len: int, train_on_prompt: bool = 
     return out
 
 
-def prompt_ids(rendered: Rendered, tokenizer) -> list[int]:
-    """Token ids of a generation prompt (rendered with add_generation_prompt)."""
-    return list(tokenizer(rendered.text, add_special_tokens=False)["input_ids"])
+def prompt_ids(rendered: Rendered, tokenizer, allow_special: bool = False) -> list[int]:
+    """Token ids of a generation prompt (rendered with add_generation_prompt), control-token text in the
+    messages escaped as in training."""
+    return _tokens(rendered, tokenizer, allow_special)[0]

@@ -1,27 +1,38 @@
-"""Read alpaca and chat-messages records from JSON, JSONL or a datasets folder into conversations.
+"""Read alpaca, chat-messages and ShareGPT records from JSON, JSONL or a datasets folder into conversations.
 
 Every record becomes an Example: a list of {"role", "content"} messages (optional system first, then
 user/assistant turns, ending with an assistant turn) plus `where`, the file and line or record index
 that error messages name. A bad record stops the read with a DataError naming file, record and field.
+
+Every command reads through `read` (train, inspect, estimate, eval; generate through `read_prompts`), so
+each gets the same guards: JSON that Python cannot hold (5,000-digit integers, deep nesting) and text that
+is not Unicode (lone surrogates) are errors naming the record, and odd but readable records (duplicate
+keys, unknown keys, NaN literals, control characters, empty user turns) are counted and reported.
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .checks import DataError, DupDict, HugeInt, Notes, scan, skip_entry
+
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data problem, its message naming the file, the record and the field."""
+ALPACA = ("instruction", "input", "output", "system", "history")
+KNOWN = {"alpaca": set(ALPACA), "messages": {"messages", "system"}, "sharegpt": {"conversations", "system"}}
+# ShareGPT's role names (LLaMA-Factory's tags and the OpenAI ones); observation and function_call (tool
+# results and tool calls) have no place in a system/user/assistant conversation, so they are refused.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
 @dataclass
 class Example:
     messages: list[dict[str, str]]  # system? then user/assistant turns, the last one the assistant's
     where: str  # "train.jsonl line 17" or "data.json record 5"
+    raw: Any = None  # the record as read, for skipped_records.jsonl
 
 
 def _raw_records(path: Path, lenient: bool = False) -> Iterator[tuple[str, Any]]:
@@ -39,9 +50,11 @@ def _raw_records(path: Path, lenient: bool = False) -> Iterator[tuple[str, Any]]
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         text = _decode(data, path, None)
         try:
-            items = json.loads(text)
+            items = _loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno} column {err.colno}: invalid JSON: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
         for i, item in enumerate(items):
             yield f"{path} record {i}", item
         return
@@ -49,6 +62,26 @@ def _raw_records(path: Path, lenient: bool = False) -> Iterator[tuple[str, Any]]
         if isinstance(item, DataError) and not lenient:
             raise item
         yield where, item
+
+
+def _parse_int(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:  # Python refuses to convert huge digit strings (CVE-2020-10735's limit)
+        return HugeInt(len(text.lstrip("-")))
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        out = DupDict(out)
+        seen: set[str] = set()
+        out.dups = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return out
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int, object_pairs_hook=_pairs)
 
 
 def _jsonl(data: bytes, path: Path) -> Iterator[tuple[str, Any]]:
@@ -59,7 +92,7 @@ def _jsonl(data: bytes, path: Path) -> Iterator[tuple[str, Any]]:
             line = _decode(raw, path, f"line {lineno}")
             if not line.strip():
                 continue
-            yield where, json.loads(line)
+            yield where, _loads(line)
         except json.JSONDecodeError as err:
             yield where, DataError(f"{where}: invalid JSON at column {err.colno}: {err.msg}")
         except RecursionError:
@@ -130,85 +163,193 @@ def from_alpaca(rec: dict, where: str) -> Example:
             raise DataError(f'{where}: field "history[{i}][1]" is empty; every assistant turn needs text')
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return Example(messages, where)
+    return Example(messages, where, rec)
+
+
+def _turn(m: Any, field: str, where: str, keys: tuple[str, str], roles: dict[str, str]) -> dict[str, str]:
+    """One {"role", "content"} message from a chat item whose role and text sit under `keys`."""
+    rkey, ckey = keys
+    if not isinstance(m, dict):
+        raise DataError(f'{where}: field "{field}" must be an object with "{rkey}" and "{ckey}"')
+    role, content = m.get(rkey), m.get(ckey)
+    if not isinstance(role, str) or role not in roles:
+        raise DataError(f'{where}: field "{field}.{rkey}" is {role!r}; expected one of {", ".join(roles)}')
+    if not isinstance(content, str):
+        raise DataError(f'{where}: field "{field}.{ckey}" must be a string, got {type(content).__name__}')
+    return {"role": roles[role], "content": content}
+
+
+def _conversation(items: Any, where: str, name: str, keys: tuple[str, str], roles: dict[str, str]) -> list[dict]:
+    """Checked messages: system (first only), then user and assistant alternating, ending with assistant."""
+    if not isinstance(items, list) or not items:
+        raise DataError(f'{where}: field "{name}" must be a non-empty list of {{"{keys[0]}", "{keys[1]}"}} objects')
+    out = []
+    for i, m in enumerate(items):
+        field = f"{name}[{i}]"
+        turn = _turn(m, field, where, keys, roles)
+        role, content = turn["role"], turn["content"]
+        if role == "system" and i != 0:
+            raise DataError(f'{where}: field "{field}.{keys[0]}": a system message may only come first')
+        expected = "user" if (len(out) - (out[0]["role"] == "system" if out else 0)) % 2 == 0 else "assistant"
+        if role != "system" and role != expected:
+            raise DataError(f'{where}: field "{field}.{keys[0]}" is {m[keys[0]]!r}; turns must alternate '
+                            f"user/assistant starting with user (expected {expected!r})")
+        if role == "assistant" and not content.strip():
+            raise DataError(f'{where}: field "{field}.{keys[1]}" is empty; every assistant turn needs text')
+        out.append(turn)
+    if out[-1]["role"] != "assistant":
+        raise DataError(f'{where}: field "{name}[{len(out) - 1}].{keys[0]}": the last message must be the '
+                        "assistant's answer")
+    return out
 
 
 def from_messages(rec: dict, where: str) -> Example:
     """Chat records: roles system (first only), then user and assistant alternating, ending with assistant."""
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f'{where}: field "messages" must be a non-empty list of {{"role", "content"}} objects')
-    out = []
-    for i, m in enumerate(msgs):
-        field = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise DataError(f'{where}: field "{field}" must be an object with "role" and "content"')
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise DataError(f'{where}: field "{field}.role" is {role!r}; expected one of {", ".join(ROLES)}')
-        if not isinstance(content, str):
-            raise DataError(f'{where}: field "{field}.content" must be a string, got {type(content).__name__}')
-        if role == "system" and i != 0:
-            raise DataError(f'{where}: field "{field}.role": a system message may only come first')
-        expected = "user" if (len(out) - (out[0]["role"] == "system" if out else 0)) % 2 == 0 else "assistant"
-        if role != "system" and role != expected:
-            raise DataError(f'{where}: field "{field}.role" is {role!r}; turns must alternate user/assistant '
-                            f"starting with user (expected {expected!r})")
-        if role == "assistant" and not content.strip():
-            raise DataError(f'{where}: field "{field}.content" is empty; every assistant turn needs text')
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "assistant":
-        raise DataError(f'{where}: field "messages[{len(out) - 1}].role": the last message must be the '
-                        "assistant's answer")
-    return Example(out, where)
+    out = _conversation(rec.get("messages"), where, "messages", ("role", "content"), dict(zip(ROLES, ROLES)))
+    return Example(_top_system(rec, out, where, "messages"), where, rec)
 
 
-def parse(rec: Any, where: str, fmt: str = "auto") -> Example:
-    """One raw record to an Example, by format (auto looks for "messages", then "instruction")."""
+def from_sharegpt(rec: dict, where: str) -> Example:
+    """ShareGPT records: "conversations" of {"from", "value"} (human/gpt/system), or {"role", "content"}."""
+    items = rec.get("conversations")
+    first = items[0] if isinstance(items, list) and items else None
+    keys = ("role", "content") if isinstance(first, dict) and "from" not in first and "role" in first else \
+        ("from", "value")
+    if isinstance(items, list):
+        for i, m in enumerate(items):
+            role = m.get(keys[0]) if isinstance(m, dict) else None
+            if isinstance(role, str) and role not in SHAREGPT_ROLES:
+                raise DataError(f'{where}: field "conversations[{i}].{keys[0]}" is {role!r}, which slimtune cannot '
+                                f"map to system/user/assistant (it reads {', '.join(SHAREGPT_ROLES)}); "
+                                "convert or remove those turns")
+    out = _conversation(items, where, "conversations", keys, SHAREGPT_ROLES)
+    return Example(_top_system(rec, out, where, "conversations"), where, rec)
+
+
+def _top_system(rec: dict, out: list[dict], where: str, name: str) -> list[dict]:
+    """A top-level "system" beside the conversation is its system message (as LLaMA-Factory reads it);
+    with a system turn inside too, which one was meant is unclear: refused."""
+    system = rec.get("system")
+    if system is None or system == "":
+        return out
+    if not isinstance(system, str):
+        raise DataError(f'{where}: field "system" must be a string, got {type(system).__name__}')
+    if out[0]["role"] == "system":
+        raise DataError(f'{where}: field "system" is given beside a system message in "{name}"; keep one of them')
+    return [{"role": "system", "content": system}] + out
+
+
+FORMATS = {"alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
+
+
+def _formats(keys) -> dict[str, list[str]]:
+    """format: the fields that name it, of those in keys."""
+    names = {"messages": ("messages",), "sharegpt": ("conversations",),
+             "alpaca": ("instruction", "input", "output", "history")}
+    found = {f: [k for k in fields if k in keys] for f, fields in names.items()}
+    return {f: fields for f, fields in found.items() if fields}
+
+
+def _detect(rec: dict, where: str) -> str:
+    """The record's format by its fields; fields of two formats at once are refused (which one is meant?).
+    A field set to null does not count there: a datasets folder holds every column in every row."""
+    found = _formats([k for k, v in rec.items() if v is not None]) or _formats(rec)
+    if len(found) > 1:
+        fields = [k for names in found.values() for k in names]
+        raise DataError(f"{where}: fields {', '.join(map(json.dumps, fields))} belong to different formats "
+                        f"({' and '.join(found)}); keep one format per record")
+    if not found:
+        raise DataError(f'{where}: neither field "messages" (chat), "conversations" (sharegpt) nor '
+                        f'"instruction"/"output" (alpaca) found; fields present: {", ".join(map(str, rec)) or "none"}')
+    return next(iter(found))
+
+
+def parse(rec: Any, where: str, fmt: str = "auto", notes: Notes | None = None) -> Example:
+    """One raw record to an Example, by format (auto tells alpaca, messages and sharegpt by their fields)."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if fmt == "auto":
-        fmt = "messages" if "messages" in rec else "alpaca" if ("instruction" in rec or "output" in rec) else ""
-        if not fmt:
-            raise DataError(f'{where}: neither field "messages" (chat) nor "instruction"/"output" (alpaca) '
-                            f"found; fields present: {', '.join(map(str, rec)) or 'none'}")
-    return from_messages(rec, where) if fmt == "messages" else from_alpaca(rec, where)
+        fmt = _detect(rec, where)
+    ex = FORMATS[fmt](rec, where)
+    if notes is not None:
+        _note(rec, ex, fmt, where, notes)
+    return ex
 
 
-def read(path: str | Path, fmt: str = "auto", limit: int = 0) -> list[Example]:
-    """All records of a file or folder; an empty source is an error."""
+def _note(rec: dict, ex: Example, fmt: str, where: str, notes: Notes) -> None:
+    unknown = [str(k) for k, v in rec.items() if k not in KNOWN[fmt] and v is not None]  # null: a datasets column
+    if unknown:
+        notes.unknown(where, unknown, KNOWN[fmt])
+    if any(m["role"] == "user" and not m["content"].strip() for m in ex.messages):
+        notes.add("empty_user", where)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None,
+         log=_warn, prompts: bool = False) -> list[Example]:
+    """Every record of a file or folder, each checked; an empty source is an error. With `skipped` given
+    (data.on_bad_record=skip), a bad record is appended there with its reason instead of stopping the read.
+    Odd records that are still read are counted and reported through `log`, one line per kind.
+
+    Args:
+        prompts: read generation prompts: the answer is optional (alpaca) or absent (a chat ending with
+            a user turn), and each Example ends with the user's turn.
+    """
     p = Path(path)
+    if limit < 0:
+        raise DataError(f"{p}: data.limit={limit} is negative; use 0 for every record or a positive count")
     if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    examples = []
-    for where, rec in _raw_records(p):
-        examples.append(parse(rec, where, fmt))
+        raise DataError(f"{p}: {'prompts' if prompts else 'data'} file not found")
+    examples, first, notes = [], len(skipped or []), Notes(p, unknown_keys=not prompts)
+    for where, rec in _raw_records(p, lenient=True):
+        try:
+            examples.append(_check(rec, where, fmt, notes, prompts))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append(skip_entry(where, str(err), rec))
         if limit and len(examples) >= limit:
             break
+    notes.report(log)
     if not examples:
-        raise DataError(f"{p}: no records found")
+        bad = len(skipped or []) - first
+        what = f"every one of its {bad} records is bad; the first: {skipped[first]['reason']}" if bad else \
+            f"no {'prompts' if prompts else 'records'} found"
+        raise DataError(f"{p}: {what}")
     return examples
 
 
-def read_prompts(path: str | Path) -> tuple[list[Example], list[Any]]:
-    """Prompts for generation (alpaca records, output optional, or messages ending with a user turn),
-    with the raw records so outputs can carry them along."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: prompts file not found")
-    out, raws = [], []
-    for where, rec in _raw_records(p):
-        raws.append(rec)
-        if isinstance(rec, dict) and "messages" in rec and isinstance(rec["messages"], list):
-            rec = dict(rec, messages=list(rec["messages"]) + [{"role": "assistant", "content": "-"}])
-            prev = rec["messages"][-2] if len(rec["messages"]) >= 2 else None
-            if isinstance(prev, dict) and prev.get("role") == "assistant":
-                raise DataError(f'{where}: field "messages": a prompt must end with a user message')
-        elif isinstance(rec, dict):
-            rec = dict(rec, output="-")
-        ex = parse(rec, where)
-        ex.messages = ex.messages[:-1]
-        out.append(ex)
-    if not out:
-        raise DataError(f"{p}: no prompts found")
-    return out, raws
+def _check(rec: Any, where: str, fmt: str, notes: Notes, prompts: bool) -> Example:
+    if isinstance(rec, DataError):
+        raise rec
+    scan(rec, where, notes)
+    if not prompts:
+        return parse(rec, where, fmt, notes)
+    ex = parse(_as_prompt(rec, where), where, fmt, notes)
+    return Example(ex.messages[:-1], where, rec)
+
+
+def _as_prompt(rec: Any, where: str) -> Any:
+    """A prompt record with a placeholder answer, so that it parses as a training record does."""
+    if not isinstance(rec, dict):
+        return rec
+    for key in ("messages", "conversations"):
+        if key in rec and isinstance(rec[key], list):
+            prev = rec[key][-1] if rec[key] else None
+            if isinstance(prev, dict) and (prev.get("role") or prev.get("from")) in ("assistant", "gpt"):
+                raise DataError(f'{where}: field "{key}": a prompt must end with a user message')
+            role = {"role": "assistant"} if key == "messages" or (isinstance(prev, dict) and "role" in prev) \
+                else {"from": "gpt"}
+            other = "content" if "role" in role else "value"
+            return dict(rec, **{key: list(rec[key]) + [{**role, other: "-"}]})
+    return dict(rec, output="-")
+
+
+def read_prompts(path: str | Path, log=_warn) -> tuple[list[Example], list[Any]]:
+    """Prompts for generation (alpaca records, output optional, or chats ending with a user turn), with
+    the raw records so outputs can carry them along."""
+    out = read(path, log=log, prompts=True)
+    return out, [ex.raw for ex in out]

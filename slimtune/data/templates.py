@@ -7,21 +7,32 @@ the generation prompt stops before it: tokenizers join it to the answer's first 
 
 `auto` uses the tokenizer's own `chat_template`. Where a template writes something after the final
 end-of-turn token (ChatML and SmolLM2 write "<|im_end|>\\n"), a training record stops at that token:
-the trailing newline is dropped, so every encoded record ends with its EOS.
+the trailing newline is dropped, so every encoded record ends with its EOS. Its answers are found in
+time linear in the turns: one render, one render with markers in place of the texts (which also says
+where each message's own text lies), and one generation-prompt render per change of answer header.
+
+A fixed family needs its control tokens to be single tokens of the tokenizer (`check_tokens`).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
 class Rendered:
     text: str
     spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each trained answer
+    content: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each message's own text
 
 
 class TemplateError(ValueError):
-    pass
+    """The template cannot be used with this tokenizer (no chat_template, unsafe or broken Jinja, ...)."""
+
+
+class RecordTemplateError(TemplateError):
+    """The template cannot render one record (others may render): data.on_bad_record=skip skips it."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Family:
     after_answer: str = ""  # text between an answer's end token and the next turn (not trained)
     stop: str = "{eos}"  # the token generation stops on
     system_inside_user: bool = False  # llama2 puts <<SYS>> inside the first [INST]
+    controls: tuple[str, ...] = ()  # control tokens the tokenizer must hold as single tokens
 
 
 FAMILIES = {
@@ -52,12 +64,13 @@ FAMILIES = {
         user_next="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
         answer_end="<|eot_id|>", stop="<|eot_id|>",
+        controls=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     ),
     # As ChatGLM3's build_chat_input: role token, "\n" (sentencepiece writes it " \n"), content.
     "chatglm3": Family(
         name="chatglm3", prefix="[gMASK]sop", system="<|system|> \n{content}",
         user_first="<|user|> \n{content}<|assistant|> \n", user_next="<|user|> \n{content}<|assistant|> \n",
-        answer_end="{eos}",
+        answer_end="{eos}", controls=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>"),
     ),
     "bloom": Family(
         name="bloom", prefix="", system="{content}\n\n",
@@ -68,7 +81,7 @@ FAMILIES = {
         name="chatml", prefix="", system="<|im_start|>system\n{content}<|im_end|>\n",
         user_first="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
         user_next="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>",
+        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", controls=("<|im_start|>", "<|im_end|>"),
     ),
 }
 
@@ -79,24 +92,39 @@ def _special(tokenizer) -> dict[str, str]:
     return {"bos": getattr(tokenizer, "bos_token", None) or "", "eos": getattr(tokenizer, "eos_token", None) or ""}
 
 
+def _fill(fmt: str, content: str, **kw) -> tuple[str, int]:
+    """fmt filled in, and where the content starts in it."""
+    return fmt.format(content=content, **kw), len(fmt.split("{content}", 1)[0].format(**kw))
+
+
 def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
     tok = _special(tokenizer)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = messages[1:] if system or (messages and messages[0]["role"] == "system") else messages
-    text = fam.prefix.format(**tok)
+    text, content = fam.prefix.format(**tok), []
     if system and not fam.system_inside_user:
-        text += fam.system.format(content=system, **tok)
+        piece, at = _fill(fam.system, system, **tok)
+        content.append((len(text) + at, len(text) + at + len(system)))
+        text += piece
     spans, first = [], True
     for m in turns:
         if m["role"] == "user":
             fmt = fam.user_first if first else fam.user_next
             sys_part = fam.system.format(content=system, **tok) if (first and system) else ""
-            text += fmt.format(content=m["content"], system=sys_part, **tok)
+            if sys_part and fam.system_inside_user:
+                at = len(text) + fmt.index("{system}") + len(fam.system.split("{content}", 1)[0])
+                content.append((at, at + len(system)))
+            piece, at = _fill(fmt, m["content"], system=sys_part, **tok)
+            content.append((len(text) + at, len(text) + at + len(m["content"])))
+            text += piece
             first = False
         else:
             # A header's final space ("[/INST] ", "Assistant: ") belongs to the answer: tokenizers join it
             # to the first word ("ĠThe", "▁The"), so the generation prompt stops before it and it is trained.
-            start = len(text.rstrip(" "))
+            # (Only the tail is looked at: stripping the whole text per answer would be quadratic.)
+            tail = text[-64:]
+            start = len(text) - len(tail) + len(tail.rstrip(" "))
+            content.append((len(text), len(text) + len(m["content"])))
             text += m["content"] + fam.answer_end.format(**tok)
             spans.append((start, len(text)))
             text += fam.after_answer
@@ -104,29 +132,85 @@ def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_
         text = text[: len(text) - len(fam.after_answer)]
     if add_generation_prompt:  # a prompt ending in a bare space token asks for a split never trained on
         text = text.rstrip(" ")
-    return Rendered(text, spans)
+    return Rendered(text, spans, content)
+
+
+def _template_file(tokenizer) -> str:
+    """Where the tokenizer's chat_template came from, for messages: its folder's file, or the folder."""
+    folder = getattr(tokenizer, "name_or_path", "") or ""
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if folder and (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    return f"{folder}: chat_template" if folder else "the tokenizer's chat_template"
 
 
 def _apply(tokenizer, messages, add_generation_prompt) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.SecurityError as err:  # transformers renders in jinja's sandbox, which stops it
+        raise TemplateError(f"{_template_file(tokenizer)}: the chat_template tried an operation the sandbox "
+                            f"forbids ({err}); do not use this tokenizer's template: choose data.template from "
+                            f"{', '.join(FAMILIES)}") from None
+    except jinja2.exceptions.TemplateSyntaxError as err:
+        raise TemplateError(f"{_template_file(tokenizer)}: the chat_template is not valid Jinja (template line "
+                            f"{err.lineno}: {err.message}); fix it or choose data.template from "
+                            f"{', '.join(FAMILIES)}") from None
+    except jinja2.exceptions.TemplateError as err:  # the template's raise_exception(...): this record only
+        raise RecordTemplateError(f"the chat_template refused this conversation: {err}") from None
 
 
-def _end_token(tokenizer, rest: str) -> str:
-    """The special token that ends an answer in the tokenizer's template, or "" if it writes none.
+def _end_tokens(tokenizer) -> list[str]:
+    """The special tokens an answer may end with, the EOS first."""
+    candidates = [tokenizer.eos_token] + list(getattr(tokenizer, "all_special_tokens", []))
+    # tokenizer.json's special tokens too: Llama-3 base lists <|eot_id|> only there, not as a named one
+    candidates += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return [t for t in candidates if t]
+
+
+def _end_token(candidates: list[str], eos: str, full: str, at: int) -> str:
+    """The special token that ends an answer at full[at:] in the tokenizer's template, or "" if none.
 
     Llama-2's template writes " </s>": the EOS after whitespace also ends the answer (with its
     whitespace), else the EOS would be inserted and the template's own " </s>" kept as well.
     """
-    candidates = [tokenizer.eos_token] + list(getattr(tokenizer, "all_special_tokens", []))
-    # tokenizer.json's special tokens too: Llama-3 base lists <|eot_id|> only there, not as a named one
-    candidates += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
     for tok in candidates:
-        if tok and rest.startswith(tok):
+        if full.startswith(tok, at):
             return tok
-    eos, after_space = tokenizer.eos_token, rest.lstrip()
+    rest = full[at:at + 64]  # a bounded look: slicing the whole tail per answer would be quadratic
+    after_space = rest.lstrip()
     if eos and after_space != rest and after_space.startswith(eos):
         return rest[: len(rest) - len(after_space) + len(eos)]
     return ""
+
+
+def _exact_prompt_end(messages, i: int, tokenizer, full: str, pos: int) -> int:
+    """Where answer i starts in `full`, from rendering its own generation prompt (which must be a prefix
+    of `full`: a template that renders earlier turns differently once later ones follow is refused)."""
+    prefix = _apply(tokenizer, messages[:i], True)
+    if not full.startswith(prefix) or len(prefix) < pos:
+        raise RecordTemplateError("template 'auto': the tokenizer's chat_template renders earlier turns "
+                                  "differently once later turns follow; choose an explicit data.template")
+    return len(prefix)
+
+
+def _prompt_ends(messages, answers: list[int], tokenizer, full: str, where: list[tuple[int, int]]) -> dict:
+    """Where each answer starts in `full` (right after its generation prompt). Rendering every answer's
+    prompt costs time quadratic in the turns (269 s for 5,000 pairs), so only the first is rendered, and
+    any whose prompt does not end as the last rendered one did: the others are that header (what a prompt
+    writes after the user's text) found right after their user's text, whose place `where` gives (from
+    _auto_content; with [] every prompt is rendered)."""
+    ends, pos, header = {}, 0, ""
+    for i in answers:
+        user_end = where[i - 1][1] if where and i and messages[i - 1]["role"] == "user" else -1
+        if header and user_end >= pos and full.startswith(header, user_end):
+            ends[i] = user_end + len(header)
+        else:
+            ends[i] = _exact_prompt_end(messages, i, tokenizer, full, pos)
+            header = full[user_end:ends[i]] if 0 <= user_end <= ends[i] else ""
+        pos = ends[i]
+    return ends
 
 
 def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
@@ -134,29 +218,63 @@ def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -
         raise TemplateError("template 'auto': this tokenizer has no chat_template; choose data.template "
                             f"from {', '.join(FAMILIES)}")
     if add_generation_prompt:
-        return Rendered(_apply(tokenizer, messages, True))
+        text = _apply(tokenizer, messages, True)
+        return Rendered(text, [], _auto_content(messages, tokenizer, text, True))
     full = _apply(tokenizer, messages, False)
+    where = _auto_content(messages, tokenizer, full, False)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    prompt_ends = _prompt_ends(messages, answers, tokenizer, full, where)
+    ends, eos = _end_tokens(tokenizer), tokenizer.eos_token
     text, spans, pos = "", [], 0  # text is rebuilt from `full`, inserting an EOS where none is written
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = _apply(tokenizer, messages[:i], True)
-        if not full.startswith(prefix) or len(prefix) < pos:
-            raise TemplateError("template 'auto': the tokenizer's chat_template renders earlier turns "
-                                "differently once later turns follow; choose an explicit data.template")
-        start = full.find(m["content"], len(prefix))
-        if start < 0:
-            raise TemplateError("template 'auto': the chat_template changes the assistant's text; choose an "
-                                "explicit data.template")
-        end = start + len(m["content"])
-        end_tok = _end_token(tokenizer, full[end:])
+    moved = []  # (offset in full, offset in text) where each copied piece starts
+    for i in answers:
+        gen_end, content = prompt_ends[i], messages[i]["content"]
+        start = full.find(content, gen_end)
+        if start < 0 or start < pos:
+            raise RecordTemplateError("template 'auto': the chat_template changes the assistant's text (a "
+                                      "template that trims answers, say); choose an explicit data.template")
+        end = start + len(content)
+        end_tok = _end_token(ends, eos, full, end)
+        moved.append((pos, len(text)))
         text += full[pos:end]
-        span_start = len(text) - (end - len(prefix))  # the answer begins right after the generation prompt
-        text += end_tok or tokenizer.eos_token  # a template that writes no end token still gets the EOS
+        span_start = len(text) - (end - gen_end)  # the answer begins right after the generation prompt
+        text += end_tok or eos  # a template that writes no end token still gets the EOS
         spans.append((span_start, len(text)))
         pos = end + len(end_tok)
     # what the template writes after the final end token (e.g. "\n") is dropped
-    return Rendered(text, spans)
+    content = [_move(s, e, moved, len(text)) for s, e in where]
+    return Rendered(text, spans, [c for c in content if c])
+
+
+def _auto_content(messages: list[dict], tokenizer, full: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's own text sits in `full` (control-token text there came from the data), from one
+    render with a marker in place of each text. The markers, replaced by the texts, must give `full` back;
+    a template that changes or repeats texts gives none (so nothing is escaped)."""
+    marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
+    try:
+        skeleton = _apply(tokenizer, [{**m, "content": mk} for m, mk in zip(messages, marks)], add_generation_prompt)
+    except RecordTemplateError:  # a template that checks the texts themselves: the slow way, by rendering
+        return []
+    spans, parts, pos, at = [], [], 0, 0
+    for m, mk in zip(messages, marks):
+        found = skeleton.find(mk, pos)
+        if found < 0:
+            return []
+        at += found - pos
+        spans.append((at, at + len(m["content"])))
+        parts += [skeleton[pos:found], m["content"]]
+        at, pos = at + len(m["content"]), found + len(mk)
+    parts.append(skeleton[pos:])
+    return spans if "".join(parts) == full else []
+
+
+def _move(s: int, e: int, moved: list[tuple[int, int]], size: int) -> tuple[int, int] | None:
+    """A span of `full` in the rebuilt text's offsets (None: in the dropped tail)."""
+    k = bisect.bisect_right(moved, (s, float("inf"))) - 1
+    if k < 0:
+        return None
+    start = s - moved[k][0] + moved[k][1]
+    return (start, start + e - s) if start + e - s <= size else None
 
 
 def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> Rendered:
@@ -166,6 +284,35 @@ def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bo
     if name not in FAMILIES:
         raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(NAMES)}")
     return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt)
+
+
+def _single(tokenizer, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def _matching(tokenizer) -> str:
+    """Which template suits this tokenizer, for messages."""
+    if getattr(tokenizer, "chat_template", None):
+        return "the tokenizer's own chat_template fits it: use data.template=auto"
+    fits = [n for n, f in FAMILIES.items() if f.controls and all(_single(tokenizer, t) for t in f.controls)]
+    if fits:
+        return f"templates whose control tokens it has: {', '.join(fits)}"
+    return "it has no family's control tokens: use a plain-text template (llama2 or bloom)"
+
+
+def check_tokens(name: str, tokenizer, force: bool = False) -> str:
+    """Refuse a family template whose control tokens are not single tokens of this tokenizer (ChatGLM3's
+    [gMASK] on SmolLM2 becomes '[', 'g', 'M', 'ASK', ']'); with force, return that as a warning instead."""
+    if name not in FAMILIES:
+        return ""
+    missing = [t for t in FAMILIES[name].controls if not _single(tokenizer, t)]
+    if not missing:
+        return ""
+    msg = (f"data.template={name}: this tokenizer has no single token for {', '.join(missing)}, so the template "
+           f"would be trained as pieces of text; {_matching(tokenizer)}")
+    if force:
+        return f"warning: {msg} (applied anyway: data.force_template=true)"
+    raise TemplateError(f"{msg}; or set data.force_template=true to apply {name} anyway")
 
 
 def _auto_stop(tokenizer) -> str:

@@ -164,6 +164,8 @@ def test_skip_mode_run_writes_every_skipped_record_with_its_reason(tmp_path, tin
     assert skipped[0]["record"] == {"instruction": "q", "output": 7}
     assert "invalid JSON" in skipped[1]["reason"]
     assert "no trained token left after truncation to data.max_len=32" in skipped[2]["reason"]
+    # cut away by truncation: the file, line and record itself, not "record": null
+    assert (skipped[2]["file"], skipped[2]["line"], skipped[2]["record"]) == (str(data), 7, rows[6])
     # the same data with on_bad_record=error (the default) stops at line 3 before any model loads
     assert cli.main(["train", str(_train_config(tmp_path, tiny_model_dir, data, name="run2")), "--no-progress"]) == 2
     assert f'{data} line 3: field "output" must be a string, got int' in capsys.readouterr().err

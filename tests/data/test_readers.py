@@ -207,7 +207,8 @@ BAD_RECORDS = {
                             'line 2: field "messages" must be a non-empty list of {"role", "content"} objects'),
     "neither messages nor instruction": (
         {"question": "Hi", "answer": "Hello"},
-        'line 2: neither field "messages" (chat) nor "instruction"/"output" (alpaca) found; '
+        'line 2: neither field "messages" (chat), "conversations" (sharegpt) nor "instruction"/"output" (alpaca) '
+        'found; '
         "fields present: question, answer"),
     "record is a list": (["Say hi.", "hi"], "line 2: expected a JSON object, got list"),
     "record is a string": ("\"just text\"", "line 2: expected a JSON object, got str"),
