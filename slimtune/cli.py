@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
                    "train.output_dir (same as train.resume=auto)")
+    t.add_argument("--gpus", type=int, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
+                   "(same as train.gpus=N; under torchrun the launcher's process count rules)")
 
     i = sub.add_parser("inspect", help="show how records are encoded: prompt (masked) and trained parts")
     i.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
@@ -114,14 +116,39 @@ def _config(args) -> config_mod.Config:
 
 
 def cmd_train(args) -> int:
+    from .engine import distributed
     from .train import run
 
     cfg = _config(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
-    run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume)
+    gpus = args.gpus or cfg.train.gpus
+    if gpus > 1 and not distributed.launched():
+        return _torchrun(gpus, args.raw)
+    try:
+        run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume)
+    finally:
+        distributed.close()
     return 0
+
+
+def _torchrun(gpus: int, argv: list[str]) -> int:
+    """`slimtune train ... --gpus N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "slimtune", *rest, f"train.gpus={gpus}"]
+    print("slimtune: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 def _segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
@@ -334,14 +361,27 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.base import MethodError
     from .methods.targets import TargetError
 
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
+    args.raw = raw
+    where = f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']})" \
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
             MergeError, FileNotFoundError,
             FileExistsError) as err:
-        print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
+        print(f"slimtune {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not where:
+            raise
+        # torchrun stops the other ranks when one exits non-zero; name the one that failed
+        import traceback
+
+        traceback.print_exc()
+        print(f"slimtune {args.command}{where}: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,6 +94,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # keep the newest K checkpoints in output_dir/checkpoints (0 = all)
     resume: str = "no"  # auto: continue from the newest complete checkpoint in output_dir (as --resume) | no
     on_nan: str = "stop"  # a NaN/inf loss or gradient: stop the run | skip that step's update
+    gpus: int = 1  # GPUs of this machine (torchrun + FSDP2 started for you when > 1); under torchrun its count rules
 
 
 @dataclass

@@ -13,7 +13,7 @@ from .config import ConfigError
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, memory
+from .engine import checkpoint, distributed, memory
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -113,18 +113,28 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
             raise FileNotFoundError(f"{key}: {path} does not exist")
     out = Path(cfg.train.output_dir)
     resume = resume or cfg.train.resume == "auto"
+    device = distributed.init(models.pick_device(cfg.train.device))  # torchrun: this rank's GPU
+    if distributed.check_method(cfg.method.name):
+        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: "
+                          f"{distributed.check_method(cfg.method.name)}; train it on one GPU, or use lora")
+    if not distributed.is_main():
+        log, show_progress = (lambda *a, **k: None), False  # rank 0 speaks for the run
     start = _check_output(out, cfg, overwrite, resume)
-    device = models.pick_device(cfg.train.device)
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
-    if start is None:
-        _prepare_output(out, clear=overwrite or resume, cfg=cfg)
-    checkpoint.clean(out)
-    _write_skipped(out, built.skipped, log)
+    if distributed.is_main():
+        if start is None:
+            _prepare_output(out, clear=overwrite or resume, cfg=cfg)
+        checkpoint.clean(out)
+        _write_skipped(out, built.skipped, log)
+    distributed.barrier()
     predicted = _predict(cfg, built, log, device)
-    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
+    # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
+    home = "cpu" if distributed.active() else device
+    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)
     torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume
@@ -133,6 +143,10 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
+    if distributed.active():
+        model = distributed.shard(model, device)
+        log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
+            f"{cfg.train.micro_batch_size * cfg.train.grad_accum} records per optimizer step over all of them")
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
                  resume=start, evaluate=hook)
@@ -141,7 +155,10 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")
         return dict(result, output_dir=str(out))
     _compare_memory(result, predicted, log)
-    save(model, cfg, out)
+    with distributed.gathered(model) as weights:
+        if distributed.is_main():
+            save(model, cfg, out, weights)
+    distributed.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)
     return result
