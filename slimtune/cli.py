@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("overrides", nargs="*")
     es.add_argument("--model", help="same as model.path=...")
     es.add_argument("--budget", help="GPU memory available, e.g. 24GiB: says whether the run fits and what would")
+    es.add_argument("--gpus", type=int, default=0, help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
 
     mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
@@ -291,13 +292,14 @@ def cmd_estimate(args) -> int:
         from . import models
 
         rows = memory.data_rows(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
-    est = memory.estimate(cfg, rows)
+    gpus = args.gpus or cfg.train.gpus
+    est = memory.estimate(cfg, rows, gpus)
     where = f"the longest {len(rows)} records of {cfg.data.train}" if rows else \
         f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
     print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
           f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
     print(est.table())
-    quick = memory.faster(cfg, rows)
+    quick = memory.faster(cfg, rows) if gpus <= 1 else None
     if quick and (budget is None or quick[1] <= budget):
         print(f"faster on a GPU, same records per step: {quick[0]} (predicted {quick[1] / memory.GIB:.2f} GiB "
               "with the CUDA context)")

@@ -90,12 +90,14 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
     a faster split of the same records per step when there is one (memory.faster)."""
     try:
         sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
-        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size])
-        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) if device.startswith("cuda") else None
+        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size], distributed.size())
+        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) \
+            if device.startswith("cuda") and not distributed.active() else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
-    log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
+    per = " per GPU" if distributed.active() else ""
+    log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
         "`slimtune estimate` shows the parts)")
     if quick:
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "

@@ -115,6 +115,15 @@ def all_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def all_max(values: list[float], device: str) -> list[float]:
+    """Element-wise maximum over ranks (the busiest GPU's peak)."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def split(sizes: list[int], parts: int) -> list[list[int]]:
     """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
     (ties: the lower rank), so every rank does about the same work in each micro-batch."""
