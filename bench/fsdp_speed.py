@@ -174,12 +174,12 @@ def main(argv=None) -> int:
             else:  # the Trainer recipe, 8 x 2 records per GPU as bench/speed.py runs it, DDP under torchrun
                 cmd = _torchrun(gpus) + [str(HERE / "peers" / "seed_recipe.py"), "--size", a.size, "--configs",
                                          "modern", "--steps", str(a.steps), "--warmup", str(a.warmup)]
-            for r in _launch(cmd, log):
-                r.setdefault("gpus", gpus)
-                if recipe != "slimtune":  # the recipe counts the tokens of rank 0's batches: x gpus
-                    r["real_tok_s"] = r["real_tok_s"] * gpus
-                    r["recipe"] += " under torchrun (DDP)"
-                rows.append(r)
+            found = _launch(cmd, log)
+            if recipe != "slimtune" and found:  # every rank prints its own batches' tokens/s: add them up
+                found = [dict(found[0], gpus=gpus, real_tok_s=sum(r["real_tok_s"] for r in found),
+                              peak_gib=max(r["peak_gib"] for r in found),
+                              recipe=found[0]["recipe"] + " under torchrun (DDP)")]
+            rows += found
     if not rows:
         return 1
     name = rows[0]["device"]
