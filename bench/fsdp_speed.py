@@ -47,6 +47,8 @@ def _config(a, world: int, shape_dir: str):
 
 def worker(a) -> None:
     """One rank: model on its GPU -> checkpointing -> method -> fp32 trainable -> FSDP2 -> steps."""
+    # as `slimtune train` runs (cli.main): what the estimator models, and far less fragmentation
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -75,7 +77,7 @@ def worker(a) -> None:
     plan = precision.plan("bf16" if cuda else "fp32", device, cfg.train.adam_eps)
     precision.cast_trainable(model, plan.trainable)
     if world > 1:
-        model = distributed.shard(model, device)
+        model = distributed.shard(model, device, keep_gathered=a.keep_gathered)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()  # the whole model each rank built before sharding
@@ -120,7 +122,7 @@ def worker(a) -> None:
         dt = sum(times)
         print("RESULT " + json.dumps(dict(
             recipe=f"slimtune FSDP2 ({a.method}, {a.per_gpu} records/step/GPU" + (", offload" if a.offload else "")
-            + ")", size=a.size, params=n_params, gpus=world, method=a.method, per_gpu=a.per_gpu,
+            + (", layers kept whole forward to backward" if a.keep_gathered else "") + ")", size=a.size, params=n_params, gpus=world, method=a.method, per_gpu=a.per_gpu,
             max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), tok_s_per_gpu=round(real / dt / world),
             peak_gib=round(peaks[0], 2), peak_reserved_gib=round(peaks[1], 2),
             predicted_gib=round((est.peak + est.cuda_context) / 2**30, 2),
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--keep-gathered", action="store_true", help="FSDP2 reshard_after_forward=False on the layers")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
                 cmd = _torchrun(gpus) + [__file__, "--worker", "--size", a.size, "--method", a.method,
                                          "--per-gpu", str(a.per_gpu), "--max-len", str(a.max_len),
                                          "--steps", str(a.steps), "--warmup", str(a.warmup)] \
-                    + (["--offload"] if a.offload else [])
+                    + (["--offload"] if a.offload else []) + (["--keep-gathered"] if a.keep_gathered else [])
             else:  # the Trainer recipe, 8 x 2 records per GPU as bench/speed.py runs it, DDP under torchrun
                 cmd = _torchrun(gpus) + [str(HERE / "peers" / "seed_recipe.py"), "--size", a.size, "--configs",
                                          "modern", "--steps", str(a.steps), "--warmup", str(a.warmup)]

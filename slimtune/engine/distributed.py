@@ -92,16 +92,17 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(biggest)
 
 
-def shard(model: torch.nn.Module, device: str) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: str, keep_gathered: bool = False) -> torch.nn.Module:
     """FSDP2 over the whole model: each decoder layer its own unit, then the root (embeddings, head,
     prompt encoders). Parameters move to `device` one unit at a time, so a model loaded on the CPU
-    never sits whole on one GPU."""
+    never sits whole on one GPU. keep_gathered: layers stay whole from forward to backward (one
+    all-gather per step instead of two, for the memory of the whole model on every GPU)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.split(":")[0], (size(),))
     for layer in layers(model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=not keep_gathered)
     fully_shard(model, mesh=mesh)
     return model
 
