@@ -31,7 +31,7 @@ ALLOC_SLACK = 0.08  # reserved beyond allocated at the peak, as a fraction of th
 ALLOC_SLACK_CKPT = 0.22  # the same with checkpointing on the padded engine (recompute fragments more)
 ALLOC_SLACK_CAP = 3 * GIB  # the slack stops growing past this (expandable segments map what is used)
 CUDA_CONTEXT = 0.5 * GIB  # driver + kernels, outside PyTorch's allocator
-FSDP_STREAM_SLACK = 1.0  # several GPUs: blocks cached for FSDP2's all-gather stream, x the gathered weights
+FSDP_STEP_EXTRA = 0.5  # several GPUs: the sharded AdamW step's temporaries, x the single-GPU term (fitted)
 # the fast engine (LoRA): bytes per token per layer per (hidden + intermediate) element saved without
 # checkpointing (fused LoRA layers keep the compute-dtype input; Liger's SwiGLU keeps gate and up only)
 FAST_LAYER_COEF, FAST_LAYER_COEF_LIGER = 10.6, 8.3
@@ -209,6 +209,7 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
     est = estimate(cfg, mine or rows[:1])
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
         setattr(est, part, getattr(est, part) / gpus)
+    est.optimizer_step_extra *= FSDP_STEP_EXTRA
     model, _ = _meta_model(cfg)
     plan = _plan(cfg)
 
@@ -220,14 +221,15 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
 
     units = [size(layer.parameters()) for layer in layers(model)]
     inside = {id(p) for layer in layers(model) for p in layer.parameters()}
-    root, _ = size(p for p in model.parameters() if id(p) not in inside)
+    root, root_grad = size(p for p in model.parameters() if id(p) not in inside)
     biggest, biggest_grad = max(units, default=(0.0, 0.0))
     # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
-    # backward); the allocator keeps those blocks cached for the all-gather stream, on top of the usual
-    # slack: 8B LoRA on 2 H100-class GPUs held 2.8 GiB reserved beyond allocated (bench/results, x2)
+    # backward). Reserved beyond allocated: the blocks FSDP2's all-gather and reduce-scatter streams
+    # keep cached (two layers gathered, the unsharded gradients of a layer and of the root) plus the
+    # sharded gradients' size; fitted on 8B LoRA and full fine-tuning on 2 and 4 H200s (bench/results)
     est.gathered = root + 2 * biggest + biggest_grad
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent)) \
-        + FSDP_STREAM_SLACK * (root + 2 * biggest)
+        + 2 * biggest + biggest_grad + root_grad + est.gradients
     est.notes.append(f"FSDP2 over {gpus} GPUs: {len(mine)} of the micro-batch's {len(rows)} records on the "
                      "busiest GPU; weights, gradients and AdamW state sharded")
     return est
