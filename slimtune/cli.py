@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
                    "train.output_dir (same as train.resume=auto)")
+    t.add_argument("--gpus", type=int, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
+                   "(same as train.gpus=N; under torchrun the launcher's process count rules)")
 
     i = sub.add_parser("inspect", help="show how records are encoded: prompt (masked) and trained parts")
     i.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--model", help="same as model.path=...")
     es.add_argument("--budget", help="GPU memory available, e.g. 24 (GiB), 24GiB or 1500MiB: says whether the run "
                     "fits and what would")
+    es.add_argument("--gpus", type=int, default=0, help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
 
     mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
     mg.add_argument("folder", help="a run folder written by `slimtune train`")
@@ -148,19 +151,44 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cmd_train(args) -> int:
+    from .engine import distributed
     from .train import run
 
     cfg = _config(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
+    gpus = args.gpus or cfg.train.gpus
+    if gpus > 1 and not distributed.launched():
+        return _torchrun(gpus, args.raw)
     protect = (args.config,) if args.config and Path(args.config).is_file() else ()
-    result = run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume,
-                 protect=protect)
+    try:
+        result = run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume,
+                     protect=protect)
+    finally:
+        distributed.close()
     # a stopped run is not a finished one: 128 + the signal number, as a shell reports it, so a
     # scheduler does not record a preempted job as done
     stopped = result.get("interrupted")
     return 128 + signal.Signals[stopped].value if stopped else 0
+
+
+def _torchrun(gpus: int, argv: list[str]) -> int:
+    """`slimtune train ... --gpus N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "slimtune", *rest, f"train.gpus={gpus}"]
+    print("slimtune: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 def _segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
@@ -303,13 +331,14 @@ def cmd_estimate(args) -> int:
         from . import models
 
         rows = memory.data_rows(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
-    est = memory.estimate(cfg, rows)
+    gpus = args.gpus or cfg.train.gpus
+    est = memory.estimate(cfg, rows, gpus)
     where = f"the longest {len(rows)} records of {cfg.data.train}" if rows else \
         f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
     print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
           f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
     print(est.table())
-    quick = memory.faster(cfg, rows)
+    quick = memory.faster(cfg, rows) if gpus <= 1 else None
     if quick and (budget is None or quick[1] <= budget):
         print(f"faster on a GPU, same records per step: {quick[0]} (predicted {quick[1] / memory.GIB:.2f} GiB "
               "with the CUDA context)")
@@ -375,14 +404,27 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.targets import TargetError
     from .models import UnsafeFileError
 
-    args = _parse(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(raw)
+    args.raw = raw
+    where = f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']})" \
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
             MergeError, UnsafeFileError, FileNotFoundError,
             FileExistsError) as err:
-        print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
+        print(f"slimtune {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not where:
+            raise
+        # torchrun stops the other ranks when one exits non-zero; name the one that failed
+        import traceback
+
+        traceback.print_exc()
+        print(f"slimtune {args.command}{where}: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,6 +124,7 @@ class TrainConfig:
     resume: str = "no"  # auto: continue from the newest complete checkpoint in output_dir (as --resume) | no
     on_nan: str = "stop"  # a NaN/inf loss or gradient: stop the run | skip that step's update
     max_skipped_share: float = 0.1  # on_nan=skip: a run that skipped more than this share of its steps fails, unsaved
+    gpus: int = 1  # GPUs of this machine (torchrun + FSDP2 started for you when > 1); under torchrun its count rules
 
 
 @dataclass

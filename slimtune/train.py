@@ -1,6 +1,7 @@
 """A training run, top to bottom: config -> tokenizer -> data -> model -> method -> fit -> save."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import types
@@ -15,7 +16,7 @@ from .config import ConfigError
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, memory, runfolder
+from .engine import checkpoint, distributed, memory, runfolder
 from .engine.loop import enable_kernels, fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -116,12 +117,14 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
     a faster split of the same records per step when there is one (memory.faster)."""
     try:
         sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
-        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size])
-        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) if device.startswith("cuda") else None
+        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size], distributed.size())
+        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) \
+            if device.startswith("cuda") and not distributed.active() else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
-    log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
+    per = " per GPU" if distributed.active() else ""
+    log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
         "`slimtune estimate` shows the parts)")
     if quick:
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
@@ -169,12 +172,16 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
         raise ConfigError("--overwrite replaces the run in train.output_dir and --resume (train.resume=auto) "
                           "continues it; choose one")
     out = Path(cfg.train.output_dir)
-    made = runfolder.probe(out)  # a read-only folder or a full disk: one line now, not after encoding the data
+    resume = resume or cfg.train.resume == "auto"
+    device = distributed.init(models.pick_device(cfg.train.device))  # torchrun: this rank's GPU
+    main = distributed.is_main()  # several processes: rank 0 speaks for the run and owns its folder
+    if not main:
+        log, show_progress = (lambda *a, **k: None), False
+    made = runfolder.probe(out) if main else []  # a read-only folder or a full disk: one line now
     keep = [Path.cwd(), *(Path(p) for p in (cfg.data.train, cfg.data.eval, *protect) if p)]
     try:
-        with runfolder.Lock(out, log):
-            return _run(cfg, out, out in made, keep, overwrite, resume or cfg.train.resume == "auto",
-                        show_progress, log)
+        with runfolder.Lock(out, log) if main else contextlib.nullcontext():
+            return _run(cfg, out, device, out in made, keep, overwrite, resume, show_progress, log)
     except OSError as err:  # a disk that fills mid-run, a folder made read-only: one line, not a traceback
         nice = runfolder.environment_error(err, out)
         if nice is None:
@@ -184,26 +191,38 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
         runfolder.remove_if_empty(made)  # a run stopped by a check leaves no folder behind
 
 
-def _run(cfg, out: Path, created: bool, keep: list[Path], overwrite: bool, resume: bool, show_progress: bool,
-         log) -> dict:
+def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite: bool, resume: bool,
+         show_progress: bool, log) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
+    if distributed.check_method(cfg.method.name):
+        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: "
+                          f"{distributed.check_method(cfg.method.name)}; train it on one GPU, or use lora")
+    distributed.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
     start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
-    device = models.pick_device(cfg.train.device)
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     predicted = _predict(cfg, built, log, device)
-    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device, quant)
+    # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
+    home = "cpu" if distributed.active() else device
+    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
     model = prepare(model, cfg, device, log).model
+    if distributed.active():
+        model = distributed.shard(model, device)
+        log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
+            f"{cfg.train.micro_batch_size * cfg.train.grad_accum} records per optimizer step over all of them")
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
     # every check has passed: only now does output_dir get its first file
-    if start is None:
-        _prepare_output(out, cfg, manifest, created, keep, log)
-    else:
-        runfolder.adopt(out)
-    checkpoint.clean(out)
-    _write_skipped(out, built.skipped, log)
+    if distributed.is_main():
+        if start is None:
+            _prepare_output(out, cfg, manifest, created, keep, log)
+        else:
+            runfolder.adopt(out)
+        checkpoint.clean(out)
+        _write_skipped(out, built.skipped, log)
+    distributed.barrier()
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
                  resume=start, evaluate=hook)
     if result.get("interrupted"):
@@ -211,7 +230,10 @@ def _run(cfg, out: Path, created: bool, keep: list[Path], overwrite: bool, resum
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")
         return dict(result, output_dir=str(out))
     _compare_memory(result, predicted, log)
-    save(model, cfg, out)
+    with distributed.gathered(model) as weights:
+        if distributed.is_main():
+            save(model, cfg, out, weights)
+    distributed.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)
     return result

@@ -41,17 +41,23 @@ FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "trai
 # and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
 # gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
 FREE_KEYS |= {"train.lr", "train.max_skipped_share"}
+FREE_KEYS |= {"train.gpus"}  # a checkpoint holds whole tensors: it resumes on any number of processes
 
 
-def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all)."""
+def step_folder(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / ROOT / f"step-{step:06d}"
+
+
+def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: dict | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all).
+    weights: the trainable parameters whole, when the model's are sharded over several processes."""
     root = Path(out_dir) / ROOT
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
+    final = step_folder(out_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_weights(model, tmp)
+    _save_weights(model, tmp, weights)
     (tmp / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
     torch.save(state, tmp / STATE)
     (tmp / DONE).write_text(json.dumps({"step": step, "files": sorted(p.name for p in tmp.iterdir())}) + "\n")
@@ -74,7 +80,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_weights(model, folder: Path) -> None:
+def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and PiSSA's is converted to fit the original base, so neither loads back into training)."""
     from .. import methods
@@ -86,12 +92,13 @@ def _save_weights(model, folder: Path) -> None:
     if init is not None:
         keep = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
         shutil.copytree(init, keep, dirs_exist_ok=True)
-    methods.save(model, folder)
+    methods.save(model, folder, weights)
     record_portable_base(folder)
     if init is not None:
         model._slimtune_pissa_init = keep
     if is_peft(model):
-        state = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+        state = weights if weights is not None else \
+            {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(folder / RAW), metadata={"format": "pt", "writer": "slimtune"})
 
 
@@ -147,9 +154,11 @@ def load(folder: Path, model) -> dict:
         odd = sorted(set(weights) ^ set(params))
         raise ValueError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
                          "it was written by another model or method")
+    from .distributed import local_part
+
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part
     return _load_state(folder / STATE)
 
 

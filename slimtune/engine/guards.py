@@ -37,10 +37,16 @@ def nonfinite(loss: float, grad_norm: float, scaling: bool) -> str | None:
     return None
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a parameter sharded over several (FSDP2's DTensor), else the tensor: each
+    rank checks its own part, without gathering the whole."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def broken_weights(model) -> list[str]:
     """Names of parameters that hold NaN/inf (trainable ones first)."""
     names = [(not p.requires_grad, n) for n, p in model.named_parameters()
-             if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+             if p.is_floating_point() and not bool(torch.isfinite(local(p)).all())]
     return [n for _, n in sorted(names)]
 
 
@@ -48,8 +54,8 @@ def max_abs(tensors) -> float:
     """The largest |value| over the tensors; NaN or inf as soon as one holds it."""
     top = 0.0
     for t in tensors:
-        if t.numel():
-            value = float(torch.linalg.vector_norm(t.detach(), math.inf))  # no |t| copy: a 1 GiB embedding stays 1 GiB
+        if local(t).numel():
+            value = float(torch.linalg.vector_norm(local(t).detach(), math.inf))  # no |t| copy: a 1 GiB embedding stays 1 GiB
             if not math.isfinite(value):
                 return value
             top = max(top, value)

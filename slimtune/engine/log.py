@@ -104,6 +104,19 @@ class RunLog:
             self.tb.close()
 
 
+class NullLog:
+    """RunLog's stand-in on ranks other than 0 of a multi-process run: rank 0 writes every log."""
+
+    def write(self, **row) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def memory_gib(device: str) -> tuple[str, float]:
     """("mem_gib", peak GPU memory allocated) on CUDA, else ("rss_gib", the process's peak resident memory)."""
     if device.startswith("cuda"):

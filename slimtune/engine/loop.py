@@ -3,6 +3,7 @@ numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -22,8 +23,8 @@ from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
 from ..evaluate.report import LABELS, Report
 from ..kernels import attention, lora, norm_mlp, rope
-from . import checkpoint, guards, precision
-from .log import RunLog, memory_gib, progress
+from . import checkpoint, distributed, guards, precision
+from .log import NullLog, RunLog, memory_gib, progress
 from .loss import token_loss_sum, use_chunked_loss
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
@@ -171,19 +172,26 @@ def disable_kernels(model) -> None:
     attention.disable(model)
 
 
+def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
-               scaler: torch.amp.GradScaler | None = None, chunked: bool = False) -> tuple[float, int]:
+               scaler: torch.amp.GradScaler | None = None, chunked: bool = False, n_tokens: int | None = None,
+               scale: float = 1.0) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
     `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
-    the head and loss a chunk of rows at a time (engine/loss.py)."""
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    the head and loss a chunk of rows at a time (engine/loss.py). Several processes: n_tokens is the
+    step's count over all ranks and scale the number of ranks (FSDP averages gradients over ranks, so
+    the sum over every rank's tokens divided by the global count is what arrives)."""
+    n_tokens = trained_tokens(batches) if n_tokens is None else n_tokens
     if n_tokens == 0:
         raise DataError("a training step has no trained token (every label is -100)")
     total = 0.0
     for b in batches:
         with context():
             s, _ = token_loss_sum(model, b, chunked)
-        loss = s / n_tokens  # dividing by the step's token count keeps accumulation exact
+        loss = s * scale / n_tokens if scale != 1.0 else s / n_tokens  # the step's token count: exact accumulation
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += s.detach().item()
     return total / n_tokens, n_tokens
@@ -191,16 +199,22 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib
 
 def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
          context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False,
-         chunked: bool = False) -> dict:
+         chunked: bool = False, n_tokens: int | None = None) -> dict:
     """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
-    guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"]."""
-    loss, n_tokens = accumulate(model, batches, context, scaler, chunked)
+    guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"].
+    Several processes: n_tokens is the step's trained-token count over all ranks."""
+    world = distributed.size()
+    loss, n_tokens = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world))
+    if world > 1:
+        loss = distributed.all_sum([loss], batches[0]["input_ids"].device)[0]  # each rank's part of the mean
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"loss": loss, "tokens": n_tokens}
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = distributed.grad_norm(params, limit) if world > 1 else \
+        float(torch.nn.utils.clip_grad_norm_(params, limit))
     bad = guards.nonfinite(loss, norm, scaling) if guard else None
     if scaling:
         scale = scaler.get_scale()
@@ -287,7 +301,9 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if stream.packed:
         log(_describe_packing(stream, device, plan))
     offset = _restore(run, resume, log) if resume else None
-    logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log)
+    logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log) \
+        if distributed.is_main() else NullLog()
+    show_progress = show_progress and distributed.is_main()
     context = forward_context(plan, device, tc.offload_activations, model)
     measure = functools.partial(_evaluate, run, held, pad, context, logs, evaluate) if held else None
     try:
@@ -331,11 +347,13 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    batches = [collate_micro(rs, run.stream.packed, pad, run.device) for rs in records]
-    run.seen += sum(pack.tokens(b) for b in batches)
+    batches = [collate_micro(share(rs), run.stream.packed, pad, run.device) for rs in records]
+    n_tokens, seen = distributed.all_sum([trained_tokens(batches), sum(pack.tokens(b) for b in batches)],
+                                         run.device)
+    run.seen += int(seen)
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True, chunked=run.result["chunked_loss"])
+                   guard=True, chunked=run.result["chunked_loss"], n_tokens=int(n_tokens))
     except DataError:
         raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "
@@ -357,6 +375,20 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
         run.losses = (run.losses + [row["loss"]])[-20:]
     run.result["skipped_steps"] += int(row.pop("skipped", False))
     return row
+
+
+def share(records: list[Encoded]) -> list[Encoded]:
+    """This rank's part of a micro-batch, split by tokens (all of it in a single process). A rank left
+    with no record still runs a forward (FSDP's collectives need every rank) on one whose labels are all
+    masked, so it adds nothing to the loss or the gradients."""
+    if not distributed.active():
+        return records
+    groups = distributed.split([len(r.input_ids) for r in records], distributed.size())
+    mine = [records[i] for i in groups[distributed.rank()]]
+    if mine:
+        return mine
+    idle = min(records, key=lambda r: len(r.input_ids))
+    return [dataclasses.replace(idle, labels=[-100] * len(idle.labels), where=idle.where + " (idle rank)")]
 
 
 def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:
@@ -427,17 +459,28 @@ def _describe(row: dict) -> str:
 
 
 def _save(run: Run, logs: RunLog) -> Path:
+    """A checkpoint in the single-process format whatever the number of ranks: sharded tensors are
+    gathered whole (every rank takes part), rank 0 writes, the others wait for it."""
     tc = run.cfg.train
-    broken = [n for n, p in run.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    broken = [n for n, p in run.model.named_parameters()
+              if p.requires_grad and not bool(torch.isfinite(guards.local(p)).all())]
+    if distributed.active() and distributed.all_sum([len(broken)], run.device)[0] and not broken:
+        broken = ["(on another rank)"]
     if broken:  # an update made them so: a checkpoint of them would only be resumed into the same NaNs
         raise guards.NumericError(f"step {run.step}: the trained weight {broken[0]} holds NaN/inf ({len(broken)} "
                                   "tensors do), so no checkpoint or adapter was written; "
                                   + guards.resume_advice(run.out_dir, run.result.get("start_max_abs"), True))
+    sharded = distributed.active()
     state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": dict(run.result),
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "optimizer": distributed.optimizer_state(run.optimizer) if sharded else run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
              "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset()}
-    return checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints)
+    with distributed.gathered(run.model) as weights:
+        path = checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints, weights) \
+            if distributed.is_main() else checkpoint.step_folder(run.out_dir, run.step)
+    distributed.barrier()
+    return path
 
 
 def _restore(run: Run, folder: Path, log) -> int:
@@ -447,7 +490,10 @@ def _restore(run: Run, folder: Path, log) -> int:
         raise DataError(f"{folder}: the training data differ from those it was trained on ({state['data']['records']} "
                         f"encoded records then, {run.data['records']} now, or other content); resume with the same "
                         "data and data.* settings, or start a new run")
-    run.optimizer.load_state_dict(state["optimizer"])
+    if distributed.active():
+        distributed.load_optimizer_state(run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.stream.load_state_dict(state["stream"])
@@ -510,6 +556,8 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
             if before else ""
         log(f"eval after training: {_describe(r['eval_after'])}{change}")
         report.scores["step"] = run.steps
+        if not distributed.is_main():
+            return
         (run.out_dir / "eval" / "predictions.jsonl").unlink(missing_ok=True)  # a resumed run's, if it generated
         out = report.write(run.out_dir / "eval")
         r["eval_dir"] = str(out)

@@ -44,11 +44,41 @@ def use_chunked_loss(mode: str, device: str) -> bool:
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over trained positions, their count) for one batch.
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
+    if _sharded(model):
+        return _in_root_forward(model, batch, chunked)
+    return _loss_sum(model, batch, chunked, model)
+
+
+def _sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+    """FSDP2 gathers the root's parameters (embeddings, final norm, head) in hooks around the model's own
+    forward; the loss calls decoder and head apart, so it runs as that forward for the length of the call,
+    and the hooks (gather before, reduce-scatter of their gradients after backward) still fire."""
+    own = model.__dict__.get("forward")
+    plain = model.forward
+    model.forward = lambda b: _loss_sum(model, b, chunked, plain)
+    try:
+        return model(batch)
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, int]:
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     parts = split_head(model)
     if parts is None:
-        logits = model(**model_inputs(batch)).logits
+        logits = forward(**model_inputs(batch)).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
         logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
     else:

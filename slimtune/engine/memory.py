@@ -31,6 +31,7 @@ ALLOC_SLACK = 0.08  # reserved beyond allocated at the peak, as a fraction of th
 ALLOC_SLACK_CKPT = 0.22  # the same with checkpointing on the padded engine (recompute fragments more)
 ALLOC_SLACK_CAP = 3 * GIB  # the slack stops growing past this (expandable segments map what is used)
 CUDA_CONTEXT = 0.5 * GIB  # driver + kernels, outside PyTorch's allocator
+FSDP_STEP_EXTRA = 0.5  # several GPUs: the sharded AdamW step's temporaries, x the single-GPU term (fitted)
 # the fast engine (LoRA): bytes per token per layer per (hidden + intermediate) element saved without
 # checkpointing (fused LoRA layers keep the compute-dtype input; Liger's SwiGLU keeps gate and up only)
 FAST_LAYER_COEF, FAST_LAYER_COEF_LIGER = 10.6, 8.3
@@ -50,6 +51,7 @@ class Estimate:
     activations_other: float = 0.0  # the same with checkpointing toggled (for comparison)
     logits: float = 0.0  # loss over the trained positions
     optimizer_step_extra: float = 0.0  # foreach temporaries during the AdamW step
+    gathered: float = 0.0  # several GPUs (FSDP2): whole layers and the root gathered while they compute
     allocator: float = 0.0  # reserved - allocated slack
     cuda_context: float = CUDA_CONTEXT
     grad_accum: int = 1
@@ -61,7 +63,7 @@ class Estimate:
 
     @property
     def peak_allocated(self) -> float:
-        transient = self.activations + self.logits
+        transient = self.activations + self.logits + self.gathered
         # with one micro-batch per step, gradients fill in as activations are freed: the backward holds
         # mostly one or the other; accumulation keeps the gradients through the next forward
         fb = transient + self.gradients if self.grad_accum > 1 else max(transient, self.gradients)
@@ -78,6 +80,8 @@ class Estimate:
                 ("gradients", self.gradients), ("optimizer state (AdamW)", self.optimizer),
                 ("activations", self.activations), ("logits + loss", self.logits),
                 ("optimizer step temporaries", self.optimizer_step_extra), ("allocator slack", self.allocator)]
+        if self.gathered:
+            rows.insert(-1, ("FSDP2 gathered layers", self.gathered))
         lines = [f"  {name:<28} {v / GIB:8.2f} GiB" for name, v in rows]
         lines.append(f"  {'predicted peak (reserved)':<28} {self.peak / GIB:8.2f} GiB")
         lines.append(f"  {'+ CUDA context':<28} {self.cuda_context / GIB:8.2f} GiB")
@@ -124,9 +128,13 @@ def _plan(cfg):
     return precision.plan(name, "cpu", cfg.train.adam_eps)
 
 
-def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
-    """Predicted peak for a config. rows: (length, trained tokens) of the largest micro-batch; by default
-    micro_batch_size rows of data.max_len tokens, all trained (the worst case)."""
+def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> Estimate:
+    """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
+    default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
+    over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
+    sharded, whole layers gathered while they compute."""
+    if gpus > 1:
+        return _sharded(cfg, rows, gpus)
     model, mcfg = _meta_model(cfg)
     plan = _plan(cfg)
     est = Estimate(grad_accum=cfg.train.grad_accum)
@@ -184,6 +192,46 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None) -> Estimate:
                         * (est.peak_allocated - est.persistent))
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
+    return est
+
+
+def _sharded(cfg, rows, gpus: int) -> Estimate:
+    """One rank of an FSDP2 run: its share of the micro-batch (split by tokens, as the loop does), 1/gpus
+    of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
+    computes: the root (embeddings, head: kept from forward to backward) and two layers (the one computing
+    and the one prefetched), with one layer's unsharded gradients before their reduce-scatter."""
+    from .distributed import layers, split
+
+    if rows is None:
+        rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
+    groups = split([n for n, _ in rows], gpus)
+    mine = max(([rows[i] for i in g] for g in groups), key=lambda g: sum(n for n, _ in g))
+    est = estimate(cfg, mine or rows[:1])
+    for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
+        setattr(est, part, getattr(est, part) / gpus)
+    est.optimizer_step_extra *= FSDP_STEP_EXTRA
+    model, _ = _meta_model(cfg)
+    plan = _plan(cfg)
+
+    def size(ps) -> tuple[float, float]:
+        ps = list(ps)
+        frozen = sum(p.numel() * BYTES[plan.weights] for p in ps if not p.requires_grad)
+        train = sum(p.numel() * BYTES[plan.trainable] for p in ps if p.requires_grad)
+        return frozen + train, train
+
+    units = [size(layer.parameters()) for layer in layers(model)]
+    inside = {id(p) for layer in layers(model) for p in layer.parameters()}
+    root, root_grad = size(p for p in model.parameters() if id(p) not in inside)
+    biggest, biggest_grad = max(units, default=(0.0, 0.0))
+    # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
+    # backward). Reserved beyond allocated: the blocks FSDP2's all-gather and reduce-scatter streams
+    # keep cached (two layers gathered, the unsharded gradients of a layer and of the root) plus the
+    # sharded gradients' size; fitted on 8B LoRA and full fine-tuning on 2 and 4 H200s (bench/results)
+    est.gathered = root + 2 * biggest + biggest_grad
+    est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent)) \
+        + 2 * biggest + biggest_grad + root_grad + est.gradients
+    est.notes.append(f"FSDP2 over {gpus} GPUs: {len(mine)} of the micro-batch's {len(rows)} records on the "
+                     "busiest GPU; weights, gradients and AdamW state sharded")
     return est
 
 

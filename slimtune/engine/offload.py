@@ -30,7 +30,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, model: torch.nn.Module | None = None, min_bytes: int = MIN_BYTES, device_type: str = "cuda"):
         self.min_bytes = min_bytes
         self.device_type = device_type  # "cpu" only in tests: a copy stands in for the move
-        self.params = ({p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set())
+        self.params = _storages(model) if model is not None else set()
         self.stream = None
         self.moved: list[tuple[tuple[int, ...], int]] = []
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), this forward's
@@ -82,6 +82,16 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             return host
         torch.cuda.current_stream(device).wait_event(done)
         return host.to(device, non_blocking=True)  # autograd gives it back its graph links
+
+
+def _storages(model: torch.nn.Module) -> set[int]:
+    """Where the model's parameters live; a sharded (FSDP2 DTensor) one by its local shard. The whole
+    weights FSDP2 gathers for a layer's compute are nn.Parameters, which _keep leaves alone too."""
+    out = set()
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        out.add(local.untyped_storage().data_ptr())
+    return out
 
 
 _STREAMS: dict = {}

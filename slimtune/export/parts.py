@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 PARTS = "slimtune_parts.safetensors"
 
 
-def save(model, out_dir: Path) -> None:
-    state = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def save(model, out_dir: Path, weights: dict | None = None) -> None:
+    """weights: the trained parameters whole, when the model's own are sharded over several processes."""
+    state = weights if weights is not None else \
+        {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
     save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
 
 

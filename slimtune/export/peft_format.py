@@ -22,12 +22,13 @@ from .. import config as config_mod
 from .. import models
 
 
-def save(model, cfg, out_dir: Path) -> None:
-    """The method's artifact (peft adapter, or our trained parts) plus the resolved config.yaml."""
+def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
+    """The method's artifact (peft adapter, or our trained parts) plus the resolved config.yaml.
+    weights: the trainable parameters whole, when the model's own are sharded."""
     from .. import methods
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods.save(model, out_dir)
+    methods.save(model, out_dir, weights)
     record_portable_base(out_dir)
     (out_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
 

@@ -23,14 +23,15 @@ def apply(model, cfg):
     return REGISTRY[cfg.name].apply(model, cfg)
 
 
-def save(model, out_dir: Path) -> None:
-    """peft methods: adapter_config.json + adapter_model.safetensors; ours: the trained parameters."""
+def save(model, out_dir: Path, weights: dict | None = None) -> None:
+    """peft methods: adapter_config.json + adapter_model.safetensors; ours: the trained parameters.
+    weights: the trainable parameters whole (by name), when the model's own are sharded."""
     if is_peft(model):
-        lora.save(model, out_dir)  # also handles PiSSA's conversion; a plain save_pretrained otherwise
+        lora.save(model, out_dir, weights)  # also handles PiSSA's conversion; a plain save_pretrained otherwise
     else:
         from ..export import parts
 
-        parts.save(model, out_dir)
+        parts.save(model, out_dir, weights)
 
 
 def count_on_meta(model_path: str, cfg, trust_remote_code: bool = False) -> tuple[int, int]:

@@ -55,10 +55,11 @@ def apply(model, cfg):
     return peft_model
 
 
-def save(model, out_dir: Path) -> None:
+def save(model, out_dir: Path, weights: dict | None = None) -> None:
     init_dir = getattr(model, "_slimtune_pissa_init", None)
     if init_dir is None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        extra = {"state_dict": weights} if weights is not None else {}  # sharded: peft reads these instead
+        model.save_pretrained(out_dir, safe_serialization=True, **extra)
         return
     model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
     shutil.rmtree(init_dir, ignore_errors=True)

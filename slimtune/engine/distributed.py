@@ -1,0 +1,208 @@
+"""Several processes (GPUs, machines) through torchrun and FSDP2: PyTorch's own engine, not a scheme of ours.
+
+`torchrun --nproc_per_node N -m slimtune train CONFIG` starts N copies of the same run. Each one:
+- joins the process group (NCCL on CUDA, gloo on the CPU) and takes the GPU of its LOCAL_RANK;
+- shards the model with `fully_shard`: one unit per decoder layer plus the root, so the frozen base,
+  the trainable parameters, their gradients and AdamW state are all split N ways. No parameter is cast
+  by FSDP: trainable parameters stay in their own dtype (fp32 by default) and autocast computes as on
+  one GPU, so gradients are reduced in fp32 and the numbers match a single process;
+- takes its share of every micro-batch, split by tokens (not by count), so the records per optimizer
+  step are the config's whatever N is, and the loss is divided by the global count of trained tokens;
+- writes logs, checkpoints and the final adapter from rank 0 only, from full tensors gathered from all
+  ranks, in the very formats of a single process (so a checkpoint resumes on any number of processes).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# methods whose save path cannot run on sharded parameters yet (PiSSA converts against a second,
+# unsharded adapter; bitsandbytes' 4-bit storage is not sharded by FSDP2 here)
+UNSUPPORTED = {"pissa": "PiSSA's save converts its adapter against an initial copy that FSDP2 does not shard",
+               "qlora": "a bitsandbytes 4-bit base is not sharded by FSDP2 in slimtune yet"}
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: str, timeout_minutes: float = 30.0) -> str:
+    """Join the process group; returns this process's device ("cuda:<local rank>" or "cpu"). A rank that
+    dies makes the others fail at their next collective instead of waiting past `timeout_minutes`."""
+    if not launched() or active():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return device
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def check_method(name: str) -> str | None:
+    """Why `name` cannot train on several processes, or None."""
+    return UNSUPPORTED.get(name) if active() else None
+
+
+def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers: modules of the classes transformers keeps whole (_no_split_modules), else the
+    children of the largest ModuleList."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    biggest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(biggest)
+
+
+def shard(model: torch.nn.Module, device: str, keep_gathered: bool = False) -> torch.nn.Module:
+    """FSDP2 over the whole model: each decoder layer its own unit, then the root (embeddings, head,
+    prompt encoders). Parameters move to `device` one unit at a time, so a model loaded on the CPU
+    never sits whole on one GPU. keep_gathered: layers stay whole from forward to backward (one
+    all-gather per step instead of two, for the memory of the whole model on every GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.split(":")[0], (size(),))
+    for layer in layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=not keep_gathered)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def all_sum(values: list[float], device: str) -> list[float]:
+    """Element-wise sum over ranks (float64: token counts stay exact)."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(values: list[float], device: str) -> list[float]:
+    """Element-wise maximum over ranks (the busiest GPU's peak)."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def split(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
+    (ties: the lower rank), so every rank does about the same work in each micro-batch."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min(range(parts), key=lambda g: (load[g], g))
+        groups[g].append(i)
+        load[g] += sizes[i]
+    return [sorted(g) for g in groups]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one, on the CPU; a plain tensor as it is. Collective."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole, on the CPU (all ranks must call it)."""
+    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (whole) as `like` holds it: this rank's shard for a DTensor, else `value` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
+    return value
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state whole: the format of a single process."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a single-process-format state: each whole tensor becomes this rank's shard of its parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    shaped = {i: {k: local_part(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() else v
+                  for k, v in s.items()} for i, s in state["state"].items()}
+    optimizer.load_state_dict(dict(state, state=shaped))
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients to max_norm (inf: only measure); the norm over all ranks' shards."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """For a save from rank 0: yields every trainable parameter whole (None in a single process). Prompt
+    methods compute what they save (peft's prompt embeddings) from the root unit's parameters, so the
+    root is also unsharded for the duration; it holds embeddings and head only, never the layers."""
+    if not active():
+        yield None
+        return
+    weights = trainable_state(model)
+    prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    if prompt:
+        model.unshard()
+    try:
+        yield weights
+    finally:
+        if prompt:
+            model.reshard()
