@@ -34,13 +34,15 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def _config(a, world: int, shape_dir: str):
+    import torch
+
     from slimtune import config as config_mod
 
     return config_mod.from_dict({
         "model": {"path": shape_dir},
         "method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "train": {"micro_batch_size": a.per_gpu * world, "grad_accum": 1, "lr": 1e-5 if a.method == "full" else 1e-4,
-                  "precision": "bf16", "gradient_checkpointing": True, "packing": "rows",
+                  "precision": "bf16" if torch.cuda.is_available() else "fp32", "gradient_checkpointing": True, "packing": "rows",
                   "offload_activations": a.offload, "max_steps": a.steps + a.warmup, "seed": 0},
         "data": {"max_len": a.max_len}})
 
@@ -52,13 +54,12 @@ def worker(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    import slimtune
     from seed_recipe import SIZES, synthetic_examples
-    from slimtune import methods
     from slimtune.data import pack
     from slimtune.data.encode import Encoded
-    from slimtune.engine import distributed, loop, memory, precision
+    from slimtune.engine import distributed, loop, memory
     from slimtune.engine.optim import build_optimizer, build_scheduler
-    from slimtune.train import enable_checkpointing
 
     cuda = torch.cuda.is_available()
     device = distributed.init("cuda" if cuda else "cpu")  # the CPU (gloo): a smoke test of this script
@@ -72,10 +73,8 @@ def worker(a) -> None:
         model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
-    enable_checkpointing(model, cfg.method, log=lambda *_: None)
-    model = methods.apply(model, cfg.method)
-    plan = precision.plan("bf16" if cuda else "fp32", device, cfg.train.adam_eps)
-    precision.cast_trainable(model, plan.trainable)
+    prepared = slimtune.prepare(model, cfg, device, log=lambda *_: None)  # checkpointing, method, fp32 trainable
+    model, plan = prepared.model, prepared.plan
     if world > 1:
         model = distributed.shard(model, device, keep_gathered=a.keep_gathered)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
