@@ -339,7 +339,7 @@ RANGES: dict[str, str | tuple] = {
     "train.warmup_steps": "[0, inf)", "train.max_grad_norm": "[0, inf)", "train.seed": "[0, 2**63)",
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
     "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
-    "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]",
+    "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)", "data.max_turns": "[0, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little
 RANGE_TEXT = {
