@@ -181,3 +181,18 @@ def test_two_gpus_match_one(work):
     assert sorted(a) == sorted(b) and a
     for s in a:  # TF32 is off in fp32 runs; the reductions' order differs
         assert abs(a[s] - b[s]) <= 1e-4 * max(1.0, abs(a[s])), (s, a[s], b[s])
+
+
+def test_generation_in_training_eval_under_fsdp(work):
+    """In-training evaluation that generates (transformers' generate on a sharded model, every rank in
+    step) writes the same answers as one process."""
+    extra = dict(eval_at_start=False, eval_generate=True, eval_every=3, eval_max_new_tokens=6)
+    one = lora_run_config(work, work.parent / "model", "gen-one", copies=2, method={"dropout": 0.0}, max_steps=3,
+                          micro_batch_size=4, **extra)
+    two = lora_run_config(work, work.parent / "model", "gen-two", copies=2, method={"dropout": 0.0}, max_steps=3,
+                          micro_batch_size=4, **extra)
+    _single(one)
+    _run(2, two)
+    read = lambda name: [json.loads(x)["prediction"] for x in  # noqa: E731
+                         (work / name / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert read("gen-one") == read("gen-two") and len(read("gen-one")) == 4
