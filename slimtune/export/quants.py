@@ -57,7 +57,7 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 20, rmi
         best_scale = np.where(better, scale, best_scale)
         best_min = np.where(better, mn, best_min)
     best_scale = np.where(flat, 0.0, best_scale)
-    return best_scale, -best_min
+    return best_scale, 0.0 - best_min  # 0.0 - 0.0 is +0.0: an all-positive block stores dmin 0, not -0
 
 
 def _pack_scales_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
