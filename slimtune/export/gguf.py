@@ -294,7 +294,10 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=p
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".part")  # a half-written file never takes the final name
     w = GGUFWriter(tmp, arch)
-    w.add_name(name or folder.name)
+    name = name or folder.name
+    # transformers' GGUF loader takes general.name == "mistral" as a request for its mistral path, which
+    # gguf 0.19 cannot map; the file is the llama arch either way
+    w.add_name(name if name != "mistral" else "mistral-model")
     _hparams(w, cfg, arch, quant)
     meta = _tokenizer_meta(w, tokenizer, cfg.vocab_size, stop_ids(folder, tokenizer))
     w.add_quantization_version(2)
