@@ -4,7 +4,9 @@ Everything is read back from the GGUF file itself, so the Modelfile says what th
 template is cut out of the Jinja chat template by rendering it on marker conversations:
   [user U1] + generation prompt             = HEAD + U1 + TAIL
   [system S, user U1] + generation prompt   = HEAD_SYS(S) + U1 + TAIL
-  [user U1, assistant A1, user U2] + prompt = HEAD + U1 + TAIL + A1 + MID + U2 + TAIL
+  [user U1, assistant A1, user U2] + prompt = HEAD + U1 + TAIL_MID + A1 + MID + U2 + TAIL
+(TAIL_MID differs from TAIL where a header's final space belongs to the answer, as Llama-2's "[/INST] ":
+the generation prompt stops before it.)
 A template these three do not explain (one that renders a turn differently by position beyond the
 first, say) is refused rather than written wrong.
 """
@@ -22,7 +24,8 @@ U1, U2, A1, S = "\x01U1\x01", "\x01U2\x01", "\x01A1\x01", "\x01S\x01"
 class Pieces:
     head: str  # before the first user message, no system message given (may hold a default system)
     head_sys: str  # the same with a system message, which stands at {system}
-    tail: str  # after a user message: end of turn + the assistant header
+    tail: str  # after the last user message: end of turn + the assistant header (the generation prompt)
+    tail_mid: str  # the same after an earlier user message, which an answer follows
     mid: str  # after an assistant message: end of turn + the next user header
 
 
@@ -49,27 +52,32 @@ def pieces(template: str, bos: str = "", eos: str = "") -> Pieces:
     g2 = run([("user", U1), ("assistant", A1), ("user", U2)])
     head, _, tail = g0.partition(U1)
     head_sys, _, tail_sys = g1.partition(U1)
-    mid = g2.partition(A1)[2].partition(U2)[0]
-    if S not in head_sys or tail_sys != tail or g2 != f"{head}{U1}{tail}{A1}{mid}{U2}{tail}":
+    tail_mid, _, rest = g2.partition(U1)[2].partition(A1)
+    mid = rest.partition(U2)[0]
+    if S not in head_sys or tail_sys != tail or g2 != f"{head}{U1}{tail_mid}{A1}{mid}{U2}{tail}":
         raise ExportError("chat template: its turns are not written the same way at every position, so it "
                           "cannot be expressed as an Ollama Go template; write the Modelfile's TEMPLATE by hand")
-    return Pieces(head, head_sys.replace(S, "{system}"), tail, mid)
+    return Pieces(head, head_sys.replace(S, "{system}"), tail, tail_mid, mid)
 
 
 def go_template(p: Pieces) -> str:
     """The Modelfile TEMPLATE: no whitespace between actions, so every character is the template's."""
-    return ("{{ if .System }}" + p.head_sys.replace("{system}", "{{ .System }}") + "{{ else }}" + p.head
-            + "{{ end }}{{ range .Messages }}{{ if eq .Role \"user\" }}{{ .Content }}" + p.tail
-            + "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + p.mid + "{{ end }}{{ end }}")
+    head = "{{ if .System }}" + p.head_sys.replace("{system}", "{{ .System }}") + "{{ else }}" + p.head + "{{ end }}"
+    if p.tail_mid == p.tail:
+        return (head + "{{ range .Messages }}{{ if eq .Role \"user\" }}{{ .Content }}" + p.tail
+                + "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + p.mid + "{{ end }}{{ end }}")
+    return (head + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            "{{ if eq .Role \"user\" }}{{ .Content }}{{ if $last }}" + p.tail + "{{ else }}" + p.tail_mid
+            + "{{ end }}{{ else if eq .Role \"assistant\" }}{{ .Content }}" + p.mid + "{{ end }}{{ end }}")
 
 
 def render_like_ollama(p: Pieces, messages: list[dict]) -> str:
     """What go_template(p) renders for a conversation (system messages go to .System, as Ollama does)."""
     system = "".join(m["content"] for m in messages if m["role"] == "system")
     text = p.head_sys.replace("{system}", system) if system else p.head
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "user":
-            text += m["content"] + p.tail
+            text += m["content"] + (p.tail if i == len(messages) - 1 else p.tail_mid)
         elif m["role"] == "assistant":
             text += m["content"] + p.mid
     return text
