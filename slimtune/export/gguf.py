@@ -208,15 +208,19 @@ def vocab(tokenizer, n_vocab: int) -> dict:
     size = max(n_vocab, len(tokenizer))
     tokens = [f"[PAD{i}]" for i in range(size)]  # ids the model has but the tokenizer never emits
     types = [int(TokenType.UNUSED)] * size
+    def is_byte(text: str) -> bool:  # <0xNN>: SentencePiece's byte fallback, listed as added tokens or not
+        return spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">")
+
     for text, i in model["vocab"].items():
         if i < size:
             tokens[i] = text
-            byte = spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">")
-            types[i] = int(TokenType.BYTE if byte else TokenType.NORMAL)
+            types[i] = int(TokenType.BYTE if is_byte(text) else TokenType.NORMAL)
     for added in state.get("added_tokens", []):
-        if added["id"] < size:
-            tokens[added["id"]] = added["content"]
-            types[added["id"]] = int(TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED)
+        i, text = added["id"], added["content"]
+        if i < size:
+            tokens[i] = text
+            kind = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
+            types[i] = int(TokenType.BYTE if is_byte(text) else kind)
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < size:
         types[tokenizer.unk_token_id] = int(TokenType.UNKNOWN if spm else types[tokenizer.unk_token_id])
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]

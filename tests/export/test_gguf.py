@@ -205,3 +205,57 @@ def test_refusals_are_one_clear_line(tmp_path, tokenizer, capsys):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.part").exists()
     assert cli.main(["export", str(tmp_path), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "neither a run folder (config.yaml) nor a transformers model folder" in capsys.readouterr().err
+
+
+def spm_tokenizer():
+    """A SentencePiece-style BPE as Llama-2 / Mistral v0.1 ship it in tokenizer.json: "▁" for spaces,
+    <0xNN> byte fallback, <unk>/<s>/</s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=500, special_tokens=special,
+                                                             show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return fast
+
+
+def test_sentencepiece_style_vocab(tmp_path):
+    """model "llama": byte tokens typed BYTE, <unk> UNKNOWN, scores by id; transformers reads the same ids
+    (text starting with two spaces aside: its GGUF reader splits those with Metaspace, not the normalizer)."""
+    from gguf import GGUFReader, TokenType
+
+    tok = spm_tokenizer()
+    tiny_model(len(tok), "mistral").save_pretrained(tmp_path / "spm")
+    tok.save_pretrained(tmp_path / "spm")
+    path = tmp_path / "spm.gguf"
+    result = gguf_mod.write_gguf(tmp_path / "spm", path, "f16", log=quiet)
+    assert (result["tokenizer"], result["pre"]) == ("llama", "default")
+    _, back = load_gguf(path)
+    for text in CORPUS + ["Hello there ✓"]:  # ✓ is not in the vocabulary: three byte tokens
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    types = GGUFReader(str(path)).fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == TokenType.UNKNOWN and types[1] == TokenType.CONTROL and types[3 + 0xE2] == TokenType.BYTE
+
+
+def test_model_vocab_larger_than_the_tokenizer(tokenizer, tmp_path):
+    """Qwen2's embeddings have rows no token uses: they are written as [PADn] UNUSED tokens, so the file's
+    token list matches the tensor and transformers reads vocab_size back."""
+    from gguf import GGUFReader, TokenType
+
+    tiny_model(len(tokenizer) + 16, "qwen2").save_pretrained(tmp_path / "wide-vocab")
+    tokenizer.save_pretrained(tmp_path / "wide-vocab")
+    path = tmp_path / "wv.gguf"
+    gguf_mod.write_gguf(tmp_path / "wide-vocab", path, "f16", log=quiet)
+    fields = GGUFReader(str(path)).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == len(tokenizer) + 16 and tokens[-1] == f"[PAD{len(tokenizer) + 15}]"
+    assert fields["tokenizer.ggml.token_type"].contents()[-1] == TokenType.UNUSED
+    model, _ = load_gguf(path)
+    assert model.config.vocab_size == len(tokenizer) + 16
+    assert rel_error(tmp_path / "wide-vocab", model, tokenizer) <= REL["f16"]
