@@ -7,7 +7,11 @@ tensor by tensor from its safetensors. The file holds:
   llama.cpp's convert_hf_to_gguf.py does (its RoPE pairs dimension i with i+1, transformers' with i+d/2);
 - the tokenizer (BPE vocab and merges, byte-level "gpt2" or SentencePiece-style "llama"), token types
   (special = CONTROL), BOS/EOS/PAD/UNK and the end-of-turn (eot/eom) ids the run stops on;
-- the chat template the run trained with (merge writes the family template as Jinja).
+- the chat template the run trained with (merge writes the family template as Jinja);
+- RoPE: the base, and for Llama-3.1+ ("llama3" scaling) the rope_freqs tensor llama.cpp divides each
+  frequency by; non-default rope_parameters also as JSON under slimtune.rope_parameters, which
+  models.load_gguf applies (transformers' GGUF reader builds default RoPE for llama). yarn, dynamic
+  and longrope are refused.
 
 Quant types (--quant): f16, bf16, q8_0, q4_0 (gguf.quants) and q4_k_m (export/quants.py). 1-D tensors
 (norms, biases) stay F32 in every type, as llama.cpp keeps them. The q4_k_m mix follows llama.cpp's
@@ -33,6 +37,7 @@ QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 # transformers model_type -> llama.cpp architecture; Mistral is written as llama, as llama.cpp does
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
+ROPE_KEY = "slimtune.rope_parameters"  # the model's rope_parameters as JSON, where they are not the default
 
 
 class ExportError(ValueError):
@@ -90,14 +95,29 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(cfg) -> float:
+def _rope(cfg) -> tuple[dict, float]:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise ExportError(f"config.json: rope type {kind!r} is not written by slimtune's GGUF export yet; "
-                          "export a model with default RoPE, or convert with llama.cpp's convert_hf_to_gguf.py")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise ExportError(f"config.json: rope type {kind!r} is not written by slimtune's GGUF export yet (default, "
+                          "linear and llama3 are); convert this model with llama.cpp's convert_hf_to_gguf.py")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    return params, float(theta if theta is not None else 10000.0)
+
+
+def rope_freqs(cfg) -> np.ndarray | None:
+    """Llama-3.1+ RoPE as llama.cpp reads it: a rope_freqs tensor of per-frequency divisors, the default
+    inverse frequencies over the llama3-scaled ones (transformers' own function computes the latter)."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params, theta = _rope(cfg)
+    if (params.get("rope_type") or params.get("type")) != "llama3":
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    return (default / scaled.double()).float().numpy()
 
 
 def check_arch(model_type: str, where: str) -> str:
@@ -118,7 +138,16 @@ def _hparams(w, cfg, arch: str, quant: str) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    w.add_rope_freq_base(_rope_theta(cfg))
+    params, theta = _rope(cfg)
+    w.add_rope_freq_base(theta)
+    if (params.get("rope_type") or params.get("type")) not in (None, "default"):
+        # transformers' GGUF reader knows no rope scaling for llama: models.load_gguf restores it from here
+        w.add_string(ROPE_KEY, json.dumps(params))
+    if (params.get("rope_type") or params.get("type")) == "linear":
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(params["factor"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(head_dim)
@@ -149,6 +178,10 @@ def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, log) -> dict:
     names = get_tensor_name_map(MODEL_ARCH[arch.upper()], n_layers)
     heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     counts: dict[str, int] = {}
+    freqs = rope_freqs(cfg)
+    if freqs is not None:  # Llama-3.1+: llama.cpp divides each RoPE frequency by these
+        w.add_tensor("rope_freqs.weight", freqs)
+        counts["F32"] = 1
     for name, data in _source_tensors(folder):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue  # recomputed by llama.cpp / the same matrix as token_embd

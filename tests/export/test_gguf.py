@@ -261,3 +261,48 @@ def test_model_vocab_larger_than_the_tokenizer(tokenizer, tmp_path):
     model, _ = load_gguf(path)
     assert model.config.vocab_size == len(tokenizer) + 16
     assert rel_error(tmp_path / "wide-vocab", model, tokenizer) <= REL["f16"]
+
+
+def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tmp_path):
+    """Llama-3.1+ RoPE: llama.cpp divides frequency i by rope_freqs[i]. Expected values from the formula
+    in Meta's reference (and llama.cpp's converter), independent of transformers' function we use."""
+    import math
+
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                               max_position_embeddings=512, rope_parameters=rope, tie_word_embeddings=True,
+                               initializer_range=0.1)
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(cfg).eval()
+    source.save_pretrained(tmp_path / "l3")
+    tokenizer.save_pretrained(tmp_path / "l3")
+    gguf_mod.write_gguf(tmp_path / "l3", tmp_path / "l3.gguf", "f16", log=quiet)
+    got = {t.name: np.array(t.data) for t in GGUFReader(str(tmp_path / "l3.gguf")).tensors}["rope_freqs.weight"]
+    want = []
+    for i in range(0, 32, 2):
+        wavelen = 2 * math.pi * 10000.0 ** (i / 32)
+        if wavelen < 64 / 4.0:
+            want.append(1.0)
+        elif wavelen > 64 / 1.0:
+            want.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            want.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert np.allclose(got, want, rtol=1e-5)  # float32 ratios: 8.000001 where the formula says 8
+    # transformers' reader alone builds default RoPE (0.34 relative off here); slimtune's load restores it
+    from slimtune import models
+
+    loaded, _ = models.load(str(tmp_path / "l3.gguf"))
+    enc = tokenizer([" ".join(CORPUS)], return_tensors="pt")
+    with torch.no_grad():
+        want_logits = source(**enc).logits
+        assert float((loaded(**enc).logits - want_logits).norm() / want_logits.norm()) <= REL["f16"]
+    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    cfg.save_pretrained(tmp_path / "l3")
+    assert cli.main(["export", str(tmp_path / "l3"), "--output", str(tmp_path / "y.gguf")]) == 2
