@@ -306,3 +306,44 @@ def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tm
                            "original_max_position_embeddings": 64}
     cfg.save_pretrained(tmp_path / "l3")
     assert cli.main(["export", str(tmp_path / "l3"), "--output", str(tmp_path / "y.gguf")]) == 2
+
+
+def split_tokenizer(regex: str):
+    """A byte-level BPE whose pre-tokenizer splits with `regex` first, as Llama-3's and Qwen2's do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    extra = ["12345 678 9012", "345 345 3456", "a-fox b-fox c-fox"]  # digit runs, a mark joined to a word
+    tok.train_from_iterator(CORPUS * 20 + extra * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_pre_tokenizer_named_so_digits_split_the_same(pre, tmp_path):
+    """Llama-3 cuts digit runs after 3 ("123" "45"), Qwen2 joins a mark to the word after it ("-fox"); GPT-2
+    does neither (measured: without the name, transformers reads "12" "345" and "-" "fox"). The file must
+    name the split (tokenizer.ggml.pre) for the merges to apply to the same pieces."""
+    regex = {name: r for r, name in gguf_mod.SPLITS.items()}[pre]
+    tok = split_tokenizer(regex)
+    tiny_model(len(tok), "llama").save_pretrained(tmp_path / pre)
+    tok.save_pretrained(tmp_path / pre)
+    result = gguf_mod.write_gguf(tmp_path / pre, tmp_path / "t.gguf", "f16", log=quiet)
+    assert result["pre"] == pre
+    _, back = load_gguf(tmp_path / "t.gguf")
+    for text in ["x 12345 678 9012, the d-fox"] + CORPUS:
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_smollm_pre_tokenizer_is_named_smollm():
+    state = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
+    assert gguf_mod.pre_tokenizer_name(state) == "smollm"
+    assert gguf_mod.pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    odd = {"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[a-z]+"}}}
+    assert gguf_mod.pre_tokenizer_name(odd) == "default"
