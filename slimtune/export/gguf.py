@@ -311,8 +311,11 @@ def _tokenizer_meta(w, tokenizer, n_vocab: int, stops: list[int]) -> dict:
     eom = tokenizer.convert_tokens_to_ids("<|eom_id|>") if "<|eom_id|>" in tokenizer.get_vocab() else None
     if eom is not None:
         w.add_eom_token_id(eom)  # Llama-3.1's end of a tool-call message
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates (tool use...): llama.cpp's chat_template.<name> keys
+        template = [{"name": k, "template": v} for k, v in template.items()]
+    if template:
+        w.add_chat_template(template)
     return {"tokenizer": voc["model"], "pre": voc["pre"], "eot": eot, "eom": eom, "stops": stops}
 
 
@@ -367,6 +370,8 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
     source, output = Path(source), Path(output)
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if output.suffix != ".gguf":  # chat, eval and models.load know a GGUF by its suffix
+        raise ExportError(f"--output {output}: name the file *.gguf (e.g. {output.with_suffix('.gguf').name})")
     if (source / "config.yaml").is_file():
         check_arch(_base_model_type(source), f"{source / 'config.yaml'}: model.path")
         with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None,
@@ -384,4 +389,5 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
         from .ollama import write_modelfile
 
         result["modelfile"] = str(write_modelfile(output, log))
+    log(f"try it here first: slimtune chat {output}")
     return result

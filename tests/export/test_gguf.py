@@ -207,6 +207,8 @@ def test_refusals_are_one_clear_line(tmp_path, tokenizer, capsys):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.part").exists()
     assert cli.main(["export", str(tmp_path), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "neither a run folder (config.yaml) nor a transformers model folder" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "gpt2"), "--output", str(tmp_path / "model.bin")]) == 2
+    assert "model.bin: name the file *.gguf (e.g. model.gguf)" in capsys.readouterr().err
 
 
 def spm_tokenizer():
