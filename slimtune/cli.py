@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("chat", "chat with a trained run, same template as training"),
                         ("generate", "batched answers for a file of prompts")):
         g = sub.add_parser(name, help=help_)
-        g.add_argument("folder", help="a run folder written by `slimtune train`")
+        g.add_argument("folder", help="a run folder written by `slimtune train`, or a .gguf file (`slimtune export`)")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
         g.add_argument("--temperature", type=float, default=0.7, help="with --sample")
@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace the merged model already in --output")
     mg.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP + " (and copies it into the output "
                     "only then)")
+
+    ex = sub.add_parser("export", help="write a run (merged first) or a merged folder as GGUF for llama.cpp / Ollama")
+    ex.add_argument("folder", help="a run folder written by `slimtune train`, or a merged model folder")
+    ex.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
+                    help="ollama: also a Modelfile beside the GGUF (template and stop tokens)")
+    ex.add_argument("--output", required=True, help="the .gguf file to write")
+    ex.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
+                    help="weight type (1-D tensors stay F32); q4_k_m keeps output and some attn_v/ffn_down at 6 bits")
 
     ev = sub.add_parser("eval", help="loss and perplexity on the answer tokens of a test set; with --generate "
                                      "also EM, F1, BLEU-4, ROUGE (and --extraction item-set P/R/F1)")
@@ -235,6 +243,11 @@ def _load_for_inference(args):
     from .models import pick_device
 
     device = pick_device(args.device)
+    if str(args.folder).endswith(".gguf"):  # an exported file: its own chat template, no run config
+        from . import models
+
+        model, tokenizer = models.load(args.folder, device=device)
+        return model.eval(), tokenizer, config_mod.load(None, [f"model.path={args.folder}"]), device
     model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
     return model, tokenizer, cfg, device
 
@@ -381,6 +394,13 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.gguf import export
+
+    export(args.folder, args.output, args.quant, args.format)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -389,7 +409,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
             "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
-            "eval": cmd_eval, "demo": cmd_demo}
+            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.readers import DataError
     from .data.templates import TemplateError
     from .engine.precision import PrecisionError
+    from .export.gguf import ExportError
     from .export.merge import MergeError
     from .methods.base import MethodError
     from .methods.targets import TargetError
@@ -412,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
-            MergeError, UnsafeFileError, FileNotFoundError,
+            MergeError, UnsafeFileError, ExportError, FileNotFoundError,
             FileExistsError) as err:
         print(f"slimtune {args.command}{where}: error: {err}", file=sys.stderr)
         return 2

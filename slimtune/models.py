@@ -158,11 +158,27 @@ def load_gguf(path: Path, dtype: str = "fp32"):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
                                                  trust_remote_code=False)
+    _restore_rope(model, path)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
         # the weights are already dense, so nothing is lost.
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def _restore_rope(model, path: Path) -> None:
+    """RoPE scaling (Llama-3.1+ "llama3", "linear") that slimtune's export stored beside llama.cpp's own
+    form: transformers' GGUF reader builds default RoPE, which moves every logit of such a model."""
+    import json
+
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("slimtune.rope_parameters")
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if field is None or rotary is None:
+        return
+    model.config.rope_parameters = json.loads(field.contents())
+    model.model.rotary_emb = type(rotary)(config=model.config)
 
 
 # a tokenizer folder holds at least one of these (fast, sentencepiece, BPE, WordPiece, tiktoken vocabularies)

@@ -1,0 +1,156 @@
+"""K-quants in numpy: Q4_K and Q6_K blocks byte for byte as llama.cpp lays them out (ggml-common.h).
+
+The `gguf` package (0.19) writes Q8_0/Q4_0/Q5_0/BF16 but can only read the K-quants, so these two are
+ours. The search for each sub-block's scale follows llama.cpp's reference quantizers
+(`make_qkx2_quants` for Q4_K: a weighted least-squares fit of scale and min over 21 candidate scales;
+`make_qx_quants` for Q6_K: 19 candidate scales, weights x^2), run on every sub-block of the tensor at
+once instead of one block at a time. `tests/export/test_quants.py` dequantizes with `gguf.quants` and
+checks the layout bit by bit.
+
+Q4_K, 144 bytes per 256 values: f16 d, f16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes
+of 4-bit codes (32-byte groups: low nibbles hold sub-block 2j, high nibbles sub-block 2j+1).
+value = d * scale_j * q - dmin * min_j.
+Q6_K, 210 bytes per 256 values: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales
+(one per 16 values), f16 d. value = d * scale_j * (q - 32).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256
+
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    # llama.cpp's nearest_int rounds half away from zero; np.rint would round half to even
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 20, rmin: float = -1.0,
+                   rdelta: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, -min) per row of x (n, 32) minimizing sum w * (scale*q + min - x)^2, q in 0..nmax,
+    as llama.cpp's make_qkx2_quants (min is never above 0, so a row of positives still spans 0)."""
+    lo = np.minimum(x.min(axis=1), 0.0)
+    hi = x.max(axis=1)
+    span = hi - lo
+    flat = span <= 0
+    span = np.where(flat, 1.0, span)
+    sum_w, sum_x = w.sum(axis=1), (w * x).sum(axis=1)
+    best_scale = span / nmax
+    best_min = lo.copy()
+    q = np.clip(_nearest((x - lo[:, None]) * (nmax / span)[:, None]), 0, nmax)
+    best_err = (w * (best_scale[:, None] * q + lo[:, None] - x) ** 2).sum(axis=1)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / span
+        q = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+        sum_l, sum_l2, sum_xl = (w * q).sum(axis=1), (w * q * q).sum(axis=1), (w * q * x).sum(axis=1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = np.where(ok, det, 1.0)
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        mn = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        pos = mn > 0  # a positive min is not representable: pin it to 0 and refit the scale alone
+        scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
+        mn = np.where(pos, 0.0, mn)
+        err = (w * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(axis=1)
+        better = ok & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_min = np.where(better, mn, best_min)
+    best_scale = np.where(flat, 0.0, best_scale)
+    return best_scale, 0.0 - best_min  # 0.0 - 0.0 is +0.0: an all-positive block stores dmin 0, not -0
+
+
+def _pack_scales_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per block (n, 8) into llama.cpp's 12 bytes (get_scale_min_k4)."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def quantize_q4_k(data: np.ndarray) -> np.ndarray:
+    """float rows (..., k*256) -> uint8 (..., k*144) of Q4_K blocks."""
+    rows = np.asarray(data, dtype=np.float32)
+    shape = rows.shape
+    blocks = rows.reshape(-1, QK_K)
+    n = blocks.shape[0]
+    sub = blocks.reshape(n * 8, 32)
+    # llama.cpp weighs each value by the block's rms plus its own size: large weights matter more
+    av = np.sqrt((blocks * blocks).sum(axis=1) / QK_K)
+    w = np.repeat(av, 8)[:, None] + np.abs(sub)
+    scale, neg_min = _fit_scale_min(sub, w, 15)
+    scale, neg_min = scale.reshape(n, 8), neg_min.reshape(n, 8)
+    max_scale, max_min = scale.max(axis=1), neg_min.max(axis=1)
+    inv_s = np.where(max_scale > 0, 63.0 / np.where(max_scale > 0, max_scale, 1), 0.0)
+    inv_m = np.where(max_min > 0, 63.0 / np.where(max_min > 0, max_min, 1), 0.0)
+    ls = np.minimum(_nearest(inv_s[:, None] * scale), 63)
+    lm = np.minimum(_nearest(inv_m[:, None] * neg_min), 63)
+    d, dmin = _f16(max_scale / 63.0), _f16(max_min / 63.0)
+    # the codes are refit to the rounded (f16 d, 6-bit scale) that the reader will use
+    eff_d = (d.astype(np.float32)[:, None] * ls).reshape(n * 8, 1)
+    eff_m = (dmin.astype(np.float32)[:, None] * lm).reshape(n * 8, 1)
+    safe = np.where(eff_d == 0, 1.0, eff_d)
+    q = np.where(eff_d == 0, 0, np.clip(_nearest((sub + eff_m) / safe), 0, 15)).astype(np.uint8)
+    q = q.reshape(n, 4, 2, 32)
+    qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, 128)
+    out = np.concatenate([d.reshape(n, 1).view(np.uint8), dmin.reshape(n, 1).view(np.uint8),
+                          _pack_scales_k4(ls, lm), qs], axis=1)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * 144)
+
+
+def _fit_symmetric(x: np.ndarray, nmax: int) -> np.ndarray:
+    """Scale per row of x (n, 16) for codes in -nmax..nmax-1, weights x^2, as llama.cpp's make_qx_quants
+    (rmse_type 1): the signed largest value maps to -nmax, then 19 nearby scales are tried."""
+    idx = np.abs(x).argmax(axis=1)
+    peak = x[np.arange(x.shape[0]), idx]
+    zero = np.abs(peak) < 1e-30
+    peak = np.where(zero, 1.0, peak)
+    w = x * x
+
+    def fit(iscale):
+        q = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
+        return (w * x * q).sum(axis=1), (w * q * q).sum(axis=1)
+
+    sumlx, suml2 = fit(-nmax / peak)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        sumlx, suml2 = fit(-(nmax + 0.1 * step) / peak)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, 1), scale)
+        best = np.where(better, scale * sumlx, best)
+    return np.where(zero, 0.0, scale)
+
+
+def quantize_q6_k(data: np.ndarray) -> np.ndarray:
+    """float rows (..., k*256) -> uint8 (..., k*210) of Q6_K blocks."""
+    rows = np.asarray(data, dtype=np.float32)
+    shape = rows.shape
+    blocks = rows.reshape(-1, QK_K)
+    n = blocks.shape[0]
+    sub = blocks.reshape(n * 16, 16)
+    scale = _fit_symmetric(sub, 32).reshape(n, 16)
+    idx = np.abs(scale).argmax(axis=1)
+    max_scale = scale[np.arange(n), idx]
+    zero = np.abs(max_scale) < 1e-30
+    iscale = np.where(zero, 0.0, -128.0 / np.where(zero, 1.0, max_scale))
+    ls = np.minimum(_nearest(iscale[:, None] * scale), 127).astype(np.int8)
+    d = _f16(np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, iscale)))
+    eff = (d.astype(np.float32)[:, None] * ls).reshape(n * 16, 1)
+    safe = np.where(eff == 0, 1.0, eff)
+    q = np.where(eff == 0, 32, np.clip(_nearest(sub / safe), -32, 31) + 32).astype(np.uint8)
+    q = q.reshape(n, 2, 128)  # two halves of 128 values, each packed alone
+    ql = (q[:, :, :64] & 0x0F) | ((q[:, :, 64:] & 0x0F) << 4)
+    hi = (q >> 4).reshape(n, 2, 4, 32)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), ls.view(np.uint8),
+                          d.reshape(n, 1).view(np.uint8)], axis=1)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * 210)
