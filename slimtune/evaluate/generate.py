@@ -6,6 +6,7 @@ EOS and, e.g., ChatML's <|im_end|>), not only on the tokenizer's EOS.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -80,6 +81,30 @@ def _decode_kwargs(s: Sampling) -> dict:
     return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repetition_penalty=1.0)
 
 
+def _prompt_learning(model, batch: dict) -> tuple:
+    """(model, inputs) for generate. A prompt method's learned tokens go to the base model as training
+    placed them: right before each prompt, after its left padding, so that the prompt's positions are
+    those of training (peft puts them before the padding: a padded row's answer then differs from the
+    same prompt alone). prefix_tuning's keys/values go in as a filled KV cache: peft hands them to
+    generate as `past_key_values`, which transformers 5.24 drops beside the empty `cache` it makes
+    itself, and the answers were the base model's (first-step logits 5e-5 from the base, 11.8 from
+    the prefixed forward). Other models are returned as they are."""
+    pcfg = getattr(model, "active_peft_config", None)
+    if not getattr(pcfg, "is_prompt_learning", False):
+        return model, batch
+    base, ids, mask = model.get_base_model(), batch["input_ids"], batch["attention_mask"]
+    wide = torch.cat([mask.new_ones(ids.shape[0], pcfg.num_virtual_tokens), mask], dim=1)
+    if pcfg.peft_type.value == "PREFIX_TUNING":  # the prefix keys carry no rotary position: order is free
+        # the keyword is `cache` from transformers 5.24 on, `past_key_values` before it
+        key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        return base, dict(batch, attention_mask=wide, **{key: model.get_prompt(ids.shape[0])})
+    embeds = base.get_input_embeddings()(ids)
+    embeds = torch.cat([model.get_prompt(ids.shape[0]).to(embeds.dtype), embeds], dim=1)
+    order = torch.sort(wide, dim=1, stable=True).indices  # padding first, then virtual tokens, then prompt
+    embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+    return base, dict(batch, inputs_embeds=embeds, attention_mask=wide.gather(1, order))
+
+
 def _finish(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
     """The row's new tokens through its first stop token (what follows is padding of a finished row)."""
     cut = next((k for k, t in enumerate(row) if t in stops), None)
@@ -111,7 +136,8 @@ def run(model, tokenizer, template: str, conversations: list[list[dict]], sampli
         procs = LogitsProcessorList()
         if s.repetition_penalty != 1.0:
             procs.append(RepetitionPenalty(s.repetition_penalty, batch["attention_mask"]))
-        gen = model.generate(**batch, max_new_tokens=s.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+        target, inputs = _prompt_learning(model, batch)
+        gen = target.generate(**inputs, max_new_tokens=s.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                              use_cache=True, logits_processor=procs, streamer=streamer, **_decode_kwargs(s))
         for row, i in zip(gen[:, batch["input_ids"].shape[1]:].tolist(), idx):
             out.tokens[i], out.stopped[i] = _finish(row, stops)
