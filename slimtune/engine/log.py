@@ -90,7 +90,8 @@ def memory_gib(device: str) -> tuple[str, float]:
     return "rss_gib", kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def progress(total: int, enabled: bool = True, initial: int = 0):
-    """A bar showing step/total, elapsed and remaining time; loss, tokens/s and memory go in its postfix."""
-    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, disable=not enabled,
+def progress(total: int, enabled: bool = True, initial: int = 0, desc: str = "train", unit: str = "step"):
+    """A bar on stderr showing done/total, elapsed and remaining time; the caller puts loss, tokens/s and
+    memory in its postfix."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
                 dynamic_ncols=True, mininterval=0.5)
