@@ -253,10 +253,11 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def chat_loop(model, tokenizer, template: str, device: str, sampling, system: str = "", read=input,
+def chat_loop(model, tokenizer, template: str, device: str, sampling, system: str = "", read=None,
               save: Path | None = None) -> list[dict]:
-    """Read a line, answer it, until /exit, Ctrl-D or Ctrl-C at the prompt; returns the conversation.
-    Ctrl-C while an answer is generated drops that answer and its question and goes back to the prompt."""
+    """Read a line (with `read`, default input()), answer it, until /exit, Ctrl-D or Ctrl-C at the prompt;
+    returns the conversation. Ctrl-C while an answer is generated drops that answer and its question and
+    goes back to the prompt."""
     from transformers import TextStreamer
 
     from .evaluate.generate import run
@@ -268,7 +269,7 @@ def chat_loop(model, tokenizer, template: str, device: str, sampling, system: st
           "an answer stops it", file=sys.stderr)
     while True:
         try:
-            line = read("you> ")
+            line = (read or input)("you> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             break
