@@ -106,7 +106,7 @@ def main(out_dir: Path, steps: int = 0) -> int:
     print(f"held-out eval loss ({len(held)} records): {before:.4f} -> {after:.4f} ({100 * (after / before - 1):+.1f}%)")
     print(f"peft.PeftModel.from_pretrained vs slimtune load: max |logit diff| = {diff:.2e}")
     print(f"adapter saved in {cfg.train.output_dir} ({result['steps']} steps, "
-          f"{result['tokens_per_s']:.0f} tokens/s); demo took {time.perf_counter() - t0:.0f} s")
+          f"{result['input_tokens_per_s']:.0f} input tokens/s); demo took {time.perf_counter() - t0:.0f} s")
     ok = after <= 0.9 * before and diff <= 1e-5
     print("demo: OK" if ok else "demo: FAILED (eval loss did not fall 10% or the reload differs)")
     return 0 if ok else 1

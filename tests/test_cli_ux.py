@@ -140,3 +140,23 @@ def test_eval_on_a_run_stopped_before_its_adapter_names_the_checkpoint(trained, 
     # that checkpoint is itself a folder eval takes
     assert cli.main(["eval", str(stopped / "checkpoints" / "step-000003"), "--data", str(data),
                      "--output", str(tmp_path / "e"), "--device", "cpu"]) == 0
+
+
+def test_no_progress_prints_a_line_per_logged_step_and_a_summary(trained, tmp_path, capsys):
+    from slimtune.engine.log import read_metrics
+
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    cfg["train"].update(output_dir=str(tmp_path / "run"), log_every=2, save_every=0)
+    cfg["data"].update(eval_size=2)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    steps = [x for x in out.splitlines() if x.startswith("step ")]
+    assert [x.split(":")[0] for x in steps] == ["step 2/3", "step 3/3"]
+    assert all("loss " in x and "input tokens/s" in x and "s elapsed" in x for x in steps)
+    assert "done: 3 steps in " in out and "final train loss" in out and "eval loss" in out
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    # trained tokens are the answers only: fewer than the input tokens, per step and per second
+    assert all(0 < r["trained_tokens_per_s"] < r["input_tokens_per_s"] and r["trained_tokens"] > 0 for r in rows)
+    assert "tokens" not in rows[0] and "tokens_per_s" not in rows[0]

@@ -76,6 +76,25 @@ class RunLog:
             self.tb.close()
 
 
+def step_line(row: dict, steps: int) -> str:
+    """One printed line per logged step when the progress bar is off (--no-progress)."""
+    return (f"step {row['step']}/{steps}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+            f"{row['input_tokens_per_s']:.0f} input tokens/s ({row['trained_tokens_per_s']:.0f} trained), "
+            f"{row['elapsed_s']:.1f} s elapsed")
+
+
+def summary_line(result: dict) -> str:
+    """The run in one line: steps, time, final train loss, eval loss (and before), throughput."""
+    text = (f"done: {result['steps']} steps in {result.get('train_seconds', 0.0):.1f} s, final train loss "
+            f"{result.get('train_loss', float('nan')):.4f}")
+    after = result.get("eval_after", {}).get("eval_loss")
+    if after is not None:
+        before = result.get("eval_before", {}).get("eval_loss")
+        text += f", eval loss {after:.4f}" + (f" (before training {before:.4f})" if before is not None else "")
+    return text + (f"; {result.get('input_tokens_per_s', 0.0):.0f} input tokens/s "
+                   f"({result.get('trained_tokens_per_s', 0.0):.0f} trained)")
+
+
 def memory_gib(device: str) -> tuple[str, float]:
     """("mem_gib", peak GPU memory allocated) on CUDA, else ("rss_gib", the process's peak resident memory)."""
     if device.startswith("cuda"):
