@@ -133,7 +133,8 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     trainable, total = methods.count_parameters(model)  # as peft's print_trainable_parameters
     log(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100 * trainable / total:.4f}")
-    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
+    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
+                       log) if built.eval else None
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
                  resume=start, evaluate=hook)
     if result.get("interrupted"):

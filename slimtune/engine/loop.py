@@ -271,7 +271,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     and return early, with result["interrupted"] set.
 
     Args:
-        evaluate: (model, context) -> Report on the held-out split (evaluate.report.in_training, which
+        evaluate: (model, context, step) -> Report on the held-out split (evaluate.report.in_training, which
             can also generate); None: the loss of `held` alone.
     """
     tc = cfg.train
@@ -408,7 +408,7 @@ def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, ho
     or not, and a resumed run as the uninterrupted one."""
     rng, was_training = checkpoint.rng_state(), run.model.training
     try:
-        report = hook(run.model, context) if hook else \
+        report = hook(run.model, context, at) if hook else \
             Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
                              run.result["chunked_loss"]))  # as the steps compute it
     finally:
