@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-len", type=int, default=0, help="tokens per record (default: the run's data.max_len)")
     ev.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
@@ -371,7 +372,8 @@ def cmd_eval(args) -> int:
     eval_main(args.folder, args.data, base=args.base, template=args.template or "auto", output=args.output,
               generate=args.generate, extraction_sep=sep if args.extraction else None,
               sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
-              device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system)
+              device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system,
+              show_progress=not args.no_progress)
     return 0
 
 

@@ -3,6 +3,7 @@ Ctrl-C in chat, and run folders that never trained or stopped early named for wh
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -160,3 +161,15 @@ def test_no_progress_prints_a_line_per_logged_step_and_a_summary(trained, tmp_pa
     # trained tokens are the answers only: fewer than the input tokens, per step and per second
     assert all(0 < r["trained_tokens_per_s"] < r["input_tokens_per_s"] and r["trained_tokens"] > 0 for r in rows)
     assert "tokens" not in rows[0] and "tokens_per_s" not in rows[0]
+
+
+def test_eval_shows_progress_bars_on_stderr(trained, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say something about {w}.", "output": w}
+                                              for w in WORDS[:5]])
+    assert cli.main(["eval", str(trained), "--data", str(data), "--generate", "--max-new-tokens", "3",
+                     "--output", str(tmp_path / "e"), "--device", "cpu", "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"eval loss: 100%.*5/5", err) and re.search(r"generate: 100%.*5/5.*tok_s=", err), err
+    assert cli.main(["eval", str(trained), "--data", str(data), "--no-progress", "--output", str(tmp_path / "f"),
+                     "--device", "cpu"]) == 0
+    assert "eval loss" not in capsys.readouterr().err

@@ -265,7 +265,7 @@ def load_model(folder: str | None, base: str | None, template: str, device: str,
 def main(folder: str | None, data: str, *, base: str | None = None, template: str = "auto",
          output: str | None = None, generate: bool = False, extraction_sep: str | None = None,
          sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu", limit: int = 0,
-         max_len: int = 0, system: str | None = None, log=print) -> Report:
+         max_len: int = 0, system: str | None = None, log=print, show_progress: bool = False) -> Report:
     """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
     if bool(folder) == bool(base):
         raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")
@@ -278,7 +278,7 @@ def main(folder: str | None, data: str, *, base: str | None = None, template: st
     start = time.perf_counter()
     report = evaluate_run(model, tokenizer, cfg, examples, generate, extraction_sep=extraction_sep,
                           sampling=sampling, batch_size=batch_size or 8, gen_batch_size=batch_size,
-                          device=device)
+                          device=device, show_progress=show_progress)
     report.scores = {"model": str(folder or base), "data": str(data), "template": cfg.data.template,
                      **report.scores, "seconds": time.perf_counter() - start}
     log(report.summary())
