@@ -406,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.base import MethodError
     from .methods.targets import TargetError
 
+    from .engine.log import quiet_warnings
+
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with quiet_warnings():
+            return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
             MergeError, FileNotFoundError,
             FileExistsError) as err:

@@ -95,8 +95,12 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
-    log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
-        "`slimtune estimate` shows the parts)")
+    if device.startswith("cuda"):
+        log(f"predicted peak GPU memory: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
+            "`slimtune estimate` shows the parts)")
+    else:  # the estimate counts tensors, which the CPU holds too; the process adds its own memory
+        log(f"predicted peak memory of the run's tensors: {est.peak / GIB:.2f} GiB (weights, gradients, optimizer "
+            f"state, activations; on the CPU the process adds its own: metrics.jsonl logs its peak as rss_gib)")
     if quick:
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
             f"(predicted {quick[1] / GIB:.2f} GiB with the CUDA context)")

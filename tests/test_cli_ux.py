@@ -173,3 +173,28 @@ def test_eval_shows_progress_bars_on_stderr(trained, tmp_path, capsys):
     assert cli.main(["eval", str(trained), "--data", str(data), "--no-progress", "--output", str(tmp_path / "f"),
                      "--device", "cpu"]) == 0
     assert "eval loss" not in capsys.readouterr().err
+
+
+def test_train_and_eval_print_no_future_warnings(tiny_model_dir, tmp_path):
+    """prefix_tuning meets both library warnings slimtune filters (peft's is_gradient_checkpointing read, its
+    prefix passed as past_key_values); the check sees the real stderr of the command."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say something about {w}.", "output": w}
+                                              for w in WORDS] * 2)
+    env = dict(os.environ, PYTHONWARNINGS="default")  # every warning shown once, as a user's shell shows them
+    train = ["train", f"model.path={tiny_model_dir}", f"data.train={data}", "data.eval_size=2",
+             "method.name=prefix_tuning", "method.num_virtual_tokens=4", "train.max_steps=2",
+             f"train.output_dir={tmp_path / 'run'}", "--no-progress"]
+    ev = ["eval", str(tmp_path / "run"), "--data", str(data), "--limit", "2", "--generate", "--max-new-tokens", "2",
+          "--device", "cpu"]
+    # one process, two commands, as `slimtune train ... && slimtune eval ...` (one interpreter start, not two)
+    script = f"import sys; from slimtune import cli; sys.exit(cli.main({train!r}) or cli.main({ev!r}))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "FutureWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "eval: 2 records" in done.stdout  # both commands ran
+    assert "predicted peak GPU memory" not in done.stdout  # on the CPU it says what it predicts there
+    assert "predicted peak memory of the run's tensors" in done.stdout

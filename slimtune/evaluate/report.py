@@ -202,7 +202,7 @@ class InTraining:
         if self.generate:
             what += f", generating up to {self.sampling.max_new_tokens} tokens for {len(self.subset)}"
         at = "before training" if step == 0 else f"at step {step}"
-        return f"eval {at}: {what}; about {self.seconds_per_unit * self._units():.0f} s"
+        return f"eval {at}: {what}; about {self.seconds_per_unit * self._units():.1f} s"
 
 
 def _tokens(records) -> int:
