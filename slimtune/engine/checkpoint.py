@@ -32,8 +32,8 @@ ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainab
 STEP = re.compile(r"step-(\d+)")
 # keys a resumed run may change: they alter what is logged or saved, never the numbers trained
 FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
-             "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records", "train.eval_max_tokens",
-             "train.eval_max_new_tokens", "train.eval_separator", "train.loss",
+             "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records",
+             "train.eval_max_new_tokens", "train.eval_separator", "train.loss", "train.eval_max_tokens",
              "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope"}
 
 

@@ -436,10 +436,10 @@ def _describe(row: dict) -> str:
 
 def _save(run: Run, logs: RunLog) -> Path:
     tc = run.cfg.train
-    state = {"step": run.step, "seen": run.seen, "trained": run.trained, "elapsed": run.elapsed,
-             "result": dict(run.result), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+    state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": dict(run.result),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
-             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset()}
+             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset(), "trained": run.trained}
     return checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints)
 
 
