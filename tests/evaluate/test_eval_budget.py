@@ -81,3 +81,9 @@ def test_in_training_evals_show_a_progress_bar(tmp_path, tiny_model_dir, capsys)
     assert len(re.findall(r"eval loss: 100%.*4/4", err)) == 2 and len(re.findall(r"generate: 100%.*4/4", err)) == 2
     train_mod.run(cfg, show_progress=False, log=lambda *a: None, overwrite=True)
     assert "eval loss" not in capsys.readouterr().err
+
+
+def test_a_bad_eval_max_tokens_is_a_config_error():
+    with pytest.raises(config.ConfigError, match=r"train.eval_max_tokens: must be -1 \(auto\), 0 \(all\) or a token"):
+        config.load(None, ["train.eval_max_tokens=-2"])
+    assert config.load(None, []).train.eval_max_tokens == -1
