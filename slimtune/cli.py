@@ -60,8 +60,13 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
             g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
             g.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 8 on the CPU)")
+            g.add_argument("--max-len", type=int, default=0, help="prompts longer than this keep their last "
+                           "MAX_LEN tokens (default: the run's data.max_len)")
+            g.add_argument("--no-progress", action="store_true", help="no progress bar")
         else:
             g.add_argument("--system", default="", help="system prompt for this chat")
+            g.add_argument("--save", help="keep the transcript in this JSONL file ({\"messages\": [...]}, as "
+                           "training data reads it), rewritten after every answer")
 
     tg = sub.add_parser("targets", help="list a model's Linear/Conv1D modules (LoRA targets), shapes, counts")
     tg.add_argument("model", help="model folder (config.json is enough), .gguf file, or 'embedded'")
@@ -116,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
@@ -238,10 +244,37 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def check_run(folder: str | Path) -> None:
+    """Before any model loads: a run folder that never trained, or stopped before saving its adapter, is
+    named for what it is (with the checkpoint to use instead), not as a missing file."""
+    from .engine import checkpoint
+    from .export import parts
+
+    out = Path(folder)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
+    if (out / "adapter_config.json").is_file() or (out / parts.PARTS).is_file():
+        return
+    last = checkpoint.latest(out)
+    if last is not None:
+        raise FileNotFoundError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
+                                f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
+                                "--resume` to finish the run")
+    if (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
+                                "was written, then the run was refused or stopped before its first step (see "
+                                f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
+    if (out / "config.yaml").is_file():
+        raise FileNotFoundError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
+                                f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
+    raise FileNotFoundError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
+
+
 def _load_for_inference(args):
     from .export.peft_format import load_run
     from .models import pick_device
 
+    check_run(args.folder)
     device = pick_device(args.device)
     if str(args.folder).endswith(".gguf"):  # an exported file: its own chat template, no run config
         from . import models
@@ -259,6 +292,20 @@ def _sampling(args):
                     top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
+def _write_atomic(path: Path, rows) -> None:
+    """JSONL written to a temporary file beside `path`, renamed over it at the end: a crash leaves no
+    half-written file (generate once wrote 2 of 5 rows and then failed) and an old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cmd_generate(args) -> int:
     from .data import with_system
     from .data.readers import read_prompts
@@ -267,47 +314,69 @@ def cmd_generate(args) -> int:
     prompts, raw = read_prompts(args.input)
     model, tokenizer, cfg, device = _load_for_inference(args)
     convs = [with_system(p, cfg.data.system) for p in prompts]
-    gen = run(model, tokenizer, cfg.data.template, convs, _sampling(args), args.batch_size, device)
+    max_len = args.max_len or cfg.data.max_len
+    gen = run(model, tokenizer, cfg.data.template, convs, _sampling(args), args.batch_size, device,
+              max_len=max_len, show_progress=not args.no_progress)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as fh:
-        for rec, ans in zip(raw, gen.texts):
-            fh.write(json.dumps(dict(rec, prediction=ans), ensure_ascii=False) + "\n")
+    _write_atomic(out, (dict(rec, prediction=ans) for rec, ans in zip(raw, gen.texts)))
     unfinished = sum(not x for x in gen.stopped)
     print(f"wrote {len(gen.texts)} answers to {out}: {gen.new_tokens} new tokens in {gen.seconds:.1f} s "
-          f"({gen.tokens_per_s:.1f} tokens/s on {device}); {unfinished} hit --max-new-tokens={args.max_new_tokens}")
+          f"({gen.tokens_per_s:.1f} tokens/s on {device}); {unfinished} hit --max-new-tokens={args.max_new_tokens}; "
+          f"{gen.truncated} prompts cut to their last {max_len} tokens (--max-len)")
     return 0
 
 
 def cmd_chat(args) -> int:
+    model, tokenizer, cfg, device = _load_for_inference(args)
+    system = args.system or cfg.data.system
+    chat_loop(model, tokenizer, cfg.data.template, device, _sampling(args), system,
+              save=Path(args.save) if args.save else None)
+    return 0
+
+
+def chat_loop(model, tokenizer, template: str, device: str, sampling, system: str = "", read=None,
+              save: Path | None = None) -> list[dict]:
+    """Read a line (with `read`, default input()), answer it, until /exit, Ctrl-D or Ctrl-C at the prompt;
+    returns the conversation. Ctrl-C while an answer is generated drops that answer and its question and
+    goes back to the prompt."""
     from transformers import TextStreamer
 
     from .evaluate.generate import run
 
-    model, tokenizer, cfg, device = _load_for_inference(args)
-    sampling = _sampling(args)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens arrive
-    system = args.system or cfg.data.system
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    earlier: list[list[dict]] = []  # conversations ended by /reset, kept in the transcript
+    print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D, Ctrl-C) quits; Ctrl-C during "
+          "an answer stops it", file=sys.stderr)
     while True:
         try:
-            line = input("you> ")
-        except EOFError:
+            line = (read or input)("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             break
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
+            earlier += [history] if any(m["role"] == "assistant" for m in history) else []
             history = history[:1] if system else []
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        gen = run(model, tokenizer, cfg.data.template, [history], sampling, 1, device, streamer=streamer)
+        try:
+            gen = run(model, tokenizer, template, [history + [{"role": "user", "content": line}]], sampling, 1,
+                      device, streamer=streamer)
+        except KeyboardInterrupt:
+            print("\n[stopped: this answer and its question are left out of the conversation]", file=sys.stderr)
+            continue
         print(f"[{gen.new_tokens} tokens, {gen.tokens_per_s:.1f} tokens/s]", file=sys.stderr, flush=True)
-        history.append({"role": "assistant", "content": gen.texts[0]})
-    return 0
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": gen.texts[0]}]
+        if save:
+            _write_atomic(save, [{"messages": conv} for conv in earlier + [history]])
+    turns = sum(m["role"] == "assistant" for conv in earlier + [history] for m in conv)
+    print(f"transcript ({turns} answers) saved to {save}" if save else
+          "transcript not saved (--save FILE keeps it)", file=sys.stderr)
+    return history
 
 
 def cmd_targets(args) -> int:
@@ -378,12 +447,14 @@ def cmd_eval(args) -> int:
     if args.folder and (args.base or args.template):
         raise DataError("eval: give a run folder, or --base MODEL [--template T], not both (a run uses its "
                         "own model and template)")
+    if args.folder:
+        check_run(args.folder)
     sep = args.separator.replace("\\n", "\n").replace("\\t", "\t")
     eval_main(args.folder, args.data, base=args.base, template=args.template or "auto", output=args.output,
               generate=args.generate, extraction_sep=sep if args.extraction else None,
               sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
               device=pick_device(args.device), limit=args.limit, max_len=args.max_len, system=args.system,
-              trust_remote_code=args.trust_remote_code)
+              trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress)
     return 0
 
 
@@ -425,13 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.targets import TargetError
     from .models import UnsafeFileError
 
+    from .engine.log import quiet_warnings
+
     raw = list(sys.argv[1:] if argv is None else argv)
     args = _parse(raw)
     args.raw = raw
     where = f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']})" \
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        return COMMANDS[args.command](args)
+        with quiet_warnings():
+            return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
             MergeError, UnsafeFileError, ExportError, FileNotFoundError,
             FileExistsError) as err:

@@ -106,7 +106,8 @@ class TrainConfig:
     eval_at_start: bool = True  # evaluate on the held-out split before the first step too
     eval_every: int = 0  # also evaluate every N optimizer steps (0 = only before and after training)
     eval_generate: bool = False  # those evals also generate answers (greedy): EM, F1, BLEU-4, ROUGE
-    eval_max_records: int = 0  # generate for only the first N held-out records (0 = all; the loss uses all)
+    eval_max_records: int = 0  # generate for only the first N held-out records (0 = all; the loss uses all within eval_max_tokens)
+    eval_max_tokens: int = -1  # in-training evals cover the held-out records within N tokens (0 = all; -1 = auto: about a quarter of the training time at most)
     eval_max_new_tokens: int = 128  # tokens per generated answer
     eval_separator: str = ""  # also score answers as item sets split on this ("\n" = newline; implies eval_generate)
     device: str = "auto"  # auto | cpu | cuda
@@ -429,6 +430,10 @@ def _check_relations(cfg: Config) -> list[str]:
 def _check_eval(cfg: Config) -> list[str]:
     """In-training evaluation needs held-out records, which data.eval_size=0 without data.eval leaves none of."""
     tc, problems = cfg.train, []
+    if tc.eval_max_new_tokens < 1:
+        problems.append("train.eval_max_new_tokens: must be at least 1")
+    if tc.eval_max_tokens < -1:
+        problems.append("train.eval_max_tokens: must be -1 (auto), 0 (all) or a token count")
     held = bool(cfg.data.eval) or cfg.data.eval_size > 0
     for key, on in (("eval_every", tc.eval_every > 0), ("eval_generate", tc.eval_generate),
                     ("eval_separator", bool(tc.eval_separator))):

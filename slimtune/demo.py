@@ -87,7 +87,9 @@ def main(out_dir: Path, steps: int = 0) -> int:
     held = read(eval_path)
     base, tokenizer = models.load(cfg.model.path)
     show_answers("before training", generate(base, tokenizer, cfg.data.template, convs, 48, len(convs)))
+    t_eval = time.perf_counter()
     before = evaluate_run(base, tokenizer, cfg, held).scores
+    eval_seconds = time.perf_counter() - t_eval
     print(f"eval before training (as `slimtune eval --base {cfg.model.path} --max-len {cfg.data.max_len} --data "
           f"{eval_path}`): loss {before['eval_loss']:.4f}, perplexity {before['eval_ppl']:.2f}")
     del base
@@ -95,7 +97,9 @@ def main(out_dir: Path, steps: int = 0) -> int:
     result = train(cfg, overwrite=True)  # the public API, as a user's script would
     model = load(cfg.train.output_dir)  # the base from the run's config.yaml; the tokenizer is the base's
     show_answers("after training", generate(model, tokenizer, cfg.data.template, convs, 48, len(convs)))
+    t_eval = time.perf_counter()
     after = evaluate_run(model, tokenizer, cfg, held).scores
+    eval_seconds += time.perf_counter() - t_eval
     print(f"eval after training (as `slimtune eval {cfg.train.output_dir} --data {eval_path}`): "
           f"loss {after['eval_loss']:.4f}, perplexity {after['eval_ppl']:.2f}")
 
@@ -103,8 +107,10 @@ def main(out_dir: Path, steps: int = 0) -> int:
     before, after = before["eval_loss"], after["eval_loss"]
     print(f"held-out eval loss ({len(held)} records): {before:.4f} -> {after:.4f} ({100 * (after / before - 1):+.1f}%)")
     print(f"peft.PeftModel.from_pretrained vs slimtune load: max |logit diff| = {diff:.2e}")
-    print(f"adapter saved in {cfg.train.output_dir} ({result['steps']} steps, "
-          f"{result['tokens_per_s']:.0f} tokens/s); demo took {time.perf_counter() - t0:.0f} s")
+    total = time.perf_counter() - t0
+    print(f"adapter saved in {cfg.train.output_dir} ({result['steps']} steps in {result['train_seconds']:.0f} s, "
+          f"{result['input_tokens_per_s']:.0f} input tokens/s); evaluation took {eval_seconds:.0f} s "
+          f"({100 * eval_seconds / total:.0f}%) of the demo's {total:.0f} s")
     ok = after <= 0.9 * before and diff <= 1e-5
     print("demo: OK" if ok else "demo: FAILED (eval loss did not fall 10% or the reload differs)")
     return 0 if ok else 1

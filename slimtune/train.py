@@ -124,8 +124,12 @@ def _predict(cfg, built, log, device: str = "cpu") -> float | None:
         log(f"memory estimate unavailable: {err}")
         return None
     per = " per GPU" if distributed.active() else ""
-    log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA context; "
-        "`slimtune estimate` shows the parts)")
+    if device.startswith("cuda"):
+        log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA "
+            "context; `slimtune estimate` shows the parts)")
+    else:  # the estimate counts tensors, which the CPU holds too; the process adds its own memory
+        log(f"predicted peak memory of the run's tensors: {est.peak / GIB:.2f} GiB (weights, gradients, optimizer "
+            f"state, activations; on the CPU the process adds its own: metrics.jsonl logs its peak as rss_gib)")
     if quick:
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
             f"(predicted {quick[1] / GIB:.2f} GiB with the CUDA context)")
@@ -213,7 +217,8 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
         model = distributed.shard(model, device)
         log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
             f"{cfg.train.micro_batch_size * cfg.train.grad_accum} records per optimizer step over all of them")
-    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device) if built.eval else None
+    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
+                       log) if built.eval else None
     # every check has passed: only now does output_dir get its first file
     if distributed.is_main():
         if start is None:

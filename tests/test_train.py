@@ -63,7 +63,8 @@ def test_eval_loss_falls_and_train_loss_drops(trained):
     assert len(evals) == 2 and len(losses) == 20
     assert evals[1] < 0.75 * evals[0]  # memorisable data, lr 1e-2: the held-out loss falls by > 25%
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3
-    assert all(r["tokens_per_s"] > 0 and r["lr"] == pytest.approx(1e-2) for r in rows if "loss" in r)
+    assert all(r["input_tokens_per_s"] > r["trained_tokens_per_s"] > 0 and r["lr"] == pytest.approx(1e-2)
+               for r in rows if "loss" in r)
 
 
 def test_peft_loads_adapter_with_same_logits_and_base_untouched(trained, tiny_model_dir, tokenizer):

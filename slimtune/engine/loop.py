@@ -24,7 +24,7 @@ from ..evaluate.perplexity import eval_loss
 from ..evaluate.report import LABELS, Report
 from ..kernels import attention, lora, norm_mlp, rope
 from . import checkpoint, distributed, guards, precision
-from .log import NullLog, RunLog, memory_gib, progress
+from .log import NullLog, RunLog, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum, use_chunked_loss
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
@@ -208,7 +208,7 @@ def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, ma
     if world > 1:
         loss = distributed.all_sum([loss], batches[0]["input_ids"].device)[0]  # each rank's part of the mean
     params = [p for p in model.parameters() if p.requires_grad]
-    row = {"loss": loss, "tokens": n_tokens}
+    row = {"loss": loss, "trained_tokens": n_tokens}
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -269,7 +269,8 @@ class Run:
     stream: MicroBatches
     data: dict  # fingerprint of the training data
     step: int = 0  # optimizer steps done
-    seen: int = 0  # tokens (padding excluded) trained on
+    seen: int = 0  # input tokens (padding excluded) of the steps done
+    trained: int = 0  # of them, the tokens with a label (the answers): what the loss averages over
     elapsed: float = 0.0  # training seconds, those of the runs this one resumes included
     result: dict = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)  # recent losses, for the NaN message
@@ -284,7 +285,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     and return early, with result["interrupted"] set.
 
     Args:
-        evaluate: (model, context) -> Report on the held-out split (evaluate.report.in_training, which
+        evaluate: (model, context, step) -> Report on the held-out split (evaluate.report.in_training, which
             can also generate); None: the loss of `held` alone.
     """
     tc = cfg.train
@@ -330,7 +331,7 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
                 records = [next(run.stream) for _ in range(tc.grad_accum)]
                 row = _step(run, records, pad, context, log)
                 run.elapsed = time.perf_counter() - start
-                _report(run, row, logs, bar)
+                _report(run, row, logs, bar, log)
                 _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row
                 if (tc.save_every and run.step % tc.save_every == 0) or run.step == run.steps or stop.requested:
                     _save(run, logs)
@@ -340,7 +341,8 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
     finally:
         bar.close()
     run.result["train_seconds"] = run.elapsed
-    run.result["tokens_per_s"] = run.seen / max(run.elapsed, 1e-9)
+    run.result["input_tokens_per_s"] = run.seen / max(run.elapsed, 1e-9)
+    run.result["trained_tokens_per_s"] = run.trained / max(run.elapsed, 1e-9)
 
 
 def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dict:
@@ -408,17 +410,22 @@ def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
             + ("varlen flash attention" if fast else "one SDPA call per record (plain PyTorch)"))
 
 
-def _report(run: Run, row: dict, logs: RunLog, bar) -> None:
-    """metrics.jsonl + TensorBoard every log_every steps; the bar's postfix every step."""
-    row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], tokens_per_s=run.seen / max(run.elapsed, 1e-9),
-               elapsed_s=run.elapsed)
+def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
+    """metrics.jsonl + TensorBoard every log_every steps (and, with the bar off, a printed line); the bar's
+    postfix every step."""
+    run.trained += row["trained_tokens"]
+    seconds = max(run.elapsed, 1e-9)
+    row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], input_tokens_per_s=run.seen / seconds,
+               trained_tokens_per_s=run.trained / seconds, elapsed_s=run.elapsed)
     if run.plan.scaler:
         row["skipped_steps"] = run.result["skipped_steps"]  # each one an fp16 overflow
     mem_key, mem = memory_gib(run.device)
     row[mem_key] = mem
     if run.step % run.cfg.train.log_every == 0 or run.step == run.steps:
         logs.write(**row)
-    post = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{mem:.1f}G")
+        if bar.disable:  # --no-progress: logs only, so the log says how the run goes
+            log(step_line(row, run.steps))
+    post = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['input_tokens_per_s']:.0f}", mem=f"{mem:.1f}G")
     if run.plan.scaler:
         post["scale"] = f"{row['loss_scale']:.0f}"
     bar.set_postfix(**post, refresh=False)
@@ -432,7 +439,7 @@ def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, ho
     or not, and a resumed run as the uninterrupted one."""
     rng, was_training = checkpoint.rng_state(), run.model.training
     try:
-        report = hook(run.model, context) if hook else \
+        report = hook(run.model, context, at) if hook else \
             Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
                              run.result["chunked_loss"]))  # as the steps compute it
     finally:
@@ -475,7 +482,7 @@ def _save(run: Run, logs: RunLog) -> Path:
              "optimizer": distributed.optimizer_state(run.optimizer) if sharded else run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
-             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset()}
+             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset(), "trained": run.trained}
     with distributed.gathered(run.model) as weights:
         path = checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints, weights) \
             if distributed.is_main() else checkpoint.step_folder(run.out_dir, run.step)
@@ -498,6 +505,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.scaler.load_state_dict(state["scaler"])
     run.stream.load_state_dict(state["stream"])
     run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
+    run.trained = state.get("trained", 0)  # checkpoints before trained_tokens_per_s lack it
     run.result.update(state["result"])
     run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
     _new_peak_lr(run, log)
@@ -565,3 +573,4 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         if not math.isfinite(r["eval_after"]["eval_loss"]):
             raise guards.NumericError(f"the held-out loss after training is {r['eval_after']['eval_loss']} (not "
                                       f"finite; {out / 'scores.json'} says why), so the adapter was not saved")
+    log(summary_line(r))

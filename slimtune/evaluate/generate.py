@@ -6,6 +6,7 @@ EOS and, e.g., ChatML's <|im_end|>), not only on the tokenizer's EOS.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 from ..data.collate import left_pad, pad_id
 from ..data.encode import prompt_ids
 from ..data.templates import render, stop_tokens
+from ..engine.log import progress
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Generated:
     tokens: list[list[int]] = field(default_factory=list)  # new token ids, through the stop token if any
     stopped: list[bool] = field(default_factory=list)  # ended on a stop token (else max_new_tokens)
     seconds: float = 0.0
+    truncated: int = 0  # prompts cut to their last max_len tokens
 
     @property
     def new_tokens(self) -> int:
@@ -80,43 +83,101 @@ def _decode_kwargs(s: Sampling) -> dict:
     return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repetition_penalty=1.0)
 
 
+def context_length(model) -> int:
+    """The longest sequence the model was built for (0: unknown)."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "max_position_embeddings", 0) or 0)
+
+
+def _cut(prompts: list[list[int]], limit: int) -> int:
+    """Keep each prompt's last `limit` tokens, in place: the end holds the question and the template's
+    assistant header, which the answer follows. A 1 MB prompt uncut asked for 1.1 TB of attention scores.
+    Returns how many were cut."""
+    cut = 0
+    for k, ids in enumerate(prompts):
+        if limit and len(ids) > limit:
+            prompts[k], cut = ids[-limit:], cut + 1
+    return cut
+
+
+def _prompt_learning(model, batch: dict) -> tuple:
+    """(model, inputs) for generate. A prompt method's learned tokens go to the base model as training
+    placed them: right before each prompt, after its left padding, so that the prompt's positions are
+    those of training (peft puts them before the padding: a padded row's answer then differs from the
+    same prompt alone). prefix_tuning's keys/values go in as a filled KV cache: peft hands them to
+    generate as `past_key_values`, which transformers 5.24 drops beside the empty `cache` it makes
+    itself, and the answers were the base model's (first-step logits 5e-5 from the base, 11.8 from
+    the prefixed forward). Other models are returned as they are."""
+    pcfg = getattr(model, "active_peft_config", None)
+    if not getattr(pcfg, "is_prompt_learning", False):
+        return model, batch
+    base, ids, mask = model.get_base_model(), batch["input_ids"], batch["attention_mask"]
+    wide = torch.cat([mask.new_ones(ids.shape[0], pcfg.num_virtual_tokens), mask], dim=1)
+    if pcfg.peft_type.value == "PREFIX_TUNING":  # the prefix keys carry no rotary position: order is free
+        # the keyword is `cache` from transformers 5.24 on, `past_key_values` before it
+        key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        return base, dict(batch, attention_mask=wide, **{key: model.get_prompt(ids.shape[0])})
+    embeds = base.get_input_embeddings()(ids)
+    embeds = torch.cat([model.get_prompt(ids.shape[0]).to(embeds.dtype), embeds], dim=1)
+    order = torch.sort(wide, dim=1, stable=True).indices  # padding first, then virtual tokens, then prompt
+    embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+    return base, dict(batch, inputs_embeds=embeds, attention_mask=wide.gather(1, order))
+
+
 def _finish(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
     """The row's new tokens through its first stop token (what follows is padding of a finished row)."""
     cut = next((k for k, t in enumerate(row) if t in stops), None)
     return (row, False) if cut is None else (row[:cut + 1], True)
 
 
-@torch.no_grad()
-def run(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
-        batch_size: int | None = None, device: str = "cpu", streamer=None) -> Generated:
-    """Answers for conversations that end with a user turn, in input order, with token counts and time.
-    A streamer (transformers' TextStreamer) needs batch_size 1."""
+def _batch(model, batch: dict, s: Sampling, pad: int, stops: list[int], streamer) -> list[list[int]]:
+    """One generate call: each row's new token ids (through max_new_tokens, padding included)."""
     from transformers import LogitsProcessorList
 
+    procs = LogitsProcessorList()
+    if s.repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(s.repetition_penalty, batch["attention_mask"]))
+    target, inputs = _prompt_learning(model, batch)
+    gen = target.generate(**inputs, max_new_tokens=s.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                          use_cache=True, logits_processor=procs, streamer=streamer, **_decode_kwargs(s))
+    return gen[:, batch["input_ids"].shape[1]:].tolist()
+
+
+@torch.no_grad()
+def run(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
+        batch_size: int | None = None, device: str = "cpu", streamer=None, max_len: int = 0,
+        show_progress: bool = False) -> Generated:
+    """Answers for conversations that end with a user turn, in input order, with token counts and time.
+    A streamer (transformers' TextStreamer) needs batch_size 1.
+
+    Args:
+        max_len: prompts longer than this keep their last max_len tokens (0: the model's context length
+            less max_new_tokens); out.truncated counts them.
+        show_progress: a bar on stderr with records done, new tokens/s and the time left.
+    """
     s = sampling or Sampling()
     batch_size = batch_size or default_batch_size(device)
     prompts = [prompt_ids(render(template, c, tokenizer, add_generation_prompt=True), tokenizer)
                for c in conversations]
+    truncated = _cut(prompts, max_len or max(context_length(model) - s.max_new_tokens, 0))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    out = Generated([""] * len(prompts), [[] for _ in prompts], [False] * len(prompts))
+    out = Generated([""] * len(prompts), [[] for _ in prompts], [False] * len(prompts), truncated=truncated)
     pad, stops = pad_id(tokenizer), stop_ids(template, tokenizer)
     was_training = model.training
     model.eval()
     if s.seed is not None:
         torch.manual_seed(s.seed)
     start = time.perf_counter()
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad).items()}
-        procs = LogitsProcessorList()
-        if s.repetition_penalty != 1.0:
-            procs.append(RepetitionPenalty(s.repetition_penalty, batch["attention_mask"]))
-        gen = model.generate(**batch, max_new_tokens=s.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                             use_cache=True, logits_processor=procs, streamer=streamer, **_decode_kwargs(s))
-        for row, i in zip(gen[:, batch["input_ids"].shape[1]:].tolist(), idx):
-            out.tokens[i], out.stopped[i] = _finish(row, stops)
-            answer = out.tokens[i][:-1] if out.stopped[i] else out.tokens[i]
-            out.texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    with progress(len(prompts), show_progress, desc="generate", unit="record") as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad).items()}
+            for row, i in zip(_batch(model, batch, s, pad, stops, streamer), idx):
+                out.tokens[i], out.stopped[i] = _finish(row, stops)
+                answer = out.tokens[i][:-1] if out.stopped[i] else out.tokens[i]
+                out.texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            bar.set_postfix(tok_s=f"{out.new_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
+            bar.update(len(idx))
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     out.seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
 from ..engine.log import dumps, strict_json
 from ..engine.loss import use_chunked_loss
+from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
 from .perplexity import eval_loss
@@ -44,7 +46,9 @@ class Report:
         if "em" in s:
             lines.append(f"generation: {s['generated_tokens']} new tokens in {s['generate_seconds']:.1f} s "
                          f"({s['tokens_per_s']:.1f} tokens/s); {s['unfinished']} of {s['records']} answers hit "
-                         f"max_new_tokens={s['max_new_tokens']}")
+                         f"max_new_tokens={s['max_new_tokens']}"
+                         + (f"; {s['prompts_truncated']} prompts cut to their last {s['max_len']} tokens"
+                            if s.get("prompts_truncated") else ""))
             lines.append("  ".join(f"{name} {s[key]:.2f}" for key, name in LABELS))
         if "extraction_f1" in s:
             lines.append(f"extraction (items split on {s['separator']!r}): precision {s['extraction_precision']:.2f} "
@@ -77,7 +81,7 @@ def _why_not_finite(scores: dict, key: str, value: float) -> str:
             "this adapter is broken, train again with a lower train.lr")
 
 
-def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context) -> dict:
+def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress=False) -> dict:
     """Loss over the answer tokens only, whatever data.train_on_prompt was in training."""
     data_cfg = replace(cfg.data, train_on_prompt=False)
     stats = None
@@ -85,17 +89,18 @@ def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context)
         records, stats = encode_examples(examples, tokenizer, data_cfg)
     kept = [r for r in records if any(x != -100 for x in r.labels)]
     chunked = use_chunked_loss(cfg.train.loss, str(device))
-    out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context, chunked) if kept else \
+    out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context, chunked, show_progress) if kept else \
         {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
     out.update(records=len(records), no_answer=len(records) - len(kept), max_len=cfg.data.max_len,
                truncated=stats.truncated if stats else sum(r.truncated for r in records))
     return out
 
 
-def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, separator) -> tuple[dict, list]:
+def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, separator,
+                show_progress=False) -> tuple[dict, list]:
     convs = [with_system(ex, cfg.data.system) for ex in examples]
     gen = run_generation(model, tokenizer, cfg.data.template, [c[:-1] for c in convs], sampling, batch_size,
-                         device)
+                         device, max_len=cfg.data.max_len, show_progress=show_progress)
     refs = [c[-1]["content"] for c in convs]
     rows = []
     for ex, conv, ref, pred, toks, stopped in zip(examples, convs, refs, gen.texts, gen.tokens, gen.stopped):
@@ -105,7 +110,8 @@ def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, s
         rows.append(row)
     scores = metrics.corpus_scores(gen.texts, refs, separator)
     scores.update(generated_tokens=gen.new_tokens, generate_seconds=gen.seconds, tokens_per_s=gen.tokens_per_s,
-                  unfinished=sum(not x for x in gen.stopped), max_new_tokens=sampling.max_new_tokens)
+                  unfinished=sum(not x for x in gen.stopped), max_new_tokens=sampling.max_new_tokens,
+                  prompts_truncated=gen.truncated)
     if separator is not None:
         scores["separator"] = separator
     return scores, rows
@@ -114,7 +120,7 @@ def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, s
 def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Example], generate: bool = False, *,
                  extraction_sep: str | None = None, sampling: Sampling | None = None, batch_size: int = 8,
                  gen_batch_size: int | None = None, device: str = "cpu", context=contextlib.nullcontext,
-                 records=None) -> Report:
+                 records=None, show_progress: bool = False) -> Report:
     """Scores of a model on held-out records (each ending with the reference answer).
 
     Args:
@@ -124,34 +130,132 @@ def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Exampl
         extraction_sep: also score answers as item sets split on this separator (implies generate).
         batch_size: records per loss forward; gen_batch_size: prompts per generate call (None: 64 on
             CUDA, 8 on the CPU).
+        show_progress: bars on stderr for the loss pass and the generation (records, time left).
     """
-    scores = _loss(model, tokenizer, cfg, examples, records, batch_size, device, context)
+    scores = _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress)
     rows: list[dict] = []
     if generate or extraction_sep is not None:
         gen_scores, rows = _generation(model, tokenizer, cfg, examples, sampling or Sampling(max_new_tokens=256),
-                                       gen_batch_size, device, extraction_sep)
+                                       gen_batch_size, device, extraction_sep, show_progress)
         scores.update(gen_scores)
     return Report(scores, rows)
 
 
-def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], records, device: str):
-    """The training loop's hook, (model, context) -> Report, per the train.eval_* keys: the loss over every
-    held-out record (`records`, already encoded), generation over the first train.eval_max_records."""
-    tc = cfg.train
-    sep = tc.eval_separator.replace("\\n", "\n").replace("\\t", "\t") or None  # as eval's --separator
-    generate = tc.eval_generate or sep is not None
-    subset = examples[:tc.eval_max_records] if tc.eval_max_records else examples
-    sampling = Sampling(max_new_tokens=tc.eval_max_new_tokens)
+def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], records, device: str,
+                show_progress: bool = False, train_records=None, log=print) -> "InTraining":
+    """The training loop's hook, (model, context, step) -> Report, per the train.eval_* keys (see InTraining)."""
+    return InTraining(tokenizer, cfg, examples, records, device, show_progress, train_records, log)
 
-    def hook(model, context=contextlib.nullcontext) -> Report:
+
+class InTraining:
+    """Scores the held-out split during training: the loss over the records within train.eval_max_tokens,
+    generation over the first train.eval_max_records of them. Says before each eval how long it will take;
+    the eval before training (step 0) is kept in a cache beside the run folder and reused by the next run
+    from the same model, data and method (evaluate/cache.py)."""
+
+    def __init__(self, tokenizer, cfg, examples, records, device, show_progress=False, train_records=None,
+                 log=print):
+        tc = cfg.train
+        self.tokenizer, self.cfg, self.device, self.show_progress, self.log = tokenizer, cfg, device, show_progress, log
+        self.sep = tc.eval_separator.replace("\\n", "\n").replace("\\t", "\t") or None  # as eval's --separator
+        self.generate = tc.eval_generate or self.sep is not None
+        n = _within(records, eval_token_cap(cfg, records, train_records))
+        if n < len(records):
+            log(f"eval: the first {n} of {len(records)} held-out records ({_tokens(records[:n]):,} of "
+                f"{_tokens(records):,} tokens) per evaluation: train.eval_max_tokens={tc.eval_max_tokens} "
+                f"({'auto: in proportion to the run' if tc.eval_max_tokens < 0 else 'set'}); 0 evaluates all")
+        self.examples, self.records = examples[:n], records[:n]
+        self.subset = self.examples[:tc.eval_max_records] if tc.eval_max_records else self.examples
+        self.sampling = Sampling(max_new_tokens=tc.eval_max_new_tokens)
+        self.seconds_per_unit: float | None = None  # measured by the last eval (see _units)
+
+    def __call__(self, model, context=contextlib.nullcontext, step: int | None = None) -> Report:
+        stored = cache_mod.path(self.cfg.train.output_dir, self._key()) if step == 0 else None
+        found = cache_mod.load(stored) if stored else None
+        if found is not None:
+            self.log(f"eval before training: reused from {stored} (same model files, held-out records, method "
+                     "and seed; delete it to measure again)")
+            return Report(found["scores"], found["predictions"])
+        self.log(self._estimate(model, context, step))
+        start = time.perf_counter()
         with context():  # generation too runs under the run's autocast: bf16 bases hold fp32 trainables
-            report = evaluate_run(model, tokenizer, cfg, subset, generate, extraction_sep=sep, sampling=sampling,
-                                  batch_size=tc.micro_batch_size, device=device, records=records)
-        if generate:
-            report.scores["generated_records"] = len(subset)
+            # the loss covers every record within the cap (`records`); the examples are the ones generated for
+            report = evaluate_run(model, self.tokenizer, self.cfg, self.subset, self.generate, extraction_sep=self.sep,
+                                  sampling=self.sampling, batch_size=self.cfg.train.micro_batch_size,
+                                  device=self.device, records=self.records, show_progress=self.show_progress)
+        seconds = time.perf_counter() - start
+        self.seconds_per_unit = seconds / max(self._units(), 1)
+        report.scores["eval_seconds"] = seconds
+        if self.generate:
+            report.scores["generated_records"] = len(self.subset)
+        if stored:
+            cache_mod.store(stored, report.scores, report.predictions)
         return report
 
-    return hook
+    def _key(self) -> str:
+        settings = {"generate": self.generate, "sep": self.sep, "max_new_tokens": self.sampling.max_new_tokens,
+                    "generated_records": len(self.subset)}
+        return cache_mod.key(self.cfg, self.records, self.device, settings)
+
+    def _units(self) -> int:
+        """Work of one eval in token forwards: the loss pass, plus (generating) every prompt's prefill and up
+        to max_new_tokens decode steps per record."""
+        gen = sum(len(r.input_ids) + self.sampling.max_new_tokens for r in self.records[:len(self.subset)]) \
+            if self.generate else 0
+        return _tokens(self.records) + gen
+
+    def _estimate(self, model, context, step) -> str:
+        """The eval's size and time: from the last eval's pace, or before the first from one timed batch."""
+        if self.seconds_per_unit is None:
+            self.seconds_per_unit = _probe(model, self.records, self.cfg, self.tokenizer, self.device, context)
+        what = f"{len(self.records)} records, {_tokens(self.records):,} tokens"
+        if self.generate:
+            what += f", generating up to {self.sampling.max_new_tokens} tokens for {len(self.subset)}"
+        at = "before training" if step == 0 else f"at step {step}"
+        return f"eval {at}: {what}; about {self.seconds_per_unit * self._units():.1f} s"
+
+
+def _tokens(records) -> int:
+    return sum(len(r.input_ids) for r in records)
+
+
+def _within(records, cap: int) -> int:
+    """How many leading records fit in `cap` tokens (at least one; cap 0: all)."""
+    total = 0
+    for n, r in enumerate(records):
+        total += len(r.input_ids)
+        if cap and total > cap and n > 0:
+            return n
+    return len(records)
+
+
+# the auto cap's floor: fewer answer tokens than this make a noisy loss (and are quick anyway)
+MIN_EVAL_TOKENS = 4096
+
+
+def eval_token_cap(cfg, records, train_records=None) -> int:
+    """Tokens one in-training eval may cover (0: all). train.eval_max_tokens=-1 (auto): a forward costs about a
+    third of a training step's forward+backward per token, so evals (before, after, every eval_every) of at
+    most 3/4 of the run's training tokens, shared among them, take at most about a quarter of the training
+    time; never below MIN_EVAL_TOKENS. A 5-step CPU run once spent 10 of 13 minutes on two evals of 100 records."""
+    tc = cfg.train
+    if tc.eval_max_tokens >= 0 or not train_records:
+        return max(tc.eval_max_tokens, 0)
+    # as engine.loop.total_steps counts them unpacked (that module imports this one)
+    steps = tc.max_steps or max(1, math.ceil(math.ceil(len(train_records) / tc.micro_batch_size) / tc.grad_accum
+                                             * tc.epochs))
+    per_step = _tokens(train_records) / len(train_records) * tc.micro_batch_size * tc.grad_accum
+    evals = 1 + int(tc.eval_at_start) + ((steps - 1) // tc.eval_every if tc.eval_every else 0)  # the last is after
+    return max(MIN_EVAL_TOKENS, int(0.75 * steps * per_step / evals))
+
+
+def _probe(model, records, cfg, tokenizer, device, context) -> float:
+    """Seconds per token of one loss forward over the first micro-batch (the estimate before the first eval)."""
+    first = records[:cfg.train.micro_batch_size]
+    start = time.perf_counter()
+    eval_loss(model, first, pad_id(tokenizer), len(first), device, context,
+              use_chunked_loss(cfg.train.loss, str(device)))
+    return (time.perf_counter() - start) / max(_tokens(first), 1)
 
 
 def load_model(folder: str | None, base: str | None, template: str, device: str, system: str = "",
@@ -174,7 +278,8 @@ def load_model(folder: str | None, base: str | None, template: str, device: str,
 def main(folder: str | None, data: str, *, base: str | None = None, template: str = "auto",
          output: str | None = None, generate: bool = False, extraction_sep: str | None = None,
          sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu", limit: int = 0,
-         max_len: int = 0, system: str | None = None, trust_remote_code: bool = False, log=print) -> Report:
+         max_len: int = 0, system: str | None = None, trust_remote_code: bool = False, log=print,
+         show_progress: bool = False) -> Report:
     """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
     if bool(folder) == bool(base):
         raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")
@@ -187,7 +292,7 @@ def main(folder: str | None, data: str, *, base: str | None = None, template: st
     start = time.perf_counter()
     report = evaluate_run(model, tokenizer, cfg, examples, generate, extraction_sep=extraction_sep,
                           sampling=sampling, batch_size=batch_size or 8, gen_batch_size=batch_size,
-                          device=device)
+                          device=device, show_progress=show_progress)
     report.scores = {"model": str(folder or base), "data": str(data), "template": cfg.data.template,
                      **report.scores, "seconds": time.perf_counter() - start}
     log(report.summary())

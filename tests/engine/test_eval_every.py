@@ -104,9 +104,9 @@ def test_generation_scores_each_eval_and_writes_predictions(plain, tiny_model_di
     def drawing(*args, **kwargs):  # a hook that also draws from every RNG: training must not notice
         hook = real(*args, **kwargs)
 
-        def wrapped(model, context):
+        def wrapped(model, context, step=None):
             torch.rand(7), random.random()
-            return hook(model, context)
+            return hook(model, context, step)
         return wrapped
 
     monkeypatch.setattr(train_mod, "in_training", drawing)

@@ -28,7 +28,8 @@ def test_event_files_hold_the_logged_scalars(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     assert list(run.glob("events.out.tfevents.*"))
     scalars = _scalars(run)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/rss_gib", "eval/loss"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/input_tokens_per_s", "train/trained_tokens_per_s",
+                "train/trained_tokens", "train/rss_gib", "eval/loss"):
         assert tag in scalars, sorted(scalars)
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     for key in ("loss", "lr", "grad_norm"):
@@ -38,7 +39,7 @@ def test_event_files_hold_the_logged_scalars(tmp_path, tiny_model_dir):
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
     assert scalars["eval/loss"] == [(0, pytest.approx(evals[0]["eval_loss"], rel=1e-6)),
                                     (5, pytest.approx(evals[1]["eval_loss"], rel=1e-6))]
-    assert all(v > 0 for _, v in scalars["train/tokens_per_s"] + scalars["train/rss_gib"])
+    assert all(v > 0 for _, v in scalars["train/input_tokens_per_s"] + scalars["train/rss_gib"])
 
 
 def test_fp16_run_logs_the_loss_scale(tmp_path, tiny_model_dir):
