@@ -274,13 +274,13 @@ def _load_for_inference(args):
     from .export.peft_format import load_run
     from .models import pick_device
 
-    check_run(args.folder)
     device = pick_device(args.device)
     if str(args.folder).endswith(".gguf"):  # an exported file: its own chat template, no run config
         from . import models
 
         model, tokenizer = models.load(args.folder, device=device)
         return model.eval(), tokenizer, config_mod.load(None, [f"model.path={args.folder}"]), device
+    check_run(args.folder)
     model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
     return model, tokenizer, cfg, device
 

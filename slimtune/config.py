@@ -340,13 +340,15 @@ RANGES: dict[str, str | tuple] = {
     "train.warmup_steps": "[0, inf)", "train.max_grad_norm": "[0, inf)", "train.seed": "[0, 2**63)",
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
     "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
-    "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)", "data.max_turns": "[0, inf)",
+    "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)",
+    "data.max_turns": "[0, inf)", "train.eval_max_tokens": "[-1, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little
 RANGE_TEXT = {
     "train.max_steps": "must be >= 0 (0 = derived from train.epochs)",
     "method.quant_bits": "must be 4 (NF4) or 8",
     "train.adam_eps": "must be positive (fp16-pure needs >= 1e-4)",
+    "train.eval_max_tokens": "must be -1 (auto), 0 (all) or a token count",
 }
 
 
@@ -430,10 +432,6 @@ def _check_relations(cfg: Config) -> list[str]:
 def _check_eval(cfg: Config) -> list[str]:
     """In-training evaluation needs held-out records, which data.eval_size=0 without data.eval leaves none of."""
     tc, problems = cfg.train, []
-    if tc.eval_max_new_tokens < 1:
-        problems.append("train.eval_max_new_tokens: must be at least 1")
-    if tc.eval_max_tokens < -1:
-        problems.append("train.eval_max_tokens: must be -1 (auto), 0 (all) or a token count")
     held = bool(cfg.data.eval) or cfg.data.eval_size > 0
     for key, on in (("eval_every", tc.eval_every > 0), ("eval_generate", tc.eval_generate),
                     ("eval_separator", bool(tc.eval_separator))):
