@@ -17,6 +17,7 @@ from .engine import checkpoint, memory
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
+from .evaluate import summary
 from .evaluate.report import in_training
 from .export.peft_format import read_config, save
 from .methods.quant import quantization_config
@@ -144,6 +145,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     save(model, cfg, out)
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)
+    summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
 
 
