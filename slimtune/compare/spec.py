@@ -120,9 +120,11 @@ def load(path: str | Path, methods: list[str] | None = None, overrides: list[str
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: invalid YAML: {err}") from None
-    section = tree.pop("compare", None) or {} if isinstance(tree, dict) else {}
-    if not isinstance(section, dict) or set(section) - {"methods", "metric"}:
+    section = (tree.pop("compare", None) or {}) if isinstance(tree, dict) else {}
+    if not isinstance(section, dict):
         raise ConfigError(f"{where}: compare: expected a mapping with keys methods and metric")
+    for key in set(section) - {"methods", "metric"}:
+        raise ConfigError(f"{where}: compare: unknown key {key} (known: methods, metric)")
     cfg = load_config(tree, where, list(overrides or []))
     entries = _entries(section, where)
     labels = methods or list(entries)
