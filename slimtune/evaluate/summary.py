@@ -26,4 +26,5 @@ def write(out: Path, result: dict, model, log=print) -> None:
         loss_png(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{out.name}: loss")
         log(f"wrote {out / 'loss.png'}")
     except Exception as err:  # noqa: BLE001 - as above
-        log(f"warning: could not draw {out / 'loss.png'}: {type(err).__name__}: {err}")
+        hint = " (pip install matplotlib)" if isinstance(err, ImportError) else ""
+        log(f"warning: could not draw {out / 'loss.png'}: {type(err).__name__}: {err}{hint}")
