@@ -33,12 +33,13 @@ def charts(out: Path, rows: list[dict], metric: str | None) -> dict[str, Path]:
     name = table.SCORE_NAMES.get(metric, metric) if metric else "eval loss"
     value = (lambda r: r.get("score")) if metric else (lambda r: r.get("eval_loss"))
     kind = "GPU reserved" if gpu else "peak RSS"
+    base = next((value(r) for r in rows if r.get("method") == "base"), None)
     mem = [(r["label"], table.memory(r, "train", gpu), value(r)) for r in rows if r.get("method") != "base"]
     plots.scatter([p for p in mem if None not in p], paths["score vs training memory"],
-                  f"training memory, GiB ({kind})", name, f"{name} vs training memory")
+                  f"training memory, GiB ({kind})", name, f"{name} vs training memory", base)
     tim = [(r["label"], r.get("train_seconds"), value(r)) for r in rows if r.get("method") != "base"]
     plots.scatter([p for p in tim if None not in p], paths["score vs training time"], "training time, s", name,
-                  f"{name} vs training time")
+                  f"{name} vs training time", base)
     return paths
 
 

@@ -19,6 +19,7 @@ from ..config import ConfigError
 from ..data import read, split
 from ..engine import checkpoint
 from ..export.parts import PARTS
+from ..export.peft_format import read_config
 from . import child
 from .spec import BASE, Plan, Row, row_overrides
 
@@ -43,8 +44,6 @@ def _shared_config(plan: Plan, out: Path) -> Path:
     """DIR/config.yaml; a DIR holding another config's compare is refused (rows would not be comparable)."""
     path = out / "config.yaml"
     if path.is_file():
-        from ..export.peft_format import read_config
-
         diff = checkpoint.differences(read_config(out), plan.cfg)
         if diff:
             raise ConfigError(f"{out}: holds a compare of another config ({'; '.join(diff[:3])}); use another "
@@ -70,12 +69,16 @@ def _heldout(cfg: config_mod.Config, out: Path) -> Path:
 def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
     """The child's `slimtune train` command line. Generation is left to the eval child, which measures its
     time and memory; in-training evals keep their loss (the loss curves)."""
-    args = ["train", str(shared), *row_overrides(row), f"train.output_dir={run_dir}", "train.eval_generate=false",
-            "train.eval_separator=", "--no-progress"]
-    if checkpoint.latest(run_dir) is not None:
+    overrides = [*row_overrides(row), f"train.output_dir={run_dir}", "train.eval_generate=false",
+                 "train.eval_separator="]
+    args = ["train", str(shared), *overrides, "--no-progress"]
+    last = checkpoint.latest(run_dir)
+    if last is not None and not checkpoint.differences(read_config(last), config_mod.load(shared, overrides)):
         return args + ["--resume"]  # a row stopped mid-run goes on from its checkpoint
     if run_dir.exists() and any(run_dir.iterdir()):
-        return args + ["--overwrite"]  # compare's own folder, from a row killed before its first checkpoint
+        # compare's own folder: a row killed before its first checkpoint, or one whose overrides changed
+        # since (its results file deleted to run it again)
+        return args + ["--overwrite"]
     return args
 
 

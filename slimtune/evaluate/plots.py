@@ -67,9 +67,14 @@ def compare_losses(runs: dict[str, list[dict]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def scatter(points: list[tuple[str, float, float]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Labelled points (label, x, y): a method's place in a trade-off such as score vs memory."""
+def scatter(points: list[tuple[str, float, float]], path: Path, xlabel: str, ylabel: str, title: str,
+            baseline: float | None = None) -> Path:
+    """Labelled points (label, x, y): a method's place in a trade-off such as score vs memory; baseline:
+    the untrained model's score, as a dashed line."""
     fig, ax = _figure()
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="untrained (base)")
+        ax.legend(fontsize=8, loc="lower right")
     for i, (label, x, y) in enumerate(points):
         ax.scatter([x], [y], color=f"C{i % 10}", s=40)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)

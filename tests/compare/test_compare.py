@@ -221,3 +221,13 @@ def test_cli_reports_plan_errors_as_one_line(tmp_path, tiny_model_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("slimtune compare: error: ") and "compare.methods.nope" in err and "\n" not in err
     assert not (tmp_path / "o").exists()  # nothing starts before the plan is valid
+
+
+def test_a_row_goes_on_from_its_checkpoint_unless_its_overrides_changed(compared, tmp_path):
+    from slimtune.compare.runner import _train_args
+
+    out = compared["out"]
+    shared, run_dir = out / "config.yaml", out / "runs" / "lora"
+    assert _train_args(spec.Row("lora", "lora", []), shared, run_dir)[-1] == "--resume"
+    assert _train_args(spec.Row("lora", "lora", ["train.lr=0.5"]), shared, run_dir)[-1] == "--overwrite"
+    assert _train_args(spec.Row("lora", "lora", []), shared, tmp_path / "new")[-1] == "--no-progress"
