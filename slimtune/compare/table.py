@@ -17,7 +17,7 @@ def _gib(x) -> str:
 def _seconds(x) -> str:
     if x is None:
         return "—"
-    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
+    return f"{x:.1f} s" if x < 600 else f"{x / 60:.1f} min"  # one unit down a column, for runs of minutes
 
 
 def _count(x) -> str:
