@@ -10,13 +10,16 @@ from .table import cells, legend
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f2f2f2}td:first-child,td:last-child{text-align:left}tr.failed td{color:#a00}
-img{display:block;margin:16px 0;max-width:100%}p.legend{font-size:13px;color:#555;max-width:1100px}"""
+th{background:#f2f2f2}td{white-space:nowrap}td:first-child,td:last-child{text-align:left}
+td:last-child{white-space:normal}tr.failed td{color:#a00}p.legend{font-size:13px;color:#555;max-width:1100px}
+.charts{display:flex;flex-wrap:wrap;gap:8px}.chart{flex:0 1 580px}.chart img{width:100%}
+h2{font-size:16px;margin:12px 0 4px}"""
 
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<h2>{html.escape(alt)}</h2><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return (f'<div class="chart"><h2>{html.escape(alt)}</h2><img alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{data}"></div>')
 
 
 def render(rows: list[dict], meta: dict, charts: dict[str, Path]) -> str:
@@ -31,7 +34,7 @@ def render(rows: list[dict], meta: dict, charts: dict[str, Path]) -> str:
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
-            f"<p class=\"legend\">{html.escape(legend(meta))}</p>{imgs}</body></html>\n")
+            f"<p class=\"legend\">{html.escape(legend(meta))}</p><div class=\"charts\">{imgs}</div></body></html>\n")
 
 
 def write(out: Path, rows: list[dict], meta: dict, charts: dict[str, Path]) -> Path:

@@ -77,7 +77,8 @@ def scatter(points: list[tuple[str, float, float]], path: Path, xlabel: str, yla
         ax.legend(fontsize=8, loc="lower right")
     for i, (label, x, y) in enumerate(points):
         ax.scatter([x], [y], color=f"C{i % 10}", s=40)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        # staggered offsets: methods with the same score (several at 0) would print their names on top of each other
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 - 11 * (i % 3)), fontsize=9)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if points:
