@@ -66,14 +66,23 @@ def _heldout(cfg: config_mod.Config, out: Path) -> Path:
     return path
 
 
-def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
-    """The child's `slimtune train` command line. Generation is left to the eval child, which measures its
+def _overrides(row: Row, run_dir: Path) -> list[str]:
+    """The row's overrides for `slimtune train`. Generation is left to the eval child, which measures its
     time and memory; in-training evals keep their loss (the loss curves)."""
-    overrides = [*row_overrides(row), f"train.output_dir={run_dir}", "train.eval_generate=false",
-                 "train.eval_separator="]
-    args = ["train", str(shared), *overrides, "--no-progress"]
-    last = checkpoint.latest(run_dir)
-    if last is not None and not checkpoint.differences(read_config(last), config_mod.load(shared, overrides)):
+    return [*row_overrides(row), f"train.output_dir={run_dir}", "train.eval_generate=false", "train.eval_separator="]
+
+
+def _same_run(folder: Path | None, shared: Path, row: Row, run_dir: Path) -> bool:
+    """Whether a run (or checkpoint) folder was trained with this row's config as it is now."""
+    if folder is None or not (folder / "config.yaml").is_file():
+        return False
+    return not checkpoint.differences(read_config(folder), config_mod.load(shared, _overrides(row, run_dir)))
+
+
+def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
+    """The child's `slimtune train` command line."""
+    args = ["train", str(shared), *_overrides(row, run_dir), "--no-progress"]
+    if _same_run(checkpoint.latest(run_dir), shared, row, run_dir):
         return args + ["--resume"]  # a row stopped mid-run goes on from its checkpoint
     if run_dir.exists() and any(run_dir.iterdir()):
         # compare's own folder: a row killed before its first checkpoint, or one whose overrides changed
@@ -103,8 +112,9 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
     eval does not train again)."""
     run_dir, marker = out / "runs" / row.label, out / "results" / f"{row.label}.train.json"
     done = _read_json(marker)
-    if done and (done.get("reason") or (run_dir / "summary.json").is_file()):
-        return done
+    if done and not done["reason"] and (run_dir / "summary.json").is_file() and _same_run(run_dir, shared, row,
+                                                                                        run_dir):
+        return done  # trained, then stopped during its eval; a failed row is tried again
     log(f"compare: {row.label}: training ({row.method})")
     res = child.run(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
                     out / "logs" / f"{row.label}.train.peak.json", fwd)
