@@ -12,7 +12,7 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td{white-space:nowrap}td:first-child,td:last-child{text-align:left}
 td:last-child{white-space:normal}tr.failed td{color:#a00}p.legend{font-size:13px;color:#555;max-width:1100px}
-.charts{display:flex;flex-wrap:wrap;gap:8px}.chart{flex:0 1 580px}.chart img{width:100%}
+.charts{display:flex;flex-wrap:wrap;gap:8px}.chart{flex:0 1 560px}.chart img{width:100%}
 h2{font-size:16px;margin:12px 0 4px}"""
 
 
