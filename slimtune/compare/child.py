@@ -1,7 +1,9 @@
 """One measured child process: a `slimtune` command run in its own process, so each method's peak memory
-is its own. The parent reads the child's peak RSS from os.wait4 (that child's rusage alone:
-getrusage(RUSAGE_CHILDREN) would report the largest of all children so far); the child, run through
-this module's main, writes its peak GPU memory to a JSON file as it exits."""
+is its own. The child, run through this module's main, writes its peak RSS (VmHWM of /proc/self/status)
+and peak GPU memory to a JSON file as it exits. Its rusage is only the fallback (a child killed before it
+could write): getrusage(RUSAGE_CHILDREN) is the largest of all children so far, and even os.wait4's
+per-child ru_maxrss counts the parent's RSS at fork time (Linux carries the pre-exec peak over exec),
+so a small child of a large parent would report the parent's size (measured: 0.35 GiB for `--help`)."""
 from __future__ import annotations
 
 import json
@@ -73,28 +75,35 @@ def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> O
         finally:
             forward.proc = None
     proc.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it: Popen must not wait again
-    kib = usage.ru_maxrss  # KiB on Linux
-    gpu = json.loads(peak_path.read_text()) if peak_path.is_file() else {}
-    return Outcome(proc.returncode, time.perf_counter() - start, kib / 2**20, gpu, forward.requested is not None)
+    peaks = json.loads(peak_path.read_text()) if peak_path.is_file() else {}
+    rss = peaks.pop("rss_gib", None) or usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
+    return Outcome(proc.returncode, time.perf_counter() - start, rss, peaks, forward.requested is not None)
 
 
-def _gpu_peaks() -> dict:
+def _peaks() -> dict:
+    """This process's peak RSS (Linux) and, when it used CUDA, peak GPU memory allocated and reserved."""
+    out = {}
+    try:
+        status = Path("/proc/self/status").read_text()
+        out["rss_gib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError):  # not Linux: the parent falls back to rusage
+        pass
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    return out
 
 
 def main(argv: list[str]) -> int:
-    """The child: `slimtune ARGS` in this process, then its GPU peaks into argv[0]."""
+    """The child: `slimtune ARGS` in this process, then its peaks into argv[0]."""
     from ..cli import main as cli_main
 
     peak_path, args = Path(argv[0]), argv[1:]
     try:
         return cli_main(args)
     finally:
-        peak_path.write_text(json.dumps(_gpu_peaks()))
+        peak_path.write_text(json.dumps(_peaks()))
 
 
 if __name__ == "__main__":

@@ -247,3 +247,21 @@ def test_a_trained_row_is_not_trained_again_unless_its_config_changed(compared, 
     with pytest.raises(KeyboardInterrupt):
         runner._train(spec.Row("lora", "lora", ["train.lr=0.5"]), out / "config.yaml", out, None, print)
     assert started and started[0][-1] == "--overwrite"
+
+
+def test_each_childs_peak_memory_is_its_own(tmp_path, tiny_model_dir, monkeypatch):
+    """A small child run after a large one reports its own peak: not the larger one's (as
+    getrusage(RUSAGE_CHILDREN) would, the maximum over every child waited for), nor this parent's RSS
+    at fork time (as os.wait4's ru_maxrss does on Linux: 0.35 GiB here for both children)."""
+    from slimtune.compare import child
+
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    with child.Forward() as fwd:
+        big = child.run(["targets", str(tiny_model_dir)], tmp_path / "big.log", tmp_path / "big.json", fwd)
+        small = child.run(["--help"], tmp_path / "small.log", tmp_path / "small.json", fwd)
+    assert (big.rc, small.rc) == (0, 0) and "q_proj" in (tmp_path / "big.log").read_text()
+    parent = int(next(x for x in Path("/proc/self/status").read_text().splitlines()
+                      if x.startswith("VmRSS:")).split()[1]) / 2**20
+    # measured: --help 0.22 GiB (cli imports torch), targets 0.34 GiB (+ transformers), pytest ~0.35+ GiB
+    assert small.rss_gib < big.rss_gib and small.rss_gib < 0.8 * parent, (small.rss_gib, big.rss_gib, parent)
+    assert small.gpu == {} and small.seconds > 0 and not small.interrupted
