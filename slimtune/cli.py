@@ -1,4 +1,5 @@
-"""The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo."""
+"""The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo
+| compare."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    cp = sub.add_parser("compare", help="train and score several methods on the same data, seed and budget: "
+                                        "table, charts and a report page", epilog=EPILOG)
+    cp.add_argument("config", help="training config; its optional compare: section lists rows and overrides")
+    cp.add_argument("overrides", nargs="*", help="dotted overrides for every row, e.g. train.max_steps=50")
+    cp.add_argument("--methods", help="comma-separated rows, e.g. base,lora,dora,freeze,prompt_tuning,full "
+                                      "(default: the config's compare.methods; base = the model untrained)")
+    cp.add_argument("--output", help="folder for the runs and compare.json/.md/.html (default: "
+                                     "compare/<config name>); run again to go on after an interruption")
 
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
@@ -472,6 +482,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+    from .compare.runner import Interrupted
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    try:
+        rows = compare(args.config, methods, args.overrides, args.output)
+    except Interrupted as err:
+        print(f"slimtune compare: {err}; run the same command again to go on (finished rows are kept)",
+              file=sys.stderr)
+        return 130
+    failed = [r["label"] for r in rows if r["status"] != "done"]
+    if failed:  # a row that cannot run here is an answer too (its reason is in the table), not an error
+        print(f"slimtune compare: {len(failed)} of {len(rows)} rows failed: {', '.join(failed)}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -480,7 +507,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
             "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
-            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
+            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

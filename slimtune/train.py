@@ -21,6 +21,7 @@ from .engine.loop import enable_kernels, fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.runfolder import RunFolderError
+from .evaluate import summary
 from .evaluate.report import in_training
 from .export.parts import PARTS
 from .export.peft_format import read_config, save
@@ -241,6 +242,8 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     distributed.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)
+    if distributed.is_main():
+        summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
 
 

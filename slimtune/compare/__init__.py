@@ -1,0 +1,25 @@
+"""`slimtune compare CONFIG --methods lora,dora,...`: which method for this model, data and machine,
+answered by training and scoring each one the same way (spec: what runs; runner: the child processes;
+report, table, page: what comes out)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .spec import Plan, load  # runner (and its child module) load on use: `python -m slimtune.compare.child`
+# imports this package first, and a package that imported child itself would make runpy warn
+
+
+def compare(config_path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
+            output: str | Path | None = None, log=print) -> list[dict]:
+    """Run (or go on with) a compare; its rows, as compare.json holds them."""
+    from ..models import pick_device
+    from . import report, runner
+
+    plan = load(config_path, methods, overrides)
+    out = Path(output) if output else Path("compare") / Path(config_path).stem
+    rows = runner.run(plan, out, log)
+    report.write(out, rows, report.meta(plan, str(config_path), pick_device(plan.cfg.train.device)), log)
+    return rows
+
+
+__all__ = ["Plan", "compare", "load"]

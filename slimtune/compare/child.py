@@ -1,0 +1,110 @@
+"""One measured child process: a `slimtune` command run in its own process, so each method's peak memory
+is its own. The child, run through this module's main, writes its peak RSS (VmHWM of /proc/self/status)
+and peak GPU memory to a JSON file as it exits. Its rusage is only the fallback (a child killed before it
+could write): getrusage(RUSAGE_CHILDREN) is the largest of all children so far, and even os.wait4's
+per-child ru_maxrss counts the parent's RSS at fork time (Linux carries the pre-exec peak over exec),
+so a small child of a large parent would report the parent's size (measured: 0.35 GiB for `--help`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+
+
+@dataclass
+class Outcome:
+    rc: int
+    seconds: float  # wall time of the whole child, start-up and model load included
+    rss_gib: float  # the child's peak resident memory
+    gpu: dict  # peak_allocated_gib / peak_reserved_gib when the child used CUDA, else {}
+    interrupted: bool  # compare itself was asked to stop while this child ran
+
+    def failure(self, log_path: Path) -> str:
+        """The last non-blank line of the child's log: its error (`slimtune train: error: ...`, or a
+        traceback's last line such as torch.OutOfMemoryError)."""
+        lines = [x.strip() for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        return lines[-1] if lines else f"exit status {self.rc} with an empty log ({log_path})"
+
+
+class Forward:
+    """While a child runs, SIGINT/SIGTERM sent to compare go to the child once (it saves a checkpoint and
+    stops: engine/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
+    The child runs in its own session, so a Ctrl-C in the terminal reaches it only through here."""
+
+    def __init__(self):
+        self.proc, self.requested, self._old = None, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        first = self.requested is None
+        self.requested = signal.Signals(signum).name
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> Outcome:
+    """`python -m slimtune.compare.child PEAK ARGS...` with stdout and stderr in log_path."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    peak_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "slimtune.compare.child", str(peak_path), *args]
+    start = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        forward.proc = proc
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # retried by Python when a signal handler returns
+        finally:
+            forward.proc = None
+    proc.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it: Popen must not wait again
+    peaks = json.loads(peak_path.read_text()) if peak_path.is_file() else {}
+    rss = peaks.pop("rss_gib", None) or usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
+    return Outcome(proc.returncode, time.perf_counter() - start, rss, peaks, forward.requested is not None)
+
+
+def _peaks() -> dict:
+    """This process's peak RSS (Linux) and, when it used CUDA, peak GPU memory allocated and reserved."""
+    out = {}
+    try:
+        status = Path("/proc/self/status").read_text()
+        out["rss_gib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError):  # not Linux: the parent falls back to rusage
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """The child: `slimtune ARGS` in this process, then its peaks into argv[0]."""
+    from ..cli import main as cli_main
+
+    peak_path, args = Path(argv[0]), argv[1:]
+    try:
+        return cli_main(args)
+    finally:
+        peak_path.write_text(json.dumps(_peaks()))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

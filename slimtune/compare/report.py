@@ -1,0 +1,50 @@
+"""compare's outputs from its rows: compare.json, compare.md, the three charts and compare.html."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..engine.log import read_metrics
+from ..evaluate import plots
+from . import page, table
+from .spec import Plan
+
+CHARTS = {"loss curves": "loss_curves.png", "score vs training memory": "score_vs_memory.png",
+          "score vs training time": "score_vs_time.png"}
+
+
+def meta(plan: Plan, config_path: str, device: str) -> dict:
+    tc = plan.cfg.train
+    budget = f"{tc.max_steps} steps" if tc.max_steps else f"{tc.epochs:g} epochs"
+    return {"config": str(config_path), "metric": plan.metric, "device": device, "seed": tc.seed,
+            "budget": f"{budget} x {tc.micro_batch_size * tc.grad_accum} records, lr {tc.lr:g}",
+            "eval_records": tc.eval_max_records or "all"}
+
+
+def charts(out: Path, rows: list[dict], metric: str | None) -> dict[str, Path]:
+    """The loss curves of every trained row, and the score against training memory and time."""
+    runs = {}
+    for r in rows:
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        if r.get("status") == "done" and r.get("method") != "base" and path.is_file():
+            runs[r["label"]] = read_metrics(path)
+    paths = dict(zip(CHARTS, (out / name for name in CHARTS.values())))
+    plots.compare_losses(runs, paths["loss curves"])
+    gpu = table.on_gpu(rows)
+    name = table.SCORE_NAMES.get(metric, metric) if metric else "eval loss"
+    value = (lambda r: r.get("score")) if metric else (lambda r: r.get("eval_loss"))
+    kind = "GPU reserved" if gpu else "peak RSS"
+    base = next((value(r) for r in rows if r.get("method") == "base"), None)
+    mem = [(r["label"], table.memory(r, "train", gpu), value(r)) for r in rows if r.get("method") != "base"]
+    plots.scatter([p for p in mem if None not in p], paths["score vs training memory"],
+                  f"training memory, GiB ({kind})", name, f"{name} vs training memory", base)
+    tim = [(r["label"], r.get("train_seconds"), value(r)) for r in rows if r.get("method") != "base"]
+    plots.scatter([p for p in tim if None not in p], paths["score vs training time"], "training time, s", name,
+                  f"{name} vs training time", base)
+    return paths
+
+
+def write(out: Path, rows: list[dict], info: dict, log=print) -> None:
+    json_path, md_path = table.write(out, rows, info)
+    drawn = charts(out, rows, info.get("metric"))
+    html_path = page.write(out, rows, info, drawn)
+    log(f"compare: wrote {json_path}, {md_path}, {html_path} and {len(drawn)} charts in {out}")
