@@ -76,7 +76,9 @@ def _same_run(folder: Path | None, shared: Path, row: Row, run_dir: Path) -> boo
     """Whether a run (or checkpoint) folder was trained with this row's config as it is now."""
     if folder is None or not (folder / "config.yaml").is_file():
         return False
-    return not checkpoint.differences(read_config(folder), config_mod.load(shared, _overrides(row, run_dir)))
+    saved, now = read_config(folder), config_mod.load(shared, _overrides(row, run_dir))
+    # train.lr may change on a resume (a diverged run goes on more gently); in a comparison it is the row's
+    return not checkpoint.differences(saved, now) and saved.train.lr == now.train.lr
 
 
 def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
@@ -165,7 +167,8 @@ def _trained(train: dict, run_dir: Path) -> dict:
             "train_gpu_allocated_gib": s.get("peak_allocated_gib", gpu.get("peak_allocated_gib")),
             "train_gpu_reserved_gib": s.get("peak_reserved_gib", gpu.get("peak_reserved_gib")),
             "train_seconds": s.get("train_seconds"), "train_wall_seconds": train["wall_seconds"],
-            "tokens_per_s": s.get("tokens_per_s"), "steps": s.get("steps"), "train_loss": s.get("train_loss"),
+            "tokens_per_s": s.get("input_tokens_per_s", s.get("tokens_per_s")), "steps": s.get("steps"),
+            "train_loss": s.get("train_loss"),
             "artifact_bytes": artifact_bytes(run_dir)}
 
 
