@@ -57,7 +57,8 @@ def main(paths: list[str]) -> int:
                     wrong_fit.append(row)
             else:
                 meas = r["peak_reserved_gib"]
-                row.update(measured_reserved_gib=round(meas, 3), measured_allocated_gib=round(r["peak_allocated_gib"], 3),
+                row.update(measured_reserved_gib=round(meas, 3),
+                           measured_allocated_gib=round(r["peak_allocated_gib"], 3),
                            predicted_allocated_gib=round(est.peak_allocated / GIB, 3),
                            rel_err=round((pred - meas) / meas, 4))
                 errs.append(abs(row["rel_err"]))

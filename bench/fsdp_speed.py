@@ -42,7 +42,8 @@ def _config(a, world: int, shape_dir: str):
         "model": {"path": shape_dir},
         "method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "train": {"micro_batch_size": a.per_gpu * world, "grad_accum": 1, "lr": 1e-5 if a.method == "full" else 1e-4,
-                  "precision": "bf16" if torch.cuda.is_available() else "fp32", "gradient_checkpointing": True, "packing": "rows",
+                  "precision": "bf16" if torch.cuda.is_available() else "fp32", "gradient_checkpointing": True,
+                  "packing": "rows",
                   "offload_activations": a.offload, "max_steps": a.steps + a.warmup, "seed": 0},
         "data": {"max_len": a.max_len}})
 
@@ -121,7 +122,8 @@ def worker(a) -> None:
         dt = sum(times)
         print("RESULT " + json.dumps(dict(
             recipe=f"slimtune FSDP2 ({a.method}, {a.per_gpu} records/step/GPU" + (", offload" if a.offload else "")
-            + (", layers kept whole forward to backward" if a.keep_gathered else "") + ")", size=a.size, params=n_params, gpus=world, method=a.method, per_gpu=a.per_gpu,
+            + (", layers kept whole forward to backward" if a.keep_gathered else "") + ")",
+            size=a.size, params=n_params, gpus=world, method=a.method, per_gpu=a.per_gpu,
             max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), tok_s_per_gpu=round(real / dt / world),
             peak_gib=round(peaks[0], 2), peak_reserved_gib=round(peaks[1], 2),
             predicted_gib=round((est.peak + est.cuda_context) / 2**30, 2),

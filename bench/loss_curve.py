@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     records, pad = encoded(model_dir, data, cfg, limit=a.bs * a.ga * a.steps)
     curves = {"hf-trainer+peft": hf_curve(model_dir, records, pad, cfg),
               "slimtune": slimtune_curve(model_dir, records, pad, cfg),
-              "slimtune packed": slimtune_curve(model_dir, records, pad, settings(a.bs, a.ga, a.steps, max_len=a.max_len,
+              "slimtune packed": slimtune_curve(model_dir, records, pad,
+                                                settings(a.bs, a.ga, a.steps, max_len=a.max_len,
                                                                                  packing="rows"))}
     ref = curves["hf-trainer+peft"]
     print("step  " + "  ".join(f"{k:>16}" for k in curves))

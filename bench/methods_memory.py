@@ -177,7 +177,8 @@ def train(args) -> dict:
         "method": args.method,
         "model": MODEL_NAME if args.shape_tag == "1b" else f"llama-{args.shape_tag}-random",
         "device": name,
-        "micro_batch": args.micro, "seq_len": args.seq, "trained_tokens_per_step": args.micro * (args.seq - args.seq // 2),
+        "micro_batch": args.micro, "seq_len": args.seq,
+        "trained_tokens_per_step": args.micro * (args.seq - args.seq // 2),
         "steps": args.steps, "lora_r": mcfg.r, "lora_alpha": mcfg.alpha, "target_modules": mcfg.target_modules,
         "quant": "nf4+double_quant, bf16 compute" if args.method == "qlora" else None,
         "gradient_checkpointing": True,
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
         ap.error("give --make DIR, or --method lora|qlora and --model DIR")
     if args.device == "cpu" and args.method == "qlora":
         ap.error("qlora needs CUDA (bitsandbytes); --device cpu checks the lora path only")
-    cfg = json.loads((Path(args.model) / "config.json").read_text()) if (Path(args.model) / "config.json").is_file() else {}
+    path = Path(args.model) / "config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
     args.shape_tag = "1b" if cfg.get("hidden_size") == 2048 and cfg.get("num_hidden_layers") == 16 else "tiny"
     rec = train(args)
     line = json.dumps(rec)

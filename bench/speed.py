@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -73,7 +72,8 @@ def worker(a) -> dict:
     shape, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
     cfg = config_mod.from_dict({
         "method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
-        "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4, "precision": "bf16" if dev == "cuda" else "fp32",
+        "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4,
+                  "precision": "bf16" if dev == "cuda" else "fp32",
                   "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
                   "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp, "fused_rope": a.fused_rope,
                   "offload_activations": a.offload, "seed": 0},
@@ -116,7 +116,6 @@ def worker(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     real = padded = 0
     times, losses = [], []
-    t0 = time.perf_counter()
     for i in range(steps):
         ts = time.perf_counter()
         if a.profile and i == steps - 1:
@@ -130,7 +129,8 @@ def worker(a) -> dict:
     dt = sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     label = f"slimtune ({bs}x{ga} records, packing={packed}, loss={'chunked' if chunked else 'plain'}" + \
-        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + (", compiled layers" if a.compile else "") + \
+        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + \
+        (", compiled layers" if a.compile else "") + \
         (", activations offloaded" if a.offload else "") + \
         (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + \
         (f", Liger RoPE layers={fused_rope}" if fused_rope else "") + ")"

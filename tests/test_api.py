@@ -54,7 +54,8 @@ def _cfg(steps: int = 4, lr: float = 1e-2):
 
 # method fields per model kind: the Sequential has no architecture default, so it names its modules
 FIELDS = {
-    "seq": {"ia3": dict(target_modules=["0", "2"], feedforward_modules=["2"]), "freeze": dict(trainable_pattern=r"^2\.")},
+    "seq": {"ia3": dict(target_modules=["0", "2"], feedforward_modules=["2"]),
+            "freeze": dict(trainable_pattern=r"^2\.")},
     "bert": {"freeze": dict(trainable_layers=1)},
 }
 SEQ_LORA = dict(target_modules=["0", "2"], r=2, alpha=4, dropout=0.0)
@@ -200,7 +201,8 @@ def test_prepare_runs_trains_sequence_and_reports_it():
 
 
 def test_prepare_checkpoints_a_wrapped_encoder_and_refuses_a_module_without_one():
-    cfg = slimtune.load_config(overrides=["train.gradient_checkpointing=true", "method.modules_to_save=linear_1,linear_2"])
+    cfg = slimtune.load_config(overrides=["train.gradient_checkpointing=true",
+                                          "method.modules_to_save=linear_1,linear_2"])
     prep = slimtune.prepare(Wrapper(_bert()), cfg, "cpu", log=lambda *a: None)
     assert prep.model.get_base_model().bert.is_activation_checkpointing
     cfg = slimtune.load_config(overrides=["train.gradient_checkpointing=true", "method.target_modules=0"])

@@ -144,7 +144,8 @@ def test_regex_targets(tiny_model_dir):
     from slimtune.methods import targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert targets.resolve(model, ["re:.*layers\\.1\\.self_attn\\.(q|k)_proj"]) == ".*layers\\.1\\.self_attn\\.(q|k)_proj"
+    pattern = ".*layers\\.1\\.self_attn\\.(q|k)_proj"
+    assert targets.resolve(model, ["re:" + pattern]) == pattern
     assert targets.resolve(model, ["all-linear"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     with pytest.raises(targets.TargetError, match="matches no Linear"):

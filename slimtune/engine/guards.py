@@ -55,7 +55,8 @@ def max_abs(tensors) -> float:
     top = 0.0
     for t in tensors:
         if local(t).numel():
-            value = float(torch.linalg.vector_norm(local(t).detach(), math.inf))  # no |t| copy: a 1 GiB embedding stays 1 GiB
+            # no |t| copy: a 1 GiB embedding stays 1 GiB
+            value = float(torch.linalg.vector_norm(local(t).detach(), math.inf))
             if not math.isfinite(value):
                 return value
             top = max(top, value)

@@ -101,7 +101,8 @@ class MicroBatches:
 
 def micro_batches(records: list[Encoded], tc, max_len: int, packing: str) -> MicroBatches:
     """The stream train.* asks for; packing as enable_kernels reports it (bins | rows | off)."""
-    return MicroBatches(records, tc.micro_batch_size, tc.seed, tc.micro_batch_size * max_len if packing == "bins" else 0,
+    budget = tc.micro_batch_size * max_len if packing == "bins" else 0
+    return MicroBatches(records, tc.micro_batch_size, tc.seed, budget,
                         rows=packing == "rows")
 
 

@@ -326,7 +326,8 @@ def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
     cands: list[tuple[str, object]] = []
     tc = cfg.train
     if not tc.gradient_checkpointing:
-        cands.append(("train.gradient_checkpointing=true", replace(cfg, train=replace(tc, gradient_checkpointing=True))))
+        on = replace(cfg, train=replace(tc, gradient_checkpointing=True))
+        cands.append(("train.gradient_checkpointing=true", on))
     elif fast_engine(cfg) and not tc.offload_activations:
         cands.append(("train.offload_activations=true", replace(cfg, train=replace(tc, offload_activations=True))))
     mb = tc.micro_batch_size

@@ -72,7 +72,8 @@ def enable(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         if not hasattr(m, ATTR):
-            if type(m).__name__ in NORM_TYPES and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+            if (type(m).__name__ in NORM_TYPES and hasattr(m, "variance_epsilon")
+                    and getattr(m, "weight", None) is not None):
                 bind.bind(m, _norm_forward.__get__(m, type(m)), ATTR)
             elif _eligible_mlp(m):
                 bind.bind(m, _mlp_forward.__get__(m, type(m)), ATTR)

@@ -175,4 +175,5 @@ def test_estimate_cli_prints_the_faster_split(tmp_path, tiny_model_dir, capsys):
     cfg.write_text(f"model: {{path: {tiny_model_dir}}}\nmethod: {{name: lora, dropout: 0.0}}\n"
                    "train: {micro_batch_size: 2, grad_accum: 4, gradient_checkpointing: true}\n")
     assert cli.main(["estimate", str(cfg)]) == 0
-    assert "faster on a GPU, same records per step: train.micro_batch_size=8 train.grad_accum=1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "faster on a GPU, same records per step: train.micro_batch_size=8 train.grad_accum=1" in out

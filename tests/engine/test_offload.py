@@ -3,7 +3,6 @@ them are the layers' inputs, which the hooks move out and bring back with the sa
 copy stands in for the move to pinned memory; tests/engine/test_offload_gpu.py checks the real one."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conftest import make_model

@@ -10,7 +10,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune import config, methods
-from slimtune.data import pack
 from slimtune.data.encode import Encoded
 from slimtune.engine import precision
 from slimtune.engine.loop import accumulate, collate_micro
@@ -30,7 +29,8 @@ def _run(offload: bool):
     model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(1)
-    model = methods.apply(model, config.MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = methods.apply(model, config.MethodConfig(name="lora", r=16, alpha=32, target_modules=targets))
     precision.cast_trainable(model, torch.float32)
     attention.enable(model)
     lora.enable(model)

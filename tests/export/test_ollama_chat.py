@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import CHATML, make_tokenizer, write_jsonl
 from slimtune import cli

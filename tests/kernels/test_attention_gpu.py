@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_model
 from slimtune.data import pack

@@ -178,7 +178,8 @@ def test_qlora_compute_dtype_follows_the_precision(monkeypatch, precision, bf16_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
     real = importlib.util.find_spec
-    monkeypatch.setattr(quant.importlib.util, "find_spec", lambda n, *a: object() if n == "bitsandbytes" else real(n, *a))
+    monkeypatch.setattr(quant.importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "bitsandbytes" else real(n, *a))
     assert quant.quantization_config(_method_cfg("qlora"), precision).bnb_4bit_compute_dtype == dtype
 
 
