@@ -108,7 +108,10 @@ def worker(a) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     real, times, losses = 0, [], []
-    for _ in range(a.steps):
+    for i in range(a.steps):
+        if a.profile and i == a.steps - 1:
+            _profile(one_step, a.profile, distributed.rank())
+            continue
         t0 = time.perf_counter()
         seen, row = one_step()
         sync()
@@ -131,6 +134,22 @@ def worker(a) -> None:
             step_s=[round(t, 3) for t in times], losses=losses, kernels=took,
             device=torch.cuda.get_device_name() if cuda else "cpu")), flush=True)
     distributed.close()
+
+
+def _profile(one_step, path: str, rank: int) -> None:
+    """One step under torch.profiler on every rank; rank 0's top ops by GPU time (NCCL kernels included)
+    go to `path`, and the step's trace to `path`.json for a timeline (chrome://tracing, perfetto)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_step()
+        torch.cuda.synchronize()
+    if rank == 0:
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        Path(path).write_text(table)
+        prof.export_chrome_trace(path + ".json")
+        print(table[:5000], file=sys.stderr, flush=True)
 
 
 def _launch(cmd: list[str], log) -> list[dict]:
@@ -161,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--keep-gathered", action="store_true", help="FSDP2 reshard_after_forward=False on the layers")
+    ap.add_argument("--profile", default="", help="worker: profile the last step, rank 0's table to this file")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
@@ -174,7 +194,8 @@ def main(argv=None) -> int:
                 cmd = _torchrun(gpus) + [__file__, "--worker", "--size", a.size, "--method", a.method,
                                          "--per-gpu", str(a.per_gpu), "--max-len", str(a.max_len),
                                          "--steps", str(a.steps), "--warmup", str(a.warmup)] \
-                    + (["--offload"] if a.offload else []) + (["--keep-gathered"] if a.keep_gathered else [])
+                    + (["--offload"] if a.offload else []) + (["--keep-gathered"] if a.keep_gathered else []) \
+                    + (["--profile", f"{a.profile}-{gpus}gpu.txt"] if a.profile else [])
             else:  # the Trainer recipe, 8 x 2 records per GPU as bench/speed.py runs it, DDP under torchrun
                 cmd = _torchrun(gpus) + [str(HERE / "peers" / "seed_recipe.py"), "--size", a.size, "--configs",
                                          "modern", "--steps", str(a.steps), "--warmup", str(a.warmup)]
