@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from ..data import pack
 from ..data.collate import collate
 from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..evaluate.perplexity import eval_loss
 from ..evaluate.report import LABELS, Report
-from ..kernels import attention, lora, norm_mlp, rope
+from ..kernels import attention
+from ..kernels.select import Kernels, disable as disable_kernels, enable as enable_kernels
 from . import checkpoint, distributed, guards, precision
 from .log import NullLog, RunLog, memory_gib, progress, step_line, summary_line
-from .loss import token_loss_sum, use_chunked_loss
+from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
@@ -113,64 +113,6 @@ def total_steps(n_records: int, cfg_train, micro_per_epoch: int = 0) -> int:
     micro = micro_per_epoch or math.ceil(n_records / cfg_train.micro_batch_size)
     per_epoch = math.ceil(micro / cfg_train.grad_accum)
     return max(1, math.ceil(per_epoch * cfg_train.epochs))
-
-
-def use_packing(mode: str, model, device: str) -> str | None:
-    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens),
-    "rows" (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in bins on
-    CUDA where packed rows are exact for the model. On the CPU auto stays off: padding costs less there
-    than on a GPU, and the per-record attention fallback (kernels/reference.py) is not measured faster
-    than one padded batch."""
-    if mode == "off":
-        return None
-    why = attention.unsupported(model)
-    if mode in ("on", "rows") and why:
-        raise ConfigError(f"train.packing={mode}: {why}; set train.packing=auto or off")
-    if why is not None or (mode == "auto" and not device.startswith("cuda")):
-        return None
-    return "rows" if mode == "rows" else "bins"
-
-
-def use_fused_lora(mode: str, device: str) -> bool:
-    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
-    chain of small ops leaves the GPU waiting on the CPU."""
-    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
-
-
-def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = None) -> bool:
-    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py). auto: on CUDA with Liger
-    installed, for models whose hidden size is at least norm_mlp.MIN_HIDDEN (where it was measured to pay)."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    return norm_mlp.chosen(mode, device, hidden)
-
-
-def use_fused_rope(mode: str, device: str) -> bool:
-    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py). auto: on CUDA with
-    Liger installed (H100, 16 records/step: +18% tokens/s at 1B, +17% at 8B, the same peak; bench/results)."""
-    return norm_mlp.wanted("fused_rope", mode, device)
-
-
-def enable_kernels(model, tc, device: str) -> dict:
-    """Switch on in `model` the fast paths train.* asks for on this device; what each took, as fit's result
-    reports it. disable_kernels takes them all back."""
-    packed = use_packing(tc.packing, model, device)
-    try:
-        if packed:
-            attention.enable(model)
-        return {"packing": packed or "off", "chunked_loss": use_chunked_loss(tc.loss, device),
-                "fused_lora_layers": lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
-                "fused_norm_mlp": norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0,
-                "fused_rope": rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0}
-    except Exception:
-        disable_kernels(model)  # a refused key leaves the model as it came
-        raise
-
-
-def disable_kernels(model) -> None:
-    lora.disable(model)
-    norm_mlp.disable(model)
-    rope.disable(model)
-    attention.disable(model)
 
 
 def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
@@ -269,6 +211,7 @@ class Run:
     scaler: torch.amp.GradScaler
     stream: MicroBatches
     data: dict  # fingerprint of the training data
+    kernels: Kernels = Kernels()  # the fast paths on (kernels/select.py): what the step and the eval read
     step: int = 0  # optimizer steps done
     seen: int = 0  # input tokens (padding excluded) of the steps done
     trained: int = 0  # of them, the tokens with a label (the answers): what the loss averages over
@@ -293,12 +236,12 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device)
-    stream = micro_batches(train, tc, cfg.data.max_len, took["packing"])
+    stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), stream, fingerprint(train),
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took,
+              precision.scaler(plan, device), stream, fingerprint(train), took,
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took.as_dict(),
                       "start_max_abs": guards.trainable_max(model)})  # a resume keeps the first run's
     if stream.packed:
         log(_describe_packing(stream, device, plan))
@@ -356,7 +299,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     run.seen += int(seen)
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True, chunked=run.result["chunked_loss"], n_tokens=int(n_tokens))
+                   guard=True, chunked=run.kernels.chunked_loss, n_tokens=int(n_tokens))
     except DataError:
         raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "
@@ -442,7 +385,7 @@ def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, ho
     try:
         report = hook(run.model, context, at) if hook else \
             Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
-                             run.result["chunked_loss"]))  # as the steps compute it
+                             run.kernels.chunked_loss))  # as the steps compute it
     finally:
         checkpoint.set_rng_state(rng)
         run.model.train(was_training)

@@ -35,12 +35,6 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def use_chunked_loss(mode: str, device: str) -> bool:
-    """train.loss: chunked computes head + cross-entropy a chunk of rows at a time (kernels/linear_ce.py);
-    auto does so on CUDA, where the full-vocabulary logits are most of the memory; plain otherwise."""
-    return mode == "chunked" or (mode == "auto" and device.startswith("cuda"))
-
-
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over trained positions, their count) for one batch.
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..kernels import linear_ce, select
+
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 # bytes saved for backward per token per layer, per (hidden + intermediate) element, bf16/fp16 base.
@@ -237,22 +239,18 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
 
 def fast_engine(cfg) -> bool:
     """Whether `train` on a GPU runs this config on the fast engine the fast model describes: plain LoRA
-    without dropout (fused layers), packed rows and the chunked loss."""
-    m, tc = cfg.method, cfg.train
-    return (m.name in ("lora", "rslora", "pissa") and m.dropout == 0 and tc.packing != "off"
-            and tc.loss != "plain" and tc.fused_lora != "off")
+    without dropout (fused layers), packed rows and the chunked loss (kernels/select.py decides each)."""
+    return select.on_gpu(cfg).fast
 
 
 def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
-    from ..kernels import linear_ce, norm_mlp
-
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
     if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
-    liger = norm_mlp.chosen(tc.fused_norm_mlp, "cuda", h)  # as train on a GPU decides it
+    liger = select.on_gpu(cfg, h).fused_norm_mlp  # as train on a GPU decides it
     per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
 

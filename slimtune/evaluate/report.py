@@ -19,7 +19,7 @@ from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
 from ..engine.log import dumps, strict_json
-from ..engine.loss import use_chunked_loss
+from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
