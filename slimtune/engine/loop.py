@@ -334,6 +334,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
     run.trained = state.get("trained", 0)  # checkpoints before trained_tokens_per_s lack it
     run.result.update(state["result"])
+    run.result.update(run.kernels.as_dict())  # kernel keys may change on a resume (FREE_KEYS): this run's choice
     run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
     _new_peak_lr(run, log)
     checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
