@@ -27,7 +27,7 @@ from .export.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save
-from .methods import kinds
+from .methods import kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
 
@@ -241,6 +241,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     with distributed.gathered(model) as weights:
         if distributed.is_main():
             save(model, cfg, out, weights)
+    lora.release(model)  # PiSSA's initial adapter: no save follows the final one
     distributed.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)

@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -82,20 +81,13 @@ def _fsync(path: Path) -> None:
 
 def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
-    them, and PiSSA's is converted to fit the original base, so neither loads back into training)."""
+    them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     from .. import methods
     from ..export.peft_format import record_portable_base
     from ..methods.base import is_peft
 
-    # PiSSA's save converts against its initial adapter and then deletes it; later saves need it too
-    init = getattr(model, "_slimtune_pissa_init", None)
-    if init is not None:
-        keep = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
-        shutil.copytree(init, keep, dirs_exist_ok=True)
     methods.save(model, folder, weights)
     record_portable_base(folder)
-    if init is not None:
-        model._slimtune_pissa_init = keep
     if is_peft(model):
         state = weights if weights is not None else \
             {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
