@@ -15,12 +15,10 @@ from ..data import pack
 from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, fingerprint, micro_batches, share, total_steps
-from ..evaluate.perplexity import eval_loss
-from ..evaluate.report import LABELS, Report
 from ..kernels import attention
 from ..kernels.select import Kernels, disable as disable_kernels, enable as enable_kernels
 from . import checkpoint, distributed, guards, precision
-from .log import NullLog, RunLog, memory_gib, progress, step_line, summary_line
+from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
@@ -133,9 +131,13 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     and return early, with result["interrupted"] set.
 
     Args:
-        evaluate: (model, context, step) -> Report on the held-out split (evaluate.report.in_training, which
-            can also generate); None: the loss of `held` alone.
+        evaluate: (model, context, step) -> Report on the held-out split `held` (evaluate.report.in_training,
+            which can also generate; evaluate.perplexity.loss_eval for the loss alone); needed when `held`
+            holds records.
     """
+    if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
+        raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
+                         "their loss)")
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
@@ -154,11 +156,11 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         if distributed.is_main() else NullLog()
     show_progress = show_progress and distributed.is_main()
     context = forward_context(plan, device, tc.offload_activations, model)
-    measure = functools.partial(_evaluate, run, held, pad, context, logs, evaluate) if held else None
+    measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:
             run.result["eval_before"] = measure(0).row()
-            log(f"eval before training: {_describe(run.result['eval_before'])}")
+            log(f"eval before training: {eval_line(run.result['eval_before'])}")
         _train(run, pad, context, logs, log, show_progress, measure)
         if not run.result.get("interrupted"):
             _finish(run, measure, logs, log)
@@ -260,15 +262,13 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
     run.result["train_loss"] = row["loss"]
 
 
-def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, hook, at: int) -> Report:
-    """Held-out scores at step `at`, logged as eval_* keys. The RNG streams training draws from (dropout
-    masks, shuffles) are put back as they were, so a run trains on the same numbers whether it evaluates
-    or not, and a resumed run as the uninterrupted one."""
+def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
+    """Held-out scores at step `at` (the hook's Report), logged as eval_* keys. The RNG streams training draws
+    from (dropout masks, shuffles) are put back as they were, so a run trains on the same numbers whether it
+    evaluates or not, and a resumed run as the uninterrupted one."""
     rng, was_training = checkpoint.rng_state(), run.model.training
     try:
-        report = hook(run.model, context, at) if hook else \
-            Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
-                             run.kernels.chunked_loss))  # as the steps compute it
+        report = hook(run.model, context, at)
     finally:
         checkpoint.set_rng_state(rng)
         run.model.train(was_training)
@@ -280,16 +280,7 @@ def _maybe_eval(run: Run, measure, log) -> None:
     """Every train.eval_every steps; the last step's eval is _finish's."""
     every = run.cfg.train.eval_every
     if measure and every and run.step % every == 0 and run.step < run.steps:
-        log(f"eval at step {run.step} of {run.steps}: {_describe(measure(run.step).row())}")
-
-
-def _describe(row: dict) -> str:
-    text = f"loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.3f}"
-    if "eval_em" in row:
-        text += "; " + "  ".join(f"{name} {row['eval_' + key]:.2f}" for key, name in LABELS)
-    if "eval_extraction_f1" in row:
-        text += f"; extraction F1 {row['eval_extraction_f1']:.2f}"
-    return text
+        log(f"eval at step {run.step} of {run.steps}: {eval_line(measure(run.step).row())}")
 
 
 def _save(run: Run, logs: RunLog) -> Path:
@@ -390,7 +381,7 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         before = r.get("eval_before", {}).get("eval_loss")
         change = f" (loss before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
             if before else ""
-        log(f"eval after training: {_describe(r['eval_after'])}{change}")
+        log(f"eval after training: {eval_line(r['eval_after'])}{change}")
         report.scores["step"] = run.steps
         if not distributed.is_main():
             return

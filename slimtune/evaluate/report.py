@@ -18,15 +18,13 @@ from .. import config as config_mod
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
-from ..engine.log import dumps, strict_json
+from ..engine.log import LABELS, dumps, strict_json
+from ..engine.loss import eval_loss
 from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
-from .perplexity import eval_loss
 
-LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-          ("rougeL", "ROUGE-L")]
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
           "extraction_precision", "extraction_recall", "extraction_f1", "unfinished", "generate_seconds")
