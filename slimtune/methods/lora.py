@@ -14,7 +14,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from . import kinds, targets
+from . import kinds, quant, targets
 
 
 def lora_config(model, cfg):
@@ -45,9 +45,7 @@ def apply(model, cfg):
     from peft import get_peft_model
 
     if cfg.name == "qlora":
-        from .quant import prepare
-
-        model = prepare(model)
+        model = quant.prepare(model)
     peft_model = get_peft_model(model, lora_config(model, cfg))
     if cfg.name == "pissa" and not str(next(model.parameters()).device) == "meta":
         # keep the initial adapter: saving converts against it. init_lora_weights=True so that loading
