@@ -59,8 +59,10 @@ def worker(a) -> None:
     from seed_recipe import SIZES, synthetic_examples
     from slimtune.data import pack
     from slimtune.data.encode import Encoded
+    from slimtune.data.stream import collate_micro, micro_batches, share
     from slimtune.engine import distributed, loop, memory
     from slimtune.engine.optim import build_optimizer, build_scheduler
+    from slimtune.kernels import select
 
     cuda = torch.cuda.is_available()
     device = distributed.init("cuda" if cuda else "cpu")  # the CPU (gloo): a smoke test of this script
@@ -81,11 +83,11 @@ def worker(a) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()  # the whole model each rank built before sharding
-    took = loop.enable_kernels(model, cfg.train, device)
+    took = select.enable(model, cfg.train, device)
     n = cfg.train.micro_batch_size * (a.steps + a.warmup + 1)
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}")
                for i, r in enumerate(synthetic_examples(n, a.max_len))]
-    stream = loop.micro_batches(records, cfg.train, a.max_len, took["packing"])
+    stream = micro_batches(records, cfg.train, a.max_len, took["packing"])
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, a.steps + a.warmup, cfg.train)
     context = loop.forward_context(plan, device, cfg.train.offload_activations, model)
@@ -96,7 +98,7 @@ def worker(a) -> None:
         micro = next(stream)
         if sum(len(r.input_ids) for r in micro) > sum(len(r.input_ids) for r in worst):
             worst[:] = micro
-        batch = loop.collate_micro(loop.share(micro), stream.packed, 0, device)
+        batch = collate_micro(share(micro), stream.packed, 0, device)
         n_tok, seen = distributed.all_sum([loop.trained_tokens([batch]), pack.tokens(batch)], device)
         row = loop.step(model, [batch], optimizer, scheduler, 1.0, context, None, guard=True,
                         chunked=took["chunked_loss"], n_tokens=int(n_tok))
@@ -131,7 +133,7 @@ def worker(a) -> None:
             peak_gib=round(peaks[0], 2), peak_reserved_gib=round(peaks[1], 2),
             predicted_gib=round((est.peak + est.cuda_context) / 2**30, 2),
             predicted_reserved_gib=round(est.peak / 2**30, 2),
-            step_s=[round(t, 3) for t in times], losses=losses, kernels=took,
+            step_s=[round(t, 3) for t in times], losses=losses, kernels=took.as_dict(),
             device=torch.cuda.get_device_name() if cuda else "cpu")), flush=True)
     distributed.close()
 

@@ -30,7 +30,7 @@ import slimtune  # noqa: E402
 from slimtune import config as config_mod, models  # noqa: E402
 from slimtune.data import encode_examples, read  # noqa: E402
 from slimtune.data.collate import pad_id  # noqa: E402
-from slimtune.engine import loop  # noqa: E402
+from slimtune.data.stream import micro_batches  # noqa: E402
 from slimtune.engine.log import read_metrics  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,7 +75,7 @@ def hf_curve(model_dir: str, records, pad: int, cfg) -> list[float]:
     from transformers import Trainer, TrainingArguments
 
     tc = cfg.train
-    stream = loop.micro_batches(records, tc, cfg.data.max_len, "off")  # the padded loop's own order
+    stream = micro_batches(records, tc, cfg.data.max_len, "off")  # the padded loop's own order
     # one dataset item per micro-batch (an epoch's last one can be short), handed over one at a time
     micro = [[{"input_ids": r.input_ids, "labels": r.labels} for r in next(stream)]
              for _ in range(tc.max_steps * tc.grad_accum)]

@@ -77,7 +77,7 @@ def batch(mb: int, length: int, vocab: int, device: str = "cuda"):
 def packed_batch(mb: int, length: int, vocab: int):
     """The fast engine's micro-batch: mb records of `length` tokens in one packed row."""
     from slimtune.data.encode import Encoded
-    from slimtune.engine.loop import collate_micro
+    from slimtune.data.stream import collate_micro
 
     b = batch(mb, length, vocab, "cpu")  # the same tokens, read on the host
     records = [Encoded(b["input_ids"][i].tolist(), b["labels"][i].tolist()) for i in range(mb)]

@@ -63,6 +63,7 @@ def worker(a) -> dict:
     from slimtune import config as config_mod
     from slimtune.data import pack
     from slimtune.data.encode import Encoded
+    from slimtune.data.stream import collate_micro, micro_batches
     from slimtune.engine import loop
     from slimtune.engine.optim import build_optimizer, build_scheduler
     from slimtune.kernels import linear_ce
@@ -91,7 +92,7 @@ def worker(a) -> dict:
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
-    stream = loop.micro_batches(records, cfg.train, a.max_len, packed)
+    stream = micro_batches(records, cfg.train, a.max_len, packed)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
     context = loop.forward_context(plan, dev, cfg.train.offload_activations, model)
@@ -102,7 +103,7 @@ def worker(a) -> dict:
 
     def one_step():
         micro = [next(stream) for _ in range(ga)]
-        batches = [loop.collate_micro(rs, stream.packed, 0, dev) for rs in micro]
+        batches = [collate_micro(rs, stream.packed, 0, dev) for rs in micro]
         real = sum(pack.tokens(b) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
         row = loop.step(model, batches, optimizer, scheduler, 1.0, context, None, guard=True, chunked=chunked)

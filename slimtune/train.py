@@ -5,7 +5,7 @@ import contextlib
 import json
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,15 +17,17 @@ from .data import build
 from .data.collate import pad_id
 from .engine import precision
 from .engine import checkpoint, distributed, memory, runfolder
-from .engine.loop import enable_kernels, fit
+from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.runfolder import RunFolderError
 from .evaluate import summary
 from .evaluate.report import in_training
 from .export.parts import PARTS
+from .kernels import select
+from .kernels.select import Kernels
 from .export.peft_format import read_config, save
-from .methods import kinds
+from .methods import kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
 
@@ -142,7 +144,7 @@ class Prepared:
     """A model made ready to train, and what prepare chose on the way."""
     model: torch.nn.Module  # with the method applied (a PeftModel for peft methods)
     plan: precision.Plan  # dtypes of the base, the trainable weights and autocast; fp16 loss scaling
-    kernels: dict = field(default_factory=dict)  # the fast paths switched on (enable_kernels); {} unless asked
+    kernels: Kernels | None = None  # the fast paths switched on (kernels/select.py); None unless asked
 
 
 def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
@@ -160,7 +162,7 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, plan.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
-    return Prepared(model, plan, enable_kernels(model, cfg.train, device) if kernels else {})
+    return Prepared(model, plan, select.enable(model, cfg.train, device) if kernels else None)
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
@@ -239,6 +241,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     with distributed.gathered(model) as weights:
         if distributed.is_main():
             save(model, cfg, out, weights)
+    lora.release(model)  # PiSSA's initial adapter: no save follows the final one
     distributed.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)

@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -29,7 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
+from .. import methods
+from ..export.parts import PARTS
+from ..export.peft_format import record_portable_base
+from ..methods.base import is_peft
 from ..models import UnsafeFileError, pickle_refused
+from .distributed import local_part
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
 STEP = re.compile(r"step-(\d+)")
@@ -82,20 +86,9 @@ def _fsync(path: Path) -> None:
 
 def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
-    them, and PiSSA's is converted to fit the original base, so neither loads back into training)."""
-    from .. import methods
-    from ..export.peft_format import record_portable_base
-    from ..methods.base import is_peft
-
-    # PiSSA's save converts against its initial adapter and then deletes it; later saves need it too
-    init = getattr(model, "_slimtune_pissa_init", None)
-    if init is not None:
-        keep = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
-        shutil.copytree(init, keep, dirs_exist_ok=True)
+    them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     methods.save(model, folder, weights)
     record_portable_base(folder)
-    if init is not None:
-        model._slimtune_pissa_init = keep
     if is_peft(model):
         state = weights if weights is not None else \
             {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -145,8 +138,6 @@ def clean(out_dir: Path) -> None:
 
 def load(folder: Path, model) -> dict:
     """Copy the checkpoint's trainable parameters into the model; returns its trainer state."""
-    from ..export.parts import PARTS
-
     folder = Path(folder)
     weights = load_file(str(folder / (RAW if (folder / RAW).is_file() else PARTS)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -154,8 +145,6 @@ def load(folder: Path, model) -> dict:
         odd = sorted(set(weights) ^ set(params))
         raise ValueError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
                          "it was written by another model or method")
-    from .distributed import local_part
-
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part

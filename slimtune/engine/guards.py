@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..export.parts import PARTS
 from . import checkpoint
 from .precision import PrecisionError
 
@@ -107,8 +108,6 @@ def message(what: str, step: int, value: float, wheres: list[str], cause: str) -
 
 def checkpoint_max(folder: Path) -> float:
     """max |w| of the trainable weights a checkpoint holds (what a resume loads)."""
-    from ..export.parts import PARTS
-
     path = folder / (checkpoint.RAW if (folder / checkpoint.RAW).is_file() else PARTS)
     with safe_open(str(path), framework="pt") as fh:
         return max_abs(fh.get_tensor(k) for k in fh.keys())

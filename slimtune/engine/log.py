@@ -138,6 +138,20 @@ class NullLog:
         pass
 
 
+LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+          ("rougeL", "ROUGE-L")]  # generation scores, as logs and evaluate/report.py name them
+
+
+def eval_line(row: dict) -> str:
+    """An eval's eval_* row as the run's log prints it."""
+    text = f"loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.3f}"
+    if "eval_em" in row:
+        text += "; " + "  ".join(f"{name} {row['eval_' + key]:.2f}" for key, name in LABELS)
+    if "eval_extraction_f1" in row:
+        text += f"; extraction F1 {row['eval_extraction_f1']:.2f}"
+    return text
+
+
 def step_line(row: dict, steps: int) -> str:
     """One printed line per logged step when the progress bar is off (--no-progress)."""
     return (f"step {row['step']}/{steps}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "

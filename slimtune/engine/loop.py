@@ -3,174 +3,26 @@ numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import hashlib
 import math
-import random
 import time
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from ..data import pack
-from ..data.collate import collate
 from ..data.encode import Encoded
 from ..data.readers import DataError
-from ..evaluate.perplexity import eval_loss
-from ..evaluate.report import LABELS, Report
-from ..kernels import attention, lora, norm_mlp, rope
+from ..data.stream import MicroBatches, collate_micro, fingerprint, micro_batches, share, total_steps
+from ..kernels import attention
+from ..kernels.select import Kernels, disable as disable_kernels, enable as enable_kernels
 from . import checkpoint, distributed, guards, precision
-from .log import NullLog, RunLog, memory_gib, progress, step_line, summary_line
-from .loss import token_loss_sum, use_chunked_loss
+from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
+from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
-
-
-class MicroBatches:
-    """Endless micro-batches: every epoch a new seeded shuffle, every record once per epoch. Its position
-    (epoch, that epoch's order, index within it) goes into checkpoints, so a resumed run reads on from
-    the very record where the saved one stopped. With a token budget (packing) a micro-batch is a bin of
-    records holding at most `budget` tokens (data/pack.bins, seeded per epoch) instead of `size` records,
-    and the epoch's order is its list of bins. rows=True keeps `size` records per micro-batch (the unpacked
-    order) and only packs each into one row (train.packing=rows)."""
-
-    def __init__(self, records: list[Encoded], size: int, seed: int, budget: int = 0, rows: bool = False):
-        self.records, self.size, self.seed, self.budget = records, size, seed, budget
-        self.rows = rows and budget <= 0
-        self.epoch, self.index, self.order = 0, 0, self._shuffle(0)
-
-    @property
-    def binned(self) -> bool:
-        return self.budget > 0
-
-    @property
-    def packed(self) -> bool:
-        """Each micro-batch is collated as one packed row (data/pack.collate)."""
-        return self.binned or self.rows
-
-    def per_epoch(self) -> int:
-        """Micro-batches in an epoch (packed: in the first epoch; later ones differ by a bin or so)."""
-        return len(self.order) if self.binned else math.ceil(len(self.records) / self.size)
-
-    def _shuffle(self, epoch: int) -> list:
-        if self.binned:
-            return pack.bins([len(r.input_ids) for r in self.records], self.budget, self.seed + epoch)
-        order = list(range(len(self.records)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return order
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> list[Encoded]:
-        if self.index >= len(self.order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.order = self._shuffle(self.epoch)
-        if self.binned:
-            batch = [self.records[j] for j in self.order[self.index]]
-            self.index += 1
-        else:
-            batch = [self.records[j] for j in self.order[self.index:self.index + self.size]]
-            self.index += self.size
-        return batch
-
-    def state_dict(self) -> dict:
-        order = [list(b) for b in self.order] if self.binned else list(self.order)
-        return {"epoch": self.epoch, "index": self.index, "order": order}
-
-    def load_state_dict(self, state: dict) -> None:
-        order = state["order"]
-        packed = bool(order) and isinstance(order[0], list)
-        if packed != self.binned:
-            was, now = ("in bins", "by records") if packed else ("by records", "in bins")
-            raise DataError(f"the checkpoint's micro-batches were made {was} and this run's {now}: resume with the "
-                            "same train.packing on the same kind of device (train.packing=auto packs in bins on "
-                            "CUDA only; rows and off both take micro_batch_size records)")
-        flat = [j for b in order for j in b] if packed else order
-        if sorted(flat) != list(range(len(self.records))):
-            raise DataError(f"the checkpoint's data order covers {len(flat)} records, the data now "
-                            f"{len(self.records)}: resume with the data it was trained on")
-        self.epoch, self.index = state["epoch"], state["index"]
-        self.order = [list(b) for b in order] if packed else list(order)
-
-
-def micro_batches(records: list[Encoded], tc, max_len: int, packing: str) -> MicroBatches:
-    """The stream train.* asks for; packing as enable_kernels reports it (bins | rows | off)."""
-    budget = tc.micro_batch_size * max_len if packing == "bins" else 0
-    return MicroBatches(records, tc.micro_batch_size, tc.seed, budget,
-                        rows=packing == "rows")
-
-
-def total_steps(n_records: int, cfg_train, micro_per_epoch: int = 0) -> int:
-    """max_steps, else epochs x optimizer steps per epoch (micro_per_epoch: packed bins per epoch)."""
-    if cfg_train.max_steps > 0:
-        return cfg_train.max_steps
-    micro = micro_per_epoch or math.ceil(n_records / cfg_train.micro_batch_size)
-    per_epoch = math.ceil(micro / cfg_train.grad_accum)
-    return max(1, math.ceil(per_epoch * cfg_train.epochs))
-
-
-def use_packing(mode: str, model, device: str) -> str | None:
-    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens),
-    "rows" (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in bins on
-    CUDA where packed rows are exact for the model. On the CPU auto stays off: padding costs less there
-    than on a GPU, and the per-record attention fallback (kernels/reference.py) is not measured faster
-    than one padded batch."""
-    if mode == "off":
-        return None
-    why = attention.unsupported(model)
-    if mode in ("on", "rows") and why:
-        raise ConfigError(f"train.packing={mode}: {why}; set train.packing=auto or off")
-    if why is not None or (mode == "auto" and not device.startswith("cuda")):
-        return None
-    return "rows" if mode == "rows" else "bins"
-
-
-def use_fused_lora(mode: str, device: str) -> bool:
-    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
-    chain of small ops leaves the GPU waiting on the CPU."""
-    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
-
-
-def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = None) -> bool:
-    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py). auto: on CUDA with Liger
-    installed, for models whose hidden size is at least norm_mlp.MIN_HIDDEN (where it was measured to pay)."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    return norm_mlp.chosen(mode, device, hidden)
-
-
-def use_fused_rope(mode: str, device: str) -> bool:
-    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py). auto: on CUDA with
-    Liger installed (H100, 16 records/step: +18% tokens/s at 1B, +17% at 8B, the same peak; bench/results)."""
-    return norm_mlp.wanted("fused_rope", mode, device)
-
-
-def enable_kernels(model, tc, device: str) -> dict:
-    """Switch on in `model` the fast paths train.* asks for on this device; what each took, as fit's result
-    reports it. disable_kernels takes them all back."""
-    packed = use_packing(tc.packing, model, device)
-    try:
-        if packed:
-            attention.enable(model)
-        return {"packing": packed or "off", "chunked_loss": use_chunked_loss(tc.loss, device),
-                "fused_lora_layers": lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
-                "fused_norm_mlp": norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0,
-                "fused_rope": rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0}
-    except Exception:
-        disable_kernels(model)  # a refused key leaves the model as it came
-        raise
-
-
-def disable_kernels(model) -> None:
-    lora.disable(model)
-    norm_mlp.disable(model)
-    rope.disable(model)
-    attention.disable(model)
 
 
 def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
@@ -247,14 +99,6 @@ def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module 
     return context
 
 
-def fingerprint(records: list[Encoded]) -> dict:
-    """What a resume checks: the encoded training data are the ones the checkpoint was trained on."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(array("q", r.input_ids).tobytes() + b"|" + array("q", r.labels).tobytes() + b"\n")
-    return {"records": len(records), "sha256": h.hexdigest()}
-
-
 @dataclass
 class Run:
     """What the loop carries from step to step; all of it goes into a checkpoint."""
@@ -269,6 +113,7 @@ class Run:
     scaler: torch.amp.GradScaler
     stream: MicroBatches
     data: dict  # fingerprint of the training data
+    kernels: Kernels = Kernels()  # the fast paths on (kernels/select.py): what the step and the eval read
     step: int = 0  # optimizer steps done
     seen: int = 0  # input tokens (padding excluded) of the steps done
     trained: int = 0  # of them, the tokens with a label (the answers): what the loss averages over
@@ -286,19 +131,23 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     and return early, with result["interrupted"] set.
 
     Args:
-        evaluate: (model, context, step) -> Report on the held-out split (evaluate.report.in_training, which
-            can also generate); None: the loss of `held` alone.
+        evaluate: (model, context, step) -> Report on the held-out split `held` (evaluate.report.in_training,
+            which can also generate; evaluate.perplexity.loss_eval for the loss alone); needed when `held`
+            holds records.
     """
+    if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
+        raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
+                         "their loss)")
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device)
-    stream = micro_batches(train, tc, cfg.data.max_len, took["packing"])
+    stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), stream, fingerprint(train),
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took,
+              precision.scaler(plan, device), stream, fingerprint(train), took,
+              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took.as_dict(),
                       "start_max_abs": guards.trainable_max(model)})  # a resume keeps the first run's
     if stream.packed:
         log(_describe_packing(stream, device, plan))
@@ -307,11 +156,11 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         if distributed.is_main() else NullLog()
     show_progress = show_progress and distributed.is_main()
     context = forward_context(plan, device, tc.offload_activations, model)
-    measure = functools.partial(_evaluate, run, held, pad, context, logs, evaluate) if held else None
+    measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:
             run.result["eval_before"] = measure(0).row()
-            log(f"eval before training: {_describe(run.result['eval_before'])}")
+            log(f"eval before training: {eval_line(run.result['eval_before'])}")
         _train(run, pad, context, logs, log, show_progress, measure)
         if not run.result.get("interrupted"):
             _finish(run, measure, logs, log)
@@ -356,7 +205,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     run.seen += int(seen)
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True, chunked=run.result["chunked_loss"], n_tokens=int(n_tokens))
+                   guard=True, chunked=run.kernels.chunked_loss, n_tokens=int(n_tokens))
     except DataError:
         raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "
@@ -378,27 +227,6 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
         run.losses = (run.losses + [row["loss"]])[-20:]
     run.result["skipped_steps"] += int(row.pop("skipped", False))
     return row
-
-
-def share(records: list[Encoded]) -> list[Encoded]:
-    """This rank's part of a micro-batch, split by tokens (all of it in a single process). A rank left
-    with no record still runs a forward (FSDP's collectives need every rank) on one whose labels are all
-    masked, so it adds nothing to the loss or the gradients."""
-    if not distributed.active():
-        return records
-    groups = distributed.split([len(r.input_ids) for r in records], distributed.size())
-    mine = [records[i] for i in groups[distributed.rank()]]
-    if mine:
-        return mine
-    idle = min(records, key=lambda r: len(r.input_ids))
-    return [dataclasses.replace(idle, labels=[-100] * len(idle.labels), where=idle.where + " (idle rank)")]
-
-
-def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:
-    """One micro-batch on the device: packed rows (data/pack.py) or right-padded ones. Packed rows'
-    max_length_q/k stay Python ints (no device sync to read them)."""
-    batch = pack.collate(records) if packed else collate(records, pad)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
@@ -434,15 +262,13 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
     run.result["train_loss"] = row["loss"]
 
 
-def _evaluate(run: Run, held: list[Encoded], pad: int, context, logs: RunLog, hook, at: int) -> Report:
-    """Held-out scores at step `at`, logged as eval_* keys. The RNG streams training draws from (dropout
-    masks, shuffles) are put back as they were, so a run trains on the same numbers whether it evaluates
-    or not, and a resumed run as the uninterrupted one."""
+def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
+    """Held-out scores at step `at` (the hook's Report), logged as eval_* keys. The RNG streams training draws
+    from (dropout masks, shuffles) are put back as they were, so a run trains on the same numbers whether it
+    evaluates or not, and a resumed run as the uninterrupted one."""
     rng, was_training = checkpoint.rng_state(), run.model.training
     try:
-        report = hook(run.model, context, at) if hook else \
-            Report(eval_loss(run.model, held, pad, run.cfg.train.micro_batch_size, run.device, context,
-                             run.result["chunked_loss"]))  # as the steps compute it
+        report = hook(run.model, context, at)
     finally:
         checkpoint.set_rng_state(rng)
         run.model.train(was_training)
@@ -454,16 +280,7 @@ def _maybe_eval(run: Run, measure, log) -> None:
     """Every train.eval_every steps; the last step's eval is _finish's."""
     every = run.cfg.train.eval_every
     if measure and every and run.step % every == 0 and run.step < run.steps:
-        log(f"eval at step {run.step} of {run.steps}: {_describe(measure(run.step).row())}")
-
-
-def _describe(row: dict) -> str:
-    text = f"loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.3f}"
-    if "eval_em" in row:
-        text += "; " + "  ".join(f"{name} {row['eval_' + key]:.2f}" for key, name in LABELS)
-    if "eval_extraction_f1" in row:
-        text += f"; extraction F1 {row['eval_extraction_f1']:.2f}"
-    return text
+        log(f"eval at step {run.step} of {run.steps}: {eval_line(measure(run.step).row())}")
 
 
 def _save(run: Run, logs: RunLog) -> Path:
@@ -508,6 +325,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
     run.trained = state.get("trained", 0)  # checkpoints before trained_tokens_per_s lack it
     run.result.update(state["result"])
+    run.result.update(run.kernels.as_dict())  # kernel keys may change on a resume (FREE_KEYS): this run's choice
     run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
     _new_peak_lr(run, log)
     checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
@@ -563,7 +381,7 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         before = r.get("eval_before", {}).get("eval_loss")
         change = f" (loss before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
             if before else ""
-        log(f"eval after training: {_describe(r['eval_after'])}{change}")
+        log(f"eval after training: {eval_line(r['eval_after'])}{change}")
         report.scores["step"] = run.steps
         if not distributed.is_main():
             return

@@ -5,11 +5,16 @@ The output head runs only on positions whose next token is trained: on the demo 
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..data.collate import collate
 from ..data.encode import IGNORE
 from ..kernels import linear_ce
+from .log import progress
 
 
 def split_head(model):
@@ -33,12 +38,6 @@ def model_inputs(batch: dict) -> dict:
     """What the model takes from a batch: all but labels. Packed rows (data/pack.py) bring position_ids,
     cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def use_chunked_loss(mode: str, device: str) -> bool:
-    """train.loss: chunked computes head + cross-entropy a chunk of rows at a time (kernels/linear_ce.py);
-    auto does so on CUDA, where the full-vocabulary logits are most of the memory; plain otherwise."""
-    return mode == "chunked" or (mode == "auto" and device.startswith("cuda"))
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
@@ -90,3 +89,27 @@ def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor,
         logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu",
+              context=contextlib.nullcontext, chunked: bool = False, show_progress: bool = False) -> dict:
+    """Mean loss per answer token over all records, and its perplexity. chunked: head + loss a chunk of rows
+    at a time, as training's train.loss=chunked (the full-vocabulary logits of a batch would otherwise add
+    several GiB to a run whose training never holds them). show_progress: a bar on stderr (records, time left)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(records)), key=lambda i: len(records[i].input_ids))  # less padding
+    with progress(len(records), show_progress, desc="eval loss", unit="record") as bar:
+        for i in range(0, len(order), batch_size):
+            batch = collate([records[j] for j in order[i:i + batch_size]], pad)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with context():
+                s, n = token_loss_sum(model, batch, chunked)
+            total += s.item()
+            count += n
+            bar.update(len(batch["input_ids"]))
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}

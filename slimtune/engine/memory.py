@@ -15,9 +15,17 @@ one chunk of logits at a time, and the peak is the larger of the loss moment and
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from .. import methods
+from ..config import ConfigError
+from ..data import encode_examples, read
+from ..kernels import linear_ce, select
+from ..models import load_config
+from . import distributed, precision
 
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -111,9 +119,6 @@ def _meta_model(cfg):
 def _build_meta(cfg):
     from transformers import AutoModelForCausalLM
 
-    from .. import methods
-    from ..models import load_config
-
     mcfg = load_config(cfg.model.path, cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
@@ -122,8 +127,6 @@ def _build_meta(cfg):
 
 
 def _plan(cfg):
-    from . import precision
-
     name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision  # an estimate is for a GPU
     return precision.plan(name, "cpu", cfg.train.adam_eps)
 
@@ -200,11 +203,9 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
     of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
     computes: the root (embeddings, head: kept from forward to backward) and two layers (the one computing
     and the one prefetched), with one layer's unsharded gradients before their reduce-scatter."""
-    from .distributed import layers, split
-
     if rows is None:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
-    groups = split([n for n, _ in rows], gpus)
+    groups = distributed.split([n for n, _ in rows], gpus)
     mine = max(([rows[i] for i in g] for g in groups), key=lambda g: sum(n for n, _ in g))
     est = estimate(cfg, mine or rows[:1])
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
@@ -219,8 +220,8 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
         train = sum(p.numel() * BYTES[plan.trainable] for p in ps if p.requires_grad)
         return frozen + train, train
 
-    units = [size(layer.parameters()) for layer in layers(model)]
-    inside = {id(p) for layer in layers(model) for p in layer.parameters()}
+    units = [size(layer.parameters()) for layer in distributed.layers(model)]
+    inside = {id(p) for layer in distributed.layers(model) for p in layer.parameters()}
     root, root_grad = size(p for p in model.parameters() if id(p) not in inside)
     biggest, biggest_grad = max(units, default=(0.0, 0.0))
     # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
@@ -237,22 +238,18 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
 
 def fast_engine(cfg) -> bool:
     """Whether `train` on a GPU runs this config on the fast engine the fast model describes: plain LoRA
-    without dropout (fused layers), packed rows and the chunked loss."""
-    m, tc = cfg.method, cfg.train
-    return (m.name in ("lora", "rslora", "pissa") and m.dropout == 0 and tc.packing != "off"
-            and tc.loss != "plain" and tc.fused_lora != "off")
+    without dropout (fused layers), packed rows and the chunked loss (kernels/select.py decides each)."""
+    return select.on_gpu(cfg).fast
 
 
 def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
-    from ..kernels import linear_ce, norm_mlp
-
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
     if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
-    liger = norm_mlp.chosen(tc.fused_norm_mlp, "cuda", h)  # as train on a GPU decides it
+    liger = select.on_gpu(cfg, h).fused_norm_mlp  # as train on a GPU decides it
     per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
 
@@ -298,10 +295,6 @@ def faster(cfg, rows=None) -> tuple[str, float] | None:
 def parse_size(text: str) -> float:
     """'24', '24GiB', '24GB', '24g', '1500MiB' -> bytes. A bare number is GiB (24 bytes is never meant), and
     GB is read as GiB, as GPU makers mean it."""
-    import re
-
-    from ..config import ConfigError
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([GMKT]?)(i?B)?\s*", text, re.IGNORECASE)
     size = 0.0
     if m:
@@ -314,8 +307,6 @@ def parse_size(text: str) -> float:
 
 def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
-    from ..data import encode_examples, read
-
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
     sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
     return sizes[: cfg.train.micro_batch_size]

@@ -15,18 +15,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import config as config_mod
+from .. import models
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
-from ..engine.log import dumps, strict_json
-from ..engine.loss import use_chunked_loss
+from ..engine.log import LABELS, dumps, strict_json
+from ..engine.loss import eval_loss
+from ..engine.precision import base_dtype_name
+from ..export.peft_format import load_run
+from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
-from .perplexity import eval_loss
 
-LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-          ("rougeL", "ROUGE-L")]
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
           "extraction_precision", "extraction_recall", "extraction_f1", "unfinished", "generate_seconds")
@@ -262,12 +263,7 @@ def load_model(folder: str | None, base: str | None, template: str, device: str,
                trust_remote_code: bool = False):
     """(model, tokenizer, cfg) of a run folder, or of a base model with no adapter and the given template;
     the model's own code runs only with the user's trust_remote_code, never a run's config.yaml."""
-    from .. import models
-    from ..engine.precision import base_dtype_name
-
     if folder:
-        from ..export.peft_format import load_run
-
         return load_run(folder, device, trust_remote_code=trust_remote_code)
     cfg = config_mod.load(None, [f"model.path={base}", f"data.template={template}", f"data.system={system}",
                                  f"model.trust_remote_code={bool(trust_remote_code)}"])

@@ -5,7 +5,7 @@ the resolved config.yaml and metrics.jsonl.
 own `load_run` reads config.yaml to find the base model and the chat template too. A run on the
 embedded model records its base as "embedded" (adapter_config.json's base_model_name_or_path, and
 model.path in config.yaml), which `models.resolve` finds on any machine with slimtune; plain peft users
-load the base themselves, e.g. from `python -c "from slimtune.assets import embedded_model_dir as d; print(d())"`.
+load the base themselves, e.g. from `python -c "from slimtune.models import embedded_model_dir as d; print(d())"`.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
 running the command does, with --trust-remote-code), and pickled adapters load only as plain tensors.

@@ -17,28 +17,11 @@ import importlib.util
 
 import torch
 
-from ..config import ConfigError
 from . import bind
 
 ATTR = "_slimtune_norm_mlp"
 NORM_TYPES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 MLP_TYPES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
-
-
-MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
-
-
-def wanted(key: str, mode: str, device: str) -> bool:
-    """A Liger kernel's train.<key>: on (CUDA only: an error elsewhere), off, or auto (CUDA with Liger installed)."""
-    cuda = device.startswith("cuda")
-    if mode == "on" and not cuda:
-        raise ConfigError(f"train.{key}=on: Liger's kernels are Triton, CUDA only; use auto or off on {device}")
-    return mode == "on" or (mode == "auto" and cuda and available())
-
-
-def chosen(mode: str, device: str, hidden: int) -> bool:
-    """train.fused_norm_mlp: auto also wants the model wide enough that the GPU, not the CPU, sets the pace."""
-    return wanted("fused_norm_mlp", mode, device) and (mode == "on" or hidden >= MIN_HIDDEN)
 
 
 def available() -> bool:

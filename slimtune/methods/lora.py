@@ -2,15 +2,19 @@
 
 PiSSA moves the principal part of each weight into the adapter, so the trained adapter only fits the
 residual base; at save time it is converted (peft's path_initial_model_for_weight_conversion) into a
-plain LoRA of rank 2r that loads on the original base, as every other adapter does.
+plain LoRA of rank 2r that loads on the original base, as every other adapter does. The initial adapter
+lives in a temporary folder for as long as the model may be saved (every checkpoint converts against it):
+release(model) removes it at the end of training, and a weakref.finalize on the model at its collection or
+at process exit, whichever comes first.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
-from . import kinds, targets
+from . import kinds, quant, targets
 
 
 def lora_config(model, cfg):
@@ -41,9 +45,7 @@ def apply(model, cfg):
     from peft import get_peft_model
 
     if cfg.name == "qlora":
-        from .quant import prepare
-
-        model = prepare(model)
+        model = quant.prepare(model)
     peft_model = get_peft_model(model, lora_config(model, cfg))
     if cfg.name == "pissa" and not str(next(model.parameters()).device) == "meta":
         # keep the initial adapter: saving converts against it. init_lora_weights=True so that loading
@@ -52,15 +54,25 @@ def apply(model, cfg):
         init_dir = Path(tempfile.mkdtemp(prefix="slimtune-pissa-init-"))
         peft_model.save_pretrained(init_dir)
         peft_model._slimtune_pissa_init = init_dir
+        # the callback holds only the path: a reference to the model would keep it alive forever
+        peft_model._slimtune_pissa_release = weakref.finalize(peft_model, shutil.rmtree, init_dir, True)
     return peft_model
 
 
 def save(model, out_dir: Path, weights: dict | None = None) -> None:
+    """peft's save_pretrained; PiSSA's converted against its initial adapter, which stays for later saves."""
     init_dir = getattr(model, "_slimtune_pissa_init", None)
     if init_dir is None:
         extra = {"state_dict": weights} if weights is not None else {}  # sharded: peft reads these instead
         model.save_pretrained(out_dir, safe_serialization=True, **extra)
         return
     model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
-    shutil.rmtree(init_dir, ignore_errors=True)
-    model._slimtune_pissa_init = None
+
+
+def release(model) -> None:
+    """Remove PiSSA's initial adapter once no save will follow (a no-op for any other model); later saves
+    of this model write the unconverted adapter, which fits the residual base only."""
+    done = getattr(model, "_slimtune_pissa_release", None)
+    if done is not None:
+        done()  # runs shutil.rmtree once and detaches the finalizer
+        model._slimtune_pissa_init = model._slimtune_pissa_release = None

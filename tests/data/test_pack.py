@@ -10,7 +10,7 @@ import torch
 from slimtune.data import pack
 from slimtune.data.encode import IGNORE, Encoded
 from slimtune.data.readers import DataError
-from slimtune.engine.loop import MicroBatches, total_steps
+from slimtune.data.stream import MicroBatches, total_steps
 
 
 def test_collate_concatenates_records_and_marks_their_boundaries():

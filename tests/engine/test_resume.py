@@ -223,3 +223,26 @@ def test_pissa_checkpoints_each_hold_a_converted_adapter(tmp_path, tiny_model_di
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8, folder
     final, last = _adapter(run), _adapter(folders[-1])
     assert all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_resume_with_another_train_loss_uses_the_new_one(tmp_path, tiny_model_dir):
+    """train.loss may change on a resume (checkpoint.FREE_KEYS): the resumed steps compute the new loss, and the
+    run reports it, not the checkpoint's (whose result dict once restored the old choice over the fresh one)."""
+    from slimtune import config as config_mod
+    from slimtune.train import run as train_run
+
+    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=4, keep_checkpoints=0, loss="plain")
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    plain = train_run(config_mod.load(cfg), **quiet)
+    assert plain["chunked_loss"] is False
+    run = tmp_path / "run"
+    reference = _losses(run)
+    for step in (3, 4):  # back to the checkpoint after step 2
+        shutil.rmtree(checkpoint.step_folder(run, step))
+    resumed = train_run(config_mod.load(cfg, ["train.loss=chunked"]), resume=True, **quiet)
+    assert resumed["chunked_loss"] is True
+    losses = _losses(run)
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    assert losses[:2] == reference[:2]
+    for (_, a), (_, b) in zip(losses[2:], reference[2:]):
+        assert a == pytest.approx(b, abs=1e-5)

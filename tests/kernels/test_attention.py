@@ -14,7 +14,8 @@ from slimtune.config import ConfigError, MethodConfig
 from slimtune.data import pack
 from slimtune.data.collate import collate, left_pad
 from slimtune.data.encode import IGNORE, Encoded
-from slimtune.engine.loop import accumulate, use_packing
+from slimtune.engine.loop import accumulate
+from slimtune.kernels.select import use_packing
 from slimtune.engine.loss import split_head
 from slimtune.kernels import attention, reference
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_model
 from slimtune.config import ConfigError
-from slimtune.engine.loop import use_fused_norm_mlp
+from slimtune.kernels.select import use_fused_norm_mlp
 from slimtune.kernels import norm_mlp
 
 

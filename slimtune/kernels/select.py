@@ -1,0 +1,127 @@
+"""Which fast paths a run takes: every train.* kernel key decided here, once, into one frozen `Kernels`
+record that the training step, the evaluation and the memory estimator read. Adding a kernel means this
+module and its config key (the op itself in its own kernels/<op>.py)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from . import attention, lora, norm_mlp, rope
+
+MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
+LORA_METHODS = ("lora", "rslora", "pissa")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What is on. Counts are the modules each kernel took (enable); in the estimator's record, which has
+    no model, 1 stands for "on"."""
+    packing: str = "off"  # bins | rows | off
+    chunked_loss: bool = False  # head + cross-entropy a chunk of rows at a time (engine/loss.py)
+    fused_lora_layers: int = 0
+    fused_norm_mlp: int = 0
+    fused_rope: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str):
+        """A dict's view (kernels["packing"]), as fit's result and the bench scripts read it."""
+        return getattr(self, key)
+
+    @property
+    def fast(self) -> bool:
+        """The fast engine memory.py's fast model describes: packed rows, chunked loss, fused LoRA."""
+        return self.packing != "off" and self.chunked_loss and self.fused_lora_layers > 0
+
+
+def use_packing(mode: str, model, device: str) -> str | None:
+    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens),
+    "rows" (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in bins on
+    CUDA where packed rows are exact for the model. On the CPU auto stays off: padding costs less there
+    than on a GPU, and the per-record attention fallback (kernels/reference.py) is not measured faster
+    than one padded batch."""
+    if mode == "off":
+        return None
+    why = attention.unsupported(model)
+    if mode in ("on", "rows") and why:
+        raise ConfigError(f"train.packing={mode}: {why}; set train.packing=auto or off")
+    if why is not None or (mode == "auto" and not device.startswith("cuda")):
+        return None
+    return "rows" if mode == "rows" else "bins"
+
+
+def use_chunked_loss(mode: str, device: str) -> bool:
+    """train.loss: chunked computes head + cross-entropy a chunk of rows at a time (kernels/linear_ce.py);
+    auto does so on CUDA, where the full-vocabulary logits are most of the memory; plain otherwise."""
+    return mode == "chunked" or (mode == "auto" and device.startswith("cuda"))
+
+
+def use_fused_lora(mode: str, device: str) -> bool:
+    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
+    chain of small ops leaves the GPU waiting on the CPU."""
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
+def wanted(key: str, mode: str, device: str) -> bool:
+    """A Liger kernel's train.<key>: on (CUDA only: an error elsewhere), off, or auto (CUDA with Liger installed)."""
+    cuda = device.startswith("cuda")
+    if mode == "on" and not cuda:
+        raise ConfigError(f"train.{key}=on: Liger's kernels are Triton, CUDA only; use auto or off on {device}")
+    return mode == "on" or (mode == "auto" and cuda and norm_mlp.available())
+
+
+def chosen(mode: str, device: str, hidden: int) -> bool:
+    """train.fused_norm_mlp: auto also wants the model wide enough that the GPU, not the CPU, sets the pace."""
+    return wanted("fused_norm_mlp", mode, device) and (mode == "on" or hidden >= MIN_HIDDEN)
+
+
+def use_fused_norm_mlp(mode: str, device: str, model: torch.nn.Module | None = None) -> bool:
+    """train.fused_norm_mlp: Liger's RMSNorm and SwiGLU (kernels/norm_mlp.py). auto: on CUDA with Liger
+    installed, for models whose hidden size is at least MIN_HIDDEN (where it was measured to pay)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    return chosen(mode, device, hidden)
+
+
+def use_fused_rope(mode: str, device: str) -> bool:
+    """train.fused_rope: Liger's RoPE kernel in this model's attention (kernels/rope.py). auto: on CUDA with
+    Liger installed (H100, 16 records/step: +18% tokens/s at 1B, +17% at 8B, the same peak; bench/results)."""
+    return wanted("fused_rope", mode, device)
+
+
+def enable(model, tc, device: str) -> Kernels:
+    """Switch on in `model` the fast paths train.* asks for on this device; what each took. disable
+    takes them all back."""
+    packed = use_packing(tc.packing, model, device)
+    try:
+        if packed:
+            attention.enable(model)
+        return Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
+                       fused_lora_layers=lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
+                       fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
+                       else 0,
+                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0)
+    except Exception:
+        disable(model)  # a refused key leaves the model as it came
+        raise
+
+
+def disable(model) -> None:
+    lora.disable(model)
+    norm_mlp.disable(model)
+    rope.disable(model)
+    attention.disable(model)
+
+
+def on_gpu(cfg, hidden: int = 0) -> Kernels:
+    """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
+    packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout, Liger's norm and
+    MLP as chosen() decides it for this hidden size."""
+    m, tc = cfg.method, cfg.train
+    packing = "off" if tc.packing == "off" else ("rows" if tc.packing == "rows" else "bins")
+    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off"
+    return Kernels(packing=packing, chunked_loss=tc.loss != "plain", fused_lora_layers=int(fused),
+                   fused_norm_mlp=int(chosen(tc.fused_norm_mlp, "cuda", hidden)))
