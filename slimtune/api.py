@@ -17,6 +17,7 @@ from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
 from .engine import loop, user_loss
+from .errors import MissingFileError
 from .export import parts, peft_format
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
@@ -124,6 +125,6 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
     elif (folder / parts.PARTS).is_file():
         model = parts.load(model, folder)
     else:
-        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
-                                "slimtune.save or `slimtune train` wrote")
+        raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
+                               "slimtune.save or `slimtune train` wrote")
     return model.eval()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .errors import MissingFileError, SlimtuneError
 
 EPILOG = "Config overrides use dotted names: slimtune train cfg.yaml train.lr=2e-4 method.r=16"
 TRUST_HELP = ("run the model folder's own Python (auto_map in its config.json); only when you trust it. A run "
@@ -262,22 +263,22 @@ def check_run(folder: str | Path) -> None:
 
     out = Path(folder)
     if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
+        raise MissingFileError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
     if (out / "adapter_config.json").is_file() or (out / parts.PARTS).is_file():
         return
     last = checkpoint.latest(out)
     if last is not None:
-        raise FileNotFoundError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
-                                f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
-                                "--resume` to finish the run")
+        raise MissingFileError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
+                               f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
+                               "--resume` to finish the run")
     if (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
-                                "was written, then the run was refused or stopped before its first step (see "
-                                f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
+        raise MissingFileError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
+                               "was written, then the run was refused or stopped before its first step (see "
+                               f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
     if (out / "config.yaml").is_file():
-        raise FileNotFoundError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
-                                f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
-    raise FileNotFoundError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
+        raise MissingFileError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
+                               f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
+    raise MissingFileError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
 
 
 def _load_for_inference(args):
@@ -514,15 +515,6 @@ def main(argv: list[str] | None = None) -> int:
     # expandable segments: far less fragmentation, so reserved memory stays close to allocated (and to
     # `slimtune estimate`); must be set before CUDA initializes
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from .data.readers import DataError
-    from .data.templates import TemplateError
-    from .engine.precision import PrecisionError
-    from .export.gguf import ExportError
-    from .export.merge import MergeError
-    from .methods.base import MethodError
-    from .methods.targets import TargetError
-    from .models import UnsafeFileError
-
     from .engine.log import quiet_warnings
 
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -533,9 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_warnings():
             return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
-            MergeError, UnsafeFileError, ExportError, FileNotFoundError,
-            FileExistsError) as err:
+    # every error a user can cause is a SlimtuneError (errors.py); a missing or existing path that an
+    # open() or mkdir() of a library met is one too, in effect: it names the path
+    except (SlimtuneError, FileNotFoundError, FileExistsError) as err:
         print(f"slimtune {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
+from .errors import SlimtuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(SlimtuneError, ValueError):
     """A config problem; the message lists every problem found, one per line."""
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
+from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -152,8 +153,8 @@ def load(folder: Path, model) -> dict:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         odd = sorted(set(weights) ^ set(params))
-        raise ValueError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
-                         "it was written by another model or method")
+        raise MismatchError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
+                            "it was written by another model or method")
     from .distributed import local_part
 
     with torch.no_grad():

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import MismatchError
+
 PARTS = "slimtune_parts.safetensors"
 
 
@@ -25,12 +27,12 @@ def load(base, folder: Path):
     params = dict(base.named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
-        raise ValueError(f"{folder / PARTS}: parameters not in the base model: {', '.join(unknown[:5])}; "
-                         "was it trained on another model?")
+        raise MismatchError(f"{folder / PARTS}: parameters not in the base model: {', '.join(unknown[:5])}; "
+                            "was it trained on another model?")
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{folder / PARTS}: {name} has shape {tuple(value.shape)}, the base model "
-                                 f"{tuple(params[name].shape)}")
+                raise MismatchError(f"{folder / PARTS}: {name} has shape {tuple(value.shape)}, the base model "
+                                    f"{tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
     return base

@@ -20,6 +20,7 @@ import yaml
 
 from .. import config as config_mod
 from .. import models
+from ..errors import MissingFileError
 
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
@@ -50,7 +51,7 @@ def record_portable_base(folder: Path) -> None:
 def read_config(folder: Path) -> config_mod.Config:
     path = Path(folder) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
+        raise MissingFileError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
     return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
@@ -80,8 +81,8 @@ def _adapter(base, folder: Path):
             raise models.UnsafeFileError(models.pickle_refused(folder / "adapter_model.bin", err)) from None
     if (folder / parts.PARTS).is_file():
         return parts.load(base, folder)
-    raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
-                            "finish saving")
+    raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
+                           "finish saving")
 
 
 def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None,
