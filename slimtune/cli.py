@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
     t.add_argument("--model", help="same as model.path=...")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key (dotted) with its type, "
+                   "default, allowed values and what it does, and exit")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
                    "(only the files slimtune wrote there are removed)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -179,6 +181,9 @@ def cmd_train(args) -> int:
     from .engine import distributed
     from .train import run
 
+    if args.help_config:  # before the config is read: help must work while a config is broken
+        print(config_mod.explain())
+        return 0
     cfg = _config(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
