@@ -220,3 +220,17 @@ def test_the_bridges_keep_their_builtin_type():
                       (errors.MismatchError, ValueError)):
         err = cls("x.yaml: what to do")
         assert isinstance(err, base) and isinstance(err, SlimtuneError) and str(err) == "x.yaml: what to do"
+
+
+@pytest.mark.parametrize("command", ["chat", "merge", "export"])
+def test_run_folder_with_broken_config_yaml(command, tmp_path, capsys):
+    """A run's config.yaml that no longer parses was a yaml.ParserError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {path: x\n")
+    (run / "adapter_config.json").write_text("{}")
+    extra = {"chat": [], "merge": ["--output", str(tmp_path / "o")], "export": ["--output", str(tmp_path / "o.gguf")]}
+    assert cli.main([command, str(run), *extra[command]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"slimtune {command}: error: {run / 'config.yaml'}: invalid YAML: ")
+    assert "Traceback" not in err

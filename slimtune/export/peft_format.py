@@ -16,8 +16,6 @@ import json
 import pickle
 from pathlib import Path
 
-import yaml
-
 from .. import config as config_mod
 from .. import models
 from ..errors import MissingFileError
@@ -52,7 +50,7 @@ def read_config(folder: Path) -> config_mod.Config:
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         raise MissingFileError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
-    return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    return config_mod.load(path)  # its YAML errors too as one ConfigError naming the file, not a traceback
 
 
 def check_trust(cfg: config_mod.Config, folder: Path, trust_remote_code: bool) -> None:
