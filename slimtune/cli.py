@@ -1,5 +1,5 @@
 """The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo
-| compare."""
+| compare | config."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--output", help="folder for the runs and compare.json/.md/.html (default: "
                                      "compare/<config name>); run again to go on after an interruption")
 
+    cf = sub.add_parser("config", help="print the resolved config; --explain: every key with its type, default, "
+                                       "allowed values and what it does", epilog=EPILOG)
+    cf.add_argument("config", nargs="?")
+    cf.add_argument("overrides", nargs="*")
+    cf.add_argument("--model", help="same as model.path=...")
+    cf.add_argument("--explain", action="store_true", help="the key reference (as `slimtune train --help-config`)")
+
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
     d.add_argument("--steps", type=int, default=0, help="override the demo's step count")
@@ -162,7 +169,7 @@ def _config(args) -> config_mod.Config:
 
 # subcommands whose dotted overrides may also come after a flag (`train cfg.yaml --no-progress train.lr=2e-3`):
 # argparse ends a nargs="*" positional at the first flag, so the rest arrive as unrecognized arguments
-TAKES_OVERRIDES = ("train", "params", "estimate")
+TAKES_OVERRIDES = ("train", "params", "estimate", "config")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -505,6 +512,11 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    print(config_mod.explain() if args.explain else config_mod.dump(_config(args)), end="\n" if args.explain else "")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -513,7 +525,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
             "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
-            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export, "compare": cmd_compare}
+            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export, "compare": cmd_compare, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from slimtune import cli, config
 from slimtune.config import Config, ConfigError
@@ -434,3 +435,16 @@ def test_help_config_lists_every_key(capsys):
     assert "  train.lr (float, default 0.0002; range (0, inf))" in lines
     assert "  method.quant_bits (int, default 4; one of: 4, 8)" in lines
     assert "data: the training and held-out records, their chat template and length" in lines
+
+
+def test_config_command(tmp_path, capsys):
+    assert cli.main(["config", "--explain"]) == 0
+    explained = capsys.readouterr().out
+    assert cli.main(["train", "--help-config"]) == 0
+    assert explained == capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("method: {r: 16}\n")
+    assert cli.main(["config", str(tmp_path / "c.yaml"), "train.lr=1e-3"]) == 0
+    resolved = config.from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert (resolved.method.r, resolved.train.lr) == (16, 1e-3)
+    assert cli.main(["config", "train.lr=-1"]) == 2
+    assert capsys.readouterr().err == "slimtune config: error: train.lr: must be positive\n"
