@@ -143,9 +143,14 @@ def refusals(p: Path):
         raise
     except pickle.UnpicklingError as err:
         raise UnsafeFileError(pickle_refused(_bad_pickle(p), err)) from None
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         if "trust_remote_code" not in str(err):
-            raise
+            # a folder transformers cannot read (config.json that is not JSON, no model_type, a tokenizer
+            # it cannot build) is the user's to fix: one line naming it, not transformers' traceback
+            said = " ".join(str(err).split()) or type(err).__name__
+            said = said if len(said) <= 300 else said[:297] + "..."
+            raise ConfigError(f"model.path: {p}: transformers cannot load it ({said}); give a complete "
+                              "transformers model folder (config.json, tokenizer and weights)") from err
         where = "; ".join(custom_code(p)) or f"{p}: custom code"
         raise UnsafeFileError(f"{where}: this model needs its folder's own Python, which slimtune runs only when "
                               f"you ask: {TRUST_HINT}") from None

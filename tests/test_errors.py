@@ -234,3 +234,16 @@ def test_run_folder_with_broken_config_yaml(command, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"slimtune {command}: error: {run / 'config.yaml'}: invalid YAML: ")
     assert "Traceback" not in err
+
+
+def test_model_folder_transformers_cannot_read(tmp_path, capsys):
+    """A config.json that is not JSON, or one without model_type: transformers' OSError / ValueError was a
+    traceback."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{bad")
+    (tmp_path / "typeless").mkdir()
+    (tmp_path / "typeless" / "config.json").write_text("{}")
+    err = _one_line_error(capsys, ["targets", str(tmp_path / "broken")], "targets")
+    assert f"model.path: {tmp_path / 'broken'}: transformers cannot load it (" in err and "not a valid JSON" in err
+    err = _one_line_error(capsys, ["params", f"model.path={tmp_path / 'typeless'}"], "params")
+    assert "transformers cannot load it (Unrecognized model in" in err and "model_type" in err
