@@ -247,3 +247,12 @@ def test_model_folder_transformers_cannot_read(tmp_path, capsys):
     assert f"model.path: {tmp_path / 'broken'}: transformers cannot load it (" in err and "not a valid JSON" in err
     err = _one_line_error(capsys, ["params", f"model.path={tmp_path / 'typeless'}"], "params")
     assert "transformers cannot load it (Unrecognized model in" in err and "model_type" in err
+
+
+def test_compare_config_that_is_not_yaml_or_not_text(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("model: [\n")
+    assert "bad.yaml: invalid YAML: while parsing" in _one_line_error(capsys, ["compare", str(tmp_path / "bad.yaml")],
+                                                                      "compare")
+    (tmp_path / "latin.yaml").write_bytes("method: {name: caf\xe9}\n".encode("latin-1"))
+    assert "latin.yaml: invalid YAML: 'utf-8' codec can't decode" in _one_line_error(
+        capsys, ["compare", str(tmp_path / "latin.yaml")], "compare")
