@@ -31,3 +31,7 @@ class UnsupportedError(SlimtuneError, NotImplementedError):
 
 class MismatchError(SlimtuneError, ValueError):
     """Saved weights that do not fit the model they are loaded into (another base model or method)."""
+
+
+class DamagedFileError(SlimtuneError, ValueError):
+    """A saved file that cannot be read back: cut short while written, or damaged since."""

@@ -70,9 +70,11 @@ def test_no_bare_builtin_raise_left():
 def _one_line_error(capsys, argv: list[str], command: str) -> str:
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith(f"slimtune {command}: error: ")
-    return err
+    # the last line, and the only one that is an error (transformers' load progress bar may come before it)
+    assert "Traceback" not in err and sum(": error: " in line for line in err.splitlines()) == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"slimtune {command}: error: ")
+    return last
 
 
 @pytest.mark.parametrize("error", [MissingFileError, ExistingFileError, MissingPackageError, UnsupportedError,
@@ -256,3 +258,14 @@ def test_compare_config_that_is_not_yaml_or_not_text(tmp_path, capsys):
     (tmp_path / "latin.yaml").write_bytes("method: {name: caf\xe9}\n".encode("latin-1"))
     assert "latin.yaml: invalid YAML: 'utf-8' codec can't decode" in _one_line_error(
         capsys, ["compare", str(tmp_path / "latin.yaml")], "compare")
+
+
+@pytest.mark.parametrize("damaged", ["adapter_config.json", "slimtune_parts.safetensors"])
+def test_run_with_a_damaged_adapter(damaged, tmp_path, tiny_model_dir, capsys):
+    """A save cut short: peft's JSONDecodeError and safetensors' SafetensorError were tracebacks."""
+    run = _fake_run(tmp_path / "run", tiny_model_dir)
+    (run / damaged).write_text("{bad")
+    err = _one_line_error(capsys, ["chat", str(run)], "chat")
+    assert "restore" in err and "train the run again" in err
+    assert ("its adapter files cannot be read (JSONDecodeError" in err if damaged.endswith(".json")
+            else "slimtune_parts.safetensors: not a readable safetensors file" in err)

@@ -16,9 +16,11 @@ import json
 import pickle
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .. import config as config_mod
 from .. import models
-from ..errors import MissingFileError
+from ..errors import DamagedFileError, MissingFileError
 
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
@@ -77,6 +79,9 @@ def _adapter(base, folder: Path):
             return PeftModel.from_pretrained(base, folder)
         except pickle.UnpicklingError as err:  # adapter_model.bin with more than tensors
             raise models.UnsafeFileError(models.pickle_refused(folder / "adapter_model.bin", err)) from None
+        except (SafetensorError, json.JSONDecodeError) as err:  # a save cut short, or a file damaged since
+            raise DamagedFileError(f"{folder}: its adapter files cannot be read ({type(err).__name__}: {err}); "
+                                   "restore them or train the run again") from None
     if (folder / parts.PARTS).is_file():
         return parts.load(base, folder)
     raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
