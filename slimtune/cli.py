@@ -513,7 +513,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(config_mod.explain() if args.explain else config_mod.dump(_config(args)), end="\n" if args.explain else "")
+    """The resolved config as YAML (as `train --print-config`), or with --explain the key reference."""
+    if args.explain:
+        print(config_mod.explain())
+    else:
+        print(config_mod.dump(_config(args)), end="")
     return 0
 
 
