@@ -10,6 +10,7 @@ quick (torch, transformers and peft load only when a function needs them):
     fit(model, data, cfg, loss_fn=None, ...)        slimtune's LM training, or AdamW on the caller's loss
     save(model, folder) / load(folder, model=None)  peft's format (or the trained parameters) and back
     train(cfg)                                      what `slimtune train` runs; returns the run summary
+    SlimtuneError                                   base of every error a user's input can cause (ConfigError, ...)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ _WHERE = {
     "load": "api", "method_config": "api", "prepare": "train", "Prepared": "train",
     "describe_parameters": "methods.heads", "FrozenModuleWarning": "methods.heads",
     "Config": "config", "ConfigError": "config", "MethodError": "methods.base", "PrecisionError": "engine.precision",
-    "DataError": "data.readers",
+    "DataError": "data.readers", "SlimtuneError": "errors",
 }
 __all__ = ["__version__", "train", *_WHERE]
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; at run time 
     from .config import Config, ConfigError
     from .data.readers import DataError
     from .engine.precision import PrecisionError
+    from .errors import SlimtuneError
     from .methods.base import MethodError
     from .methods.heads import FrozenModuleWarning, describe_parameters
     from .train import Prepared, prepare

@@ -18,6 +18,7 @@ from .data.encode import Encoded
 from .data.readers import DataError
 from .engine import loop, user_loss
 from .evaluate.perplexity import loss_eval
+from .errors import MissingFileError
 from .export import parts, peft_format
 from .kernels.select import use_chunked_loss
 from .methods import kinds
@@ -128,6 +129,6 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
     elif (folder / parts.PARTS).is_file():
         model = parts.load(model, folder)
     else:
-        raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
-                                "slimtune.save or `slimtune train` wrote")
+        raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
+                               "slimtune.save or `slimtune train` wrote")
     return model.eval()

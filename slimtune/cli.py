@@ -1,5 +1,5 @@
 """The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo
-| compare."""
+| compare | config."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .errors import MissingFileError, SlimtuneError
 
 EPILOG = "Config overrides use dotted names: slimtune train cfg.yaml train.lr=2e-4 method.r=16"
 TRUST_HELP = ("run the model folder's own Python (auto_map in its config.json); only when you trust it. A run "
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
     t.add_argument("--model", help="same as model.path=...")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key (dotted) with its type, "
+                   "default, allowed values and what it does, and exit")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
                    "(only the files slimtune wrote there are removed)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -133,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--output", help="folder for the runs and compare.json/.md/.html (default: "
                                      "compare/<config name>); run again to go on after an interruption")
 
+    cf = sub.add_parser("config", help="print the resolved config; --explain: every key with its type, default, "
+                                       "allowed values and what it does", epilog=EPILOG)
+    cf.add_argument("config", nargs="?")
+    cf.add_argument("overrides", nargs="*")
+    cf.add_argument("--model", help="same as model.path=...")
+    cf.add_argument("--explain", action="store_true", help="the key reference (as `slimtune train --help-config`)")
+
     d = sub.add_parser("demo", help="the end-to-end demo on the embedded model and real data")
     d.add_argument("--output-dir", default="demo_out")
     d.add_argument("--steps", type=int, default=0, help="override the demo's step count")
@@ -159,7 +169,7 @@ def _config(args) -> config_mod.Config:
 
 # subcommands whose dotted overrides may also come after a flag (`train cfg.yaml --no-progress train.lr=2e-3`):
 # argparse ends a nargs="*" positional at the first flag, so the rest arrive as unrecognized arguments
-TAKES_OVERRIDES = ("train", "params", "estimate")
+TAKES_OVERRIDES = ("train", "params", "estimate", "config")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -178,6 +188,9 @@ def cmd_train(args) -> int:
     from .engine import distributed
     from .train import run
 
+    if args.help_config:  # before the config is read: help must work while a config is broken
+        print(config_mod.explain())
+        return 0
     cfg = _config(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
@@ -262,22 +275,22 @@ def check_run(folder: str | Path) -> None:
 
     out = Path(folder)
     if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
+        raise MissingFileError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
     if (out / "adapter_config.json").is_file() or (out / parts.PARTS).is_file():
         return
     last = checkpoint.latest(out)
     if last is not None:
-        raise FileNotFoundError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
-                                f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
-                                "--resume` to finish the run")
+        raise MissingFileError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
+                               f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
+                               "--resume` to finish the run")
     if (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
-                                "was written, then the run was refused or stopped before its first step (see "
-                                f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
+        raise MissingFileError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
+                               "was written, then the run was refused or stopped before its first step (see "
+                               f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
     if (out / "config.yaml").is_file():
-        raise FileNotFoundError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
-                                f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
-    raise FileNotFoundError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
+        raise MissingFileError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
+                               f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
+    raise MissingFileError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
 
 
 def _load_for_inference(args):
@@ -499,6 +512,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """The resolved config as YAML (as `train --print-config`), or with --explain the key reference."""
+    if args.explain:
+        print(config_mod.explain())
+    else:
+        print(config_mod.dump(_config(args)), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
@@ -507,22 +529,13 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
             "targets": cmd_targets, "params": cmd_params, "estimate": cmd_estimate, "merge": cmd_merge,
-            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export, "compare": cmd_compare}
+            "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export, "compare": cmd_compare, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     # expandable segments: far less fragmentation, so reserved memory stays close to allocated (and to
     # `slimtune estimate`); must be set before CUDA initializes
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from .data.readers import DataError
-    from .data.templates import TemplateError
-    from .engine.precision import PrecisionError
-    from .export.gguf import ExportError
-    from .export.merge import MergeError
-    from .methods.base import MethodError
-    from .methods.targets import TargetError
-    from .models import UnsafeFileError
-
     from .engine.log import quiet_warnings
 
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -533,9 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_warnings():
             return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DataError, TemplateError, TargetError, MethodError, PrecisionError,
-            MergeError, UnsafeFileError, ExportError, FileNotFoundError,
-            FileExistsError) as err:
+    # every error a user can cause is a SlimtuneError (errors.py); a missing or existing path that an
+    # open() or mkdir() of a library met is one too, in effect: it names the path
+    except (SlimtuneError, FileNotFoundError, FileExistsError) as err:
         print(f"slimtune {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -20,6 +20,7 @@ import torch
 
 from .assets import embedded_folder, embedded_gguf
 from .config import ConfigError
+from .errors import MissingFileError, SlimtuneError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
@@ -31,7 +32,7 @@ _NOTED: set[str] = set()
 CONVERT = "convert it to safetensors where you trust its source (load it there, save_pretrained writes safetensors)"
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(SlimtuneError, ValueError):
     """A model, adapter or checkpoint file slimtune will not load as it is: custom code without
     --trust-remote-code, or a pickle that holds more than plain tensors."""
 
@@ -42,11 +43,11 @@ def resolve(path: str) -> Path:
         return embedded_model_dir()
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(_missing(path, p))
+        raise MissingFileError(_missing(path, p))
     if p.is_dir() and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: {p} has no config.json; it is not a transformers model folder")
+        raise MissingFileError(f"model.path: {p} has no config.json; it is not a transformers model folder")
     if p.is_file() and p.suffix != ".gguf":
-        raise FileNotFoundError(f"model.path: {p} is a file but not a .gguf file")
+        raise MissingFileError(f"model.path: {p} is a file but not a .gguf file")
     return p
 
 
@@ -160,9 +161,14 @@ def refusals(p: Path):
         raise
     except pickle.UnpicklingError as err:
         raise UnsafeFileError(pickle_refused(_bad_pickle(p), err)) from None
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         if "trust_remote_code" not in str(err):
-            raise
+            # a folder transformers cannot read (config.json that is not JSON, no model_type, a tokenizer
+            # it cannot build) is the user's to fix: one line naming it, not transformers' traceback
+            said = " ".join(str(err).split()) or type(err).__name__
+            said = said if len(said) <= 300 else said[:297] + "..."
+            raise ConfigError(f"model.path: {p}: transformers cannot load it ({said}); give a complete "
+                              "transformers model folder (config.json, tokenizer and weights)") from err
         where = "; ".join(custom_code(p)) or f"{p}: custom code"
         raise UnsafeFileError(f"{where}: this model needs its folder's own Python, which slimtune runs only when "
                               f"you ask: {TRUST_HINT}") from None
@@ -211,8 +217,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if p.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
     if not any((p / name).is_file() for name in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
-        raise FileNotFoundError(f"model.path: {p} has no tokenizer files (expected one of "
-                                f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
+        raise MissingFileError(f"model.path: {p} has no tokenizer files (expected one of "
+                               f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
     check_code(p, trust_remote_code)
     with refusals(p):
         return AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
@@ -239,7 +245,7 @@ def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device
     p = resolve(path)
     if p.suffix == ".gguf":
         if quantization is not None:
-            raise ValueError("model.path: a .gguf model cannot be loaded for qlora; convert it to a folder first")
+            raise ConfigError("model.path: a .gguf model cannot be loaded for qlora; convert it to a folder first")
         model, tokenizer = load_gguf(p, dtype)
         return model.to(device), tokenizer
     check_code(p, trust_remote_code)

@@ -21,6 +21,7 @@ from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.runfolder import RunFolderError
+from .errors import ExistingFileError, MissingFileError
 from .evaluate import summary
 from .evaluate.report import in_training
 from .export.parts import PARTS
@@ -46,13 +47,14 @@ def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path
     if resume:
         return _resume_from(out, cfg, manifest is not None), manifest
     if manifest is None:
-        raise FileExistsError(f"train.output_dir: {out} already holds files that are not a slimtune run (no "
-                              f"{runfolder.MANIFEST}); slimtune deletes only what it wrote: choose another folder")
+        raise ExistingFileError(f"train.output_dir: {out} already holds files that are not a slimtune run (no "
+                                f"{runfolder.MANIFEST}); slimtune deletes only what it wrote: choose another folder")
     if overwrite:
         runfolder.doomed(out, manifest, keep)  # refuses here, before anything loads, to remove what the run reads
         return None, manifest
-    raise FileExistsError(f"train.output_dir: {out} already holds files; choose another folder, pass --resume "
-                          "to continue that run, or --overwrite to replace it (only slimtune's own files are removed)")
+    raise ExistingFileError(f"train.output_dir: {out} already holds files; choose another folder, pass "
+                            "--resume to continue that run, or --overwrite to replace it (only slimtune's own files "
+                            "are removed)")
 
 
 def _resume_from(out: Path, cfg, marked: bool) -> Path:
@@ -68,8 +70,8 @@ def _resume_from(out: Path, cfg, marked: bool) -> Path:
                              f"resume from; pass {instead}")
     diff = checkpoint.differences(read_config(last), cfg)
     if diff:
-        raise FileExistsError(f"train.output_dir: {out} holds a different run, which --resume would mix with "
-                              "this one: " + "; ".join(diff) + ". Use that run's config, or another folder")
+        raise ExistingFileError(f"train.output_dir: {out} holds a different run, which --resume would mix with "
+                                "this one: " + "; ".join(diff) + ". Use that run's config, or another folder")
     return last
 
 
@@ -171,10 +173,10 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
     checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
     if not cfg.data.train:
-        raise FileNotFoundError("data.train: no training data given (set data.train=path/to/data.jsonl)")
+        raise MissingFileError("data.train: no training data given (set data.train=path/to/data.jsonl)")
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if path and not Path(path).exists():
-            raise FileNotFoundError(f"{key}: {path} does not exist")
+            raise MissingFileError(f"{key}: {path} does not exist")
     if overwrite and (resume or cfg.train.resume == "auto"):
         raise ConfigError("--overwrite replaces the run in train.output_dir and --resume (train.resume=auto) "
                           "continues it; choose one")

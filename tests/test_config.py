@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from slimtune import cli, config
 from slimtune.config import Config, ConfigError
@@ -398,3 +399,52 @@ def test_top_level_keys_of_other_tools_suggested_in_yaml(tmp_path):
     assert problems(err) == [f"{path}: output_dir: unknown key (did you mean train.output_dir?)",
                              f"{path}: dataset: unknown key (did you mean data.train?)",
                              f"{path}: model_name_or_path: unknown key (did you mean model.path?)"]
+
+
+def test_every_field_has_a_docstring():
+    """The string under each field is its documentation; a field added without one fails here."""
+    sections = config.field_docs(Config)
+    assert list(sections) == ["model", "data", "method", "train"] and all(doc for _, doc in sections.values())
+    for section in sections:
+        cls = config._hint(Config)[section]
+        docs = config.field_docs(cls)
+        assert list(docs) == [f.name for f in config.dataclasses.fields(cls)]
+        assert [k for k, (_, doc) in docs.items() if len(doc) < 10] == []
+    assert config.field_docs(config.TrainConfig)["eval_separator"] == (
+        "str", 'also score answers as item sets split on this ("\\n" = newline; implies eval_generate)')
+    assert config.field_docs(config.MethodConfig)["target_modules"][0] == "list[str]"
+
+
+def test_help_config_lists_every_key(capsys):
+    assert cli.main(["train", "--help-config", "no-such.yaml"]) == 0  # help works while a config is broken
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for section in config.field_docs(Config):
+        cls = config._hint(Config)[section]
+        for key, (tp, doc) in config.field_docs(cls).items():
+            head = next(i for i, line in enumerate(lines) if line.startswith(f"  {section}.{key} ("))
+            default = config.json.dumps(getattr(cls(), key))
+            assert lines[head].startswith(f"  {section}.{key} ({tp}, default {default}"), lines[head]
+            text = []
+            for line in lines[head + 1:]:
+                if not line.startswith("      "):
+                    break
+                text.append(line.strip())
+            assert " ".join(text) == doc
+    assert "  train.precision (str, default \"auto\"; one of: auto, fp32, bf16, bf16-pure, fp16, fp16-pure)" in lines
+    assert "  train.lr (float, default 0.0002; range (0, inf))" in lines
+    assert "  method.quant_bits (int, default 4; one of: 4, 8)" in lines
+    assert "data: the training and held-out records, their chat template and length" in lines
+
+
+def test_config_command(tmp_path, capsys):
+    assert cli.main(["config", "--explain"]) == 0
+    explained = capsys.readouterr().out
+    assert cli.main(["train", "--help-config"]) == 0
+    assert explained == capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("method: {r: 16}\n")
+    assert cli.main(["config", str(tmp_path / "c.yaml"), "train.lr=1e-3"]) == 0
+    resolved = config.from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert (resolved.method.r, resolved.train.lr) == (16, 1e-3)
+    assert cli.main(["config", "train.lr=-1"]) == 2
+    assert capsys.readouterr().err == "slimtune config: error: train.lr: must be positive\n"

@@ -118,8 +118,8 @@ def load(path: str | Path, methods: list[str] | None = None, overrides: list[str
         raise ConfigError(f"{where}: config file not found")
     try:
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: invalid YAML: {err}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: not UTF-8 (UnicodeDecodeError)
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(err).split())}") from None  # one line
     section = (tree.pop("compare", None) or {}) if isinstance(tree, dict) else {}
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: compare: expected a mapping with keys methods and metric")

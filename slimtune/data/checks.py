@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..errors import SlimtuneError
+
 SURROGATE = re.compile("[\ud800-\udfff]")
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL, but tab, newline, CR
 
@@ -27,7 +29,7 @@ WHAT = {
 }
 
 
-class DataError(ValueError):
+class DataError(SlimtuneError, ValueError):
     """A data problem, its message naming the file, the record and the field."""
 
 

@@ -19,6 +19,8 @@ import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import SlimtuneError
+
 
 @dataclass
 class Rendered:
@@ -27,7 +29,7 @@ class Rendered:
     content: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each message's own text
 
 
-class TemplateError(ValueError):
+class TemplateError(SlimtuneError, ValueError):
     """The template cannot be used with this tokenizer (no chat_template, unsafe or broken Jinja, ...)."""
 
 

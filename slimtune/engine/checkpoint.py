@@ -32,6 +32,7 @@ from .. import methods
 from ..export.parts import PARTS
 from ..export.peft_format import record_portable_base
 from ..methods.base import is_peft
+from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
 from .distributed import local_part
 
@@ -143,8 +144,8 @@ def load(folder: Path, model) -> dict:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         odd = sorted(set(weights) ^ set(params))
-        raise ValueError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
-                         "it was written by another model or method")
+        raise MismatchError(f"{folder}: its trainable parameters differ from this model's ({', '.join(odd[:4])}); "
+                            "it was written by another model or method")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part

@@ -5,11 +5,14 @@ import math
 
 import torch
 
+from ..methods.base import MethodError
+
 
 def build_optimizer(model, cfg_train) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise RuntimeError("the method left no trainable parameter")
+        raise MethodError("no parameter of the model requires a gradient: apply a method first (slimtune.apply_method) "
+                          "or set requires_grad on the parameters to train")
     # fused: one kernel for every parameter's update on CUDA (a launch per tensor otherwise)
     fused = all(p.is_cuda and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(params, lr=cfg_train.lr, weight_decay=cfg_train.weight_decay, eps=cfg_train.adam_eps,

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SlimtuneError
+
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure")
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # 6.1e-05: the smallest normal fp16 number
 
 
-class PrecisionError(ValueError):
+class PrecisionError(SlimtuneError, ValueError):
     """A precision setting that would train wrongly; the message says why and what to do."""
 
 

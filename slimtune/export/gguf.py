@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError, SlimtuneError
 from . import quants as kquants
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
@@ -40,7 +41,7 @@ PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
 ROPE_KEY = "slimtune.rope_parameters"  # the model's rope_parameters as JSON, where they are not the default
 
 
-class ExportError(ValueError):
+class ExportError(SlimtuneError, ValueError):
     """The model or tokenizer cannot be written as GGUF (unsupported architecture, tokenizer, rope)."""
 
 
@@ -383,8 +384,8 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
     elif (source / "config.json").is_file():
         result = write_gguf(source, output, quant, log)
     else:
-        raise FileNotFoundError(f"{source}: neither a run folder (config.yaml) nor a transformers model folder "
-                                "(config.json); give the folder `slimtune train` or `slimtune merge` wrote")
+        raise MissingFileError(f"{source}: neither a run folder (config.yaml) nor a transformers model folder "
+                               "(config.json); give the folder `slimtune train` or `slimtune merge` wrote")
     if fmt == "ollama":
         from .ollama import write_modelfile
 

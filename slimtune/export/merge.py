@@ -21,6 +21,7 @@ import torch
 
 from ..data.collate import pad_id
 from ..data.templates import FAMILIES, render
+from ..errors import ExistingFileError, SlimtuneError
 from ..methods.base import MethodError, is_peft
 from ..models import DTYPES
 
@@ -44,7 +45,7 @@ N_PROMPTS, PROMPT_LEN = 4, 128
 TOLERANCE = {"fp32": 2e-5, "bf16": 0.1, "fp16": 0.02}
 
 
-class MergeError(ValueError):
+class MergeError(SlimtuneError, ValueError):
     """The merged model differs from the trained one by more than the dtype's rounding allows."""
 
 
@@ -180,20 +181,20 @@ def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
     for what, path in (("the base model", resolve(cfg.model.path)), ("the run folder", run)):
         path = path.resolve()
         if where == path or where in path.parents or path in where.parents:
-            raise FileExistsError(f"merge --output {out} is, holds, or is inside {what} {path}, which the merge "
-                                  "reads: give another --output folder")
+            raise ExistingFileError(f"merge --output {out} is, holds, or is inside {what} {path}, which the merge "
+                                    "reads: give another --output folder")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"merge --output {out} is a file; give a folder")
+        raise ExistingFileError(f"merge --output {out} is a file; give a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if (out / "config.yaml").exists() or (out / "adapter_config.json").exists():
-        raise FileExistsError(f"{out} holds a training run; give merge another --output folder")
+        raise ExistingFileError(f"{out} holds a training run; give merge another --output folder")
     if not overwrite:
-        raise FileExistsError(f"merge --output {out} is not empty; pass --overwrite to replace the model there, or "
-                              "give another folder")
+        raise ExistingFileError(f"merge --output {out} is not empty; pass --overwrite to replace the model there, or "
+                                "give another folder")
     if not (out / "config.json").is_file() or where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
-        raise FileExistsError(f"merge --output {out} holds files but no merged model (config.json); --overwrite "
-                              "replaces only a model folder: give another folder")
+        raise ExistingFileError(f"merge --output {out} holds files but no merged model (config.json); --overwrite "
+                                "replaces only a model folder: give another folder")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..errors import DamagedFileError, MismatchError
 
 PARTS = "slimtune_parts.safetensors"
 
@@ -21,16 +24,20 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
 
 def load(base, folder: Path):
     """Copy the saved parameters into the base model in place; every saved name must exist in it."""
-    state = load_file(str(Path(folder) / PARTS))
+    try:
+        state = load_file(str(Path(folder) / PARTS))
+    except SafetensorError as err:
+        raise DamagedFileError(f"{Path(folder) / PARTS}: not a readable safetensors file ({err}); it was cut short "
+                               "or damaged: restore it or train the run again") from None
     params = dict(base.named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
-        raise ValueError(f"{folder / PARTS}: parameters not in the base model: {', '.join(unknown[:5])}; "
-                         "was it trained on another model?")
+        raise MismatchError(f"{folder / PARTS}: parameters not in the base model: {', '.join(unknown[:5])}; "
+                            "was it trained on another model?")
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{folder / PARTS}: {name} has shape {tuple(value.shape)}, the base model "
-                                 f"{tuple(params[name].shape)}")
+                raise MismatchError(f"{folder / PARTS}: {name} has shape {tuple(value.shape)}, the base model "
+                                    f"{tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
     return base

@@ -16,10 +16,11 @@ import json
 import pickle
 from pathlib import Path
 
-import yaml
+from safetensors import SafetensorError
 
 from .. import config as config_mod
 from .. import models
+from ..errors import DamagedFileError, MissingFileError
 
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
@@ -50,8 +51,8 @@ def record_portable_base(folder: Path) -> None:
 def read_config(folder: Path) -> config_mod.Config:
     path = Path(folder) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
-    return config_mod.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+        raise MissingFileError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
+    return config_mod.load(path)  # its YAML errors too as one ConfigError naming the file, not a traceback
 
 
 def check_trust(cfg: config_mod.Config, folder: Path, trust_remote_code: bool) -> None:
@@ -78,10 +79,13 @@ def _adapter(base, folder: Path):
             return PeftModel.from_pretrained(base, folder)
         except pickle.UnpicklingError as err:  # adapter_model.bin with more than tensors
             raise models.UnsafeFileError(models.pickle_refused(folder / "adapter_model.bin", err)) from None
+        except (SafetensorError, json.JSONDecodeError) as err:  # a save cut short, or a file damaged since
+            raise DamagedFileError(f"{folder}: its adapter files cannot be read ({type(err).__name__}: {err}); "
+                                   "restore them or train the run again") from None
     if (folder / parts.PARTS).is_file():
         return parts.load(base, folder)
-    raise FileNotFoundError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
-                            "finish saving")
+    raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
+                           "finish saving")
 
 
 def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None,

@@ -20,6 +20,7 @@ import inspect
 
 import torch
 
+from ..errors import UnsupportedError
 from . import reference
 
 NAME = "slimtune_packed"
@@ -115,7 +116,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                       **kwargs)
     for feature in ("softcap", "s_aux"):
         if kwargs.get(feature) is not None:
-            raise NotImplementedError(f"packed attention has no {feature} (this model uses it); set train.packing=off")
+            raise UnsupportedError(f"packed attention has no {feature} (this model uses it); set train.packing=off")
     cu, longest = _segments(query, kwargs)
     window = kwargs.get("sliding_window")
     window = window if window and window < longest else None  # a window wider than every record changes nothing

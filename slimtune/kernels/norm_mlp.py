@@ -17,6 +17,7 @@ import importlib.util
 
 import torch
 
+from ..errors import MissingPackageError
 from . import bind
 
 ATTR = "_slimtune_norm_mlp"
@@ -50,8 +51,8 @@ def _eligible_mlp(m: torch.nn.Module) -> bool:
 def enable(model: torch.nn.Module) -> int:
     """Bind Liger's forwards to every eligible norm and MLP; returns how many modules were taken."""
     if not available():
-        raise ImportError("train.fused_norm_mlp=on needs Liger-Kernel (pip install liger-kernel); "
-                          "train.fused_norm_mlp=auto uses it only where it is installed")
+        raise MissingPackageError("train.fused_norm_mlp=on needs Liger-Kernel (pip install liger-kernel); "
+                                  "train.fused_norm_mlp=auto uses it only where it is installed")
     n = 0
     for m in model.modules():
         if not hasattr(m, ATTR):

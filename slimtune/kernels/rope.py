@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from ..errors import MissingPackageError
 from . import bind
 from .norm_mlp import available
 
@@ -47,7 +48,7 @@ def _eligible(m: torch.nn.Module) -> bool:
 def enable(model: torch.nn.Module) -> int:
     """Wrap every eligible attention module's forward; returns how many."""
     if not available():
-        raise ImportError("train.fused_rope=on needs Liger-Kernel (pip install liger-kernel)")
+        raise MissingPackageError("train.fused_rope=on needs Liger-Kernel (pip install liger-kernel)")
     n = 0
     for m in model.modules():
         if not hasattr(m, ATTR):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SlimtuneError
 
-class MethodError(ValueError):
+
+class MethodError(SlimtuneError, ValueError):
     """A method that cannot apply to this model or machine; the message says what to do instead."""
 
 
