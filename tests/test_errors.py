@@ -28,7 +28,8 @@ BUILTINS = {"ValueError", "RuntimeError", "FileNotFoundError", "FileExistsError"
             "KeyError", "OSError", "NotImplementedError", "Exception"}
 # bare built-in raises left on purpose: internal invariants no input can break, each with why
 INTERNAL = {("data/pack.py", "ValueError"): "the row budget is derived from data.max_len by the caller",
-            ("kernels/attention.py", "ValueError"): "the packed collate builds one full causal row"}
+            ("kernels/attention.py", "ValueError"): "the packed collate builds one full causal row",
+            ("engine/loop.py", "ValueError"): "fit called with held-out records and no evaluate callable"}
 
 
 def _modules():

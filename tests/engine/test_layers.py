@@ -37,7 +37,7 @@ def _imported(path: Path) -> set[str]:
 
 def test_assets_imports_nothing_of_slimtune_and_models_builds_on_it():
     root = Path(slimtune.__file__).parent
-    assert _imported(root / "assets.py") == set()
+    assert _imported(root / "assets.py") <= {"errors"}  # errors.py is the leaf every module may use
     assert "assets" in _imported(root / "models.py")  # one way: models builds on assets
 
 
