@@ -17,6 +17,17 @@ TRUST_HELP = ("run the model folder's own Python (auto_map in its config.json); 
               "folder's config.yaml never switches this on")
 
 
+def _gpus(text: str) -> int:
+    """--gpus: a count of GPUs, at least 1 (0, the default, means train.gpus)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs (1 or more), got {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimtune", description="Fine-tune language models on small hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -33,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
                    "train.output_dir (same as train.resume=auto)")
-    t.add_argument("--gpus", type=int, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
+    t.add_argument("--gpus", type=_gpus, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
                    "(same as train.gpus=N; under torchrun the launcher's process count rules)")
 
     i = sub.add_parser("inspect", help="show how records are encoded: prompt (masked) and trained parts")
@@ -88,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--model", help="same as model.path=...")
     es.add_argument("--budget", help="GPU memory available, e.g. 24 (GiB), 24GiB or 1500MiB: says whether the run "
                     "fits and what would")
-    es.add_argument("--gpus", type=int, default=0, help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
+    es.add_argument("--gpus", type=_gpus, default=0,
+                    help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
 
     mg = sub.add_parser("merge", help="merge a run's adapter or trained parts into a plain transformers model")
     mg.add_argument("folder", help="a run folder written by `slimtune train`")

@@ -111,3 +111,12 @@ def test_seed_beyond_64_bits_is_one_line(capsys):
     assert cli.main(["train", f"train.seed={2 ** 64}", "--print-config"]) == 2
     assert capsys.readouterr().err == ("slimtune train: error: train.seed: an integer of 65 bits is beyond 64-bit "
                                        "integers; must be in [0, 2**63)\n")
+
+
+@pytest.mark.parametrize("command", ["train", "estimate"])
+@pytest.mark.parametrize("value", ["-3", "0", "two"])
+def test_a_bad_gpu_count_is_one_line(command, value, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main([command, "--gpus", value])
+    assert err.value.code == 2
+    assert "expected a number of GPUs (1 or more)" in capsys.readouterr().err
