@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..engine.signals import SignalScope
 
 GIB = 2**30
 
@@ -34,29 +35,20 @@ class Outcome:
         return lines[-1] if lines else f"exit status {self.rc} with an empty log ({log_path})"
 
 
-class Forward:
+class Forward(SignalScope):
     """While a child runs, SIGINT/SIGTERM sent to compare go to the child once (it saves a checkpoint and
     stops: engine/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
     The child runs in its own session, so a Ctrl-C in the terminal reaches it only through here."""
 
     def __init__(self):
-        self.proc, self.requested, self._old = None, None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
+        super().__init__()
+        self.proc, self.requested = None, None
 
     def _handle(self, signum, frame) -> None:
         first = self.requested is None
         self.requested = signal.Signals(signum).name
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> Outcome:

@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from ..methods.base import is_peft
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
 from .distributed import local_part
+from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
 STEP = re.compile(r"step-(\d+)")
@@ -201,29 +201,16 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-class StopOnSignal:
+class StopOnSignal(SignalScope):
     """SIGINT and SIGTERM during training ask for a checkpoint at the next step boundary instead of
     killing the run mid-step; the handlers step aside after the first, so a second signal stops at once."""
 
     def __init__(self, log=print):
-        self.log, self.requested, self._old = log, None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
+        super().__init__()
+        self.log, self.requested = log, None
 
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
         self._restore()
         self.log(f"\n{self.requested}: saving a checkpoint after this step, then stopping "
                  "(send it again to stop at once)")
-
-    def _restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
