@@ -33,7 +33,7 @@ from ..export.peft_format import record_portable_base
 from ..methods.base import is_peft
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
-from .distributed import local_part
+from .distributed import local_part, trainable_state
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -91,8 +91,7 @@ def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     methods.save(model, folder, weights)
     record_portable_base(folder)
     if is_peft(model):
-        state = weights if weights is not None else \
-            {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+        state = weights if weights is not None else trainable_state(model)
         save_file(state, str(folder / RAW), metadata={"format": "pt", "writer": "slimtune"})
 
 

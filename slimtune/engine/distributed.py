@@ -147,7 +147,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole, on the CPU (all ranks must call it)."""
+    """Every trainable parameter, whole, on the CPU, by name: what checkpoints and our methods' parts
+    file save (several processes: all ranks must call it)."""
     return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..engine.distributed import trainable_state
 from ..errors import DamagedFileError, MismatchError
 
 PARTS = "slimtune_parts.safetensors"
@@ -17,8 +18,7 @@ PARTS = "slimtune_parts.safetensors"
 
 def save(model, out_dir: Path, weights: dict | None = None) -> None:
     """weights: the trained parameters whole, when the model's own are sharded over several processes."""
-    state = weights if weights is not None else \
-        {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = weights if weights is not None else trainable_state(model)
     save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
 
 
