@@ -203,9 +203,10 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
 def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite: bool, resume: bool,
          show_progress: bool, log) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
-    if distributed.check_method(cfg.method.name):
-        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: "
-                          f"{distributed.check_method(cfg.method.name)}; train it on one GPU, or use lora")
+    why = distributed.check_method(cfg.method.name)
+    if why:
+        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: {why}; train it on "
+                          "one GPU, or use lora")
     distributed.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
     start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
