@@ -133,7 +133,8 @@ def worker(a) -> None:
             peak_gib=round(peaks[0], 2), peak_reserved_gib=round(peaks[1], 2),
             predicted_gib=round((est.peak + est.cuda_context) / 2**30, 2),
             predicted_reserved_gib=round(est.peak / 2**30, 2),
-            step_s=[round(t, 3) for t in times], losses=losses, kernels=took.as_dict(),
+            step_s=[round(t, 3) for t in times], losses=losses, profiled_steps=int(bool(a.profile)),
+            kernels=took.as_dict(),
             device=torch.cuda.get_device_name() if cuda else "cpu")), flush=True)
     distributed.close()
 
