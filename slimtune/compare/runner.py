@@ -18,7 +18,7 @@ from .. import config as config_mod
 from ..config import ConfigError
 from ..data import read, split
 from ..engine import checkpoint
-from ..export.parts import PARTS
+from ..methods.parts import PARTS
 from ..export.peft_format import read_config
 from . import child
 from .spec import BASE, Plan, Row, row_overrides

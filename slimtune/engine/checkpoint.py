@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
 from .. import methods
-from ..export.parts import PARTS
 from ..export.peft_format import record_portable_base
-from ..methods.base import is_peft
+from ..methods.base import is_peft, trainable_state
+from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
-from .distributed import local_part, trainable_state
+from .distributed import local_part
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"

@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..methods.base import full, trainable_state
+
 # methods whose save path cannot run on sharded parameters yet (PiSSA converts against a second,
 # unsharded adapter; bitsandbytes' 4-bit storage is not sharded by FSDP2 here)
 UNSUPPORTED = {"pissa": "PiSSA's save converts its adapter against an initial copy that FSDP2 does not shard",
@@ -135,21 +137,6 @@ def split(sizes: list[int], parts: int) -> list[list[int]]:
         groups[g].append(i)
         load[g] += sizes[i]
     return [sorted(g) for g in groups]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (DTensor) one, on the CPU; a plain tensor as it is. Collective."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole, on the CPU, by name: what checkpoints and our methods' parts
-    file save (several processes: all ranks must call it)."""
-    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _adapter(base, folder: Path):
     """The run's trained model: peft adapter or our trained parts on the base."""
     from peft import PeftModel
 
-    from . import parts
+    from ..methods import parts
 
     if (folder / "adapter_config.json").is_file():
         try:

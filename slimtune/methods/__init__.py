@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import bitfit, freeze, full, ia3, lora, prompt
+from . import bitfit, freeze, full, ia3, lora, parts, prompt
 from .base import MethodError, count_parameters, is_peft, trainable
 
 REGISTRY = {
@@ -29,8 +29,6 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     if is_peft(model):
         lora.save(model, out_dir, weights)  # also handles PiSSA's conversion; a plain save_pretrained otherwise
     else:
-        from ..export import parts
-
         parts.save(model, out_dir, weights)
 
 
