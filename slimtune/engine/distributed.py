@@ -20,6 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
 from ..methods.base import full, trainable_state
 
 # methods whose save path cannot run on sharded parameters yet (PiSSA converts against a second,
@@ -125,18 +126,6 @@ def all_max(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-def split(sizes: list[int], parts: int) -> list[list[int]]:
-    """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
-    (ties: the lower rank), so every rank does about the same work in each micro-batch."""
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        g = min(range(parts), key=lambda g: (load[g], g))
-        groups[g].append(i)
-        load[g] += sizes[i]
-    return [sorted(g) for g in groups]
 
 
 def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

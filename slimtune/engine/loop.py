@@ -175,7 +175,8 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    batches = [collate_micro(share(rs), run.stream.packed, pad, run.device) for rs in records]
+    rank, world = distributed.rank(), distributed.size()
+    batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
     n_tokens, seen = distributed.all_sum([trained_tokens(batches), sum(pack.tokens(b) for b in batches)],
                                          run.device)
     run.seen += int(seen)
