@@ -19,7 +19,8 @@ from .data.readers import DataError
 from .engine import loop, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
-from .export import parts, peft_format
+from .export import peft_format
+from .methods import parts
 from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of

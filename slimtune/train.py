@@ -24,7 +24,7 @@ from .engine.runfolder import RunFolderError
 from .errors import ExistingFileError, MissingFileError
 from .evaluate import summary
 from .evaluate.report import in_training
-from .export.parts import PARTS
+from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save

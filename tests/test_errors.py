@@ -176,7 +176,7 @@ def test_nothing_to_train_is_a_method_error():
 
 def test_saved_weights_of_another_model(tmp_path):
     from slimtune.engine import checkpoint
-    from slimtune.export import parts
+    from slimtune.methods import parts
 
     save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / parts.PARTS))
     with pytest.raises(MismatchError, match="parameters not in the base model: other.weight"):

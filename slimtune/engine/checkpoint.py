@@ -28,12 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
 from .. import methods
-from ..export.parts import PARTS
-from ..export.peft_format import record_portable_base
-from ..methods.base import is_peft
+from ..methods.base import is_peft, trainable_state
+from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
-from .distributed import local_part, trainable_state
+from .distributed import local_part
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -89,7 +88,6 @@ def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     methods.save(model, folder, weights)
-    record_portable_base(folder)
     if is_peft(model):
         state = weights if weights is not None else trainable_state(model)
         save_file(state, str(folder / RAW), metadata={"format": "pt", "writer": "slimtune"})

@@ -20,6 +20,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
+from ..methods.base import full, trainable_state
+
 # methods whose save path cannot run on sharded parameters yet (PiSSA converts against a second,
 # unsharded adapter; bitsandbytes' 4-bit storage is not sharded by FSDP2 here)
 UNSUPPORTED = {"pissa": "PiSSA's save converts its adapter against an initial copy that FSDP2 does not shard",
@@ -123,33 +126,6 @@ def all_max(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-def split(sizes: list[int], parts: int) -> list[list[int]]:
-    """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
-    (ties: the lower rank), so every rank does about the same work in each micro-batch."""
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        g = min(range(parts), key=lambda g: (load[g], g))
-        groups[g].append(i)
-        load[g] += sizes[i]
-    return [sorted(g) for g in groups]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (DTensor) one, on the CPU; a plain tensor as it is. Collective."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole, on the CPU, by name: what checkpoints and our methods' parts
-    file save (several processes: all ranks must call it)."""
-    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
