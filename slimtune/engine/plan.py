@@ -17,30 +17,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..config.batch import is_auto, records_per_step, stated
+from ..config.convert import AUTO
 from ..data import encode_examples, read
 from . import memory
 from .memory import GIB
 
-AUTO = "auto"
-DEFAULT_MICRO, DEFAULT_ACCUM = 4, 1  # what an auto batch_size is counted from: 4 records a step, as before
 CPU_MICRO = 8  # CPU: padded micro-batches of at most 8 records keep activations small, at little cost in speed
 # kept free beyond the predicted peak: the estimator was within 10% (max 9.9%) of 367 measured H100 cells
 # (README, bench/check_estimator.py)
 MARGIN = 0.10
-
-
-def records_per_step(tc) -> int:
-    """train.batch_size, or for auto micro_batch_size x grad_accum, each auto counted as 4 and 1 (the defaults
-    before batch_size existed), so an older config trains as many records a step as it did."""
-    if tc.batch_size != AUTO:
-        return tc.batch_size
-    micro = DEFAULT_MICRO if tc.micro_batch_size == AUTO else tc.micro_batch_size
-    return micro * (DEFAULT_ACCUM if tc.grad_accum == AUTO else tc.grad_accum)
-
-
-def is_auto(tc) -> bool:
-    """Whether slimtune picks the split: micro_batch_size and grad_accum both auto (one set fixes the other)."""
-    return tc.micro_batch_size == AUTO and tc.grad_accum == AUTO
 
 
 @dataclass(frozen=True)
@@ -117,9 +103,8 @@ def _modes(cfg) -> list[tuple[bool, bool]]:
 
 def fixed(cfg) -> Split:
     """The split a config states (micro_batch_size or grad_accum set; the other follows from batch_size)."""
-    tc, batch = cfg.train, records_per_step(cfg.train)
-    micro = tc.micro_batch_size if tc.micro_batch_size != AUTO else batch // tc.grad_accum
-    accum = tc.grad_accum if tc.grad_accum != AUTO else batch // micro
+    tc = cfg.train
+    batch, micro, accum = stated(tc)
     return Split(batch, Option(micro, accum, tc.gradient_checkpointing, tc.offload_activations), "as configured")
 
 
@@ -199,14 +184,16 @@ def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, 
 
 
 def adopt(saved, cfg):
-    """Resuming: a config whose split is auto takes the split its checkpoint trained with (saved, resolved),
-    so the run goes on as it started whatever memory is free now; an explicit split is left to be compared."""
-    if not is_auto(cfg.train) or records_per_step(saved.train) != records_per_step(cfg.train):
+    """Resuming: the parts of the split this config leaves auto are the checkpoint's (its config.yaml holds
+    them resolved) when it trains as many records a step, so the run goes on as it started whatever memory is
+    free now; a change of batch size is left for checkpoint.differences to name."""
+    tc, s = cfg.train, saved.train
+    if records_per_step(s) != records_per_step(tc):
         return cfg
-    s = saved.train
-    return replace(cfg, train=replace(cfg.train, batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
-                                      grad_accum=s.grad_accum, gradient_checkpointing=s.gradient_checkpointing,
-                                      offload_activations=s.offload_activations))
+    keys = [k for k in ("batch_size", "micro_batch_size", "grad_accum") if getattr(tc, k) == AUTO]
+    if is_auto(tc):  # the plan may have turned these on
+        keys += ["gradient_checkpointing", "offload_activations"]
+    return replace(cfg, train=replace(tc, **{k: getattr(s, k) for k in keys}))
 
 
 def record_sizes(cfg, tokenizer) -> list[tuple[int, int]]:
