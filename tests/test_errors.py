@@ -45,8 +45,9 @@ def test_every_error_class_is_a_slimtune_error():
             if inspect.isclass(obj) and obj.__module__ == mod.__name__ and issubclass(obj, Exception) \
                     and not issubclass(obj, Warning) and not name.startswith("_"):
                 found[f"{mod.__name__}.{name}"] = obj
-    assert {"slimtune.config.convert.ConfigError", "slimtune.data.checks.DataError", "slimtune.methods.base.MethodError",
-            "slimtune.engine.precision.PrecisionError", "slimtune.export.merge.MergeError",
+    assert {"slimtune.config.convert.ConfigError", "slimtune.data.checks.DataError",
+            "slimtune.methods.base.MethodError", "slimtune.engine.precision.PrecisionError",
+            "slimtune.export.merge.MergeError",
             "slimtune.models.UnsafeFileError"} <= set(found)  # the walk did reach them
     outside = sorted(k for k, cls in found.items() if not issubclass(cls, SlimtuneError) and k not in NOT_ERRORS)
     assert outside == []
