@@ -80,7 +80,7 @@ class Split:
         for o in self.rejected[:4]:
             lines.append(f"  rejected {o.text()}: predicted {o.peak / GIB:.2f} GiB, over the budget")
         if len(self.rejected) > 4:
-            lines.append(f"  ({len(self.rejected) - 4} more faster options rejected for memory)")
+            lines.append(f"  (and {len(self.rejected) - 4} more, each over the budget)")
         return "\n".join(lines)
 
 
