@@ -166,3 +166,23 @@ def test_resume_adopts_the_checkpoints_split(tmp_path, tiny_model_dir, monkeypat
     run = tmp_path / "run"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["micro_batch_size"] == 8
     assert [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == ref[0]
+
+
+def test_estimate_prints_the_split_train_would_choose(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "data": {"max_len": 512},
+                                    "method": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                    "train": {"batch_size": 16, "precision": "bf16"}}))
+    cfg = config.load(path)
+    roomy = plan.choose(cfg, "cuda", free=80 * GIB).chosen.peak
+    budget = roomy / (1 - plan.MARGIN) - 1  # 16 x 1 without checkpointing just misses
+    want = plan.choose(cfg, "cuda", free=budget)
+    assert cli.main(["estimate", str(path), "--budget", f"{budget / 2 ** 20:.6f}MiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(want.describe() + "\n")
+    assert "as 16 x 1, checkpointing" in out and "checkpointing on" in out  # the estimate is of the chosen split
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["estimate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("batch split: 16 records per step as 8 x 2 (micro_batch_size x grad_accum); no GPU here "
+                          "and no --budget")
