@@ -13,6 +13,7 @@ launch cost to hide: the largest micro-batch up to CPU_MICRO records that divide
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
 from ..data import encode_examples, read
-from . import memory
+from . import distributed, memory
 from .memory import GIB
 
 CPU_MICRO = 8  # CPU: padded micro-batches of at most 8 records keep activations small, at little cost in speed
@@ -86,7 +87,8 @@ class Split:
 
 def divisors(n: int) -> list[int]:
     """n's divisors, largest first: the micro-batch sizes that split n records evenly."""
-    return [d for d in range(n, 0, -1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
 def _modes(cfg) -> list[tuple[bool, bool]]:
@@ -111,7 +113,7 @@ def fixed(cfg) -> Split:
 def on_cpu(cfg, reason: str = "") -> Split:
     """The CPU's rule: the largest micro-batch of at most CPU_MICRO records that divides the batch."""
     tc, batch = cfg.train, records_per_step(cfg.train)
-    micro = next(d for d in divisors(batch) if d <= CPU_MICRO)
+    micro = next(d for d in range(min(batch, CPU_MICRO), 0, -1) if batch % d == 0)
     why = reason or (f"on the CPU no GPU memory limits the split and no kernel launches pace it: the largest "
                      f"micro-batch of at most {CPU_MICRO} records that divides the batch")
     return Split(batch, Option(micro, batch // micro, tc.gradient_checkpointing, tc.offload_activations), why)
@@ -161,10 +163,13 @@ def _estimated(cfg, option: Option, sizes, gpus: int) -> Option:
 
 def free_memory(device: str) -> float:
     """Bytes this run can use on the GPU: free now plus what this process's allocator already holds (a model
-    loaded before the plan is made is counted by the estimate, so its memory is given back here)."""
+    loaded before the plan is made is counted by the estimate, so its memory is given back here); over several
+    processes, the least any of them has."""
     index = torch.device(device).index
     free, _ = torch.cuda.mem_get_info(index)
-    return float(free + torch.cuda.memory_reserved(index))
+    free = float(free + torch.cuda.memory_reserved(index))
+    # several processes: every rank must train the same split, the one the fullest GPU allows
+    return -distributed.all_max([-free], device)[0] if distributed.active() else free
 
 
 def split(cfg, device: str, free: float | None = None, sizes=None, gpus: int = 1) -> Split:
