@@ -12,7 +12,7 @@ import torch
 
 from . import config as config_mod
 from . import methods, models
-from .config import ConfigError
+from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
@@ -68,8 +68,7 @@ def _resume_from(out: Path, cfg, marked: bool) -> Path:
     if last is None:
         raise RunFolderError(f"train.output_dir: {out} has no complete checkpoint in {out / checkpoint.ROOT} to "
                              f"resume from; pass {instead}")
-    saved = read_config(last)
-    diff = checkpoint.differences(saved, split_plan.adopt(saved, cfg))  # an auto split: the one it trained with
+    diff = checkpoint.differences(read_config(last), cfg)
     if diff:
         raise ExistingFileError(f"train.output_dir: {out} holds a different run, which --resume would mix with "
                                 "this one: " + "; ".join(diff) + ". Use that run's config, or another folder")
@@ -222,7 +221,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
-        cfg = split_plan.adopt(read_config(start), cfg)
+        cfg = batch.adopt(read_config(start), cfg)
     cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
     predicted = _predict(cfg, built, log, device, hint=not auto)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it

@@ -40,3 +40,16 @@ def with_split(cfg):
         return cfg
     batch, micro, accum = stated(tc)
     return replace(cfg, train=replace(tc, batch_size=batch, micro_batch_size=micro, grad_accum=accum))
+
+
+def adopt(saved, cfg):
+    """Resuming: the parts of the split this config leaves auto are the checkpoint's (its config.yaml holds
+    them resolved) when it trains as many records a step, so the run goes on as it started whatever memory is
+    free now; a change of batch size is left for the comparison to name."""
+    tc, s = cfg.train, saved.train
+    if records_per_step(s) != records_per_step(tc):
+        return cfg
+    keys = [k for k in ("batch_size", "micro_batch_size", "grad_accum") if getattr(tc, k) == AUTO]
+    if is_auto(tc):  # the plan may have turned these on
+        keys += ["gradient_checkpointing", "offload_activations"]
+    return replace(cfg, train=replace(tc, **{k: getattr(s, k) for k in keys}))

@@ -188,19 +188,6 @@ def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, 
     return chosen.apply(cfg)
 
 
-def adopt(saved, cfg):
-    """Resuming: the parts of the split this config leaves auto are the checkpoint's (its config.yaml holds
-    them resolved) when it trains as many records a step, so the run goes on as it started whatever memory is
-    free now; a change of batch size is left for checkpoint.differences to name."""
-    tc, s = cfg.train, saved.train
-    if records_per_step(s) != records_per_step(tc):
-        return cfg
-    keys = [k for k in ("batch_size", "micro_batch_size", "grad_accum") if getattr(tc, k) == AUTO]
-    if is_auto(tc):  # the plan may have turned these on
-        keys += ["gradient_checkpointing", "offload_activations"]
-    return replace(cfg, train=replace(tc, **{k: getattr(s, k) for k in keys}))
-
-
 def record_sizes(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record of data.train, longest first."""
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
