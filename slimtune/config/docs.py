@@ -46,7 +46,6 @@ def explain() -> str:
         lines += ["", f"{section}: {about}"]
         for key, (tp, doc) in field_docs(cls).items():
             dotted = f"{section}.{key}"
-            tp = "int or auto" if tp == "int | str" else tp  # the only string such a field takes (convert.py)
             lines.append(f"  {dotted} ({tp}, default {json.dumps(getattr(defaults, key))}{_allowed(dotted)})")
             lines.append(textwrap.fill(doc, 116, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines[1:])

@@ -186,3 +186,12 @@ def test_estimate_prints_the_split_train_would_choose(tmp_path, tiny_model_dir, 
     out = capsys.readouterr().out
     assert out.startswith("batch split: 16 records per step as 8 x 2 (micro_batch_size x grad_accum); no GPU here "
                           "and no --budget")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads the GPU's free memory (torch.cuda.mem_get_info)")
+def test_gpu_free_memory_is_what_the_plan_fits(tiny_model_dir):
+    free, _ = torch.cuda.mem_get_info()
+    measured = plan.free_memory("cuda")
+    assert free <= measured <= free + torch.cuda.memory_reserved() + 2 ** 20
+    got = plan.choose(_cfg(tiny_model_dir, batch_size=16), "cuda")
+    assert got.chosen.micro_batch_size == 16 and got.chosen.peak <= got.budget  # a tiny model fits in one
