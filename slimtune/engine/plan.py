@@ -21,6 +21,7 @@ import torch
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
 from ..data import encode_examples, read
+from ..models import load_config
 from . import distributed, memory
 from .memory import GIB
 
@@ -28,6 +29,7 @@ CPU_MICRO = 8  # CPU: padded micro-batches of at most 8 records keep activations
 # kept free beyond the predicted peak: the estimator was within 10% (max 9.9%) of 367 measured H100 cells
 # (README, bench/check_estimator.py)
 MARGIN = 0.10
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")  # what the estimate reads
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def on_cpu(cfg, reason: str = "") -> Split:
 
 
 def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, int]] | None = None,
-           gpus: int = 1) -> Split:
+           gpus: int = 1, model=None) -> Split:
     """The fastest split of the batch whose predicted peak fits `free` bytes (default: what the GPU has free)
     less MARGIN; deterministic for a given model shape, config and free figure.
 
@@ -128,9 +130,14 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
         sizes: (length, trained tokens) of the training records, longest first (the worst micro-batch of m
             records is the first m); None: micro-batches of data.max_len tokens, all trained.
         gpus: several processes (FSDP2): the estimate is per GPU.
+        model: the model to train, when already built: checked to be model.path's shape, which the estimate reads.
     """
     if not device.startswith("cuda"):
         return on_cpu(cfg)
+    other = _other_shape(cfg, model) if model is not None else None
+    if other:
+        return on_cpu(cfg, f"{other}, so the memory estimate (made from model.path) does not apply; the CPU's "
+                           f"rule: at most {CPU_MICRO} records a micro-batch (set train.micro_batch_size to choose)")
     free = free_memory(device) if free is None else free
     batch, rejected = records_per_step(cfg.train), []
     try:
@@ -150,6 +157,17 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
     return Split(batch, smallest, "nothing is predicted to fit: the split with the smallest predicted peak "
                  "(`slimtune estimate CONFIG --budget N` says what else would bring it down)", free,
                  tuple(o for o in rejected if o is not smallest))
+
+
+def _other_shape(cfg, model) -> str | None:
+    """How `model` differs from model.path's config.json in the sizes the estimate reads, or None."""
+    try:
+        want = load_config(cfg.model.path, cfg.model.trust_remote_code)
+    except Exception as err:  # a model built in code may have no folder behind model.path
+        return f"model.path {cfg.model.path!r} gives no config.json ({err})"
+    have = getattr(model, "config", None)
+    diff = [k for k in SHAPE_KEYS if getattr(have, k, None) != getattr(want, k, None)]
+    return f"the model differs from model.path {cfg.model.path!r} in {', '.join(diff)}" if diff else None
 
 
 def _estimated(cfg, option: Option, sizes, gpus: int) -> Option:
@@ -172,17 +190,17 @@ def free_memory(device: str) -> float:
     return -distributed.all_max([-free], device)[0] if distributed.active() else free
 
 
-def split(cfg, device: str, free: float | None = None, sizes=None, gpus: int = 1) -> Split:
+def split(cfg, device: str, free: float | None = None, sizes=None, gpus: int = 1, model=None) -> Split:
     """The split this config trains with on `device`: as stated, or chosen (choose) when auto."""
-    return choose(cfg, device, free, sizes, gpus) if is_auto(cfg.train) else fixed(cfg)
+    return choose(cfg, device, free, sizes, gpus, model) if is_auto(cfg.train) else fixed(cfg)
 
 
-def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, gpus: int = 1):
+def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, gpus: int = 1, model=None):
     """cfg with every auto of the split replaced by numbers; a chosen split is printed (Split.describe)."""
     tc = cfg.train
     if AUTO not in (tc.batch_size, tc.micro_batch_size, tc.grad_accum):
         return cfg
-    chosen = split(cfg, device, free, sizes, gpus)
+    chosen = split(cfg, device, free, sizes, gpus, model)
     if is_auto(tc):
         log(chosen.describe())
     return chosen.apply(cfg)

@@ -195,3 +195,14 @@ def test_gpu_free_memory_is_what_the_plan_fits(tiny_model_dir):
     assert free <= measured <= free + torch.cuda.memory_reserved() + 2 ** 20
     got = plan.choose(_cfg(tiny_model_dir, batch_size=16), "cuda")
     assert got.chosen.micro_batch_size == 16 and got.chosen.peak <= got.budget  # a tiny model fits in one
+
+
+def test_a_model_of_another_shape_than_model_path_is_not_estimated(tiny_model_dir, tokenizer):
+    from conftest import make_model
+
+    cfg = _cfg(tiny_model_dir, batch_size=16)
+    same = plan.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer)))
+    assert same == plan.choose(cfg, "cuda", free=80 * GIB)  # its shape: the estimate applies
+    other = plan.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer) + 8))
+    assert (other.chosen.micro_batch_size, other.chosen.peak) == (8, None)
+    assert other.why.startswith(f"the model differs from model.path {str(tiny_model_dir)!r} in vocab_size, so")
