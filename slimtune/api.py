@@ -16,7 +16,7 @@ from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
-from .engine import loop, user_loss
+from .engine import loop, plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
 from .export import peft_format
@@ -100,6 +100,7 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
     out = Path(out_dir or cfg.train.output_dir)
     held = list(eval_data)
+    cfg = plan.resolve(cfg, device, log, model=model)  # an auto micro-batch split (engine/plan.py), printed
     scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import models
-from ..engine import memory
+from ..engine import memory, plan
 from .options import add_config, config_from, gpus
 
 
@@ -17,17 +17,19 @@ def add(es) -> None:
 def run(args) -> int:
     cfg = config_from(args)
     budget = memory.parse_size(args.budget) if args.budget else None
-    rows = None
-    if cfg.data.train:
-        rows = memory.data_rows(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    sizes = plan.record_sizes(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)) \
+        if cfg.data.train else None
     n = args.gpus or cfg.train.gpus
+    auto = plan.is_auto(cfg.train)
+    cfg = plan.for_estimate(cfg, budget, sizes, n)  # the split train would choose, printed
+    rows = sizes[:cfg.train.micro_batch_size] if sizes else None
     est = memory.estimate(cfg, rows, n)
     where = f"the longest {len(rows)} records of {cfg.data.train}" if rows else \
         f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
     print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
           f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
     print(est.table())
-    quick = memory.faster(cfg, rows) if n <= 1 else None
+    quick = memory.faster(cfg, rows) if n <= 1 and not auto else None  # an auto split weighed it already
     if quick and (budget is None or quick[1] <= budget):
         print(f"faster on a GPU, same records per step: {quick[0]} (predicted {quick[1] / memory.GIB:.2f} GiB "
               "with the CUDA context)")

@@ -10,7 +10,8 @@ from .fields import Config
 # alone, train.learning_rate was closest to train.eval_generate.
 ALIASES = {
     **dict.fromkeys(("learning_rate", "lr"), "train.lr"),
-    **dict.fromkeys(("batch_size", "per_device_train_batch_size", "train_batch_size"), "train.micro_batch_size"),
+    **dict.fromkeys(("batch_size", "total_batch_size", "global_batch_size"), "train.batch_size"),
+    **dict.fromkeys(("per_device_train_batch_size", "train_batch_size"), "train.micro_batch_size"),
     **dict.fromkeys(("epochs", "num_train_epochs", "num_epochs", "n_epochs"), "train.epochs"),
     **dict.fromkeys(("gradient_accumulation_steps", "gradient_accumulation", "accumulation_steps"), "train.grad_accum"),
     **dict.fromkeys(("warmup", "warmup_ratio", "num_warmup_steps"), "train.warmup_steps"),

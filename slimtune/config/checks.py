@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .convert import fields_of, show, types_of
+from .convert import AUTO, fields_of, show, types_of
 from .fields import METHODS, PROMPT_METHODS, Config, MethodConfig
 
 CHOICES = {
@@ -37,6 +37,7 @@ RANGES: dict[str, str | tuple] = {
     "method.layers_to_transform": "[0, inf)", "method.quant_bits": (4, 8), "method.trainable_layers": "[0, inf)",
     "method.num_virtual_tokens": "[1, inf)", "method.encoder_hidden_size": "[1, inf)",
     "train.epochs": "[0, inf)", "train.max_steps": "[0, inf)", "train.micro_batch_size": "[1, inf)",
+    "train.batch_size": "[1, inf)",
     "train.grad_accum": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)", "train.max_grad_norm": "[0, inf)", "train.seed": "[0, 2**63)",
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
@@ -88,7 +89,7 @@ def _check_numbers(cfg: Config) -> list[str]:
                 continue
             value = getattr(getattr(cfg, section), key)
             bad = [p for v in (value if isinstance(value, list) else [value])
-                   if (p := _check_number(dotted, v, RANGES[dotted]))]
+                   if v != AUTO and (p := _check_number(dotted, v, RANGES[dotted]))]
             problems += bad[:1]
     return problems
 
@@ -120,7 +121,22 @@ def _check_relations(cfg: Config) -> list[str]:
     size = cfg.data.eval_size
     if size >= 1 and size != int(size):
         problems.append(f"data.eval_size: {size} is neither a fraction below 1 nor a whole number of records")
-    return problems
+    return problems + _check_split(cfg.train)
+
+
+def _check_split(tc) -> list[str]:
+    """train.batch_size against the micro_batch_size x grad_accum a config states (an auto part is free)."""
+    batch, micro, accum = tc.batch_size, tc.micro_batch_size, tc.grad_accum
+    if batch == AUTO:
+        return []
+    if micro != AUTO and accum != AUTO and micro * accum != batch:
+        return [f"train.batch_size={batch} disagrees with train.micro_batch_size={micro} x train.grad_accum={accum} "
+                f"({micro * accum}); set batch_size alone (slimtune picks the split) or make them agree"]
+    for key, part in (("micro_batch_size", micro), ("grad_accum", accum)):
+        if part != AUTO and batch % part:
+            return [f"train.{key}={part} does not divide train.batch_size={batch}; set it to auto (slimtune picks "
+                    "the split) or to a divisor of batch_size"]
+    return []
 
 
 def _check_eval(cfg: Config) -> list[str]:

@@ -15,6 +15,10 @@ class ConfigError(SlimtuneError, ValueError):
     """A config problem; the message lists every problem found, one per line."""
 
 
+AUTO = "auto"
+INT_OR_AUTO = int | str  # a whole number, or "auto" (the only string such a field takes)
+
+
 def fields_of(cls) -> dict[str, dataclasses.Field]:
     """{name: Field} of a config dataclass, in declaration order."""
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -40,6 +44,13 @@ def convert(text: str, tp: Any, where: str) -> Any:
             return int(text)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {show(text)}") from None
+    if tp == INT_OR_AUTO:
+        if text.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number or auto, got {show(text)}") from None
     if tp is float:
         try:
             return float(text)
@@ -70,6 +81,10 @@ def check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp == INT_OR_AUTO:
+        if value != AUTO and (not isinstance(value, int) or isinstance(value, bool)):
+            problems.append(f"{where}: expected a whole number or auto, got {show(value)}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [value]

@@ -92,10 +92,14 @@ class TrainConfig:
     """passes over the training data (ignored when max_steps > 0)"""
     max_steps: int = 0
     """optimizer steps; 0 = derived from epochs"""
-    micro_batch_size: int = 4
-    """records per forward pass"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
+    batch_size: int | str = "auto"
+    """records per optimizer step, the knob to set; auto = micro_batch_size x grad_accum, counting an auto
+    micro_batch_size as 4 and grad_accum as 1 (4 records a step, as before this key existed)"""
+    micro_batch_size: int | str = "auto"
+    """records per forward pass; auto: slimtune picks the split of batch_size (engine/plan.py: on a GPU the
+    fewest micro-batches the memory estimate fits, on the CPU at most 8), or batch_size / grad_accum"""
+    grad_accum: int | str = "auto"
+    """micro-batches per optimizer step; auto: batch_size / micro_batch_size (both auto: slimtune picks)"""
     lr: float = 2e-4
     """peak learning rate"""
     weight_decay: float = 0.0
@@ -132,9 +136,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     """AdamW epsilon (fp16-pure needs >= 1e-4: 1e-8 is 0 in fp16)"""
     gradient_checkpointing: bool = False
-    """recompute activations in backward: less memory, ~30% more compute"""
+    """recompute activations in backward: less memory, ~30% more compute (an auto split may turn it on)"""
     offload_activations: bool = False
-    """keep saved activations in CPU memory (with checkpointing: layer inputs)"""
+    """keep saved activations in CPU memory (with checkpointing: layer inputs; an auto split may turn it on)"""
     packing: str = "auto"
     """records packed in rows, no padding, attention within each record: auto (CUDA) | on | rows | off"""
     loss: str = "auto"

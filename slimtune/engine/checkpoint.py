@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
 from .. import methods
+from ..config.batch import adopt
 from ..methods.base import is_peft, trainable_state
 from ..methods.parts import PARTS
 from ..errors import MismatchError
@@ -160,8 +161,9 @@ def _load_state(path: Path) -> dict:
 
 
 def differences(saved: config_mod.Config, cfg: config_mod.Config) -> list[str]:
-    """`key: saved -> now` for every setting that would change what a resumed run trains."""
-    a, b = config_mod.to_dict(saved), config_mod.to_dict(cfg)
+    """`key: saved -> now` for every setting that would change what a resumed run trains. An auto split is
+    compared as the split the saved run chose (config/batch.adopt)."""
+    a, b = config_mod.to_dict(saved), config_mod.to_dict(adopt(saved, cfg))
     out = []
     for section in b:
         for key in b[section]:

@@ -16,7 +16,7 @@ from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, precision
+from . import checkpoint, distributed, guards, plan as split_plan, precision
 from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum
 from .offload import OffloadActivations
@@ -115,6 +115,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
         raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
                          "their loss)")
+    cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)

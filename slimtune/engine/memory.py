@@ -22,6 +22,7 @@ import torch
 
 from .. import methods
 from ..config import ConfigError
+from ..config.batch import with_split
 from ..data import encode_examples, read
 from ..kernels import linear_ce, select
 from ..models import load_config
@@ -135,7 +136,9 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> E
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
-    sharded, whole layers gathered while they compute."""
+    sharded, whole layers gathered while they compute. An auto split counts as one micro-batch of
+    train.batch_size (engine/plan.py chooses the real one)."""
+    cfg = with_split(cfg)
     if gpus > 1:
         return _sharded(cfg, rows, gpus)
     model, mcfg = _meta_model(cfg)
@@ -288,6 +291,7 @@ def faster(cfg, rows=None) -> tuple[str, float] | None:
     micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
     (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x the
     tokens/s of 8 x 2 on an H100 (README). None where it does not apply."""
+    cfg = with_split(cfg)
     tc = cfg.train
     if not (fast_engine(cfg) and tc.grad_accum > 1 and tc.gradient_checkpointing):
         return None
@@ -313,6 +317,7 @@ def parse_size(text: str) -> float:
 
 def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
+    cfg = with_split(cfg)
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
     sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
     return sizes[: cfg.train.micro_batch_size]
@@ -320,6 +325,7 @@ def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
 
 def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
     """Single changes to the config that bring the predicted peak (with the CUDA context) under budget."""
+    cfg = with_split(cfg)
     cands: list[tuple[str, object]] = []
     tc = cfg.train
     if not tc.gradient_checkpointing:
