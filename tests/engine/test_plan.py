@@ -57,35 +57,45 @@ def _cfg(tiny_model_dir, **train) -> config.Config:
     return cfg
 
 
-def test_gpu_choice_is_deterministic_fastest_first_and_printed(tiny_model_dir):
+def test_gpu_choice_is_deterministic_fewest_micro_batches_leanest_mode_and_printed(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
     roomy = plan.choose(cfg, "cuda", free=80 * GIB)
     assert roomy == plan.choose(cfg, "cuda", free=80 * GIB)
     assert (roomy.chosen.micro_batch_size, roomy.chosen.grad_accum) == (16, 1)
-    assert not roomy.chosen.gradient_checkpointing and roomy.rejected == ()
-    # just too little room for 16 x 1 without checkpointing: the next option, 16 x 1 checkpointed, fits
+    assert roomy.chosen.gradient_checkpointing and roomy.rejected == ()  # lean even with room to spare
+    # just too little room for 16 x 1: the next split, 8 x 2, with the same mode
     first = roomy.chosen.peak
     tight = plan.choose(cfg, "cuda", free=first / (1 - plan.MARGIN) - 1)
     assert [o.peak for o in tight.rejected] == [first]
-    assert (tight.chosen.micro_batch_size, tight.chosen.gradient_checkpointing) == (16, True)
+    assert (tight.chosen.micro_batch_size, tight.chosen.gradient_checkpointing) == (8, True)
     assert tight.chosen.peak < first
     assert tight == plan.choose(cfg, "cuda", free=first / (1 - plan.MARGIN) - 1)
     text = tight.describe()
-    assert text.startswith("batch split: 16 records per step as 16 x 1, checkpointing (micro_batch_size x "
+    assert text.startswith("batch split: 16 records per step as 8 x 2, checkpointing (micro_batch_size x "
                            "grad_accum); the fewest micro-batches that fit, with checkpointing")
     assert f"predicted peak {tight.chosen.peak / GIB:.2f} GiB of {tight.free / GIB:.2f} GiB free" in text
-    assert f"rejected 16 x 1: predicted {first / GIB:.2f} GiB, over the budget" in text
+    assert f"rejected 16 x 1, checkpointing: predicted {first / GIB:.2f} GiB, over the budget" in text
+
+
+def test_gpu_choice_offloads_on_the_fast_engine(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, batch_size=16)
+    cfg.method.dropout = 0.0  # fused LoRA layers: the fast engine, whose estimate models offload
+    if not plan.memory.fast_engine(cfg):
+        pytest.skip("this config is not on the fast engine")
+    got = plan.choose(cfg, "cuda", free=80 * GIB)
+    assert (got.chosen.micro_batch_size, got.chosen.gradient_checkpointing, got.chosen.offload_activations) \
+        == (16, True, True)
 
 
 def test_gpu_choice_splits_when_one_micro_batch_cannot_fit(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
     peaks = {o: plan._estimated(cfg, plan.Option(*o), None, 1).peak
-             for o in [(16, 1, True, False), (8, 2, False, False), (8, 2, True, False)]}
-    free = peaks[(8, 2, True, False)] / (1 - plan.MARGIN)
-    assert peaks[(16, 1, True, False)] > peaks[(8, 2, True, False)]  # half the activations a micro-batch
+             for o in [(16, 1, True, False), (8, 2, True, False), (4, 4, True, False)]}
+    free = peaks[(4, 4, True, False)] / (1 - plan.MARGIN)
+    assert peaks[(16, 1, True, False)] > peaks[(8, 2, True, False)] > peaks[(4, 4, True, False)]
     got = plan.choose(cfg, "cuda", free=free)
-    assert got.chosen == plan.Option(8, 2, True, False, peaks[(8, 2, True, False)])
-    assert [o.micro_batch_size for o in got.rejected] == [16, 16, 8]  # each faster option, over the budget
+    assert got.chosen == plan.Option(4, 4, True, False, peaks[(4, 4, True, False)])
+    assert [o.micro_batch_size for o in got.rejected] == [16, 8]  # each faster split, over the budget
     nothing = plan.choose(cfg, "cuda", free=1.0)  # 1 byte: the smallest predicted peak, said so
     assert nothing.chosen.micro_batch_size == 1 and nothing.chosen.gradient_checkpointing
     assert "nothing is predicted to fit" in nothing.why
@@ -175,12 +185,12 @@ def test_estimate_prints_the_split_train_would_choose(tmp_path, tiny_model_dir, 
                                     "train": {"batch_size": 16, "precision": "bf16"}}))
     cfg = config.load(path)
     roomy = plan.choose(cfg, "cuda", free=80 * GIB).chosen.peak
-    budget = roomy / (1 - plan.MARGIN) - 1  # 16 x 1 without checkpointing just misses
+    budget = roomy / (1 - plan.MARGIN) - 1  # 16 x 1 just misses
     want = plan.choose(cfg, "cuda", free=budget)
     assert cli.main(["estimate", str(path), "--budget", f"{budget / 2 ** 20:.6f}MiB"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(want.describe() + "\n")
-    assert "as 16 x 1, checkpointing" in out and "checkpointing on" in out  # the estimate is of the chosen split
+    assert "as 8 x 2, checkpointing" in out and "checkpointing on" in out  # the estimate is of the chosen split
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["estimate", str(path)]) == 0
     out = capsys.readouterr().out
