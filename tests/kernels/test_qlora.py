@@ -191,3 +191,44 @@ def test_node_on_gpu_matches_the_reference_in_bf16_and_frees_the_weight():
     for got, ref in zip(got_g, ref_g):
         cos = torch.nn.functional.cosine_similarity(got.float().flatten(), ref.flatten(), dim=0)
         assert cos > 0.999, float(cos)
+
+
+@CUDA
+def test_qlora_as_train_loads_it_takes_every_fast_path_with_peft_s_loss_and_gradients(tiny_model_dir):
+    """transformers quantizes while loading (nf4, double quant, bf16 compute), slimtune.prepare on CUDA with
+    the defaults: packed rows, chunked loss and fused LoRA layers are all taken, and one offloaded,
+    checkpointed step gives peft's loss and gradients within bf16's noise."""
+    from slimtune import config, models, prepare
+    from slimtune.data.encode import Encoded
+    from slimtune.engine.loop import accumulate, collate_micro, forward_context
+    from slimtune.methods.quant import quantization_config
+
+    cfg = config.Config()
+    cfg.method = MethodConfig(name="qlora", r=8, alpha=16, dropout=0.0, target_modules=ALL)
+    cfg.train = TrainConfig(precision="bf16", gradient_checkpointing=True, offload_activations=True)
+    model, tok = models.load(str(tiny_model_dir), "bf16", device="cuda", quantization=quantization_config(cfg.method))
+    prep = prepare(model, cfg, "cuda", log=lambda *_: None, kernels=True)
+    took = prep.kernels
+    assert took.fused_lora_layers == 14 and took.packing == "bins" and took.chunked_loss and took.fast
+    g = torch.Generator().manual_seed(2)
+    records = [Encoded(torch.randint(0, len(tok), (n,), generator=g).tolist(),
+                       [-100] * 5 + torch.randint(0, len(tok), (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]
+    batch = collate_micro(records, True, 0, "cuda")
+    context = forward_context(prep.plan, "cuda", True, prep.model)
+
+    def run():
+        prep.model.zero_grad(set_to_none=True)
+        loss, _ = accumulate(prep.model, [batch], context, chunked=True)
+        return float(loss), {n: p.grad.float().clone() for n, p in prep.model.named_parameters() if p.requires_grad}
+
+    for name, p in prep.model.named_parameters():  # B starts at 0: give it values so A's gradient is not zero
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    loss_fused, fused = run()
+    lora.disable(prep.model)
+    loss_peft, ref = run()
+    assert abs(loss_fused - loss_peft) < 1e-2 * abs(loss_peft)  # bf16 matmuls summed in another order
+    assert fused.keys() == ref.keys() and len(fused) == 28
+    for name in ref:
+        cos = torch.nn.functional.cosine_similarity(fused[name].flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
