@@ -24,7 +24,7 @@ def dequantize(weight: torch.Tensor, state) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight, state)
 
 
-def _dtypes(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
+def _matmul_dtype(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
     """The matmuls' dtype: autocast's where it is on (as peft's adapter chain runs), else the layer's
     compute dtype (bitsandbytes casts x to it), else x's."""
     dev = x.device.type
@@ -36,7 +36,7 @@ def _dtypes(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
 class _Lora4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, bias, a, b, state, scale: float, compute, dequant):
-        dtype = _dtypes(x, compute)
+        dtype = _matmul_dtype(x, compute)
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
