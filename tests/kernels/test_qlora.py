@@ -193,28 +193,37 @@ def test_node_on_gpu_matches_the_reference_in_bf16_and_frees_the_weight():
         assert cos > 0.999, float(cos)
 
 
-@CUDA
-def test_qlora_as_train_loads_it_takes_every_fast_path_with_peft_s_loss_and_gradients(tiny_model_dir):
-    """transformers quantizes while loading (nf4, double quant, bf16 compute), slimtune.prepare on CUDA with
-    the defaults: packed rows, chunked loss and fused LoRA layers are all taken, and one offloaded,
-    checkpointed step gives peft's loss and gradients within bf16's noise."""
+ON_CPU = dict(precision="fp32", packing="on", loss="chunked", fused_lora="on")  # what auto takes on CUDA
+ON_GPU = dict(precision="bf16", offload_activations=True)  # the defaults, activations offloaded
+
+
+@pytest.mark.parametrize("device, train", [("cpu", ON_CPU), pytest.param("cuda", ON_GPU, marks=CUDA)])
+def test_qlora_as_train_loads_it_takes_the_fast_paths_with_peft_s_loss_and_gradients(tiny_model_dir, device, train):
+    """transformers quantizes while loading (nf4, double quant), slimtune.prepare switches the fast paths on:
+    packed rows, chunked loss and fused LoRA layers are all taken, and one checkpointed step (offloaded on the
+    GPU) gives peft's loss and gradients: within fp32 rounding on the CPU, bf16's on the GPU."""
+    from transformers import BitsAndBytesConfig
+
     from slimtune import config, models, prepare
     from slimtune.data.encode import Encoded
     from slimtune.engine.loop import accumulate, collate_micro, forward_context
-    from slimtune.methods.quant import quantization_config
 
     cfg = config.Config()
     cfg.method = MethodConfig(name="qlora", r=8, alpha=16, dropout=0.0, target_modules=ALL)
-    cfg.train = TrainConfig(precision="bf16", gradient_checkpointing=True, offload_activations=True)
-    model, tok = models.load(str(tiny_model_dir), "bf16", device="cuda", quantization=quantization_config(cfg.method))
-    prep = prepare(model, cfg, "cuda", log=lambda *_: None, kernels=True)
+    cfg.train = TrainConfig(gradient_checkpointing=True, **train)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)  # methods/quant.py's, which refuses the CPU
+    model, tok = models.load(str(tiny_model_dir), "fp32" if device == "cpu" else "bf16", device=device,
+                             quantization=quant)
+    prep = prepare(model, cfg, device, log=lambda *_: None, kernels=True)
     took = prep.kernels
     assert took.fused_lora_layers == 14 and took.packing == "bins" and took.chunked_loss and took.fast
     g = torch.Generator().manual_seed(2)
     records = [Encoded(torch.randint(0, len(tok), (n,), generator=g).tolist(),
                        [-100] * 5 + torch.randint(0, len(tok), (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]
-    batch = collate_micro(records, True, 0, "cuda")
-    context = forward_context(prep.plan, "cuda", True, prep.model)
+    batch = collate_micro(records, True, 0, device)
+    context = forward_context(prep.plan, device, cfg.train.offload_activations, prep.model)
 
     def run():
         prep.model.zero_grad(set_to_none=True)
@@ -227,8 +236,13 @@ def test_qlora_as_train_loads_it_takes_every_fast_path_with_peft_s_loss_and_grad
     loss_fused, fused = run()
     lora.disable(prep.model)
     loss_peft, ref = run()
-    assert abs(loss_fused - loss_peft) < 1e-2 * abs(loss_peft)  # bf16 matmuls summed in another order
     assert fused.keys() == ref.keys() and len(fused) == 28
+    if device == "cpu":  # the same fp32 arithmetic in another order
+        assert abs(loss_fused - loss_peft) < 1e-5 * abs(loss_peft)
+        for name in ref:
+            torch.testing.assert_close(fused[name], ref[name], rtol=1e-4, atol=1e-5 * float(ref[name].abs().max()))
+        return
+    assert abs(loss_fused - loss_peft) < 1e-2 * abs(loss_peft)  # bf16 matmuls summed in another order
     for name in ref:
         cos = torch.nn.functional.cosine_similarity(fused[name].flatten(), ref[name].flatten(), dim=0)
         assert cos > 0.99, (name, float(cos))
