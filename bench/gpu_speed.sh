@@ -51,6 +51,10 @@ elif [ "$SIZE" = qlora ] || [ "$SIZE" = qlora-1b ] || [ "$SIZE" = qlora-8b ]; th
     PYTHONPATH=/tmp/site timeout 420 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
       --recipes slimtune:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload:fused_lora=off$PROF
     PYTHONPATH=/tmp/site timeout 400 python3 bench/speed.py --sizes $S --recipes unsloth-qlora --out "$OUT/speed.jsonl"
+    # the estimator now models qlora on the fast engine (kernels/select.py on_gpu): cells to check it against
+    [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 150 python3 bench/memory_grid.py --shape 1b --method qlora --precision bf16 \
+      --engine fast --offload --model-dir /dev/shm/m1b --mb 8,16 --lens 1024 --results "$OUT/memory_grid_qlora_fast.jsonl" \
+      2>&1 | grep -v -i -E "warn|^\{" | tail -4
   done
 elif [ "$SIZE" = final-1b ] || [ "$SIZE" = final-8b ]; then  # the README table: every recipe, one machine
   S=${SIZE#final-}
