@@ -137,6 +137,24 @@ def test_what_cannot_be_fused_says_why_once():
     assert lora.enable(model, lines.append) == 0 and "DoRA" in lines[-1]
 
 
+def test_an_8bit_base_stays_peft_s_and_says_so():
+    """bitsandbytes' 8-bit layers keep their own matmul (LLM.int8 outlier handling): peft's layer runs them,
+    while the plain Linear layers beside them are fused."""
+    model = make_model(VOCAB)
+    for layer in model.model.layers:
+        lin = layer.mlp.up_proj
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        layer.mlp.up_proj = q.to("cpu")  # .to() quantizes to int8
+    model.is_loaded_in_8bit = True
+    model = methods.apply(model, MethodConfig(name="qlora", quant_bits=8, r=4, alpha=8, dropout=0.0,
+                                              target_modules=["up_proj", "q_proj"]))
+    lines = []
+    assert lora.enable(model, lines.append) == 2  # the two q_proj
+    assert lines == ["fused LoRA layers: 2 of 4 stay peft's: a Linear8bitLt base (fused: nn.Linear and "
+                     "bitsandbytes 4-bit; 8-bit is not)"]
+
+
 def test_select_takes_qlora_layers_and_its_gpu_record_is_the_fast_engine():
     model = _model()
     try:
