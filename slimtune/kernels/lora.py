@@ -97,8 +97,8 @@ def _why_not(module) -> str | None:
 def _forward(module, name: str, original, x: torch.Tensor, *args, **kwargs):
     if args or kwargs or module.disable_adapters or module.merged or list(module.active_adapters) != [name]:
         return original(x, *args, **kwargs)
-    base, a, b, scale = module.get_base_layer(), module.lora_A[name].weight, module.lora_B[name].weight, \
-        module.scaling[name]
+    base, scale = module.get_base_layer(), module.scaling[name]
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight
     if type(base) is torch.nn.Linear:
         return lora_linear(x, base.weight, base.bias, a, b, scale)
     if not qlora.is_4bit(base):  # its quant_state lost or repacked since enable: bitsandbytes' own path
