@@ -12,6 +12,9 @@
 #   bash bench/gpu_speed.sh memory-3b   out-of-sample estimator check on a 3B shape
 #   bash bench/gpu_speed.sh compile   compiled layers with Liger RoPE, and without Liger's norm/MLP (8B)
 #   bash bench/gpu_speed.sh norm-mlp   GPU tests (offload, Liger norm/MLP) and slimtune with/without Liger's norm/MLP
+#   bash bench/gpu_speed.sh qlora   (issue 19) QLoRA GPU tests, then at 1B and 8B, 16 records a step in one offloaded
+#        micro-batch: slimtune lora, slimtune-qlora with fused LoRA layers on and off, unsloth-qlora; qlora-1b and
+#        qlora-8b run one size each (the 8B half alone takes most of a 10-minute call: the saved folder is 16 GB)
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
 SIZE=${1:-1b}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +42,20 @@ elif [ "$SIZE" = norm-mlp ]; then  # GPU tests of offload + Liger norm/MLP; does
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/engine/test_offload_gpu.py tests/kernels/test_norm_mlp_gpu.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:fused_norm_mlp=on,slimtune:bs=16:ga=1:offload
+elif [ "$SIZE" = qlora ] || [ "$SIZE" = qlora-1b ] || [ "$SIZE" = qlora-8b ]; then  # QLoRA on the fast path (issue 19)
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_qlora.py \
+    tests/methods/test_methods.py -k "qlora" -rs 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/gpu_tests.log"
+  SIZES=${SIZE#qlora-}; [ "$SIZES" = qlora ] && SIZES=1b,8b
+  for S in ${SIZES//,/ }; do
+    PROF=""; [ $S = 1b ] && PROF=",slimtune-qlora:bs=16:ga=1:offload:profile=$OUT/prof_qlora_1b.txt"  # CPU-paced size
+    PYTHONPATH=/tmp/site timeout 420 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+      --recipes slimtune:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload:fused_lora=off$PROF
+    PYTHONPATH=/tmp/site timeout 400 python3 bench/speed.py --sizes $S --recipes unsloth-qlora --out "$OUT/speed.jsonl"
+    # the estimator now models qlora on the fast engine (kernels/select.py on_gpu): cells to check it against
+    [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 150 python3 bench/memory_grid.py --shape 1b --method qlora --precision bf16 \
+      --engine fast --offload --model-dir /dev/shm/m1b --mb 8,16 --lens 1024 --results "$OUT/memory_grid_qlora_fast.jsonl" \
+      2>&1 | grep -v -i -E "warn|^\{" | tail -4
+  done
 elif [ "$SIZE" = final-1b ] || [ "$SIZE" = final-8b ]; then  # the README table: every recipe, one machine
   S=${SIZE#final-}
   PYTHONPATH=/tmp/site timeout 90 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \

@@ -18,6 +18,9 @@ Recipes:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
            inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
            compile, profile=PATH
+  slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
+           (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
+  unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
@@ -72,7 +75,7 @@ def worker(a) -> dict:
     bs, ga, steps, warmup = a.bs, a.ga, a.steps, a.warmup
     shape, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
     cfg = config_mod.from_dict({
-        "method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
+        "method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4,
                   "precision": "bf16" if dev == "cuda" else "fp32",
                   "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
@@ -82,9 +85,13 @@ def worker(a) -> dict:
     torch.manual_seed(0)
     mcfg = LlamaConfig(**shape, max_position_embeddings=4096)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device(dev):
+    with torch.device("meta" if a.method == "qlora" else dev):
         model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
+    if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
+        from slimtune.methods.quant import quantization_config
+        from slimtune.models import load
+        model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     prep = slimtune.prepare(model, cfg, dev, log=lambda *_: None, kernels=True)  # as train does
     model, plan, took = prep.model, prep.plan, prep.kernels
     packed, chunked = took["packing"], took["chunked_loss"]
@@ -129,7 +136,8 @@ def worker(a) -> dict:
         losses.append(round(row["loss"], 4))
     dt = sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    label = f"slimtune ({bs}x{ga} records, packing={packed}, loss={'chunked' if chunked else 'plain'}" + \
+    label = f"slimtune{' qlora' if a.method == 'qlora' else ''} ({bs}x{ga} records, packing={packed}" + \
+        f", loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + \
         (", compiled layers" if a.compile else "") + \
         (", activations offloaded" if a.offload else "") + \
@@ -200,14 +208,34 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
             [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
         return make + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
                         "--modes", "padded,padding_free", *steps]]
+    if name == "unsloth-qlora":
+        path = f"/dev/shm/m{size}"
+        return _make(size, path) + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
+                                     "--modes", "padded,padding_free", "--load-in-4bit", *steps]]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
-        for item in extra:
-            key, _, value = item.partition("=")
-            args += [f"--{key}"] + ([value] if value else [])
-        return [args]
-    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, slimtune[:packing=..][:loss=..][:compile]")
+        if name.split(":")[0] == "slimtune-qlora":  # loads the saved folder unsloth's recipe also reads
+            path = f"/dev/shm/m{size}"
+            return _make(size, path) + [args + ["--method", "qlora", "--path", path] + _keys(extra)]
+        return [args + _keys(extra)]
+    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, unsloth-qlora, "
+                     "slimtune[:packing=..][:loss=..][:compile], slimtune-qlora[:...]")
+
+
+def _make(size: str, path: str) -> list[list[str]]:
+    """The command that saves the random model to `path` for the recipes that load a folder, unless done."""
+    return [] if Path(path, "config.json").exists() else \
+        [[sys.executable, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
+
+
+def _keys(extra: list[str]) -> list[str]:
+    """slimtune recipe keys (bs=16, offload) as worker flags (--bs 16, --offload)."""
+    args = []
+    for item in extra:
+        key, _, value = item.partition("=")
+        args += [f"--{key}"] + ([value] if value else [])
+    return args
 
 
 def table(rows: list[dict]) -> str:
@@ -246,6 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
+    ap.add_argument("--method", default="lora", help="worker: lora, or qlora (4-bit base loaded from --path)")
+    ap.add_argument("--path", default="", help="worker, qlora: the saved model folder to quantize while loading")
     ap.add_argument("--fused_norm_mlp", default="auto")
     ap.add_argument("--fused_rope", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")

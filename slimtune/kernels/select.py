@@ -12,7 +12,7 @@ from ..config import ConfigError
 from . import attention, lora, norm_mlp, rope
 
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
-LORA_METHODS = ("lora", "rslora", "pissa")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
+LORA_METHODS = ("lora", "rslora", "pissa", "qlora")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,15 @@ def use_fused_rope(mode: str, device: str) -> bool:
     return wanted("fused_rope", mode, device)
 
 
-def enable(model, tc, device: str) -> Kernels:
+def enable(model, tc, device: str, log=print) -> Kernels:
     """Switch on in `model` the fast paths train.* asks for on this device; what each took. disable
-    takes them all back."""
+    takes them all back. LoRA layers that cannot be fused are said once through `log`."""
     packed = use_packing(tc.packing, model, device)
     try:
         if packed:
             attention.enable(model)
         return Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
-                       fused_lora_layers=lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
+                       fused_lora_layers=lora.enable(model, log) if use_fused_lora(tc.fused_lora, device) else 0,
                        fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
                        else 0,
                        fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0)
@@ -118,10 +118,11 @@ def disable(model) -> None:
 
 def on_gpu(cfg, hidden: int = 0) -> Kernels:
     """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
-    packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout, Liger's norm and
-    MLP as chosen() decides it for this hidden size."""
+    packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
+    4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""
     m, tc = cfg.method, cfg.train
     packing = "off" if tc.packing == "off" else ("rows" if tc.packing == "rows" else "bins")
-    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off"
+    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off" and \
+        not (m.name == "qlora" and m.quant_bits != 4)
     return Kernels(packing=packing, chunked_loss=tc.loss != "plain", fused_lora_layers=int(fused),
                    fused_norm_mlp=int(chosen(tc.fused_norm_mlp, "cuda", hidden)))
