@@ -188,6 +188,9 @@ class TrainConfig:
     """Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off"""
     fused_norm_mlp: str = "auto"
     """Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off"""
+    tiled_mlp: str = "auto"
+    """the MLP a slice of the sequence at a time, recomputed in backward (kernels/tiled_mlp.py): auto (CUDA,
+    micro-batches over 16,384 tokens) | on | off"""
     save_every: int = 100
     """write a resumable checkpoint every N steps (0 = only at the end)"""
     keep_checkpoints: int = 2
@@ -230,6 +233,7 @@ CHOICES = {
     "train.fused_lora": ("auto", "on", "off"),
     "train.fused_norm_mlp": ("auto", "on", "off"),
     "train.fused_rope": ("auto", "on", "off"),
+    "train.tiled_mlp": ("auto", "on", "off"),
     "data.on_bad_record": ("error", "skip"),
 }
 

@@ -33,3 +33,9 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         parts.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask,
                                                     dropout_p=dropout, is_causal=mask is None, scale=scale))
     return torch.cat(parts, dim=2)
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The Llama-family MLP on the whole sequence at once: down(silu(x gate^T) * (x up^T)); what
+    kernels/tiled_mlp.py computes a slice at a time."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

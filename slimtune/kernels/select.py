@@ -9,9 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from . import attention, lora, norm_mlp, rope
+from . import attention, lora, norm_mlp, rope, tiled_mlp
 
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
+# train.tiled_mlp=auto slices the MLP of micro-batches past this many tokens. Below it one layer's MLP
+# intermediates (3 x tokens x intermediate x 2 bytes: 1.3 GiB at 8B and 16k tokens) are small beside the
+# weights and the other activations, and tiling costs one more MLP forward a step (the recompute, about a
+# tenth of a checkpointed step's FLOPs): it pays only where memory, not speed, limits the run. Under
+# 16k tokens is also every bench/speed.py micro-batch (16 x 1,024), which it thus leaves untouched.
+TILE_TOKENS = 16384
 LORA_METHODS = ("lora", "rslora", "pissa")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 
 
@@ -24,6 +30,7 @@ class Kernels:
     fused_lora_layers: int = 0
     fused_norm_mlp: int = 0
     fused_rope: int = 0
+    tiled_mlp: int = 0  # MLPs sliced over the sequence, in forwards of more than TILE_TOKENS tokens under auto
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,6 +99,19 @@ def use_fused_rope(mode: str, device: str) -> bool:
     return wanted("fused_rope", mode, device)
 
 
+def tiled_mlp_from(mode: str, device: str) -> int | None:
+    """train.tiled_mlp: the token count past which a forward's MLP is sliced (kernels/tiled_mlp.py), or None
+    for off. on: every forward of more than one slice, on any device; auto: CUDA, past TILE_TOKENS."""
+    if mode == "on":
+        return 0
+    return TILE_TOKENS if mode == "auto" and device.startswith("cuda") else None
+
+
+def _tile(model, tc, device: str) -> int:
+    past = tiled_mlp_from(tc.tiled_mlp, device)
+    return tiled_mlp.enable(model, past) if past is not None else 0
+
+
 def enable(model, tc, device: str) -> Kernels:
     """Switch on in `model` the fast paths train.* asks for on this device; what each took. disable
     takes them all back."""
@@ -103,13 +123,15 @@ def enable(model, tc, device: str) -> Kernels:
                        fused_lora_layers=lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
                        fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
                        else 0,
-                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0)
+                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0,
+                       tiled_mlp=_tile(model, tc, device))  # after norm_mlp: it slices Liger's MLP forward
     except Exception:
         disable(model)  # a refused key leaves the model as it came
         raise
 
 
 def disable(model) -> None:
+    tiled_mlp.disable(model)  # first: it gives back the forward norm_mlp bound
     lora.disable(model)
     norm_mlp.disable(model)
     rope.disable(model)
