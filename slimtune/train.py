@@ -164,7 +164,7 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, plan.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
-    return Prepared(model, plan, select.enable(model, cfg.train, device) if kernels else None)
+    return Prepared(model, plan, select.enable(model, cfg.train, device, log) if kernels else None)
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,

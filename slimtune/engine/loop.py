@@ -141,7 +141,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
-    took = enable_kernels(model, tc, device)
+    took = enable_kernels(model, tc, device, log)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)

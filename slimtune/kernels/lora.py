@@ -72,23 +72,38 @@ def lora_linear(x, weight, bias, a, b, scale: float) -> torch.Tensor:
     return _LoraLinear.apply(x, weight, bias, a, b, float(scale))
 
 
-def _eligible(module) -> str | None:
-    """The one adapter name this module can run fused, or None."""
+def why_not(module) -> str | None:
+    """Why this peft LoRA layer cannot run fused, or None when it can."""
     adapters = [n for n in module.active_adapters if n in module.lora_A]
-    if len(adapters) != 1 or getattr(module, "fan_in_fan_out", False):
-        return None
+    if len(adapters) != 1:
+        return f"{len(adapters)} active adapters (fused layers take one)"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights (Conv1D-style base layers)"
     name = adapters[0]
     if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-        return None
+        return "a LoRA variant (DoRA, ...) in peft's own forward"
     drop = module.lora_dropout[name]
     if not (isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)):
-        return None
+        return f"LoRA dropout {getattr(drop, 'p', '?')} (fused layers need method.dropout=0)"
     base, la, lb = module.get_base_layer(), module.lora_A[name], module.lora_B[name]
-    if type(base) is not torch.nn.Linear or type(la) is not torch.nn.Linear or type(lb) is not torch.nn.Linear:
-        return None
-    if la.bias is not None or lb.bias is not None:
-        return None
-    return name
+    if type(base) is not torch.nn.Linear:
+        return f"a {type(base).__name__} base layer (fused layers take an unquantized nn.Linear)"
+    if type(la) is not torch.nn.Linear or type(lb) is not torch.nn.Linear or la.bias is not None or lb.bias is not None:
+        return "adapter matrices with a bias or of another type than nn.Linear"
+    return None
+
+
+def _eligible(module) -> str | None:
+    """The one adapter name this module can run fused, or None."""
+    return None if why_not(module) else [n for n in module.active_adapters if n in module.lora_A][0]
+
+
+def kept(model) -> tuple[int, str | None]:
+    """(peft LoRA layers not fused, the first one's reason): what select prints when fused LoRA was asked."""
+    from peft.tuners.lora import Linear as LoraLinear
+    reasons = [why_not(m) for m in model.modules() if type(m) is LoraLinear and not hasattr(m, ATTR)]
+    reasons = [r for r in reasons if r]
+    return len(reasons), reasons[0] if reasons else None
 
 
 def _forward(module, name: str, original, x: torch.Tensor, *args, **kwargs):

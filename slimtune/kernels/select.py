@@ -112,19 +112,43 @@ def _tile(model, tc, device: str) -> int:
     return tiled_mlp.enable(model, past) if past is not None else 0
 
 
-def enable(model, tc, device: str) -> Kernels:
-    """Switch on in `model` the fast paths train.* asks for on this device; what each took. disable
-    takes them all back."""
+def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
+    """One line for each fast path train.* asks for on this device that this model keeps out of, with why."""
+    name, out = type(attention._base(model)).__name__, []
+    why = attention.unsupported(model)
+    if k.packing == "off" and why and (tc.packing == "auto" and device.startswith("cuda")):
+        out.append(f"train.packing=auto: records padded, not packed: {why}")
+    if use_fused_lora(tc.fused_lora, device):
+        n, first = lora.kept(model)
+        if n:
+            out.append(f"train.fused_lora={tc.fused_lora}: {n} LoRA layers keep peft's forward: {first}")
+    asked = (("fused_norm_mlp", k.fused_norm_mlp, use_fused_norm_mlp(tc.fused_norm_mlp, device, model),
+              "Llama-style RMSNorm or SwiGLU MLP"),
+             ("fused_rope", k.fused_rope, use_fused_rope(tc.fused_rope, device), "Llama-style attention with RoPE"),
+             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None,
+              "Llama-style MLP (gate_proj, up_proj, down_proj)"))
+    for key, took, wanted_here, what in asked:
+        if wanted_here and not took:
+            out.append(f"train.{key}={getattr(tc, key)}: {name} has no {what}; its own forward runs")
+    return out
+
+
+def enable(model, tc, device: str, log=print) -> Kernels:
+    """Switch on in `model` the fast paths train.* asks for on this device; what each took, and through
+    `log` one line for each asked-for path this model falls back from. disable takes them all back."""
     packed = use_packing(tc.packing, model, device)
     try:
         if packed:
             attention.enable(model)
-        return Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
+        took = Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
                        fused_lora_layers=lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
                        fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
                        else 0,
                        fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0,
                        tiled_mlp=_tile(model, tc, device))  # after norm_mlp: it slices Liger's MLP forward
+        for line in fallbacks(model, tc, device, took):
+            log(f"fast path off: {line}")
+        return took
     except Exception:
         disable(model)  # a refused key leaves the model as it came
         raise
