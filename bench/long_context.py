@@ -249,13 +249,13 @@ def main(argv=None) -> int:
     if a.trial:
         trial(a)
         return 0
+    start = time.perf_counter()  # the budget counts the model folder's making too
     if a.make or not Path(a.model_dir, "config.json").exists():
         subprocess.run([sys.executable, str(PEERS / "unsloth_recipe.py"), "--size", a.size, "--make", "--path",
                         a.model_dir, "--max_pos", str(1 << 20)], check=True, cwd=ROOT)
         if a.make:
             return 0
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    start = time.perf_counter()
     deadline = start + a.budget_s
     device, total = _device()
     date = str(datetime.date.today())
