@@ -10,7 +10,7 @@ from slimtune import config, methods
 from slimtune.data import pack
 from slimtune.data.encode import IGNORE, Encoded
 from slimtune.engine.loop import accumulate
-from slimtune.kernels import reference, select, tiled_mlp
+from slimtune.kernels import norm_mlp, reference, select, tiled_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the tiled MLP's memory and bf16 checks "
                                 "need CUDA; CPU checks of outputs and gradients: test_tiled_mlp.py")
@@ -71,12 +71,18 @@ def _records(n: int, length: int, seed: int = 0) -> list[Encoded]:
     return out
 
 
-def test_a_qwen2_lora_model_trains_the_same_through_the_whole_fast_path():
+ARCHS = {"qwen2": {}, "qwen3": {"head_dim": 64}, "mistral": {"head_dim": 64, "sliding_window": 500}}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_lora_model_trains_the_same_through_the_whole_fast_path(arch):
+    """Qwen2 (q/k/v bias), Qwen3 (q/k norms: Liger's RMSNorm takes them too), Mistral (a window shorter than
+    the records): packed varlen attention, chunked loss, fused LoRA, tiled MLP and, where installed, Liger."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    cfg = AutoConfig.for_model(arch, vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, **ARCHS[arch])
     model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16)
     model = methods.apply(model, config.MethodConfig(r=8, alpha=16, dropout=0.0, target_modules=["all-linear"]))
     for name, p in model.named_parameters():
@@ -95,8 +101,12 @@ def test_a_qwen2_lora_model_trains_the_same_through_the_whole_fast_path():
 
     _, want_loss, want = run(packing="on", loss="plain", fused_lora="off", tiled_mlp="off", fused_norm_mlp="off",
                              fused_rope="off")
-    took, loss, got = run(packing="on", loss="chunked", fused_lora="on", tiled_mlp="on")
+    liger = "on" if norm_mlp.available() else "off"
+    took, loss, got = run(packing="on", loss="chunked", fused_lora="on", tiled_mlp="on", fused_norm_mlp=liger,
+                          fused_rope=liger)
     assert took.fused_lora_layers == 14 and took.tiled_mlp == 2 and took.chunked_loss
+    norms = 2 * 2 + 1 + (2 * 2 if arch == "qwen3" else 0)  # per layer input/post norms, the final one, q/k norms
+    assert (took.fused_norm_mlp, took.fused_rope) == ((norms + 2, 2) if liger == "on" else (0, 0))
     assert abs(loss - want_loss) < 2e-2 * abs(want_loss)
     for name in want:
         assert _rel(got[name], want[name]) < 5e-2, name  # bf16 through two layers, Liger's kernels where installed
