@@ -14,9 +14,9 @@ slimtune: slimtune.prepare with kernels (packing of the one record: varlen atten
 free memory; fused LoRA; tiled MLP past 16k tokens; Liger where installed), gradient checkpointing with
 layer inputs offloaded to CPU memory (train.offload_activations): what `slimtune train` runs with
 micro_batch_size=1, gradient_checkpointing=true, offload_activations=true.
-unsloth: FastLanguageModel.from_pretrained(load_in_4bit for QLoRA) + get_peft_model(use_gradient_checkpointing=
-"unsloth"), then the same step written by hand (its patched forward with labels: its chunked loss), imported
-before transformers in its own process as unsloth requires.
+unsloth: FastLanguageModel.from_pretrained(load_in_4bit for QLoRA, unsloth_tiled_mlp=True where the release has
+it) + get_peft_model(use_gradient_checkpointing="unsloth"), then the same step written by hand (its patched
+forward with labels: its chunked loss), imported before transformers in its own process as unsloth requires.
 
   python bench/long_context.py --make                     # save the random 8B model folder (once)
   python bench/long_context.py --quick --budget-s 540     # the fixed list, every cell
@@ -105,8 +105,12 @@ def _unsloth_model(a):
     from unsloth import FastLanguageModel
     import torch
 
-    model, _ = FastLanguageModel.from_pretrained(a.model_dir, max_seq_length=max(a.lengths), dtype=torch.bfloat16,
-                                                 load_in_4bit=a.method == "qlora", full_finetuning=False)
+    load = dict(max_seq_length=max(a.lengths), dtype=torch.bfloat16, load_in_4bit=a.method == "qlora",
+                full_finetuning=False)
+    try:  # its long-context setting (off by default): the MLP in ceil(tokens / hidden) slices
+        model, _ = FastLanguageModel.from_pretrained(a.model_dir, unsloth_tiled_mlp=True, **load)
+    except TypeError:  # a release before the option
+        model, _ = FastLanguageModel.from_pretrained(a.model_dir, **load)
     model = FastLanguageModel.get_peft_model(model, r=a.r, lora_alpha=a.r, lora_dropout=0, bias="none",
                                              target_modules=ALL_LINEAR, use_gradient_checkpointing="unsloth",
                                              random_state=3407, max_seq_length=max(a.lengths))

@@ -14,8 +14,8 @@ from . import attention, lora, norm_mlp, rope, tiled_mlp
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
 # train.tiled_mlp=auto slices the MLP of micro-batches past this many tokens. Below it one layer's MLP
 # intermediates (3 x tokens x intermediate x 2 bytes: 1.3 GiB at 8B and 16k tokens) are small beside the
-# weights and the other activations, and tiling costs one more MLP forward a step (the recompute, about a
-# tenth of a checkpointed step's FLOPs): it pays only where memory, not speed, limits the run. Under
+# weights and the other activations, and tiling costs one more MLP forward a step (the recompute: about +20%
+# FLOPs at short lengths, estimated in kernels/tiled_mlp.py): it pays only where memory limits the run. Under
 # 16k tokens is also every bench/speed.py micro-batch (16 x 1,024), which it thus leaves untouched.
 TILE_TOKENS = 16384
 LORA_METHODS = ("lora", "rslora", "pissa")  # peft's plain LoRA layers, the ones kernels/lora.py fuses

@@ -7,8 +7,10 @@ TiledMLP do, forward runs the MLP on slices of `rows` tokens without keeping any
 backward recomputes each slice with autograd on and back-propagates it at once, so the intermediates of
 only one slice exist at a time. Weights' gradients (LoRA's A and B) accumulate slice by slice straight
 into .grad, as autograd would; the input's gradient is returned to the outer graph. Cost: one more forward
-of the MLP per step (the recompute), about a tenth of a checkpointed step's FLOPs, so auto turns it on only
-past select.TILE_TOKENS tokens a micro-batch.
+of the MLP per step (the recompute). With checkpointing a layer runs forward twice and backward (about 4
+forwards' FLOPs) and the MLP is 81% of an 8B layer's weights, so about +20% FLOPs at short lengths, less
+where attention's quadratic share grows (estimated, not yet measured; unsloth's docs report about 1.3x step
+time for theirs): auto turns it on only past select.TILE_TOKENS tokens a micro-batch.
 
 enable(model) wraps the forward each MLP has (its class's, or Liger's SwiGLU from kernels/norm_mlp.py)
 instance by instance; disable(model) puts that forward back. The forward's random numbers (LoRA dropout)
