@@ -84,11 +84,14 @@ def _sliced(forward, x, rows, params=()):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_a_lora_model_trains_the_same_tiled(dropout, monkeypatch):
-    """LoRA's A and B inside the MLP get the same gradients. Dropout draws its masks per slice, so the plain
-    twin is the same slicing with autograd through it: equal gradients mean the recompute replayed the masks."""
+@pytest.mark.parametrize("dropout, checkpointed", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
+def test_a_lora_model_trains_the_same_tiled(dropout, checkpointed, monkeypatch):
+    """LoRA's A and B inside the MLP get the same gradients, with and without gradient checkpointing (whose
+    recompute runs the tiled forward again). Dropout draws its masks per slice, so the plain twin is the same
+    slicing with autograd through it: equal gradients mean the recompute replayed the masks."""
     model = _lora_model(dropout)
+    if checkpointed:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
     assert tiled_mlp.enable(model, min_tokens=0) == 2 and tiled_mlp.enabled(model) == 2
