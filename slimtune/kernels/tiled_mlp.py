@@ -42,6 +42,8 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, x, rows: int, *params):
         ctx.forward, ctx.rows, ctx.rng = forward, rows, _rng_state(x.device)
+        dev = x.device.type  # backward runs outside autocast: the recompute re-enters forward's, as checkpoint does
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
@@ -59,7 +61,7 @@ class _TiledMLP(torch.autograd.Function):
         try:
             for i in range(0, flat.shape[0], rows):
                 part = flat[i:i + rows].detach().requires_grad_(gx is not None)
-                with torch.enable_grad():
+                with torch.enable_grad(), torch.autocast(ctx.autocast[0], ctx.autocast[1], enabled=ctx.autocast[2]):
                     out = ctx.forward(part)
                 if out.requires_grad:
                     torch.autograd.backward(out, grad[i:i + rows])

@@ -54,6 +54,26 @@ def test_weights_alone_trainable_still_get_their_gradient():
         torch.testing.assert_close(t.grad, g, rtol=1e-5, atol=1e-6)
 
 
+def test_the_recompute_runs_under_forwards_autocast():
+    """Backward runs outside autocast; the slices' recompute must use the dtypes forward used (as checkpoint)."""
+    w = _weights(8, 16, torch.float32)
+    seen = []
+
+    def forward(t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return reference.swiglu_mlp(t, *w)
+
+    x = torch.randn(1, 20, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiled_mlp.tiled(forward, x, 7, tuple(w))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert seen == [True] * 6 and x.grad.dtype == torch.float32  # 3 slices forward, 3 recomputed
+    seen.clear()
+    tiled_mlp.tiled(forward, x, 7, tuple(w)).sum().backward()
+    assert seen == [False] * 6
+
+
 def test_tile_rows_splits_like_deepspeed():
     assert tiled_mlp.tile_rows(4096, 65536) == 4096  # 16 slices
     assert tiled_mlp.tile_rows(4096, 5000) == 2500  # 2 even slices, not 4096 + 904
