@@ -131,6 +131,28 @@ def test_a_lora_model_trains_the_same_tiled(dropout, checkpointed, monkeypatch):
                                                  if tiled_mlp.eligible(m))
 
 
+def test_under_checkpointing_and_offload_the_gradients_are_the_plain_ones():
+    """train's long-record setting: checkpointed layers whose saved inputs (the tiled MLP's x too) are moved
+    off the device by engine/offload.py (on the CPU a copy stands in for the move)."""
+    from slimtune.engine.offload import OffloadActivations
+
+    model = _lora_model()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
+    want = _run(model, ids)
+    tiled_mlp.enable(model, min_tokens=0)
+    hooks = OffloadActivations(model, min_bytes=0, device_type="cpu")
+    with hooks:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    tiled_mlp.disable(model)
+    assert len(hooks.moved) > 0 and abs(float(loss) - want[0]) < 1e-5
+    for name, g in want[1].items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_short_forwards_and_no_grad_are_not_tiled(monkeypatch):
     model = make_model(300)
     calls = []
