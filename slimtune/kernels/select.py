@@ -101,10 +101,13 @@ def use_fused_rope(mode: str, device: str) -> bool:
 
 def tiled_mlp_from(mode: str, device: str) -> int | None:
     """train.tiled_mlp: the token count past which a forward's MLP is sliced (kernels/tiled_mlp.py), or None
-    for off. on: every forward of more than one slice, on any device; auto: CUDA, past TILE_TOKENS."""
+    for off. on: every forward of more than one slice, on any device; auto: CUDA, one process, past TILE_TOKENS."""
     if mode == "on":
         return 0
-    return TILE_TOKENS if mode == "auto" and device.startswith("cuda") else None
+    # not yet under FSDP2 (auto): the slices' backward accumulates straight into .grad, around the hooks
+    # that reduce-scatter sharded gradients, and no multi-GPU run has checked it
+    sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return TILE_TOKENS if mode == "auto" and device.startswith("cuda") and not sharded else None
 
 
 def _tile(model, tc, device: str) -> int:
