@@ -15,6 +15,10 @@
 #   bash bench/gpu_speed.sh qlora   (issue 19) QLoRA GPU tests, then at 1B and 8B, 16 records a step in one offloaded
 #        micro-batch: slimtune lora, slimtune-qlora with fused LoRA layers on and off, unsloth-qlora; qlora-1b and
 #        qlora-8b run one size each (the 8B half alone takes most of a 10-minute call: the saved folder is 16 GB)
+#   bash bench/gpu_speed.sh long   tiled-MLP / architecture GPU tests, then bench/long_context.py --quick (8B, LoRA and
+#        QLoRA, whole GPU and 24 GiB); one command holds about half the cells: TOOLS=unsloth (or METHODS=qlora,
+#        CAPS=24) runs the rest in a second command
+#   bash bench/gpu_speed.sh qwen   slimtune defaults and the explicit 16 x 1 offloaded recipe, then unsloth, at qwen7b
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
 SIZE=${1:-1b}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -98,6 +102,15 @@ elif [ "$SIZE" = final-unsloth ]; then  # slimtune's defaults (Liger RoPE auto) 
 elif [ "$SIZE" = compile ]; then  # compiled layers with and without Liger (Liger's Functions vs dynamo under checkpointing)
   PYTHONPATH=/tmp/site timeout 560 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile:fused_rope=on,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off:fused_rope=on
+elif [ "$SIZE" = long ]; then  # issue 19: the longest record that trains, slimtune beside unsloth
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_tiled_mlp_gpu.py \
+    tests/kernels/test_tiled_mlp.py tests/kernels/test_architectures.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 420 python3 bench/long_context.py --quick --budget-s 400 --tools ${TOOLS:-slimtune,unsloth} \
+    --methods ${METHODS:-lora,qlora} --caps ${CAPS:-0,24} --out "$OUT/long_context.jsonl"
+elif [ "$SIZE" = qwen ]; then  # issue 19: the Qwen-shaped size (Qwen2.5-7B shapes, a Qwen2 model), defaults first
+  PYTHONPATH=/tmp/site timeout 240 python3 bench/speed.py --sizes qwen7b --out "$OUT/speed.jsonl" \
+    --recipes defaults,slimtune:bs=16:ga=1:offload
+  PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes qwen7b --recipes unsloth --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \

@@ -144,11 +144,14 @@ class TrainConfig:
     loss: str = "auto"
     """head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)"""
     fused_lora: str = "auto"
-    """LoRA layers as one autograd node each (kernels/lora.py): auto (CUDA) | on | off"""
+    """LoRA layers (qlora's 4-bit too) as one autograd node each (kernels/lora.py, qlora.py): auto (CUDA) | on | off"""
     fused_rope: str = "auto"
     """Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off"""
     fused_norm_mlp: str = "auto"
     """Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off"""
+    tiled_mlp: str = "auto"
+    """the MLP a slice of the sequence at a time, recomputed in backward (kernels/tiled_mlp.py): auto (on CUDA
+    for forwards of over 16,384 tokens) | on | off"""
     save_every: int = 100
     """write a resumable checkpoint every N steps (0 = only at the end)"""
     keep_checkpoints: int = 2

@@ -24,7 +24,7 @@ from .. import methods
 from ..config import ConfigError
 from ..config.batch import with_split
 from ..data import encode_examples, read
-from ..kernels import linear_ce, select
+from ..kernels import linear_ce, select, tiled_mlp
 from ..models import load_config
 from . import distributed, precision
 
@@ -259,13 +259,18 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
     liger = select.on_gpu(cfg, h).fused_norm_mlp  # as train on a GPU decides it
-    per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
+    coef = FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF
+    per_layer = coef * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
+    past = select.tiled_mlp_from(tc.tiled_mlp, "cuda")
+    # tiled MLP (kernels/tiled_mlp.py): the recomputed layer holds one slice's intermediates, not every token's
+    # (the intermediate share of the fitted coefficient, scaled to a slice: modelled, not yet measured)
+    mlp_tokens = tiled_mlp.tile_rows(h, int(tokens)) if past is not None and tokens > past else tokens
 
     def moments(ckpt: bool) -> tuple[float, float]:
         if ckpt:
             stored = 0.0 if tc.offload_activations else tokens * layers * h * 2
-            backward = stored + tokens * (per_layer + FAST_BACKWARD * h)
+            backward = stored + tokens * (coef * h + FAST_BACKWARD * h) + mlp_tokens * coef * inter
         else:
             stored = tokens * layers * per_layer
             backward = stored + tokens * FAST_BACKWARD * h
@@ -278,6 +283,7 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
                      f"{linear_ce.chunk_rows(vocab)} rows" + (", Liger norm/MLP" if liger else "")
+                     + (f", MLP in slices of {int(mlp_tokens)} tokens" if mlp_tokens < tokens else "")
                      + (", layer inputs offloaded to CPU" if tc.offload_activations and tc.gradient_checkpointing
                         else ""))
     if tc.offload_activations and not tc.gradient_checkpointing:

@@ -57,3 +57,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 scale: float) -> torch.Tensor:
     """x @ weight.T + bias + scale * (x @ a.T) @ b.T, one op at a time (kernels/lora.py, qlora.py fuse it)."""
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, a), b)
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The Llama-family MLP on the whole sequence at once: down(silu(x gate^T) * (x up^T)); what
+    kernels/tiled_mlp.py computes a slice at a time."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
