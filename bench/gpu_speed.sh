@@ -15,6 +15,8 @@
 #   bash bench/gpu_speed.sh qlora   (issue 19) QLoRA GPU tests, then at 1B and 8B, 16 records a step in one offloaded
 #        micro-batch: slimtune lora, slimtune-qlora with fused LoRA layers on and off, unsloth-qlora; qlora-1b and
 #        qlora-8b run one size each (the 8B half alone takes most of a 10-minute call: the saved folder is 16 GB)
+#   bash bench/gpu_speed.sh issue19-1b|issue19-8b   GPU tests of the new kernels, then the defaults (lora and qlora)
+#        beside unsloth (16-bit and 4-bit, padded) at one size; at 1B also compiled layers and a qlora profile
 #   bash bench/gpu_speed.sh long   tiled-MLP / architecture GPU tests, then bench/long_context.py --quick (8B, LoRA and
 #        QLoRA, whole GPU and 24 GiB); one command holds about half the cells: TOOLS=unsloth (or METHODS=qlora,
 #        CAPS=24) runs the rest in a second command
@@ -102,6 +104,14 @@ elif [ "$SIZE" = final-unsloth ]; then  # slimtune's defaults (Liger RoPE auto) 
 elif [ "$SIZE" = compile ]; then  # compiled layers with and without Liger (Liger's Functions vs dynamo under checkpointing)
   PYTHONPATH=/tmp/site timeout 560 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile:fused_rope=on,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off:fused_rope=on
+elif [ "$SIZE" = issue19-1b ] || [ "$SIZE" = issue19-8b ]; then  # issue 19: defaults beside unsloth, one machine
+  S=${SIZE#issue19-}; export UNSLOTH_MODES=padded
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_qlora.py \
+    tests/kernels/test_tiled_mlp_gpu.py tests/engine/test_plan.py -rs 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" --recipes defaults,defaults-qlora
+  PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --recipes unsloth,unsloth-qlora --out "$OUT/speed.jsonl"
+  [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload:compile,slimtune-qlora:bs=16:ga=1:offload:profile="$OUT/prof_qlora_1b.txt"
 elif [ "$SIZE" = long ]; then  # issue 19: the longest record that trains, slimtune beside unsloth
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_tiled_mlp_gpu.py \
     tests/kernels/test_tiled_mlp.py tests/kernels/test_architectures.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"

@@ -9,6 +9,8 @@ with -100, cut at max_len 1024), LoRA r=16 / alpha 16 / dropout 0 on the seven p
 per micro-batch, accumulation 2 (16 records per optimizer step), gradient checkpointing, bf16, lr 1e-4,
 2 warm-up steps then 6 timed steps.
 
+UNSLOTH_MODES=padded (environment) runs only unsloth's padded mode, its faster one.
+
 Recipes:
   hf       transformers Trainer + peft, padded batches (seed_recipe.py)
   liger    the same with Liger-Kernel patched into Llama (seed_recipe.py --liger)
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -198,15 +201,19 @@ def defaults_worker(a) -> dict:
     steps, warmup = a.steps, a.warmup
     _, raw = _workload(a.size, 16 * (steps + warmup + 2), a.max_len)
     out = Path(tempfile.mkdtemp(prefix="speed-defaults-"))
-    cfg = config_mod.from_dict({"method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0,
+    cfg = config_mod.from_dict({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
                                            "target_modules": ALL_LINEAR},
                                 "train": {**_defaults_train(steps + warmup), "output_dir": str(out / "run")},
                                 "data": {"max_len": a.max_len}})
-    model = _model(a.size, dev)
+    model = _model(a.size, dev, meta=a.method == "qlora")
     n_params = sum(p.numel() for p in model.parameters())
+    if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
+        from slimtune.methods.quant import quantization_config
+        from slimtune.models import load
+        model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
     lines: list[str] = []
-    row = dict(recipe="slimtune defaults (method + 16 records a step)", size=a.size, params=n_params,
+    row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step)", size=a.size, params=n_params,
                max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup),
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
     try:
@@ -283,13 +290,18 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         make = [] if Path(path, "config.json").exists() else \
             [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
         return make + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
-                        "--modes", "padded,padding_free", *steps]]
+                        "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"), *steps]]
     if name == "unsloth-qlora":
         path = f"/dev/shm/m{size}"
         return _make(size, path) + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
-                                     "--modes", "padded,padding_free", "--load-in-4bit", *steps]]
+                                     "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
+                                     "--load-in-4bit", *steps]]
     if name == "defaults":
         return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps]]
+    if name == "defaults-qlora":  # loads the saved folder unsloth's recipe also reads
+        path = f"/dev/shm/m{size}"
+        return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
+                                     "--method", "qlora", "--path", path]]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
@@ -297,7 +309,7 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
             path = f"/dev/shm/m{size}"
             return _make(size, path) + [args + ["--method", "qlora", "--path", path] + _keys(extra)]
         return [args + _keys(extra)]
-    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, unsloth-qlora, defaults, "
+    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, unsloth-qlora, defaults, defaults-qlora, "
                      "slimtune[:packing=..][:loss=..][:compile], slimtune-qlora[:...]")
 
 
