@@ -140,7 +140,8 @@ class TrainConfig:
     offload_activations: bool = False
     """keep saved activations in CPU memory (with checkpointing: layer inputs; an auto split may turn it on)"""
     packing: str = "auto"
-    """records packed in rows, no padding, attention within each record: auto (CUDA) | on | rows | off"""
+    """records packed in rows, no padding, attention within each record: auto (CUDA: each micro-batch's records in one
+    row, so batch_size records a step) | on (bins of micro_batch_size x max_len tokens) | rows | off"""
     loss: str = "auto"
     """head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)"""
     fused_lora: str = "auto"

@@ -109,18 +109,19 @@ def _family(name: str) -> str:
 _META: dict[str, tuple] = {}
 
 
-def _meta_model(cfg):
-    """The method applied to the model built on the meta device (cached: estimates come in grids)."""
-    key = repr((cfg.model.path, cfg.method))
+def _meta_model(cfg, mcfg=None):
+    """The method applied to the model built on the meta device (cached: estimates come in grids). mcfg: the
+    transformers config of a model built in code, instead of model.path's."""
+    key = repr((cfg.model.path if mcfg is None else mcfg.to_json_string(), cfg.method))
     if key not in _META:
-        _META[key] = _build_meta(cfg)
+        _META[key] = _build_meta(cfg, mcfg)
     return _META[key]
 
 
-def _build_meta(cfg):
+def _build_meta(cfg, mcfg=None):
     from transformers import AutoModelForCausalLM
 
-    mcfg = load_config(cfg.model.path, cfg.model.trust_remote_code)
+    mcfg = mcfg if mcfg is not None else load_config(cfg.model.path, cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
     shaped = replace(cfg.method, name="lora") if cfg.method.name in ("pissa", "qlora") else cfg.method
@@ -132,16 +133,17 @@ def _plan(cfg):
     return precision.plan(name, "cpu", cfg.train.adam_eps)
 
 
-def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> Estimate:
+def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg=None) -> Estimate:
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
     sharded, whole layers gathered while they compute. An auto split counts as one micro-batch of
-    train.batch_size (engine/plan.py chooses the real one)."""
+    train.batch_size (engine/plan.py chooses the real one). mcfg: the transformers config of the model to
+    train when it was built in code (default: model.path's)."""
     cfg = with_split(cfg)
     if gpus > 1:
-        return _sharded(cfg, rows, gpus)
-    model, mcfg = _meta_model(cfg)
+        return _sharded(cfg, rows, gpus, mcfg)
+    model, mcfg = _meta_model(cfg, mcfg)
     plan = _plan(cfg)
     est = Estimate(grad_accum=cfg.train.grad_accum)
     trainable_n = _parameters(est, model, cfg, plan)
@@ -207,7 +209,7 @@ def _parameters(est: Estimate, model, cfg, plan) -> int:
     return trainable_n
 
 
-def _sharded(cfg, rows, gpus: int) -> Estimate:
+def _sharded(cfg, rows, gpus: int, mcfg=None) -> Estimate:
     """One rank of an FSDP2 run: its share of the micro-batch (split by tokens, as the loop does), 1/gpus
     of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
     computes: the root (embeddings, head: kept from forward to backward) and two layers (the one computing
@@ -216,11 +218,11 @@ def _sharded(cfg, rows, gpus: int) -> Estimate:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     groups = distributed.split([n for n, _ in rows], gpus)
     mine = max(([rows[i] for i in g] for g in groups), key=lambda g: sum(n for n, _ in g))
-    est = estimate(cfg, mine or rows[:1])
+    est = estimate(cfg, mine or rows[:1], mcfg=mcfg)
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
         setattr(est, part, getattr(est, part) / gpus)
     est.optimizer_step_extra *= FSDP_STEP_EXTRA
-    model, _ = _meta_model(cfg)
+    model, _ = _meta_model(cfg, mcfg)
     plan = _plan(cfg)
 
     def size(ps) -> tuple[float, float]:

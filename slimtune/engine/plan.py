@@ -125,11 +125,13 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
         sizes: (length, trained tokens) of the training records, longest first (the worst micro-batch of m
             records is the first m); None: micro-batches of data.max_len tokens, all trained.
         gpus: several processes (FSDP2): the estimate is per GPU.
-        model: the model to train, when already built: checked to be model.path's shape, which the estimate reads.
+        model: the model to train, when already built: the estimate reads its transformers config; one
+            without (a module built in code) must have model.path's shape, else the CPU's rule is used.
     """
     if not device.startswith("cuda"):
         return on_cpu(cfg)
-    other = _other_shape(cfg, model) if model is not None else None
+    mcfg = _config_of(model)
+    other = _other_shape(cfg, model) if model is not None and mcfg is None else None
     if other:
         return on_cpu(cfg, f"{other}, so the memory estimate (made from model.path) does not apply; the CPU's "
                            f"rule: at most {CPU_MICRO} records a micro-batch (set train.micro_batch_size to choose)")
@@ -138,7 +140,7 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
     try:
         for micro in divisors(batch):
             for ck, off in _modes(cfg):
-                option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus)
+                option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg)
                 if option.peak <= free * (1 - MARGIN):
                     why = "the fewest micro-batches that fit" + (
                         ", without checkpointing" if not ck else ", with checkpointing" if not off
@@ -165,12 +167,21 @@ def _other_shape(cfg, model) -> str | None:
     return f"the model differs from model.path {cfg.model.path!r} in {', '.join(diff)}" if diff else None
 
 
-def _estimated(cfg, option: Option, sizes, gpus: int) -> Option:
+def _config_of(model):
+    """A transformers model's own config, as the estimate builds it on the meta device (without the 4-bit
+    quantization a qlora model was loaded with: the estimate counts that from method.quant_bits); or None."""
+    mcfg = getattr(getattr(model, "base_model", model), "config", None) if model is not None else None
+    if mcfg is None or not all(hasattr(mcfg, k) for k in SHAPE_KEYS) or not hasattr(mcfg, "to_dict"):
+        return None
+    return type(mcfg).from_dict({k: v for k, v in mcfg.to_dict().items() if k != "quantization_config"})
+
+
+def _estimated(cfg, option: Option, sizes, gpus: int, mcfg=None) -> Option:
     trial = replace(cfg, train=replace(cfg.train, micro_batch_size=option.micro_batch_size,
                                        grad_accum=option.grad_accum,
                                        gradient_checkpointing=option.gradient_checkpointing,
                                        offload_activations=option.offload_activations))
-    est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus)
+    est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus, mcfg)
     return replace(option, peak=est.peak + est.cuda_context)
 
 

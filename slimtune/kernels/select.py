@@ -46,11 +46,13 @@ class Kernels:
 
 
 def use_packing(mode: str, model, device: str) -> str | None:
-    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens),
-    "rows" (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in bins on
-    CUDA where packed rows are exact for the model. On the CPU auto stays off: padding costs less there
-    than on a GPU, and the per-record attention fallback (kernels/reference.py) is not measured faster
-    than one padded batch."""
+    """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens), "rows"
+    (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in rows on CUDA where
+    packed rows are exact for the model: rows keep train.batch_size records per optimizer step (bins hold as
+    many as fit, so a step's record count follows the lengths: 2 bins of 8 x 1,024 tokens took 46 records a step
+    instead of 16 on the bench workload, 2026-12-03); train.packing=on asks for bins. On the CPU auto stays off:
+    padding costs less there than on a GPU, and the per-record attention fallback (kernels/reference.py) is not
+    measured faster than one padded batch."""
     if mode == "off":
         return None
     why = attention.unsupported(model)
@@ -58,7 +60,7 @@ def use_packing(mode: str, model, device: str) -> str | None:
         raise ConfigError(f"train.packing={mode}: {why}; set train.packing=auto or off")
     if why is not None or (mode == "auto" and not device.startswith("cuda")):
         return None
-    return "rows" if mode == "rows" else "bins"
+    return "bins" if mode == "on" else "rows"
 
 
 def use_chunked_loss(mode: str, device: str) -> bool:
@@ -166,7 +168,7 @@ def on_gpu(cfg, hidden: int = 0) -> Kernels:
     packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
     4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""
     m, tc = cfg.method, cfg.train
-    packing = "off" if tc.packing == "off" else ("rows" if tc.packing == "rows" else "bins")
+    packing = "off" if tc.packing == "off" else ("bins" if tc.packing == "on" else "rows")
     fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off" and \
         not (m.name == "qlora" and m.quant_bits != 4)
     return Kernels(packing=packing, chunked_loss=tc.loss != "plain", fused_lora_layers=int(fused),

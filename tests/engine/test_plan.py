@@ -207,12 +207,24 @@ def test_gpu_free_memory_is_what_the_plan_fits(tiny_model_dir):
     assert got.chosen.micro_batch_size == 16 and got.chosen.peak <= got.budget  # a tiny model fits in one
 
 
-def test_a_model_of_another_shape_than_model_path_is_not_estimated(tiny_model_dir, tokenizer):
+def test_a_model_built_in_code_is_estimated_from_its_own_config(tiny_model_dir, tokenizer):
     from conftest import make_model
 
     cfg = _cfg(tiny_model_dir, batch_size=16)
     same = plan.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer)))
-    assert same == plan.choose(cfg, "cuda", free=80 * GIB)  # its shape: the estimate applies
-    other = plan.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer) + 8))
-    assert (other.chosen.micro_batch_size, other.chosen.peak) == (8, None)
-    assert other.why.startswith(f"the model differs from model.path {str(tiny_model_dir)!r} in vocab_size, so")
+    assert same == plan.choose(cfg, "cuda", free=80 * GIB)  # model.path's shape: the same estimate
+    wider = make_model(len(tokenizer) + 4096)  # a larger vocabulary: more weights and logits
+    other = plan.choose(cfg, "cuda", free=80 * GIB, model=wider)
+    assert other.chosen.peak is not None and other.chosen.peak > same.chosen.peak
+    assert other == plan.choose(replace_path(cfg, "embedded-nowhere"), "cuda", free=80 * GIB, model=wider)
+    # a module with no transformers config: model.path's shape is all there is; another path -> the CPU's rule
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lost = plan.choose(replace_path(cfg, str(tiny_model_dir / "missing")), "cuda", free=80 * GIB, model=bare)
+    assert (lost.chosen.micro_batch_size, lost.chosen.peak) == (8, None)
+    assert "gives no config.json" in lost.why
+
+
+def replace_path(cfg, path: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))

@@ -176,7 +176,7 @@ def test_which_models_and_settings_pack():
     llama = _model("llama", "lora")
     assert attention.unsupported(llama) is None
     assert use_packing("auto", llama, "cpu") is None  # the CPU keeps padded batches unless asked
-    assert use_packing("auto", llama, "cuda") == "bins"
+    assert use_packing("auto", llama, "cuda") == "rows"
     assert use_packing("on", llama, "cpu") == "bins" and use_packing("off", llama, "cuda") is None
     assert use_packing("rows", llama, "cpu") == "rows"
     prompt = methods.apply(make_model(VOCAB), MethodConfig(name="prompt_tuning", num_virtual_tokens=4))

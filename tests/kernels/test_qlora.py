@@ -166,7 +166,7 @@ def test_select_takes_qlora_layers_and_its_gpu_record_is_the_fast_engine():
     from slimtune import config
     cfg = config.Config()
     cfg.method = config.MethodConfig(name="qlora", dropout=0.0)
-    assert select.on_gpu(cfg) == select.Kernels(packing="bins", chunked_loss=True, fused_lora_layers=1)
+    assert select.on_gpu(cfg) == select.Kernels(packing="rows", chunked_loss=True, fused_lora_layers=1)
     assert select.on_gpu(cfg).fast
     cfg.method = config.MethodConfig(name="qlora", dropout=0.0, quant_bits=8)  # peft's Linear8bitLt: not fused
     assert select.on_gpu(cfg).fused_lora_layers == 0
@@ -211,7 +211,7 @@ def test_node_on_gpu_matches_the_reference_in_bf16_and_frees_the_weight():
         assert cos > 0.999, float(cos)
 
 
-ON_CPU = dict(precision="fp32", packing="on", loss="chunked", fused_lora="on")  # what auto takes on CUDA
+ON_CPU = dict(precision="fp32", packing="rows", loss="chunked", fused_lora="on")  # what auto takes on CUDA
 ON_GPU = dict(precision="bf16", offload_activations=True)  # the defaults, activations offloaded
 
 
@@ -236,7 +236,7 @@ def test_qlora_as_train_loads_it_takes_the_fast_paths_with_peft_s_loss_and_gradi
                              quantization=quant)
     prep = prepare(model, cfg, device, log=lambda *_: None, kernels=True)
     took = prep.kernels
-    assert took.fused_lora_layers == 14 and took.packing == "bins" and took.chunked_loss and took.fast
+    assert took.fused_lora_layers == 14 and took.packing == "rows" and took.chunked_loss and took.fast
     g = torch.Generator().manual_seed(2)
     records = [Encoded(torch.randint(0, len(tok), (n,), generator=g).tolist(),
                        [-100] * 5 + torch.randint(0, len(tok), (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]

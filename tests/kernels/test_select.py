@@ -28,7 +28,7 @@ def test_enable_on_the_cpu_returns_a_frozen_record_with_a_dict_view():
 def test_the_estimators_record_is_what_a_gpu_run_chooses():
     cfg = config.Config()
     cfg.method = config.MethodConfig(dropout=0.0)
-    assert select.on_gpu(cfg) == select.Kernels(packing="bins", chunked_loss=True, fused_lora_layers=1)
+    assert select.on_gpu(cfg) == select.Kernels(packing="rows", chunked_loss=True, fused_lora_layers=1)
     assert select.on_gpu(cfg).fast
     cfg.method = config.MethodConfig(dropout=0.1)  # peft's own layers: not fused, not the fast engine
     assert select.on_gpu(cfg).fused_lora_layers == 0 and not select.on_gpu(cfg).fast
