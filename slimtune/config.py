@@ -200,6 +200,11 @@ class TrainConfig:
     """on_nan=skip: a run that skipped more than this share of its steps fails, unsaved"""
     gpus: int = 1
     """GPUs of this machine (torchrun + FSDP2 started for you when > 1); under torchrun its count rules"""
+    fsdp_prefetch: int = 0
+    """several GPUs: all-gather the next N decoder layers ahead in forward and backward (0 = FSDP2's own)"""
+    fsdp_reshard: int = 0
+    """several GPUs: after its forward a layer is spread over N GPUs until backward (0 = all, least memory;
+    1 = kept whole, one all-gather per step instead of two; N dividing the GPU count: groups of N)"""
 
 
 @dataclass
@@ -419,6 +424,7 @@ RANGES: dict[str, str | tuple] = {
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
     "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
     "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)",
+    "train.fsdp_prefetch": "[0, inf)", "train.fsdp_reshard": "[0, inf)",
     "data.max_turns": "[0, inf)", "train.eval_max_tokens": "[-1, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little

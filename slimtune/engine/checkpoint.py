@@ -46,7 +46,8 @@ FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "trai
 # and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
 # gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
 FREE_KEYS |= {"train.lr", "train.max_skipped_share"}
-FREE_KEYS |= {"train.gpus"}  # a checkpoint holds whole tensors: it resumes on any number of processes
+# a checkpoint resumes on any number of processes, however they shard
+FREE_KEYS |= {"train.gpus", "train.fsdp_prefetch", "train.fsdp_reshard"}
 
 
 def step_folder(out_dir: Path, step: int) -> Path:

@@ -83,6 +83,22 @@ def test_split_balances_tokens():
     assert distributed.split([7], 3) == [[0], [], []]  # a rank may get none: it runs an idle forward
 
 
+def test_qlora_refused_with_reason_and_way_out(monkeypatch):
+    monkeypatch.setattr(distributed, "active", lambda: True)  # as under torchrun with 2 processes
+    why = distributed.check_method("qlora")
+    assert "accelerate#3983" in why and "loss 0 with NaN gradients" in why  # why: what happened elsewhere
+    assert "method.name=lora on a bf16 base" in why and "train.gpus=1" in why  # what to do instead
+    assert distributed.check_method("lora") is None and distributed.check_method("full") is None
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    assert distributed.check_method("qlora") is None  # one process: qlora trains as ever
+
+
+def test_fsdp_reshard_setting():
+    assert [distributed.reshard_after_forward(g, 8) for g in (0, 8, 1, 2, 4)] == [True, True, False, 2, 4]
+    with pytest.raises(distributed.ShardingError, match=r"train.fsdp_reshard=3: .*divisor of the GPU count \(8\)"):
+        distributed.reshard_after_forward(3, 8)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_processes_match_one(work, method):
     one = _config(work, f"one-{method}", save_every=3)
