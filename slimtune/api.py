@@ -126,7 +126,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
-    elif (folder / parts.PARTS).is_file():
+    elif parts.saved(folder):
         model = parts.load(model, folder)
     else:
         raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..engine import sharded
 from ..engine.distributed import trainable_state
 from ..errors import DamagedFileError, MismatchError
 
@@ -22,8 +23,17 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
 
 
+def saved(folder: Path) -> bool:
+    """The folder holds our methods' parts: the file, or a checkpoint's DCP shards (engine/sharded.py)."""
+    return (Path(folder) / PARTS).is_file() or sharded.present(folder)
+
+
 def load(base, folder: Path):
-    """Copy the saved parameters into the base model in place; every saved name must exist in it."""
+    """Copy the saved parameters into the base model in place; every saved name must exist in it. A
+    checkpoint of a full fine-tuning on several GPUs is consolidated from its DCP shards."""
+    if not (Path(folder) / PARTS).is_file() and sharded.present(folder):
+        sharded.load_weights(folder, dict(base.named_parameters()))
+        return base
     try:
         state = load_file(str(Path(folder) / PARTS))
     except SafetensorError as err:

@@ -82,7 +82,7 @@ def _adapter(base, folder: Path):
         except (SafetensorError, json.JSONDecodeError) as err:  # a save cut short, or a file damaged since
             raise DamagedFileError(f"{folder}: its adapter files cannot be read ({type(err).__name__}: {err}); "
                                    "restore them or train the run again") from None
-    if (folder / parts.PARTS).is_file():
+    if parts.saved(folder):
         return parts.load(base, folder)
     raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
                            "finish saving")
