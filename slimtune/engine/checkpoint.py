@@ -172,9 +172,9 @@ def load(folder: Path, model, optimizer=None) -> dict:
     """Copy the checkpoint's trainable parameters into the model and its AdamW state into `optimizer`
     (when given), whatever the number of processes that wrote it and that read it; returns its trainer state."""
     folder = Path(folder)
-    state = _load_state(folder / STATE)
-    if "sharded" in state:
-        sharded.load(folder, model, optimizer, state["sharded"])
+    if sharded.present(folder):
+        state = _load_state(folder / STATE)
+        sharded.load(folder, model, optimizer, state.get("sharded"))
         return state
     weights = load_file(str(folder / (RAW if (folder / RAW).is_file() else PARTS)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -185,6 +185,7 @@ def load(folder: Path, model, optimizer=None) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part
+    state = _load_state(folder / STATE)
     if optimizer is not None and distributed.active():
         distributed.load_optimizer_state(optimizer, state["optimizer"])
     elif optimizer is not None:

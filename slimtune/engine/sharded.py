@@ -96,12 +96,17 @@ def _check_shapes(reader, wanted: dict[str, torch.Tensor], where: Path) -> None:
                                 "another model or method")
 
 
-def load(folder: Path, model, optimizer, record: dict) -> None:
-    """Load weights and AdamW state into this run's (sharded or whole) parameters: DCP reads each rank's
-    part from whichever shards hold it. All ranks call it."""
+def load(folder: Path, model, optimizer, record: dict | None) -> None:
+    """Load weights and AdamW state (optimizer None: weights only) into this run's sharded or whole
+    parameters: DCP reads each rank's part from whichever shards hold it. All ranks call it. record: what
+    save() returned, from the checkpoint's trainer state; the shards must be the ones it lists."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if not isinstance(record, dict) or record.get("index", {}).get("files") != _reader(folder)[1]["files"]:
+        raise UntrustedCheckpointError(f"{Path(folder) / DIR}: its trainer state ({Path(folder) / 'trainer_state.pt'})"
+                                       " does not record these shards; delete this checkpoint folder and resume from "
+                                       "an earlier one")
     reader, index = _reader(folder)
     trained = _trained(model)
     if sorted(trained) != index["params"]:
@@ -109,12 +114,14 @@ def load(folder: Path, model, optimizer, record: dict) -> None:
         raise MismatchError(f"{folder}: its trained parameters differ from this model's ({', '.join(odd[:4])}); "
                             "it was written by another model or method")
     _check_shapes(reader, {n: p for n, p in trained.items()}, Path(folder) / DIR)
-    optim = _optimizer_state(model, optimizer)  # its state made (zero) where none is yet: DCP fills it
-    state = {"model": trained, "optim": {"state": optim["state"]}}
+    state = {"model": trained}
+    if optimizer is not None:  # its state made (zero) where none is yet: DCP fills it
+        state["optim"] = {"state": _optimizer_state(model, optimizer)["state"]}
     with torch.no_grad():
         dcp.load(state, storage_reader=reader, no_dist=not distributed.active())
-    set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"],
-                                                "param_groups": record["param_groups"]})
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"],
+                                                    "param_groups": record["param_groups"]})
 
 
 def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:

@@ -123,6 +123,7 @@ def test_two_processes_match_one(work, method):
     assert worst <= tol, worst
     if method == "full":  # 2 processes write full fine-tuning checkpoints sharded (DCP), merge consolidates them
         _merge_sharded(work, wb)
+        _resume_on_one(work, b, method, artifact, procs=2)  # DCP's sharded load (DTensors), then 1 process's
     # either checkpoint resumes on 1 process: the lora one is the single-process format, DCP reshards the other
     _resume_on_one(work, b, method, artifact)
 
@@ -148,12 +149,13 @@ def _merge_sharded(work: Path, final: dict[str, torch.Tensor]) -> None:
         assert torch.equal(merged(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
-def _resume_on_one(work: Path, two_losses: dict[int, float], method: str, artifact: str) -> None:
-    run = work / f"two-{method}"  # back to its step-3 checkpoint, then on with a single process
+def _resume_on_one(work: Path, two_losses: dict[int, float], method: str, artifact: str, procs: int = 1) -> None:
+    run = work / f"two-{method}"  # back to its step-3 checkpoint, then on with `procs` processes
     shutil.rmtree(run / "checkpoints" / "step-000006")
     for f in (artifact, "adapter_config.json"):
         (run / f).unlink(missing_ok=True)
-    out = _single(work / f"two-{method}.yaml", "--resume")
+    out = _single(work / f"two-{method}.yaml", "--resume") if procs == 1 else \
+        _run(procs, work / f"two-{method}.yaml", "--resume")
     assert "resuming from" in out and "at step 3 of 6" in out, out[-2000:]
     again = _losses(run)
     for s in (4, 5, 6):

@@ -30,6 +30,8 @@ def test_round_trip_weights_and_adamw_state(tmp_path):
     assert record["index"]["params"] == ["0.bias", "0.weight", "1.weight"]
     assert not any(p.suffix in (".metadata", ".distcp") for p in (tmp_path / "sharded").iterdir())  # no pickle
     fresh, fresh_opt = _trained(1)
+    with pytest.raises(sharded.UntrustedCheckpointError, match="does not record these shards"):
+        sharded.load(tmp_path, fresh, fresh_opt, None)  # a trainer state without the record: not ours
     sharded.load(tmp_path, fresh, fresh_opt, record)
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         if a.requires_grad:
