@@ -15,7 +15,9 @@ and slices; only the files index.json lists are read, and a folder holding any o
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +40,14 @@ def _optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns on every single-process call that it assumes one process: that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent")
+        yield
+
+
 def _trained(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -51,8 +61,9 @@ def save(folder: Path, model, optimizer) -> dict:
     target = Path(folder) / DIR
     optim = _optimizer_state(model, optimizer)
     writer = HuggingFaceStorageWriter(str(target), save_distributed=True)
-    dcp.save({"model": _trained(model), "optim": {"state": optim["state"]}}, storage_writer=writer,
-             no_dist=not distributed.active())
+    with _quiet():
+        dcp.save({"model": _trained(model), "optim": {"state": optim["state"]}}, storage_writer=writer,
+                 no_dist=not distributed.active())
     distributed.barrier()
     index = {"writer": "slimtune", "format": FORMAT, "world_size": distributed.size(),
              "params": sorted(_trained(model)), "files": sorted(p.name for p in target.glob("*.safetensors"))}
@@ -117,7 +128,7 @@ def load(folder: Path, model, optimizer, record: dict | None) -> None:
     state = {"model": trained}
     if optimizer is not None:  # its state made (zero) where none is yet: DCP fills it
         state["optim"] = {"state": _optimizer_state(model, optimizer)["state"]}
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         dcp.load(state, storage_reader=reader, no_dist=not distributed.active())
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"],
@@ -136,7 +147,7 @@ def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:
                             "on another model?")
     wanted = {n: params[n] for n in index["params"]}
     _check_shapes(reader, wanted, Path(folder) / DIR)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         dcp.load({"model": wanted}, storage_reader=reader, no_dist=True)
 
 

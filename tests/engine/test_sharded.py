@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from slimtune.engine import sharded
+from slimtune.engine import guards, sharded
 from slimtune.errors import MismatchError
 
 
@@ -40,6 +40,8 @@ def test_round_trip_weights_and_adamw_state(tmp_path):
         assert set(a) == set(b) == {"step", "exp_avg", "exp_avg_sq"}
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert fresh_opt.param_groups[0]["lr"] == 1e-2
+    top = max(float(p.detach().abs().max()) for p in model.parameters() if p.requires_grad)
+    assert guards.checkpoint_max(tmp_path) == top  # the weights only, not AdamW's state beside them
     whole = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     sharded.load_weights(tmp_path, whole)  # what merge does
     assert torch.equal(whole["0.weight"], model[0].weight) and not whole["1.bias"].any()
