@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from slimtune import cli
 from slimtune.engine import guards, sharded
 from slimtune.errors import MismatchError
 
@@ -44,6 +45,7 @@ def test_round_trip_weights_and_adamw_state(tmp_path):
     assert guards.checkpoint_max(tmp_path) == top  # the weights only, not AdamW's state beside them
     whole = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     sharded.load_weights(tmp_path, whole)  # what merge does
+    cli.check_run(tmp_path)  # merge/chat/eval take the step folder as a finished run's: no error
     assert torch.equal(whole["0.weight"], model[0].weight) and not whole["1.bias"].any()
 
 
