@@ -10,9 +10,10 @@ one found for --resume, and SIGINT/SIGTERM turned into a save at the next step b
                                 processes, each rank's shard written through DCP (engine/sharded.py)
         COMPLETE                written last, before the folder gets its name
 
-A folder is written as .tmp-step-000120-<pid>, every file fsynced, then renamed: a kill leaves either
-a complete step folder or a .tmp one, which is never picked and is removed by the next run. Pruning
-renames a step folder to .old-step-000120-<pid> before deleting it, for the same reason.
+A folder is written as .tmp-step-000120-<pid> (-dcp when sharded: one name on every rank), every file
+fsynced, then renamed: a kill leaves either a complete step folder or a .tmp one, which is never picked
+and is removed by the next run. Pruning renames a step folder to .old-step-000120-<pid> before deleting
+it, for the same reason.
 """
 from __future__ import annotations
 
