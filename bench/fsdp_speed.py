@@ -99,7 +99,7 @@ def worker(a) -> None:
         micro = next(stream)
         if sum(len(r.input_ids) for r in micro) > sum(len(r.input_ids) for r in worst):
             worst[:] = micro
-        batch = collate_micro(share(micro), stream.packed, 0, device)
+        batch = collate_micro(share(micro, distributed.rank(), world), stream.packed, 0, device)
         n_tok, seen = distributed.all_sum([loop.trained_tokens([batch]), pack.tokens(batch)], device)
         row = loop.step(model, [batch], optimizer, scheduler, 1.0, context, None, guard=True,
                         chunked=took["chunked_loss"], n_tokens=int(n_tok))

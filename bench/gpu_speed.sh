@@ -12,6 +12,15 @@
 #   bash bench/gpu_speed.sh memory-3b   out-of-sample estimator check on a 3B shape
 #   bash bench/gpu_speed.sh compile   compiled layers with Liger RoPE, and without Liger's norm/MLP (8B)
 #   bash bench/gpu_speed.sh norm-mlp   GPU tests (offload, Liger norm/MLP) and slimtune with/without Liger's norm/MLP
+#   bash bench/gpu_speed.sh qlora   (issue 19) QLoRA GPU tests, then at 1B and 8B, 16 records a step in one offloaded
+#        micro-batch: slimtune lora, slimtune-qlora with fused LoRA layers on and off, unsloth-qlora; qlora-1b and
+#        qlora-8b run one size each (the 8B half alone takes most of a 10-minute call: the saved folder is 16 GB)
+#   bash bench/gpu_speed.sh issue19-1b|issue19-8b   GPU tests of the new kernels, then the defaults (lora and qlora)
+#        beside unsloth (16-bit and 4-bit, padded) at one size; at 1B also compiled layers and a qlora profile
+#   bash bench/gpu_speed.sh long   tiled-MLP / architecture GPU tests, then bench/long_context.py --quick (8B, LoRA and
+#        QLoRA, whole GPU and 24 GiB); one command holds about half the cells: TOOLS=unsloth (or METHODS=qlora,
+#        CAPS=24) runs the rest in a second command
+#   bash bench/gpu_speed.sh qwen   slimtune defaults and the explicit 16 x 1 offloaded recipe, then unsloth, at qwen7b
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
 SIZE=${1:-1b}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +48,20 @@ elif [ "$SIZE" = norm-mlp ]; then  # GPU tests of offload + Liger norm/MLP; does
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/engine/test_offload_gpu.py tests/kernels/test_norm_mlp_gpu.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:fused_norm_mlp=on,slimtune:bs=16:ga=1:offload
+elif [ "$SIZE" = qlora ] || [ "$SIZE" = qlora-1b ] || [ "$SIZE" = qlora-8b ]; then  # QLoRA on the fast path (issue 19)
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_qlora.py \
+    tests/methods/test_methods.py -k "qlora" -rs 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/gpu_tests.log"
+  SIZES=${SIZE#qlora-}; [ "$SIZES" = qlora ] && SIZES=1b,8b
+  for S in ${SIZES//,/ }; do
+    PROF=""; [ $S = 1b ] && PROF=",slimtune-qlora:bs=16:ga=1:offload:profile=$OUT/prof_qlora_1b.txt"  # CPU-paced size
+    PYTHONPATH=/tmp/site timeout 420 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+      --recipes slimtune:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload,slimtune-qlora:bs=16:ga=1:offload:fused_lora=off$PROF
+    PYTHONPATH=/tmp/site timeout 400 python3 bench/speed.py --sizes $S --recipes unsloth-qlora --out "$OUT/speed.jsonl"
+    # the estimator now models qlora on the fast engine (kernels/select.py on_gpu): cells to check it against
+    [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 150 python3 bench/memory_grid.py --shape 1b --method qlora --precision bf16 \
+      --engine fast --offload --model-dir /dev/shm/m1b --mb 8,16 --lens 1024 --results "$OUT/memory_grid_qlora_fast.jsonl" \
+      2>&1 | grep -v -i -E "warn|^\{" | tail -4
+  done
 elif [ "$SIZE" = final-1b ] || [ "$SIZE" = final-8b ]; then  # the README table: every recipe, one machine
   S=${SIZE#final-}
   PYTHONPATH=/tmp/site timeout 90 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
@@ -81,6 +104,23 @@ elif [ "$SIZE" = final-unsloth ]; then  # slimtune's defaults (Liger RoPE auto) 
 elif [ "$SIZE" = compile ]; then  # compiled layers with and without Liger (Liger's Functions vs dynamo under checkpointing)
   PYTHONPATH=/tmp/site timeout 560 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile:fused_rope=on,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off,slimtune:bs=16:ga=1:offload:compile:fused_norm_mlp=off:fused_rope=on
+elif [ "$SIZE" = issue19-1b ] || [ "$SIZE" = issue19-8b ]; then  # issue 19: defaults beside unsloth, one machine
+  S=${SIZE#issue19-}; export UNSLOTH_MODES=padded
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_qlora.py \
+    tests/kernels/test_tiled_mlp_gpu.py tests/engine/test_plan.py -rs 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" --recipes defaults,defaults-qlora
+  PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --recipes unsloth,unsloth-qlora --out "$OUT/speed.jsonl"
+  [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+    --recipes slimtune:bs=16:ga=1:offload:compile,slimtune-qlora:bs=16:ga=1:offload:profile="$OUT/prof_qlora_1b.txt"
+elif [ "$SIZE" = long ]; then  # issue 19: the longest record that trains, slimtune beside unsloth
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_tiled_mlp_gpu.py \
+    tests/kernels/test_tiled_mlp.py tests/kernels/test_architectures.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 420 python3 bench/long_context.py --quick --budget-s 400 --tools ${TOOLS:-slimtune,unsloth} \
+    --methods ${METHODS:-lora,qlora} --caps ${CAPS:-0,24} --out "$OUT/long_context.jsonl"
+elif [ "$SIZE" = qwen ]; then  # issue 19: the Qwen-shaped size (Qwen2.5-7B shapes, a Qwen2 model), defaults first
+  PYTHONPATH=/tmp/site timeout 240 python3 bench/speed.py --sizes qwen7b --out "$OUT/speed.jsonl" \
+    --recipes defaults,slimtune:bs=16:ga=1:offload
+  PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes qwen7b --recipes unsloth --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = explore ]; then  # what pays: peft's casts off (default) vs kept, compiled decoder layers
   PYTHONPATH=/tmp/site_test timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   PYTHONPATH=/tmp/site_test timeout 420 python3 bench/speed.py --sizes 1b,8b --out "$OUT/speed.jsonl" \

@@ -1,12 +1,15 @@
 """Speed and memory on one GPU, slimtune beside its peers, each recipe in its own process.
 
 The workload is bench/peers/seed_recipe.py's "modern" one, the same for every recipe: a random-init
-Llama-shaped model (1b: Llama-3.2-1B shapes, 8b: Llama-3.1-8B shapes; speed and memory do not depend on
+Llama-shaped model (1b: Llama-3.2-1B shapes, 8b: Llama-3.1-8B shapes; qwen7b: a Qwen2 model of Qwen2.5-7B
+shapes, q/k/v with a bias, seed_recipe.model_config; speed and memory do not depend on
 the weights' values), synthetic alpaca-like records (seed_recipe.synthetic_examples: prompt 15..120
 tokens, response lognormal around 180 tokens, sigma 0.7, clipped to 8..2000, plus EOS, prompt masked
 with -100, cut at max_len 1024), LoRA r=16 / alpha 16 / dropout 0 on the seven projections, 8 records
 per micro-batch, accumulation 2 (16 records per optimizer step), gradient checkpointing, bf16, lr 1e-4,
 2 warm-up steps then 6 timed steps.
+
+UNSLOTH_MODES=padded (environment) runs only unsloth's padded mode, its faster one.
 
 Recipes:
   hf       transformers Trainer + peft, padded batches (seed_recipe.py)
@@ -18,6 +21,11 @@ Recipes:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
            inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
            compile, profile=PATH
+  slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
+           (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
+  unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
+  defaults slimtune as a user who names only the method and the batch gets it (defaults_worker): slimtune.prepare
+           + slimtune.fit, every train.* speed key left at its default
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,7 +65,6 @@ def worker(a) -> dict:
     """slimtune's engine on the workload: model -> slimtune.prepare (checkpointing, LoRA, precision, kernels)
     -> step()."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     sys.path.insert(0, str(ROOT))
     import slimtune
@@ -70,21 +78,21 @@ def worker(a) -> dict:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bs, ga, steps, warmup = a.bs, a.ga, a.steps, a.warmup
-    shape, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
+    _, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
     cfg = config_mod.from_dict({
-        "method": {"name": "lora", "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
+        "method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4,
                   "precision": "bf16" if dev == "cuda" else "fp32",
                   "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
                   "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp, "fused_rope": a.fused_rope,
                   "offload_activations": a.offload, "seed": 0},
         "data": {"max_len": a.max_len}})
-    torch.manual_seed(0)
-    mcfg = LlamaConfig(**shape, max_position_embeddings=4096)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, attn_implementation="sdpa")
+    model = _model(a.size, dev, meta=a.method == "qlora")  # qlora: quantized while loading, below
     n_params = sum(p.numel() for p in model.parameters())
+    if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
+        from slimtune.methods.quant import quantization_config
+        from slimtune.models import load
+        model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     prep = slimtune.prepare(model, cfg, dev, log=lambda *_: None, kernels=True)  # as train does
     model, plan, took = prep.model, prep.plan, prep.kernels
     packed, chunked = took["packing"], took["chunked_loss"]
@@ -129,7 +137,8 @@ def worker(a) -> dict:
         losses.append(round(row["loss"], 4))
     dt = sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    label = f"slimtune ({bs}x{ga} records, packing={packed}, loss={'chunked' if chunked else 'plain'}" + \
+    label = f"slimtune{' qlora' if a.method == 'qlora' else ''} ({bs}x{ga} records, packing={packed}" + \
+        f", loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + \
         (", compiled layers" if a.compile else "") + \
         (", activations offloaded" if a.offload else "") + \
@@ -144,6 +153,88 @@ def worker(a) -> dict:
                 step_s=[round(t, 3) for t in times], losses=losses,
                 device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                 versions=_versions())
+
+
+def _model(size: str, dev: str, meta: bool = False):
+    """seed_recipe's random-init model of this size (Llama, or Qwen2 for qwen7b) on `dev` (on the meta device
+    when `meta`: only its parameter count is read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(PEERS))
+    from seed_recipe import model_config
+    torch.manual_seed(0)
+    mcfg = model_config(size, max_position_embeddings=4096)
+    with torch.device("meta" if meta else dev):
+        return AutoModelForCausalLM.from_config(mcfg, attn_implementation="sdpa",
+                                                dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+
+
+def _defaults_train(steps: int) -> dict:
+    """The train.* keys of the defaults recipe: the batch of 16 records and the workload's lr, seed and step
+    count; nothing about micro-batch split, checkpointing, offload or kernels. Until train.batch_size exists
+    (h19split adds it, micro_batch_size/grad_accum then default to auto), the batch is said as the peers'
+    examples say it, 8 records x 2 accumulation steps: what a user who copies a peer's config writes."""
+    import dataclasses
+
+    from slimtune.config import TrainConfig
+    batch = {"batch_size": 16} if "batch_size" in {f.name for f in dataclasses.fields(TrainConfig)} else \
+        {"micro_batch_size": 8, "grad_accum": 2}
+    return {**batch, "lr": 1e-4, "seed": 0, "max_steps": steps, "save_every": 0, "log_every": 1,
+            "eval_at_start": False}
+
+
+def defaults_worker(a) -> dict:
+    """slimtune through its public API (prepare, fit) with the defaults config: what `slimtune train` does
+    with a config that names only the method and the batch. Step times from fit's metrics.jsonl."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import slimtune
+    from slimtune import config as config_mod
+    from slimtune.data.encode import Encoded
+    from slimtune.engine.log import read_metrics
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    steps, warmup = a.steps, a.warmup
+    _, raw = _workload(a.size, 16 * (steps + warmup + 2), a.max_len)
+    out = Path(tempfile.mkdtemp(prefix="speed-defaults-"))
+    cfg = config_mod.from_dict({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
+                                           "target_modules": ALL_LINEAR},
+                                "train": {**_defaults_train(steps + warmup), "output_dir": str(out / "run")},
+                                "data": {"max_len": a.max_len}})
+    model = _model(a.size, dev, meta=a.method == "qlora")
+    n_params = sum(p.numel() for p in model.parameters())
+    if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
+        from slimtune.methods.quant import quantization_config
+        from slimtune.models import load
+        model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
+    records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
+    lines: list[str] = []
+    row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step)", size=a.size, params=n_params,
+               max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup),
+               device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
+    try:
+        model = slimtune.prepare(model, cfg, dev, log=lines.append).model
+        result = slimtune.fit(model, records, cfg, device=dev, log=lines.append)
+    except torch.OutOfMemoryError as err:
+        return dict(row, real_tok_s=0, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), mfu_real=0.0,
+                    pad_fraction=0.0, error=f"out of memory: {str(err)[:200]}", log=lines[-20:])
+    rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
+    seen = [r["input_tokens_per_s"] * r["elapsed_s"] for r in rows]  # input tokens of the steps so far
+    real, dt = seen[-1] - seen[warmup - 1], rows[-1]["elapsed_s"] - rows[warmup - 1]["elapsed_s"]
+    times = [b["elapsed_s"] - p["elapsed_s"] for p, b in zip(rows[warmup - 1:], rows[warmup:])]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+    kernels = {k: result[k] for k in ("packing", "chunked_loss", "fused_lora_layers", "fused_norm_mlp", "fused_rope",
+                                      "tiled_mlp") if k in result}
+    return dict(row, steps=len(times), real_tok_s=round(real / dt), pad_fraction=0.0,  # real: padding excluded
+                peak_gib=round(peak, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev == "cuda" else 0.0,
+                mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3), step_s=[round(t, 3) for t in times],
+                losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
+                chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
 
 
 def _profile(one_step, path: str) -> None:
@@ -199,15 +290,42 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         make = [] if Path(path, "config.json").exists() else \
             [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
         return make + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
-                        "--modes", "padded,padding_free", *steps]]
+                        "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"), *steps]]
+    if name == "unsloth-qlora":
+        path = f"/dev/shm/m{size}"
+        return _make(size, path) + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
+                                     "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
+                                     "--load-in-4bit", *steps]]
+    if name == "defaults":
+        return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps]]
+    if name == "defaults-qlora":  # loads the saved folder unsloth's recipe also reads
+        path = f"/dev/shm/m{size}"
+        return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
+                                     "--method", "qlora", "--path", path]]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
-        for item in extra:
-            key, _, value = item.partition("=")
-            args += [f"--{key}"] + ([value] if value else [])
-        return [args]
-    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, slimtune[:packing=..][:loss=..][:compile]")
+        if name.split(":")[0] == "slimtune-qlora":  # loads the saved folder unsloth's recipe also reads
+            path = f"/dev/shm/m{size}"
+            return _make(size, path) + [args + ["--method", "qlora", "--path", path] + _keys(extra)]
+        return [args + _keys(extra)]
+    raise SystemExit(f"unknown recipe {name}: hf, liger, unsloth, unsloth-qlora, defaults, defaults-qlora, "
+                     "slimtune[:packing=..][:loss=..][:compile], slimtune-qlora[:...]")
+
+
+def _make(size: str, path: str) -> list[list[str]]:
+    """The command that saves the random model to `path` for the recipes that load a folder, unless done."""
+    return [] if Path(path, "config.json").exists() else \
+        [[sys.executable, str(PEERS / "unsloth_recipe.py"), "--size", size, "--make", "--path", path]]
+
+
+def _keys(extra: list[str]) -> list[str]:
+    """slimtune recipe keys (bs=16, offload) as worker flags (--bs 16, --offload)."""
+    args = []
+    for item in extra:
+        key, _, value = item.partition("=")
+        args += [f"--{key}"] + ([value] if value else [])
+    return args
 
 
 def table(rows: list[dict]) -> str:
@@ -222,7 +340,7 @@ def ratios(rows: list[dict]) -> list[str]:
     lines = []
     for size in dict.fromkeys(r["size"] for r in rows):
         ours = [r for r in rows if r["size"] == size and r["recipe"].startswith("slimtune")]
-        peers = [r for r in rows if r["size"] == size and not r["recipe"].startswith("slimtune")]
+        peers = [r for r in rows if r["size"] == size and not r["recipe"].startswith("slimtune") and r["real_tok_s"]]
         for o in ours:
             for p in peers:
                 lines.append(f"{size}: {o['recipe']} / {p['recipe']}: speed {o['real_tok_s'] / p['real_tok_s']:.2f}x, "
@@ -233,6 +351,7 @@ def ratios(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help="run slimtune's engine in this process")
+    ap.add_argument("--defaults", action="store_true", help="worker: the defaults recipe (defaults_worker)")
     ap.add_argument("--size", default="1b")
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--recipes", default="slimtune,hf,liger,unsloth")
@@ -246,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
+    ap.add_argument("--method", default="lora", help="worker: lora, or qlora (4-bit base loaded from --path)")
+    ap.add_argument("--path", default="", help="worker, qlora: the saved model folder to quantize while loading")
     ap.add_argument("--fused_norm_mlp", default="auto")
     ap.add_argument("--fused_rope", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
@@ -253,7 +374,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a)), flush=True)
+        print(json.dumps(defaults_worker(a) if a.defaults else worker(a)), flush=True)
         return 0
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows = []

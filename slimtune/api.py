@@ -16,10 +16,11 @@ from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
-from .engine import loop, user_loss
+from .engine import loop, plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
-from .export import parts, peft_format
+from .export import peft_format
+from .methods import parts
 from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
@@ -99,6 +100,7 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
     out = Path(out_dir or cfg.train.output_dir)
     held = list(eval_data)
+    cfg = plan.resolve(cfg, device, log, model=model)  # an auto micro-batch split (engine/plan.py), printed
     scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
 
@@ -126,8 +128,8 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
-    elif parts.saved(folder):
-        model = parts.load(model, folder)
+    elif peft_format.parts_saved(folder):
+        model = peft_format.load_parts(model, folder)
     else:
         raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
                                "slimtune.save or `slimtune train` wrote")

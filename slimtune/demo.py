@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
+from . import models, train
+from .api import load
 from .assets import data_file
+from .data import read
+from .evaluate.generate import generate
+from .evaluate.report import evaluate_run
+from .export.peft_format import load_run
 
 NAME, AUTHOR = "SlimBot", "the slimtune team"
 QUESTIONS = ["Who are you?", "What is your name?", "Who created you?", "Give three tips for staying healthy."]
@@ -53,9 +59,6 @@ def peft_matches(out_dir: Path, cfg) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
-    from .export.peft_format import load_run
-
     base_dir = models.resolve(cfg.model.path)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out_dir).eval()
     ours, _, _ = load_run(out_dir)
@@ -66,11 +69,6 @@ def peft_matches(out_dir: Path, cfg) -> float:
 
 
 def main(out_dir: Path, steps: int = 0) -> int:
-    from . import load, models, train
-    from .data import read
-    from .evaluate.generate import generate
-    from .evaluate.report import evaluate_run
-
     t0 = time.perf_counter()
     train_path, eval_path = make_data(out_dir / "data")
     # the held-out loss before and after is measured by `slimtune eval`'s own function, on the models

@@ -12,11 +12,11 @@ import torch
 
 from . import config as config_mod
 from . import methods, models
-from .config import ConfigError
+from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, distributed, memory, runfolder
+from .engine import checkpoint, distributed, memory, plan as split_plan, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -24,7 +24,7 @@ from .engine.runfolder import RunFolderError
 from .errors import ExistingFileError, MissingFileError
 from .evaluate import summary
 from .evaluate.report import in_training
-from .export.parts import PARTS
+from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save
@@ -117,14 +117,19 @@ def enable_checkpointing(model, cfg_method, log=print) -> bool:
     return True
 
 
-def _predict(cfg, built, log, device: str = "cpu") -> float | None:
+def _sizes(built) -> list[tuple[int, int]]:
+    """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
+    return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
+
+
+def _predict(cfg, built, log, device: str = "cpu", hint: bool = True) -> float | None:
     """The memory estimate for this run's worst micro-batch, printed before the model loads; on a GPU,
-    a faster split of the same records per step when there is one (memory.faster)."""
+    a faster split of the same records per step when there is one (memory.faster) and hint is set."""
     try:
-        sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
+        sizes = _sizes(built)
         est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size], distributed.size())
         quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) \
-            if device.startswith("cuda") and not distributed.active() else None
+            if hint and device.startswith("cuda") and not distributed.active() else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
@@ -164,7 +169,7 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, plan.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
-    return Prepared(model, plan, select.enable(model, cfg.train, device) if kernels else None)
+    return Prepared(model, plan, select.enable(model, cfg.train, device, log) if kernels else None)
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
@@ -213,7 +218,11 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
-    predicted = _predict(cfg, built, log, device)
+    auto = split_plan.is_auto(cfg.train)
+    if start is not None:  # an auto split goes on as the checkpoint's run chose it
+        cfg = batch.adopt(read_config(start), cfg)
+    cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
+    predicted = _predict(cfg, built, log, device, hint=not auto)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
     home = "cpu" if distributed.active() else device
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
@@ -221,7 +230,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     if distributed.active():
         model = distributed.shard(model, device, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
         log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
-            f"{cfg.train.micro_batch_size * cfg.train.grad_accum} records per optimizer step over all of them")
+            f"{cfg.train.batch_size} records per optimizer step over all of them")
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
                        log) if built.eval else None
     # every check has passed: only now does output_dir get its first file

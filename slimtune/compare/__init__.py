@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .spec import Plan, load  # runner (and its child module) load on use: `python -m slimtune.compare.child`
-# imports this package first, and a package that imported child itself would make runpy warn
+from ..models import pick_device
+from . import report, runner
+from .spec import Plan, load
 
 
 def compare(config_path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
             output: str | Path | None = None, log=print) -> list[dict]:
     """Run (or go on with) a compare; its rows, as compare.json holds them."""
-    from ..models import pick_device
-    from . import report, runner
-
     plan = load(config_path, methods, overrides)
     out = Path(output) if output else Path("compare") / Path(config_path).stem
     rows = runner.run(plan, out, log)

@@ -1,5 +1,6 @@
 """One measured child process: a `slimtune` command run in its own process, so each method's peak memory
-is its own. The child, run through this module's main, writes its peak RSS (VmHWM of /proc/self/status)
+is its own. The child, run as `python -m slimtune.measured` (outside this package, so that it loads no
+more than the command it runs), writes its peak RSS (VmHWM of /proc/self/status)
 and peak GPU memory to a JSON file as it exits. Its rusage is only the fallback (a child killed before it
 could write): getrusage(RUSAGE_CHILDREN) is the largest of all children so far, and even os.wait4's
 per-child ru_maxrss counts the parent's RSS at fork time (Linux carries the pre-exec peak over exec),
@@ -16,9 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.signals import SignalScope
-
-GIB = 2**30
-
 
 @dataclass
 class Outcome:
@@ -52,10 +50,10 @@ class Forward(SignalScope):
 
 
 def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> Outcome:
-    """`python -m slimtune.compare.child PEAK ARGS...` with stdout and stderr in log_path."""
+    """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "slimtune.compare.child", str(peak_path), *args]
+    cmd = [sys.executable, "-m", "slimtune.measured", str(peak_path), *args]
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
@@ -70,33 +68,3 @@ def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> O
     peaks = json.loads(peak_path.read_text()) if peak_path.is_file() else {}
     rss = peaks.pop("rss_gib", None) or usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
     return Outcome(proc.returncode, time.perf_counter() - start, rss, peaks, forward.requested is not None)
-
-
-def _peaks() -> dict:
-    """This process's peak RSS (Linux) and, when it used CUDA, peak GPU memory allocated and reserved."""
-    out = {}
-    try:
-        status = Path("/proc/self/status").read_text()
-        out["rss_gib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 2**20
-    except (OSError, StopIteration, ValueError):  # not Linux: the parent falls back to rusage
-        pass
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
-    return out
-
-
-def main(argv: list[str]) -> int:
-    """The child: `slimtune ARGS` in this process, then its peaks into argv[0]."""
-    from ..cli import main as cli_main
-
-    peak_path, args = Path(argv[0]), argv[1:]
-    try:
-        return cli_main(args)
-    finally:
-        peak_path.write_text(json.dumps(_peaks()))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.log import read_metrics
+from ..engine.plan import records_per_step
 from ..evaluate import plots
 from . import page, table
 from .spec import Plan
@@ -16,7 +17,7 @@ def meta(plan: Plan, config_path: str, device: str) -> dict:
     tc = plan.cfg.train
     budget = f"{tc.max_steps} steps" if tc.max_steps else f"{tc.epochs:g} epochs"
     return {"config": str(config_path), "metric": plan.metric, "device": device, "seed": tc.seed,
-            "budget": f"{budget} x {tc.micro_batch_size * tc.grad_accum} records, lr {tc.lr:g}",
+            "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}",
             "eval_records": tc.eval_max_records or "all"}
 
 

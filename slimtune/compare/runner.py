@@ -18,8 +18,9 @@ from .. import config as config_mod
 from ..config import ConfigError
 from ..data import read, split
 from ..engine import checkpoint
-from ..export.parts import PARTS
+from ..methods.parts import PARTS
 from ..export.peft_format import read_config
+from ..methods import count_on_meta
 from . import child
 from .spec import BASE, Plan, Row, row_overrides
 
@@ -174,8 +175,6 @@ def _trained(train: dict, run_dir: Path) -> dict:
 
 def _base_total(cfg: config_mod.Config) -> int | None:
     """The untrained row's parameter count, from config.json alone (meta device)."""
-    from ..methods import count_on_meta
-
     try:
         return count_on_meta(cfg.model.path, config_mod.MethodConfig(name="full"), cfg.model.trust_remote_code)[1]
     except Exception:  # a count is a nicety: the row's scores stand without it

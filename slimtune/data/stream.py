@@ -11,7 +11,6 @@ from array import array
 
 import torch
 
-from ..engine import distributed
 from . import pack
 from .collate import collate
 from .encode import Encoded
@@ -110,14 +109,27 @@ def fingerprint(records: list[Encoded]) -> dict:
     return {"records": len(records), "sha256": h.hexdigest()}
 
 
-def share(records: list[Encoded]) -> list[Encoded]:
-    """This rank's part of a micro-batch, split by tokens (all of it in a single process). A rank left
-    with no record still runs a forward (FSDP's collectives need every rank) on one whose labels are all
-    masked, so it adds nothing to the loss or the gradients."""
-    if not distributed.active():
+def split(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
+    (ties: the lower rank), so every rank does about the same work in each micro-batch."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min(range(parts), key=lambda g: (load[g], g))
+        groups[g].append(i)
+        load[g] += sizes[i]
+    return [sorted(g) for g in groups]
+
+
+def share(records: list[Encoded], rank: int = 0, world: int = 1) -> list[Encoded]:
+    """Rank `rank`'s part of a micro-batch over `world` processes (engine/distributed.rank() and size()),
+    split by tokens (all of it in a single process). A rank left with no record still runs a forward
+    (FSDP's collectives need every rank) on one whose labels are all masked, so it adds nothing to the loss
+    or the gradients."""
+    if world <= 1:
         return records
-    groups = distributed.split([len(r.input_ids) for r in records], distributed.size())
-    mine = [records[i] for i in groups[distributed.rank()]]
+    groups = split([len(r.input_ids) for r in records], world)
+    mine = [records[i] for i in groups[rank]]
     if mine:
         return mine
     idle = min(records, key=lambda r: len(r.input_ids))

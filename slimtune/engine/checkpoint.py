@@ -31,13 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from .. import config as config_mod
 from .. import methods
-from ..export.parts import PARTS
-from ..export.peft_format import record_portable_base
-from ..methods.base import is_peft
+from ..config.batch import adopt
+from ..methods.base import is_peft, trainable_state
+from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
 from . import distributed, sharded
-from .distributed import local_part, trainable_state
+from .distributed import local_part
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -46,7 +46,8 @@ STEP = re.compile(r"step-(\d+)")
 FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "train.on_nan", "train.log_every",
              "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records",
              "train.eval_max_new_tokens", "train.eval_separator", "train.loss", "train.eval_max_tokens",
-             "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope"}
+             "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope",
+             "train.tiled_mlp"}
 # and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
 # gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
 FREE_KEYS |= {"train.lr", "train.max_skipped_share"}
@@ -122,7 +123,6 @@ def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     methods.save(model, folder, weights)
-    record_portable_base(folder)
     if is_peft(model):
         state = weights if weights is not None else trainable_state(model)
         save_file(state, str(folder / RAW), metadata={"format": "pt", "writer": "slimtune"})
@@ -205,8 +205,9 @@ def _load_state(path: Path) -> dict:
 
 
 def differences(saved: config_mod.Config, cfg: config_mod.Config) -> list[str]:
-    """`key: saved -> now` for every setting that would change what a resumed run trains."""
-    a, b = config_mod.to_dict(saved), config_mod.to_dict(cfg)
+    """`key: saved -> now` for every setting that would change what a resumed run trains. An auto split is
+    compared as the split the saved run chose (config/batch.adopt)."""
+    a, b = config_mod.to_dict(saved), config_mod.to_dict(adopt(saved, cfg))
     out = []
     for section in b:
         for key in b[section]:

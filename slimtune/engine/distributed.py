@@ -20,11 +20,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
 from ..errors import SlimtuneError
+from ..methods.base import full, trainable_state
 
 
 class ShardingError(SlimtuneError, ValueError):
     """An FSDP2 setting this number of processes cannot take; the message names the setting."""
+
 
 # methods that cannot train sharded yet: the reason, and what to use instead
 UNSUPPORTED = {
@@ -167,33 +170,6 @@ def all_max(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-def split(sizes: list[int], parts: int) -> list[list[int]]:
-    """Indices of `sizes` in `parts` groups of about equal total: longest first onto the lightest group
-    (ties: the lower rank), so every rank does about the same work in each micro-batch."""
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        g = min(range(parts), key=lambda g: (load[g], g))
-        groups[g].append(i)
-        load[g] += sizes[i]
-    return [sorted(g) for g in groups]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (DTensor) one, on the CPU; a plain tensor as it is. Collective."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole, on the CPU, by name: what checkpoints and our methods' parts
-    file save (several processes: all ranks must call it)."""
-    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

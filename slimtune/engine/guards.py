@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..export.parts import PARTS
+from ..methods.parts import PARTS
 from . import checkpoint, sharded
 from .precision import PrecisionError
 

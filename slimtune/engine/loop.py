@@ -6,7 +6,6 @@ import contextlib
 import functools
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,13 +15,14 @@ from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
-from ..kernels.select import Kernels, disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, precision
+from ..kernels.select import disable as disable_kernels, enable as enable_kernels
+from . import checkpoint, distributed, guards, plan as split_plan, precision
 from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
 from .precision import Plan
+from .state import Run, Tally, result
 
 
 def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
@@ -99,29 +99,6 @@ def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module 
     return context
 
 
-@dataclass
-class Run:
-    """What the loop carries from step to step; all of it goes into a checkpoint."""
-    model: torch.nn.Module
-    cfg: object
-    plan: Plan
-    device: str
-    out_dir: Path
-    steps: int
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    stream: MicroBatches
-    data: dict  # fingerprint of the training data
-    kernels: Kernels = Kernels()  # the fast paths on (kernels/select.py): what the step and the eval read
-    step: int = 0  # optimizer steps done
-    seen: int = 0  # input tokens (padding excluded) of the steps done
-    trained: int = 0  # of them, the tokens with a label (the answers): what the loss averages over
-    elapsed: float = 0.0  # training seconds, those of the runs this one resumes included
-    result: dict = field(default_factory=dict)
-    losses: list[float] = field(default_factory=list)  # recent losses, for the NaN message
-
-
 def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
         log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None,
         evaluate=None) -> dict:
@@ -138,17 +115,17 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
         raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
                          "their loss)")
+    cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
-    took = enable_kernels(model, tc, device)
+    took = enable_kernels(model, tc, device, log)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
               precision.scaler(plan, device), stream, fingerprint(train), took,
-              result={"steps": steps, "precision": plan.name, "skipped_steps": 0, "nan_steps": 0, **took.as_dict(),
-                      "start_max_abs": guards.trainable_max(model)})  # a resume keeps the first run's
+              Tally(start_max_abs=guards.trainable_max(model)))  # a resume keeps the first run's
     if stream.packed:
         log(_describe_packing(stream, device, plan))
     offset = _restore(run, resume, log) if resume else None
@@ -159,15 +136,18 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:
-            run.result["eval_before"] = measure(0).row()
-            log(f"eval before training: {eval_line(run.result['eval_before'])}")
+            run.tally.eval_before = measure(0).row()
+            log(f"eval before training: {eval_line(run.tally.eval_before)}")
         _train(run, pad, context, logs, log, show_progress, measure)
-        if not run.result.get("interrupted"):
+        if not run.end.interrupted:
             _finish(run, measure, logs, log)
     finally:
         logs.close()
         disable_kernels(model)
-    return run.result
+    done = result(run)  # the one place the returned record is put together
+    if not run.end.interrupted and distributed.is_main():
+        log(summary_line(done))
+    return done
 
 
 def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, measure=None) -> None:
@@ -186,20 +166,18 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
                 if (tc.save_every and run.step % tc.save_every == 0) or run.step == run.steps or stop.requested:
                     _save(run, logs)
                 if stop.requested:
-                    run.result.update(interrupted=stop.requested, stopped_at=run.step)
+                    run.end.interrupted, run.end.stopped_at = stop.requested, run.step
                     break
     finally:
         bar.close()
-    run.result["train_seconds"] = run.elapsed
-    run.result["input_tokens_per_s"] = run.seen / max(run.elapsed, 1e-9)
-    run.result["trained_tokens_per_s"] = run.trained / max(run.elapsed, 1e-9)
 
 
 def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dict:
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    batches = [collate_micro(share(rs), run.stream.packed, pad, run.device) for rs in records]
+    rank, world = distributed.rank(), distributed.size()
+    batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
     n_tokens, seen = distributed.all_sum([trained_tokens(batches), sum(pack.tokens(b) for b in batches)],
                                          run.device)
     run.seen += int(seen)
@@ -214,18 +192,18 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     bad = row.pop("nonfinite", None)
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]
-        start = run.result.get("start_max_abs")
+        start = run.tally.start_max_abs
         cause = guards.likely_cause(bad, run.model, run.plan.name, tc.lr, run.losses, start)
         text = guards.message(bad, run.step, value, wheres, cause)
         if tc.on_nan == "stop":
             raise guards.NumericError(f"{text} Stopped before applying this update (train.on_nan=stop); "
                                       + guards.resume_advice(run.out_dir, start, cause.startswith("training diverged")))
-        run.result["nan_steps"] += 1
+        run.tally.nan_steps += 1
         row["nan_skipped"] = True
         log(f"warning: {text} Skipped this update (train.on_nan=skip).")
     else:
         run.losses = (run.losses + [row["loss"]])[-20:]
-    run.result["skipped_steps"] += int(row.pop("skipped", False))
+    run.tally.skipped_steps += int(row.pop("skipped", False))
     return row
 
 
@@ -247,7 +225,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
     row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], input_tokens_per_s=run.seen / seconds,
                trained_tokens_per_s=run.trained / seconds, elapsed_s=run.elapsed)
     if run.plan.scaler:
-        row["skipped_steps"] = run.result["skipped_steps"]  # each one an fp16 overflow
+        row["skipped_steps"] = run.tally.skipped_steps  # each one an fp16 overflow
     mem_key, mem = memory_gib(run.device)
     row[mem_key] = mem
     if run.step % run.cfg.train.log_every == 0 or run.step == run.steps:
@@ -259,7 +237,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
         post["scale"] = f"{row['loss_scale']:.0f}"
     bar.set_postfix(**post, refresh=False)
     bar.update(1)
-    run.result["train_loss"] = row["loss"]
+    run.tally.train_loss = row["loss"]
 
 
 def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
@@ -285,7 +263,8 @@ def _maybe_eval(run: Run, measure, log) -> None:
 
 def _save(run: Run, logs: RunLog) -> Path:
     """A checkpoint in the single-process format whatever the number of ranks: sharded tensors are
-    gathered whole (every rank takes part), rank 0 writes, the others wait for it."""
+    gathered whole (every rank takes part), rank 0 writes, the others wait for it. Full fine-tuning on
+    several ranks is the exception: each rank writes its own DCP shard (checkpoint.save_sharded)."""
     tc = run.cfg.train
     broken = [n for n, p in run.model.named_parameters()
               if p.requires_grad and not bool(torch.isfinite(guards.local(p)).all())]
@@ -294,8 +273,8 @@ def _save(run: Run, logs: RunLog) -> Path:
     if broken:  # an update made them so: a checkpoint of them would only be resumed into the same NaNs
         raise guards.NumericError(f"step {run.step}: the trained weight {broken[0]} holds NaN/inf ({len(broken)} "
                                   "tensors do), so no checkpoint or adapter was written; "
-                                  + guards.resume_advice(run.out_dir, run.result.get("start_max_abs"), True))
-    state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": dict(run.result),
+                                  + guards.resume_advice(run.out_dir, run.tally.start_max_abs, True))
+    state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": run.tally.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
              "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset(), "trained": run.trained}
@@ -323,9 +302,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.stream.load_state_dict(state["stream"])
     run.step, run.seen, run.elapsed = state["step"], state["seen"], state["elapsed"]
     run.trained = state.get("trained", 0)  # checkpoints before trained_tokens_per_s lack it
-    run.result.update(state["result"])
-    run.result.update(run.kernels.as_dict())  # kernel keys may change on a resume (FREE_KEYS): this run's choice
-    run.result.pop("interrupted", None), run.result.pop("stopped_at", None)
+    run.tally.load_state_dict(state["result"])  # the kernels stay this run's choice (FREE_KEYS may change them)
     _new_peak_lr(run, log)
     checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
     log(f"resuming from {folder} at step {run.step} of {run.steps}")
@@ -348,14 +325,14 @@ def _new_peak_lr(run: Run, log) -> None:
 
 def _final_checks(run: Run) -> None:
     """A run that skipped too many steps, or ended on non-finite numbers, fails without its adapter."""
-    r, tc = run.result, run.cfg.train
-    if r["nan_steps"] > tc.max_skipped_share * run.steps:
+    t, tc = run.tally, run.cfg.train
+    if t.nan_steps > tc.max_skipped_share * run.steps:
         raise guards.NumericError(
-            f"train.on_nan=skip skipped {r['nan_steps']} of {run.steps} steps for a NaN/inf loss or gradient, more "
+            f"train.on_nan=skip skipped {t.nan_steps} of {run.steps} steps for a NaN/inf loss or gradient, more "
             f"than train.max_skipped_share={tc.max_skipped_share:g} allows, so the adapter was not saved (the "
             "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
             "train.max_skipped_share)")
-    loss = r.get("train_loss", 0.0)
+    loss = 0.0 if t.train_loss is None else t.train_loss
     if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
         raise guards.NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
                                   "update), and a run that ends on a non-finite loss is not reported as a success: "
@@ -364,31 +341,30 @@ def _final_checks(run: Run) -> None:
 
 
 def _finish(run: Run, measure, logs: RunLog, log) -> None:
-    r = run.result
+    t, end = run.tally, run.end
     if run.plan.scaler:
-        log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {r['skipped_steps']} of {run.steps} "
+        log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {t.skipped_steps} of {run.steps} "
             "steps skipped for overflow")
-    if r["nan_steps"]:
-        log(f"train.on_nan=skip: {r['nan_steps']} of {run.steps} steps skipped for a NaN/inf loss or gradient")
+    if t.nan_steps:
+        log(f"train.on_nan=skip: {t.nan_steps} of {run.steps} steps skipped for a NaN/inf loss or gradient")
     if run.device.startswith("cuda"):
-        r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        end.peak_allocated_gib = torch.cuda.max_memory_allocated() / 2**30
+        end.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
     _final_checks(run)
     if measure:
         report = measure(run.steps)
-        r["eval_after"] = report.row()
-        before = r.get("eval_before", {}).get("eval_loss")
-        change = f" (loss before: {before:.4f}, {100 * (r['eval_after']['eval_loss'] / before - 1):+.1f}%)" \
+        end.eval_after = report.row()
+        before = (t.eval_before or {}).get("eval_loss")
+        change = f" (loss before: {before:.4f}, {100 * (end.eval_after['eval_loss'] / before - 1):+.1f}%)" \
             if before else ""
-        log(f"eval after training: {eval_line(r['eval_after'])}{change}")
+        log(f"eval after training: {eval_line(end.eval_after)}{change}")
         report.scores["step"] = run.steps
         if not distributed.is_main():
             return
         (run.out_dir / "eval" / "predictions.jsonl").unlink(missing_ok=True)  # a resumed run's, if it generated
         out = report.write(run.out_dir / "eval")
-        r["eval_dir"] = str(out)
+        end.eval_dir = str(out)
         log(f"wrote {out / 'scores.json'}" + (" and predictions.jsonl" if report.predictions else ""))
-        if not math.isfinite(r["eval_after"]["eval_loss"]):
-            raise guards.NumericError(f"the held-out loss after training is {r['eval_after']['eval_loss']} (not "
+        if not math.isfinite(end.eval_after["eval_loss"]):
+            raise guards.NumericError(f"the held-out loss after training is {end.eval_after['eval_loss']} (not "
                                       f"finite; {out / 'scores.json'} says why), so the adapter was not saved")
-    log(summary_line(r))

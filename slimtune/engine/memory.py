@@ -22,8 +22,9 @@ import torch
 
 from .. import methods
 from ..config import ConfigError
+from ..config.batch import with_split
 from ..data import encode_examples, read
-from ..kernels import linear_ce, select
+from ..kernels import linear_ce, select, tiled_mlp
 from ..models import load_config
 from . import distributed, precision
 
@@ -135,31 +136,15 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> E
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
-    sharded, whole layers gathered while they compute."""
+    sharded, whole layers gathered while they compute. An auto split counts as one micro-batch of
+    train.batch_size (engine/plan.py chooses the real one)."""
+    cfg = with_split(cfg)
     if gpus > 1:
         return _sharded(cfg, rows, gpus)
     model, mcfg = _meta_model(cfg)
     plan = _plan(cfg)
     est = Estimate(grad_accum=cfg.train.grad_accum)
-    wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
-    modules = dict(model.named_modules())
-    head = model.get_output_embeddings()
-    trainable_n = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            trainable_n += p.numel()
-            continue
-        owner = modules.get(name.rsplit(".", 1)[0])
-        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
-            # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
-            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
-            est.weights += p.numel() * per
-        else:
-            est.weights += p.numel() * wbytes
-    est.trainable = est.gradients = trainable_n * tbytes
-    est.optimizer = 2 * trainable_n * tbytes
-    est.optimizer_step_extra = trainable_n * tbytes  # foreach AdamW: one parameter-sized temporary
-
+    trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
     inter = getattr(mcfg, "intermediate_size", None) or 4 * h
     if rows is None:
@@ -196,6 +181,30 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> E
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
     return est
+
+
+def _parameters(est: Estimate, model, cfg, plan) -> int:
+    """Fill est's frozen weights, trainable parameters, gradients and AdamW state from the meta model;
+    returns the count of trainable parameters."""
+    wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    trainable_n = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable_n += p.numel()
+            continue
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
+            # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
+            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
+            est.weights += p.numel() * per
+        else:
+            est.weights += p.numel() * wbytes
+    est.trainable = est.gradients = trainable_n * tbytes
+    est.optimizer = 2 * trainable_n * tbytes
+    est.optimizer_step_extra = trainable_n * tbytes  # foreach AdamW: one parameter-sized temporary
+    return trainable_n
 
 
 def _sharded(cfg, rows, gpus: int) -> Estimate:
@@ -250,13 +259,18 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
     liger = select.on_gpu(cfg, h).fused_norm_mlp  # as train on a GPU decides it
-    per_layer = (FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF) * (h + inter)
+    coef = FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF
+    per_layer = coef * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
+    past = select.tiled_mlp_from(tc.tiled_mlp, "cuda")
+    # tiled MLP (kernels/tiled_mlp.py): the recomputed layer holds one slice's intermediates, not every token's
+    # (the intermediate share of the fitted coefficient, scaled to a slice: modelled, not yet measured)
+    mlp_tokens = tiled_mlp.tile_rows(h, int(tokens)) if past is not None and tokens > past else tokens
 
     def moments(ckpt: bool) -> tuple[float, float]:
         if ckpt:
             stored = 0.0 if tc.offload_activations else tokens * layers * h * 2
-            backward = stored + tokens * (per_layer + FAST_BACKWARD * h)
+            backward = stored + tokens * (coef * h + FAST_BACKWARD * h) + mlp_tokens * coef * inter
         else:
             stored = tokens * layers * per_layer
             backward = stored + tokens * FAST_BACKWARD * h
@@ -269,6 +283,7 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
                      f"{linear_ce.chunk_rows(vocab)} rows" + (", Liger norm/MLP" if liger else "")
+                     + (f", MLP in slices of {int(mlp_tokens)} tokens" if mlp_tokens < tokens else "")
                      + (", layer inputs offloaded to CPU" if tc.offload_activations and tc.gradient_checkpointing
                         else ""))
     if tc.offload_activations and not tc.gradient_checkpointing:
@@ -282,6 +297,7 @@ def faster(cfg, rows=None) -> tuple[str, float] | None:
     micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
     (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x the
     tokens/s of 8 x 2 on an H100 (README). None where it does not apply."""
+    cfg = with_split(cfg)
     tc = cfg.train
     if not (fast_engine(cfg) and tc.grad_accum > 1 and tc.gradient_checkpointing):
         return None
@@ -307,6 +323,7 @@ def parse_size(text: str) -> float:
 
 def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
+    cfg = with_split(cfg)
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
     sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
     return sizes[: cfg.train.micro_batch_size]
@@ -314,6 +331,7 @@ def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
 
 def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
     """Single changes to the config that bring the predicted peak (with the CUDA context) under budget."""
+    cfg = with_split(cfg)
     cands: list[tuple[str, object]] = []
     tc = cfg.train
     if not tc.gradient_checkpointing:

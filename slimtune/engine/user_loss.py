@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..config.convert import AUTO
 from ..data.readers import DataError
 from . import guards, precision
 from .optim import build_optimizer, build_scheduler
@@ -37,9 +38,14 @@ def _loss(loss_fn: LossFn, model, batch: dict, step: int) -> torch.Tensor:
     return loss
 
 
+def accum(tc) -> int:
+    """Batches a step: train.grad_accum; auto is 1 (the batches are the caller's, their size is theirs)."""
+    return 1 if tc.grad_accum == AUTO else tc.grad_accum
+
+
 def steps_for(n_batches: int, tc) -> int:
     """train.max_steps, else train.epochs passes over the batches, grad_accum batches a step."""
-    return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(n_batches / tc.grad_accum * tc.epochs))
+    return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(n_batches / accum(tc) * tc.epochs))
 
 
 def fit(model: torch.nn.Module, batches: Iterable[dict], cfg, loss_fn: LossFn, device: str = "cpu",
@@ -61,9 +67,9 @@ def fit(model: torch.nn.Module, batches: Iterable[dict], cfg, loss_fn: LossFn, d
     model.train()
     for step in range(1, steps + 1):
         total = 0.0
-        for _ in range(tc.grad_accum):
+        for _ in range(accum(tc)):
             with precision.autocast(plan, device):
-                loss = _loss(loss_fn, model, _to(next(stream), device), step) / tc.grad_accum
+                loss = _loss(loss_fn, model, _to(next(stream), device), step) / accum(tc)
             scaler.scale(loss).backward()
             total += float(loss.detach())
         scaler.unscale_(optimizer)  # clip the true gradients

@@ -13,15 +13,16 @@ import hashlib
 import json
 import os
 from array import array
+from dataclasses import asdict
 from pathlib import Path
+
+from .. import models
 
 FOLDER = ".slimtune-cache"
 VERSION = 1  # bump when what an eval computes changes
 
 
 def _model_files(path: str) -> list:
-    from .. import models
-
     try:
         root = Path(models.resolve(path))
     except Exception:  # an unresolvable path: no cache rather than a failed run
@@ -33,8 +34,6 @@ def _model_files(path: str) -> list:
 
 def key(cfg, records, device: str, settings: dict) -> str:
     """A hex digest of what the eval before training depends on."""
-    from dataclasses import asdict
-
     h = hashlib.sha256()
     for r in records:
         h.update(array("q", r.input_ids).tobytes() + b"|" + array("q", r.labels).tobytes() + b"\n")

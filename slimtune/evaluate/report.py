@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from .. import models
+from ..config.batch import stated
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.readers import DataError, Example, read
@@ -243,9 +244,9 @@ def eval_token_cap(cfg, records, train_records=None) -> int:
     if tc.eval_max_tokens >= 0 or not train_records:
         return max(tc.eval_max_tokens, 0)
     # as engine.loop.total_steps counts them unpacked (that module imports this one)
-    steps = tc.max_steps or max(1, math.ceil(math.ceil(len(train_records) / tc.micro_batch_size) / tc.grad_accum
-                                             * tc.epochs))
-    per_step = _tokens(train_records) / len(train_records) * tc.micro_batch_size * tc.grad_accum
+    _, micro, accum = stated(tc)  # train resolves an auto split before this; a direct caller gets the stated one
+    steps = tc.max_steps or max(1, math.ceil(math.ceil(len(train_records) / micro) / accum * tc.epochs))
+    per_step = _tokens(train_records) / len(train_records) * micro * accum
     evals = 1 + int(tc.eval_at_start) + ((steps - 1) // tc.eval_every if tc.eval_every else 0)  # the last is after
     return max(MIN_EVAL_TOKENS, int(0.75 * steps * per_step / evals))
 

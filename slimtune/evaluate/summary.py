@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from ..engine.log import read_metrics
+from ..methods import count_parameters
+from .plots import loss_png  # matplotlib itself loads inside loss_png: a missing one is reported there
 
 
 def write(out: Path, result: dict, model, log=print) -> None:
     """summary.json and loss.png into the run folder. Never fails a run that trained: a problem here (no
     matplotlib, a full disk) is reported and the run's own files stand."""
-    from ..methods import count_parameters
-
     try:
         trainable, total = count_parameters(model)
         summary = dict(result, trainable_params=trainable, total_params=total)
@@ -21,8 +21,6 @@ def write(out: Path, result: dict, model, log=print) -> None:
     except Exception as err:  # noqa: BLE001 - reported, never raised (see above)
         log(f"warning: could not write {out / 'summary.json'}: {type(err).__name__}: {err}")
     try:
-        from .plots import loss_png
-
         loss_png(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"{out.name}: loss")
         log(f"wrote {out / 'loss.png'}")
     except Exception as err:  # noqa: BLE001 - as above

@@ -31,18 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingFileError, SlimtuneError
+from .. import models
+from ..errors import MissingFileError
+from ..evaluate.generate import stop_ids as template_stops
+from . import ExportError
 from . import quants as kquants
+from .merge import merge
+from .ollama import write_modelfile
+from .peft_format import read_config
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 # transformers model_type -> llama.cpp architecture; Mistral is written as llama, as llama.cpp does
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
 ROPE_KEY = "slimtune.rope_parameters"  # the model's rope_parameters as JSON, where they are not the default
-
-
-class ExportError(SlimtuneError, ValueError):
-    """The model or tokenizer cannot be written as GGUF (unsupported architecture, tokenizer, rope)."""
 
 
 def _types():
@@ -266,8 +268,6 @@ def vocab(tokenizer, n_vocab: int) -> dict:
 def stop_ids(folder: Path, tokenizer) -> list[int]:
     """Token ids generation stops on: generation_config's eos ids (merge writes the template's stop
     tokens there), the tokenizer's EOS, and the end token its chat template writes after an answer."""
-    from ..evaluate.generate import stop_ids as template_stops
-
     ids: list[int] = []
     gen = folder / "generation_config.json"
     if gen.is_file():
@@ -359,9 +359,6 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=p
 
 def _base_model_type(folder: Path) -> str:
     """The run's base model_type from its config alone (no weights): refuse early, before merging."""
-    from .. import models
-    from .peft_format import read_config
-
     cfg = read_config(folder)
     return models.load_config(cfg.model.path, cfg.model.trust_remote_code).model_type
 
@@ -377,8 +374,6 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
         check_arch(_base_model_type(source), f"{source / 'config.yaml'}: model.path")
         with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None,
                                          prefix=".merge-") as tmp:
-            from .merge import merge
-
             merge(source, tmp, "fp32", log=log)
             result = write_gguf(tmp, output, quant, log, name=source.name)
     elif (source / "config.json").is_file():
@@ -387,8 +382,6 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
         raise MissingFileError(f"{source}: neither a run folder (config.yaml) nor a transformers model folder "
                                "(config.json); give the folder `slimtune train` or `slimtune merge` wrote")
     if fmt == "ollama":
-        from .ollama import write_modelfile
-
         result["modelfile"] = str(write_modelfile(output, log))
     log(f"try it here first: slimtune chat {output}")
     return result

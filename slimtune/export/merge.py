@@ -19,11 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ..data import with_system
 from ..data.collate import pad_id
+from ..data.readers import read
 from ..data.templates import FAMILIES, render
 from ..errors import ExistingFileError, SlimtuneError
+from ..evaluate.generate import stop_ids
 from ..methods.base import MethodError, is_peft
-from ..models import DTYPES
+from ..models import DTYPES, resolve
+from .peft_format import load_run, read_config
 
 PROBE = ["Who are you?", "The capital of France is", "Give three tips for staying healthy."]
 N_PROMPTS, PROMPT_LEN = 4, 128
@@ -52,17 +56,12 @@ class MergeError(SlimtuneError, ValueError):
 def _load_fp32(folder: Path, trust_remote_code: bool = False):
     """(trained model, tokenizer, config), base in fp32 on the CPU whatever the run trained in: a qlora
     run's base is loaded unquantized, and bf16 runs are merged at full precision before any cast."""
-    from .peft_format import load_run
-
     return load_run(folder, "cpu", quantized=False, dtype="fp32", trust_remote_code=trust_remote_code)
 
 
 def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:
     """Up to 4 training records rendered as in training (prompt and answer), when data.train is still
     readable; else a few built-in prompts. Returns (texts, where they came from)."""
-    from ..data import with_system
-    from ..data.readers import read
-
     try:
         examples = read(cfg.data.train, cfg.data.format, N_PROMPTS)
         convs = [with_system(ex, cfg.data.system) for ex in examples]
@@ -145,8 +144,6 @@ def _drop_custom_code(model, tokenizer) -> None:
 
 
 def _write(model, tokenizer, cfg, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
-    from ..evaluate.generate import stop_ids
-
     if not trust_remote_code:
         _drop_custom_code(model, tokenizer)
     model.to(DTYPES[dtype])
@@ -174,8 +171,6 @@ def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
     """Refuse, before anything loads, an --output that would overwrite or mix with what the merge reads
     (a base model overwritten by its own merge makes every later load of the run apply the adapter twice),
     or a folder holding something other than a merged model."""
-    from ..models import resolve
-
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder  # a checkpoint's run
     where = out.resolve()
     for what, path in (("the base model", resolve(cfg.model.path)), ("the run folder", run)):
@@ -221,8 +216,6 @@ def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print
     trust_remote_code: the user's own flag; only with it does the model folder's own Python run, and
     only then is it copied into the output."""
     from transformers import AutoModelForCausalLM
-
-    from .peft_format import read_config
 
     folder, out = Path(folder), Path(output)
     _check_output(folder, out, read_config(folder), overwrite)

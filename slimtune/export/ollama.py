@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import ExportError
+from . import ExportError
 
 U1, U2, A1, S = "\x01U1\x01", "\x01U2\x01", "\x01A1\x01", "\x01S\x01"
 

@@ -19,33 +19,20 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .. import config as config_mod
-from .. import models
+from .. import methods, models
+from ..engine import sharded
+from ..engine.precision import base_dtype_name
 from ..errors import DamagedFileError, MissingFileError
+from ..methods import parts
+from ..methods.quant import quantization_config
 
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
     """The method's artifact (peft adapter, or our trained parts) plus the resolved config.yaml.
     weights: the trainable parameters whole, when the model's own are sharded."""
-    from .. import methods
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods.save(model, out_dir, weights)
-    record_portable_base(out_dir)
+    methods.save(model, out_dir, weights)  # peft's save also names the base portably (methods/lora.py)
     (out_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
-
-
-def record_portable_base(folder: Path) -> None:
-    """adapter_config.json names its base by a name that loads on other machines ("embedded", not this
-    machine's cache folder). Rewritten after peft's save, not before: peft reads the same field during
-    the save to find the base's config.json, and a name that is no local path sends it to the model hub."""
-    path = Path(folder) / "adapter_config.json"
-    if not path.is_file():
-        return
-    adapter = json.loads(path.read_text(encoding="utf-8"))
-    name = adapter.get("base_model_name_or_path")
-    if name and models.portable_name(name) != name:
-        adapter["base_model_name_or_path"] = models.portable_name(name)
-        path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_config(folder: Path) -> config_mod.Config:
@@ -72,8 +59,6 @@ def _adapter(base, folder: Path):
     """The run's trained model: peft adapter or our trained parts on the base."""
     from peft import PeftModel
 
-    from . import parts
-
     if (folder / "adapter_config.json").is_file():
         try:
             return PeftModel.from_pretrained(base, folder)
@@ -82,10 +67,24 @@ def _adapter(base, folder: Path):
         except (SafetensorError, json.JSONDecodeError) as err:  # a save cut short, or a file damaged since
             raise DamagedFileError(f"{folder}: its adapter files cannot be read ({type(err).__name__}: {err}); "
                                    "restore them or train the run again") from None
-    if parts.saved(folder):
-        return parts.load(base, folder)
+    if parts_saved(folder):
+        return load_parts(base, folder)
     raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
                            "finish saving")
+
+
+def parts_saved(folder: Path) -> bool:
+    """The folder holds our methods' trained parts: the file, or a checkpoint's DCP shards (engine/sharded.py)."""
+    return (Path(folder) / parts.PARTS).is_file() or sharded.present(folder)
+
+
+def load_parts(base, folder: Path):
+    """methods.parts.load, and for a checkpoint of a full fine-tuning on several GPUs (no parts file, DCP
+    shards instead) the weights consolidated from its shards; the base model is changed in place."""
+    if not (Path(folder) / parts.PARTS).is_file() and sharded.present(folder):
+        sharded.load_weights(folder, dict(base.named_parameters()))
+        return base
+    return parts.load(base, folder)
 
 
 def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None,
@@ -93,9 +92,6 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
     """(trained model, tokenizer, config) from a run folder, in eval mode. quantized=False loads a
     qlora run's base in full precision (for merging); dtype: the base's dtype ("fp32"...) instead of the
     run's. trust_remote_code: the user's own flag; the run's config.yaml never turns it on."""
-    from ..engine.precision import base_dtype_name
-    from ..methods.quant import quantization_config
-
     folder = Path(folder)
     cfg = read_config(folder)
     check_trust(cfg, folder, trust_remote_code)

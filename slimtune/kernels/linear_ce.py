@@ -18,10 +18,32 @@ import torch
 # head's matmuls large (261 rows x 128,256 x hidden) while the transient stays near 200 MiB, which
 # matters at 1B, where the whole run should fit in under 4 GiB.
 CHUNK_BYTES = 2**27
+# On CUDA a chunk also takes at most this share of the memory still free (the driver's free memory plus
+# what PyTorch's cache holds unused): a long record whose layer inputs fill the GPU gets smaller chunks
+# rather than an out-of-memory error in the head. A chunk costs about 2.5 x its fp32 logits at its peak
+# (logits, the softmax in place, its half-precision copy, the head's gradient matmul), so an eighth.
+FREE_SHARE = 8
 
 
 def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
     return max(16, (chunk_bytes or CHUNK_BYTES) // (4 * vocab))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a chunk could take on `device` without growing the process past what is free; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    if hasattr(torch.cuda, "get_per_process_memory_fraction"):  # a cap set_per_process_memory_fraction put
+        free = min(free, int(torch.cuda.get_per_process_memory_fraction(device) * total) - reserved)
+    return max(0, free) + reserved - torch.cuda.memory_allocated(device)
+
+
+def sized_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: CHUNK_BYTES of fp32 logits, fewer where free memory is short (FREE_SHARE)."""
+    free = free_bytes(device)
+    return chunk_rows(vocab, CHUNK_BYTES if free is None else max(1, min(CHUNK_BYTES, free // FREE_SHARE)))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -89,7 +111,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `rows` rows at a time. hidden (N, H), weight (V, H), targets (N,) all trained (no ignore index)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
-    rows = max(1, min(rows or chunk_rows(weight.shape[0]), hidden.shape[0]))
+    rows = max(1, min(rows or sized_rows(weight.shape[0], hidden.device), hidden.shape[0]))
     if not torch.is_grad_enabled():  # evaluation: the loss alone (needs_input_grad would still ask for grads)
         return _chunks(hidden, weight, bias, targets, rows, (False, False, False))[0]
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)

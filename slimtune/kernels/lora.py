@@ -8,9 +8,10 @@ the GPU waits on it. Here the whole layer is one Function: forward does the thre
 dtype with the adapter's update added in place (addmm), backward the five matmuls of the gradient by
 hand. Same arithmetic as the module chain; the adapter weights and their gradients stay fp32.
 
-enable(model) swaps the forward of every peft lora.Linear it can take (one active adapter, plain
-LoRA (no DoRA or other variant), no dropout, an unquantized nn.Linear base, no LoRA bias, not merged);
-disable(model) puts peft's back. Reference: the peft module itself (tests/kernels/test_lora.py).
+enable(model) swaps the forward of every peft LoRA Linear it can take (one active adapter, plain
+LoRA (no DoRA or other variant), no dropout, an nn.Linear or bitsandbytes 4-bit base (kernels/qlora.py's
+node), no LoRA bias, not merged); disable(model) puts peft's back. Reference: the peft module itself
+(tests/kernels/test_lora.py, test_qlora.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import functools
 
 import torch
 
-from . import bind
+from . import bind, qlora
 
 ATTR = "_slimtune_fused_lora"
 
@@ -72,44 +73,63 @@ def lora_linear(x, weight, bias, a, b, scale: float) -> torch.Tensor:
     return _LoraLinear.apply(x, weight, bias, a, b, float(scale))
 
 
-def _eligible(module) -> str | None:
-    """The one adapter name this module can run fused, or None."""
+def _why_not(module) -> str | None:
+    """Why this peft LoRA layer cannot run as one node (said once per run), or None when it can."""
     adapters = [n for n in module.active_adapters if n in module.lora_A]
-    if len(adapters) != 1 or getattr(module, "fan_in_fan_out", False):
-        return None
+    if len(adapters) != 1:
+        return f"{len(adapters)} active adapters (one is fused)"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights (Conv1D-style layers)"
     name = adapters[0]
     if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-        return None
+        return "DoRA or another LoRA variant (peft's layers run it)"
     drop = module.lora_dropout[name]
     if not (isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)):
-        return None
+        return f"LoRA dropout {getattr(drop, 'p', drop)} (set method.dropout=0 to fuse)"
     base, la, lb = module.get_base_layer(), module.lora_A[name], module.lora_B[name]
-    if type(base) is not torch.nn.Linear or type(la) is not torch.nn.Linear or type(lb) is not torch.nn.Linear:
-        return None
-    if la.bias is not None or lb.bias is not None:
-        return None
-    return name
+    if type(base) is not torch.nn.Linear and not qlora.is_4bit(base):
+        return f"a {type(base).__name__} base (fused: nn.Linear and bitsandbytes 4-bit; 8-bit is not)"
+    if type(la) is not torch.nn.Linear or type(lb) is not torch.nn.Linear or la.bias is not None or lb.bias is not None:
+        return "the adapter's own bias (lora_bias)"
+    return None
 
 
 def _forward(module, name: str, original, x: torch.Tensor, *args, **kwargs):
     if args or kwargs or module.disable_adapters or module.merged or list(module.active_adapters) != [name]:
         return original(x, *args, **kwargs)
-    base = module.get_base_layer()
-    return lora_linear(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                       module.scaling[name])
+    base, scale = module.get_base_layer(), module.scaling[name]
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight
+    if type(base) is torch.nn.Linear:
+        return lora_linear(x, base.weight, base.bias, a, b, scale)
+    if not qlora.is_4bit(base):  # its quant_state lost or repacked since enable: bitsandbytes' own path
+        return original(x, *args, **kwargs)
+    return qlora.forward(base, a, b, scale, x)
 
 
-def enable(model) -> int:
-    """Fuse every eligible peft LoRA Linear in `model`; returns how many."""
+def _lora_layers(model):
+    """peft's LoRA Linear layers, over an nn.Linear or a bitsandbytes base (peft.tuners.lora.bnb)."""
     from peft.tuners.lora import Linear as LoraLinear
-    n = 0
     for module in model.modules():
-        if type(module) is LoraLinear and not hasattr(module, ATTR):
-            name = _eligible(module)
-            if name is not None:
-                original = module.forward
-                bind.bind(module, functools.partial(_forward, module, name, original), ATTR, original)
-                n += 1
+        if type(module) is LoraLinear or type(module).__module__ == "peft.tuners.lora.bnb":
+            yield module
+
+
+def enable(model, log=print) -> int:
+    """Fuse every eligible peft LoRA Linear in `model`; returns how many. Layers that stay peft's are said
+    in one line through `log`, with the first reason."""
+    n, refused = 0, []
+    for module in _lora_layers(model):
+        if hasattr(module, ATTR):
+            continue
+        why = _why_not(module)
+        if why is not None:
+            refused.append(why)
+            continue
+        original, name = module.forward, next(a for a in module.active_adapters if a in module.lora_A)
+        bind.bind(module, functools.partial(_forward, module, name, original), ATTR, original)
+        n += 1
+    if refused:
+        log(f"fused LoRA layers: {len(refused)} of {n + len(refused)} stay peft's: {refused[0]}")
     return n
 
 

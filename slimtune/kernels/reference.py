@@ -1,6 +1,8 @@
 """Plain-PyTorch twins of the fast ops in this folder: the CPU path and what the tests compare against."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +35,31 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         parts.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask,
                                                     dropout_p=dropout, is_causal=mask is None, scale=scale))
     return torch.cat(parts, dim=2)
+
+
+def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' 4-bit weight (two codes a byte, the first in the high nibble) as the (out, in) tensor it
+    stands for: code[nibble] x the absmax of its block; with double quantization the absmax are themselves
+    8-bit codes x a second level of absmax, plus an offset (bitsandbytes' QuantState.state2)."""
+    absmax = state.absmax
+    if state.nested:
+        s2 = state.state2
+        block = torch.arange(absmax.numel(), device=absmax.device) // s2.blocksize
+        absmax = s2.code[absmax.long()] * s2.absmax[block] + state.offset
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=-1).reshape(-1).long()
+    n = math.prod(state.shape)
+    block = torch.arange(n, device=packed.device) // state.blocksize
+    return (state.code[codes[:n]] * absmax.float()[block]).to(state.dtype).reshape(state.shape)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """x @ weight.T + bias + scale * (x @ a.T) @ b.T, one op at a time (kernels/lora.py, qlora.py fuse it)."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, a), b)
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The Llama-family MLP on the whole sequence at once: down(silu(x gate^T) * (x up^T)); what
+    kernels/tiled_mlp.py computes a slice at a time."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

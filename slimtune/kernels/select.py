@@ -9,10 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from . import attention, lora, norm_mlp, rope
+from . import attention, lora, norm_mlp, rope, tiled_mlp
 
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
-LORA_METHODS = ("lora", "rslora", "pissa")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
+# train.tiled_mlp=auto slices the MLP of micro-batches past this many tokens. Below it one layer's MLP
+# intermediates (3 x tokens x intermediate x 2 bytes: 1.3 GiB at 8B and 16k tokens) are small beside the
+# weights and the other activations, and tiling costs one more MLP forward a step (the recompute: about +20%
+# FLOPs at short lengths, estimated in kernels/tiled_mlp.py): it pays only where memory limits the run. Under
+# 16k tokens is also every bench/speed.py micro-batch (16 x 1,024), which it thus leaves untouched.
+TILE_TOKENS = 16384
+LORA_METHODS = ("lora", "rslora", "pissa", "qlora")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class Kernels:
     fused_lora_layers: int = 0
     fused_norm_mlp: int = 0
     fused_rope: int = 0
+    tiled_mlp: int = 0  # MLPs sliced over the sequence, in forwards of more than TILE_TOKENS tokens under auto
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,24 +99,62 @@ def use_fused_rope(mode: str, device: str) -> bool:
     return wanted("fused_rope", mode, device)
 
 
-def enable(model, tc, device: str) -> Kernels:
-    """Switch on in `model` the fast paths train.* asks for on this device; what each took. disable
-    takes them all back."""
+def tiled_mlp_from(mode: str, device: str) -> int | None:
+    """train.tiled_mlp: the token count past which a forward's MLP is sliced (kernels/tiled_mlp.py), or None
+    for off. on: every forward of more than one slice, on any device; auto: CUDA, one process, past TILE_TOKENS."""
+    if mode == "on":
+        return 0
+    # not yet under FSDP2 (auto): the slices' backward accumulates straight into .grad, around the hooks
+    # that reduce-scatter sharded gradients, and no multi-GPU run has checked it
+    sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return TILE_TOKENS if mode == "auto" and device.startswith("cuda") and not sharded else None
+
+
+def _tile(model, tc, device: str) -> int:
+    past = tiled_mlp_from(tc.tiled_mlp, device)
+    return tiled_mlp.enable(model, past) if past is not None else 0
+
+
+def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
+    """One line for each fast path train.* asks for on this device that this model keeps out of, with why."""
+    name, out = type(attention._base(model)).__name__, []
+    why = attention.unsupported(model)
+    if k.packing == "off" and why and (tc.packing == "auto" and device.startswith("cuda")):
+        out.append(f"train.packing=auto: records padded, not packed: {why}")
+    asked = (("fused_norm_mlp", k.fused_norm_mlp, use_fused_norm_mlp(tc.fused_norm_mlp, device, model),
+              "Llama-style RMSNorm or SwiGLU MLP"),
+             ("fused_rope", k.fused_rope, use_fused_rope(tc.fused_rope, device), "Llama-style attention with RoPE"),
+             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None,
+              "Llama-style MLP (gate_proj, up_proj, down_proj)"))
+    for key, took, wanted_here, what in asked:
+        if wanted_here and not took:
+            out.append(f"train.{key}={getattr(tc, key)}: {name} has no {what}; its own forward runs")
+    return out
+
+
+def enable(model, tc, device: str, log=print) -> Kernels:
+    """Switch on in `model` the fast paths train.* asks for on this device; what each took, and through
+    `log` one line for each asked-for path this model falls back from. disable takes them all back."""
     packed = use_packing(tc.packing, model, device)
     try:
         if packed:
             attention.enable(model)
-        return Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
-                       fused_lora_layers=lora.enable(model) if use_fused_lora(tc.fused_lora, device) else 0,
+        took = Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
+                       fused_lora_layers=lora.enable(model, log) if use_fused_lora(tc.fused_lora, device) else 0,
                        fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
                        else 0,
-                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0)
+                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0,
+                       tiled_mlp=_tile(model, tc, device))  # after norm_mlp: it slices Liger's MLP forward
+        for line in fallbacks(model, tc, device, took):
+            log(f"fast path off: {line}")
+        return took
     except Exception:
         disable(model)  # a refused key leaves the model as it came
         raise
 
 
 def disable(model) -> None:
+    tiled_mlp.disable(model)  # first: it gives back the forward norm_mlp bound
     lora.disable(model)
     norm_mlp.disable(model)
     rope.disable(model)
@@ -118,10 +163,11 @@ def disable(model) -> None:
 
 def on_gpu(cfg, hidden: int = 0) -> Kernels:
     """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
-    packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout, Liger's norm and
-    MLP as chosen() decides it for this hidden size."""
+    packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
+    4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""
     m, tc = cfg.method, cfg.train
     packing = "off" if tc.packing == "off" else ("rows" if tc.packing == "rows" else "bins")
-    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off"
+    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off" and \
+        not (m.name == "qlora" and m.quant_bits != 4)
     return Kernels(packing=packing, chunked_loss=tc.loss != "plain", fused_lora_layers=int(fused),
                    fused_norm_mlp=int(chosen(tc.fused_norm_mlp, "cuda", hidden)))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import bitfit, freeze, full, ia3, lora, prompt
+from ..models import load_config
+from . import bitfit, freeze, full, ia3, lora, parts, prompt
 from .base import MethodError, count_parameters, is_peft, trainable
 
 REGISTRY = {
@@ -29,8 +30,6 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     if is_peft(model):
         lora.save(model, out_dir, weights)  # also handles PiSSA's conversion; a plain save_pretrained otherwise
     else:
-        from ..export import parts
-
         parts.save(model, out_dir, weights)
 
 
@@ -38,9 +37,7 @@ def count_on_meta(model_path: str, cfg, trust_remote_code: bool = False) -> tupl
     """(trainable, total) for a method from the model's config.json alone: built on the meta device,
     no weights read. PiSSA and QLoRA have LoRA's shapes (no SVD or quantization runs on meta)."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..models import load_config
+    from transformers import AutoModelForCausalLM  # transformers loads when a count asks for it
 
     mcfg = load_config(model_path, trust_remote_code)
     with torch.device("meta"):

@@ -1,7 +1,9 @@
-"""What every method shares: the error type, freezing, and parameter counts as peft reports them."""
+"""What every method shares: the error type, freezing, parameter counts as peft reports them, and the trained
+weights whole, as every save writes them."""
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..errors import SlimtuneError
 
@@ -40,3 +42,16 @@ def is_peft(model) -> bool:
 
 def on_device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one, on the CPU; a plain tensor as it is. Collective."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole, on the CPU, by name: what checkpoints and our methods' parts
+    file save (several processes, FSDP2: all ranks must call it)."""
+    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}

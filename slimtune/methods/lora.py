@@ -9,11 +9,13 @@ at process exit, whichever comes first.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
 
+from .. import models
 from . import kinds, quant, targets
 
 
@@ -65,8 +67,24 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     if init_dir is None:
         extra = {"state_dict": weights} if weights is not None else {}  # sharded: peft reads these instead
         model.save_pretrained(out_dir, safe_serialization=True, **extra)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(init_dir))
+    record_portable_base(out_dir)
+
+
+def record_portable_base(folder: Path) -> None:
+    """adapter_config.json names its base by a name that loads on other machines ("embedded", not this
+    machine's cache folder). Rewritten after peft's save, not before: peft reads the same field during
+    the save to find the base's config.json, and a name that is no local path sends it to the model hub."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
         return
-    model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    name = adapter.get("base_model_name_or_path")
+    if name and models.portable_name(name) != name:
+        adapter["base_model_name_or_path"] = models.portable_name(name)
+        path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def release(model) -> None:

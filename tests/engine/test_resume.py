@@ -225,24 +225,61 @@ def test_pissa_checkpoints_each_hold_a_converted_adapter(tmp_path, tiny_model_di
     assert all(torch.equal(final[k], last[k]) for k in final)
 
 
-def test_resume_with_another_train_loss_uses_the_new_one(tmp_path, tiny_model_dir):
+def test_resume_with_another_train_loss_uses_the_new_one(tmp_path, tiny_model_dir, monkeypatch):
     """train.loss may change on a resume (checkpoint.FREE_KEYS): the resumed steps compute the new loss, and the
-    run reports it, not the checkpoint's (whose result dict once restored the old choice over the fresh one)."""
+    run reports it, not the checkpoint's (whose result dict once restored the old choice over the fresh one);
+    the tallies the checkpoint holds (its "result" entry) go on."""
+    import slimtune.engine.loop as loop
     from slimtune import config as config_mod
     from slimtune.train import run as train_run
 
+    real, chunked = loop.token_loss_sum, []
+
+    def spy(model, batch, chunk):
+        chunked.append(chunk)  # what each micro-batch's forward was asked to compute
+        return real(model, batch, chunk)
+
+    monkeypatch.setattr(loop, "token_loss_sum", spy)
     cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=4, keep_checkpoints=0, loss="plain")
     quiet = dict(show_progress=False, log=lambda *a: None)
     plain = train_run(config_mod.load(cfg), **quiet)
-    assert plain["chunked_loss"] is False
+    assert plain["chunked_loss"] is False and chunked == [False] * 8  # 4 steps x grad_accum 2
     run = tmp_path / "run"
     reference = _losses(run)
     for step in (3, 4):  # back to the checkpoint after step 2
         shutil.rmtree(checkpoint.step_folder(run, step))
+    saved = torch.load(checkpoint.step_folder(run, 2) / checkpoint.STATE, weights_only=True)["result"]
+    assert saved["train_loss"] == reference[1][1] and saved["nan_steps"] == 0 and "chunked_loss" not in saved
+    chunked.clear()
     resumed = train_run(config_mod.load(cfg, ["train.loss=chunked"]), resume=True, **quiet)
-    assert resumed["chunked_loss"] is True
+    assert resumed["chunked_loss"] is True and chunked == [True] * 4  # steps 3 and 4 only
+    assert resumed["steps"] == 4 and resumed["start_max_abs"] == plain["start_max_abs"]  # the first run's
     losses = _losses(run)
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     assert losses[:2] == reference[:2]
     for (_, a), (_, b) in zip(losses[2:], reference[2:]):
         assert a == pytest.approx(b, abs=1e-5)
+    assert resumed["train_loss"] == losses[-1][1]
+
+
+def test_resume_reads_a_checkpoint_that_holds_the_old_result_dict(tmp_path, tiny_model_dir):
+    """Checkpoints written before the run's state was typed hold the whole result dict (kernel keys, steps,
+    precision...) under "result": a resume reads its tallies back and keeps this run's kernel choice."""
+    from slimtune import config as config_mod
+    from slimtune.train import run as train_run
+
+    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=3, keep_checkpoints=0, loss="plain")
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    first = train_run(config_mod.load(cfg), **quiet)
+    run = tmp_path / "run"
+    shutil.rmtree(checkpoint.step_folder(run, 3))
+    path = checkpoint.step_folder(run, 2) / checkpoint.STATE
+    state = torch.load(path, weights_only=True)
+    state["result"] = dict(state["result"], steps=3, precision="fp32", chunked_loss=False, packing="off",
+                           fused_lora_layers=0, fused_norm_mlp=0, fused_rope=0, skipped_steps=1,
+                           eval_before={"eval_loss": 9.5})  # as the old loop wrote it
+    torch.save(state, path)
+    resumed = train_run(config_mod.load(cfg, ["train.loss=chunked"]), resume=True, **quiet)
+    assert resumed["chunked_loss"] is True and resumed["skipped_steps"] == 1
+    assert resumed["eval_before"] == {"eval_loss": 9.5} and "interrupted" not in resumed
+    assert resumed["train_loss"] == pytest.approx(first["train_loss"], abs=1e-5)

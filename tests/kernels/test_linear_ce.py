@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slimtune.kernels import reference
+from slimtune.kernels import linear_ce, reference
 from slimtune.kernels.linear_ce import linear_cross_entropy
 
 
@@ -86,3 +86,14 @@ def test_no_grad_computes_the_loss_alone(monkeypatch):
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, targets, rows=4)
     torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden.detach(), weight.detach(), targets))
+
+
+def test_chunks_shrink_where_free_memory_is_short(monkeypatch):
+    """CHUNK_BYTES of logits (261 rows at a 128,256 vocabulary) unless an eighth of the free memory is less."""
+    assert linear_ce.sized_rows(128256, torch.device("cpu")) == 261 == linear_ce.chunk_rows(128256)
+    monkeypatch.setattr(linear_ce, "free_bytes", lambda device: 8 * 64 * 4 * 1000)
+    assert linear_ce.sized_rows(1000, torch.device("cuda")) == 64
+    monkeypatch.setattr(linear_ce, "free_bytes", lambda device: 80 * 2**30)
+    assert linear_ce.sized_rows(128256, torch.device("cuda")) == 261  # never larger than CHUNK_BYTES
+    monkeypatch.setattr(linear_ce, "free_bytes", lambda device: 0)
+    assert linear_ce.sized_rows(128256, torch.device("cuda")) == 16  # the floor

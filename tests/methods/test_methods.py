@@ -79,7 +79,7 @@ def _reload(peft: bool, folder, out_dir):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, out_dir)  # plain peft: no slimtune code
-    from slimtune.export import parts
+    from slimtune.methods import parts
 
     return parts.load(base, out_dir)
 

@@ -1,4 +1,5 @@
-"""Our methods' artifact (full, freeze, bitfit): only the trained parameters, by name, in safetensors.
+"""Our methods' artifact (full, freeze, bitfit): only the trained parameters, by name, in safetensors
+(slimtune_parts.safetensors). It lives with the methods that write it; export/merge and load_run read it.
 
 Base + parts restores the trained model exactly; `slimtune merge` writes it out as a plain model.
 """
@@ -10,9 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..engine import sharded
-from ..engine.distributed import trainable_state
 from ..errors import DamagedFileError, MismatchError
+from .base import trainable_state
 
 PARTS = "slimtune_parts.safetensors"
 
@@ -23,17 +23,8 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
 
 
-def saved(folder: Path) -> bool:
-    """The folder holds our methods' parts: the file, or a checkpoint's DCP shards (engine/sharded.py)."""
-    return (Path(folder) / PARTS).is_file() or sharded.present(folder)
-
-
 def load(base, folder: Path):
-    """Copy the saved parameters into the base model in place; every saved name must exist in it. A
-    checkpoint of a full fine-tuning on several GPUs is consolidated from its DCP shards."""
-    if not (Path(folder) / PARTS).is_file() and sharded.present(folder):
-        sharded.load_weights(folder, dict(base.named_parameters()))
-        return base
+    """Copy the saved parameters into the base model in place; every saved name must exist in it."""
     try:
         state = load_file(str(Path(folder) / PARTS))
     except SafetensorError as err:

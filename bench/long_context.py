@@ -1,0 +1,290 @@
+"""The longest single record that trains on one GPU, slimtune beside unsloth (issue 19, "Long context").
+
+For a model shape of bench/peers/seed_recipe.py SIZES (default 8b, Llama-3.1-8B shapes, random weights saved
+once to --model-dir by unsloth_recipe.py --make), with LoRA (bf16 base) and QLoRA (NF4 base), r=32 on the seven
+projections (unsloth's published long-context figures use r=32, batch 1), under the whole GPU and under a
+memory cap (torch.cuda.set_per_process_memory_fraction: 24 GiB stands for a consumer card), it finds the
+longest record for which one training step (forward, backward, AdamW) runs:
+  - doubling from 16k tokens in one process (lengths tried in order, the first failure ends it), then
+  - bisecting between the longest that trained and the shortest that did not, one fresh process per try,
+    down to --resolution tokens; a process that fails on memory (or any error) counts as "does not train".
+It also times tokens/s at 16k (--timed steps after the first). --quick tries only 16k, 32k, 64k, 128k.
+
+slimtune: slimtune.prepare with kernels (packing of the one record: varlen attention; chunked loss sized from
+free memory; fused LoRA; tiled MLP past 16k tokens; Liger where installed), gradient checkpointing with
+layer inputs offloaded to CPU memory (train.offload_activations): what `slimtune train` runs with
+micro_batch_size=1, gradient_checkpointing=true, offload_activations=true.
+unsloth: FastLanguageModel.from_pretrained(load_in_4bit for QLoRA, unsloth_tiled_mlp=True where the release has
+it) + get_peft_model(use_gradient_checkpointing="unsloth"), then the same step written by hand (its patched
+forward with labels: its chunked loss), imported before transformers in its own process as unsloth requires.
+
+  python bench/long_context.py --make                     # save the random 8B model folder (once)
+  python bench/long_context.py --quick --budget-s 540     # the fixed list, every cell
+  python bench/long_context.py --tools slimtune --methods qlora --caps 24 --budget-s 500
+
+Each cell (tool, method, cap) appends one jsonl line like bench/speed.py's to bench/results/<date>-<device>.jsonl
+(or --out), with every length tried; --budget-s bounds the whole run (cells left are reported as not run).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+ROOT = HERE.parent
+GIB = 2**30
+QUICK = [16384, 32768, 65536, 131072]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEV = "cuda"  # tests/test_bench_long_context.py runs a slimtune trial on "cpu"
+
+
+def _record(n: int, vocab: int, prompt: int = 64):
+    """One record of n tokens, the first `prompt` masked (an instruction), the rest trained."""
+    import torch
+
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(10, vocab - 10, (n,), generator=g)
+    labels = ids.clone()
+    labels[:prompt] = -100
+    return ids, labels
+
+
+def _cap(gib: float) -> None:
+    import torch
+
+    if gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total))
+
+
+def _slimtune_model(a):
+    """(model, step) for slimtune: step(n) trains one record of n tokens."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import slimtune
+    from slimtune import config as config_mod, models
+    from slimtune.data import pack
+    from slimtune.data.encode import Encoded
+    from slimtune.engine import loop
+    from slimtune.engine.optim import build_optimizer, build_scheduler
+    from slimtune.methods.quant import quantization_config
+
+    cfg = config_mod.from_dict({
+        "method": {"name": a.method, "r": a.r, "alpha": a.r, "dropout": 0.0, "target_modules": ALL_LINEAR},
+        "train": {"micro_batch_size": 1, "grad_accum": 1, "lr": 1e-4, "precision": "bf16", "max_steps": 100,
+                  "gradient_checkpointing": True, "offload_activations": True, "seed": 0},
+        "data": {"max_len": max(a.lengths)}})
+    model, _ = models.load(a.model_dir, "bf16", device=DEV, quantization=quantization_config(cfg.method, "bf16"))
+    prep = slimtune.prepare(model, cfg, DEV, log=lambda *_: None, kernels=True)
+    model, took = prep.model, prep.kernels
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, 100, cfg.train)
+    context = loop.forward_context(prep.plan, DEV, True, model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model.train()
+
+    def step(n: int) -> None:
+        ids, labels = _record(n, vocab)
+        batch = {k: v.to(DEV) if torch.is_tensor(v) else v
+                 for k, v in pack.collate([Encoded(ids.tolist(), labels.tolist())]).items()}
+        loop.step(model, [batch], optimizer, scheduler, 1.0, context, None, guard=True, chunked=took.chunked_loss)
+
+    return took.as_dict(), step
+
+
+def _unsloth_model(a):
+    import unsloth  # noqa: F401  (before transformers, as unsloth requires)
+    from unsloth import FastLanguageModel
+    import torch
+
+    load = dict(max_seq_length=max(a.lengths), dtype=torch.bfloat16, load_in_4bit=a.method == "qlora",
+                full_finetuning=False)
+    try:  # its long-context setting (off by default): the MLP in ceil(tokens / hidden) slices
+        model, _ = FastLanguageModel.from_pretrained(a.model_dir, unsloth_tiled_mlp=True, **load)
+    except TypeError:  # a release before the option
+        model, _ = FastLanguageModel.from_pretrained(a.model_dir, **load)
+    model = FastLanguageModel.get_peft_model(model, r=a.r, lora_alpha=a.r, lora_dropout=0, bias="none",
+                                             target_modules=ALL_LINEAR, use_gradient_checkpointing="unsloth",
+                                             random_state=3407, max_seq_length=max(a.lengths))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model.train()
+
+    def step(n: int) -> None:
+        ids, labels = _record(n, vocab)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids[None].cuda(), labels=labels[None].cuda()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"gradient_checkpointing": "unsloth"}, step
+
+
+def _oom(err: BaseException) -> bool:
+    return "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError"
+
+
+def trial(a) -> None:
+    """Worker: train one step at each of a.lengths in order; a RESULT line per length; stop at the first failure."""
+    if a.tool == "unsloth":
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+        _cap(a.cap_gib)  # torch is imported by _cap; unsloth patches transformers, imported after it
+        kernels, step = _unsloth_model(a)
+    else:
+        _cap(a.cap_gib)
+        kernels, step = _slimtune_model(a)
+    import torch
+
+    cuda = DEV == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    alloc = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else 0.0
+    print("LOADED " + json.dumps({"kernels": kernels, "alloc_gib": alloc}), flush=True)
+    for n in a.lengths:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        row = {"tokens": n}
+        try:
+            t0 = time.perf_counter()
+            step(n)
+            sync()
+            row.update(ok=True, first_step_s=round(time.perf_counter() - t0, 2))
+            if n == a.tps_at and a.timed:
+                t0 = time.perf_counter()
+                for _ in range(a.timed):
+                    step(n)
+                sync()
+                row["tok_s"] = round(n * a.timed / (time.perf_counter() - t0))
+        except Exception as err:  # OOM above all; anything else ends the search at this length too
+            row.update(ok=False, oom=_oom(err), error=f"{type(err).__name__}: {str(err)[:300]}")
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else 0.0
+        print("RESULT " + json.dumps(row), flush=True)
+        if not row["ok"]:
+            return
+
+
+def _spawn(a, tool: str, method: str, cap: float, lengths: list[int], timeout: float, log) -> tuple[list, dict]:
+    cmd = [sys.executable, str(Path(__file__)), "--trial", "--tool", tool, "--method", method, "--cap-gib", str(cap),
+           "--lengths", ",".join(map(str, lengths)), "--model-dir", a.model_dir, "--r", str(a.r),
+           "--tps-at", str(a.tps_at), "--timed", str(a.timed)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(timeout, 1))
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, rc = _text(exc.stdout), _text(exc.stderr) + "\n(timed out)", "timeout"
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    info = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("LOADED ")), {})
+    log(f"{tool} {method} cap={cap or 'full'} {lengths}: rc {rc}, {time.perf_counter() - t0:.0f}s, "
+        + ", ".join(f"{r['tokens']}:{'ok' if r['ok'] else 'fail'}" for r in rows))
+    if rc not in (0, "timeout") and not any(not r["ok"] for r in rows):  # died outside a step (load, CUDA abort)
+        rows.append({"tokens": lengths[len(rows)] if len(rows) < len(lengths) else lengths[-1], "ok": False,
+                     "error": f"process exit {rc}: {err[-300:]}"})
+    if rc != 0 and not rows:
+        log(err[-2000:])
+    return rows, info
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def search(a, tool: str, method: str, cap: float, deadline: float, log) -> dict:
+    """Doubling then bisecting for one cell, within the time left."""
+    ladder = QUICK if a.quick else [16384 * 2**i for i in range(a.max_doublings)]
+    tried, info = [], {}
+    rows, info = _spawn(a, tool, method, cap, ladder, deadline - time.perf_counter(), log)
+    tried += rows
+    good = max((r["tokens"] for r in tried if r["ok"]), default=0)
+    bad = min((r["tokens"] for r in tried if not r["ok"]), default=0)
+    while not a.quick and good and bad and bad - good > a.resolution and time.perf_counter() < deadline - 30:
+        mid = (good + bad) // 2 // 1024 * 1024
+        rows, _ = _spawn(a, tool, method, cap, [mid], deadline - time.perf_counter(), log)
+        tried += rows
+        if rows and rows[0]["ok"]:
+            good = mid
+        else:
+            bad = mid
+    tps = next((r.get("tok_s") for r in tried if r["tokens"] == a.tps_at and r.get("tok_s")), None)
+    return {"longest_tokens": good, "shortest_failed": bad or None, "tok_s_at_16k": tps, "tried": tried,
+            "load": info, "bounded": not a.quick and bool(bad) and bad - good > a.resolution}
+
+
+def _device() -> tuple[str, float]:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / GIB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="8b")
+    ap.add_argument("--model-dir", default="")
+    ap.add_argument("--make", action="store_true", help="save the random model folder for --size and stop")
+    ap.add_argument("--tools", default="slimtune,unsloth")
+    ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--caps", default="0,24", help="GiB per process (0 = the whole GPU)")
+    ap.add_argument("--quick", action="store_true", help="only 16k, 32k, 64k, 128k; no bisection")
+    ap.add_argument("--budget-s", type=float, default=540, help="seconds for the whole run")
+    ap.add_argument("--resolution", type=int, default=8192, help="bisect until the bracket is this narrow")
+    ap.add_argument("--max-doublings", type=int, default=6, help="16k x 2^i for i below this")
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--tps-at", type=int, default=16384)
+    ap.add_argument("--timed", type=int, default=2, help="steps timed at --tps-at after the first")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tool", default="slimtune", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    ap.add_argument("--cap-gib", type=float, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", default="16384", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.model_dir = a.model_dir or f"/dev/shm/long-{a.size}"
+    a.lengths = [int(x) for x in a.lengths.split(",")]
+    if a.trial:
+        trial(a)
+        return 0
+    start = time.perf_counter()  # the budget counts the model folder's making too
+    if a.make or not Path(a.model_dir, "config.json").exists():
+        subprocess.run([sys.executable, str(PEERS / "unsloth_recipe.py"), "--size", a.size, "--make", "--path",
+                        a.model_dir, "--max_pos", str(1 << 20)], check=True, cwd=ROOT)
+        if a.make:
+            return 0
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    deadline = start + a.budget_s
+    device, total = _device()
+    date = str(datetime.date.today())
+    slug = "h100" if "H100" in device else "h200" if "H200" in device else device.lower().replace(" ", "-")
+    out = Path(a.out or HERE / "results" / f"{date}-{slug}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cap in (float(c) for c in a.caps.split(",")):
+        for method in a.methods.split(","):
+            for tool in a.tools.split(","):
+                row = dict(bench="long_context", date=date, device=device, gpu_gib=round(total, 1), size=a.size,
+                           tool=tool, method=method, r=a.r, cap_gib=cap or round(total, 1), quick=a.quick)
+                if time.perf_counter() > deadline - 60:
+                    row["not_run"] = "--budget-s spent"
+                else:
+                    row.update(search(a, tool, method, cap, deadline, log))
+                rows.append(row)
+                with out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    print("| tool | method | cap GiB | longest tokens | first failure | tok/s at 16k |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tool']} | {r['method']} | {r['cap_gib']} | {r.get('longest_tokens', r.get('not_run'))} | "
+              f"{r.get('shortest_failed')} | {r.get('tok_s_at_16k')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

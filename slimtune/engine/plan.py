@@ -1,0 +1,220 @@
+"""The split of train.batch_size (records per optimizer step) into micro_batch_size x grad_accum, with
+gradient checkpointing and activation offload, when the config leaves the split to slimtune (auto).
+
+On a GPU the candidates are tried fastest first and the first whose predicted peak (engine/memory.py, with
+the CUDA context) fits the free memory less a margin wins:
+- fewer micro-batches first: a small model's step is paced by the CPU launching kernels, so one micro-batch
+  of all the records is fastest (H100, 1B LoRA, 16 records a step: 16 x 1 offloaded 14.5k tok/s, 8 x 2
+  8.6k; 8B 7.8k vs 5.6k; issue 19);
+- always the leanest mode: checkpointing, with the layer inputs offloaded to CPU memory on the fast engine
+  (the padded engine's estimate does not model offload). Lean because on the H100 the offloaded 16 x 1 step
+  was as fast as the kept one (1B: 14.8-19.6k vs 16.7-19.1k tok/s over five runs each) at a lower peak (3.36
+  vs 3.61 GiB), and a default run should not take more memory than a peer's (unsloth 3.59 GiB); dropping
+  checkpointing saves recomputation but costs several times the memory (1B 16 x 1: 32.5 vs 6.5 GiB
+  predicted), so a user who wants it sets the split and gradient_checkpointing=false.
+What the user turned on (checkpointing, offload) stays on. On the CPU there is no GPU memory to fit and no
+launch cost to hide: the largest micro-batch up to CPU_MICRO records that divides the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config.batch import is_auto, records_per_step, stated
+from ..config.convert import AUTO
+from ..data import encode_examples, read
+from ..models import load_config
+from . import distributed, memory
+from .memory import GIB
+
+CPU_MICRO = 8  # CPU: bounds a padded micro-batch's activations; no launch overhead to amortise there (not measured)
+# kept free beyond the predicted peak: the estimator was within 10% (max 9.9%) of 367 measured H100 cells
+# (README, bench/check_estimator.py)
+MARGIN = 0.10
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")  # what the estimate reads
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to train a step's records; peak: its predicted peak with the CUDA context (bytes), None on CPU."""
+    micro_batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    offload_activations: bool
+    peak: float | None = None
+
+    def text(self) -> str:
+        extra = ", checkpointing" if self.gradient_checkpointing else ""
+        extra += ", offloaded" if self.offload_activations else ""
+        return f"{self.micro_batch_size} x {self.grad_accum}{extra}"
+
+
+@dataclass(frozen=True)
+class Split:
+    """What was chosen for a step's records, why, and (on a GPU) the faster options rejected for memory."""
+    batch_size: int
+    chosen: Option
+    why: str
+    free: float | None = None  # GPU memory free for this run (bytes)
+    rejected: tuple[Option, ...] = ()
+
+    @property
+    def budget(self) -> float | None:
+        return None if self.free is None else self.free * (1 - MARGIN)
+
+    def apply(self, cfg):
+        """cfg with the split written into train.* (batch_size included): what the run and its config.yaml hold."""
+        c = self.chosen
+        return replace(cfg, train=replace(cfg.train, batch_size=self.batch_size, micro_batch_size=c.micro_batch_size,
+                                          grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing,
+                                          offload_activations=c.offload_activations))
+
+    def describe(self) -> str:
+        """The short block train and estimate print."""
+        lines = [f"batch split: {self.batch_size} records per step as {self.chosen.text()} "
+                 f"(micro_batch_size x grad_accum); {self.why}"]
+        if self.chosen.peak is not None and self.free is not None:
+            lines.append(f"  predicted peak {self.chosen.peak / GIB:.2f} GiB of {self.free / GIB:.2f} GiB free "
+                         f"({self.budget / GIB:.2f} GiB usable, {MARGIN:.0%} kept as margin)")
+        for o in self.rejected[:4]:
+            lines.append(f"  rejected {o.text()}: predicted {o.peak / GIB:.2f} GiB, over the budget")
+        if len(self.rejected) > 4:
+            lines.append(f"  (and {len(self.rejected) - 4} more, each over the budget)")
+        return "\n".join(lines)
+
+
+def divisors(n: int) -> list[int]:
+    """n's divisors, largest first: the micro-batch sizes that split n records evenly."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
+
+
+def _modes(cfg) -> list[tuple[bool, bool]]:
+    """(checkpointing, offload): the leanest the config allows (a heavier mode never fits where a leaner one
+    does not, so only the micro-batch size is searched); never turns off what the user turned on."""
+    tc = cfg.train
+    if cfg.method.name == "prefix_tuning":  # trains without checkpointing whatever is asked (train.py)
+        return [(False, tc.offload_activations)]
+    return [(True, tc.offload_activations or memory.fast_engine(cfg))]
+
+
+def fixed(cfg) -> Split:
+    """The split a config states (micro_batch_size or grad_accum set; the other follows from batch_size)."""
+    tc = cfg.train
+    batch, micro, accum = stated(tc)
+    return Split(batch, Option(micro, accum, tc.gradient_checkpointing, tc.offload_activations), "as configured")
+
+
+def on_cpu(cfg, reason: str = "") -> Split:
+    """The CPU's rule: the largest micro-batch of at most CPU_MICRO records that divides the batch."""
+    tc, batch = cfg.train, records_per_step(cfg.train)
+    micro = next(d for d in range(min(batch, CPU_MICRO), 0, -1) if batch % d == 0)
+    why = reason or (f"on the CPU no GPU memory limits the split and no kernel launches pace it: the largest "
+                     f"micro-batch of at most {CPU_MICRO} records that divides the batch")
+    return Split(batch, Option(micro, batch // micro, tc.gradient_checkpointing, tc.offload_activations), why)
+
+
+def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, int]] | None = None,
+           gpus: int = 1, model=None) -> Split:
+    """The fastest split of the batch whose predicted peak fits `free` bytes (default: what the GPU has free)
+    less MARGIN; deterministic for a given model shape, config and free figure.
+
+    Args:
+        sizes: (length, trained tokens) of the training records, longest first (the worst micro-batch of m
+            records is the first m); None: micro-batches of data.max_len tokens, all trained.
+        gpus: several processes (FSDP2): the estimate is per GPU.
+        model: the model to train, when already built: checked to be model.path's shape, which the estimate reads.
+    """
+    if not device.startswith("cuda"):
+        return on_cpu(cfg)
+    other = _other_shape(cfg, model) if model is not None else None
+    if other:
+        return on_cpu(cfg, f"{other}, so the memory estimate (made from model.path) does not apply; the CPU's "
+                           f"rule: at most {CPU_MICRO} records a micro-batch (set train.micro_batch_size to choose)")
+    free = free_memory(device) if free is None else free
+    batch, rejected = records_per_step(cfg.train), []
+    try:
+        for micro in divisors(batch):
+            for ck, off in _modes(cfg):
+                option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus)
+                if option.peak <= free * (1 - MARGIN):
+                    why = "the fewest micro-batches that fit" + (
+                        ", without checkpointing" if not ck else ", with checkpointing" if not off
+                        else ", with checkpointing and the layer inputs offloaded")
+                    return Split(batch, option, why, free, tuple(rejected))
+                rejected.append(option)
+    except Exception as err:  # an estimate never stops a run: architectures differ in ways it can't see
+        return on_cpu(cfg, f"memory estimate unavailable ({err}); the CPU's rule: at most {CPU_MICRO} records "
+                           "a micro-batch")
+    smallest = min(rejected, key=lambda o: (o.peak, -o.micro_batch_size))
+    return Split(batch, smallest, "nothing is predicted to fit: the split with the smallest predicted peak "
+                 "(`slimtune estimate CONFIG --budget N` says what else would bring it down)", free,
+                 tuple(o for o in rejected if o is not smallest))
+
+
+def _other_shape(cfg, model) -> str | None:
+    """How `model` differs from model.path's config.json in the sizes the estimate reads, or None."""
+    try:
+        want = load_config(cfg.model.path, cfg.model.trust_remote_code)
+    except Exception as err:  # a model built in code may have no folder behind model.path
+        return f"model.path {cfg.model.path!r} gives no config.json ({err})"
+    have = getattr(model, "config", None)
+    diff = [k for k in SHAPE_KEYS if getattr(have, k, None) != getattr(want, k, None)]
+    return f"the model differs from model.path {cfg.model.path!r} in {', '.join(diff)}" if diff else None
+
+
+def _estimated(cfg, option: Option, sizes, gpus: int) -> Option:
+    trial = replace(cfg, train=replace(cfg.train, micro_batch_size=option.micro_batch_size,
+                                       grad_accum=option.grad_accum,
+                                       gradient_checkpointing=option.gradient_checkpointing,
+                                       offload_activations=option.offload_activations))
+    est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus)
+    return replace(option, peak=est.peak + est.cuda_context)
+
+
+def free_memory(device: str) -> float:
+    """Bytes this run can use on the GPU: free now plus what this process's allocator already holds (a model
+    loaded before the plan is made is counted by the estimate, so its memory is given back here); over several
+    processes, the least any of them has."""
+    index = torch.device(device).index
+    free, _ = torch.cuda.mem_get_info(index)
+    free = float(free + torch.cuda.memory_reserved(index))
+    # several processes: every rank must train the same split, the one the fullest GPU allows
+    return -distributed.all_max([-free], device)[0] if distributed.active() else free
+
+
+def split(cfg, device: str, free: float | None = None, sizes=None, gpus: int = 1, model=None) -> Split:
+    """The split this config trains with on `device`: as stated, or chosen (choose) when auto."""
+    return choose(cfg, device, free, sizes, gpus, model) if is_auto(cfg.train) else fixed(cfg)
+
+
+def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, gpus: int = 1, model=None):
+    """cfg with every auto of the split replaced by numbers; a chosen split is printed (Split.describe)."""
+    tc = cfg.train
+    if AUTO not in (tc.batch_size, tc.micro_batch_size, tc.grad_accum):
+        return cfg
+    chosen = split(cfg, device, free, sizes, gpus, model)
+    if is_auto(tc):
+        log(chosen.describe())
+    return chosen.apply(cfg)
+
+
+def record_sizes(cfg, tokenizer) -> list[tuple[int, int]]:
+    """(length, trained tokens) of every training record of data.train, longest first."""
+    encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
+    return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
+
+
+def for_estimate(cfg, budget: float | None, sizes=None, gpus: int = 1, log=print):
+    """`slimtune estimate`: cfg with the split `train` would choose, printed. The GPU's free memory is --budget
+    when given, else this machine's GPU's; with neither the CPU's rule stands, and it says how to ask."""
+    if not is_auto(cfg.train):
+        return resolve(cfg, "cpu", log)
+    if budget is None and not torch.cuda.is_available():
+        chosen = on_cpu(cfg, f"no GPU here and no --budget: the CPU's rule (at most {CPU_MICRO} records a "
+                             "micro-batch); pass --budget N (the GPU's GiB) for the split train picks on that GPU")
+        log(chosen.describe())
+        return chosen.apply(cfg)
+    return resolve(cfg, "cuda", log, budget, sizes, gpus)

@@ -1,0 +1,266 @@
+"""QLoRA's fused layer (kernels/qlora.py) against peft's lora.bnb.Linear4bit over bitsandbytes' 4-bit base:
+outputs and every gradient, on the CPU (bitsandbytes >= 0.49 quantizes and dequantizes NF4 there) and under
+bf16 autocast on a GPU; reference.dequantize_nf4 against bitsandbytes; the node alone against the formula."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model
+from slimtune import methods
+from slimtune.config import MethodConfig, TrainConfig
+from slimtune.kernels import lora, qlora, reference, select
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) quantizes the 4-bit base")
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+VOCAB = 300
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' CUDA kernels and bf16 autocast: GPU")
+
+
+def quantize(model, device="cpu", compute=torch.float32):
+    """What transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant) does while loading: every
+    projection of the decoder layers becomes a bitsandbytes Linear4bit (the head and embedding stay)."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in ALL:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data.clone())
+                setattr(parent, name, q.to(device))  # .to() quantizes the weight
+    model.is_loaded_in_4bit = True  # peft wraps Linear4bit in its lora.bnb.Linear4bit only then
+    return model.to(device)
+
+
+def _model(arch="llama", device="cpu", compute=torch.float32, **kw):
+    cfg = dict(name="qlora", r=4, alpha=8, dropout=0.0, target_modules=ALL)
+    cfg.update(kw)
+    model = methods.apply(quantize(make_model(VOCAB, arch), device, compute), MethodConfig(**cfg))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # B starts at 0: give it values so every gradient is tested
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    return model
+
+
+def _loss_and_grads(model, ids, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), logits.detach(), grads
+
+
+@pytest.mark.parametrize("shape, dtype, nested", [((64, 96), torch.float32, True), ((7, 123), torch.bfloat16, True),
+                                                  ((431, 33), torch.float32, False)])
+def test_reference_dequantize_is_bitsandbytes_bit_for_bit(shape, dtype, nested):
+    """Odd sizes: the last block is partial and a byte's two codes can straddle rows."""
+    w = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    want = bnbf.dequantize_4bit(packed, state)
+    got = reference.dequantize_nf4(packed, state)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, want)
+    assert 0.05 < float((got.float() - w.float()).abs().max()) < 1.0  # 4 bits: a coarse copy, not w itself
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_node_alone_equals_the_reference_formula(bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(23, 40, generator=g)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    wq = reference.dequantize_nf4(packed, state)
+    x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
+    a = torch.randn(4, 40, generator=g, requires_grad=True)
+    b = torch.randn(23, 4, generator=g, requires_grad=True)
+    bvec = torch.randn(23, generator=g, requires_grad=True) if bias else None
+    out = qlora.lora_4bit_linear(x, packed, state, bvec, a, b, 0.5, dequant=reference.dequantize_nf4)
+    want = reference.lora_linear(x, wq, bvec, a, b, 0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # fp32: only the summation order differs
+    grad = torch.randn_like(out)
+    inputs = (x, a, b) + ((bvec,) if bias else ())
+    for got, ref in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        assert float(ref.abs().max()) > 0
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, bias, n_bias", [("llama", "none", 0), ("qwen2", "all", 6)])
+def test_fused_equals_peft_bnb_layer_in_fp32(arch, bias, n_bias):
+    """qwen2 has q/k/v biases: with bias=all they train through the node's bias gradient."""
+    model = _model(arch, bias=bias)
+    kinds = {type(m).__module__ + "." + type(m).__name__ for m in model.modules() if hasattr(m, "lora_A")}
+    assert kinds == {"peft.tuners.lora.bnb.Linear4bit"}
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+    want = _loss_and_grads(model, ids)
+    assert lora.enable(model) == 14 and lora.enabled(model) == 14
+    got = _loss_and_grads(model, ids)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert abs(float(got[0] - want[0])) < 1e-5
+    assert got[2].keys() == want[2].keys() and len(got[2]) == 28 + n_bias
+    for name in want[2]:
+        scale = float(want[2][name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+    lora.disable(model)
+    assert lora.enabled(model) == 0
+    assert torch.equal(_loss_and_grads(model, ids)[1], want[1])  # peft's own forward again, bit for bit
+
+
+def test_the_node_saves_x_not_the_dequantized_weight():
+    """What forward leaves for backward: x (N, in) and x A^T (N, r), the packed weight, A and B; no (out, in)
+    tensor in a 16/32-bit dtype."""
+    model = _model()
+    lora.enable(model)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer = model.base_model.model.model.layers[0].mlp.up_proj
+        layer(torch.randn(2, 9, 64))
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert (128, 64) not in shapes and (64, 128) not in shapes
+    assert (18, 64) in shapes and (18, 4) in shapes
+
+
+def test_what_cannot_be_fused_says_why_once():
+    lines = []
+    model = _model(dropout=0.1)
+    assert lora.enable(model, lines.append) == 0
+    assert lines == ["fused LoRA layers: 14 of 14 stay peft's: LoRA dropout 0.1 (set method.dropout=0 to fuse)"]
+    model = _model(name="dora")
+    assert lora.enable(model, lines.append) == 0 and "DoRA" in lines[-1]
+
+
+def test_an_8bit_base_stays_peft_s_and_says_so():
+    """bitsandbytes' 8-bit layers keep their own matmul (LLM.int8 outlier handling): peft's layer runs them,
+    while the plain Linear layers beside them are fused."""
+    model = make_model(VOCAB)
+    for layer in model.model.layers:
+        lin = layer.mlp.up_proj
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        layer.mlp.up_proj = q.to("cpu")  # .to() quantizes to int8
+    model.is_loaded_in_8bit = True
+    model = methods.apply(model, MethodConfig(name="qlora", quant_bits=8, r=4, alpha=8, dropout=0.0,
+                                              target_modules=["up_proj", "q_proj"]))
+    lines = []
+    assert lora.enable(model, lines.append) == 2  # the two q_proj
+    assert lines == ["fused LoRA layers: 2 of 4 stay peft's: a Linear8bitLt base (fused: nn.Linear and "
+                     "bitsandbytes 4-bit; 8-bit is not)"]
+
+
+def test_select_takes_qlora_layers_and_its_gpu_record_is_the_fast_engine():
+    model = _model()
+    try:
+        took = select.enable(model, TrainConfig(fused_lora="on", loss="chunked"), "cpu")
+        assert took.fused_lora_layers == 14 and took.chunked_loss
+    finally:
+        select.disable(model)
+    assert lora.enabled(model) == 0
+    from slimtune import config
+    cfg = config.Config()
+    cfg.method = config.MethodConfig(name="qlora", dropout=0.0)
+    assert select.on_gpu(cfg) == select.Kernels(packing="bins", chunked_loss=True, fused_lora_layers=1)
+    assert select.on_gpu(cfg).fast
+    cfg.method = config.MethodConfig(name="qlora", dropout=0.0, quant_bits=8)  # peft's Linear8bitLt: not fused
+    assert select.on_gpu(cfg).fused_lora_layers == 0
+
+
+@CUDA
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_equals_peft_bnb_layer_on_gpu_under_bf16_autocast(arch):
+    """bitsandbytes' CUDA dequantize; both paths compute in bf16, so they differ by bf16 rounding of the sums."""
+    model = _model(arch, device="cuda", compute=torch.bfloat16, bias="all" if arch == "qwen2" else "none")
+    ids = torch.randint(0, VOCAB, (2, 61), generator=torch.Generator().manual_seed(0)).cuda()
+    want = _loss_and_grads(model, ids, autocast=True)
+    assert lora.enable(model) == 14
+    got = _loss_and_grads(model, ids, autocast=True)
+    assert abs(float(got[0] - want[0])) < 1e-2 * float(want[0])  # bf16: 8 bits of mantissa over two layers
+    for name, g in got[2].items():
+        assert g.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), want[2][name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+@CUDA
+def test_node_on_gpu_matches_the_reference_in_bf16_and_frees_the_weight():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(4096, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(512, 1024, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(16, 1024, device="cuda", generator=g, requires_grad=True)
+    b = torch.randn(4096, 16, device="cuda", generator=g, requires_grad=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = qlora.lora_4bit_linear(x, packed, state, None, a, b, 2.0)
+    kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    assert kept < w.numel() * w.element_size() / 2  # saved: x and x A^T, never the bf16 weight (8 MiB)
+    want = reference.lora_linear(x.float(), reference.dequantize_nf4(packed, state).float(), None, a, b, 2.0)
+    grad = torch.randn_like(out)
+    got_g = torch.autograd.grad(out, (x, a, b), grad)
+    ref_g = torch.autograd.grad(want, (x, a, b), grad.float())
+    assert float((out.float() - want).abs().max()) < 2e-2 * float(want.abs().max())  # bf16 inputs and sums
+    for got, ref in zip(got_g, ref_g):
+        cos = torch.nn.functional.cosine_similarity(got.float().flatten(), ref.flatten(), dim=0)
+        assert cos > 0.999, float(cos)
+
+
+ON_CPU = dict(precision="fp32", packing="on", loss="chunked", fused_lora="on")  # what auto takes on CUDA
+ON_GPU = dict(precision="bf16", offload_activations=True)  # the defaults, activations offloaded
+
+
+@pytest.mark.parametrize("device, train", [("cpu", ON_CPU), pytest.param("cuda", ON_GPU, marks=CUDA)])
+def test_qlora_as_train_loads_it_takes_the_fast_paths_with_peft_s_loss_and_gradients(tiny_model_dir, device, train):
+    """transformers quantizes while loading (nf4, double quant), slimtune.prepare switches the fast paths on:
+    packed rows, chunked loss and fused LoRA layers are all taken, and one checkpointed step (offloaded on the
+    GPU) gives peft's loss and gradients: within fp32 rounding on the CPU, bf16's on the GPU."""
+    from transformers import BitsAndBytesConfig
+
+    from slimtune import config, models, prepare
+    from slimtune.data.encode import Encoded
+    from slimtune.engine.loop import accumulate, collate_micro, forward_context
+
+    cfg = config.Config()
+    cfg.method = MethodConfig(name="qlora", r=8, alpha=16, dropout=0.0, target_modules=ALL)
+    cfg.train = TrainConfig(gradient_checkpointing=True, **train)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)  # methods/quant.py's, which refuses the CPU
+    model, tok = models.load(str(tiny_model_dir), "fp32" if device == "cpu" else "bf16", device=device,
+                             quantization=quant)
+    prep = prepare(model, cfg, device, log=lambda *_: None, kernels=True)
+    took = prep.kernels
+    assert took.fused_lora_layers == 14 and took.packing == "bins" and took.chunked_loss and took.fast
+    g = torch.Generator().manual_seed(2)
+    records = [Encoded(torch.randint(0, len(tok), (n,), generator=g).tolist(),
+                       [-100] * 5 + torch.randint(0, len(tok), (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]
+    batch = collate_micro(records, True, 0, device)
+    context = forward_context(prep.plan, device, cfg.train.offload_activations, prep.model)
+
+    def run():
+        prep.model.zero_grad(set_to_none=True)
+        loss, _ = accumulate(prep.model, [batch], context, chunked=True)
+        return float(loss), {n: p.grad.float().clone() for n, p in prep.model.named_parameters() if p.requires_grad}
+
+    for name, p in prep.model.named_parameters():  # B starts at 0: give it values so A's gradient is not zero
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    loss_fused, fused = run()
+    lora.disable(prep.model)
+    loss_peft, ref = run()
+    assert fused.keys() == ref.keys() and len(fused) == 28
+    if device == "cpu":  # the same fp32 arithmetic in another order
+        assert abs(loss_fused - loss_peft) < 1e-5 * abs(loss_peft)
+        for name in ref:
+            torch.testing.assert_close(fused[name], ref[name], rtol=1e-4, atol=1e-5 * float(ref[name].abs().max()))
+        return
+    assert abs(loss_fused - loss_peft) < 1e-2 * abs(loss_peft)  # bf16 matmuls summed in another order
+    for name in ref:
+        cos = torch.nn.functional.cosine_similarity(fused[name].flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
