@@ -9,6 +9,7 @@ Each rank builds the model on its GPU, applies the method and FSDP2 shards it (e
   python bench/fsdp_speed.py --gpus 1,2 --size 8b                    # slimtune on 1 then 2 GPUs
   python bench/fsdp_speed.py --gpus 4 --size 8b --method full         # full fine-tuning, 4 GPUs
   python bench/fsdp_speed.py --gpus 2 --size 8b --recipes hf          # the peer under torchrun (DDP)
+  python bench/fsdp_speed.py --gpus 4 --size 8b --prefetch 2 --reshard 1   # FSDP2 knobs (train.fsdp_*)
 
 Every rank-0 result carries real tokens/s over all GPUs, the largest per-GPU peak (allocated and reserved)
 and the estimator's per-GPU prediction (engine/memory.estimate with gpus=N). Results are appended to
@@ -79,7 +80,7 @@ def worker(a) -> None:
     prepared = slimtune.prepare(model, cfg, device, log=lambda *_: None)  # checkpointing, method, fp32 trainable
     model, plan = prepared.model, prepared.plan
     if world > 1:
-        model = distributed.shard(model, device, keep_gathered=a.keep_gathered)
+        model = distributed.shard(model, device, reshard=a.reshard, prefetch=a.prefetch)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()  # the whole model each rank built before sharding
@@ -127,8 +128,9 @@ def worker(a) -> None:
         dt = sum(times)
         print("RESULT " + json.dumps(dict(
             recipe=f"slimtune FSDP2 ({a.method}, {a.per_gpu} records/step/GPU" + (", offload" if a.offload else "")
-            + (", layers kept whole forward to backward" if a.keep_gathered else "") + ")",
+            + _knobs(a) + ")",
             size=a.size, params=n_params, gpus=world, method=a.method, per_gpu=a.per_gpu,
+            fsdp_reshard=a.reshard, fsdp_prefetch=a.prefetch,
             max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), tok_s_per_gpu=round(real / dt / world),
             peak_gib=round(peaks[0], 2), peak_reserved_gib=round(peaks[1], 2),
             predicted_gib=round((est.peak + est.cuda_context) / 2**30, 2),
@@ -137,6 +139,12 @@ def worker(a) -> None:
             kernels=took.as_dict(),
             device=torch.cuda.get_device_name() if cuda else "cpu")), flush=True)
     distributed.close()
+
+
+def _knobs(a) -> str:
+    """The FSDP2 settings away from the defaults, for the recipe's name."""
+    knobs = {0: "", 1: ", layers kept whole forward to backward"}.get(a.reshard, f", resharded to {a.reshard} GPUs")
+    return knobs + (f", prefetch {a.prefetch} layers" if a.prefetch else "")
 
 
 def _profile(one_step, path: str, rank: int) -> None:
@@ -182,10 +190,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--offload", action="store_true")
-    ap.add_argument("--keep-gathered", action="store_true", help="FSDP2 reshard_after_forward=False on the layers")
+    ap.add_argument("--keep-gathered", action="store_true", help="the same as --reshard 1")
+    ap.add_argument("--reshard", type=int, default=0, help="train.fsdp_reshard: GPUs a layer is spread over "
+                    "between forward and backward (0 = all, 1 = kept whole, N = groups of N)")
+    ap.add_argument("--prefetch", type=int, default=0, help="train.fsdp_prefetch: layers all-gathered ahead "
+                    "explicitly in forward and backward (0 = FSDP2's own)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, rank 0's table to this file")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
+    a.reshard = 1 if a.keep_gathered else a.reshard
     if a.worker:
         worker(a)
         return 0
@@ -197,7 +210,8 @@ def main(argv=None) -> int:
                 cmd = _torchrun(gpus) + [__file__, "--worker", "--size", a.size, "--method", a.method,
                                          "--per-gpu", str(a.per_gpu), "--max-len", str(a.max_len),
                                          "--steps", str(a.steps), "--warmup", str(a.warmup)] \
-                    + (["--offload"] if a.offload else []) + (["--keep-gathered"] if a.keep_gathered else []) \
+                    + (["--offload"] if a.offload else []) \
+                    + ["--reshard", str(a.reshard), "--prefetch", str(a.prefetch)] \
                     + (["--profile", f"{a.profile}-{gpus}gpu.txt"] if a.profile else [])
             else:  # the Trainer recipe, 8 x 2 records per GPU as bench/speed.py runs it, DDP under torchrun
                 cmd = _torchrun(gpus) + [str(HERE / "peers" / "seed_recipe.py"), "--size", a.size, "--configs",

@@ -128,8 +128,8 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
-    elif (folder / parts.PARTS).is_file():
-        model = parts.load(model, folder)
+    elif peft_format.parts_saved(folder):
+        model = peft_format.load_parts(model, folder)
     else:
         raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
                                "slimtune.save or `slimtune train` wrote")

@@ -210,8 +210,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
     why = distributed.check_method(cfg.method.name)
     if why:
-        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: {why}; train it on "
-                          "one GPU, or use lora")
+        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: {why}")
     distributed.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
     start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
@@ -229,7 +228,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
     model = prepare(model, cfg, device, log).model
     if distributed.active():
-        model = distributed.shard(model, device)
+        model = distributed.shard(model, device, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
         log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
             f"{cfg.train.batch_size} records per optimizer step over all of them")
     hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,

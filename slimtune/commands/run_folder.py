@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..engine import checkpoint
 from ..errors import MissingFileError
-from ..export import parts
+from ..export.peft_format import parts_saved
 
 
 def check_run(folder: str | Path) -> None:
@@ -14,7 +14,7 @@ def check_run(folder: str | Path) -> None:
     out = Path(folder)
     if not out.is_dir():
         raise MissingFileError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
-    if (out / "adapter_config.json").is_file() or (out / parts.PARTS).is_file():
+    if (out / "adapter_config.json").is_file() or parts_saved(out):
         return
     last = checkpoint.latest(out)
     if last is not None:

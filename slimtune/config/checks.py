@@ -44,6 +44,7 @@ RANGES: dict[str, str | tuple] = {
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
     "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
     "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)",
+    "train.fsdp_prefetch": "[0, inf)", "train.fsdp_reshard": "[0, inf)",
     "data.max_turns": "[0, inf)", "train.eval_max_tokens": "[-1, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little

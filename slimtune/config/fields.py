@@ -165,6 +165,11 @@ class TrainConfig:
     """on_nan=skip: a run that skipped more than this share of its steps fails, unsaved"""
     gpus: int = 1
     """GPUs of this machine (torchrun + FSDP2 started for you when > 1); under torchrun its count rules"""
+    fsdp_prefetch: int = 0
+    """several GPUs: all-gather the next N decoder layers ahead in forward and backward (0 = FSDP2's own)"""
+    fsdp_reshard: int = 0
+    """several GPUs: after its forward a layer is spread over N GPUs until backward (0 = all, least memory;
+    1 = kept whole, one all-gather per step instead of two; N dividing the GPU count: groups of N)"""
 
 
 @dataclass

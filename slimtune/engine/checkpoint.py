@@ -6,11 +6,14 @@ one found for --resume, and SIGINT/SIGTERM turned into a save at the next step b
             the method's own save, so `slimtune chat/merge/generate` take this folder as they take a run's
         trainable.safetensors   peft methods: the raw trainable parameters, what a resume loads
         trainer_state.pt        optimizer, scheduler, GradScaler, RNG states, data position, progress
+        sharded/                instead of the weights and the optimizer: full fine-tuning on several
+                                processes, each rank's shard written through DCP (engine/sharded.py)
         COMPLETE                written last, before the folder gets its name
 
-A folder is written as .tmp-step-000120-<pid>, every file fsynced, then renamed: a kill leaves either
-a complete step folder or a .tmp one, which is never picked and is removed by the next run. Pruning
-renames a step folder to .old-step-000120-<pid> before deleting it, for the same reason.
+A folder is written as .tmp-step-000120-<pid> (-dcp when sharded: one name on every rank), every file
+fsynced, then renamed: a kill leaves either a complete step folder or a .tmp one, which is never picked
+and is removed by the next run. Pruning renames a step folder to .old-step-000120-<pid> before deleting
+it, for the same reason.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from ..methods.base import is_peft, trainable_state
 from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
+from . import distributed, sharded
 from .distributed import local_part
 from .signals import SignalScope
 
@@ -47,7 +51,8 @@ FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "trai
 # and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
 # gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
 FREE_KEYS |= {"train.lr", "train.max_skipped_share"}
-FREE_KEYS |= {"train.gpus"}  # a checkpoint holds whole tensors: it resumes on any number of processes
+# a checkpoint resumes on any number of processes, however they shard
+FREE_KEYS |= {"train.gpus", "train.fsdp_prefetch", "train.fsdp_reshard"}
 
 
 def step_folder(out_dir: Path, step: int) -> Path:
@@ -57,17 +62,45 @@ def step_folder(out_dir: Path, step: int) -> Path:
 def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: dict | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all).
     weights: the trainable parameters whole, when the model's are sharded over several processes."""
+    tmp = _begin(out_dir, step, f"{os.getpid()}")
+    _save_weights(model, tmp, weights)
+    return _commit(out_dir, step, tmp, cfg, state, keep)
+
+
+def writes_sharded(cfg) -> bool:
+    """Full fine-tuning on several processes checkpoints through DCP (engine/sharded.py): each rank writes
+    its shard, instead of a whole model gathered onto rank 0."""
+    return distributed.active() and cfg.method.name == "full"
+
+
+def save_sharded(out_dir: Path, step: int, model, optimizer, cfg, state: dict, keep: int) -> Path:
+    """save() for writes_sharded runs; all ranks call it. The trainer state holds no optimizer: the
+    sharded folder does, and state["sharded"] records its files."""
+    tmp = _begin(out_dir, step, "dcp") if distributed.is_main() else None
+    distributed.barrier()  # the folder is there before any rank writes into it (one name on every rank)
+    tmp = tmp or Path(out_dir) / ROOT / f".tmp-{step_folder(out_dir, step).name}-dcp"
+    state = dict(state, sharded=sharded.save(tmp, model, optimizer))
+    final = _commit(out_dir, step, tmp, cfg, state, keep) if distributed.is_main() else step_folder(out_dir, step)
+    distributed.barrier()
+    return final
+
+
+def _begin(out_dir: Path, step: int, tag: str) -> Path:
     root = Path(out_dir) / ROOT
     root.mkdir(parents=True, exist_ok=True)
-    final = step_folder(out_dir, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f".tmp-{step_folder(out_dir, step).name}-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_weights(model, tmp, weights)
+    return tmp
+
+
+def _commit(out_dir: Path, step: int, tmp: Path, cfg, state: dict, keep: int) -> Path:
+    """config.yaml, the trainer state and COMPLETE into `tmp`, every file fsynced, then renamed to its step."""
+    root, final = Path(out_dir) / ROOT, step_folder(out_dir, step)
     (tmp / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
     torch.save(state, tmp / STATE)
     (tmp / DONE).write_text(json.dumps({"step": step, "files": sorted(p.name for p in tmp.iterdir())}) + "\n")
-    for p in tmp.iterdir():
+    for p in [*tmp.glob(f"{sharded.DIR}/*"), *tmp.iterdir()]:
         _fsync(p)
     _fsync(tmp)
     if final.exists():  # only after a resume from an older step re-reaches it
@@ -136,9 +169,14 @@ def clean(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(folder: Path, model) -> dict:
-    """Copy the checkpoint's trainable parameters into the model; returns its trainer state."""
+def load(folder: Path, model, optimizer=None) -> dict:
+    """Copy the checkpoint's trainable parameters into the model and its AdamW state into `optimizer`
+    (when given), whatever the number of processes that wrote it and that read it; returns its trainer state."""
     folder = Path(folder)
+    if sharded.present(folder):
+        state = _load_state(folder / STATE)
+        sharded.load(folder, model, optimizer, state.get("sharded"))
+        return state
     weights = load_file(str(folder / (RAW if (folder / RAW).is_file() else PARTS)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
@@ -148,7 +186,12 @@ def load(folder: Path, model) -> dict:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part
-    return _load_state(folder / STATE)
+    state = _load_state(folder / STATE)
+    if optimizer is not None and distributed.active():
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
+    elif optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def _load_state(path: Path) -> dict:

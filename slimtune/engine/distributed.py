@@ -21,12 +21,28 @@ import torch
 import torch.distributed as dist
 
 from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
+from ..errors import SlimtuneError
 from ..methods.base import full, trainable_state
 
-# methods whose save path cannot run on sharded parameters yet (PiSSA converts against a second,
-# unsharded adapter; bitsandbytes' 4-bit storage is not sharded by FSDP2 here)
-UNSUPPORTED = {"pissa": "PiSSA's save converts its adapter against an initial copy that FSDP2 does not shard",
-               "qlora": "a bitsandbytes 4-bit base is not sharded by FSDP2 in slimtune yet"}
+
+class ShardingError(SlimtuneError, ValueError):
+    """An FSDP2 setting this number of processes cannot take; the message names the setting."""
+
+
+# methods that cannot train sharded yet: the reason, and what to use instead
+UNSUPPORTED = {
+    "pissa": "PiSSA's save converts its adapter against an initial copy that FSDP2 does not shard; "
+             "train it on one GPU (train.gpus=1), or use lora",
+    # FSDP2 shards a parameter by splitting its elements; bitsandbytes packs two 4-bit weights per uint8 byte
+    # with per-block scales in a side object, so a shard is no longer a weight. With the default uint8
+    # storage accelerate's FSDP2 path crashed or silently trained to loss 0 with NaN gradients
+    # (huggingface/accelerate#3983); bnb_4bit_quant_storage set to the compute dtype is the documented way
+    # around it, but slimtune has no GPU-tested loss curve for it, so it is refused rather than trusted.
+    "qlora": "a bitsandbytes 4-bit base is not sharded by FSDP2 in slimtune: its weights are packed two per uint8 "
+             "byte, and with that storage accelerate's FSDP2 path crashed or trained to loss 0 with NaN gradients "
+             "(accelerate#3983); a 4-bit base stored in the compute dtype (bnb_4bit_quant_storage) has no tested "
+             "loss curve here yet. Across GPUs use method.name=lora on a bf16 base (train.precision=bf16: the "
+             "base is sharded, so each GPU holds 1/N of it), or keep qlora and set train.gpus=1"}
 
 
 def launched() -> bool:
@@ -95,18 +111,46 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(biggest)
 
 
-def shard(model: torch.nn.Module, device: str, keep_gathered: bool = False) -> torch.nn.Module:
+def reshard_after_forward(group: int, world: int) -> bool | int:
+    """train.fsdp_reshard as FSDP2 takes it: 0 (or the GPU count) = True, 1 = False, else the group size."""
+    if group in (0, world):
+        return True
+    if group == 1:
+        return False
+    if group < 0 or world % group:
+        raise ShardingError(f"train.fsdp_reshard={group}: must be 0 (all {world} GPUs), 1 (layers kept whole) or a "
+                            f"divisor of the GPU count ({world}), e.g. 8 for the GPUs of one node")
+    return group
+
+
+def shard(model: torch.nn.Module, device: str, reshard: int = 0, prefetch: int = 0) -> torch.nn.Module:
     """FSDP2 over the whole model: each decoder layer its own unit, then the root (embeddings, head,
     prompt encoders). Parameters move to `device` one unit at a time, so a model loaded on the CPU
-    never sits whole on one GPU. keep_gathered: layers stay whole from forward to backward (one
-    all-gather per step instead of two, for the memory of the whole model on every GPU)."""
+    never sits whole on one GPU. No parameter is cast (autocast computes as on one GPU; trainable
+    parameters keep their fp32 master copy) and gradients are reduced in fp32 whatever train.precision.
+
+    Args:
+        reshard: GPUs a layer's weights are spread over between its forward and its backward
+            (train.fsdp_reshard): 0 = all of them (least memory, a second all-gather in backward);
+            1 = kept whole (one all-gather per step, the whole model's memory on every GPU);
+            N = groups of N (the backward all-gather stays within N GPUs, e.g. one node).
+        prefetch: all-gather the next N layers explicitly, in forward and in backward
+            (train.fsdp_prefetch); 0 = FSDP2's own (implicit forward, one layer ahead in backward).
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.split(":")[0], (size(),))
-    for layer in layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=not keep_gathered)
-    fully_shard(model, mesh=mesh)
+    after = reshard_after_forward(reshard, size())
+    # the -pure modes' half gradients are summed in fp32: a sum over N GPUs can pass fp16's 65504 where no part does
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    units = layers(model)
+    for layer in units:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=after, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for i, layer in enumerate(units if prefetch else []):
+        layer.set_modules_to_forward_prefetch(units[i + 1:i + 1 + prefetch])
+        layer.set_modules_to_backward_prefetch(units[max(0, i - prefetch):i][::-1])
     return model
 
 

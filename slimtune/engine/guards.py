@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..methods.parts import PARTS
-from . import checkpoint
+from . import checkpoint, sharded
 from .precision import PrecisionError
 
 # Trainable weights whose max |w| passes GROWTH x their max |w| before the first step (at least 1) have
@@ -108,9 +108,14 @@ def message(what: str, step: int, value: float, wheres: list[str], cause: str) -
 
 def checkpoint_max(folder: Path) -> float:
     """max |w| of the trainable weights a checkpoint holds (what a resume loads)."""
-    path = folder / (checkpoint.RAW if (folder / checkpoint.RAW).is_file() else PARTS)
+    if sharded.present(folder):  # DCP shards: each file holds model.<param> slices among optimizer state
+        return max(_file_max(p, "model.") for p in sharded.weight_files(folder))
+    return _file_max(folder / (checkpoint.RAW if (folder / checkpoint.RAW).is_file() else PARTS))
+
+
+def _file_max(path: Path, prefix: str = "") -> float:
     with safe_open(str(path), framework="pt") as fh:
-        return max_abs(fh.get_tensor(k) for k in fh.keys())
+        return max_abs(fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix))
 
 
 def resume_advice(out_dir: Path, start: float | None, diverging: bool) -> str:

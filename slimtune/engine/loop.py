@@ -263,7 +263,8 @@ def _maybe_eval(run: Run, measure, log) -> None:
 
 def _save(run: Run, logs: RunLog) -> Path:
     """A checkpoint in the single-process format whatever the number of ranks: sharded tensors are
-    gathered whole (every rank takes part), rank 0 writes, the others wait for it."""
+    gathered whole (every rank takes part), rank 0 writes, the others wait for it. Full fine-tuning on
+    several ranks is the exception: each rank writes its own DCP shard (checkpoint.save_sharded)."""
     tc = run.cfg.train
     broken = [n for n, p in run.model.named_parameters()
               if p.requires_grad and not bool(torch.isfinite(guards.local(p)).all())]
@@ -273,12 +274,15 @@ def _save(run: Run, logs: RunLog) -> Path:
         raise guards.NumericError(f"step {run.step}: the trained weight {broken[0]} holds NaN/inf ({len(broken)} "
                                   "tensors do), so no checkpoint or adapter was written; "
                                   + guards.resume_advice(run.out_dir, run.tally.start_max_abs, True))
-    sharded = distributed.active()
     state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": run.tally.state_dict(),
-             "optimizer": distributed.optimizer_state(run.optimizer) if sharded else run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
              "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset(), "trained": run.trained}
+    if checkpoint.writes_sharded(run.cfg):  # each rank writes its shard: nothing gathered
+        return checkpoint.save_sharded(run.out_dir, run.step, run.model, run.optimizer, run.cfg, state,
+                                       tc.keep_checkpoints)
+    state["optimizer"] = distributed.optimizer_state(run.optimizer) if distributed.active() \
+        else run.optimizer.state_dict()
     with distributed.gathered(run.model) as weights:
         path = checkpoint.save(run.out_dir, run.step, run.model, run.cfg, state, tc.keep_checkpoints, weights) \
             if distributed.is_main() else checkpoint.step_folder(run.out_dir, run.step)
@@ -288,15 +292,11 @@ def _save(run: Run, logs: RunLog) -> Path:
 
 def _restore(run: Run, folder: Path, log) -> int:
     """Load a checkpoint into the run; returns the metrics.jsonl length to cut back to."""
-    state = checkpoint.load(folder, run.model)
+    state = checkpoint.load(folder, run.model, run.optimizer)
     if state["data"] != run.data:
         raise DataError(f"{folder}: the training data differ from those it was trained on ({state['data']['records']} "
                         f"encoded records then, {run.data['records']} now, or other content); resume with the same "
                         "data and data.* settings, or start a new run")
-    if distributed.active():
-        distributed.load_optimizer_state(run.optimizer, state["optimizer"])
-    else:
-        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.stream.load_state_dict(state["stream"])

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from .. import config as config_mod
 from .. import methods, models
+from ..engine import sharded
 from ..engine.precision import base_dtype_name
 from ..errors import DamagedFileError, MissingFileError
 from ..methods import parts
@@ -66,10 +67,24 @@ def _adapter(base, folder: Path):
         except (SafetensorError, json.JSONDecodeError) as err:  # a save cut short, or a file damaged since
             raise DamagedFileError(f"{folder}: its adapter files cannot be read ({type(err).__name__}: {err}); "
                                    "restore them or train the run again") from None
-    if (folder / parts.PARTS).is_file():
-        return parts.load(base, folder)
+    if parts_saved(folder):
+        return load_parts(base, folder)
     raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; the run did not "
                            "finish saving")
+
+
+def parts_saved(folder: Path) -> bool:
+    """The folder holds our methods' trained parts: the file, or a checkpoint's DCP shards (engine/sharded.py)."""
+    return (Path(folder) / parts.PARTS).is_file() or sharded.present(folder)
+
+
+def load_parts(base, folder: Path):
+    """methods.parts.load, and for a checkpoint of a full fine-tuning on several GPUs (no parts file, DCP
+    shards instead) the weights consolidated from its shards; the base model is changed in place."""
+    if not (Path(folder) / parts.PARTS).is_file() and sharded.present(folder):
+        sharded.load_weights(folder, dict(base.named_parameters()))
+        return base
+    return parts.load(base, folder)
 
 
 def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dtype: str | None = None,
