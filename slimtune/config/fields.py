@@ -152,7 +152,7 @@ class TrainConfig:
     """Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off"""
     tiled_mlp: str = "auto"
     """the MLP a slice of the sequence at a time, recomputed in backward (kernels/tiled_mlp.py): auto (on CUDA
-    for forwards of over 16,384 tokens) | on | off"""
+    for forwards of over 65,536 tokens) | on | off"""
     save_every: int = 100
     """write a resumable checkpoint every N steps (0 = only at the end)"""
     keep_checkpoints: int = 2

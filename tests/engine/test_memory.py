@@ -135,10 +135,10 @@ def test_fast_engine_counts_real_tokens_one_loss_chunk_and_offload(tiny_model_di
 
 def test_a_long_record_holds_one_mlp_slice_in_the_recomputed_layer(tiny_model_dir):
     """Past select.TILE_TOKENS the tiled MLP keeps one slice's intermediates (hidden 64: slices of 64 tokens)."""
-    rows = [(20000, 19000)]
+    rows = [(70000, 69000)]
     tiled = memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=True), rows)
     whole = memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=True, tiled_mlp="off"), rows)
-    assert whole.activations - tiled.activations == pytest.approx((20000 - 64) * memory.FAST_LAYER_COEF * 128)
+    assert whole.activations - tiled.activations == pytest.approx((70000 - 64) * memory.FAST_LAYER_COEF * 128)
     assert any("MLP in slices of 64 tokens" in n for n in tiled.notes)
     short = [(10, 6), (7, 3)]
     assert memory.estimate(_fast(tiny_model_dir, gradient_checkpointing=True), short).activations == \
