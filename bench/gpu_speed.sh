@@ -112,6 +112,12 @@ elif [ "$SIZE" = issue19-1b ] || [ "$SIZE" = issue19-8b ]; then  # issue 19: def
   PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --recipes unsloth,unsloth-qlora --out "$OUT/speed.jsonl"
   [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile,slimtune-qlora:bs=16:ga=1:offload:profile="$OUT/prof_qlora_1b.txt"
+elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
+  export UNSLOTH_MODES=padded
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_qlora.py \
+    -k "gpu_under_bf16" 2>&1 | grep -E "^E |passed|failed" | head -12 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes 1b --out "$OUT/speed.jsonl" --recipes defaults,defaults-qlora
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes 1b --recipes unsloth,unsloth-qlora --out "$OUT/speed.jsonl"
 elif [ "$SIZE" = long ]; then  # issue 19: the longest record that trains, slimtune beside unsloth
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_tiled_mlp_gpu.py \
     tests/kernels/test_tiled_mlp.py tests/kernels/test_architectures.py -rs 2>&1 | grep -v Warn | tail -12 | tee "$OUT/gpu_tests.log"
