@@ -13,7 +13,8 @@ tensor by tensor from its safetensors. The file holds:
   models.load_gguf applies (transformers' GGUF reader builds default RoPE for llama). yarn, dynamic
   and longrope are refused.
 
-Quant types (--quant): f16, bf16, q8_0, q4_0 (gguf.quants) and q4_k_m (export/quants.py). 1-D tensors
+Quant types (--quant): f16, bf16, q8_0 (gguf.quants), q4_0 and q4_k_m (export/quants.py: scales fit to an
+importance matrix of the run's records, export/imatrix.py, as llama.cpp's imatrix path). 1-D tensors
 (norms, biases) stay F32 in every type, as llama.cpp keeps them. The q4_k_m mix follows llama.cpp's
 llama_tensor_get_type: Q4_K everywhere except Q6_K for output.weight (token_embd.weight when the
 embeddings are tied, since it is then also the output) and for attn_v / ffn_down in the layers
