@@ -43,18 +43,19 @@ def calibration(choice: str, run_cfg: config_mod.Config | None, log=print) -> tu
     'auto' = the run's training data (a merged folder: the demo's instruction data), or a records file.
     No examples when 'auto' finds none (the quantizers then weigh every column alike)."""
     cfg = run_cfg or config_mod.load(None, [])
-    path: str | Path = choice
-    if choice == "auto":
-        path = run_cfg.data.train if run_cfg is not None and run_cfg.data.train else ""
-        if not path or not Path(path).exists():
-            try:
-                path = data_file(DEMO_DATA, download=False)  # export never downloads
-            except MissingFileError as err:
-                log(f"no calibration records ({err}); quantizing without an importance matrix")
-                return [], cfg, ""
-    examples = read(path, cfg.data.format if choice == "auto" and run_cfg is not None else "auto",
-                    limit=MAX_RECORDS)
-    return examples, cfg, str(path)
+    if choice != "auto":
+        return read(choice, limit=MAX_RECORDS), cfg, choice
+    train = run_cfg.data.train if run_cfg is not None else ""
+    if train and Path(train).exists():
+        return read(train, run_cfg.data.format, limit=MAX_RECORDS), cfg, train
+    if train:
+        log(f"importance matrix: the run's data.train {train} is not here; using the demo's instruction data")
+    try:
+        path = data_file(DEMO_DATA, download=False)  # export never downloads
+    except MissingFileError as err:
+        log(f"no calibration records ({err}); quantizing without an importance matrix")
+        return [], cfg, ""
+    return read(path, limit=MAX_RECORDS), cfg, str(path)
 
 
 def _hook(sums: dict, name: str):

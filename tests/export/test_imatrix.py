@@ -120,3 +120,20 @@ def test_export_says_what_it_used_and_off_turns_it_off(tokenizer, tiny_model_dir
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no instruction"}])
     with pytest.raises(Exception, match="bad.jsonl"):
         imatrix_mod.compute(tiny_model_dir, tokenizer, str(bad))
+
+
+def test_calibration_reads_the_runs_training_data_and_says_when_it_cannot(tmp_path, monkeypatch):
+    from slimtune import config as config_mod
+
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(imatrix_mod.MAX_RECORDS + 5)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    run_cfg = config_mod.load(None, [f"data.train={data}", "data.template=llama3"])
+    examples, cfg, source = imatrix_mod.calibration("auto", run_cfg)
+    assert len(examples) == imatrix_mod.MAX_RECORDS and source == str(data) and cfg.data.template == "llama3"
+    assert examples[3].messages[-1]["content"] == "3"
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "empty-cache"))  # no demo data, and no download
+    logged: list[str] = []
+    gone = config_mod.load(None, [f"data.train={tmp_path / 'moved.jsonl'}"])
+    assert imatrix_mod.calibration("auto", gone, logged.append)[0] == []
+    assert "moved.jsonl is not here" in logged[0] and "without an importance matrix" in logged[1]
+    assert not list((tmp_path / "empty-cache").rglob("*.tar.gz"))  # nothing was downloaded
