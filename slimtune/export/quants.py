@@ -173,8 +173,9 @@ def quantize_q6_k(data: np.ndarray, columns: np.ndarray | None = None) -> np.nda
 # Q4_0 / Q5_0 (32 values per block, value = d * q, q in -8..7 / -16..15): the layout gguf.quants writes,
 # with the scale chosen by a weighted least-squares search instead of d = absmax / -8. llama.cpp does the
 # same when given an importance matrix (quantize_row_q4_0_impl: make_qx_quants over 19 scales around
-# -nmax / max, weights imatrix * sqrt(sigma2 + x^2)); here also the scales that put the largest value on
-# the positive side (+nmax-1), and the codes are refit to the f16 d the reader will use.
+# -nmax / max, weights imatrix * sqrt(sigma2 + x^2); ours in block_weights); here also the scales that
+# put the largest value on the positive side (+nmax-1), and the codes are refit to the f16 d the reader
+# will use.
 QK = 32
 CHUNK = 1 << 22  # values per quantize_legacy step: bounds its memory on 8B-model matrices
 SCALE_STEPS = np.arange(-9, 10) * 0.1  # llama.cpp's make_qx_quants: nmax + 0.1 * is, is in -9..9
@@ -183,11 +184,13 @@ TARGETS = {n: np.concatenate([-(n + SCALE_STEPS), n - 1 + SCALE_STEPS]).astype(n
 
 
 def block_weights(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """Weight of each value (rows (n, cols) -> (n, cols)): llama.cpp's qw * sqrt(sigma2 + x^2), sigma2 the
-    row's mean square, qw the column's mean squared input activation (1 when there is no imatrix)."""
-    sigma2 = (rows * rows).mean(axis=1, keepdims=True)
-    w = np.sqrt(sigma2 + rows * rows)
-    return w if imatrix is None else w * np.asarray(imatrix, dtype=np.float32)[None, :]
+    """Weight of each value (rows (n, cols) -> (n, cols)): the column's mean squared input activation, the
+    expected share of the squared output error; without an imatrix llama.cpp's sqrt(sigma2 + x^2), sigma2
+    the row's mean square. (llama.cpp multiplies the two; on SmolLM2-135M q4_0 the activation alone gave
+    +4.7% held-out loss against +6.6% for the product, +12.3% for no imatrix: bench/gguf_export.py.)"""
+    if imatrix is not None:
+        return np.broadcast_to(np.asarray(imatrix, dtype=np.float32)[None, :], rows.shape)
+    return np.sqrt((rows * rows).mean(axis=1, keepdims=True) + rows * rows)
 
 
 def _codes(x: np.ndarray, d: np.ndarray, nmax: int) -> np.ndarray:
