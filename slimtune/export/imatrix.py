@@ -4,8 +4,9 @@ llama.cpp's `llama-imatrix` runs the model over text and keeps, for each Linear 
 over tokens (x the layer's input): a rounding error e in column j reaches the output as e * x_j, so its
 quantizers weigh column j's squared error by that mean. Here the same statistic comes from forward hooks
 on the run's own training records (the data its config.yaml names), or on the demo's instruction data
-for a merged folder; capped at MAX_RECORDS records and MAX_TOKENS tokens, which takes seconds on the CPU
-for a small model.
+for a merged folder (when it is in the cache: export never downloads); capped at MAX_RECORDS records and
+MAX_TOKENS tokens. On SmolLM2-135M q4_0 it took the held-out loss from +12.3% over the source model to
++4.7% (bench/results/2026-12-03-cpu-gguf_export.jsonl).
 """
 from __future__ import annotations
 
