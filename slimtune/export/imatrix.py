@@ -26,6 +26,10 @@ MAX_TOKENS = 2048  # the forward costs 2 * params * tokens FLOP: 0.5 TFLOP for a
 DEMO_DATA = "alpaca_en_demo.json"  # generic instructions, for a merged folder that names no data
 
 
+class ImatrixError(SlimtuneError, ValueError):
+    """The records given for the importance matrix cannot be used."""
+
+
 @dataclass
 class Imatrix:
     """Per weight name (as in the model's safetensors) the mean squared input of each column."""
@@ -116,7 +120,3 @@ def compute(folder: Path, tokenizer, choice: str, run_cfg: config_mod.Config | N
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     columns, tokens = collect(model, batches)
     return Imatrix(columns, source, len(batches), tokens)
-
-
-class ImatrixError(SlimtuneError, ValueError):
-    """The records given for the importance matrix cannot be used."""
