@@ -137,3 +137,16 @@ def test_calibration_reads_the_runs_training_data_and_says_when_it_cannot(tmp_pa
     assert imatrix_mod.calibration("auto", gone, logged.append)[0] == []
     assert "moved.jsonl is not here" in logged[0] and "without an importance matrix" in logged[1]
     assert not list((tmp_path / "empty-cache").rglob("*.tar.gz"))  # nothing was downloaded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compute() runs the model on the GPU in bf16 only there")
+def test_bf16_on_the_gpu_matches_the_cpu_statistic(tokenizer, tiny_model_dir):
+    """bf16 activations round each value to 8 bits of mantissa: their means of squares agree within 2%."""
+    from transformers import AutoModelForCausalLM
+
+    batches = [tokenizer(t)["input_ids"] for t in CORPUS[:3]]
+    cpu, _ = imatrix_mod.collect(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), batches)
+    gpu_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda().eval()
+    gpu, _ = imatrix_mod.collect(gpu_model, batches)
+    for name, want in cpu.items():
+        assert np.allclose(gpu[name], want, rtol=2e-2, atol=1e-6), name
