@@ -131,9 +131,10 @@ def test_4_bit_held_out_loss(trained, tmp_path, capsys):
     The issue asks q4_0 to stay within 5%. On the base model over the demo's held-out records
     (bench/gguf_export.py, 2026-12-03) it is +4.7% with the importance matrix, +12.3% without, and +16.2%
     for gguf.quants' absmax Q4_0 (llama.cpp without an imatrix). This 10-step LoRA model on identity answers
-    is harder: gguf.quants' Q4_0 measured 2.135 / 1.660 = 1.29x here, the imatrix from the demo's alpaca
-    records 1.969 / 1.660 = 1.19x. Bounds below are the measured values plus margin, so a layout or
-    permutation error (loss x2 or more) still fails.
+    is harder: gguf.quants' Q4_0 measured 2.135 / 1.660 = 1.29x here, slimtune's with the imatrix of the
+    demo's alpaca records 1.969 / 1.660 = 1.19x, of the run's own records (this test) 1.931 / 1.660 = 1.16x.
+    Bounds below are the measured values plus margin, so a layout or permutation error (loss x2 or more)
+    still fails.
     """
     losses = {}
     for quant in ("merged", "q4_0", "q4_k_m"):
@@ -146,10 +147,10 @@ def test_4_bit_held_out_loss(trained, tmp_path, capsys):
         assert cli.main(["eval", "--base", str(base), "--data", str(trained[2]), "--max-len", "96",
                          "--output", str(tmp_path / quant), "--device", "cpu"]) == 0
         losses[quant] = json.loads((tmp_path / quant / "scores.json").read_text())["eval_loss"]
-    print("held-out losses", losses)
-    assert losses["q4_0"] <= 1.40 * losses["merged"], losses
-    # q4_k_m (mostly Q5_0 here: 576 columns are no multiple of 256) measured 1.694 / 1.660 = 1.020x
-    assert losses["q4_k_m"] <= 1.12 * losses["merged"] and losses["q4_k_m"] < losses["q4_0"], losses
+    assert losses["q4_0"] <= 1.25 * losses["merged"], losses
+    # q4_k_m (mostly Q5_0 here: 576 columns are no multiple of 256) measured 1.702 / 1.660 = 1.025x
+    # (1.067x before the imatrix)
+    assert losses["q4_k_m"] <= 1.07 * losses["merged"] and losses["q4_k_m"] < losses["q4_0"], losses
 
 
 def test_llama_cpp_generates_from_the_file(trained, tmp_path):
