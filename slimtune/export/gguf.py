@@ -339,7 +339,8 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=p
     w.add_quantization_version(2)
     imat = imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if quant in IMATRIX_QUANTS else None
     if quant in IMATRIX_QUANTS:
-        log(f"{quant}: " + (imat.describe() if imat else "no importance matrix (--imatrix off): every column alike"))
+        why = "--imatrix off" if imatrix == "off" else "no calibration records"
+        log(f"{quant}: " + (imat.describe() if imat else f"no importance matrix ({why}): every column alike"))
     counts = _add_tensors(w, folder, cfg, arch, quant, imat)
     w.write_header_to_file()
     w.write_kv_data_to_file()
