@@ -4,7 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const $$ = (sel) => Array.from(document.querySelectorAll(sel));
 const esc = (s) => String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
-const gib = (x) => (x === null || x === undefined) ? "—" : x.toFixed(2) + " GiB";
+const gib = (x) => (x === null || x === undefined) ? "—" : x < 0.1 ? (x * 1024).toFixed(1) + " MiB" : x.toFixed(2) + " GiB";
 const secs = (s) => (s === null || s === undefined) ? "—" : s < 120 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
 let INFO = null;
 
@@ -126,7 +126,7 @@ let WATCHING = null, SOURCE = null;
 const CH = {};
 function makeCharts() {
   CH.loss = new StepChart($("#chart-loss"), "loss", ["train loss", "eval loss"]);
-  CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"]);
+  CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"], v => v.toExponential(1));
   CH.tps = new StepChart($("#chart-tps"), "tokens/s", ["input", "trained"]);
   CH.mem = new StepChart($("#chart-mem"), "memory (GiB)", []);
   Object.values(CH).forEach(c => c.draw());
@@ -148,7 +148,8 @@ function showState(s) {
   $("#run-status").textContent = `${s.status}: ${steps}, elapsed ${secs(s.elapsed_s)}, remaining ${s.status === "running" ? secs(s.remaining_s) : "—"}` +
     (s.pid ? ` (PID ${s.pid})` : "") + (s.status === "stopped" ? `; resumable from ${s.checkpoint}` : "");
   $("#run-status").dataset.status = s.status;
-  $("#run-log").textContent = s.log.join("\n");
+  const log = $("#run-log");
+  log.textContent = s.log.join("\n"); log.scrollTop = log.scrollHeight;
   $("#stop").disabled = s.status !== "running";
   $("#resume").disabled = s.status !== "stopped";
 }

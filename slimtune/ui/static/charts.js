@@ -5,8 +5,9 @@ const COLORS = ["#3050d0", "#d04030", "#20a060", "#a040c0", "#d09020", "#208090"
 
 class StepChart {
   // title: shown above; names: the series (each a list of [step, value] points, steps may differ)
-  constructor(el, title, names) {
+  constructor(el, title, names, fmt) {
     this.el = el; this.title = title; this.names = names; this.points = {}; this.plot = null;
+    this.fmt = fmt || (v => v);
     names.forEach(n => { this.points[n] = []; });
   }
   clear() { Object.keys(this.points).forEach(n => { this.points[n] = []; }); this.draw(); }
@@ -36,7 +37,7 @@ class StepChart {
     const series = [{label: "step"}].concat(this.names.map((n, i) => (
       {label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: {show: data[0].length < 60}})));
     this.plot = new uPlot({title: this.title, width: 500, height: 230, scales: {x: {time: false}}, series: series,
-                           axes: [{label: "step"}, {}]}, data, this.el);
+                           axes: [{label: "step"}, {size: 60, values: (u, vals) => vals.map(this.fmt)}]}, data, this.el);
   }
 }
 window.StepChart = StepChart;
