@@ -46,8 +46,10 @@ def state(launcher: runs.Launcher, out: Path) -> dict:
     metric = rows[0].get("metric") if rows else None
     header, body = table.cells(rows, metric)
     curves = {}
-    for folder in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
-        curves[folder.name] = [[r["step"], r["loss"]] for r in runs.metrics(folder) if "loss" in r]
+    for folder in sorted((out / "runs").glob("[!.]*")) if (out / "runs").is_dir() else []:  # not .slimtune-cache
+        points = [[r["step"], r["loss"]] for r in runs.metrics(folder) if "loss" in r]
+        if points:  # the base row trains nothing
+            curves[folder.name] = points
     charts = {title: str(out / name) for title, name in report.CHARTS.items() if (out / name).is_file()}
     pid = launcher.pid(out)
     return {"folder": str(out), "running": pid is not None, "pid": pid, "header": header, "body": body,
