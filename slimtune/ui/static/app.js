@@ -96,7 +96,8 @@ function showEstimate(e) {
   html += Object.entries(e.parts).filter(([k, v]) => v > 0 || k !== "gathered").map(([k, v]) =>
     `<div class="bar"><span style="width:160px">${k}</span><span class="fill" style="width:${Math.round(200 * v / max)}px"></span>${gib(v)}</div>`).join("");
   html += `<p id="peak">predicted peak <b>${gib(e.peak_gib)}</b> + CUDA context ${gib(e.cuda_context_gib)}</p>`;
-  if (e.budget_gib !== null) html += `<p class="fit ${e.fits ? "yes" : "no"}">budget ${e.budget_gib.toFixed(1)} GiB: ${e.fits ? "fits" : "does NOT fit"}</p>`;
+  if (e.budget_gib !== null) html += `<p class="fit ${e.fits ? "yes" : "no"}">${esc(e.verdict)}</p>`;
+  if (e.fits === false) $('.err[data-for="budget"]').textContent = e.verdict;
   if (e.fixes.length) html += "<p>changes that fit:</p><ul>" + e.fixes.map(f => `<li><code>${esc(f.change)}</code> ${gib(f.gib)}</li>`).join("") + "</ul>";
   else if (e.fits === false) html += "<p>no single change fits; combine them or use a larger GPU</p>";
   if (e.faster) html += `<p>faster on a GPU, same records per step: <code>${esc(e.faster.change)}</code> (${gib(e.faster.gib)})</p>`;
@@ -150,6 +151,8 @@ function showState(s) {
   $("#run-status").dataset.status = s.status;
   const log = $("#run-log");
   log.textContent = s.log.join("\n"); log.scrollTop = log.scrollHeight;
+  const failed = s.status === "failed" ? s.log.filter(l => / error: /.test(l)).pop() : null;
+  $("#train-error").textContent = failed || "";  // the command's own message, e.g. a folder that holds another run
   $("#stop").disabled = s.status !== "running";
   $("#resume").disabled = s.status !== "stopped";
 }
