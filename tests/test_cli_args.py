@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimtune import cli, config
+from slimtune.commands import options
 
 
 @pytest.fixture
@@ -13,11 +14,11 @@ def captured(monkeypatch):
     seen = []
 
     def fake(args):
-        seen.append(cli._config(args))
+        seen.append(options.config_from(args))
         return 0
 
     for name in ("train", "params", "estimate"):
-        monkeypatch.setitem(cli.COMMANDS, name, fake)
+        monkeypatch.setattr(cli.command(name), "run", fake)
     return seen
 
 

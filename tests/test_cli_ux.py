@@ -11,6 +11,7 @@ import yaml
 
 from conftest import write_jsonl
 from slimtune import cli
+from slimtune.commands import chat, inference
 from slimtune.evaluate.generate import Sampling, run
 
 WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
@@ -67,9 +68,9 @@ def test_generate_output_is_written_atomically(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("old\n")
     with pytest.raises(TypeError):
-        cli._write_atomic(out, [{"a": 1}, {"a": 2}, {"a": {1, 2}}])  # a set is not JSON
+        inference.write_atomic(out, [{"a": 1}, {"a": 2}, {"a": {1, 2}}])  # a set is not JSON
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-    cli._write_atomic(out, [{"a": 1}])
+    inference.write_atomic(out, [{"a": 1}])
     assert out.read_text() == '{"a": 1}\n'
 
 
@@ -96,7 +97,7 @@ def _chat(trained, lines, monkeypatch, save=None, interrupt_answer=None):
                 raise KeyboardInterrupt
             return real(*args, **kw)
         monkeypatch.setattr(gen_mod, "run", flaky)
-    return cli.chat_loop(model, tok, cfg.data.template, "cpu", Sampling(max_new_tokens=3), read=read, save=save)
+    return chat.chat_loop(model, tok, cfg.data.template, "cpu", Sampling(max_new_tokens=3), read=read, save=save)
 
 
 def test_chat_ctrl_c_at_the_prompt_exits_cleanly_and_saves(trained, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,10 @@
 """Config: YAML fills the typed tree, dotted overrides convert by declared type, every problem is reported once."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
+
 import pytest
 import yaml
 
@@ -313,11 +317,9 @@ def test_every_bad_number_is_refused_naming_the_key(item, line):
 
 
 def test_every_numeric_field_has_a_range():
-    import dataclasses
-
     numeric = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.type if
-               isinstance(s.type, type) else config._hint(Config)[s.name]) if config._hint(
-               config._hint(Config)[s.name])[f.name] in (int, float, list[int])}
+               isinstance(s.type, type) else typing.get_type_hints(Config)[s.name]) if typing.get_type_hints(
+               typing.get_type_hints(Config)[s.name])[f.name] in (int, float, list[int])}
     assert numeric == set(config.RANGES)
 
 
@@ -406,9 +408,9 @@ def test_every_field_has_a_docstring():
     sections = config.field_docs(Config)
     assert list(sections) == ["model", "data", "method", "train"] and all(doc for _, doc in sections.values())
     for section in sections:
-        cls = config._hint(Config)[section]
+        cls = typing.get_type_hints(Config)[section]
         docs = config.field_docs(cls)
-        assert list(docs) == [f.name for f in config.dataclasses.fields(cls)]
+        assert list(docs) == [f.name for f in dataclasses.fields(cls)]
         assert [k for k, (_, doc) in docs.items() if len(doc) < 10] == []
     assert config.field_docs(config.TrainConfig)["eval_separator"] == (
         "str", 'also score answers as item sets split on this ("\\n" = newline; implies eval_generate)')
@@ -420,10 +422,10 @@ def test_help_config_lists_every_key(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     for section in config.field_docs(Config):
-        cls = config._hint(Config)[section]
+        cls = typing.get_type_hints(Config)[section]
         for key, (tp, doc) in config.field_docs(cls).items():
             head = next(i for i, line in enumerate(lines) if line.startswith(f"  {section}.{key} ("))
-            default = config.json.dumps(getattr(cls(), key))
+            default = json.dumps(getattr(cls(), key))
             assert lines[head].startswith(f"  {section}.{key} ({tp}, default {default}"), lines[head]
             text = []
             for line in lines[head + 1:]:

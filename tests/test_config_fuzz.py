@@ -3,6 +3,7 @@ is ConfigError (one message per problem), never a Python error from deep inside.
 from __future__ import annotations
 
 import math
+import typing
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,7 @@ from slimtune import config
 from slimtune.config import Config, ConfigError
 
 KNOWN = [f"{s}.{k}" for s in ("model", "data", "method", "train")
-         for k in config._hint(config._hint(Config)[s])]
+         for k in typing.get_type_hints(typing.get_type_hints(Config)[s])]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2 ** 60),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
                     st.sampled_from(["nan", ".inf", "-1", "0", "1e-4", "2**64", "[]", "q_proj", "auto", "9" * 5000]))

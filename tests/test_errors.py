@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import slimtune
 from conftest import write_jsonl
 from slimtune import cli, errors
+from slimtune.commands import run_folder
 from slimtune.errors import (ExistingFileError, MismatchError, MissingFileError, MissingPackageError, SlimtuneError,
                              UnsupportedError)
 
@@ -45,8 +46,9 @@ def test_every_error_class_is_a_slimtune_error():
             if inspect.isclass(obj) and obj.__module__ == mod.__name__ and issubclass(obj, Exception) \
                     and not issubclass(obj, Warning) and not name.startswith("_"):
                 found[f"{mod.__name__}.{name}"] = obj
-    assert {"slimtune.config.ConfigError", "slimtune.data.checks.DataError", "slimtune.methods.base.MethodError",
-            "slimtune.engine.precision.PrecisionError", "slimtune.export.merge.MergeError",
+    assert {"slimtune.config.convert.ConfigError", "slimtune.data.checks.DataError",
+            "slimtune.methods.base.MethodError", "slimtune.engine.precision.PrecisionError",
+            "slimtune.export.merge.MergeError",
             "slimtune.models.UnsafeFileError"} <= set(found)  # the walk did reach them
     outside = sorted(k for k, cls in found.items() if not issubclass(cls, SlimtuneError) and k not in NOT_ERRORS)
     assert outside == []
@@ -85,12 +87,12 @@ def test_main_prints_every_slimtune_error_as_one_line(error, monkeypatch, capsys
     def raising(args):
         raise error("x.yaml: train.thing: what to do")
 
-    monkeypatch.setitem(cli.COMMANDS, "targets", raising)
+    monkeypatch.setattr(cli.command("targets"), "run", raising)
     assert _one_line_error(capsys, ["targets", "m"], "targets").endswith("error: x.yaml: train.thing: what to do")
 
 
 def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "targets", lambda args: 1 / 0)
+    monkeypatch.setattr(cli.command("targets"), "run", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["targets", "m"])
 
@@ -99,7 +101,7 @@ def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
 
 def test_missing_run_folder(tmp_path, capsys):
     with pytest.raises(SlimtuneError):
-        cli.check_run(tmp_path / "nope")
+        run_folder.check_run(tmp_path / "nope")
     err = _one_line_error(capsys, ["chat", str(tmp_path / "nope")], "chat")
     assert "no such run folder" in err
 

@@ -1,13 +1,11 @@
 """Run logs: metrics.jsonl (one JSON object per line), TensorBoard scalars beside it, and the progress bar."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -38,25 +36,6 @@ def strict_json(row: dict, reason=lambda key, value: f"{value} (not a finite num
 def dumps(row: dict, **kwargs) -> str:
     """The one way slimtune writes a JSON object of numbers: strict JSON, non-finite values as null."""
     return json.dumps(strict_json(row), allow_nan=False, **kwargs)
-
-
-# (category, message regex) of library warnings that slimtune's own calls trigger and no user can act on;
-# each measured on transformers 5.24 + peft 0.21.2. Others (a tied embedding in an adapter...) still show.
-KNOWN_NOISE = [
-    # peft's PeftModel.__init__ reads model.is_gradient_checkpointing: every train, eval, chat, generate
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    # peft's prefix_tuning forward passes its prefix as past_key_values (training and eval of prefix runs)
-    (FutureWarning, r"`past_key_values` is deprecated and will be removed in version [\d.]+ for `\w+\.forward`"),
-]
-
-
-@contextlib.contextmanager
-def quiet_warnings():
-    """Hide KNOWN_NOISE for the duration (the `slimtune` command wraps every command in it)."""
-    with warnings.catch_warnings():
-        for category, message in KNOWN_NOISE:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
 
 
 class MetricsLog:

@@ -141,25 +141,7 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> E
     model, mcfg = _meta_model(cfg)
     plan = _plan(cfg)
     est = Estimate(grad_accum=cfg.train.grad_accum)
-    wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
-    modules = dict(model.named_modules())
-    head = model.get_output_embeddings()
-    trainable_n = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            trainable_n += p.numel()
-            continue
-        owner = modules.get(name.rsplit(".", 1)[0])
-        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
-            # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
-            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
-            est.weights += p.numel() * per
-        else:
-            est.weights += p.numel() * wbytes
-    est.trainable = est.gradients = trainable_n * tbytes
-    est.optimizer = 2 * trainable_n * tbytes
-    est.optimizer_step_extra = trainable_n * tbytes  # foreach AdamW: one parameter-sized temporary
-
+    trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
     inter = getattr(mcfg, "intermediate_size", None) or 4 * h
     if rows is None:
@@ -196,6 +178,30 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1) -> E
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
     return est
+
+
+def _parameters(est: Estimate, model, cfg, plan) -> int:
+    """Fill est's frozen weights, trainable parameters, gradients and AdamW state from the meta model;
+    returns the count of trainable parameters."""
+    wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    trainable_n = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable_n += p.numel()
+            continue
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
+            # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
+            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
+            est.weights += p.numel() * per
+        else:
+            est.weights += p.numel() * wbytes
+    est.trainable = est.gradients = trainable_n * tbytes
+    est.optimizer = 2 * trainable_n * tbytes
+    est.optimizer_step_extra = trainable_n * tbytes  # foreach AdamW: one parameter-sized temporary
+    return trainable_n
 
 
 def _sharded(cfg, rows, gpus: int) -> Estimate:

@@ -16,7 +16,7 @@ from slimtune.data.readers import from_alpaca
 from slimtune.engine.loop import accumulate
 from slimtune.train import enable_checkpointing
 
-DEMO = Path(config.__file__).with_name("demo.yaml")
+DEMO = Path(cli.__file__).with_name("demo.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,66 @@
+"""`slimtune chat`: chat with a trained run (or a .gguf file), same template as training."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from transformers import TextStreamer
+
+from ..evaluate import generate
+from .inference import add_common, load_for_inference, sampling, write_atomic
+
+
+def add(g) -> None:
+    add_common(g)
+    g.add_argument("--system", default="", help="system prompt for this chat")
+    g.add_argument("--save", help="keep the transcript in this JSONL file ({\"messages\": [...]}, as "
+                   "training data reads it), rewritten after every answer")
+
+
+def run(args) -> int:
+    model, tokenizer, cfg, device = load_for_inference(args)
+    system = args.system or cfg.data.system
+    chat_loop(model, tokenizer, cfg.data.template, device, sampling(args), system,
+              save=Path(args.save) if args.save else None)
+    return 0
+
+
+def chat_loop(model, tokenizer, template: str, device: str, sampling, system: str = "", read=None,
+              save: Path | None = None) -> list[dict]:
+    """Read a line (with `read`, default input()), answer it, until /exit, Ctrl-D or Ctrl-C at the prompt;
+    returns the conversation. Ctrl-C while an answer is generated drops that answer and its question and
+    goes back to the prompt."""
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens arrive
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    earlier: list[list[dict]] = []  # conversations ended by /reset, kept in the transcript
+    print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D, Ctrl-C) quits; Ctrl-C during "
+          "an answer stops it", file=sys.stderr)
+    while True:
+        try:
+            line = (read or input)("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            earlier += [history] if any(m["role"] == "assistant" for m in history) else []
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            gen = generate.run(model, tokenizer, template, [history + [{"role": "user", "content": line}]], sampling,
+                               1, device, streamer=streamer)
+        except KeyboardInterrupt:
+            print("\n[stopped: this answer and its question are left out of the conversation]", file=sys.stderr)
+            continue
+        print(f"[{gen.new_tokens} tokens, {gen.tokens_per_s:.1f} tokens/s]", file=sys.stderr, flush=True)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": gen.texts[0]}]
+        if save:
+            write_atomic(save, [{"messages": conv} for conv in earlier + [history]])
+    turns = sum(m["role"] == "assistant" for conv in earlier + [history] for m in conv)
+    print(f"transcript ({turns} answers) saved to {save}" if save else
+          "transcript not saved (--save FILE keeps it)", file=sys.stderr)
+    return history

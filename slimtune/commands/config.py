@@ -1,0 +1,20 @@
+"""`slimtune config`: the resolved config as YAML, or with --explain every key's reference."""
+from __future__ import annotations
+
+from .. import config as config_mod
+from .options import EPILOG, add_config, config_from
+
+
+def add(cf) -> None:
+    cf.epilog = EPILOG
+    add_config(cf)
+    cf.add_argument("--explain", action="store_true", help="the key reference (as `slimtune train --help-config`)")
+
+
+def run(args) -> int:
+    """The resolved config as YAML (as `train --print-config`), or with --explain the key reference."""
+    if args.explain:
+        print(config_mod.explain())
+    else:
+        print(config_mod.dump(config_from(args)), end="")
+    return 0

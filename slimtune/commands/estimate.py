@@ -1,0 +1,51 @@
+"""`slimtune estimate`: predicted peak GPU memory of a config, by component, and what fits a budget."""
+from __future__ import annotations
+
+from .. import models
+from ..engine import memory
+from .options import add_config, config_from, gpus
+
+
+def add(es) -> None:
+    add_config(es)
+    es.add_argument("--budget", help="GPU memory available, e.g. 24 (GiB), 24GiB or 1500MiB: says whether the run "
+                    "fits and what would")
+    es.add_argument("--gpus", type=gpus, default=0,
+                    help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
+
+
+def run(args) -> int:
+    cfg = config_from(args)
+    budget = memory.parse_size(args.budget) if args.budget else None
+    rows = None
+    if cfg.data.train:
+        rows = memory.data_rows(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
+    n = args.gpus or cfg.train.gpus
+    est = memory.estimate(cfg, rows, n)
+    where = f"the longest {len(rows)} records of {cfg.data.train}" if rows else \
+        f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
+    print(f"slimtune estimate: {cfg.method.name}, {memory._plan(cfg).name}, micro-batch {where}, "
+          f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
+    print(est.table())
+    quick = memory.faster(cfg, rows) if n <= 1 else None
+    if quick and (budget is None or quick[1] <= budget):
+        print(f"faster on a GPU, same records per step: {quick[0]} (predicted {quick[1] / memory.GIB:.2f} GiB "
+              "with the CUDA context)")
+    if budget is None:
+        return 0
+    return _verdict(cfg, est, budget, rows)
+
+
+def _verdict(cfg, est, budget: int, rows) -> int:
+    """Whether the run fits `budget` (bytes) and, when not, the single changes that would: 1 if none does."""
+    total = est.peak + est.cuda_context
+    verdict = "fits" if total <= budget else "does NOT fit"
+    print(f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA context: "
+          f"{verdict}")
+    if total <= budget:
+        return 0
+    fixes = memory.suggestions(cfg, budget, rows)
+    print("changes that fit:" if fixes else "no single change fits; combine them or use a larger GPU")
+    for text, peak in sorted(fixes, key=lambda x: -x[1]):
+        print(f"  {text:<50} {peak / memory.GIB:8.2f} GiB")
+    return 0 if fixes else 1

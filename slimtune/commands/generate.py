@@ -1,0 +1,35 @@
+"""`slimtune generate`: batched answers for a file of prompts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import with_system
+from ..data.readers import read_prompts
+from ..evaluate import generate
+from .inference import add_common, load_for_inference, sampling, write_atomic
+
+
+def add(g) -> None:
+    add_common(g)
+    g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
+    g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
+    g.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 8 on the CPU)")
+    g.add_argument("--max-len", type=int, default=0, help="prompts longer than this keep their last "
+                   "MAX_LEN tokens (default: the run's data.max_len)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    prompts, raw = read_prompts(args.input)
+    model, tokenizer, cfg, device = load_for_inference(args)
+    convs = [with_system(p, cfg.data.system) for p in prompts]
+    max_len = args.max_len or cfg.data.max_len
+    gen = generate.run(model, tokenizer, cfg.data.template, convs, sampling(args), args.batch_size, device,
+                       max_len=max_len, show_progress=not args.no_progress)
+    out = Path(args.output)
+    write_atomic(out, (dict(rec, prediction=ans) for rec, ans in zip(raw, gen.texts)))
+    unfinished = sum(not x for x in gen.stopped)
+    print(f"wrote {len(gen.texts)} answers to {out}: {gen.new_tokens} new tokens in {gen.seconds:.1f} s "
+          f"({gen.tokens_per_s:.1f} tokens/s on {device}); {unfinished} hit --max-new-tokens={args.max_new_tokens}; "
+          f"{gen.truncated} prompts cut to their last {max_len} tokens (--max-len)")
+    return 0

@@ -1,0 +1,58 @@
+"""What chat and generate share: their arguments, the run (or .gguf file) loaded to answer, the sampling
+settings, and JSONL written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .. import config as config_mod
+from .. import models
+from ..evaluate.generate import Sampling
+from ..export.peft_format import load_run
+from .options import TRUST_HELP
+from .run_folder import check_run
+
+
+def add_common(g) -> None:
+    """The arguments of both chat and generate."""
+    g.add_argument("folder", help="a run folder written by `slimtune train`, or a .gguf file (`slimtune export`)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    g.add_argument("--top-p", type=float, default=0.9, help="with --sample (1 = off)")
+    g.add_argument("--top-k", type=int, default=50, help="with --sample (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, help="with --sample: the same seed gives the same answers")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+
+def load_for_inference(args):
+    """(model in eval mode, tokenizer, config, device) of a run folder or an exported .gguf file."""
+    device = models.pick_device(args.device)
+    if str(args.folder).endswith(".gguf"):  # an exported file: its own chat template, no run config
+        model, tokenizer = models.load(args.folder, device=device)
+        return model.eval(), tokenizer, config_mod.load(None, [f"model.path={args.folder}"]), device
+    check_run(args.folder)
+    model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
+    return model, tokenizer, cfg, device
+
+
+def sampling(args) -> Sampling:
+    return Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def write_atomic(path: Path, rows) -> None:
+    """JSONL written to a temporary file beside `path`, renamed over it at the end: a crash leaves no
+    half-written file (generate once wrote 2 of 5 rows and then failed) and an old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,17 @@
+"""`slimtune params`: trainable / total parameters of a config's method, built on the meta device."""
+from __future__ import annotations
+
+from ..methods import count_on_meta
+from .options import add_config, config_from
+
+
+def add(pc) -> None:
+    add_config(pc)
+
+
+def run(args) -> int:
+    cfg = config_from(args)
+    trainable, total = count_on_meta(cfg.model.path, cfg.method, cfg.model.trust_remote_code)
+    print(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
+          f"trainable%: {100 * trainable / total:.4f}")
+    return 0

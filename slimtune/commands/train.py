@@ -1,0 +1,66 @@
+"""`slimtune train`: train an adapter from a YAML config (on N GPUs through torchrun + FSDP2)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .. import config as config_mod
+from .. import train as training
+from ..engine import distributed
+from .options import EPILOG, add_config, config_from, gpus
+
+
+def add(t) -> None:
+    t.epilog = EPILOG
+    add_config(t, "YAML config file (optional: defaults + overrides)", "dotted overrides, e.g. train.lr=2e-4")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key (dotted) with its type, "
+                   "default, allowed values and what it does, and exit")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
+                   "(only the files slimtune wrote there are removed)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
+                   "train.output_dir (same as train.resume=auto)")
+    t.add_argument("--gpus", type=gpus, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
+                   "(same as train.gpus=N; under torchrun the launcher's process count rules)")
+
+
+def run(args) -> int:
+    if args.help_config:  # before the config is read: help must work while a config is broken
+        print(config_mod.explain())
+        return 0
+    cfg = config_from(args)
+    if args.print_config:
+        print(config_mod.dump(cfg), end="")
+        return 0
+    n = args.gpus or cfg.train.gpus
+    if n > 1 and not distributed.launched():
+        return _torchrun(n, args.raw)
+    protect = (args.config,) if args.config and Path(args.config).is_file() else ()
+    try:
+        result = training.run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume,
+                              protect=protect)
+    finally:
+        distributed.close()
+    # a stopped run is not a finished one: 128 + the signal number, as a shell reports it, so a
+    # scheduler does not record a preempted job as done
+    stopped = result.get("interrupted")
+    return 128 + signal.Signals[stopped].value if stopped else 0
+
+
+def _torchrun(gpus: int, argv: list[str]) -> int:
+    """`slimtune train ... --gpus N`: the same command under torchrun, N processes on this machine."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "slimtune", *rest, f"train.gpus={gpus}"]
+    print("slimtune: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)

