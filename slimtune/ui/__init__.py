@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.log import quiet_warnings
 from ..errors import MissingPackageError, SlimtuneError
 from .paths import Roots
 
@@ -45,5 +44,4 @@ def serve(host: str = "127.0.0.1", port: int = 7860, runs: str = "runs", allow_r
         log(warning)
     roots = Roots.at(Path.cwd(), runs)
     log(f"slimtune ui: http://{host}:{port}/ (working directory {roots.work}, runs in {roots.runs}); Ctrl-C stops")
-    with quiet_warnings():  # the library noise the CLI hides, hidden here too
-        uvicorn.run(create_app(roots), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(roots), host=host, port=port, log_level="warning")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import TextIteratorStreamer
 
 from .. import models
-from ..cli import check_run
+from ..commands.inference import load_for_inference
+from ..commands.inference import sampling as cli_sampling
+from ..commands.run_folder import check_run
 from ..engine.precision import base_dtype_name
 from ..evaluate.generate import Sampling, run
-from ..export.peft_format import load_run, read_config
+from ..export.peft_format import read_config
 
 STREAM_TIMEOUT = 600.0  # seconds without a new token before the page's stream gives up
 
@@ -44,25 +47,24 @@ class Models:
     @staticmethod
     def _load(folder: Path, base: bool, device: str) -> Loaded:
         """As `slimtune chat FOLDER` loads it; base: the run's base model with no adapter, same template."""
-        if str(folder).endswith(".gguf"):
-            model, tokenizer = models.load(str(folder), device=device)
-            return Loaded(model.eval(), tokenizer, "auto", "", device)
-        check_run(folder)
         if base:
+            check_run(folder)
             cfg = read_config(folder)
             model, tokenizer = models.load(cfg.model.path, base_dtype_name(cfg, device), False, device)
             model.eval()
         else:
-            model, tokenizer, cfg = load_run(folder, device)
+            model, tokenizer, cfg, device = load_for_inference(
+                SimpleNamespace(folder=str(folder), device=device, trust_remote_code=False))
         return Loaded(model, tokenizer, cfg.data.template, cfg.data.system, device)
 
 
 def sampling(form: dict) -> Sampling:
-    """The page's sampling settings, as `slimtune chat`'s flags."""
-    return Sampling(max_new_tokens=int(form.get("max_new_tokens", 128)), do_sample=bool(form.get("sample", False)),
-                    temperature=float(form.get("temperature", 0.7)), top_p=float(form.get("top_p", 0.9)),
-                    top_k=int(form.get("top_k", 50)), repetition_penalty=float(form.get("repetition_penalty", 1.0)),
-                    seed=form.get("seed"))
+    """The page's sampling settings, read as `slimtune chat`'s flags are (same defaults)."""
+    flags = {"max_new_tokens": 256, "sample": False, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
+             "repetition_penalty": 1.0, "seed": None}
+    kinds = {k: type(v) for k, v in flags.items() if v is not None}
+    flags.update({k: kinds.get(k, int)(v) for k, v in form.items() if k in flags and v is not None})
+    return cli_sampling(SimpleNamespace(**flags))
 
 
 def answer(loaded: Loaded, messages: list[dict], s: Sampling, lock: threading.Lock, system: str = ""):
