@@ -10,6 +10,7 @@ import re
 
 from .. import config as config_mod
 from .. import models
+from ..commands.estimate import verdict_line
 from ..data import encode_examples, read
 from ..data.encode import segments
 from ..engine import memory
@@ -141,10 +142,7 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
         out["faster"] = {"change": quick[0], "gib": quick[1] / memory.GIB}
     if size is not None:
         total_bytes = est.peak + est.cuda_context
-        verdict = "fits" if total_bytes <= size else "does NOT fit"
-        out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size,
-                   verdict=f"budget {size / memory.GIB:.1f} GiB: predicted {total_bytes / memory.GIB:.2f} GiB with "
-                           f"the CUDA context: {verdict}")  # as `slimtune estimate --budget` prints it
+        out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size, verdict=verdict_line(est, size))
         if total_bytes > size:
             fixes = memory.suggestions(cfg, size, rows)
             out["fixes"] = [{"change": t, "gib": p / memory.GIB} for t, p in sorted(fixes, key=lambda x: -x[1])]
