@@ -34,15 +34,16 @@ class Models:
     would share the model and halve each other's speed."""
 
     def __init__(self, keep: int = 2):
-        self.keep, self._loaded, self.lock = keep, {}, threading.Lock()
+        self.keep, self._loaded, self.lock, self._loading = keep, {}, threading.Lock(), threading.Lock()
 
     def get(self, folder: Path, base: bool, device: str = "auto") -> Loaded:
         key = (str(folder), base, device)
-        if key not in self._loaded:
-            if len(self._loaded) >= self.keep:
-                self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[key] = self._load(folder, base, models.pick_device(device))
-        return self._loaded[key]
+        with self._loading:  # two pages asking at once load the model once
+            if key not in self._loaded:
+                if len(self._loaded) >= self.keep:
+                    self._loaded.pop(next(iter(self._loaded)))
+                self._loaded[key] = self._load(folder, base, models.pick_device(device))
+            return self._loaded[key]
 
     @staticmethod
     def _load(folder: Path, base: bool, device: str) -> Loaded:

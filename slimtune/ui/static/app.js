@@ -21,6 +21,9 @@ function showTab(name) {
   $$(".tab").forEach(t => t.classList.toggle("on", t.id === name));
   $$("nav a").forEach(a => a.classList.toggle("on", a.dataset.tab === name));
   if (name === "runs") listRuns();
+  if (name === "chat") api("/api/runs").then(r => {
+    $("#run-folders").innerHTML = r.runs.filter(x => x.done).map(x => `<option value="${esc(x.folder)}">`).join("");
+  }).catch(() => {});
 }
 function route() {
   const [tab, query] = (location.hash.slice(1) || "setup").split("?");
