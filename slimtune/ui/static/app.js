@@ -130,7 +130,7 @@ let WATCHING = null, SOURCE = null;
 const CH = {};
 function makeCharts() {
   CH.loss = new StepChart($("#chart-loss"), "loss", ["train loss", "eval loss"]);
-  CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"], v => v.toExponential(1));
+  CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"], v => v.toExponential(2));
   CH.tps = new StepChart($("#chart-tps"), "tokens/s", ["input", "trained"]);
   CH.mem = new StepChart($("#chart-mem"), "memory (GiB)", []);
   Object.values(CH).forEach(c => c.draw());
