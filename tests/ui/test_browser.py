@@ -26,7 +26,7 @@ pytestmark = [
 ]
 pytest.importorskip("fastapi", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-import uvicorn  # noqa: E402
+uvicorn = pytest.importorskip("uvicorn", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 
 from slimtune.ui.paths import Roots  # noqa: E402
 from slimtune.ui.server import create_app  # noqa: E402
