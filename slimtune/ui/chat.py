@@ -14,10 +14,15 @@ from ..commands.inference import load_for_inference
 from ..commands.inference import sampling as cli_sampling
 from ..commands.run_folder import check_run
 from ..engine.precision import base_dtype_name
+from ..errors import SlimtuneError
 from ..evaluate.generate import Sampling, run
 from ..export.peft_format import read_config
 
 STREAM_TIMEOUT = 600.0  # seconds without a new token before the page's stream gives up
+
+
+class ChatError(SlimtuneError):
+    """A conversation the page sent that cannot be answered (empty, or not ending with the user)."""
 
 
 @dataclass
@@ -70,6 +75,9 @@ def sampling(form: dict) -> Sampling:
 
 def answer(loaded: Loaded, messages: list[dict], s: Sampling, lock: threading.Lock, system: str = ""):
     """(start, streamer): start() generates one answer to the conversation, feeding the streamer as it goes."""
+    if not messages or messages[-1].get("role") != "user" or \
+            any(set(m) != {"role", "content"} or not isinstance(m["content"], str) for m in messages):
+        raise ChatError("messages: expected a list of {role, content} ending with the user's turn")
     system = system or loaded.system
     convo = ([{"role": "system", "content": system}] if system and messages[0]["role"] != "system" else []) + messages
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,

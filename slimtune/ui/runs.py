@@ -25,6 +25,7 @@ from .paths import Roots
 
 STEP = re.compile(r"^step (\d+)/(\d+):", re.MULTILINE)  # engine.log.step_line, printed with --no-progress
 LOG_TAIL = 40  # log lines a page shows
+DEPTH = 4  # run folders are looked for this many levels down (compare's rows are at DIR/runs/<label>)
 
 
 class RunStateError(SlimtuneError):
@@ -203,7 +204,8 @@ def listing(root: Path) -> list[dict]:
     their final numbers."""
     found = []
     if root.is_dir():
-        for cfg in sorted(root.glob("**/config.yaml")):
+        found_cfgs = [c for depth in range(DEPTH) for c in root.glob("*/" * (depth + 1) + "config.yaml")]
+        for cfg in sorted(found_cfgs):
             folder = cfg.parent
             if any(part.startswith(".") for part in folder.relative_to(root).parts):
                 continue

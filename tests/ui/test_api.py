@@ -180,6 +180,11 @@ def test_chat_with_a_folder_that_never_trained_says_so(client, work):
     assert r.status_code == 400 and "not a slimtune run folder" in r.json()["error"]
 
 
+def test_chat_refuses_a_conversation_that_does_not_end_with_the_user(client):
+    r = client.post("/api/chat", json={"folder": "runs/done", "messages": [{"role": "assistant", "content": "Hi"}]})
+    assert r.status_code == 400 and r.json()["error"].startswith("messages: expected a list of {role, content}")
+
+
 def wait(client, folder, test, seconds=120):
     end = time.time() + seconds
     while time.time() < end:
