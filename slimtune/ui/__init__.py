@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MissingPackageError, SlimtuneError
-from .paths import Roots
-
-LOCAL = ("127.0.0.1", "localhost", "::1")
+from .paths import LOCAL, Roots
 
 
 class HostRefused(SlimtuneError):
@@ -44,4 +42,5 @@ def serve(host: str = "127.0.0.1", port: int = 7860, runs: str = "runs", allow_r
         log(warning)
     roots = Roots.at(Path.cwd(), runs)
     log(f"slimtune ui: http://{host}:{port}/ (working directory {roots.work}, runs in {roots.runs}); Ctrl-C stops")
-    uvicorn.run(create_app(roots), host=host, port=port, log_level="warning")
+    app = create_app(roots, None if warning else LOCAL)  # any Host header only when serving to others anyway
+    uvicorn.run(app, host=host, port=port, log_level="warning")

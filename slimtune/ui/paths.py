@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SlimtuneError
 
+LOCAL = ("127.0.0.1", "localhost", "::1")  # loopback names: the hosts the app binds and answers by default
 # model.path values that are not paths: the model shipped in a PyPI package
 NOT_PATHS = ("embedded",)
 

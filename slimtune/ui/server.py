@@ -11,12 +11,12 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import SlimtuneError
 from . import chat, comparing, forms, runs, sse
-from .paths import PathRefused, Roots
+from .paths import LOCAL, PathRefused, Roots
 
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-FILES = {".png": "image/png", ".svg": "image/svg+xml", ".yaml": "text/plain", ".md": "text/plain",
-         ".json": "application/json", ".jsonl": "text/plain", ".html": "text/html"}
+# what /api/file serves: charts, and text shown as text (never HTML or SVG, which could run script in this origin)
+FILES = {".png": "image/png", ".yaml": "text/plain", ".md": "text/plain", ".json": "application/json"}
 
 
 def _error(request: Request, err: Exception) -> JSONResponse:
@@ -25,10 +25,21 @@ def _error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": str(err), "fields": fields}, status_code=code)
 
 
-def create_app(roots: Roots) -> FastAPI:
-    """The app for one working directory and runs directory (every path a request names lies under them)."""
+def create_app(roots: Roots, hosts: tuple[str, ...] | None = LOCAL) -> FastAPI:
+    """The app for one working directory and runs directory (every path a request names lies under them).
+    hosts: the names a request's Host may give (None: any, for --allow-remote)."""
     app = FastAPI(title="slimtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(SlimtuneError, _error)
+
+    @app.middleware("http")
+    async def same_host(request: Request, call_next):
+        # a web page elsewhere can point its own domain name at 127.0.0.1 (DNS rebinding) and then call this
+        # server as its own origin; its requests carry that name in Host, so only loopback names are served
+        if hosts is not None and request.url.hostname not in hosts:
+            return JSONResponse({"error": f"Host {request.url.hostname!r} refused: open the app as "
+                                          "http://127.0.0.1:PORT/", "fields": {}}, status_code=403)
+        return await call_next(request)
+
     launcher, loaded = runs.Launcher(roots), chat.Models()
     app.state.roots, app.state.launcher, app.state.models = roots, launcher, loaded
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -37,7 +37,7 @@ def work(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(work):
-    return TestClient(create_app(Roots.at(work)))
+    return TestClient(create_app(Roots.at(work)), base_url="http://127.0.0.1")
 
 
 def form(work, tiny_model_dir, **train) -> dict:
@@ -79,6 +79,14 @@ def test_a_form_naming_a_path_outside_is_refused_beside_its_field(client, work, 
     assert list(r.json()["fields"]) == ["data.train"]
     r = client.post("/api/runs/start", json={"tree": dict(tree, train={"output_dir": "/tmp/elsewhere"})})
     assert r.status_code == 403 and "train.output_dir" in r.json()["fields"]
+
+
+def test_a_request_for_another_host_name_is_refused(work):
+    """DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends Host: evil.example."""
+    app = create_app(Roots.at(work))
+    assert TestClient(app, base_url="http://evil.example").get("/api/info").status_code == 403
+    assert TestClient(app, base_url="http://localhost:7860").get("/api/info").status_code == 200
+    assert TestClient(create_app(Roots.at(work), None), base_url="http://evil.example").get("/").status_code == 200
 
 
 def test_another_host_needs_the_flag():
