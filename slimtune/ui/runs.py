@@ -119,7 +119,8 @@ class Launcher:
         """SIGINT, as Ctrl-C: training saves a resumable checkpoint at the next step and exits."""
         pid = self.pid(folder)
         if pid is None:
-            raise RunStateError(f"{folder}: nothing is running there")
+            raise RunStateError(f"{folder}: nothing is running there (the run finished or was stopped; Resume "
+                                "continues a stopped one)")
         os.kill(pid, sig)
         return pid
 
