@@ -89,6 +89,13 @@ def test_a_request_for_another_host_name_is_refused(work):
     assert TestClient(create_app(Roots.at(work), None), base_url="http://evil.example").get("/").status_code == 200
 
 
+def test_a_cross_site_form_post_does_nothing(client, work, tiny_model_dir):
+    """A page elsewhere can post a form (text/plain, no CORS preflight) but not JSON: the body is not read."""
+    body = json.dumps({"tree": form(work, tiny_model_dir)})
+    r = client.post("/api/runs/start", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and not (work / "runs" / ".slimtune-ui").exists()
+
+
 def test_another_host_needs_the_flag():
     assert check_host("127.0.0.1", False) is None
     with pytest.raises(HostRefused, match="--allow-remote"):
