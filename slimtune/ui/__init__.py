@@ -43,4 +43,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, runs: str = "runs", allow_r
     roots = Roots.at(Path.cwd(), runs)
     log(f"slimtune ui: http://{host}:{port}/ (working directory {roots.work}, runs in {roots.runs}); Ctrl-C stops")
     app = create_app(roots, None if warning else LOCAL)  # any Host header only when serving to others anyway
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    app.state.closing = lambda: server.should_exit  # Ctrl-C: the open event streams end, so the server can
+    server.run()

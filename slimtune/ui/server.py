@@ -42,6 +42,7 @@ def create_app(roots: Roots, hosts: tuple[str, ...] | None = LOCAL) -> FastAPI:
 
     launcher, loaded = runs.Launcher(roots), chat.Models()
     app.state.roots, app.state.launcher, app.state.models = roots, launcher, loaded
+    app.state.closing = lambda: False  # serve() sets it to the server's shutdown flag
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
@@ -95,8 +96,8 @@ def _run_routes(app: FastAPI, roots: Roots, launcher: runs.Launcher) -> None:
         return runs.state(launcher, roots.check(folder, "folder"))
 
     @app.get("/api/run/events")
-    def run_events(folder: str, polls: int = 0):
-        events = sse.follow(launcher, roots.check(folder, "folder"), polls)
+    def run_events(request: Request, folder: str, polls: int = 0):
+        events = sse.follow(launcher, roots.check(folder, "folder"), polls, request.app.state.closing)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.get("/api/file")

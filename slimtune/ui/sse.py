@@ -37,8 +37,8 @@ def _new_rows(path: Path, offset: int) -> tuple[list[dict], int, bool]:
     return rows, offset + end, False
 
 
-async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0) -> AsyncIterator[str]:
-    """A run's events until the client goes away (or `polls` looks, for tests)."""
+async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0, closing=lambda: False) -> AsyncIterator[str]:
+    """A run's events until the client goes away, the server stops (`closing()`), or after `polls` looks."""
     path, offset, last, n = folder / "metrics.jsonl", 0, None, 0
     while True:
         rows, offset, cut = _new_rows(path, offset)
@@ -52,7 +52,7 @@ async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0) -> Async
             yield event("state", now)
             last = now
         n += 1
-        if polls and n >= polls:
+        if (polls and n >= polls) or closing():
             return
         await asyncio.sleep(POLL)
 
