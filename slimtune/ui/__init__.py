@@ -46,4 +46,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, runs: str = "runs", allow_r
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     app.state.closing = lambda: server.should_exit  # Ctrl-C: the open event streams end, so the server can
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down: Ctrl-C is the way out
+        pass
+    log("slimtune ui: stopped (runs it started go on; start it again to watch them)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +55,14 @@ def test_it_serves_on_loopback_from_the_working_directory(tmp_path):
         assert info["work"] == str(tmp_path.resolve()) and info["runs"] == str(tmp_path.resolve() / "runs")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
             assert b"/static/vendor/uPlot.iife.min.js" in r.read()  # the chart library from the package
+        stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/run/events?folder=runs/x", timeout=5)
+        assert stream.readline() == b"event: state\n"  # a page watching a run: a stream that never ends by itself
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0  # Ctrl-C ends the stream and the server
+        stream.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-    assert f"http://127.0.0.1:{port}/" in proc.stderr.read()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    err = proc.stderr.read()
+    assert f"http://127.0.0.1:{port}/" in err and "Traceback" not in err
