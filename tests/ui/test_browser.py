@@ -166,6 +166,12 @@ def test_train_watch_reload_stop_resume_then_chat(app, page, browser, tmp_path):
     answer = page.locator("#chat-run .msg.assistant")
     assert int(answer.get_attribute("data-streamed")) >= 2  # arrived in pieces, not at once
     assert answer.inner_text().strip()
+    page.fill("#chat-input", "And about water?")  # a second turn: the conversation so far goes with it
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelectorAll('#chat-base-msgs .msg.assistant[data-done]').length == 2",
+                           timeout=WAIT)
+    assert page.locator("#chat-run .msg.user").all_inner_texts() == ["Say something about Paris.", "And about water?"]
+    assert page.locator("#chat-run .msg.assistant[data-done]").count() == 2
     shot(page, tmp_path, "chat")
 
 
