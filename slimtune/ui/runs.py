@@ -51,6 +51,14 @@ def _alive(pid: int | None) -> bool:
             return False
 
 
+def _slimtune(pid: int) -> bool:
+    """Whether the process is a slimtune command (a PID in an old record may have been reused since)."""
+    try:
+        return b"slimtune" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): the PID alone
+
+
 class Launcher:
     """Starts and stops the app's background commands; every state it reports comes from files."""
 
@@ -75,9 +83,7 @@ class Launcher:
 
     def launch(self, folder: Path, argv: list[str], kind: str) -> dict:
         """`python -m slimtune ARGV` in the background, its output appended to the folder's log."""
-        self._reap()
-        if self.pid(folder):
-            raise RunStateError(f"{folder}: a run is already going on there (PID {self.pid(folder)}); stop it first")
+        self.check_idle(folder)
         self.roots.ui.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "slimtune", *argv]
         with self.log_path(folder).open("a", encoding="utf-8") as log:
@@ -91,6 +97,12 @@ class Launcher:
         (self.roots.ui / f"{slug(folder)}.json").write_text(json.dumps(rec) + "\n", encoding="utf-8")
         return rec
 
+    def check_idle(self, folder: Path) -> None:
+        pid = self.pid(folder)
+        if pid:
+            raise RunStateError(f"{folder}: a run is already going on there (PID {pid}); stop it first, or choose "
+                                "another folder")
+
     def pid(self, folder: Path) -> int | None:
         """The PID working on this folder now: the trainer holding its lock, or the command the app started."""
         self._reap()
@@ -98,11 +110,12 @@ class Launcher:
         if _alive(held):
             return held
         rec = self.record(folder)
-        return rec["pid"] if rec and _alive(rec.get("pid")) else None
+        return rec["pid"] if rec and _alive(rec.get("pid")) and _slimtune(rec["pid"]) else None
 
     def start(self, cfg: config_mod.Config) -> dict:
         """Train per the form's config: its YAML is written beside the log, then `slimtune train YAML`."""
         folder = Path(cfg.train.output_dir)
+        self.check_idle(folder)  # before its YAML is replaced
         self.roots.ui.mkdir(parents=True, exist_ok=True)
         yaml_path = self.roots.ui / f"{slug(folder)}.yaml"
         yaml_path.write_text(config_mod.dump(cfg), encoding="utf-8")
