@@ -21,7 +21,7 @@ def event(name: str, data) -> str:
     return f"event: {name}\ndata: {json.dumps(data, allow_nan=False, default=str)}\n\n"
 
 
-def _new_rows(path: Path, offset: int) -> tuple[list[dict], int, bool]:
+def new_rows(path: Path, offset: int) -> tuple[list[dict], int, bool]:
     """(complete rows after offset, new offset, whether the file was cut back since)."""
     try:
         size = path.stat().st_size
@@ -41,10 +41,10 @@ async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0, closing=
     """A run's events until the client goes away, the server stops (`closing()`), or after `polls` looks."""
     path, offset, last, n = folder / "metrics.jsonl", 0, None, 0
     while True:
-        rows, offset, cut = _new_rows(path, offset)
+        rows, offset, cut = new_rows(path, offset)
         if cut:
             yield event("reset", {})
-            rows, offset, _ = _new_rows(path, 0)
+            rows, offset, _ = new_rows(path, 0)
         if rows:
             yield event("rows", rows)
         now = runs.state(launcher, folder, with_rows=False)
