@@ -1,5 +1,5 @@
 """The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo
-| compare | config.
+| compare | config | ui.
 
 Each verb lives in slimtune/commands/<verb>.py (its arguments in add(parser), its work in run(args)); this
 module parses the command line, runs the chosen verb, and turns every error a user can cause into one line."""
@@ -35,6 +35,7 @@ COMMANDS = {
     "config": "print the resolved config; --explain: every key with its type, default, allowed values and what it "
               "does",
     "demo": "the end-to-end demo on the embedded model and real data",
+    "ui": "the local web app: set up, estimate, train, watch, chat and compare in the browser (127.0.0.1:7860)",
 }
 
 # subcommands whose dotted overrides may also come after a flag (`train cfg.yaml --no-progress train.lr=2e-3`):

@@ -6,6 +6,7 @@ import json
 from .. import config as config_mod
 from .. import models
 from ..data import encode_examples, read
+from ..data.encode import segments
 from .options import TRUST_HELP
 
 
@@ -19,18 +20,6 @@ def add(i) -> None:
     i.add_argument("--system", default="", help="default system prompt")
     i.add_argument("--train-on-prompt", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-
-
-def _segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
-    """Consecutive runs of prompt (False) and trained (True) tokens."""
-    out: list[tuple[bool, list[int]]] = []
-    for tid, lab in zip(ids, labels):
-        trained = lab != -100
-        if out and out[-1][0] == trained:
-            out[-1][1].append(tid)
-        else:
-            out.append((trained, [tid]))
-    return out
 
 
 def run(args) -> int:
@@ -48,7 +37,7 @@ def run(args) -> int:
         trained = sum(1 for x in enc.labels if x != -100)
         print(f"=== {enc.where}: {len(enc.input_ids)} tokens, {len(enc.input_ids) - trained} prompt (masked), "
               f"{trained} trained{', TRUNCATED' if enc.truncated else ''}")
-        for is_trained, ids in _segments(enc.input_ids, enc.labels):
+        for is_trained, ids in segments(enc.input_ids, enc.labels):
             tag = "TRAINED" if is_trained else "PROMPT "
             text = tokenizer.decode(ids, skip_special_tokens=False)
             print("\n".join(f"{tag} | {line}" for line in text.split("\n")))

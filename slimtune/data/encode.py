@@ -128,3 +128,16 @@ def prompt_ids(rendered: Rendered, tokenizer, allow_special: bool = False) -> li
     """Token ids of a generation prompt (rendered with add_generation_prompt), control-token text in the
     messages escaped as in training."""
     return _tokens(rendered, tokenizer, allow_special)[0]
+
+
+def segments(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
+    """Consecutive runs of prompt (False) and trained (True) tokens, as `slimtune inspect` and the web app
+    show a record."""
+    out: list[tuple[bool, list[int]]] = []
+    for tid, lab in zip(ids, labels):
+        trained = lab != IGNORE
+        if out and out[-1][0] == trained:
+            out[-1][1].append(tid)
+        else:
+            out.append((trained, [tid]))
+    return out

@@ -205,3 +205,23 @@ def adopt(out: Path) -> None:
     if read_manifest(out) is None:
         user = {n for n in entries(out) if not any(fnmatch.fnmatchcase(n, p) for p in WRITES)}
         write_manifest(out, False, user)
+
+
+def holder(out: Path) -> int | None:
+    """The PID of the process training in `out` now (it holds the lock), else None; for a watcher such as the
+    web app, which must not take the lock itself."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _pid(path)
+    finally:
+        os.close(fd)

@@ -1,0 +1,154 @@
+"""The Setup page's answers: the config from the form, the data preview, the memory estimate and fit advice,
+parameter counts. Each calls the function the CLI calls (config.from_dict, data.read + encode_examples as
+`slimtune inspect`, engine.memory as `slimtune estimate`, methods.count_on_meta as `slimtune params`), so a
+form shows the numbers and the error text the command line would."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+from .. import config as config_mod
+from .. import models
+from ..commands.estimate import verdict_line
+from ..data import encode_examples, read
+from ..data.encode import segments
+from ..engine import memory
+from ..errors import SlimtuneError
+from ..methods import count_on_meta
+from .paths import PathRefused, Roots
+
+FIELD = re.compile(r"\b((?:model|data|method|train)\.\w+)")
+PREVIEW_RECORDS = 200  # records read for the preview's counts: enough to see truncation, quick on any file
+
+
+class FormError(SlimtuneError):
+    """A form's input the CLI would refuse: `fields` maps a dotted key to the CLI's message for it."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__("; ".join(fields.values()))
+        self.fields = fields
+
+
+class RefusedForm(FormError, PathRefused):
+    """A form naming a path outside the allowed roots (the server answers 403, with the fields)."""
+
+
+def field_errors(err: Exception, default: str) -> dict[str, str]:
+    """{dotted key: message} from an error's lines: each line goes to the first config key it names, or to
+    `default` (e.g. data.train for an error reading the data file)."""
+    out: dict[str, str] = {}
+    for line in str(err).splitlines() or [str(err)]:
+        m = FIELD.search(line)
+        key = m.group(1) if m else default
+        out[key] = f"{out[key]}\n{line}" if key in out else line
+    return out
+
+
+def schema() -> dict:
+    """What the form needs to draw itself: methods and the fields each reads, choices, defaults, docs."""
+    sections = {}
+    for section, cls in (("model", config_mod.ModelConfig), ("data", config_mod.DataConfig),
+                         ("method", config_mod.MethodConfig), ("train", config_mod.TrainConfig)):
+        docs = config_mod.field_docs(cls)
+        sections[section] = {k: {"default": v, "type": docs[k][0], "doc": docs[k][1]}
+                             for k, v in dataclasses.asdict(cls()).items()}
+    return {"sections": sections, "choices": config_mod.CHOICES, "method_fields": config_mod.METHOD_FIELDS}
+
+
+def build(tree: dict, roots: Roots) -> config_mod.Config:
+    """The config of a form (a nested dict as YAML holds it), its paths checked against the roots; every
+    problem at once, as FormError."""
+    tree = {k: dict(v) for k, v in tree.items() if isinstance(v, dict)}
+    fields: dict[str, str] = {}
+    refused = False
+    for key, check in (("model.path", roots.model), ("data.train", roots.check), ("data.eval", roots.check),
+                       ("train.output_dir", roots.check)):
+        section, name = key.split(".")
+        value = tree.get(section, {}).get(name)
+        if value:
+            try:
+                tree[section][name] = str(check(value, key))
+            except SlimtuneError as err:
+                fields[key], refused = str(err), refused or isinstance(err, PathRefused)
+    try:
+        cfg = config_mod.from_dict(tree, "setup")
+    except config_mod.ConfigError as err:
+        fields.update(field_errors(err, "config"))
+        raise (RefusedForm if refused else FormError)(fields) from None
+    if fields:
+        raise (RefusedForm if refused else FormError)(fields)
+    return cfg
+
+
+def warnings(cfg: config_mod.Config) -> list[str]:
+    """The warnings `slimtune train` prints for method.* keys that do nothing."""
+    return config_mod.unused(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(path: str, trust_remote_code: bool = False):
+    """Tokenizers are slow to load and every keystroke asks again: the last few stay loaded."""
+    return models.load_tokenizer(path, trust_remote_code)
+
+
+def _guard(default: str, fn, *args):
+    try:
+        return fn(*args)
+    except (SlimtuneError, OSError) as err:  # OSError: a file a library opened, as the CLI reports it
+        raise FormError(field_errors(err, default)) from None
+
+
+def preview(cfg: config_mod.Config, n: int = 3) -> dict:
+    """The first n records as `slimtune inspect` shows them (prompt and trained parts apart, token counts) and
+    the counts over the first PREVIEW_RECORDS records (truncated, lost EOS or answer)."""
+    if not cfg.data.train:
+        raise FormError({"data.train": "data.train: empty; give a data file (alpaca or messages JSONL)"})
+    examples = _guard("data.train", read, cfg.data.train, cfg.data.format, PREVIEW_RECORDS)
+    tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    encoded, stats = _guard("data.train", encode_examples, examples, tok, cfg.data)
+    records = []
+    for enc in encoded[:n]:
+        trained = sum(1 for x in enc.labels if x != -100)
+        parts = [{"trained": t, "text": tok.decode(ids, skip_special_tokens=False)}
+                 for t, ids in segments(enc.input_ids, enc.labels)]
+        records.append({"where": enc.where, "tokens": len(enc.input_ids), "prompt": len(enc.input_ids) - trained,
+                        "trained": trained, "truncated": enc.truncated, "parts": parts})
+    return {"records": records, "read": len(examples), "limit": PREVIEW_RECORDS,
+            "summary": stats.summary("preview", cfg.data.max_len),
+            "stats": {"records": stats.records, "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
+                      "truncated": stats.truncated, "lost_eos": stats.lost_eos, "lost_answer": stats.lost_answer}}
+
+
+PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits", "optimizer_step_extra",
+         "gathered", "allocator")
+
+
+def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
+    """`slimtune estimate CONFIG [--budget B]` as data: the same parts, table, faster setting and the changes
+    that fit; plus `slimtune params`' counts."""
+    size = _guard("budget", memory.parse_size, budget) if budget else None
+    rows = None
+    if cfg.data.train:
+        tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+        rows = _guard("data.train", memory.data_rows, cfg, tok)
+    est = _guard("model.path", memory.estimate, cfg, rows, cfg.train.gpus)
+    trainable, total = _guard("method.name", count_on_meta, cfg.model.path, cfg.method, cfg.model.trust_remote_code)
+    out = {"parts": {k: getattr(est, k) / memory.GIB for k in PARTS}, "peak_gib": est.peak / memory.GIB,
+           "cuda_context_gib": est.cuda_context / memory.GIB, "notes": est.notes, "table": est.table(),
+           "trainable": trainable, "total": total, "faster": None, "budget_gib": None, "fits": None, "fixes": []}
+    quick = memory.faster(cfg, rows) if cfg.train.gpus <= 1 else None
+    if quick and (size is None or quick[1] <= size):
+        out["faster"] = {"change": quick[0], "gib": quick[1] / memory.GIB}
+    if size is not None:
+        total_bytes = est.peak + est.cuda_context
+        out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size, verdict=verdict_line(est, size))
+        if total_bytes > size:
+            fixes = memory.suggestions(cfg, size, rows)
+            out["fixes"] = [{"change": t, "gib": p / memory.GIB} for t, p in sorted(fixes, key=lambda x: -x[1])]
+    return out
+
+
+def yaml_text(cfg: config_mod.Config) -> str:
+    """The config as `slimtune train --print-config` prints it: what a user takes to the command line."""
+    return config_mod.dump(cfg)

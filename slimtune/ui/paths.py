@@ -1,0 +1,48 @@
+"""Which paths the web app may read and start runs in: the working directory it was started in and the runs
+directory, nothing else. Anyone who can reach the port can type a path into a form; a path outside these roots
+(or a link that leads outside) is refused, so the app cannot be used to read ~/.ssh or write to /etc."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SlimtuneError
+
+LOCAL = ("127.0.0.1", "localhost", "::1")  # loopback names: the hosts the app binds and answers by default
+# model.path values that are not paths: the model shipped in a PyPI package
+NOT_PATHS = ("embedded",)
+
+
+class PathRefused(SlimtuneError, PermissionError):
+    """A path outside the web app's allowed roots (the server answers 403)."""
+
+
+@dataclass(frozen=True)
+class Roots:
+    work: Path  # the working directory `slimtune ui` started in: relative paths are read from here
+    runs: Path  # where the app's runs go (and the Runs page lists them)
+
+    @classmethod
+    def at(cls, work: str | Path, runs: str | Path | None = None) -> Roots:
+        work = Path(work).resolve()
+        return cls(work, (work / (runs or "runs")).resolve())
+
+    @property
+    def ui(self) -> Path:
+        """The app's own files (the YAML of each run it started, the run's console log)."""
+        return self.runs / ".slimtune-ui"
+
+    def check(self, text: str | Path, field: str = "path") -> Path:
+        """The absolute, resolved path; PathRefused when it lies outside both roots."""
+        if not str(text).strip():
+            raise PathRefused(f"{field}: empty; give a path under {self.work}")
+        p = Path(text).expanduser()
+        p = (p if p.is_absolute() else self.work / p).resolve()  # links followed: a link out is refused too
+        if not any(p == root or root in p.parents for root in (self.work, self.runs)):
+            raise PathRefused(f"{field}: {text} is outside the folders this app may use ({self.work} and "
+                              f"{self.runs}); copy the file there, or start `slimtune ui` in a folder above it")
+        return p
+
+    def model(self, text: str, field: str = "model.path") -> str:
+        """model.path as given when it names no file ('embedded'), else the checked absolute path."""
+        return text if text in NOT_PATHS else str(self.check(text, field))

@@ -1,0 +1,45 @@
+"""A run's state read from its folder: the lock's holder, the status and progress, new metrics rows as events."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+from slimtune.engine import runfolder
+from slimtune.ui import runs, sse
+from slimtune.ui.paths import Roots
+
+
+def test_holder_is_the_pid_while_the_lock_is_held(tmp_path):
+    assert runfolder.holder(tmp_path) is None
+    with runfolder.Lock(tmp_path, log=lambda *a: None):
+        assert runfolder.holder(tmp_path) == os.getpid()
+    assert runfolder.holder(tmp_path) is None
+    (tmp_path / runfolder.LOCK).write_text("12345\n")  # left by a killed run: nobody holds it
+    assert runfolder.holder(tmp_path) is None
+
+
+def test_progress_and_remaining_time_from_rows_and_log():
+    rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.0, "elapsed_s": 2.0},
+            {"step": 2, "loss": 1.5, "elapsed_s": 4.0}]
+    log = ["step 1/10: loss 2.0", "step 2/10: loss 1.5"]
+    assert runs.progress(rows, log, None, None) == {"step": 2, "total": 10, "elapsed_s": 4.0, "remaining_s": 16.0}
+    assert runs.progress(rows, [], {"train": {"max_steps": 4}}, None)["remaining_s"] == 4.0
+    assert runs.progress([], [], None, None) == {"step": 0, "total": None, "elapsed_s": 0.0, "remaining_s": None}
+
+
+def test_a_resumed_run_cutting_its_metrics_starts_the_stream_over(tmp_path):
+    launcher = runs.Launcher(Roots.at(tmp_path))
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    metrics = folder / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in (1, 2, 3)) + '{"step": 4')
+
+    async def collect(stream):
+        return [e async for e in stream]
+
+    first = asyncio.run(collect(sse.follow(launcher, folder, polls=1)))
+    assert first[0].startswith("event: rows") and len(json.loads(first[0].split("data: ")[1])) == 3  # not the half line
+    assert json.loads(first[1].split("data: ")[1])["status"] == "new"
+    rows, offset, cut = sse.new_rows(metrics, 10_000)
+    assert (rows, offset, cut) == ([], 0, True)  # shorter than where the stream was: resumed, cut back
