@@ -62,7 +62,8 @@ function tree() {
     let v = el.type === "checkbox" ? el.checked : el.value.trim();
     if (el.type !== "checkbox" && f) {
       if (f.type.startsWith("list")) v = v ? v.split(",").map(s => s.trim()).filter(Boolean).map(s => f.type === "list[int]" ? Number(s) : s) : [];
-      else if ((f.type === "int" || f.type === "float") && v !== "" && !isNaN(Number(v))) v = Number(v);
+      // "int | str" (micro_batch_size, grad_accum: a number or auto) takes a number too
+      else if (/\b(int|float)\b/.test(f.type) && v !== "" && !isNaN(Number(v))) v = Number(v);
     }
     out[section][key] = v;
   });
