@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import bind, qlora
+from . import bind, lora_math, qlora
 
 ATTR = "_slimtune_fused_lora"
 
@@ -38,8 +38,7 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             w, ac, bc = weight.to(dtype), a.to(dtype), b.to(dtype)
             xa = x2 @ ac.T
-            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
-            y.addmm_(xa, bc.T, alpha=scale)
+            y = lora_math.output(x2, w, bias, xa, bc, scale)
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -49,22 +48,16 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, xa, weight, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        need_x, need_w = ctx.needs_input_grad[:2]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
-        gx = gw = gbias = ga = gb = None
+        gx = gw = None
         if need_x:
             gx = torch.addmm(g @ weight.to(dtype), gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
         if need_w:
             gw = (g.T @ x2).to(weight.dtype)
-        if need_bias and ctx.bias_dtype is not None:
-            gbias = g.sum(0).to(ctx.bias_dtype)
-        if need_a:
-            ga = (gxa.T @ x2).to(a.dtype)
-        if need_b:
-            gb = (g.T @ xa).mul_(scale).to(b.dtype)
-        return gx, gw, gbias, ga, gb, None
+        return gx, gw, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None
 
 
 def lora_linear(x, weight, bias, a, b, scale: float) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lora_math
+
 
 def dequantize(weight: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit: the (out, in) weight in the dtype it was quantized from."""
@@ -43,9 +45,8 @@ class _Lora4bit(torch.autograd.Function):
             w = dequant(qweight, state).to(dtype)
             ac, bc = a.to(dtype), b.to(dtype)
             xa = x2 @ ac.T
-            y = torch.addmm(bias.to(dtype), x2, w.T) if bias is not None else x2 @ w.T
-            del w  # the 16-bit weight lives only for this matmul: backward dequantizes it again
-            y.addmm_(xa, bc.T, alpha=scale)
+            y = lora_math.output(x2, w, bias, xa, bc, scale)
+            del w  # the 16-bit weight lives only for this node's forward: backward dequantizes it again
         ctx.save_for_backward(x2, xa, qweight, a, b)
         ctx.state, ctx.dequant, ctx.scale, ctx.dtype, ctx.x_dtype = state, dequant, scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -55,22 +56,15 @@ class _Lora4bit(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, xa, qweight, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
-        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
-        gx = gbias = ga = gb = None
-        if need_x:
+        gx = None
+        if ctx.needs_input_grad[0]:
             w = ctx.dequant(qweight, ctx.state).to(dtype)
             gx = torch.addmm(g @ w, gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
             del w
-        if need_bias and ctx.bias_dtype is not None:
-            gbias = g.sum(0).to(ctx.bias_dtype)
-        if need_a:
-            ga = (gxa.T @ x2).to(a.dtype)
-        if need_b:
-            gb = (g.T @ xa).mul_(scale).to(b.dtype)
-        return gx, None, gbias, ga, gb, None, None, None, None
+        return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None, None, None, None
 
 
 def lora_4bit_linear(x, qweight, state, bias, a, b, scale: float, compute: torch.dtype | None = None,
