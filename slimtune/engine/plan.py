@@ -91,13 +91,13 @@ def divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
-def _modes(cfg) -> list[tuple[bool, bool]]:
+def _mode(cfg) -> tuple[bool, bool]:
     """(checkpointing, offload): the leanest the config allows (a heavier mode never fits where a leaner one
     does not, so only the micro-batch size is searched); never turns off what the user turned on."""
     tc = cfg.train
     if cfg.method.name == "prefix_tuning":  # trains without checkpointing whatever is asked (train.py)
-        return [(False, tc.offload_activations)]
-    return [(True, tc.offload_activations or memory.fast_engine(cfg))]
+        return False, tc.offload_activations
+    return True, tc.offload_activations or memory.fast_engine(cfg)
 
 
 def fixed(cfg) -> Split:
@@ -137,16 +137,16 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
                            f"rule: at most {CPU_MICRO} records a micro-batch (set train.micro_batch_size to choose)")
     free = free_memory(device) if free is None else free
     batch, rejected = records_per_step(cfg.train), []
+    ck, off = _mode(cfg)
     try:
         for micro in divisors(batch):
-            for ck, off in _modes(cfg):
-                option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg)
-                if option.peak <= free * (1 - MARGIN):
-                    why = "the fewest micro-batches that fit" + (
-                        ", without checkpointing" if not ck else ", with checkpointing" if not off
-                        else ", with checkpointing and the layer inputs offloaded")
-                    return Split(batch, option, why, free, tuple(rejected))
-                rejected.append(option)
+            option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg)
+            if option.peak <= free * (1 - MARGIN):
+                why = "the fewest micro-batches that fit" + (
+                    ", without checkpointing" if not ck else ", with checkpointing" if not off
+                    else ", with checkpointing and the layer inputs offloaded")
+                return Split(batch, option, why, free, tuple(rejected))
+            rejected.append(option)
     except Exception as err:  # an estimate never stops a run: architectures differ in ways it can't see
         return on_cpu(cfg, f"memory estimate unavailable ({err}); the CPU's rule: at most {CPU_MICRO} records "
                            "a micro-batch")
