@@ -24,6 +24,7 @@ CHOICES = {
     "train.fused_norm_mlp": ("auto", "on", "off"),
     "train.fused_rope": ("auto", "on", "off"),
     "train.tiled_mlp": ("auto", "on", "off"),
+    "train.compile": ("auto", "on", "off"),
     "data.on_bad_record": ("error", "skip"),
 }
 

@@ -153,6 +153,9 @@ class TrainConfig:
     tiled_mlp: str = "auto"
     """the MLP a slice of the sequence at a time, recomputed in backward (kernels/tiled_mlp.py): auto (on CUDA
     for forwards of over 65,536 tokens) | on | off"""
+    compile: str = "auto"
+    """each decoder layer's forward through torch.compile, one graph for all layers (kernels/compiled.py): auto
+    (CUDA with Triton, one process; the first step waits for the compile) | on | off"""
     save_every: int = 100
     """write a resumable checkpoint every N steps (0 = only at the end)"""
     keep_checkpoints: int = 2

@@ -1,0 +1,85 @@
+"""Decoder layers compiled one by one (regional torch.compile): the fix for a step paced by the CPU launching
+kernels. A small model's step is hundreds of small kernels per layer (norms, RoPE, residual adds, casts); the
+GPU finishes each before the CPU has launched the next (1B, 16 records a step: 166 ms of GPU work in a ~400 ms
+step, profile of 2026-11-23). Inductor fuses each layer's elementwise chains into a few Triton kernels and
+launches them from generated code.
+
+Every decoder layer of one model runs the same code, so one compiled graph serves all of them (dynamo guards on
+the layer's parameter shapes, not on which layer it is: one compile, whatever the depth), and dynamic=True
+gives one graph for every row length (packed rows change length each step). The layer's own forward is compiled,
+not its __call__: transformers' checkpointing (GradientCheckpointingLayer.__call__) stays outside, and its
+recompute in backward calls the compiled forward again.
+
+Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
+masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. A compile that
+fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with one printed
+line saying why: the run goes on at eager speed rather than stopping.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import bind
+
+ATTR = "_slimtune_compiled"
+BACKEND = "inductor"  # tests on the CPU pass "aot_eager": the same graphs, no C++/Triton code generation
+
+
+def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers: transformers marks them as GradientCheckpointingLayer (every family it ships)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def available() -> bool:
+    """Inductor's GPU code is Triton: without it torch.compile would fail at the first step."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
+
+
+def enable(model: torch.nn.Module, log=print, backend: str | None = None) -> int:
+    """Compile each decoder layer's forward (already-bound fast paths inside it included); how many."""
+    state, backend = {"failed": None, "log": log}, backend or BACKEND
+    n = 0
+    for layer in layers(model):
+        if hasattr(layer, ATTR):
+            n += 1
+            continue
+        original = layer.forward
+        compiled = torch.compile(original, dynamic=True, backend=backend)
+        bind.bind(layer, functools.partial(_forward, original, compiled, state), ATTR)
+        n += 1
+    if n:
+        log(f"compile: {n} decoder layers through torch.compile ({backend}, one graph for all of them); the first "
+            "training step waits for the compile")
+    return n
+
+
+def _forward(original, compiled, state: dict, *args, **kwargs):
+    if state["failed"] is not None or not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    try:
+        return compiled(*args, **kwargs)
+    except torch._dynamo.exc.TorchDynamoException as err:  # inductor's own failures arrive wrapped in these
+        inner = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed: the backend's own error
+        reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0][:300] if str(inner).strip() else ''}"
+        state["failed"] = reason
+        state["log"](f"fast path off: train.compile: torch.compile failed on a decoder layer ({reason}); every "
+                     "layer runs its eager forward from here (set train.compile=off to skip the attempt)")
+        return original(*args, **kwargs)
+
+
+def disable(model: torch.nn.Module) -> None:
+    bind.unbind(model, ATTR)
+
+
+def enabled(model: torch.nn.Module) -> int:
+    return bind.count(model, ATTR)

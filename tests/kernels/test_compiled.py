@@ -1,0 +1,107 @@
+"""Compiled decoder layers (kernels/compiled.py) on the CPU, through the whole loop: the same per-step losses as
+the eager layers, one graph for every layer and every batch length, evaluation and generation left eager, a
+compile that fails falling back with one printed line, and the layers' own forwards given back after the run.
+The CPU tests compile with the aot_eager backend (dynamo + AOT autograd, the graphs inductor would get,
+without generating C++); tests/kernels/test_compiled_gpu.py runs inductor on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import lora_run_config, make_model
+from slimtune import config, load_config, methods
+from slimtune import train as train_mod
+from slimtune.engine.log import read_metrics
+from slimtune.kernels import compiled, select
+
+STEPS = 3
+# padded batches (packing off: the CPU's packed attention loops over records in Python, which dynamo would
+# unroll per record count), chunked loss and fused LoRA: the layers' graph holds LoRA's autograd node
+TRAIN = dict(packing="off", loss="chunked", fused_lora="on", tiled_mlp="off")
+
+
+@pytest.fixture(autouse=True)
+def _aot_eager(monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _train(tmp, model_dir, name: str, **train):
+    path = lora_run_config(tmp, model_dir, name, method={"dropout": 0.0, "target_modules": ["all-linear"]},
+                           max_steps=STEPS, micro_batch_size=2, grad_accum=2, eval_at_start=False, **TRAIN, **train)
+    lines: list[str] = []
+    result = train_mod.run(load_config(path), show_progress=False, log=lambda *a, **k: lines.append(" ".join(
+        map(str, a))))
+    losses = [r["loss"] for r in read_metrics(tmp / name / "metrics.jsonl") if "loss" in r]
+    return result, losses, lines
+
+
+def test_compiled_layers_train_as_the_eager_ones_with_one_graph(tmp_path, tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    _, eager, _ = _train(tmp_path, tiny_model_dir, "eager", compile="off")
+    counters.clear()
+    result, got, lines = _train(tmp_path, tiny_model_dir, "compiled", compile="on")
+    assert len(eager) == len(got) == STEPS
+    # the same ops in the same order (aot_eager runs the traced graph op by op): exact up to fp32 reassociation
+    assert max(abs(a - b) for a, b in zip(eager, got)) < 1e-6, (eager, got)
+    assert eager[-1] < eager[0]  # it trains
+    assert result["compiled_layers"] == 2 and result["fused_lora_layers"] == 14
+    # one graph whatever the layer and the padded length (records differ in length: 6 micro-batches), and a new
+    # one only where the inputs differ in kind: the first layer's input needs no grad (frozen embeddings) and
+    # the others' do; a micro-batch with padding brings a mask, one without none. So at most 2 x 2 graphs here;
+    # a graph per layer or per length (a minute each on a GPU) would make more.
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert any(line.startswith("compile: 2 decoder layers") for line in lines), lines
+    assert not [line for line in lines if line.startswith("fast path off")]
+
+
+def _lora_model(vocab: int = 64):
+    model = make_model(vocab)
+    return methods.apply(model, config.MethodConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+
+
+def test_forwards_without_grad_stay_eager_and_disable_gives_the_forward_back():
+    from torch._dynamo.utils import counters
+
+    model = _lora_model()
+    assert compiled.enable(model, log=lambda *_: None) == len(compiled.layers(model)) > 0
+    ids = torch.randint(0, 64, (2, 9))
+    counters.clear()
+    with torch.no_grad():  # evaluation, generation: never a new graph
+        want = model(input_ids=ids).logits
+        model.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert counters["stats"]["calls_captured"] == 0, dict(counters["stats"])
+    got = model(input_ids=ids).logits  # training forward: compiled
+    assert counters["stats"]["calls_captured"] >= 1
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    compiled.disable(model)
+    assert compiled.enabled(model) == 0
+    assert all("forward" not in layer.__dict__ for layer in compiled.layers(model))
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_one_line(monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no lowering for this op")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    model, lines = _lora_model(), []
+    compiled.enable(model, log=lines.append)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    for _ in range(2):
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got.detach(), want)
+    failed = [line for line in lines if "torch.compile failed" in line]
+    assert len(failed) == 1 and "no lowering for this op" in failed[0], lines
+
+
+@pytest.mark.parametrize("mode, device, triton, want", [
+    ("auto", "cpu", True, False), ("auto", "cuda", True, True), ("auto", "cuda", False, False),
+    ("on", "cpu", False, True), ("off", "cuda", True, False)])
+def test_auto_compiles_on_cuda_with_triton_only(monkeypatch, mode, device, triton, want):
+    monkeypatch.setattr(compiled, "available", lambda: triton)
+    assert select.use_compile(mode, device) is want
