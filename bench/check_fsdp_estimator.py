@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 import tempfile
 from dataclasses import replace
@@ -22,6 +23,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE))
+
+
+def knobs(row: dict) -> tuple[int, int]:
+    """train.fsdp_reshard and train.fsdp_prefetch of a run: as fsdp_speed.py records them now; older
+    rows only name them in the recipe (fsdp_speed._knobs wrote them there)."""
+    if "fsdp_reshard" in row:
+        return row["fsdp_reshard"], row.get("fsdp_prefetch", 0)
+    recipe = row["recipe"]
+    group = re.search(r"resharded to (\d+) GPUs", recipe)
+    reshard = 1 if "kept whole" in recipe else int(group.group(1)) if group else 0
+    ahead = re.search(r"prefetch (\d+) layers", recipe)
+    return reshard, int(ahead.group(1)) if ahead else 0
 
 
 def predict(row: dict, shape_dirs: dict, profiled: bool) -> dict:
@@ -42,7 +55,9 @@ def predict(row: dict, shape_dirs: dict, profiled: bool) -> dict:
     args = argparse.Namespace(method=row["method"], per_gpu=row["per_gpu"], offload="offload" in row["recipe"],
                               steps=steps, warmup=warmup, max_len=row["max_len"])
     cfg = _config(args, gpus, shape_dirs[size])
-    cfg = replace(cfg, train=replace(cfg.train, precision="bf16"))  # as the GPU run trained (_config says fp32 here)
+    reshard, prefetch = knobs(row)
+    cfg = replace(cfg, train=replace(cfg.train, precision="bf16",  # as the GPU run trained (_config says fp32 here)
+                                     fsdp_reshard=reshard, fsdp_prefetch=prefetch))
     n = cfg.train.micro_batch_size * (steps + warmup + 1)
     records = [Encoded(r["input_ids"], r["labels"]) for r in synthetic_examples(n, row["max_len"])]
     stream = micro_batches(records, cfg.train, row["max_len"], "rows")
@@ -64,17 +79,22 @@ def main(argv=None) -> int:
     for path in a.results:
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
-            if row.get("bench") != "fsdp_speed" or "per_gpu" not in row or "kept whole" in row["recipe"]:
-                continue  # the peer's rows; layers kept whole is not modelled
+            if row.get("bench") != "fsdp_speed" or "per_gpu" not in row:
+                continue  # the peer's rows
             now = predict(row, shapes, bool(row.get("profiled_steps")) or path in a.profiled)
             err = 100 * (now["predicted_reserved_gib"] / row["peak_reserved_gib"] - 1)
+            err_alloc = 100 * (now["predicted_allocated_gib"] / row["peak_gib"] - 1)
+            reshard, prefetch = knobs(row)
             out.append(dict(source=Path(path).name, recipe=row["recipe"], gpus=row["gpus"], method=row["method"],
+                            fsdp_reshard=reshard, fsdp_prefetch=prefetch,
                             measured_allocated_gib=row["peak_gib"], measured_reserved_gib=row["peak_reserved_gib"],
                             predicted_then_gib=row.get("predicted_reserved_gib"), **now,
-                            reserved_error_pct=round(err, 1)))
-            print(f"{out[-1]['source']}: {row['method']} on {row['gpus']} GPU(s): measured {row['peak_reserved_gib']} "
-                  f"GiB reserved ({row['peak_gib']} allocated), predicted now {now['predicted_reserved_gib']} "
-                  f"({err:+.1f}%; {now['predicted_allocated_gib']} allocated)")
+                            reserved_error_pct=round(err, 1), allocated_error_pct=round(err_alloc, 1)))
+            knob = (f", fsdp_reshard={reshard}" if reshard else "") + (f", prefetch={prefetch}" if prefetch else "")
+            print(f"{out[-1]['source']}: {row['method']} on {row['gpus']} GPU(s){knob}: "
+                  f"measured {row['peak_reserved_gib']} GiB reserved ({row['peak_gib']} allocated), "
+                  f"predicted now {now['predicted_reserved_gib']} "
+                  f"({err:+.1f}%; {now['predicted_allocated_gib']} allocated, {err_alloc:+.1f}%)")
     with open(a.out, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in out)
     return 0
