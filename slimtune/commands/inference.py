@@ -1,5 +1,5 @@
-"""What chat and generate share: their arguments, the run (or .gguf file) loaded to answer, the sampling
-settings, and JSONL written atomically."""
+"""What chat and generate share: the run (or .gguf file) loaded to answer, the sampling settings, and JSONL
+written atomically (their shared arguments are arguments.inference_args)."""
 from __future__ import annotations
 
 import json
