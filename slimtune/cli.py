@@ -1,8 +1,8 @@
 """The `slimtune` command: train | inspect | chat | generate | eval | targets | params | estimate | merge | demo
 | compare | config | ui.
 
-Each verb lives in slimtune/commands/<verb>.py (its arguments in add(parser), its work in run(args)); this
-module parses the command line, runs the chosen verb, and turns every error a user can cause into one line."""
+Each verb's arguments are in slimtune/commands/arguments.py, its work in slimtune/commands/<verb>.py (run(args));
+this module parses the command line, runs the chosen verb, and turns every error a user can cause into one line."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ import traceback
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from .errors import SlimtuneError
 
@@ -62,10 +63,17 @@ def quiet_warnings():
 
 
 def command(verb: str) -> ModuleType:
-    """The module of one verb."""
-    # imported by name, and only the chosen one: the verbs' modules load torch and transformers, which
-    # `slimtune --help` and a mistyped command line must not wait for
+    """The module that runs one verb."""
+    # imported by name, only once the command line parsed: the verbs' modules load torch and transformers
+    # (6-7 s), which `slimtune <verb> --help` and a mistyped option must not wait for
     return importlib.import_module(f"{__package__}.commands.{verb}")
+
+
+def arguments(verb: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The function that adds one verb's arguments to its parser; it loads no torch or transformers."""
+    # imported once a verb is named: `slimtune --help` needs none of them, nor the config they take choices from
+    from .commands.arguments import ADD
+    return ADD[verb]
 
 
 def _parser(verb: str | None) -> argparse.ArgumentParser:
@@ -75,7 +83,7 @@ def _parser(verb: str | None) -> argparse.ArgumentParser:
     for name, help_ in COMMANDS.items():
         verb_parser = sub.add_parser(name, help=help_)
         if name == verb:
-            command(name).add(verb_parser)
+            arguments(name)(verb_parser)
     return p
 
 

@@ -1,4 +1,5 @@
-"""The verb registry: every verb has its module (add + run), and `slimtune --help` imports none of them."""
+"""The verb registry: every verb has its arguments (commands/arguments.py) and its module (run), and
+`slimtune --help` imports none of them."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,20 @@ from pathlib import Path
 import pytest
 
 from slimtune import cli
+from slimtune.commands import arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_verb_has_a_module_with_add_and_run():
+def test_every_verb_has_its_arguments_and_a_module_with_run():
     modules = sorted(p.stem for p in (ROOT / "slimtune" / "commands").glob("*.py"))
-    shared = {"__init__", "options", "inference", "run_folder"}
+    shared = {"__init__", "arguments", "options", "inference", "run_folder"}
     assert sorted(cli.COMMANDS) == sorted(set(modules) - shared)
+    assert list(arguments.ADD) == list(cli.COMMANDS)  # the same verbs, in the order `slimtune --help` lists them
     for verb in cli.COMMANDS:
         module = cli.command(verb)
-        assert callable(module.add) and callable(module.run), verb
+        assert callable(module.run) and not hasattr(module, "add"), verb  # arguments live in arguments.py only
+        assert cli.arguments(verb) is arguments.ADD[verb]
 
 
 def test_help_lists_the_verbs_in_order_without_importing_them():

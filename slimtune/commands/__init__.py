@@ -1,3 +1,4 @@
-"""One module per `slimtune` verb, each with add(parser) (its arguments) and run(args) -> exit code; cli.py
-imports a verb's module only when that verb is chosen. Shared pieces: options.py (config arguments and
-reading the config from the command line), inference.py (loading a run to answer prompts), run_folder.py."""
+"""One module per `slimtune` verb, each with run(args) -> exit code; every verb's arguments are in
+arguments.py, which loads nothing heavy, and cli.py imports a verb's module only when that verb runs (not for
+its --help or a usage error). Shared pieces: options.py (reading the config from the command line),
+inference.py (loading a run to answer prompts), run_folder.py."""

@@ -7,14 +7,7 @@ from pathlib import Path
 from transformers import TextStreamer
 
 from ..evaluate import generate
-from .inference import add_common, load_for_inference, sampling, write_atomic
-
-
-def add(g) -> None:
-    add_common(g)
-    g.add_argument("--system", default="", help="system prompt for this chat")
-    g.add_argument("--save", help="keep the transcript in this JSONL file ({\"messages\": [...]}, as "
-                   "training data reads it), rewritten after every answer")
+from .inference import load_for_inference, sampling, write_atomic
 
 
 def run(args) -> int:

@@ -5,17 +5,6 @@ import sys
 
 from ..compare import compare
 from ..compare.runner import Interrupted
-from .options import EPILOG
-
-
-def add(cp) -> None:
-    cp.epilog = EPILOG
-    cp.add_argument("config", help="training config; its optional compare: section lists rows and overrides")
-    cp.add_argument("overrides", nargs="*", help="dotted overrides for every row, e.g. train.max_steps=50")
-    cp.add_argument("--methods", help="comma-separated rows, e.g. base,lora,dora,freeze,prompt_tuning,full "
-                                      "(default: the config's compare.methods; base = the model untrained)")
-    cp.add_argument("--output", help="folder for the runs and compare.json/.md/.html (default: "
-                                     "compare/<config name>); run again to go on after an interruption")
 
 
 def run(args) -> int:

@@ -2,13 +2,7 @@
 from __future__ import annotations
 
 from .. import config as config_mod
-from .options import EPILOG, add_config, config_from
-
-
-def add(cf) -> None:
-    cf.epilog = EPILOG
-    add_config(cf)
-    cf.add_argument("--explain", action="store_true", help="the key reference (as `slimtune train --help-config`)")
+from .options import config_from
 
 
 def run(args) -> int:

@@ -3,15 +3,7 @@ from __future__ import annotations
 
 from .. import models
 from ..engine import memory, plan
-from .options import add_config, config_from, gpus
-
-
-def add(es) -> None:
-    add_config(es)
-    es.add_argument("--budget", help="GPU memory available, e.g. 24 (GiB), 24GiB or 1500MiB: says whether the run "
-                    "fits and what would")
-    es.add_argument("--gpus", type=gpus, default=0,
-                    help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
+from .options import config_from
 
 
 def run(args) -> int:

@@ -6,17 +6,7 @@ from pathlib import Path
 from ..data import with_system
 from ..data.readers import read_prompts
 from ..evaluate import generate
-from .inference import add_common, load_for_inference, sampling, write_atomic
-
-
-def add(g) -> None:
-    add_common(g)
-    g.add_argument("--input", required=True, help="prompts: alpaca records or messages ending with user")
-    g.add_argument("--output", required=True, help="JSONL: each input record plus 'prediction'")
-    g.add_argument("--batch-size", type=int, help="prompts per batch (default: 64 on CUDA, 8 on the CPU)")
-    g.add_argument("--max-len", type=int, default=0, help="prompts longer than this keep their last "
-                   "MAX_LEN tokens (default: the run's data.max_len)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+from .inference import load_for_inference, sampling, write_atomic
 
 
 def run(args) -> int:

@@ -1,5 +1,5 @@
-"""What chat and generate share: their arguments, the run (or .gguf file) loaded to answer, the sampling
-settings, and JSONL written atomically."""
+"""What chat and generate share: the run (or .gguf file) loaded to answer, the sampling settings, and JSONL
+written atomically (their shared arguments are arguments.inference_args)."""
 from __future__ import annotations
 
 import json
@@ -10,22 +10,7 @@ from .. import config as config_mod
 from .. import models
 from ..evaluate.generate import Sampling
 from ..export.peft_format import load_run
-from .options import TRUST_HELP
 from .run_folder import check_run
-
-
-def add_common(g) -> None:
-    """The arguments of both chat and generate."""
-    g.add_argument("folder", help="a run folder written by `slimtune train`, or a .gguf file (`slimtune export`)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=0.7, help="with --sample")
-    g.add_argument("--top-p", type=float, default=0.9, help="with --sample (1 = off)")
-    g.add_argument("--top-k", type=int, default=50, help="with --sample (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    g.add_argument("--seed", type=int, help="with --sample: the same seed gives the same answers")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def load_for_inference(args):

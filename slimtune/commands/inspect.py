@@ -7,19 +7,6 @@ from .. import config as config_mod
 from .. import models
 from ..data import encode_examples, read
 from ..data.encode import segments
-from .options import TRUST_HELP
-
-
-def add(i) -> None:
-    i.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
-    i.add_argument("--model", default="embedded", help="model folder, .gguf file, or 'embedded'")
-    i.add_argument("--template", default="auto", choices=config_mod.CHOICES["data.template"])
-    i.add_argument("--json", action="store_true", help="one JSON object per record: input_ids, labels")
-    i.add_argument("-n", type=int, default=3, help="records to show (0 = all)")
-    i.add_argument("--max-len", type=int, default=100_000)
-    i.add_argument("--system", default="", help="default system prompt")
-    i.add_argument("--train-on-prompt", action="store_true")
-    i.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def run(args) -> int:

@@ -1,33 +1,10 @@
-"""Arguments several verbs share, and the config read from a verb's command line."""
+"""The config read from a verb's command line (the arguments themselves are in arguments.py)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from .. import config as config_mod
-
-EPILOG = "Config overrides use dotted names: slimtune train cfg.yaml train.lr=2e-4 method.r=16"
-TRUST_HELP = ("run the model folder's own Python (auto_map in its config.json); only when you trust it. A run "
-              "folder's config.yaml never switches this on")
-
-
-def gpus(text: str) -> int:
-    """--gpus: a count of GPUs, at least 1 (0, the default, means train.gpus)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs (1 or more), got {text!r}")
-    return n
-
-
-def add_config(p: argparse.ArgumentParser, config_help: str | None = None, overrides_help: str | None = None) -> None:
-    """The YAML file, dotted overrides and --model that config_from() reads."""
-    p.add_argument("config", nargs="?", help=config_help)
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--model", help="same as model.path=...")
 
 
 def config_from(args) -> config_mod.Config:

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 from ..methods import count_on_meta
-from .options import add_config, config_from
-
-
-def add(pc) -> None:
-    add_config(pc)
+from .options import config_from
 
 
 def run(args) -> int:

@@ -6,12 +6,6 @@ from transformers import AutoModelForCausalLM
 
 from .. import models
 from ..methods.targets import describe
-from .options import TRUST_HELP
-
-
-def add(tg) -> None:
-    tg.add_argument("model", help="model folder (config.json is enough), .gguf file, or 'embedded'")
-    tg.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def run(args) -> int:

@@ -9,22 +9,7 @@ from pathlib import Path
 from .. import config as config_mod
 from .. import train as training
 from ..engine import distributed
-from .options import EPILOG, add_config, config_from, gpus
-
-
-def add(t) -> None:
-    t.epilog = EPILOG
-    add_config(t, "YAML config file (optional: defaults + overrides)", "dotted overrides, e.g. train.lr=2e-4")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--help-config", action="store_true", help="list every config key (dotted) with its type, "
-                   "default, allowed values and what it does, and exit")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
-                   "(only the files slimtune wrote there are removed)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
-                   "train.output_dir (same as train.resume=auto)")
-    t.add_argument("--gpus", type=gpus, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
-                   "(same as train.gpus=N; under torchrun the launcher's process count rules)")
+from .options import config_from
 
 
 def run(args) -> int:
