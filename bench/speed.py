@@ -25,7 +25,8 @@ Recipes:
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
   defaults slimtune as a user who names only the method and the batch gets it (defaults_worker): slimtune.prepare
-           + slimtune.fit, every train.* speed key left at its default
+           + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key
+  defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder)
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
@@ -85,7 +86,7 @@ def worker(a) -> dict:
                   "precision": "bf16" if dev == "cuda" else "fp32",
                   "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
                   "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp, "fused_rope": a.fused_rope,
-                  "offload_activations": a.offload, "seed": 0},
+                  "offload_activations": a.offload, "compile": "on" if a.compile else a.compile_mode, "seed": 0},
         "data": {"max_len": a.max_len}})
     model = _model(a.size, dev, meta=a.method == "qlora")  # qlora: quantized while loading, below
     n_params = sum(p.numel() for p in model.parameters())
@@ -97,6 +98,7 @@ def worker(a) -> dict:
     model, plan, took = prep.model, prep.plan, prep.kernels
     packed, chunked = took["packing"], took["chunked_loss"]
     fused, fused_nm, fused_rope = took["fused_lora_layers"], took["fused_norm_mlp"], took["fused_rope"]
+    compiled_layers = took["compiled_layers"]
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
@@ -104,9 +106,6 @@ def worker(a) -> dict:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
     context = loop.forward_context(plan, dev, cfg.train.offload_activations, model)
-    if a.compile:
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True)
     model.train()
 
     def one_step():
@@ -140,7 +139,7 @@ def worker(a) -> dict:
     label = f"slimtune{' qlora' if a.method == 'qlora' else ''} ({bs}x{ga} records, packing={packed}" + \
         f", loss={'chunked' if chunked else 'plain'}" + \
         f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + \
-        (", compiled layers" if a.compile else "") + \
+        (f", compiled layers={compiled_layers}" if compiled_layers else "") + \
         (", activations offloaded" if a.offload else "") + \
         (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + \
         (f", Liger RoPE layers={fused_rope}" if fused_rope else "") + ")"
@@ -170,7 +169,7 @@ def _model(size: str, dev: str, meta: bool = False):
                                                 dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
 
 
-def _defaults_train(steps: int) -> dict:
+def _defaults_train(steps: int, extra: tuple[str, ...] = ()) -> dict:
     """The train.* keys of the defaults recipe: the batch of 16 records and the workload's lr, seed and step
     count; nothing about micro-batch split, checkpointing, offload or kernels. Until train.batch_size exists
     (h19split adds it, micro_batch_size/grad_accum then default to auto), the batch is said as the peers'
@@ -180,8 +179,9 @@ def _defaults_train(steps: int) -> dict:
     from slimtune.config import TrainConfig
     batch = {"batch_size": 16} if "batch_size" in {f.name for f in dataclasses.fields(TrainConfig)} else \
         {"micro_batch_size": 8, "grad_accum": 2}
+    keys = dict(item.partition("=")[::2] for item in extra)  # defaults:compile=off -> {"compile": "off"}
     return {**batch, "lr": 1e-4, "seed": 0, "max_steps": steps, "save_every": 0, "log_every": 1,
-            "eval_at_start": False}
+            "eval_at_start": False, **keys}
 
 
 def defaults_worker(a) -> dict:
@@ -203,7 +203,8 @@ def defaults_worker(a) -> dict:
     out = Path(tempfile.mkdtemp(prefix="speed-defaults-"))
     cfg = config_mod.from_dict({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
                                            "target_modules": ALL_LINEAR},
-                                "train": {**_defaults_train(steps + warmup), "output_dir": str(out / "run")},
+                                "train": {**_defaults_train(steps + warmup, a.train_key),
+                                          "output_dir": str(out / "run")},
                                 "data": {"max_len": a.max_len}})
     model = _model(a.size, dev, meta=a.method == "qlora")
     n_params = sum(p.numel() for p in model.parameters())
@@ -213,8 +214,10 @@ def defaults_worker(a) -> dict:
         model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
     lines: list[str] = []
-    row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step)", size=a.size, params=n_params,
-               max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup),
+    changed = "".join(f", {k}" for k in a.train_key)
+    row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step{changed})", size=a.size, params=n_params,
+               max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup,
+                                                                                           a.train_key),
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
     try:
         model = slimtune.prepare(model, cfg, dev, log=lines.append).model
@@ -228,12 +231,15 @@ def defaults_worker(a) -> dict:
     times = [b["elapsed_s"] - p["elapsed_s"] for p, b in zip(rows[warmup - 1:], rows[warmup:])]
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     kernels = {k: result[k] for k in ("packing", "chunked_loss", "fused_lora_layers", "fused_norm_mlp", "fused_rope",
-                                      "tiled_mlp") if k in result}
+                                      "tiled_mlp", "compiled_layers") if k in result}
+    from torch._dynamo.utils import counters
+    kernels["graphs"] = counters["stats"]["unique_graphs"]  # torch.compile's, over the whole run
     return dict(row, steps=len(times), real_tok_s=round(real / dt), pad_fraction=0.0,  # real: padding excluded
                 peak_gib=round(peak, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev == "cuda" else 0.0,
                 mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3), step_s=[round(t, 3) for t in times],
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
+                first_step_s=round(rows[0]["elapsed_s"], 1),  # the compile, when on, is in it
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
 
 
@@ -296,12 +302,14 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         return _make(size, path) + [[py, str(PEERS / "unsloth_recipe.py"), "--size", size, "--path", path,
                                      "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
                                      "--load-in-4bit", *steps]]
-    if name == "defaults":
-        return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps]]
-    if name == "defaults-qlora":  # loads the saved folder unsloth's recipe also reads
+    base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
+    keys = [arg for k in keys for arg in ("--train_key", k)]
+    if base == "defaults":
+        return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps, *keys]]
+    if base == "defaults-qlora":  # loads the saved folder unsloth's recipe also reads
         path = f"/dev/shm/m{size}"
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
-                                     "--method", "qlora", "--path", path]]
+                                     "--method", "qlora", "--path", path, *keys]]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
@@ -362,7 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max_len", type=int, default=1024)
     ap.add_argument("--packing", default="rows")
     ap.add_argument("--loss", default="auto")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="worker: train.compile=on")
+    ap.add_argument("--compile_mode", default="auto", help="worker: train.compile when --compile is not given")
+    ap.add_argument("--train_key", action="append", default=[], help="defaults worker: KEY=VALUE, a train.* key")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (engine/offload.py)")
     ap.add_argument("--fused_lora", default="auto")
     ap.add_argument("--method", default="lora", help="worker: lora, or qlora (4-bit base loaded from --path)")
