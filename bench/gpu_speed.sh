@@ -20,6 +20,8 @@
 #   bash bench/gpu_speed.sh long   tiled-MLP / architecture GPU tests, then bench/long_context.py --quick (8B, LoRA and
 #        QLoRA, whole GPU and 24 GiB); one command holds about half the cells: TOOLS=unsloth (or METHODS=qlora,
 #        CAPS=24) runs the rest in a second command
+#   bash bench/gpu_speed.sh s8-1b|s8-8b   the defaults (compiled layers since session 8) and defaults:compile=off, then
+#        unsloth, one size; at 1B also QLoRA both sides and the GPU tests of compiled layers, qlora and tiled MLP
 #   bash bench/gpu_speed.sh qwen   slimtune defaults and the explicit 16 x 1 offloaded recipe, then unsloth, at qwen7b
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
@@ -112,6 +114,15 @@ elif [ "$SIZE" = issue19-1b ] || [ "$SIZE" = issue19-8b ]; then  # issue 19: def
   PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --recipes unsloth,unsloth-qlora --out "$OUT/speed.jsonl"
   [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile,slimtune-qlora:bs=16:ga=1:offload:profile="$OUT/prof_qlora_1b.txt"
+elif [ "$SIZE" = s8-1b ] || [ "$SIZE" = s8-8b ]; then  # session 8: defaults (compiled layers) and compile=off beside unsloth
+  S=${SIZE#s8-}; export UNSLOTH_MODES=padded
+  Q=""; [ $S = 1b ] && Q=",defaults-qlora"  # the 8B 4-bit folder alone takes most of a call
+  PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+    --recipes defaults,defaults:compile=off$Q
+  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes $S --recipes unsloth${Q:+,unsloth-qlora} --out "$OUT/speed.jsonl"
+  [ $S = 1b ] && PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_compiled_gpu.py tests/kernels/test_qlora.py tests/kernels/test_tiled_mlp_gpu.py -rs 2>&1 \
+    | grep -v -i warn | tail -15 | tee "$OUT/gpu_tests.log"
 elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
   export UNSLOTH_MODES=padded
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_qlora.py \
