@@ -115,14 +115,14 @@ elif [ "$SIZE" = issue19-1b ] || [ "$SIZE" = issue19-8b ]; then  # issue 19: def
   [ $S = 1b ] && PYTHONPATH=/tmp/site timeout 120 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
     --recipes slimtune:bs=16:ga=1:offload:compile,slimtune-qlora:bs=16:ga=1:offload:profile="$OUT/prof_qlora_1b.txt"
 elif [ "$SIZE" = s8-1b ] || [ "$SIZE" = s8-8b ]; then  # session 8: defaults (compiled layers) and compile=off beside unsloth
-  S=${SIZE#s8-}; export UNSLOTH_MODES=padded
-  Q=""; [ $S = 1b ] && Q=",defaults-qlora"  # the 8B 4-bit folder alone takes most of a call
-  PYTHONPATH=/tmp/site timeout 300 python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
-    --recipes defaults,defaults:compile=off$Q
-  PYTHONPATH=/tmp/site timeout 200 python3 bench/speed.py --sizes $S --recipes unsloth${Q:+,unsloth-qlora} --out "$OUT/speed.jsonl"
-  [ $S = 1b ] && PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider \
+  S=${SIZE#s8-}; export UNSLOTH_MODES=padded SPEED_LOG_DIR=$OUT  # each worker's log streams into $OUT
+  PYTHONPATH=/tmp/site timeout ${T1:-120} python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" --recipes defaults:compile=off
+  TORCH_LOGS=recompiles,graph_breaks PYTHONPATH=/tmp/site timeout ${T2:-240} python3 bench/speed.py --sizes $S \
+    --out "$OUT/speed.jsonl" --recipes defaults${Q:+,defaults-qlora}
+  PYTHONPATH=/tmp/site timeout ${T3:-150} python3 bench/speed.py --sizes $S --recipes unsloth${Q:+,unsloth-qlora} --out "$OUT/speed.jsonl"
+  [ -n "${TESTS:-}" ] && PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_compiled_gpu.py tests/kernels/test_qlora.py tests/kernels/test_tiled_mlp_gpu.py -rs 2>&1 \
-    | grep -v -i warn | tail -15 | tee "$OUT/gpu_tests.log"
+    | grep -v -i warn | tail -15 > "$OUT/gpu_tests.log"
 elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
   export UNSLOTH_MODES=padded
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_qlora.py \

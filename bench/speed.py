@@ -214,14 +214,18 @@ def defaults_worker(a) -> dict:
         model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
     lines: list[str] = []
+
+    def say(text: str) -> None:  # kept for the row, and on stderr at once (SPEED_LOG_DIR keeps it past a kill)
+        lines.append(text)
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
     changed = "".join(f", {k}" for k in a.train_key)
     row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step{changed})", size=a.size, params=n_params,
                max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup,
                                                                                            a.train_key),
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
     try:
-        model = slimtune.prepare(model, cfg, dev, log=lines.append).model
-        result = slimtune.fit(model, records, cfg, device=dev, log=lines.append)
+        model = slimtune.prepare(model, cfg, dev, log=say).model
+        result = slimtune.fit(model, records, cfg, device=dev, log=say)
     except torch.OutOfMemoryError as err:
         return dict(row, real_tok_s=0, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), mfu_real=0.0,
                     pad_fraction=0.0, error=f"out of memory: {str(err)[:200]}", log=lines[-20:])
@@ -266,10 +270,17 @@ def _versions() -> dict:
     return out
 
 
-def _run(cmd: list[str], log) -> list[dict]:
-    """One recipe's process; its JSON result lines ('RESULT {...}' or '{...}')."""
+def _run(cmd: list[str], log, log_dir: str = "") -> list[dict]:
+    """One recipe's process; its JSON result lines ('RESULT {...}' or '{...}'). With log_dir its stderr streams
+    into a file there as it runs, so a process killed by a time limit still leaves what it had logged."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if log_dir:
+        name = "_".join(c for c in cmd[2:] if not c.startswith("-"))[:80].replace("/", "_") or "run"
+        with open(Path(log_dir) / f"{name}-{int(time.time())}.log", "w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        proc.stderr = ""
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     found = []
     for line in proc.stdout.splitlines():
         text = line[len("RESULT "):] if line.startswith("RESULT ") else line
@@ -282,6 +293,19 @@ def _run(cmd: list[str], log) -> list[dict]:
     if proc.returncode or not found:
         log(proc.stderr[-3000:])
     return found
+
+
+def _append(rows: list[dict], out: str) -> None:
+    """Results appended to --out (bench/results/<date>-<device>.jsonl by default)."""
+    if not rows:
+        return
+    device = rows[0]["device"]
+    slug = "h100" if "H100" in device else "h200" if "H200" in device else device.lower().replace(" ", "-")
+    path = Path(out or HERE / "results" / f"{datetime.date.today()}-{slug}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps(dict(r, bench="speed", date=str(datetime.date.today()))) + "\n")
 
 
 def recipe_commands(name: str, size: str, a) -> list[list[str]]:
@@ -391,16 +415,11 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         for name in a.recipes.split(","):
             for cmd in recipe_commands(name, size, a):
-                rows += _run(cmd, log)
+                found = _run(cmd, log, os.environ.get("SPEED_LOG_DIR", ""))
+                _append(found, a.out)  # each recipe's rows at once: a time limit keeps the finished ones
+                rows += found
     if not rows:
         return 1
-    device = rows[0]["device"]
-    slug = "h100" if "H100" in device else "h200" if "H200" in device else device.lower().replace(" ", "-")
-    out = Path(a.out or HERE / "results" / f"{datetime.date.today()}-{slug}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps(dict(r, bench="speed", date=str(datetime.date.today()))) + "\n")
     print(table(rows))
     print("\n".join(ratios(rows)))
     return 0
