@@ -13,7 +13,7 @@ import torch
 
 from . import pack
 from .collate import collate
-from .encode import Encoded
+from .encode import IGNORE, Encoded
 from .readers import DataError
 
 
@@ -134,6 +134,17 @@ def share(records: list[Encoded], rank: int = 0, world: int = 1) -> list[Encoded
         return mine
     idle = min(records, key=lambda r: len(r.input_ids))
     return [dataclasses.replace(idle, labels=[-100] * len(idle.labels), where=idle.where + " (idle rank)")]
+
+
+def counts(records: list[Encoded], world: int = 1) -> tuple[int, int]:
+    """(trained tokens, input tokens) of one micro-batch over all `world` ranks' shares, from the records on
+    the host: the labels != -100 after each record's first position (what a collated row trains, padded or
+    packed; records are already cut at data.max_len) and the tokens of every share (an idle rank's masked
+    record included). Every rank holds the whole micro-batch, so each computes the same totals alone."""
+    trained = sum(len(r.labels) - 1 - r.labels[1:].count(IGNORE) for r in records if r.labels)
+    if world <= 1:
+        return trained, sum(len(r.input_ids) for r in records)
+    return trained, sum(len(r.input_ids) for k in range(world) for r in share(records, k, world))
 
 
 def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:

@@ -40,8 +40,9 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, their count) for one batch.
+def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over trained positions, their count) for one batch, both device
+    tensors that nothing has read (training counts its tokens on the host and reads once a step).
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
     if _sharded(model):
         return _in_root_forward(model, batch, chunked)
@@ -56,7 +57,7 @@ def _sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """FSDP2 gathers the root's parameters (embeddings, final norm, head) in hooks around the model's own
     forward; the loss calls decoder and head apart, so it runs as that forward for the length of the call,
     and the hooks (gather before, reduce-scatter of their gradients after backward) still fire."""
@@ -72,7 +73,7 @@ def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, i
             model.forward = own
 
 
-def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, int]:
+def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     parts = split_head(model)
@@ -85,10 +86,10 @@ def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor,
         hidden = decoder(**model_inputs(batch)).last_hidden_state
         rows = hidden[:, :-1][keep]
         if chunked and linear_ce.fits(head):
-            return linear_ce.linear_cross_entropy(rows, head.weight, labels[keep], head.bias), int(keep.sum())
+            return linear_ce.linear_cross_entropy(rows, head.weight, labels[keep], head.bias), keep.sum()
         logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return loss, keep.sum()
 
 
 @torch.no_grad()
@@ -108,7 +109,7 @@ def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu"
             with context():
                 s, n = token_loss_sum(model, batch, chunked)
             total += s.item()
-            count += n
+            count += int(n)
             bar.update(len(batch["input_ids"]))
     model.train(was_training)
     loss = total / max(count, 1)
