@@ -149,6 +149,10 @@ def counts(records: list[Encoded], world: int = 1) -> tuple[int, int]:
 
 def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:
     """One micro-batch on the device: packed rows (data/pack.py) or right-padded ones. Packed rows'
-    max_length_q/k stay Python ints (no device sync to read them)."""
+    max_length_q/k stay Python ints (no device sync to read them). Rows of one length need no padding, so
+    they go without attention_mask: transformers' SDPA mask would read the all-ones mask back (two device
+    syncs a forward) only to drop it."""
     batch = pack.collate(records) if packed else collate(records, pad)
+    if not packed and len({len(r.input_ids) for r in records}) == 1:
+        del batch["attention_mask"]
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -18,8 +18,10 @@ from slimtune.engine.log import read_metrics
 STEPS = 4
 READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
-# Per-step losses and per-tensor (sum, sum of |x|) of the adapter of the run below, recorded with the loop
-# as it was before the reads were cut (commit a5f1bc1: 7 reads a step); the run must train the same numbers.
+# Per-step losses and per-tensor (sum, sum of |x|) of the adapter of the runs below, recorded with the loop
+# as it was before the reads were cut (commit a5f1bc1: 13 reads a step besides the CPU AdamW's, 11 with
+# micro-batches of 1); the runs must train the same numbers.
+LOSSES_ONE = [6.94154539562407, 6.626141548156738, 6.642589167544716, 6.203035736083985]  # micro-batches of 1
 LOSSES = [6.796885420636433, 6.492899576822917, 6.606947708129883, 6.50727000989412]
 PREFIX = 'base_model.model.model.layers.'
 ADAPTER = {  # names without PREFIX
@@ -34,28 +36,34 @@ ADAPTER = {  # names without PREFIX
 }
 
 
-def _config(tmp: Path, model_dir: Path) -> Path:
-    """An explicit split (2 records a micro-batch, 2 micro-batches a step) on the tiny model, fp32 on the CPU."""
-    return lora_run_config(tmp, model_dir, "run", max_steps=STEPS, micro_batch_size=2, grad_accum=2)
+def _config(tmp: Path, model_dir: Path, micro: int = 2) -> Path:
+    """An explicit split (`micro` records a micro-batch, 2 micro-batches a step) on the tiny model, fp32 on the
+    CPU."""
+    return lora_run_config(tmp, model_dir, f"run{micro}", max_steps=STEPS, micro_batch_size=micro, grad_accum=2)
 
 
-def _cpu_adamw() -> bool:
-    """A read by torch's AdamW on the CPU: it reads each parameter's step counter (optimizer._get_value);
-    on CUDA build_optimizer takes the fused AdamW, which keeps it on the device."""
-    return any(f.filename.endswith(("optim/adam.py", "optim/adamw.py", "optim/optimizer.py"))
-               for f in traceback.extract_stack(limit=8))
+def _origin() -> str | None:
+    """Who reads: None for torch's AdamW on the CPU, which reads each parameter's step counter
+    (optimizer._get_value; on CUDA build_optimizer takes the fused AdamW, which keeps it on the device);
+    "mask" for transformers' SDPA mask, which reads a padded batch's attention_mask twice a forward to see
+    whether it may drop it; else "step"."""
+    files = [f.filename for f in traceback.extract_stack(limit=10)]
+    if any(f.endswith(("optim/adam.py", "optim/adamw.py", "optim/optimizer.py")) for f in files):
+        return None
+    return "mask" if any(f.endswith("masking_utils.py") for f in files) else "step"
 
 
 @contextlib.contextmanager
 def counted_reads(monkeypatch, loop):
-    """Counts the device reads made inside loop._step (a checkpoint save or an eval is outside it)."""
+    """Per training step, the device reads made inside loop._step as (origin, method) pairs (a checkpoint
+    save or an eval is outside it)."""
     inside, reads = [False], []
     for name in READS:
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *args, _real=real, _name=name, **kwargs):
-            if inside[0] and not _cpu_adamw():
-                reads.append(_name)
+            if inside[0] and (origin := _origin()):
+                reads.append((origin, _name))
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, wrapper)
     real_step, per_step = loop._step, []
@@ -71,25 +79,42 @@ def counted_reads(monkeypatch, loop):
     yield per_step
 
 
-@pytest.fixture(scope="module")
-def counted_run(tmp_path_factory, tiny_model_dir):
+def _counted_fit(tmp: Path, model_dir: Path, micro: int) -> tuple[Path, list]:
     import slimtune.engine.loop as loop
 
-    tmp = tmp_path_factory.mktemp("reads")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recorded numbers were computed on one thread
-    with pytest.MonkeyPatch.context() as mp, counted_reads(mp, loop) as per_step:
-        code = cli.main(["train", str(_config(tmp, tiny_model_dir)), "--no-progress"])
-    torch.set_num_threads(threads)
-    assert code == 0
-    return tmp / "run", per_step
+    try:
+        with pytest.MonkeyPatch.context() as mp, counted_reads(mp, loop) as per_step:
+            assert cli.main(["train", str(_config(tmp, model_dir, micro)), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp / f"run{micro}", per_step
+
+
+@pytest.fixture(scope="module")
+def counted_run(tmp_path_factory, tiny_model_dir):
+    return _counted_fit(tmp_path_factory.mktemp("reads"), tiny_model_dir, 2)
 
 
 def test_one_device_read_per_optimizer_step(counted_run):
     _, per_step = counted_run
     assert len(per_step) == STEPS
-    # the one read: torch.stack([loss sum, grad norm]).tolist() after backward and clip
-    assert per_step == [["tolist"]] * STEPS
+    # the loop's one read: torch.stack([loss sum, grad norm]).tolist() after backward and clip (before: 13,
+    # 4 token counts before the forward, a count and an .item() per micro-batch, float(grad norm))
+    assert [[r for r in reads if r[0] == "step"] for reads in per_step] == [[("step", "tolist")]] * STEPS
+    # transformers' own: two bool() of a padded micro-batch's attention_mask in its SDPA mask; step 3 has one
+    # micro-batch of two records of one length, sent without a mask (data/stream.collate_micro)
+    masks = [[r for r in reads if r[0] == "mask"] for reads in per_step]
+    assert masks == [[("mask", "__bool__")] * n for n in (4, 4, 2, 4)]
+
+
+def test_unpadded_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
+    """One record a micro-batch needs no padding, so no attention_mask: the step's one read is all."""
+    run, per_step = _counted_fit(tmp_path, tiny_model_dir, 1)
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(LOSSES_ONE, abs=1e-6)  # as with the all-ones mask before
+    assert per_step == [[("step", "tolist")]] * STEPS
 
 
 def test_losses_and_adapter_equal_those_before_the_reads_were_cut(counted_run):
