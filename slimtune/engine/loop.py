@@ -32,7 +32,7 @@ def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
                scaler: torch.amp.GradScaler | None = None, chunked: bool = False, n_tokens: int | None = None,
-               scale: float = 1.0, unread: bool = False) -> tuple[float, int]:
+               scale: float = 1.0, unread: bool = False) -> tuple[float | torch.Tensor, int | torch.Tensor]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
     `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
     the head and loss a chunk of rows at a time (engine/loss.py). Several processes: n_tokens is the

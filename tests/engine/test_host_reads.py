@@ -126,3 +126,31 @@ def test_losses_and_adapter_equal_those_before_the_reads_were_cut(counted_run):
     for k, (total, size) in ADAPTER.items():
         assert float(adapter[k].double().sum()) == pytest.approx(total, abs=1e-6), k
         assert float(adapter[k].double().abs().sum()) == pytest.approx(size, abs=1e-6), k
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_host_counts_equal_what_the_collated_batches_hold(packed, world):
+    """stream.counts (the records, on the host) = trained_tokens and pack.tokens on every rank's collated
+    share, summed: first labels trained or not, an all-masked record, equal and unequal lengths, idle ranks."""
+    import random
+
+    from slimtune.data import pack
+    from slimtune.data.encode import Encoded
+    from slimtune.data.stream import collate_micro, counts, share
+    from slimtune.engine.loop import trained_tokens
+
+    rng = random.Random(world * 2 + packed)
+    for trial in range(20):
+        records = []
+        for i in range(rng.randint(1, 4)):
+            n = rng.choice([1, 5, 9]) if trial % 2 else 6
+            labels = [rng.choice([-100, 7]) for _ in range(n)] if i else [-100] * n
+            records.append(Encoded(list(range(1, n + 1)), labels, f"r{i}"))
+        want_trained = want_tokens = 0
+        for k in range(world):
+            batch = collate_micro(share(records, k, world), packed, 0, "cpu")
+            want_trained += trained_tokens([batch])
+            want_tokens += pack.tokens(batch)
+        assert counts(records, world) == (want_trained, want_tokens)
+        assert want_tokens >= sum(len(r.input_ids) for r in records)
