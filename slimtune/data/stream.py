@@ -12,7 +12,7 @@ from array import array
 import torch
 
 from . import pack
-from .collate import collate
+from .collate import TRAINED, collate, trained_index
 from .encode import IGNORE, Encoded
 from .readers import DataError
 
@@ -151,8 +151,9 @@ def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -
     """One micro-batch on the device: packed rows (data/pack.py) or right-padded ones. Packed rows'
     max_length_q/k stay Python ints (no device sync to read them). Rows of one length need no padding, so
     they go without attention_mask: transformers' SDPA mask would read the all-ones mask back (two device
-    syncs a forward) only to drop it."""
+    syncs a forward) only to drop it. TRAINED (data/collate.py) lets the loss take its rows without a sync."""
     batch = pack.collate(records) if packed else collate(records, pad)
     if not packed and len({len(r.input_ids) for r in records}) == 1:
         del batch["attention_mask"]
+    batch[TRAINED] = trained_index(batch["labels"])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data.collate import collate
+from ..data.collate import TRAINED, collate
 from ..data.encode import IGNORE
 from ..kernels import linear_ce
 from .log import progress
@@ -35,9 +35,9 @@ def split_head(model):
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model takes from a batch: all but labels. Packed rows (data/pack.py) bring position_ids,
-    cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """What the model takes from a batch: all but labels and TRAINED. Packed rows (data/pack.py) bring
+    position_ids, cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
+    return {k: v for k, v in batch.items() if k not in ("labels", TRAINED)}
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,22 +74,36 @@ def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, t
 
 
 def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+    take, targets, count = _trained(batch)
     parts = split_head(model)
     if parts is None:
         logits = forward(**model_inputs(batch)).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
-        logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
+        logits = take(logits[:, -batch["input_ids"].shape[1]:][:, :-1])
     else:
         decoder, head = parts
         hidden = decoder(**model_inputs(batch)).last_hidden_state
-        rows = hidden[:, :-1][keep]
+        rows = take(hidden[:, :-1])
         if chunked and linear_ce.fits(head):
-            return linear_ce.linear_cross_entropy(rows, head.weight, labels[keep], head.bias), keep.sum()
+            return linear_ce.linear_cross_entropy(rows, head.weight, targets, head.bias), count
         logits = head(rows)
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, keep.sum()
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, count
+
+
+def _trained(batch: dict):
+    """(rows of a (B, T-1, ...) tensor at trained positions, their targets, their count): by the host's
+    index where the batch has one (TRAINED: nothing waits for the device), else by a boolean mask, whose
+    length the device must report first."""
+    labels = batch["labels"][:, 1:]
+    index = batch.get(TRAINED)
+    if index is None:
+        keep = labels != IGNORE
+        return (lambda t: t[keep]), labels[keep], keep.sum()
+    # the rows a boolean mask takes, in its order: the same values and gradients (no index repeats), and
+    # no copy of the whole sliced tensor (logits can be GiBs)
+    rows, positions = index[0], index[1]
+    return (lambda t: t[rows, positions]), labels[rows, positions], torch.tensor(positions.numel())
 
 
 @torch.no_grad()

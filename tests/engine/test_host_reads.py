@@ -154,3 +154,33 @@ def test_host_counts_equal_what_the_collated_batches_hold(packed, world):
             want_tokens += pack.tokens(batch)
         assert counts(records, world) == (want_trained, want_tokens)
         assert want_tokens >= sum(len(r.input_ids) for r in records)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_loss_by_host_index_equals_loss_by_device_mask(packed, chunked):
+    """The loss takes its rows by the host's TRAINED index: the very loss, count and gradients of the mask."""
+    import random
+
+    from conftest import make_model
+    from slimtune.data.collate import TRAINED
+    from slimtune.data.encode import Encoded
+    from slimtune.data.stream import collate_micro
+    from slimtune.engine.loss import token_loss_sum
+
+    rng = random.Random(packed)
+    records = [Encoded([rng.randrange(400) for _ in range(n)], [-100] * (n // 2) + [rng.randrange(400)
+                                                                                  for _ in range(n - n // 2)])
+               for n in (7, 12, 3)]
+    batch = collate_micro(records, packed, 0, "cpu")
+    model = make_model(400)
+    results = []
+    for b in (batch, {k: v for k, v in batch.items() if k != TRAINED}):
+        model.zero_grad()
+        loss, count = token_loss_sum(model, b, chunked)
+        loss.backward()
+        results.append((loss.detach(), int(count), [p.grad.clone() for p in model.parameters()]))
+    (by_index, n_index, g_index), (by_mask, n_mask, g_mask) = results
+    assert n_index == n_mask == sum(n - n // 2 for n in (7, 12, 3))  # each first label is -100
+    assert torch.equal(by_index, by_mask) and by_index > 0
+    assert all(torch.equal(a, b) for a, b in zip(g_index, g_mask))
