@@ -156,4 +156,8 @@ def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -
     if not packed and len({len(r.input_ids) for r in records}) == 1:
         del batch["attention_mask"]
     batch[TRAINED] = trained_index(batch["labels"])
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    # a blocking copy from pageable memory waits for all queued GPU work (PyTorch synchronizes the stream
+    # after it); from pinned memory without blocking, the copy just joins the queue
+    cuda = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -184,3 +184,32 @@ def test_loss_by_host_index_equals_loss_by_device_mask(packed, chunked):
     assert n_index == n_mask == sum(n - n // 2 for n in (7, 12, 3))  # each first label is -100
     assert torch.equal(by_index, by_mask) and by_index > 0
     assert all(torch.equal(a, b) for a, b in zip(g_index, g_mask))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode sees waits in C++ too (blocking "
+                    "copies, boolean-mask indexing), which the CPU has none of")
+def test_one_gpu_sync_per_step(tmp_path, tiny_model_dir):
+    """Packed bf16 on a GPU, every wait counted by torch.cuda.set_sync_debug_mode: the step's one read only
+    (the first step is left out: lazy CUDA initialisation may wait)."""
+    import warnings
+
+    import slimtune.engine.loop as loop
+
+    real, per_step = loop._step, []
+
+    def step(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                per_step.append([str(w.message)[:80] for w in seen if "synchroniz" in str(w.message)])
+
+    cfg = lora_run_config(tmp_path, tiny_model_dir, "gpu", max_steps=STEPS, micro_batch_size=2, grad_accum=2,
+                          device="cuda", precision="bf16", packing="on")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "_step", step)
+        assert cli.main(["train", str(cfg), "--no-progress"]) == 0
+    assert [len(s) for s in per_step[1:]] == [1] * (STEPS - 1), per_step
