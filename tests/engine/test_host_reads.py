@@ -19,9 +19,11 @@ STEPS = 4
 READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
 # Per-step losses and per-tensor (sum, sum of |x|) of the adapter of the runs below, recorded with the loop
-# as it was before the reads were cut (commit a5f1bc1: 13 reads a step besides the CPU AdamW's, 11 with
-# micro-batches of 1); the runs must train the same numbers.
+# as it was before the reads were cut (commit a5f1bc1), when a step read the device 13 times (padded
+# micro-batches of 2), 11 (micro-batches of 1) and 11 (packed), besides the CPU AdamW's reads; the runs must
+# train the same numbers.
 LOSSES_ONE = [6.94154539562407, 6.626141548156738, 6.642589167544716, 6.203035736083985]  # micro-batches of 1
+LOSSES_PACKED = [6.80493392944336, 6.681148719787598, 6.339002497055951, 6.361434349646935]  # packing=on
 LOSSES = [6.796885420636433, 6.492899576822917, 6.606947708129883, 6.50727000989412]
 PREFIX = 'base_model.model.model.layers.'
 ADAPTER = {  # names without PREFIX
@@ -36,10 +38,11 @@ ADAPTER = {  # names without PREFIX
 }
 
 
-def _config(tmp: Path, model_dir: Path, micro: int = 2) -> Path:
+def _config(tmp: Path, model_dir: Path, micro: int = 2, packing: str = "off") -> Path:
     """An explicit split (`micro` records a micro-batch, 2 micro-batches a step) on the tiny model, fp32 on the
     CPU."""
-    return lora_run_config(tmp, model_dir, f"run{micro}", max_steps=STEPS, micro_batch_size=micro, grad_accum=2)
+    return lora_run_config(tmp, model_dir, f"run{micro}{packing}", max_steps=STEPS, micro_batch_size=micro,
+                           grad_accum=2, packing=packing)
 
 
 def _origin() -> str | None:
@@ -79,17 +82,17 @@ def counted_reads(monkeypatch, loop):
     yield per_step
 
 
-def _counted_fit(tmp: Path, model_dir: Path, micro: int) -> tuple[Path, list]:
+def _counted_fit(tmp: Path, model_dir: Path, micro: int, packing: str = "off") -> tuple[Path, list]:
     import slimtune.engine.loop as loop
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recorded numbers were computed on one thread
     try:
         with pytest.MonkeyPatch.context() as mp, counted_reads(mp, loop) as per_step:
-            assert cli.main(["train", str(_config(tmp, model_dir, micro)), "--no-progress"]) == 0
+            assert cli.main(["train", str(_config(tmp, model_dir, micro, packing)), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
-    return tmp / f"run{micro}", per_step
+    return tmp / f"run{micro}{packing}", per_step
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,15 @@ def test_unpadded_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
     run, per_step = _counted_fit(tmp_path, tiny_model_dir, 1)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert losses == pytest.approx(LOSSES_ONE, abs=1e-6)  # as with the all-ones mask before
+    assert per_step == [[("step", "tolist")]] * STEPS
+
+
+def test_packed_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
+    """Packed rows (train.packing=on; on the CPU the plain-PyTorch attention, one SDPA call per record) bring
+    their record offsets as host ints (data/pack.BOUNDS): no layer reads them from the device."""
+    run, per_step = _counted_fit(tmp_path, tiny_model_dir, 2, "on")
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(LOSSES_PACKED, abs=1e-6)
     assert per_step == [[("step", "tolist")]] * STEPS
 
 
