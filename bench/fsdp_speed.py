@@ -58,9 +58,8 @@ def worker(a) -> None:
 
     import slimtune
     from seed_recipe import SIZES, synthetic_examples
-    from slimtune.data import pack
     from slimtune.data.encode import Encoded
-    from slimtune.data.stream import collate_micro, micro_batches, share
+    from slimtune.data.stream import collate_micro, counts, micro_batches, share
     from slimtune.engine import distributed, loop, memory
     from slimtune.engine.optim import build_optimizer, build_scheduler
     from slimtune.kernels import select
@@ -100,10 +99,10 @@ def worker(a) -> None:
         if sum(len(r.input_ids) for r in micro) > sum(len(r.input_ids) for r in worst):
             worst[:] = micro
         batch = collate_micro(share(micro, distributed.rank(), world), stream.packed, 0, device)
-        n_tok, seen = distributed.all_sum([loop.trained_tokens([batch]), pack.tokens(batch)], device)
+        n_tok, seen = counts(micro, world)  # as the loop counts them: on the host, over every rank's share
         row = loop.step(model, [batch], optimizer, scheduler, 1.0, context, None, guard=True,
-                        chunked=took["chunked_loss"], n_tokens=int(n_tok))
-        return int(seen), row
+                        chunked=took["chunked_loss"], n_tokens=n_tok)
+        return seen, row
 
     for _ in range(a.warmup):
         one_step()

@@ -70,9 +70,8 @@ def worker(a) -> dict:
     sys.path.insert(0, str(ROOT))
     import slimtune
     from slimtune import config as config_mod
-    from slimtune.data import pack
     from slimtune.data.encode import Encoded
-    from slimtune.data.stream import collate_micro, micro_batches
+    from slimtune.data.stream import collate_micro, counts, micro_batches
     from slimtune.engine import loop
     from slimtune.engine.optim import build_optimizer, build_scheduler
     from slimtune.kernels import linear_ce
@@ -111,7 +110,7 @@ def worker(a) -> dict:
     def one_step():
         micro = [next(stream) for _ in range(ga)]
         batches = [collate_micro(rs, stream.packed, 0, dev) for rs in micro]
-        real = sum(pack.tokens(b) for b in batches)
+        real = sum(counts(rs)[1] for rs in micro)  # on the host: no read of the device before the step
         padded = sum(b["input_ids"].numel() for b in batches)
         row = loop.step(model, batches, optimizer, scheduler, 1.0, context, None, guard=True, chunked=chunked)
         return real, padded, row

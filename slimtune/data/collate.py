@@ -5,6 +5,11 @@ import torch
 
 from .encode import IGNORE, Encoded
 
+# A batch key: the (row, position) indices into labels[:, 1:] of the trained positions, found on the host,
+# as a (2, N) tensor. The loss takes those rows by index; a boolean mask on the device would make the CPU
+# wait for the forward to finish only to learn how many rows it takes.
+TRAINED = "trained_index"
+
 
 def pad_id(tokenizer) -> int:
     """The pad id: the tokenizer's pad token, else its EOS (safe: labels never come from token ids)."""
@@ -26,6 +31,11 @@ def collate(records: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def trained_index(labels: torch.Tensor) -> torch.Tensor:
+    """TRAINED of a batch's labels on the host: positions whose next token is trained, row-major."""
+    return (labels[:, 1:] != IGNORE).nonzero().T.contiguous()
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 A packed row carries no attention_mask. Instead position_ids restart at 0 for every record and
 cu_seq_lens_q/k (int32, [0, len1, len1+len2, ...]) with max_length_q/k mark where records begin, which
-is what variable-length attention (kernels/attention.py) needs to keep every record to itself.
+is what variable-length attention (kernels/attention.py) needs to keep every record to itself; BOUNDS holds
+the same offsets as Python ints, for the plain-PyTorch attention, which slices per record (reading them from
+the device tensor would wait for the GPU in every layer).
 The first label of every record is -100: the loss at position t predicts labels[t+1], so without that
 the last token of record k would be trained to predict the first token of record k+1. In an unpacked
 row the first token is never a target either, so the trained tokens, and each one's loss, are the same.
@@ -15,6 +17,8 @@ import random
 import torch
 
 from .encode import IGNORE, Encoded
+
+BOUNDS = "seq_bounds"  # a packed row's record offsets on the host (tuple of ints)
 
 
 def collate(records: list[Encoded]) -> dict:
@@ -30,7 +34,8 @@ def collate(records: list[Encoded]) -> dict:
     longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+            BOUNDS: tuple(bounds)}
 
 
 def tokens(batch: dict) -> int:

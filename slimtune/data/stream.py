@@ -12,8 +12,8 @@ from array import array
 import torch
 
 from . import pack
-from .collate import collate
-from .encode import Encoded
+from .collate import TRAINED, collate, trained_index
+from .encode import IGNORE, Encoded
 from .readers import DataError
 
 
@@ -136,8 +136,28 @@ def share(records: list[Encoded], rank: int = 0, world: int = 1) -> list[Encoded
     return [dataclasses.replace(idle, labels=[-100] * len(idle.labels), where=idle.where + " (idle rank)")]
 
 
+def counts(records: list[Encoded], world: int = 1) -> tuple[int, int]:
+    """(trained tokens, input tokens) of one micro-batch over all `world` ranks' shares, from the records on
+    the host: the labels != -100 after each record's first position (what a collated row trains, padded or
+    packed; records are already cut at data.max_len) and the tokens of every share (an idle rank's masked
+    record included). Every rank holds the whole micro-batch, so each computes the same totals alone."""
+    trained = sum(len(r.labels) - 1 - r.labels[1:].count(IGNORE) for r in records if r.labels)
+    if world <= 1:
+        return trained, sum(len(r.input_ids) for r in records)
+    return trained, sum(len(r.input_ids) for k in range(world) for r in share(records, k, world))
+
+
 def collate_micro(records: list[Encoded], packed: bool, pad: int, device: str) -> dict:
     """One micro-batch on the device: packed rows (data/pack.py) or right-padded ones. Packed rows'
-    max_length_q/k stay Python ints (no device sync to read them)."""
+    max_length_q/k stay Python ints (no device sync to read them). Rows of one length need no padding, so
+    they go without attention_mask: transformers' SDPA mask would read the all-ones mask back (two device
+    syncs a forward) only to drop it. TRAINED (data/collate.py) lets the loss take its rows without a sync."""
     batch = pack.collate(records) if packed else collate(records, pad)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if not packed and len({len(r.input_ids) for r in records}) == 1:
+        del batch["attention_mask"]
+    batch[TRAINED] = trained_index(batch["labels"])
+    # a blocking copy from pageable memory waits for all queued GPU work (PyTorch synchronizes the stream
+    # after it); from pinned memory without blocking, the copy just joins the queue
+    cuda = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -163,6 +163,13 @@ def all_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over ranks in place, without reading it (nothing to do in one process)."""
+    if active():
+        dist.all_reduce(t)
+    return t
+
+
 def all_max(values: list[float], device: str) -> list[float]:
     """Element-wise maximum over ranks (the busiest GPU's peak)."""
     if not active():
@@ -198,8 +205,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(dict(state, state=shaped))
 
 
-def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip the gradients to max_norm (inf: only measure); the norm over all ranks' shards."""
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients to max_norm (inf: only measure); the norm over all ranks' shards, a device
+    tensor that nothing has read (the step reads it with its loss)."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -207,7 +215,7 @@ def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from ..data import pack
 from ..data.encode import Encoded
 from ..data.readers import DataError
-from ..data.stream import MicroBatches, collate_micro, fingerprint, micro_batches, share, total_steps
+from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
 from . import checkpoint, distributed, guards, plan as split_plan, precision
@@ -26,28 +26,33 @@ from .state import Run, Tally, result
 
 
 def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
+    """Trained tokens of collated batches (reads the device; the loop counts its records on the host)."""
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
                scaler: torch.amp.GradScaler | None = None, chunked: bool = False, n_tokens: int | None = None,
-               scale: float = 1.0) -> tuple[float, int]:
+               scale: float = 1.0, unread: bool = False) -> tuple[float | torch.Tensor, int | torch.Tensor]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
     `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
     the head and loss a chunk of rows at a time (engine/loss.py). Several processes: n_tokens is the
     step's count over all ranks and scale the number of ranks (FSDP averages gradients over ranks, so
-    the sum over every rank's tokens divided by the global count is what arrives)."""
-    n_tokens = trained_tokens(batches) if n_tokens is None else n_tokens
-    if n_tokens == 0:
+    the sum over every rank's tokens divided by the global count is what arrives).
+    unread=True: the mean loss comes back as a float64 device tensor that nothing has read (and, without
+    n_tokens, the count too), so the step reads the device once, after its backward and clip."""
+    if n_tokens is None:
+        n_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches) if unread else trained_tokens(batches)
+    if isinstance(n_tokens, int) and n_tokens == 0:
         raise DataError("a training step has no trained token (every label is -100)")
-    total = 0.0
+    total = None
     for b in batches:
         with context():
             s, _ = token_loss_sum(model, b, chunked)
         loss = s * scale / n_tokens if scale != 1.0 else s / n_tokens  # the step's token count: exact accumulation
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += s.detach().item()
-    return total / n_tokens, n_tokens
+        # summed on the device in float64: the very additions of the Python floats each .item() once gave
+        total = s.detach().double() if total is None else total + s.detach().double()
+    return (total / n_tokens, n_tokens) if unread else (total.item() / n_tokens, n_tokens)
 
 
 def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
@@ -55,26 +60,34 @@ def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, ma
          chunked: bool = False, n_tokens: int | None = None) -> dict:
     """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
     guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"].
-    Several processes: n_tokens is the step's trained-token count over all ranks."""
+    Several processes: n_tokens is the step's trained-token count over all ranks. The device is read once,
+    after backward and clip (loss, gradient norm and the fp16 scaler's state in one transfer): each read
+    makes the CPU wait for every queued kernel, and a small model's step is paced by the CPU launching them."""
     world = distributed.size()
-    loss, n_tokens = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world))
-    if world > 1:
-        loss = distributed.all_sum([loss], batches[0]["input_ids"].device)[0]  # each rank's part of the mean
-    params = [p for p in model.parameters() if p.requires_grad]
-    row = {"loss": loss, "trained_tokens": n_tokens}
+    loss, count = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world), unread=True)
+    distributed.all_sum_(loss)  # each rank's part of the mean
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    params = [p for p in model.parameters() if p.requires_grad]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norm = distributed.grad_norm(params, limit) if world > 1 else \
-        float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = distributed.grad_norm(params, limit) if world > 1 else torch.nn.utils.clip_grad_norm_(params, limit)
+    parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else []) \
+        + ([count] if isinstance(count, torch.Tensor) else [])
+    read = torch.stack([t.double() for t in parts]).tolist()  # the step's one read of the device
+    loss, norm = read[0], read[1]
+    n_tokens = int(read[-1]) if isinstance(count, torch.Tensor) else count
+    if n_tokens == 0:  # counted on the device: known only now, before any update
+        optimizer.zero_grad(set_to_none=True)
+        raise DataError("a training step has no trained token (every label is -100)")
+    row = {"loss": loss, "trained_tokens": n_tokens}
     bad = guards.nonfinite(loss, norm, scaling) if guard else None
     if scaling:
-        scale = scaler.get_scale()
-        if bad is None:
-            scaler.step(optimizer)  # skipped when the gradients hold inf/nan
-        scaler.update()
-        row.update(loss_scale=scale, skipped=scaler.get_scale() < scale)
+        scale, overflow = read[2], read[3] > 0
+        if bad is None and not overflow:
+            optimizer.step()  # what scaler.step does once unscale_ found no inf/NaN, without reading that again
+        scaler.update()  # an overflow lowers the scale: the step was skipped
+        row.update(loss_scale=scale, skipped=overflow)
     elif bad is None:
         optimizer.step()
     scheduler.step()
@@ -178,12 +191,13 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     wheres = [r.where for rs in records for r in rs]
     rank, world = distributed.rank(), distributed.size()
     batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
-    n_tokens, seen = distributed.all_sum([trained_tokens(batches), sum(pack.tokens(b) for b in batches)],
-                                         run.device)
-    run.seen += int(seen)
+    # counted from the records over every rank's share, on the host: nothing waits on the device (the
+    # previous step's update) before this step's first kernel is queued, and no collective is needed
+    n_tokens, seen = (sum(c) for c in zip(*(counts(rs, world) for rs in records)))
+    run.seen += seen
     try:
         row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True, chunked=run.kernels.chunked_loss, n_tokens=int(n_tokens))
+                   guard=True, chunked=run.kernels.chunked_loss, n_tokens=n_tokens)
     except DataError:
         raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data.collate import collate
+from ..data.collate import TRAINED, collate
 from ..data.encode import IGNORE
 from ..kernels import linear_ce
 from .log import progress
@@ -35,13 +35,14 @@ def split_head(model):
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model takes from a batch: all but labels. Packed rows (data/pack.py) bring position_ids,
-    cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """What the model takes from a batch: all but labels and TRAINED. Packed rows (data/pack.py) bring
+    position_ids, cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
+    return {k: v for k, v in batch.items() if k not in ("labels", TRAINED)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over trained positions, their count) for one batch.
+def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over trained positions, their count) for one batch, both device
+    tensors that nothing has read (training counts its tokens on the host and reads once a step).
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
     if _sharded(model):
         return _in_root_forward(model, batch, chunked)
@@ -56,7 +57,7 @@ def _sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """FSDP2 gathers the root's parameters (embeddings, final norm, head) in hooks around the model's own
     forward; the loss calls decoder and head apart, so it runs as that forward for the length of the call,
     and the hooks (gather before, reduce-scatter of their gradients after backward) still fire."""
@@ -72,23 +73,37 @@ def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, i
             model.forward = own
 
 
-def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, int]:
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, torch.Tensor]:
+    take, targets, count = _trained(batch)
     parts = split_head(model)
     if parts is None:
         logits = forward(**model_inputs(batch)).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
-        logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][keep]
+        logits = take(logits[:, -batch["input_ids"].shape[1]:][:, :-1])
     else:
         decoder, head = parts
         hidden = decoder(**model_inputs(batch)).last_hidden_state
-        rows = hidden[:, :-1][keep]
+        rows = take(hidden[:, :-1])
         if chunked and linear_ce.fits(head):
-            return linear_ce.linear_cross_entropy(rows, head.weight, labels[keep], head.bias), int(keep.sum())
+            return linear_ce.linear_cross_entropy(rows, head.weight, targets, head.bias), count
         logits = head(rows)
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, count
+
+
+def _trained(batch: dict):
+    """(rows of a (B, T-1, ...) tensor at trained positions, their targets, their count): by the host's
+    index where the batch has one (TRAINED: nothing waits for the device), else by a boolean mask, whose
+    length the device must report first."""
+    labels = batch["labels"][:, 1:]
+    index = batch.get(TRAINED)
+    if index is None:
+        keep = labels != IGNORE
+        return (lambda t: t[keep]), labels[keep], keep.sum()
+    # the rows a boolean mask takes, in its order: the same values and gradients (no index repeats), and
+    # no copy of the whole sliced tensor (logits can be GiBs)
+    rows, positions = index[0], index[1]
+    return (lambda t: t[rows, positions]), labels[rows, positions], torch.tensor(positions.numel())
 
 
 @torch.no_grad()
@@ -108,7 +123,7 @@ def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu"
             with context():
                 s, n = token_loss_sum(model, batch, chunked)
             total += s.item()
-            count += n
+            count += int(n)
             bar.update(len(batch["input_ids"]))
     model.train(was_training)
     loss = total / max(count, 1)

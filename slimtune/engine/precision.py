@@ -87,6 +87,16 @@ def scaler(p: Plan, device: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.split(":")[0], enabled=p.scaler)
 
 
+def scaler_state(scaler: torch.amp.GradScaler, optimizer) -> list[torch.Tensor]:
+    """[scale, overflow] of an fp16 GradScaler after unscale_(optimizer), as device tensors nothing has read
+    (GradScaler.get_scale and .step would each read one): overflow > 0 when a gradient held inf/NaN, which
+    skips the step and lowers the scale. On several ranks unscale_'s inf check is already summed over them (DTensor
+    all-reduces it)."""
+    scale = scaler._get_scale_async()
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    return [scale, sum(f.to(scale.device) for f in found)]
+
+
 def base_dtype_name(cfg, device: str) -> str:
     """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16."""
     if cfg.model.dtype != "auto":

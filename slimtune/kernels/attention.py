@@ -20,6 +20,7 @@ import inspect
 
 import torch
 
+from ..data.pack import BOUNDS
 from ..errors import UnsupportedError
 from . import reference
 
@@ -122,7 +123,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     window = window if window and window < longest else None  # a window wider than every record changes nothing
     if _fast(query, dropout, window):
         return varlen(query, key, value, cu, longest, scaling, window), None
-    out = reference.packed_attention(query, key, value, cu, scaling, dropout, window)
+    # the offsets as host ints where the batch brings them (data/pack.BOUNDS): no wait for the GPU per layer
+    out = reference.packed_attention(query, key, value, kwargs.get(BOUNDS) or cu, scaling, dropout, window)
     return out.transpose(1, 2), None
 
 

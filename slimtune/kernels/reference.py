@@ -13,17 +13,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
-def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens,
                      scale: float | None = None, dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
     """Causal attention within each record of a packed row, never across: one SDPA call per record.
 
     query (1, H, T, D), key/value (1, H_kv, T, D) with H a multiple of H_kv; records start at cu_seq_lens
-    (N + 1 offsets). window: each token sees itself and the window - 1 tokens before it. -> (1, H, T, D).
+    (N + 1 offsets: a tensor, or host ints). window: each token sees itself and the window - 1 tokens before
+    it. -> (1, H, T, D).
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # query head h reads kv head h // groups, as transformers' repeat_kv
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    bounds = [int(b) for b in cu_seq_lens.tolist()]
+    bounds = [int(b) for b in (cu_seq_lens.tolist() if isinstance(cu_seq_lens, torch.Tensor) else cu_seq_lens)]
     parts = []
     for a, b in zip(bounds, bounds[1:]):
         if b == a:

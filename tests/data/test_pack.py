@@ -17,7 +17,8 @@ def test_collate_concatenates_records_and_marks_their_boundaries():
     records = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8, 9], [8, 9]), Encoded([1, 2, 3, 4], [1, 2, IGNORE, 4])]
     batch = pack.collate(records)
     assert set(batch) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                          "max_length_k"}  # no attention_mask: nothing is padding
+                          "max_length_k", pack.BOUNDS}  # no attention_mask: nothing is padding
+    assert batch[pack.BOUNDS] == (0, 3, 5, 9)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     # each record's first label is -100: the last token of a record never learns the next record's first
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE, 2, IGNORE, 4]]
