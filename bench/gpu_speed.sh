@@ -120,8 +120,9 @@ elif [ "$SIZE" = s8-1b ] || [ "$SIZE" = s8-8b ]; then  # session 8: defaults (co
   TORCH_LOGS=recompiles,graph_breaks PYTHONPATH=/tmp/site timeout ${T2:-240} python3 bench/speed.py --sizes $S \
     --out "$OUT/speed.jsonl" --recipes defaults${Q:+,defaults-qlora}
   PYTHONPATH=/tmp/site timeout ${T3:-150} python3 bench/speed.py --sizes $S --recipes unsloth${Q:+,unsloth-qlora} --out "$OUT/speed.jsonl"
-  [ -n "${TESTS:-}" ] && PYTHONPATH=/tmp/site:/tmp/site_test timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_compiled_gpu.py tests/kernels/test_qlora.py tests/kernels/test_tiled_mlp_gpu.py -rs 2>&1 \
+  [ -n "${TESTS:-}" ] && PYTHONPATH=/tmp/site:/tmp/site_test timeout ${T4:-150} python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_compiled_gpu.py tests/kernels/test_qlora.py tests/kernels/test_tiled_mlp_gpu.py \
+    tests/engine/test_host_reads.py::test_one_gpu_sync_per_step -rs 2>&1 \
     | grep -v -i warn | tail -15 > "$OUT/gpu_tests.log"
 elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
   export UNSLOTH_MODES=padded

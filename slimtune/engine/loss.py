@@ -34,10 +34,16 @@ def split_head(model):
     return decoder, head
 
 
-def model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict, model=None) -> dict:
     """What the model takes from a batch: all but labels and TRAINED. Packed rows (data/pack.py) bring
-    position_ids, cu_seq_lens_q/k and max_length_q/k in place of attention_mask."""
-    return {k: v for k, v in batch.items() if k not in ("labels", TRAINED)}
+    position_ids, cu_seq_lens_q/k and max_length_q/k in place of attention_mask. A transformers model (one
+    whose config has use_cache) also gets use_cache=False: its forward would otherwise build a KV cache of
+    every layer's keys and values that a loss never reads (memory: 2 GiB at 8B and 16k tokens; and under
+    compiled layers each layer's cache entry is a new graph)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", TRAINED)}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +83,12 @@ def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor,
     take, targets, count = _trained(batch)
     parts = split_head(model)
     if parts is None:
-        logits = forward(**model_inputs(batch)).logits
+        logits = forward(**model_inputs(batch, model)).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens first: keep the last L positions
         logits = take(logits[:, -batch["input_ids"].shape[1]:][:, :-1])
     else:
         decoder, head = parts
-        hidden = decoder(**model_inputs(batch)).last_hidden_state
+        hidden = decoder(**model_inputs(batch, decoder)).last_hidden_state
         rows = take(hidden[:, :-1])
         if chunked and linear_ce.fits(head):
             return linear_ce.linear_cross_entropy(rows, head.weight, targets, head.bias), count
