@@ -107,17 +107,21 @@ def test_one_device_read_per_optimizer_step(counted_run):
     # 4 token counts before the forward, a count and an .item() per micro-batch, float(grad norm))
     assert [[r for r in reads if r[0] == "step"] for reads in per_step] == [[("step", "tolist")]] * STEPS
     # transformers' own: two bool() of a padded micro-batch's attention_mask in its SDPA mask; step 3 has one
-    # micro-batch of two records of one length, sent without a mask (data/stream.collate_micro)
+    # micro-batch of two records of one length, sent without a mask (data/stream.collate_micro), and a forward
+    # without mask or cache (engine/loss.py passes use_cache=False) has its position_ids checked for packed
+    # records once (masking_utils.find_packed_sequence_indices): 2 + 1
     masks = [[r for r in reads if r[0] == "mask"] for reads in per_step]
-    assert masks == [[("mask", "__bool__")] * n for n in (4, 4, 2, 4)]
+    assert masks == [[("mask", "__bool__")] * n for n in (4, 4, 3, 4)]
 
 
 def test_unpadded_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
-    """One record a micro-batch needs no padding, so no attention_mask: the step's one read is all."""
+    """One record a micro-batch needs no padding, so no attention_mask: the step's one read is all of ours."""
     run, per_step = _counted_fit(tmp_path, tiny_model_dir, 1)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert losses == pytest.approx(LOSSES_ONE, abs=1e-6)  # as with the all-ones mask before
-    assert per_step == [[("step", "tolist")]] * STEPS
+    # ours: the one read; transformers': one look at position_ids a forward (2 micro-batches), which it makes
+    # when a forward has neither mask nor cache (masking_utils.find_packed_sequence_indices, before the first layer)
+    assert per_step == [[("mask", "__bool__")] * 2 + [("step", "tolist")]] * STEPS
 
 
 def test_packed_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
@@ -126,7 +130,7 @@ def test_packed_micro_batches_read_once_per_step(tmp_path, tiny_model_dir):
     run, per_step = _counted_fit(tmp_path, tiny_model_dir, 2, "on")
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert losses == pytest.approx(LOSSES_PACKED, abs=1e-6)
-    assert per_step == [[("step", "tolist")]] * STEPS
+    assert per_step == [[("mask", "__bool__")] * 2 + [("step", "tolist")]] * STEPS  # as above
 
 
 def test_losses_and_adapter_equal_those_before_the_reads_were_cut(counted_run):
@@ -201,8 +205,8 @@ def test_loss_by_host_index_equals_loss_by_device_mask(packed, chunked):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode sees waits in C++ too (blocking "
                     "copies, boolean-mask indexing), which the CPU has none of")
 def test_one_gpu_sync_per_step(tmp_path, tiny_model_dir):
-    """Packed bf16 on a GPU, every wait counted by torch.cuda.set_sync_debug_mode: the step's one read only
-    (the first step is left out: lazy CUDA initialisation may wait)."""
+    """Packed bf16 on a GPU, every wait counted by torch.cuda.set_sync_debug_mode: the step's one read and
+    transformers' one a forward (the first step is left out: lazy CUDA initialisation and the compile may wait)."""
     import warnings
 
     import slimtune.engine.loop as loop
@@ -224,4 +228,6 @@ def test_one_gpu_sync_per_step(tmp_path, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "_step", step)
         assert cli.main(["train", str(cfg), "--no-progress"]) == 0
-    assert [len(s) for s in per_step[1:]] == [1] * (STEPS - 1), per_step
+    # ours: the one read; transformers': its look at a packed row's position_ids, once a forward (2 micro-batches
+    # a step) when a forward has no cache (masking_utils.find_packed_sequence_indices), before the first layer
+    assert [len(s) for s in per_step[1:]] == [1 + 2] * (STEPS - 1), per_step
