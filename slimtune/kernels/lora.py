@@ -15,13 +15,13 @@ node), no LoRA bias, not merged); disable(model) puts peft's back. Reference: th
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from . import bind, lora_math, qlora
 
-ATTR = "_slimtune_fused_lora"
+ATTR = "_slimtune_fused_lora"  # on each fused layer: peft's forward, for the cases the node leaves to it
+NAME = "_slimtune_fused_lora_adapter"  # and the adapter it fused
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,15 +87,18 @@ def _why_not(module) -> str | None:
     return None
 
 
-def _forward(module, name: str, original, x: torch.Tensor, *args, **kwargs):
+def _forward(module, x: torch.Tensor, *args, **kwargs):
+    """Bound to each fused layer as a method (not a functools.partial holding the layer: torch.compile guards on
+    a partial's identity, so compiled decoder layers (kernels/compiled.py) would recompile once per layer)."""
+    name = getattr(module, NAME)
     if args or kwargs or module.disable_adapters or module.merged or list(module.active_adapters) != [name]:
-        return original(x, *args, **kwargs)
+        return getattr(module, ATTR)(x, *args, **kwargs)  # peft's forward
     base, scale = module.get_base_layer(), module.scaling[name]
     a, b = module.lora_A[name].weight, module.lora_B[name].weight
     if type(base) is torch.nn.Linear:
         return lora_linear(x, base.weight, base.bias, a, b, scale)
     if not qlora.is_4bit(base):  # its quant_state lost or repacked since enable: bitsandbytes' own path
-        return original(x, *args, **kwargs)
+        return getattr(module, ATTR)(x, *args, **kwargs)
     return qlora.forward(base, a, b, scale, x)
 
 
@@ -119,7 +122,8 @@ def enable(model, log=print) -> int:
             refused.append(why)
             continue
         original, name = module.forward, next(a for a in module.active_adapters if a in module.lora_A)
-        bind.bind(module, functools.partial(_forward, module, name, original), ATTR, original)
+        setattr(module, NAME, name)
+        bind.bind(module, _forward.__get__(module, type(module)), ATTR, original)
         n += 1
     if refused:
         log(f"fused LoRA layers: {len(refused)} of {n + len(refused)} stay peft's: {refused[0]}")
@@ -128,6 +132,9 @@ def enable(model, log=print) -> int:
 
 def disable(model) -> None:
     """peft's own forward back on every layer enable() fused."""
+    for module in model.modules():
+        if hasattr(module, NAME):
+            delattr(module, NAME)
     bind.unbind(model, ATTR)
 
 

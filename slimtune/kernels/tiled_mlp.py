@@ -24,7 +24,10 @@ import math
 
 import torch
 
-ATTR = "_slimtune_tiled_mlp"
+from . import norm_mlp
+
+ATTR = "_slimtune_tiled_mlp"  # on each tiled MLP: the forward it had (Liger's, bound by norm_mlp) or None
+MIN = "_slimtune_tiled_min"  # and the token count past which it slices
 MLP_TYPES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 
 
@@ -84,7 +87,21 @@ def tile_rows(hidden: int, tokens: int) -> int:
     return max(1, math.ceil(tokens / max(1, math.ceil(tokens / max(hidden, 1)))))
 
 
-def _forward(module, original, min_tokens: int, x: torch.Tensor):
+def _inner(module):
+    """The forward the tiling wraps, as a function of x: Liger's SwiGLU where norm_mlp bound it, another forward
+    bound to the instance before, else the class's. Liger's is taken by its function, not the stored bound
+    method, so a compiled layer (kernels/compiled.py) guards on no per-layer object."""
+    if hasattr(module, norm_mlp.ATTR):
+        return functools.partial(norm_mlp._mlp_forward, module)
+    own = getattr(module, ATTR)
+    return own if own is not None else functools.partial(type(module).forward, module)
+
+
+def _forward(module, x: torch.Tensor):
+    """Bound to each MLP as a method, the threshold an attribute (a functools.partial per MLP would make
+    torch.compile guard on its identity and recompile the compiled decoder layer once per layer)."""
+    original = _inner(module)
+    min_tokens = getattr(module, MIN)
     tokens = x.numel() // x.shape[-1]
     if tokens <= min_tokens or not torch.is_grad_enabled():
         return original(x)
@@ -107,7 +124,8 @@ def enable(model: torch.nn.Module, min_tokens: int = 0) -> int:
             if not eligible(m):
                 continue
             own = m.__dict__.get("forward")  # Liger's bound forward (norm_mlp) or None: the class's
-            m.forward = functools.partial(_forward, m, m.forward, min_tokens)
+            setattr(m, MIN, min_tokens)
+            m.forward = _forward.__get__(m, type(m))
             setattr(m, ATTR, own)
         n += 1
     return n
@@ -123,6 +141,7 @@ def disable(model: torch.nn.Module) -> None:
             else:
                 m.forward = own
             delattr(m, ATTR)
+            delattr(m, MIN)
 
 
 def enabled(model: torch.nn.Module) -> int:

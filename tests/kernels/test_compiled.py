@@ -12,7 +12,7 @@ from conftest import lora_run_config, make_model
 from slimtune import config, load_config, methods
 from slimtune import train as train_mod
 from slimtune.engine.log import read_metrics
-from slimtune.kernels import compiled, select
+from slimtune.kernels import compiled, lora, select, tiled_mlp
 
 STEPS = 3
 # padded batches (packing off: the CPU's packed attention loops over records in Python, which dynamo would
@@ -105,3 +105,30 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_line(monkeypatch):
 def test_auto_compiles_on_cuda_with_triton_only(monkeypatch, mode, device, triton, want):
     monkeypatch.setattr(compiled, "available", lambda: triton)
     assert select.use_compile(mode, device) is want
+
+
+def test_one_graph_for_every_layer_with_fused_lora_and_tiled_mlp_bound_inside():
+    """Four layers, each with fused LoRA layers and a tiled MLP bound into it (kernels/lora.py, tiled_mlp.py) and
+    three lengths without a mask: two graphs, the first layer's (its input needs no grad) and the others'. The
+    bound forwards are methods, not functools.partials: dynamo guards on a partial's identity, and a partial per
+    layer recompiled the layer once per layer on an H200 (2026-12-03, 8 graphs, then the recompile limit)."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2))
+    model = methods.apply(model, config.MethodConfig(r=4, dropout=0.0, target_modules=["all-linear"]))
+    took = select.enable(model, config.TrainConfig(packing="off", fused_lora="on", tiled_mlp="on", compile="on"),
+                         "cpu", log=lambda *_: None)
+    try:
+        assert (took.compiled_layers, took.fused_lora_layers, took.tiled_mlp) == (4, 28, 4)
+        counters.clear()
+        for length in (9, 13, 21):
+            ids = torch.randint(0, 64, (1, length))
+            model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    finally:
+        select.disable(model)
+    assert not any(hasattr(m, a) for m in model.modules() for a in (lora.NAME, tiled_mlp.MIN))
