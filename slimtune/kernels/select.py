@@ -115,14 +115,17 @@ def tiled_mlp_from(mode: str, device: str) -> int | None:
     return TILE_TOKENS if mode == "auto" and device.startswith("cuda") and not sharded else None
 
 
-def use_compile(mode: str, device: str) -> bool:
+def use_compile(mode: str, device: str, beside_liger: int = 0) -> bool:
     """train.compile: each decoder layer through torch.compile (kernels/compiled.py). auto: CUDA with Triton, one
-    process (not yet measured under FSDP2). H100, 1B, 16 records a step: 21.4k tok/s compiled vs 17.5k eager,
-    the same peak (bench/results/2026-11-23-h100.jsonl)."""
+    process (not yet measured under FSDP2), and not beside Liger's norm/MLP kernels (`beside_liger`: the modules
+    fused_norm_mlp took; auto takes those at hidden >= 3072): dynamo failed on Liger's autograd Functions inside
+    checkpointed layers at 8B (H100, 2026-11-23), and Liger's kernels already fuse what compile would there.
+    Measured: 1B, 16 records a step, H100 21.4k tok/s compiled vs 17.5k eager (2026-11-23); H200 11.9k vs 9.9k
+    with half the layers compiled (the rest hit the recompile limit, since fixed; 2026-12-03)."""
     if mode == "off":
         return False
     sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return mode == "on" or (device.startswith("cuda") and compiled.available() and not sharded)
+    return mode == "on" or (device.startswith("cuda") and compiled.available() and not sharded and not beside_liger)
 
 
 def _tile(model, tc, device: str) -> int:
@@ -143,7 +146,10 @@ def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
               "Llama-style MLP (gate_proj, up_proj, down_proj)"),
              ("compile", k.compiled_layers, use_compile(tc.compile, device), "transformers decoder layers"))
     for key, took, wanted_here, what in asked:
-        if wanted_here and not took:
+        if key == "compile" and wanted_here and not took and k.fused_norm_mlp:
+            out.append("train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
+                       "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)")
+        elif wanted_here and not took:
             out.append(f"train.{key}={getattr(tc, key)}: {name} has no {what}; its own forward runs")
     return out
 
@@ -155,13 +161,13 @@ def enable(model, tc, device: str, log=print) -> Kernels:
     try:
         if packed:
             attention.enable(model)
+        liger = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0
         took = Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
                        fused_lora_layers=lora.enable(model, log) if use_fused_lora(tc.fused_lora, device) else 0,
-                       fused_norm_mlp=norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model)
-                       else 0,
+                       fused_norm_mlp=liger,
                        fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0,
                        tiled_mlp=_tile(model, tc, device),  # after norm_mlp: it slices Liger's MLP forward
-                       compiled_layers=compiled.enable(model, log) if use_compile(tc.compile, device) else 0)
+                       compiled_layers=compiled.enable(model, log) if use_compile(tc.compile, device, liger) else 0)
         for line in fallbacks(model, tc, device, took):
             log(f"fast path off: {line}")
         return took

@@ -132,3 +132,22 @@ def test_one_graph_for_every_layer_with_fused_lora_and_tiled_mlp_bound_inside():
     finally:
         select.disable(model)
     assert not any(hasattr(m, a) for m in model.modules() for a in (lora.NAME, tiled_mlp.MIN))
+
+
+def test_auto_leaves_the_layers_eager_beside_liger_and_says_so(monkeypatch):
+    """auto: not beside Liger's norm/MLP kernels (dynamo failed on them inside checkpointed 8B layers); on: tried."""
+    from slimtune.kernels import norm_mlp
+
+    monkeypatch.setattr(compiled, "available", lambda: True)
+    assert select.use_compile("auto", "cuda", beside_liger=0) and not select.use_compile("auto", "cuda", 97)
+    assert select.use_compile("on", "cuda", beside_liger=97)
+    monkeypatch.setattr(norm_mlp, "enable", lambda model: 5)  # stands for Liger on a GPU
+    monkeypatch.setattr(select, "use_fused_norm_mlp", lambda *a: True)
+    model, lines = _lora_model(), []
+    took = select.enable(model, config.TrainConfig(packing="off", fused_lora="off", fused_rope="off", tiled_mlp="off"),
+                         "cuda", log=lines.append)
+    select.disable(model)
+    assert took.compiled_layers == 0 and took.fused_norm_mlp == 5
+    assert [line for line in lines if "train.compile" in line] == [
+        "fast path off: train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
+        "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)"]
