@@ -44,13 +44,17 @@ def memory(row: dict, phase: str, gpu: bool) -> float | None:
     return row.get(f"{phase}_gpu_reserved_gib") if gpu else row.get(f"{phase}_rss_gib")
 
 
+def score_header(metric: str | None) -> str:
+    """The test-score column's title: the metric's name, or plain "Test score" when none is named."""
+    return f"Test {SCORE_NAMES.get(metric, metric)}" if metric else "Test score"
+
+
 def cells(rows: list[dict], metric: str | None) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the table, shared by compare.md and compare.html."""
     gpu = on_gpu(rows)
     kind = "GPU reserved" if gpu else "peak RSS"
-    score = SCORE_NAMES.get(metric, metric) if metric else "test score"
     header = ["Method", f"Training memory ({kind})", "Trainable params", "Total params", "Trainable share",
-              f"Inference memory ({kind})", "Training time", "Eval loss", f"Test {score}", "Test time",
+              f"Inference memory ({kind})", "Training time", "Eval loss", score_header(metric), "Test time",
               "Size", "Notes"]
     body = []
     for r in rows:
