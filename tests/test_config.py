@@ -10,6 +10,7 @@ import yaml
 
 from slimtune import cli, config
 from slimtune.config import Config, ConfigError
+from slimtune.engine import plan
 
 YAML = """\
 model:
@@ -263,8 +264,62 @@ def test_cli_print_config(tmp_path, capsys, no_training):
     assert "  path: other/model\n" in out
     assert "  target_modules:\n  - q_proj\n  - o_proj\n" in out
     assert "  scheduler: linear\n" in out  # from the YAML
-    assert config.load(write(tmp_path, out, "printed.yaml")) == config.load(
-        path, ["train.lr=5e-5", "method.target_modules=q_proj,o_proj", "model.path=other/model"])
+    # what is printed reads back as the config the run trains with: an auto split resolved where it can be
+    resolved, _ = plan.for_print(config.load(
+        path, ["train.lr=5e-5", "method.target_modules=q_proj,o_proj", "model.path=other/model"]))
+    assert config.load(write(tmp_path, out, "printed.yaml")) == resolved
+
+
+def test_cli_print_config_resolves_an_auto_split_on_the_cpu(tmp_path, capsys, no_training, tiny_model_dir):
+    """batch_size 16 with the split auto: the CPU's rule gives 8 x 2, printed as numbers with the reason."""
+    path = write(tmp_path, f"model:\n  path: {tiny_model_dir}\ntrain:\n  batch_size: 16\n  device: cpu\n")
+    assert cli.main(["train", str(path), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    train = yaml.safe_load(out)["train"]
+    assert (train["batch_size"], train["micro_batch_size"], train["grad_accum"]) == (16, 8, 2)
+    block = out[out.index("\ntrain:\n"):out.index("  batch_size: 16\n")]  # the note sits above the split
+    assert "  # train.micro_batch_size and train.grad_accum are auto in the config;" in block
+    assert "as 8 x 2 (micro_batch_size x grad_accum); on the CPU" in block.replace("\n  # ", " ")
+    printed = config.load(write(tmp_path, out, "printed.yaml"))
+    assert (printed.train.micro_batch_size, printed.train.grad_accum) == (8, 2)
+
+
+@pytest.mark.parametrize("batch, split", [(12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (24, (8, 3))])
+def test_print_config_cpu_split_matches_the_run(tmp_path, batch, split):
+    """--print-config prints the split train resolves on the CPU (plan.resolve), not a guess of its own."""
+    cfg = config.load(write(tmp_path, f"train:\n  batch_size: {batch}\n  device: cpu\n"))
+    printed, note = plan.for_print(cfg)
+    run = plan.resolve(cfg, "cpu", log=lambda *a: None)
+    assert (printed.train.micro_batch_size, printed.train.grad_accum) == split
+    assert printed.train == run.train and f"as {split[0]} x {split[1]}" in note
+
+
+def test_cli_print_config_partial_split_is_derived(tmp_path, capsys, no_training):
+    path = write(tmp_path, "train:\n  batch_size: 16\n  grad_accum: 4\n")
+    assert cli.main(["train", str(path), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "  batch_size: 16\n  micro_batch_size: 4\n  grad_accum: 4\n" in out
+    assert "  # train.micro_batch_size auto in the config: follows from the others" in out
+
+
+def test_cli_print_config_leaves_a_gpu_split_auto_and_says_why(tmp_path, capsys, no_training, tiny_model_dir):
+    """On a GPU the split depends on the memory free when the run starts: auto stays, with one note."""
+    path = write(tmp_path, f"model:\n  path: {tiny_model_dir}\ntrain:\n  batch_size: 16\n  device: cuda\n")
+    assert cli.main(["train", str(path), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    train = yaml.safe_load(out)["train"]
+    assert (train["batch_size"], train["micro_batch_size"], train["grad_accum"]) == (16, "auto", "auto")
+    note = " ".join(line.strip("# ") for line in out.splitlines() if line.startswith("  #"))
+    assert "chosen when the run starts" in note and "fits the GPU memory free then, less 10%" in note
+    assert "slimtune estimate CONFIG" in note
+
+
+def test_cli_print_config_stated_split_has_no_note(tmp_path, capsys, no_training):
+    path = write(tmp_path, "train:\n  batch_size: 6\n  micro_batch_size: 3\n  grad_accum: 2\n")
+    assert cli.main(["train", str(path), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "#" not in out and "  batch_size: 6\n  micro_batch_size: 3\n  grad_accum: 2\n" in out
 
 
 def test_cli_print_config_overrides_only(capsys, no_training):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from .. import config as config_mod
 from .. import train as training
-from ..engine import distributed
+from ..engine import distributed, plan
 from .options import config_from
 
 
@@ -18,7 +19,8 @@ def run(args) -> int:
         return 0
     cfg = config_from(args)
     if args.print_config:
-        print(config_mod.dump(cfg), end="")
+        resolved, note = plan.for_print(cfg)  # the split the run would use, where no model or GPU is needed
+        print(_noted(config_mod.dump(resolved), note), end="")
         return 0
     n = args.gpus or cfg.train.gpus
     if n > 1 and not distributed.launched():
@@ -33,6 +35,19 @@ def run(args) -> int:
     # scheduler does not record a preempted job as done
     stopped = result.get("interrupted")
     return 128 + signal.Signals[stopped].value if stopped else 0
+
+
+def _noted(text: str, note: str) -> str:
+    """The YAML with `note` as comment lines above train.batch_size (at the top when that is not found)."""
+    if not note:
+        return text
+    lines = text.splitlines(keepends=True)
+    train = lines.index("train:\n") if "train:\n" in lines else len(lines)
+    at = next((i for i in range(train, len(lines)) if lines[i].startswith("  batch_size:")), None)
+    indent = "" if at is None else "  "
+    comment = [f"{indent}# {part}\n" for line in note.splitlines() for part in textwrap.wrap(line, 110)]
+    at = 0 if at is None else at
+    return "".join(lines[:at] + comment + lines[at:])
 
 
 def _torchrun(gpus: int, argv: list[str]) -> int:

@@ -212,6 +212,37 @@ def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, 
     return chosen.apply(cfg)
 
 
+def for_print(cfg) -> tuple[object, str]:
+    """`train --print-config`: cfg with the split the run would train with where the config and this machine
+    decide it without the model, the data or the GPU, and a note on how it was decided ("" when stated).
+
+    An auto split on the CPU is the CPU's rule; on a GPU it stays auto (the run fits it to the GPU memory free
+    when it starts and to the longest records), and the note says so.
+    """
+    tc = cfg.train
+    if AUTO not in (tc.batch_size, tc.micro_batch_size, tc.grad_accum):
+        return cfg, ""
+    if not is_auto(tc):
+        keys = ("batch_size", "micro_batch_size", "grad_accum")
+        auto = ", ".join(f"train.{k}" for k in keys if getattr(tc, k) == AUTO)
+        return fixed(cfg).apply(cfg), f"{auto} auto in the config: follows from the others (batch_size = " \
+                                      "micro_batch_size x grad_accum)"
+    device = tc.device if tc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    head = f"train.micro_batch_size and train.grad_accum are auto in the config; train.device={tc.device}"
+    if not device.startswith("cuda"):
+        chosen = on_cpu(cfg)
+        return chosen.apply(cfg), f"{head} runs on the CPU, so this is the split the run uses:\n{chosen.describe()}"
+    ck, off = _mode(cfg)
+    mode = ("without checkpointing" if not ck else "with checkpointing" if not off
+            else "with checkpointing and the layer inputs offloaded")
+    batch = records_per_step(tc)
+    return replace(cfg, train=replace(tc, batch_size=batch)), (
+        f"{head} runs on {device}, so the split of the {batch} records a step is chosen when the run starts: the "
+        f"fewest micro-batches whose predicted peak (from model.path's config.json and the longest training "
+        f"records) fits the GPU memory free then, less {MARGIN:.0%}, {mode}; `slimtune estimate CONFIG` prints "
+        "the split this GPU allows now")
+
+
 def record_sizes(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record of data.train, longest first."""
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
