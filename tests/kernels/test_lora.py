@@ -6,63 +6,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_model
-from slimtune import methods
-from slimtune.config import MethodConfig
+from lora_checks import VOCAB, assert_fused_equals_peft, lora_model, loss_and_grads
 from slimtune.kernels import lora
-
-VOCAB = 300
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model(arch="llama", **kw):
-    cfg = dict(name="lora", r=4, alpha=8, dropout=0.0, target_modules=ALL)
-    cfg.update(kw)
-    model = methods.apply(make_model(VOCAB, arch), MethodConfig(**cfg))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # B starts at 0: give it values so every gradient is tested
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
-    return model
-
-
-def _loss_and_grads(model, ids, autocast=False):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), logits.detach(), grads
+    return lora_model(arch, **kw)
 
 
 @pytest.mark.parametrize("arch, bias, n_bias", [("llama", "none", 0), ("qwen2", "all", 6)])
 def test_fused_equals_peft_in_fp32(arch, bias, n_bias):
     """qwen2 has q/k/v biases: with bias=all they train, through the fused layer's bias gradient."""
-    model = _model(arch, bias=bias)
-    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
-    want = _loss_and_grads(model, ids)
-    assert lora.enable(model) == 14 and lora.enabled(model) == 14
-    got = _loss_and_grads(model, ids)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    assert abs(float(got[0] - want[0])) < 1e-5
-    assert got[2].keys() == want[2].keys() and len(got[2]) == 28 + n_bias
-    for name in want[2]:
-        scale = float(want[2][name].abs().max())
-        assert scale > 0, name
-        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-6 * scale, msg=name)
-    lora.disable(model)
-    assert lora.enabled(model) == 0
-    again = _loss_and_grads(model, ids)
-    assert torch.equal(again[1], want[1])  # peft's own forward again, bit for bit
+    assert_fused_equals_peft(_model(arch, bias=bias), n_bias, grad_share=1e-6)
 
 
 def test_fused_under_bf16_autocast_keeps_fp32_adapter_grads():
     model = _model()
     ids = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(2))
-    ref = _loss_and_grads(model, ids)  # fp32
+    ref = loss_and_grads(model, ids)  # fp32
     lora.enable(model)
-    got = _loss_and_grads(model, ids, autocast=True)
+    got = loss_and_grads(model, ids, autocast=True)
     assert abs(float(got[0] - ref[0])) < 2e-2 * float(ref[0])
     for name, g in got[2].items():
         assert g.dtype == torch.float32, name

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_model
+from lora_checks import ALL, VOCAB, assert_fused_equals_peft, lora_model, loss_and_grads
 from slimtune import methods
 from slimtune.config import MethodConfig, TrainConfig
 from slimtune.kernels import lora, qlora, reference, select
@@ -14,8 +15,6 @@ from slimtune.kernels import lora, qlora, reference, select
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) quantizes the 4-bit base")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-VOCAB = 300
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' CUDA kernels and bf16 autocast: GPU")
 
 
@@ -39,24 +38,7 @@ def quantize(model, device="cpu", compute=torch.float32):
 
 
 def _model(arch="llama", device="cpu", compute=torch.float32, **kw):
-    cfg = dict(name="qlora", r=4, alpha=8, dropout=0.0, target_modules=ALL)
-    cfg.update(kw)
-    model = methods.apply(quantize(make_model(VOCAB, arch), device, compute), MethodConfig(**cfg))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # B starts at 0: give it values so every gradient is tested
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
-    return model
-
-
-def _loss_and_grads(model, ids, autocast=False):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), logits.detach(), grads
+    return lora_model(arch, base=quantize(make_model(VOCAB, arch), device, compute), **{"name": "qlora", **kw})
 
 
 @pytest.mark.parametrize("shape, dtype, nested", [((64, 96), torch.float32, True), ((7, 123), torch.bfloat16, True),
@@ -98,20 +80,7 @@ def test_fused_equals_peft_bnb_layer_in_fp32(arch, bias, n_bias):
     model = _model(arch, bias=bias)
     kinds = {type(m).__module__ + "." + type(m).__name__ for m in model.modules() if hasattr(m, "lora_A")}
     assert kinds == {"peft.tuners.lora.bnb.Linear4bit"}
-    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
-    want = _loss_and_grads(model, ids)
-    assert lora.enable(model) == 14 and lora.enabled(model) == 14
-    got = _loss_and_grads(model, ids)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    assert abs(float(got[0] - want[0])) < 1e-5
-    assert got[2].keys() == want[2].keys() and len(got[2]) == 28 + n_bias
-    for name in want[2]:
-        scale = float(want[2][name].abs().max())
-        assert scale > 0, name
-        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5 * scale, msg=name)
-    lora.disable(model)
-    assert lora.enabled(model) == 0
-    assert torch.equal(_loss_and_grads(model, ids)[1], want[1])  # peft's own forward again, bit for bit
+    assert_fused_equals_peft(model, n_bias, grad_share=1e-5)
 
 
 def test_the_node_saves_x_not_the_dequantized_weight():
@@ -178,9 +147,9 @@ def test_fused_equals_peft_bnb_layer_on_gpu_under_bf16_autocast(arch):
     """bitsandbytes' CUDA dequantize; both paths compute in bf16, so they differ by bf16 rounding of the sums."""
     model = _model(arch, device="cuda", compute=torch.bfloat16, bias="all" if arch == "qwen2" else "none")
     ids = torch.randint(0, VOCAB, (2, 61), generator=torch.Generator().manual_seed(0)).cuda()
-    want = _loss_and_grads(model, ids, autocast=True)
+    want = loss_and_grads(model, ids, autocast=True)
     assert lora.enable(model) == 14
-    got = _loss_and_grads(model, ids, autocast=True)
+    got = loss_and_grads(model, ids, autocast=True)
     assert abs(float(got[0] - want[0])) < 1e-2 * float(want[0])  # bf16: 8 bits of mantissa over two layers
     for name, g in got[2].items():  # each gradient in its parameter's dtype, as peft's (a bf16 base's bias: bf16)
         assert g.dtype == want[2][name].dtype, name
