@@ -25,7 +25,7 @@ import torch
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
 from ..data import encode_examples, read
-from ..models import load_config
+from ..models import load_config, pick_device
 from . import distributed, memory
 from .memory import GIB
 
@@ -227,7 +227,7 @@ def for_print(cfg) -> tuple[object, str]:
         auto = ", ".join(f"train.{k}" for k in keys if getattr(tc, k) == AUTO)
         return fixed(cfg).apply(cfg), f"{auto} auto in the config: follows from the others (batch_size = " \
                                       "micro_batch_size x grad_accum)"
-    device = tc.device if tc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(tc.device) if tc.device == "auto" else tc.device  # cuda without a GPU: the run says so
     head = f"train.micro_batch_size and train.grad_accum are auto in the config; train.device={tc.device}"
     if not device.startswith("cuda"):
         chosen = on_cpu(cfg)
