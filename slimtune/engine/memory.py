@@ -235,7 +235,7 @@ def _sharded(cfg, rows, gpus: int, mcfg=None) -> Estimate:
     # prefetch are modelled, not measured (bench/check_fsdp_estimator.py compares each new row).
     est.gathered = u.root + held.layers + u.biggest_grad
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent)) \
-        + 2 * u.biggest + u.biggest_grad + u.root_grad + est.gradients
+        + fsdp_memory.DEFAULT_IN_FLIGHT * u.biggest + u.biggest_grad + u.root_grad + est.gradients
     est.notes.append(f"FSDP2 over {gpus} GPUs: {len(mine)} of the micro-batch's {len(rows)} records on the "
                      f"busiest GPU; weights, gradients and AdamW state sharded; {held.note}")
     return est
