@@ -275,9 +275,10 @@ def _run(cmd: list[str], log, log_dir: str = "") -> list[dict]:
     t0 = time.perf_counter()
     if log_dir:
         name = "_".join(c for c in cmd[2:] if not c.startswith("-"))[:80].replace("/", "_") or "run"
-        with open(Path(log_dir) / f"{name}-{int(time.time())}.log", "w") as err:
+        path = Path(log_dir) / f"{name}-{int(time.time())}.log"
+        with open(path, "w") as err:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-        proc.stderr = ""
+        proc.stderr = f"(its log: {path})"
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     found = []
