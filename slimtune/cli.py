@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -53,13 +55,37 @@ KNOWN_NOISE = [
 ]
 
 
+# (logger, message regex) of library log lines of the same kind. bitsandbytes (the test extra; peft and transformers
+# import it wherever it is installed) logs this at import on CPUs with AVX512-BF16: it tried to fetch a CPU matmul
+# kernel from a hub, which slimtune never uses (QLoRA trains on CUDA only) and this machine cannot reach.
+KNOWN_LOG_NOISE = [
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+]
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(str(record.msg))
+
+
 @contextlib.contextmanager
 def quiet_warnings():
-    """Hide KNOWN_NOISE for the duration (main wraps every command in it)."""
-    with warnings.catch_warnings():
-        for category, message in KNOWN_NOISE:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
+    """Hide KNOWN_NOISE and KNOWN_LOG_NOISE for the duration (main wraps every command in it)."""
+    filters = [(logging.getLogger(name), _DropLines(pattern)) for name, pattern in KNOWN_LOG_NOISE]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        with warnings.catch_warnings():
+            for category, message in KNOWN_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
 
 
 def command(verb: str) -> ModuleType:
