@@ -54,3 +54,13 @@ def test_a_command_prints_no_foreign_warning():
     assert out.returncode == 0, out.stderr
     assert "trainable params: 921,600" in out.stdout
     assert out.stderr.strip() == "", out.stderr
+
+
+def test_the_readme_says_how_to_run_slimtune_where_the_chinese_data_is_and_what_font_the_web_app_needs():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart"): readme.index("## Using it")]
+    assert ".venv/bin/slimtune" in quick and "source .venv/bin/activate" in quick
+    assert "alpaca_zh_demo.json" in quick and "llamafactory==0.9.5" in quick
+    assert "fonts-noto-cjk" in quick and "fonts-noto-cjk" in (ROOT / ".ci/run").read_text()
+    from slimtune import assets
+    assert assets.DATA_PIP == "llamafactory==0.9.5"  # the sdist the README names is the one data_file reads
