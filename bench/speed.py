@@ -7,7 +7,8 @@ the weights' values), synthetic alpaca-like records (seed_recipe.synthetic_examp
 tokens, response lognormal around 180 tokens, sigma 0.7, clipped to 8..2000, plus EOS, prompt masked
 with -100, cut at max_len 1024), LoRA r=16 / alpha 16 / dropout 0 on the seven projections, 8 records
 per micro-batch, accumulation 2 (16 records per optimizer step), gradient checkpointing, bf16, lr 1e-4,
-2 warm-up steps then 6 timed steps.
+2 warm-up steps then 20 timed steps (--steps); slimtune's rows give the mean (tokens/s), median and slowest
+step from fit's metrics.jsonl (step_s) and the steps over 2x the median (stalls).
 
 UNSLOTH_MODES=padded (environment) runs only unsloth's padded mode, its faster one.
 
@@ -15,17 +16,21 @@ Recipes:
   hf       transformers Trainer + peft, padded batches (seed_recipe.py)
   liger    the same with Liger-Kernel patched into Llama (seed_recipe.py --liger)
   unsloth  unsloth, padded and padding-free (unsloth_recipe.py; two results)
-  slimtune slimtune's engine: each micro-batch's 8 records packed into one row (train.packing=rows:
+  slimtune slimtune through prepare + fit, as the defaults recipe, with each speed key set (typed train.*
+           overrides): each micro-batch's 8 records packed into one row (train.packing=rows:
            the same records per step as the peers), varlen attention, chunked head + loss, fused LoRA
            layers, Liger norm/MLP where auto takes it, fused AdamW. Keys after a colon change it:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
            inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
-           compile, profile=PATH
+           compile, profile=PATH (train.profile_step over the last two steps)
+  loop     DIAGNOSTIC: the former bench step loop over engine.loop.step with the slimtune recipe's keys (no
+           README figure comes from it)
   slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
   defaults slimtune as a user who names only the method and the batch gets it (defaults_worker): slimtune.prepare
-           + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key
+           + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key,
+           typed as the config types it (defaults:offload_activations=true)
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder)
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
@@ -62,9 +67,9 @@ def _workload(size: str, n: int, max_len: int):
     return SIZES[size], synthetic_examples(n, max_len)
 
 
-def worker(a) -> dict:
-    """slimtune's engine on the workload: model -> slimtune.prepare (checkpointing, LoRA, precision, kernels)
-    -> step()."""
+def loop_worker(a) -> dict:
+    """DIAGNOSTIC ONLY (recipe `loop`): the bench's former own step loop over engine.loop.step, kept to compare
+    against fit on one machine while issue 28 closes the gap; README figures come from fit (worker)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -152,6 +157,21 @@ def worker(a) -> dict:
                 device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                 versions=_versions())
 
+def _slimtune_train_keys(a) -> list[str]:
+    """The slimtune recipe's keys (bs=16:ga=1:offload...) as typed train.* overrides: what a user who sets
+    each speed key writes in the config."""
+    keys = {"micro_batch_size": a.bs, "grad_accum": a.ga, "gradient_checkpointing": "true", "precision": "bf16",
+            "packing": a.packing, "loss": a.loss, "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp,
+            "fused_rope": a.fused_rope, "offload_activations": str(bool(a.offload)).lower(),
+            "compile": "on" if a.compile else a.compile_mode}
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def worker(a) -> dict:
+    """The slimtune recipe: the same path as the defaults recipe (prepare + fit, metrics.jsonl's step times),
+    with every speed key set from the recipe's keys instead of left to auto."""
+    return defaults_worker(a, explicit=_slimtune_train_keys(a))
+
 
 def _model(size: str, dev: str, meta: bool = False):
     """seed_recipe's random-init model of this size (Llama, or Qwen2 for qwen7b) on `dev` (on the meta device
@@ -168,43 +188,48 @@ def _model(size: str, dev: str, meta: bool = False):
                                                 dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
 
 
-def _defaults_train(steps: int, extra: tuple[str, ...] = ()) -> dict:
-    """The train.* keys of the defaults recipe: the batch of 16 records and the workload's lr, seed and step
-    count; nothing about micro-batch split, checkpointing, offload or kernels. Until train.batch_size exists
-    (h19split adds it, micro_batch_size/grad_accum then default to auto), the batch is said as the peers'
-    examples say it, 8 records x 2 accumulation steps: what a user who copies a peer's config writes."""
-    import dataclasses
-
-    from slimtune.config import TrainConfig
-    batch = {"batch_size": 16} if "batch_size" in {f.name for f in dataclasses.fields(TrainConfig)} else \
-        {"micro_batch_size": 8, "grad_accum": 2}
-    keys = dict(item.partition("=")[::2] for item in extra)  # defaults:compile=off -> {"compile": "off"}
-    return {**batch, "lr": 1e-4, "seed": 0, "max_steps": steps, "save_every": 0, "log_every": 1,
-            "eval_at_start": False, **keys}
+def _defaults_train(steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The train.* overrides of the defaults recipe: the batch of 16 records and the workload's lr, seed and step
+    count; nothing about micro-batch split, checkpointing, offload or kernels. `extra`: KEY=VALUE train keys
+    (defaults:compile=off, defaults:offload_activations=true), typed by the config as `slimtune train` types
+    its overrides."""
+    keys = {"batch_size": 16, "lr": 1e-4, "seed": 0, "max_steps": steps, "save_every": 0, "log_every": 1,
+            "eval_at_start": "false"}
+    return [f"train.{k}={v}" for k, v in keys.items()] + [f"train.{item}" for item in extra]
 
 
-def defaults_worker(a) -> dict:
-    """slimtune through its public API (prepare, fit) with the defaults config: what `slimtune train` does
-    with a config that names only the method and the batch. Step times from fit's metrics.jsonl."""
+def defaults_worker(a, explicit: list[str] | None = None) -> dict:
+    """slimtune through its public API (load_config, prepare, fit) as `slimtune train` runs a config that names
+    only the method and the batch (the defaults recipe), or with every speed key set (`explicit`: the slimtune
+    recipe). Step times from fit's metrics.jsonl (step_s per step)."""
+    import statistics
     import tempfile
 
     import torch
+    import yaml
 
     sys.path.insert(0, str(ROOT))
     import slimtune
-    from slimtune import config as config_mod
     from slimtune.data.encode import Encoded
     from slimtune.engine.log import read_metrics
+    from slimtune.kernels import linear_ce
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     steps, warmup = a.steps, a.warmup
     _, raw = _workload(a.size, 16 * (steps + warmup + 2), a.max_len)
-    out = Path(tempfile.mkdtemp(prefix="speed-defaults-"))
-    cfg = config_mod.from_dict({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
-                                           "target_modules": ALL_LINEAR},
-                                "train": {**_defaults_train(steps + warmup, a.train_key),
-                                          "output_dir": str(out / "run")},
-                                "data": {"max_len": a.max_len}})
+    out = Path(tempfile.mkdtemp(prefix="speed-fit-"))
+    base = out / "base.yaml"
+    base.write_text(yaml.safe_dump({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
+                                               "target_modules": ALL_LINEAR},
+                                    "train": {"output_dir": str(out / "run")}, "data": {"max_len": a.max_len}}))
+    keys = _defaults_train(steps + warmup, tuple(a.train_key))
+    if explicit is not None:  # the slimtune recipe: its split and kernels, not the defaults' batch_size
+        keys = [k for k in keys if not k.startswith("train.batch_size=")] + [f"train.{k}" for k in explicit]
+    if a.profile:
+        keys.append(f"train.profile_step={steps + warmup - 1}")  # the last two steps, in the run folder
+    cfg = slimtune.load_config(base, keys)
+    if a.chunk_bytes:
+        linear_ce.CHUNK_BYTES = a.chunk_bytes
     model = _model(a.size, dev, meta=a.method == "qlora")
     n_params = sum(p.numel() for p in model.parameters())
     if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
@@ -217,10 +242,11 @@ def defaults_worker(a) -> dict:
     def say(text: str) -> None:  # kept for the row, and on stderr at once (SPEED_LOG_DIR keeps it past a kill)
         lines.append(text)
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-    changed = "".join(f", {k}" for k in a.train_key)
-    row = dict(recipe=f"slimtune defaults ({a.method} + 16 records a step{changed})", size=a.size, params=n_params,
-               max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=_defaults_train(steps + warmup,
-                                                                                           a.train_key),
+    shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
+        "".join(f", {k}" for k in a.train_key)
+    name = "slimtune" if explicit is not None else "slimtune defaults"
+    row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
+               size=a.size, params=n_params, max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=keys,
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
     try:
         model = slimtune.prepare(model, cfg, dev, log=say).model
@@ -231,18 +257,26 @@ def defaults_worker(a) -> dict:
     rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
     seen = [r["input_tokens_per_s"] * r["elapsed_s"] for r in rows]  # input tokens of the steps so far
     real, dt = seen[-1] - seen[warmup - 1], rows[-1]["elapsed_s"] - rows[warmup - 1]["elapsed_s"]
-    times = [b["elapsed_s"] - p["elapsed_s"] for p, b in zip(rows[warmup - 1:], rows[warmup:])]
+    times = [r["step_s"] for r in rows[warmup:]]
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     kernels = {k: result[k] for k in ("packing", "chunked_loss", "fused_lora_layers", "fused_norm_mlp", "fused_rope",
                                       "tiled_mlp", "compiled_layers") if k in result}
     from torch._dynamo.utils import counters
     kernels["graphs"] = counters["stats"]["unique_graphs"]  # torch.compile's, over the whole run
+    profile = out / "run" / "profile.txt"
+    if a.profile and profile.is_file():
+        Path(a.profile).write_text(profile.read_text())
     return dict(row, steps=len(times), real_tok_s=round(real / dt), pad_fraction=0.0,  # real: padding excluded
                 peak_gib=round(peak, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev == "cuda" else 0.0,
-                mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3), step_s=[round(t, 3) for t in times],
+                mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3),
+                step_s_mean=round(statistics.mean(times), 4), step_s_median=round(statistics.median(times), 4),
+                step_s_max=round(max(times), 4), slowest_step=warmup + 1 + times.index(max(times)),
+                stalls=result.get("stalls", []), step_s=[round(t, 3) for t in times],
+                data_s=[round(r["data_s"], 3) for r in rows[warmup:]],
+                host_s=[round(r["host_s"], 3) for r in rows[warmup:]],
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
-                first_step_s=round(rows[0]["elapsed_s"], 1),  # the compile, when on, is in it
+                first_step_s=round(rows[0]["step_s"], 1),  # the compile, when on, is in it
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
 
 
@@ -334,6 +368,8 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         path = f"/dev/shm/m{size}"
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
                                      "--method", "qlora", "--path", path, *keys]]
+    if base == "loop":  # diagnostic: the former bench loop, with the slimtune recipe's keys
+        return [[py, str(Path(__file__)), "--worker", "--loop", "--size", size, *steps] + _keys(name.split(":")[1:])]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
@@ -361,10 +397,13 @@ def _keys(extra: list[str]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| recipe | size | real tok/s | peak GiB | MFU (4N) | pad fraction |", "|---|---|---|---|---|---|"]
+    out = ["| recipe | size | real tok/s | peak GiB | MFU (4N) | pad fraction | steps | median / slowest step s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        times = sorted(r.get("step_s") or [0.0])
+        median = r.get("step_s_median", times[len(times) // 2])
         out.append(f"| {r['recipe']} | {r['size']} | {r['real_tok_s']:,} | {r['peak_gib']:.2f} | {r['mfu_real']:.3f} "
-                   f"| {r['pad_fraction']:.2f} |")
+                   f"| {r['pad_fraction']:.2f} | {r.get('steps', '')} | {median:.3f} / {times[-1]:.3f} |")
     return "\n".join(out)
 
 
@@ -384,10 +423,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help="run slimtune's engine in this process")
     ap.add_argument("--defaults", action="store_true", help="worker: the defaults recipe (defaults_worker)")
+    ap.add_argument("--loop", action="store_true", help="worker: the former bench step loop (diagnostic only)")
     ap.add_argument("--size", default="1b")
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--recipes", default="slimtune,hf,liger,unsloth")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (issue 28: at least 20)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--ga", type=int, default=2)
@@ -408,7 +448,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps(defaults_worker(a) if a.defaults else worker(a)), flush=True)
+        run = defaults_worker if a.defaults else loop_worker if a.loop else worker
+        print(json.dumps(run(a)), flush=True)
         return 0
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows = []

@@ -43,6 +43,7 @@ RANGES: dict[str, str | tuple] = {
     "train.grad_accum": "[1, inf)", "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)", "train.max_grad_norm": "[0, inf)", "train.seed": "[0, 2**63)",
     "train.log_every": "[1, inf)", "train.eval_every": "[0, inf)", "train.eval_max_records": "[0, inf)",
+    "train.profile_step": "[0, inf)",
     "train.eval_max_new_tokens": "[1, inf)", "train.adam_eps": "(0, inf)", "train.save_every": "[0, inf)",
     "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)",
     "train.fsdp_prefetch": "[0, inf)", "train.fsdp_reshard": "[0, inf)",

@@ -114,6 +114,9 @@ class TrainConfig:
     """seed for init, dropout and shuffling"""
     log_every: int = 1
     """write metrics every N steps"""
+    profile_step: int = 0
+    """profile optimizer steps N and N+1 with torch.profiler: their busiest ops (device and host time) go to
+    output_dir/profile.txt (0 = off; every step's step_s, data_s and host_s are in metrics.jsonl anyway)"""
     eval_at_start: bool = True
     """evaluate on the held-out split before the first step too"""
     eval_every: int = 0

@@ -47,7 +47,7 @@ FREE_KEYS = {"train.resume", "train.save_every", "train.keep_checkpoints", "trai
              "train.eval_at_start", "train.eval_every", "train.eval_generate", "train.eval_max_records",
              "train.eval_max_new_tokens", "train.eval_separator", "train.loss", "train.eval_max_tokens",
              "train.fused_lora", "train.fused_norm_mlp", "train.fused_rope",
-             "train.tiled_mlp", "train.compile"}
+             "train.tiled_mlp", "train.compile", "train.profile_step"}
 # and train.lr, which does change them: so a run that diverged can go on from its last sane checkpoint more
 # gently (guards.resume_advice says so; loop._new_peak_lr moves the schedule to the new peak)
 FREE_KEYS |= {"train.lr", "train.max_skipped_share"}

@@ -16,7 +16,7 @@ from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, plan as split_plan, precision
+from . import checkpoint, distributed, guards, plan as split_plan, precision, timing
 from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum
 from .offload import OffloadActivations
@@ -160,6 +160,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     done = result(run)  # the one place the returned record is put together
     if not run.end.interrupted and distributed.is_main():
         log(summary_line(done))
+        if timing.summary_line(done):
+            log(timing.summary_line(done))
     return done
 
 
@@ -168,11 +170,16 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
     run.model.train()
     bar = progress(run.steps, show_progress, initial=run.step)
     start = time.perf_counter() - run.elapsed
+    profiler = timing.Profiler(tc.profile_step if distributed.is_main() else 0, run.out_dir / "profile.txt",
+                               run.device)
     try:
         with checkpoint.StopOnSignal(log) as stop:
             while run.step < run.steps:
-                records = [next(run.stream) for _ in range(tc.grad_accum)]
-                row = _step(run, records, pad, context, log)
+                host = run.clock.start()
+                with profiler.around(run.step + 1):
+                    records = [next(run.stream) for _ in range(tc.grad_accum)]
+                    row = _step(run, records, pad, context, log)
+                row.update(step_s=run.clock.stop(run.step), host_s=host)
                 run.elapsed = time.perf_counter() - start
                 _report(run, row, logs, bar, log)
                 _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row
@@ -182,6 +189,7 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
                     run.end.interrupted, run.end.stopped_at = stop.requested, run.step
                     break
     finally:
+        profiler.finish()  # a run that ended inside the profiled steps still writes its table
         bar.close()
 
 
@@ -190,7 +198,9 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
     rank, world = distributed.rank(), distributed.size()
+    began = time.perf_counter()
     batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
+    data_s = time.perf_counter() - began
     # counted from the records over every rank's share, on the host: nothing waits on the device (the
     # previous step's update) before this step's first kernel is queued, and no collective is needed
     n_tokens, seen = (sum(c) for c in zip(*(counts(rs, world) for rs in records)))
@@ -203,6 +213,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
                         f"(records {', '.join(wheres)}); each record needs an answer token after its first "
                         "position within data.max_len") from None
     run.step += 1
+    row["data_s"] = data_s
     bad = row.pop("nonfinite", None)
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]

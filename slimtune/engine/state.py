@@ -16,6 +16,7 @@ import torch
 from ..data.stream import MicroBatches
 from ..kernels.select import Kernels
 from .precision import Plan
+from .timing import StepClock
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Run:
     trained: int = 0  # of them, the tokens with a label (the answers): what the loss averages over
     elapsed: float = 0.0  # training seconds, those of the runs this one resumes included
     losses: list[float] = field(default_factory=list)  # recent losses, for the NaN message
+    clock: StepClock = field(default_factory=StepClock)  # this process's step times (engine/timing.py)
 
 
 def result(run: Run) -> dict:
@@ -80,5 +82,5 @@ def result(run: Run) -> dict:
     out = {"steps": run.steps, "precision": run.plan.name, **run.kernels.as_dict(), **run.tally.state_dict(),
            **{k: v for k, v in dataclasses.asdict(run.end).items() if v is not None}}
     out.update(train_seconds=run.elapsed, input_tokens_per_s=run.seen / seconds,
-               trained_tokens_per_s=run.trained / seconds)
+               trained_tokens_per_s=run.trained / seconds, **run.clock.summary())
     return out

@@ -1,0 +1,119 @@
+"""Where a training step's seconds go, measured on the host, and the steps that stall.
+
+Each optimizer step reads the device once (loss, gradient norm) after its backward, so the host's clock around a
+step holds the GPU's work for it too: `step_s` is the step's wall time, `data_s` its share spent collating and
+queueing the copies of its records, and `host_s` what the loop spent between the previous step and this one
+(metrics, TensorBoard, checkpoints, evaluation). metrics.jsonl gets the three per step; the summary gets the
+median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
+median (a lazily built kernel, an allocator growing, a recompile). With train.profile_step = N, torch.profiler
+records steps N and N + 1 and their busiest ops go to profile.txt in the run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+STALL_FACTOR = 2.0  # a step over twice the median is a stall (issue 28's bar for a 200-step 8B run)
+PROFILED_STEPS = 2  # profile_step and the one after: the second shows the steady state if the first is special
+
+
+def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR) -> list[tuple[int, float]]:
+    """(step, seconds) of the steps over `factor` x the median, the first step of the dict left out (it builds
+    kernels, compiles, allocates): every step after it should take about as long as the others."""
+    steps = sorted(step_s)[1:]
+    if len(steps) < 3:
+        return []
+    median = statistics.median(step_s[s] for s in steps)
+    return [(s, step_s[s]) for s in steps if step_s[s] > factor * median]
+
+
+@dataclass
+class StepClock:
+    """This process's step times (a resumed run's own steps only)."""
+    step_s: dict[int, float] = field(default_factory=dict)
+    _mark: float | None = None  # when the previous step's compute ended
+    _began: float = 0.0
+
+    def start(self) -> float:
+        """Called as a step begins; returns the host seconds spent since the previous step ended."""
+        now = time.perf_counter()
+        host = 0.0 if self._mark is None else now - self._mark
+        self._began = now
+        return host
+
+    def stop(self, step: int) -> float:
+        """Called once the step's update is queued; returns its seconds."""
+        self._mark = time.perf_counter()
+        self.step_s[step] = self._mark - self._began
+        return self.step_s[step]
+
+    def summary(self) -> dict:
+        """The median and slowest step and the stalls, for the run's result (nothing before two steps)."""
+        steps = sorted(self.step_s)[1:]
+        if len(steps) < 2:
+            return {}
+        slowest = max(steps, key=self.step_s.get)
+        found = stalls(self.step_s)
+        return {"step_s_median": statistics.median(self.step_s[s] for s in steps),
+                "step_s_max": self.step_s[slowest], "slowest_step": slowest,
+                "stalls": [[s, round(t, 4)] for s, t in found[:20]], "stall_count": len(found)}
+
+
+def summary_line(times: dict) -> str | None:
+    """One printed line about the stalls, or None when there were none."""
+    if not times.get("stall_count"):
+        return None
+    shown = ", ".join(f"step {s}: {t:.2f} s" for s, t in times["stalls"][:5])
+    return (f"warning: {times['stall_count']} step(s) took over {STALL_FACTOR:g}x the median step "
+            f"({times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s and host_s)")
+
+
+class Profiler:
+    """torch.profiler over steps `first` and `first + 1` (train.profile_step; 0 = off): `around(step)` wraps each
+    step, and once the last one is done the table of the busiest ops, by device time and by host time, is written
+    to `path`."""
+
+    def __init__(self, first: int, path: Path, device: str):
+        self.first, self.path, self.device = first, Path(path), device
+        self.prof = None
+
+    def around(self, step: int):
+        """A context for the step about to run (its number counted from 1)."""
+        if not self.first or not self.first <= step < self.first + PROFILED_STEPS:
+            return contextlib.nullcontext()
+        return self._profiled(step)
+
+    @contextlib.contextmanager
+    def _profiled(self, step: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.prof is None:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        with torch.profiler.record_function(f"slimtune step {step}"):
+            yield
+        if step == self.first + PROFILED_STEPS - 1:
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop and write the table (also when the run ends inside the profiled steps)."""
+        if self.prof is None:
+            return
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        table = self.prof.key_averages()
+        by_device = "self_device_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
+        head = (f"torch.profiler over steps {self.first}-{self.first + PROFILED_STEPS - 1} "
+                f"(train.profile_step={self.first})\n")
+        text = head + "\nBy device time:\n" + table.table(sort_by=by_device, row_limit=40) + \
+            "\nBy host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(text)
+        self.prof = None

@@ -1,0 +1,86 @@
+"""Per-step times in metrics.jsonl and the run's summary, the stall check, and train.profile_step
+(engine/timing.py). No test here asserts a speed: a planted stall is what must be found."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import pytest
+
+from conftest import lora_run_config
+from slimtune import cli
+from slimtune.engine import timing
+from slimtune.engine.log import read_metrics
+
+STEPS = 8
+
+
+def test_stalls_are_steps_over_twice_the_median_after_the_first():
+    times = {1: 9.0, 2: 0.5, 3: 7.2, 4: 0.55, 5: 0.6, 6: 0.5, 7: 1.05, 8: 0.52}
+    # the first step (kernels built, compile) is never one; the median of steps 2..8 is 0.55
+    assert timing.stalls(times) == [(3, 7.2)]
+    assert timing.stalls({s: 0.5 for s in range(1, 200)}) == []
+    assert timing.stalls({1: 1.0, 2: 5.0}) == []  # too few steps to tell
+
+
+def _train(tmp, model_dir, name, **train):
+    cfg = lora_run_config(tmp, model_dir, name, max_steps=STEPS, micro_batch_size=2, grad_accum=2, **train)
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 0
+    run = tmp / name
+    return run, [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r], \
+        json.loads((run / "summary.json").read_text())
+
+
+def test_every_step_has_its_seconds_and_the_summary_its_median_and_slowest(tmp_path, tiny_model_dir):
+    run, rows, summary = _train(tmp_path, tiny_model_dir, "times")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert 0 < r["data_s"] < r["step_s"] < 60 and r["host_s"] >= 0
+    assert rows[0]["host_s"] == 0  # nothing ran before the first step
+    later = sorted(r["step_s"] for r in rows[1:])
+    assert summary["step_s_median"] == pytest.approx(statistics.median(later))  # steps 2..8
+    assert summary["step_s_max"] == max(later)
+    assert rows[summary["slowest_step"] - 1]["step_s"] == summary["step_s_max"]
+    assert not (run / "profile.txt").exists()  # train.profile_step=0: no profiler
+
+
+def test_a_planted_stall_is_found_named_and_printed(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Step 5 sleeps inside its collate (where a lazily built kernel or an allocator's growth would cost it)
+    for 4x the longest step before it, plus 1 s: the summary names it, and the end of the run says so in one
+    line. (Relative to the steps before: the CPU may be shared, so a fixed sleep could hide among slow steps.)"""
+    import slimtune.engine.loop as loop
+    real, calls = loop.collate_micro, []
+
+    def collate(*args, **kwargs):
+        calls.append(time.perf_counter())
+        if len(calls) == 9:  # two micro-batches a step: the first of step 5
+            longest = max(b - a for a, b in zip(calls[2:9:2], calls[4:9:2]))  # steps 2..4, start to start
+            time.sleep(4 * longest + 1.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, "collate_micro", collate)
+    _, rows, summary = _train(tmp_path, tiny_model_dir, "stall")
+    assert rows[4]["step_s"] > 1.0 and rows[4]["data_s"] > 1.0
+    assert summary["slowest_step"] == 5 and 5 in [s for s, _ in summary["stalls"]]
+    out = capsys.readouterr().out
+    n = summary["stall_count"]
+    assert f"warning: {n} step(s) took over 2x the median step" in out
+    assert f"step 5: {rows[4]['step_s']:.2f} s" in out
+
+
+def test_profile_step_writes_the_busiest_ops_of_two_steps(tmp_path, tiny_model_dir):
+    run, rows, _ = _train(tmp_path, tiny_model_dir, "prof", profile_step=3)
+    text = (run / "profile.txt").read_text()
+    assert text.startswith("torch.profiler over steps 3-4 (train.profile_step=3)")
+    assert "By device time" in text and "By host time" in text
+    assert "slimtune step 3" in text and "slimtune step 4" in text and "slimtune step 5" not in text
+    assert "aten::mm" in text  # the layers' matmuls are in it
+    assert len(rows) == STEPS
+
+
+def test_profile_step_past_the_end_writes_nothing_and_a_run_ending_inside_writes_its_table(tmp_path,
+                                                                                          tiny_model_dir):
+    run, _, _ = _train(tmp_path, tiny_model_dir, "late", profile_step=STEPS + 5)
+    assert not (run / "profile.txt").exists()
+    run, _, _ = _train(tmp_path, tiny_model_dir, "last", profile_step=STEPS)  # step STEPS + 1 never runs
+    assert "slimtune step 8" in (run / "profile.txt").read_text()
