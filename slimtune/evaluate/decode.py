@@ -77,6 +77,9 @@ class _WholeChars:
     def decode(self, ids, **decode_kwargs) -> str:
         return whole_text(self.tokenizer, [ids] if isinstance(ids, int) else list(ids), **decode_kwargs)
 
+    def __getattr__(self, name):  # anything else a streamer asks of the tokenizer
+        return getattr(self.tokenizer, name)
+
 
 def printer(tokenizer) -> TextStreamer:
     """Prints one answer to stdout as it is generated (not the prompt, not special tokens); make one per
