@@ -253,7 +253,8 @@ def test_a_lock_is_held_against_this_process_too(tmp_path):
         pass
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["int", "term"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["int", "term", "hup"])
 def test_a_stopped_run_exits_with_the_signal_code(tmp_path, tiny_model_dir, sig, code):
     cfg = _run(tmp_path, tiny_model_dir, max_steps=500, save_every=0)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -268,6 +269,37 @@ def test_a_stopped_run_exits_with_the_signal_code(tmp_path, tiny_model_dir, sig,
     assert proc.returncode == code, out
     assert f"{sig.name}: stopped after step" in out
     assert checkpoint.latest(tmp_path / "run") is not None
+
+
+def _controlling_terminal():  # in the child, after setsid: stdin (the pty) becomes its terminal
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_closing_the_terminal_saves_a_checkpoint_and_exits_129(tmp_path, tiny_model_dir):
+    """The terminal (or ssh session) closed under a run: the kernel sends SIGHUP and every later write to the
+    terminal fails (EIO); the run still saves its checkpoint and exits 129 instead of dying unsaved."""
+    import pty
+    import select
+
+    cfg = _run(tmp_path, tiny_model_dir, max_steps=500, save_every=0)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "train", str(cfg)], env=env, stdin=terminal,
+                            stdout=terminal, stderr=terminal, start_new_session=True,
+                            preexec_fn=_controlling_terminal)
+    os.close(terminal)
+    metrics, deadline, shown = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120, b""
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 1) and time.monotonic() < deadline:
+        assert proc.poll() is None, shown.decode(errors="replace")
+        if select.select([master], [], [], 0.05)[0]:  # read what it shows, as a terminal does (its buffer is small)
+            shown += os.read(master, 65536)
+    os.close(master)  # the terminal closes
+    assert proc.wait(timeout=120) == 129, shown.decode(errors="replace")
+    assert checkpoint.latest(tmp_path / "run") is not None
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
 def _never_encode(*args, **kwargs):

@@ -4,9 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transformers import TextStreamer
-
-from ..evaluate import generate
+from ..evaluate import decode, generate
 from .inference import load_for_inference, sampling, write_atomic
 
 
@@ -22,8 +20,9 @@ def chat_loop(model, tokenizer, template: str, device: str, sampling, system: st
               save: Path | None = None) -> list[dict]:
     """Read a line (with `read`, default input()), answer it, until /exit, Ctrl-D or Ctrl-C at the prompt;
     returns the conversation. Ctrl-C while an answer is generated drops that answer and its question and
-    goes back to the prompt."""
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens arrive
+    goes back to the prompt. Each answer gets a new streamer: one stopped by Ctrl-C keeps that answer's
+    tokens and takes the next prompt for answer text (the next answer was printed after a U+FFFD and an
+    echo of its prompt)."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     earlier: list[list[dict]] = []  # conversations ended by /reset, kept in the transcript
     print("chat with the trained model; /reset clears the history, /exit (or Ctrl-D, Ctrl-C) quits; Ctrl-C during "
@@ -39,13 +38,15 @@ def chat_loop(model, tokenizer, template: str, device: str, sampling, system: st
         if line.strip() == "/reset":
             earlier += [history] if any(m["role"] == "assistant" for m in history) else []
             history = history[:1] if system else []
+            print("[history cleared: the next question starts a new conversation"
+                  + (", with the same system prompt]" if system else "]"), file=sys.stderr)
             continue
         if not line.strip():
             continue
         print("assistant> ", end="", flush=True)
         try:
             gen = generate.run(model, tokenizer, template, [history + [{"role": "user", "content": line}]], sampling,
-                               1, device, streamer=streamer)
+                               1, device, streamer=decode.printer(tokenizer))
         except KeyboardInterrupt:
             print("\n[stopped: this answer and its question are left out of the conversation]", file=sys.stderr)
             continue

@@ -34,7 +34,7 @@ class Outcome:
 
 
 class Forward(SignalScope):
-    """While a child runs, SIGINT/SIGTERM sent to compare go to the child once (it saves a checkpoint and
+    """While a child runs, SIGINT/SIGTERM/SIGHUP sent to compare go to the child once (it saves a checkpoint and
     stops: engine/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
     The child runs in its own session, so a Ctrl-C in the terminal reaches it only through here."""
 

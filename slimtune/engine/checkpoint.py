@@ -1,5 +1,5 @@
 """Checkpoints that survive kills: step folders written atomically, the newest K kept, the newest complete
-one found for --resume, and SIGINT/SIGTERM turned into a save at the next step boundary.
+one found for --resume, and SIGINT/SIGTERM/SIGHUP turned into a save at the next step boundary.
 
     <output_dir>/checkpoints/step-000120/
         adapter_config.json + adapter_model.safetensors (or slimtune_parts.safetensors), config.yaml:
@@ -245,7 +245,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class StopOnSignal(SignalScope):
-    """SIGINT and SIGTERM during training ask for a checkpoint at the next step boundary instead of
+    """SIGINT, SIGTERM and SIGHUP during training ask for a checkpoint at the next step boundary instead of
     killing the run mid-step; the handlers step aside after the first, so a second signal stops at once."""
 
     def __init__(self, log=print):

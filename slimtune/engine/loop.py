@@ -117,7 +117,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         evaluate=None) -> dict:
     """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
     (optionally), every train.eval_every steps and after. Metrics go to metrics.jsonl and TensorBoard,
-    checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM save a checkpoint
+    checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM/SIGHUP save a checkpoint
     and return early, with result["interrupted"] set.
 
     Args:

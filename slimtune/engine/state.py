@@ -42,7 +42,7 @@ class Tally:
 @dataclass
 class Ending:
     """What only the end of this process's run knows; never in a checkpoint."""
-    interrupted: str | None = None  # the signal's name (SIGINT, SIGTERM) when one stopped the run
+    interrupted: str | None = None  # the signal's name (SIGINT, SIGTERM, SIGHUP) when one stopped the run
     stopped_at: int | None = None  # the step it stopped after
     eval_after: dict | None = None  # held-out scores after the last step
     eval_dir: str | None = None  # where they were written (rank 0)

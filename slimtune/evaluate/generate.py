@@ -16,6 +16,7 @@ from ..data.collate import left_pad, pad_id
 from ..data.encode import prompt_ids
 from ..data.templates import render, stop_tokens
 from ..engine.log import progress
+from .decode import whole_text
 
 
 @dataclass
@@ -148,7 +149,8 @@ def run(model, tokenizer, template: str, conversations: list[list[dict]], sampli
         batch_size: int | None = None, device: str = "cpu", streamer=None, max_len: int = 0,
         show_progress: bool = False) -> Generated:
     """Answers for conversations that end with a user turn, in input order, with token counts and time.
-    A streamer (transformers' TextStreamer) needs batch_size 1.
+    A streamer (decode.printer or decode.queue) needs batch_size 1. An answer cut at max_new_tokens inside a
+    character ends before that character (decode.whole_text).
 
     Args:
         max_len: prompts longer than this keep their last max_len tokens (0: the model's context length
@@ -175,7 +177,7 @@ def run(model, tokenizer, template: str, conversations: list[list[dict]], sampli
             for row, i in zip(_batch(model, batch, s, pad, stops, streamer), idx):
                 out.tokens[i], out.stopped[i] = _finish(row, stops)
                 answer = out.tokens[i][:-1] if out.stopped[i] else out.tokens[i]
-                out.texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+                out.texts[i] = whole_text(tokenizer, answer, skip_special_tokens=True).strip()
             bar.set_postfix(tok_s=f"{out.new_tokens / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
             bar.update(len(idx))
     if str(device).startswith("cuda"):

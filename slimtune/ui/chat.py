@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from transformers import TextIteratorStreamer
-
 from .. import models
 from ..commands.inference import load_for_inference
 from ..commands.inference import sampling as cli_sampling
 from ..commands.run_folder import check_run
 from ..engine.precision import base_dtype_name
 from ..errors import SlimtuneError
+from ..evaluate import decode
 from ..evaluate.generate import Sampling, run
 from ..export.peft_format import read_config
 
@@ -80,8 +79,7 @@ def answer(loaded: Loaded, messages: list[dict], s: Sampling, lock: threading.Lo
         raise ChatError("messages: expected a list of {role, content} ending with the user's turn")
     system = system or loaded.system
     convo = ([{"role": "system", "content": system}] if system and messages[0]["role"] != "system" else []) + messages
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                    timeout=STREAM_TIMEOUT)
+    streamer = decode.queue(loaded.tokenizer, timeout=STREAM_TIMEOUT)  # whole characters only
 
     def start() -> dict:
         with lock:
