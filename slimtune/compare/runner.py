@@ -16,13 +16,14 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..config import ConfigError
-from ..data import read, split
+from ..data import DataError, build, read, split
 from ..engine import checkpoint
 from ..methods.parts import PARTS
 from ..export.peft_format import read_config
 from ..methods import count_on_meta
+from ..models import load_tokenizer
 from . import child
-from .spec import BASE, Plan, Row, row_overrides
+from .spec import BASE, Plan, Row, load_config, row_overrides
 
 
 class Interrupted(Exception):
@@ -52,6 +53,29 @@ def _shared_config(plan: Plan, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(config_mod.dump(plan.cfg), encoding="utf-8")
     return path
+
+
+def check_data(plan: Plan, where: str = "compare") -> None:
+    """The records read, encoded and truncated as `slimtune train` does it (data.build), once per distinct
+    model and data section among the rows, before any row starts: data that no row can train on stops
+    compare with train's own error, not after the base row's eval and one failed child per row."""
+    seen, tokenizers = set(), {}
+    for row in [None, *plan.rows]:
+        cfg = plan.cfg if row is None or row.method == BASE else \
+            load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+        key = json.dumps([cfg.model.path, config_mod.to_dict(cfg)["data"]], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        path = cfg.model.path
+        if path not in tokenizers:
+            tokenizers[path] = load_tokenizer(path, cfg.model.trust_remote_code)
+        try:
+            build(cfg.data, tokenizers[path], log=lambda *a, **k: None)
+        except DataError as err:
+            if cfg is plan.cfg:
+                raise
+            raise DataError(f"compare.methods.{row.label}: {err}") from None  # the row's own data.* overrides
 
 
 def _heldout(cfg: config_mod.Config, out: Path) -> Path:
