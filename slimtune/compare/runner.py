@@ -169,6 +169,7 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, l
         return {}, res.failure(log_path)
     metric = plan.metric
     return {"eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
+            "eval_tokens": scores.get("eval_tokens"),  # answer tokens the loss is over (report.loss_note)
             "score": scores[metric] / 100 if metric and metric in scores else None,  # scores.json is in percent
             "eval_seconds": scores.get("seconds"), "eval_wall_seconds": res.seconds, "infer_rss_gib": res.rss_gib,
             "infer_gpu_allocated_gib": res.gpu.get("peak_allocated_gib"),
