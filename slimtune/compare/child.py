@@ -7,6 +7,7 @@ per-child ru_maxrss counts the parent's RSS at fork time (Linux carries the pre-
 so a small child of a large parent would report the parent's size (measured: 0.35 GiB for `--help`)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.signals import SignalScope
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+ORPHAN_WAIT = 300.0  # seconds an earlier compare's child gets to save its checkpoint and exit before SIGKILL
+
+
+def _prctl():
+    """libc's prctl on Linux (looked up here, in the parent: the child between fork and exec should only call)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
 
 @dataclass
 class Outcome:
@@ -49,8 +66,20 @@ class Forward(SignalScope):
             self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
 
 
-def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> Outcome:
-    """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path."""
+def _dies_with(parent: int):
+    """The child's pre-exec step: SIGTERM when compare dies, however it dies (SIGKILL too), so the row's
+    training saves its checkpoint and stops instead of running on orphaned (Linux; elsewhere the record
+    file lets the next compare stop it)."""
+    def arm() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # compare died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm if _PRCTL is not None else None
+
+
+def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward, record: Path | None = None) -> Outcome:
+    """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path; record: a JSON file
+    naming the child while it runs (see stop_orphan)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     peak_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "slimtune.measured", str(peak_path), *args]
@@ -58,13 +87,58 @@ def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward) -> O
     with log_path.open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_dies_with(os.getpid()))
         forward.proc = proc
+        if record is not None:
+            record.write_text(json.dumps({"pid": proc.pid, "peak": str(peak_path), "log": str(log_path)}) + "\n")
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # retried by Python when a signal handler returns
         finally:
             forward.proc = None
+            if record is not None:
+                record.unlink(missing_ok=True)
     proc.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it: Popen must not wait again
     peaks = json.loads(peak_path.read_text()) if peak_path.is_file() else {}
     rss = peaks.pop("rss_gib", None) or usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
     return Outcome(proc.returncode, time.perf_counter() - start, rss, peaks, forward.requested is not None)
+
+
+def _running(pid: int, peak: str) -> bool:
+    """Whether `pid` is alive (not a zombie) and still the child that wrote to `peak` (a PID is reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and peak.encode() in cmdline
+
+
+def stop_orphan(record: Path, log, wait: float | None = None) -> int | None:
+    """A child an earlier compare left running (compare killed where no parent-death signal reached it):
+    SIGTERM (training saves its checkpoint, which this compare resumes from), SIGKILL after `wait`
+    seconds. Its PID, or None when the record names no running child."""
+    try:
+        rec = json.loads(record.read_text(encoding="utf-8"))
+        pid, peak = int(rec["pid"]), str(rec["peak"])
+    except (OSError, ValueError, KeyError, TypeError):
+        record.unlink(missing_ok=True)
+        return None
+    if not _running(pid, peak):
+        record.unlink(missing_ok=True)
+        return None
+    log(f"compare: PID {pid}, a child of an earlier compare killed here, is still running ({rec.get('log')}); "
+        "stopping it (SIGTERM: a training run saves its checkpoint first)")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + (ORPHAN_WAIT if wait is None else wait)
+    while _running(pid, peak) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _running(pid, peak):
+        log(f"compare: PID {pid} still running after {ORPHAN_WAIT if wait is None else wait:.0f} s: SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # gone within 10 s unless stuck in the kernel
+            if not _running(pid, peak):
+                break
+            time.sleep(0.1)
+    record.unlink(missing_ok=True)
+    return pid

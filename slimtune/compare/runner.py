@@ -6,10 +6,14 @@ Folder layout (DIR = --output):
     heldout.jsonl        the held-out records every row is scored on (unless data.eval names a file)
     runs/<label>/        the row's `slimtune train` folder; runs/<label>/compare-eval its `slimtune eval`
     logs/<label>.*.log   each child's output; a failed row's reason is its log's last line
+    child.json           the running child's PID (a compare killed where Linux's parent-death signal did not
+                         stop its child: the next compare stops it first, see child.stop_orphan)
+    .slimtune-lock       held by the compare running here (runfolder.Lock): one compare per folder
     results/<label>.json a finished row (done or failed): the marker a resumed compare skips on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -17,13 +21,17 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import ConfigError
 from ..data import DataError, build, read, split
-from ..engine import checkpoint
+from ..engine import checkpoint, runfolder
+from ..engine.runfolder import RunFolderError
 from ..methods.parts import PARTS
 from ..export.peft_format import read_config
 from ..methods import count_on_meta
 from ..models import load_tokenizer
 from . import child
 from .spec import BASE, Plan, Row, load_config, row_overrides
+
+
+CHILD = "child.json"  # names the running child (child.run's record)
 
 
 class Interrupted(Exception):
@@ -144,7 +152,7 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
         return done  # trained, then stopped during its eval; a failed row is tried again
     log(f"compare: {row.label}: training ({row.method})")
     res = child.run(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
-                    out / "logs" / f"{row.label}.train.peak.json", fwd)
+                    out / "logs" / f"{row.label}.train.peak.json", fwd, out / CHILD)
     summary = _read_json(run_dir / "summary.json")
     if res.interrupted and not (res.rc == 0 and summary):  # a run that finished anyway is recorded
         raise Interrupted(f"stopped while training {row.label}")
@@ -161,7 +169,7 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, l
     log_path = out / "logs" / f"{row.label}.eval.log"
     (run_dir / "compare-eval" / "scores.json").unlink(missing_ok=True)  # an earlier attempt's must not count
     res = child.run(_eval_args(plan, row, run_dir, data), log_path, out / "logs" / f"{row.label}.eval.peak.json",
-                    fwd)
+                    fwd, out / CHILD)
     scores = _read_json(run_dir / "compare-eval" / "scores.json")
     if res.interrupted and not (res.rc == 0 and scores):
         raise Interrupted(f"stopped while evaluating {row.label}")
@@ -230,8 +238,32 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
     return result
 
 
+@contextlib.contextmanager
+def _locked(out: Path, log):
+    """The folder's lock for the compare's length: a second compare on a folder in use stops here, before it
+    touches a child or a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = runfolder.Lock(out, log)
+    try:
+        lock.__enter__()
+    except RunFolderError:
+        raise RunFolderError(f"--output: {out} is in use by another slimtune compare (PID "
+                             f"{runfolder.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
+                             "--output") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def run(plan: Plan, out: Path, log=print) -> list[dict]:
     """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
+    with _locked(out, log):
+        child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints
+        return _rows(plan, out, log)
+
+
+def _rows(plan: Plan, out: Path, log) -> list[dict]:
     shared = _shared_config(plan, out)
     data = _heldout(plan.cfg, out)
     results = []
