@@ -7,7 +7,6 @@ per-child ru_maxrss counts the parent's RSS at fork time (Linux carries the pre-
 so a small child of a large parent would report the parent's size (measured: 0.35 GiB for `--help`)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -17,23 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.signals import SignalScope
+from ..engine.signals import PARENT_ENV, SignalScope
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 ORPHAN_WAIT = 300.0  # seconds an earlier compare's child gets to save its checkpoint and exit before SIGKILL
 
-
-def _prctl():
-    """libc's prctl on Linux (looked up here, in the parent: the child between fork and exec should only call)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _prctl()
 
 @dataclass
 class Outcome:
@@ -66,17 +52,6 @@ class Forward(SignalScope):
             self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
 
 
-def _dies_with(parent: int):
-    """The child's pre-exec step: SIGTERM when compare dies, however it dies (SIGKILL too), so the row's
-    training saves its checkpoint and stops instead of running on orphaned (Linux; elsewhere the record
-    file lets the next compare stop it)."""
-    def arm() -> None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # compare died between fork and prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-    return arm if _PRCTL is not None else None
-
-
 def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward, record: Path | None = None) -> Outcome:
     """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path; record: a JSON file
     naming the child while it runs (see stop_orphan)."""
@@ -87,8 +62,9 @@ def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward, reco
     with log_path.open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_dies_with(os.getpid()))
+        # the child dies with this process, however it dies (measured.die_with_parent)
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         forward.proc = proc
         if record is not None:
             record.write_text(json.dumps({"pid": proc.pid, "peak": str(peak_path), "log": str(log_path)}) + "\n")

@@ -64,6 +64,9 @@ def test_a_sigkilled_compares_training_child_checkpoints_and_stops(tmp_path, tin
         if not _gone(pid):  # the test's own leftover: not left to train for hours
             os.kill(pid, signal.SIGKILL)
     assert checkpoint.latest(out / "runs" / "lora") is not None  # it stopped as on Ctrl-C: resumable
+    # once: the kernel repeats the parent-death signal per thread of the dying compare, and a second SIGTERM
+    # would stop training in the middle of that save
+    assert (out / "logs" / "lora.train.log").read_text().count("SIGTERM: saving a checkpoint") == 1
 
 
 ORPHAN = """import pathlib, signal, sys, time
