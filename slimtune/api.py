@@ -57,7 +57,8 @@ def apply_method(model: torch.nn.Module, name: str = "lora", *, heads: Sequence[
             error lists the Linear modules there are.
         heads: modules (names in `model`) that are not in the pretrained checkpoint. A FrozenModuleWarning
             names those the method leaves frozen; a wrapper's direct submodules outside its transformers
-            model count as such without being named.
+            model count as such without being named, looked for inside nn.DataParallel,
+            DistributedDataParallel and torch.compile's wrapper too.
     """
     cfg = method_config(name, **fields)
     if cfg.name == "qlora" and not _quantized(model):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .cli import main as cli_main
+from .engine.signals import die_with_parent
 
 GIB = 2**30
 
@@ -31,6 +32,7 @@ def _peaks() -> dict:
 def main(argv: list[str]) -> int:
     """The child: `slimtune ARGS` in this process, then its peaks into argv[0]."""
     peak_path, args = Path(argv[0]), argv[1:]
+    die_with_parent()
     try:
         return cli_main(args)
     finally:

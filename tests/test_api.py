@@ -164,6 +164,23 @@ def test_frozen_new_heads_are_warned_about_and_trained_in_modules_to_save():
     assert slimtune.count_parameters(saved)[1] == slimtune.count_parameters(frozen)[1] + heads  # peft's copies
 
 
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["DataParallel", "torch.compile"])
+def test_heads_inside_a_parallel_or_compiled_wrapper_are_warned_about_too(wrap):
+    # seed 001 wrapped the span model in nn.DataParallel: the wrapper's one child holds BERT, so its heads
+    # passed for pretrained and stayed frozen without a word
+    prefix = "module." if wrap is nn.DataParallel else "_orig_mod."
+    heads = [f"{prefix}linear_1", f"{prefix}linear_2"]
+    with pytest.warns(slimtune.FrozenModuleWarning, match=rf"^{re.escape(', '.join(heads))}: not part of the "
+                      rf"pretrained model, yet method lora leaves them frozen, .* "
+                      rf"modules_to_save={re.escape(repr(heads))}"):
+        frozen = slimtune.apply_method(wrap(Wrapper(_bert())), "lora", target_modules=["query", "value"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", slimtune.FrozenModuleWarning)
+        saved = slimtune.apply_method(wrap(Wrapper(_bert())), "lora", target_modules=["query", "value"],
+                                      modules_to_save=heads)  # the warning's own fix works as written
+    assert slimtune.count_parameters(saved)[0] == slimtune.count_parameters(frozen)[0] + 2 * (32 + 1)
+
+
 def test_a_named_head_is_checked_too_and_an_unknown_name_is_an_error():
     with pytest.warns(slimtune.FrozenModuleWarning, match="^2: .* leaves it frozen, so it keeps its"):
         slimtune.apply_method(_sequential(), "lora", target_modules=["0"], heads=["2"])

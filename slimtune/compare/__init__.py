@@ -14,6 +14,7 @@ def compare(config_path: str | Path, methods: list[str] | None = None, overrides
             output: str | Path | None = None, log=print) -> list[dict]:
     """Run (or go on with) a compare; its rows, as compare.json holds them."""
     plan = load(config_path, methods, overrides)
+    runner.check_data(plan, str(config_path))  # before any row: data no row can train on stops here
     out = Path(output) if output else Path("compare") / Path(config_path).stem
     rows = runner.run(plan, out, log)
     report.write(out, rows, report.meta(plan, str(config_path), pick_device(plan.cfg.train.device)), log)

@@ -6,23 +6,32 @@ Folder layout (DIR = --output):
     heldout.jsonl        the held-out records every row is scored on (unless data.eval names a file)
     runs/<label>/        the row's `slimtune train` folder; runs/<label>/compare-eval its `slimtune eval`
     logs/<label>.*.log   each child's output; a failed row's reason is its log's last line
+    child.json           the running child's PID (a compare killed where Linux's parent-death signal did not
+                         stop its child: the next compare stops it first, see child.stop_orphan)
+    .slimtune-lock       held by the compare running here (runfolder.Lock): one compare per folder
     results/<label>.json a finished row (done or failed): the marker a resumed compare skips on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 from .. import config as config_mod
 from ..config import ConfigError
-from ..data import read, split
-from ..engine import checkpoint
+from ..data import DataError, build, read, split
+from ..engine import checkpoint, runfolder
+from ..engine.runfolder import RunFolderError
 from ..methods.parts import PARTS
 from ..export.peft_format import read_config
 from ..methods import count_on_meta
+from ..models import load_tokenizer
 from . import child
-from .spec import BASE, Plan, Row, row_overrides
+from .spec import BASE, Plan, Row, load_config, row_overrides
+
+
+CHILD = "child.json"  # names the running child (child.run's record)
 
 
 class Interrupted(Exception):
@@ -52,6 +61,29 @@ def _shared_config(plan: Plan, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(config_mod.dump(plan.cfg), encoding="utf-8")
     return path
+
+
+def check_data(plan: Plan, where: str = "compare") -> None:
+    """The records read, encoded and truncated as `slimtune train` does it (data.build), once per distinct
+    model and data section among the rows, before any row starts: data that no row can train on stops
+    compare with train's own error, not after the base row's eval and one failed child per row."""
+    seen, tokenizers = set(), {}
+    for row in [None, *plan.rows]:
+        cfg = plan.cfg if row is None or row.method == BASE else \
+            load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+        key = json.dumps([cfg.model.path, config_mod.to_dict(cfg)["data"]], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        path = cfg.model.path
+        if path not in tokenizers:
+            tokenizers[path] = load_tokenizer(path, cfg.model.trust_remote_code)
+        try:
+            build(cfg.data, tokenizers[path], log=lambda *a, **k: None)
+        except DataError as err:
+            if cfg is plan.cfg:
+                raise
+            raise DataError(f"compare.methods.{row.label}: {err}") from None  # the row's own data.* overrides
 
 
 def _heldout(cfg: config_mod.Config, out: Path) -> Path:
@@ -120,7 +152,7 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
         return done  # trained, then stopped during its eval; a failed row is tried again
     log(f"compare: {row.label}: training ({row.method})")
     res = child.run(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
-                    out / "logs" / f"{row.label}.train.peak.json", fwd)
+                    out / "logs" / f"{row.label}.train.peak.json", fwd, out / CHILD)
     summary = _read_json(run_dir / "summary.json")
     if res.interrupted and not (res.rc == 0 and summary):  # a run that finished anyway is recorded
         raise Interrupted(f"stopped while training {row.label}")
@@ -137,7 +169,7 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, l
     log_path = out / "logs" / f"{row.label}.eval.log"
     (run_dir / "compare-eval" / "scores.json").unlink(missing_ok=True)  # an earlier attempt's must not count
     res = child.run(_eval_args(plan, row, run_dir, data), log_path, out / "logs" / f"{row.label}.eval.peak.json",
-                    fwd)
+                    fwd, out / CHILD)
     scores = _read_json(run_dir / "compare-eval" / "scores.json")
     if res.interrupted and not (res.rc == 0 and scores):
         raise Interrupted(f"stopped while evaluating {row.label}")
@@ -145,6 +177,7 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, l
         return {}, res.failure(log_path)
     metric = plan.metric
     return {"eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
+            "eval_tokens": scores.get("eval_tokens"),  # answer tokens the loss is over (report.loss_note)
             "score": scores[metric] / 100 if metric and metric in scores else None,  # scores.json is in percent
             "eval_seconds": scores.get("seconds"), "eval_wall_seconds": res.seconds, "infer_rss_gib": res.rss_gib,
             "infer_gpu_allocated_gib": res.gpu.get("peak_allocated_gib"),
@@ -205,8 +238,32 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
     return result
 
 
+@contextlib.contextmanager
+def _locked(out: Path, log):
+    """The folder's lock for the compare's length: a second compare on a folder in use stops here, before it
+    touches a child or a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = runfolder.Lock(out, log)
+    try:
+        lock.__enter__()
+    except RunFolderError:
+        raise RunFolderError(f"--output: {out} is in use by another slimtune compare (PID "
+                             f"{runfolder.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
+                             "--output") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def run(plan: Plan, out: Path, log=print) -> list[dict]:
     """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
+    with _locked(out, log):
+        child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints
+        return _rows(plan, out, log)
+
+
+def _rows(plan: Plan, out: Path, log) -> list[dict]:
     shared = _shared_config(plan, out)
     data = _heldout(plan.cfg, out)
     results = []

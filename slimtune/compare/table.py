@@ -92,4 +92,5 @@ def legend(meta: dict) -> str:
             f"budget ({meta.get('budget', '?')}). Training time: the training loop (model load excluded); memory: "
             "the whole process's peak (model load included). Test: "
             f"{meta.get('eval_records', '?')} held-out records, greedy decoding; test time excludes the model load. "
-            "Size: the saved adapter or trained parameters.")
+            "Size: the saved adapter or trained parameters."
+            + (f" {meta['loss_note']}" if meta.get("loss_note") else ""))

@@ -2,18 +2,50 @@
 
 Training (checkpoint.StopOnSignal: save at the next step boundary) and `slimtune compare` (compare/child.Forward:
 pass the signal on to the running child) differ only in what a signal does; the handlers' installing and
-restoring is this one class. Imports nothing heavy: compare's parent process uses it too."""
+restoring is this one class; die_with_parent is the other end of a signal: compare's child stopped as its
+parent dies. Imports nothing heavy: compare's parent process uses it too."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
+import sys
 import threading
 
 try:
     import termios
 except ImportError:  # Windows: no terminals to hang up (and no SIGHUP)
     termios = None
+
+PARENT_ENV = "SLIMTUNE_DIE_WITH"  # the PID of the compare whose child this is
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """SIGTERM to this process, once, when its compare dies, however it dies (SIGKILL too), so a row's
+    training saves its checkpoint and stops instead of training on orphaned (Linux; elsewhere compare's
+    record of the child lets the next compare stop it). The kernel sends the parent-death signal again each
+    time the child is handed to another thread of the dying parent, and a second SIGTERM stops training
+    mid-save: so SIGUSR1 arrives (a signal no SignalScope handles: SIGHUP is training's "terminal closed"),
+    and only the first is passed on as SIGTERM. A compare that died before this ran is seen by the PID."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    first = []
+
+    def orphaned(signum, frame) -> None:
+        if not first:
+            first.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR1, orphaned)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class SignalScope:

@@ -6,6 +6,7 @@ GUI backend, so a run in a thread or on a headless server draws the same. Every 
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 DPI = 100
@@ -48,9 +49,13 @@ def loss_png(metrics: list[dict], path: Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def compare_losses(runs: dict[str, list[dict]], path: Path) -> Path:
-    """Every method's train loss (line) and eval loss (markers, same colour) on one chart."""
+def compare_losses(runs: dict[str, list[dict]], path: Path, note: str = "") -> Path:
+    """Every method's train loss (line) and eval loss (markers, same colour) on one chart; note: a line
+    under it saying which records the eval points score."""
     fig, ax = _figure()
+    if note:
+        fig.subplots_adjust(bottom=0.2)
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(note, 150)), fontsize=7, color="#444", va="bottom")
     colors = [f"C{i}" for i in range(10)]
     for i, (label, metrics) in enumerate(runs.items()):
         train, held = curves(metrics)

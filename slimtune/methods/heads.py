@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 
+from torch import nn
+
 from . import kinds
 from .base import MethodError, count_parameters, is_peft
 
@@ -23,11 +25,26 @@ def describe_parameters(model) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
+def unwrapped(model) -> tuple[nn.Module, str]:
+    """(the module inside nn.DataParallel / DistributedDataParallel / torch.compile's wrapper, the prefix of
+    its names in the wrapper): the wrapper's one child holds the pretrained base, so without this every head
+    of the user's model would pass for pretrained and no FrozenModuleWarning would say they stay frozen."""
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
 def frozen(model, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The new modules (kinds.new_modules, plus `heads`, names relative to the model as the caller built
     it) of which no parameter trains."""
     root = model.get_base_model() if is_peft(model) else model  # peft wraps the caller's model unchanged
-    names = list(dict.fromkeys([*kinds.new_modules(root), *heads]))
+    inner, prefix = unwrapped(root)
+    names = list(dict.fromkeys([*(prefix + n for n in kinds.new_modules(inner)), *heads]))
     out = []
     for name in names:
         try:

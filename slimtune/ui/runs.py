@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,6 +94,9 @@ class Launcher:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.roots.work, env=env, start_new_session=True)
         self._children[child.pid] = child
+        # reaped the moment it exits, looked at or not: a compare that failed while no page polled stayed
+        # a zombie under the server for 16 minutes
+        threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
         rec = {"pid": child.pid, "argv": argv, "kind": kind, "folder": str(folder), "started": time.time()}
         (self.roots.ui / f"{slug(folder)}.json").write_text(json.dumps(rec) + "\n", encoding="utf-8")
         return rec

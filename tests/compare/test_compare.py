@@ -265,3 +265,29 @@ def test_each_childs_peak_memory_is_its_own(tmp_path, tiny_model_dir, monkeypatc
     # measured: --help 0.22 GiB (cli imports torch), targets 0.34 GiB (+ transformers), pytest ~0.35+ GiB
     assert small.rss_gib < big.rss_gib and small.rss_gib < 0.8 * parent, (small.rss_gib, big.rss_gib, parent)
     assert small.gpu == {} and small.seconds > 0 and not small.interrupted
+
+
+def test_data_no_row_can_train_on_stops_before_any_row_with_trains_message(tmp_path, tiny_model_dir, capsys):
+    """Issue 27: with no answer token within data.max_len, compare ran the base row (98 s), then started
+    every training row only for each to fail on the same error. Now it stops first, as train does."""
+    from slimtune import cli
+
+    short = ["data.max_len=8"]  # the prompt alone is ~20 tokens: every answer is cut off
+    plain = lora_run_config(tmp_path, tiny_model_dir, "x", max_steps=2)
+    assert cli.main(["train", str(plain), *short, "--no-progress"]) == 2
+    trains = capsys.readouterr().err.strip().splitlines()[-1]
+    assert trains.startswith("slimtune train: error: ") and "no training record has an answer token" in trains
+    cfg = _write(tmp_path, tiny_model_dir, {"methods": ["base", "lora", "ia3"]})
+    started = time.perf_counter()
+    assert cli.main(["compare", str(cfg), *short, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == trains.replace("slimtune train:", "slimtune compare:")
+    assert not (tmp_path / "o").exists() and time.perf_counter() - started < 30  # no row ran
+    # a row's own data.* overrides are checked too, and named
+    tree = yaml.safe_load(cfg.read_text())
+    tree["compare"] = {"methods": {"base": None, "lora": None, "ia3": {"data.max_len": 8}}}
+    cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert cli.main(["compare", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slimtune compare: error: compare.methods.ia3: ") and err.endswith(trains.split(
+        "error: ", 1)[1]) and not (tmp_path / "o").exists()

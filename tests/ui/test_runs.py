@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from pathlib import Path
 
 from slimtune.engine import runfolder
 from slimtune.ui import runs, sse
@@ -43,3 +45,15 @@ def test_a_resumed_run_cutting_its_metrics_starts_the_stream_over(tmp_path):
     assert json.loads(first[1].split("data: ")[1])["status"] == "new"
     rows, offset, cut = sse.new_rows(metrics, 10_000)
     assert (rows, offset, cut) == ([], 0, True)  # shorter than where the stream was: resumed, cut back
+
+
+def test_a_command_that_fails_is_reaped_though_no_page_looks(tmp_path):
+    """Issue 27: a compare started from the app that failed stayed a zombie under the server for over 16
+    minutes: it was reaped only when a page asked for that folder's state."""
+    launcher = runs.Launcher(Roots.at(tmp_path))
+    pid = launcher.launch(tmp_path / "runs" / "c", ["compare", str(tmp_path / "missing.yaml")], "compare")["pid"]
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # a zombie keeps its /proc entry
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists()
+    assert "config file not found" in launcher.log_path(tmp_path / "runs" / "c").read_text()
