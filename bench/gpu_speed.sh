@@ -22,6 +22,8 @@
 #        CAPS=24) runs the rest in a second command
 #   bash bench/gpu_speed.sh s8-1b|s8-8b   the defaults (compiled layers since session 8) and defaults:compile=off, then
 #        unsloth, one size; at 1B also QLoRA both sides and the GPU tests of compiled layers, qlora and tiled MLP
+#   bash bench/gpu_speed.sh s9-diag-1b|s9-diag-8b   issue 28: the former bench loop and fit with the same keys (each
+#        profiled over two steps), then the defaults, lora and qlora; logs and profiles in $OUT/logs.tgz
 #   bash bench/gpu_speed.sh qwen   slimtune defaults and the explicit 16 x 1 offloaded recipe, then unsloth, at qwen7b
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
@@ -124,6 +126,11 @@ elif [ "$SIZE" = s8-1b ] || [ "$SIZE" = s8-8b ]; then  # session 8: defaults (co
     tests/kernels/test_compiled_gpu.py tests/kernels/test_qlora.py tests/kernels/test_tiled_mlp_gpu.py \
     tests/engine/test_host_reads.py::test_one_gpu_sync_per_step -rs 2>&1 \
     | grep -v -i warn | tail -15 > "$OUT/gpu_tests.log"
+elif [ "$SIZE" = s9-diag-1b ] || [ "$SIZE" = s9-diag-8b ]; then  # issue 28: fit beside the former bench loop
+  S=${SIZE#s9-diag-}; export SPEED_LOG_DIR=/tmp/logs; mkdir -p /tmp/logs
+  PYTHONPATH=/tmp/site timeout ${T1:-500} python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
+    --recipes ${RECIPES:-loop:bs=16:ga=1:offload:profile=/tmp/logs/prof_loop.txt,slimtune:bs=16:ga=1:offload:profile=/tmp/logs/prof_fit.txt,defaults,defaults-qlora}
+  tar czf "$OUT/logs.tgz" -C /tmp/logs .
 elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
   export UNSLOTH_MODES=padded
   PYTHONPATH=/tmp/site:/tmp/site_test timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_qlora.py \
