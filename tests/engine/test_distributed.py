@@ -1,6 +1,7 @@
 """Several processes through torchrun + FSDP2, on the CPU with gloo: the same losses and adapter as one
-process for the same records per step, a 2-process checkpoint resumed by 1 process, an error on one rank
-ending every rank with that rank named, and a two-node launch simulated on one host."""
+process for the same records per step, a 2-process checkpoint resumed by 1 process, a rank SIGKILLed mid-run
+resumed on 2 processes (bit-identical) and on 1, an error on one rank ending every rank with that rank named,
+and a two-node launch simulated on one host."""
 from __future__ import annotations
 
 import json
