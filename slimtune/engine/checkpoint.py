@@ -5,7 +5,7 @@ one found for --resume, and SIGINT/SIGTERM/SIGHUP turned into a save at the next
         adapter_config.json + adapter_model.safetensors (or slimtune_parts.safetensors), config.yaml:
             the method's own save, so `slimtune chat/merge/generate` take this folder as they take a run's
         trainable.safetensors   peft methods: the raw trainable parameters, what a resume loads
-        trainer_state.pt        optimizer, scheduler, GradScaler, RNG states, data position, progress
+        trainer_state.pt        optimizer, scheduler, GradScaler, RNG states (every rank's), data position, progress
         sharded/                instead of the weights and the optimizer: full fine-tuning on several
                                 processes, each rank's shard written through DCP (engine/sharded.py)
         COMPLETE                written last, before the folder gets its name
@@ -230,6 +230,22 @@ def rng_state() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return state
+
+
+def rng_states() -> dict:
+    """The trainer state's RNG entries: this process's generators ("rng"), and on several processes every
+    rank's ("rng_ranks"; all ranks call it). Each rank draws the dropout masks of its own share of a
+    micro-batch, so its generator has moved on from rank 0's, and a resume restores each rank's own."""
+    mine = rng_state()
+    return {"rng": mine, "rng_ranks": distributed.all_gather_object(mine)} if distributed.active() else {"rng": mine}
+
+
+def resume_rng(state: dict) -> None:
+    """This rank's generators from a trainer state: its own where the checkpoint holds them (as many processes
+    as wrote it, or fewer), else rank 0's, as every rank of a fresh run starts from the one train.seed.
+    Checkpoints before rng_ranks hold rank 0's only."""
+    ranks, rank = state.get("rng_ranks") or [state["rng"]], distributed.rank()
+    set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"])
 
 
 def set_rng_state(state: dict) -> None:

@@ -170,6 +170,15 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if not active():
+        return [obj]
+    out = [None] * size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_max(values: list[float], device: str) -> list[float]:
     """Element-wise maximum over ranks (the busiest GPU's peak)."""
     if not active():

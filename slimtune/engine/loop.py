@@ -302,7 +302,7 @@ def _save(run: Run, logs: RunLog) -> Path:
     state = {"step": run.step, "seen": run.seen, "elapsed": run.elapsed, "result": run.tally.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "stream": run.stream.state_dict(), "data": run.data,
-             "rng": checkpoint.rng_state(), "metrics_bytes": logs.offset(), "trained": run.trained}
+             **checkpoint.rng_states(), "metrics_bytes": logs.offset(), "trained": run.trained}
     if checkpoint.writes_sharded(run.cfg):  # each rank writes its shard: nothing gathered
         return checkpoint.save_sharded(run.out_dir, run.step, run.model, run.optimizer, run.cfg, state,
                                        tc.keep_checkpoints)
@@ -329,7 +329,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     run.trained = state.get("trained", 0)  # checkpoints before trained_tokens_per_s lack it
     run.tally.load_state_dict(state["result"])  # the kernels stay this run's choice (FREE_KEYS may change them)
     _new_peak_lr(run, log)
-    checkpoint.set_rng_state(state["rng"])  # last: dropout masks go on as in the uninterrupted run
+    checkpoint.resume_rng(state)  # last: each rank's dropout masks go on as in the uninterrupted run
     log(f"resuming from {folder} at step {run.step} of {run.steps}")
     return state["metrics_bytes"]
 
