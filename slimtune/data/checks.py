@@ -2,8 +2,9 @@
 
 A field holding a lone surrogate (a \\ud800-style escape) or an integer of more digits than Python
 converts is an error naming file, record and field. Records that are readable but odd (a repeated JSON
-key, NaN/Infinity literals, NUL or other control characters, keys slimtune does not read, empty user
-turns) are counted in Notes, which reports one line per kind naming the first record.
+key, NaN/Infinity literals, NUL or other control characters, Unicode noncharacters, keys slimtune does not
+read, empty user turns, whitespace-only fields, empty system messages, a file mixing formats) are counted in
+Notes, which reports one line per kind naming the first record.
 """
 from __future__ import annotations
 

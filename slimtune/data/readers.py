@@ -8,6 +8,8 @@ Every command reads through `read` (train, inspect, estimate, eval; generate thr
 each gets the same guards: JSON that Python cannot hold (5,000-digit integers, deep nesting) and text that
 is not Unicode (lone surrogates) are errors naming the record, and odd but readable records (duplicate
 keys, unknown keys, NaN literals, control characters, empty user turns) are counted and reported.
+A whitespace-only field reads as empty and an empty system message is left out (both counted); a null
+(a datasets column that a row lacks) is a missing field.
 """
 from __future__ import annotations
 
