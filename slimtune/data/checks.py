@@ -2,8 +2,9 @@
 
 A field holding a lone surrogate (a \\ud800-style escape) or an integer of more digits than Python
 converts is an error naming file, record and field. Records that are readable but odd (a repeated JSON
-key, NaN/Infinity literals, NUL or other control characters, keys slimtune does not read, empty user
-turns) are counted in Notes, which reports one line per kind naming the first record.
+key, NaN/Infinity literals, NUL or other control characters, Unicode noncharacters, keys slimtune does not
+read, empty user turns, whitespace-only fields, empty system messages, a file mixing formats) are counted in
+Notes, which reports one line per kind naming the first record.
 """
 from __future__ import annotations
 
@@ -19,13 +20,21 @@ from ..errors import SlimtuneError
 
 SURROGATE = re.compile("[\ud800-\udfff]")
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL, but tab, newline, CR
+# Unicode's 66 noncharacters: U+FDD0-U+FDEF and the last two code points of each plane (U+FFFE, U+FFFF, ...).
+# Counted, not refused: they are valid in interchange (Corrigendum #9) and encode and tokenize like any
+# character, so the record is usable, but in training text they are almost always damage (U+FFFE is a
+# byte-order mark read in the wrong byte order).
+NONCHAR = re.compile("[\ufdd0-\ufdef" + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17)) + "]")
 
 WHAT = {
     "duplicate": "a repeated JSON key (the last value is used)",
     "unknown": "keys slimtune does not read",
     "nonfinite": "NaN or Infinity, which standard JSON does not allow",
     "control": "NUL or other control characters in text",
+    "nonchar": "Unicode noncharacters (like U+FFFE, a byte-order mark read in the wrong byte order) in text",
     "empty_user": "an empty user turn",
+    "blank": "a whitespace-only instruction, input or system, read as empty",
+    "empty_system": "an empty system message, left out (data.system applies as without one)",
 }
 
 
@@ -56,8 +65,14 @@ class Notes:
         self.track_unknown = unknown_keys  # prompts files carry their other keys into the outputs
         self.unknown_keys: Counter = Counter()
         self.hints: dict[str, str] = {}
+        self.last: dict[str, str] = {}  # kind: the record that added it last
+        self.formats: Counter = Counter()  # records read per format, and the first of each
+        self.format_first: dict[str, str] = {}
 
     def add(self, kind: str, where: str, detail: str = "") -> None:
+        if self.last.get(kind) == where:  # a record with two such fields is still one record
+            return
+        self.last[kind] = where
         self.counts[kind] += 1
         where = where.removeprefix(f"{self.path} ")  # the line says the file once
         self.first.setdefault(kind, where + (f', field "{detail}"' if detail else ""))
@@ -72,6 +87,20 @@ class Notes:
             if close:
                 self.hints.setdefault(k, close[0])
 
+    def format(self, fmt: str, where: str) -> None:
+        """A record read as `fmt`: a file whose records come in more than one format is reported."""
+        self.formats[fmt] += 1
+        self.format_first.setdefault(fmt, where.removeprefix(f"{self.path} "))
+
+    def _mixed(self) -> str:
+        """Records of two formats are each clear, but a file holding both is often an accident: name the
+        first record of the rarer format (on a tie, the one met last)."""
+        rare = min(reversed(self.formats), key=self.formats.__getitem__)
+        n, rest = self.formats[rare], [f for f in self.formats if f != rare]
+        other = self.formats.total() - n
+        return (f"warning: {self.path}: {n} record{'s' * (n != 1)} in {rare} format, the other {other} in "
+                f"{' and '.join(rest)}; first: {self.format_first[rare]}")
+
     def lines(self) -> list[str]:
         out = []
         for kind in (k for k in WHAT if k in self.counts):
@@ -82,6 +111,8 @@ class Notes:
                         for k, _ in self.unknown_keys.most_common(5)]
                 line += f"; keys: {', '.join(keys)}"
             out.append(line)
+        if len(self.formats) > 1:
+            out.append(self._mixed())
         return out
 
     def report(self, log) -> None:
@@ -107,6 +138,8 @@ def scan(rec: Any, where: str, notes: Notes | None = None) -> None:
                                 "escape), which is not text; fix or remove that character")
             if notes is not None and CONTROL.search(value):
                 notes.add("control", where, name)
+            if notes is not None and NONCHAR.search(value):
+                notes.add("nonchar", where, name)
         elif isinstance(value, HugeInt):
             raise DataError(f'{where}: field "{name or "(record)"}" holds an integer of {value.digits} digits, more '
                             f"than Python reads ({sys.get_int_max_str_digits()}); write it as a string or remove it")

@@ -8,6 +8,8 @@ Every command reads through `read` (train, inspect, estimate, eval; generate thr
 each gets the same guards: JSON that Python cannot hold (5,000-digit integers, deep nesting) and text that
 is not Unicode (lone surrogates) are errors naming the record, and odd but readable records (duplicate
 keys, unknown keys, NaN literals, control characters, empty user turns) are counted and reported.
+A whitespace-only field reads as empty and an empty system message is left out (both counted); a null
+(a datasets column that a row lacks) is a missing field.
 """
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ def _text(rec: dict, key: str, where: str, required: bool, nonempty: bool = Fals
         raise DataError(f'{where}: field "{key}" must be a string, got {type(value).__name__}')
     if nonempty and not value.strip():
         raise DataError(f'{where}: field "{key}" is empty; every record needs a non-empty {key}')
-    return value
+    return value if value.strip() else ""  # whitespace only (NBSP too) reads as empty; _note counts it
 
 
 def from_alpaca(rec: dict, where: str) -> Example:
@@ -174,6 +176,8 @@ def _turn(m: Any, field: str, where: str, keys: tuple[str, str], roles: dict[str
     role, content = m.get(rkey), m.get(ckey)
     if not isinstance(role, str) or role not in roles:
         raise DataError(f'{where}: field "{field}.{rkey}" is {role!r}; expected one of {", ".join(roles)}')
+    if content is None:  # absent, or null in a datasets row that lacks it
+        raise DataError(f'{where}: field "{field}.{ckey}" is missing; every message needs its text')
     if not isinstance(content, str):
         raise DataError(f'{where}: field "{field}.{ckey}" must be a string, got {type(content).__name__}')
     return {"role": roles[role], "content": content}
@@ -200,7 +204,8 @@ def _conversation(items: Any, where: str, name: str, keys: tuple[str, str], role
     if out[-1]["role"] != "assistant":
         raise DataError(f'{where}: field "{name}[{len(out) - 1}].{keys[0]}": the last message must be the '
                         "assistant's answer")
-    return out
+    # an empty system turn says nothing: left out, so data.system applies as for a record without one
+    return out[1:] if out[0]["role"] == "system" and not out[0]["content"].strip() else out
 
 
 def from_messages(rec: dict, where: str) -> Example:
@@ -212,9 +217,7 @@ def from_messages(rec: dict, where: str) -> Example:
 def from_sharegpt(rec: dict, where: str) -> Example:
     """ShareGPT records: "conversations" of {"from", "value"} (human/gpt/system), or {"role", "content"}."""
     items = rec.get("conversations")
-    first = items[0] if isinstance(items, list) and items else None
-    keys = ("role", "content") if isinstance(first, dict) and "from" not in first and "role" in first else \
-        ("from", "value")
+    keys = _sharegpt_keys(items)
     if isinstance(items, list):
         for i, m in enumerate(items):
             role = m.get(keys[0]) if isinstance(m, dict) else None
@@ -226,14 +229,24 @@ def from_sharegpt(rec: dict, where: str) -> Example:
     return Example(_top_system(rec, out, where, "conversations"), where, rec)
 
 
+def _sharegpt_keys(items: Any) -> tuple[str, str]:
+    """{"from", "value"} turns, or {"role", "content"} ones; a null "from" counts as absent (a datasets
+    folder gives every row both sets of keys when its rows mix them)."""
+    first = items[0] if isinstance(items, list) and items else None
+    use_role = isinstance(first, dict) and first.get("from") is None and "role" in first
+    return ("role", "content") if use_role else ("from", "value")
+
+
 def _top_system(rec: dict, out: list[dict], where: str, name: str) -> list[dict]:
     """A top-level "system" beside the conversation is its system message (as LLaMA-Factory reads it);
     with a system turn inside too, which one was meant is unclear: refused."""
     system = rec.get("system")
-    if system is None or system == "":
+    if system is None:
         return out
     if not isinstance(system, str):
         raise DataError(f'{where}: field "system" must be a string, got {type(system).__name__}')
+    if not system.strip():  # "" or whitespace only: no system prompt (_note counts the latter)
+        return out
     if out[0]["role"] == "system":
         raise DataError(f'{where}: field "system" is given beside a system message in "{name}"; keep one of them')
     return [{"role": "system", "content": system}] + out
@@ -253,7 +266,11 @@ def _formats(keys) -> dict[str, list[str]]:
 def _detect(rec: dict, where: str) -> str:
     """The record's format by its fields; fields of two formats at once are refused (which one is meant?).
     A field set to null does not count there: a datasets folder holds every column in every row."""
-    found = _formats([k for k, v in rec.items() if v is not None]) or _formats(rec)
+    found = _formats([k for k, v in rec.items() if v is not None])
+    if not found and len(_formats(rec)) > 1:
+        raise DataError(f"{where}: fields {', '.join(map(json.dumps, rec))} are all null (a datasets row with no "
+                        "value in any format's columns); fill in one format's fields or remove the row")
+    found = found or _formats(rec)
     if len(found) > 1:
         fields = [k for names in found.values() for k in names]
         raise DataError(f"{where}: fields {', '.join(map(json.dumps, fields))} belong to different formats "
@@ -282,6 +299,16 @@ def _note(rec: dict, ex: Example, fmt: str, where: str, notes: Notes) -> None:
         notes.unknown(where, unknown, KNOWN[fmt])
     if any(m["role"] == "user" and not m["content"].strip() for m in ex.messages):
         notes.add("empty_user", where)
+    for key in ("instruction", "input", "system") if fmt == "alpaca" else ("system",):
+        if isinstance(rec.get(key), str) and rec[key] and not rec[key].strip():
+            notes.add("blank", where, key)
+    if fmt != "alpaca":
+        name = "messages" if fmt == "messages" else "conversations"
+        role, text = _sharegpt_keys(rec[name]) if fmt == "sharegpt" else ("role", "content")
+        first = rec[name][0]  # parse checked it: an object with a string text
+        if SHAREGPT_ROLES.get(first[role]) == "system" and not first[text].strip():
+            notes.add("empty_system", where, f"{name}[0].{text}")
+    notes.format(fmt, where)
 
 
 def _warn(message: str) -> None:

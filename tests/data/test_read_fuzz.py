@@ -17,7 +17,7 @@ KEYS = ["instruction", "input", "output", "system", "history", "messages", "conv
         "from", "value", "inptu", "id"]
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
                    st.text(max_size=12), st.sampled_from(["", " ", "user", "assistant", "gpt", "human", "system",
-                                                          "<|im_end|>", "\ud800", "a\x00b"]))
+                                                          "<|im_end|>", "\ud800", "a\x00b", "\u00a0", "A\ufffe"]))
 VALUE = st.recursive(SCALAR, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                     st.dictionaries(st.sampled_from(KEYS), kids, max_size=4)),
                      max_leaves=12)

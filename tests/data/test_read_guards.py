@@ -96,14 +96,16 @@ def test_odd_records_are_counted_with_the_first_named(tmp_path):
         f'warning: {path}: 2 records with NUL or other control characters in text; first: line 6, '
         'field "instruction"',
         f"warning: {path}: 1 record with an empty user turn; first: line 8",
+        f"warning: {path}: 1 record in messages format, the other 8 in alpaca; first: line 8",
     ]
     examples = read(path, log=lambda _: None)
     assert examples[1].messages[-1]["content"] == "B"  # json's rule, now said out loud
 
 
 def test_clean_file_gives_no_warning(tmp_path):
-    assert _warnings(_file(tmp_path, [GOOD, {"messages": [{"role": "user", "content": "Hi"},
-                                                          {"role": "assistant", "content": "Hello"}]}])) == []
+    assert _warnings(_file(tmp_path, [GOOD, dict(GOOD, input="", system="")])) == []
+    assert _warnings(_file(tmp_path, [{"messages": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hello"}]}])) == []
 
 
 def test_messages_with_alpaca_fields_is_refused(tmp_path):

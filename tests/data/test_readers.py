@@ -183,7 +183,7 @@ BAD_RECORDS = {
     "content not a string": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 7}]},
                              'line 2: field "messages[1].content" must be a string, got int'),
     "content missing": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
-                        'line 2: field "messages[0].content" must be a string, got NoneType'),
+                        'line 2: field "messages[0].content" is missing; every message needs its text'),
     "last message not assistant": (
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                       {"role": "user", "content": "Bye"}]},
@@ -355,7 +355,8 @@ def test_parse_returns_example_or_data_error(instruction, extra, output, system,
     assert ex.where == where
     assert ex.messages[-1] == {"role": "assistant", "content": output}
     assert ex.messages[-2]["role"] == "user"
-    assert ex.messages[-2]["content"] == "\n".join(p for p in (instruction, extra) if isinstance(p, str) and p)
+    # a whitespace-only instruction or input reads as empty
+    assert ex.messages[-2]["content"] == "\n".join(p for p in (instruction, extra) if isinstance(p, str) and p.strip())
     assert all(isinstance(m["content"], str) for m in ex.messages)
 
 
@@ -369,7 +370,8 @@ def test_parse_messages_returns_example_or_data_error(msgs):
     except DataError as err:
         assert str(err).startswith(f"{where}: field \"messages")
         return
-    assert ex.messages == msgs and msgs[-1]["role"] == "assistant"
+    blank_system = msgs[0]["role"] == "system" and not msgs[0]["content"].strip()  # left out
+    assert ex.messages == msgs[blank_system:] and msgs[-1]["role"] == "assistant"
 
 
 def test_utf8_byte_order_mark_is_read(tmp_path):
