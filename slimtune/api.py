@@ -25,6 +25,7 @@ from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
+from .train import match_checkpointing
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -102,6 +103,7 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
     out = Path(out_dir or cfg.train.output_dir)
     held = list(eval_data)
     cfg = plan.resolve(cfg, device, log, model=model)  # an auto micro-batch split (engine/plan.py), printed
+    match_checkpointing(model, cfg, log)  # the split may have chosen checkpointing after prepare ran
     scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
 
