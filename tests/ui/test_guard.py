@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from slimtune.ui import runs  # noqa: E402
+from slimtune.ui import chat, runs  # noqa: E402
 from slimtune.ui.paths import Roots  # noqa: E402
 from slimtune.ui.server import create_app  # noqa: E402
 
@@ -83,6 +83,17 @@ def test_a_path_no_file_can_have_is_a_400(client, method, url, body, message):
 def test_a_body_fastapi_cannot_read_says_so_in_the_apps_words(client, body, message):
     r = post(client, "/api/chat", body)
     assert r.status_code == 422 and r.json()["error"].startswith(message) and r.json()["fields"] == {}
+
+
+@pytest.mark.parametrize("form, message", [
+    ({"max_new_tokens": "abc"}, "sampling.max_new_tokens: expected int, got 'abc'"),
+    ({"top_k": 1e400}, "sampling.top_k: expected int, got inf"),
+    ({"temperature": []}, "sampling.temperature: expected float, got []")])
+def test_chat_sampling_of_the_wrong_type_is_named(form, message):
+    with pytest.raises(chat.ChatError) as err:  # the server answers a ChatError with 400
+        chat.sampling(form)
+    assert str(err.value) == message
+    assert chat.sampling({"max_new_tokens": "12", "top_p": 0.5}).max_new_tokens == 12
 
 
 def test_a_body_over_the_limit_is_refused_with_or_without_its_length(client):
