@@ -62,20 +62,20 @@ def _unpaired(tree) -> str | None:
     return None
 
 
-def text_refused(body: bytes) -> str | None:
-    """Why a JSON body's text may not go on to a route: bytes that are not UTF-8, nesting deeper than the parser
-    goes, a string holding an unpaired surrogate (a \\ud800-style escape). Other bodies that are not JSON pass:
-    the route's parser answers for them."""
+def text_refused(body: bytes) -> tuple[str, str] | None:
+    """(where, why) a JSON body's text may not go on to a route: bytes that are not UTF-8, nesting deeper than
+    the parser goes, a string holding an unpaired surrogate (a \\ud800-style escape). Other bodies that are not
+    JSON pass: the route's parser answers for them."""
     try:
         where = _unpaired(json.loads(body)) if body else None
     except UnicodeDecodeError as err:
-        return f"request body: not UTF-8 text ({err.reason} at byte {err.start}); send the form as JSON"
+        return "", f"request body: not UTF-8 text ({err.reason} at byte {err.start}); send the form as JSON"
     except RecursionError:
-        return "request body: JSON nested deeper than the server reads; send the form as the page builds it"
+        return "", "request body: JSON nested deeper than the server reads; send the form as the page builds it"
     except ValueError:
         return None
-    return where and (f"{where}: holds an unpaired surrogate (a \\ud800-style escape), which is not text; fix or "
-                      "remove that character")
+    return where and (where, f"{where}: holds an unpaired surrogate (a \\ud800-style escape), which is not text; "
+                             "fix or remove that character")
 
 
 def too_big(limit: int) -> JSONResponse:
@@ -97,7 +97,7 @@ class Guard:
         # a web page elsewhere can point its own domain name at 127.0.0.1 (DNS rebinding) and then call this
         # server as its own origin; its requests carry that name in Host, so only loopback names are served
         if self.hosts is not None and host not in self.hosts:
-            return f"Host {conn.headers.get('host')!r} refused: open the app as http://127.0.0.1:PORT/"
+            return f"Host {host!r} refused: open the app as http://127.0.0.1:PORT/"
         return None if conn.scope["method"] in SAFE else origin_refused(conn)
 
     async def __call__(self, scope, receive, send):
@@ -115,10 +115,11 @@ class Guard:
         body = await self.read(receive)
         if body is None:
             return await too_big(self.limit)(scope, receive, send)
-        why = text_refused(body)
-        if why:  # a form's field beside its input, as the config's own errors are
-            field = why.split(":")[0].removeprefix("tree.")
-            return await answer(400, why, {field: why} if why.startswith("tree.") else None)(scope, receive, send)
+        refusal = text_refused(body)
+        if refusal:  # a form's field beside its input, as the config's own errors are
+            where, why = refusal
+            fields = {where.removeprefix("tree."): why} if where.startswith("tree.") else None
+            return await answer(400, why, fields)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
     async def read(self, receive) -> bytes | None:

@@ -85,6 +85,15 @@ def test_a_body_fastapi_cannot_read_says_so_in_the_apps_words(client, body, mess
     assert r.status_code == 422 and r.json()["error"].startswith(message) and r.json()["fields"] == {}
 
 
+@pytest.mark.parametrize("body, message", [
+    (b"\xff{}", "request body: not UTF-8 text (invalid start byte at byte 0); send the form as JSON"),
+    (b"[" * 100_000, "request body: JSON nested deeper than the server reads; send the form as the page builds it"),
+])
+def test_a_body_that_is_not_text_or_too_deep_is_a_400(client, body, message):
+    r = post(client, "/api/config", body)
+    assert r.status_code == 400 and r.json() == {"error": message, "fields": {}}
+
+
 @pytest.mark.parametrize("form, message", [
     ({"max_new_tokens": "abc"}, "sampling.max_new_tokens: expected int, got 'abc'"),
     ({"top_k": 1e400}, "sampling.top_k: expected int, got inf"),
