@@ -21,7 +21,8 @@ class PathRefused(SlimtuneError, PermissionError):
 
 
 class NotAPath(SlimtuneError, ValueError):
-    """Text no file name can hold: a NUL byte, an unpaired surrogate, ~ of no user (the server answers 400)."""
+    """Text no file name can hold (a NUL byte, an unpaired surrogate) or a path the OS cannot look up (~ of no
+    user, a link loop, a name too long): the server answers 400."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ def _path_text(text: str, field: str) -> str:
 
 
 def _stat(p: Path) -> None:
-    """OSError for a path the OS refuses to look at (a name longer than it allows), which pathlib's is_dir()
-    and is_file() raise rather than answer False; a path that is not there is fine."""
+    """OSError for a path the OS refuses to look up (a name longer than it allows, which pathlib's is_dir()
+    and is_file() raise rather than answer False; a link loop, where resolve() did not raise); a path that is
+    not there is fine."""
     try:
         os.stat(p)
     except OSError as err:
-        if err.errno == errno.ENAMETOOLONG:
-            raise OSError("a file name longer than this system allows") from None
+        if err.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise OSError(f"{os.strerror(err.errno).lower()} on this system") from None
