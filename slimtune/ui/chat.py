@@ -68,7 +68,12 @@ def sampling(form: dict) -> Sampling:
     flags = {"max_new_tokens": 256, "sample": False, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
              "repetition_penalty": 1.0, "seed": None}
     kinds = {k: type(v) for k, v in flags.items() if v is not None}
-    flags.update({k: kinds.get(k, int)(v) for k, v in form.items() if k in flags and v is not None})
+    for k, v in form.items():
+        if k in flags and v is not None:
+            try:
+                flags[k] = kinds.get(k, int)(v)
+            except (TypeError, ValueError, OverflowError):  # "abc", [], inf: as argparse refuses --top-k abc
+                raise ChatError(f"sampling.{k}: expected {kinds.get(k, int).__name__}, got {v!r}") from None
     return cli_sampling(SimpleNamespace(**flags))
 
 

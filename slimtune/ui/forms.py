@@ -59,14 +59,15 @@ def schema() -> dict:
 def build(tree: dict, roots: Roots) -> config_mod.Config:
     """The config of a form (a nested dict as YAML holds it), its paths checked against the roots; every
     problem at once, as FormError."""
-    tree = {k: dict(v) for k, v in tree.items() if isinstance(v, dict)}
+    # a section that is not a mapping goes on as given: config.from_dict names it, as for a YAML file
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
     fields: dict[str, str] = {}
     refused = False
     for key, check in (("model.path", roots.model), ("data.train", roots.check), ("data.eval", roots.check),
                        ("train.output_dir", roots.check)):
         section, name = key.split(".")
-        value = tree.get(section, {}).get(name)
-        if value:
+        value = tree[section].get(name) if isinstance(tree.get(section), dict) else None
+        if value and isinstance(value, str):  # another type: from_dict says what it expected
             try:
                 tree[section][name] = str(check(value, key))
             except SlimtuneError as err:

@@ -1,6 +1,7 @@
 """The web app's routes: a thin face over forms, runs, comparing and chat. Errors come back as the CLI words
 them: {"error": text, "fields": {dotted key: text}} with 400 (bad input), 403 (a path outside the roots) or
-409 (a run that cannot be stopped or resumed now)."""
+409 (a run that cannot be stopped or resumed now); guard.py answers before any route for a Host or Origin from
+elsewhere (403), a body over its limit (413) and a body FastAPI cannot read (422)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import SlimtuneError
-from . import chat, comparing, forms, runs, sse
+from . import chat, comparing, forms, guard, runs, sse
 from .paths import LOCAL, PathRefused, Roots
 
 STATIC = Path(__file__).parent / "static"
@@ -21,8 +22,7 @@ FILES = {".png": "image/png", ".yaml": "text/plain", ".md": "text/plain", ".json
 
 def _error(request: Request, err: Exception) -> JSONResponse:
     code = 403 if isinstance(err, PathRefused) else 409 if isinstance(err, runs.RunStateError) else 400
-    fields = getattr(err, "fields", None) or {}
-    return JSONResponse({"error": str(err), "fields": fields}, status_code=code)
+    return guard.answer(code, str(err), getattr(err, "fields", None))
 
 
 def create_app(roots: Roots, hosts: tuple[str, ...] | None = LOCAL) -> FastAPI:
@@ -30,15 +30,7 @@ def create_app(roots: Roots, hosts: tuple[str, ...] | None = LOCAL) -> FastAPI:
     hosts: the names a request's Host may give (None: any, for --allow-remote)."""
     app = FastAPI(title="slimtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(SlimtuneError, _error)
-
-    @app.middleware("http")
-    async def same_host(request: Request, call_next):
-        # a web page elsewhere can point its own domain name at 127.0.0.1 (DNS rebinding) and then call this
-        # server as its own origin; its requests carry that name in Host, so only loopback names are served
-        if hosts is not None and request.url.hostname not in hosts:
-            return JSONResponse({"error": f"Host {request.url.hostname!r} refused: open the app as "
-                                          "http://127.0.0.1:PORT/", "fields": {}}, status_code=403)
-        return await call_next(request)
+    guard.install(app, hosts)  # Host, Origin, body size and text checked before any route
 
     launcher, loaded = runs.Launcher(roots), chat.Models()
     app.state.roots, app.state.launcher, app.state.models = roots, launcher, loaded
