@@ -117,6 +117,19 @@ def enable_checkpointing(model, cfg_method, log=print) -> bool:
     return True
 
 
+def _check_split(cfg, kept: int, held: int) -> None:
+    """Refuses a held-out split (data.eval_size) that leaves fewer training records than one step takes where
+    the data had enough: data.eval_size=1e9 held out 39 of 40 records and trained on 1, with exit 0."""
+    per_step = batch.records_per_step(cfg.train)
+    if cfg.data.eval or not held or kept >= per_step or kept + held < per_step:
+        return
+    size = cfg.data.eval_size
+    can = f"a count of at most {kept + held - per_step}" if kept + held > per_step else "0"
+    raise ConfigError(f"data.eval_size={size:g} holds out {held} of the {kept + held} training records, leaving {kept} "
+                      f"to train on, fewer than one step's batch (train.batch_size={per_step}); set data.eval_size to "
+                      f"a fraction below 1 or {can}, or give held-out records in data.eval")
+
+
 def _sizes(built) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
@@ -218,6 +231,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
+    _check_split(cfg, len(built.train), len(built.eval))
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
