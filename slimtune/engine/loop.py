@@ -131,6 +131,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
+    if precision.cpu_note(plan, device):
+        log(precision.cpu_note(plan, device))
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device, log)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
