@@ -16,7 +16,7 @@ from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, distributed, memory, plan as split_plan, runfolder
+from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -237,6 +237,8 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
         cfg = batch.adopt(read_config(start), cfg)
     cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
     predicted = _predict(cfg, built, log, device, hint=not auto)
+    if device == "cpu":  # before the load: a record too long for this machine is one line, not a dead allocator
+        host_memory.check(cfg, built.train, built.eval)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
     home = "cpu" if distributed.active() else device
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
