@@ -117,17 +117,20 @@ def enable_checkpointing(model, cfg_method, log=print) -> bool:
     return True
 
 
-def _check_split(cfg, kept: int, held: int) -> None:
-    """Refuses a held-out split (data.eval_size) that leaves fewer training records than one step takes where
-    the data had enough: data.eval_size=1e9 held out 39 of 40 records and trained on 1, with exit 0."""
-    per_step = batch.records_per_step(cfg.train)
-    if cfg.data.eval or not held or kept >= per_step or kept + held < per_step:
+def _check_split(cfg, kept: int, held: int, log) -> None:
+    """A held-out split (data.eval_size) that leaves fewer training records than one step takes, where the data
+    had enough: refused when data.eval_size asked for every record (1e9 held out 39 of 40 records and trained on
+    1, with exit 0), else warned about."""
+    per_step, size, total = batch.records_per_step(cfg.train), cfg.data.eval_size, kept + held
+    if cfg.data.eval or not held or kept >= per_step or total < per_step:
         return
-    size = cfg.data.eval_size
-    can = f"a count of at most {kept + held - per_step}" if kept + held > per_step else "0"
-    raise ConfigError(f"data.eval_size={size:g} holds out {held} of the {kept + held} training records, leaving {kept} "
-                      f"to train on, fewer than one step's batch (train.batch_size={per_step}); set data.eval_size to "
-                      f"a fraction below 1 or {can}, or give held-out records in data.eval")
+    text = (f"data.eval_size={size:g} holds out {held} of the {total} training records, leaving {kept} to train on, "
+            f"fewer than one step's batch (train.batch_size={per_step})")
+    if (int(size) if size >= 1 else round(total * size)) < total:
+        log(f"warning: {text}: every step trains on the same few records; a smaller data.eval_size trains on more")
+        return
+    raise ConfigError(f"{text}; set data.eval_size to a fraction below 1 or a count of at most {total - per_step}, "
+                      "or give held-out records in data.eval")
 
 
 def _sizes(built) -> list[tuple[int, int]]:
@@ -231,7 +234,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
-    _check_split(cfg, len(built.train), len(built.eval))
+    _check_split(cfg, len(built.train), len(built.eval), log)
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)

@@ -545,4 +545,8 @@ def test_an_eval_split_leaving_less_than_a_batch_is_refused(tmp_path, tiny_model
         "fewer than one step's batch (train.batch_size=4); set data.eval_size to a fraction below 1 or a count of "
         "at most 36, or give held-out records in data.eval\n")
     assert not (tmp_path / "run").exists()
-    assert cli.main(["train", str(path), "--no-progress", "data.eval_size=36", "train.max_steps=1"]) == 0
+    # a count below the records' number that still leaves less than a batch trains, warned about
+    assert cli.main(["train", str(path), "--no-progress", "data.eval_size=37", "train.max_steps=1"]) == 0
+    assert ("warning: data.eval_size=37 holds out 37 of the 40 training records, leaving 3 to train on, fewer than "
+            "one step's batch (train.batch_size=4): every step trains on the same few records; a smaller "
+            "data.eval_size trains on more\n") in capsys.readouterr().out
