@@ -16,7 +16,7 @@ from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, distributed, memory, plan as split_plan, runfolder
+from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -135,6 +135,22 @@ def match_checkpointing(model, cfg, log=print) -> None:
             log("gradient checkpointing on: the batch split chose it (prepare ran before the split was known)")
 
 
+def _check_split(cfg, kept: int, held: int, log) -> None:
+    """A held-out split (data.eval_size) that leaves fewer training records than one step takes, where the data
+    had enough: refused when data.eval_size asked for every record (1e9 held out 39 of 40 records and trained on
+    1, with exit 0), else warned about."""
+    per_step, size, total = batch.records_per_step(cfg.train), cfg.data.eval_size, kept + held
+    if cfg.data.eval or not held or kept >= per_step or total < per_step:
+        return
+    text = (f"data.eval_size={size:g} holds out {held} of the {total} training records, leaving {kept} to train on, "
+            f"fewer than one step's batch (train.batch_size={per_step})")
+    if (int(size) if size >= 1 else round(total * size)) < total:
+        log(f"warning: {text}: every step trains on the same few records; a smaller data.eval_size trains on more")
+        return
+    raise ConfigError(f"{text}; set data.eval_size to a fraction below 1 or a count of at most {total - per_step}, "
+                      "or give held-out records in data.eval")
+
+
 def _sizes(built) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
@@ -236,11 +252,14 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
+    _check_split(cfg, len(built.train), len(built.eval), log)
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
     cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
     predicted = _predict(cfg, built, log, device, hint=not auto)
+    if device == "cpu":  # before the load: a record too long for this machine is one line, not a dead allocator
+        host_memory.check(cfg, built.train, built.eval)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
     home = "cpu" if distributed.active() else device
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)

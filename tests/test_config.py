@@ -505,3 +505,48 @@ def test_config_command(tmp_path, capsys):
     assert (resolved.method.r, resolved.train.lr) == (16, 1e-3)
     assert cli.main(["config", "train.lr=-1"]) == 2
     assert capsys.readouterr().err == "slimtune config: error: train.lr: must be positive\n"
+
+
+# --- issue 27 item 14: numbers in ASCII digits without underscores; a held-out split that leaves no batch ---
+
+ODD = "write numbers with the ASCII digits 0-9 and no underscores (e.g. 12, 1000, 2e-4)"
+
+
+@pytest.mark.parametrize("item, shown", [
+    ("train.max_steps=\u0661\u0662", "'\u0661\u0662'"),  # Arabic-Indic 12: int() read it as 12
+    ("train.max_steps=1_0", "'1_0'"),  # int() read it as 10
+    ("train.lr=2_0e-4", "'2_0e-4'"),
+    ("train.batch_size=\uff18", "'\uff18'"),  # a full-width 8
+    ("method.layers_to_transform=1,\u0662", "'\u0662'"),
+])
+def test_numbers_in_other_digits_or_with_underscores_are_refused(item, shown):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [item])
+    assert problems(err) == [f"override {item.split('=')[0]}: {shown}: {ODD}"]
+
+
+def test_yaml_numbers_with_underscores_or_other_digits_are_refused(tmp_path):
+    """YAML 1.1 reads 1_0 as the integer 10 and 1_0.5 as 10.5."""
+    path = write(tmp_path, "train:\n  max_steps: 1_0\n  lr: 1_0.5e-4\n  seed: \u0661\u0662\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert problems(err) == [f"{path}: train.max_steps: '1_0': {ODD}", f"{path}: train.lr: '1_0.5e-4': {ODD}",
+                             f"{path}: train.seed: '\u0661\u0662': {ODD}"]
+
+
+def test_an_eval_split_leaving_less_than_a_batch_is_refused(tmp_path, tiny_model_dir, capsys):
+    """data.eval_size=1e9 held out 39 of 40 records and trained on the one left, with exit 0."""
+    from conftest import lora_run_config
+
+    path = lora_run_config(tmp_path, tiny_model_dir, "run", copies=5, data={"eval_size": 1e9})
+    assert cli.main(["train", str(path), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "slimtune train: error: data.eval_size=1e+09 holds out 39 of the 40 training records, leaving 1 to train on, "
+        "fewer than one step's batch (train.batch_size=4); set data.eval_size to a fraction below 1 or a count of "
+        "at most 36, or give held-out records in data.eval\n")
+    assert not (tmp_path / "run").exists()
+    # a count below the records' number that still leaves less than a batch trains, warned about
+    assert cli.main(["train", str(path), "--no-progress", "data.eval_size=37", "train.max_steps=1"]) == 0
+    assert ("warning: data.eval_size=37 holds out 37 of the 40 training records, leaving 3 to train on, fewer than "
+            "one step's batch (train.batch_size=4): every step trains on the same few records; a smaller "
+            "data.eval_size trains on more\n") in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import typing
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,7 +44,7 @@ def _load(path, overrides=()) -> None:
     except ConfigError as err:
         assert str(err) and all(line for line in str(err).splitlines())
         return
-    assert math.isfinite(cfg.train.lr) and cfg.train.lr > 0 and cfg.train.adam_eps > 0  # what validate() promises
+    assert math.isfinite(cfg.train.lr) and 0 < cfg.train.lr <= 10 and cfg.train.adam_eps > 0  # what validate() promises
 
 
 @SETTINGS
@@ -69,3 +70,13 @@ def test_yaml_text(tmp_path, text):
                           st.text(max_size=20)), max_size=5))
 def test_dotted_overrides(overrides):
     _load(None, overrides)
+
+
+@SETTINGS
+@given(st.integers(min_value=0, max_value=10 ** 6), st.sampled_from(["_", "\u0661", "\uff11", "\u0967", "\u00b2"]),
+       st.sampled_from(["train.max_steps", "train.lr", "data.max_len", "train.batch_size", "data.eval_size"]))
+def test_numbers_take_ascii_digits_only(n, odd, key):
+    """int() and float() read '1_0' as 10 and Arabic-Indic or full-width digits as ASCII ones (issue 27 item 14)."""
+    text = str(n)[:1] + odd + str(n)[1:]
+    with pytest.raises(ConfigError, match="write numbers with the ASCII digits 0-9 and no underscores"):
+        config.load(None, [f"{key}={text}"])

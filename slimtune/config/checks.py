@@ -58,6 +58,12 @@ RANGE_TEXT = {
 }
 
 
+# AdamW moves each weight by about lr per step whatever the gradient: at 10 one step moves every weight ~10, far
+# past its scale (~0.02-1), while fine-tuning takes 1e-6 to 0.3 (prompt tuning). lr=1e38 overflowed AdamW ("value
+# cannot be converted to type float") and lr=1e30 trained an adapter that predicts nothing (issue 27).
+LR_MAX = 10.0
+
+
 def _inside(value, spec: str | tuple) -> bool:
     if isinstance(spec, tuple):
         return value in spec
@@ -120,6 +126,9 @@ def validate(cfg: Config) -> list[str]:
 
 def _check_relations(cfg: Config) -> list[str]:
     problems = []
+    if cfg.train.lr > LR_MAX:
+        problems.append(f"train.lr: {cfg.train.lr:g} is above {LR_MAX:g}: AdamW moves each weight by about lr per "
+                        "step, so such an lr only diverges; use 1e-6 to 1e-2 (prompt tuning: up to 0.3)")
     if cfg.train.max_steps == 0 and cfg.train.epochs <= 0:
         problems.append("train.epochs: must be positive (or set train.max_steps)")
     size = cfg.data.eval_size

@@ -29,9 +29,23 @@ def types_of(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+NUMBER_TYPES = (int, float, INT_OR_AUTO)
+
+
+def odd_number(text: str, where: str) -> str | None:
+    """The problem with a number's text that Python reads but a person may not mean: digits of another script
+    (int('١٢') is 12) or underscores (int('1_0') is 10, and YAML 1.1 reads 1_0 as 10 too); else None."""
+    if text.isascii() and "_" not in text:
+        return None
+    return f"{where}: {show(text)}: write numbers with the ASCII digits 0-9 and no underscores (e.g. 12, 1000, 2e-4)"
+
+
 def convert(text: str, tp: Any, where: str) -> Any:
     """Convert a command-line string to the field's declared type (never guessed from the text)."""
     origin = typing.get_origin(tp)
+    odd = odd_number(text.strip(), where) if tp in NUMBER_TYPES else None
+    if odd:
+        raise ConfigError(odd)
     if tp is bool:
         low = text.strip().lower()
         if low in ("true", "1", "yes", "on"):
@@ -74,6 +88,10 @@ def convert(text: str, tp: Any, where: str) -> Any:
 def check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check a YAML value against the declared type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
+    odd = odd_number(value, where) if tp in NUMBER_TYPES and isinstance(value, str) else None
+    if odd:
+        problems.append(odd)
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value) if value.bit_length() <= 1000 else math.inf  # float() overflows past ~1e308
     if tp is float and isinstance(value, str):  # YAML reads 2e-4 as a string

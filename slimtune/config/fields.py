@@ -101,7 +101,7 @@ class TrainConfig:
     grad_accum: int | str = "auto"
     """micro-batches per optimizer step; auto: batch_size / micro_batch_size (both auto: slimtune picks)"""
     lr: float = 2e-4
-    """peak learning rate"""
+    """peak learning rate (at most 10: AdamW moves each weight by about lr per step)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0

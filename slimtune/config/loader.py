@@ -36,6 +36,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
         return super().construct_mapping(node, deep)
 
+    def construct_plain_number(self, node):
+        """YAML 1.1 reads 1_0 as 10 (and 1_0.5 as 10.5): such a number stays its text, which the field's check
+        refuses (convert.odd_number)."""
+        if "_" in node.value:
+            return self.construct_scalar(node)
+        return self.yaml_number[node.tag](self, node)
+
+    yaml_number = {tag: yaml.SafeLoader.yaml_constructors[tag]
+                   for tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")}
+
+
+for _tag in _UniqueKeyLoader.yaml_number:
+    _UniqueKeyLoader.add_constructor(_tag, _UniqueKeyLoader.construct_plain_number)
+
 
 def _fill(cfg: Config, tree: dict, source: str, problems: list[str]) -> None:
     sections = fields_of(Config)

@@ -84,10 +84,7 @@ def likely_cause(what: str, model, precision: str, lr: float, losses: list[float
                 "diverged or the weights loaded broken; lower train.lr, or check model.path's files")
     now = trainable_max(model)
     if diverged(now, start):
-        return (f"training diverged: the trainable weights grew to max |w| {now:.3g} from {start:.3g} before the "
-                f"first step, so the forward pass overflowed; the batch's records are not the cause. Lower train.lr "
-                f"(now {lr:g}) or add train.warmup_steps (AdamW moves each weight by about lr per step whatever "
-                "the gradient, so train.max_grad_norm does not help)")
+        return divergence(now, start, lr, "so the forward pass overflowed; the batch's records are not the cause")
     if precision.startswith("fp16"):
         return ("fp16 overflow: a value in the forward pass passed fp16's maximum of 65504; use "
                 "train.precision=bf16 where the GPU has it, or fp32")
@@ -99,6 +96,36 @@ def likely_cause(what: str, model, precision: str, lr: float, losses: list[float
                 f"(now {lr:g}), add train.warmup_steps or set train.max_grad_norm")
     return ("the forward pass made a NaN/inf from finite weights: check these records (unusual or very long "
             "inputs) and the base model (model.path)")
+
+
+def divergence(now: float, start: float | None, lr: float, effect: str) -> str:
+    """The diagnosis of weights that grew past GROWTH x their start, and what to do."""
+    return (f"training diverged: the trainable weights grew to max |w| {now:.3g} from {start or 0:.3g} before the "
+            f"first step, {effect}. Lower train.lr (now {lr:g}) or add train.warmup_steps (AdamW moves each weight "
+            "by about lr per step whatever the gradient, so train.max_grad_norm does not help)")
+
+
+def saturated(model, now: float, start: float | None, lr: float, loss: float | None) -> str | None:
+    """Why a run that stayed finite must not pass for a trained one: its weights (max |w| `now`, over every
+    rank) diverged (lr=1e30 made them ~1e30, after which every token's logits were the same and the loss sat
+    at ln(vocab)), or None."""
+    if not diverged(now, start):
+        return None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    at = f"{loss:.4f}" if loss is not None else "unknown"
+    flat = f" (ln(vocab) = {math.log(vocab):.4f}, a uniform guess)" if vocab else ""
+    return divergence(now, start, lr, f"and the last train loss is {at}{flat}: the adapter predicts nothing")
+
+
+def uniform(model, loss: float | None) -> str | None:
+    """A warning when the last train loss is ln(vocab) to 1e-3: every token equally likely, which a trained
+    model never predicts (lr=1e30 gave 5.99146 with vocab 400, ln 400 = 5.99146)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab or loss is None or abs(loss - math.log(vocab)) > 1e-3:
+        return None
+    return (f"warning: the last train loss {loss:.4f} is ln(vocab) = {math.log(vocab):.4f}, the loss of giving every "
+            "token the same probability: the model learned nothing it predicts (often train.lr too high); check "
+            "the loss curve before using this adapter")
 
 
 def message(what: str, step: int, value: float, wheres: list[str], cause: str) -> str:

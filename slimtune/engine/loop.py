@@ -131,6 +131,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
+    if precision.cpu_note(plan, device):
+        log(precision.cpu_note(plan, device))
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device, log)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
@@ -357,6 +359,11 @@ def _final_checks(run: Run) -> None:
             f"than train.max_skipped_share={tc.max_skipped_share:g} allows, so the adapter was not saved (the "
             "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
             "train.max_skipped_share)")
+    top = distributed.all_max([guards.trainable_max(run.model)], run.device)[0]  # each rank holds a shard
+    why = guards.saturated(run.model, top, t.start_max_abs, tc.lr, t.train_loss)
+    if why:  # finite but blown up (lr=1e30): exit 0 would pass a useless adapter for a trained one
+        raise guards.NumericError(f"{why}; the adapter was not saved. "
+                                  + guards.resume_advice(run.out_dir, t.start_max_abs, True))
     loss = 0.0 if t.train_loss is None else t.train_loss
     if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
         raise guards.NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
@@ -376,6 +383,8 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         end.peak_allocated_gib = torch.cuda.max_memory_allocated() / 2**30
         end.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
     _final_checks(run)
+    if guards.uniform(run.model, t.train_loss):
+        log(guards.uniform(run.model, t.train_loss))
     if measure:
         report = measure(run.steps)
         end.eval_after = report.row()

@@ -3,6 +3,7 @@ the batch's records and the likely cause; fp16 loss-scaling overflow stays the G
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -216,10 +217,11 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir, tokenizer, monkey
 
 
 def test_divergence_is_named_with_the_last_sane_checkpoint_and_resume_takes_a_new_lr(
-        tmp_path, tiny_model_dir, nan_at_step_3, capsys):
+        tmp_path, tiny_model_dir, nan_at_step_3, capsys, monkeypatch):
     """lr=1e37 after two sane steps: step 3's update makes the weights ~1e37 (finite, checkpointed), step 4's
     forward pass overflows. The message blames divergence, not records, and points at step 2; --resume with
     a lower train.lr then goes on from there and trains at that lr."""
+    monkeypatch.setattr(config.checks, "LR_MAX", float("inf"))  # the guard behind the config's lr <= 10
     cfg = _config(tmp_path, tiny_model_dir, scheduler="constant", keep_checkpoints=0)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 2  # the poisoned step 3 stops it at step 2
     capsys.readouterr()
@@ -302,3 +304,42 @@ def test_a_nan_held_out_loss_fails_and_scores_json_stays_json(tmp_path, tiny_mod
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
     scores = json.loads(scores_path.read_text(), parse_constant=_refuse)
     assert scores["eval_loss"] is None and scores["null_reasons"]["eval_loss"].startswith("nan: the model's loss")
+
+
+# --- issue 27 item 8: an lr past any sane range is refused; a blown-up adapter never passes for a trained one ---
+
+@pytest.mark.parametrize("lr", ["1e38", "1e30", "11"])
+def test_an_lr_above_10_is_refused_before_anything_loads(tmp_path, tiny_model_dir, capsys, lr):
+    """lr=1e38 passed validation and AdamW failed with `value cannot be converted to type float`."""
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir)), "--no-progress", f"train.lr={lr}"]) == 2
+    assert capsys.readouterr().err == (f"slimtune train: error: train.lr: {float(lr):g} is above 10: AdamW moves "
+                                       "each weight by about lr per step, so such an lr only diverges; use 1e-6 to "
+                                       "1e-2 (prompt tuning: up to 0.3)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_saturated_adapter_fails_with_the_divergence_diagnosis(tiny_model_dir, tokenizer, tmp_path):
+    """lr=1e30 (a Config built in code skips the range check): every loss after step 1 is ln(vocab) exactly and
+    the run exited 0 with the adapter. Now the end of the run names the divergence and writes no adapter."""
+    model, records = _tiny(tiny_model_dir, tokenizer)
+    start = guards.trainable_max(model)
+    cfg = config.Config(train=config.TrainConfig(lr=1e30, max_steps=3, micro_batch_size=3, warmup_steps=0,
+                                                 save_every=0))
+    lines = []
+    with pytest.raises(guards.NumericError) as err:
+        fit(model, records, [], cfg, pad_id(tokenizer), tmp_path, "cpu", log=lines.append, show_progress=False)
+    text, vocab = str(err.value), model.config.vocab_size
+    assert text.startswith("training diverged: the trainable weights grew to max |w| ")
+    assert f"from {start:.3g} before the first step, and the last train loss is {math.log(vocab):.4f} " \
+           f"(ln(vocab) = {math.log(vocab):.4f}, a uniform guess): the adapter predicts nothing. Lower train.lr " \
+           "(now 1e+30)" in text
+    assert "the adapter was not saved. every checkpoint holds diverged weights (step-000003 (max |w| " in text
+    assert guards.trainable_max(model) > 1e3 * max(start, 1)
+
+
+def test_a_uniform_last_loss_is_warned_about(tiny_model_dir, tokenizer):
+    model, _ = _tiny(tiny_model_dir, tokenizer)
+    ln = math.log(model.config.vocab_size)
+    assert guards.uniform(model, ln + 1e-5).startswith(f"warning: the last train loss {ln:.4f} is ln(vocab) = "
+                                                       f"{ln:.4f}, the loss of giving every token the same probability")
+    assert guards.uniform(model, ln - 0.01) is None and guards.uniform(model, None) is None

@@ -128,3 +128,28 @@ def test_activation_offload_gives_the_same_loss(tiny_model_dir, tokenizer):
                 for _ in range(3)]
         losses.append([r["loss"] for r in rows])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+# --- issue 27 item 22: half precision on the CPU says when it starts that it is slower than fp32 ---
+
+CPU_NOTE = ("note: train.precision=fp16 on the CPU runs slower than fp32 (PyTorch's CPU half-precision kernels: mixed "
+            "fp16 took about 10x the time of fp32 on SmolLM2-135M); train.precision=fp32, what auto picks on the CPU, "
+            "is faster there unless memory is what you lack")
+
+
+def test_fp16_on_the_cpu_says_it_is_slower_when_it_starts(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "data": {"train": str(data), "eval_size": 0},
+                                   "train": {"precision": "fp16", "max_steps": 1, "output_dir": str(tmp_path / "r")}}))
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert CPU_NOTE in out and out.index(CPU_NOTE) < next(i for i, x in enumerate(out) if x.startswith("step 1/1"))
+
+
+@pytest.mark.parametrize("name, device, said", [("fp32", "cpu", False), ("auto", "cpu", False), ("fp16", "cpu", True),
+                                                ("bf16-pure", "cpu", True), ("fp16", "cuda", False)])
+def test_the_cpu_note_is_for_half_precision_on_the_cpu_only(name, device, said):
+    p = precision.Plan(name, torch.float16, torch.float32, torch.float16, True) if device == "cuda" \
+        else precision.plan(name, device)
+    assert (precision.cpu_note(p, device) is not None) == said
