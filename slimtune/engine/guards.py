@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..methods.parts import PARTS
-from . import checkpoint, sharded
+from . import checkpoint, distributed, sharded
 from .precision import PrecisionError
 
 # Trainable weights whose max |w| passes GROWTH x their max |w| before the first step (at least 1) have
@@ -166,3 +166,26 @@ def resume_advice(out_dir: Path, start: float | None, diverging: bool) -> str:
                 "train.on_nan=skip skips such steps)")
     return (f"the last sane checkpoint is {folder}; the newer {', '.join(reversed(bad))} hold diverged weights, "
             f"so move them out of {folder.parent}, then slimtune train CONFIG --resume{lower} goes on from it")
+
+
+def final_checks(run) -> None:
+    """The end of a run (engine/state.Run): one that skipped too many steps, blew its weights up or ended on
+    non-finite numbers fails without its adapter."""
+    t, tc = run.tally, run.cfg.train
+    if t.nan_steps > tc.max_skipped_share * run.steps:
+        raise NumericError(
+            f"train.on_nan=skip skipped {t.nan_steps} of {run.steps} steps for a NaN/inf loss or gradient, more "
+            f"than train.max_skipped_share={tc.max_skipped_share:g} allows, so the adapter was not saved (the "
+            "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
+            "train.max_skipped_share)")
+    top = distributed.all_max([trainable_max(run.model)], run.device)[0]  # each rank holds a shard
+    why = saturated(run.model, top, t.start_max_abs, tc.lr, t.train_loss)
+    if why:  # finite but blown up (lr=1e30): exit 0 would pass a useless adapter for a trained one
+        raise NumericError(f"{why}; the adapter was not saved. "
+                                  + resume_advice(run.out_dir, t.start_max_abs, True))
+    loss = 0.0 if t.train_loss is None else t.train_loss
+    if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
+        raise NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
+                                  "update), and a run that ends on a non-finite loss is not reported as a success: "
+                                  f"the adapter was not saved. The checkpoint {checkpoint.latest(run.out_dir)} holds "
+                                  "the finite weights before it (chat, merge and eval take that folder)")

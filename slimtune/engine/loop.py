@@ -178,10 +178,10 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
         with checkpoint.StopOnSignal(log) as stop:
             while run.step < run.steps:
                 host = run.clock.start()
-                with profiler.around(run.step + 1):
+                with profiler.around(run.step + 1):  # its table is written after the step's clock stopped
                     records = [next(run.stream) for _ in range(tc.grad_accum)]
                     row = _step(run, records, pad, context, log)
-                row.update(step_s=run.clock.stop(run.step), host_s=host)
+                    row.update(step_s=run.clock.stop(run.step), host_s=host)
                 run.elapsed = time.perf_counter() - start
                 _report(run, row, logs, bar, log)
                 _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row
@@ -350,28 +350,6 @@ def _new_peak_lr(run: Run, log) -> None:
         "peak")
 
 
-def _final_checks(run: Run) -> None:
-    """A run that skipped too many steps, or ended on non-finite numbers, fails without its adapter."""
-    t, tc = run.tally, run.cfg.train
-    if t.nan_steps > tc.max_skipped_share * run.steps:
-        raise guards.NumericError(
-            f"train.on_nan=skip skipped {t.nan_steps} of {run.steps} steps for a NaN/inf loss or gradient, more "
-            f"than train.max_skipped_share={tc.max_skipped_share:g} allows, so the adapter was not saved (the "
-            "warnings above name the records and the likely cause); lower train.lr or fix those records (or raise "
-            "train.max_skipped_share)")
-    top = distributed.all_max([guards.trainable_max(run.model)], run.device)[0]  # each rank holds a shard
-    why = guards.saturated(run.model, top, t.start_max_abs, tc.lr, t.train_loss)
-    if why:  # finite but blown up (lr=1e30): exit 0 would pass a useless adapter for a trained one
-        raise guards.NumericError(f"{why}; the adapter was not saved. "
-                                  + guards.resume_advice(run.out_dir, t.start_max_abs, True))
-    loss = 0.0 if t.train_loss is None else t.train_loss
-    if not math.isfinite(loss):  # its update was skipped, so the weights are the last sane ones
-        raise guards.NumericError(f"the last step's loss is {loss} (not finite; train.on_nan=skip skipped its "
-                                  "update), and a run that ends on a non-finite loss is not reported as a success: "
-                                  f"the adapter was not saved. The checkpoint {checkpoint.latest(run.out_dir)} holds "
-                                  "the finite weights before it (chat, merge and eval take that folder)")
-
-
 def _finish(run: Run, measure, logs: RunLog, log) -> None:
     t, end = run.tally, run.end
     if run.plan.scaler:
@@ -382,7 +360,7 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
     if run.device.startswith("cuda"):
         end.peak_allocated_gib = torch.cuda.max_memory_allocated() / 2**30
         end.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
-    _final_checks(run)
+    guards.final_checks(run)
     if guards.uniform(run.model, t.train_loss):
         log(guards.uniform(run.model, t.train_loss))
     if measure:
