@@ -8,7 +8,8 @@ model.path in config.yaml), which `models.resolve` finds on any machine with sli
 load the base themselves, e.g. from `python -c "from slimtune.models import embedded_model_dir as d; print(d())"`.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
-running the command does, with --trust-remote-code), and pickled adapters load only as plain tensors.
+running the command does, with --trust-remote-code: slimtune/trust.py), and pickled adapters load only as
+plain tensors.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .. import config as config_mod
-from .. import methods, models
+from .. import methods, models, trust
 from ..engine import sharded
 from ..engine.precision import base_dtype_name
 from ..errors import DamagedFileError, MissingFileError
@@ -40,19 +41,6 @@ def read_config(folder: Path) -> config_mod.Config:
     if not path.is_file():
         raise MissingFileError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
     return config_mod.load(path)  # its YAML errors too as one ConfigError naming the file, not a traceback
-
-
-def check_trust(cfg: config_mod.Config, folder: Path, trust_remote_code: bool) -> None:
-    """A run trained with the model folder's own code needs the user's own --trust-remote-code: the run's
-    config.yaml may come from anywhere, so it asks but never switches it on."""
-    if not cfg.model.trust_remote_code or trust_remote_code:
-        return
-    p = models.resolve(cfg.model.path)
-    found = models.custom_code(p) if p.is_dir() else []
-    if found:
-        raise models.UnsafeFileError(f"{folder / 'config.yaml'}: model.trust_remote_code: true, and {found[0]}; "
-                                     "a run folder cannot switch on the model's own code: pass "
-                                     f"--trust-remote-code if you trust {p}")
 
 
 def _adapter(base, folder: Path):
@@ -94,8 +82,8 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
     run's. trust_remote_code: the user's own flag; the run's config.yaml never turns it on."""
     folder = Path(folder)
     cfg = read_config(folder)
-    check_trust(cfg, folder, trust_remote_code)
-    cfg.model.trust_remote_code = bool(trust_remote_code)  # what this process allowed, for anything downstream
+    # what this process allowed, for anything downstream: the user's flag, never the run's config.yaml
+    cfg.model.trust_remote_code = trust.decide(cfg, folder / "config.yaml", trust_remote_code, run=True)
     quant = quantization_config(cfg.method, cfg.train.precision) if quantized else None  # as the run trained
     dtype = dtype or base_dtype_name(cfg, device)
     base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
