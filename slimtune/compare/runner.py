@@ -25,6 +25,9 @@ from . import child
 from .spec import BASE, Plan, Row, row_overrides
 
 
+WRITES = ("config.yaml", "heldout.jsonl", "runs", "logs", "results", "compare.json", "compare.md", "compare.html")
+
+
 class Interrupted(Exception):
     """compare was asked to stop (SIGINT/SIGTERM); the running child saved its checkpoint first."""
 

@@ -27,6 +27,9 @@ from ..errors import DamagedFileError, MissingFileError
 from ..methods import parts
 from ..methods.quant import quantization_config
 
+# the files of a run folder that load_run reads (checkpoints aside)
+READS = ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", parts.PARTS)
+
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
     """The method's artifact (peft adapter, or our trained parts) plus the resolved config.yaml.
