@@ -1,11 +1,11 @@
 """A run folder: the adapter in peft's own format (or, for full/freeze/bitfit, the trained parameters),
 the resolved config.yaml and metrics.jsonl.
 
-`peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code; slimtune's
-own `load_run` reads config.yaml to find the base model and the chat template too. A run on the
-embedded model records its base as "embedded" (adapter_config.json's base_model_name_or_path, and
-model.path in config.yaml), which `models.resolve` finds on any machine with slimtune; plain peft users
-load the base themselves, e.g. from `python -c "from slimtune.models import embedded_model_dir as d; print(d())"`.
+`peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code, and so does
+`AutoPeftModelForCausalLM.from_pretrained(folder)`: adapter_config.json's base_model_name_or_path is the
+base's path, for the embedded model its converted folder on this machine. slimtune's own `load_run` reads
+config.yaml to find the base model and the chat template; there a run on the embedded model records
+model.path "embedded", which `models.resolve` finds on any machine with slimtune.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
 running the command does, with --trust-remote-code: slimtune/trust.py), and pickled adapters load only as

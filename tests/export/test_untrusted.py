@@ -1,6 +1,7 @@
 """Model files and run folders are untrusted input: a run's config.yaml never switches on the model's own
 code, pickles load only as plain tensors, and each refusal is one line naming the file and what to do.
-Also: the embedded model is recorded by a portable name, and a hub id gets a message saying how to get it."""
+Also: a run on the embedded model records "embedded" in config.yaml (any machine) and its converted folder in
+adapter_config.json (peft's AutoPeftModel loads it), and a hub id gets a message saying how to get it."""
 from __future__ import annotations
 
 import json
@@ -215,11 +216,18 @@ def test_hub_id_says_slimtune_never_downloads(capsys):
         models.resolve("./nope/a/b")  # a local path: no hub advice
 
 
-def test_embedded_runs_record_a_portable_base_name(tmp_path, tiny_model_dir, monkeypatch):
-    """The adapter names its base "embedded", not this machine's cache folder; load_run resolves the name
-    to wherever the embedded model is on the loading machine. No model hub lookup is tried on the way."""
+def test_embedded_runs_record_a_base_that_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """adapter_config.json names the embedded model's converted folder, so AutoPeftModelForCausalLM loads the
+    run offline with slimtune's logits (it named "embedded", which peft looked up on the model hub: OSError);
+    config.yaml keeps "embedded", which load_run resolves to wherever the embedded model is on the loading
+    machine. No model hub lookup is tried on the way."""
+    import huggingface_hub
+    from peft import AutoPeftModelForCausalLM
+
     from slimtune.assets import embedded_folder
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "here"))
     shutil.copytree(tiny_model_dir, embedded_folder())  # as converted: model.safetensors is there
     cfg = lora_run_config(tmp_path, Path("embedded"), "run", max_steps=2, save_every=1, eval_at_start=False,
@@ -229,11 +237,14 @@ def test_embedded_runs_record_a_portable_base_name(tmp_path, tiny_model_dir, mon
         assert cli.main(["train", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     for folder in (run, run / "checkpoints" / "step-000002"):
-        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            str(embedded_folder().resolve())
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["path"] == "embedded"
     model, tokenizer, _ = load_run(run)
     ids = tokenizer(["Say something about Paris."], return_tensors="pt")
     with torch.no_grad():
         expected = model(**ids).logits
+        assert torch.equal(AutoPeftModelForCausalLM.from_pretrained(run).eval()(**ids).logits, expected)
     here = embedded_folder()
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "there"))  # another machine, its own cache
     shutil.move(here, embedded_folder())
