@@ -21,12 +21,13 @@ RUN_MARKS = (runfolder.MANIFEST, "adapter_config.json", PARTS, checkpoint.ROOT, 
 
 
 def is_run_config(path: str | Path, output_dir: str | None = None) -> bool:
-    """Whether a config file is a run folder's own config.yaml (or a checkpoint's): a run's files beside it,
-    or it is the config.yaml in the train.output_dir it names."""
+    """Whether a config file is a run folder's own config.yaml (or a checkpoint's): a config.yaml with a run's
+    files beside it, or the one in the train.output_dir it names (where `slimtune train` writes it)."""
     folder = Path(path).resolve().parent
-    if folder.parent.name == checkpoint.ROOT or any((folder / name).exists() for name in RUN_MARKS):
-        return True
-    return Path(path).name == "config.yaml" and output_dir is not None and Path(output_dir).resolve() == folder
+    if Path(path).name != "config.yaml":
+        return False
+    return folder.parent.name == checkpoint.ROOT or any((folder / name).exists() for name in RUN_MARKS) or \
+        (output_dir is not None and Path(output_dir).resolve() == folder)
 
 
 def said(overrides: list[str], flag: bool = False) -> bool:
@@ -35,14 +36,14 @@ def said(overrides: list[str], flag: bool = False) -> bool:
     return bool(flag) or (bool(mine) and config_mod.load(None, mine).model.trust_remote_code)
 
 
-def decide(cfg, source: str | Path | None, said: bool, run: bool | None = None,
+def decide(cfg, source: str | Path | None, user: bool, run: bool | None = None,
            how: str = f"pass {FLAG}") -> bool:
-    """The trust_remote_code a command runs with: True when the user said so (`said`: the flag or an
-    override), the config's own value when `source` is the user's own config file (None: built in code),
-    and False for a run folder's config.yaml (run: None = found by is_run_config), which is refused, one
-    line saying `how` to allow it, where it asks for code the model folder has."""
-    if said or not cfg.model.trust_remote_code:
-        return bool(said)
+    """The trust_remote_code a command runs with: True when the user said so (`user`: the flag or an
+    override, see said()), the config's own value when `source` is the user's own config file (None: built
+    in code), and False for a run folder's config.yaml (run: None = found by is_run_config), which is
+    refused, one line saying `how` to allow it, where it asks for code the model folder has."""
+    if user or not cfg.model.trust_remote_code:
+        return bool(user)
     if source is None or not (is_run_config(source, cfg.train.output_dir) if run is None else run):
         return True
     p = models.resolve(cfg.model.path)
