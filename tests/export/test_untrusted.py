@@ -314,3 +314,15 @@ def test_web_app_resume_needs_the_users_flag(custom_run):
                                       f"`slimtune train {run / 'config.yaml'} --resume --trust-remote-code`, if "
                                       f"you trust {marker.parent / 'custom-model'}")
     assert not marker.exists() and not (run.parent / "runs" / ".slimtune-ui").exists()  # nothing was started
+
+
+def test_a_config_of_the_users_own_still_switches_it_on(custom_run, capsys):
+    """The user's own YAML (not a run folder's config.yaml) that sets model.trust_remote_code: true resumes
+    with no flag, as it trained."""
+    run, marker = custom_run
+    mine = run.parent / "mine.yaml"
+    tree = yaml.safe_load((run.parent / "run.yaml").read_text())
+    tree["model"]["trust_remote_code"] = True
+    mine.write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(mine), "--resume", "--no-progress"]) == 0
+    assert "resuming from" in capsys.readouterr().out and marker.read_text() == "custom code ran"
