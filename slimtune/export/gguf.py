@@ -366,7 +366,8 @@ def _check_output(source: Path, output: Path, fmt: str, imatrix: str) -> None:
     """Before anything loads: the GGUF (and with --format ollama the Modelfile beside it) is not, holds nothing
     of, and is not inside the model it is made from, nor an input data file (outputs.check)."""
     run = read_config(source) if (source / "config.yaml").is_file() else None
-    base = run.model.path if run else source  # a merged folder is itself the model read
+    # a merged folder is itself the model read; anything else is refused below, naming what it is not
+    base = run.model.path if run else (source if (source / "config.json").is_file() else None)
     data = [run.data.train if run else None, None if imatrix in ("auto", "off") else imatrix]
     outputs.check(output, "export --output", base, data)
     if fmt == "ollama":
