@@ -4,9 +4,9 @@ compare --output), checked before anything loads:
 
 - not the base model: the path is not, does not hold, and is not inside the base model's folder or file
   (a merge written into its own base made every later load of the run apply the adapter twice);
-- not the data: the path is not an input data file, nor inside a data folder (a save_to_disk dataset), and
-  neither is any file a folder output gets (eval's scores.json...). An output folder may hold the data: what
-  is written there has its own names, and train removes only the files it listed as its own.
+- not the data: the path is not an input data file (or save_to_disk folder), and neither is any file a
+  folder output gets (eval's scores.json...). An output folder may hold the data: what is written there has
+  its own names, and train removes only the files it listed as its own.
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ def check(out: str | Path, flag: str, base: str | Path | None = None, data=(), f
                                     f"give another {flag.split()[-1]}")
     written = [where, *(where / name for name in files)]
     for p in (Path(d).expanduser().resolve() for d in data if d):
-        hit = next((w for w in written if w == p or p in w.parents), None)
-        if hit is not None:
-            part = "" if hit == where else f" (its {hit.name})"
-            raise ExistingFileError(f"{flag} {out}{part} is, or is inside, the input data {p}, which this command "
-                                    f"reads: give another {flag.split()[-1]}")
+        if p in written:
+            part = "" if p == where else f" (its {p.name})"
+            raise ExistingFileError(f"{flag} {out}{part} is the input data {p}, which this command reads: give "
+                                    f"another {flag.split()[-1]}")

@@ -38,12 +38,12 @@ def test_export_does_not_overwrite_the_base_model(work, capsys):
 BASE = "is, holds, or is inside the base model"
 CASES = [  # (command line, the error after "slimtune VERB: error: ")
     (["export", "{w}/run", "--output", "{w}/run.gguf", "--format", "ollama", "--imatrix", "{w}/Modelfile"],
-     "export --format ollama: the Modelfile beside --output {w}/Modelfile is, or is inside, the input data "
+     "export --format ollama: the Modelfile beside --output {w}/Modelfile is the input data "
      "{w}/Modelfile"),
     (["export", "{m}", "--output", "{m}/model.gguf"], "export --output {m}/model.gguf " + BASE + " {m}"),
     (["merge", "{w}/run", "--output", "{w}"], "merge --output {w} " + BASE + " {w}/base.gguf"),
     (["generate", "{w}/run", "--input", "{w}/train.jsonl", "--output", "{w}/train.jsonl"],
-     "generate --output {w}/train.jsonl is, or is inside, the input data {w}/train.jsonl"),
+     "generate --output {w}/train.jsonl is the input data {w}/train.jsonl"),
     (["generate", "{w}/run", "--input", "{w}/train.jsonl", "--output", "{w}/run/config.yaml"],
      "generate --output {w}/run/config.yaml is, holds, or is inside the run's config.yaml {w}/run/config.yaml"),
     (["chat", "{w}/run", "--save", "{w}/run/adapter_model.safetensors"],
@@ -54,13 +54,13 @@ CASES = [  # (command line, the error after "slimtune VERB: error: ")
     (["eval", "{w}/run", "--data", "{w}/train.jsonl", "--output", "{w}/run"],
      "eval --output {w}/run is, holds, or is inside the run's config.yaml"),
     (["eval", "{w}/run", "--data", "{w}/ev/scores.json", "--output", "{w}/ev"],
-     "eval --output {w}/ev (its scores.json) is, or is inside, the input data {w}/ev/scores.json"),
+     "eval --output {w}/ev (its scores.json) is the input data {w}/ev/scores.json"),
     (["compare", "{w}/run.yaml", "data.eval_size=4", "--methods", "lora", "--output", "{w}/base.gguf"],
      "compare --output {w}/base.gguf " + BASE + " {w}/base.gguf"),
     (["train", "{w}/run.yaml", "model.path={m}", "train.output_dir={m}/run"],
      "train.output_dir {m}/run " + BASE + " {m}"),
     (["train", "{w}/run.yaml", "train.output_dir={w}/train.jsonl"],
-     "train.output_dir {w}/train.jsonl is, or is inside, the input data {w}/train.jsonl"),
+     "train.output_dir {w}/train.jsonl is the input data {w}/train.jsonl"),
 ]
 
 
