@@ -174,7 +174,9 @@ def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
     or a folder holding something other than a merged model."""
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder  # a checkpoint's run
     where = out.resolve()
-    outputs.check(out, "merge --output", cfg.model.path, [cfg.data.train], reads=[("the run folder", run)])
+    # --overwrite replaces the folder whole: it must not hold the data its probe prompts come from either
+    outputs.check(out, "merge --output", cfg.model.path,
+                  reads=[("the run folder", run), ("the training data", cfg.data.train)])
     if out.exists() and not out.is_dir():
         raise ExistingFileError(f"merge --output {out} is a file; give a folder")
     if not out.is_dir() or not any(out.iterdir()):

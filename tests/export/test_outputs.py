@@ -75,3 +75,21 @@ def test_no_verb_writes_over_what_it_reads(argv, message, work, tiny_model_dir, 
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and err[0].startswith(f"slimtune {argv[0]}: error: {message.format(**fill)}"), err
     assert _files(work, tiny_model_dir) == before
+
+
+def test_merge_overwrite_never_replaces_a_folder_holding_the_data(work, tiny_model_dir, capsys):
+    """merge --overwrite replaces its output folder whole: one that holds the run's data is refused."""
+    merged = work / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "train.jsonl").write_bytes((work / "train.jsonl").read_bytes())
+    run = work / "run2"
+    cfg = lora_run_config(work, work / "base.gguf", "run2", max_steps=1, eval_at_start=False,
+                          data={"eval_size": 0, "train": str(merged / "train.jsonl")})
+    assert cli.main(["train", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["merge", str(run), "--output", str(merged), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"slimtune merge: error: merge --output {merged} is, holds, or is inside the training data "
+        f"{merged / 'train.jsonl'}, which this command reads: give another --output")
+    assert (merged / "train.jsonl").read_bytes() == (work / "train.jsonl").read_bytes()
