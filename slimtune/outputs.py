@@ -6,7 +6,8 @@ compare --output), checked before anything loads:
   (a merge written into its own base made every later load of the run apply the adapter twice);
 - not the data: the path is not an input data file (or save_to_disk folder), and neither is any file a
   folder output gets (eval's scores.json...). An output folder may hold the data: what is written there has
-  its own names, and train removes only the files it listed as its own.
+  its own names, and train removes only the files it listed as its own (merge, whose --overwrite replaces
+  its folder whole, holds the data to the base model's rule through `reads`).
 """
 from __future__ import annotations
 
