@@ -363,16 +363,13 @@ def _base_model_type(folder: Path) -> str:
 
 
 def _check_output(source: Path, output: Path, fmt: str, imatrix: str) -> None:
-    """Before anything loads: the GGUF (and with --format ollama the Modelfile beside it) is not, holds nothing
-    of, and is not inside the model it is made from, nor an input data file (outputs.check)."""
+    """Before anything loads: the GGUF (and an ollama Modelfile beside it) never overwrites what it reads."""
     run = read_config(source) if (source / "config.yaml").is_file() else None
-    # a merged folder is itself the model read; anything else is refused below, naming what it is not
-    base = run.model.path if run else (source if (source / "config.json").is_file() else None)
+    base = run.model.path if run else (source if (source / "config.json").is_file() else None)  # a merged folder
     data = [run.data.train if run else None, None if imatrix in ("auto", "off") else imatrix]
     outputs.check(output, "export --output", base, data)
     if fmt == "ollama":
-        outputs.check(output.with_name("Modelfile"), "export --format ollama: the Modelfile beside --output", base,
-                      data)
+        outputs.check(output.with_name("Modelfile"), "export --format ollama: Modelfile beside --output", base, data)
 
 
 def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf", log=print,

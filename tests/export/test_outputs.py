@@ -38,7 +38,7 @@ def test_export_does_not_overwrite_the_base_model(work, capsys):
 BASE = "is, holds, or is inside the base model"
 CASES = [  # (command line, the error after "slimtune VERB: error: ")
     (["export", "{w}/run", "--output", "{w}/run.gguf", "--format", "ollama", "--imatrix", "{w}/Modelfile"],
-     "export --format ollama: the Modelfile beside --output {w}/Modelfile is the input data "
+     "export --format ollama: Modelfile beside --output {w}/Modelfile is the input data "
      "{w}/Modelfile"),
     (["export", "{m}", "--output", "{m}/model.gguf"], "export --output {m}/model.gguf " + BASE + " {m}"),
     (["merge", "{w}/run", "--output", "{w}"], "merge --output {w} " + BASE + " {w}/base.gguf"),
