@@ -39,8 +39,8 @@ def embedded_gguf() -> Path:
 
 
 def embedded_folder() -> Path:
-    """Where the converted embedded model lives (or will): a path of this machine, so a run records the
-    name "embedded" instead (models.portable_name)."""
+    """Where the converted embedded model lives (or will): a path of this machine, so a run's config.yaml
+    records the name "embedded" instead (its adapter_config.json this folder: models.loadable_name)."""
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 

@@ -78,10 +78,13 @@ def _missing(path: str, p: Path) -> str:
             "copy DIR here and give model.path=DIR")
 
 
-def portable_name(path: str) -> str:
-    """The name a run records for its base: "embedded" for the embedded model's folder (a cache path of
-    this machine, which does not exist on another), else the path as given."""
-    return EMBEDDED if path == EMBEDDED or Path(path).expanduser().resolve() == embedded_folder().resolve() else path
+def loadable_name(path: str) -> str:
+    """The name a run's adapter_config.json records for its base, which peft's AutoPeftModel loads: for the
+    embedded model its converted folder as an absolute path ("embedded" names nothing outside slimtune, and
+    peft would look it up on the model hub), else the path as given. The run's config.yaml keeps "embedded",
+    which load_run resolves on any machine."""
+    folder = embedded_folder().resolve()
+    return str(folder) if path == EMBEDDED or Path(path).expanduser().resolve() == folder else path
 
 
 def _json(path: Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
-from . import methods, models
+from . import methods, models, outputs
 from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
@@ -220,6 +220,8 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
         raise ConfigError("--overwrite replaces the run in train.output_dir and --resume (train.resume=auto) "
                           "continues it; choose one")
     out = Path(cfg.train.output_dir)
+    outputs.check(out, "train.output_dir", cfg.model.path, [cfg.data.train, cfg.data.eval],
+                  files=[name for name in runfolder.WRITES if "*" not in name])
     resume = resume or cfg.train.resume == "auto"
     device = distributed.init(models.pick_device(cfg.train.device))  # torchrun: this rank's GPU
     main = distributed.is_main()  # several processes: rank 0 speaks for the run and owns its folder

@@ -81,6 +81,14 @@ def test_lora_on_embedded_model_lowers_held_out_loss_and_reloads_in_peft(tmp_pat
     with torch.no_grad():
         diff = (plain(**ids).logits - ours(**ids).logits).abs().max().item()
     assert diff <= 1e-5
+    # with no base given, peft finds it in adapter_config.json: the converted folder, not "embedded" (a hub id)
+    from peft import AutoPeftModelForCausalLM
+
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(models.resolve("embedded").resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(run).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(**ids).logits, plain(**ids).logits)
 
 
 def test_gguf_file_path_loads_the_same_model(tmp_path, capsys, embedded):

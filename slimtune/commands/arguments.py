@@ -58,6 +58,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    "train.output_dir (same as train.resume=auto)")
     p.add_argument("--gpus", type=gpus, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "
                    "(same as train.gpus=N; under torchrun the launcher's process count rules)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP + " (same as "
+                   "model.trust_remote_code=true; a config file of your own may set it too)")
 
 
 def inspect_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +98,7 @@ def targets_args(p: argparse.ArgumentParser) -> None:
 
 def params_args(p: argparse.ArgumentParser) -> None:
     add_config(p)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def estimate_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +107,7 @@ def estimate_args(p: argparse.ArgumentParser) -> None:
                     "fits and what would")
     p.add_argument("--gpus", type=gpus, default=0,
                     help="per-GPU peak of an FSDP2 run over N GPUs (default train.gpus)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def merge_args(p: argparse.ArgumentParser) -> None:

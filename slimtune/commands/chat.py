@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 from ..evaluate import decode, generate
-from .inference import load_for_inference, sampling, write_atomic
+from .inference import check_output, load_for_inference, sampling, write_atomic
 
 
 def run(args) -> int:
+    if args.save:
+        check_output(args, args.save, "chat --save")
     model, tokenizer, cfg, device = load_for_inference(args)
     system = args.system or cfg.data.system
     chat_loop(model, tokenizer, cfg.data.template, device, sampling(args), system,

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .. import models
 from ..engine import memory, plan
-from .options import config_from
+from .options import allow_code, config_from
 
 
 def run(args) -> int:
     cfg = config_from(args)
+    allow_code(args, cfg)
     budget = memory.parse_size(args.budget) if args.budget else None
     sizes = plan.record_sizes(cfg, models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)) \
         if cfg.data.train else None

@@ -6,10 +6,11 @@ from pathlib import Path
 from ..data import with_system
 from ..data.readers import read_prompts
 from ..evaluate import generate
-from .inference import load_for_inference, sampling, write_atomic
+from .inference import check_output, load_for_inference, sampling, write_atomic
 
 
 def run(args) -> int:
+    check_output(args, args.output, "generate --output", [args.input])
     prompts, raw = read_prompts(args.input)
     model, tokenizer, cfg, device = load_for_inference(args)
     convs = [with_system(p, cfg.data.system) for p in prompts]

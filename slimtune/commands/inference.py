@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import models
+from .. import models, outputs
 from ..evaluate.generate import Sampling
-from ..export.peft_format import load_run
+from ..export.peft_format import READS, load_run, read_config
 from .run_folder import check_run
 
 
@@ -22,6 +22,17 @@ def load_for_inference(args):
     check_run(args.folder)
     model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
     return model, tokenizer, cfg, device
+
+
+def check_output(args, out: str | Path, flag: str, data=()) -> None:
+    """Before the model loads: `out` is not the base model, a file of the run or an input (outputs.check)."""
+    if str(args.folder).endswith(".gguf"):
+        outputs.check(out, flag, args.folder, data)
+        return
+    check_run(args.folder)
+    folder = Path(args.folder)
+    runs = [(f"the run's {name}", folder / name) for name in READS]
+    outputs.check(out, flag, read_config(folder).model.path, data, reads=runs)
 
 
 def sampling(args) -> Sampling:

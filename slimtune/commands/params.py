@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from ..methods import count_on_meta
-from .options import config_from
+from .options import allow_code, config_from
 
 
 def run(args) -> int:
     cfg = config_from(args)
+    allow_code(args, cfg)
     trainable, total = count_on_meta(cfg.model.path, cfg.method, cfg.model.trust_remote_code)
     print(f"method {cfg.method.name}: trainable params: {trainable:,} || all params: {total:,} || "
           f"trainable%: {100 * trainable / total:.4f}")

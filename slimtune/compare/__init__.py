@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import outputs
 from ..models import pick_device
 from . import report, runner
 from .spec import Plan, load
@@ -16,6 +17,8 @@ def compare(config_path: str | Path, methods: list[str] | None = None, overrides
     plan = load(config_path, methods, overrides)
     runner.check_data(plan, str(config_path))  # before any row: data no row can train on stops here
     out = Path(output) if output else Path("compare") / Path(config_path).stem
+    outputs.check(out, "compare --output", plan.cfg.model.path, [plan.cfg.data.train, plan.cfg.data.eval],
+                  files=runner.WRITES)
     rows = runner.run(plan, out, log)
     report.write(out, rows, report.meta(plan, str(config_path), pick_device(plan.cfg.train.device)), log)
     return rows

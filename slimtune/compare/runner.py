@@ -34,6 +34,9 @@ from .spec import BASE, Plan, Row, load_config, row_overrides
 CHILD = "child.json"  # names the running child (child.run's record)
 
 
+WRITES = ("config.yaml", "heldout.jsonl", "runs", "logs", "results", "compare.json", "compare.md", "compare.html")
+
+
 class Interrupted(Exception):
     """compare was asked to stop (SIGINT/SIGTERM); the running child saved its checkpoint first."""
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from .. import config as config_mod
+from .. import trust
 from ..config import ConfigError
 
 BASE = "base"  # the untrained model's row
@@ -126,6 +127,7 @@ def load(path: str | Path, methods: list[str] | None = None, overrides: list[str
     for key in set(section) - {"methods", "metric"}:
         raise ConfigError(f"{where}: compare: unknown key {key} (known: methods, metric)")
     cfg = load_config(tree, where, list(overrides or []))
+    trust.decide(cfg, path, trust.said(list(overrides or [])))  # a run folder's config.yaml runs no model code
     entries = _entries(section, where)
     labels = methods or list(entries)
     if not labels:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import models
+from .. import models, outputs
 from ..config.batch import stated
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
@@ -23,7 +23,7 @@ from ..data.readers import DataError, Example, read
 from ..engine.log import LABELS, dumps, strict_json
 from ..engine.loss import eval_loss
 from ..engine.precision import base_dtype_name
-from ..export.peft_format import load_run
+from ..export.peft_format import READS, load_run, read_config
 from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
@@ -32,6 +32,8 @@ from .generate import Sampling, run as run_generation
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
           "extraction_precision", "extraction_recall", "extraction_f1", "unfinished", "generate_seconds")
+
+FILES = ("scores.json", "predictions.jsonl")  # what Report.write puts in an eval folder
 
 
 @dataclass
@@ -280,6 +282,11 @@ def main(folder: str | None, data: str, *, base: str | None = None, template: st
     """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
     if bool(folder) == bool(base):
         raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")
+    out = Path(output) if output else (Path(folder) / f"eval-{Path(data).stem}" if folder else
+                                       Path(f"eval-{Path(str(base)).name}-{Path(data).stem}"))
+    runs = [(f"the run's {name}", Path(folder) / name) for name in READS] if folder else []
+    outputs.check(out, "eval --output", read_config(folder).model.path if folder else base, [data],
+                  files=FILES, reads=runs)
     examples = read(data, limit=limit)
     model, tokenizer, cfg = load_model(folder, base, template, device, system or "", trust_remote_code)
     if max_len:
@@ -293,8 +300,6 @@ def main(folder: str | None, data: str, *, base: str | None = None, template: st
     report.scores = {"model": str(folder or base), "data": str(data), "template": cfg.data.template,
                      **report.scores, "seconds": time.perf_counter() - start}
     log(report.summary())
-    out = Path(output) if output else (Path(folder) / f"eval-{Path(data).stem}" if folder else
-                                       Path(f"eval-{Path(str(base)).name}-{Path(data).stem}"))
     report.write(out)
     log(f"wrote {out / 'scores.json'}" + (f" and {out / 'predictions.jsonl'}" if report.predictions else ""))
     return report

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import models
+from .. import models, outputs
 from ..errors import MissingFileError
 from ..evaluate.generate import stop_ids as template_stops
 from . import ExportError
@@ -362,6 +362,16 @@ def _base_model_type(folder: Path) -> str:
     return models.load_config(cfg.model.path, cfg.model.trust_remote_code).model_type
 
 
+def _check_output(source: Path, output: Path, fmt: str, imatrix: str) -> None:
+    """Before anything loads: the GGUF (and an ollama Modelfile beside it) never overwrites what it reads."""
+    run = read_config(source) if (source / "config.yaml").is_file() else None
+    base = run.model.path if run else (source if (source / "config.json").is_file() else None)  # a merged folder
+    data = [run.data.train if run else None, None if imatrix in ("auto", "off") else imatrix]
+    outputs.check(output, "export --output", base, data)
+    if fmt == "ollama":
+        outputs.check(output.with_name("Modelfile"), "export --format ollama: Modelfile beside --output", base, data)
+
+
 def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf", log=print,
            imatrix: str = "auto") -> dict:
     """`slimtune export`: a run folder (merged first, in fp32) or a merged folder -> GGUF (+ Modelfile)."""
@@ -370,6 +380,7 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str 
         raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     if output.suffix != ".gguf":  # chat, eval and models.load know a GGUF by its suffix
         raise ExportError(f"--output {output}: name the file *.gguf (e.g. {output.with_suffix('.gguf').name})")
+    _check_output(source, output, fmt, imatrix)
     if (source / "config.yaml").is_file():
         check_arch(_base_model_type(source), f"{source / 'config.yaml'}: model.path")
         with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None,

@@ -26,7 +26,8 @@ from ..data.templates import FAMILIES, render
 from ..errors import ExistingFileError, SlimtuneError
 from ..evaluate.generate import stop_ids
 from ..methods.base import MethodError, is_peft
-from ..models import DTYPES, resolve
+from .. import outputs
+from ..models import DTYPES
 from .peft_format import load_run, read_config
 
 PROBE = ["Who are you?", "The capital of France is", "Give three tips for staying healthy."]
@@ -173,11 +174,9 @@ def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
     or a folder holding something other than a merged model."""
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder  # a checkpoint's run
     where = out.resolve()
-    for what, path in (("the base model", resolve(cfg.model.path)), ("the run folder", run)):
-        path = path.resolve()
-        if where == path or where in path.parents or path in where.parents:
-            raise ExistingFileError(f"merge --output {out} is, holds, or is inside {what} {path}, which the merge "
-                                    "reads: give another --output folder")
+    # --overwrite replaces the folder whole: it must not hold the data its probe prompts come from either
+    outputs.check(out, "merge --output", cfg.model.path,
+                  reads=[("the run folder", run), ("the training data", cfg.data.train)])
     if out.exists() and not out.is_dir():
         raise ExistingFileError(f"merge --output {out} is a file; give a folder")
     if not out.is_dir() or not any(out.iterdir()):

@@ -1,14 +1,15 @@
 """A run folder: the adapter in peft's own format (or, for full/freeze/bitfit, the trained parameters),
 the resolved config.yaml and metrics.jsonl.
 
-`peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code; slimtune's
-own `load_run` reads config.yaml to find the base model and the chat template too. A run on the
-embedded model records its base as "embedded" (adapter_config.json's base_model_name_or_path, and
-model.path in config.yaml), which `models.resolve` finds on any machine with slimtune; plain peft users
-load the base themselves, e.g. from `python -c "from slimtune.models import embedded_model_dir as d; print(d())"`.
+`peft.PeftModel.from_pretrained(base, folder)` loads the adapter with no slimtune code, and so does
+`AutoPeftModelForCausalLM.from_pretrained(folder)`: adapter_config.json's base_model_name_or_path is the
+base's path, for the embedded model its converted folder on this machine. slimtune's own `load_run` reads
+config.yaml to find the base model and the chat template; there a run on the embedded model records
+model.path "embedded", which `models.resolve` finds on any machine with slimtune.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
-running the command does, with --trust-remote-code), and pickled adapters load only as plain tensors.
+running the command does, with --trust-remote-code: slimtune/trust.py), and pickled adapters load only as
+plain tensors.
 """
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .. import config as config_mod
-from .. import methods, models
+from .. import methods, models, trust
 from ..engine import sharded
 from ..engine.precision import base_dtype_name
 from ..errors import DamagedFileError, MissingFileError
 from ..methods import parts
 from ..methods.quant import quantization_config
+
+# the files of a run folder that load_run reads (checkpoints aside)
+READS = ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", parts.PARTS)
 
 
 def save(model, cfg, out_dir: Path, weights: dict | None = None) -> None:
@@ -40,19 +44,6 @@ def read_config(folder: Path) -> config_mod.Config:
     if not path.is_file():
         raise MissingFileError(f"{folder}: no config.yaml; give a folder written by `slimtune train`")
     return config_mod.load(path)  # its YAML errors too as one ConfigError naming the file, not a traceback
-
-
-def check_trust(cfg: config_mod.Config, folder: Path, trust_remote_code: bool) -> None:
-    """A run trained with the model folder's own code needs the user's own --trust-remote-code: the run's
-    config.yaml may come from anywhere, so it asks but never switches it on."""
-    if not cfg.model.trust_remote_code or trust_remote_code:
-        return
-    p = models.resolve(cfg.model.path)
-    found = models.custom_code(p) if p.is_dir() else []
-    if found:
-        raise models.UnsafeFileError(f"{folder / 'config.yaml'}: model.trust_remote_code: true, and {found[0]}; "
-                                     "a run folder cannot switch on the model's own code: pass "
-                                     f"--trust-remote-code if you trust {p}")
 
 
 def _adapter(base, folder: Path):
@@ -94,8 +85,8 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
     run's. trust_remote_code: the user's own flag; the run's config.yaml never turns it on."""
     folder = Path(folder)
     cfg = read_config(folder)
-    check_trust(cfg, folder, trust_remote_code)
-    cfg.model.trust_remote_code = bool(trust_remote_code)  # what this process allowed, for anything downstream
+    # what this process allowed, for anything downstream: the user's flag, never the run's config.yaml
+    cfg.model.trust_remote_code = trust.decide(cfg, folder / "config.yaml", trust_remote_code, run=True)
     quant = quantization_config(cfg.method, cfg.train.precision) if quantized else None  # as the run trained
     dtype = dtype or base_dtype_name(cfg, device)
     base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)

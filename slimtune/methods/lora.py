@@ -70,20 +70,20 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
     else:
         model.save_pretrained(out_dir, safe_serialization=True,
                               path_initial_model_for_weight_conversion=str(init_dir))
-    record_portable_base(out_dir)
+    record_loadable_base(out_dir)
 
 
-def record_portable_base(folder: Path) -> None:
-    """adapter_config.json names its base by a name that loads on other machines ("embedded", not this
-    machine's cache folder). Rewritten after peft's save, not before: peft reads the same field during
-    the save to find the base's config.json, and a name that is no local path sends it to the model hub."""
+def record_loadable_base(folder: Path) -> None:
+    """adapter_config.json names its base by a path that `AutoPeftModelForCausalLM.from_pretrained(folder)`
+    loads: for the embedded model its converted folder, absolute (models.loadable_name). Rewritten after
+    peft's save: peft reads the same field during the save to find the base's config.json."""
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
         return
     adapter = json.loads(path.read_text(encoding="utf-8"))
     name = adapter.get("base_model_name_or_path")
-    if name and models.portable_name(name) != name:
-        adapter["base_model_name_or_path"] = models.portable_name(name)
+    if name and models.loadable_name(name) != name:
+        adapter["base_model_name_or_path"] = models.loadable_name(name)
         path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

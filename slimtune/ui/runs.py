@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .. import config as config_mod
+from .. import trust
 from ..engine import checkpoint, runfolder
 from ..engine.log import read_metrics
 from ..errors import SlimtuneError
@@ -130,7 +131,11 @@ class Launcher:
         if checkpoint.latest(folder) is None:
             raise RunStateError(f"{folder}: no complete checkpoint to resume from (a run stopped with Stop saves "
                                 "one; a finished run has nothing left to do)")
-        return self.launch(folder, ["train", str(folder / "config.yaml"), "--resume", "--no-progress"], "train")
+        source = folder / "config.yaml"
+        # the run's config.yaml never switches on the model's own code: only the command line does
+        trust.decide(config_mod.load(source), source, False, run=True,
+                     how=f"resume it on the command line, `slimtune train {source} --resume {trust.FLAG}`,")
+        return self.launch(folder, ["train", str(source), "--resume", "--no-progress"], "train")
 
     def stop(self, folder: Path, sig: int = signal.SIGINT) -> int:
         """SIGINT, as Ctrl-C: training saves a resumable checkpoint at the next step and exits."""

@@ -1,10 +1,12 @@
 """Model files and run folders are untrusted input: a run's config.yaml never switches on the model's own
 code, pickles load only as plain tensors, and each refusal is one line naming the file and what to do.
-Also: the embedded model is recorded by a portable name, and a hub id gets a message saying how to get it."""
+Also: a run on the embedded model records "embedded" in config.yaml (any machine) and its converted folder in
+adapter_config.json (peft's AutoPeftModel loads it), and a hub id gets a message saying how to get it."""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -214,11 +216,18 @@ def test_hub_id_says_slimtune_never_downloads(capsys):
         models.resolve("./nope/a/b")  # a local path: no hub advice
 
 
-def test_embedded_runs_record_a_portable_base_name(tmp_path, tiny_model_dir, monkeypatch):
-    """The adapter names its base "embedded", not this machine's cache folder; load_run resolves the name
-    to wherever the embedded model is on the loading machine. No model hub lookup is tried on the way."""
+def test_embedded_runs_record_a_base_that_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """adapter_config.json names the embedded model's converted folder, so AutoPeftModelForCausalLM loads the
+    run offline with slimtune's logits (it named "embedded", which peft looked up on the model hub: OSError);
+    config.yaml keeps "embedded", which load_run resolves to wherever the embedded model is on the loading
+    machine. No model hub lookup is tried on the way."""
+    import huggingface_hub
+    from peft import AutoPeftModelForCausalLM
+
     from slimtune.assets import embedded_folder
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "here"))
     shutil.copytree(tiny_model_dir, embedded_folder())  # as converted: model.safetensors is there
     cfg = lora_run_config(tmp_path, Path("embedded"), "run", max_steps=2, save_every=1, eval_at_start=False,
@@ -228,11 +237,14 @@ def test_embedded_runs_record_a_portable_base_name(tmp_path, tiny_model_dir, mon
         assert cli.main(["train", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     for folder in (run, run / "checkpoints" / "step-000002"):
-        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            str(embedded_folder().resolve())
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["path"] == "embedded"
     model, tokenizer, _ = load_run(run)
     ids = tokenizer(["Say something about Paris."], return_tensors="pt")
     with torch.no_grad():
         expected = model(**ids).logits
+        assert torch.equal(AutoPeftModelForCausalLM.from_pretrained(run).eval()(**ids).logits, expected)
     here = embedded_folder()
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "there"))  # another machine, its own cache
     shutil.move(here, embedded_folder())
@@ -240,3 +252,77 @@ def test_embedded_runs_record_a_portable_base_name(tmp_path, tiny_model_dir, mon
     assert cfg_loaded.model.path == "embedded"
     with torch.no_grad():
         assert torch.equal(moved(**ids).logits, expected)
+
+
+@pytest.fixture
+def custom_run(tmp_path, tiny_model_dir, no_input) -> tuple[Path, Path]:
+    """(run folder, marker): a run trained with model.trust_remote_code=true on a model that exists only as its
+    folder's own Python, checkpoints kept as a stopped run's are; the marker of that legitimate run is removed."""
+    model_dir, marker = custom_model(tmp_path, tiny_model_dir)
+    cfg = lora_run_config(tmp_path, model_dir, "run", max_steps=2, save_every=1, eval_at_start=False,
+                          data={"eval_size": 0})
+    assert cli.main(["train", str(cfg), "--no-progress", "model.trust_remote_code=true"]) == 0
+    assert marker.read_text() == "custom code ran"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["trust_remote_code"] is True
+    marker.unlink()
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        del sys.modules[name]  # else a second import in this process finds the module and writes no marker
+    return tmp_path / "run", marker
+
+
+def test_resume_from_a_run_folders_config_needs_the_users_flag(custom_run, capsys):
+    """The issue's case: `slimtune train RUN/config.yaml --resume`, no flag and no override, imported the model's
+    Python because the run's config.yaml said model.trust_remote_code: true."""
+    run, marker = custom_run
+    for extra in ([], ["train.resume=auto"]):
+        assert cli.main(["train", str(run / "config.yaml"), "--resume", "--no-progress", *extra]) == 2
+        err = error_line(capsys.readouterr().err)
+        assert err == (f"slimtune train: error: {run / 'config.yaml'}: model.trust_remote_code: true, and "
+                       f"{marker.parent / 'custom-model' / 'config.json'}: auto_map -> custom.MarkerConfig, "
+                       "custom.MarkerForCausalLM; a run folder's config.yaml cannot switch on the model's own code: "
+                       f"pass --trust-remote-code if you trust {marker.parent / 'custom-model'}")
+        assert not marker.exists()
+    step = run / "checkpoints" / "step-000002" / "config.yaml"  # a checkpoint's own config, the same
+    assert cli.main(["train", str(step), "--resume", "--no-progress"]) == 2
+    assert "a run folder's config.yaml cannot switch on" in error_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("said", [["--trust-remote-code"], ["model.trust_remote_code=true"]])
+def test_resume_with_the_users_own_say_goes_on(said, custom_run, capsys):
+    """The flag, or the override, on the command line: the run resumes on its model's own code."""
+    run, marker = custom_run
+    assert cli.main(["train", str(run / "config.yaml"), "--resume", "--no-progress", *said]) == 0
+    assert f"resuming from {run / 'checkpoints' / 'step-000002'} at step 2 of 2" in capsys.readouterr().out
+    assert marker.read_text() == "custom code ran"
+
+
+def test_web_app_resume_needs_the_users_flag(custom_run):
+    """The web app's Resume (POST /api/runs/resume) ran the same command: refused before any process starts."""
+    pytest.importorskip("fastapi", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
+    from fastapi.testclient import TestClient
+
+    from slimtune.ui.paths import Roots
+    from slimtune.ui.server import create_app
+
+    run, marker = custom_run
+    client = TestClient(create_app(Roots.at(run.parent)), base_url="http://127.0.0.1")
+    r = client.post("/api/runs/resume", json={"folder": str(run)})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith(f"{run / 'config.yaml'}: model.trust_remote_code: true, and ")
+    assert r.json()["error"].endswith(f"cannot switch on the model's own code: resume it on the command line, "
+                                      f"`slimtune train {run / 'config.yaml'} --resume --trust-remote-code`, if "
+                                      f"you trust {marker.parent / 'custom-model'}")
+    assert not marker.exists() and not (run.parent / "runs" / ".slimtune-ui").exists()  # nothing was started
+
+
+def test_a_config_of_the_users_own_still_switches_it_on(custom_run, capsys):
+    """The user's own YAML (not a run folder's config.yaml) that sets model.trust_remote_code: true resumes
+    with no flag, as it trained."""
+    run, marker = custom_run
+    mine = run.parent / "mine.yaml"
+    tree = yaml.safe_load((run.parent / "run.yaml").read_text())
+    tree["model"]["trust_remote_code"] = True
+    mine.write_text(yaml.safe_dump(tree))
+    assert cli.main(["train", str(mine), "--resume", "--no-progress"]) == 0
+    assert "resuming from" in capsys.readouterr().out and marker.read_text() == "custom code ran"
