@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -179,12 +180,10 @@ def refusals(p: Path):
 def load_gguf(path: Path, dtype: str = "fp32"):
     """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package); the file is checked
     first (gguf_header.check) and a model its weights do not fill is refused (check_weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    check_gguf(path)
-    with gguf_refusals(path):
-        # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tokenizer = _gguf_tokenizer(path)
+    with gguf_refusals(path), _no_load_report():
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
                                                            trust_remote_code=False, output_loading_info=True,
                                                            ignore_mismatched_sizes=True)
@@ -195,6 +194,18 @@ def load_gguf(path: Path, dtype: str = "fp32"):
         # the weights are already dense, so nothing is lost.
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer a checked GGUF file describes, named by the file (its chat template's errors name it)."""
+    from transformers import AutoTokenizer
+
+    check_gguf(path)
+    with gguf_refusals(path):
+        # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tokenizer.name_or_path = str(path)
+    return tokenizer
 
 
 def _folded(names) -> list[str]:
@@ -219,6 +230,22 @@ def _listed(label: str, names) -> str:
     folded = _folded(names)
     shown = ", ".join(folded[:6]) + (f" and {len(folded) - 6} more" if len(folded) > 6 else "")
     return f"{len(names)} {label} ({shown})"
+
+
+def _drop_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """Hide transformers' table of missing, unexpected and mismatched weights: check_weights turns the same
+    findings into slimtune's one-line error (and a load with none of them prints no table)."""
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addFilter(_drop_report)
+    try:
+        yield
+    finally:
+        log.removeFilter(_drop_report)
 
 
 def check_weights(model, info: dict, where: Path) -> None:
@@ -266,9 +293,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     p = resolve(path)
     if p.suffix == ".gguf":
-        check_gguf(p)
-        with gguf_refusals(p):
-            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
+        return _gguf_tokenizer(p)
     if not any((p / name).is_file() for name in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
         raise MissingFileError(f"model.path: {p} has no tokenizer files (expected one of "
                                f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
@@ -305,7 +330,7 @@ def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device
         return model.to(device), tokenizer
     check_code(p, trust_remote_code)
     extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
-    with refusals(p):
+    with refusals(p), _no_load_report():
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
         model, info = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], output_loading_info=True,
                                                            ignore_mismatched_sizes=True,
