@@ -22,6 +22,7 @@ import torch
 from .assets import embedded_folder, embedded_gguf
 from .config import ConfigError
 from .errors import MismatchError, MissingFileError, SlimtuneError
+from .gguf_header import GGUFFileError
 from .gguf_header import check as check_gguf
 from .gguf_header import refusals as gguf_refusals
 
@@ -278,7 +279,8 @@ def _restore_rope(model, path: Path) -> None:
         return
     rope = json.loads(field.contents())
     if not isinstance(rope, dict):
-        raise ValueError(f"slimtune.rope_parameters is {type(rope).__name__}, not a JSON object")
+        raise GGUFFileError(f"{path}: metadata slimtune.rope_parameters is {type(rope).__name__}, not a JSON object; "
+                            "export it again")
     model.config.rope_parameters = rope
     model.model.rotary_emb = type(rotary)(config=model.config)
 

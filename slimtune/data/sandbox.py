@@ -6,19 +6,20 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from typing import Callable
 
 # one render of one conversation; a 10,000-message chat renders in under 2 s (tests/data/test_template_guards.py)
 RENDER_SECONDS = 20.0
 
 
-class RenderTimeout(Exception):
-    """The render ran past its time limit (raised inside it by the alarm; templates.py reports it)."""
+class _Expired(Exception):
+    """Raised inside the render by the alarm; time_limit turns it into the caller's error."""
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise RenderTimeout in the block once `seconds` have passed. A timer needs the main thread (signals
-    reach only it) and none of the caller's own: elsewhere the block runs unbounded, as before."""
+def time_limit(seconds: float, error: Callable[[], Exception]):
+    """Stop the block with error() once `seconds` have passed. A timer needs the main thread (signals reach
+    only it) and no timer of the caller's own: elsewhere the block runs unbounded, as before."""
     usable = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
               and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
     if not usable:
@@ -26,12 +27,14 @@ def time_limit(seconds: float):
         return
 
     def expire(_signum, _frame):
-        raise RenderTimeout
+        raise _Expired
 
     old = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
+    except _Expired:
+        raise error() from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

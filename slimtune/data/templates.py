@@ -151,8 +151,13 @@ def _apply(tokenizer, messages, add_generation_prompt) -> str:
     import jinja2
 
     fix = f"do not use this tokenizer's template: choose data.template from {', '.join(FAMILIES)}"
+
+    def slow() -> TemplateError:
+        return TemplateError(f"{_template_file(tokenizer)}: the chat_template ran past {sandbox.RENDER_SECONDS:g} s "
+                             f"on one conversation of {len(messages)} messages; {fix}")
+
     try:
-        with sandbox.time_limit(sandbox.RENDER_SECONDS):
+        with sandbox.time_limit(sandbox.RENDER_SECONDS, slow):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.exceptions.SecurityError as err:  # transformers renders in jinja's sandbox, which stops it
         raise TemplateError(f"{_template_file(tokenizer)}: the chat_template tried an operation the sandbox "
@@ -166,9 +171,6 @@ def _apply(tokenizer, messages, add_generation_prompt) -> str:
     except (OverflowError, MemoryError, RecursionError) as err:  # the sandbox's range bound (100,000 items)
         raise TemplateError(f"{_template_file(tokenizer)}: the chat_template asks for more than the sandbox allows "
                             f"({type(err).__name__}: {err}); {fix}") from None
-    except sandbox.RenderTimeout:
-        raise TemplateError(f"{_template_file(tokenizer)}: the chat_template ran past {sandbox.RENDER_SECONDS:g} s "
-                            f"on one conversation of {len(messages)} messages; {fix}") from None
 
 
 def _end_tokens(tokenizer) -> list[str]:
