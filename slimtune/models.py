@@ -220,9 +220,12 @@ def _folded(names) -> list[str]:
     out = []
     for key, nums in groups.items():
         nums = sorted(nums)
-        run = len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1))
-        span = f"{{{nums[0]}...{nums[-1]}}}" if run else "{" + ",".join(map(str, nums)) + "}" if len(nums) > 1 \
-            else str(nums[0])
+        if len(nums) == 1:
+            span = str(nums[0])
+        elif len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+            span = f"{{{nums[0]}...{nums[-1]}}}"
+        else:
+            span = "{" + ",".join(map(str, nums)) + "}"
         out.append(key.replace("{}", span, 1))
     return sorted(out)
 
@@ -262,7 +265,7 @@ def check_weights(model, info: dict, where: Path) -> None:
     if parts:
         source = "metadata" if where.suffix == ".gguf" else "config.json"
         raise MismatchError(f"model.path: {where}: the weights do not fit the model its {source} describes: "
-                            f"{'; '.join(parts)}; the file is incomplete or its {source} is wrong: give a "
+                            f"{'; '.join(parts)}; its weights are incomplete or its {source} is wrong: give a "
                             "complete model")
 
 

@@ -143,7 +143,7 @@ def test_gguf_without_a_tensor_is_refused(tiny_gguf, tmp_path, capsys, monkeypat
     path.write_bytes(variant(tiny_gguf, drop_tensors={"blk.1.ffn_up.weight"}))
     err = one_line_error("chat", path, tmp_path, capsys, monkeypatch)
     assert err.endswith(f"{path}: the weights do not fit the model its metadata describes: 1 missing "
-                        "(model.layers.1.mlp.up_proj.weight); the file is incomplete or its metadata is wrong: "
+                        "(model.layers.1.mlp.up_proj.weight); its weights are incomplete or its metadata is wrong: "
                         "give a complete model")
 
 
@@ -173,7 +173,7 @@ def test_folder_missing_a_tensor_is_refused_by_every_loading_verb(tiny_model_dir
         models.load(str(folder))
     assert str(err.value) == (f"model.path: {folder}: the weights do not fit the model its config.json describes: "
                               "1 missing (model.layers.1.mlp.up_proj.weight); 1 unexpected (model.extra.weight); "
-                              "the file is incomplete or its config.json is wrong: give a complete model")
+                              "its weights are incomplete or its config.json is wrong: give a complete model")
     data = write_jsonl(tmp_path / "held.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
     assert cli.main(["eval", "--base", str(folder), "--data", str(data), "--output", str(tmp_path / "ev"),
                      "--device", "cpu"]) == 2
