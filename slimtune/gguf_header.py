@@ -23,7 +23,12 @@ DEFAULT_ALIGNMENT = 32
 STRING, ARRAY = 8, 9
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 # llama.cpp refuses a model file without these (its required get_key calls); transformers used defaults instead
-MODEL_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count")
+MODEL_KEYS = ("block_count", "context_length", "embedding_length")
+# and a file with attention weights needs its head count to split them (transformers' default is 32 heads:
+# without GQA the weights fit and the model runs wrong); Mamba-like files have none
+SIZE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv")
+ATTENTION_TENSORS = (".attn_q.", ".attn_qkv.")
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 # smallest record: a key/value pair (8-byte length, empty key, type, 1-byte value); a tensor entry (8-byte name
 # length, 4-byte dimension count, type, 8-byte offset)
@@ -175,7 +180,9 @@ def check(path: Path, tokenizer: bool = True) -> Header:
     if not isinstance(arch, str) or not arch:
         raise GGUFFileError(f"{path}: no 'general.architecture' in its metadata, so the model it holds is unknown; "
                             "export or convert it again (llama.cpp's convert_hf_to_gguf.py writes it)")
-    need = [f"{arch}.{k}" for k in MODEL_KEYS] + (list(TOKENIZER_KEYS) if tokenizer else [])
+    attention = any(part in name for name in header.tensors for part in ATTENTION_TENSORS)
+    need = [f"{arch}.{k}" for k in MODEL_KEYS + ("attention.head_count",) * attention]
+    need += list(TOKENIZER_KEYS) if tokenizer else []
     missing = [k for k in need if k not in header.metadata]
     if missing:
         them = "it" if len(missing) == 1 else "them"
@@ -191,15 +198,13 @@ def _check_sizes(header: Header, arch: str) -> None:
     it before it reads a weight, so a block_count or embedding_length of 2**32 would fill the memory first.
     Every layer holds at least hidden x (hidden + feed_forward) values (attention's query and output, and the
     MLP's three projections, each at least half that), so 2x the file's values bounds what its layers need."""
-    meta = {k: header.metadata[f"{arch}.{k}"] for k in MODEL_KEYS}
+    meta = {k: header.metadata[f"{arch}.{k}"] for k in SIZE_KEYS if f"{arch}.{k}" in header.metadata}
     bad = [f"{arch}.{k} is {v!r}" for k, v in meta.items() if not isinstance(v, (int, Array)) or isinstance(v, bool)
            or (isinstance(v, int) and v < 1)]
     if bad:
         raise GGUFFileError(f"{header.path}: {'; '.join(bad)}, not a positive whole number: export or convert it again")
-    layers, hidden, ffn, heads = (v if isinstance(v, int) else 1 for v in (
-        meta["block_count"], meta["embedding_length"], meta["feed_forward_length"], meta["attention.head_count"]))
-    kv_heads = header.metadata.get(f"{arch}.attention.head_count_kv", 1)
-    kv_heads = kv_heads if isinstance(kv_heads, int) else 1
+    # an absent size, or one given per layer (an array), counts as 1: the bound stays a lower one
+    layers, hidden, ffn, heads, kv_heads = (meta.get(k) if isinstance(meta.get(k), int) else 1 for k in SIZE_KEYS)
     if layers * hidden * (hidden + ffn) > 2 * header.elements + 2**20 or heads > hidden or kv_heads > heads:
         raise GGUFFileError(f"{header.path}: its metadata describes a model ({layers:,} layers of {hidden:,} x "
                             f"{ffn:,}, {heads:,} heads, {kv_heads:,} key/value heads) far larger than the "

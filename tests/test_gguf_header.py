@@ -86,6 +86,13 @@ HOSTILE = [
     ("no-block-count", lambda p: variant(p, drop={"llama.block_count"}), "its metadata lacks llama.block_count;"),
     ("no-tokenizer", lambda p: variant(p, drop={"tokenizer.ggml.model", "tokenizer.ggml.tokens"}),
      "lacks tokenizer.ggml.model, tokenizer.ggml.tokens"),
+    ("no-head-count", lambda p: variant(p, drop={"llama.attention.head_count"}), "lacks llama.attention.head_count;"),
+    # transformers would build 2**31 layers before reading a weight
+    ("layers", lambda p: variant(p, put={"llama.block_count": kv("llama.block_count", U32, struct.pack("<I", 2**31))}),
+     "its metadata describes a model (2,147,483,648 layers of 64 x 128, 4 heads, 2 key/value heads) far larger "
+     "than the 99,648 weight values it holds"),
+    ("float-layers", lambda p: variant(p, put={"llama.block_count": kv("llama.block_count", 6, struct.pack("<f", 2))}),
+     "llama.block_count is 2.0, not a positive whole number"),
 ]
 
 
@@ -180,18 +187,20 @@ def test_folder_missing_a_tensor_is_refused_by_every_loading_verb(tiny_model_dir
     assert "1 missing (model.layers.1.mlp.up_proj.weight)" in capsys.readouterr().err
 
 
-# fuzz: random bytes, the valid file cut short, bytes overwritten (mostly in the 10 KB header, where a
-# change moves lengths, counts and offsets), and one metadata value replaced by an integer of another size
+# fuzz: random bytes, the valid file cut short, bytes overwritten (in the 10 KB header, where a change moves
+# lengths, counts and offsets), vocabulary and merges text overwritten with other text of the same length (the
+# header stays readable: transformers builds a tokenizer of duplicate tokens and broken merges), and one
+# metadata value replaced by a number of another type
 EDIT = st.tuples(st.integers(0, 10_240), st.binary(min_size=1, max_size=8))
-
-
+TEXT_EDIT = st.tuples(st.floats(0, 1), st.text("ab <>|", min_size=1, max_size=6))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["random", "cut", "edit", "value"]), blob=st.binary(max_size=64),
+@given(kind=st.sampled_from(["random", "cut", "edit", "text", "value"]), blob=st.binary(max_size=64),
        cut=st.integers(0, 210_000), edits=st.lists(EDIT, min_size=1, max_size=4),
+       texts=st.lists(TEXT_EDIT, min_size=1, max_size=6),
        key=st.sampled_from(["llama.block_count", "llama.embedding_length", "llama.attention.head_count",
                             "tokenizer.ggml.bos_token_id", "general.alignment", "llama.context_length"]),
        number=st.integers(0, 2**64 - 1), kind_code=st.sampled_from([4, 5, 10, 12, 8]))
-def test_fuzzed_file_lets_only_slimtune_errors_out(kind, blob, cut, edits, key, number, kind_code, tiny_gguf,
+def test_fuzzed_file_lets_only_slimtune_errors_out(kind, blob, cut, edits, texts, key, number, kind_code, tiny_gguf,
                                                     tmp_path):
     raw = tiny_gguf.read_bytes()
     if kind == "random":
@@ -201,6 +210,15 @@ def test_fuzzed_file_lets_only_slimtune_errors_out(kind, blob, cut, edits, key, 
     elif kind == "edit":
         data = bytearray(raw)
         for at, new in edits:
+            data[at:at + len(new)] = new
+        data = bytes(data)
+    elif kind == "text":  # within the strings of tokenizer.ggml.tokens and .merges, whole characters
+        data = bytearray(raw)
+        start, end = raw.find(b"tokenizer.ggml.tokens"), raw.find(b"tokenizer.ggml.bos_token_id")
+        for where, new in texts:
+            at = start + int(where * (end - start))
+            run = next(i for i, b in enumerate(data[at:end] + b"\0") if not 0x20 <= b < 0x7f)  # ASCII text only
+            new = new.encode()[:run]
             data[at:at + len(new)] = new
         data = bytes(data)
     else:
