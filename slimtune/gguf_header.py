@@ -47,11 +47,11 @@ class GGUFFileError(DamagedFileError):
 
 @dataclass
 class Header:
-    """What a checked .gguf file holds: metadata (arrays as their item count) and tensor names."""
+    """What a checked .gguf file holds: metadata (arrays as their item count) and each tensor's dimensions."""
     path: Path
     version: int
     metadata: dict = field(default_factory=dict)
-    tensors: list[str] = field(default_factory=list)
+    tensors: dict[str, list[int]] = field(default_factory=dict)
     elements: int = 0  # the weights' values, all tensors together
 
 
@@ -155,7 +155,7 @@ def _tensor_entry(cur: _Cursor, header: Header, i: int) -> tuple[str, int, int]:
         elements *= d
     if 0 in dims or dims[0] % block:
         raise cur.fail(f"{what} has shape {dims}, which its type (blocks of {block}) cannot hold")
-    header.tensors.append(name)
+    header.tensors[name] = dims
     header.elements += elements
     return name, cur.unpack("Q", f"the data offset of {what}"), elements // block * block_bytes
 
