@@ -5,27 +5,40 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
+import time
 from typing import Callable
 
 # one render of one conversation; a 10,000-message chat renders in under 2 s (tests/data/test_template_guards.py)
 RENDER_SECONDS = 20.0
+TEMPLATE_CODE = "<template>"  # the file name of the Python that jinja compiles a template string to
 
 
 class _Expired(Exception):
-    """Raised inside the render by the alarm; time_limit turns it into the caller's error."""
+    """Raised inside the render once its time is up; time_limit turns it into the caller's error."""
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float, error: Callable[[], Exception]):
-    """Stop the block with error() once `seconds` have passed. A timer needs the main thread (signals reach
-    only it) and no timer of the caller's own: elsewhere the block runs unbounded, as before."""
-    usable = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
-    if not usable:
-        yield
-        return
+    """Stop the block with error() once `seconds` have passed: an alarm signal in the main thread (free while
+    it waits); elsewhere (the web app's workers), where signals do not reach, a trace of the template's own
+    lines, which look at the clock."""
+    try:
+        with _alarm(seconds) if _alarm_usable() else _traced(seconds):
+            yield
+    except _Expired:
+        raise error() from None
 
+
+def _alarm_usable() -> bool:
+    # signals reach the main thread only; a timer of the caller's own is left alone
+    return (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float):
     def expire(_signum, _frame):
         raise _Expired
 
@@ -33,8 +46,26 @@ def time_limit(seconds: float, error: Callable[[], Exception]):
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
-    except _Expired:
-        raise error() from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def _traced(seconds: float):
+    deadline = time.monotonic() + seconds
+
+    def line(_frame, _event, _arg):  # every line of the template's code, each loop turn included
+        if time.monotonic() > deadline:
+            raise _Expired
+        return line
+
+    def call(frame, _event, _arg):  # other code runs untraced
+        return line if frame.f_code.co_filename == TEMPLATE_CODE else None
+
+    old = sys.gettrace()
+    sys.settrace(call)
+    try:
+        yield
+    finally:
+        sys.settrace(old)

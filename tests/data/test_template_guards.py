@@ -184,6 +184,32 @@ def test_chat_template_that_runs_for_hours_is_stopped(monkeypatch):
     assert render("auto", _chat(1), make_tokenizer()).spans  # a plain template renders after it, as before
 
 
+def test_endless_chat_template_is_stopped_in_a_worker_thread(monkeypatch):
+    """The web app renders in worker threads, which no alarm signal reaches: there the template's own lines
+    watch the clock, and the trace is gone afterwards."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
+    tok = make_tokenizer(chat_template="{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}"
+                                       "{% endfor %}")
+    got: dict = {}
+
+    def work():
+        start = time.monotonic()
+        try:
+            render("auto", _chat(1), tok)
+        except TemplateError as err:
+            got.update(error=str(err), seconds=time.monotonic() - start, trace=sys.gettrace())
+        got["plain"] = render("auto", _chat(1), make_tokenizer()).spans
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert "the chat_template ran past 0.5 s on one conversation of 2 messages" in got["error"]
+    assert got["seconds"] < 5 and got["trace"] is None and got["plain"]
+
+
 def _smol_like():
     """A tokenizer with ChatML tokens only, as SmolLM2: ChatGLM3's [gMASK] etc. are text to it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
