@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -20,7 +21,10 @@ import torch
 
 from .assets import embedded_folder, embedded_gguf
 from .config import ConfigError
-from .errors import MissingFileError, SlimtuneError
+from .errors import MismatchError, MissingFileError, SlimtuneError
+from .gguf_header import GGUFFileError
+from .gguf_header import check as check_gguf
+from .gguf_header import refusals as gguf_refusals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
@@ -178,19 +182,94 @@ def refusals(p: Path):
 
 
 def load_gguf(path: Path, dtype: str = "fp32"):
-    """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package); the file is checked
+    first (gguf_header.check) and a model its weights do not fill is refused (check_weights)."""
+    from transformers import AutoModelForCausalLM
 
-    # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
-                                                 trust_remote_code=False)
-    _restore_rope(model, path)
+    tokenizer = _gguf_tokenizer(path)
+    with gguf_refusals(path), _no_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
+                                                           trust_remote_code=False, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+        check_weights(model, info, path)
+        _restore_rope(model, path)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
         # the weights are already dense, so nothing is lost.
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer a checked GGUF file describes, named by the file (its chat template's errors name it)."""
+    from transformers import AutoTokenizer
+
+    check_gguf(path)
+    with gguf_refusals(path):
+        # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tokenizer.name_or_path = str(path)
+    return tokenizer
+
+
+def _folded(names) -> list[str]:
+    """Weight names with their layer numbers folded, as transformers' load report writes them:
+    model.layers.{2...31}.mlp.up_proj.weight."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        m = re.search(r"\.(\d+)\.", name)
+        key = name[:m.start(1)] + "{}" + name[m.end(1):] if m else name
+        groups.setdefault(key, []).append(int(m.group(1)) if m else 0)
+    out = []
+    for key, nums in groups.items():
+        nums = sorted(nums)
+        if len(nums) == 1:
+            span = str(nums[0])
+        elif len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+            span = f"{{{nums[0]}...{nums[-1]}}}"
+        else:
+            span = "{" + ",".join(map(str, nums)) + "}"
+        out.append(key.replace("{}", span, 1))
+    return sorted(out)
+
+
+def _listed(label: str, names) -> str:
+    folded = _folded(names)
+    shown = ", ".join(folded[:6]) + (f" and {len(folded) - 6} more" if len(folded) > 6 else "")
+    return f"{len(names)} {label} ({shown})"
+
+
+def _drop_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """Hide transformers' table of missing, unexpected and mismatched weights: check_weights turns the same
+    findings into slimtune's one-line error (and a load with none of them prints no table)."""
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addFilter(_drop_report)
+    try:
+        yield
+    finally:
+        log.removeFilter(_drop_report)
+
+
+def check_weights(model, info: dict, where: Path) -> None:
+    """Refuse a load whose weights do not fill the model: transformers fills a missing weight with random
+    values and only prints a report (a GGUF file without block_count ran 2 real layers and 30 random ones).
+    Tied weights (lm_head shares embed_tokens) are filled from their source, so they are not missing."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ())
+    parts = [_listed(label, names) for label, names in (("missing", missing), ("unexpected", unexpected),
+                                                         ("of another shape", mismatched)) if names]
+    if parts:
+        source = "metadata" if where.suffix == ".gguf" else "config.json"
+        raise MismatchError(f"model.path: {where}: the weights do not fit the model its {source} describes: "
+                            f"{'; '.join(parts)}; its weights are incomplete or its {source} is wrong: give a "
+                            "complete model")
 
 
 def _restore_rope(model, path: Path) -> None:
@@ -204,7 +283,11 @@ def _restore_rope(model, path: Path) -> None:
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if field is None or rotary is None:
         return
-    model.config.rope_parameters = json.loads(field.contents())
+    rope = json.loads(field.contents())
+    if not isinstance(rope, dict):
+        raise GGUFFileError(f"{path}: metadata slimtune.rope_parameters is {type(rope).__name__}, not a JSON object; "
+                            "export it again")
+    model.config.rope_parameters = rope
     model.model.rotary_emb = type(rotary)(config=model.config)
 
 
@@ -218,7 +301,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     p = resolve(path)
     if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
+        return _gguf_tokenizer(p)
     if not any((p / name).is_file() for name in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
         raise MissingFileError(f"model.path: {p} has no tokenizer files (expected one of "
                                f"{', '.join(TOKENIZER_FILES)}); copy them from the model's original folder")
@@ -233,7 +316,9 @@ def load_config(path: str, trust_remote_code: bool = False):
 
     p = resolve(path)
     if p.suffix == ".gguf":
-        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
+        check_gguf(p, tokenizer=False)
+        with gguf_refusals(p):
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=False)
     check_code(p, trust_remote_code)
     with refusals(p):
         return AutoConfig.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
@@ -253,10 +338,12 @@ def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device
         return model.to(device), tokenizer
     check_code(p, trust_remote_code)
     extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
-    with refusals(p):
+    with refusals(p), _no_load_report():
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code))
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code),
-                                                     **extra)
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype], output_loading_info=True,
+                                                           ignore_mismatched_sizes=True,
+                                                           trust_remote_code=bool(trust_remote_code), **extra)
+    check_weights(model, info, p)
     return (model if quantization is not None else model.to(device)), tokenizer
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlimtuneError
+from . import sandbox
 
 
 @dataclass
@@ -149,18 +150,27 @@ def _template_file(tokenizer) -> str:
 def _apply(tokenizer, messages, add_generation_prompt) -> str:
     import jinja2
 
+    fix = f"do not use this tokenizer's template: choose data.template from {', '.join(FAMILIES)}"
+
+    def slow() -> TemplateError:
+        return TemplateError(f"{_template_file(tokenizer)}: the chat_template ran past {sandbox.RENDER_SECONDS:g} s "
+                             f"on one conversation of {len(messages)} messages; {fix}")
+
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        with sandbox.time_limit(sandbox.RENDER_SECONDS, slow):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.exceptions.SecurityError as err:  # transformers renders in jinja's sandbox, which stops it
         raise TemplateError(f"{_template_file(tokenizer)}: the chat_template tried an operation the sandbox "
-                            f"forbids ({err}); do not use this tokenizer's template: choose data.template from "
-                            f"{', '.join(FAMILIES)}") from None
+                            f"forbids ({err}); {fix}") from None
     except jinja2.exceptions.TemplateSyntaxError as err:
         raise TemplateError(f"{_template_file(tokenizer)}: the chat_template is not valid Jinja (template line "
                             f"{err.lineno}: {err.message}); fix it or choose data.template from "
                             f"{', '.join(FAMILIES)}") from None
     except jinja2.exceptions.TemplateError as err:  # the template's raise_exception(...): this record only
         raise RecordTemplateError(f"the chat_template refused this conversation: {err}") from None
+    except (OverflowError, MemoryError, RecursionError) as err:  # the sandbox's range bound (100,000 items)
+        raise TemplateError(f"{_template_file(tokenizer)}: the chat_template asks for more than the sandbox allows "
+                            f"({type(err).__name__}: {err}); {fix}") from None
 
 
 def _end_tokens(tokenizer) -> list[str]:

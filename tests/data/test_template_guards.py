@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import CHATML, make_tokenizer, write_jsonl
 from slimtune import cli
 from slimtune.config import DataConfig
-from slimtune.data import build
+from slimtune.data import build, sandbox
 from slimtune.data.readers import DataError
 from slimtune.data.templates import RecordTemplateError, TemplateError, check_tokens, render
 
@@ -156,6 +157,57 @@ def test_unsafe_or_broken_chat_template_names_the_file(tmp_path, template, messa
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Q", "output": "A"}])
     assert cli.main(["inspect", str(data), "--model", str(folder)]) == 2
     assert capsys.readouterr().err.startswith(f"slimtune inspect: error: {folder / 'chat_template.jinja'}: ")
+
+
+def test_huge_range_in_a_chat_template_is_one_error():
+    """jinja's sandbox refuses range(10**9) with an OverflowError, which came out as a traceback."""
+    tok = make_tokenizer(chat_template="{% for i in range(10**9) %}x{% endfor %}")
+    with pytest.raises(TemplateError) as err:
+        render("auto", _chat(1), tok)
+    assert not isinstance(err.value, RecordTemplateError)
+    assert "the chat_template asks for more than the sandbox allows (OverflowError: Range too big. The sandbox " \
+           "blocks ranges larger than MAX_RANGE (100000).); do not use this tokenizer's template" in str(err.value)
+
+
+def test_chat_template_that_runs_for_hours_is_stopped(monkeypatch):
+    """Each range stays within the sandbox's 100,000 items, but two nested are 10^10 steps (no call inside
+    the loops for a hook to see): the render's time limit stops it, and leaves no timer behind."""
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
+    tok = make_tokenizer(chat_template="{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}"
+                                       "{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(TemplateError, match=r": the chat_template ran past 0.5 s on one conversation of 2 messages; "
+                                            r"do not use this tokenizer's template"):
+        render("auto", _chat(1), tok)
+    assert time.monotonic() - start < 5
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0 and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    assert render("auto", _chat(1), make_tokenizer()).spans  # a plain template renders after it, as before
+
+
+def test_endless_chat_template_is_stopped_in_a_worker_thread(monkeypatch):
+    """The web app renders in worker threads, which no alarm signal reaches: there the template's own lines
+    watch the clock, and the trace is gone afterwards."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
+    tok = make_tokenizer(chat_template="{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}"
+                                       "{% endfor %}")
+    got: dict = {}
+
+    def work():
+        start = time.monotonic()
+        try:
+            render("auto", _chat(1), tok)
+        except TemplateError as err:
+            got.update(error=str(err), seconds=time.monotonic() - start, trace=sys.gettrace())
+        got["plain"] = render("auto", _chat(1), make_tokenizer()).spans
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert "the chat_template ran past 0.5 s on one conversation of 2 messages" in got["error"]
+    assert got["seconds"] < 5 and got["trace"] is None and got["plain"]
 
 
 def _smol_like():
