@@ -24,6 +24,8 @@
 #        unsloth, one size; at 1B also QLoRA both sides and the GPU tests of compiled layers, qlora and tiled MLP
 #   bash bench/gpu_speed.sh s9-diag-1b|s9-diag-8b   issue 28: the former bench loop and fit with the same keys (each
 #        profiled over two steps), then the defaults, lora and qlora; logs and profiles in $OUT/logs.tgz
+#   bash bench/gpu_speed.sh s9-8b   issue 28 after session 9's fixes: offload GPU test, 60-step 8B defaults (stalls),
+#        8B defaults-qlora beside unsloth-qlora
 #   bash bench/gpu_speed.sh qwen   slimtune defaults and the explicit 16 x 1 offloaded recipe, then unsloth, at qwen7b
 # Logs and results land in $OUT (speed.jsonl is appended to bench/results/<date>-h100.jsonl afterwards).
 set -uo pipefail
@@ -130,6 +132,13 @@ elif [ "$SIZE" = s9-diag-1b ] || [ "$SIZE" = s9-diag-8b ]; then  # issue 28: fit
   S=${SIZE#s9-diag-}; export SPEED_LOG_DIR=/tmp/logs; mkdir -p /tmp/logs
   PYTHONPATH=/tmp/site timeout ${T1:-500} python3 bench/speed.py --sizes $S --out "$OUT/speed.jsonl" \
     --recipes ${RECIPES:-loop:bs=16:ga=1:offload:profile=/tmp/logs/prof_loop.txt,slimtune:bs=16:ga=1:offload:profile=/tmp/logs/prof_fit.txt,defaults,defaults-qlora}
+  tar czf "$OUT/logs.tgz" -C /tmp/logs .
+elif [ "$SIZE" = s9-8b ]; then  # issue 28 after the fixes: offload GPU test, a 60-step 8B defaults run, QLoRA beside unsloth
+  export UNSLOTH_MODES=padded SPEED_LOG_DIR=/tmp/logs; mkdir -p /tmp/logs
+  PYTHONPATH=/tmp/site:/tmp/site_test timeout 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_offload_gpu.py \
+    -rs 2>&1 | grep -v -i warn | tail -4 | tee "$OUT/gpu_tests.log"
+  PYTHONPATH=/tmp/site timeout 150 python3 bench/speed.py --sizes 8b --steps ${STEPS:-60} --out "$OUT/speed.jsonl" --recipes defaults
+  PYTHONPATH=/tmp/site timeout 330 python3 bench/speed.py --sizes 8b --out "$OUT/speed.jsonl" --recipes defaults-qlora,unsloth-qlora
   tar czf "$OUT/logs.tgz" -C /tmp/logs .
 elif [ "$SIZE" = issue19-1b-quick ]; then  # the 1B defaults beside unsloth, with the qlora GPU test's message
   export UNSLOTH_MODES=padded

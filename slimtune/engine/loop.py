@@ -98,10 +98,12 @@ def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, ma
     return row
 
 
-def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module | None = None):
+def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module | None = None,
+                    max_tokens: int = 0):
     """Autocast per the precision plan, plus saved activations kept in CPU memory when asked (engine/offload.py;
-    `model`'s parameters are never copied out)."""
-    hooks = OffloadActivations(model) if offload else None
+    `model`'s parameters are never copied out; max_tokens: the most tokens a micro-batch can hold, which sizes
+    its reused host buffers)."""
+    hooks = OffloadActivations(model, max_tokens=max_tokens) if offload else None
 
     def context():
         stack = contextlib.ExitStack()
@@ -147,7 +149,7 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log) \
         if distributed.is_main() else NullLog()
     show_progress = show_progress and distributed.is_main()
-    context = forward_context(plan, device, tc.offload_activations, model)
+    context = forward_context(plan, device, tc.offload_activations, model, tc.micro_batch_size * cfg.data.max_len)
     measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:

@@ -76,3 +76,27 @@ def test_the_loop_trains_the_same_with_offload(tiny_model_dir, tmp_path):
         train_mod.run(cfg, show_progress=False, log=lambda *a: None)
         losses[offload] = [r["loss"] for r in read_metrics(tmp_path / f"run{offload}" / "metrics.jsonl") if "loss" in r]
     assert len(losses[True]) == 3 and losses[True] == losses[False]
+
+
+def test_host_buffers_are_made_once_for_the_longest_forward_and_reused():
+    """engine/offload.py's pool: the i-th moved tensor of every forward reuses one buffer, first made for the
+    longest forward the run can have (capped at HEADROOM x the request), so a longer row later makes none."""
+    from slimtune.engine import offload
+
+    hooks = offload.OffloadActivations(max_tokens=16 * 1024)
+    hooks._next = 0
+    first = hooks._buffer(2000 * 64 * 2, 2000)  # a row of 2,000 tokens, hidden 64, bf16
+    assert first.numel() == 2000 * 64 * 2 and hooks.pool[0].numel() == 8000 * 64 * 2  # HEADROOM 4 < 16384 / 2000
+    second = hooks._buffer(100, 1)
+    assert len(hooks.pool) == 2
+    hooks._next = 0  # the next forward: a row twice as long fits the same memory
+    again = hooks._buffer(4000 * 64 * 2, 4000)
+    assert again.data_ptr() == first.data_ptr() and len(hooks.pool) == 2
+    hooks._next = 0  # past the headroom: grown 1.5x (or to the request), then reused
+    big = hooks._buffer(10000 * 64 * 2, 10000)
+    assert hooks.pool[0].numel() == 12000 * 64 * 2 and big.data_ptr() == hooks.pool[0].data_ptr()
+    assert second.numel() == 100
+    exact = offload.OffloadActivations(max_tokens=1024)  # a single long record fills max_tokens: no headroom
+    exact._next = 0
+    exact._buffer(1024 * 64 * 2, 1024)
+    assert exact.pool[0].numel() == 1024 * 64 * 2
