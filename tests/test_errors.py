@@ -30,7 +30,8 @@ BUILTINS = {"ValueError", "RuntimeError", "FileNotFoundError", "FileExistsError"
 # bare built-in raises left on purpose: internal invariants no input can break, each with why
 INTERNAL = {("data/pack.py", "ValueError"): "the row budget is derived from data.max_len by the caller",
             ("kernels/attention.py", "ValueError"): "the packed collate builds one full causal row",
-            ("engine/loop.py", "ValueError"): "fit called with held-out records and no evaluate callable"}
+            ("engine/loop.py", "ValueError"): "fit called with held-out records and no evaluate callable",
+            ("ui/paths.py", "OSError"): "raised by _stat and caught at once by Roots.check, which answers NotAPath"}
 
 
 def _modules():

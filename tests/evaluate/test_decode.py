@@ -68,6 +68,7 @@ def test_generate_command_writes_whole_characters(tokenizer, tmp_path, monkeypat
     cfg = SimpleNamespace(data=SimpleNamespace(template="chatml", system="", max_len=64))
     monkeypatch.setattr(command, "load_for_inference", lambda args: (Scripted(_ids(tokenizer, ZH)), tokenizer, cfg,
                                                                      "cpu"))
+    monkeypatch.setattr(command, "check_output", lambda *a, **k: None)  # tmp_path is no run folder (outputs.py)
     data = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "说中文"}])
     out = tmp_path / "predictions.jsonl"
     rc = cli.main(["generate", str(tmp_path), "--input", str(data), "--output", str(out), "--max-new-tokens", "2",
