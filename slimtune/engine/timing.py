@@ -5,7 +5,8 @@ step holds the GPU's work for it too: `step_s` is the step's wall time, `data_s`
 queueing the copies of its records, and `host_s` what the loop spent between the previous step and this one
 (metrics, TensorBoard, checkpoints, evaluation). metrics.jsonl gets the three per step; the summary gets the
 median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
-median (a lazily built kernel, an allocator growing, a recompile). With train.profile_step = N, torch.profiler
+median in seconds per input token (a lazily built kernel, an allocator growing, a recompile; not a step whose
+records are longer). With train.profile_step = N, torch.profiler
 records steps N and N + 1 and their busiest ops go to profile.txt in the run folder.
 """
 from __future__ import annotations
@@ -22,20 +23,26 @@ STALL_FACTOR = 2.0  # a step over twice the median is a stall (issue 28's bar fo
 PROFILED_STEPS = 2  # profile_step and the one after: the second shows the steady state if the first is special
 
 
-def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR) -> list[tuple[int, float]]:
+def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR,
+           tokens: dict[int, int] | None = None) -> list[tuple[int, float]]:
     """(step, seconds) of the steps over `factor` x the median, the first step of the dict left out (it builds
-    kernels, compiles, allocates): every step after it should take about as long as the others."""
+    kernels, compiles, allocates): every step after it should take about as long as the others. With `tokens`
+    (input tokens per step) the seconds per token are compared instead, so a step that is long because its
+    records are (unpacked records on the CPU vary several-fold) is no stall."""
     steps = sorted(step_s)[1:]
     if len(steps) < 3:
         return []
-    median = statistics.median(step_s[s] for s in steps)
-    return [(s, step_s[s]) for s in steps if step_s[s] > factor * median]
+    per = {s: step_s[s] / tokens[s] for s in steps} if tokens and all(tokens.get(s) for s in steps) else \
+        {s: step_s[s] for s in steps}
+    median = statistics.median(per.values())
+    return [(s, step_s[s]) for s in steps if per[s] > factor * median]
 
 
 @dataclass
 class StepClock:
     """This process's step times (a resumed run's own steps only)."""
     step_s: dict[int, float] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)  # input tokens of each step (padding excluded)
     _mark: float | None = None  # when the previous step's compute ended
     _began: float = 0.0
 
@@ -46,10 +53,12 @@ class StepClock:
         self._began = now
         return host
 
-    def stop(self, step: int) -> float:
+    def stop(self, step: int, tokens: int = 0) -> float:
         """Called once the step's update is queued; returns its seconds."""
         self._mark = time.perf_counter()
         self.step_s[step] = self._mark - self._began
+        if tokens:
+            self.tokens[step] = tokens
         return self.step_s[step]
 
     def summary(self) -> dict:
@@ -58,7 +67,7 @@ class StepClock:
         if len(steps) < 2:
             return {}
         slowest = max(steps, key=self.step_s.get)
-        found = stalls(self.step_s)
+        found = stalls(self.step_s, tokens=self.tokens)
         return {"step_s_median": statistics.median(self.step_s[s] for s in steps),
                 "step_s_max": self.step_s[slowest], "slowest_step": slowest,
                 "stalls": [[s, round(t, 4)] for s, t in found[:20]], "stall_count": len(found)}
@@ -69,8 +78,9 @@ def summary_line(times: dict) -> str | None:
     if not times.get("stall_count"):
         return None
     shown = ", ".join(f"step {s}: {t:.2f} s" for s, t in times["stalls"][:5])
-    return (f"warning: {times['stall_count']} step(s) took over {STALL_FACTOR:g}x the median step "
-            f"({times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s and host_s)")
+    return (f"warning: {times['stall_count']} step(s) took over {STALL_FACTOR:g}x the median step's time per token "
+            f"(median step {times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s "
+            "and host_s)")
 
 
 class Profiler:

@@ -22,6 +22,9 @@ def test_stalls_are_steps_over_twice_the_median_after_the_first():
     assert timing.stalls(times) == [(3, 7.2)]
     assert timing.stalls({s: 0.5 for s in range(1, 200)}) == []
     assert timing.stalls({1: 1.0, 2: 5.0}) == []  # too few steps to tell
+    # per token: step 3 had three times the tokens of the others, so its 1.5 s is no stall; step 5's 1.2 s is
+    tokens = {1: 100, 2: 100, 3: 300, 4: 100, 5: 100, 6: 100}
+    assert timing.stalls({1: 3.0, 2: 0.5, 3: 1.5, 4: 0.5, 5: 1.2, 6: 0.5}, tokens=tokens) == [(5, 1.2)]
 
 
 def _train(tmp, model_dir, name, **train):
@@ -64,7 +67,7 @@ def test_a_planted_stall_is_found_named_and_printed(tmp_path, tiny_model_dir, mo
     assert summary["slowest_step"] == 5 and 5 in [s for s, _ in summary["stalls"]]
     out = capsys.readouterr().out
     n = summary["stall_count"]
-    assert f"warning: {n} step(s) took over 2x the median step" in out
+    assert f"warning: {n} step(s) took over 2x the median step's time per token" in out
     assert f"step 5: {rows[4]['step_s']:.2f} s" in out
 
 
