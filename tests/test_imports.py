@@ -4,7 +4,6 @@ its own, and no parts import each other round in a cycle. Read from the source's
 imported to check it; scripts/import_graph.py draws the same graph into docs/architecture.md."""
 from __future__ import annotations
 
-import ast
 import importlib.util
 from pathlib import Path
 
@@ -48,36 +47,20 @@ LAYERS = [
 LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}  # 0 = top
 
 
-def _module(path: Path) -> list[str]:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    return parts[:-1] if parts[-1] == "__init__" else parts
+def _script():
+    """scripts/import_graph.py, which holds the scan (and draws docs/architecture.md from it)."""
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _targets(node: ast.AST, path: Path) -> list[str]:
-    """The dotted slimtune modules (or names in them) an import statement reaches; [] for other packages."""
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == "slimtune"]
-    if node.level == 0:
-        return [node.module] if (node.module or "").split(".")[0] == "slimtune" else []
-    base = _module(path)
-    package = base if path.name == "__init__.py" else base[:-1]
-    root = package[: len(package) - (node.level - 1)]
-    if node.module:
-        return [".".join(root + [node.module])]
-    return [".".join(root + [a.name]) for a in node.names]  # `from . import x`: x may be a module
+GRAPH = _script()
 
 
 def _imports(path: Path):
     """(line, target, inside a function) for every slimtune import in the file."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-
-    def walk(node: ast.AST, inside: bool):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
-                for target in _targets(child, path):
-                    yield child.lineno, target, inside
-            yield from walk(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
-    yield from walk(tree, False)
+    return GRAPH.imports(path, PACKAGE)
 
 
 def _files() -> list[Path]:
@@ -96,23 +79,12 @@ def test_no_slimtune_import_inside_a_function():
 
 
 def _part(name: str) -> str:
-    """The layered part a file (slimtune/data/pack.py -> data) or a dotted target (slimtune.data.pack) is in."""
-    parts = name.removesuffix(".py").replace("/", ".").split(".")
-    if parts[0] == "slimtune":
-        parts = parts[1:] or ["__init__"]
-    return parts[0]
+    return GRAPH.part(name)
 
 
 def _edges() -> dict[tuple[str, str], list[str]]:
     """(importer part, imported part) -> the import lines that make the edge."""
-    edges = {}
-    for p in _files():
-        here = _part(_rel(p))
-        for line, target, _ in _imports(p):
-            there = _part(target)
-            if there != here:
-                edges.setdefault((here, there), []).append(f"slimtune/{_rel(p)}:{line}: {target}")
-    return edges
+    return GRAPH.edges(PACKAGE)
 
 
 def _cycles(edges) -> list[list[str]]:
@@ -180,6 +152,20 @@ def test_the_old_rules_still_hold():
              "kernels": ("engine", "evaluate", "export", "compare", "cli"),
              "engine": ("evaluate", "export", "compare", "cli")}
     assert all(LEVEL[low] > LEVEL[high] for low, highs in never.items() for high in highs)
+
+
+def test_the_architecture_drawing_is_current():
+    """docs/architecture.md is what scripts/import_graph.py draws from today's imports, with these LAYERS."""
+    assert GRAPH.layers() == LAYERS
+    drawn = GRAPH.render(LAYERS, _edges())
+    assert "UPWARD" not in drawn
+    assert (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8") == drawn, \
+        "docs/architecture.md is out of date: run `python scripts/import_graph.py`"
+
+
+def test_the_drawing_shows_an_upward_import():
+    drawn = GRAPH.render(LAYERS, {("data", "engine"): ["slimtune/data/x.py:1: slimtune.engine"]})
+    assert "    data -. UPWARD .-> engine" in drawn and "Upward imports" in drawn
 
 
 def test_assets_and_models_do_not_import_each_other():
