@@ -6,6 +6,8 @@ the resolved config.yaml and metrics.jsonl.
 base's path, for the embedded model its converted folder on this machine. slimtune's own `load_run` reads
 config.yaml to find the base model and the chat template; there a run on the embedded model records
 model.path "embedded", which `models.resolve` finds on any machine with slimtune.
+`check_run` names what a folder lacks before any model loads (chat, generate, eval, the web app), and
+`load_for_inference` loads a run folder, or an exported .gguf file, as chat and generate answer with it.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
 running the command does, with --trust-remote-code: slimtune/trust.py), and pickled adapters load only as
