@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_verb_has_its_arguments_and_a_module_with_run():
     modules = sorted(p.stem for p in (ROOT / "slimtune" / "commands").glob("*.py"))
-    shared = {"__init__", "arguments", "options", "inference", "run_folder"}
+    shared = {"__init__", "arguments", "options", "inference"}
     assert sorted(cli.COMMANDS) == sorted(set(modules) - shared)
     assert list(arguments.ADD) == list(cli.COMMANDS)  # the same verbs, in the order `slimtune --help` lists them
     for verb in cli.COMMANDS:

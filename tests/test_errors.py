@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 import slimtune
 from conftest import write_jsonl
 from slimtune import cli, errors
-from slimtune.commands import run_folder
 from slimtune.errors import (ExistingFileError, MismatchError, MissingFileError, MissingPackageError, SlimtuneError,
                              UnsupportedError)
+from slimtune.export import peft_format
 
 PACKAGE = Path(slimtune.__file__).parent
 # Exception classes that are not errors of the user's making, each with the reason
@@ -102,7 +102,7 @@ def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
 
 def test_missing_run_folder(tmp_path, capsys):
     with pytest.raises(SlimtuneError):
-        run_folder.check_run(tmp_path / "nope")
+        peft_format.check_run(tmp_path / "nope")
     err = _one_line_error(capsys, ["chat", str(tmp_path / "nope")], "chat")
     assert "no such run folder" in err
 

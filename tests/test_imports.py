@@ -1,57 +1,66 @@
 """Imports point down: no slimtune import placed inside a function (one there only dodges a cycle, which means
-a part is in the wrong place), and the layers below never import the ones above them. Read from the source's
-syntax tree, so nothing is imported to check it."""
+a part is in the wrong place), every part of slimtune has a layer in LAYERS, no part imports one of a layer above
+its own, and no parts import each other round in a cycle. Read from the source's syntax tree, so nothing is
+imported to check it; scripts/import_graph.py draws the same graph into docs/architecture.md."""
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "slimtune"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "slimtune"
 # the command registry imports each command's module when that command runs (cli.py, commands/); the web app's
 # entry imports its server, which needs the optional extra slimtune[ui] (FastAPI, uvicorn), only when it starts,
 # so a missing extra is a message (tests/ui/test_cli_ui.py), not an ImportError at `import slimtune.ui`
 INSIDE_ALLOWED = ("cli.py", "commands/", "ui/__init__.py")
-# importer folder -> the parts of slimtune it must never import
-NEVER = {
-    "data": ("engine", "evaluate", "export", "compare", "cli"),
-    "methods": ("engine", "evaluate", "export", "compare", "cli"),
-    "kernels": ("engine", "evaluate", "export", "compare", "cli"),
-    "engine": ("evaluate", "export", "compare", "cli"),
-}
+# The layers, top to bottom: a part (a package under slimtune/, or a top-level module without .py) imports parts
+# of its own layer or of the layers below it, never one above; within a layer the parts form no cycle.
+# - entry points: the package's lazy names, `python -m slimtune`, compare's child process, the verb registry;
+# - commands: one module per verb, which may start the web app (commands/ui.py), so ui sits below it;
+# - demo and api: what `slimtune demo` runs, through the Python API;
+# - runs: a training run (train.py) and a comparison of runs (compare/);
+# - evaluate: scoring and generating with a run, read from its folder through export/peft_format.py;
+# - export: the run folder format (peft_format.py) and what is written from a run (merge, GGUF, Modelfile);
+# - trust: when a run's or model's own code may run (reads the engine's run-folder marks);
+# - engine: the training loop, checkpoints, memory estimates;
+# - methods and kernels: what is trained (LoRA...) and the fast ops of a step;
+# - models and outputs: loading a model; where a command may write;
+# - inputs: data (records, templates), config, packaged files, the GGUF header reader;
+# - errors: slimtune's error types, which import nothing of slimtune.
+LAYERS = [
+    ("entry points", ("__init__", "__main__", "measured", "cli")),
+    ("commands", ("commands",)),
+    ("web app", ("ui",)),
+    ("demo and api", ("demo", "api")),
+    ("runs", ("train", "compare")),
+    ("evaluate", ("evaluate",)),
+    ("export", ("export",)),
+    ("trust", ("trust",)),
+    ("engine", ("engine",)),
+    ("methods and kernels", ("methods", "kernels")),
+    ("models and outputs", ("models", "outputs")),
+    ("inputs", ("data", "config", "assets", "gguf_header")),
+    ("errors", ("errors",)),
+]
+LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}  # 0 = top
 
 
-def _module(path: Path) -> list[str]:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    return parts[:-1] if parts[-1] == "__init__" else parts
+def _script():
+    """scripts/import_graph.py, which holds the scan (and draws docs/architecture.md from it)."""
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _targets(node: ast.AST, path: Path) -> list[str]:
-    """The dotted slimtune modules (or names in them) an import statement reaches; [] for other packages."""
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == "slimtune"]
-    if node.level == 0:
-        return [node.module] if (node.module or "").split(".")[0] == "slimtune" else []
-    base = _module(path)
-    package = base if path.name == "__init__.py" else base[:-1]
-    root = package[: len(package) - (node.level - 1)]
-    if node.module:
-        return [".".join(root + [node.module])]
-    return [".".join(root + [a.name]) for a in node.names]  # `from . import x`: x may be a module
+GRAPH = _script()
 
 
 def _imports(path: Path):
     """(line, target, inside a function) for every slimtune import in the file."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-
-    def walk(node: ast.AST, inside: bool):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
-                for target in _targets(child, path):
-                    yield child.lineno, target, inside
-            yield from walk(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
-    yield from walk(tree, False)
+    return GRAPH.imports(path, PACKAGE)
 
 
 def _files() -> list[Path]:
@@ -69,15 +78,94 @@ def test_no_slimtune_import_inside_a_function():
     assert not offenders, "imports inside functions (move the code to where it belongs):\n" + "\n".join(offenders)
 
 
-def test_lower_layers_never_import_upper_ones():
-    offenders = []
-    for p in _files():
-        layer = _rel(p).split("/")[0]
-        for line, target, _ in _imports(p):
-            part = target.split(".")[1] if "." in target else ""
-            if part in NEVER.get(layer, ()):
-                offenders.append(f"slimtune/{_rel(p)}:{line}: {layer}/ imports {target}")
+def _part(name: str) -> str:
+    return GRAPH.part(name)
+
+
+def _edges() -> dict[tuple[str, str], list[str]]:
+    """(importer part, imported part) -> the import lines that make the edge."""
+    return GRAPH.edges(PACKAGE)
+
+
+def _cycles(edges) -> list[list[str]]:
+    """The parts that import each other round (strongly connected components of more than one part)."""
+    graph = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    index, low, stack, found = {}, {}, [], []
+
+    def visit(v):  # Tarjan's algorithm; a few dozen parts, so recursion is fine
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_part_has_a_layer():
+    parts = {_part(_rel(p)) for p in _files()}
+    assert not parts - set(LEVEL), f"give these a layer in LAYERS: {sorted(parts - set(LEVEL))}"
+    assert not set(LEVEL) - parts, f"LAYERS names parts that are gone: {sorted(set(LEVEL) - parts)}"
+
+
+def test_no_part_imports_a_layer_above_its_own():
+    offenders = [f"{line}  ({a}, layer {LAYERS[LEVEL[a]][0]!r}, imports {b}, layer {LAYERS[LEVEL[b]][0]!r})"
+                 for (a, b), lines in sorted(_edges().items()) if LEVEL.get(b, -1) < LEVEL.get(a, -1)
+                 for line in lines]
     assert not offenders, "upward imports:\n" + "\n".join(offenders)
+
+
+def test_no_parts_import_each_other_round():
+    edges = _edges()
+    cycles = _cycles(edges)
+    shown = [" <-> ".join(c) + ":\n    " + "\n    ".join(line for (a, b), lines in sorted(edges.items())
+                                                         if a in c and b in c for line in lines) for c in cycles]
+    assert not cycles, "package cycles:\n" + "\n".join(shown)
+
+
+@pytest.mark.parametrize("edges, cycles", [
+    ({("ui", "commands"): [], ("commands", "ui"): []}, [["commands", "ui"]]),
+    ({("a", "b"): [], ("b", "c"): [], ("c", "a"): [], ("c", "d"): []}, [["a", "b", "c"]]),
+    ({("a", "b"): [], ("b", "c"): [], ("a", "c"): []}, []),
+])
+def test_the_cycle_check_sees_cycles(edges, cycles):
+    assert _cycles(edges) == cycles
+
+
+def test_the_old_rules_still_hold():
+    """The table this file had before LAYERS (issue 29): each importer here sits below every part it names."""
+    never = {"data": ("engine", "evaluate", "export", "compare", "cli"),
+             "methods": ("engine", "evaluate", "export", "compare", "cli"),
+             "kernels": ("engine", "evaluate", "export", "compare", "cli"),
+             "engine": ("evaluate", "export", "compare", "cli")}
+    assert all(LEVEL[low] > LEVEL[high] for low, highs in never.items() for high in highs)
+
+
+def test_the_architecture_drawing_is_current():
+    """docs/architecture.md is what scripts/import_graph.py draws from today's imports, with these LAYERS."""
+    assert GRAPH.layers() == LAYERS
+    drawn = GRAPH.render(LAYERS, _edges())
+    assert "UPWARD" not in drawn
+    assert (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8") == drawn, \
+        "docs/architecture.md is out of date: run `python scripts/import_graph.py`"
+
+
+def test_the_drawing_shows_an_upward_import():
+    drawn = GRAPH.render(LAYERS, {("data", "engine"): ["slimtune/data/x.py:1: slimtune.engine"]})
+    assert "    data -. UPWARD .-> engine" in drawn and "Upward imports" in drawn
 
 
 def test_assets_and_models_do_not_import_each_other():

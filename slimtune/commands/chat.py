@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 from ..evaluate import decode, generate
-from .inference import check_output, load_for_inference, sampling, write_atomic
+from ..export.peft_format import load_for_inference
+from .inference import check_output, write_atomic
 
 
 def run(args) -> int:
@@ -13,7 +14,7 @@ def run(args) -> int:
         check_output(args, args.save, "chat --save")
     model, tokenizer, cfg, device = load_for_inference(args)
     system = args.system or cfg.data.system
-    chat_loop(model, tokenizer, cfg.data.template, device, sampling(args), system,
+    chat_loop(model, tokenizer, cfg.data.template, device, generate.Sampling.from_flags(args), system,
               save=Path(args.save) if args.save else None)
     return 0
 

@@ -34,7 +34,7 @@ def run(args) -> int:
 def _verdict(cfg, est, budget: int, rows) -> int:
     """Whether the run fits `budget` (bytes) and, when not, the single changes that would: 1 if none does."""
     total = est.peak + est.cuda_context
-    print(verdict_line(est, budget))
+    print(memory.verdict_line(est, budget))
     if total <= budget:
         return 0
     fixes = memory.suggestions(cfg, budget, rows)
@@ -42,11 +42,3 @@ def _verdict(cfg, est, budget: int, rows) -> int:
     for text, peak in sorted(fixes, key=lambda x: -x[1]):
         print(f"  {text:<50} {peak / memory.GIB:8.2f} GiB")
     return 0 if fixes else 1
-
-
-def verdict_line(est, budget: float) -> str:
-    """`budget 24.0 GiB: predicted 9.87 GiB with the CUDA context: fits` (the web app shows the same line)."""
-    total = est.peak + est.cuda_context
-    verdict = "fits" if total <= budget else "does NOT fit"
-    return (f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA context: "
-            f"{verdict}")

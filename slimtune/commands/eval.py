@@ -4,8 +4,8 @@ from __future__ import annotations
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
+from ..export.peft_format import check_run
 from ..models import pick_device
-from .run_folder import check_run
 
 
 def run(args) -> int:

@@ -348,3 +348,9 @@ def stop_tokens(name: str, tokenizer) -> list[str]:
     elif name == "auto" and getattr(tokenizer, "chat_template", None):
         stops.append(_auto_stop(tokenizer))
     return [s for i, s in enumerate(stops) if s and s not in stops[:i]]
+
+
+def stop_ids(name: str, tokenizer) -> list[int]:
+    """The ids of stop_tokens in the tokenizer's vocabulary (generation, merge and GGUF export stop on them)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(name, tokenizer)]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]

@@ -317,6 +317,13 @@ def parse_size(text: str) -> float:
     return size
 
 
+def verdict_line(est, budget: float) -> str:
+    """`budget 24.0 GiB: predicted 9.87 GiB with the CUDA context: fits` (the web app shows the same line)."""
+    total = est.peak + est.cuda_context
+    verdict = "fits" if total <= budget else "does NOT fit"
+    return f"budget {budget / GIB:.1f} GiB: predicted {total / GIB:.2f} GiB with the CUDA context: {verdict}"
+
+
 def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
     """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
     cfg = with_split(cfg)

@@ -14,7 +14,7 @@ import torch
 
 from ..data.collate import left_pad, pad_id
 from ..data.encode import prompt_ids
-from ..data.templates import render, stop_tokens
+from ..data.templates import render, stop_ids
 from ..engine.log import progress
 from .decode import whole_text
 
@@ -29,6 +29,12 @@ class Sampling:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1.0 = off; > 1 makes tokens already in the text less likely
     seed: int | None = None  # for sampling: the same seed gives the same answers
+
+    @classmethod
+    def from_flags(cls, args) -> Sampling:
+        """From chat's and generate's flags (the web app's Chat page reads its form as them)."""
+        return cls(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 @dataclass
@@ -46,11 +52,6 @@ class Generated:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / max(self.seconds, 1e-9)
-
-
-def stop_ids(template: str, tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(template, tokenizer)]
-    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 def default_batch_size(device: str) -> int:

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import models, outputs
+from ..data.templates import stop_ids as template_stops
 from ..errors import MissingFileError
-from ..evaluate.generate import stop_ids as template_stops
 from . import ExportError
 from . import imatrix as imatrix_mod
 from . import quants as kquants

@@ -22,9 +22,8 @@ import torch
 from ..data import with_system
 from ..data.collate import pad_id
 from ..data.readers import read
-from ..data.templates import FAMILIES, render
+from ..data.templates import FAMILIES, render, stop_ids
 from ..errors import ExistingFileError, SlimtuneError
-from ..evaluate.generate import stop_ids
 from ..methods.base import MethodError, is_peft
 from .. import outputs
 from ..models import DTYPES

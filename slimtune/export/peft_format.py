@@ -6,6 +6,8 @@ the resolved config.yaml and metrics.jsonl.
 base's path, for the embedded model its converted folder on this machine. slimtune's own `load_run` reads
 config.yaml to find the base model and the chat template; there a run on the embedded model records
 model.path "embedded", which `models.resolve` finds on any machine with slimtune.
+`check_run` names what a folder lacks before any model loads (chat, generate, eval, the web app), and
+`load_for_inference` loads a run folder, or an exported .gguf file, as chat and generate answer with it.
 
 A run folder is untrusted input: its config.yaml never switches on trust_remote_code (only the person
 running the command does, with --trust-remote-code: slimtune/trust.py), and pickled adapters load only as
@@ -21,7 +23,7 @@ from safetensors import SafetensorError
 
 from .. import config as config_mod
 from .. import methods, models, trust
-from ..engine import sharded
+from ..engine import checkpoint, sharded
 from ..engine.precision import base_dtype_name
 from ..errors import DamagedFileError, MissingFileError
 from ..methods import parts
@@ -93,3 +95,38 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
     model = _adapter(base, folder)
     model.eval()
     return model, tokenizer, cfg
+
+
+def check_run(folder: str | Path) -> None:
+    """Before any model loads: a run folder that never trained, or stopped before saving its adapter, is
+    named for what it is (with the checkpoint to use instead), not as a missing file."""
+    out = Path(folder)
+    if not out.is_dir():
+        raise MissingFileError(f"{out}: no such run folder (give the train.output_dir of a `slimtune train` run)")
+    if (out / "adapter_config.json").is_file() or parts_saved(out):
+        return
+    last = checkpoint.latest(out)
+    if last is not None:
+        raise MissingFileError(f"{out}: training stopped before saving the final adapter; its newest checkpoint is "
+                               f"{last}: pass that folder instead, or `slimtune train {out / 'config.yaml'} "
+                               "--resume` to finish the run")
+    if (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file():
+        raise MissingFileError(f"training never started in {out} (no metrics.jsonl, no checkpoint): its config.yaml "
+                               "was written, then the run was refused or stopped before its first step (see "
+                               f"that command's error); run `slimtune train {out / 'config.yaml'}` first")
+    if (out / "config.yaml").is_file():
+        raise MissingFileError(f"{out}: training started (metrics.jsonl) but saved no adapter and no checkpoint; "
+                               f"run `slimtune train {out / 'config.yaml'} --overwrite` again")
+    raise MissingFileError(f"{out}: not a slimtune run folder (no config.yaml, adapter or checkpoint)")
+
+
+def load_for_inference(args):
+    """(model in eval mode, tokenizer, config, device) of a run folder or an exported .gguf file, as chat and
+    generate load it; args: their flags (folder, device, trust_remote_code)."""
+    device = models.pick_device(args.device)
+    if str(args.folder).endswith(".gguf"):  # an exported file: its own chat template, no run config
+        model, tokenizer = models.load(args.folder, device=device)
+        return model.eval(), tokenizer, config_mod.load(None, [f"model.path={args.folder}"]), device
+    check_run(args.folder)
+    model, tokenizer, cfg = load_run(args.folder, device, trust_remote_code=args.trust_remote_code)
+    return model, tokenizer, cfg, device

@@ -8,14 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .. import models
-from ..commands.inference import load_for_inference
-from ..commands.inference import sampling as cli_sampling
-from ..commands.run_folder import check_run
 from ..engine.precision import base_dtype_name
 from ..errors import SlimtuneError
 from ..evaluate import decode
 from ..evaluate.generate import Sampling, run
-from ..export.peft_format import read_config
+from ..export.peft_format import check_run, load_for_inference, read_config
 
 STREAM_TIMEOUT = 600.0  # seconds without a new token before the page's stream gives up
 
@@ -74,7 +71,7 @@ def sampling(form: dict) -> Sampling:
                 flags[k] = kinds.get(k, int)(v)
             except (TypeError, ValueError, OverflowError):  # "abc", [], inf: as argparse refuses --top-k abc
                 raise ChatError(f"sampling.{k}: expected {kinds.get(k, int).__name__}, got {v!r}") from None
-    return cli_sampling(SimpleNamespace(**flags))
+    return Sampling.from_flags(SimpleNamespace(**flags))
 
 
 def answer(loaded: Loaded, messages: list[dict], s: Sampling, lock: threading.Lock, system: str = ""):

@@ -10,7 +10,6 @@ import re
 
 from .. import config as config_mod
 from .. import models
-from ..commands.estimate import verdict_line
 from ..data import encode_examples, read
 from ..data.encode import segments
 from ..engine import memory
@@ -143,7 +142,7 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
         out["faster"] = {"change": quick[0], "gib": quick[1] / memory.GIB}
     if size is not None:
         total_bytes = est.peak + est.cuda_context
-        out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size, verdict=verdict_line(est, size))
+        out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size, verdict=memory.verdict_line(est, size))
         if total_bytes > size:
             fixes = memory.suggestions(cfg, size, rows)
             out["fixes"] = [{"change": t, "gib": p / memory.GIB} for t, p in sorted(fixes, key=lambda x: -x[1])]

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from slimtune.commands import run_folder
 from slimtune.engine import guards, sharded
 from slimtune.errors import MismatchError
 from slimtune.export import peft_format
@@ -46,7 +45,7 @@ def test_round_trip_weights_and_adamw_state(tmp_path):
     assert guards.checkpoint_max(tmp_path) == top  # the weights only, not AdamW's state beside them
     whole = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     sharded.load_weights(tmp_path, whole)  # what merge does
-    run_folder.check_run(tmp_path)  # merge/chat/eval take the step folder as a finished run's: no error
+    peft_format.check_run(tmp_path)  # merge/chat/eval take the step folder as a finished run's: no error
     assert torch.equal(whole["0.weight"], model[0].weight) and not whole["1.bias"].any()
     base, _ = _trained(2)  # what load_run puts the run on: no parts file here, so the shards are consolidated
     assert peft_format.parts_saved(tmp_path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune.evaluate.generate import RepetitionPenalty, Sampling, run, stop_ids
+from slimtune.data.templates import stop_ids
+from slimtune.evaluate.generate import RepetitionPenalty, Sampling, run
 
 QUESTIONS = ["Say something about Paris.", "Hi", "Give three tips for staying healthy, please, today.",
              "the quick brown fox jumps over the lazy dog 1 2 3 4 5 6 7 8 9 0"]
