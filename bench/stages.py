@@ -118,7 +118,8 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         grid("3b", "lora", "bf16", 100, "--engine", "fast", "--offload", out="memory_grid_3b")]),
     "memory-trace": ("what is alive at full fine-tuning's peak, 1B and 3B, and the 1B grid cell beside it", [
         grid("1b", "full", "bf16", 100, "--mb", "1", "--lens", "384", out="memory_grid_full"),
-        *(Step(["bench/memory_trace.py", "--shape", s, "--out", "{OUT}/memory_trace.jsonl"], 100) for s in ("1b", "3b"))]),
+        *(Step(["bench/memory_trace.py", "--shape", s, "--out", "{OUT}/memory_trace.jsonl"], 100)
+          for s in ("1b", "3b"))]),
     "fsdp-2gpu": ("the 2-GPU test (NCCL, fast engine), then 8B lora on 1 and 2 GPUs", [
         tests(200, "tests/engine/test_distributed.py", "-k", "gpus", tail=6),
         fsdp("1,2", 330, "--offload")]),
