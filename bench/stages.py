@@ -128,6 +128,9 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "fsdp-4gpu": ("8B lora on 1 and 4 GPUs, then full fine-tuning of the 8B shape on 4 GPUs", [
         fsdp("1,4", 290, "--offload"),
         fsdp("4", 230, "--method", "full", "--per-gpu", "4")]),
+    # prefetching further ahead hides all-gathers behind matmuls, layers kept whole drop the backward all-gathers,
+    # more records per GPU give each all-gather more matmul to hide behind (32 a GPU is another workload: its
+    # tok/s beside the 1-GPU figure at 16 shows what the batch buys)
     "fsdp-4gpu-knobs": ("8B lora on 1 GPU, then 4-GPU variants of the FSDP2 knobs (train.fsdp_prefetch, "
                         "train.fsdp_reshard, records per GPU), each with its speed-up over 1 GPU", [
         fsdp("1", 110, *TUNE, out="fsdp_knobs"),
