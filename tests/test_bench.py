@@ -3,6 +3,7 @@ import argparse
 import json
 import signal
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,18 @@ def test_a_step_keeps_its_tail_without_warnings_and_stops_at_its_limit(tmp_path,
     slow = stages.Step(["-c", "import time; time.sleep(60)"], 1)
     assert stages.run_step(slow, str(tmp_path), logged.append) == -signal.SIGKILL
     assert logged[-1] == "rc -9 (its time limit)"
+
+
+def test_a_session_runs_every_step_packs_the_logs_and_reports_a_failure(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    monkeypatch.setattr(stages, "LOGS", logs)
+    monkeypatch.setitem(stages.STAGES, "tiny", ("two steps", [
+        stages.Step(["-c", "import os, pathlib; pathlib.Path(os.environ['SPEED_LOG_DIR'], 'w.log').write_text('x')"],
+                    30),
+        stages.Step(["-c", "import sys; sys.exit(3)"], 30),
+        stages.Step(["-c", "import os, pathlib; pathlib.Path(os.environ['OUT'], 'last').write_text('ran')"], 30)]))
+    out = tmp_path / "out"
+    assert run.main(["tiny", "--out", str(out)]) == 1  # the failed step does not stop the next one
+    assert (out / "last").read_text() == "ran"
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "./w.log" in tar.getnames()
