@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if name == "table":
         return table.main(rest)
     if name in stages.STAGES:
-        return stages.run_stage(name, rest[rest.index("--out") + 1] if "--out" in rest else "")
+        if rest and (len(rest) != 2 or rest[0] != "--out"):
+            print(f"bench/run.py {name}: a session takes only --out DIR (default $OUT or /tmp/out)", file=sys.stderr)
+            return 2
+        return stages.run_stage(name, rest[1] if rest else "")
     print(f"bench/run.py: unknown command {name!r}; `python bench/run.py stages` lists them", file=sys.stderr)
     return 2
 

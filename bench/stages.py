@@ -65,8 +65,8 @@ def fsdp(gpus: str, limit: int, *extra: str, out: str = "fsdp", budget: int = 0)
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
 TUNE = ["--offload", "--steps", "5", "--warmup", "2"]
 STAGES: dict[str, tuple[str, list[Step]]] = {
-    "speed-1b": ("the defaults (lora and qlora) beside unsloth (16-bit and 4-bit, padded), 1B", [
-        speed("1b", "defaults,defaults-qlora", 200),
+    "speed-1b": ("the defaults (lora, lora with compile=off, qlora) beside unsloth (16-bit and 4-bit, padded), 1B", [
+        speed("1b", "defaults,defaults:compile=off,defaults-qlora", 240),
         speed("1b", "unsloth,unsloth-qlora", 300, **PADDED)]),
     "speed-8b": ("the defaults and defaults:compile=off beside unsloth (padded), 8B", [
         speed("8b", "defaults,defaults:compile=off", 280),

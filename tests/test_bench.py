@@ -77,6 +77,7 @@ def test_run_forwards_arguments_to_the_script(monkeypatch):
                       "defaults,unsloth"]]
     assert all((ROOT / "bench" / script).is_file() for script, _ in run.SCRIPTS.values())
     assert run.main(["no-such-bench"]) == 2
+    assert run.main(["speed-1b", "--sizes", "8b"]) == 2  # a session takes only --out: its recipes are fixed
 
 
 def _worst_case_seconds(steps):
