@@ -1,8 +1,8 @@
 """The estimator's per-GPU prediction, as it is now, beside every committed bench/fsdp_speed.py result.
 
-fsdp_speed.py records the prediction of the estimator it ran with; the FSDP2 terms were refitted after
-some of those runs. This script rebuilds each run's micro-batches exactly as its worker did (same synthetic
-records, same seeded stream, the largest micro-batch of the warm-up and timed steps) and asks today's
+fsdp_speed.py records the prediction of the estimator it ran with, whose FSDP2 terms may differ from the
+current ones. This script rebuilds each run's micro-batches exactly as its worker did (same synthetic
+records, same seeded stream, the largest micro-batch of the warm-up and timed steps) and asks the current
 `memory.estimate(cfg, rows, gpus)`, on the CPU (the model is built on the meta device).
 
   python bench/check_fsdp_estimator.py bench/results/2026-11-28-h200x*.jsonl \
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", nargs="+")
     ap.add_argument("--profiled", nargs="*", default=[], help="result files whose runs profiled one extra step "
-                    "(runs since record it as profiled_steps)")
+                    "(rows that carry profiled_steps say so themselves)")
     ap.add_argument("--out", default=str(HERE / "results" / f"{datetime.date.today()}-cpu-fsdp_estimator_check.jsonl"))
     a = ap.parse_args(argv)
     shapes: dict = {}

@@ -1,4 +1,4 @@
-"""The longest single record that trains on one GPU, slimtune beside unsloth (issue 19, "Long context").
+"""The longest single record that trains on one GPU, slimtune beside unsloth.
 
 For a model shape of bench/peers/seed_recipe.py SIZES (default 8b, Llama-3.1-8B shapes, random weights saved
 once to --model-dir by unsloth_recipe.py --make), with LoRA (bf16 base) and QLoRA (NF4 base), r=32 on the seven

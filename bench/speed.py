@@ -23,8 +23,8 @@ Recipes:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
            inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
            compile, profile=PATH (train.profile_step over the last two steps)
-  loop     DIAGNOSTIC: the former bench step loop over engine.loop.step with the slimtune recipe's keys (no
-           README figure comes from it)
+  loop     DIAGNOSTIC: the bench's own step loop over engine.loop.step (not fit) with the slimtune recipe's
+           keys, to tell fit's own cost from the engine's (no README figure comes from it)
   slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
@@ -40,8 +40,9 @@ peers' convention: frozen base, forward + input-gradient backward) and 6·N (rec
   python bench/speed.py --sizes 1b --recipes slimtune    # only ours
   python bench/speed.py --worker --size 1b --packing rows --loss chunked   # one slimtune process
 
-Peers need wheels the GPU image lacks: `bash bench/peers/peer_wheels.sh .whl`, carry .whl, and install
-with pip --target as bench/gpu_speed.sh does. Results are appended to bench/results/<date>-<device>.jsonl.
+Peers need wheels the GPU image lacks: `bash bench/peers/peer_wheels.sh .whl`, carry .whl; bench/gpu.sh installs
+them with pip --target (`bash bench/gpu.sh speed --sizes 1b --recipes unsloth`). `python bench/run.py speed ...`
+runs this script. Results are appended to bench/results/<date>-<device>.jsonl.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def _workload(size: str, n: int, max_len: int):
 
 
 def loop_worker(a) -> dict:
-    """DIAGNOSTIC ONLY (recipe `loop`): the bench's former own step loop over engine.loop.step, kept to compare
-    against fit on one machine while issue 28 closes the gap; README figures come from fit (worker)."""
+    """DIAGNOSTIC ONLY (recipe `loop`): a step loop of the bench's own over engine.loop.step, beside fit on one
+    machine it tells fit's own cost from the engine's; README figures come from fit (worker)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -368,7 +369,7 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         path = f"/dev/shm/m{size}"
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
                                      "--method", "qlora", "--path", path, *keys]]
-    if base == "loop":  # diagnostic: the former bench loop, with the slimtune recipe's keys
+    if base == "loop":  # diagnostic: the bench's own step loop, with the slimtune recipe's keys
         return [[py, str(Path(__file__)), "--worker", "--loop", "--size", size, *steps] + _keys(name.split(":")[1:])]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
@@ -423,11 +424,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help="run slimtune's engine in this process")
     ap.add_argument("--defaults", action="store_true", help="worker: the defaults recipe (defaults_worker)")
-    ap.add_argument("--loop", action="store_true", help="worker: the former bench step loop (diagnostic only)")
+    ap.add_argument("--loop", action="store_true", help="worker: the bench's own step loop (diagnostic only)")
     ap.add_argument("--size", default="1b")
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--recipes", default="slimtune,hf,liger,unsloth")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps (issue 28: at least 20)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (20 give a median and a slowest step)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--ga", type=int, default=2)

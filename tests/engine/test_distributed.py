@@ -211,7 +211,7 @@ def test_estimate_per_gpu(work):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (run through the device tool: "
-                    "bash bench/gpu_fsdp.sh)")
+                    "bash bench/gpu.sh fsdp-2gpu)")
 def test_two_gpus_match_one(work):
     """NCCL and the fast engine (packed bins, chunked loss, fused LoRA) under FSDP2: fp32 numbers as one GPU's."""
     one = _config(work, "gpu-one", device="cuda", packing="on", loss="chunked", fused_lora="on")
@@ -226,7 +226,7 @@ def test_two_gpus_match_one(work):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (run through the device tool: "
-                    "bash bench/gpu_fsdp.sh)")
+                    "bash bench/gpu.sh fsdp-2gpu)")
 def test_two_gpus_full_sharded_checkpoint_resumes_on_one(work):
     """NCCL + DCP: full fine-tuning on 2 GPUs writes each GPU's shard (CUDA DTensors), and one GPU resumes it."""
     two = _config(work, "two-full", device="cuda", save_every=3)

@@ -1,6 +1,6 @@
 """train.offload_activations on a GPU (engine/offload.py): the checkpointed layers' inputs go to pinned CPU
 memory on a side stream and come back in backward with bit-identical gradients, and the peak falls by about
-their size. For the GPU session (bench/gpu_speed.sh runs tests/ on the device)."""
+their size. For the GPU session (`bash bench/gpu.sh offload-test` runs it on the device)."""
 from __future__ import annotations
 
 import contextlib

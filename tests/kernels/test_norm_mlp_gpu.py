@@ -12,7 +12,7 @@ from slimtune.kernels import norm_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not norm_mlp.available(),
                                 reason="Liger-Kernel's Triton kernels need CUDA and liger-kernel installed "
-                                       "(bench/gpu_speed.sh installs the wheel); CPU checks: test_norm_mlp.py")
+                                       "(bench/gpu.sh installs the wheel); CPU checks: test_norm_mlp.py")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
