@@ -325,19 +325,18 @@ def test_train_is_what_the_cli_runs(tiny_model_dir, tmp_path):
     assert callable(train.run) and slimtune.train is train  # still the module, as tests import it
 
 
-def test_the_readme_examples_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_the_api_doc_examples_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from conftest import lora_run_config
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Python API"):text.index("\n## ", text.index("## Python API") + 1)]
+    section = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if b.startswith(("import", "from"))]
     assert len(blocks) == 2
     lora_run_config(tmp_path, tiny_model_dir, "run")  # run.yaml, as the second example reads
     monkeypatch.chdir(tmp_path)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "docs/api.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "trainable params: 176 || all params: 388 || trainable%: 45.3608" in out  # as the README says
+    assert "trainable params: 176 || all params: 388 || trainable%: 45.3608" in out  # as docs/api.md says
     assert (tmp_path / "runs" / "seq-lora" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "adapter_config.json").is_file()
 

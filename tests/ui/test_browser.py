@@ -4,7 +4,7 @@ gain points, reload mid-run and in a second browser see the same state, stop and
 compare two rows, and a bad data path's error beside its field.
 
 Each test saves a screenshot of its page under its tmp_path; with SLIMTUNE_SCREENSHOTS=DIR (scripts/ui_screenshots.sh
-sets docs/ui) they are written there too, for the README."""
+sets docs/ui) they are written there too, for docs/web-app.md."""
 from __future__ import annotations
 
 import os
