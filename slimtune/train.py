@@ -129,7 +129,7 @@ def match_checkpointing(model, cfg, log=print) -> None:
     """`prepare` then `fit` (the Python API) resolves an auto split only in fit, after prepare has run: a
     split that chose checkpointing, with the layer inputs offloaded, must find it on in the model. Without it
     the offload hooks move every activation autograd saves to CPU memory: measured on an H100 at 8B, 1.26 s a
-    step instead of 0.54 (issue 28), and a 7-15 s stall while pinned host memory grew."""
+    step instead of 0.54, and a 7-15 s stall while pinned host memory grew."""
     if cfg.train.gradient_checkpointing and not checkpointing_on(model):
         if enable_checkpointing(model, cfg.method, log):
             log("gradient checkpointing on: the batch split chose it (prepare ran before the split was known)")

@@ -60,7 +60,7 @@ RANGE_TEXT = {
 
 # AdamW moves each weight by about lr per step whatever the gradient: at 10 one step moves every weight ~10, far
 # past its scale (~0.02-1), while fine-tuning takes 1e-6 to 0.3 (prompt tuning). lr=1e38 overflowed AdamW ("value
-# cannot be converted to type float") and lr=1e30 trained an adapter that predicts nothing (issue 27).
+# cannot be converted to type float") and lr=1e30 trained an adapter that predicts nothing.
 LR_MAX = 10.0
 
 

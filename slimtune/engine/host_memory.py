@@ -1,6 +1,6 @@
 """The CPU's memory, checked before the model loads: a run whose predicted need passes what the machine has
-available stops with one line naming its longest record, instead of dying in the allocator mid-step (issue 27:
-a 5,000-turn record with data.max_turns=0 data.max_len=100000 asked the CPU allocator for 33.8 GB).
+available stops with one line naming its longest record, instead of dying in the allocator mid-step (a
+5,000-turn record with data.max_turns=0 data.max_len=100000 asked the CPU allocator for 33.8 GB).
 
 The need is the estimate (engine/memory.py) in the precision the CPU trains in, for the worst micro-batch of
 padded rows, plus the attention scores: PyTorch's CPU attention with a padding (or per-record) mask computes

@@ -5,7 +5,7 @@ On a GPU the candidates are tried fastest first and the first whose predicted pe
 the CUDA context) fits the free memory less a margin wins:
 - fewer micro-batches first: a small model's step is paced by the CPU launching kernels, so one micro-batch
   of all the records is fastest (H100, 1B LoRA, 16 records a step: 16 x 1 offloaded 14.5k tok/s, 8 x 2
-  8.6k; 8B 7.8k vs 5.6k; issue 19);
+  8.6k; 8B 7.8k vs 5.6k);
 - always the leanest mode: checkpointing, with the layer inputs offloaded to CPU memory on the fast engine
   (the padded engine's estimate does not model offload). Lean because on the H100 the offloaded 16 x 1 step
   was as fast as the kept one (1B: 14.8-19.6k vs 16.7-19.1k tok/s over five runs each) at a lower peak (3.36

@@ -71,7 +71,7 @@ def plan(precision: str, device: str, adam_eps: float = 1e-8) -> Plan:
 
 def cpu_note(p: Plan, device: str) -> str | None:
     """A line for half precision on the CPU, where PyTorch's fp16/bf16 kernels are slower than fp32: mixed fp16
-    trained SmolLM2-135M about 10x slower than fp32 (issue 27); the tests' tiny model took 2.3x (fp16) and 1.9x
+    trained SmolLM2-135M about 10x slower than fp32 (a user's report); the tests' tiny model took 2.3x (fp16) and 1.9x
     (bf16) the time of fp32 for 8 steps on a 2-core AVX512 CPU. None on a GPU or for fp32."""
     if device.startswith("cuda") or p.name == "fp32":
         return None

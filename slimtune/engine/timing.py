@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-STALL_FACTOR = 2.0  # a step over twice the median is a stall (issue 28's bar for a 200-step 8B run)
+STALL_FACTOR = 2.0  # a step over twice the median is a stall
 PROFILED_STEPS = 2  # profile_step and the one after: the second shows the steady state if the first is special
 
 
