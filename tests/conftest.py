@@ -52,6 +52,15 @@ def make_model(vocab_size: int, arch: str = "llama", seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def embedded_model():
+    """(model, tokenizer) of the embedded SmolLM2, loaded (converted into the cache the first time) once per
+    test session and shared by the modules that only read it: no test may train or change it in place."""
+    from slimtune import models
+
+    return models.load("embedded")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A transformers model folder (random tiny Llama + tokenizer) that model.path can name."""
     folder = tmp_path_factory.mktemp("tiny-llama")
