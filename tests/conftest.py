@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+# One intra-op thread for the tests and the processes they start, unless OMP_NUM_THREADS says otherwise: on a
+# busy 2-core machine torch's 2 OpenMP threads spin waiting for each other (measured under load: a 24-token
+# greedy answer of the embedded model 9-16 s on 2 threads, 0.6 s on 1), and the tiny models gain nothing from 2.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -49,6 +56,15 @@ def make_model(vocab_size: int, arch: str = "llama", seed: int = 0):
                                max_position_embeddings=512, tie_word_embeddings=True,
                                initializer_range=0.2)  # larger than 0.02 so a few LoRA steps move the loss
     return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """(model, tokenizer) of the embedded SmolLM2, loaded (converted into the cache the first time) once per
+    test session and shared by the modules that only read it: no test may train or change it in place."""
+    from slimtune import models
+
+    return models.load("embedded")
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    from slimtune import models
-
-    model, tokenizer = models.load("embedded")
-    return model, tokenizer
+def embedded(embedded_model):
+    return embedded_model  # conftest's: loaded once per session
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,8 @@ pytestmark = [
 ]
 
 
-def test_chinese_cut_inside_a_character_ends_before_it(capsys):
-    from slimtune import models
-
-    model, tok = models.load("embedded")
+def test_chinese_cut_inside_a_character_ends_before_it(capsys, embedded_model):
+    model, tok = embedded_model  # conftest's: loaded once per session
     conv = [[{"role": "user", "content": "Translate into Chinese: I like tea."}]]
     ids = run(model, tok, "auto", conv, Sampling(max_new_tokens=10), 1).tokens[0]
     split = [k for k in range(1, len(ids) + 1) if tok.decode(ids[:k], skip_special_tokens=True).endswith("\ufffd")]

@@ -22,10 +22,8 @@ QUESTIONS = ["What is the capital of France? Answer in one word.", "Hi!", "Give 
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    from slimtune import models
-
-    return models.load("embedded")
+def embedded(embedded_model):
+    return embedded_model  # conftest's: loaded once per session
 
 
 def test_batched_greedy_equals_one_by_one(embedded):
