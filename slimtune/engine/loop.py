@@ -179,11 +179,11 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
     try:
         with checkpoint.StopOnSignal(log) as stop:
             while run.step < run.steps:
-                host, seen_before = run.clock.start(), run.seen
+                host = run.clock.start()
                 with profiler.around(run.step + 1):  # its table is written after the step's clock stopped
                     records = [next(run.stream) for _ in range(tc.grad_accum)]
                     row = _step(run, records, pad, context, log)
-                    row.update(step_s=run.clock.stop(run.step, run.seen - seen_before), host_s=host)
+                    row.update(step_s=run.clock.stop(run.step, row.pop("computed_tokens")), host_s=host)
                 run.elapsed = time.perf_counter() - start
                 _report(run, row, logs, bar, log)
                 _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row
@@ -218,6 +218,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
                         "position within data.max_len") from None
     run.step += 1
     row["data_s"] = data_s
+    row["computed_tokens"] = sum(b["input_ids"].numel() for b in batches)  # padding too: what the step computed
     bad = row.pop("nonfinite", None)
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]

@@ -5,7 +5,7 @@ step holds the GPU's work for it too: `step_s` is the step's wall time, `data_s`
 queueing the copies of its records, and `host_s` what the loop spent between the previous step and this one
 (metrics, TensorBoard, checkpoints, evaluation). metrics.jsonl gets the three per step; the summary gets the
 median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
-median in seconds per input token (a lazily built kernel, an allocator growing, a recompile; not a step whose
+median in seconds per computed token (a lazily built kernel, an allocator growing, a recompile; not a step whose
 records are longer). With train.profile_step = N, torch.profiler
 records steps N and N + 1 and their busiest ops go to profile.txt in the run folder.
 """
@@ -27,8 +27,8 @@ def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR,
            tokens: dict[int, int] | None = None) -> list[tuple[int, float]]:
     """(step, seconds) of the steps over `factor` x the median, the first step of the dict left out (it builds
     kernels, compiles, allocates): every step after it should take about as long as the others. With `tokens`
-    (input tokens per step) the seconds per token are compared instead, so a step that is long because its
-    records are (unpacked records on the CPU vary several-fold) is no stall."""
+    (the tokens each step computed, padding included) the seconds per token are compared instead, so a step
+    that is long because its batch is (padded records on the CPU vary several-fold) is no stall."""
     steps = sorted(step_s)[1:]
     if len(steps) < 3:
         return []
@@ -42,7 +42,7 @@ def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR,
 class StepClock:
     """This process's step times (a resumed run's own steps only)."""
     step_s: dict[int, float] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)  # input tokens of each step (padding excluded)
+    tokens: dict[int, int] = field(default_factory=dict)  # tokens each step computed (padding included)
     _mark: float | None = None  # when the previous step's compute ended
     _began: float = 0.0
 
