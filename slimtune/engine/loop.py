@@ -133,8 +133,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
     tc = cfg.train
     plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
-    if precision.cpu_note(plan, device):
-        log(precision.cpu_note(plan, device))
+    if note := precision.cpu_note(plan, device):
+        log(note)
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device, log)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
@@ -164,8 +164,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     done = result(run)  # the one place the returned record is put together
     if not run.end.interrupted and distributed.is_main():
         log(summary_line(done))
-        if timing.summary_line(done):
-            log(timing.summary_line(done))
+        if stalled := timing.summary_line(done):
+            log(stalled)
     return done
 
 
@@ -364,8 +364,8 @@ def _finish(run: Run, measure, logs: RunLog, log) -> None:
         end.peak_allocated_gib = torch.cuda.max_memory_allocated() / 2**30
         end.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
     guards.final_checks(run)
-    if guards.uniform(run.model, t.train_loss):
-        log(guards.uniform(run.model, t.train_loss))
+    if uniform := guards.uniform(run.model, t.train_loss):
+        log(uniform)
     if measure:
         report = measure(run.steps)
         end.eval_after = report.row()
