@@ -29,3 +29,16 @@ class Scripted(torch.nn.Module):
                 streamer.put(torch.tensor([t]))
             streamer.end()
         return torch.cat([input_ids, torch.tensor([new] * input_ids.shape[0])], dim=1)
+
+
+def reader(lines: list):
+    """chat_loop's `read` over scripted input: each call returns the next line; a line that is an exception class
+    (KeyboardInterrupt, EOFError) is raised at the prompt instead."""
+    feed = iter(lines)
+
+    def read(prompt):
+        item = next(feed)
+        if isinstance(item, type):
+            raise item()
+        return item
+    return read

@@ -2,23 +2,15 @@
 Ctrl-C carried into the next one, and a line for /reset."""
 from __future__ import annotations
 
-from scripted import ZH, Scripted
+from scripted import ZH, Scripted, reader
 
 from slimtune.commands import chat
 from slimtune.evaluate.generate import Sampling
 
 
 def _chat(model, tokenizer, lines: list, max_new_tokens: int, system: str = "") -> list[dict]:
-    feed = iter(lines)
-
-    def read(prompt):
-        item = next(feed)
-        if isinstance(item, type):
-            raise item()
-        return item
-
     return chat.chat_loop(model, tokenizer, "chatml", "cpu", Sampling(max_new_tokens=max_new_tokens), system,
-                          read=read)
+                          read=reader(lines))
 
 
 def _answers(out: str) -> list[str]:

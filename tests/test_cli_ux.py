@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
+from scripted import reader
 from slimtune import cli
 from slimtune.commands import chat, inference
 from slimtune.evaluate.generate import Sampling, run
@@ -80,13 +81,7 @@ def _chat(trained, lines, monkeypatch, save=None, interrupt_answer=None):
     from slimtune.export.peft_format import load_run
 
     model, tok, cfg = load_run(trained)
-    feed = iter(lines)
-
-    def read(prompt):
-        item = next(feed)
-        if isinstance(item, type):
-            raise item()
-        return item
+    read = reader(lines)
 
     if interrupt_answer is not None:
         real, calls = gen_mod.run, []

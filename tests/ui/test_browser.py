@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +23,9 @@ pytestmark = [
 ]
 pytest.importorskip("fastapi", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-uvicorn = pytest.importorskip("uvicorn", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
+pytest.importorskip("uvicorn", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 
-from slimtune.ui.paths import Roots  # noqa: E402
-from slimtune.ui.server import create_app  # noqa: E402
+from live import serving  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -42,18 +38,8 @@ def app(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("ui-browser")
     shutil.copytree(tiny_model_dir, work / "tiny")
     lora_run_config(work, work / "tiny", "unused")  # writes train.jsonl (32 records of ~46 tokens)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Roots.at(work)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", work
-    server.should_exit = True
-    thread.join(10)
+    with serving(work) as port:
+        yield f"http://127.0.0.1:{port}", work
 
 
 @pytest.fixture(scope="module")

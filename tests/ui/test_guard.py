@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the web app's extra is not installed: pip install 'slimtune[ui]'")
 from fastapi.testclient import TestClient  # noqa: E402
+from live import serving  # noqa: E402
 
 from slimtune.ui import chat, runs  # noqa: E402
 from slimtune.ui.paths import Roots  # noqa: E402
@@ -144,28 +145,14 @@ def _send(port: int, size: int, chunked: bool) -> tuple[bytes, float]:
 
 def test_a_20_mb_body_is_refused_in_a_second_by_the_live_server(work):
     """Before the limit, a 200 MB body held the server for over a minute and 10 MB took 10 s."""
-    uvicorn = pytest.importorskip("uvicorn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Roots.at(work)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(300):
-            if server.started:
-                break
-            time.sleep(0.05)
+    pytest.importorskip("uvicorn")
+    with serving(work) as port:
         for chunked in (False, True):
             status, seconds = _send(port, 20 * 1024 * 1024, chunked)
             assert status == b"HTTP/1.1 413 Request Entity Too Large" and seconds < 2, (chunked, status, seconds)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # and it serves on
             sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.1 200")
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_page_from_another_origin_cannot_start_a_run(client, work, monkeypatch):
