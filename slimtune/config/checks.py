@@ -26,6 +26,8 @@ CHOICES = {
     "train.tiled_mlp": ("auto", "on", "off"),
     "train.compile": ("auto", "on", "off"),
     "data.on_bad_record": ("error", "skip"),
+    "train.objective": ("sft", "dpo", "ipo", "simpo", "orpo", "kto"),
+    "train.reference": ("auto", "adapter_off", "precomputed", "copy"),
 }
 
 
@@ -48,6 +50,9 @@ RANGES: dict[str, str | tuple] = {
     "train.keep_checkpoints": "[0, inf)", "train.max_skipped_share": "[0, 1]", "train.gpus": "[1, inf)",
     "train.fsdp_prefetch": "[0, inf)", "train.fsdp_reshard": "[0, inf)",
     "data.max_turns": "[0, inf)", "train.eval_max_tokens": "[-1, inf)",
+    "preference.beta": "(0, inf)", "preference.label_smoothing": "[0, 0.5)", "preference.simpo_gamma": "[0, inf)",
+    "preference.orpo_lambda": "[0, inf)", "preference.kto_desirable_weight": "(0, inf)",
+    "preference.kto_undesirable_weight": "(0, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little
 RANGE_TEXT = {

@@ -176,6 +176,31 @@ class TrainConfig:
     fsdp_reshard: int = 0
     """several GPUs: after its forward a layer is spread over N GPUs until backward (0 = all, least memory;
     1 = kept whole, one all-gather per step instead of two; N dividing the GPU count: groups of N)"""
+    objective: str = "sft"
+    """what is learned: sft (answers) | dpo | ipo | simpo | orpo (preference pairs: prompt, chosen, rejected) |
+    kto (answers labelled desirable or not); the knobs of the preference objectives are under preference."""
+    reference: str = "auto"
+    """the reference model of dpo, ipo and kto: adapter_off (the same model with the adapter switched off: no
+    second copy) | precomputed (its log-probabilities computed once before training, kept in the run folder) |
+    copy (a frozen second copy) | auto (adapter_off for adapter methods, else precomputed); simpo and orpo
+    have none"""
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = 0.1
+    """dpo/ipo/kto: strength of the pull towards the reference (smaller lets the model move further); simpo:
+    the reward scale (2.0 is SimPO's usual value: set it)"""
+    label_smoothing: float = 0.0
+    """dpo: the share of pairs assumed to be labelled the wrong way round (conservative DPO; 0 = none)"""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin, as a ratio gamma / beta"""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term beside the chosen answers' SFT loss"""
+    kto_desirable_weight: float = 1.0
+    """kto: weight of the desirable records' loss"""
+    kto_undesirable_weight: float = 1.0
+    """kto: weight of the undesirable records' loss (raise it when they are fewer)"""
 
 
 @dataclass
@@ -188,4 +213,6 @@ class Config:
     """the fine-tuning method (method.name) and the fields it reads"""
     train: TrainConfig = field(default_factory=TrainConfig)
     """the optimizer, schedule, precision, evaluation, checkpoints and fast paths"""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """the knobs of the preference objectives (train.objective dpo, ipo, simpo, orpo, kto)"""
 
