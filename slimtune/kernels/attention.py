@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 
@@ -46,7 +47,8 @@ def _varlen_params() -> frozenset:
     return frozenset(inspect.signature(_varlen_fn()).parameters)
 
 
-def _varlen_kwargs(q, k, v, scale, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def _varlen_kwargs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                   window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """q/k/v and keyword arguments for the installed varlen_attn."""
     params, kw = _varlen_params(), {}
     if k.shape[1] != q.shape[1]:
@@ -66,7 +68,8 @@ def _varlen_kwargs(q, k, v, scale, window) -> tuple[torch.Tensor, torch.Tensor, 
     return q, k, v, kw
 
 
-def varlen(query, key, value, cu_seq_lens, max_length: int, scale=None, window=None) -> torch.Tensor:
+def varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int,
+           scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Fast path: (1, H, T, D) query, (1, H_kv, T, D) key/value -> (1, T, H, D)."""
     dtype = query.dtype
     if dtype not in HALF:  # fp32 activations under autocast (RoPE in fp32): the kernel takes half only
@@ -86,7 +89,7 @@ def _fast(query: torch.Tensor, dropout: float, window: int | None) -> bool:
     return query.dtype in HALF or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in HALF)
 
 
-def _segments(query, kwargs) -> tuple[torch.Tensor, int]:
+def _segments(query: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int]:
     """(cu_seq_lens, longest record) of a single row: from the batch, else from restarting position_ids."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
@@ -103,8 +106,9 @@ def _segments(query, kwargs) -> tuple[torch.Tensor, int]:
     return cu, max(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs):
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The AttentionInterface function: (B, H, T, D) tensors -> ((B, T, H, D) output, None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -128,7 +132,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return out.transpose(1, 2), None
 
 
-def _mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
+def _mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,
+          **kwargs: Any) -> torch.Tensor | None:
     """No mask for what attention() computes itself (one unpadded row); transformers' SDPA mask otherwise.
     A sliding-window layer's mask (local_size) is dropped too: attention() applies the window that the
     attention module passes as sliding_window (Llama-family modules, Qwen2/3 and Mistral all do)."""
@@ -151,12 +156,12 @@ def register() -> str:
     return NAME
 
 
-def _base(model):
+def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def unsupported(model) -> str | None:
+def unsupported(model: torch.nn.Module) -> str | None:
     """Why packed rows would not be exact for this model, or None when they are."""
     peft_cfg = getattr(model, "active_peft_config", None)
     if peft_cfg is not None and peft_cfg.is_prompt_learning:
@@ -171,7 +176,7 @@ def unsupported(model) -> str | None:
     return None
 
 
-def enable(model) -> None:
+def enable(model: torch.nn.Module) -> None:
     """Switch the model (through a peft wrapper) to packed attention; disable() switches back."""
     base = _base(model)
     if getattr(base, "_slimtune_attn_before", None) is None:
@@ -179,7 +184,7 @@ def enable(model) -> None:
     base.set_attn_implementation(register())
 
 
-def disable(model) -> None:
+def disable(model: torch.nn.Module) -> None:
     base = _base(model)
     before = getattr(base, "_slimtune_attn_before", None)
     if before is not None:
@@ -187,5 +192,5 @@ def disable(model) -> None:
         base._slimtune_attn_before = None
 
 
-def enabled(model) -> bool:
+def enabled(model: torch.nn.Module) -> bool:
     return _base(model).config._attn_implementation == NAME

@@ -2,10 +2,13 @@
 put a fast path into one model without patching a class, so other models in the process keep their own."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
-def bind(module: torch.nn.Module, forward, attr: str, mark=True) -> None:
+def bind(module: torch.nn.Module, forward: Callable[..., Any], attr: str, mark: object = True) -> None:
     """module.forward becomes `forward` (a callable, already bound); `attr` marks it (and can hold `mark`)."""
     module.forward = forward
     setattr(module, attr, mark)

@@ -18,6 +18,8 @@ line saying why: the run goes on at eager speed rather than stopping.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +47,7 @@ def available() -> bool:
     return bool(has_triton())
 
 
-def enable(model: torch.nn.Module, log=print, backend: str | None = None) -> int:
+def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
     """Compile each decoder layer's forward (already-bound fast paths inside it included); how many."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
@@ -63,7 +65,8 @@ def enable(model: torch.nn.Module, log=print, backend: str | None = None) -> int
     return n
 
 
-def _forward(original, compiled, state: dict, *args, **kwargs):
+def _forward(original: Callable[..., Any], compiled: Callable[..., Any], state: dict, *args: Any,
+             **kwargs: Any) -> Any:
     if state["failed"] is not None or not torch.is_grad_enabled():
         return original(*args, **kwargs)
     try:

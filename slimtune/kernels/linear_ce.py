@@ -11,8 +11,12 @@ Reference: reference.linear_cross_entropy. Same matmuls as the plain path, so no
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 # One chunk's fp32 logits take at most this many bytes (plus a half-precision copy): 128 MiB keeps the
 # head's matmuls large (261 rows x 128,256 x hidden) while the transient stays near 200 MiB, which
@@ -51,7 +55,9 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
 
 
-def _chunks(hidden, weight, bias, targets, rows: int, need: tuple[bool, bool, bool]):
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, rows: int,
+            need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                     torch.Tensor | None]:
     """The summed loss and, where `need` asks, the gradients of hidden / weight / bias, a chunk at a time."""
     need_h, need_w, need_b = need
     dtype = _compute_dtype(weight)
@@ -88,14 +94,15 @@ def _chunks(hidden, weight, bias, targets, rows: int, need: tuple[bool, bool, bo
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, rows: int) -> torch.Tensor:
         total, grad_h, grad_w, grad_b = _chunks(hidden, weight, bias, targets, rows, ctx.needs_input_grad[:3])
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         hd, wd, bd = ctx.dtypes
         scale = grad_out.float()
@@ -117,6 +124,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
 
 
-def fits(head) -> bool:
+def fits(head: torch.nn.Module) -> bool:
     """The head is a plain Linear (not a peft adapter layer or a quantized one), so its weight is all."""
     return type(head) is torch.nn.Linear and head.weight.dtype.is_floating_point and math.prod(head.weight.shape) > 0

@@ -15,10 +15,15 @@ node), no LoRA bias, not merged); disable(model) puts peft's back. Reference: th
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import bind, lora_math, qlora
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 ATTR = "_slimtune_fused_lora"  # on each fused layer: peft's forward, for the cases the node leaves to it
 NAME = "_slimtune_fused_lora_adapter"  # and the adapter it fused
@@ -31,7 +36,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale: float):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float) -> torch.Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
@@ -45,7 +51,7 @@ class _LoraLinear(torch.autograd.Function):
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, xa, weight, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -60,13 +66,14 @@ class _LoraLinear(torch.autograd.Function):
         return gx, gw, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None
 
 
-def lora_linear(x, weight, bias, a, b, scale: float) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
     """x @ weight.T + bias + scale * (x @ a.T) @ b.T as one autograd node; weight (out, in), a (r, in),
     b (out, r). Under autocast the matmuls run in its dtype; otherwise in x's."""
     return _LoraLinear.apply(x, weight, bias, a, b, float(scale))
 
 
-def _why_not(module) -> str | None:
+def _why_not(module: torch.nn.Module) -> str | None:
     """Why this peft LoRA layer cannot run as one node (said once per run), or None when it can."""
     adapters = [n for n in module.active_adapters if n in module.lora_A]
     if len(adapters) != 1:
@@ -87,7 +94,7 @@ def _why_not(module) -> str | None:
     return None
 
 
-def _forward(module, x: torch.Tensor, *args, **kwargs):
+def _forward(module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Bound to each fused layer as a method (not a functools.partial holding the layer: torch.compile guards on
     a partial's identity, so compiled decoder layers (kernels/compiled.py) would recompile once per layer)."""
     name = getattr(module, NAME)
@@ -102,7 +109,7 @@ def _forward(module, x: torch.Tensor, *args, **kwargs):
     return qlora.forward(base, a, b, scale, x)
 
 
-def _lora_layers(model):
+def _lora_layers(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """peft's LoRA Linear layers, over an nn.Linear or a bitsandbytes base (peft.tuners.lora.bnb)."""
     from peft.tuners.lora import Linear as LoraLinear
     for module in model.modules():
@@ -110,7 +117,7 @@ def _lora_layers(model):
             yield module
 
 
-def enable(model, log=print) -> int:
+def enable(model: torch.nn.Module, log: Callable[[str], None] = print) -> int:
     """Fuse every eligible peft LoRA Linear in `model`; returns how many. Layers that stay peft's are said
     in one line through `log`, with the first reason."""
     n, refused = 0, []
@@ -130,7 +137,7 @@ def enable(model, log=print) -> int:
     return n
 
 
-def disable(model) -> None:
+def disable(model: torch.nn.Module) -> None:
     """peft's own forward back on every layer enable() fused."""
     for module in model.modules():
         if hasattr(module, NAME):
@@ -138,5 +145,5 @@ def disable(model) -> None:
     bind.unbind(model, ATTR)
 
 
-def enabled(model) -> int:
+def enabled(model: torch.nn.Module) -> int:
     return bind.count(model, ATTR)

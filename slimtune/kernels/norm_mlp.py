@@ -29,14 +29,14 @@ def available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def _norm_forward(self, hidden_states):
+def _norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
     # offset 0, Llama casting (fp32 statistics, the weight multiplied in the input dtype), dY not overwritten
     return LigerRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False)
 
 
-def _mlp_forward(self, x):
+def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))

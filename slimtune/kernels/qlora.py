@@ -14,12 +14,19 @@ format in plain PyTorch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import lora_math
 
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
+    from torch.autograd.function import FunctionCtx
 
-def dequantize(weight: torch.Tensor, state) -> torch.Tensor:
+
+def dequantize(weight: torch.Tensor, state: QuantState) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit: the (out, in) weight in the dtype it was quantized from."""
     import bitsandbytes.functional as bnbf  # optional dependency, loaded only for a 4-bit base
 
@@ -37,7 +44,9 @@ def _matmul_dtype(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
 
 class _Lora4bit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, qweight, bias, a, b, state, scale: float, compute, dequant):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
+                a: torch.Tensor, b: torch.Tensor, state: QuantState, scale: float, compute: torch.dtype | None,
+                dequant: Callable[[torch.Tensor, QuantState], torch.Tensor]) -> torch.Tensor:
         dtype = _matmul_dtype(x, compute)
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
@@ -53,7 +62,7 @@ class _Lora4bit(torch.autograd.Function):
         return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)  # bitsandbytes returns x's dtype
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, xa, qweight, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
@@ -67,8 +76,9 @@ class _Lora4bit(torch.autograd.Function):
         return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None, None, None, None
 
 
-def lora_4bit_linear(x, qweight, state, bias, a, b, scale: float, compute: torch.dtype | None = None,
-                     dequant=dequantize) -> torch.Tensor:
+def lora_4bit_linear(x: torch.Tensor, qweight: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
+                     a: torch.Tensor, b: torch.Tensor, scale: float, compute: torch.dtype | None = None,
+                     dequant: Callable[[torch.Tensor, QuantState], torch.Tensor] = dequantize) -> torch.Tensor:
     """x @ dequant(qweight, state).T + bias + scale * (x @ a.T) @ b.T as one autograd node, in x's dtype.
 
     Args:
@@ -79,7 +89,7 @@ def lora_4bit_linear(x, qweight, state, bias, a, b, scale: float, compute: torch
     return _Lora4bit.apply(x, qweight, bias, a, b, state, float(scale), compute, dequant)
 
 
-def is_4bit(base) -> bool:
+def is_4bit(base: torch.nn.Module) -> bool:
     """A bitsandbytes Linear4bit whose weight is packed as dequantize_4bit reads it."""
     if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
         return False
@@ -88,7 +98,7 @@ def is_4bit(base) -> bool:
     return state is not None and not getattr(state, "packing_format_for_cpu", False)
 
 
-def forward(base, a: torch.Tensor, b: torch.Tensor, scale: float, x: torch.Tensor) -> torch.Tensor:
+def forward(base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, x: torch.Tensor) -> torch.Tensor:
     """The fused node on peft's layer parts: its bitsandbytes Linear4bit base and the adapter's A and B weights."""
     return lora_4bit_linear(x, base.weight, base.weight.quant_state, base.bias, a, b, scale,
                             getattr(base, "compute_dtype", None))

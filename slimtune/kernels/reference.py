@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -13,7 +17,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
-def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens,
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor | list[int],
                      scale: float | None = None, dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
     """Causal attention within each record of a packed row, never across: one SDPA call per record.
 
@@ -38,7 +42,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(parts, dim=2)
 
 
-def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """bitsandbytes' 4-bit weight (two codes a byte, the first in the high nibble) as the (out, in) tensor it
     stands for: code[nibble] x the absmax of its block; with double quantization the absmax are themselves
     8-bit codes x a second level of absmax, plus an offset (bitsandbytes' QuantState.state2)."""

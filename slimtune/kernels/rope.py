@@ -13,6 +13,7 @@ gradients on a GPU; tests/kernels/test_rope.py checks the binding on the CPU). C
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -24,14 +25,15 @@ ATTR = "_slimtune_rope"
 ATTN_TYPES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 
 
-def _fused(q, k, cos, sin, unsqueeze_dim=1):
+def _fused(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' apply_rotary_pos_emb signature, Liger's kernel."""
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     return liger_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim)
 
 
-def _forward(self, *args, **kwargs):
+def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     module = sys.modules[type(self).__module__]
     own = module.apply_rotary_pos_emb
     module.apply_rotary_pos_emb = _fused

@@ -4,12 +4,17 @@ module and its config key (the op itself in its own kernels/<op>.py)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ConfigError
 from . import attention, compiled, lora, norm_mlp, rope, tiled_mlp
+
+if TYPE_CHECKING:
+    from ..config import Config, TrainConfig
 
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
 # train.tiled_mlp=auto slices the MLP of micro-batches past this many tokens. Below it one layer's MLP
@@ -48,7 +53,7 @@ class Kernels:
         return self.packing != "off" and self.chunked_loss and self.fused_lora_layers > 0
 
 
-def use_packing(mode: str, model, device: str) -> str | None:
+def use_packing(mode: str, model: torch.nn.Module, device: str) -> str | None:
     """How micro-batches are packed: "bins" (records fill rows of micro_batch_size x max_len tokens), "rows"
     (micro_batch_size records per row, as unpacked) or None. train.packing=auto packs in rows on CUDA where
     packed rows are exact for the model: rows keep train.batch_size records per optimizer step (bins hold as
@@ -128,12 +133,12 @@ def use_compile(mode: str, device: str, beside_liger: int = 0) -> bool:
     return mode == "on" or (device.startswith("cuda") and compiled.available() and not sharded and not beside_liger)
 
 
-def _tile(model, tc, device: str) -> int:
+def _tile(model: torch.nn.Module, tc: TrainConfig, device: str) -> int:
     past = tiled_mlp_from(tc.tiled_mlp, device)
     return tiled_mlp.enable(model, past) if past is not None else 0
 
 
-def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
+def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) -> list[str]:
     """One line for each fast path train.* asks for on this device that this model keeps out of, with why."""
     name, out = type(attention._base(model)).__name__, []
     why = attention.unsupported(model)
@@ -154,7 +159,7 @@ def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
     return out
 
 
-def enable(model, tc, device: str, log=print) -> Kernels:
+def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[str], None] = print) -> Kernels:
     """Switch on in `model` the fast paths train.* asks for on this device; what each took, and through
     `log` one line for each asked-for path this model falls back from. disable takes them all back."""
     packed = use_packing(tc.packing, model, device)
@@ -176,7 +181,7 @@ def enable(model, tc, device: str, log=print) -> Kernels:
         raise
 
 
-def disable(model) -> None:
+def disable(model: torch.nn.Module) -> None:
     compiled.disable(model)  # first: it holds the layers' forwards as the other kernels left them
     tiled_mlp.disable(model)  # first: it gives back the forward norm_mlp bound
     lora.disable(model)
@@ -185,7 +190,7 @@ def disable(model) -> None:
     attention.disable(model)
 
 
-def on_gpu(cfg, hidden: int = 0) -> Kernels:
+def on_gpu(cfg: Config, hidden: int = 0) -> Kernels:
     """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
     packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
     4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""

@@ -21,21 +21,26 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import norm_mlp
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 ATTR = "_slimtune_tiled_mlp"  # on each tiled MLP: the forward it had (Liger's, bound by norm_mlp) or None
 MIN = "_slimtune_tiled_min"  # and the token count past which it slices
 MLP_TYPES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 
 
-def _rng_state(device: torch.device):
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_rng_state(state, device: torch.device) -> None:
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -43,7 +48,8 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, forward, x, rows: int, *params):
+    def forward(ctx: FunctionCtx, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int,
+                *params: torch.Tensor) -> torch.Tensor:
         ctx.forward, ctx.rows, ctx.rng = forward, rows, _rng_state(x.device)
         dev = x.device.type  # backward runs outside autocast: the recompute re-enters forward's, as checkpoint does
         ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
@@ -54,7 +60,7 @@ class _TiledMLP(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         flat, rows = x.reshape(-1, x.shape[-1]), ctx.rows
         grad = grad_out.reshape(-1, grad_out.shape[-1])
@@ -75,7 +81,8 @@ class _TiledMLP(torch.autograd.Function):
         return (None, gx.reshape(x.shape) if gx is not None else None, None) + (None,) * len(ctx.needs_input_grad[3:])
 
 
-def tiled(forward, x: torch.Tensor, rows: int, params: tuple = ()) -> torch.Tensor:
+def tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int,
+          params: tuple = ()) -> torch.Tensor:
     """forward(x) computed `rows` tokens at a time, keeping only x for backward. `params`: the trainable
     tensors forward uses; passing them makes autograd run backward here even when x needs no gradient."""
     return _TiledMLP.apply(forward, x, rows, *params)
@@ -87,7 +94,7 @@ def tile_rows(hidden: int, tokens: int) -> int:
     return max(1, math.ceil(tokens / max(1, math.ceil(tokens / max(hidden, 1)))))
 
 
-def _inner(module):
+def _inner(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The forward the tiling wraps, as a function of x: Liger's SwiGLU where norm_mlp bound it, another forward
     bound to the instance before, else the class's. Liger's is taken by its function, not the stored bound
     method, so a compiled layer (kernels/compiled.py) guards on no per-layer object."""
@@ -97,7 +104,7 @@ def _inner(module):
     return own if own is not None else functools.partial(type(module).forward, module)
 
 
-def _forward(module, x: torch.Tensor):
+def _forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Bound to each MLP as a method, the threshold an attribute (a functools.partial per MLP would make
     torch.compile guard on its identity and recompile the compiled decoder layer once per layer)."""
     original = _inner(module)

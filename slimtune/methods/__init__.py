@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..models import load_config
 from . import bitfit, freeze, full, ia3, lora, parts, prompt
 from .base import MethodError, count_parameters, is_peft, trainable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..config import MethodConfig
 
 REGISTRY = {
     "lora": lora, "dora": lora, "rslora": lora, "pissa": lora, "qlora": lora,
@@ -19,12 +25,12 @@ REGISTRY = {
 }
 
 
-def apply(model, cfg):
+def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Apply the configured method; returns the model to train (a PeftModel for peft methods)."""
     return REGISTRY[cfg.name].apply(model, cfg)
 
 
-def save(model, out_dir: Path, weights: dict | None = None) -> None:
+def save(model: nn.Module, out_dir: Path, weights: dict | None = None) -> None:
     """peft methods: adapter_config.json + adapter_model.safetensors; ours: the trained parameters.
     weights: the trainable parameters whole (by name), when the model's own are sharded."""
     if is_peft(model):
@@ -33,7 +39,7 @@ def save(model, out_dir: Path, weights: dict | None = None) -> None:
         parts.save(model, out_dir, weights)
 
 
-def count_on_meta(model_path: str, cfg, trust_remote_code: bool = False) -> tuple[int, int]:
+def count_on_meta(model_path: str, cfg: MethodConfig, trust_remote_code: bool = False) -> tuple[int, int]:
     """(trainable, total) for a method from the model's config.json alone: built on the meta device,
     no weights read. PiSSA and QLoRA have LoRA's shapes (no SVD or quantization runs on meta)."""
     import torch

@@ -12,16 +12,16 @@ class MethodError(SlimtuneError, ValueError):
     """A method that cannot apply to this model or machine; the message says what to do instead."""
 
 
-def freeze_all(model) -> None:
+def freeze_all(model: torch.nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
 
 
-def trainable(model) -> list[str]:
+def trainable(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), counted as peft's get_nb_trainable_parameters does (4-bit weights unpacked)."""
     trainable_n = total = 0
     for p in model.parameters():
@@ -36,11 +36,11 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable_n, total
 
 
-def is_peft(model) -> bool:
+def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def on_device_of(model) -> torch.device:
+def on_device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 

@@ -1,10 +1,17 @@
 """bitfit: train only the bias terms (every Linear and norm bias); everything else stays frozen."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import MethodError, freeze_all
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def apply(model, cfg):
+    from ..config import MethodConfig
+
+
+def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     freeze_all(model)
     biases = [p for n, p in model.named_parameters() if n.endswith(".bias") or n == "bias"]
     if not biases:

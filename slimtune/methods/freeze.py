@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import MethodError, freeze_all
 
+if TYPE_CHECKING:
+    from ..config import MethodConfig
 
-def decoder_layers(model) -> tuple[str, int]:
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, int]:
     """(name, length) of the model's stack of decoder blocks: the ModuleList holding the most parameters."""
     best, size = None, -1
     for name, module in model.named_modules():
@@ -22,7 +26,7 @@ def decoder_layers(model) -> tuple[str, int]:
     return best
 
 
-def selected(model, cfg) -> list[str]:
+def selected(model: torch.nn.Module, cfg: MethodConfig) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
     if cfg.trainable_pattern:
         try:
@@ -42,7 +46,7 @@ def selected(model, cfg) -> list[str]:
     return [n for n in names if n.startswith(prefixes)]
 
 
-def apply(model, cfg):
+def apply(model: torch.nn.Module, cfg: MethodConfig) -> torch.nn.Module:
     freeze_all(model)
     params = dict(model.named_parameters())
     for name in selected(model, cfg):

@@ -19,13 +19,13 @@ class FrozenModuleWarning(UserWarning):
     """A module outside the pretrained checkpoint stays frozen: it keeps its random initialisation."""
 
 
-def describe_parameters(model) -> str:
+def describe_parameters(model: nn.Module) -> str:
     """The line peft's print_trainable_parameters prints, counted the same way."""
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def unwrapped(model) -> tuple[nn.Module, str]:
+def unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
     """(the module inside nn.DataParallel / DistributedDataParallel / torch.compile's wrapper, the prefix of
     its names in the wrapper): the wrapper's one child holds the pretrained base, so without this every head
     of the user's model would pass for pretrained and no FrozenModuleWarning would say they stay frozen."""
@@ -39,7 +39,7 @@ def unwrapped(model) -> tuple[nn.Module, str]:
             return model, prefix
 
 
-def frozen(model, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
+def frozen(model: nn.Module, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The new modules (kinds.new_modules, plus `heads`, names relative to the model as the caller built
     it) of which no parameter trains."""
     root = model.get_base_model() if is_peft(model) else model  # peft wraps the caller's model unchanged
@@ -58,7 +58,7 @@ def frozen(model, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
     return out
 
 
-def warn_frozen(model, method: str, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
+def warn_frozen(model: nn.Module, method: str, heads: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Warn (FrozenModuleWarning) about each new module left frozen by `method`; returns their names."""
     names = frozen(model, heads)
     if names:

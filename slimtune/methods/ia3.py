@@ -1,11 +1,18 @@
 """IA3 through peft: learned scaling vectors on attention and feed-forward activations."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import kinds, targets
 from .base import MethodError
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def apply(model, cfg):
+    from ..config import MethodConfig
+
+
+def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import IA3Config, get_peft_model
     from peft.utils import constants
 
@@ -30,7 +37,7 @@ def apply(model, cfg):
     return get_peft_model(model, icfg)
 
 
-def _feedforward(names: list[str], target) -> list[str]:
+def _feedforward(names: list[str], target: list[str] | str) -> list[str]:
     """peft needs the feed-forward modules among the targets (it scales their input instead)."""
     if not isinstance(target, list):
         raise MethodError("method.feedforward_modules needs method.target_modules as names, not a regex: peft "

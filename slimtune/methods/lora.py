@@ -14,12 +14,19 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import models
 from . import kinds, quant, targets
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from torch import nn
 
-def lora_config(model, cfg):
+    from ..config import MethodConfig
+
+
+def lora_config(model: nn.Module, cfg: MethodConfig) -> LoraConfig:
     from peft import LoraConfig
 
     target = targets.resolve(model, cfg.target_modules)
@@ -42,7 +49,7 @@ def lora_config(model, cfg):
     )
 
 
-def apply(model, cfg):
+def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Wrap the model with LoRA adapters; only adapters (and modules_to_save) train."""
     from peft import get_peft_model
 
@@ -61,7 +68,7 @@ def apply(model, cfg):
     return peft_model
 
 
-def save(model, out_dir: Path, weights: dict | None = None) -> None:
+def save(model: nn.Module, out_dir: Path, weights: dict | None = None) -> None:
     """peft's save_pretrained; PiSSA's converted against its initial adapter, which stays for later saves."""
     init_dir = getattr(model, "_slimtune_pissa_init", None)
     if init_dir is None:
@@ -87,7 +94,7 @@ def record_loadable_base(folder: Path) -> None:
         path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def release(model) -> None:
+def release(model: nn.Module) -> None:
     """Remove PiSSA's initial adapter once no save will follow (a no-op for any other model); later saves
     of this model write the unconverted adapter, which fits the residual base only."""
     done = getattr(model, "_slimtune_pissa_release", None)

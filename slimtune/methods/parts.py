@@ -17,13 +17,13 @@ from .base import trainable_state
 PARTS = "slimtune_parts.safetensors"
 
 
-def save(model, out_dir: Path, weights: dict | None = None) -> None:
+def save(model: torch.nn.Module, out_dir: Path, weights: dict | None = None) -> None:
     """weights: the trained parameters whole, when the model's own are sharded over several processes."""
     state = weights if weights is not None else trainable_state(model)
     save_file(state, str(Path(out_dir) / PARTS), metadata={"format": "pt", "writer": "slimtune"})
 
 
-def load(base, folder: Path):
+def load(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
     """Copy the saved parameters into the base model in place; every saved name must exist in it."""
     try:
         state = load_file(str(Path(folder) / PARTS))

@@ -2,11 +2,18 @@
 encoder), prefix_tuning (P-tuning v2: learned keys and values in every layer). The base stays frozen."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import kinds
 from .base import MethodError
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def apply(model, cfg):
+    from ..config import MethodConfig
+
+
+def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
     if not kinds.is_causal_lm(model):

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import MethodError
 
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
-def quantization_config(cfg, compute: str = "auto"):
+    from ..config import MethodConfig
+
+
+def quantization_config(cfg: MethodConfig, compute: str = "auto") -> BitsAndBytesConfig | None:
     """The transformers quantization config for method qlora, or None for every other method. compute: the
     dtype the 4-bit matmuls run in, the run's half precision (auto: bf16 where the GPU has it, else fp16)."""
     if cfg.name != "qlora":
@@ -29,7 +35,7 @@ def quantization_config(cfg, compute: str = "auto"):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def prepare(model):
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
     """Freeze the quantized base, keeping its half-precision parts (embedding, head, norms) as they are.
 
     peft's prepare_model_for_kbit_training also casts every bf16/fp16 parameter to fp32: on a 1B Llama

@@ -15,19 +15,19 @@ class TargetError(MethodError):
     """No module matches method.target_modules (a MethodError, so callers of apply catch both)."""
 
 
-def _is_linear(module) -> bool:
+def _is_linear(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Linear):
         return True
     return type(module).__name__ == "Conv1D"  # GPT-2 style transformers.pytorch_utils.Conv1D
 
 
-def linear_names(model) -> list[str]:
+def linear_names(model: torch.nn.Module) -> list[str]:
     """Full names of the Linear / Conv1D modules, without the output head (never a LoRA target)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n, m in model.named_modules() if _is_linear(m) and m is not head]
 
 
-def default_targets(model, table: str = "LORA") -> list[str]:
+def default_targets(model: torch.nn.Module, table: str = "LORA") -> list[str]:
     """peft's per-architecture default targets (LORA or IA3 table); an error lists what exists."""
     from peft.utils import constants
 
@@ -43,7 +43,7 @@ def default_targets(model, table: str = "LORA") -> list[str]:
     return list(mapping[model_type])
 
 
-def resolve(model, targets: list[str]) -> list[str] | str:
+def resolve(model: torch.nn.Module, targets: list[str]) -> list[str] | str:
     """Targets in the form peft's configs take: a list of suffixes or one regex string."""
     names = linear_names(model)
     short = Counter(n.rsplit(".", 1)[-1] for n in names)
@@ -68,7 +68,7 @@ def resolve(model, targets: list[str]) -> list[str] | str:
     return list(targets)
 
 
-def matched(model, target: list[str] | str) -> list[str]:
+def matched(model: torch.nn.Module, target: list[str] | str) -> list[str]:
     """Full names of the Linear modules a resolved target (resolve's result) selects, as peft matches them."""
     names = linear_names(model)
     if isinstance(target, str):
@@ -76,7 +76,7 @@ def matched(model, target: list[str] | str) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in target)]
 
 
-def features(module) -> tuple[int, int]:
+def features(module: torch.nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear (4-bit ones too: their weight is packed) or a GPT-2 Conv1D."""
     if hasattr(module, "in_features"):
         return module.in_features, module.out_features
@@ -84,7 +84,7 @@ def features(module) -> tuple[int, int]:
     return rows, cols
 
 
-def check_rank(model, target, r: int) -> None:
+def check_rank(model: torch.nn.Module, target: list[str] | str, r: int) -> None:
     """A LoRA rank above a layer's width adds parameters but no capacity (the update's rank is at most the
     smaller side): refuse it, naming the narrowest targeted layer."""
     modules = dict(model.named_modules())
@@ -95,7 +95,7 @@ def check_rank(model, target, r: int) -> None:
                           f"features); set method.r <= {width}, or leave that layer out of method.target_modules")
 
 
-def check_layers(model, layers: list[int]) -> None:
+def check_layers(model: torch.nn.Module, layers: list[int]) -> None:
     """layers_to_transform indices must exist; peft's own error only said the target modules were not found."""
     if not layers:
         return
@@ -109,7 +109,7 @@ def check_layers(model, layers: list[int]) -> None:
                           f"{depth} decoder layers in {stack}, numbered 0 to {depth - 1}")
 
 
-def check_modules_to_save(model, names: list[str]) -> None:
+def check_modules_to_save(model: torch.nn.Module, names: list[str]) -> None:
     """Every modules_to_save entry must name a module (peft matches by name suffix and skips the rest silently)."""
     modules = [n for n, _ in model.named_modules() if n]
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
@@ -124,7 +124,7 @@ def _available(short: Counter) -> str:
     return "available: " + ", ".join(f"{k} (x{v})" for k, v in sorted(short.items()))
 
 
-def describe(model) -> str:
+def describe(model: torch.nn.Module) -> str:
     """A table of the Linear/Conv1D modules by short name, with shapes and counts, and all-linear."""
     modules = dict(model.named_modules())
     rows: dict[str, tuple[set, int]] = {}
