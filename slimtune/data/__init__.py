@@ -8,14 +8,21 @@ data.max_turns turns, and those left with no answer token after truncation.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import readers
 from .checks import skip_entry
 from .encode import Encoded, Stats, encode
 from .readers import DataError, Example
 from .templates import RecordTemplateError, check_tokens, render
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import DataConfig
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Built:
 
 
 def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None,
-         log=readers._warn) -> list[Example]:
+         log: Callable[[str], None] = readers._warn) -> list[Example]:
     """Every record of a file or folder, each checked (readers.read: the one path every command reads
     through); with `skipped` given (data.on_bad_record=skip), bad records are listed there instead."""
     return readers.read(path, fmt, limit, skipped, log)
@@ -51,7 +58,7 @@ def _turns(ex: Example, max_turns: int) -> None:
                         "conversation, or raise data.max_turns (0 = no cap)")
 
 
-def _encode_one(ex: Example, tokenizer, cfg_data) -> Encoded:
+def _encode_one(ex: Example, tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig) -> Encoded:
     _turns(ex, cfg_data.max_turns)
     try:
         rendered = render(cfg_data.template, with_system(ex, cfg_data.system), tokenizer)
@@ -61,8 +68,9 @@ def _encode_one(ex: Example, tokenizer, cfg_data) -> Encoded:
                   cfg_data.allow_special_tokens)
 
 
-def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dict] | None = None,
-                 log=readers._warn, check: bool = True) -> tuple[list[tuple[Example, Encoded]], Stats]:
+def encode_pairs(examples: list[Example], tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig,
+                 skipped: list[dict] | None = None, log: Callable[[str], None] = readers._warn,
+                 check: bool = True) -> tuple[list[tuple[Example, Encoded]], Stats]:
     """(example, encoded) of each record that renders; with `skipped` given, a record the template cannot
     render or with too many turns is listed there instead of stopping the run. check=False: the template's
     control tokens were already checked (and a forced one warned about) for this run."""
@@ -89,7 +97,8 @@ def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dic
     return out, stats
 
 
-def encode_examples(examples: list[Example], tokenizer, cfg_data, log=readers._warn) -> tuple[list[Encoded], Stats]:
+def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig,
+                    log: Callable[[str], None] = readers._warn) -> tuple[list[Encoded], Stats]:
     """Encode every record; the first that cannot be rendered stops with an error naming it."""
     pairs, stats = encode_pairs(examples, tokenizer, cfg_data, log=log)
     return [enc for _, enc in pairs], stats
@@ -105,7 +114,7 @@ def split(examples: list[Example], size: float, seed: int) -> tuple[list[Example
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def build(cfg_data, tokenizer, log=print) -> Built:
+def build(cfg_data: DataConfig, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print) -> Built:
     """Read, check, split and encode; print what was read, skipped and truncated. Records dropped for having
     no answer left after truncation are listed in Built.skipped too."""
     skipped: list[dict] | None = [] if cfg_data.on_bad_record == "skip" else None
@@ -140,7 +149,7 @@ def build(cfg_data, tokenizer, log=print) -> Built:
     return Built([r for _, r in train], [r for _, r in held], tstats, estats, skipped, [ex for ex, _ in held])
 
 
-def _drop_empty(records: list[tuple[Example, Encoded]], name: str, log, skipped: list[dict],
+def _drop_empty(records: list[tuple[Example, Encoded]], name: str, log: Callable[[str], None], skipped: list[dict],
                 max_len: int) -> list[tuple[Example, Encoded]]:
     """Records with no trained token left are not used: the loss skips each record's first position (it
     has no previous token), so a label there alone trains nothing."""

@@ -14,7 +14,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import SlimtuneError
 
@@ -115,7 +115,7 @@ class Notes:
             out.append(self._mixed())
         return out
 
-    def report(self, log) -> None:
+    def report(self, log: Callable[[str], None]) -> None:
         for line in self.lines():
             log(line)
 

@@ -1,9 +1,14 @@
 """Batches of encoded records, right-padded; padding is masked by attention_mask and -100 labels."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .encode import IGNORE, Encoded
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # A batch key: the (row, position) indices into labels[:, 1:] of the trained positions, found on the host,
 # as a (2, N) tensor. The loss takes those rows by index; a boolean mask on the device would make the CPU
@@ -11,7 +16,7 @@ from .encode import IGNORE, Encoded
 TRAINED = "trained_index"
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The pad id: the tokenizer's pad token, else its EOS (safe: labels never come from token ids)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:

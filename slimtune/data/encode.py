@@ -8,8 +8,12 @@ counted, unless data.allow_special_tokens says it is meant as control tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .templates import Rendered
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -55,7 +59,7 @@ class Stats:
                 f"and {self.lost_answer} lost their whole answer")
 
 
-def _overlaps(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """Per token, whether it overlaps a span. Tokens and spans both come in text order, so one sweep
     (testing every span per token was quadratic: 40 s for one 5,000-turn record)."""
     out, j = [], 0
@@ -66,14 +70,15 @@ def _overlaps(offsets, spans: list[tuple[int, int]]) -> list[bool]:
     return out
 
 
-def special_ids(tokenizer) -> set[int]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Ids of the tokenizer's control tokens (named ones and tokenizer.json's special added tokens)."""
     ids = set(getattr(tokenizer, "all_special_ids", []))
     ids.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
     return ids
 
 
-def _escape(text: str, ids: list[int], offsets: list, content: list[tuple[int, int]], tokenizer):
+def _escape(text: str, ids: list[int], offsets: list, content: list[tuple[int, int]],
+            tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list, int]:
     """Control-token text that came from the data (inside a message's own text, not the template's) encoded
     as the plain text it is: `<|im_end|>` in an answer must not end the turn. Returns ids, offsets, count."""
     special = special_ids(tokenizer)
@@ -94,7 +99,8 @@ def _escape(text: str, ids: list[int], offsets: list, content: list[tuple[int, i
     return out_ids, out_off, n
 
 
-def _tokens(rendered: Rendered, tokenizer, allow_special: bool):
+def _tokens(rendered: Rendered, tokenizer: PreTrainedTokenizerBase,
+            allow_special: bool) -> tuple[list[int], list, int]:
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     if allow_special:
@@ -102,8 +108,8 @@ def _tokens(rendered: Rendered, tokenizer, allow_special: bool):
     return _escape(rendered.text, ids, offsets, rendered.content, tokenizer)
 
 
-def encode(rendered: Rendered, tokenizer, max_len: int, train_on_prompt: bool = False, where: str = "",
-           allow_special: bool = False) -> Encoded:
+def encode(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, max_len: int, train_on_prompt: bool = False,
+           where: str = "", allow_special: bool = False) -> Encoded:
     """Tokenize the whole text once (so ids equal the template's own tokenization) and label by spans.
 
     Args:
@@ -124,7 +130,7 @@ def encode(rendered: Rendered, tokenizer, max_len: int, train_on_prompt: bool = 
     return out
 
 
-def prompt_ids(rendered: Rendered, tokenizer, allow_special: bool = False) -> list[int]:
+def prompt_ids(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, allow_special: bool = False) -> list[int]:
     """Token ids of a generation prompt (rendered with add_generation_prompt), control-token text in the
     messages escaped as in training."""
     return _tokens(rendered, tokenizer, allow_special)[0]

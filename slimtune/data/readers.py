@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .checks import DataError, DupDict, HugeInt, Notes, scan, skip_entry
 
@@ -255,7 +255,7 @@ def _top_system(rec: dict, out: list[dict], where: str, name: str) -> list[dict]
 FORMATS = {"alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
 
 
-def _formats(keys) -> dict[str, list[str]]:
+def _formats(keys: Iterable[str]) -> dict[str, list[str]]:
     """format: the fields that name it, of those in keys."""
     names = {"messages": ("messages",), "sharegpt": ("conversations",),
              "alpaca": ("instruction", "input", "output", "history")}
@@ -316,7 +316,7 @@ def _warn(message: str) -> None:
 
 
 def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None,
-         log=_warn, prompts: bool = False) -> list[Example]:
+         log: Callable[[str], None] = _warn, prompts: bool = False) -> list[Example]:
     """Every record of a file or folder, each checked; an empty source is an error. With `skipped` given
     (data.on_bad_record=skip), a bad record is appended there with its reason instead of stopping the read.
     Odd records that are still read are counted and reported through `log`, one line per kind.
@@ -375,7 +375,7 @@ def _as_prompt(rec: Any, where: str) -> Any:
     return dict(rec, output="-")
 
 
-def read_prompts(path: str | Path, log=_warn) -> tuple[list[Example], list[Any]]:
+def read_prompts(path: str | Path, log: Callable[[str], None] = _warn) -> tuple[list[Example], list[Any]]:
     """Prompts for generation (alpaca records, output optional, or chats ending with a user turn), with
     the raw records so outputs can carry them along."""
     out = read(path, log=log, prompts=True)

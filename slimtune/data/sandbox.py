@@ -8,7 +8,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 # one render of one conversation; a 10,000-message chat renders in under 2 s (tests/data/test_template_guards.py)
 RENDER_SECONDS = 20.0
@@ -39,7 +42,7 @@ def _alarm_usable() -> bool:
 
 @contextlib.contextmanager
 def _alarm(seconds: float):
-    def expire(_signum, _frame):
+    def expire(_signum: int, _frame: FrameType | None) -> None:
         raise _Expired
 
     old = signal.signal(signal.SIGALRM, expire)
@@ -55,12 +58,13 @@ def _alarm(seconds: float):
 def _traced(seconds: float):
     deadline = time.monotonic() + seconds
 
-    def line(_frame, _event, _arg):  # every line of the template's code, each loop turn included
+    def line(_frame: FrameType, _event: str,
+             _arg: object) -> Callable:  # every line of the template's code, each loop turn included
         if time.monotonic() > deadline:
             raise _Expired
         return line
 
-    def call(frame, _event, _arg):  # other code runs untraced
+    def call(frame: FrameType, _event: str, _arg: object) -> Callable | None:  # other code runs untraced
         return line if frame.f_code.co_filename == TEMPLATE_CODE else None
 
     old = sys.gettrace()

@@ -8,6 +8,7 @@ import hashlib
 import math
 import random
 from array import array
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from . import pack
 from .collate import TRAINED, collate, trained_index
 from .encode import IGNORE, Encoded
 from .readers import DataError
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 class MicroBatches:
@@ -85,14 +89,14 @@ class MicroBatches:
         self.order = [list(b) for b in order] if packed else list(order)
 
 
-def micro_batches(records: list[Encoded], tc, max_len: int, packing: str) -> MicroBatches:
+def micro_batches(records: list[Encoded], tc: TrainConfig, max_len: int, packing: str) -> MicroBatches:
     """The stream train.* asks for; packing as enable_kernels reports it (bins | rows | off)."""
     budget = tc.micro_batch_size * max_len if packing == "bins" else 0
     return MicroBatches(records, tc.micro_batch_size, tc.seed, budget,
                         rows=packing == "rows")
 
 
-def total_steps(n_records: int, cfg_train, micro_per_epoch: int = 0) -> int:
+def total_steps(n_records: int, cfg_train: TrainConfig, micro_per_epoch: int = 0) -> int:
     """max_steps, else epochs x optimizer steps per epoch (micro_per_epoch: packed bins per epoch)."""
     if cfg_train.max_steps > 0:
         return cfg_train.max_steps

@@ -95,7 +95,7 @@ def _special(tokenizer) -> dict[str, str]:
     return {"bos": getattr(tokenizer, "bos_token", None) or "", "eos": getattr(tokenizer, "eos_token", None) or ""}
 
 
-def _fill(fmt: str, content: str, **kw) -> tuple[str, int]:
+def _fill(fmt: str, content: str, **kw: str) -> tuple[str, int]:
     """fmt filled in, and where the content starts in it."""
     return fmt.format(content=content, **kw), len(fmt.split("{content}", 1)[0].format(**kw))
 
@@ -147,7 +147,7 @@ def _template_file(tokenizer) -> str:
     return f"{folder}: chat_template" if folder else "the tokenizer's chat_template"
 
 
-def _apply(tokenizer, messages, add_generation_prompt) -> str:
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     import jinja2
 
     fix = f"do not use this tokenizer's template: choose data.template from {', '.join(FAMILIES)}"
@@ -197,7 +197,7 @@ def _end_token(candidates: list[str], eos: str, full: str, at: int) -> str:
     return ""
 
 
-def _exact_prompt_end(messages, i: int, tokenizer, full: str, pos: int) -> int:
+def _exact_prompt_end(messages: list[dict], i: int, tokenizer, full: str, pos: int) -> int:
     """Where answer i starts in `full`, from rendering its own generation prompt (which must be a prefix
     of `full`: a template that renders earlier turns differently once later ones follow is refused)."""
     prefix = _apply(tokenizer, messages[:i], True)
@@ -207,7 +207,7 @@ def _exact_prompt_end(messages, i: int, tokenizer, full: str, pos: int) -> int:
     return len(prefix)
 
 
-def _prompt_ends(messages, answers: list[int], tokenizer, full: str, where: list[tuple[int, int]]) -> dict:
+def _prompt_ends(messages: list[dict], answers: list[int], tokenizer, full: str, where: list[tuple[int, int]]) -> dict:
     """Where each answer starts in `full` (right after its generation prompt). Rendering every answer's
     prompt costs time quadratic in the turns (269 s for 5,000 pairs), so only the first is rendered, and
     any whose prompt does not end as the last rendered one did: the others are that header (what a prompt
