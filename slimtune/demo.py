@@ -54,7 +54,7 @@ def show_answers(title: str, answers: list[str]) -> None:
         print(f"Q: {q}\nA: {a}\n")
 
 
-def peft_matches(out_dir: Path, cfg) -> float:
+def peft_matches(out_dir: Path, cfg: config_mod.Config) -> float:
     """Max |logit difference| between plain peft's load of the adapter and slimtune's own load."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -58,7 +58,7 @@ class Header:
 class _Cursor:
     """Reads little-endian values from the file, each read checked against the bytes left."""
 
-    def __init__(self, buf, path: Path):
+    def __init__(self, buf: bytes | mmap.mmap, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
     def fail(self, what: str) -> GGUFFileError:

@@ -212,7 +212,7 @@ def _gguf_tokenizer(path: Path):
     return tokenizer
 
 
-def _folded(names) -> list[str]:
+def _folded(names: list[str]) -> list[str]:
     """Weight names with their layer numbers folded, as transformers' load report writes them:
     model.layers.{2...31}.mlp.up_proj.weight."""
     groups: dict[str, list[int]] = {}
@@ -233,7 +233,7 @@ def _folded(names) -> list[str]:
     return sorted(out)
 
 
-def _listed(label: str, names) -> str:
+def _listed(label: str, names: list[str]) -> str:
     folded = _folded(names)
     shown = ", ".join(folded[:6]) + (f" and {len(folded) - 6} more" if len(folded) > 6 else "")
     return f"{len(names)} {label} ({shown})"
@@ -255,7 +255,7 @@ def _no_load_report():
         log.removeFilter(_drop_report)
 
 
-def check_weights(model, info: dict, where: Path) -> None:
+def check_weights(model: torch.nn.Module, info: dict, where: Path) -> None:
     """Refuse a load whose weights do not fill the model: transformers fills a missing weight with random
     values and only prints a report (a GGUF file without block_count ran 2 real layers and 30 random ones).
     Tied weights (lm_head shares embed_tokens) are filled from their source, so they are not missing."""
@@ -272,7 +272,7 @@ def check_weights(model, info: dict, where: Path) -> None:
                             "complete model")
 
 
-def _restore_rope(model, path: Path) -> None:
+def _restore_rope(model: torch.nn.Module, path: Path) -> None:
     """RoPE scaling (Llama-3.1+ "llama3", "linear") that slimtune's export stored beside llama.cpp's own
     form: transformers' GGUF reader builds default RoPE, which moves every logit of such a model."""
     import json
@@ -325,7 +325,7 @@ def load_config(path: str, trust_remote_code: bool = False):
 
 
 def load(path: str, dtype: str = "fp32", trust_remote_code: bool = False, device: str = "cpu",
-         quantization=None):
+         quantization: object | None = None) -> tuple:
     """(model, tokenizer); the model's own code runs only with trust_remote_code. With a bitsandbytes
     quantization config the weights are quantized while loading, straight onto the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

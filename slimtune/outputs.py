@@ -11,6 +11,7 @@ compare --output), checked before anything loads:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from .assets import embedded_folder
@@ -28,8 +29,8 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check(out: str | Path, flag: str, base: str | Path | None = None, data=(), files=(),
-          reads=()) -> None:
+def check(out: str | Path, flag: str, base: str | Path | None = None, data: Iterable[str | Path | None] = (),
+          files: Iterable[str] = (), reads: Iterable[tuple[str, str | Path | None]] = ()) -> None:
     """Refuse `out` (named `flag` in the message, e.g. "export --output") where writing it could overwrite what
     the command reads. base: the model.path it reads; data: input data paths (None and "" skipped); files:
     the names written inside a folder output; reads: more (what, path) pairs held to the base's rule."""

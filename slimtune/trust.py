@@ -36,7 +36,7 @@ def said(overrides: list[str], flag: bool = False) -> bool:
     return bool(flag) or (bool(mine) and config_mod.load(None, mine).model.trust_remote_code)
 
 
-def decide(cfg, source: str | Path | None, user: bool, run: bool | None = None,
+def decide(cfg: config_mod.Config, source: str | Path | None, user: bool, run: bool | None = None,
            how: str = f"pass {FLAG}") -> bool:
     """The trust_remote_code a command runs with: True when the user said so (`user`: the flag or an
     override, see said()), the config's own value when `source` is the user's own config file (None: built

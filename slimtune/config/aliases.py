@@ -38,7 +38,7 @@ ALIASES = {
 }
 
 
-def suggest(key, section: str, known: list[str]) -> str | None:
+def suggest(key: object, section: str, known: list[str]) -> str | None:
     """The dotted key (or section) meant by an unknown `key` in `section` ("" = the top level)."""
     if not isinstance(key, str):
         return None
@@ -52,7 +52,7 @@ def suggest(key, section: str, known: list[str]) -> str | None:
     return f"{section}.{close[0]}" if close and section else (close[0] if close else None)
 
 
-def unknown_key(key, known: list[str], section: str) -> str:
+def unknown_key(key: object, known: list[str], section: str) -> str:
     """`section.key: unknown key (did you mean ...?)`, by meaning first, then by spelling."""
     meant = suggest(key, section, known)
     prefix = f"{section}." if section else ""

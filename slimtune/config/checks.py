@@ -3,9 +3,10 @@ fields the chosen method ignores (warnings)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .convert import AUTO, fields_of, show, types_of
-from .fields import METHODS, PROMPT_METHODS, Config, MethodConfig
+from .fields import METHODS, PROMPT_METHODS, Config, MethodConfig, TrainConfig
 
 CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -69,7 +70,7 @@ RANGE_TEXT = {
 LR_MAX = 10.0
 
 
-def _inside(value, spec: str | tuple) -> bool:
+def _inside(value: Any, spec: str | tuple) -> bool:
     if isinstance(spec, tuple):
         return value in spec
     lo, hi = ({"inf": math.inf, "2**63": 2 ** 63}.get(x) or float(x) for x in spec[1:-1].split(", "))
@@ -83,7 +84,7 @@ def _range_text(dotted: str, spec: str | tuple) -> str:
     return RANGE_TEXT.get(dotted) or text.get(spec) or f"must be in {spec}"
 
 
-def _check_number(dotted: str, value, spec) -> str | None:
+def _check_number(dotted: str, value: Any, spec: str | tuple) -> str | None:
     """The problem with one numeric value, or None."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{dotted}: must be a finite number, got {value}"
@@ -142,7 +143,7 @@ def _check_relations(cfg: Config) -> list[str]:
     return problems + _check_split(cfg.train)
 
 
-def _check_split(tc) -> list[str]:
+def _check_split(tc: TrainConfig) -> list[str]:
     """train.batch_size against the micro_batch_size x grad_accum a config states (an auto part is free)."""
     batch, micro, accum = tc.batch_size, tc.micro_batch_size, tc.grad_accum
     if batch == AUTO:

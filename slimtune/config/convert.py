@@ -117,7 +117,7 @@ def check_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
-def show(value) -> str:
+def show(value: object) -> str:
     """repr for a message, kept short: Python refuses str() of an int past 4300 digits."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"

@@ -21,7 +21,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one silently,
     so a second `train:` section replaced the first without a word."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may re-set keys: that is its job
@@ -36,7 +36,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
         return super().construct_mapping(node, deep)
 
-    def construct_plain_number(self, node):
+    def construct_plain_number(self, node: yaml.ScalarNode) -> object:
         """YAML 1.1 reads 1_0 as 10 (and 1_0.5 as 10.5): such a number stays its text, which the field's check
         refuses (convert.odd_number)."""
         if "_" in node.value:

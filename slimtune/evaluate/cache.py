@@ -15,8 +15,13 @@ import os
 from array import array
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import models
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..data.encode import Encoded
 
 FOLDER = ".slimtune-cache"
 VERSION = 1  # bump when what an eval computes changes
@@ -32,7 +37,7 @@ def _model_files(path: str) -> list:
             for p in files]
 
 
-def key(cfg, records, device: str, settings: dict) -> str:
+def key(cfg: Config, records: list[Encoded], device: str, settings: dict) -> str:
     """A hex digest of what the eval before training depends on."""
     h = hashlib.sha256()
     for r in records:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from transformers import TextIteratorStreamer, TextStreamer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback tokens
 
@@ -24,12 +29,12 @@ def _byte_level_alphabet() -> dict[str, int]:
     return table
 
 
-def _byte_level(tokenizer) -> bool:
+def _byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return "ByteLevel" in repr(getattr(backend, "decoder", None)) or hasattr(tokenizer, "byte_decoder")
 
 
-def _tail_bytes(tokenizer, ids: list[int]) -> bytes:
+def _tail_bytes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> bytes:
     """The bytes of the last 4 tokens that decode to text (an unfinished character is at most 3 bytes)."""
     special = set(tokenizer.all_special_ids)
     tail = [i for i in ids[-16:] if i not in special][-4:]
@@ -56,7 +61,7 @@ def unfinished(data: bytes) -> int:
     return 0
 
 
-def whole_text(tokenizer, ids: list[int], **decode_kwargs) -> str:
+def whole_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], **decode_kwargs: Any) -> str:
     """tokenizer.decode(ids), less a character the ids only begin (shown as U+FFFD at the end)."""
     text = tokenizer.decode(ids, **decode_kwargs)
     if not text.endswith("\ufffd"):
@@ -71,22 +76,22 @@ class _WholeChars:
     """The tokenizer as transformers' streamers see it: decode gives whole characters only, so the streamer
     holds back an unfinished one until its last byte comes and leaves it out at the end."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
 
-    def decode(self, ids, **decode_kwargs) -> str:
+    def decode(self, ids: int | Iterable[int], **decode_kwargs: Any) -> str:
         return whole_text(self.tokenizer, [ids] if isinstance(ids, int) else list(ids), **decode_kwargs)
 
-    def __getattr__(self, name):  # anything else a streamer asks of the tokenizer
+    def __getattr__(self, name: str) -> Any:  # anything else a streamer asks of the tokenizer
         return getattr(self.tokenizer, name)
 
 
-def printer(tokenizer) -> TextStreamer:
+def printer(tokenizer: PreTrainedTokenizerBase) -> TextStreamer:
     """Prints one answer to stdout as it is generated (not the prompt, not special tokens); make one per
     answer: a streamer stopped mid-answer (Ctrl-C) keeps that answer's state."""
     return TextStreamer(_WholeChars(tokenizer), skip_prompt=True, skip_special_tokens=True)
 
 
-def queue(tokenizer, timeout: float | None = None) -> TextIteratorStreamer:
+def queue(tokenizer: PreTrainedTokenizerBase, timeout: float | None = None) -> TextIteratorStreamer:
     """One answer's text pieces as an iterator (for a web page), as `printer` prints them."""
     return TextIteratorStreamer(_WholeChars(tokenizer), skip_prompt=True, timeout=timeout, skip_special_tokens=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +18,12 @@ from ..data.encode import prompt_ids
 from ..data.templates import render, stop_ids
 from ..engine.log import progress
 from .decode import whole_text
+
+if TYPE_CHECKING:
+    import argparse
+
+    from transformers import PreTrainedTokenizerBase
+    from transformers.generation.streamers import BaseStreamer
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Sampling:
     seed: int | None = None  # for sampling: the same seed gives the same answers
 
     @classmethod
-    def from_flags(cls, args) -> Sampling:
+    def from_flags(cls, args: argparse.Namespace) -> Sampling:
         """From chat's and generate's flags (the web app's Chat page reads its form as them)."""
         return cls(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -85,7 +92,7 @@ def _decode_kwargs(s: Sampling) -> dict:
     return dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repetition_penalty=1.0)
 
 
-def context_length(model) -> int:
+def context_length(model: torch.nn.Module) -> int:
     """The longest sequence the model was built for (0: unknown)."""
     cfg = getattr(model, "config", None)
     return int(getattr(cfg, "max_position_embeddings", 0) or 0)
@@ -102,7 +109,7 @@ def _cut(prompts: list[list[int]], limit: int) -> int:
     return cut
 
 
-def _prompt_learning(model, batch: dict) -> tuple:
+def _prompt_learning(model: torch.nn.Module, batch: dict) -> tuple:
     """(model, inputs) for generate. A prompt method's learned tokens go to the base model as training
     placed them: right before each prompt, after its left padding, so that the prompt's positions are
     those of training (peft puts them before the padding: a padded row's answer then differs from the
@@ -132,7 +139,8 @@ def _finish(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
     return (row, False) if cut is None else (row[:cut + 1], True)
 
 
-def _batch(model, batch: dict, s: Sampling, pad: int, stops: list[int], streamer) -> list[list[int]]:
+def _batch(model: torch.nn.Module, batch: dict, s: Sampling, pad: int, stops: list[int],
+           streamer: BaseStreamer | None) -> list[list[int]]:
     """One generate call: each row's new token ids (through max_new_tokens, padding included)."""
     from transformers import LogitsProcessorList
 
@@ -146,9 +154,9 @@ def _batch(model, batch: dict, s: Sampling, pad: int, stops: list[int], streamer
 
 
 @torch.no_grad()
-def run(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
-        batch_size: int | None = None, device: str = "cpu", streamer=None, max_len: int = 0,
-        show_progress: bool = False) -> Generated:
+def run(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]],
+        sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu",
+        streamer: BaseStreamer | None = None, max_len: int = 0, show_progress: bool = False) -> Generated:
     """Answers for conversations that end with a user turn, in input order, with token counts and time.
     A streamer (decode.printer or decode.queue) needs batch_size 1. An answer cut at max_new_tokens inside a
     character ends before that character (decode.whole_text).
@@ -188,9 +196,9 @@ def run(model, tokenizer, template: str, conversations: list[list[dict]], sampli
     return out
 
 
-def generate(model, tokenizer, template: str, conversations: list[list[dict]], max_new_tokens: int = 128,
-             batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             device: str = "cpu", **sampling) -> list[str]:
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str,
+             conversations: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, device: str = "cpu", **sampling: Any) -> list[str]:
     """Answers for conversations that end with a user turn, in input order (see `run` for timings)."""
     s = Sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                  **sampling)

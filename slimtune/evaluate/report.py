@@ -11,8 +11,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import config as config_mod
 from .. import models, outputs
@@ -28,6 +30,14 @@ from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from ..data.encode import Encoded
+
+    Context = Callable[[], contextlib.AbstractContextManager]
 
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
@@ -85,7 +95,9 @@ def _why_not_finite(scores: dict, key: str, value: float) -> str:
             "this adapter is broken, train again with a lower train.lr")
 
 
-def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress=False) -> dict:
+def _loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+          records: list[Encoded] | None, batch_size: int, device: str, context: Context,
+          show_progress: bool = False) -> dict:
     """Loss over the answer tokens only, whatever data.train_on_prompt was in training."""
     data_cfg = replace(cfg.data, train_on_prompt=False)
     stats = None
@@ -100,8 +112,9 @@ def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context,
     return out
 
 
-def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, separator,
-                show_progress=False) -> tuple[dict, list]:
+def _generation(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config,
+                examples: list[Example], sampling: Sampling, batch_size: int | None, device: str,
+                separator: str | None, show_progress: bool = False) -> tuple[dict, list]:
     convs = [with_system(ex, cfg.data.system) for ex in examples]
     gen = run_generation(model, tokenizer, cfg.data.template, [c[:-1] for c in convs], sampling, batch_size,
                          device, max_len=cfg.data.max_len, show_progress=show_progress)
@@ -121,10 +134,11 @@ def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, s
     return scores, rows
 
 
-def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Example], generate: bool = False, *,
-                 extraction_sep: str | None = None, sampling: Sampling | None = None, batch_size: int = 8,
-                 gen_batch_size: int | None = None, device: str = "cpu", context=contextlib.nullcontext,
-                 records=None, show_progress: bool = False) -> Report:
+def evaluate_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+                 generate: bool = False, *, extraction_sep: str | None = None, sampling: Sampling | None = None,
+                 batch_size: int = 8, gen_batch_size: int | None = None, device: str = "cpu",
+                 context: Context = contextlib.nullcontext, records: list[Encoded] | None = None,
+                 show_progress: bool = False) -> Report:
     """Scores of a model on held-out records (each ending with the reference answer).
 
     Args:
@@ -145,8 +159,9 @@ def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Exampl
     return Report(scores, rows)
 
 
-def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], records, device: str,
-                show_progress: bool = False, train_records=None, log=print) -> "InTraining":
+def in_training(tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+                records: list[Encoded], device: str, show_progress: bool = False,
+                train_records: list[Encoded] | None = None, log: Callable[[str], None] = print) -> "InTraining":
     """The training loop's hook, (model, context, step) -> Report, per the train.eval_* keys (see InTraining)."""
     return InTraining(tokenizer, cfg, examples, records, device, show_progress, train_records, log)
 
@@ -157,8 +172,9 @@ class InTraining:
     the eval before training (step 0) is kept in a cache beside the run folder and reused by the next run
     from the same model, data and method (evaluate/cache.py)."""
 
-    def __init__(self, tokenizer, cfg, examples, records, device, show_progress=False, train_records=None,
-                 log=print):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+                 records: list[Encoded], device: str, show_progress: bool = False,
+                 train_records: list[Encoded] | None = None, log: Callable[[str], None] = print):
         tc = cfg.train
         self.tokenizer, self.cfg, self.device, self.show_progress, self.log = tokenizer, cfg, device, show_progress, log
         self.sep = tc.eval_separator.replace("\\n", "\n").replace("\\t", "\t") or None  # as eval's --separator
@@ -173,7 +189,7 @@ class InTraining:
         self.sampling = Sampling(max_new_tokens=tc.eval_max_new_tokens)
         self.seconds_per_unit: float | None = None  # measured by the last eval (see _units)
 
-    def __call__(self, model, context=contextlib.nullcontext, step: int | None = None) -> Report:
+    def __call__(self, model: nn.Module, context: Context = contextlib.nullcontext, step: int | None = None) -> Report:
         stored = cache_mod.path(self.cfg.train.output_dir, self._key()) if step == 0 else None
         found = cache_mod.load(stored) if stored else None
         if found is not None:
@@ -208,7 +224,7 @@ class InTraining:
             if self.generate else 0
         return _tokens(self.records) + gen
 
-    def _estimate(self, model, context, step) -> str:
+    def _estimate(self, model: nn.Module, context: Context, step: int | None) -> str:
         """The eval's size and time: from the last eval's pace, or before the first from one timed batch."""
         if self.seconds_per_unit is None:
             self.seconds_per_unit = _probe(model, self.records, self.cfg, self.tokenizer, self.device, context)
@@ -219,11 +235,11 @@ class InTraining:
         return f"eval {at}: {what}; about {self.seconds_per_unit * self._units():.1f} s"
 
 
-def _tokens(records) -> int:
+def _tokens(records: list[Encoded]) -> int:
     return sum(len(r.input_ids) for r in records)
 
 
-def _within(records, cap: int) -> int:
+def _within(records: list[Encoded], cap: int) -> int:
     """How many leading records fit in `cap` tokens (at least one; cap 0: all)."""
     total = 0
     for n, r in enumerate(records):
@@ -237,7 +253,7 @@ def _within(records, cap: int) -> int:
 MIN_EVAL_TOKENS = 4096
 
 
-def eval_token_cap(cfg, records, train_records=None) -> int:
+def eval_token_cap(cfg: config_mod.Config, records: list[Encoded], train_records: list[Encoded] | None = None) -> int:
     """Tokens one in-training eval may cover (0: all). train.eval_max_tokens=-1 (auto): a forward costs about a
     third of a training step's forward+backward per token, so evals (before, after, every eval_every) of at
     most 3/4 of the run's training tokens, shared among them, take at most about a quarter of the training
@@ -253,7 +269,8 @@ def eval_token_cap(cfg, records, train_records=None) -> int:
     return max(MIN_EVAL_TOKENS, int(0.75 * steps * per_step / evals))
 
 
-def _probe(model, records, cfg, tokenizer, device, context) -> float:
+def _probe(model: nn.Module, records: list[Encoded], cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase,
+           device: str, context: Context) -> float:
     """Seconds per token of one loss forward over the first micro-batch (the estimate before the first eval)."""
     first = records[:cfg.train.micro_batch_size]
     start = time.perf_counter()
@@ -277,8 +294,8 @@ def load_model(folder: str | None, base: str | None, template: str, device: str,
 def main(folder: str | None, data: str, *, base: str | None = None, template: str = "auto",
          output: str | None = None, generate: bool = False, extraction_sep: str | None = None,
          sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu", limit: int = 0,
-         max_len: int = 0, system: str | None = None, trust_remote_code: bool = False, log=print,
-         show_progress: bool = False) -> Report:
+         max_len: int = 0, system: str | None = None, trust_remote_code: bool = False,
+         log: Callable[[str], None] = print, show_progress: bool = False) -> Report:
     """The eval command: load, score, print, write scores.json (+ predictions.jsonl) into `output`."""
     if bool(folder) == bool(base):
         raise DataError("eval: give either a run folder or --base MODEL (the base model with no adapter)")

@@ -4,14 +4,19 @@ metrics.jsonl), so a user can look rather than read logs, and `slimtune compare`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..engine.log import read_metrics
 from ..methods import count_parameters
 from .plots import loss_png  # matplotlib itself loads inside loss_png: a missing one is reported there
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def write(out: Path, result: dict, model, log=print) -> None:
+
+def write(out: Path, result: dict, model: nn.Module, log: Callable[[str], None] = print) -> None:
     """summary.json and loss.png into the run folder. Never fails a run that trained: a problem here (no
     matplotlib, a full disk) is reported and the run's own files stand."""
     try:
