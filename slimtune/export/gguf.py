@@ -29,10 +29,11 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .. import models, outputs
+from .. import config as config_mod, models, outputs
 from ..data.templates import stop_ids as template_stops
 from ..errors import MissingFileError
 from . import ExportError
@@ -201,7 +202,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 
-def _walk(node):
+def _walk(node: object):
     """Every component of a tokenizer.json pre_tokenizer (Sequence nests them)."""
     if isinstance(node, dict):
         yield node
@@ -270,7 +271,7 @@ def stop_ids(folder: Path, tokenizer) -> list[int]:
     return [i for n, i in enumerate(ids) if i is not None and i not in ids[:n]]
 
 
-def _adds(tokenizer, token_id) -> tuple[bool, bool]:
+def _adds(tokenizer, token_id: Callable[[str], int | None]) -> tuple[bool, bool]:
     """Whether the tokenizer puts BOS in front / EOS behind plain text (llama.cpp's add_bos/add_eos)."""
     ids = tokenizer("a")["input_ids"]
     return (token_id("bos") is not None and ids[0] == token_id("bos"),
@@ -313,8 +314,8 @@ def _tokenizer_meta(w, tokenizer, n_vocab: int, stops: list[int]) -> dict:
     return {"tokenizer": voc["model"], "pre": voc["pre"], "eot": eot, "eom": eom, "stops": stops}
 
 
-def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log=print, name: str = "",
-               imatrix: str = "auto", run_cfg=None) -> dict:
+def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: Callable[[str], None] = print,
+               name: str = "", imatrix: str = "auto", run_cfg: config_mod.Config | None = None) -> dict:
     """Write a merged transformers folder as one GGUF file; returns what was written and how long it took.
     imatrix (q4_0, q4_k_m): 'auto' (run_cfg's training data, else the demo's), 'off', or a records file."""
     from gguf import GGUFWriter
@@ -372,8 +373,8 @@ def _check_output(source: Path, output: Path, fmt: str, imatrix: str) -> None:
         outputs.check(output.with_name("Modelfile"), "export --format ollama: Modelfile beside --output", base, data)
 
 
-def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf", log=print,
-           imatrix: str = "auto") -> dict:
+def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf",
+           log: Callable[[str], None] = print, imatrix: str = "auto") -> dict:
     """`slimtune export`: a run folder (merged first, in fp32) or a merged folder -> GGUF (+ Modelfile)."""
     source, output = Path(source), Path(output)
     if quant not in QUANTS:

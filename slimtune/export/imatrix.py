@@ -10,8 +10,10 @@ MAX_TOKENS tokens. On SmolLM2-135M q4_0 it took the held-out loss from +12.3% ov
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from .. import config as config_mod
 from ..assets import data_file
 from ..data import encode_pairs, read
 from ..errors import MissingFileError, SlimtuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MAX_RECORDS = 64
 MAX_TOKENS = 2048  # the forward costs 2 * params * tokens FLOP: 0.5 TFLOP for a 135M model
@@ -43,7 +48,8 @@ class Imatrix:
         return f"importance matrix from {self.records} records ({self.tokens} tokens) of {self.source}"
 
 
-def calibration(choice: str, run_cfg: config_mod.Config | None, log=print) -> tuple[list, config_mod.Config, str]:
+def calibration(choice: str, run_cfg: config_mod.Config | None,
+                log: Callable[[str], None] = print) -> tuple[list, config_mod.Config, str]:
     """(examples, config whose data section renders them, where they came from) for --imatrix CHOICE:
     'auto' = the run's training data (a merged folder: the demo's instruction data), or a records file.
     No examples when 'auto' finds none (the quantizers then weigh every column alike)."""
@@ -63,8 +69,8 @@ def calibration(choice: str, run_cfg: config_mod.Config | None, log=print) -> tu
     return read(path, limit=MAX_RECORDS), cfg, str(path)
 
 
-def _hook(sums: dict, name: str):
-    def record(_module, args, _output):
+def _hook(sums: dict, name: str) -> Callable[[torch.nn.Module, tuple, object], None]:
+    def record(_module: torch.nn.Module, args: tuple, _output: object) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         if name in sums:
             sums[name] += (x * x).sum(dim=0)
@@ -74,7 +80,7 @@ def _hook(sums: dict, name: str):
     return record
 
 
-def collect(model, batches: list[list[int]]) -> tuple[dict[str, np.ndarray], int]:
+def collect(model: torch.nn.Module, batches: list[list[int]]) -> tuple[dict[str, np.ndarray], int]:
     """Mean squared input per column of every nn.Linear but the output head, over the token batches."""
     sums: dict[str, torch.Tensor] = {}
     out_head = model.get_output_embeddings()
@@ -93,8 +99,8 @@ def collect(model, batches: list[list[int]]) -> tuple[dict[str, np.ndarray], int
     return {k: (v / max(tokens, 1)).float().cpu().numpy() for k, v in sums.items()}, tokens
 
 
-def compute(folder: Path, tokenizer, choice: str, run_cfg: config_mod.Config | None = None,
-            log=print) -> Imatrix | None:
+def compute(folder: Path, tokenizer: PreTrainedTokenizerBase, choice: str, run_cfg: config_mod.Config | None = None,
+            log: Callable[[str], None] = print) -> Imatrix | None:
     """The importance matrix of the transformers model in `folder`, or None for --imatrix off / no records."""
     from transformers import AutoModelForCausalLM
 

@@ -15,7 +15,9 @@ import gc
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +30,11 @@ from ..methods.base import MethodError, is_peft
 from .. import outputs
 from ..models import DTYPES
 from .peft_format import load_run, read_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import Config
 
 PROBE = ["Who are you?", "The capital of France is", "Give three tips for staying healthy."]
 N_PROMPTS, PROMPT_LEN = 4, 128
@@ -59,7 +66,7 @@ def _load_fp32(folder: Path, trust_remote_code: bool = False):
     return load_run(folder, "cpu", quantized=False, dtype="fp32", trust_remote_code=trust_remote_code)
 
 
-def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:
+def probe_texts(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
     """Up to 4 training records rendered as in training (prompt and answer), when data.train is still
     readable; else a few built-in prompts. Returns (texts, where they came from)."""
     try:
@@ -73,7 +80,7 @@ def probe_texts(cfg, tokenizer) -> tuple[list[str], str]:
             f"{len(PROBE)} built-in prompts"
 
 
-def probe_batch(texts: list[str], tokenizer) -> dict[str, torch.Tensor]:
+def probe_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:PROMPT_LEN] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
@@ -84,7 +91,7 @@ def probe_batch(texts: list[str], tokenizer) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def real_logits(model, batch) -> torch.Tensor:
+def real_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fp32 logits at the non-padding positions, (tokens, vocab)."""
     return model(**batch).logits.float()[batch["attention_mask"].bool()]
 
@@ -107,7 +114,7 @@ def _expr(fmt: str, tok: dict, **variables: str) -> str:
     return " + ".join(parts) or "''"
 
 
-def jinja_template(name: str, tokenizer) -> str:
+def jinja_template(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """A chat_template that renders a family template as `data.templates.render` does: the same text
     for generation prompts and for earlier turns (after the final answer it also writes the family's
     after-answer text, e.g. ChatML's newline, which training drops)."""
@@ -136,14 +143,15 @@ def jinja_template(name: str, tokenizer) -> str:
     )
 
 
-def _drop_custom_code(model, tokenizer) -> None:
+def _drop_custom_code(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """Without --trust-remote-code the model ran on transformers' own classes: the merged folder names no
     custom code (an auto_map left in would point at .py files that are not copied)."""
     model.config.__dict__.pop("auto_map", None)
     tokenizer.init_kwargs.pop("auto_map", None)
 
 
-def _write(model, tokenizer, cfg, out: Path, dtype: str, trust_remote_code: bool = False) -> None:
+def _write(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Config, out: Path, dtype: str,
+           trust_remote_code: bool = False) -> None:
     if not trust_remote_code:
         _drop_custom_code(model, tokenizer)
     model.to(DTYPES[dtype])
@@ -167,7 +175,7 @@ def _check(diff: float, scale: float, dtype: str, what: str) -> None:
                          "reproduce the trained one" + (": try --dtype bf16 or fp32" if dtype == "fp16" else ""))
 
 
-def _check_output(folder: Path, out: Path, cfg, overwrite: bool) -> None:
+def _check_output(folder: Path, out: Path, cfg: Config, overwrite: bool) -> None:
     """Refuse, before anything loads, an --output that would overwrite or mix with what the merge reads
     (a base model overwritten by its own merge makes every later load of the run apply the adapter twice),
     or a folder holding something other than a merged model."""
@@ -206,8 +214,8 @@ def _replace(tmp: Path, out: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log=print, overwrite: bool = False,
-          trust_remote_code: bool = False) -> dict:
+def merge(folder: str | Path, output: str | Path, dtype: str = "fp32", log: Callable[[str], None] = print,
+          overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """Write the merged model folder; returns the measured differences (max |logit diff| vs the
     adapter model: `merge_diff` in fp32 right after merging, `saved_diff` of the folder loaded back).
     overwrite: replace a merged model already in `output` (written beside it, then renamed into place).

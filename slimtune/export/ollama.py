@@ -12,8 +12,10 @@ first, say) is refused rather than written wrong.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import ExportError
 
@@ -34,7 +36,7 @@ def render_jinja(template: str, messages: list[dict], bos: str, eos: str, add_ge
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
+    def raise_exception(message: str):
         raise ExportError(f"chat template: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -44,7 +46,7 @@ def render_jinja(template: str, messages: list[dict], bos: str, eos: str, add_ge
 
 
 def pieces(template: str, bos: str = "", eos: str = "") -> Pieces:
-    def run(msgs):
+    def run(msgs: list[tuple[str, str]]) -> str:
         return render_jinja(template, [{"role": r, "content": c} for r, c in msgs], bos, eos, True)
 
     g0 = run([("user", U1)])
@@ -89,12 +91,12 @@ def read_meta(gguf_path: Path) -> dict:
 
     fields = GGUFReader(str(gguf_path)).fields
 
-    def value(key):
+    def value(key: str) -> Any:
         return fields[key].contents() if key in fields else None
 
     tokens = fields["tokenizer.ggml.tokens"]
 
-    def text(key):
+    def text(key: str) -> str | None:
         i = value(key)
         return None if i is None else bytes(tokens.parts[tokens.data[i]]).decode("utf-8")
 
@@ -108,7 +110,7 @@ def _quoted(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_modelfile(gguf_path: str | Path, log=print) -> Path:
+def write_modelfile(gguf_path: str | Path, log: Callable[[str], None] = print) -> Path:
     """Write `Modelfile` beside the GGUF and print the `ollama create` command."""
     gguf_path = Path(gguf_path)
     meta = read_meta(gguf_path)

@@ -15,7 +15,12 @@ Q6_K, 210 bytes per 256 values: 128 bytes of low 4 bits, 64 bytes of high 2 bits
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 QK_K = 256
 
@@ -122,7 +127,7 @@ def _fit_symmetric(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> np.
     peak = np.where(zero, 1.0, peak)
     w = x * x if w is None else w
 
-    def fit(iscale):
+    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
         return (w * x * q).sum(axis=1), (w * q * q).sum(axis=1)
 
@@ -264,7 +269,7 @@ def quantize_legacy(data: np.ndarray, kind: str, imatrix: np.ndarray | None = No
     return out.reshape(*shape[:-1], shape[-1] // QK * nbytes)
 
 
-def encode(data: np.ndarray, qtype, columns: np.ndarray | None = None) -> np.ndarray:
+def encode(data: np.ndarray, qtype: GGMLQuantizationType, columns: np.ndarray | None = None) -> np.ndarray:
     """float32 tensor -> the array the GGUF writer stores for qtype (bytes for block types); columns: the
     weight's importance per column (imatrix.Imatrix), used by the Q4_0/Q5_0/Q4_K/Q6_K searches."""
     from gguf import GGMLQuantizationType as T, quants
