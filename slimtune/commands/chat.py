@@ -1,15 +1,22 @@
 """`slimtune chat`: chat with a trained run (or a .gguf file), same template as training."""
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..evaluate import decode, generate
 from ..export.peft_format import load_for_inference
 from .inference import check_output, write_atomic
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
-def run(args) -> int:
+
+def run(args: argparse.Namespace) -> int:
     if args.save:
         check_output(args, args.save, "chat --save")
     model, tokenizer, cfg, device = load_for_inference(args)
@@ -19,7 +26,8 @@ def run(args) -> int:
     return 0
 
 
-def chat_loop(model, tokenizer, template: str, device: str, sampling, system: str = "", read=None,
+def chat_loop(model: nn.Module, tokenizer: PreTrainedTokenizerBase, template: str, device: str,
+              sampling: generate.Sampling, system: str = "", read: Callable[[str], str] | None = None,
               save: Path | None = None) -> list[dict]:
     """Read a line (with `read`, default input()), answer it, until /exit, Ctrl-D or Ctrl-C at the prompt;
     returns the conversation. Ctrl-C while an answer is generated drops that answer and its question and

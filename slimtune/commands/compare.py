@@ -1,13 +1,14 @@
 """`slimtune compare`: several methods trained and scored on the same data, seed and budget."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..compare import compare
 from ..compare.runner import Interrupted
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
         rows = compare(args.config, methods, args.overrides, args.output)

@@ -1,12 +1,18 @@
 """`slimtune estimate`: predicted peak GPU memory of a config, by component, and what fits a budget."""
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from .. import models
 from ..engine import memory, plan
 from .options import allow_code, config_from
 
+if TYPE_CHECKING:
+    from ..config import Config
 
-def run(args) -> int:
+
+def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     allow_code(args, cfg)
     budget = memory.parse_size(args.budget) if args.budget else None
@@ -31,7 +37,7 @@ def run(args) -> int:
     return _verdict(cfg, est, budget, rows)
 
 
-def _verdict(cfg, est, budget: int, rows) -> int:
+def _verdict(cfg: Config, est: memory.Estimate, budget: float, rows: list[tuple[int, int]] | None) -> int:
     """Whether the run fits `budget` (bytes) and, when not, the single changes that would: 1 if none does."""
     total = est.peak + est.cuda_context
     print(memory.verdict_line(est, budget))

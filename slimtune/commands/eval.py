@@ -1,6 +1,8 @@
 """`slimtune eval`: loss and perplexity on a test set's answers; with --generate also EM, F1, BLEU-4, ROUGE."""
 from __future__ import annotations
 
+import argparse
+
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
@@ -8,7 +10,7 @@ from ..export.peft_format import check_run
 from ..models import pick_device
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.folder and (args.base or args.template):
         raise DataError("eval: give a run folder, or --base MODEL [--template T], not both (a run uses its "
                         "own model and template)")

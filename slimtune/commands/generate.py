@@ -1,6 +1,7 @@
 """`slimtune generate`: batched answers for a file of prompts."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..data import with_system
@@ -10,7 +11,7 @@ from ..export.peft_format import load_for_inference
 from .inference import check_output, write_atomic
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     check_output(args, args.output, "generate --output", [args.input])
     prompts, raw = read_prompts(args.input)
     model, tokenizer, cfg, device = load_for_inference(args)

@@ -3,15 +3,17 @@ shared arguments are arguments.inference_args; the run or .gguf file they answer
 export.peft_format.load_for_inference, their sampling settings evaluate.generate.Sampling.from_flags)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from .. import outputs
 from ..export.peft_format import READS, check_run, read_config
 
 
-def check_output(args, out: str | Path, flag: str, data=()) -> None:
+def check_output(args: argparse.Namespace, out: str | Path, flag: str, data: Iterable[str | Path | None] = ()) -> None:
     """Before the model loads: `out` is not the base model, a file of the run or an input (outputs.check)."""
     if str(args.folder).endswith(".gguf"):
         outputs.check(out, flag, args.folder, data)
@@ -22,7 +24,7 @@ def check_output(args, out: str | Path, flag: str, data=()) -> None:
     outputs.check(out, flag, read_config(folder).model.path, data, reads=runs)
 
 
-def write_atomic(path: Path, rows) -> None:
+def write_atomic(path: Path, rows: Iterable[dict]) -> None:
     """JSONL written to a temporary file beside `path`, renamed over it at the end: a crash leaves no
     half-written file (generate once wrote 2 of 5 rows and then failed) and an old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)

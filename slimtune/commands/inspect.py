@@ -1,6 +1,7 @@
 """`slimtune inspect`: how records are encoded, prompt (masked) and trained parts shown apart."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from .. import config as config_mod
@@ -9,7 +10,7 @@ from ..data import encode_examples, read
 from ..data.encode import segments
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     examples = read(args.data)
     if args.n:
         examples = examples[: args.n]

@@ -1,6 +1,7 @@
 """The config read from a verb's command line (the arguments themselves are in arguments.py)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -8,14 +9,14 @@ from .. import config as config_mod
 from .. import trust
 
 
-def _files(args) -> tuple[list[str], list[str]]:
+def _files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(YAML files, dotted overrides) among the command line's items."""
     items = ([args.config] if args.config else []) + list(args.overrides)
     files = [x for x in items if "=" not in x or Path(x).is_file()]
     return files, [x for x in items if x not in files]
 
 
-def config_from(args) -> config_mod.Config:
+def config_from(args: argparse.Namespace) -> config_mod.Config:
     """The config from the command line; items may come in any order around the flags: the one without
     "=" (or that names an existing file) is the YAML, the others dotted overrides. Warnings about method.*
     keys that do nothing go to stderr."""
@@ -31,7 +32,7 @@ def config_from(args) -> config_mod.Config:
     return cfg
 
 
-def allow_code(args, cfg: config_mod.Config) -> None:
+def allow_code(args: argparse.Namespace, cfg: config_mod.Config) -> None:
     """Set cfg.model.trust_remote_code as this command line allows it (slimtune/trust.py): --trust-remote-code
     or a model.trust_remote_code=true override switch it on; a run folder's config.yaml cannot."""
     files, overrides = _files(args)

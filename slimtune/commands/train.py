@@ -1,6 +1,7 @@
 """`slimtune train`: train an adapter from a YAML config (on N GPUs through torchrun + FSDP2)."""
 from __future__ import annotations
 
+import argparse
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from ..engine import distributed, plan
 from .options import allow_code, config_from
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.help_config:  # before the config is read: help must work while a config is broken
         print(config_mod.explain())
         return 0

@@ -3,6 +3,7 @@ answered by training and scoring each one the same way (spec: what runs; runner:
 report, table, page: what comes out)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import outputs
@@ -12,7 +13,7 @@ from .spec import Plan, load
 
 
 def compare(config_path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
-            output: str | Path | None = None, log=print) -> list[dict]:
+            output: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run (or go on with) a compare; its rows, as compare.json holds them."""
     plan = load(config_path, methods, overrides)
     runner.check_data(plan, str(config_path))  # before any row: data no row can train on stops here

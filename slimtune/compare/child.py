@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from ..engine.signals import PARENT_ENV, SignalScope
 
@@ -45,7 +47,7 @@ class Forward(SignalScope):
         super().__init__()
         self.proc, self.requested = None, None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.requested is None
         self.requested = signal.Signals(signum).name
         if self.proc is not None and self.proc.poll() is None:
@@ -90,7 +92,7 @@ def _running(pid: int, peak: str) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z" and peak.encode() in cmdline
 
 
-def stop_orphan(record: Path, log, wait: float | None = None) -> int | None:
+def stop_orphan(record: Path, log: Callable[[str], None], wait: float | None = None) -> int | None:
     """A child an earlier compare left running (compare killed where no parent-death signal reached it):
     SIGTERM (training saves its checkpoint, which this compare resumes from), SIGKILL after `wait`
     seconds. Its PID, or None when the record names no running child."""

@@ -1,6 +1,7 @@
 """compare's outputs from its rows: compare.json, compare.md, the three charts and compare.html."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.log import read_metrics
@@ -71,7 +72,7 @@ def charts(out: Path, rows: list[dict], metric: str | None, note: str = "") -> d
     return paths
 
 
-def write(out: Path, rows: list[dict], info: dict, log=print) -> None:
+def write(out: Path, rows: list[dict], info: dict, log: Callable[[str], None] = print) -> None:
     info = {**info, "loss_note": loss_note(rows, curves(rows), info.get("eval_max_tokens"))}
     json_path, md_path = table.write(out, rows, info)
     drawn = charts(out, rows, info.get("metric"), info["loss_note"])

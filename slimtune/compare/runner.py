@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import config as config_mod
@@ -41,7 +42,7 @@ class Interrupted(Exception):
     """compare was asked to stop (SIGINT/SIGTERM); the running child saved its checkpoint first."""
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj: object) -> None:
     """Atomic: a killed compare never leaves half a result for the next one to trust."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -145,7 +146,7 @@ def _eval_args(plan: Plan, row: Row, run_dir: Path, data: Path) -> list[str]:
     return args
 
 
-def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
+def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log: Callable[[str], None]) -> dict:
     """The train child's measurements (results/<label>.train.json, kept so a compare killed during the
     eval does not train again)."""
     run_dir, marker = out / "runs" / row.label, out / "results" / f"{row.label}.train.json"
@@ -165,7 +166,8 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
     return done
 
 
-def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, log) -> tuple[dict, str | None]:
+def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward,
+              log: Callable[[str], None]) -> tuple[dict, str | None]:
     """The eval child's scores and measurements, or the reason it failed."""
     run_dir = out / "runs" / row.label
     log(f"compare: {row.label}: evaluating on {data}")
@@ -217,7 +219,8 @@ def _base_total(cfg: config_mod.Config) -> int | None:
         return None
 
 
-def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: child.Forward, log) -> dict:
+def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: child.Forward,
+            log: Callable[[str], None]) -> dict:
     """Train (unless base) and evaluate one row; its result, also in results/<label>.json."""
     run_dir = out / "runs" / row.label
     result = {"label": row.label, "method": row.method, "overrides": row.overrides, "status": "done",
@@ -242,7 +245,7 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
 
 
 @contextlib.contextmanager
-def _locked(out: Path, log):
+def _locked(out: Path, log: Callable[[str], None]) -> Iterator[None]:
     """The folder's lock for the compare's length: a second compare on a folder in use stops here, before it
     touches a child or a file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -259,14 +262,14 @@ def _locked(out: Path, log):
         lock.__exit__(None, None, None)
 
 
-def run(plan: Plan, out: Path, log=print) -> list[dict]:
+def run(plan: Plan, out: Path, log: Callable[[str], None] = print) -> list[dict]:
     """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
     with _locked(out, log):
         child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints
         return _rows(plan, out, log)
 
 
-def _rows(plan: Plan, out: Path, log) -> list[dict]:
+def _rows(plan: Plan, out: Path, log: Callable[[str], None]) -> list[dict]:
     shared = _shared_config(plan, out)
     data = _heldout(plan.cfg, out)
     results = []

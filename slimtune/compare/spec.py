@@ -48,7 +48,7 @@ class Plan:
     metric: str | None  # a key of scores.json, or None: eval loss only
 
 
-def _dotted(value) -> str:
+def _dotted(value: object) -> str:
     """A YAML value as a command-line override's text (config.py converts it by the field's type)."""
     if isinstance(value, list):
         return yaml.safe_dump(value, default_flow_style=True).strip()

@@ -10,21 +10,21 @@ SCORE_NAMES = {"extraction_f1": "item-set F1", "f1": "token F1", "em": "exact ma
                "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "bleu4": "BLEU-4 / 100"}
 
 
-def _gib(x) -> str:
+def _gib(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f} GiB"
 
 
-def _seconds(x) -> str:
+def _seconds(x: float | None) -> str:
     if x is None:
         return "—"
     return f"{x:.1f} s" if x < 600 else f"{x / 60:.1f} min"  # one unit down a column, for runs of minutes
 
 
-def _count(x) -> str:
+def _count(x: int | None) -> str:
     return "—" if x is None else f"{x:,}"
 
 
-def _size(n) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "—"
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -5,6 +5,7 @@ port can start runs and read files under the working directory. FastAPI and uvic
 `slimtune[ui]`; this module imports them only when the server starts, so the rest of slimtune works without."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MissingPackageError, SlimtuneError
@@ -28,7 +29,7 @@ def check_host(host: str, allow_remote: bool) -> str | None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, runs: str = "runs", allow_remote: bool = False,
-          log=print) -> None:
+          log: Callable[[str], None] = print) -> None:
     """Run the app until Ctrl-C, from the current directory (relative paths in the forms are read from it)."""
     warning = check_host(host, allow_remote)
     try:  # the optional extra: a missing one is a message, not a traceback

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
+from typing import Any
 
 from .. import config as config_mod
 from .. import models
@@ -92,7 +94,7 @@ def tokenizer(path: str, trust_remote_code: bool = False):
     return models.load_tokenizer(path, trust_remote_code)
 
 
-def _guard(default: str, fn, *args):
+def _guard(default: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except (SlimtuneError, OSError) as err:  # OSError: a file a library opened, as the CLI reports it

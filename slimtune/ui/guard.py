@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..data.checks import SURROGATE
 
@@ -25,7 +26,7 @@ SAFE = ("GET", "HEAD", "OPTIONS")  # methods no route changes anything for: no O
 
 def answer(status: int, error: str, fields: dict | None = None, headers: dict | None = None) -> JSONResponse:
     """The app's error shape; text that cannot be UTF-8 (an unpaired surrogate) is escaped, not a 500."""
-    def safe(text) -> str:
+    def safe(text: object) -> str:
         return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": safe(error), "fields": {safe(k): safe(v) for k, v in (fields or {}).items()}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -46,7 +47,7 @@ def origin_refused(conn: HTTPConnection) -> str | None:
             f"open it as {conn.scope.get('scheme', 'http')}://{conn.headers.get('host', '127.0.0.1:PORT')}/")
 
 
-def _unpaired(tree) -> str | None:
+def _unpaired(tree: object) -> str | None:
     """The dotted place of the first string (key or value) holding an unpaired surrogate, which no file name,
     config or reply can hold; None when there is none. A loop: JSON may nest as deep as the parser allows."""
     stack = [("", tree)]
@@ -86,7 +87,7 @@ def too_big(limit: int) -> JSONResponse:
 class Guard:
     """The ASGI middleware: hosts are the names a request's Host may give (None: any, for --allow-remote)."""
 
-    def __init__(self, app, hosts: tuple[str, ...] | None, limit: int = MAX_BODY):
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...] | None, limit: int = MAX_BODY):
         self.app, self.hosts, self.limit = app, hosts, limit
 
     def refused(self, conn: HTTPConnection) -> str | None:
@@ -100,7 +101,7 @@ class Guard:
             return f"Host {host!r} refused: open the app as http://127.0.0.1:PORT/"
         return None if conn.scope["method"] in SAFE else origin_refused(conn)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         conn = HTTPConnection(scope)
@@ -122,7 +123,7 @@ class Guard:
             return await answer(400, why, fields)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
-    async def read(self, receive) -> bytes | None:
+    async def read(self, receive: Receive) -> bytes | None:
         """The whole body, counted as it arrives; None as soon as it passes the limit (the rest is never read:
         the 413 goes out with Connection: close)."""
         chunks, size = [], 0
@@ -139,7 +140,7 @@ class Guard:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive):
+def _replay(body: bytes, receive: Receive) -> Receive:
     """receive() for the route: the body read already, then the client's own messages (a disconnect)."""
     sent = False
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runs
+
+if TYPE_CHECKING:
+    from transformers import TextIteratorStreamer
 
 POLL = 0.5  # seconds between looks at a run folder: a step of a tiny CPU run takes ~20 ms, a GPU step more
 
 
-def event(name: str, data) -> str:
+def event(name: str, data: object) -> str:
     return f"event: {name}\ndata: {json.dumps(data, allow_nan=False, default=str)}\n\n"
 
 
@@ -37,7 +41,8 @@ def new_rows(path: Path, offset: int) -> tuple[list[dict], int, bool]:
     return rows, offset + end, False
 
 
-async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0, closing=lambda: False) -> AsyncIterator[str]:
+async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0,
+                 closing: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
     """A run's events until the client goes away, the server stops (`closing()`), or after `polls` looks."""
     path, offset, last, n = folder / "metrics.jsonl", 0, None, 0
     while True:
@@ -57,7 +62,7 @@ async def follow(launcher: runs.Launcher, folder: Path, polls: int = 0, closing=
         await asyncio.sleep(POLL)
 
 
-def tokens(start, streamer) -> Iterator[str]:
+def tokens(start: Callable[[], dict], streamer: TextIteratorStreamer) -> Iterator[str]:
     """Text pieces of one answer as events: `start()` generates in a thread and feeds `streamer` (transformers'
     TextIteratorStreamer); its result (a dict) comes last as a done event, an error as an error event."""
     box: dict = {}
