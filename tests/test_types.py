@@ -51,7 +51,7 @@ def shares() -> dict[str, tuple[int, int, int, int]]:
 
 def report(table: dict[str, tuple[int, int, int, int]]) -> str:
     rows = [f"{k:14} params {t}/{p} = {t / max(p, 1):.0%}   returns {r}/{f} = {r / max(f, 1):.0%}"
-            for k, (t, p, r, f) in sorted(table.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1))]
+            for k, (t, p, r, f) in sorted(table.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1)) if p]
     return "\n".join(rows)
 
 
