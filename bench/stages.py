@@ -71,6 +71,10 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "speed-8b": ("the defaults and defaults:compile=off beside unsloth (padded), 8B", [
         speed("8b", "defaults,defaults:compile=off", 280),
         speed("8b", "unsloth", 220, **PADDED)]),
+    "lora-8b": ("200 timed steps of the 8B defaults (tokens/s, median and slowest step, stalls), then unsloth "
+                "(padded), 8B", [
+        speed("8b", "defaults", 330, "--steps", "200"),
+        speed("8b", "unsloth", 240, **PADDED)]),
     "qlora-8b": ("QLoRA GPU tests, then the defaults with method qlora beside unsloth-qlora (padded), 8B", [
         tests(120, "tests/kernels/test_qlora.py", tail=8),
         speed("8b", "defaults-qlora,unsloth-qlora", 400, **PADDED)]),

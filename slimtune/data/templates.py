@@ -18,9 +18,13 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SlimtuneError
 from . import sandbox
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -91,7 +95,7 @@ FAMILIES = {
 NAMES = ("auto", *FAMILIES)
 
 
-def _special(tokenizer) -> dict[str, str]:
+def _special(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     return {"bos": getattr(tokenizer, "bos_token", None) or "", "eos": getattr(tokenizer, "eos_token", None) or ""}
 
 
@@ -100,7 +104,8 @@ def _fill(fmt: str, content: str, **kw: str) -> tuple[str, int]:
     return fmt.format(content=content, **kw), len(fmt.split("{content}", 1)[0].format(**kw))
 
 
-def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
+def _render_family(fam: Family, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
+                   add_generation_prompt: bool) -> Rendered:
     tok = _special(tokenizer)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = messages[1:] if system or (messages and messages[0]["role"] == "system") else messages
@@ -138,7 +143,7 @@ def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_
     return Rendered(text, spans, content)
 
 
-def _template_file(tokenizer) -> str:
+def _template_file(tokenizer: PreTrainedTokenizerBase) -> str:
     """Where the tokenizer's chat_template came from, for messages: its folder's file, or the folder."""
     folder = getattr(tokenizer, "name_or_path", "") or ""
     for name in ("chat_template.jinja", "tokenizer_config.json"):
@@ -147,7 +152,7 @@ def _template_file(tokenizer) -> str:
     return f"{folder}: chat_template" if folder else "the tokenizer's chat_template"
 
 
-def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
     import jinja2
 
     fix = f"do not use this tokenizer's template: choose data.template from {', '.join(FAMILIES)}"
@@ -173,7 +178,7 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
                             f"({type(err).__name__}: {err}); {fix}") from None
 
 
-def _end_tokens(tokenizer) -> list[str]:
+def _end_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The special tokens an answer may end with, the EOS first."""
     candidates = [tokenizer.eos_token] + list(getattr(tokenizer, "all_special_tokens", []))
     # tokenizer.json's special tokens too: Llama-3 base lists <|eot_id|> only there, not as a named one
@@ -197,7 +202,7 @@ def _end_token(candidates: list[str], eos: str, full: str, at: int) -> str:
     return ""
 
 
-def _exact_prompt_end(messages: list[dict], i: int, tokenizer, full: str, pos: int) -> int:
+def _exact_prompt_end(messages: list[dict], i: int, tokenizer: PreTrainedTokenizerBase, full: str, pos: int) -> int:
     """Where answer i starts in `full`, from rendering its own generation prompt (which must be a prefix
     of `full`: a template that renders earlier turns differently once later ones follow is refused)."""
     prefix = _apply(tokenizer, messages[:i], True)
@@ -207,7 +212,8 @@ def _exact_prompt_end(messages: list[dict], i: int, tokenizer, full: str, pos: i
     return len(prefix)
 
 
-def _prompt_ends(messages: list[dict], answers: list[int], tokenizer, full: str, where: list[tuple[int, int]]) -> dict:
+def _prompt_ends(messages: list[dict], answers: list[int], tokenizer: PreTrainedTokenizerBase, full: str,
+                 where: list[tuple[int, int]]) -> dict:
     """Where each answer starts in `full` (right after its generation prompt). Rendering every answer's
     prompt costs time quadratic in the turns (269 s for 5,000 pairs), so only the first is rendered, and
     any whose prompt does not end as the last rendered one did: the others are that header (what a prompt
@@ -225,7 +231,7 @@ def _prompt_ends(messages: list[dict], answers: list[int], tokenizer, full: str,
     return ends
 
 
-def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
+def _render_auto(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> Rendered:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template 'auto': this tokenizer has no chat_template; choose data.template "
                             f"from {', '.join(FAMILIES)}")
@@ -258,7 +264,8 @@ def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -
     return Rendered(text, spans, [c for c in content if c])
 
 
-def _auto_content(messages: list[dict], tokenizer, full: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+def _auto_content(messages: list[dict], tokenizer: PreTrainedTokenizerBase, full: str,
+                  add_generation_prompt: bool) -> list[tuple[int, int]]:
     """Where each message's own text sits in `full` (control-token text there came from the data), from one
     render with a marker in place of each text. The markers, replaced by the texts, must give `full` back;
     a template that changes or repeats texts gives none (so nothing is escaped)."""
@@ -289,7 +296,8 @@ def _move(s: int, e: int, moved: list[tuple[int, int]], size: int) -> tuple[int,
     return (start, start + e - s) if start + e - s <= size else None
 
 
-def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> Rendered:
+def render(name: str, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
+           add_generation_prompt: bool = False) -> Rendered:
     """Render a conversation; with add_generation_prompt the text ends with the answer header."""
     if name == "auto":
         return _render_auto(messages, tokenizer, add_generation_prompt)
@@ -298,11 +306,11 @@ def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bo
     return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt)
 
 
-def _single(tokenizer, text: str) -> bool:
+def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
 
 
-def _matching(tokenizer) -> str:
+def _matching(tokenizer: PreTrainedTokenizerBase) -> str:
     """Which template suits this tokenizer, for messages."""
     if getattr(tokenizer, "chat_template", None):
         return "the tokenizer's own chat_template fits it: use data.template=auto"
@@ -312,7 +320,7 @@ def _matching(tokenizer) -> str:
     return "it has no family's control tokens: use a plain-text template (llama2 or bloom)"
 
 
-def check_tokens(name: str, tokenizer, force: bool = False) -> str:
+def check_tokens(name: str, tokenizer: PreTrainedTokenizerBase, force: bool = False) -> str:
     """Refuse a family template whose control tokens are not single tokens of this tokenizer (ChatGLM3's
     [gMASK] on SmolLM2 becomes '[', 'g', 'M', 'ASK', ']'); with force, return that as a warning instead."""
     if name not in FAMILIES:
@@ -327,7 +335,7 @@ def check_tokens(name: str, tokenizer, force: bool = False) -> str:
     raise TemplateError(f"{msg}; or set data.force_template=true to apply {name} anyway")
 
 
-def _auto_stop(tokenizer) -> str:
+def _auto_stop(tokenizer: PreTrainedTokenizerBase) -> str:
     """The end token that `auto` trains after an answer: a chat_template may write its own (Qwen base
     tokenizers: EOS <|endoftext|>, template <|im_end|>), and generation must stop on it too."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
@@ -340,7 +348,7 @@ def _auto_stop(tokenizer) -> str:
     return answer[answer.index("ok") + 2:].strip()
 
 
-def stop_tokens(name: str, tokenizer) -> list[str]:
+def stop_tokens(name: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Token strings that end an answer: generation stops on any of them."""
     stops = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
     if name in FAMILIES:
@@ -350,7 +358,7 @@ def stop_tokens(name: str, tokenizer) -> list[str]:
     return [s for i, s in enumerate(stops) if s and s not in stops[:i]]
 
 
-def stop_ids(name: str, tokenizer) -> list[int]:
+def stop_ids(name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids of stop_tokens in the tokenizer's vocabulary (generation, merge and GGUF export stop on them)."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(name, tokenizer)]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
