@@ -158,9 +158,9 @@ def summary(stats: PairStats, name: str, max_len: int) -> str:
         else f"{stats.records} pairs"
     line = (f"{name}: {what}, {stats.tokens} tokens; {stats.truncated} truncated at max_len={max_len} "
             f"({stats.prompt_cut} cut on the prompt's left, {stats.answer_cut} on the answers' right)")
-    if stats.identical or stats.empty:
-        line += (f"; {stats.identical} identical and {stats.empty} empty pairs left out (first: "
-                 f"{', '.join(stats.first_bad)})")
+    line += f"; {stats.identical} identical and {stats.empty} empty left out"
+    if stats.first_bad:
+        line += f" (first: {', '.join(stats.first_bad)})"
     return line
 
 
