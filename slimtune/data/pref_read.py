@@ -263,11 +263,14 @@ def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict
 
 
 def peek_kind(path: str | Path) -> str:
-    """"pairs", "kto", or "" (not preference data) by the first readable record of a file or folder."""
+    """"pairs", "kto", or "" (not preference data) by the first readable record of a file or folder. A chat or
+    alpaca record that carries some other "label" (a class name, a score) is not taken for kto's."""
     for where, rec in _raw_records(Path(path), lenient=True):
         if isinstance(rec, dict):
             try:
-                return kind_of(rec, where)
+                kind = kind_of(rec, where)
             except DataError:
                 return ""
+            other_label = kind == "kto" and rec.get("completion") is None and not isinstance(rec.get("label"), bool)
+            return "" if other_label else kind
     return ""
