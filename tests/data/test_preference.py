@@ -214,3 +214,31 @@ def test_pair_objectives_refuse_unpaired_records(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Hi", "completion": "Hello", "label": True}] * 2)
     with pytest.raises(DataError, match=r"unpaired records .* train.objective=dpo .* use train.objective=kto"):
         build_pairs(_cfg(path, "dpo"), tokenizer, log=lambda _: None)
+
+
+def test_a_datasets_folder_reads_with_its_null_columns(tmp_path):
+    """save_to_disk gives every row every column (null where a row had none) and bools as bools."""
+    import datasets
+
+    rows = [{"prompt": [U], "chosen": [{"role": "assistant", "content": CHOSEN}],
+             "rejected": [{"role": "assistant", "content": REJECTED}], "system": None},
+            {"prompt": [U], "chosen": [{"role": "assistant", "content": REJECTED}],
+             "rejected": [{"role": "assistant", "content": CHOSEN}], "system": "Be brief."}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
+    kind, records = read(tmp_path / "pairs", log=lambda _: None)
+    assert kind == "pairs" and [r.prompt for r in records] == [[U], [SYS, U]]
+    assert [r.where for r in records] == [f"{tmp_path / 'pairs'} record {i}" for i in range(2)]
+    kto = [{"messages": [U, {"role": "assistant", "content": CHOSEN}], "label": i % 2 == 0} for i in range(3)]
+    datasets.Dataset.from_list(kto).save_to_disk(str(tmp_path / "kto"))
+    kind, records = read(tmp_path / "kto", log=lambda _: None)
+    assert kind == "kto" and [r.label for r in records] == [True, False, True]
+
+
+def test_malformed_records_are_skipped_and_listed_with_on_bad_record_skip(tmp_path, tokenizer):
+    rows = _pairs(3) + [{"prompt": "Hi", "chosen": 5, "rejected": "no"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    lines: list[str] = []
+    built = build_pairs(_cfg(path, on_bad_record="skip", eval_size=0), tokenizer, log=lines.append)
+    assert len(built.train) == 3 and [s["line"] for s in built.skipped] == [4]
+    assert f'skipped 1 bad records (data.on_bad_record=skip); first: {path} line 4: field "chosen" must be' \
+        in "\n".join(lines)
