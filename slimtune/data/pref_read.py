@@ -125,8 +125,8 @@ def _prompt_turns(rec: dict, items: Any, where: str, name: str) -> list[dict]:
     first = items[0] if isinstance(items, list) and items else None
     keys = _sharegpt_keys(items) if name == "conversations" else _turn_keys(first)
     roles = SHAREGPT_ROLES if keys[0] == "from" or name == "conversations" else CHAT
-    if isinstance(items, list) and items and isinstance(items[-1], dict) \
-            and roles.get(items[-1].get(keys[0])) == "assistant":
+    last = items[-1].get(keys[0]) if isinstance(items, list) and items and isinstance(items[-1], dict) else None
+    if isinstance(last, str) and roles.get(last) == "assistant":
         raise DataError(f'{where}: field "{name}[{len(items) - 1}].{keys[0]}": the prompt must end with the '
                         "user's message (the answers follow it)")
     if isinstance(items, list) and items:

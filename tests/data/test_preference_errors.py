@@ -35,6 +35,8 @@ CASES = {
                                          'line 1: field "prompt[1].role": the prompt must end with the user\'s'),
     "prompt turn in a wrong role": ({"prompt": [{"role": "robot", "content": "Hi"}], "chosen": "yes", "rejected": "no"},
                                     "line 1: field \"prompt[0].role\" is 'robot'; expected one of system, user, "),
+    "prompt turn role a list": ({"prompt": [{"role": ["user"], "content": "Hi"}], "chosen": "yes", "rejected": "no"},
+                                'line 1: field "prompt[0].role" is [\'user\']; expected one of system, user, '),
     "implicit prompt as strings": ({"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"},
                                    'line 1: field "prompt" is missing; a pair without one needs "chosen" and '),
     "implicit prompt sharing nothing": ({"chosen": [USER, BOT], "rejected": [{"role": "user", "content": "c"}, BOT]},
