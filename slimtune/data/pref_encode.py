@@ -44,7 +44,7 @@ SKIP_HINT = "fix or remove the record, or set data.on_bad_record=skip to leave s
 class BadPair(DataError):
     """A record that trains nothing; kind is the PairStats counter it adds to ("identical" or "empty")."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
 

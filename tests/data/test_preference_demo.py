@@ -33,7 +33,8 @@ def test_llamafactory_dpo_demo_reads_whole(name):
     assert all(r.prompt[-1]["role"] == "user" and r.chosen and r.rejected and r.label is None for r in records)
     # LLaMA-Factory's dpo_en_demo: 80 records open with a system turn, 106 carry earlier turns before the last
     with_system = sum(r.prompt[0]["role"] == "system" for r in records)
-    assert with_system == (80 if name == "dpo_en_demo.json" else 64)
+    with_history = sum(any(m["role"] == "assistant" for m in r.prompt) for r in records)
+    assert (with_system, with_history) == ((80, 106) if name == "dpo_en_demo.json" else (64, 0))
 
 
 def test_llamafactory_kto_demo_reads_whole():
