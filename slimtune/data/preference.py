@@ -88,6 +88,9 @@ def build_pairs(cfg: Config, tokenizer: PreTrainedTokenizerBase, log: Callable[[
     warning = check_tokens(d.template, tokenizer, d.force_template)
     if warning:
         log(warning)
+    if d.train_on_prompt:
+        log(f"warning: data.train_on_prompt has no effect with train.objective={cfg.train.objective}: the "
+            "preference objectives compare the answers, and the prompt is never trained")
     train, tstats = encode_records(train_recs, tokenizer, d, skipped)
     held, estats = encode_records(held_recs, tokenizer, d, skipped)
     _report(tstats, estats, skipped or [], read_bad, d, log)

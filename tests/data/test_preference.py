@@ -202,6 +202,14 @@ def test_build_pairs_reads_data_eval_and_skips_bad_pairs_with_a_log_line(tmp_pat
         build_pairs(_cfg(path, eval=str(held)), tokenizer, log=lambda _: None)
 
 
+def test_train_on_prompt_is_reported_as_without_effect(tmp_path, tokenizer):
+    lines: list[str] = []
+    built = build_pairs(_cfg(write_jsonl(tmp_path / "p.jsonl", _pairs(2)), "orpo", train_on_prompt=True, eval_size=0),
+                        tokenizer, log=lines.append)
+    assert "warning: data.train_on_prompt has no effect with train.objective=orpo" in "\n".join(lines)
+    assert all(x == -100 for x in built.train[0].chosen_sequence().labels[: len(built.train[0].prompt)])
+
+
 def test_kto_reads_pairs_as_a_desirable_and_an_undesirable_record(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(4))
     built = build_pairs(_cfg(path, "kto", eval_size=1), tokenizer, log=lambda _: None)
