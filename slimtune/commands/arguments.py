@@ -63,9 +63,12 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 
 def inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder")
+    p.add_argument("data", help="alpaca JSON/JSONL, messages JSONL, or a save_to_disk folder; preference pairs "
+                   "(chosen/rejected) or kto records (label) are shown as prompt and answers, with totals over all")
     p.add_argument("--model", default="embedded", help="model folder, .gguf file, or 'embedded'")
     p.add_argument("--template", default="auto", choices=config_mod.CHOICES["data.template"])
+    p.add_argument("--objective", default="", choices=config_mod.CHOICES["train.objective"],
+                   help="show the records as this train.objective reads them (default: by the data; kto unpairs pairs)")
     p.add_argument("--json", action="store_true", help="one JSON object per record: input_ids, labels")
     p.add_argument("-n", type=int, default=3, help="records to show (0 = all)")
     p.add_argument("--max-len", type=int, default=100_000)

@@ -19,6 +19,9 @@ class EncodedPair:
     where: str = ""  # file and record, for messages
     label: bool | None = None  # KTO: desirable or not; None for a pair
     truncated: bool = False  # longer than data.max_len before cutting (the prompt is cut from the left first)
+    prompt_cut: int = 0  # prompt tokens cut on the left to fit data.max_len
+    answer_cut: bool = False  # an answer was cut on the right (it lost its end token)
+    special_text: int = 0  # control-token texts inside the messages, encoded as plain text
 
     @property
     def paired(self) -> bool:
@@ -40,12 +43,14 @@ class PairStats:
     records: int = 0
     truncated: int = 0  # records cut to data.max_len
     prompt_cut: int = 0  # records whose prompt lost tokens on the left
+    answer_cut: int = 0  # records whose answers were cut on the right (after the prompt was cut all it may be)
     identical: int = 0  # pairs whose chosen and rejected are the same tokens
     empty: int = 0  # pairs where an answer has no token
     desirable: int = 0  # KTO: records labelled true
     undesirable: int = 0  # KTO: records labelled false
     tokens: int = 0  # prompt + chosen + rejected tokens
     first_bad: list[str] = field(default_factory=list)  # where the first identical/empty pairs are
+    special_records: int = 0  # records holding control-token text in their messages
 
 
 @dataclass
