@@ -28,7 +28,7 @@ from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save
-from .methods import kinds, lora
+from .methods import experts, kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
 
@@ -203,6 +203,9 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, plan.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
+    moe = experts.report(model, cfg.method.train_router) if methods.REGISTRY[cfg.method.name] is lora else None
+    if moe:
+        log(moe)
     return Prepared(model, plan, select.enable(model, cfg.train, device, log) if kernels else None)
 
 

@@ -5,6 +5,7 @@ import importlib.util
 
 import torch
 
+from . import experts
 from .base import MethodError
 
 
@@ -38,6 +39,13 @@ def prepare(model):
     and RMSNorm computes in fp32 internally, so nothing is lost. Checkpointing is the run's choice
     (train.enable_checkpointing), already set up before the method is applied.
     """
+    fused = experts.fused(model)
+    if fused:
+        share = sum(model.get_parameter(n).numel() for n in fused) / sum(p.numel() for p in model.parameters())
+        raise MethodError(f"method qlora: {type(model).__name__} stores its experts as fused 3-D weights ({fused[0]} "
+                          f"and {len(fused) - 1} more, {share:.0%} of the model), which bitsandbytes does not "
+                          "quantize (it replaces nn.Linear layers only): they would stay in 16-bit; use "
+                          "method.name=lora")
     for p in model.parameters():
         p.requires_grad_(False)
     return model
