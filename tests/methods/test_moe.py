@@ -13,7 +13,7 @@ from conftest import lora_run_config
 from slimtune import config, load_config, methods
 from slimtune import train as train_mod
 from slimtune.export import merge as merge_mod
-from slimtune.methods import experts, quant
+from slimtune.methods import experts, quant, targets
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
@@ -59,6 +59,13 @@ def test_the_targets_reach_every_expert_and_count_as_peft_counts(arch, targets):
     assert methods.count_parameters(ours)[0] == 2 * (attn + expert_lora)
     assert experts.report(ours, False) == ("experts: 2 of 2 layers' expert weights adapted (down_proj, gate_up_proj; "
                                            "4 experts each); router frozen (method.train_router=true trains it)")
+
+
+def test_targets_lists_the_fused_expert_weights():
+    table = targets.describe(tiny("qwen3_moe"))
+    assert "all-linear = k_proj, o_proj, q_proj, v_proj" in table
+    assert "fused expert weights (in the default and all-linear): down_proj, gate_up_proj (x4); routers frozen " \
+           "unless method.train_router" in table
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -142,12 +149,15 @@ def test_a_trained_moe_run_merges_to_the_adapter_models_outputs(arch, tmp_path, 
     model_dir = tmp_path / arch
     tiny(arch, vocab=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    path = lora_run_config(tmp_path, model_dir, "run", copies=1, method={"target_modules": [], "dropout": 0.0},
+    router = arch == "gpt_oss"  # its router trained in full too: merged from peft's modules_to_save copy
+    path = lora_run_config(tmp_path, model_dir, "run", copies=1,
+                           method={"target_modules": [], "dropout": 0.0, "train_router": router},
                            max_steps=2, micro_batch_size=2, grad_accum=1, eval_at_start=False)
     lines: list[str] = []
     train_mod.run(load_config(path), show_progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    assert "experts: 2 of 2 layers' expert weights adapted (down_proj, gate_up_proj; 4 experts each); router " \
-           "frozen (method.train_router=true trains it)" in lines
+    said = "router trained in full (method.train_router)" if router else \
+        "router frozen (method.train_router=true trains it)"
+    assert f"experts: 2 of 2 layers' expert weights adapted (down_proj, gate_up_proj; 4 experts each); {said}" in lines
     result = merge_mod.merge(tmp_path / "run", tmp_path / "merged", log=lines.append)
     # fp32: W + BA rounded once per weight, sums re-ordered: measured 1.1e-5 with logits up to 6.7 (1.7e-6 of the
     # scale), the size merge.py's TOLERANCE comment reports for dense models; 1e-5 of the scale leaves 6x margin
@@ -164,3 +174,5 @@ def test_a_trained_moe_run_merges_to_the_adapter_models_outputs(arch, tmp_path, 
     count = sum(v.numel() for v in moved.values())
     assert count == 2 * 4 * (3 if arch == "qwen3_moe" else 2), sorted(moved)  # per layer: 4 experts' projections
     assert all((v > 0).all() for v in moved.values()), moved
+    routers = [k for k in base if ".mlp.router." in k or ".mlp.gate." in k]
+    assert len(routers) == (4 if router else 2) and all(bool((merged[k] != base[k]).any()) == router for k in routers)
