@@ -176,3 +176,28 @@ def test_a_trained_moe_run_merges_to_the_adapter_models_outputs(arch, tmp_path, 
     assert all((v > 0).all() for v in moved.values()), moved
     routers = [k for k in base if ".mlp.router." in k or ".mlp.gate." in k]
     assert len(routers) == (4 if router else 2) and all(bool((merged[k] != base[k]).any()) == router for k in routers)
+
+
+def test_a_moe_run_resumes_to_the_same_losses(tmp_path, tokenizer):
+    """Checkpoints hold the experts' LoRA by parameter name: back at step 2, steps 3 and 4 repeat (fp32, CPU)."""
+    import shutil
+
+    from slimtune.engine import checkpoint
+    from slimtune.engine.log import read_metrics
+
+    model_dir = tmp_path / "qwen3_moe"
+    tiny("qwen3_moe", vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    path = lora_run_config(tmp_path, model_dir, "run", copies=1, method={"target_modules": [], "dropout": 0.0},
+                           max_steps=4, micro_batch_size=2, grad_accum=1, eval_at_start=False, save_every=1,
+                           keep_checkpoints=0)
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    train_mod.run(load_config(path), **quiet)
+    run = tmp_path / "run"
+    first = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    for step in (3, 4):
+        shutil.rmtree(checkpoint.step_folder(run, step))
+    train_mod.run(load_config(path), resume=True, **quiet)
+    again = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(first) == len(again) == 4 and again[:2] == first[:2]
+    assert again[2:] == pytest.approx(first[2:], abs=1e-6) and first[3] != first[1]
