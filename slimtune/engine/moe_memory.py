@@ -7,12 +7,21 @@ LoRA on fused expert weights adds a term of its own (expert_copies).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from ..config import Config
+    from .memory import Estimate
+    from .precision import Plan
 
 GIB = 2 ** 30
 
 
-def ffn_width(mcfg) -> int:
+def ffn_width(mcfg: PretrainedConfig) -> int:
     """The feed-forward width a token's saved activations scale with: the MLP's intermediate size, or in a
     mixture of experts the top-k experts' it runs through (each moe_intermediate_size, else intermediate_size)
     plus a shared expert's."""
@@ -36,7 +45,7 @@ def stacks(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-def expert_copies(est, model: torch.nn.Module, cfg, plan):
+def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Plan) -> Estimate:
     """LoRA on fused expert weights: peft's ParamWrapper forms W + BA for a layer's whole expert stack at each
     forward (in the weights' dtype) and the expert matmuls keep it for backward, whose gradient of it is as
     large again: every adapted layer's copy without checkpointing, one layer's with it, plus that gradient.

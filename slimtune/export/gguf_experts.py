@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import ExportError
 
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
+    from transformers import PretrainedConfig
+
 ARCHS = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
 PER_EXPERT = re.compile(r"(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
 
 
-def count(cfg) -> int:
+def count(cfg: PretrainedConfig) -> int:
     """The number of experts per layer (0 for a dense model)."""
     return getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0) or 0
 
 
-def check(cfg, where: str) -> None:
+def check(cfg: PretrainedConfig, where: str) -> None:
     """Refuse a mixture-of-experts config that llama.cpp's architecture would run differently."""
     if cfg.model_type != "qwen3_moe":
         return
@@ -39,7 +44,7 @@ def check(cfg, where: str) -> None:
                           "decoder_sparse_step) have no place in llama.cpp's qwen3moe, where every layer has experts")
 
 
-def hparams(w, cfg) -> None:
+def hparams(w: GGUFWriter, cfg: PretrainedConfig) -> None:
     """expert_count, expert_used_count and (qwen3moe) each expert's feed-forward width."""
     experts = count(cfg)
     if not experts:

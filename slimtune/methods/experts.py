@@ -33,7 +33,7 @@ def fused(model: torch.nn.Module) -> list[str]:
     return out
 
 
-def expert_linears(model: torch.nn.Module, names: list[str]) -> list[str]:
+def expert_linears(names: list[str]) -> list[str]:
     """Of the Linear module names `names`, those inside one expert of a ModuleList of experts."""
     return [n for n in names if PER_EXPERT.match(n)]
 

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,8 +23,11 @@ from .. import models
 from . import experts, kinds, quant, targets
 from .base import MethodError
 
+if TYPE_CHECKING:
+    from ..config import MethodConfig
 
-def expert_parameters(model, cfg) -> list[str]:
+
+def expert_parameters(model: torch.nn.Module, cfg: MethodConfig) -> list[str]:
     """The fused expert weights this config adapts (peft's target_parameters), in the layers it names."""
     names = experts.select(model, cfg.target_modules)
     if cfg.layers_to_transform:
@@ -89,7 +93,7 @@ def apply(model, cfg):
     return peft_model
 
 
-def _linear_dropout(model, p: float) -> None:
+def _linear_dropout(model: torch.nn.Module, p: float) -> None:
     """method.dropout on the LoRA Linear layers of a model whose fused expert weights take none."""
     from peft.tuners.lora import LoraLayer
 

@@ -45,13 +45,13 @@ def default_targets(model, table: str = "LORA") -> list[str]:
     return list(mapping[model_type])
 
 
-def moe_defaults(model, attention: list[str] | None) -> list[str]:
+def moe_defaults(model: torch.nn.Module, attention: list[str] | None) -> list[str]:
     """A mixture-of-experts model's default: peft's attention targets (q_proj and v_proj where peft has none for
     the architecture) plus every per-expert Linear; fused expert weights come through experts.select."""
     names = linear_names(model)
     short = {n.rsplit(".", 1)[-1] for n in names}
     base = list(attention) if attention else [t for t in ("q_proj", "v_proj") if t in short]
-    per_expert = sorted({n.rsplit(".", 1)[-1] for n in experts.expert_linears(model, names)})
+    per_expert = sorted({n.rsplit(".", 1)[-1] for n in experts.expert_linears(names)})
     return base + [t for t in per_expert if t not in base]
 
 
@@ -104,7 +104,7 @@ def features(module) -> tuple[int, int]:
     return rows, cols
 
 
-def check_rank(model, target, r: int, params: list[str] = ()) -> None:
+def check_rank(model: torch.nn.Module, target: list[str] | str, r: int, params: list[str] = ()) -> None:
     """A LoRA rank above a layer's width adds parameters but no capacity (the update's rank is at most the
     smaller side): refuse it, naming the narrowest targeted layer (or fused expert weight, `params`)."""
     modules = dict(model.named_modules())
