@@ -201,3 +201,30 @@ def test_a_moe_run_resumes_to_the_same_losses(tmp_path, tokenizer):
     again = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(first) == len(again) == 4 and again[:2] == first[:2]
     assert again[2:] == pytest.approx(first[2:], abs=1e-6) and first[3] != first[1]
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+
+class _Block(torch.nn.Module):
+    """One expert per nn.Linear set, as remote-code MoE models keep them, and a Linear router."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.mlp = torch.nn.Module()
+        self.mlp.gate = torch.nn.Linear(16, 4)
+        self.mlp.experts = torch.nn.ModuleList(_Expert() for _ in range(4))
+
+
+def test_per_expert_linears_are_in_the_default_and_the_linear_router_out_of_all_linear():
+    model = torch.nn.Sequential(_Block(), _Block())
+    assert targets.default_targets(model) == ["q_proj", "v_proj", "w1", "w2", "w3"]
+    assert targets.resolve(model, ["all-linear"]) == ["q_proj", "v_proj", "w1", "w2", "w3"]  # no "gate"
+    adapted = _apply(model)
+    assert experts.report(adapted, False) == ("experts: 2 of 2 layers' expert weights adapted (w1, w2, w3; 4 experts "
+                                              "each); router frozen (method.train_router=true trains it)")
+    assert not [n for n, p in adapted.named_parameters() if ".gate." in n and p.requires_grad]
