@@ -228,3 +228,13 @@ def test_per_expert_linears_are_in_the_default_and_the_linear_router_out_of_all_
     assert experts.report(adapted, False) == ("experts: 2 of 2 layers' expert weights adapted (w1, w2, w3; 4 experts "
                                               "each); router frozen (method.train_router=true trains it)")
     assert not [n for n, p in adapted.named_parameters() if ".gate." in n and p.requires_grad]
+
+
+def test_train_router_is_a_lora_key_set_by_override():
+    from slimtune.config import checks
+
+    cfg = config.load(None, ["method.train_router=true"])
+    assert cfg.method.train_router is True and checks.unused(cfg) == []
+    cfg = config.load(None, ["method.name=full", "method.train_router=true"])
+    assert checks.unused(cfg) == ["method.train_router=True has no effect with method.name=full, which reads no other "
+                                  "method.* key; remove it (perhaps it was set for another method)"]
