@@ -50,7 +50,8 @@ def moe_defaults(model: torch.nn.Module, attention: list[str] | None) -> list[st
     the architecture) plus every per-expert Linear; fused expert weights come through experts.select."""
     names = linear_names(model)
     short = {n.rsplit(".", 1)[-1] for n in names}
-    base = list(attention) if attention else [t for t in ("q_proj", "v_proj") if t in short]
+    # peft's entry: a list of names, or for a few architectures one regex (not a list to extend)
+    base = list(attention) if isinstance(attention, list) else [t for t in ("q_proj", "v_proj") if t in short]
     per_expert = sorted({n.rsplit(".", 1)[-1] for n in experts.expert_linears(names)})
     return base + [t for t in per_expert if t not in base]
 

@@ -144,6 +144,13 @@ def test_qlora_refuses_fused_experts_with_the_reason():
         quant.prepare(tiny("qwen3_moe"))
 
 
+def test_qlora_of_fused_experts_is_refused_from_config_json_before_the_load(tmp_path):
+    """train checks this right after quantization_config (CUDA), before bitsandbytes would load the whole model."""
+    tiny("mixtral").config.save_pretrained(tmp_path)  # config.json alone: no weights to read
+    with pytest.raises(methods.MethodError, match=r"method qlora: MixtralForCausalLM stores its experts as fused"):
+        quant.check_base(str(tmp_path))
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_a_trained_moe_run_merges_to_the_adapter_models_outputs(arch, tmp_path, tokenizer):
     model_dir = tmp_path / arch
