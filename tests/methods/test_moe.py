@@ -37,7 +37,7 @@ def tiny(arch: str, vocab: int = 300, seed: int = 0):
 def _apply(model, **fields):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return methods.apply(model, config.MethodConfig(r=4, dropout=0.0, **fields))
+        return methods.apply(model, config.MethodConfig(**{"r": 4, "dropout": 0.0, **fields}))
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -134,6 +134,9 @@ def test_an_expert_weight_named_alone_is_a_target_parameter():
     assert not cfg.target_modules
     layered = _apply(tiny("mixtral"), target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
     assert set(layered.peft_config["default"].target_parameters) == {"model.layers.1.mlp.experts.down_proj"}
+    with pytest.raises(methods.MethodError, match=r"method.r=48 is larger than the width of "
+                                                  r"model.layers.0.mlp.experts.down_proj \(32 = "):
+        _apply(tiny("qwen3_moe"), r=48, target_modules=["q_proj", "down_proj"])  # experts' intermediate: 32
 
 
 def test_qlora_refuses_fused_experts_with_the_reason():
