@@ -13,13 +13,13 @@ from slimtune.export import gguf as gguf_mod
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1)
-# Qwen3-MoE's expert width is the config's default, 768 (Qwen3-30B-A3B's): transformers' GGUF reader does not map
-# llama.cpp's expert_feed_forward_length back to moe_intermediate_size and builds that default
-MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True),
+# an expert width other than Qwen3MoeConfig's default (768): transformers' GGUF reader does not map llama.cpp's
+# expert_feed_forward_length back, models.load_gguf does
+MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True),
        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2)}
 # relative logit error ||gguf - merged|| / ||merged||, the bars of tests/export/test_gguf.py; measured here when
-# written: f16 9.2e-4, q8_0 2.5e-2 (routing amplifies rounding: a token whose top-2 flips takes another expert)
+# written: f16 7.5e-4, q8_0 2.0e-2 (routing amplifies rounding: a token whose top-2 flips takes another expert)
 REL = {"f16": 1e-2, "q8_0": 3e-2}
 PROMPTS = ["Hello there! How are you today?", "Who are you? I am a small model."]
 
@@ -46,11 +46,11 @@ def test_qwen3_moe_reads_back_with_the_merged_models_logits(quant, tmp_path, tok
     assert result["arch"] == "qwen3moe"
     reader = GGUFReader(str(path))
     shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: innermost first
-    assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (64, 768, 4)
-    assert shapes["blk.1.ffn_down_exps.weight"] == (768, 64, 4) and shapes["blk.0.ffn_gate_inp.weight"] == (64, 4)
+    assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (64, 256, 4)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (256, 64, 4) and shapes["blk.0.ffn_gate_inp.weight"] == (64, 4)
     assert reader.fields["qwen3moe.expert_count"].contents() == 4
     assert reader.fields["qwen3moe.expert_used_count"].contents() == 2
-    assert reader.fields["qwen3moe.expert_feed_forward_length"].contents() == 768
+    assert reader.fields["qwen3moe.expert_feed_forward_length"].contents() == 256
     back, _ = models.load_gguf(path)  # as `slimtune chat model.gguf` loads it
     assert type(back).__name__ == "Qwen3MoeForCausalLM"
     merged = AutoModelForCausalLM.from_pretrained(folder).eval()
