@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from .errors import MismatchError, MissingFileError, SlimtuneError
 from .gguf_header import GGUFFileError
 from .gguf_header import check as check_gguf
 from .gguf_header import refusals as gguf_refusals
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
@@ -188,9 +192,11 @@ def load_gguf(path: Path, dtype: str = "fp32"):
 
     tokenizer = _gguf_tokenizer(path)
     with gguf_refusals(path), _no_load_report():
+        config = _expert_width(path)
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
                                                            trust_remote_code=False, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+                                                           ignore_mismatched_sizes=True,
+                                                           **({"config": config} if config is not None else {}))
         check_weights(model, info, path)
         _restore_rope(model, path)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -270,6 +276,23 @@ def check_weights(model: torch.nn.Module, info: dict, where: Path) -> None:
         raise MismatchError(f"model.path: {where}: the weights do not fit the model its {source} describes: "
                             f"{'; '.join(parts)}; its weights are incomplete or its {source} is wrong: give a "
                             "complete model")
+
+
+def _expert_width(path: Path) -> PretrainedConfig | None:
+    """The config with each expert's width (llama.cpp's expert_feed_forward_length) restored, which transformers'
+    GGUF reader leaves at the class default for Qwen3-MoE (768); None where there is nothing to restore."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    fields = GGUFReader(str(path)).fields
+    key = next((k for k in fields if k.endswith(".expert_feed_forward_length")), None)
+    if key is None:
+        return None
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    if not hasattr(config, "moe_intermediate_size"):
+        return None
+    config.moe_intermediate_size = int(fields[key].contents())
+    return config
 
 
 def _restore_rope(model: torch.nn.Module, path: Path) -> None:

@@ -28,9 +28,9 @@ from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save
-from .methods import kinds, lora
+from .methods import experts, kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
-from .methods.quant import quantization_config
+from .methods.quant import check_base, quantization_config
 
 
 def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
@@ -203,6 +203,9 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, plan.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
+    moe = experts.report(model, cfg.method.train_router) if methods.REGISTRY[cfg.method.name] is lora else None
+    if moe:
+        log(moe)
     return Prepared(model, plan, select.enable(model, cfg.train, device, log) if kernels else None)
 
 
@@ -251,6 +254,8 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
+    if quant is not None:
+        check_base(cfg.model.path, cfg.model.trust_remote_code)  # and qlora of fused experts
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded

@@ -171,7 +171,8 @@ def _check_eval(cfg: Config) -> list[str]:
 
 
 # The method.* fields each method reads (name aside); unused() reports a set field its method ignores.
-LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "bias", "layers_to_transform", "modules_to_save")
+LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "bias", "layers_to_transform", "modules_to_save",
+               "train_router")
 METHOD_FIELDS = {
     **dict.fromkeys(("lora", "dora", "rslora", "pissa"), LORA_FIELDS), "qlora": LORA_FIELDS + ("quant_bits",),
     "ia3": ("target_modules", "layers_to_transform", "modules_to_save"),  # layers_to_transform: refused there

@@ -70,6 +70,9 @@ class MethodConfig:
     """LoRA/IA3 only in these layer indices ([] = all)"""
     modules_to_save: list[str] = field(default_factory=list)
     """modules trained in full and saved with the adapter"""
+    train_router: bool = False
+    """mixture-of-experts models: also train each layer's router (gate) in full; false keeps it frozen, so
+    every token keeps the base model's choice of experts (LoRA reaches the experts either way)"""
     feedforward_modules: list[str] = field(default_factory=list)
     """ia3: targets that scale their input ([] = the architecture's default; name them for a model without one)"""
     quant_bits: int = 4

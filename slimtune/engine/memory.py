@@ -26,7 +26,7 @@ from ..config.batch import with_split
 from ..data import encode_examples, read
 from ..kernels import linear_ce, select, tiled_mlp
 from ..models import load_config
-from . import distributed, fsdp_memory, precision
+from . import distributed, fsdp_memory, moe_memory, precision
 
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -148,11 +148,11 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg
     est = Estimate(grad_accum=cfg.train.grad_accum)
     trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
-    inter = getattr(mcfg, "intermediate_size", None) or 4 * h
+    inter = moe_memory.ffn_width(mcfg)  # a mixture of experts: the top-k experts' width
     if rows is None:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     if fast_engine(cfg):
-        return _fast(est, cfg, mcfg, h, inter, rows)
+        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows), model, cfg, plan)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
     width = max(length for length, _ in rows)
@@ -182,7 +182,7 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg
                         * (est.peak_allocated - est.persistent))
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
-    return est
+    return moe_memory.expert_copies(est, model, cfg, plan)
 
 
 def _parameters(est: Estimate, model, cfg, plan) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from .. import config as config_mod, models, outputs
 from ..data.templates import stop_ids as template_stops
 from ..errors import MissingFileError
-from . import ExportError
+from . import ExportError, gguf_experts
 from . import imatrix as imatrix_mod
 from . import quants as kquants
 from .merge import merge
@@ -46,7 +46,7 @@ from .peft_format import read_config
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # llama.cpp's Q8_0 ignores an importance matrix; f16/bf16 round only
 # transformers model_type -> llama.cpp architecture; Mistral is written as llama, as llama.cpp does
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", **gguf_experts.ARCHS}
 PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
 ROPE_KEY = "slimtune.rope_parameters"  # the model's rope_parameters as JSON, where they are not the default
 
@@ -70,7 +70,7 @@ def pick_type(quant: str, gguf_name: str, shape: tuple[int, ...], n_layers: int,
     T, main, _ = _types()
     if len(shape) < 2:
         return T.F32
-    kind = gguf_name.split(".")[-2]
+    kind = gguf_name.split(".")[-2].removesuffix("_exps")  # ffn_down_exps as ffn_down, as llama.cpp's name.find
     is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
     qtype = main[quant]
     if quant in ("q4_0", "q4_k_m") and is_output:
@@ -150,6 +150,7 @@ def _hparams(w, cfg, arch: str, quant: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(files[quant])
+    gguf_experts.hparams(w, cfg)
 
 
 def _source_tensors(folder: Path):
@@ -177,7 +178,7 @@ def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, imat: imatrix_mod.
     if freqs is not None:  # Llama-3.1+: llama.cpp divides each RoPE frequency by these
         w.add_tensor("rope_freqs.weight", freqs)
         counts["F32"] = 1
-    for name, data in _source_tensors(folder):
+    for name, data in gguf_experts.stacked(_source_tensors(folder), gguf_experts.count(cfg), str(folder)):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue  # recomputed by llama.cpp / the same matrix as token_embd
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -327,6 +328,7 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: 
     start = time.perf_counter()
     cfg = AutoConfig.from_pretrained(folder)
     arch = check_arch(cfg.model_type, str(folder / "config.json"))
+    gguf_experts.check(cfg, str(folder / "config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".part")  # a half-written file never takes the final name

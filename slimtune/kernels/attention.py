@@ -173,6 +173,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
     for key in ("attn_logit_softcapping", "attention_chunk_size"):
         if getattr(cfg, key, None):
             return f"its config sets {key}, which packed attention does not implement"
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in base.modules()):  # gpt-oss
+        return "its attention adds learned sinks (s_aux), which packed attention does not implement"
     return None
 
 

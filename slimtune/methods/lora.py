@@ -10,14 +10,18 @@ at process exit, whichever comes first.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .. import models
-from . import kinds, quant, targets
+from . import experts, kinds, quant, targets
+from .base import MethodError
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -26,22 +30,44 @@ if TYPE_CHECKING:
     from ..config import MethodConfig
 
 
+def expert_parameters(model: torch.nn.Module, cfg: MethodConfig) -> list[str]:
+    """The fused expert weights this config adapts (peft's target_parameters), in the layers it names."""
+    names = experts.select(model, cfg.target_modules)
+    if cfg.layers_to_transform:
+        keep = {str(i) for i in cfg.layers_to_transform}
+        names = [n for n in names if re.search(r"\.(\d+)\.", n) and re.search(r"\.(\d+)\.", n)[1] in keep]
+    if names and cfg.name in ("dora", "pissa") and cfg.target_modules in ([], ["all-linear"]):
+        return []  # their defaults stay on the Linear layers; the run's experts line says none are adapted
+    if names and cfg.name in ("dora", "pissa"):
+        raise MethodError(f"method {cfg.name}: peft adapts fused expert weights ({names[0]}...) with plain LoRA only; "
+                          "use method.name=lora, or leave the experts out of method.target_modules")
+    return names
+
+
 def lora_config(model: nn.Module, cfg: MethodConfig) -> LoraConfig:
     from peft import LoraConfig
 
     target = targets.resolve(model, cfg.target_modules)
+    params = expert_parameters(model, cfg)
     targets.check_layers(model, cfg.layers_to_transform)
     targets.check_modules_to_save(model, cfg.modules_to_save)
-    targets.check_rank(model, target, cfg.r)
+    targets.check_rank(model, target, cfg.r, params)
+    routers = experts.routers(model) if cfg.train_router else []
+    if cfg.train_router and not routers:
+        raise MethodError(f"method.train_router: {type(model).__name__} has no mixture-of-experts router "
+                          "(a gate or router module beside the experts); leave it false")
     return LoraConfig(
+        target_parameters=params or None,
+        # peft's LoRA on a fused weight takes no dropout (its input cannot be factored out of W + BA): apply()
+        # puts the dropout back on the Linear layers alone
+        lora_dropout=0.0 if params else cfg.dropout,
         task_type=kinds.task_type(model),  # None on an encoder or the user's own module
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
         bias=cfg.bias,
         target_modules=target,
         layers_to_transform=cfg.layers_to_transform or None,
-        modules_to_save=cfg.modules_to_save or None,
+        modules_to_save=(list(cfg.modules_to_save) + routers) or None,
         use_dora=cfg.name == "dora",
         use_rslora=cfg.name == "rslora",
         # a fast randomized SVD: the residual is exact whatever the precision of the principal part
@@ -56,6 +82,8 @@ def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     if cfg.name == "qlora":
         model = quant.prepare(model)
     peft_model = get_peft_model(model, lora_config(model, cfg))
+    if cfg.dropout and peft_model.peft_config["default"].target_parameters:
+        _linear_dropout(peft_model, cfg.dropout)
     if cfg.name == "pissa" and not str(next(model.parameters()).device) == "meta":
         # keep the initial adapter: saving converts against it. init_lora_weights=True so that loading
         # the initial adapter later does not run the SVD again.
@@ -66,6 +94,16 @@ def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         # the callback holds only the path: a reference to the model would keep it alive forever
         peft_model._slimtune_pissa_release = weakref.finalize(peft_model, shutil.rmtree, init_dir, True)
     return peft_model
+
+
+def _linear_dropout(model: torch.nn.Module, p: float) -> None:
+    """method.dropout on the LoRA Linear layers of a model whose fused expert weights take none."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not getattr(module, "parameter_name", None):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p)
 
 
 def save(model: nn.Module, out_dir: Path, weights: dict | None = None) -> None:

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..models import load_config
+from . import experts
 from .base import MethodError
 
 if TYPE_CHECKING:
@@ -44,6 +46,30 @@ def prepare(model: torch.nn.Module) -> torch.nn.Module:
     and RMSNorm computes in fp32 internally, so nothing is lost. Checkpointing is the run's choice
     (train.enable_checkpointing), already set up before the method is applied.
     """
+    refuse_fused_experts(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def refuse_fused_experts(model: torch.nn.Module) -> None:
+    """qlora's base must be quantizable: fused 3-D expert weights are not (bitsandbytes replaces nn.Linear layers
+    only), and they hold most of a mixture of experts' weights."""
+    fused = experts.fused(model)
+    if fused:
+        share = sum(model.get_parameter(n).numel() for n in fused) / sum(p.numel() for p in model.parameters())
+        raise MethodError(f"method qlora: {type(model).__name__} stores its experts as fused 3-D weights ({fused[0]} "
+                          f"and {len(fused) - 1} more, {share:.0%} of the model), which bitsandbytes does not "
+                          "quantize (it replaces nn.Linear layers only): they would stay in 16-bit; use "
+                          "method.name=lora")
+
+
+def check_base(model_path: str, trust_remote_code: bool = False) -> None:
+    """refuse_fused_experts from config.json alone (the model built on the meta device), before a load that
+    would read the whole model onto the GPU first."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(model_path, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    refuse_fused_experts(model)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch
 
-from . import kinds
+from . import experts, kinds
 from .base import MethodError
 from .freeze import decoder_layers
 
@@ -33,6 +33,8 @@ def default_targets(model: torch.nn.Module, table: str = "LORA") -> list[str]:
 
     mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{table}_TARGET_MODULES_MAPPING")
     model_type = kinds.model_type(model)  # a user's wrapper takes that of the transformers model inside it
+    if table == "LORA" and experts.is_moe(model):
+        return moe_defaults(model, mapping.get(model_type))
     if model_type not in mapping:
         short = Counter(n.rsplit(".", 1)[-1] for n in linear_names(model))
         what = f"model type {model_type!r}" if model_type else \
@@ -43,29 +45,48 @@ def default_targets(model: torch.nn.Module, table: str = "LORA") -> list[str]:
     return list(mapping[model_type])
 
 
+def moe_defaults(model: torch.nn.Module, attention: list[str] | None) -> list[str]:
+    """A mixture-of-experts model's default: peft's attention targets (q_proj and v_proj where peft has none for
+    the architecture) plus every per-expert Linear; fused expert weights come through experts.select."""
+    names = linear_names(model)
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    # peft's entry: a list of names, or for a few architectures one regex (not a list to extend)
+    base = list(attention) if isinstance(attention, list) else [t for t in ("q_proj", "v_proj") if t in short]
+    per_expert = sorted({n.rsplit(".", 1)[-1] for n in experts.expert_linears(names)})
+    return base + [t for t in per_expert if t not in base]
+
+
 def resolve(model: torch.nn.Module, targets: list[str]) -> list[str] | str:
-    """Targets in the form peft's configs take: a list of suffixes or one regex string."""
+    """Targets in the form peft's configs take: a list of suffixes or one regex string. all-linear leaves out
+    a mixture-of-experts model's routers (method.train_router trains them in full instead)."""
     names = linear_names(model)
     short = Counter(n.rsplit(".", 1)[-1] for n in names)
+    fused = experts.fused(model)
     if not targets:
         targets = default_targets(model)
     if targets == ["all-linear"]:
-        return sorted(short)
+        routers = set(experts.routers(model))
+        return sorted({n.rsplit(".", 1)[-1] for n in names if n not in routers})
     if len(targets) == 1 and targets[0].startswith("re:"):
         pattern = targets[0][3:]
         try:
             rx = re.compile(pattern)
         except re.error as err:
             raise TargetError(f"method.target_modules: invalid regex {pattern!r}: {err}") from None
-        if not any(rx.fullmatch(n) for n in names):
+        if not any(rx.fullmatch(n) for n in names + fused):
             raise TargetError(f"method.target_modules: regex {pattern!r} matches no Linear module (it must "
                               f"match the full name, e.g. {names[0] if names else '-'}); {_available(short)}")
         return pattern
-    missing = [t for t in targets if t not in short and not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if t not in short and not any(n == t or n.endswith("." + t) for n in names + fused)]
     if missing:
         raise TargetError(f"method.target_modules: {', '.join(missing)} match no Linear module; "
-                          f"{_available(short)}")
-    return list(targets)
+                          f"{_available(short)}" + (f"; fused expert weights: {_fused_names(fused)}" if fused else ""))
+    # a name that only a fused expert weight carries goes to peft's target_parameters, not its target_modules
+    return [t for t in targets if t in short or any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _fused_names(fused: list[str]) -> str:
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in fused}))
 
 
 def matched(model: torch.nn.Module, target: list[str] | str) -> list[str]:
@@ -84,11 +105,12 @@ def features(module: torch.nn.Module) -> tuple[int, int]:
     return rows, cols
 
 
-def check_rank(model: torch.nn.Module, target: list[str] | str, r: int) -> None:
+def check_rank(model: torch.nn.Module, target: list[str] | str, r: int, params: list[str] = ()) -> None:
     """A LoRA rank above a layer's width adds parameters but no capacity (the update's rank is at most the
-    smaller side): refuse it, naming the narrowest targeted layer."""
+    smaller side): refuse it, naming the narrowest targeted layer (or fused expert weight, `params`)."""
     modules = dict(model.named_modules())
     widths = [(min(features(modules[n])), n) for n in matched(model, target)]
+    widths += [(min(model.get_parameter(n).shape[-2:]), n) for n in params]
     width, name = min(widths) if widths else (r, "")
     if r > width:
         raise MethodError(f"method.r={r} is larger than the width of {name} ({width} = the smaller of its in and out "
@@ -139,7 +161,12 @@ def describe(model: torch.nn.Module) -> str:
     width = max([len(k) for k in rows] + [6])
     lines = [f"{'module':<{width}}  count  in->out features"]
     lines += [f"{k:<{width}}  {c:>5}  {', '.join(sorted(s))}" for k, (s, c) in sorted(rows.items())]
-    lines.append(f"all-linear = {', '.join(sorted(rows))}")
+    routers = {n.rsplit(".", 1)[-1] for n in experts.routers(model)} & set(rows)
+    lines.append(f"all-linear = {', '.join(k for k in sorted(rows) if k not in routers)}")
+    fused = experts.fused(model)
+    if fused:
+        lines.append(f"fused expert weights (in the default and all-linear): {_fused_names(fused)} "
+                     f"(x{len(fused)}); routers frozen unless method.train_router")
     try:
         lines.append(f"default (method.target_modules: []) = {', '.join(default_targets(model))}")
     except TargetError:

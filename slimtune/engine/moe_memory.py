@@ -1,0 +1,65 @@
+"""What a mixture-of-experts model adds to the memory estimate (engine/memory.py).
+
+Weights: every expert is resident, and the meta model's parameters already hold them all (fused 3-D expert
+weights included), as do their LoRA parameters and AdamW state. Activations: a token runs through its top-k
+experts only, so the feed-forward width its saved activations scale with is top-k x one expert's (ffn_width).
+LoRA on fused expert weights adds a term of its own (expert_copies).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from ..config import Config
+    from .memory import Estimate
+    from .precision import Plan
+
+GIB = 2 ** 30
+
+
+def ffn_width(mcfg: PretrainedConfig) -> int:
+    """The feed-forward width a token's saved activations scale with: the MLP's intermediate size, or in a
+    mixture of experts the top-k experts' it runs through (each moe_intermediate_size, else intermediate_size)
+    plus a shared expert's."""
+    dense = getattr(mcfg, "intermediate_size", None) or 4 * mcfg.hidden_size
+    top_k = getattr(mcfg, "num_experts_per_tok", 0) or 0
+    if not top_k or not (getattr(mcfg, "num_experts", 0) or getattr(mcfg, "num_local_experts", 0)):
+        return dense
+    each = getattr(mcfg, "moe_intermediate_size", None) or dense
+    return top_k * each + (getattr(mcfg, "shared_expert_intermediate_size", 0) or 0)
+
+
+def stacks(model: torch.nn.Module) -> dict[str, int]:
+    """Elements of the LoRA-adapted fused expert weights, by experts module (one per MoE layer)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and getattr(module, "parameter_name", None):  # peft's ParamWrapper
+            layer = name.split(".base_layer")[0]
+            out[layer] = out.get(layer, 0) + module.get_param().numel()
+    return out
+
+
+def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Plan) -> Estimate:
+    """LoRA on fused expert weights: peft's ParamWrapper forms W + BA for a layer's whole expert stack at each
+    forward (in the weights' dtype) and the expert matmuls keep it for backward, whose gradient of it is as
+    large again: every adapted layer's copy without checkpointing, one layer's with it, plus that gradient.
+    Read from peft's code (lora.ParamWrapper, _LoraFactorsProxy), not yet measured on a GPU."""
+    sizes = stacks(model)
+    if not sizes:
+        return est
+    width = torch.finfo(plan.weights).bits // 8
+    one, every = max(sizes.values()) * width, sum(sizes.values()) * width
+    with_ckpt, without = 2 * one, every + one
+    ckpt = cfg.train.gradient_checkpointing
+    est.activations += with_ckpt if ckpt else without
+    est.activations_other += without if ckpt else with_ckpt
+    est.notes.append(f"LoRA on fused experts: W + BA of a layer's expert stack ({one / GIB:.2f} GiB) is formed each "
+                     f"forward and kept for backward ({'one layer at a time with' if ckpt else 'every layer without'} "
+                     "checkpointing)")
+    return est
