@@ -85,7 +85,8 @@ class PairObjective:
         return MicroBatches(records, tc.micro_batch_size, tc.seed)
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[Item]], out_dir: Path, device: str,
-              batch_size: int, context: Callable, log: Callable[[str], None] = print) -> None:
+              batch_size: int, context: Callable = contextlib.nullcontext,
+              log: Callable[[str], None] = print) -> None:
         """The reference, before the first step's update and before a resume loads trained weights: a
         precomputed one is computed (or read back) from the model as loaded."""
         if self.reference == "adapter_off":
