@@ -51,6 +51,17 @@ def answer_tokens(items: list[Item]) -> int:
                for i in items)
 
 
+def pair_rows(cfg, rows: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """A preference objective's record (train.objective other than sft) is two rows of one forward, its chosen and
+    rejected answers: its (width, trained tokens) as two rows of that width sharing its trained tokens. The
+    reference pass runs without gradients, a layer's activations at a time, and keeps nothing."""
+    if getattr(cfg.train, "objective", "sft") == "sft":
+        return rows
+    if rows is None:
+        return [(cfg.data.max_len, cfg.data.max_len)] * (2 * cfg.train.micro_batch_size)
+    return [row for n, t in rows for row in ((n, t - t // 2), (n, t // 2))]
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probability (2B,) in fp32, answer tokens (2B,)) of each row of `batch`."""

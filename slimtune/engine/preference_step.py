@@ -59,6 +59,13 @@ def fingerprint(records: list[Item]) -> dict:
     return {"records": len(records), "sha256": h.hexdigest()}
 
 
+def sizes(pairs: list[EncodedPair]) -> list[tuple[int, int]]:
+    """(width of its two rows, answer tokens of both) of every record, longest first: the rows the memory estimate
+    and the batch split read (memory.pair_rows makes each two sequences)."""
+    return sorted(((len(p.prompt) + max(len(p.chosen), len(p.rejected)), len(p.chosen) + len(p.rejected))
+                   for p in pairs), reverse=True)
+
+
 def summarize(metrics: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """Per-record means of every metric; KTO's margin is the difference of its two means."""
     row = {k: float(torch.cat([v.float().reshape(-1) for v in vs]).mean()) for k, vs in metrics.items()
