@@ -2,12 +2,17 @@
 logged in metrics.jsonl through the loop's own rows."""
 from __future__ import annotations
 
+import json
+
+import pref_train
 import torch
+import yaml
 
 from conftest import make_model
 from pairs_fixture import pref, random_pairs
 from slimtune import config as config_mod
-from slimtune import methods
+from slimtune import cli, methods
+from slimtune import train as train_mod
 from slimtune.objectives import needs_reference
 from slimtune.engine.log import read_metrics
 from slimtune.engine.loop import fit
@@ -49,3 +54,44 @@ def test_every_objective_trains(tmp_path):
     for objective in ("ipo", "simpo", "orpo", "kto"):
         _, rows = dpo_run(tmp_path / objective, objective, steps=6)
         assert rows[-1]["loss"] < rows[0]["loss"], objective
+
+
+def _run_config(tmp, model_dir, **train) -> str:
+    data = tmp / "pairs.jsonl"  # named for the run's checks; the records come from pref_train.built
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    tree = {"model": {"path": str(model_dir)}, "data": {"train": str(data), "max_len": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "train": {"output_dir": str(tmp / "run"), "objective": "dpo", "lr": 1e-2, "warmup_steps": 0,
+                      "max_steps": 6, "micro_batch_size": 4, "precision": "fp32", "device": "cpu", **train},
+            "preference": {"beta": 0.5}}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_slimtune_train_writes_preference_metrics_and_eval(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "_build_pairs", pref_train.built)
+    assert cli.main(["train", _run_config(tmp_path, tiny_model_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    rows = read_metrics(run / "metrics.jsonl")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6]
+    before, after = evals
+    assert before["eval_rewards/margins"] == 0.0 and abs(before["eval_loss"] - 0.6931) < 1e-3
+    assert after["eval_loss"] < before["eval_loss"]
+    assert "eval_rewards/accuracy" in after and "eval_logps/chosen" in after
+    assert f"preference accuracy {after['eval_rewards/accuracy']:.3f}" in out
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert scores["objective"] == "dpo" and scores["reference"] == "adapter_off" and scores["records"] == 4
+    assert (run / "adapter_model.safetensors").is_file() and not (run / "reference_logps.safetensors").exists()
+
+
+def test_refused_combinations_stop_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "_build_pairs", pref_train.built)
+    cfg = _run_config(tmp_path, tiny_model_dir)
+    assert cli.main(["train", cfg, "method.name=full", "train.reference=adapter_off", "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # method.r: warnings
+    assert err == ["slimtune train: error: train.reference=adapter_off with method.name=full: full trains the "
+                   "model's own weights, there is no adapter to switch off; use train.reference=precomputed or copy"]
+    assert not (tmp_path / "run").exists()
