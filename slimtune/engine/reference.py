@@ -83,10 +83,10 @@ class AdapterOff:
 
 
 class Copy:
-    """A frozen copy of the model as it was when made."""
+    """A frozen copy of the model as it was when made (deep=False: `model` itself, loaded apart for this)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model: torch.nn.Module, deep: bool = True):
+        self.model = (copy.deepcopy(model) if deep else model).eval().requires_grad_(False)
 
     def __call__(self, model: torch.nn.Module, items: list[Item], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

@@ -15,9 +15,18 @@ from typing import Callable
 
 import torch
 
+from .. import models, outputs
+from ..config import ConfigError
+from ..data.collate import pad_id
+from ..data.pairs import EncodedPair
+from ..engine import reference as ref_mod
 from ..engine.log import strict_json
-from ..engine.preference_step import PairObjective, evaluate
 from ..engine.pair_logps import Item
+from ..engine.precision import base_dtype_name
+from ..engine.preference_step import PairObjective, evaluate, items
+from ..export.peft_format import READS, load_run, read_config
+from ..methods.base import is_peft
+from ..objectives import OBJECTIVES, needs_reference
 
 SCORES = "scores.json"
 
@@ -31,7 +40,7 @@ class PairReport:
     def row(self) -> dict:
         """The logged scores as metrics.jsonl keys: eval_loss, eval_rewards/accuracy, eval_rewards/margins..."""
         return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in self.scores.items()
-                if k not in ("records", "objective", "reference", "step")}
+                if k not in ("records", "objective", "reference", "step", "model", "data", "trained_with")}
 
     def summary(self) -> str:
         s = self.scores
@@ -64,4 +73,43 @@ class InTraining:
         return score(model, self.objective, self.records, self.batch_size, self.device, context)
 
 
-__all__ = ["InTraining", "PairReport", "score"]
+def reference_for(model: torch.nn.Module, cfg, device: str) -> tuple[str, Callable | None]:
+    """(its name, the reference callable) a finished run is scored against: none for simpo/orpo runs, the adapter
+    switched off for adapter runs, else the base model loaded beside the trained one."""
+    objective = cfg.train.objective if cfg.train.objective in OBJECTIVES else "dpo"
+    if not needs_reference(objective):
+        return "none", None
+    if cfg.method.name in ref_mod.PROMPT_METHODS:
+        raise ConfigError(f"eval: method.name={cfg.method.name}: pairs are scored from the decoder's hidden states, "
+                          "which the virtual tokens of prompt methods bypass")
+    if is_peft(model) and cfg.method.name != "pissa":
+        return "adapter_off", ref_mod.AdapterOff()
+    base, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, device)
+    return "base model", ref_mod.Copy(base, deep=False)
+
+
+def main(folder: str, data: str, read_pairs: Callable, *, output: str | None = None, batch_size: int = 8,
+         device: str = "cpu", trust_remote_code: bool = False, log: Callable[[str], None] = print) -> PairReport:
+    """`slimtune eval RUN --data pairs.jsonl`: preference accuracy and mean margin of any run (an SFT run is
+    scored as DPO with its preference.beta) on held-out pairs; scores.json into `output` (default RUN/eval-<data>).
+    read_pairs: (cfg, tokenizer, path) -> the encoded pairs of the file."""
+    out = Path(output) if output else Path(folder) / f"eval-{Path(data).stem}"
+    outputs.check(out, "eval --output", read_config(folder).model.path, [data], files=[SCORES],
+                  reads=[(f"the run's {name}", Path(folder) / name) for name in READS])
+    model, tokenizer, cfg = load_run(folder, device, trust_remote_code=trust_remote_code)
+    pairs: list[EncodedPair] = read_pairs(cfg, tokenizer, data)
+    if not pairs:
+        raise ConfigError(f"{data}: no preference pairs to score")
+    objective = cfg.train.objective if cfg.train.objective in OBJECTIVES else "dpo"
+    name, ref = reference_for(model, cfg, device)
+    scorer = PairObjective(objective, cfg.preference, name, pad_id(tokenizer), ref=ref)
+    report = score(model, scorer, items(pairs, objective, "eval"), batch_size, device)
+    report.scores = {"model": str(folder), "data": str(data), "trained_with": cfg.train.objective,
+                     **report.scores}
+    log(report.summary())
+    report.write(out)
+    log(f"wrote {out / SCORES}")
+    return report
+
+
+__all__ = ["InTraining", "PairReport", "main", "reference_for", "score"]
