@@ -309,7 +309,7 @@ def _objective(cfg, pad: int) -> preference_step.PairObjective | None:
     """The preference objective's step for train.objective (None for sft), its reference resolved."""
     if cfg.train.objective == "sft":
         return None
-    preference_step.check(cfg.train.objective, distributed.size())
+    preference_step.check(cfg, distributed.size())
     return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
 
 

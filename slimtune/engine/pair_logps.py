@@ -8,11 +8,14 @@ and the varlen attention path; padding costs the difference in length between a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from ..data.collate import TRAINED, collate, trained_index
 from ..data.pairs import EncodedPair
+from ..data.stream import split
 from ..kernels import linear_ce
 from ..objectives.logps import plain_token_logps, sequence_sums, token_logps
 from .loss import model_inputs, split_head
@@ -62,15 +65,42 @@ def pair_rows(cfg, rows: list[tuple[int, int]] | None) -> list[tuple[int, int]] 
     return [row for n, t in rows for row in ((n, t - t // 2), (n, t // 2))]
 
 
+def share(records: list[Item], rank: int, world: int) -> tuple[list[Item], bool]:
+    """(rank `rank`'s records of a micro-batch over `world` processes, split by tokens as data/stream.share splits
+    answers, whether they count): a rank left with none runs a forward on the shortest record (FSDP's collectives
+    need every rank) whose loss counts for nothing."""
+    if world <= 1:
+        return records, True
+    mine = [records[i] for i in split([input_tokens([r]) for r in records], world)[rank]]
+    return (mine, True) if mine else ([min(records, key=lambda r: input_tokens([r]))], False)
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed answer log-probability (2B,) in fp32, answer tokens (2B,)) of each row of `batch`."""
+    """(summed answer log-probability (2B,) in fp32, answer tokens (2B,)) of each row of `batch`. Under FSDP2 the
+    computation runs as the root module's forward, whose hooks gather the embeddings, final norm and head that the
+    decoder and head calls read (engine/loss.py does the same for the answers' loss)."""
+    if isinstance(model, FSDPModule):
+        own, plain = model.__dict__.get("forward"), model.forward
+        model.forward = lambda b: _logps(model, b, chunked, plain)
+        try:
+            return model(batch)
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+    return _logps(model, batch, chunked, model)
+
+
+def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool,
+           forward: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     rows, positions = batch[TRAINED][0], batch[TRAINED][1]
     targets = batch["labels"][:, 1:][rows, positions]
     n = batch["input_ids"].shape[0]
     parts = split_head(model)
     if parts is None:  # a head that post-processes logits: the model's own forward, all logits
-        logits = model(**model_inputs(batch, model)).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
+        logits = forward(**model_inputs(batch, model)).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
         picked = logits[rows, positions].float()
         per = picked.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
     else:

@@ -24,7 +24,7 @@ from ..data.pairs import EncodedPair
 from ..config import ConfigError
 from ..data.stream import MicroBatches
 from . import distributed, guards, precision, reference as ref_mod
-from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequence_logps
+from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequence_logps, share
 
 if TYPE_CHECKING:
     from .state import Run
@@ -66,10 +66,15 @@ def sizes(pairs: list[EncodedPair]) -> list[tuple[int, int]]:
                    for p in pairs), reverse=True)
 
 
-def summarize(metrics: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Per-record means of every metric; KTO's margin is the difference of its two means."""
-    row = {k: float(torch.cat([v.float().reshape(-1) for v in vs]).mean()) for k, vs in metrics.items()
-           if sum(v.numel() for v in vs)}
+def summarize(metrics: dict[str, list[torch.Tensor]], device: str = "cpu") -> dict[str, float]:
+    """Per-record means of every metric over every rank's records; KTO's margin is the difference of its two
+    means."""
+    local = []
+    for key in METRICS:
+        values = torch.cat([v.detach().double().reshape(-1).cpu() for v in metrics.get(key, [])] or [torch.zeros(0)])
+        local += [float(values.sum()), values.numel()]
+    sums = distributed.all_sum(local, device)
+    row = {key: sums[2 * i] / sums[2 * i + 1] for i, key in enumerate(METRICS) if sums[2 * i + 1]}
     if "rewards/margins" not in row and {"rewards/chosen", "rewards/rejected"} <= row.keys():
         row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
     return {k: row[k] for k in METRICS if k in row}
@@ -120,24 +125,30 @@ class PairObjective:
 
     def step(self, run: Run, records: list[list[Item]], context: Callable) -> dict:
         """One optimizer step over the micro-batches `records`; the loop's row (loss, grad_norm, trained_tokens,
-        computed_tokens, data_s, nonfinite) plus the objective's metrics."""
+        computed_tokens, data_s, nonfinite) plus the objective's metrics. Several processes: each rank takes its
+        share of every micro-batch; FSDP averages the gradients over ranks, so each rank's loss is scaled by
+        their number."""
+        rank, world = distributed.rank(), distributed.size()
         began = time.perf_counter()
-        batches = [collate_pairs(rs, self.pad, run.device) for rs in records]
+        shares = [share(rs, rank, world) for rs in records]
+        batches = [collate_pairs(mine, self.pad, run.device) for mine, _ in shares]
         data_s = time.perf_counter() - began
         total_records = sum(len(rs) for rs in records)
         total, metrics = torch.zeros((), dtype=torch.float64, device=run.device), defaultdict(list)
-        for rs, batch in zip(records, batches):
+        for (mine, counts), batch in zip(shares, batches):
             with context():
-                loss, parts = objectives.loss(self.objective, self.logps(run.model, rs, batch), self.pref)
-            weighted = loss * (len(rs) / total_records)
-            (run.scaler.scale(weighted) if run.scaler.is_enabled() else weighted).backward()
+                loss, parts = objectives.loss(self.objective, self.logps(run.model, mine, batch), self.pref)
+            weighted = loss * (len(mine) * counts / total_records)
+            scaled = weighted * world if world > 1 else weighted
+            (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
             total += weighted.detach().double()
-            for k, v in parts.items():
+            for k, v in parts.items() if counts else ():
                 metrics[k].append(v)
+        distributed.all_sum_(total)
         run.seen += sum(input_tokens(rs) for rs in records)
         row = update(run, total)
-        row.update(summarize(metrics), trained_tokens=sum(answer_tokens(rs) for rs in records), data_s=data_s,
-                   computed_tokens=sum(b["input_ids"].numel() for b in batches))
+        row.update(summarize(metrics, run.device), trained_tokens=sum(answer_tokens(rs) for rs in records),
+                   data_s=data_s, computed_tokens=sum(b["input_ids"].numel() for b in batches))
         return row
 
 
@@ -150,7 +161,8 @@ def update(run: Run, loss: torch.Tensor) -> dict:
         scaler.unscale_(optimizer)
     params = [p for p in run.model.parameters() if p.requires_grad]
     limit = run.cfg.train.max_grad_norm if run.cfg.train.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    clip = distributed.grad_norm if distributed.size() > 1 else torch.nn.utils.clip_grad_norm_
+    norm = clip(params, limit)
     parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else [])
     read = torch.stack([t.double() for t in parts]).tolist()
     row = {"loss": read[0], "grad_norm": read[1]}
@@ -169,11 +181,11 @@ def update(run: Run, loss: torch.Tensor) -> dict:
     return row
 
 
-def check(objective: str, world: int) -> None:
+def check(cfg, world: int) -> None:
     """Refuse, in one line, what this step cannot run."""
-    if world > 1:
-        raise ConfigError(f"train.objective={objective}: preference objectives train in one process for now; set "
-                        "train.gpus=1")
+    if world > 1 and cfg.train.reference == "copy":
+        raise ConfigError(f"train.reference=copy on {world} processes: a copy of a sharded model is not made; use "
+                          "train.reference=auto")
 
 
 @torch.no_grad()
@@ -196,4 +208,4 @@ def evaluate(model: torch.nn.Module, objective: PairObjective, records: list[Ite
                 metrics[k].append(v)
     finally:
         model.train(was)
-    return {"loss": total / max(len(records), 1), "records": len(records), **summarize(metrics)}
+    return {"loss": total / max(len(records), 1), "records": len(records), **summarize(metrics, device)}
