@@ -7,13 +7,14 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import config as config_mod
 from . import methods, models, outputs
 from .config import ConfigError, batch
-from .data import build
+from .data import Built, build
 from .data.collate import pad_id
 from .engine import precision
 from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, preference_step, runfolder
@@ -33,6 +34,9 @@ from .export.peft_format import read_config, save
 from .methods import kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
@@ -305,7 +309,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     return result
 
 
-def _objective(cfg, pad: int) -> preference_step.PairObjective | None:
+def _objective(cfg: config_mod.Config, pad: int) -> preference_step.PairObjective | None:
     """The preference objective's step for train.objective (None for sft), its reference resolved."""
     if cfg.train.objective == "sft":
         return None
@@ -313,7 +317,9 @@ def _objective(cfg, pad: int) -> preference_step.PairObjective | None:
     return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
 
 
-def _records(cfg, built, objective, tokenizer, device: str, show_progress: bool, log) -> tuple[list, list, object]:
+def _records(cfg: config_mod.Config, built: BuiltPairs | Built, objective: preference_step.PairObjective | None,
+             tokenizer: PreTrainedTokenizerBase, device: str, show_progress: bool,
+             log: Callable[[str], None]) -> tuple[list, list, Callable | None]:
     """(training records, held-out records, the evaluate hook fit calls, None without held-out records) as fit
     takes them: encoded answers, or a preference objective's items."""
     if objective is None:
@@ -325,7 +331,8 @@ def _records(cfg, built, objective, tokenizer, device: str, show_progress: bool,
     return train, held, pref_eval.InTraining(objective, held, cfg.train.micro_batch_size, device) if held else None
 
 
-def _build_pairs(cfg, tokenizer, log) -> BuiltPairs:
+def _build_pairs(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase,
+                 log: Callable[[str], None]) -> BuiltPairs:
     """The preference records of data.train and data.eval."""
     # MERGE: data/preference.py's reader; replace this body with `return preference.build_pairs(cfg, tokenizer, log)`
     raise ConfigError(f"train.objective={cfg.train.objective}: this build reads no preference data (data/preference.py "

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
 from ..export.peft_format import check_run
 from ..models import pick_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import Config
+    from ..data.pairs import EncodedPair
 
 
 def run(args) -> int:
@@ -42,7 +49,7 @@ def _is_pairs(path: str) -> bool:
     return isinstance(record, dict) and "chosen" in record and "rejected" in record
 
 
-def _read_pairs(cfg, tokenizer, path: str) -> list:
+def _read_pairs(cfg: Config, tokenizer: PreTrainedTokenizerBase, path: str) -> list[EncodedPair]:
     """The encoded pairs of `path`, read as a run's data.train with the run's template and max_len."""
     from dataclasses import replace
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from ..config import Config
 from ..data.collate import TRAINED, collate, trained_index
 from ..data.pairs import EncodedPair
 from ..data.stream import split
@@ -54,7 +55,7 @@ def answer_tokens(items: list[Item]) -> int:
                for i in items)
 
 
-def pair_rows(cfg, rows: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+def pair_rows(cfg: Config, rows: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
     """A preference objective's record (train.objective other than sft) is two rows of one forward, its chosen and
     rejected answers: its (width, trained tokens) as two rows of that width sharing its trained tokens. The
     reference pass runs without gradients, a layer's activations at a time, and keeps nothing."""

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .. import objectives
+from ..config import Config, ConfigError, TrainConfig
+from ..config.fields import PreferenceConfig
 from ..data.pairs import EncodedPair
-from ..config import ConfigError
 from ..data.stream import MicroBatches
 from . import distributed, guards, precision, reference as ref_mod
 from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequence_logps, share
@@ -84,7 +85,7 @@ def summarize(metrics: dict[str, list[torch.Tensor]], device: str = "cpu") -> di
 class PairObjective:
     """What `fit` needs to train on preference records instead of answers."""
     objective: str  # dpo | ipo | simpo | orpo | kto
-    pref: object  # the config's preference section
+    pref: PreferenceConfig  # the config's preference section
     reference: str  # adapter_off | precomputed | copy | none (reference.resolve)
     pad: int
     chunked: bool = True
@@ -92,7 +93,7 @@ class PairObjective:
 
     fingerprint = staticmethod(fingerprint)
 
-    def stream(self, records: list[Item], tc) -> MicroBatches:
+    def stream(self, records: list[Item], tc: TrainConfig) -> MicroBatches:
         """Micro-batches of micro_batch_size records (two sequences each), padded: never packed."""
         return MicroBatches(records, tc.micro_batch_size, tc.seed)
 
@@ -181,7 +182,7 @@ def update(run: Run, loss: torch.Tensor) -> dict:
     return row
 
 
-def check(cfg, world: int) -> None:
+def check(cfg: Config, world: int) -> None:
     """Refuse, in one line, what this step cannot run."""
     if world > 1 and cfg.train.reference == "copy":
         raise ConfigError(f"train.reference=copy on {world} processes: a copy of a sharded model is not made; use "

@@ -19,18 +19,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
+from ..config import PROMPT_METHODS, Config, ConfigError
 from ..methods.base import is_peft
 from ..objectives import OBJECTIVES, needs_reference
 from .pair_logps import Item, collate_pairs, sequence_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 CHOICES = ("auto", "adapter_off", "precomputed", "copy")
-PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 ADAPTER_FREE = ("full", "freeze", "bitfit")  # they train the model's own weights: there is no adapter to switch off
 
 
-def resolve(cfg) -> str:
+def resolve(cfg: Config) -> str:
     """The reference train.objective and train.reference ask for with method.name ("none" for simpo, orpo and
     sft), or a one-line ConfigError saying why the combination cannot run and what to set instead."""
     objective, asked, method = cfg.train.objective, cfg.train.reference, cfg.method.name

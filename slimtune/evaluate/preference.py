@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .. import models, outputs
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..data.collate import pad_id
 from ..data.pairs import EncodedPair
 from ..engine import reference as ref_mod
@@ -73,7 +73,7 @@ class InTraining:
         return score(model, self.objective, self.records, self.batch_size, self.device, context)
 
 
-def reference_for(model: torch.nn.Module, cfg, device: str) -> tuple[str, Callable | None]:
+def reference_for(model: torch.nn.Module, cfg: Config, device: str) -> tuple[str, Callable | None]:
     """(its name, the reference callable) a finished run is scored against: none for simpo/orpo runs, the adapter
     switched off for adapter runs, else the base model loaded beside the trained one."""
     objective = cfg.train.objective if cfg.train.objective in OBJECTIVES else "dpo"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config.fields import PreferenceConfig
 from . import losses
 from .losses import Logps
 
@@ -19,7 +20,7 @@ def needs_reference(objective: str) -> bool:
     return objective in OBJECTIVES and objective not in REFERENCE_FREE
 
 
-def loss(objective: str, lp: Logps, pref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(objective: str, lp: Logps, pref: PreferenceConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss of the micro-batch, per-record metrics) of `objective` with the knobs of `pref` (the
     config's preference section)."""
     if objective == "dpo":
