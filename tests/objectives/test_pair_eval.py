@@ -55,3 +55,16 @@ def test_eval_scores_an_sft_run_on_pairs(sft_run, tmp_path, monkeypatch, capsys)
 def test_answers_files_still_go_to_the_answers_eval(tmp_path):
     assert not eval_cmd._is_pairs(str(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])))
     assert eval_cmd._is_pairs(str(write_jsonl(tmp_path / "p.jsonl", PAIRS)))
+
+
+def test_loss_png_draws_a_preference_runs_accuracy(tmp_path):
+    from slimtune.evaluate import plots
+
+    rows = [{"step": 0, "eval_loss": 0.69, "eval_rewards/accuracy": 0.0},
+            {"step": 1, "loss": 0.69, "rewards/accuracy": 0.25}, {"step": 2, "loss": 0.5, "rewards/accuracy": 0.75},
+            {"step": 2, "eval_loss": 0.55, "eval_rewards/accuracy": 0.5}]
+    assert plots.accuracy_points(rows) == ([(1, 0.25), (2, 0.75)], [(0, 0.0), (2, 0.5)])
+    assert plots.accuracy_points([{"step": 1, "loss": 2.0}]) == ([], [])
+    with_acc = plots.loss_png(rows, tmp_path / "a.png").read_bytes()
+    plain = plots.loss_png([{k: v for k, v in r.items() if "accuracy" not in k} for r in rows], tmp_path / "b.png")
+    assert with_acc != plain.read_bytes()
