@@ -326,8 +326,8 @@ def _records(cfg: config_mod.Config, built: BuiltPairs | Built, objective: prefe
         hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
                            log) if built.eval else None
         return built.train, built.eval, hook
-    train = preference_step.items(built.train, objective.objective)
-    held = preference_step.items(built.eval, objective.objective, "eval")
+    train = preference_step.items(built.train, objective.objective, "train", cfg.data.max_len)
+    held = preference_step.items(built.eval, objective.objective, "eval", cfg.data.max_len)
     return train, held, pref_eval.InTraining(objective, held, cfg.train.micro_batch_size, device) if held else None
 
 

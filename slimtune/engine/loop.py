@@ -148,7 +148,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
               took, Tally(start_max_abs=guards.trainable_max(model)), objective=objective)  # a resume keeps the first
     if stream.packed:
         log(_describe_packing(stream, device, plan))
-    context = forward_context(plan, device, tc.offload_activations, model, tc.micro_batch_size * cfg.data.max_len)
+    rows = tc.micro_batch_size * (2 if objective else 1)  # a preference record is two rows
+    context = forward_context(plan, device, tc.offload_activations, model, rows * cfg.data.max_len)
     if objective:  # its reference, from the model as loaded: before a resume puts trained weights in
         objective.start(model, {"train": train, "eval": held}, run.out_dir, device, tc.micro_batch_size, context, log)
     offset = _restore(run, resume, log) if resume else None

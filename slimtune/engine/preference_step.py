@@ -35,17 +35,20 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
            "logps/rejected", "sft_loss", "odds_ratio_loss", "log_odds_ratio", "kl")
 
 
-def kto_partners(pairs: list[EncodedPair]) -> list[EncodedPair]:
+def kto_partners(pairs: list[EncodedPair], max_len: int = 0) -> list[EncodedPair]:
     """KTO's records with their mismatched answer in `rejected`: record i's prompt with the answer of record
-    i + 1 (the last with the first's), the fixed pairing TRL makes once for its KL estimate."""
+    i + 1 (the last with the first's), the fixed pairing TRL makes once for its KL estimate; cut to max_len
+    tokens (0: uncut) as the record itself was."""
     n = len(pairs)
-    return [dataclasses.replace(p, rejected=list(pairs[(i + 1) % n].chosen)) for i, p in enumerate(pairs)]
+    room = [max(1, max_len - len(p.prompt)) if max_len else None for p in pairs]
+    return [dataclasses.replace(p, rejected=list(pairs[(i + 1) % n].chosen)[:room[i]]) for i, p in enumerate(pairs)]
 
 
-def items(pairs: list[EncodedPair], objective: str, split: str = "train") -> list[Item]:
-    """The records as the stream and the reference read them."""
+def items(pairs: list[EncodedPair], objective: str, split: str = "train", max_len: int = 0) -> list[Item]:
+    """The records as the stream and the reference read them (KTO's with their mismatched answers, max_len
+    tokens at most)."""
     if objective in objectives.UNPAIRED:
-        pairs = kto_partners(pairs)
+        pairs = kto_partners(pairs, max_len)
     return [Item(p, i, split) for i, p in enumerate(pairs)]
 
 

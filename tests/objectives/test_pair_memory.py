@@ -29,3 +29,11 @@ def test_a_record_is_estimated_as_two_rows(tiny_model_dir):
 def test_record_sizes_are_the_wider_answer_and_both_answers_tokens():
     pairs = [EncodedPair([1] * 5, [2] * 3, [3] * 9), EncodedPair([1] * 20, [2] * 4, [3] * 2)]
     assert preference_step.sizes(pairs) == [(24, 6), (14, 12)]
+
+
+def test_kto_partners_are_the_next_records_answer_cut_to_max_len():
+    from slimtune.engine.preference_step import kto_partners
+
+    pairs = [EncodedPair([1] * 6, [2] * 3, [], label=True), EncodedPair([1] * 2, [3] * 9, [], label=False)]
+    assert [p.rejected for p in kto_partners(pairs)] == [[3] * 9, [2] * 3]
+    assert [p.rejected for p in kto_partners(pairs, max_len=10)] == [[3] * 4, [2] * 3]  # 6 + 4 = 10 tokens
