@@ -7,22 +7,26 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import config as config_mod
 from . import methods, models, outputs
 from .config import ConfigError, batch
-from .data import build
+from .data import Built, build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, runfolder
+from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, preference_step, runfolder
+from .engine import reference as pref_reference
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.runfolder import RunFolderError
 from .errors import ExistingFileError, MissingFileError
-from .evaluate import summary
+from .data.pairs import BuiltPairs, EncodedPair
+from .data.preference import build_pairs
+from .evaluate import preference as pref_eval, summary
 from .evaluate.report import in_training
 from .methods.parts import PARTS
 from .kernels import select
@@ -31,6 +35,9 @@ from .export.peft_format import read_config, save
 from .methods import experts, kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import check_base, quantization_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
@@ -153,6 +160,8 @@ def _check_split(cfg, kept: int, held: int, log) -> None:
 
 def _sizes(built) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
+    if built.train and isinstance(built.train[0], EncodedPair):  # two rows each: engine/memory.py counts both
+        return preference_step.sizes(built.train)
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
 
 
@@ -258,14 +267,16 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
         check_base(cfg.model.path, cfg.model.trust_remote_code)  # and qlora of fused experts
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
+    objective = _objective(cfg, pad_id(tokenizer))  # None for sft; a refused combination stops here
+    # every record is checked before the model is loaded
+    built = _build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
     _check_split(cfg, len(built.train), len(built.eval), log)
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
     cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
     predicted = _predict(cfg, built, log, device, hint=not auto)
-    if device == "cpu":  # before the load: a record too long for this machine is one line, not a dead allocator
+    if device == "cpu" and not objective:  # before the load: a record too long for the machine is one line
         host_memory.check(cfg, built.train, built.eval)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
     home = "cpu" if distributed.active() else device
@@ -275,8 +286,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
         model = distributed.shard(model, device, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
         log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
             f"{cfg.train.batch_size} records per optimizer step over all of them")
-    hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
-                       log) if built.eval else None
+    train, held, hook = _records(cfg, built, objective, tokenizer, device, show_progress, log)
     # every check has passed: only now does output_dir get its first file
     if distributed.is_main():
         if start is None:
@@ -286,8 +296,8 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
         checkpoint.clean(out)
         _write_skipped(out, built.skipped, log)
     distributed.barrier()
-    result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
-                 resume=start, evaluate=hook)
+    result = fit(model, train, held, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
+                 resume=start, evaluate=hook, objective=objective)
     if result.get("interrupted"):
         log(f"{result['interrupted']}: stopped after step {result['stopped_at']} of {result['steps']}; checkpoint "
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")
@@ -303,6 +313,34 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     if distributed.is_main():
         summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
+
+
+def _objective(cfg: config_mod.Config, pad: int) -> preference_step.PairObjective | None:
+    """The preference objective's step for train.objective (None for sft), its reference resolved."""
+    if cfg.train.objective == "sft":
+        return None
+    preference_step.check(cfg, distributed.size())
+    return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
+
+
+def _records(cfg: config_mod.Config, built: BuiltPairs | Built, objective: preference_step.PairObjective | None,
+             tokenizer: PreTrainedTokenizerBase, device: str, show_progress: bool,
+             log: Callable[[str], None]) -> tuple[list, list, Callable | None]:
+    """(training records, held-out records, the evaluate hook fit calls, None without held-out records) as fit
+    takes them: encoded answers, or a preference objective's items."""
+    if objective is None:
+        hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
+                           log) if built.eval else None
+        return built.train, built.eval, hook
+    train = preference_step.items(built.train, objective.objective, "train", cfg.data.max_len)
+    held = preference_step.items(built.eval, objective.objective, "eval", cfg.data.max_len)
+    return train, held, pref_eval.InTraining(objective, held, cfg.train.micro_batch_size, device) if held else None
+
+
+def _build_pairs(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase,
+                 log: Callable[[str], None]) -> BuiltPairs:
+    """The preference records of data.train and data.eval."""
+    return build_pairs(cfg, tokenizer, log)
 
 
 def _compare_memory(result: dict, predicted: float | None, log) -> None:

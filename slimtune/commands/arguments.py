@@ -136,7 +136,8 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", nargs="?", help="a run folder written by `slimtune train` (or give --base)")
-    p.add_argument("--data", required=True, help="test records (alpaca or messages); the last answer is the reference")
+    p.add_argument("--data", required=True, help="test records (alpaca or messages; the last answer is the reference), "
+                   "or preference pairs (prompt, chosen, rejected: preference accuracy and mean margin)")
     p.add_argument("--base", help="evaluate this model with no adapter: folder, .gguf file, or 'embedded'")
     p.add_argument("--template", choices=config_mod.CHOICES["data.template"],
                     help="with --base: the chat template (default auto); a run uses its own")

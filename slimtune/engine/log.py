@@ -123,7 +123,10 @@ LABELS = [("em", "EM"), ("f1", "F1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1")
 
 def eval_line(row: dict) -> str:
     """An eval's eval_* row as the run's log prints it."""
-    text = f"loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.3f}"
+    text = f"loss {row['eval_loss']:.4f}" + (f", perplexity {row['eval_ppl']:.3f}" if "eval_ppl" in row else "")
+    if "eval_rewards/accuracy" in row:  # preference pairs (evaluate/preference.py)
+        text += (f"; preference accuracy {row['eval_rewards/accuracy']:.3f}, mean margin "
+                 f"{row['eval_rewards/margins']:.4f}")
     if "eval_em" in row:
         text += "; " + "  ".join(f"{name} {row['eval_' + key]:.2f}" for key, name in LABELS)
     if "eval_extraction_f1" in row:

@@ -27,6 +27,7 @@ from ..data import encode_examples, read
 from ..kernels import linear_ce, select, tiled_mlp
 from ..models import load_config
 from . import distributed, fsdp_memory, moe_memory, precision
+from .pair_logps import pair_rows
 
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -141,6 +142,7 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg
     train.batch_size (engine/plan.py chooses the real one). mcfg: the transformers config of the model to
     train when it was built in code (default: model.path's)."""
     cfg = with_split(cfg)
+    rows = pair_rows(cfg, rows)  # a preference record is two sequences
     if gpus > 1:
         return _sharded(cfg, rows, gpus, mcfg)
     model, mcfg = _meta_model(cfg, mcfg)

@@ -26,9 +26,11 @@ MANIFEST, LOCK, PROBE, OLD = ".slimtune-run.json", ".slimtune-lock", ".slimtune-
 WRITES = ["config.yaml", "metrics.jsonl", "skipped_records.jsonl", "checkpoints", "eval", "adapter_config.json",
           "adapter_model.safetensors", "slimtune_parts.safetensors", "README.md", "events.out.tfevents.*",
           "loss.png", "summary.json", "profile.txt",
+          "reference_logps.safetensors", "reference_logps.safetensors.tmp-*",
           MANIFEST, MANIFEST + ".tmp-*", OLD + "*"]
 # a fresh run's folder before its first step: a run stopped there (a failed check, a kill) left nothing else
-STARTED = {MANIFEST, "config.yaml"}
+# (a preference run's precomputed reference is written before the first step too)
+STARTED = {MANIFEST, "config.yaml", "reference_logps.safetensors"}
 
 
 class RunFolderError(ConfigError):

@@ -49,8 +49,31 @@ def loss_png(metrics: list[dict], path: Path, title: str = "") -> Path:
     ax.set(xlabel="optimizer step", ylabel="loss (answer tokens)", title=title or "loss")
     ax.grid(alpha=0.3)
     if train or held:
-        ax.legend()
+        ax.legend(loc="upper left")
+    _accuracy(ax, metrics)
     return _save(fig, path)
+
+
+def accuracy_points(rows: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) preference accuracy points (step, share of pairs whose chosen answer wins) of a preference
+    run's metrics.jsonl rows; both empty for an answers run."""
+    train = {r["step"]: r["rewards/accuracy"] for r in rows if "rewards/accuracy" in r and "step" in r}
+    held = {r["step"]: r["eval_rewards/accuracy"] for r in rows if "eval_rewards/accuracy" in r and "step" in r}
+    return sorted(train.items()), sorted(held.items())
+
+
+def _accuracy(ax, metrics: list[dict]) -> None:
+    """A preference run's accuracy on its own 0-1 axis at the right of the loss chart."""
+    train, held = accuracy_points(metrics)
+    if not (train or held):
+        return
+    right = ax.twinx()
+    if train:
+        right.plot(*zip(*train), label="train preference accuracy", color="tab:green", linewidth=1, alpha=0.7)
+    if held:
+        right.plot(*zip(*held), "s--", label="eval preference accuracy", color="tab:red")
+    right.set(ylabel="preference accuracy", ylim=(0, 1.05))
+    right.legend(loc="upper right")
 
 
 def compare_losses(runs: dict[str, list[dict]], path: Path, note: str = "") -> Path:

@@ -18,9 +18,9 @@ importance matrix of the run's records, export/imatrix.py, as llama.cpp's imatri
 (norms, biases) stay F32 in every type, as llama.cpp keeps them. The q4_k_m mix follows llama.cpp's
 llama_tensor_get_type: Q4_K everywhere except Q6_K for output.weight (token_embd.weight when tied: it is then
 also the output) and for attn_v / ffn_down in the layers `_more_bits` picks (the first and last eighth and
-every third between: about half of them). q4_0 also writes the output matrix as Q6_K, as llama.cpp does. A row length that the type's block does not divide
-falls back as llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0, and a 32-block type -> F16 (SmolLM2's
-hidden size 576 is not a multiple of 256, so most of its matrices are Q5_0 / Q8_0 in q4_k_m).
+every third between: about half of them). q4_0 also writes the output matrix as Q6_K, as llama.cpp does. A row
+length that the type's block does not divide falls back as llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0, and a
+32-block type -> F16 (SmolLM2's hidden size 576 is not a multiple of 256: most of its matrices are Q5_0 / Q8_0).
 """
 from __future__ import annotations
 

@@ -1,0 +1,115 @@
+"""A micro-batch of preference records as one forward: chosen and rejected answers (KTO: the answer and its
+mismatched partner) stacked as the rows of one right-padded batch, and each sequence's summed answer
+log-probability read from the decoder's hidden states through the output head a chunk at a time
+(objectives/logps.py), never all tokens x vocabulary logits at once.
+
+Rows are padded, not packed, on every device: a packed row would need its own trained-position map per sequence
+and the varlen attention path; padding costs the difference in length between a pair's two answers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+from ..config import Config
+from ..data.collate import TRAINED, collate, trained_index
+from ..data.pairs import EncodedPair
+from ..data.stream import split
+from ..kernels import linear_ce
+from ..objectives.logps import plain_token_logps, sequence_sums, token_logps
+from .loss import model_inputs, split_head
+
+
+@dataclass(frozen=True)
+class Item:
+    """A record as the stream holds it: the pair, its split ("train"/"eval") and index there (where a
+    precomputed reference keeps its log-probabilities)."""
+    pair: EncodedPair
+    index: int
+    split: str = "train"
+
+    @property
+    def where(self) -> str:
+        return self.pair.where
+
+
+def collate_pairs(items: list[Item], pad: int, device: str) -> dict[str, torch.Tensor]:
+    """Rows 0..B-1 the chosen sequences, B..2B-1 the rejected ones, right-padded, with TRAINED on the device."""
+    seqs = [i.pair.chosen_sequence() for i in items] + [i.pair.rejected_sequence() for i in items]
+    batch = collate(seqs, pad)
+    batch[TRAINED] = trained_index(batch["labels"])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def input_tokens(items: list[Item]) -> int:
+    """Tokens of both sequences of every record, padding excluded."""
+    return sum(2 * len(i.pair.prompt) + len(i.pair.chosen) + len(i.pair.rejected) for i in items)
+
+
+def answer_tokens(items: list[Item]) -> int:
+    """Trained positions of both sequences: every answer token (the first position of a sequence has none)."""
+    return sum(len(i.pair.chosen) + len(i.pair.rejected) - (not i.pair.prompt) * (bool(i.pair.chosen)
+                                                                               + bool(i.pair.rejected))
+               for i in items)
+
+
+def pair_rows(cfg: Config, rows: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """A preference objective's record (train.objective other than sft) is two rows of one forward, its chosen and
+    rejected answers: its (width, trained tokens) as two rows of that width sharing its trained tokens. The
+    reference pass runs without gradients, a layer's activations at a time, and keeps nothing."""
+    if getattr(cfg.train, "objective", "sft") == "sft":
+        return rows
+    if rows is None:
+        return [(cfg.data.max_len, cfg.data.max_len)] * (2 * cfg.train.micro_batch_size)
+    return [row for n, t in rows for row in ((n, t - t // 2), (n, t // 2))]
+
+
+def share(records: list[Item], rank: int, world: int) -> tuple[list[Item], bool]:
+    """(rank `rank`'s records of a micro-batch over `world` processes, split by tokens as data/stream.share splits
+    answers, whether they count): a rank left with none runs a forward on the shortest record (FSDP's collectives
+    need every rank) whose loss counts for nothing."""
+    if world <= 1:
+        return records, True
+    mine = [records[i] for i in split([input_tokens([r]) for r in records], world)[rank]]
+    return (mine, True) if mine else ([min(records, key=lambda r: input_tokens([r]))], False)
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed answer log-probability (2B,) in fp32, answer tokens (2B,)) of each row of `batch`. Under FSDP2 the
+    computation runs as the root module's forward, whose hooks gather the embeddings, final norm and head that the
+    decoder and head calls read (engine/loss.py does the same for the answers' loss)."""
+    if isinstance(model, FSDPModule):
+        own, plain = model.__dict__.get("forward"), model.forward
+        model.forward = lambda b: _logps(model, b, chunked, plain)
+        try:
+            return model(batch)
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+    return _logps(model, batch, chunked, model)
+
+
+def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool,
+           forward: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, positions = batch[TRAINED][0], batch[TRAINED][1]
+    targets = batch["labels"][:, 1:][rows, positions]
+    n = batch["input_ids"].shape[0]
+    parts = split_head(model)
+    if parts is None:  # a head that post-processes logits: the model's own forward, all logits
+        logits = forward(**model_inputs(batch, model)).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
+        picked = logits[rows, positions].float()
+        per = picked.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    else:
+        decoder, head = parts
+        hidden = decoder(**model_inputs(batch, decoder)).last_hidden_state[:, :-1][rows, positions]
+        if linear_ce.fits(head):
+            per = (token_logps if chunked else plain_token_logps)(hidden, head.weight, head.bias, targets)
+        else:  # an adapter on the head (or a quantized one): its own forward
+            per = torch.log_softmax(head(hidden).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    counts = torch.bincount(rows, minlength=n)
+    return sequence_sums(per, rows, n), counts
