@@ -288,7 +288,7 @@ def test_fit_turns_on_the_checkpointing_an_auto_split_chose_after_prepare(tiny_m
 
     from slimtune.data import encode_examples
     from slimtune.data.readers import from_alpaca
-    from slimtune.train import checkpointing_on
+    from slimtune.engine.recompute import checkpointing_on
 
     cfg = slimtune.load_config(overrides=[f"model.path={tiny_model_dir}", "method.target_modules=q_proj,v_proj",
                                           "method.r=4", "train.max_steps=2", "train.batch_size=4", "train.seed=1",

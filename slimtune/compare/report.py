@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.log import read_metrics
-from ..engine.plan import records_per_step
+from ..config.batch import records_per_step
 from ..evaluate import plots
 from . import page, table
 from .spec import Plan

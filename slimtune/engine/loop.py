@@ -6,23 +6,31 @@ import contextlib
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from ..config import Config
 from ..data import pack
 from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, plan as split_plan, precision, timing
+from . import checkpoint, distributed, guards, precision, run_plan, timing
 from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
 from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
-from .precision import Plan
+from .recompute import match_checkpointing
 from .state import Run, Tally, result
+
+Log, Context = Callable[[str], None], Callable[[], contextlib.AbstractContextManager]  # Context: wraps a forward
+Evaluate = Callable[[torch.nn.Module, Context, int], Any]  # (model, context, step) -> evaluate.report.Report
+Measure = Callable[[int], Any]  # step -> the held-out scores, logged
 
 
 def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
@@ -30,9 +38,10 @@ def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
-               scaler: torch.amp.GradScaler | None = None, chunked: bool = False, n_tokens: int | None = None,
-               scale: float = 1.0, unread: bool = False) -> tuple[float | torch.Tensor, int | torch.Tensor]:
+def accumulate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+               context: Context = contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None,
+               chunked: bool = False, n_tokens: int | None = None, scale: float = 1.0,
+               unread: bool = False) -> tuple[float | torch.Tensor, int | torch.Tensor]:
     """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
     `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
     the head and loss a chunk of rows at a time (engine/loss.py). Several processes: n_tokens is the
@@ -55,8 +64,9 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib
     return (total / n_tokens, n_tokens) if unread else (total.item() / n_tokens, n_tokens)
 
 
-def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
-         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False,
+def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float,
+         context: Context = contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False,
          chunked: bool = False, n_tokens: int | None = None) -> dict:
     """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
     guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"].
@@ -98,14 +108,14 @@ def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, ma
     return row
 
 
-def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module | None = None,
-                    max_tokens: int = 0):
+def forward_context(p: precision.Plan, device: str, offload: bool, model: torch.nn.Module | None = None,
+                    max_tokens: int = 0) -> Context:
     """Autocast per the precision plan, plus saved activations kept in CPU memory when asked (engine/offload.py;
     `model`'s parameters are never copied out; max_tokens: the most tokens a micro-batch can hold, which sizes
     its reused host buffers)."""
     hooks = OffloadActivations(model, max_tokens=max_tokens) if offload else None
 
-    def context():
+    def context() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(precision.autocast(p, device))
         if hooks is not None:
@@ -114,15 +124,16 @@ def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module 
     return context
 
 
-def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
-        log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None,
-        evaluate=None) -> dict:
+def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: Config, pad: int, out_dir: str | Path,
+        device: str, log: Log = print, show_progress: bool = True, plan: run_plan.RunPlan | None = None,
+        resume: Path | None = None, evaluate: Evaluate | None = None) -> dict:
     """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
     (optionally), every train.eval_every steps and after. Metrics go to metrics.jsonl and TensorBoard,
     checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM/SIGHUP save a checkpoint
     and return early, with result["interrupted"] set.
 
     Args:
+        plan: the run plan (engine/run_plan.py); None: resolved here for this model, and printed.
         evaluate: (model, context, step) -> Report on the held-out split `held` (evaluate.report.in_training,
             which can also generate; evaluate.perplexity.loss_eval for the loss alone); needed when `held`
             holds records.
@@ -130,26 +141,29 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
         raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
                          "their loss)")
-    cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
+    if plan is None:
+        plan = run_plan.resolve(cfg, device, model=model)
+        log(plan.describe())
+    cfg, dtypes = plan.apply(cfg), plan.precision
     tc = cfg.train
-    plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
-    if note := precision.cpu_note(plan, device):
+    match_checkpointing(model, plan.checkpointing, cfg.method, log)  # prepare may have run without the plan
+    if note := precision.cpu_note(dtypes, device):
         log(note)
     torch.manual_seed(tc.seed)
-    took = enable_kernels(model, tc, device, log)
+    took = enable_kernels(model, tc, device, log, plan.kernels)
     stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
-    run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), stream, fingerprint(train), took,
+    run = Run(model, cfg, dtypes, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
+              precision.scaler(dtypes, device), stream, fingerprint(train), took,
               Tally(start_max_abs=guards.trainable_max(model)))  # a resume keeps the first run's
     if stream.packed:
-        log(_describe_packing(stream, device, plan))
+        log(_describe_packing(stream, device, dtypes))
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log) \
         if distributed.is_main() else NullLog()
     show_progress = show_progress and distributed.is_main()
-    context = forward_context(plan, device, tc.offload_activations, model, tc.micro_batch_size * cfg.data.max_len)
+    context = forward_context(dtypes, device, plan.offload, model, plan.micro_batch_size * cfg.data.max_len)
     measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:
@@ -169,7 +183,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     return done
 
 
-def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, measure=None) -> None:
+def _train(run: Run, pad: int, context: Context, logs: RunLog, log: Log, show_progress: bool,
+           measure: Measure | None = None) -> None:
     tc = run.cfg.train
     run.model.train()
     bar = progress(run.steps, show_progress, initial=run.step)
@@ -197,7 +212,7 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
         bar.close()
 
 
-def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dict:
+def _step(run: Run, records: list[list[Encoded]], pad: int, context: Context, log: Log) -> dict:
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
@@ -237,7 +252,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     return row
 
 
-def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
+def _describe_packing(stream: MicroBatches, device: str, plan: precision.Plan) -> str:
     lengths = [len(r.input_ids) for r in stream.records]
     fast = device.startswith("cuda") and attention.varlen_available() and plan.name != "fp32"
     rows = (f"{stream.size} records per row" if stream.rows else
@@ -247,7 +262,7 @@ def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
             + ("varlen flash attention" if fast else "one SDPA call per record (plain PyTorch)"))
 
 
-def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
+def _report(run: Run, row: dict, logs: RunLog, bar: tqdm, log: Log = print) -> None:
     """metrics.jsonl + TensorBoard every log_every steps (and, with the bar off, a printed line); the bar's
     postfix every step."""
     run.trained += row["trained_tokens"]
@@ -270,7 +285,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
     run.tally.train_loss = row["loss"]
 
 
-def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
+def _evaluate(run: Run, context: Context, logs: RunLog, hook: Evaluate, at: int) -> Any:
     """Held-out scores at step `at` (the hook's Report), logged as eval_* keys. The RNG streams training draws
     from (dropout masks, shuffles) are put back as they were, so a run trains on the same numbers whether it
     evaluates or not, and a resumed run as the uninterrupted one."""
@@ -284,7 +299,7 @@ def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
     return report
 
 
-def _maybe_eval(run: Run, measure, log) -> None:
+def _maybe_eval(run: Run, measure: Measure | None, log: Log) -> None:
     """Every train.eval_every steps; the last step's eval is _finish's."""
     every = run.cfg.train.eval_every
     if measure and every and run.step % every == 0 and run.step < run.steps:
@@ -320,7 +335,7 @@ def _save(run: Run, logs: RunLog) -> Path:
     return path
 
 
-def _restore(run: Run, folder: Path, log) -> int:
+def _restore(run: Run, folder: Path, log: Log) -> int:
     """Load a checkpoint into the run; returns the metrics.jsonl length to cut back to."""
     state = checkpoint.load(folder, run.model, run.optimizer)
     if state["data"] != run.data:
@@ -339,7 +354,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     return state["metrics_bytes"]
 
 
-def _new_peak_lr(run: Run, log) -> None:
+def _new_peak_lr(run: Run, log: Log) -> None:
     """A resume may change train.lr (checkpoint.FREE_KEYS, so a diverged run can go on more gently): the
     restored optimizer and schedule hold the old peak, so the schedule goes on from this step at the new one."""
     lr, sched = run.cfg.train.lr, run.scheduler
@@ -353,7 +368,7 @@ def _new_peak_lr(run: Run, log) -> None:
         "peak")
 
 
-def _finish(run: Run, measure, logs: RunLog, log) -> None:
+def _finish(run: Run, measure: Measure | None, logs: RunLog, log: Log) -> None:
     t, end = run.tally, run.end
     if run.plan.scaler:
         log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {t.skipped_steps} of {run.steps} "

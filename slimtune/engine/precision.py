@@ -108,9 +108,10 @@ def scaler_state(scaler: torch.amp.GradScaler, optimizer) -> list[torch.Tensor]:
     return [scale, sum(f.to(scale.device) for f in found)]
 
 
-def base_dtype_name(cfg, device: str) -> str:
-    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16."""
+def base_dtype_name(cfg, device: str, p: Plan | None = None) -> str:
+    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16. p: the run's plan
+    (default: decided here, for a model loaded outside a run)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    dtype = plan(cfg.train.precision, device, cfg.train.adam_eps).weights
+    dtype = (p or plan(cfg.train.precision, device, cfg.train.adam_eps)).weights
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
