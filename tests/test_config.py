@@ -10,7 +10,7 @@ import yaml
 
 from slimtune import cli, config
 from slimtune.config import Config, ConfigError
-from slimtune.engine import split
+from slimtune.engine import run_plan, split
 
 YAML = """\
 model:
@@ -285,14 +285,14 @@ def test_cli_print_config_resolves_an_auto_split_on_the_cpu(tmp_path, capsys, no
     assert (printed.train.micro_batch_size, printed.train.grad_accum) == (8, 2)
 
 
-@pytest.mark.parametrize("batch, split", [(12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (24, (8, 3))])
-def test_print_config_cpu_split_matches_the_run(tmp_path, batch, split):
-    """--print-config prints the split train resolves on the CPU (split.resolve), not a guess of its own."""
+@pytest.mark.parametrize("batch, want", [(12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (24, (8, 3))])
+def test_print_config_cpu_split_matches_the_run(tmp_path, batch, want):
+    """--print-config prints the split train resolves on the CPU (the run plan's), not a guess of its own."""
     cfg = config.load(write(tmp_path, f"train:\n  batch_size: {batch}\n  device: cpu\n"))
     printed, note = split.for_print(cfg)
-    run = split.resolve(cfg, "cpu", log=lambda *a: None)
-    assert (printed.train.micro_batch_size, printed.train.grad_accum) == split
-    assert printed.train == run.train and f"as {split[0]} x {split[1]}" in note
+    run = run_plan.resolve(cfg, "cpu").apply(cfg)
+    assert (printed.train.micro_batch_size, printed.train.grad_accum) == want
+    assert printed.train == run.train and f"as {want[0]} x {want[1]}" in note
 
 
 def test_cli_print_config_partial_split_is_derived(tmp_path, capsys, no_training):

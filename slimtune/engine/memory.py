@@ -24,14 +24,12 @@ import torch
 from .. import methods
 from ..config import Config, ConfigError
 from ..config.batch import with_split
-from ..data import encode_examples, read
 from ..kernels import linear_ce, select, tiled_mlp
-from ..kernels.select import Kernels
 from ..models import load_config
 from . import distributed, fsdp_memory, precision
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig
 
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -134,22 +132,20 @@ def _build_meta(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torc
 
 
 def gpu_dtypes(cfg: Config) -> precision.Plan:
-    """The dtypes of a run on a GPU, decided without one (no bf16 check): what an estimate given no run plan
-    counts."""
+    """A GPU run's dtypes, decided without the GPU (no bf16 check): what an estimate without a run plan counts."""
     name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision  # an estimate is for a GPU
     return precision.plan(name, "cpu", cfg.train.adam_eps)
 
 
 def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int = 1,
-             mcfg: PretrainedConfig | None = None, kernels: Kernels | None = None,
+             mcfg: PretrainedConfig | None = None, kernels: select.Kernels | None = None,
              dtypes: precision.Plan | None = None) -> Estimate:
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
     sharded, whole layers gathered while they compute. An auto split counts as one micro-batch of
-    train.batch_size (engine/split.py chooses the real one). mcfg: the transformers config of the model to
-    train when it was built in code (default: model.path's). kernels, dtypes: the run plan's (engine/run_plan.py);
-    default: what a GPU run would take (select.on_gpu, bf16 for precision auto)."""
+    train.batch_size (engine/split.py chooses the real one). mcfg: the config of a model built in code (default:
+    model.path's). kernels, dtypes: the run plan's (engine/run_plan.py); default: a GPU run's (select.on_gpu)."""
     cfg = with_split(cfg)
     if gpus > 1:
         return _sharded(cfg, rows, gpus, mcfg, kernels, dtypes)
@@ -222,7 +218,7 @@ def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precis
 
 
 def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: PretrainedConfig | None = None,
-             kernels: Kernels | None = None, dtypes: precision.Plan | None = None) -> Estimate:
+             kernels: select.Kernels | None = None, dtypes: precision.Plan | None = None) -> Estimate:
     """One rank of an FSDP2 run: its share of the micro-batch (split by tokens, as the loop does), 1/gpus
     of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
     computes: the root (embeddings, head: kept from forward to backward), the layers in flight and what
@@ -254,14 +250,14 @@ def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: P
     return est
 
 
-def fast_engine(cfg: Config, kernels: Kernels | None = None) -> bool:
+def fast_engine(cfg: Config, kernels: select.Kernels | None = None) -> bool:
     """Whether a run with these kernels (default: what `train` on a GPU chooses) runs this config on the fast
     engine the fast model describes: plain LoRA without dropout (fused layers), packed rows, the chunked loss."""
     return (kernels or select.on_gpu(cfg)).fast and select.fusable(cfg.method)
 
 
 def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int, rows: list[tuple[int, int]],
-          kernels: Kernels) -> Estimate:
+          kernels: select.Kernels) -> Estimate:
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
@@ -302,7 +298,7 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
     return est
 
 
-def faster(cfg: Config, rows: list[tuple[int, int]] | None = None, kernels: Kernels | None = None,
+def faster(cfg: Config, rows: list[tuple[int, int]] | None = None, kernels: select.Kernels | None = None,
            dtypes: precision.Plan | None = None) -> tuple[str, float] | None:
     """On the fast engine with gradient accumulation: the same records per step in one offloaded
     micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
@@ -340,16 +336,8 @@ def verdict_line(est: Estimate, budget: float) -> str:
     return f"budget {budget / GIB:.1f} GiB: predicted {total / GIB:.2f} GiB with the CUDA context: {verdict}"
 
 
-def data_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
-    """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
-    cfg = with_split(cfg)
-    encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
-    sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
-    return sizes[: cfg.train.micro_batch_size]
-
-
 def suggestions(cfg: Config, budget: float, rows: list[tuple[int, int]] | None = None,
-                kernels: Kernels | None = None) -> list[tuple[str, float]]:
+                kernels: select.Kernels | None = None) -> list[tuple[str, float]]:
     """Single changes to the config that bring the predicted peak (with the CUDA context) under budget
     (kernels: the run plan's; default what a GPU run takes)."""
     cfg = with_split(cfg)
