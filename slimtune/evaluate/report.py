@@ -11,14 +11,17 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import config as config_mod
 from .. import models, outputs
 from ..config.batch import stated
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
+from ..data.encode import Encoded
 from ..data.readers import DataError, Example, read
 from ..engine.log import LABELS, dumps, strict_json
 from ..engine.loss import eval_loss
@@ -28,6 +31,12 @@ from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
 from .generate import Sampling, run as run_generation
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+Context = Callable[[], contextlib.AbstractContextManager]  # wraps each loss forward (the run's autocast)
 
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
@@ -85,8 +94,9 @@ def _why_not_finite(scores: dict, key: str, value: float) -> str:
             "this adapter is broken, train again with a lower train.lr")
 
 
-def _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress=False,
-          chunked: bool | None = None) -> dict:
+def _loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config,
+          examples: list[Example], records: list[Encoded] | None, batch_size: int, device: str, context: Context,
+          show_progress: bool = False, chunked: bool | None = None) -> dict:
     """Loss over the answer tokens only, whatever data.train_on_prompt was in training. chunked: the run plan's
     loss (None: train.loss on `device`, for a model evaluated outside a run)."""
     data_cfg = replace(cfg.data, train_on_prompt=False)
@@ -123,10 +133,11 @@ def _generation(model, tokenizer, cfg, examples, sampling, batch_size, device, s
     return scores, rows
 
 
-def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Example], generate: bool = False, *,
-                 extraction_sep: str | None = None, sampling: Sampling | None = None, batch_size: int = 8,
-                 gen_batch_size: int | None = None, device: str = "cpu", context=contextlib.nullcontext,
-                 records=None, show_progress: bool = False, chunked: bool | None = None) -> Report:
+def evaluate_run(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config,
+                 examples: list[Example], generate: bool = False, *, extraction_sep: str | None = None,
+                 sampling: Sampling | None = None, batch_size: int = 8, gen_batch_size: int | None = None,
+                 device: str = "cpu", context: Context = contextlib.nullcontext, records: list[Encoded] | None = None,
+                 show_progress: bool = False, chunked: bool | None = None) -> Report:
     """Scores of a model on held-out records (each ending with the reference answer).
 
     Args:
@@ -148,8 +159,10 @@ def evaluate_run(model, tokenizer, cfg: config_mod.Config, examples: list[Exampl
     return Report(scores, rows)
 
 
-def in_training(tokenizer, cfg: config_mod.Config, examples: list[Example], records, device: str,
-                show_progress: bool = False, train_records=None, log=print, chunked: bool = False) -> "InTraining":
+def in_training(tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+                records: list[Encoded], device: str, show_progress: bool = False,
+                train_records: list[Encoded] | None = None, log: Callable[[str], None] = print,
+                chunked: bool = False) -> InTraining:
     """The training loop's hook, (model, context, step) -> Report, per the train.eval_* keys (see InTraining);
     chunked: the run plan's loss."""
     return InTraining(tokenizer, cfg, examples, records, device, show_progress, train_records, log, chunked)
@@ -161,8 +174,10 @@ class InTraining:
     the eval before training (step 0) is kept in a cache beside the run folder and reused by the next run
     from the same model, data and method (evaluate/cache.py)."""
 
-    def __init__(self, tokenizer, cfg, examples, records, device, show_progress=False, train_records=None,
-                 log=print, chunked: bool = False):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
+                 records: list[Encoded], device: str, show_progress: bool = False,
+                 train_records: list[Encoded] | None = None, log: Callable[[str], None] = print,
+                 chunked: bool = False) -> None:
         tc = cfg.train
         self.chunked = chunked  # the run plan's loss, as training computes it
         self.tokenizer, self.cfg, self.device, self.show_progress, self.log = tokenizer, cfg, device, show_progress, log
@@ -260,7 +275,8 @@ def eval_token_cap(cfg, records, train_records=None) -> int:
     return max(MIN_EVAL_TOKENS, int(0.75 * steps * per_step / evals))
 
 
-def _probe(model, records, cfg, tokenizer, device, context, chunked: bool) -> float:
+def _probe(model: torch.nn.Module, records: list[Encoded], cfg: config_mod.Config,
+           tokenizer: PreTrainedTokenizerBase, device: str, context: Context, chunked: bool) -> float:
     """Seconds per token of one loss forward over the first micro-batch (the estimate before the first eval)."""
     first = records[:cfg.train.micro_batch_size]
     start = time.perf_counter()

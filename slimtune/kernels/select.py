@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import Config, ConfigError, MethodConfig, TrainConfig
 from . import attention, compiled, lora, norm_mlp, rope, tiled_mlp
 
 MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% tok/s, 1B (2048) -7% (CPU-bound)
@@ -155,7 +155,7 @@ def fallbacks(model, tc, device: str, k: Kernels) -> list[str]:
     return out
 
 
-def choose(tc, device: str, hidden: int = 0) -> Kernels:
+def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
     """The fast paths train.* asks for on `device` for a model `hidden` wide, decided once per run (the run
     plan's record: 1 stands for "on"; enable then says what each took in a given model)."""
     liger = chosen(tc.fused_norm_mlp, device, hidden)
@@ -168,7 +168,7 @@ def choose(tc, device: str, hidden: int = 0) -> Kernels:
                    compiled_layers=int(use_compile(tc.compile, device, int(liger))))
 
 
-def enable(model: torch.nn.Module, tc, device: str, log: Callable[[str], None] = print,
+def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[str], None] = print,
            want: Kernels | None = None) -> Kernels:
     """Switch on in `model` the fast paths `want` chose (default: choose for this model's width); what each
     took, and through `log` one line for each asked-for path this model falls back from. disable takes them
@@ -203,7 +203,7 @@ def disable(model) -> None:
     attention.disable(model)
 
 
-def on_gpu(cfg, hidden: int = 0) -> Kernels:
+def on_gpu(cfg: Config, hidden: int = 0) -> Kernels:
     """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
     packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
     4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""
@@ -214,7 +214,7 @@ def on_gpu(cfg, hidden: int = 0) -> Kernels:
                    fused_norm_mlp=int(chosen(tc.fused_norm_mlp, "cuda", hidden)))
 
 
-def fusable(method) -> bool:
+def fusable(method: MethodConfig) -> bool:
     """Whether kernels/lora.py fuses this method's layers: plain LoRA without dropout (qlora's over a 4-bit
     base too, not 8-bit); others keep peft's layers whatever train.fused_lora asks."""
     return method.name in LORA_METHODS and method.dropout == 0 and not (method.name == "qlora" and
