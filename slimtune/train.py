@@ -102,11 +102,11 @@ def _write_skipped(out: Path, skipped: list[dict], log: Log) -> None:
         log(f"{len(skipped)} records were left out of the run; each, with its reason, is in {path}")
 
 
-def _check_split(cfg: Config, kept: int, held: int, log: Log) -> None:
+def _check_split(cfg: Config, per_step: int, kept: int, held: int, log: Log) -> None:
     """A held-out split (data.eval_size) that leaves fewer training records than one step takes, where the data
     had enough: refused when data.eval_size asked for every record (1e9 held out 39 of 40 records and trained on
     1, with exit 0), else warned about."""
-    per_step, size, total = batch.records_per_step(cfg.train), cfg.data.eval_size, kept + held
+    size, total = cfg.data.eval_size, kept + held
     if cfg.data.eval or not held or kept >= per_step or total < per_step:
         return
     text = (f"data.eval_size={size:g} holds out {held} of the {total} training records, leaving {kept} to train on, "
@@ -217,11 +217,11 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
-    _check_split(cfg, len(built.train), len(built.eval), log)
     auto, sizes = split.is_auto(cfg.train), _sizes(built)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
     plan = run_plan.resolve(cfg, procs.device, sizes=sizes, world_size=procs.world_size, rank=procs.rank)
+    _check_split(cfg, plan.batch_size, len(built.train), len(built.eval), log)
     cfg = plan.apply(cfg)
     log(plan.describe())
     predicted = _predict(cfg, plan, sizes, log, hint=not auto)
