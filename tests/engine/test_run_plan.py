@@ -100,3 +100,26 @@ def test_prefix_tuning_plans_without_checkpointing_and_says_why(tiny_model_dir):
     assert not plan.checkpointing and plan.apply(cfg).train.gradient_checkpointing  # config.yaml keeps what was asked
     assert plan.describe().endswith("note: train.gradient_checkpointing is off for prefix_tuning: checkpointed "
                                     "layers would drop the learned prefix (its keys/values travel as a KV cache)")
+
+
+def test_the_processes_object_answers_for_one_process_and_speaks_only_from_rank_0():
+    from slimtune.engine.distributed import Processes
+
+    one, lines = Processes("cpu"), []
+    assert one.is_main and not one.several and one.load_device == "cpu"
+    assert one.all_reduce([2.0, 3.0]) == [2.0, 3.0] and one.broadcast({"a": 1}) == {"a": 1}
+    one.barrier()
+    one.refuse("qlora")  # one process: qlora trains as ever
+    one.log(lines.append)("said")
+    second = Processes("cuda:1", rank=1, world_size=2)
+    second.log(lines.append)("not said")  # rank 0 speaks for the run
+    assert lines == ["said"] and not second.is_main and second.load_device == "cpu"  # FSDP2 moves each layer
+    with pytest.raises(config.ConfigError, match=r"^method.name=qlora on 2 processes: a bitsandbytes 4-bit base"):
+        second.refuse("qlora")
+
+
+def test_several_processes_are_in_the_plan_and_its_text(tiny_model_dir):
+    cfg = config.load(None, [f"model.path={tiny_model_dir}", "train.precision=fp32", "train.micro_batch_size=2"])
+    plan = run_plan.resolve(cfg, "cpu", world_size=2, rank=1)
+    assert plan.fsdp and (plan.world_size, plan.rank) == (2, 1)
+    assert "run plan: cpu, 2 processes (FSDP2); precision fp32" in plan.describe()
