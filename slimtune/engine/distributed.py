@@ -93,11 +93,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_method(name: str) -> str | None:
-    """Why `name` cannot train on several processes, or None."""
-    return UNSUPPORTED.get(name) if active() else None
-
-
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers: modules of the classes transformers keeps whole (_no_split_modules), else the
     children of the largest ModuleList."""
