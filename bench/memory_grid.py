@@ -29,7 +29,7 @@ from slimtune.engine import precision  # noqa: E402
 from slimtune.engine.loop import forward_context, step  # noqa: E402
 from slimtune.engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from slimtune.methods.quant import quantization_config  # noqa: E402
-from slimtune.train import enable_checkpointing  # noqa: E402
+from slimtune.engine.recompute import enable_checkpointing  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -6,7 +6,7 @@ language-model loss or the caller's own, and the artifact saved in peft's format
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,16 +16,14 @@ from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
-from .engine import loop, plan, user_loss
+from .engine import loop, run_plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
 from .export import peft_format
 from .methods import parts
-from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
-from .train import match_checkpointing
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -34,7 +32,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_mod.load(path, list(overrides))
 
 
-def method_config(name: str = "lora", **fields) -> MethodConfig:
+def method_config(name: str = "lora", **fields: object) -> MethodConfig:
     """A checked MethodConfig: `fields` are method.* keys (r=16, target_modules=["query", "value"], ...)."""
     tree = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
     try:
@@ -49,7 +47,7 @@ def _quantized(model: torch.nn.Module) -> bool:
 
 
 def apply_method(model: torch.nn.Module, name: str = "lora", *, heads: Sequence[str] = (),
-                 **fields) -> torch.nn.Module:
+                 **fields: object) -> torch.nn.Module:
     """Apply method `name` to any nn.Module; returns the model to train (a PeftModel for peft methods).
 
     Args:
@@ -79,7 +77,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
         eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
-        pad_id: int = 0, log=print, show_progress: bool = False) -> dict:
+        pad_id: int = 0, log: Callable[[str], None] = print, show_progress: bool = False) -> dict:
     """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
 
     Args:
@@ -102,10 +100,11 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
     out = Path(out_dir or cfg.train.output_dir)
     held = list(eval_data)
-    cfg = plan.resolve(cfg, device, log, model=model)  # an auto micro-batch split (engine/plan.py), printed
-    match_checkpointing(model, cfg, log)  # the split may have chosen checkpointing after prepare ran
-    scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
-    return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
+    plan = run_plan.resolve(cfg, device, model=model)  # split, checkpointing, dtypes, kernels, loss: once
+    log(plan.describe())
+    cfg = plan.apply(cfg)
+    scored = loss_eval(held, pad_id, plan.micro_batch_size, device, plan.chunked_loss)
+    return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, plan, evaluate=scored)
 
 
 def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) -> Path:

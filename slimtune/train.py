@@ -5,23 +5,26 @@ import contextlib
 import json
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import config as config_mod
 from . import methods, models, outputs
-from .config import ConfigError, batch
+from .config import Config, ConfigError, batch
 from .data import Built, build
 from .data.collate import pad_id
-from .engine import precision
-from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, preference_step, runfolder
+from .engine import checkpoint, host_memory, memory, precision, preference_step, run_plan, runfolder, split
 from .engine import reference as pref_reference
+from .engine.distributed import Processes
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
+from .engine.recompute import enable_checkpointing
+from .engine.run_plan import RunPlan
 from .engine.runfolder import RunFolderError
 from .errors import ExistingFileError, MissingFileError
 from .data.pairs import BuiltPairs, EncodedPair
@@ -32,16 +35,18 @@ from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
 from .export.peft_format import read_config, save
-from .methods import experts, kinds, lora
+from .methods import experts, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import check_base, quantization_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+Log = Callable[[str], None]
 
-def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
-                  log=print) -> tuple[Path | None, dict | None]:
+
+def _check_output(out: Path, cfg: Config, overwrite: bool, resume: bool, keep: list[Path],
+                  log: Log = print) -> tuple[Path | None, dict | None]:
     """(the checkpoint to resume from, or None for a fresh run; the manifest of the run whose own files a
     fresh start removes). Refuses, before anything is loaded, to mix two runs in one folder or to touch a
     folder slimtune did not write: a folder holding files needs --overwrite, or --resume with the same config."""
@@ -64,7 +69,7 @@ def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path
                             "are removed)")
 
 
-def _resume_from(out: Path, cfg, marked: bool) -> Path:
+def _resume_from(out: Path, cfg: Config, marked: bool) -> Path:
     """The newest complete checkpoint, if it was written by this same config; else an error saying why not."""
     last = checkpoint.latest(out)
     instead = "--overwrite to train it again" if marked else "another train.output_dir"
@@ -82,7 +87,8 @@ def _resume_from(out: Path, cfg, marked: bool) -> Path:
     return last
 
 
-def _prepare_output(out: Path, cfg, manifest: dict | None, created: bool, protect: list[Path], log) -> None:
+def _prepare_output(out: Path, cfg: Config, manifest: dict | None, created: bool, protect: list[Path],
+                    log: Log) -> None:
     """A fresh run removes what an earlier run wrote here (its own files, never the user's), then marks the
     folder as a run and writes its config.yaml, so a killed run is known for what it is."""
     if manifest is not None:
@@ -94,7 +100,7 @@ def _prepare_output(out: Path, cfg, manifest: dict | None, created: bool, protec
     (out / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
 
 
-def _write_skipped(out: Path, skipped: list[dict], log) -> None:
+def _write_skipped(out: Path, skipped: list[dict], log: Log) -> None:
     path = out / "skipped_records.jsonl"
     path.unlink(missing_ok=True)
     if skipped:
@@ -103,50 +109,11 @@ def _write_skipped(out: Path, skipped: list[dict], log) -> None:
         log(f"{len(skipped)} records were left out of the run; each, with its reason, is in {path}")
 
 
-def enable_checkpointing(model, cfg_method, log=print) -> bool:
-    """Recompute activations in backward; returns whether it is on. Non-reentrant checkpointing needs no
-    input that requires grad, so with a frozen embedding (every method but full) gradients still reach the
-    adapters, and `enable_input_require_grads` is not needed: that hook would also make frozen layers
-    below a `freeze` run's trainable ones keep activations for a backward they never need. Prefix tuning
-    passes its prefix as a KV cache, which checkpointed layers drop (peft refuses the pair): it trains
-    without checkpointing."""
-    if cfg_method.name == "prefix_tuning":
-        log("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers would drop the learned "
-            "prefix (its keys/values travel as a KV cache); activations take the memory they need")
-        return False
-    owner = model if hasattr(model, "gradient_checkpointing_enable") else kinds.pretrained_base(model)
-    if owner is None:  # the user's own module: transformers' switch is not there to turn on
-        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} holds no transformers model, whose "
-                          "gradient_checkpointing_enable this turns on; set it to false (or checkpoint in the "
-                          "module's forward with torch.utils.checkpoint)")
-    if hasattr(owner, "activation_checkpointing_enable"):  # transformers >= 5.25 (the old name warns there)
-        owner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    owner.config.use_cache = False
-    return True
-
-
-def checkpointing_on(model) -> bool:
-    """Whether transformers' activation checkpointing is on in any layer of `model` (wrapped or not)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def match_checkpointing(model, cfg, log=print) -> None:
-    """`prepare` then `fit` (the Python API) resolves an auto split only in fit, after prepare has run: a
-    split that chose checkpointing, with the layer inputs offloaded, must find it on in the model. Without it
-    the offload hooks move every activation autograd saves to CPU memory: measured on an H100 at 8B, 1.26 s a
-    step instead of 0.54, and a 7-15 s stall while pinned host memory grew."""
-    if cfg.train.gradient_checkpointing and not checkpointing_on(model):
-        if enable_checkpointing(model, cfg.method, log):
-            log("gradient checkpointing on: the batch split chose it (prepare ran before the split was known)")
-
-
-def _check_split(cfg, kept: int, held: int, log) -> None:
+def _check_split(cfg: Config, per_step: int, kept: int, held: int, log: Log) -> None:
     """A held-out split (data.eval_size) that leaves fewer training records than one step takes, where the data
     had enough: refused when data.eval_size asked for every record (1e9 held out 39 of 40 records and trained on
     1, with exit 0), else warned about."""
-    per_step, size, total = batch.records_per_step(cfg.train), cfg.data.eval_size, kept + held
+    size, total = cfg.data.eval_size, kept + held
     if cfg.data.eval or not held or kept >= per_step or total < per_step:
         return
     text = (f"data.eval_size={size:g} holds out {held} of the {total} training records, leaving {kept} to train on, "
@@ -158,26 +125,25 @@ def _check_split(cfg, kept: int, held: int, log) -> None:
                       "or give held-out records in data.eval")
 
 
-def _sizes(built) -> list[tuple[int, int]]:
+def _sizes(built: Built | BuiltPairs) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
     if built.train and isinstance(built.train[0], EncodedPair):  # two rows each: engine/memory.py counts both
         return preference_step.sizes(built.train)
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
 
 
-def _predict(cfg, built, log, device: str = "cpu", hint: bool = True) -> float | None:
-    """The memory estimate for this run's worst micro-batch, printed before the model loads; on a GPU,
-    a faster split of the same records per step when there is one (memory.faster) and hint is set."""
+def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log, hint: bool = True) -> float | None:
+    """The memory estimate of the plan's worst micro-batch, printed before the model loads; on a GPU, a faster
+    split of the same records per step when there is one (memory.faster) and hint is set."""
+    worst, cuda = sizes[:plan.micro_batch_size], plan.device.startswith("cuda")
     try:
-        sizes = _sizes(built)
-        est = memory.estimate(cfg, sizes[: cfg.train.micro_batch_size], distributed.size())
-        quick = memory.faster(cfg, sizes[: cfg.train.micro_batch_size]) \
-            if hint and device.startswith("cuda") and not distributed.active() else None
+        est = memory.estimate(cfg, worst, plan.world_size, kernels=plan.kernels, dtypes=plan.precision)
+        quick = memory.faster(cfg, worst, plan.kernels, plan.precision) if hint and cuda and not plan.fsdp else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
         return None
-    per = " per GPU" if distributed.active() else ""
-    if device.startswith("cuda"):
+    per = " per GPU" if plan.fsdp else ""
+    if cuda:
         log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA "
             "context; `slimtune estimate` shows the parts)")
     else:  # the estimate counts tensors, which the CPU holds too; the process adds its own memory
@@ -197,29 +163,30 @@ class Prepared:
     kernels: Kernels | None = None  # the fast paths switched on (kernels/select.py); None unless asked
 
 
-def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
-            heads: tuple[str, ...] = ()) -> Prepared:
+def prepare(model: torch.nn.Module, cfg: Config, device: str = "cpu", log: Log = print, kernels: bool = False,
+            heads: tuple[str, ...] = (), plan: RunPlan | None = None) -> Prepared:
     """The one sequence train, the bench scripts and users share: gradient checkpointing, the method
     (seeded with train.seed), trainable weights in the plan's dtype, and with kernels=True the fast paths
     train.* asks for on `device` (fit switches them on itself for its run, and off after; ask for them when
-    driving engine steps yourself). Warns when a new module (a wrapper's head, or one named in `heads`)
-    stays frozen."""
-    plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)
-    if cfg.train.gradient_checkpointing:
+    driving engine steps yourself). plan: the run's (engine/run_plan.py), whose dtypes, checkpointing and
+    kernels are used; without one they follow train.* (fit then turns on what its plan adds). Warns when a new
+    module (a wrapper's head, or one named in `heads`) stays frozen."""
+    dtypes = plan.precision if plan else precision.plan(cfg.train.precision, device, cfg.train.adam_eps)
+    if plan.checkpointing if plan else cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)
     torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume
     model = methods.apply(model, cfg.method)
     warn_frozen(model, cfg.method.name, heads)
-    precision.cast_trainable(model, plan.trainable)
+    precision.cast_trainable(model, dtypes.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")
-    moe = experts.report(model, cfg.method.train_router) if methods.REGISTRY[cfg.method.name] is lora else None
-    if moe:
+    if methods.REGISTRY[cfg.method.name] is lora and (moe := experts.report(model, cfg.method.train_router)):
         log(moe)
-    return Prepared(model, plan, select.enable(model, cfg.train, device, log) if kernels else None)
+    took = select.enable(model, cfg.train, device, log, plan.kernels if plan else None) if kernels else None
+    return Prepared(model, dtypes, took)
 
 
-def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
-        protect: tuple = ()) -> dict:
+def run(cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print, resume: bool = False,
+        protect: tuple[str | Path, ...] = ()) -> dict:
     """Train per the config; returns the run summary (losses, steps, timings; "interrupted": the signal's
     name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
     checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
@@ -235,15 +202,13 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     outputs.check(out, "train.output_dir", cfg.model.path, [cfg.data.train, cfg.data.eval],
                   files=[name for name in runfolder.WRITES if "*" not in name])
     resume = resume or cfg.train.resume == "auto"
-    device = distributed.init(models.pick_device(cfg.train.device))  # torchrun: this rank's GPU
-    main = distributed.is_main()  # several processes: rank 0 speaks for the run and owns its folder
-    if not main:
-        log, show_progress = (lambda *a, **k: None), False
-    made = runfolder.probe(out) if main else []  # a read-only folder or a full disk: one line now
+    procs = Processes.start(models.pick_device(cfg.train.device))  # torchrun: this rank's GPU
+    log, show_progress = procs.log(log), show_progress and procs.is_main  # rank 0 speaks for the run
+    made = runfolder.probe(out) if procs.is_main else []  # a read-only folder or a full disk: one line now
     keep = [Path.cwd(), *(Path(p) for p in (cfg.data.train, cfg.data.eval, *protect) if p)]
     try:
-        with runfolder.Lock(out, log) if main else contextlib.nullcontext():
-            return _run(cfg, out, device, out in made, keep, overwrite, resume, show_progress, log)
+        with runfolder.Lock(out, log) if procs.is_main else contextlib.nullcontext():
+            return _run(cfg, out, procs, out in made, keep, overwrite, resume, show_progress, log)
     except OSError as err:  # a disk that fills mid-run, a folder made read-only: one line, not a traceback
         nice = runfolder.environment_error(err, out)
         if nice is None:
@@ -253,97 +218,97 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
         runfolder.remove_if_empty(made)  # a run stopped by a check leaves no folder behind
 
 
-def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite: bool, resume: bool,
-         show_progress: bool, log) -> dict:
+def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Path], overwrite: bool, resume: bool,
+         show_progress: bool, log: Log) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
-    why = distributed.check_method(cfg.method.name)
-    if why:
-        raise ConfigError(f"method.name={cfg.method.name} on {distributed.size()} processes: {why}")
-    distributed.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
+    procs.refuse(cfg.method.name)
+    procs.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
     start, manifest = _check_output(out, cfg, overwrite, resume, keep, log)
-    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    procs.barrier()  # every rank has looked at the folder before rank 0 writes to it
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     if quant is not None:
         check_base(cfg.model.path, cfg.model.trust_remote_code)  # and qlora of fused experts
-    plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    objective = _objective(cfg, pad_id(tokenizer))  # None for sft; a refused combination stops here
+    objective = _objective(cfg, pad_id(tokenizer), procs.world_size)  # None for sft; a refused combination stops
     # every record is checked before the model is loaded
-    built = _build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
-    _check_split(cfg, len(built.train), len(built.eval), log)
-    auto = split_plan.is_auto(cfg.train)
+    built = build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
+    auto, sizes = split.is_auto(cfg.train), _sizes(built)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
-    cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
-    predicted = _predict(cfg, built, log, device, hint=not auto)
-    if device == "cpu" and not objective:  # before the load: a record too long for the machine is one line
+    plan = run_plan.resolve(cfg, procs.device, sizes=sizes, world_size=procs.world_size, rank=procs.rank)
+    _check_split(cfg, plan.batch_size, len(built.train), len(built.eval), log)
+    cfg = plan.apply(cfg)
+    log(plan.describe())
+    predicted = _predict(cfg, plan, sizes, log, hint=not auto)
+    if plan.device == "cpu" and not objective:  # before the load: a record too long for this machine is one line
         host_memory.check(cfg, built.train, built.eval)
-    # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
-    home = "cpu" if distributed.active() else device
-    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, device), cfg.model.trust_remote_code, home, quant)
-    model = prepare(model, cfg, device, log).model
-    if distributed.active():
-        model = distributed.shard(model, device, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
-        log(f"FSDP2: {distributed.size()} processes, {len(distributed.layers(model))} layer units + the root; "
-            f"{cfg.train.batch_size} records per optimizer step over all of them")
-    train, held, hook = _records(cfg, built, objective, tokenizer, device, show_progress, log)
-    # every check has passed: only now does output_dir get its first file
-    if distributed.is_main():
-        if start is None:
-            _prepare_output(out, cfg, manifest, created, keep, log)
-        else:
-            runfolder.adopt(out)
-        checkpoint.clean(out)
-        _write_skipped(out, built.skipped, log)
-    distributed.barrier()
-    result = fit(model, train, held, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
+    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, plan.device, plan.precision),
+                           cfg.model.trust_remote_code, procs.load_device, quant)
+    model = procs.shard(prepare(model, cfg, plan.device, log, plan=plan).model, cfg.train, log)
+    train, held, hook = _records(cfg, built, objective, tokenizer, plan, show_progress, log)
+    if procs.is_main:  # every check has passed: only now does output_dir get its first file
+        _start_folder(out, cfg, built, start, manifest, created, keep, log)
+    procs.barrier()
+    result = fit(model, train, held, cfg, pad_id(tokenizer), out, plan.device, log, show_progress, plan,
                  resume=start, evaluate=hook, objective=objective)
     if result.get("interrupted"):
         log(f"{result['interrupted']}: stopped after step {result['stopped_at']} of {result['steps']}; checkpoint "
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")
         return dict(result, output_dir=str(out))
     _compare_memory(result, predicted, log)
-    with distributed.gathered(model) as weights:
-        if distributed.is_main():
+    return _save(model, cfg, out, procs, result, log)
+
+
+def _objective(cfg: Config, pad: int, world_size: int) -> preference_step.PairObjective | None:
+    """The preference objective's step for train.objective (None for sft), its reference resolved."""
+    if cfg.train.objective == "sft":
+        return None
+    preference_step.check(cfg, world_size)
+    return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
+
+
+def _records(cfg: Config, built: Built | BuiltPairs, objective: preference_step.PairObjective | None,
+             tokenizer: PreTrainedTokenizerBase, plan: RunPlan, show_progress: bool,
+             log: Log) -> tuple[list, list, Callable | None]:
+    """(training records, held-out records, the evaluate hook fit calls, None without held-out records) as fit
+    takes them: encoded answers, or a preference objective's items."""
+    if objective is None:
+        hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, plan.device, show_progress, built.train,
+                           log, chunked=plan.chunked_loss) if built.eval else None
+        return built.train, built.eval, hook
+    train = preference_step.items(built.train, objective.objective, "train", cfg.data.max_len)
+    held = preference_step.items(built.eval, objective.objective, "eval", cfg.data.max_len)
+    hook = pref_eval.InTraining(objective, held, plan.micro_batch_size, plan.device) if held else None
+    return train, held, hook
+
+
+def _start_folder(out: Path, cfg: Config, built: Built | BuiltPairs, start: Path | None, manifest: dict | None,
+                  created: bool, keep: list[Path], log: Log) -> None:
+    """Rank 0's first writes: the folder marked as this run's (or adopted, resuming), stale checkpoints cleaned,
+    the records left out listed."""
+    if start is None:
+        _prepare_output(out, cfg, manifest, created, keep, log)
+    else:
+        runfolder.adopt(out)
+    checkpoint.clean(out)
+    _write_skipped(out, built.skipped, log)
+
+
+def _save(model: torch.nn.Module, cfg: Config, out: Path, procs: Processes, result: dict, log: Log) -> dict:
+    """The final adapter from rank 0 (the trained weights gathered whole over the processes), then the summary."""
+    with procs.gathered(model) as weights:
+        if procs.is_main:
             save(model, cfg, out, weights)
     lora.release(model)  # PiSSA's initial adapter: no save follows the final one
-    distributed.barrier()
+    procs.barrier()
     log(f"saved the adapter, config.yaml, metrics.jsonl and TensorBoard logs to {out}")
     result["output_dir"] = str(out)
-    if distributed.is_main():
+    if procs.is_main:
         summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
 
 
-def _objective(cfg: config_mod.Config, pad: int) -> preference_step.PairObjective | None:
-    """The preference objective's step for train.objective (None for sft), its reference resolved."""
-    if cfg.train.objective == "sft":
-        return None
-    preference_step.check(cfg, distributed.size())
-    return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
-
-
-def _records(cfg: config_mod.Config, built: BuiltPairs | Built, objective: preference_step.PairObjective | None,
-             tokenizer: PreTrainedTokenizerBase, device: str, show_progress: bool,
-             log: Callable[[str], None]) -> tuple[list, list, Callable | None]:
-    """(training records, held-out records, the evaluate hook fit calls, None without held-out records) as fit
-    takes them: encoded answers, or a preference objective's items."""
-    if objective is None:
-        hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, device, show_progress, built.train,
-                           log) if built.eval else None
-        return built.train, built.eval, hook
-    train = preference_step.items(built.train, objective.objective, "train", cfg.data.max_len)
-    held = preference_step.items(built.eval, objective.objective, "eval", cfg.data.max_len)
-    return train, held, pref_eval.InTraining(objective, held, cfg.train.micro_batch_size, device) if held else None
-
-
-def _build_pairs(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase,
-                 log: Callable[[str], None]) -> BuiltPairs:
-    """The preference records of data.train and data.eval."""
-    return build_pairs(cfg, tokenizer, log)
-
-
-def _compare_memory(result: dict, predicted: float | None, log) -> None:
+def _compare_memory(result: dict, predicted: float | None, log: Log) -> None:
     if "peak_reserved_gib" in result and predicted is not None:
         meas = result["peak_reserved_gib"]
         log(f"GPU memory: measured peak {meas:.2f} GiB reserved ({result['peak_allocated_gib']:.2f} allocated), "
@@ -355,7 +320,7 @@ class _Callable(types.ModuleType):
     """`slimtune.train(cfg)` is the public API's train; it stays this module too, since importing a
     submodule binds its name on the package (a function of that name would be replaced by it)."""
 
-    def __call__(self, cfg, overwrite: bool = False, show_progress: bool = True, log=print,
+    def __call__(self, cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print,
                  resume: bool = False) -> dict:
         """Train per the config, as `slimtune train` does; returns the run summary."""
         return self.run(cfg, overwrite=overwrite, show_progress=show_progress, log=log, resume=resume)

@@ -281,14 +281,12 @@ def test_fit_turns_on_the_checkpointing_an_auto_split_chose_after_prepare(tiny_m
     """prepare + fit with an auto split: on a GPU the split (resolved in fit) picks checkpointing with the layer
     inputs offloaded; prepare ran before, with checkpointing off, so the offload hooks moved every saved
     activation (issue 28: 2.3x slower at 8B). Here the GPU's choice is planted on the CPU."""
-    import dataclasses
-
     from conftest import WORDS
     from transformers import AutoModelForCausalLM
 
     from slimtune.data import encode_examples
     from slimtune.data.readers import from_alpaca
-    from slimtune.train import checkpointing_on
+    from slimtune.engine.recompute import checkpointing_on
 
     cfg = slimtune.load_config(overrides=[f"model.path={tiny_model_dir}", "method.target_modules=q_proj,v_proj",
                                           "method.r=4", "train.max_steps=2", "train.batch_size=4", "train.seed=1",
@@ -299,11 +297,11 @@ def test_fit_turns_on_the_checkpointing_an_auto_split_chose_after_prepare(tiny_m
     model = slimtune.prepare(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg, log=lambda *a: None).model
     assert not checkpointing_on(model)  # batch_size alone: the split, and so checkpointing, is fit's to choose
 
-    def gpu_choice(cfg, device, log=print, **kw):
-        tc = dataclasses.replace(cfg.train, micro_batch_size=4, grad_accum=1, gradient_checkpointing=True,
-                                 offload_activations=True)
-        return dataclasses.replace(cfg, train=tc)
-    monkeypatch.setattr(slimtune.api.plan, "resolve", gpu_choice)
+    from slimtune.engine import split
+
+    def gpu_choice(cfg, device, *args, **kw):
+        return split.Split(4, split.Option(4, 1, True, True), "planted")
+    monkeypatch.setattr(split, "split", gpu_choice)
     import transformers.modeling_utils as mu
     calls, real = [], mu.checkpoint  # what transformers' layers call once checkpointing is on
     monkeypatch.setattr(mu, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -10,7 +10,7 @@ import yaml
 
 from slimtune import cli, config
 from slimtune.config import Config, ConfigError
-from slimtune.engine import plan
+from slimtune.engine import run_plan, split
 
 YAML = """\
 model:
@@ -265,7 +265,7 @@ def test_cli_print_config(tmp_path, capsys, no_training):
     assert "  target_modules:\n  - q_proj\n  - o_proj\n" in out
     assert "  scheduler: linear\n" in out  # from the YAML
     # what is printed reads back as the config the run trains with: an auto split resolved where it can be
-    resolved, _ = plan.for_print(config.load(
+    resolved, _ = split.for_print(config.load(
         path, ["train.lr=5e-5", "method.target_modules=q_proj,o_proj", "model.path=other/model"]))
     assert config.load(write(tmp_path, out, "printed.yaml")) == resolved
 
@@ -285,14 +285,14 @@ def test_cli_print_config_resolves_an_auto_split_on_the_cpu(tmp_path, capsys, no
     assert (printed.train.micro_batch_size, printed.train.grad_accum) == (8, 2)
 
 
-@pytest.mark.parametrize("batch, split", [(12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (24, (8, 3))])
-def test_print_config_cpu_split_matches_the_run(tmp_path, batch, split):
-    """--print-config prints the split train resolves on the CPU (plan.resolve), not a guess of its own."""
+@pytest.mark.parametrize("batch, want", [(12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (24, (8, 3))])
+def test_print_config_cpu_split_matches_the_run(tmp_path, batch, want):
+    """--print-config prints the split train resolves on the CPU (the run plan's), not a guess of its own."""
     cfg = config.load(write(tmp_path, f"train:\n  batch_size: {batch}\n  device: cpu\n"))
-    printed, note = plan.for_print(cfg)
-    run = plan.resolve(cfg, "cpu", log=lambda *a: None)
-    assert (printed.train.micro_batch_size, printed.train.grad_accum) == split
-    assert printed.train == run.train and f"as {split[0]} x {split[1]}" in note
+    printed, note = split.for_print(cfg)
+    run = run_plan.resolve(cfg, "cpu").apply(cfg)
+    assert (printed.train.micro_batch_size, printed.train.grad_accum) == want
+    assert printed.train == run.train and f"as {want[0]} x {want[1]}" in note
 
 
 def test_cli_print_config_partial_split_is_derived(tmp_path, capsys, no_training):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from .. import train as training
-from ..engine import distributed, plan
+from ..engine import distributed, split
 from .options import allow_code, config_from
 
 
@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     allow_code(args, cfg)  # before anything loads: a run folder's config.yaml never runs the model's own code
     if args.print_config:
-        resolved, note = plan.for_print(cfg)  # the split the run would use, where no model or GPU is needed
+        resolved, note = split.for_print(cfg)  # the split the run would use, where no model or GPU is needed
         print(_noted(config_mod.dump(resolved), note), end="")
         return 0
     n = args.gpus or cfg.train.gpus

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..engine.log import read_metrics
-from ..engine.plan import records_per_step
+from ..config.batch import records_per_step
 from ..evaluate import plots
 from . import page, table
 from .spec import Plan

@@ -1,5 +1,5 @@
 """train.batch_size and its split into micro_batch_size x grad_accum, as far as the config alone decides it
-(engine/plan.py chooses the split of a config that leaves both parts auto)."""
+(engine/split.py chooses the split of a config that leaves both parts auto)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -29,7 +29,7 @@ def is_auto(tc: TrainConfig) -> bool:
 
 def stated(tc: TrainConfig) -> tuple[int, int, int]:
     """(batch_size, micro_batch_size, grad_accum) as the config states them, an auto part derived from the
-    others; both parts auto: one micro-batch of the batch (the first option engine/plan.py tries)."""
+    others; both parts auto: one micro-batch of the batch (the first option engine/split.py tries)."""
     batch = records_per_step(tc)
     if is_auto(tc):
         return batch, batch, 1

@@ -99,7 +99,7 @@ class TrainConfig:
     """records per optimizer step, the knob to set; auto = micro_batch_size x grad_accum, counting an auto
     micro_batch_size as 4 and grad_accum as 1 (4 records a step, as before this key existed)"""
     micro_batch_size: int | str = "auto"
-    """records per forward pass; auto: slimtune picks the split of batch_size (engine/plan.py: on a GPU the
+    """records per forward pass; auto: slimtune picks the split of batch_size (engine/split.py: on a GPU the
     fewest micro-batches the memory estimate fits, on the CPU at most 8), or batch_size / grad_accum"""
     grad_accum: int | str = "auto"
     """micro-batches per optimizer step; auto: batch_size / micro_batch_size (both auto: slimtune picks)"""

@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError, TrainConfig
 from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
 from ..errors import SlimtuneError
 from ..methods.base import full, trainable_state
@@ -88,11 +91,6 @@ def close() -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
-
-
-def check_method(name: str) -> str | None:
-    """Why `name` cannot train on several processes, or None."""
-    return UNSUPPORTED.get(name) if active() else None
 
 
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -170,7 +168,7 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj: object) -> list:
     """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
     if not active():
         return [obj]
@@ -228,7 +226,7 @@ def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gathered(model: torch.nn.Module):
+def gathered(model: torch.nn.Module) -> Iterator[dict | None]:
     """For a save from rank 0: yields every trainable parameter whole (None in a single process). Prompt
     methods compute what they save (peft's prompt embeddings) from the root unit's parameters, so the
     root is also unsharded for the duration; it holds embeddings and head only, never the layers."""
@@ -244,3 +242,71 @@ def gathered(model: torch.nn.Module):
     finally:
         if prompt:
             model.reshard()
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """The log of a rank that is not rank 0: rank 0 speaks for the run."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    """A run's processes behind one object, as Lightning Fabric's: the recipe asks `is_main`, waits at
+    `barrier`, reduces with `all_reduce`; a single process (rank 0 of 1) answers each call itself."""
+    device: str  # this process's device ("cuda:<local rank>" under torchrun)
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def start(cls, device: str) -> Processes:
+        """Join torchrun's process group when launched with several processes; `device` becomes this rank's."""
+        device = init(device)
+        return cls(device, rank(), size())
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, which speaks for the run and owns its folder."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def load_device(self) -> str:
+        """Where the model loads: several processes load on the CPU, and each layer moves to the GPU as
+        FSDP2 shards it."""
+        return "cpu" if self.several else self.device
+
+    def barrier(self) -> None:
+        barrier()
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes."""
+        return all_sum(values, self.device)
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj` (picklable) on every process."""
+        return all_gather_object(obj)[0]
+
+    def log(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` on rank 0, nothing elsewhere."""
+        return log if self.is_main else _silent
+
+    def refuse(self, method: str) -> None:
+        """A method that cannot train sharded stops the run here, on every process, with why."""
+        why = UNSUPPORTED.get(method) if self.several else None
+        if why:
+            raise ConfigError(f"method.name={method} on {self.world_size} processes: {why}")
+
+    def shard(self, model: torch.nn.Module, tc: TrainConfig, log: Callable[[str], None]) -> torch.nn.Module:
+        """The model sharded with FSDP2 over the processes per train.fsdp_* (as it is in one process)."""
+        if not self.several:
+            return model
+        model = shard(model, self.device, tc.fsdp_reshard, tc.fsdp_prefetch)
+        log(f"FSDP2: {self.world_size} processes, {len(layers(model))} layer units + the root; "
+            f"{tc.batch_size} records per optimizer step over all of them")
+        return model
+
+    def gathered(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[dict | None]:
+        """Every trainable parameter whole for rank 0's save (None in one process); see gathered()."""
+        return gathered(model)

@@ -13,6 +13,7 @@ is unsharded at once:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,7 @@ class Held:
 def units(model: torch.nn.Module, weight_bytes: int, trainable_bytes: int) -> Units:
     """The sizes of the units distributed.shard() makes of `model` (a meta model will do)."""
 
-    def size(ps) -> tuple[float, float]:
+    def size(ps: Iterable[torch.nn.Parameter]) -> tuple[float, float]:
         ps = list(ps)
         frozen = sum(p.numel() * weight_bytes for p in ps if not p.requires_grad)
         train = sum(p.numel() * trainable_bytes for p in ps if p.requires_grad)

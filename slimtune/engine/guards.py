@@ -10,7 +10,9 @@ the step and lowers the scale), so only a non-finite loss counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -18,6 +20,9 @@ from safetensors import safe_open
 from ..methods.parts import PARTS
 from . import checkpoint, distributed, sharded
 from .precision import PrecisionError
+
+if TYPE_CHECKING:
+    from .state import Run
 
 # Trainable weights whose max |w| passes GROWTH x their max |w| before the first step (at least 1) have
 # diverged. Healthy runs stay far below: LoRA's A starts near 1/sqrt(width) and B at 0 and end below 1;
@@ -44,14 +49,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def broken_weights(model) -> list[str]:
+def broken_weights(model: torch.nn.Module) -> list[str]:
     """Names of parameters that hold NaN/inf (trainable ones first)."""
     names = [(not p.requires_grad, n) for n, p in model.named_parameters()
              if p.is_floating_point() and not bool(torch.isfinite(local(p)).all())]
     return [n for _, n in sorted(names)]
 
 
-def max_abs(tensors) -> float:
+def max_abs(tensors: Iterable[torch.Tensor]) -> float:
     """The largest |value| over the tensors; NaN or inf as soon as one holds it."""
     top = 0.0
     for t in tensors:
@@ -64,7 +69,7 @@ def max_abs(tensors) -> float:
     return top
 
 
-def trainable_max(model) -> float:
+def trainable_max(model: torch.nn.Module) -> float:
     return max_abs(p for p in model.parameters() if p.requires_grad)
 
 
@@ -75,7 +80,8 @@ def diverged(now: float, start: float | None) -> bool:
     return start is not None and now > GROWTH * max(start, 1.0)
 
 
-def likely_cause(what: str, model, precision: str, lr: float, losses: list[float], start: float | None = None) -> str:
+def likely_cause(what: str, model: torch.nn.Module, precision: str, lr: float, losses: list[float],
+                 start: float | None = None) -> str:
     """A best guess at why, most specific first, with what to do. start: the trainable weights' max |w|
     before the first step (trainable_max), which tells divergence from a bad record."""
     broken = broken_weights(model)
@@ -105,7 +111,7 @@ def divergence(now: float, start: float | None, lr: float, effect: str) -> str:
             "by about lr per step whatever the gradient, so train.max_grad_norm does not help)")
 
 
-def saturated(model, now: float, start: float | None, lr: float, loss: float | None) -> str | None:
+def saturated(model: torch.nn.Module, now: float, start: float | None, lr: float, loss: float | None) -> str | None:
     """Why a run that stayed finite must not pass for a trained one: its weights (max |w| `now`, over every
     rank) diverged (lr=1e30 made them ~1e30, after which every token's logits were the same and the loss sat
     at ln(vocab)), or None."""
@@ -117,7 +123,7 @@ def saturated(model, now: float, start: float | None, lr: float, loss: float | N
     return divergence(now, start, lr, f"and the last train loss is {at}{flat}: the adapter predicts nothing")
 
 
-def uniform(model, loss: float | None) -> str | None:
+def uniform(model: torch.nn.Module, loss: float | None) -> str | None:
     """A warning when the last train loss is ln(vocab) to 1e-3: every token equally likely, which a trained
     model never predicts (lr=1e30 gave 5.99146 with vocab 400, ln 400 = 5.99146)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -168,7 +174,7 @@ def resume_advice(out_dir: Path, start: float | None, diverging: bool) -> str:
             f"so move them out of {folder.parent}, then slimtune train CONFIG --resume{lower} goes on from it")
 
 
-def final_checks(run) -> None:
+def final_checks(run: Run) -> None:
     """The end of a run (engine/state.Run): one that skipped too many steps, blew its weights up or ended on
     non-finite numbers fails without its adapter."""
     t, tc = run.tally, run.cfg.train

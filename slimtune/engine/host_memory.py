@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from ..config import Config
 from ..data.encode import Encoded
 from ..errors import SlimtuneError
 from ..models import load_config
@@ -48,7 +49,7 @@ def attention_scores(heads: int, rows: int, width: int, nbytes: int) -> float:
     return rows * heads * width * width * nbytes
 
 
-def need(cfg, rows: list[tuple[int, int]], heads: int) -> tuple[float, float]:
+def need(cfg: Config, rows: list[tuple[int, int]], heads: int) -> tuple[float, float]:
     """(bytes of the micro-batch `rows` ((length, trained tokens) each) on the CPU, of which attention scores):
     the padded engine's estimate in the CPU's precision (auto is fp32 there) plus the scores."""
     name = precision.resolve(cfg.train.precision, "cpu")
@@ -58,7 +59,8 @@ def need(cfg, rows: list[tuple[int, int]], heads: int) -> tuple[float, float]:
     return memory.estimate(cpu, rows).peak_allocated + scores, scores
 
 
-def _worst(cfg, train: list[Encoded], held: list[Encoded], heads: int):
+def _worst(cfg: Config, train: list[Encoded], held: list[Encoded],
+           heads: int) -> tuple[float, float, list[tuple[int, int]], Encoded, bool]:
     """(need, scores, rows, the longest record, whether it is held out) of the heavier of the worst training
     micro-batch and the longest held-out record's forward pass (checkpointed: no backward follows)."""
     longest = sorted(train, key=lambda e: -len(e.input_ids))[: cfg.train.micro_batch_size]
@@ -74,7 +76,7 @@ def _worst(cfg, train: list[Encoded], held: list[Encoded], heads: int):
     return worst
 
 
-def check(cfg, train: list[Encoded], held: list[Encoded], free: float | None = None) -> None:
+def check(cfg: Config, train: list[Encoded], held: list[Encoded], free: float | None = None) -> None:
     """Refuse, before the model loads, a CPU run predicted to need more memory than is available (`free`
     bytes; default: available()): one line naming the longest record and a data.max_len that would fit."""
     free = available() if free is None else free

@@ -2,128 +2,48 @@
 numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
+from ..config import Config
 from ..data import pack
 from ..data.encode import Encoded
 from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, plan as split_plan, precision, timing
+from . import checkpoint, distributed, guards, precision, run_plan, timing
 from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
-from .loss import token_loss_sum
-from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler
-from .precision import Plan
+from .recompute import match_checkpointing
 from .state import Run, Tally, result
+from .step import Context, accumulate, forward_context, step, trained_tokens  # noqa: F401 (the engine's API)
+
+if TYPE_CHECKING:
+    from .preference_step import PairObjective
+
+Log = Callable[[str], None]
+Evaluate = Callable[[torch.nn.Module, Context, int], Any]  # (model, context, step) -> evaluate.report.Report
+Measure = Callable[[int], Any]  # step -> the held-out scores, logged
 
 
-def trained_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
-    """Trained tokens of collated batches (reads the device; the loop counts its records on the host)."""
-    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-
-
-def accumulate(model, batches: list[dict[str, torch.Tensor]], context=contextlib.nullcontext,
-               scaler: torch.amp.GradScaler | None = None, chunked: bool = False, n_tokens: int | None = None,
-               scale: float = 1.0, unread: bool = False) -> tuple[float | torch.Tensor, int | torch.Tensor]:
-    """Backward over micro-batches so the gradient is that of the mean loss over all their answer tokens.
-    `context` wraps each forward (autocast, activation offload); `scaler` scales fp16 losses; chunked:
-    the head and loss a chunk of rows at a time (engine/loss.py). Several processes: n_tokens is the
-    step's count over all ranks and scale the number of ranks (FSDP averages gradients over ranks, so
-    the sum over every rank's tokens divided by the global count is what arrives).
-    unread=True: the mean loss comes back as a float64 device tensor that nothing has read (and, without
-    n_tokens, the count too), so the step reads the device once, after its backward and clip."""
-    if n_tokens is None:
-        n_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches) if unread else trained_tokens(batches)
-    if isinstance(n_tokens, int) and n_tokens == 0:
-        raise DataError("a training step has no trained token (every label is -100)")
-    total = None
-    for b in batches:
-        with context():
-            s, _ = token_loss_sum(model, b, chunked)
-        loss = s * scale / n_tokens if scale != 1.0 else s / n_tokens  # the step's token count: exact accumulation
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        # summed on the device in float64: the very additions of the Python floats each .item() once gave
-        total = s.detach().double() if total is None else total + s.detach().double()
-    return (total / n_tokens, n_tokens) if unread else (total.item() / n_tokens, n_tokens)
-
-
-def step(model, batches: list[dict[str, torch.Tensor]], optimizer, scheduler, max_grad_norm: float,
-         context=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None, guard: bool = False,
-         chunked: bool = False, n_tokens: int | None = None) -> dict:
-    """One optimizer step over accumulated micro-batches; with fp16 loss scaling an overflow skips it.
-    guard=True: a NaN/inf loss or gradient skips the update and is reported as row["nonfinite"].
-    Several processes: n_tokens is the step's trained-token count over all ranks. The device is read once,
-    after backward and clip (loss, gradient norm and the fp16 scaler's state in one transfer): each read
-    makes the CPU wait for every queued kernel, and a small model's step is paced by the CPU launching them."""
-    world = distributed.size()
-    loss, count = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world), unread=True)
-    distributed.all_sum_(loss)  # each rank's part of the mean
-    scaling = scaler is not None and scaler.is_enabled()
-    if scaling:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    params = [p for p in model.parameters() if p.requires_grad]
-    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norm = distributed.grad_norm(params, limit) if world > 1 else torch.nn.utils.clip_grad_norm_(params, limit)
-    parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else []) \
-        + ([count] if isinstance(count, torch.Tensor) else [])
-    read = torch.stack([t.double() for t in parts]).tolist()  # the step's one read of the device
-    loss, norm = read[0], read[1]
-    n_tokens = int(read[-1]) if isinstance(count, torch.Tensor) else count
-    if n_tokens == 0:  # counted on the device: known only now, before any update
-        optimizer.zero_grad(set_to_none=True)
-        raise DataError("a training step has no trained token (every label is -100)")
-    row = {"loss": loss, "trained_tokens": n_tokens}
-    bad = guards.nonfinite(loss, norm, scaling) if guard else None
-    if scaling:
-        scale, overflow = read[2], read[3] > 0
-        if bad is None and not overflow:
-            optimizer.step()  # what scaler.step does once unscale_ found no inf/NaN, without reading that again
-        scaler.update()  # an overflow lowers the scale: the step was skipped
-        row.update(loss_scale=scale, skipped=overflow)
-    elif bad is None:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    row["grad_norm"] = norm
-    if bad:
-        row["nonfinite"] = bad
-    return row
-
-
-def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module | None = None,
-                    max_tokens: int = 0):
-    """Autocast per the precision plan, plus saved activations kept in CPU memory when asked (engine/offload.py;
-    `model`'s parameters are never copied out; max_tokens: the most tokens a micro-batch can hold, which sizes
-    its reused host buffers)."""
-    hooks = OffloadActivations(model, max_tokens=max_tokens) if offload else None
-
-    def context():
-        stack = contextlib.ExitStack()
-        stack.enter_context(precision.autocast(p, device))
-        if hooks is not None:
-            stack.enter_context(hooks)
-        return stack
-    return context
-
-
-def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
-        log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None,
-        evaluate=None, objective=None) -> dict:
+def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: Config, pad: int, out_dir: str | Path,
+        device: str, log: Log = print, show_progress: bool = True, plan: run_plan.RunPlan | None = None,
+        resume: Path | None = None, evaluate: Evaluate | None = None, objective: PairObjective | None = None) -> dict:
     """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
     (optionally), every train.eval_every steps and after. Metrics go to metrics.jsonl and TensorBoard,
     checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM/SIGHUP save a checkpoint
     and return early, with result["interrupted"] set.
 
     Args:
+        plan: the run plan (engine/run_plan.py); None: resolved here for this model, and printed.
         evaluate: (model, context, step) -> Report on the held-out split `held` (evaluate.report.in_training,
             which can also generate; evaluate.perplexity.loss_eval for the loss alone); needed when `held`
             holds records.
@@ -133,23 +53,26 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
         raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
                          "their loss)")
-    cfg = split_plan.resolve(cfg, device, log, model=model)  # an auto split (`train` resolves it before this)
+    if plan is None:
+        plan = run_plan.resolve(cfg, device, model=model)
+        log(plan.describe())
+    cfg, dtypes = plan.apply(cfg), plan.precision
     tc = cfg.train
-    plan = plan or precision.plan(tc.precision, device, tc.adam_eps)
-    if note := precision.cpu_note(plan, device):
+    match_checkpointing(model, plan.checkpointing, cfg.method, log)  # prepare may have run without the plan
+    if note := precision.cpu_note(dtypes, device):
         log(note)
     torch.manual_seed(tc.seed)
-    took = enable_kernels(model, dataclasses.replace(tc, packing="off") if objective else tc, device, log)
+    took = enable_kernels(model, tc, device, log, plan.kernels)
     stream = objective.stream(train, tc) if objective else micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
-    run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), stream, (objective.fingerprint if objective else fingerprint)(train),
+    run = Run(model, cfg, dtypes, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
+              precision.scaler(dtypes, device), stream, (objective.fingerprint if objective else fingerprint)(train),
               took, Tally(start_max_abs=guards.trainable_max(model)), objective=objective)  # a resume keeps the first
     if stream.packed:
-        log(_describe_packing(stream, device, plan))
-    rows = tc.micro_batch_size * (2 if objective else 1)  # a preference record is two rows
-    context = forward_context(plan, device, tc.offload_activations, model, rows * cfg.data.max_len)
+        log(_describe_packing(stream, device, dtypes))
+    rows = plan.micro_batch_size * (2 if objective else 1)  # a preference record is two rows
+    context = forward_context(dtypes, device, plan.offload, model, rows * cfg.data.max_len)
     if objective:  # its reference, from the model as loaded: before a resume puts trained weights in
         objective.start(model, {"train": train, "eval": held}, run.out_dir, device, tc.micro_batch_size, context, log)
     offset = _restore(run, resume, log) if resume else None
@@ -175,7 +98,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     return done
 
 
-def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, measure=None) -> None:
+def _train(run: Run, pad: int, context: Context, logs: RunLog, log: Log, show_progress: bool,
+           measure: Measure | None = None) -> None:
     tc = run.cfg.train
     run.model.train()
     bar = progress(run.steps, show_progress, initial=run.step)
@@ -203,7 +127,7 @@ def _train(run: Run, pad: int, context, logs: RunLog, log, show_progress: bool, 
         bar.close()
 
 
-def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dict:
+def _step(run: Run, records: list[list[Encoded]], pad: int, context: Context, log: Log) -> dict:
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
@@ -250,7 +174,7 @@ def _answers_step(run: Run, records: list[list[Encoded]], pad: int, context, whe
     return row
 
 
-def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
+def _describe_packing(stream: MicroBatches, device: str, plan: precision.Plan) -> str:
     lengths = [len(r.input_ids) for r in stream.records]
     fast = device.startswith("cuda") and attention.varlen_available() and plan.name != "fp32"
     rows = (f"{stream.size} records per row" if stream.rows else
@@ -260,7 +184,7 @@ def _describe_packing(stream: MicroBatches, device: str, plan: Plan) -> str:
             + ("varlen flash attention" if fast else "one SDPA call per record (plain PyTorch)"))
 
 
-def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
+def _report(run: Run, row: dict, logs: RunLog, bar: tqdm, log: Log = print) -> None:
     """metrics.jsonl + TensorBoard every log_every steps (and, with the bar off, a printed line); the bar's
     postfix every step."""
     run.trained += row["trained_tokens"]
@@ -283,7 +207,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar, log=print) -> None:
     run.tally.train_loss = row["loss"]
 
 
-def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
+def _evaluate(run: Run, context: Context, logs: RunLog, hook: Evaluate, at: int) -> Any:
     """Held-out scores at step `at` (the hook's Report), logged as eval_* keys. The RNG streams training draws
     from (dropout masks, shuffles) are put back as they were, so a run trains on the same numbers whether it
     evaluates or not, and a resumed run as the uninterrupted one."""
@@ -297,7 +221,7 @@ def _evaluate(run: Run, context, logs: RunLog, hook, at: int):
     return report
 
 
-def _maybe_eval(run: Run, measure, log) -> None:
+def _maybe_eval(run: Run, measure: Measure | None, log: Log) -> None:
     """Every train.eval_every steps; the last step's eval is _finish's."""
     every = run.cfg.train.eval_every
     if measure and every and run.step % every == 0 and run.step < run.steps:
@@ -333,7 +257,7 @@ def _save(run: Run, logs: RunLog) -> Path:
     return path
 
 
-def _restore(run: Run, folder: Path, log) -> int:
+def _restore(run: Run, folder: Path, log: Log) -> int:
     """Load a checkpoint into the run; returns the metrics.jsonl length to cut back to."""
     state = checkpoint.load(folder, run.model, run.optimizer)
     if state["data"] != run.data:
@@ -352,7 +276,7 @@ def _restore(run: Run, folder: Path, log) -> int:
     return state["metrics_bytes"]
 
 
-def _new_peak_lr(run: Run, log) -> None:
+def _new_peak_lr(run: Run, log: Log) -> None:
     """A resume may change train.lr (checkpoint.FREE_KEYS, so a diverged run can go on more gently): the
     restored optimizer and schedule hold the old peak, so the schedule goes on from this step at the new one."""
     lr, sched = run.cfg.train.lr, run.scheduler
@@ -366,7 +290,7 @@ def _new_peak_lr(run: Run, log) -> None:
         "peak")
 
 
-def _finish(run: Run, measure, logs: RunLog, log) -> None:
+def _finish(run: Run, measure: Measure | None, logs: RunLog, log: Log) -> None:
     t, end = run.tally, run.end
     if run.plan.scaler:
         log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {t.skipped_steps} of {run.steps} "

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..data.collate import TRAINED, collate
-from ..data.encode import IGNORE
+from ..data.encode import IGNORE, Encoded
 from ..kernels import linear_ce
 from .log import progress
 
 
-def split_head(model):
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, output head) of a causal LM, through a peft wrapper; None where that is unsafe."""
     inner = model
     if hasattr(model, "get_base_model"):
@@ -34,7 +35,7 @@ def split_head(model):
     return decoder, head
 
 
-def model_inputs(batch: dict, model=None) -> dict:
+def model_inputs(batch: dict, model: torch.nn.Module | None = None) -> dict:
     """What the model takes from a batch: all but labels and TRAINED. Packed rows (data/pack.py) bring
     position_ids, cu_seq_lens_q/k and max_length_q/k in place of attention_mask. A transformers model (one
     whose config has use_cache) also gets use_cache=False: its forward would otherwise build a KV cache of
@@ -46,7 +47,8 @@ def model_inputs(batch: dict, model=None) -> dict:
     return inputs
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over trained positions, their count) for one batch, both device
     tensors that nothing has read (training counts its tokens on the host and reads once a step).
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
@@ -55,7 +57,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False)
     return _loss_sum(model, batch, chunked, model)
 
 
-def _sharded(model) -> bool:
+def _sharded(model: torch.nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
@@ -63,7 +65,7 @@ def _sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _in_root_forward(model: torch.nn.Module, batch: dict, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """FSDP2 gathers the root's parameters (embeddings, final norm, head) in hooks around the model's own
     forward; the loss calls decoder and head apart, so it runs as that forward for the length of the call,
     and the hooks (gather before, reduce-scatter of their gradients after backward) still fire."""
@@ -79,7 +81,8 @@ def _in_root_forward(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, t
             model.forward = own
 
 
-def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_sum(model: torch.nn.Module, batch: dict, chunked: bool,
+              forward: Callable[..., object]) -> tuple[torch.Tensor, torch.Tensor]:
     take, targets, count = _trained(batch)
     parts = split_head(model)
     if parts is None:
@@ -97,7 +100,7 @@ def _loss_sum(model, batch: dict, chunked: bool, forward) -> tuple[torch.Tensor,
     return loss, count
 
 
-def _trained(batch: dict):
+def _trained(batch: dict) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
     """(rows of a (B, T-1, ...) tensor at trained positions, their targets, their count): by the host's
     index where the batch has one (TRAINED: nothing waits for the device), else by a boolean mask, whose
     length the device must report first."""
@@ -113,8 +116,9 @@ def _trained(batch: dict):
 
 
 @torch.no_grad()
-def eval_loss(model, records, pad: int, batch_size: int = 8, device: str = "cpu",
-              context=contextlib.nullcontext, chunked: bool = False, show_progress: bool = False) -> dict:
+def eval_loss(model: torch.nn.Module, records: list[Encoded], pad: int, batch_size: int = 8, device: str = "cpu",
+              context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, chunked: bool = False,
+              show_progress: bool = False) -> dict:
     """Mean loss per answer token over all records, and its perplexity. chunked: head + loss a chunk of rows
     at a time, as training's train.loss=chunked (the full-vocabulary logits of a batch would otherwise add
     several GiB to a run whose training never holds them). show_progress: a bar on stderr (records, time left)."""

@@ -4,30 +4,33 @@ The peak is the larger of two moments of a step:
 - end of forward / start of backward: weights + trainable + AdamW state + gradients (if accumulating)
   + activations saved for backward + the loss's logits (fp32 copies over the trained positions);
 - the optimizer step: weights + trainable + state + gradients + AdamW's foreach temporaries.
-Activation bytes per token per layer are proportional to (hidden + intermediate) with a coefficient per
-method family, measured on an H100 (bench/memory_grid.py, 2026-11-23; bench/check_estimator.py compares
-every cell). Allocator slack (reserved - allocated) and the CUDA context are added on top.
+Activation bytes per token per layer are proportional to (hidden + intermediate) with a coefficient per method
+family, measured on an H100 (bench/memory_grid.py, 2026-11-23; bench/check_estimator.py compares every cell).
+Allocator slack (reserved - allocated) and the CUDA context are added on top.
 
-LoRA on the fast engine (what `train` does on CUDA by default: packed rows, chunked loss, fused LoRA layers,
-Liger's norm/MLP where auto takes it, optionally offloaded layer inputs) has its own model, fitted on
-bench/results/2026-11-23-h100-memory_grid_fast.jsonl: tokens are the real ones (no padding), the loss holds
-one chunk of logits at a time, and the peak is the larger of the loss moment and a layer's backward.
+LoRA on the fast engine (what `train` does on CUDA by default: packed rows, chunked loss, fused LoRA layers, Liger's
+norm/MLP where auto takes it, optionally offloaded layer inputs) has its own model, fitted on
+bench/results/2026-11-23-h100-memory_grid_fast.jsonl: tokens are the real ones (no padding), the loss holds one
+chunk of logits at a time, and the peak is the larger of the loss moment and a layer's backward.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import methods
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..config.batch import with_split
-from ..data import encode_examples, read
 from ..kernels import linear_ce, select, tiled_mlp
 from ..models import load_config
 from . import distributed, fsdp_memory, moe_memory, precision
 from .pair_logps import pair_rows
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 2 ** 30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -107,10 +110,10 @@ def _family(name: str) -> str:
     return {"qlora": "qlora", "ia3": "ia3", "full": "full", "freeze": "freeze", "bitfit": "prompt"}[name]
 
 
-_META: dict[str, tuple] = {}
+_META: dict[str, tuple[torch.nn.Module, PretrainedConfig]] = {}
 
 
-def _meta_model(cfg, mcfg=None):
+def _meta_model(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torch.nn.Module, PretrainedConfig]:
     """The method applied to the model built on the meta device (cached: estimates come in grids). mcfg: the
     transformers config of a model built in code, instead of model.path's."""
     key = repr((cfg.model.path if mcfg is None else mcfg.to_json_string(), cfg.method))
@@ -119,7 +122,7 @@ def _meta_model(cfg, mcfg=None):
     return _META[key]
 
 
-def _build_meta(cfg, mcfg=None):
+def _build_meta(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torch.nn.Module, PretrainedConfig]:
     from transformers import AutoModelForCausalLM
 
     mcfg = mcfg if mcfg is not None else load_config(cfg.model.path, cfg.model.trust_remote_code)
@@ -129,32 +132,37 @@ def _build_meta(cfg, mcfg=None):
     return methods.apply(model, shaped), mcfg
 
 
-def _plan(cfg):
+def gpu_dtypes(cfg: Config) -> precision.Plan:
+    """A GPU run's dtypes, decided without the GPU (no bf16 check): what an estimate without a run plan counts."""
     name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision  # an estimate is for a GPU
     return precision.plan(name, "cpu", cfg.train.adam_eps)
 
 
-def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg=None) -> Estimate:
+def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int = 1,
+             mcfg: PretrainedConfig | None = None, kernels: select.Kernels | None = None,
+             dtypes: precision.Plan | None = None) -> Estimate:
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
     sharded, whole layers gathered while they compute. An auto split counts as one micro-batch of
-    train.batch_size (engine/plan.py chooses the real one). mcfg: the transformers config of the model to
-    train when it was built in code (default: model.path's)."""
+    train.batch_size (engine/split.py chooses the real one). mcfg: the config of a model built in code (default:
+    model.path's). kernels, dtypes: the run plan's (engine/run_plan.py); default: a GPU run's (select.on_gpu)."""
     cfg = with_split(cfg)
     rows = pair_rows(cfg, rows)  # a preference record is two sequences
     if gpus > 1:
-        return _sharded(cfg, rows, gpus, mcfg)
+        return _sharded(cfg, rows, gpus, mcfg, kernels, dtypes)
     model, mcfg = _meta_model(cfg, mcfg)
-    plan = _plan(cfg)
+    plan = dtypes or gpu_dtypes(cfg)
     est = Estimate(grad_accum=cfg.train.grad_accum)
     trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
     inter = moe_memory.ffn_width(mcfg)  # a mixture of experts: the top-k experts' width
     if rows is None:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
-    if fast_engine(cfg):
-        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows), model, cfg, plan)
+    kernels = kernels or replace(select.on_gpu(cfg, h), tiled_mlp=int(select.tiled_mlp_from(cfg.train.tiled_mlp,
+                                                                                        "cuda") is not None))
+    if kernels.fast and select.fusable(cfg.method):
+        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows, kernels), model, cfg, plan)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
     width = max(length for length, _ in rows)
@@ -187,7 +195,7 @@ def estimate(cfg, rows: list[tuple[int, int]] | None = None, gpus: int = 1, mcfg
     return moe_memory.expert_copies(est, model, cfg, plan)
 
 
-def _parameters(est: Estimate, model, cfg, plan) -> int:
+def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precision.Plan) -> int:
     """Fill est's frozen weights, trainable parameters, gradients and AdamW state from the meta model;
     returns the count of trainable parameters."""
     wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
@@ -211,7 +219,8 @@ def _parameters(est: Estimate, model, cfg, plan) -> int:
     return trainable_n
 
 
-def _sharded(cfg, rows, gpus: int, mcfg=None) -> Estimate:
+def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: PretrainedConfig | None = None,
+             kernels: select.Kernels | None = None, dtypes: precision.Plan | None = None) -> Estimate:
     """One rank of an FSDP2 run: its share of the micro-batch (split by tokens, as the loop does), 1/gpus
     of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
     computes: the root (embeddings, head: kept from forward to backward), the layers in flight and what
@@ -221,11 +230,11 @@ def _sharded(cfg, rows, gpus: int, mcfg=None) -> Estimate:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     groups = distributed.split([n for n, _ in rows], gpus)
     mine = max(([rows[i] for i in g] for g in groups), key=lambda g: sum(n for n, _ in g))
-    est = estimate(cfg, mine or rows[:1], mcfg=mcfg)
+    est = estimate(cfg, mine or rows[:1], mcfg=mcfg, kernels=kernels, dtypes=dtypes)
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
         setattr(est, part, getattr(est, part) / gpus)
     est.optimizer_step_extra *= FSDP_STEP_EXTRA
-    plan = _plan(cfg)
+    plan = dtypes or gpu_dtypes(cfg)
     u = fsdp_memory.units(_meta_model(cfg, mcfg)[0], BYTES[plan.weights], BYTES[plan.trainable])
     held = fsdp_memory.held(u, gpus, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
     # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
@@ -243,24 +252,25 @@ def _sharded(cfg, rows, gpus: int, mcfg=None) -> Estimate:
     return est
 
 
-def fast_engine(cfg) -> bool:
-    """Whether `train` on a GPU runs this config on the fast engine the fast model describes: plain LoRA
-    without dropout (fused layers), packed rows and the chunked loss (kernels/select.py decides each)."""
-    return select.on_gpu(cfg).fast
+def fast_engine(cfg: Config, kernels: select.Kernels | None = None) -> bool:
+    """Whether a run with these kernels (default: what `train` on a GPU chooses) runs this config on the fast
+    engine the fast model describes: plain LoRA without dropout (fused layers), packed rows, the chunked loss."""
+    return (kernels or select.on_gpu(cfg)).fast and select.fusable(cfg.method)
 
 
-def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
+def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int, rows: list[tuple[int, int]],
+          kernels: select.Kernels) -> Estimate:
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
     if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
-    liger = select.on_gpu(cfg, h).fused_norm_mlp  # as train on a GPU decides it
+    liger = kernels.fused_norm_mlp
     coef = FAST_LAYER_COEF_LIGER if liger else FAST_LAYER_COEF
     per_layer = coef * (h + inter)
     chunk = min(trained, linear_ce.chunk_rows(vocab)) * vocab * FAST_LOGIT_BYTES
-    past = select.tiled_mlp_from(tc.tiled_mlp, "cuda")
+    past = select.tiled_mlp_from(tc.tiled_mlp, "cuda") if kernels.tiled_mlp else None
     # tiled MLP (kernels/tiled_mlp.py): the recomputed layer holds one slice's intermediates, not every token's
     # (the intermediate share of the fitted coefficient, scaled to a slice: modelled, not yet measured)
     mlp_tokens = tiled_mlp.tile_rows(h, int(tokens)) if past is not None and tokens > past else tokens
@@ -290,18 +300,20 @@ def _fast(est: Estimate, cfg, mcfg, h: int, inter: int, rows) -> Estimate:
     return est
 
 
-def faster(cfg, rows=None) -> tuple[str, float] | None:
+def faster(cfg: Config, rows: list[tuple[int, int]] | None = None, kernels: select.Kernels | None = None,
+           dtypes: precision.Plan | None = None) -> tuple[str, float] | None:
     """On the fast engine with gradient accumulation: the same records per step in one offloaded
     micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
     (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x the
     tokens/s of 8 x 2 on an H100 (README). None where it does not apply."""
     cfg = with_split(cfg)
     tc = cfg.train
-    if not (fast_engine(cfg) and tc.grad_accum > 1 and tc.gradient_checkpointing):
+    if not (fast_engine(cfg, kernels) and tc.grad_accum > 1 and tc.gradient_checkpointing):
         return None
     mb = tc.micro_batch_size * tc.grad_accum
     one = replace(cfg, train=replace(tc, micro_batch_size=mb, grad_accum=1, offload_activations=True))
-    est = estimate(one, None if rows is None else list(rows) * tc.grad_accum)  # the longest, repeated: a bound
+    est = estimate(one, None if rows is None else list(rows) * tc.grad_accum, kernels=kernels,
+                   dtypes=dtypes)  # the longest, repeated: a bound
     return (f"train.micro_batch_size={mb} train.grad_accum=1 train.offload_activations=true",
             est.peak + est.cuda_context)
 
@@ -319,30 +331,24 @@ def parse_size(text: str) -> float:
     return size
 
 
-def verdict_line(est, budget: float) -> str:
+def verdict_line(est: Estimate, budget: float) -> str:
     """`budget 24.0 GiB: predicted 9.87 GiB with the CUDA context: fits` (the web app shows the same line)."""
     total = est.peak + est.cuda_context
     verdict = "fits" if total <= budget else "does NOT fit"
     return f"budget {budget / GIB:.1f} GiB: predicted {total / GIB:.2f} GiB with the CUDA context: {verdict}"
 
 
-def data_rows(cfg, tokenizer) -> list[tuple[int, int]]:
-    """(length, trained tokens) of the worst micro-batch the data can form: its longest records."""
-    cfg = with_split(cfg)
-    encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
-    sizes = sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
-    return sizes[: cfg.train.micro_batch_size]
-
-
-def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
-    """Single changes to the config that bring the predicted peak (with the CUDA context) under budget."""
+def suggestions(cfg: Config, budget: float, rows: list[tuple[int, int]] | None = None,
+                kernels: select.Kernels | None = None) -> list[tuple[str, float]]:
+    """Single changes to the config that bring the predicted peak (with the CUDA context) under budget
+    (kernels: the run plan's; default what a GPU run takes)."""
     cfg = with_split(cfg)
     cands: list[tuple[str, object]] = []
     tc = cfg.train
     if not tc.gradient_checkpointing:
         on = replace(cfg, train=replace(tc, gradient_checkpointing=True))
         cands.append(("train.gradient_checkpointing=true", on))
-    elif fast_engine(cfg) and not tc.offload_activations:
+    elif fast_engine(cfg, kernels) and not tc.offload_activations:
         cands.append(("train.offload_activations=true", replace(cfg, train=replace(tc, offload_activations=True))))
     mb = tc.micro_batch_size
     while mb > 1:
@@ -357,11 +363,11 @@ def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
         cands.append(("method.name=qlora", replace(cfg, method=replace(cfg.method, name="qlora"))))
     if cfg.method.name in ("full",):
         cands.append(("method.name=lora", replace(cfg, method=replace(cfg.method, name="lora"))))
-    if _plan(cfg).weights == torch.float32:
+    if gpu_dtypes(cfg).weights == torch.float32:
         cands.append(("train.precision=bf16", replace(cfg, train=replace(tc, precision="bf16"))))
     out = []
     for text, c in cands:
-        est = estimate(c, None if rows is None else _trim(rows, c))
+        est = estimate(c, None if rows is None else _trim(rows, c), kernels=kernels)
         out.append((text, est.peak + est.cuda_context))
     fits = [(t, p) for t, p in out if p <= budget]
     if fits:
@@ -374,13 +380,13 @@ def suggestions(cfg, budget: float, rows=None) -> list[tuple[str, float]]:
             texts = [t for t in texts if "max_len" not in t]
         combined = _merge(combined, c, cfg)
         texts.append(text)
-        est = estimate(combined, None if rows is None else _trim(rows, combined))
+        est = estimate(combined, None if rows is None else _trim(rows, combined), kernels=kernels)
         if est.peak + est.cuda_context <= budget:
             return [(" ".join(texts), est.peak + est.cuda_context)]
     return []
 
 
-def _merge(acc, changed, original):
+def _merge(acc: Config, changed: Config, original: Config) -> Config:
     """acc with the fields where `changed` differs from `original` taken from `changed`."""
     parts = {}
     for section in ("model", "data", "method", "train"):
@@ -390,7 +396,7 @@ def _merge(acc, changed, original):
     return replace(acc, **parts)
 
 
-def _trim(rows, cfg) -> list[tuple[int, int]]:
+def _trim(rows: list[tuple[int, int]], cfg: Config) -> list[tuple[int, int]]:
     """The worst micro-batch under a changed config: fewer rows, or rows cut at a shorter max_len."""
     cut = [(min(n, cfg.data.max_len), min(t, cfg.data.max_len)) for n, t in rows]
     return cut[: cfg.train.micro_batch_size]

@@ -28,13 +28,17 @@ MIN_BYTES = 1 << 20  # below this a copy costs more (launch, sync points) than t
 HEADROOM, GROWTH = 4.0, 1.5
 
 
+# what a saved tensor becomes: itself (kept), or (host copy, its device, the copy's event) while in CPU memory
+Packed = torch.Tensor | tuple[torch.Tensor, torch.device, "torch.cuda.Event | None"]
+
+
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     """Context manager around a forward: saved CUDA tensors of at least `min_bytes` go to pinned CPU memory
     and come back in backward; a tensor saved twice (RMSNorm's input by pow and mul) is copied once. On the
     CPU it changes nothing. `moved` lists (shape, bytes) of the tensors moved by the latest forward."""
 
     def __init__(self, model: torch.nn.Module | None = None, min_bytes: int = MIN_BYTES, device_type: str = "cuda",
-                 max_tokens: int = 0):
+                 max_tokens: int = 0) -> None:
         self.min_bytes = min_bytes
         self.max_tokens = max_tokens  # the most tokens a forward can hold (0: unknown, buffers as asked)
         self.pool: list[torch.Tensor] = []  # the i-th moved tensor's host buffer, reused forward after forward
@@ -46,11 +50,11 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), this forward's
         super().__init__(self._pack, self._unpack)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self.moved, self._seen, self._next = [], {}, 0
         return super().__enter__()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self._seen = {}
         return super().__exit__(*exc)
 
@@ -58,7 +62,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return (t.device.type != self.device_type or isinstance(t, torch.nn.Parameter) or not t.is_contiguous()
                 or t.numel() * t.element_size() < self.min_bytes or t.untyped_storage().data_ptr() in self.params)
 
-    def _pack(self, t: torch.Tensor):
+    def _pack(self, t: torch.Tensor) -> Packed:
         if self._keep(t):
             return t
         same = self._seen.get(id(t))
@@ -69,7 +73,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.moved.append((tuple(t.shape), t.numel() * t.element_size()))
         return packed
 
-    def _move(self, t: torch.Tensor):
+    def _move(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.device, torch.cuda.Event | None]:
         if t.device.type == "cpu":
             return t.clone(), t.device, None
         if self.stream is None:
@@ -109,7 +113,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return buf[:nbytes]
 
     @staticmethod
-    def _unpack(packed):
+    def _unpack(packed: Packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
         host, device, done = packed

@@ -6,9 +6,10 @@ import math
 import torch
 
 from ..methods.base import MethodError
+from ..config import TrainConfig
 
 
-def build_optimizer(model, cfg_train) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg_train: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise MethodError("no parameter of the model requires a gradient: apply a method first (slimtune.apply_method) "
@@ -31,6 +32,7 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer, total: int, cfg_train):
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int,
+                    cfg_train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, cfg_train.warmup_steps, cfg_train.scheduler))

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import SlimtuneError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure")
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # 6.1e-05: the smallest normal fp16 number
@@ -80,14 +84,14 @@ def cpu_note(p: Plan, device: str) -> str | None:
             "the CPU, is faster there unless memory is what you lack")
 
 
-def cast_trainable(model, dtype: torch.dtype) -> None:
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Trainable weights in their own dtype (fp32 by default) while the frozen base stays half."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 
-def autocast(p: Plan, device: str):
+def autocast(p: Plan, device: str) -> contextlib.AbstractContextManager:
     if p.autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=p.autocast)
@@ -98,7 +102,7 @@ def scaler(p: Plan, device: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.split(":")[0], enabled=p.scaler)
 
 
-def scaler_state(scaler: torch.amp.GradScaler, optimizer) -> list[torch.Tensor]:
+def scaler_state(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """[scale, overflow] of an fp16 GradScaler after unscale_(optimizer), as device tensors nothing has read
     (GradScaler.get_scale and .step would each read one): overflow > 0 when a gradient held inf/NaN, which
     skips the step and lowers the scale. On several ranks unscale_'s inf check is already summed over them (DTensor
@@ -108,9 +112,10 @@ def scaler_state(scaler: torch.amp.GradScaler, optimizer) -> list[torch.Tensor]:
     return [scale, sum(f.to(scale.device) for f in found)]
 
 
-def base_dtype_name(cfg, device: str) -> str:
-    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16."""
+def base_dtype_name(cfg: Config, device: str, p: Plan | None = None) -> str:
+    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16. p: the run's plan
+    (default: decided here, for a model loaded outside a run)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    dtype = plan(cfg.train.precision, device, cfg.train.adam_eps).weights
+    dtype = (p or plan(cfg.train.precision, device, cfg.train.adam_eps)).weights
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

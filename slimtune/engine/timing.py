@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,18 +89,18 @@ class Profiler:
     step, and once the last one is done the table of the busiest ops, by device time and by host time, is written
     to `path`."""
 
-    def __init__(self, first: int, path: Path, device: str):
+    def __init__(self, first: int, path: Path, device: str) -> None:
         self.first, self.path, self.device = first, Path(path), device
         self.prof = None
 
-    def around(self, step: int):
+    def around(self, step: int) -> contextlib.AbstractContextManager:
         """A context for the step about to run (its number counted from 1)."""
         if not self.first or not self.first <= step < self.first + PROFILED_STEPS:
             return contextlib.nullcontext()
         return self._profiled(step)
 
     @contextlib.contextmanager
-    def _profiled(self, step: int):
+    def _profiled(self, step: int) -> Iterator[None]:
         from torch.profiler import ProfilerActivity, profile
 
         if self.prof is None:

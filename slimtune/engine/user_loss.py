@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ..config import Config, TrainConfig
 from ..config.convert import AUTO
 from ..data.readers import DataError
 from . import guards, precision
@@ -20,7 +21,7 @@ from .optim import build_optimizer, build_scheduler
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 
 
-def _cycle(batches):
+def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
     while True:  # epochs over the caller's batches, in the caller's order
         yield from batches
 
@@ -29,7 +30,7 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loss(loss_fn: LossFn, model, batch: dict, step: int) -> torch.Tensor:
+def _loss(loss_fn: LossFn, model: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
     loss = loss_fn(model, batch)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise DataError(f"fit: step {step}: loss_fn returned {type(loss).__name__}"
@@ -38,18 +39,18 @@ def _loss(loss_fn: LossFn, model, batch: dict, step: int) -> torch.Tensor:
     return loss
 
 
-def accum(tc) -> int:
+def accum(tc: TrainConfig) -> int:
     """Batches a step: train.grad_accum; auto is 1 (the batches are the caller's, their size is theirs)."""
     return 1 if tc.grad_accum == AUTO else tc.grad_accum
 
 
-def steps_for(n_batches: int, tc) -> int:
+def steps_for(n_batches: int, tc: TrainConfig) -> int:
     """train.max_steps, else train.epochs passes over the batches, grad_accum batches a step."""
     return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(n_batches / accum(tc) * tc.epochs))
 
 
-def fit(model: torch.nn.Module, batches: Iterable[dict], cfg, loss_fn: LossFn, device: str = "cpu",
-        log=print) -> dict:
+def fit(model: torch.nn.Module, batches: Iterable[dict], cfg: Config, loss_fn: LossFn, device: str = "cpu",
+        log: Callable[[str], None] = print) -> dict:
     """Train `model` on dict batches with loss_fn(model, batch) -> scalar; returns {"losses", "steps",
     "train_loss", "train_seconds"}. Each step's loss is the mean over its grad_accum batches."""
     tc = cfg.train

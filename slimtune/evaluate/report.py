@@ -21,6 +21,7 @@ from .. import models, outputs
 from ..config.batch import stated
 from ..data import encode_examples, with_system
 from ..data.collate import pad_id
+from ..data.encode import Encoded
 from ..data.readers import DataError, Example, read
 from ..engine.log import LABELS, dumps, strict_json
 from ..engine.loss import eval_loss
@@ -32,12 +33,11 @@ from . import metrics
 from .generate import Sampling, run as run_generation
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from ..data.encode import Encoded
-
-    Context = Callable[[], contextlib.AbstractContextManager]
+Context = Callable[[], contextlib.AbstractContextManager]  # wraps each loss forward (the run's autocast)
 
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
@@ -95,16 +95,17 @@ def _why_not_finite(scores: dict, key: str, value: float) -> str:
             "this adapter is broken, train again with a lower train.lr")
 
 
-def _loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
-          records: list[Encoded] | None, batch_size: int, device: str, context: Context,
-          show_progress: bool = False) -> dict:
-    """Loss over the answer tokens only, whatever data.train_on_prompt was in training."""
+def _loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config,
+          examples: list[Example], records: list[Encoded] | None, batch_size: int, device: str, context: Context,
+          show_progress: bool = False, chunked: bool | None = None) -> dict:
+    """Loss over the answer tokens only, whatever data.train_on_prompt was in training. chunked: the run plan's
+    loss (None: train.loss on `device`, for a model evaluated outside a run)."""
     data_cfg = replace(cfg.data, train_on_prompt=False)
     stats = None
     if records is None:
         records, stats = encode_examples(examples, tokenizer, data_cfg)
     kept = [r for r in records if any(x != -100 for x in r.labels)]
-    chunked = use_chunked_loss(cfg.train.loss, str(device))
+    chunked = use_chunked_loss(cfg.train.loss, str(device)) if chunked is None else chunked
     out = eval_loss(model, kept, pad_id(tokenizer), batch_size, device, context, chunked, show_progress) if kept else \
         {"eval_loss": float("nan"), "eval_ppl": float("nan"), "eval_tokens": 0}
     out.update(records=len(records), no_answer=len(records) - len(kept), max_len=cfg.data.max_len,
@@ -134,11 +135,11 @@ def _generation(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: confi
     return scores, rows
 
 
-def evaluate_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
-                 generate: bool = False, *, extraction_sep: str | None = None, sampling: Sampling | None = None,
-                 batch_size: int = 8, gen_batch_size: int | None = None, device: str = "cpu",
-                 context: Context = contextlib.nullcontext, records: list[Encoded] | None = None,
-                 show_progress: bool = False) -> Report:
+def evaluate_run(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config,
+                 examples: list[Example], generate: bool = False, *, extraction_sep: str | None = None,
+                 sampling: Sampling | None = None, batch_size: int = 8, gen_batch_size: int | None = None,
+                 device: str = "cpu", context: Context = contextlib.nullcontext, records: list[Encoded] | None = None,
+                 show_progress: bool = False, chunked: bool | None = None) -> Report:
     """Scores of a model on held-out records (each ending with the reference answer).
 
     Args:
@@ -149,8 +150,9 @@ def evaluate_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: conf
         batch_size: records per loss forward; gen_batch_size: prompts per generate call (None: 64 on
             CUDA, 8 on the CPU).
         show_progress: bars on stderr for the loss pass and the generation (records, time left).
+        chunked: the loss a chunk of rows at a time (the run plan's); None: as train.loss decides on `device`.
     """
-    scores = _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress)
+    scores = _loss(model, tokenizer, cfg, examples, records, batch_size, device, context, show_progress, chunked)
     rows: list[dict] = []
     if generate or extraction_sep is not None:
         gen_scores, rows = _generation(model, tokenizer, cfg, examples, sampling or Sampling(max_new_tokens=256),
@@ -161,9 +163,11 @@ def evaluate_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: conf
 
 def in_training(tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
                 records: list[Encoded], device: str, show_progress: bool = False,
-                train_records: list[Encoded] | None = None, log: Callable[[str], None] = print) -> "InTraining":
-    """The training loop's hook, (model, context, step) -> Report, per the train.eval_* keys (see InTraining)."""
-    return InTraining(tokenizer, cfg, examples, records, device, show_progress, train_records, log)
+                train_records: list[Encoded] | None = None, log: Callable[[str], None] = print,
+                chunked: bool = False) -> InTraining:
+    """The training loop's hook, (model, context, step) -> Report, per the train.eval_* keys (see InTraining);
+    chunked: the run plan's loss."""
+    return InTraining(tokenizer, cfg, examples, records, device, show_progress, train_records, log, chunked)
 
 
 class InTraining:
@@ -174,8 +178,10 @@ class InTraining:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: config_mod.Config, examples: list[Example],
                  records: list[Encoded], device: str, show_progress: bool = False,
-                 train_records: list[Encoded] | None = None, log: Callable[[str], None] = print):
+                 train_records: list[Encoded] | None = None, log: Callable[[str], None] = print,
+                 chunked: bool = False) -> None:
         tc = cfg.train
+        self.chunked = chunked  # the run plan's loss, as training computes it
         self.tokenizer, self.cfg, self.device, self.show_progress, self.log = tokenizer, cfg, device, show_progress, log
         self.sep = tc.eval_separator.replace("\\n", "\n").replace("\\t", "\t") or None  # as eval's --separator
         self.generate = tc.eval_generate or self.sep is not None
@@ -202,7 +208,8 @@ class InTraining:
             # the loss covers every record within the cap (`records`); the examples are the ones generated for
             report = evaluate_run(model, self.tokenizer, self.cfg, self.subset, self.generate, extraction_sep=self.sep,
                                   sampling=self.sampling, batch_size=self.cfg.train.micro_batch_size,
-                                  device=self.device, records=self.records, show_progress=self.show_progress)
+                                  device=self.device, records=self.records, show_progress=self.show_progress,
+                                  chunked=self.chunked)
         seconds = time.perf_counter() - start
         self.seconds_per_unit = seconds / max(self._units(), 1)
         report.scores["eval_seconds"] = seconds
@@ -227,7 +234,8 @@ class InTraining:
     def _estimate(self, model: nn.Module, context: Context, step: int | None) -> str:
         """The eval's size and time: from the last eval's pace, or before the first from one timed batch."""
         if self.seconds_per_unit is None:
-            self.seconds_per_unit = _probe(model, self.records, self.cfg, self.tokenizer, self.device, context)
+            self.seconds_per_unit = _probe(model, self.records, self.cfg, self.tokenizer, self.device, context,
+                                           self.chunked)
         what = f"{len(self.records)} records, {_tokens(self.records):,} tokens"
         if self.generate:
             what += f", generating up to {self.sampling.max_new_tokens} tokens for {len(self.subset)}"
@@ -269,13 +277,12 @@ def eval_token_cap(cfg: config_mod.Config, records: list[Encoded], train_records
     return max(MIN_EVAL_TOKENS, int(0.75 * steps * per_step / evals))
 
 
-def _probe(model: nn.Module, records: list[Encoded], cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase,
-           device: str, context: Context) -> float:
+def _probe(model: torch.nn.Module, records: list[Encoded], cfg: config_mod.Config,
+           tokenizer: PreTrainedTokenizerBase, device: str, context: Context, chunked: bool) -> float:
     """Seconds per token of one loss forward over the first micro-batch (the estimate before the first eval)."""
     first = records[:cfg.train.micro_batch_size]
     start = time.perf_counter()
-    eval_loss(model, first, pad_id(tokenizer), len(first), device, context,
-              use_chunked_loss(cfg.train.loss, str(device)))
+    eval_loss(model, first, pad_id(tokenizer), len(first), device, context, chunked)
     return (time.perf_counter() - start) / max(_tokens(first), 1)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import ConfigError
+from ..config import Config, ConfigError, MethodConfig, TrainConfig
 from . import attention, compiled, lora, norm_mlp, rope, tiled_mlp
 
 if TYPE_CHECKING:
@@ -159,20 +159,38 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
     return out
 
 
-def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[str], None] = print) -> Kernels:
-    """Switch on in `model` the fast paths train.* asks for on this device; what each took, and through
-    `log` one line for each asked-for path this model falls back from. disable takes them all back."""
-    packed = use_packing(tc.packing, model, device)
+def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
+    """The fast paths train.* asks for on `device` for a model `hidden` wide, decided once per run (the run
+    plan's record: 1 stands for "on"; enable then says what each took in a given model)."""
+    liger = chosen(tc.fused_norm_mlp, device, hidden)
+    # a preference objective's rows are a pair's chosen and rejected, padded: its step packs nothing
+    packing = "off" if tc.packing == "off" or tc.objective != "sft" or (
+        tc.packing == "auto" and not device.startswith("cuda")) else "bins" if tc.packing == "on" else "rows"
+    return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
+                   fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),
+                   fused_rope=int(use_fused_rope(tc.fused_rope, device)),
+                   tiled_mlp=int(tiled_mlp_from(tc.tiled_mlp, device) is not None),
+                   compiled_layers=int(use_compile(tc.compile, device, int(liger))))
+
+
+def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[str], None] = print,
+           want: Kernels | None = None) -> Kernels:
+    """Switch on in `model` the fast paths `want` chose (default: choose for this model's width); what each
+    took, and through `log` one line for each asked-for path this model falls back from. disable takes them
+    all back."""
+    if want is None:
+        want = choose(tc, device, getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    packed = use_packing(tc.packing, model, device) if want.packing != "off" else None
     try:
         if packed:
             attention.enable(model)
-        liger = norm_mlp.enable(model) if use_fused_norm_mlp(tc.fused_norm_mlp, device, model) else 0
-        took = Kernels(packing=packed or "off", chunked_loss=use_chunked_loss(tc.loss, device),
-                       fused_lora_layers=lora.enable(model, log) if use_fused_lora(tc.fused_lora, device) else 0,
+        liger = norm_mlp.enable(model) if want.fused_norm_mlp else 0
+        took = Kernels(packing=packed or "off", chunked_loss=want.chunked_loss,
+                       fused_lora_layers=lora.enable(model, log) if want.fused_lora_layers else 0,
                        fused_norm_mlp=liger,
-                       fused_rope=rope.enable(model) if use_fused_rope(tc.fused_rope, device) else 0,
-                       tiled_mlp=_tile(model, tc, device),  # after norm_mlp: it slices Liger's MLP forward
-                       compiled_layers=compiled.enable(model, log) if use_compile(tc.compile, device, liger) else 0)
+                       fused_rope=rope.enable(model) if want.fused_rope else 0,
+                       tiled_mlp=_tile(model, tc, device) if want.tiled_mlp else 0,  # after norm_mlp: it slices
+                       compiled_layers=compiled.enable(model, log) if want.compiled_layers else 0)  # Liger's MLP
         for line in fallbacks(model, tc, device, took):
             log(f"fast path off: {line}")
         return took
@@ -194,9 +212,15 @@ def on_gpu(cfg: Config, hidden: int = 0) -> Kernels:
     """What `train` on a GPU would choose for this config, without a model (the memory estimator's record):
     packing unless off, chunked loss unless plain, fused LoRA for plain LoRA without dropout (qlora's over a
     4-bit base too, not 8-bit), Liger's norm and MLP as chosen() decides it for this hidden size."""
-    m, tc = cfg.method, cfg.train
-    packing = "off" if tc.packing == "off" else ("bins" if tc.packing == "on" else "rows")
-    fused = m.name in LORA_METHODS and m.dropout == 0 and tc.fused_lora != "off" and \
-        not (m.name == "qlora" and m.quant_bits != 4)
+    tc = cfg.train
+    packing = "off" if tc.packing == "off" or tc.objective != "sft" else ("bins" if tc.packing == "on" else "rows")
+    fused = fusable(cfg.method) and tc.fused_lora != "off"
     return Kernels(packing=packing, chunked_loss=tc.loss != "plain", fused_lora_layers=int(fused),
                    fused_norm_mlp=int(chosen(tc.fused_norm_mlp, "cuda", hidden)))
+
+
+def fusable(method: MethodConfig) -> bool:
+    """Whether kernels/lora.py fuses this method's layers: plain LoRA without dropout (qlora's over a 4-bit
+    base too, not 8-bit); others keep peft's layers whatever train.fused_lora asks."""
+    return method.name in LORA_METHODS and method.dropout == 0 and not (method.name == "qlora" and
+                                                                      method.quant_bits != 4)

@@ -14,7 +14,7 @@ from .. import config as config_mod
 from .. import models
 from ..data import encode_examples, read
 from ..data.encode import segments
-from ..engine import memory
+from ..engine import memory, run_plan, split
 from ..errors import SlimtuneError
 from ..methods import count_on_meta
 from .paths import PathRefused, Roots
@@ -130,23 +130,28 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
     """`slimtune estimate CONFIG [--budget B]` as data: the same parts, table, faster setting and the changes
     that fit; plus `slimtune params`' counts."""
     size = _guard("budget", memory.parse_size, budget) if budget else None
-    rows = None
+    sizes = None
     if cfg.data.train:
         tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-        rows = _guard("data.train", memory.data_rows, cfg, tok)
-    est = _guard("model.path", memory.estimate, cfg, rows, cfg.train.gpus)
+        sizes = _guard("data.train", split.record_sizes, cfg, tok)
+    plan = _guard("model.path", run_plan.for_estimate, cfg, size, sizes, cfg.train.gpus)  # as `slimtune estimate`
+    auto, cfg = split.is_auto(cfg.train), plan.apply(cfg)
+    rows = sizes[:cfg.train.micro_batch_size] if sizes else None
+    est = _guard("model.path", functools.partial(memory.estimate, kernels=plan.kernels, dtypes=plan.precision), cfg,
+                 rows, cfg.train.gpus)
     trainable, total = _guard("method.name", count_on_meta, cfg.model.path, cfg.method, cfg.model.trust_remote_code)
     out = {"parts": {k: getattr(est, k) / memory.GIB for k in PARTS}, "peak_gib": est.peak / memory.GIB,
            "cuda_context_gib": est.cuda_context / memory.GIB, "notes": est.notes, "table": est.table(),
-           "trainable": trainable, "total": total, "faster": None, "budget_gib": None, "fits": None, "fixes": []}
-    quick = memory.faster(cfg, rows) if cfg.train.gpus <= 1 else None
+           "trainable": trainable, "total": total, "faster": None, "budget_gib": None, "fits": None, "fixes": [],
+           "plan": plan.describe()}
+    quick = memory.faster(cfg, rows, plan.kernels, plan.precision) if cfg.train.gpus <= 1 and not auto else None
     if quick and (size is None or quick[1] <= size):
         out["faster"] = {"change": quick[0], "gib": quick[1] / memory.GIB}
     if size is not None:
         total_bytes = est.peak + est.cuda_context
         out.update(budget_gib=size / memory.GIB, fits=total_bytes <= size, verdict=memory.verdict_line(est, size))
         if total_bytes > size:
-            fixes = memory.suggestions(cfg, size, rows)
+            fixes = memory.suggestions(cfg, size, rows, plan.kernels)
             out["fixes"] = [{"change": t, "gib": p / memory.GIB} for t, p in sorted(fixes, key=lambda x: -x[1])]
     return out
 

@@ -84,14 +84,17 @@ def test_split_balances_tokens():
     assert distributed.split([7], 3) == [[0], [], []]  # a rank may get none: it runs an idle forward
 
 
-def test_qlora_refused_with_reason_and_way_out(monkeypatch):
-    monkeypatch.setattr(distributed, "active", lambda: True)  # as under torchrun with 2 processes
-    why = distributed.check_method("qlora")
+def test_qlora_refused_with_reason_and_way_out():
+    several = distributed.Processes("cuda:0", rank=0, world_size=2)  # as under torchrun with 2 processes
+    with pytest.raises(distributed.ConfigError) as err:
+        several.refuse("qlora")
+    why = str(err.value)
+    assert why.startswith("method.name=qlora on 2 processes: ")
     assert "accelerate#3983" in why and "loss 0 with NaN gradients" in why  # why: what happened elsewhere
     assert "method.name=lora on a bf16 base" in why and "train.gpus=1" in why  # what to do instead
-    assert distributed.check_method("lora") is None and distributed.check_method("full") is None
-    monkeypatch.setattr(distributed, "active", lambda: False)
-    assert distributed.check_method("qlora") is None  # one process: qlora trains as ever
+    several.refuse("lora")
+    several.refuse("full")
+    distributed.Processes("cpu").refuse("qlora")  # one process: qlora trains as ever
 
 
 def test_fsdp_reshard_setting():

@@ -14,7 +14,7 @@ from slimtune.data import encode_examples
 from slimtune.data.collate import collate, pad_id
 from slimtune.data.readers import from_alpaca
 from slimtune.engine.loop import accumulate
-from slimtune.train import enable_checkpointing
+from slimtune.engine.recompute import enable_checkpointing
 
 DEMO = Path(cli.__file__).with_name("demo.yaml")
 

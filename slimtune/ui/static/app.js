@@ -105,7 +105,7 @@ function showEstimate(e) {
   if (e.fixes.length) html += "<p>changes that fit:</p><ul>" + e.fixes.map(f => `<li><code>${esc(f.change)}</code> ${gib(f.gib)}</li>`).join("") + "</ul>";
   else if (e.fits === false) html += "<p>no single change fits; combine them or use a larger GPU</p>";
   if (e.faster) html += `<p>faster on a GPU, same records per step: <code>${esc(e.faster.change)}</code> (${gib(e.faster.gib)})</p>`;
-  html += `<details><summary>as <code>slimtune estimate</code> prints it</summary><pre id="est-table">${esc(e.table)}</pre></details>`;
+  html += `<details><summary>as <code>slimtune estimate</code> prints it</summary><pre id="est-plan">${esc(e.plan)}</pre><pre id="est-table">${esc(e.table)}</pre></details>`;
   $("#estimate").innerHTML = html;
 }
 function previewHtml(p) {

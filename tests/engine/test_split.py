@@ -1,4 +1,4 @@
-"""train.batch_size and the split slimtune picks for it (engine/plan.py): the same numbers whatever the split,
+"""train.batch_size and the split slimtune picks for it (engine/split.py): the same numbers whatever the split,
 a deterministic printed choice for a given free-memory figure, explicit splits honoured, resumes kept."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import lora_run_config
 from slimtune import cli, config
 from slimtune.config import ConfigError
-from slimtune.engine import checkpoint, plan
+from slimtune.engine import checkpoint, split
 from slimtune.engine.log import read_metrics
 from slimtune.engine.memory import GIB
 
@@ -38,7 +38,8 @@ def test_auto_split_trains_the_same_numbers_as_16x1_and_8x2(tmp_path, tiny_model
         {"batch_size": 16, "micro_batch_size": 8, "grad_accum": 2}  # config.yaml holds the split it trained with
     one = _train(tmp_path, tiny_model_dir, "16x1", micro_batch_size=16, grad_accum=1)
     two = _train(tmp_path, tiny_model_dir, "8x2", micro_batch_size=8, grad_accum=2)
-    assert "batch split" not in capsys.readouterr().out  # an explicit split is not announced as chosen
+    out = capsys.readouterr().out  # an explicit split is printed as configured, not as chosen
+    assert "as 16 x 1 (micro_batch_size x grad_accum); as configured" in out and "fewest micro-batches" not in out
     assert len(auto[0]) == 3 and auto[0][0] > auto[0][2]  # three steps that trained
     for losses, adapter, _ in (one, two):
         # fp32: the loss is a sum over the step's trained tokens divided by their count, whatever the split;
@@ -59,17 +60,17 @@ def _cfg(tiny_model_dir, **train) -> config.Config:
 
 def test_gpu_choice_is_deterministic_fewest_micro_batches_leanest_mode_and_printed(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
-    roomy = plan.choose(cfg, "cuda", free=80 * GIB)
-    assert roomy == plan.choose(cfg, "cuda", free=80 * GIB)
+    roomy = split.choose(cfg, "cuda", free=80 * GIB)
+    assert roomy == split.choose(cfg, "cuda", free=80 * GIB)
     assert (roomy.chosen.micro_batch_size, roomy.chosen.grad_accum) == (16, 1)
     assert roomy.chosen.gradient_checkpointing and roomy.rejected == ()  # lean even with room to spare
     # just too little room for 16 x 1: the next split, 8 x 2, with the same mode
     first = roomy.chosen.peak
-    tight = plan.choose(cfg, "cuda", free=first / (1 - plan.MARGIN) - 1)
+    tight = split.choose(cfg, "cuda", free=first / (1 - split.MARGIN) - 1)
     assert [o.peak for o in tight.rejected] == [first]
     assert (tight.chosen.micro_batch_size, tight.chosen.gradient_checkpointing) == (8, True)
     assert tight.chosen.peak < first
-    assert tight == plan.choose(cfg, "cuda", free=first / (1 - plan.MARGIN) - 1)
+    assert tight == split.choose(cfg, "cuda", free=first / (1 - split.MARGIN) - 1)
     text = tight.describe()
     assert text.startswith("batch split: 16 records per step as 8 x 2, checkpointing (micro_batch_size x "
                            "grad_accum); the fewest micro-batches that fit, with checkpointing")
@@ -80,54 +81,54 @@ def test_gpu_choice_is_deterministic_fewest_micro_batches_leanest_mode_and_print
 def test_gpu_choice_offloads_on_the_fast_engine(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
     cfg.method.dropout = 0.0  # fused LoRA layers: the fast engine, whose estimate models offload
-    if not plan.memory.fast_engine(cfg):
+    if not split.memory.fast_engine(cfg):
         pytest.skip("this config is not on the fast engine")
-    got = plan.choose(cfg, "cuda", free=80 * GIB)
+    got = split.choose(cfg, "cuda", free=80 * GIB)
     assert (got.chosen.micro_batch_size, got.chosen.gradient_checkpointing, got.chosen.offload_activations) \
         == (16, True, True)
 
 
 def test_gpu_choice_splits_when_one_micro_batch_cannot_fit(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
-    peaks = {o: plan._estimated(cfg, plan.Option(*o), None, 1).peak
+    peaks = {o: split._estimated(cfg, split.Option(*o), None, 1).peak
              for o in [(16, 1, True, False), (8, 2, True, False), (4, 4, True, False)]}
-    free = peaks[(4, 4, True, False)] / (1 - plan.MARGIN)
+    free = peaks[(4, 4, True, False)] / (1 - split.MARGIN)
     assert peaks[(16, 1, True, False)] > peaks[(8, 2, True, False)] > peaks[(4, 4, True, False)]
-    got = plan.choose(cfg, "cuda", free=free)
-    assert got.chosen == plan.Option(4, 4, True, False, peaks[(4, 4, True, False)])
+    got = split.choose(cfg, "cuda", free=free)
+    assert got.chosen == split.Option(4, 4, True, False, peaks[(4, 4, True, False)])
     assert [o.micro_batch_size for o in got.rejected] == [16, 8]  # each faster split, over the budget
-    nothing = plan.choose(cfg, "cuda", free=1.0)  # 1 byte: the smallest predicted peak, said so
+    nothing = split.choose(cfg, "cuda", free=1.0)  # 1 byte: the smallest predicted peak, said so
     assert nothing.chosen.micro_batch_size == 1 and nothing.chosen.gradient_checkpointing
     assert "nothing is predicted to fit" in nothing.why
 
 
 def test_user_switches_stay_on_and_bad_shapes_fall_back(tiny_model_dir):
-    on = plan.choose(_cfg(tiny_model_dir, batch_size=16, gradient_checkpointing=True), "cuda", free=80 * GIB)
+    on = split.choose(_cfg(tiny_model_dir, batch_size=16, gradient_checkpointing=True), "cuda", free=80 * GIB)
     assert on.chosen.gradient_checkpointing and on.chosen.micro_batch_size == 16
     broken = _cfg(tiny_model_dir, batch_size=16)
     broken.model.path = str(tiny_model_dir / "missing")
-    fallback = plan.choose(broken, "cuda", free=80 * GIB)
+    fallback = split.choose(broken, "cuda", free=80 * GIB)
     assert (fallback.chosen.micro_batch_size, fallback.chosen.grad_accum) == (8, 2)
     assert fallback.why.startswith("memory estimate unavailable")
 
 
-@pytest.mark.parametrize("batch, split", [(16, (8, 2)), (12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (13, (1, 13))])
-def test_cpu_rule(batch, split):
-    got = plan.choose(config.from_dict({"train": {"batch_size": batch}}), "cpu")
-    assert (got.chosen.micro_batch_size, got.chosen.grad_accum) == split and got.chosen.peak is None
+@pytest.mark.parametrize("batch, want", [(16, (8, 2)), (12, (6, 2)), (7, (7, 1)), (4, (4, 1)), (13, (1, 13))])
+def test_cpu_rule(batch, want):
+    got = split.choose(config.from_dict({"train": {"batch_size": batch}}), "cpu")
+    assert (got.chosen.micro_batch_size, got.chosen.grad_accum) == want and got.chosen.peak is None
 
 
 def test_batch_size_defaults_and_explicit_splits():
     default = config.from_dict({})
     assert (default.train.batch_size, default.train.micro_batch_size, default.train.grad_accum) == ("auto",) * 3
-    assert plan.records_per_step(default.train) == 4  # as many records a step as before batch_size existed
+    assert split.records_per_step(default.train) == 4  # as many records a step as before batch_size existed
     old = config.from_dict({"train": {"micro_batch_size": 8, "grad_accum": 2}})
-    assert plan.records_per_step(old.train) == 16 and not plan.is_auto(old.train)
-    resolved = plan.resolve(old, "cuda", log=pytest.fail)  # honoured as written, nothing estimated or printed
+    assert split.records_per_step(old.train) == 16 and not split.is_auto(old.train)
+    resolved = split.resolve(old, "cuda", log=pytest.fail)  # honoured as written, nothing estimated or printed
     assert (resolved.train.batch_size, resolved.train.micro_batch_size, resolved.train.grad_accum) == (16, 8, 2)
-    half = plan.resolve(config.from_dict({"train": {"batch_size": 12, "grad_accum": 3}}), "cuda", log=pytest.fail)
+    half = split.resolve(config.from_dict({"train": {"batch_size": 12, "grad_accum": 3}}), "cuda", log=pytest.fail)
     assert (half.train.micro_batch_size, half.train.grad_accum) == (4, 3)
-    only = plan.resolve(config.from_dict({"train": {"micro_batch_size": 2}}), "cpu", log=pytest.fail)
+    only = split.resolve(config.from_dict({"train": {"micro_batch_size": 2}}), "cpu", log=pytest.fail)
     assert (only.train.batch_size, only.train.grad_accum) == (2, 1)
 
 
@@ -169,7 +170,7 @@ def test_resume_adopts_the_checkpoints_split(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.setattr(loop, "step", stopped)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 128 + signal.SIGTERM.value
     monkeypatch.setattr(loop, "step", real)
-    monkeypatch.setattr(plan, "CPU_MICRO", 4)  # a fresh plan would now pick 4 x 4
+    monkeypatch.setattr(split, "CPU_MICRO", 4)  # a fresh plan would now pick 4 x 4
     saved = config.load(checkpoint.latest(tmp_path / "run") / "config.yaml")
     assert checkpoint.differences(saved, config.load(cfg)) == []  # the auto split compares as the saved one
     assert cli.main(["train", str(cfg), "--resume", "--no-progress"]) == 0
@@ -184,9 +185,9 @@ def test_estimate_prints_the_split_train_would_choose(tmp_path, tiny_model_dir, 
                                     "method": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
                                     "train": {"batch_size": 16, "precision": "bf16"}}))
     cfg = config.load(path)
-    roomy = plan.choose(cfg, "cuda", free=80 * GIB).chosen.peak
-    budget = roomy / (1 - plan.MARGIN) - 1  # 16 x 1 just misses
-    want = plan.choose(cfg, "cuda", free=budget)
+    roomy = split.choose(cfg, "cuda", free=80 * GIB).chosen.peak
+    budget = roomy / (1 - split.MARGIN) - 1  # 16 x 1 just misses
+    want = split.choose(cfg, "cuda", free=budget)
     assert cli.main(["estimate", str(path), "--budget", f"{budget / 2 ** 20:.6f}MiB"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(want.describe() + "\n")
@@ -201,9 +202,9 @@ def test_estimate_prints_the_split_train_would_choose(tmp_path, tiny_model_dir, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reads the GPU's free memory (torch.cuda.mem_get_info)")
 def test_gpu_free_memory_is_what_the_plan_fits(tiny_model_dir):
     free, _ = torch.cuda.mem_get_info()
-    measured = plan.free_memory("cuda")
+    measured = split.free_memory("cuda")
     assert free <= measured <= free + torch.cuda.memory_reserved() + 2 ** 20
-    got = plan.choose(_cfg(tiny_model_dir, batch_size=16), "cuda")
+    got = split.choose(_cfg(tiny_model_dir, batch_size=16), "cuda")
     assert got.chosen.micro_batch_size == 16 and got.chosen.peak <= got.budget  # a tiny model fits in one
 
 
@@ -211,15 +212,15 @@ def test_a_model_built_in_code_is_estimated_from_its_own_config(tiny_model_dir, 
     from conftest import make_model
 
     cfg = _cfg(tiny_model_dir, batch_size=16)
-    same = plan.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer)))
-    assert same == plan.choose(cfg, "cuda", free=80 * GIB)  # model.path's shape: the same estimate
+    same = split.choose(cfg, "cuda", free=80 * GIB, model=make_model(len(tokenizer)))
+    assert same == split.choose(cfg, "cuda", free=80 * GIB)  # model.path's shape: the same estimate
     wider = make_model(len(tokenizer) + 4096)  # a larger vocabulary: more weights and logits
-    other = plan.choose(cfg, "cuda", free=80 * GIB, model=wider)
+    other = split.choose(cfg, "cuda", free=80 * GIB, model=wider)
     assert other.chosen.peak is not None and other.chosen.peak > same.chosen.peak
-    assert other == plan.choose(replace_path(cfg, "embedded-nowhere"), "cuda", free=80 * GIB, model=wider)
+    assert other == split.choose(replace_path(cfg, "embedded-nowhere"), "cuda", free=80 * GIB, model=wider)
     # a module with no transformers config: model.path's shape is all there is; another path -> the CPU's rule
     bare = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    lost = plan.choose(replace_path(cfg, str(tiny_model_dir / "missing")), "cuda", free=80 * GIB, model=bare)
+    lost = split.choose(replace_path(cfg, str(tiny_model_dir / "missing")), "cuda", free=80 * GIB, model=bare)
     assert (lost.chosen.micro_batch_size, lost.chosen.peak) == (8, None)
     assert "gives no config.json" in lost.why
 

@@ -18,16 +18,26 @@ launch cost to hide: the largest micro-batch up to CPU_MICRO records that divide
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import Config
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
 from ..data import encode_examples, read
+from ..kernels.select import Kernels
 from ..models import load_config, pick_device
 from . import distributed, memory
 from .memory import GIB
+from .precision import Plan
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+Sizes = list[tuple[int, int]]  # (length, trained tokens) of training records, longest first
 
 CPU_MICRO = 8  # CPU: bounds a padded micro-batch's activations; no launch overhead to amortise there (not measured)
 # kept free beyond the predicted peak: the estimator was within 10% (max 9.9%) of 367 measured H100 cells
@@ -64,7 +74,7 @@ class Split:
     def budget(self) -> float | None:
         return None if self.free is None else self.free * (1 - MARGIN)
 
-    def apply(self, cfg):
+    def apply(self, cfg: Config) -> Config:
         """cfg with the split written into train.* (batch_size included): what the run and its config.yaml hold."""
         c = self.chosen
         return replace(cfg, train=replace(cfg.train, batch_size=self.batch_size, micro_batch_size=c.micro_batch_size,
@@ -91,23 +101,23 @@ def divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
-def _mode(cfg) -> tuple[bool, bool]:
+def _mode(cfg: Config, kernels: Kernels | None = None) -> tuple[bool, bool]:
     """(checkpointing, offload): the leanest the config allows (a heavier mode never fits where a leaner one
     does not, so only the micro-batch size is searched); never turns off what the user turned on."""
     tc = cfg.train
-    if cfg.method.name == "prefix_tuning":  # trains without checkpointing whatever is asked (train.py)
+    if cfg.method.name == "prefix_tuning":  # trains without checkpointing whatever is asked (engine/recompute.py)
         return False, tc.offload_activations
-    return True, tc.offload_activations or memory.fast_engine(cfg)
+    return True, tc.offload_activations or memory.fast_engine(cfg, kernels)
 
 
-def fixed(cfg) -> Split:
+def fixed(cfg: Config) -> Split:
     """The split a config states (micro_batch_size or grad_accum set; the other follows from batch_size)."""
     tc = cfg.train
     batch, micro, accum = stated(tc)
     return Split(batch, Option(micro, accum, tc.gradient_checkpointing, tc.offload_activations), "as configured")
 
 
-def on_cpu(cfg, reason: str = "") -> Split:
+def on_cpu(cfg: Config, reason: str = "") -> Split:
     """The CPU's rule: the largest micro-batch of at most CPU_MICRO records that divides the batch."""
     tc, batch = cfg.train, records_per_step(cfg.train)
     micro = next(d for d in range(min(batch, CPU_MICRO), 0, -1) if batch % d == 0)
@@ -116,8 +126,8 @@ def on_cpu(cfg, reason: str = "") -> Split:
     return Split(batch, Option(micro, batch // micro, tc.gradient_checkpointing, tc.offload_activations), why)
 
 
-def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, int]] | None = None,
-           gpus: int = 1, model=None) -> Split:
+def choose(cfg: Config, device: str, free: float | None = None, sizes: Sizes | None = None, gpus: int = 1,
+           model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Plan | None = None) -> Split:
     """The fastest split of the batch whose predicted peak fits `free` bytes (default: what the GPU has free)
     less MARGIN; deterministic for a given model shape, config and free figure.
 
@@ -127,6 +137,7 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
         gpus: several processes (FSDP2): the estimate is per GPU.
         model: the model to train, when already built: the estimate reads its transformers config; one
             without (a module built in code) must have model.path's shape, else the CPU's rule is used.
+        kernels, dtypes: the run plan's (engine/run_plan.py), which the estimate counts; default a GPU run's.
     """
     if not device.startswith("cuda"):
         return on_cpu(cfg)
@@ -137,10 +148,10 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
                            f"rule: at most {CPU_MICRO} records a micro-batch (set train.micro_batch_size to choose)")
     free = free_memory(device) if free is None else free
     batch, rejected = records_per_step(cfg.train), []
-    ck, off = _mode(cfg)
+    ck, off = _mode(cfg, kernels)
     try:
         for micro in divisors(batch):
-            option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg)
+            option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg, kernels, dtypes)
             if option.peak <= free * (1 - MARGIN):
                 why = "the fewest micro-batches that fit" + (
                     ", without checkpointing" if not ck else ", with checkpointing" if not off
@@ -156,7 +167,7 @@ def choose(cfg, device: str, free: float | None = None, sizes: list[tuple[int, i
                  tuple(o for o in rejected if o is not smallest))
 
 
-def _other_shape(cfg, model) -> str | None:
+def _other_shape(cfg: Config, model: torch.nn.Module) -> str | None:
     """How `model` differs from model.path's config.json in the sizes the estimate reads, or None."""
     try:
         want = load_config(cfg.model.path, cfg.model.trust_remote_code)
@@ -167,7 +178,7 @@ def _other_shape(cfg, model) -> str | None:
     return f"the model differs from model.path {cfg.model.path!r} in {', '.join(diff)}" if diff else None
 
 
-def _config_of(model):
+def _config_of(model: torch.nn.Module | None) -> PretrainedConfig | None:
     """A transformers model's own config, as the estimate builds it on the meta device (without the 4-bit
     quantization a qlora model was loaded with: the estimate counts that from method.quant_bits); or None."""
     mcfg = getattr(getattr(model, "base_model", model), "config", None) if model is not None else None
@@ -176,12 +187,14 @@ def _config_of(model):
     return type(mcfg).from_dict({k: v for k, v in mcfg.to_dict().items() if k != "quantization_config"})
 
 
-def _estimated(cfg, option: Option, sizes, gpus: int, mcfg=None) -> Option:
+def _estimated(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg: PretrainedConfig | None = None,
+               kernels: Kernels | None = None, dtypes: Plan | None = None) -> Option:
     trial = replace(cfg, train=replace(cfg.train, micro_batch_size=option.micro_batch_size,
                                        grad_accum=option.grad_accum,
                                        gradient_checkpointing=option.gradient_checkpointing,
                                        offload_activations=option.offload_activations))
-    est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus, mcfg)
+    est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus, mcfg, kernels,
+                          dtypes)
     return replace(option, peak=est.peak + est.cuda_context)
 
 
@@ -196,12 +209,14 @@ def free_memory(device: str) -> float:
     return -distributed.all_max([-free], device)[0] if distributed.active() else free
 
 
-def split(cfg, device: str, free: float | None = None, sizes=None, gpus: int = 1, model=None) -> Split:
+def split(cfg: Config, device: str, free: float | None = None, sizes: Sizes | None = None, gpus: int = 1,
+          model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Plan | None = None) -> Split:
     """The split this config trains with on `device`: as stated, or chosen (choose) when auto."""
-    return choose(cfg, device, free, sizes, gpus, model) if is_auto(cfg.train) else fixed(cfg)
+    return choose(cfg, device, free, sizes, gpus, model, kernels, dtypes) if is_auto(cfg.train) else fixed(cfg)
 
 
-def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, gpus: int = 1, model=None):
+def resolve(cfg: Config, device: str, log: Callable[[str], None] = print, free: float | None = None,
+            sizes: Sizes | None = None, gpus: int = 1, model: torch.nn.Module | None = None) -> Config:
     """cfg with every auto of the split replaced by numbers; a chosen split is printed (Split.describe)."""
     tc = cfg.train
     if AUTO not in (tc.batch_size, tc.micro_batch_size, tc.grad_accum):
@@ -212,7 +227,7 @@ def resolve(cfg, device: str, log=print, free: float | None = None, sizes=None, 
     return chosen.apply(cfg)
 
 
-def for_print(cfg) -> tuple[object, str]:
+def for_print(cfg: Config) -> tuple[Config, str]:
     """`train --print-config`: cfg with the split the run would train with where the config and this machine
     decide it without the model, the data or the GPU, and a note on how it was decided ("" when stated).
 
@@ -243,20 +258,8 @@ def for_print(cfg) -> tuple[object, str]:
         "the split this GPU allows now")
 
 
-def record_sizes(cfg, tokenizer) -> list[tuple[int, int]]:
+def record_sizes(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Sizes:
     """(length, trained tokens) of every training record of data.train, longest first."""
     encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
 
-
-def for_estimate(cfg, budget: float | None, sizes=None, gpus: int = 1, log=print):
-    """`slimtune estimate`: cfg with the split `train` would choose, printed. The GPU's free memory is --budget
-    when given, else this machine's GPU's; with neither the CPU's rule stands, and it says how to ask."""
-    if not is_auto(cfg.train):
-        return resolve(cfg, "cpu", log)
-    if budget is None and not torch.cuda.is_available():
-        chosen = on_cpu(cfg, f"no GPU here and no --budget: the CPU's rule (at most {CPU_MICRO} records a "
-                             "micro-batch); pass --budget N (the GPU's GiB) for the split train picks on that GPU")
-        log(chosen.describe())
-        return chosen.apply(cfg)
-    return resolve(cfg, "cuda", log, budget, sizes, gpus)
