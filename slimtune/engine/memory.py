@@ -132,12 +132,6 @@ def _build_meta(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torc
     return methods.apply(model, shaped), mcfg
 
 
-def gpu_dtypes(cfg: Config) -> precision.Plan:
-    """A GPU run's dtypes, decided without the GPU (no bf16 check): what an estimate without a run plan counts."""
-    name = "bf16" if cfg.train.precision == "auto" else cfg.train.precision  # an estimate is for a GPU
-    return precision.plan(name, "cpu", cfg.train.adam_eps)
-
-
 def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int = 1,
              mcfg: PretrainedConfig | None = None, kernels: select.Kernels | None = None,
              dtypes: precision.Plan | None = None) -> Estimate:
@@ -152,7 +146,7 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     if gpus > 1:
         return _sharded(cfg, rows, gpus, mcfg, kernels, dtypes)
     model, mcfg = _meta_model(cfg, mcfg)
-    plan = dtypes or gpu_dtypes(cfg)
+    plan = dtypes or precision.gpu_plan(cfg.train)
     est = Estimate(grad_accum=cfg.train.grad_accum)
     trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
@@ -234,7 +228,7 @@ def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: P
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
         setattr(est, part, getattr(est, part) / gpus)
     est.optimizer_step_extra *= FSDP_STEP_EXTRA
-    plan = dtypes or gpu_dtypes(cfg)
+    plan = dtypes or precision.gpu_plan(cfg.train)
     u = fsdp_memory.units(_meta_model(cfg, mcfg)[0], BYTES[plan.weights], BYTES[plan.trainable])
     held = fsdp_memory.held(u, gpus, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
     # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
@@ -363,7 +357,7 @@ def suggestions(cfg: Config, budget: float, rows: list[tuple[int, int]] | None =
         cands.append(("method.name=qlora", replace(cfg, method=replace(cfg.method, name="qlora"))))
     if cfg.method.name in ("full",):
         cands.append(("method.name=lora", replace(cfg, method=replace(cfg.method, name="lora"))))
-    if gpu_dtypes(cfg).weights == torch.float32:
+    if precision.gpu_plan(cfg.train).weights == torch.float32:
         cands.append(("train.precision=bf16", replace(cfg, train=replace(tc, precision="bf16"))))
     out = []
     for text, c in cands:

@@ -19,7 +19,7 @@ import torch
 from ..errors import SlimtuneError
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, TrainConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16", "fp16-pure")
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # 6.1e-05: the smallest normal fp16 number
@@ -119,3 +119,9 @@ def base_dtype_name(cfg: Config, device: str, p: Plan | None = None) -> str:
         return cfg.model.dtype
     dtype = (p or plan(cfg.train.precision, device, cfg.train.adam_eps)).weights
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def gpu_plan(tc: TrainConfig) -> Plan:
+    """A GPU run's dtypes, decided without the GPU (no bf16 check): what an estimate without a run plan counts."""
+    name = "bf16" if tc.precision == "auto" else tc.precision  # an estimate is for a GPU
+    return plan(name, "cpu", tc.adam_eps)

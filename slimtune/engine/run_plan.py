@@ -139,4 +139,4 @@ def for_estimate(cfg: Config, budget: float | None, sizes: Sizes | None = None, 
         chosen = split.on_cpu(cfg, f"no GPU here and no --budget: the CPU's rule (at most {CPU_MICRO} records "
                                    "a micro-batch); pass --budget N (the GPU's GiB) for the split train picks on "
                                    "that GPU")
-    return _build(cfg, device, memory.gpu_dtypes(cfg), None, sizes, budget, gpus, 0, chosen)
+    return _build(cfg, device, precision.gpu_plan(cfg.train), None, sizes, budget, gpus, 0, chosen)
