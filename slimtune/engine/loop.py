@@ -90,7 +90,12 @@ def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: 
     finally:
         logs.close()
         disable_kernels(model)
-    done = result(run)  # the one place the returned record is put together
+    return _result(run, log)
+
+
+def _result(run: Run, log: Log) -> dict:
+    """The returned record (put together in one place), and its summary lines."""
+    done = result(run)
     if not run.end.interrupted and distributed.is_main():
         log(summary_line(done))
         if stalled := timing.summary_line(done):

@@ -12,7 +12,7 @@ from ..config import Config
 from ..kernels import select
 from ..kernels.select import Kernels
 from ..models import load_config
-from . import distributed, memory, precision, split
+from . import distributed, precision, split
 from .precision import Plan
 from .split import CPU_MICRO, Sizes, Split
 
