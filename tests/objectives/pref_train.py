@@ -19,5 +19,5 @@ def built(cfg, tokenizer, log) -> BuiltPairs:
 
 
 if __name__ == "__main__":
-    train_mod._build_pairs = built
+    train_mod.build_pairs = built
     sys.exit(cli.main(["train", *sys.argv[1:]]))
