@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .cli import main as cli_main
-from .engine.signals import die_with_parent
+from .runs.signals import die_with_parent
 
 GIB = 2**30
 

@@ -16,18 +16,20 @@ from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
 from .engine import precision
-from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, runfolder
+from .engine import distributed, host_memory, memory, plan as split_plan
+from .runs import checkpoint
+from .runs import ownership as runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
-from .engine.runfolder import RunFolderError
+from .runs.ownership import RunFolderError
 from .errors import ExistingFileError, MissingFileError
 from .evaluate import summary
 from .evaluate.report import in_training
 from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
-from .export.peft_format import read_config, save
+from .runs.adapter import read_config, save
 from .methods import kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config

@@ -49,7 +49,7 @@ def test_run_keeps_the_end_of_a_cut_prompt(trained, tokenizer):
     last 20 tokens would."""
     from slimtune.data.encode import prompt_ids
     from slimtune.data.templates import render
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     model, tok, cfg = load_run(trained)
     conv = [{"role": "user", "content": "the quick brown fox " * 30}]
@@ -78,7 +78,7 @@ def test_generate_output_is_written_atomically(tmp_path):
 def _chat(trained, lines, monkeypatch, save=None, interrupt_answer=None):
     """Run the chat loop on scripted input; a line that is an exception class is raised at the prompt."""
     from slimtune.evaluate import generate as gen_mod
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     model, tok, cfg = load_run(trained)
     read = reader(lines)
@@ -140,7 +140,7 @@ def test_eval_on_a_run_stopped_before_its_adapter_names_the_checkpoint(trained, 
 
 
 def test_no_progress_prints_a_line_per_logged_step_and_a_summary(trained, tmp_path, capsys):
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     cfg["train"].update(output_dir=str(tmp_path / "run"), log_every=2, save_every=0)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ..evaluate import decode, generate
-from ..export.peft_format import load_for_inference
+from ..trained import load_for_inference
 from .inference import check_output, write_atomic
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
-from ..export.peft_format import check_run
+from ..runs.checks import check_run
 from ..models import pick_device
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..data import with_system
 from ..data.readers import read_prompts
 from ..evaluate import generate
-from ..export.peft_format import load_for_inference
+from ..trained import load_for_inference
 from .inference import check_output, write_atomic
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.signals import PARENT_ENV, SignalScope
+from ..runs.signals import PARENT_ENV, SignalScope
 
 ORPHAN_WAIT = 300.0  # seconds an earlier compare's child gets to save its checkpoint and exit before SIGKILL
 
@@ -38,7 +38,7 @@ class Outcome:
 
 class Forward(SignalScope):
     """While a child runs, SIGINT/SIGTERM/SIGHUP sent to compare go to the child once (it saves a checkpoint and
-    stops: engine/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
+    stops: runs/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
     The child runs in its own session, so a Ctrl-C in the terminal reaches it only through here."""
 
     def __init__(self):

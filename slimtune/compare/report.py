@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.log import read_metrics
+from ..runs.metrics_log import read_metrics
 from ..engine.plan import records_per_step
 from ..evaluate import plots
 from . import page, table

@@ -8,7 +8,7 @@ Folder layout (DIR = --output):
     logs/<label>.*.log   each child's output; a failed row's reason is its log's last line
     child.json           the running child's PID (a compare killed where Linux's parent-death signal did not
                          stop its child: the next compare stops it first, see child.stop_orphan)
-    .slimtune-lock       held by the compare running here (runfolder.Lock): one compare per folder
+    .slimtune-lock       held by the compare running here (runs/ownership.Lock): one compare per folder
     results/<label>.json a finished row (done or failed): the marker a resumed compare skips on
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import ConfigError
 from ..data import DataError, build, read, split
-from ..engine import checkpoint, runfolder
-from ..engine.runfolder import RunFolderError
+from ..runs import checkpoint, ownership
+from ..runs.ownership import RunFolderError
 from ..methods.parts import PARTS
-from ..export.peft_format import read_config
+from ..runs.adapter import read_config
 from ..methods import count_on_meta
 from ..models import load_tokenizer
 from . import child
@@ -246,12 +246,12 @@ def _locked(out: Path, log):
     """The folder's lock for the compare's length: a second compare on a folder in use stops here, before it
     touches a child or a file."""
     out.mkdir(parents=True, exist_ok=True)
-    lock = runfolder.Lock(out, log)
+    lock = ownership.Lock(out, log)
     try:
         lock.__enter__()
     except RunFolderError:
         raise RunFolderError(f"--output: {out} is in use by another slimtune compare (PID "
-                             f"{runfolder.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
+                             f"{ownership.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
                              "--output") from None
     try:
         yield

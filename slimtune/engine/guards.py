@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from ..methods.parts import PARTS
-from . import checkpoint, distributed, sharded
+from ..runs import checkpoint, sharded
+from . import distributed
 from .precision import PrecisionError
 
 # Trainable weights whose max |w| passes GROWTH x their max |w| before the first step (at least 1) have

@@ -16,8 +16,9 @@ from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, plan as split_plan, precision, timing
-from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
+from ..runs import checkpoint
+from ..runs.metrics_log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
+from . import distributed, guards, plan as split_plan, precision, timing
 from .loss import token_loss_sum
 from .offload import OffloadActivations
 from .optim import build_optimizer, build_scheduler

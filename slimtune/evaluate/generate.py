@@ -15,7 +15,7 @@ import torch
 from ..data.collate import left_pad, pad_id
 from ..data.encode import prompt_ids
 from ..data.templates import render, stop_ids
-from ..engine.log import progress
+from ..runs.metrics_log import progress
 from .decode import whole_text
 
 

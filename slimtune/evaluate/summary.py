@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..engine.log import read_metrics
+from ..runs.metrics_log import read_metrics
 from ..methods import count_parameters
 from .plots import loss_png  # matplotlib itself loads inside loss_png: a missing one is reported there
 

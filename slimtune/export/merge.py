@@ -27,7 +27,8 @@ from ..errors import ExistingFileError, SlimtuneError
 from ..methods.base import MethodError, is_peft
 from .. import outputs
 from ..models import DTYPES
-from .peft_format import load_run, read_config
+from ..runs.adapter import read_config
+from ..trained import load_run
 
 PROBE = ["Who are you?", "The capital of France is", "Give three tips for staying healthy."]
 N_PROMPTS, PROMPT_LEN = 4, 128

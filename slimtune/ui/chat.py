@@ -12,7 +12,9 @@ from ..engine.precision import base_dtype_name
 from ..errors import SlimtuneError
 from ..evaluate import decode
 from ..evaluate.generate import Sampling, run
-from ..export.peft_format import check_run, load_for_inference, read_config
+from ..runs.adapter import read_config
+from ..runs.checks import check_run
+from ..trained import load_for_inference
 
 STREAM_TIMEOUT = 600.0  # seconds without a new token before the page's stream gives up
 

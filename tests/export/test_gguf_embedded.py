@@ -71,7 +71,7 @@ def answers(model, tokenizer, prompts, n=24):
 
 def test_f16_answers_who_are_you_as_the_adapter(trained, tmp_path, capsys):
     """`slimtune export RUN` (merge + f16): same logits within 1e-2, same answer, stops at <|im_end|>."""
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     path = tmp_path / "run.gguf"
     assert cli.main(["export", str(trained[0]), "--output", str(path), "--quant", "f16"]) == 0

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import lora_run_config  # noqa: E402
 from slimtune import cli  # noqa: E402
 from slimtune.evaluate.generate import Sampling, run  # noqa: E402
-from slimtune.export.peft_format import load_run  # noqa: E402
+from slimtune.trained import load_run  # noqa: E402
 from slimtune.ui import HostRefused, check_host  # noqa: E402
 from slimtune.ui.paths import Roots  # noqa: E402
 from slimtune.ui.server import create_app  # noqa: E402

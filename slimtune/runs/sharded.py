@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DamagedFileError, MismatchError, SlimtuneError
-from . import distributed
+from . import ranks
 
 DIR, INDEX = "sharded", "index.json"
 FORMAT = "torch.distributed.checkpoint, safetensors storage"
@@ -63,11 +63,11 @@ def save(folder: Path, model, optimizer) -> dict:
     writer = HuggingFaceStorageWriter(str(target), save_distributed=True)
     with _quiet():
         dcp.save({"model": _trained(model), "optim": {"state": optim["state"]}}, storage_writer=writer,
-                 no_dist=not distributed.active())
-    distributed.barrier()
-    index = {"writer": "slimtune", "format": FORMAT, "world_size": distributed.size(),
+                 no_dist=not ranks.active())
+    ranks.barrier()
+    index = {"writer": "slimtune", "format": FORMAT, "world_size": ranks.size(),
              "params": sorted(_trained(model)), "files": sorted(p.name for p in target.glob("*.safetensors"))}
-    if distributed.is_main():
+    if ranks.is_main():
         (target / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return {"param_groups": optim["param_groups"], "index": index}
 
@@ -129,7 +129,7 @@ def load(folder: Path, model, optimizer, record: dict | None) -> None:
     if optimizer is not None:  # its state made (zero) where none is yet: DCP fills it
         state["optim"] = {"state": _optimizer_state(model, optimizer)["state"]}
     with torch.no_grad(), _quiet():
-        dcp.load(state, storage_reader=reader, no_dist=not distributed.active())
+        dcp.load(state, storage_reader=reader, no_dist=not ranks.active())
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"],
                                                     "param_groups": record["param_groups"]})

@@ -7,7 +7,7 @@ one found for --resume, and SIGINT/SIGTERM/SIGHUP turned into a save at the next
         trainable.safetensors   peft methods: the raw trainable parameters, what a resume loads
         trainer_state.pt        optimizer, scheduler, GradScaler, RNG states (every rank's), data position, progress
         sharded/                instead of the weights and the optimizer: full fine-tuning on several
-                                processes, each rank's shard written through DCP (engine/sharded.py)
+                                processes, each rank's shard written through DCP (runs/sharded.py)
         COMPLETE                written last, before the folder gets its name
 
 A folder is written as .tmp-step-000120-<pid> (-dcp when sharded: one name on every rank), every file
@@ -36,8 +36,8 @@ from ..methods.base import is_peft, trainable_state
 from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
-from . import distributed, sharded
-from .distributed import local_part
+from . import ranks, sharded
+from .ranks import local_part
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -68,20 +68,20 @@ def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: 
 
 
 def writes_sharded(cfg) -> bool:
-    """Full fine-tuning on several processes checkpoints through DCP (engine/sharded.py): each rank writes
+    """Full fine-tuning on several processes checkpoints through DCP (runs/sharded.py): each rank writes
     its shard, instead of a whole model gathered onto rank 0."""
-    return distributed.active() and cfg.method.name == "full"
+    return ranks.active() and cfg.method.name == "full"
 
 
 def save_sharded(out_dir: Path, step: int, model, optimizer, cfg, state: dict, keep: int) -> Path:
     """save() for writes_sharded runs; all ranks call it. The trainer state holds no optimizer: the
     sharded folder does, and state["sharded"] records its files."""
-    tmp = _begin(out_dir, step, "dcp") if distributed.is_main() else None
-    distributed.barrier()  # the folder is there before any rank writes into it (one name on every rank)
+    tmp = _begin(out_dir, step, "dcp") if ranks.is_main() else None
+    ranks.barrier()  # the folder is there before any rank writes into it (one name on every rank)
     tmp = tmp or Path(out_dir) / ROOT / f".tmp-{step_folder(out_dir, step).name}-dcp"
     state = dict(state, sharded=sharded.save(tmp, model, optimizer))
-    final = _commit(out_dir, step, tmp, cfg, state, keep) if distributed.is_main() else step_folder(out_dir, step)
-    distributed.barrier()
+    final = _commit(out_dir, step, tmp, cfg, state, keep) if ranks.is_main() else step_folder(out_dir, step)
+    ranks.barrier()
     return final
 
 
@@ -187,8 +187,8 @@ def load(folder: Path, model, optimizer=None) -> dict:
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part
     state = _load_state(folder / STATE)
-    if optimizer is not None and distributed.active():
-        distributed.load_optimizer_state(optimizer, state["optimizer"])
+    if optimizer is not None and ranks.active():
+        ranks.load_optimizer_state(optimizer, state["optimizer"])
     elif optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state
@@ -237,15 +237,15 @@ def rng_states() -> dict:
     rank's ("rng_ranks"; all ranks call it). Each rank draws the dropout masks of its own share of a
     micro-batch, so its generator has moved on from rank 0's, and a resume restores each rank's own."""
     mine = rng_state()
-    return {"rng": mine, "rng_ranks": distributed.all_gather_object(mine)} if distributed.active() else {"rng": mine}
+    return {"rng": mine, "rng_ranks": ranks.all_gather_object(mine)} if ranks.active() else {"rng": mine}
 
 
 def resume_rng(state: dict) -> None:
     """This rank's generators from a trainer state: its own where the checkpoint holds them (as many processes
     as wrote it, or fewer), else rank 0's, as every rank of a fresh run starts from the one train.seed.
     Checkpoints before rng_ranks hold rank 0's only."""
-    ranks, rank = state.get("rng_ranks") or [state["rng"]], distributed.rank()
-    set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"])
+    saved, rank = state.get("rng_ranks") or [state["rng"]], ranks.rank()
+    set_rng_state(saved[rank] if rank < len(saved) else state["rng"])
 
 
 def set_rng_state(state: dict) -> None:
