@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from scripted import reader
 from slimtune import cli
 from slimtune.commands import chat, inference
-from slimtune.evaluate.generate import Sampling, run
+from slimtune.evaluate.generate import Sampling, answer_all
 
 WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 
@@ -54,14 +54,14 @@ def test_run_keeps_the_end_of_a_cut_prompt(trained, tokenizer):
     model, tok, cfg = load_run(trained)
     conv = [{"role": "user", "content": "the quick brown fox " * 30}]
     ids = prompt_ids(render(cfg.data.template, conv, tok, add_generation_prompt=True), tok)
-    g = run(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4), max_len=20)
+    g = answer_all(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4), max_len=20)
     assert g.truncated == 1 and len(ids) > 20
     import torch
 
     with torch.no_grad():
         first = int(model(input_ids=torch.tensor([ids[-20:]])).logits[0, -1].argmax())
     assert g.tokens[0][0] == first
-    assert run(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4)).truncated == 0  # 512 context
+    assert answer_all(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4)).truncated == 0  # 512 context
 
 
 def test_generate_output_is_written_atomically(tmp_path):
@@ -84,14 +84,14 @@ def _chat(trained, lines, monkeypatch, save=None, interrupt_answer=None):
     read = reader(lines)
 
     if interrupt_answer is not None:
-        real, calls = gen_mod.run, []
+        real, calls = gen_mod.answer_all, []
 
         def flaky(*args, **kw):
             calls.append(1)
             if len(calls) == interrupt_answer:
                 raise KeyboardInterrupt
             return real(*args, **kw)
-        monkeypatch.setattr(gen_mod, "run", flaky)
+        monkeypatch.setattr(gen_mod, "answer_all", flaky)
     return chat.chat_loop(model, tok, cfg.data.template, "cpu", Sampling(max_new_tokens=3), read=read, save=save)
 
 

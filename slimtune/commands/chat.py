@@ -48,8 +48,8 @@ def chat_loop(model, tokenizer, template: str, device: str, sampling, system: st
             continue
         print("assistant> ", end="", flush=True)
         try:
-            gen = generate.run(model, tokenizer, template, [history + [{"role": "user", "content": line}]], sampling,
-                               1, device, streamer=decode.printer(tokenizer))
+            gen = generate.answer_all(model, tokenizer, template, [history + [{"role": "user", "content": line}]],
+                                      sampling, 1, device, streamer=decode.printer(tokenizer))
         except KeyboardInterrupt:
             print("\n[stopped: this answer and its question are left out of the conversation]", file=sys.stderr)
             continue

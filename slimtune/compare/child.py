@@ -52,7 +52,8 @@ class Forward(SignalScope):
             self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
 
 
-def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward, record: Path | None = None) -> Outcome:
+def run_measured(args: list[str], log_path: Path, peak_path: Path, forward: Forward,
+                 record: Path | None = None) -> Outcome:
     """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path; record: a JSON file
     naming the child while it runs (see stop_orphan)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)

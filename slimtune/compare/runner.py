@@ -31,7 +31,7 @@ from . import child
 from .spec import BASE, Plan, Row, load_config, row_overrides
 
 
-CHILD = "child.json"  # names the running child (child.run's record)
+CHILD = "child.json"  # names the running child (child.run_measured's record)
 
 
 WRITES = ("config.yaml", "heldout.jsonl", "runs", "logs", "results", "compare.json", "compare.md", "compare.html")
@@ -154,7 +154,7 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log) -> dict:
                                                                                         run_dir):
         return done  # trained, then stopped during its eval; a failed row is tried again
     log(f"compare: {row.label}: training ({row.method})")
-    res = child.run(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
+    res = child.run_measured(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
                     out / "logs" / f"{row.label}.train.peak.json", fwd, out / CHILD)
     summary = _read_json(run_dir / "summary.json")
     if res.interrupted and not (res.rc == 0 and summary):  # a run that finished anyway is recorded
@@ -171,8 +171,8 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward, l
     log(f"compare: {row.label}: evaluating on {data}")
     log_path = out / "logs" / f"{row.label}.eval.log"
     (run_dir / "compare-eval" / "scores.json").unlink(missing_ok=True)  # an earlier attempt's must not count
-    res = child.run(_eval_args(plan, row, run_dir, data), log_path, out / "logs" / f"{row.label}.eval.peak.json",
-                    fwd, out / CHILD)
+    res = child.run_measured(_eval_args(plan, row, run_dir, data), log_path,
+                             out / "logs" / f"{row.label}.eval.peak.json", fwd, out / CHILD)
     scores = _read_json(run_dir / "compare-eval" / "scores.json")
     if res.interrupted and not (res.rc == 0 and scores):
         raise Interrupted(f"stopped while evaluating {row.label}")
@@ -259,7 +259,7 @@ def _locked(out: Path, log):
         lock.__exit__(None, None, None)
 
 
-def run(plan: Plan, out: Path, log=print) -> list[dict]:
+def run_plan(plan: Plan, out: Path, log=print) -> list[dict]:
     """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
     with _locked(out, log):
         child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints

@@ -146,9 +146,9 @@ def _batch(model, batch: dict, s: Sampling, pad: int, stops: list[int], streamer
 
 
 @torch.no_grad()
-def run(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
-        batch_size: int | None = None, device: str = "cpu", streamer=None, max_len: int = 0,
-        show_progress: bool = False) -> Generated:
+def answer_all(model, tokenizer, template: str, conversations: list[list[dict]], sampling: Sampling | None = None,
+               batch_size: int | None = None, device: str = "cpu", streamer=None, max_len: int = 0,
+               show_progress: bool = False) -> Generated:
     """Answers for conversations that end with a user turn, in input order, with token counts and time.
     A streamer (decode.printer or decode.queue) needs batch_size 1. An answer cut at max_new_tokens inside a
     character ends before that character (decode.whole_text).
@@ -191,7 +191,7 @@ def run(model, tokenizer, template: str, conversations: list[list[dict]], sampli
 def generate(model, tokenizer, template: str, conversations: list[list[dict]], max_new_tokens: int = 128,
              batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              device: str = "cpu", **sampling) -> list[str]:
-    """Answers for conversations that end with a user turn, in input order (see `run` for timings)."""
+    """Answers for conversations that end with a user turn, in input order (see `answer_all` for timings)."""
     s = Sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                  **sampling)
-    return run(model, tokenizer, template, conversations, s, batch_size, device).texts
+    return answer_all(model, tokenizer, template, conversations, s, batch_size, device).texts

@@ -28,7 +28,7 @@ from ..trained import load_run
 from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
-from .generate import Sampling, run as run_generation
+from .generate import Sampling, answer_all as run_generation
 
 # the scores a training run logs at each eval step (the others describe the setup, the same every time)
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",

@@ -5,8 +5,6 @@ The process group itself (joining it, sharding the model) is engine/distributed.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 

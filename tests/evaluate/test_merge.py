@@ -110,7 +110,7 @@ def test_merged_logits_equal_adapter_logits(name, runs, tokenizer):
 
 
 def test_fresh_process_with_plain_transformers_generates_the_same_tokens(runs, tokenizer):
-    from slimtune.evaluate.generate import Sampling, run as generate
+    from slimtune.evaluate.generate import Sampling, answer_all as generate
     from slimtune.trained import load_run
 
     folders = [str(runs[n][1]) for n in IDS]

@@ -63,10 +63,10 @@ def load_gguf(path):
 
 
 def answers(model, tokenizer, prompts, n=24):
-    from slimtune.evaluate.generate import Sampling, run
+    from slimtune.evaluate.generate import Sampling, answer_all
 
     convs = [[{"role": "user", "content": q}] for q in prompts]
-    return run(model, tokenizer, "auto", convs, Sampling(max_new_tokens=n), batch_size=len(convs))
+    return answer_all(model, tokenizer, "auto", convs, Sampling(max_new_tokens=n), batch_size=len(convs))
 
 
 def test_f16_answers_who_are_you_as_the_adapter(trained, tmp_path, capsys):
