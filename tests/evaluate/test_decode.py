@@ -80,7 +80,7 @@ def test_generate_command_writes_whole_characters(tokenizer, tmp_path, monkeypat
 def test_the_web_streamer_holds_back_an_unfinished_character(tokenizer):
     ids = _ids(tokenizer, ZH)
     streamer = decode.queue(tokenizer, timeout=5)
-    answer_all(Scripted(ids), tokenizer, "chatml", [[{"role": "user", "content": "说中文"}]], Sampling(max_new_tokens=2),
-               1, streamer=streamer)
+    answer_all(Scripted(ids), tokenizer, "chatml", [[{"role": "user", "content": "说中文"}]],
+               Sampling(max_new_tokens=2), 1, streamer=streamer)
     pieces = list(streamer)
     assert "".join(pieces) == "中文" and all("\ufffd" not in p for p in pieces), pieces
