@@ -24,7 +24,10 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,7 +62,8 @@ def step_folder(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / ROOT / f"step-{step:06d}"
 
 
-def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: dict | None = None) -> Path:
+def save(out_dir: Path, step: int, model: torch.nn.Module, cfg: config_mod.Config, state: dict[str, Any], keep: int,
+         weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all).
     weights: the trainable parameters whole, when the model's are sharded over several processes."""
     tmp = _begin(out_dir, step, f"{os.getpid()}")
@@ -67,13 +71,14 @@ def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: 
     return _commit(out_dir, step, tmp, cfg, state, keep)
 
 
-def writes_sharded(cfg) -> bool:
+def writes_sharded(cfg: config_mod.Config) -> bool:
     """Full fine-tuning on several processes checkpoints through DCP (runs/sharded.py): each rank writes
     its shard, instead of a whole model gathered onto rank 0."""
     return ranks.active() and cfg.method.name == "full"
 
 
-def save_sharded(out_dir: Path, step: int, model, optimizer, cfg, state: dict, keep: int) -> Path:
+def save_sharded(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: config_mod.Config, state: dict[str, Any], keep: int) -> Path:
     """save() for writes_sharded runs; all ranks call it. The trainer state holds no optimizer: the
     sharded folder does, and state["sharded"] records its files."""
     tmp = _begin(out_dir, step, "dcp") if ranks.is_main() else None
@@ -94,7 +99,7 @@ def _begin(out_dir: Path, step: int, tag: str) -> Path:
     return tmp
 
 
-def _commit(out_dir: Path, step: int, tmp: Path, cfg, state: dict, keep: int) -> Path:
+def _commit(out_dir: Path, step: int, tmp: Path, cfg: config_mod.Config, state: dict[str, Any], keep: int) -> Path:
     """config.yaml, the trainer state and COMPLETE into `tmp`, every file fsynced, then renamed to its step."""
     root, final = Path(out_dir) / ROOT, step_folder(out_dir, step)
     (tmp / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
@@ -119,7 +124,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
+def _save_weights(model: torch.nn.Module, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     methods.save(model, folder, weights)
@@ -169,7 +174,7 @@ def clean(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(folder: Path, model, optimizer=None) -> dict:
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Copy the checkpoint's trainable parameters into the model and its AdamW state into `optimizer`
     (when given), whatever the number of processes that wrote it and that read it; returns its trainer state."""
     folder = Path(folder)
@@ -264,11 +269,11 @@ class StopOnSignal(SignalScope):
     """SIGINT, SIGTERM and SIGHUP during training ask for a checkpoint at the next step boundary instead of
     killing the run mid-step; the handlers step aside after the first, so a second signal stops at once."""
 
-    def __init__(self, log=print):
+    def __init__(self, log: Callable[[str], None] = print) -> None:
         super().__init__()
         self.log, self.requested = log, None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = signal.Signals(signum).name
         self._restore()
         self.log(f"\n{self.requested}: saving a checkpoint after this step, then stopping "

@@ -5,6 +5,8 @@ The process group itself (joining it, sharding the model) is engine/distributed.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -32,7 +34,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
     if not active():
         return [obj]
