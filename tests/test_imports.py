@@ -160,6 +160,15 @@ def test_the_old_rules_still_hold():
     assert all(LEVEL[low] > LEVEL[high] for low, highs in never.items() for high in highs)
 
 
+def test_the_run_folder_sits_below_what_reads_it():
+    """runs/ (the run folder's files) is below the engine that trains into it and every part that reads a run,
+    and above what it saves (methods) and where its errors come from: the engine passes nothing up to it."""
+    readers = ("engine", "trust", "trained", "evaluate", "export", "train", "compare", "ui", "commands")
+    assert all(LEVEL["runs"] > LEVEL[part] for part in readers)
+    assert all(LEVEL["runs"] < LEVEL[part] for part in ("methods", "models", "config", "errors"))
+    assert not [line for (a, b), lines in _edges().items() if a == "runs" and b in readers for line in lines]
+
+
 def test_the_architecture_drawing_is_current():
     """docs/architecture.md is what scripts/import_graph.py draws from today's imports, with these LAYERS."""
     assert GRAPH.layers() == LAYERS
