@@ -17,8 +17,7 @@ from .data import build
 from .data.collate import pad_id
 from .engine import precision
 from .engine import distributed, host_memory, memory, plan as split_plan
-from .runs import checkpoint
-from .runs import ownership as runfolder
+from .runs import checkpoint, ownership as runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
