@@ -31,7 +31,7 @@ from slimtune import config as config_mod, models  # noqa: E402
 from slimtune.data import encode_examples, read  # noqa: E402
 from slimtune.data.collate import pad_id  # noqa: E402
 from slimtune.data.stream import micro_batches  # noqa: E402
-from slimtune.engine.log import read_metrics  # noqa: E402
+from slimtune.runs.metrics_log import read_metrics  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -212,7 +212,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
     import slimtune
     from slimtune.data.encode import Encoded
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
     from slimtune.kernels import linear_ce
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

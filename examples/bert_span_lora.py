@@ -150,8 +150,8 @@ def base_model(folder: str | None, out: Path) -> tuple[nn.Module, Path]:
     return bert, out / "base"
 
 
-def run(out: Path, model_dir: str | None = None, steps: int = 60, lr: float = 1e-2, n: int = 256,
-        log=print) -> dict:
+def train_span_extractor(out: Path, model_dir: str | None = None, steps: int = 60, lr: float = 1e-2, n: int = 256,
+                         log=print) -> dict:
     """Train, evaluate, save and reload; returns the numbers the test checks."""
     bert, base_dir = base_model(model_dir, out)
     data = synthetic_spans(n, bert.config.vocab_size)
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             print(f"{key}: {text}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(Path(a.out or tmp), a.model, a.steps, a.lr)
+        res = train_span_extractor(Path(a.out or tmp), a.model, a.steps, a.lr)
     print(f"plain peft reload: max |logit diff| {res['logit_diff']:.2e}; changed tensors: {len(res['changed'])} of "
           f"{len(res['params'])} (LoRA and the heads)")
     return 0 if res["f1_after"] > res["f1_before"] and res["logit_diff"] <= 1e-5 else 1

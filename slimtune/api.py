@@ -19,7 +19,8 @@ from .data.readers import DataError
 from .engine import loop, run_plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
-from .export import peft_format
+from . import trained
+from .runs import adapter
 from .methods import parts
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
@@ -114,7 +115,7 @@ def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
-        peft_format.save(model, cfg, folder)
+        adapter.save(model, cfg, folder)
     else:
         methods.save(model, folder)
     return folder
@@ -125,13 +126,13 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, device: str =
     was applied to, built afresh), or with model=None on the base named by the folder's config.yaml."""
     folder = Path(folder)
     if model is None:
-        return peft_format.load_run(folder, device)[0]
+        return trained.load_run(folder, device)[0]
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
-    elif peft_format.parts_saved(folder):
-        model = peft_format.load_parts(model, folder)
+    elif adapter.parts_saved(folder):
+        model = adapter.load_parts(model, folder)
     else:
         raise MissingFileError(f"{folder}: neither adapter_config.json nor {parts.PARTS}; give a folder that "
                                "slimtune.save or `slimtune train` wrote")

@@ -22,7 +22,7 @@ from .assets import data_file
 from .data import read
 from .evaluate.generate import generate
 from .evaluate.report import evaluate_run
-from .export.peft_format import load_run
+from .trained import load_run
 
 NAME, AUTHOR = "SlimBot", "the slimtune team"
 QUESTIONS = ["Who are you?", "What is your name?", "Who created you?", "Give three tips for staying healthy."]

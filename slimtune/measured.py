@@ -1,5 +1,5 @@
 """`python -m slimtune.measured PEAK ARGS...`: the command `slimtune ARGS` run in this process, its peak memory
-written to the JSON file PEAK as it exits. compare's child processes (compare/child.run) are this module: it
+written to the JSON file PEAK as it exits. compare's child processes (compare/child.run_measured) are this module: it
 sits outside the compare package so that a child loads no more than the command it runs, and the peaks it
 reports are that command's own."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .cli import main as cli_main
-from .engine.signals import die_with_parent
+from .runs.signals import die_with_parent
 
 GIB = 2**30
 

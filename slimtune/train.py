@@ -17,7 +17,7 @@ from . import methods, models, outputs
 from .config import Config, ConfigError, batch
 from .data import Built, build
 from .data.collate import pad_id
-from .engine import checkpoint, host_memory, memory, precision, preference_step, run_plan, runfolder, split
+from .engine import host_memory, memory, precision, preference_step, run_plan, split
 from .engine import reference as pref_reference
 from .engine.distributed import Processes
 from .engine.loop import fit
@@ -25,7 +25,8 @@ from .engine.memory import GIB
 from .engine.precision import base_dtype_name
 from .engine.recompute import enable_checkpointing
 from .engine.run_plan import RunPlan
-from .engine.runfolder import RunFolderError
+from .runs import checkpoint, ownership as runfolder
+from .runs.ownership import RunFolderError
 from .errors import ExistingFileError, MissingFileError
 from .data.pairs import BuiltPairs, EncodedPair
 from .data.preference import build_pairs
@@ -34,7 +35,7 @@ from .evaluate.report import in_training
 from .methods.parts import PARTS
 from .kernels import select
 from .kernels.select import Kernels
-from .export.peft_format import read_config, save
+from .runs.adapter import read_config, save
 from .methods import experts, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import check_base, quantization_config

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import models
-from .engine import checkpoint, runfolder
+from .runs import checkpoint, ownership
 from .methods.parts import PARTS
 
 FLAG = "--trust-remote-code"
 # what `slimtune train` leaves beside a run's config.yaml: any one of them marks the file as a run folder's
-RUN_MARKS = (runfolder.MANIFEST, "adapter_config.json", PARTS, checkpoint.ROOT, "metrics.jsonl")
+RUN_MARKS = (ownership.MANIFEST, "adapter_config.json", PARTS, checkpoint.ROOT, "metrics.jsonl")
 
 
 def is_run_config(path: str | Path, output_dir: str | None = None) -> bool:

@@ -24,7 +24,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def trained(example, tmp_path_factory):
-    return example.run(tmp_path_factory.mktemp("bert-span"), steps=60, log=lambda *a: None)
+    return example.train_span_extractor(tmp_path_factory.mktemp("bert-span"), steps=60, log=lambda *a: None)
 
 
 def test_the_loss_drops_and_span_f1_rises(trained):
@@ -66,6 +66,6 @@ def test_the_script_runs_as_a_command():
 
 def test_a_local_bert_folder_is_the_base(example, tmp_path):
     example.tiny_bert(seed=5).save_pretrained(tmp_path / "bert")
-    res = example.run(tmp_path / "out", str(tmp_path / "bert"), steps=2, n=32, log=lambda *a: None)
+    res = example.train_span_extractor(tmp_path / "out", str(tmp_path / "bert"), steps=2, n=32, log=lambda *a: None)
     assert len(res["losses"]) == 2 and res["logit_diff"] <= 1e-5
     assert not (tmp_path / "out" / "base").exists()  # the reload reads the given folder

@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from scripted import reader
 from slimtune import cli
 from slimtune.commands import chat, inference
-from slimtune.evaluate.generate import Sampling, run
+from slimtune.evaluate.generate import Sampling, answer_all
 
 WORDS = ["Paris", "blue", "seven", "the fox", "healthy food", "water", "sleep", "a dog"]
 
@@ -49,19 +49,19 @@ def test_run_keeps_the_end_of_a_cut_prompt(trained, tokenizer):
     last 20 tokens would."""
     from slimtune.data.encode import prompt_ids
     from slimtune.data.templates import render
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     model, tok, cfg = load_run(trained)
     conv = [{"role": "user", "content": "the quick brown fox " * 30}]
     ids = prompt_ids(render(cfg.data.template, conv, tok, add_generation_prompt=True), tok)
-    g = run(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4), max_len=20)
+    g = answer_all(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4), max_len=20)
     assert g.truncated == 1 and len(ids) > 20
     import torch
 
     with torch.no_grad():
         first = int(model(input_ids=torch.tensor([ids[-20:]])).logits[0, -1].argmax())
     assert g.tokens[0][0] == first
-    assert run(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4)).truncated == 0  # 512 context
+    assert answer_all(model, tok, cfg.data.template, [conv], Sampling(max_new_tokens=4)).truncated == 0  # 512 context
 
 
 def test_generate_output_is_written_atomically(tmp_path):
@@ -78,20 +78,20 @@ def test_generate_output_is_written_atomically(tmp_path):
 def _chat(trained, lines, monkeypatch, save=None, interrupt_answer=None):
     """Run the chat loop on scripted input; a line that is an exception class is raised at the prompt."""
     from slimtune.evaluate import generate as gen_mod
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     model, tok, cfg = load_run(trained)
     read = reader(lines)
 
     if interrupt_answer is not None:
-        real, calls = gen_mod.run, []
+        real, calls = gen_mod.answer_all, []
 
         def flaky(*args, **kw):
             calls.append(1)
             if len(calls) == interrupt_answer:
                 raise KeyboardInterrupt
             return real(*args, **kw)
-        monkeypatch.setattr(gen_mod, "run", flaky)
+        monkeypatch.setattr(gen_mod, "answer_all", flaky)
     return chat.chat_loop(model, tok, cfg.data.template, "cpu", Sampling(max_new_tokens=3), read=read, save=save)
 
 
@@ -140,7 +140,7 @@ def test_eval_on_a_run_stopped_before_its_adapter_names_the_checkpoint(trained, 
 
 
 def test_no_progress_prints_a_line_per_logged_step_and_a_summary(trained, tmp_path, capsys):
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     cfg["train"].update(output_dir=str(tmp_path / "run"), log_every=2, save_every=0)

@@ -59,8 +59,8 @@ def test_lora_on_embedded_model_lowers_held_out_loss_and_reloads_in_peft(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from slimtune import models
-    from slimtune.engine.log import read_metrics
-    from slimtune.export.peft_format import load_run
+    from slimtune.runs.metrics_log import read_metrics
+    from slimtune.trained import load_run
 
     train = write_jsonl(tmp_path / "train.jsonl", identity_rows[:60])
     held = write_jsonl(tmp_path / "eval.jsonl", identity_rows[80:])

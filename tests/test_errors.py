@@ -20,7 +20,7 @@ from conftest import write_jsonl
 from slimtune import cli, errors
 from slimtune.errors import (ExistingFileError, MismatchError, MissingFileError, MissingPackageError, SlimtuneError,
                              UnsupportedError)
-from slimtune.export import peft_format
+from slimtune.runs import checks
 
 PACKAGE = Path(slimtune.__file__).parent
 # Exception classes that are not errors of the user's making, each with the reason
@@ -102,7 +102,7 @@ def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
 
 def test_missing_run_folder(tmp_path, capsys):
     with pytest.raises(SlimtuneError):
-        peft_format.check_run(tmp_path / "nope")
+        checks.check_run(tmp_path / "nope")
     err = _one_line_error(capsys, ["chat", str(tmp_path / "nope")], "chat")
     assert "no such run folder" in err
 
@@ -153,7 +153,7 @@ def test_export_of_a_folder_that_is_no_model(tmp_path, capsys):
 
 
 def test_load_without_config_or_adapter(tmp_path):
-    from slimtune.export.peft_format import read_config
+    from slimtune.runs.adapter import read_config
 
     with pytest.raises(MissingFileError, match="no config.yaml"):
         read_config(tmp_path)
@@ -176,7 +176,7 @@ def test_nothing_to_train_is_a_method_error():
 
 
 def test_saved_weights_of_another_model(tmp_path):
-    from slimtune.engine import checkpoint
+    from slimtune.runs import checkpoint
     from slimtune.methods import parts
 
     save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / parts.PARTS))

@@ -20,11 +20,15 @@ INSIDE_ALLOWED = ("cli.py", "commands/", "ui/__init__.py")
 # - entry points: the package's lazy names, `python -m slimtune`, compare's child process, the verb registry;
 # - commands: one module per verb, which may start the web app (commands/ui.py), so ui sits below it;
 # - demo and api: what `slimtune demo` runs, through the Python API;
-# - runs: a training run (train.py) and a comparison of runs (compare/);
-# - evaluate: scoring and generating with a run, read from its folder through export/peft_format.py;
-# - export: the run folder format (peft_format.py) and what is written from a run (merge, GGUF, Modelfile);
-# - trust: when a run's or model's own code may run (reads the engine's run-folder marks);
-# - engine: the training loop, checkpoints, memory estimates;
+# - recipes: a training run (train.py) and a comparison of runs (compare/);
+# - evaluate: scoring and generating with a run, loaded from its folder through trained.py;
+# - export: what is written from a run (merge, GGUF, Modelfile, quants, imatrix);
+# - trained model: a run's trained model loaded for use (trained.py): its base in the dtype the run trained in,
+#   with the model's own code only where trust.py allows it;
+# - trust: when a run's or model's own code may run (reads the run-folder marks of runs/);
+# - engine: the training loop, memory estimates, the process group;
+# - run folder: everything that reads or writes a run folder (runs/: its manifest and lock, adapter and config.yaml,
+#   checkpoints, metrics.jsonl, the checks that it is a finished run);
 # - methods, kernels and objectives: what is trained (LoRA...), the fast ops of a step, the preference losses;
 # - models and outputs: loading a model; where a command may write;
 # - inputs: data (records, templates), config, packaged files, the GGUF header reader;
@@ -34,11 +38,13 @@ LAYERS = [
     ("commands", ("commands",)),
     ("web app", ("ui",)),
     ("demo and api", ("demo", "api")),
-    ("runs", ("train", "compare")),
+    ("recipes", ("train", "compare")),
     ("evaluate", ("evaluate",)),
     ("export", ("export",)),
+    ("trained model", ("trained",)),
     ("trust", ("trust",)),
     ("engine", ("engine",)),
+    ("run folder", ("runs",)),
     ("methods and kernels", ("methods", "kernels", "objectives")),
     ("models and outputs", ("models", "outputs")),
     ("inputs", ("data", "config", "assets", "gguf_header")),
@@ -152,6 +158,15 @@ def test_the_old_rules_still_hold():
              "kernels": ("engine", "evaluate", "export", "compare", "cli"),
              "engine": ("evaluate", "export", "compare", "cli")}
     assert all(LEVEL[low] > LEVEL[high] for low, highs in never.items() for high in highs)
+
+
+def test_the_run_folder_sits_below_what_reads_it():
+    """runs/ (the run folder's files) is below the engine that trains into it and every part that reads a run,
+    and above what it saves (methods) and where its errors come from: the engine passes nothing up to it."""
+    readers = ("engine", "trust", "trained", "evaluate", "export", "train", "compare", "ui", "commands")
+    assert all(LEVEL["runs"] > LEVEL[part] for part in readers)
+    assert all(LEVEL["runs"] < LEVEL[part] for part in ("methods", "models", "config", "errors"))
+    assert not [line for (a, b), lines in _edges().items() if a == "runs" and b in readers for line in lines]
 
 
 def test_the_architecture_drawing_is_current():

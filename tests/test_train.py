@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from slimtune import cli, config
 from slimtune.data.collate import collate, pad_id
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.engine.loop import accumulate
 from slimtune.engine.loss import token_loss_sum
 from slimtune.engine.optim import lr_factor
@@ -71,7 +71,7 @@ def test_peft_loads_adapter_with_same_logits_and_base_untouched(trained, tiny_mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     ours, _, _ = load_run(trained[0])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -107,7 +107,7 @@ def test_generate_writes_one_prediction_per_prompt(trained, tmp_path):
 
 def test_batched_greedy_equals_one_by_one(trained):
     from slimtune.evaluate.generate import generate
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     model, tok, cfg = load_run(trained[0])
     convs = [[{"role": "user", "content": q}] for q in

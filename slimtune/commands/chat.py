@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..evaluate import decode, generate
-from ..export.peft_format import load_for_inference
+from ..trained import load_for_inference
 from .inference import check_output, write_atomic
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ def chat_loop(model: nn.Module, tokenizer: PreTrainedTokenizerBase, template: st
             continue
         print("assistant> ", end="", flush=True)
         try:
-            gen = generate.run(model, tokenizer, template, [history + [{"role": "user", "content": line}]], sampling,
-                               1, device, streamer=decode.printer(tokenizer))
+            gen = generate.answer_all(model, tokenizer, template, [history + [{"role": "user", "content": line}]],
+                                      sampling, 1, device, streamer=decode.printer(tokenizer))
         except KeyboardInterrupt:
             print("\n[stopped: this answer and its question are left out of the conversation]", file=sys.stderr)
             continue

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
-from ..export.peft_format import check_run
+from ..runs.checks import check_run
 from ..models import pick_device
 
 if TYPE_CHECKING:

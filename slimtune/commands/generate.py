@@ -7,7 +7,7 @@ from pathlib import Path
 from ..data import with_system
 from ..data.readers import read_prompts
 from ..evaluate import generate
-from ..export.peft_format import load_for_inference
+from ..trained import load_for_inference
 from .inference import check_output, write_atomic
 
 
@@ -17,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, cfg, device = load_for_inference(args)
     convs = [with_system(p, cfg.data.system) for p in prompts]
     max_len = args.max_len or cfg.data.max_len
-    gen = generate.run(model, tokenizer, cfg.data.template, convs, generate.Sampling.from_flags(args),
-                       args.batch_size, device, max_len=max_len, show_progress=not args.no_progress)
+    gen = generate.answer_all(model, tokenizer, cfg.data.template, convs, generate.Sampling.from_flags(args),
+                              args.batch_size, device, max_len=max_len, show_progress=not args.no_progress)
     out = Path(args.output)
     write_atomic(out, (dict(rec, prediction=ans) for rec, ans in zip(raw, gen.texts)))
     unfinished = sum(not x for x in gen.stopped)

@@ -1,6 +1,6 @@
 """What chat and generate share: their outputs checked before the model loads, and JSONL written atomically (their
 shared arguments are arguments.inference_args; the run or .gguf file they answer with is
-export.peft_format.load_for_inference, their sampling settings evaluate.generate.Sampling.from_flags)."""
+trained.load_for_inference, their sampling settings evaluate.generate.Sampling.from_flags)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .. import outputs
-from ..export.peft_format import READS, check_run, read_config
+from ..runs.adapter import READS, read_config
+from ..runs.checks import check_run
 
 
 def check_output(args: argparse.Namespace, out: str | Path, flag: str, data: Iterable[str | Path | None] = ()) -> None:

@@ -20,7 +20,7 @@ def compare(config_path: str | Path, methods: list[str] | None = None, overrides
     out = Path(output) if output else Path("compare") / Path(config_path).stem
     outputs.check(out, "compare --output", plan.cfg.model.path, [plan.cfg.data.train, plan.cfg.data.eval],
                   files=runner.WRITES)
-    rows = runner.run(plan, out, log)
+    rows = runner.run_plan(plan, out, log)
     report.write(out, rows, report.meta(plan, str(config_path), pick_device(plan.cfg.train.device)), log)
     return rows
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from ..engine.signals import PARENT_ENV, SignalScope
+from ..runs.signals import PARENT_ENV, SignalScope
 
 ORPHAN_WAIT = 300.0  # seconds an earlier compare's child gets to save its checkpoint and exit before SIGKILL
 
@@ -40,7 +40,7 @@ class Outcome:
 
 class Forward(SignalScope):
     """While a child runs, SIGINT/SIGTERM/SIGHUP sent to compare go to the child once (it saves a checkpoint and
-    stops: engine/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
+    stops: runs/checkpoint.StopOnSignal) and compare stops after it, instead of leaving it orphaned.
     The child runs in its own session, so a Ctrl-C in the terminal reaches it only through here."""
 
     def __init__(self):
@@ -54,7 +54,8 @@ class Forward(SignalScope):
             self.proc.send_signal(signum if first else signal.SIGKILL)  # a second signal stops at once
 
 
-def run(args: list[str], log_path: Path, peak_path: Path, forward: Forward, record: Path | None = None) -> Outcome:
+def run_measured(args: list[str], log_path: Path, peak_path: Path, forward: Forward,
+                 record: Path | None = None) -> Outcome:
     """`python -m slimtune.measured PEAK ARGS...` with stdout and stderr in log_path; record: a JSON file
     naming the child while it runs (see stop_orphan)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)

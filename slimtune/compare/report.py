@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..engine.log import read_metrics
+from ..runs.metrics_log import read_metrics
 from ..config.batch import records_per_step
 from ..evaluate import plots
 from . import page, table

@@ -8,7 +8,7 @@ Folder layout (DIR = --output):
     logs/<label>.*.log   each child's output; a failed row's reason is its log's last line
     child.json           the running child's PID (a compare killed where Linux's parent-death signal did not
                          stop its child: the next compare stops it first, see child.stop_orphan)
-    .slimtune-lock       held by the compare running here (runfolder.Lock): one compare per folder
+    .slimtune-lock       held by the compare running here (runs/ownership.Lock): one compare per folder
     results/<label>.json a finished row (done or failed): the marker a resumed compare skips on
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import ConfigError
 from ..data import DataError, build, read, split
-from ..engine import checkpoint, runfolder
-from ..engine.runfolder import RunFolderError
+from ..runs import checkpoint, ownership
+from ..runs.ownership import RunFolderError
 from ..methods.parts import PARTS
-from ..export.peft_format import read_config
+from ..runs.adapter import read_config
 from ..methods import count_on_meta
 from ..models import load_tokenizer
 from . import child
 from .spec import BASE, Plan, Row, load_config, row_overrides
 
 
-CHILD = "child.json"  # names the running child (child.run's record)
+CHILD = "child.json"  # names the running child (child.run_measured's record)
 
 
 WRITES = ("config.yaml", "heldout.jsonl", "runs", "logs", "results", "compare.json", "compare.md", "compare.html")
@@ -155,7 +155,7 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log: Callable[
                                                                                         run_dir):
         return done  # trained, then stopped during its eval; a failed row is tried again
     log(f"compare: {row.label}: training ({row.method})")
-    res = child.run(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
+    res = child.run_measured(_train_args(row, shared, run_dir), out / "logs" / f"{row.label}.train.log",
                     out / "logs" / f"{row.label}.train.peak.json", fwd, out / CHILD)
     summary = _read_json(run_dir / "summary.json")
     if res.interrupted and not (res.rc == 0 and summary):  # a run that finished anyway is recorded
@@ -173,8 +173,8 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward,
     log(f"compare: {row.label}: evaluating on {data}")
     log_path = out / "logs" / f"{row.label}.eval.log"
     (run_dir / "compare-eval" / "scores.json").unlink(missing_ok=True)  # an earlier attempt's must not count
-    res = child.run(_eval_args(plan, row, run_dir, data), log_path, out / "logs" / f"{row.label}.eval.peak.json",
-                    fwd, out / CHILD)
+    res = child.run_measured(_eval_args(plan, row, run_dir, data), log_path,
+                             out / "logs" / f"{row.label}.eval.peak.json", fwd, out / CHILD)
     scores = _read_json(run_dir / "compare-eval" / "scores.json")
     if res.interrupted and not (res.rc == 0 and scores):
         raise Interrupted(f"stopped while evaluating {row.label}")
@@ -249,12 +249,12 @@ def _locked(out: Path, log: Callable[[str], None]) -> Iterator[None]:
     """The folder's lock for the compare's length: a second compare on a folder in use stops here, before it
     touches a child or a file."""
     out.mkdir(parents=True, exist_ok=True)
-    lock = runfolder.Lock(out, log)
+    lock = ownership.Lock(out, log)
     try:
         lock.__enter__()
     except RunFolderError:
         raise RunFolderError(f"--output: {out} is in use by another slimtune compare (PID "
-                             f"{runfolder.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
+                             f"{ownership.holder(out) or 'unknown'}); wait for it, stop it, or choose another "
                              "--output") from None
     try:
         yield
@@ -262,7 +262,7 @@ def _locked(out: Path, log: Callable[[str], None]) -> Iterator[None]:
         lock.__exit__(None, None, None)
 
 
-def run(plan: Plan, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+def run_plan(plan: Plan, out: Path, log: Callable[[str], None] = print) -> list[dict]:
     """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
     with _locked(out, log):
         child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints

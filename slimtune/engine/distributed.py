@@ -25,7 +25,10 @@ import torch.distributed as dist
 from ..config import ConfigError, TrainConfig
 from ..data.stream import split  # noqa: F401 - the loop's split of a micro-batch; memory.py models it
 from ..errors import SlimtuneError
-from ..methods.base import full, trainable_state
+from ..methods.base import trainable_state
+# which process this is and the rank-0 saves' collectives: runs/ranks.py, below the engine, as checkpoints need them
+from ..runs.ranks import (active, all_gather_object, barrier, is_main, load_optimizer_state, local_part,  # noqa: F401
+                          optimizer_state, rank, size)
 
 
 class ShardingError(SlimtuneError, ValueError):
@@ -53,22 +56,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def size() -> int:
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def init(device: str, timeout_minutes: float = 30.0) -> str:
     """Join the process group; returns this process's device ("cuda:<local rank>" or "cpu"). A rank that
     dies makes the others fail at their next collective instead of waiting past `timeout_minutes`."""
@@ -88,9 +75,6 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -168,15 +152,6 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj: object) -> list:
-    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
-    if not active():
-        return [obj]
-    out = [None] * size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_max(values: list[float], device: str) -> list[float]:
     """Element-wise maximum over ranks (the busiest GPU's peak)."""
     if not active():
@@ -184,32 +159,6 @@ def all_max(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`value` (whole) as `like` holds it: this rank's shard for a DTensor, else `value` itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(like, DTensor):
-        return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
-                                 src_data_rank=None)
-    return value
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every sharded state whole: the format of a single process."""
-    state = optimizer.state_dict()
-    state["state"] = {i: {k: full(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in s.items()}
-                      for i, s in state["state"].items()}
-    return state
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a single-process-format state: each whole tensor becomes this rank's shard of its parameter."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    shaped = {i: {k: local_part(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() else v
-                  for k, v in s.items()} for i, s in state["state"].items()}
-    optimizer.load_state_dict(dict(state, state=shaped))
 
 
 def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

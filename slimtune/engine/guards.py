@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from ..methods.parts import PARTS
-from . import checkpoint, distributed, sharded
+from ..runs import checkpoint, sharded
+from . import distributed
 from .precision import PrecisionError
 
 if TYPE_CHECKING:

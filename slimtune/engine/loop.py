@@ -19,8 +19,9 @@ from ..data.readers import DataError
 from ..data.stream import MicroBatches, collate_micro, counts, fingerprint, micro_batches, share, total_steps
 from ..kernels import attention
 from ..kernels.select import disable as disable_kernels, enable as enable_kernels
-from . import checkpoint, distributed, guards, precision, run_plan, timing
-from .log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
+from ..runs import checkpoint
+from ..runs.metrics_log import NullLog, RunLog, eval_line, memory_gib, progress, step_line, summary_line
+from . import distributed, guards, precision, run_plan, timing
 from .optim import build_optimizer, build_scheduler
 from .recompute import match_checkpointing
 from .state import Run, Tally, result

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data.collate import TRAINED, collate
 from ..data.encode import IGNORE, Encoded
 from ..kernels import linear_ce
-from .log import progress
+from ..runs.metrics_log import progress
 
 
 def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:

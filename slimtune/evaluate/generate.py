@@ -16,7 +16,7 @@ import torch
 from ..data.collate import left_pad, pad_id
 from ..data.encode import prompt_ids
 from ..data.templates import render, stop_ids
-from ..engine.log import progress
+from ..runs.metrics_log import progress
 from .decode import whole_text
 
 if TYPE_CHECKING:
@@ -154,9 +154,10 @@ def _batch(model: torch.nn.Module, batch: dict, s: Sampling, pad: int, stops: li
 
 
 @torch.no_grad()
-def run(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]],
-        sampling: Sampling | None = None, batch_size: int | None = None, device: str = "cpu",
-        streamer: BaseStreamer | None = None, max_len: int = 0, show_progress: bool = False) -> Generated:
+def answer_all(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str,
+               conversations: list[list[dict]], sampling: Sampling | None = None, batch_size: int | None = None,
+               device: str = "cpu", streamer: BaseStreamer | None = None, max_len: int = 0,
+               show_progress: bool = False) -> Generated:
     """Answers for conversations that end with a user turn, in input order, with token counts and time.
     A streamer (decode.printer or decode.queue) needs batch_size 1. An answer cut at max_new_tokens inside a
     character ends before that character (decode.whole_text).
@@ -199,7 +200,7 @@ def run(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: st
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str,
              conversations: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, device: str = "cpu", **sampling: Any) -> list[str]:
-    """Answers for conversations that end with a user turn, in input order (see `run` for timings)."""
+    """Answers for conversations that end with a user turn, in input order (see `answer_all` for timings)."""
     s = Sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                  **sampling)
-    return run(model, tokenizer, template, conversations, s, batch_size, device).texts
+    return answer_all(model, tokenizer, template, conversations, s, batch_size, device).texts

@@ -20,11 +20,12 @@ from ..config import Config, ConfigError
 from ..data.collate import pad_id
 from ..data.pairs import EncodedPair
 from ..engine import reference as ref_mod
-from ..engine.log import strict_json
+from ..runs.metrics_log import strict_json
 from ..engine.pair_logps import Item
 from ..engine.precision import base_dtype_name
 from ..engine.preference_step import PairObjective, evaluate, items
-from ..export.peft_format import READS, load_run, read_config
+from ..runs.adapter import READS, read_config
+from ..trained import load_run
 from ..methods.base import is_peft
 from ..objectives import OBJECTIVES, needs_reference
 

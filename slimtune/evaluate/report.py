@@ -23,14 +23,15 @@ from ..data import encode_examples, with_system
 from ..data.collate import pad_id
 from ..data.encode import Encoded
 from ..data.readers import DataError, Example, read
-from ..engine.log import LABELS, dumps, strict_json
+from ..runs.metrics_log import LABELS, dumps, strict_json
 from ..engine.loss import eval_loss
 from ..engine.precision import base_dtype_name
-from ..export.peft_format import READS, load_run, read_config
+from ..runs.adapter import READS, read_config
+from ..trained import load_run
 from ..kernels.select import use_chunked_loss
 from . import cache as cache_mod
 from . import metrics
-from .generate import Sampling, run as run_generation
+from .generate import Sampling, answer_all as run_generation
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..engine.log import read_metrics
+from ..runs.metrics_log import read_metrics
 from ..methods import count_parameters
 from .plots import loss_png  # matplotlib itself loads inside loss_png: a missing one is reported there
 

@@ -1,5 +1,5 @@
 """Out of slimtune: a run merged into its base (merge.py), written as GGUF (gguf.py, quants.py) with an Ollama
-Modelfile (ollama.py), and the run folder format itself (peft_format.py). ExportError is here, beside them all:
+Modelfile (ollama.py); the run folder it reads is slimtune/runs/'s. ExportError is here, beside them all:
 gguf.py raises it and ollama.py too, and neither imports the other for it."""
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from . import imatrix as imatrix_mod
 from . import quants as kquants
 from .merge import merge
 from .ollama import write_modelfile
-from .peft_format import read_config
+from ..runs.adapter import read_config
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # llama.cpp's Q8_0 ignores an importance matrix; f16/bf16 round only

@@ -29,7 +29,8 @@ from ..errors import ExistingFileError, SlimtuneError
 from ..methods.base import MethodError, is_peft
 from .. import outputs
 from ..models import DTYPES
-from .peft_format import load_run, read_config
+from ..runs.adapter import read_config
+from ..trained import load_run
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -46,12 +46,12 @@ def render_jinja(template: str, messages: list[dict], bos: str, eos: str, add_ge
 
 
 def pieces(template: str, bos: str = "", eos: str = "") -> Pieces:
-    def run(msgs: list[tuple[str, str]]) -> str:
+    def rendered(msgs: list[tuple[str, str]]) -> str:
         return render_jinja(template, [{"role": r, "content": c} for r, c in msgs], bos, eos, True)
 
-    g0 = run([("user", U1)])
-    g1 = run([("system", S), ("user", U1)])
-    g2 = run([("user", U1), ("assistant", A1), ("user", U2)])
+    g0 = rendered([("user", U1)])
+    g1 = rendered([("system", S), ("user", U1)])
+    g2 = rendered([("user", U1), ("assistant", A1), ("user", U2)])
     head, _, tail = g0.partition(U1)
     head_sys, _, tail_sys = g1.partition(U1)
     tail_mid, _, rest = g2.partition(U1)[2].partition(A1)

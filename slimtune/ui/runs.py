@@ -20,12 +20,12 @@ import yaml
 
 from .. import config as config_mod
 from .. import trust
-from ..engine import checkpoint, runfolder
-from ..engine.log import read_metrics
+from ..runs import checkpoint, ownership
+from ..runs.metrics_log import read_metrics
 from ..errors import SlimtuneError
 from .paths import Roots
 
-STEP = re.compile(r"^step (\d+)/(\d+):", re.MULTILINE)  # engine.log.step_line, printed with --no-progress
+STEP = re.compile(r"^step (\d+)/(\d+):", re.MULTILINE)  # runs.metrics_log.step_line, printed with --no-progress
 LOG_TAIL = 40  # log lines a page shows
 DEPTH = 4  # run folders are looked for this many levels down (compare's rows are at DIR/runs/<label>)
 
@@ -111,7 +111,7 @@ class Launcher:
     def pid(self, folder: Path) -> int | None:
         """The PID working on this folder now: the trainer holding its lock, or the command the app started."""
         self._reap()
-        held = runfolder.holder(folder)
+        held = ownership.holder(folder)
         if _alive(held):
             return held
         rec = self.record(folder)

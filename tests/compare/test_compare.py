@@ -239,10 +239,10 @@ def test_a_trained_row_is_not_trained_again_unless_its_config_changed(compared, 
 
     out = compared["out"]
     started = []
-    monkeypatch.setattr(runner.child, "run", lambda args, *a: started.append(args) or pytest.fail("trained"))
+    monkeypatch.setattr(runner.child, "run_measured", lambda args, *a: started.append(args) or pytest.fail("trained"))
     same = runner._train(spec.Row("lora", "lora", []), out / "config.yaml", out, None, print)
     assert same["reason"] is None and started == []
-    monkeypatch.setattr(runner.child, "run", lambda args, *a: started.append(args) or (_ for _ in ()).throw(
+    monkeypatch.setattr(runner.child, "run_measured", lambda args, *a: started.append(args) or (_ for _ in ()).throw(
         KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         runner._train(spec.Row("lora", "lora", ["train.lr=0.5"]), out / "config.yaml", out, None, print)
@@ -257,8 +257,8 @@ def test_each_childs_peak_memory_is_its_own(tmp_path, tiny_model_dir, monkeypatc
 
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
     with child.Forward() as fwd:
-        big = child.run(["targets", str(tiny_model_dir)], tmp_path / "big.log", tmp_path / "big.json", fwd)
-        small = child.run(["--help"], tmp_path / "small.log", tmp_path / "small.json", fwd)
+        big = child.run_measured(["targets", str(tiny_model_dir)], tmp_path / "big.log", tmp_path / "big.json", fwd)
+        small = child.run_measured(["--help"], tmp_path / "small.log", tmp_path / "small.json", fwd)
     assert (big.rc, small.rc) == (0, 0) and "q_proj" in (tmp_path / "big.log").read_text()
     parent = int(next(x for x in Path("/proc/self/status").read_text().splitlines()
                       if x.startswith("VmRSS:")).split()[1]) / 2**20

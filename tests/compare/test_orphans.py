@@ -16,7 +16,7 @@ import yaml
 
 from conftest import lora_run_config
 from slimtune.compare import child, runner, spec
-from slimtune.engine import checkpoint, runfolder
+from slimtune.runs import checkpoint, ownership
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -93,7 +93,7 @@ def test_a_new_compare_on_the_folder_stops_a_child_left_running(tmp_path, tiny_m
         _wait(lambda: Path(f"{peak}.ready").is_file(), 60, "the stand-in child did not start")
         (out / runner.CHILD).write_text(json.dumps({"pid": orphan.pid, "peak": str(peak), "log": "x.log"}))
         lines = []
-        rows = runner.run(plan, out, lines.append)
+        rows = runner.run_plan(plan, out, lines.append)
         assert orphan.wait(timeout=10) == 0 and Path(f"{peak}.stopped").read_text() == "SIGTERM"
     finally:
         orphan.kill()
@@ -110,8 +110,8 @@ def test_a_new_compare_on_the_folder_stops_a_child_left_running(tmp_path, tiny_m
 def test_a_second_compare_on_a_folder_in_use_is_refused(tmp_path, tiny_model_dir):
     cfg, out = _config(tmp_path, tiny_model_dir, max_steps=2), tmp_path / "out"
     out.mkdir()
-    with runfolder.Lock(out, log=lambda *a: None):
-        with pytest.raises(runfolder.RunFolderError, match=rf"^--output: {out} is in use by another slimtune "
+    with ownership.Lock(out, log=lambda *a: None):
+        with pytest.raises(ownership.RunFolderError, match=rf"^--output: {out} is in use by another slimtune "
                            rf"compare \(PID {os.getpid()}\); wait for it, stop it, or choose another --output$"):
-            runner.run(spec.load(cfg), out, print)
+            runner.run_plan(spec.load(cfg), out, print)
     assert not (out / "runs").exists() and not (out / "config.yaml").exists()

@@ -17,10 +17,10 @@ from slimtune import train as train_mod
 from slimtune.config import ConfigError
 from slimtune.data import build
 from slimtune.data.collate import pad_id
-from slimtune.engine import checkpoint
-from slimtune.engine.log import read_metrics
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.evaluate.perplexity import eval_loss
-from slimtune.export.peft_format import load_run
+from slimtune.trained import load_run
 
 
 

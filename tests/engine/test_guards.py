@@ -16,8 +16,9 @@ from slimtune import cli, config, methods
 from slimtune.data import encode_examples
 from slimtune.data.collate import collate, pad_id
 from slimtune.data.readers import DataError, from_alpaca
-from slimtune.engine import checkpoint, guards, precision
-from slimtune.engine.log import read_metrics
+from slimtune.engine import guards, precision
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.engine.loop import fit, forward_context, step
 from slimtune.engine.optim import build_optimizer, build_scheduler
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import lora_run_config
 from slimtune import cli
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 
 STEPS = 4
 READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")

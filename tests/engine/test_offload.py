@@ -67,7 +67,7 @@ def test_parameters_and_small_tensors_stay():
 def test_the_loop_trains_the_same_with_offload(tiny_model_dir, tmp_path):
     from conftest import lora_run_config
     from slimtune import train as train_mod
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     losses = {}
     for offload in (False, True):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import lora_run_config
 from slimtune import cli
-from slimtune.engine import checkpoint
-from slimtune.engine.log import read_metrics
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
 
 STEPS = 10
 

@@ -106,7 +106,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny_model_dir, token
 
 
 def test_train_run_logs_precision_and_keeps_adapters_fp32(tmp_path, tiny_model_dir):
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)])
     cfg = tmp_path / "c.yaml"

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import lora_run_config, write_jsonl
 from slimtune import cli
-from slimtune.engine import checkpoint
-from slimtune.engine.log import read_metrics
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
 
 STEPS = 24
 
@@ -171,7 +171,7 @@ def test_signal_saves_at_step_boundary_and_resume_is_exact(tmp_path, tiny_model_
 
 
 def test_checkpoint_folder_is_a_run_folder_and_half_written_ones_are_never_picked(reference):
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     final = checkpoint.latest(reference)
     assert final is not None and final.name == "step-000012"

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from conftest import lora_run_config
 from slimtune import cli, config
 from slimtune.config import ConfigError
-from slimtune.engine import checkpoint, split
-from slimtune.engine.log import read_metrics
+from slimtune.engine import split
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.engine.memory import GIB
 
 # 32 records of ~52 tokens, no held-out split, 3 steps of 16 records (the third starts the second epoch);

@@ -11,7 +11,7 @@ import pytest
 from conftest import lora_run_config
 from slimtune import cli
 from slimtune.engine import timing
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 
 STEPS = 8
 

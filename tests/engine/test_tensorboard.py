@@ -7,7 +7,7 @@ import pytest
 
 from conftest import lora_run_config
 from slimtune import cli
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 
 
 def _config(tmp: Path, model_dir: Path, **train) -> Path:

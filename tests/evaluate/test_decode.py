@@ -10,7 +10,7 @@ import pytest
 from conftest import write_jsonl
 from scripted import ZH, Scripted
 from slimtune.evaluate import decode
-from slimtune.evaluate.generate import Sampling, run
+from slimtune.evaluate.generate import Sampling, answer_all
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -56,7 +56,7 @@ def test_unfinished_counts_the_bytes_of_a_begun_character(byte_len):
 def test_generate_cut_inside_a_character_ends_before_it(tokenizer):
     model = Scripted(_ids(tokenizer, ZH))
     convs = [[{"role": "user", "content": "说中文"}]]
-    texts = [run(model, tokenizer, "chatml", convs, Sampling(max_new_tokens=n), 1).texts[0] for n in (1, 2, 3)]
+    texts = [answer_all(model, tokenizer, "chatml", convs, Sampling(max_new_tokens=n), 1).texts[0] for n in (1, 2, 3)]
     assert texts == ["中", "中文", ZH]
 
 
@@ -80,7 +80,7 @@ def test_generate_command_writes_whole_characters(tokenizer, tmp_path, monkeypat
 def test_the_web_streamer_holds_back_an_unfinished_character(tokenizer):
     ids = _ids(tokenizer, ZH)
     streamer = decode.queue(tokenizer, timeout=5)
-    run(Scripted(ids), tokenizer, "chatml", [[{"role": "user", "content": "说中文"}]], Sampling(max_new_tokens=2), 1,
-        streamer=streamer)
+    answer_all(Scripted(ids), tokenizer, "chatml", [[{"role": "user", "content": "说中文"}]],
+               Sampling(max_new_tokens=2), 1, streamer=streamer)
     pieces = list(streamer)
     assert "".join(pieces) == "中文" and all("\ufffd" not in p for p in pieces), pieces

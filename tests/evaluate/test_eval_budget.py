@@ -12,7 +12,7 @@ from conftest import lora_run_config
 from slimtune import config
 from slimtune import train as train_mod
 from slimtune.data.encode import Encoded
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.evaluate import cache
 from slimtune.evaluate.report import MIN_EVAL_TOKENS, _within, eval_token_cap
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimtune.data.templates import stop_ids
-from slimtune.evaluate.generate import RepetitionPenalty, Sampling, run
+from slimtune.evaluate.generate import RepetitionPenalty, Sampling, answer_all
 
 QUESTIONS = ["Say something about Paris.", "Hi", "Give three tips for staying healthy, please, today.",
              "the quick brown fox jumps over the lazy dog 1 2 3 4 5 6 7 8 9 0"]
@@ -27,16 +27,16 @@ def _convs():
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_batched_equals_one_by_one(model, tokenizer, template, penalty):
     s = Sampling(max_new_tokens=12, repetition_penalty=penalty)
-    batched = run(model, tokenizer, template, _convs(), s, batch_size=4)
-    single = [run(model, tokenizer, template, [c], s, batch_size=1) for c in _convs()]
+    batched = answer_all(model, tokenizer, template, _convs(), s, batch_size=4)
+    single = [answer_all(model, tokenizer, template, [c], s, batch_size=1) for c in _convs()]
     assert batched.tokens == [g.tokens[0] for g in single]
     assert batched.texts == [g.texts[0] for g in single]
     assert batched.new_tokens == sum(len(t) for t in batched.tokens) > 0 and batched.tokens_per_s > 0
 
 
 def test_repetition_penalty_changes_greedy_output(model, tokenizer):
-    plain = run(model, tokenizer, "llama3", _convs(), Sampling(max_new_tokens=16))
-    penalized = run(model, tokenizer, "llama3", _convs(), Sampling(max_new_tokens=16, repetition_penalty=1.5))
+    plain = answer_all(model, tokenizer, "llama3", _convs(), Sampling(max_new_tokens=16))
+    penalized = answer_all(model, tokenizer, "llama3", _convs(), Sampling(max_new_tokens=16, repetition_penalty=1.5))
     assert plain.tokens != penalized.tokens
     # no token repeats less under the penalty, summed over the answers
     repeats = lambda g: sum(len(t) - len(set(t)) for t in g.tokens)  # noqa: E731
@@ -55,13 +55,13 @@ def test_repetition_penalty_skips_padding():
 def test_sampling_seed_and_top_k_one(model, tokenizer):
     convs = _convs()[:2]
     sample = Sampling(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95, top_k=0, seed=3)
-    a, b = run(model, tokenizer, "auto", convs, sample), run(model, tokenizer, "auto", convs, sample)
+    a, b = answer_all(model, tokenizer, "auto", convs, sample), answer_all(model, tokenizer, "auto", convs, sample)
     assert a.tokens == b.tokens
-    greedy = run(model, tokenizer, "auto", convs, Sampling(max_new_tokens=10))
-    assert run(model, tokenizer, "auto", convs, Sampling(max_new_tokens=10, do_sample=True, top_k=1, seed=0)).tokens \
-        == greedy.tokens  # top-k 1 sampling is greedy
+    greedy = answer_all(model, tokenizer, "auto", convs, Sampling(max_new_tokens=10))
+    top1 = Sampling(max_new_tokens=10, do_sample=True, top_k=1, seed=0)
+    assert answer_all(model, tokenizer, "auto", convs, top1).tokens == greedy.tokens  # top-k 1 sampling is greedy
     hot = Sampling(max_new_tokens=10, do_sample=True, temperature=5.0, top_k=0, seed=1)
-    assert run(model, tokenizer, "auto", convs, hot).tokens != greedy.tokens
+    assert answer_all(model, tokenizer, "auto", convs, hot).tokens != greedy.tokens
 
 
 def test_stops_on_the_template_stop_token_not_only_eos(model, tokenizer):
@@ -78,7 +78,7 @@ def test_stops_on_the_template_stop_token_not_only_eos(model, tokenizer):
 
     handle = model.get_output_embeddings().register_forward_hook(force)
     try:
-        g = run(model, tokenizer, "llama3", _convs()[:1], Sampling(max_new_tokens=20), batch_size=1)
+        g = answer_all(model, tokenizer, "llama3", _convs()[:1], Sampling(max_new_tokens=20), batch_size=1)
     finally:
         handle.remove()
     assert g.stopped == [True] and len(g.tokens[0]) == 4 and g.tokens[0][-1] == eot

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_jsonl
 from slimtune import cli
-from slimtune.evaluate.generate import Sampling, run
+from slimtune.evaluate.generate import Sampling, answer_all
 
 pytestmark = [
     pytest.mark.embedded,
@@ -31,8 +31,8 @@ def test_batched_greedy_equals_one_by_one(embedded):
     model, tok = embedded
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     s = Sampling(max_new_tokens=24)
-    batched = run(model, tok, "auto", convs, s, batch_size=len(convs))
-    single = [run(model, tok, "auto", [c], s, batch_size=1) for c in convs]
+    batched = answer_all(model, tok, "auto", convs, s, batch_size=len(convs))
+    single = [answer_all(model, tok, "auto", [c], s, batch_size=1) for c in convs]
     assert batched.tokens == [g.tokens[0] for g in single]
     assert batched.texts == [g.texts[0] for g in single]
     print(f"embedded greedy on the CPU: batch {len(convs)}: {batched.tokens_per_s:.1f} tokens/s; one by one: "
@@ -41,7 +41,7 @@ def test_batched_greedy_equals_one_by_one(embedded):
 
 def test_stops_at_eos(embedded):
     model, tok = embedded
-    g = run(model, tok, "auto", [[{"role": "user", "content": QUESTIONS[0]}]], Sampling(max_new_tokens=40))
+    g = answer_all(model, tok, "auto", [[{"role": "user", "content": QUESTIONS[0]}]], Sampling(max_new_tokens=40))
     assert g.stopped == [True] and g.tokens[0][-1] == tok.eos_token_id == 2 and len(g.tokens[0]) < 40
     assert "Paris" in g.texts[0] and "<|im_end|>" not in g.texts[0]
 

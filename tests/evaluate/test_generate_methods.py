@@ -15,7 +15,7 @@ from slimtune import config as config_mod
 from slimtune import methods
 from slimtune.data.encode import prompt_ids
 from slimtune.data.templates import render
-from slimtune.evaluate.generate import Sampling, run
+from slimtune.evaluate.generate import Sampling, answer_all
 
 METHODS = ["lora", "dora", "rslora", "pissa", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "freeze",
            "bitfit", "full"]  # qlora needs CUDA (bitsandbytes)
@@ -56,11 +56,11 @@ def test_first_step_logits_equal_the_adapted_forward(name, tokenizer):
     calls: list[torch.Tensor] = []
     handle = _record_head(model, calls)
     try:
-        out = run(model, tokenizer, "auto", convs, Sampling(max_new_tokens=2), batch_size=len(convs))
+        out = answer_all(model, tokenizer, "auto", convs, Sampling(max_new_tokens=2), batch_size=len(convs))
     finally:
         handle.remove()
     assert len(calls) == 2 and all(len(t) == 2 or out.stopped[i] for i, t in enumerate(out.tokens))
-    # run sorts prompts by length within the batch; map its rows back to input order
+    # answer_all sorts prompts by length within the batch; map its rows back to input order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for row, i in enumerate(order):
         want = _forward_last(model, prompts[i])

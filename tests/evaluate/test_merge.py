@@ -93,7 +93,7 @@ def _ids(tokenizer):
 def test_merged_logits_equal_adapter_logits(name, runs, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     run, merged_dir, result, model_dir = runs[name]
     assert result["merge_diff"] <= FP32_EXACT and result["saved_diff"] <= FP32_EXACT, result
@@ -110,8 +110,8 @@ def test_merged_logits_equal_adapter_logits(name, runs, tokenizer):
 
 
 def test_fresh_process_with_plain_transformers_generates_the_same_tokens(runs, tokenizer):
-    from slimtune.evaluate.generate import Sampling, run as generate
-    from slimtune.export.peft_format import load_run
+    from slimtune.evaluate.generate import Sampling, answer_all as generate
+    from slimtune.trained import load_run
 
     folders = [str(runs[n][1]) for n in IDS]
     done = subprocess.run([sys.executable, "-c", FRESH, *folders], input=json.dumps(PROMPTS) + "\n",

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_model_dir):
 
 
 def _eval_rows(run):
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     return [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
 
@@ -89,7 +89,7 @@ def test_eval_refuses_a_run_and_a_base_together(trained, capsys):
 def test_evaluate_run_with_encoded_records_and_fixed_answers(trained, monkeypatch):
     """The training-loop hook passes its encoded held-out records; answers are scored as item sets."""
     from slimtune.data import encode_examples, read
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     run, held = trained
     model, tok, cfg = load_run(run)

@@ -172,7 +172,7 @@ CONVS = [[{"role": "user", "content": "Hi there"}],
 @pytest.mark.parametrize("template", ["auto", "llama3"])
 def test_run_export_keeps_template_stops_and_adapter(template, runs, tokenizer, tmp_path, capsys):
     from slimtune.data.templates import stop_ids
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     path = tmp_path / "run.gguf"
     assert cli.main(["export", str(runs[template]), "--output", str(path), "--quant", "f16"]) == 0

@@ -63,15 +63,15 @@ def load_gguf(path):
 
 
 def answers(model, tokenizer, prompts, n=24):
-    from slimtune.evaluate.generate import Sampling, run
+    from slimtune.evaluate.generate import Sampling, answer_all
 
     convs = [[{"role": "user", "content": q}] for q in prompts]
-    return run(model, tokenizer, "auto", convs, Sampling(max_new_tokens=n), batch_size=len(convs))
+    return answer_all(model, tokenizer, "auto", convs, Sampling(max_new_tokens=n), batch_size=len(convs))
 
 
 def test_f16_answers_who_are_you_as_the_adapter(trained, tmp_path, capsys):
     """`slimtune export RUN` (merge + f16): same logits within 1e-2, same answer, stops at <|im_end|>."""
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     path = tmp_path / "run.gguf"
     assert cli.main(["export", str(trained[0]), "--output", str(path), "--quant", "f16"]) == 0

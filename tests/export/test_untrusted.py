@@ -16,7 +16,7 @@ import yaml
 
 from conftest import lora_run_config, write_jsonl
 from slimtune import cli, models
-from slimtune.export.peft_format import load_run
+from slimtune.trained import load_run
 
 # imported by transformers only when it runs the folder's own code: the marker file says it ran
 CUSTOM = """
@@ -190,7 +190,7 @@ def test_pickled_adapter_is_refused_by_name(tmp_path, run, capsys, no_input):
 
 def test_pickled_checkpoint_state_is_refused_by_name(tmp_path, tiny_model_dir):
     from slimtune import config, methods
-    from slimtune.engine import checkpoint
+    from slimtune.runs import checkpoint
 
     cfg = config.load(lora_run_config(tmp_path, tiny_model_dir, "run"))
     model = methods.apply(models.load(str(tiny_model_dir))[0], cfg.method)

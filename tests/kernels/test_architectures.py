@@ -12,7 +12,7 @@ import torch
 from conftest import lora_run_config
 from slimtune import config, load_config, methods
 from slimtune import train as train_mod
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.kernels import select
 
 STEPS = 4

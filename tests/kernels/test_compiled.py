@@ -11,7 +11,7 @@ import torch
 from conftest import lora_run_config, make_model
 from slimtune import config, load_config, methods
 from slimtune import train as train_mod
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.kernels import compiled, lora, select, tiled_mlp
 
 STEPS = 3

@@ -112,7 +112,7 @@ def test_method_trains_changes_only_its_parameters_and_reloads(name, arch, arch_
         assert torch.equal(p, before[n]), f"frozen parameter {n} changed"
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
 
-    from slimtune.export.peft_format import save
+    from slimtune.runs.adapter import save
 
     save(model, config.Config(method=_method_cfg(name)), tmp_path)
     ids = batch["input_ids"][:1]

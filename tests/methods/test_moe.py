@@ -193,7 +193,7 @@ def test_a_moe_run_resumes_to_the_same_losses(tmp_path, tokenizer):
     import shutil
 
     from slimtune.engine import checkpoint
-    from slimtune.engine.log import read_metrics
+    from slimtune.runs.metrics_log import read_metrics
 
     model_dir = tmp_path / "qwen3_moe"
     tiny("qwen3_moe", vocab=len(tokenizer)).save_pretrained(model_dir)

@@ -74,7 +74,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, tiny_model_dir, t
 def test_merge_writes_a_plain_model_with_the_same_logits(name, tmp_path, tiny_model_dir, data_file):
     from transformers import AutoModelForCausalLM
 
-    from slimtune.export.peft_format import load_run
+    from slimtune.trained import load_run
 
     run = tmp_path / "run"
     assert cli.main(["train", str(DEMO), f"method.name={name}", f"model.path={tiny_model_dir}",

@@ -13,7 +13,7 @@ from slimtune import cli
 from slimtune.commands import eval as eval_cmd
 from slimtune.engine.pair_logps import collate_pairs, sequence_logps
 from slimtune.engine.preference_step import items
-from slimtune.export.peft_format import load_run
+from slimtune.trained import load_run
 
 PAIRS = [{"prompt": "Say something.", "chosen": "Here is Paris.", "rejected": "No."}]  # named; records from below
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.engine.reference import REFERENCE_FILE
 
 STEPS = 10

@@ -14,7 +14,7 @@ from slimtune import config as config_mod
 from slimtune import cli, methods
 from slimtune import train as train_mod
 from slimtune.objectives import needs_reference
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 from slimtune.engine.loop import fit
 from slimtune.engine.preference_step import PairObjective, items
 

@@ -7,18 +7,18 @@ import os
 import time
 from pathlib import Path
 
-from slimtune.engine import runfolder
+from slimtune.runs import ownership
 from slimtune.ui import runs, sse
 from slimtune.ui.paths import Roots
 
 
 def test_holder_is_the_pid_while_the_lock_is_held(tmp_path):
-    assert runfolder.holder(tmp_path) is None
-    with runfolder.Lock(tmp_path, log=lambda *a: None):
-        assert runfolder.holder(tmp_path) == os.getpid()
-    assert runfolder.holder(tmp_path) is None
-    (tmp_path / runfolder.LOCK).write_text("12345\n")  # left by a killed run: nobody holds it
-    assert runfolder.holder(tmp_path) is None
+    assert ownership.holder(tmp_path) is None
+    with ownership.Lock(tmp_path, log=lambda *a: None):
+        assert ownership.holder(tmp_path) == os.getpid()
+    assert ownership.holder(tmp_path) is None
+    (tmp_path / ownership.LOCK).write_text("12345\n")  # left by a killed run: nobody holds it
+    assert ownership.holder(tmp_path) is None
 
 
 def test_progress_and_remaining_time_from_rows_and_log():

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import lora_run_config  # noqa: E402
 from slimtune import cli  # noqa: E402
-from slimtune.evaluate.generate import Sampling, run  # noqa: E402
-from slimtune.export.peft_format import load_run  # noqa: E402
+from slimtune.evaluate.generate import Sampling, answer_all  # noqa: E402
+from slimtune.trained import load_run  # noqa: E402
 from slimtune.ui import HostRefused, check_host  # noqa: E402
 from slimtune.ui.paths import Roots  # noqa: E402
 from slimtune.ui.server import create_app  # noqa: E402
@@ -184,7 +184,8 @@ def test_chat_streams_the_answer_slimtune_generate_gives(client, work):
     assert got[-1][0] == "done" and len(pieces) >= 1
     assert "".join(pieces).strip() == got[-1][1]["text"]
     model, tok, cfg = load_run(work / "runs" / "done")
-    want = run(model, tok, cfg.data.template, [[{"role": "user", "content": "Hello"}]], Sampling(max_new_tokens=8))
+    hello = [[{"role": "user", "content": "Hello"}]]
+    want = answer_all(model, tok, cfg.data.template, hello, Sampling(max_new_tokens=8))
     assert got[-1][1]["text"] == want.texts[0]
     assert got[-1][1]["new_tokens"] == want.new_tokens
 

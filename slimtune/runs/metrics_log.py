@@ -6,18 +6,21 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 
-def strict_json(row: dict, reason=lambda key, value: f"{value} (not a finite number)") -> dict:
+def strict_json(row: dict,
+                reason: Callable[[str, float], str] = lambda key, value: f"{value} (not a finite number)") -> dict:
     """row with each NaN/inf float as null and why under "null_reasons": JSON has no NaN, and json.dumps'
     bare NaN is refused by strict readers (jq, JavaScript); a null alone would not say what happened.
     reason(key, value) words the why."""
     why: dict = {}
 
-    def clean(value, key):
+    def clean(value: Any, key: str) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             why[key] = reason(key, value)
             return None
@@ -33,13 +36,13 @@ def strict_json(row: dict, reason=lambda key, value: f"{value} (not a finite num
     return out
 
 
-def dumps(row: dict, **kwargs) -> str:
+def dumps(row: dict, **kwargs: Any) -> str:
     """The one way slimtune writes a JSON object of numbers: strict JSON, non-finite values as null."""
     return json.dumps(strict_json(row), allow_nan=False, **kwargs)
 
 
 class MetricsLog:
-    def __init__(self, path: Path, truncate_to: int | None = None):
+    def __init__(self, path: Path, truncate_to: int | None = None) -> None:
         """truncate_to: a resumed run cuts the file back to its checkpoint's length, so the steps it
         repeats (and a line half-written when the run was killed) appear once."""
         self.path = path
@@ -48,7 +51,7 @@ class MetricsLog:
             os.truncate(path, min(truncate_to, path.stat().st_size))
         self._fh = path.open("a", encoding="utf-8")
 
-    def write(self, **row) -> None:
+    def write(self, **row: Any) -> None:
         row.setdefault("time", round(time.time(), 3))
         self._fh.write(dumps(row) + "\n")
         self._fh.flush()
@@ -74,7 +77,8 @@ class RunLog:
     """Each row goes to metrics.jsonl and, as scalars at its step, to TensorBoard event files in the
     same folder (`tensorboard --logdir <output_dir>`)."""
 
-    def __init__(self, out_dir: Path, truncate_to: int | None = None, purge_step: int | None = None, log=print):
+    def __init__(self, out_dir: Path, truncate_to: int | None = None, purge_step: int | None = None,
+                 log: Callable[[str], None] = print) -> None:
         self.metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_to)
         self.tb = None
         try:
@@ -85,7 +89,7 @@ class RunLog:
         # purge_step: TensorBoard drops the events a killed run wrote after its last checkpoint
         self.tb = SummaryWriter(str(out_dir), purge_step=purge_step, flush_secs=30)
 
-    def write(self, **row) -> None:
+    def write(self, **row: Any) -> None:
         self.metrics.write(**row)
         if self.tb is None or "step" not in row:
             return
@@ -107,7 +111,7 @@ class RunLog:
 class NullLog:
     """RunLog's stand-in on ranks other than 0 of a multi-process run: rank 0 writes every log."""
 
-    def write(self, **row) -> None:
+    def write(self, **row: Any) -> None:
         pass
 
     def offset(self) -> int:
@@ -167,7 +171,7 @@ def memory_gib(device: str) -> tuple[str, float]:
     return "rss_gib", kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def progress(total: int, enabled: bool = True, initial: int = 0, desc: str = "train", unit: str = "step"):
+def progress(total: int, enabled: bool = True, initial: int = 0, desc: str = "train", unit: str = "step") -> tqdm:
     """A bar on stderr showing done/total, elapsed and remaining time; the caller puts loss, tokens/s and
     memory in its postfix."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,

@@ -7,7 +7,7 @@ one found for --resume, and SIGINT/SIGTERM/SIGHUP turned into a save at the next
         trainable.safetensors   peft methods: the raw trainable parameters, what a resume loads
         trainer_state.pt        optimizer, scheduler, GradScaler, RNG states (every rank's), data position, progress
         sharded/                instead of the weights and the optimizer: full fine-tuning on several
-                                processes, each rank's shard written through DCP (engine/sharded.py)
+                                processes, each rank's shard written through DCP (runs/sharded.py)
         COMPLETE                written last, before the folder gets its name
 
 A folder is written as .tmp-step-000120-<pid> (-dcp when sharded: one name on every rank), every file
@@ -24,7 +24,10 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,8 +39,8 @@ from ..methods.base import is_peft, trainable_state
 from ..methods.parts import PARTS
 from ..errors import MismatchError
 from ..models import UnsafeFileError, pickle_refused
-from . import distributed, sharded
-from .distributed import local_part
+from . import ranks, sharded
+from .ranks import local_part
 from .signals import SignalScope
 
 ROOT, STATE, DONE, RAW = "checkpoints", "trainer_state.pt", "COMPLETE", "trainable.safetensors"
@@ -59,7 +62,8 @@ def step_folder(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / ROOT / f"step-{step:06d}"
 
 
-def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: dict | None = None) -> Path:
+def save(out_dir: Path, step: int, model: torch.nn.Module, cfg: config_mod.Config, state: dict[str, Any], keep: int,
+         weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then remove all but the newest `keep` (0 = keep all).
     weights: the trainable parameters whole, when the model's are sharded over several processes."""
     tmp = _begin(out_dir, step, f"{os.getpid()}")
@@ -67,21 +71,22 @@ def save(out_dir: Path, step: int, model, cfg, state: dict, keep: int, weights: 
     return _commit(out_dir, step, tmp, cfg, state, keep)
 
 
-def writes_sharded(cfg) -> bool:
-    """Full fine-tuning on several processes checkpoints through DCP (engine/sharded.py): each rank writes
+def writes_sharded(cfg: config_mod.Config) -> bool:
+    """Full fine-tuning on several processes checkpoints through DCP (runs/sharded.py): each rank writes
     its shard, instead of a whole model gathered onto rank 0."""
-    return distributed.active() and cfg.method.name == "full"
+    return ranks.active() and cfg.method.name == "full"
 
 
-def save_sharded(out_dir: Path, step: int, model, optimizer, cfg, state: dict, keep: int) -> Path:
+def save_sharded(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: config_mod.Config, state: dict[str, Any], keep: int) -> Path:
     """save() for writes_sharded runs; all ranks call it. The trainer state holds no optimizer: the
     sharded folder does, and state["sharded"] records its files."""
-    tmp = _begin(out_dir, step, "dcp") if distributed.is_main() else None
-    distributed.barrier()  # the folder is there before any rank writes into it (one name on every rank)
+    tmp = _begin(out_dir, step, "dcp") if ranks.is_main() else None
+    ranks.barrier()  # the folder is there before any rank writes into it (one name on every rank)
     tmp = tmp or Path(out_dir) / ROOT / f".tmp-{step_folder(out_dir, step).name}-dcp"
     state = dict(state, sharded=sharded.save(tmp, model, optimizer))
-    final = _commit(out_dir, step, tmp, cfg, state, keep) if distributed.is_main() else step_folder(out_dir, step)
-    distributed.barrier()
+    final = _commit(out_dir, step, tmp, cfg, state, keep) if ranks.is_main() else step_folder(out_dir, step)
+    ranks.barrier()
     return final
 
 
@@ -94,7 +99,7 @@ def _begin(out_dir: Path, step: int, tag: str) -> Path:
     return tmp
 
 
-def _commit(out_dir: Path, step: int, tmp: Path, cfg, state: dict, keep: int) -> Path:
+def _commit(out_dir: Path, step: int, tmp: Path, cfg: config_mod.Config, state: dict[str, Any], keep: int) -> Path:
     """config.yaml, the trainer state and COMPLETE into `tmp`, every file fsynced, then renamed to its step."""
     root, final = Path(out_dir) / ROOT, step_folder(out_dir, step)
     (tmp / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
@@ -119,7 +124,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_weights(model, folder: Path, weights: dict | None = None) -> None:
+def _save_weights(model: torch.nn.Module, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """The method's own save, plus the raw trainable parameters for peft methods (peft's file renames
     them, and a method may convert its adapter to fit the original base, so neither loads back into training)."""
     methods.save(model, folder, weights)
@@ -169,7 +174,7 @@ def clean(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(folder: Path, model, optimizer=None) -> dict:
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Copy the checkpoint's trainable parameters into the model and its AdamW state into `optimizer`
     (when given), whatever the number of processes that wrote it and that read it; returns its trainer state."""
     folder = Path(folder)
@@ -187,8 +192,8 @@ def load(folder: Path, model, optimizer=None) -> dict:
         for name, value in weights.items():
             params[name].copy_(local_part(value, params[name]))  # a sharded parameter takes its own part
     state = _load_state(folder / STATE)
-    if optimizer is not None and distributed.active():
-        distributed.load_optimizer_state(optimizer, state["optimizer"])
+    if optimizer is not None and ranks.active():
+        ranks.load_optimizer_state(optimizer, state["optimizer"])
     elif optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state
@@ -237,15 +242,15 @@ def rng_states() -> dict:
     rank's ("rng_ranks"; all ranks call it). Each rank draws the dropout masks of its own share of a
     micro-batch, so its generator has moved on from rank 0's, and a resume restores each rank's own."""
     mine = rng_state()
-    return {"rng": mine, "rng_ranks": distributed.all_gather_object(mine)} if distributed.active() else {"rng": mine}
+    return {"rng": mine, "rng_ranks": ranks.all_gather_object(mine)} if ranks.active() else {"rng": mine}
 
 
 def resume_rng(state: dict) -> None:
     """This rank's generators from a trainer state: its own where the checkpoint holds them (as many processes
     as wrote it, or fewer), else rank 0's, as every rank of a fresh run starts from the one train.seed.
     Checkpoints before rng_ranks hold rank 0's only."""
-    ranks, rank = state.get("rng_ranks") or [state["rng"]], distributed.rank()
-    set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"])
+    saved, rank = state.get("rng_ranks") or [state["rng"]], ranks.rank()
+    set_rng_state(saved[rank] if rank < len(saved) else state["rng"])
 
 
 def set_rng_state(state: dict) -> None:
@@ -264,11 +269,11 @@ class StopOnSignal(SignalScope):
     """SIGINT, SIGTERM and SIGHUP during training ask for a checkpoint at the next step boundary instead of
     killing the run mid-step; the handlers step aside after the first, so a second signal stops at once."""
 
-    def __init__(self, log=print):
+    def __init__(self, log: Callable[[str], None] = print) -> None:
         super().__init__()
         self.log, self.requested = log, None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = signal.Signals(signum).name
         self._restore()
         self.log(f"\n{self.requested}: saving a checkpoint after this step, then stopping "

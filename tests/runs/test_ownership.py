@@ -19,7 +19,7 @@ import yaml
 
 from conftest import lora_run_config, write_jsonl
 from slimtune import cli, train
-from slimtune.engine import checkpoint, runfolder
+from slimtune.runs import checkpoint, ownership
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -92,7 +92,7 @@ def test_output_dir_dot_with_overwrite_keeps_the_working_directory(tmp_path, tin
     assert len(list(empty.glob("events.out.tfevents.*"))) == 1
     assert [r["step"] for r in map(json.loads, (empty / "metrics.jsonl").read_text().splitlines()) if "loss" in r] \
         == [1, 2]
-    manifest = json.loads((empty / runfolder.MANIFEST).read_text())
+    manifest = json.loads((empty / ownership.MANIFEST).read_text())
     assert manifest["user_files"] == ["my_notes.txt", "src"] and manifest["created_folder"] is False
 
 
@@ -120,11 +120,11 @@ def test_resume_with_no_checkpoint_is_an_error_naming_the_folder(finished, capsy
 
 def test_resume_adopts_a_run_written_before_manifests(finished, capsys):
     cfg, run = finished
-    (run / runfolder.MANIFEST).unlink()  # as slimtune wrote run folders before this change
+    (run / ownership.MANIFEST).unlink()  # as slimtune wrote run folders before this change
     assert cli.main(["train", str(cfg), "--overwrite", "--no-progress"]) == 2  # not provably slimtune's
     assert "not a slimtune run" in capsys.readouterr().err
     assert cli.main(["train", str(cfg), "--resume", "--no-progress"]) == 0  # resuming deletes nothing
-    assert runfolder.read_manifest(run)["user_files"] == ["my_notes.txt", "src"]
+    assert ownership.read_manifest(run)["user_files"] == ["my_notes.txt", "src"]
 
 
 def test_overwrite_removes_only_slimtune_files(finished, capsys):
@@ -135,10 +135,10 @@ def test_overwrite_removes_only_slimtune_files(finished, capsys):
     assert (run / "src" / "main.py").is_file()
     assert "removed the earlier run's" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]  # the folder was slimtune's
-    manifest = runfolder.read_manifest(run)  # it names everything train wrote: nothing escapes --overwrite
-    assert set(runfolder.own(run, manifest)) | {"my_notes.txt", "src"} == runfolder.entries(run)
-    assert {"adapter_model.safetensors", "metrics.jsonl", "eval", "README.md"} <= set(runfolder.own(run, manifest))
-    assert not list(run.glob(runfolder.OLD + "*"))
+    manifest = ownership.read_manifest(run)  # it names everything train wrote: nothing escapes --overwrite
+    assert set(ownership.own(run, manifest)) | {"my_notes.txt", "src"} == ownership.entries(run)
+    assert {"adapter_model.safetensors", "metrics.jsonl", "eval", "README.md"} <= set(ownership.own(run, manifest))
+    assert not list(run.glob(ownership.OLD + "*"))
 
 
 def test_overwrite_never_removes_what_the_run_reads(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -164,9 +164,9 @@ def test_a_manifest_claiming_every_file_removes_only_slimtune_names(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text("{}\n")
     (out / "notes.txt").write_text("mine")
-    (out / runfolder.MANIFEST).write_text(json.dumps({"writes": ["*", "metrics.jsonl"], "user_files": []}))
-    assert runfolder.remove_own(out, runfolder.read_manifest(out), []) == ["metrics.jsonl"]
-    assert sorted(runfolder.entries(out)) == [runfolder.MANIFEST, "notes.txt"]
+    (out / ownership.MANIFEST).write_text(json.dumps({"writes": ["*", "metrics.jsonl"], "user_files": []}))
+    assert ownership.remove_own(out, ownership.read_manifest(out), []) == ["metrics.jsonl"]
+    assert sorted(ownership.entries(out)) == [ownership.MANIFEST, "notes.txt"]
 
 
 def test_a_failed_check_writes_nothing(tmp_path, tiny_model_dir, capsys):
@@ -178,7 +178,7 @@ def test_a_failed_check_writes_nothing(tmp_path, tiny_model_dir, capsys):
     assert cli.main(["train", str(cfg), "method.target_modules=qkv_proj", "--no-progress"]) == 2
     assert list((tmp_path / "run").iterdir()) == []
     # a folder holding only what a run writes before its first step counts as empty
-    runfolder.write_manifest(tmp_path / "run", True, set())
+    ownership.write_manifest(tmp_path / "run", True, set())
     (tmp_path / "run" / "config.yaml").write_text("train: {}\n")
     assert cli.main(["train", str(cfg), "--no-progress"]) == 0
 
@@ -219,7 +219,7 @@ def test_prune_leftover_is_cleaned_by_the_next_run(finished):
 HOLD = """
 import sys, time
 from pathlib import Path
-from slimtune.engine.runfolder import Lock
+from slimtune.runs.ownership import Lock
 with Lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
@@ -239,17 +239,17 @@ def test_a_second_process_is_refused_naming_the_pid_and_a_dead_ones_lock_is_take
     finally:
         holder.kill()  # SIGKILL: its lock file stays, with its PID
         holder.wait()
-    assert (tmp_path / "run" / runfolder.LOCK).read_text().strip() == str(holder.pid)
+    assert (tmp_path / "run" / ownership.LOCK).read_text().strip() == str(holder.pid)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 0
     assert f"took over the lock of PID {holder.pid}, which is no longer running" in capsys.readouterr().out
-    assert not (tmp_path / "run" / runfolder.LOCK).exists()
+    assert not (tmp_path / "run" / ownership.LOCK).exists()
 
 
 def test_a_lock_is_held_against_this_process_too(tmp_path):
-    with runfolder.Lock(tmp_path):
-        with pytest.raises(runfolder.RunFolderError, match=f"PID {os.getpid()}"):
-            runfolder.Lock(tmp_path).__enter__()
-    with runfolder.Lock(tmp_path):  # released: free again
+    with ownership.Lock(tmp_path):
+        with pytest.raises(ownership.RunFolderError, match=f"PID {os.getpid()}"):
+            ownership.Lock(tmp_path).__enter__()
+    with ownership.Lock(tmp_path):  # released: free again
         pass
 
 
@@ -320,14 +320,14 @@ def test_an_unwritable_output_folder_is_one_line_before_the_data_are_encoded(tmp
     real_open = os.open
 
     def read_only(path, *args, **kwargs):  # as a read-only folder answers (root, running tests, ignores chmod)
-        if Path(path).name == runfolder.PROBE:
+        if Path(path).name == ownership.PROBE:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(runfolder.os, "open", read_only)
+    monkeypatch.setattr(ownership.os, "open", read_only)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"slimtune train: error: train.output_dir: cannot write to {tmp_path / 'run' / runfolder.PROBE}: "
+    assert err == (f"slimtune train: error: train.output_dir: cannot write to {tmp_path / 'run' / ownership.PROBE}: "
                    "Permission denied (EACCES); choose a folder you can write to (train.output_dir=...)")
     assert not (tmp_path / "run").exists()  # the folder it made for the probe is gone again
 
@@ -348,7 +348,7 @@ def test_a_full_disk_is_one_line_before_the_data_are_encoded(tmp_path, tiny_mode
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runfolder.os, "write", full)
+    monkeypatch.setattr(ownership.os, "write", full)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"slimtune train: error: train.output_dir: cannot write to {tmp_path / 'run'}: No space left on "

@@ -18,12 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import DamagedFileError, MismatchError, SlimtuneError
-from . import distributed
+from . import ranks
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 DIR, INDEX = "sharded", "index.json"
 FORMAT = "torch.distributed.checkpoint, safetensors storage"
@@ -33,7 +38,7 @@ class UntrustedCheckpointError(SlimtuneError, ValueError):
     """A sharded checkpoint folder that is not as slimtune wrote it; it is not read."""
 
 
-def _optimizer_state(model, optimizer) -> dict:
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """AdamW's state keyed by parameter name, sharded like the parameters (collective under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -41,18 +46,18 @@ def _optimizer_state(model, optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """DCP warns on every single-process call that it assumes one process: that is what we mean."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent")
         yield
 
 
-def _trained(model) -> dict[str, torch.Tensor]:
+def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(folder: Path, model, optimizer) -> dict:
+def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Every rank writes its shard under folder/sharded (all ranks call it, the folder seen by all); returns
     what the trainer state records: the optimizer's param_groups (plain numbers) and the index."""
     import torch.distributed.checkpoint as dcp
@@ -63,11 +68,11 @@ def save(folder: Path, model, optimizer) -> dict:
     writer = HuggingFaceStorageWriter(str(target), save_distributed=True)
     with _quiet():
         dcp.save({"model": _trained(model), "optim": {"state": optim["state"]}}, storage_writer=writer,
-                 no_dist=not distributed.active())
-    distributed.barrier()
-    index = {"writer": "slimtune", "format": FORMAT, "world_size": distributed.size(),
+                 no_dist=not ranks.active())
+    ranks.barrier()
+    index = {"writer": "slimtune", "format": FORMAT, "world_size": ranks.size(),
              "params": sorted(_trained(model)), "files": sorted(p.name for p in target.glob("*.safetensors"))}
-    if distributed.is_main():
+    if ranks.is_main():
         (target / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return {"param_groups": optim["param_groups"], "index": index}
 
@@ -76,7 +81,7 @@ def present(folder: Path) -> bool:
     return (Path(folder) / DIR / INDEX).is_file()
 
 
-def _reader(folder: Path):
+def _reader(folder: Path) -> HuggingFaceStorageReader:
     """DCP's safetensors reader over a folder checked against its index.json."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -97,7 +102,7 @@ def _reader(folder: Path):
     return HuggingFaceStorageReader(str(target)), index
 
 
-def _check_shapes(reader, wanted: dict[str, torch.Tensor], where: Path) -> None:
+def _check_shapes(reader: HuggingFaceStorageReader, wanted: dict[str, torch.Tensor], where: Path) -> None:
     meta = reader.read_metadata().state_dict_metadata
     for name, t in wanted.items():
         saved = meta.get(f"model.{name}")
@@ -107,7 +112,8 @@ def _check_shapes(reader, wanted: dict[str, torch.Tensor], where: Path) -> None:
                                 "another model or method")
 
 
-def load(folder: Path, model, optimizer, record: dict | None) -> None:
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         record: dict[str, Any] | None) -> None:
     """Load weights and AdamW state (optimizer None: weights only) into this run's sharded or whole
     parameters: DCP reads each rank's part from whichever shards hold it. All ranks call it. record: what
     save() returned, from the checkpoint's trainer state; the shards must be the ones it lists."""
@@ -129,7 +135,7 @@ def load(folder: Path, model, optimizer, record: dict | None) -> None:
     if optimizer is not None:  # its state made (zero) where none is yet: DCP fills it
         state["optim"] = {"state": _optimizer_state(model, optimizer)["state"]}
     with torch.no_grad(), _quiet():
-        dcp.load(state, storage_reader=reader, no_dist=not distributed.active())
+        dcp.load(state, storage_reader=reader, no_dist=not ranks.active())
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"],
                                                     "param_groups": record["param_groups"]})

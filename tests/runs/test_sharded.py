@@ -1,4 +1,4 @@
-"""DCP checkpoints of full fine-tuning (engine/sharded.py) in one process: weights and AdamW state come back
+"""DCP checkpoints of full fine-tuning (runs/sharded.py) in one process: weights and AdamW state come back
 exactly, and a folder that is not as slimtune wrote it is refused before anything is read. The 2-process
 save, resume on 1 process and merge are in test_distributed.py."""
 from __future__ import annotations
@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from slimtune.engine import guards, sharded
+from slimtune.engine import guards
+from slimtune.runs import sharded
 from slimtune.errors import MismatchError
-from slimtune.export import peft_format
+from slimtune.runs import adapter, checks
 
 
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -45,11 +46,11 @@ def test_round_trip_weights_and_adamw_state(tmp_path):
     assert guards.checkpoint_max(tmp_path) == top  # the weights only, not AdamW's state beside them
     whole = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     sharded.load_weights(tmp_path, whole)  # what merge does
-    peft_format.check_run(tmp_path)  # merge/chat/eval take the step folder as a finished run's: no error
+    checks.check_run(tmp_path)  # merge/chat/eval take the step folder as a finished run's: no error
     assert torch.equal(whole["0.weight"], model[0].weight) and not whole["1.bias"].any()
     base, _ = _trained(2)  # what load_run puts the run on: no parts file here, so the shards are consolidated
-    assert peft_format.parts_saved(tmp_path)
-    assert peft_format.load_parts(base, tmp_path) is base
+    assert adapter.parts_saved(tmp_path)
+    assert adapter.load_parts(base, tmp_path) is base
     assert torch.equal(base[1].weight, model[1].weight) and not torch.equal(base[1].bias, model[1].bias)
 
 

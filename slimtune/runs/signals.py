@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import threading
+from types import FrameType
+from typing import Any, Self
 
 try:
     import termios
@@ -34,7 +36,7 @@ def die_with_parent() -> None:
         return
     first = []
 
-    def orphaned(signum, frame) -> None:
+    def orphaned(signum: int, frame: FrameType | None) -> None:
         if not first:
             first.append(signum)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -56,21 +58,21 @@ class SignalScope:
     # lose every step since the last checkpoint; Windows has no SIGHUP
     SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
-    def __init__(self):
-        self._old: dict = {}
+    def __init__(self) -> None:
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == getattr(signal, "SIGHUP", None):
             leave_a_closed_terminal()
         self._handle(signum, frame)
 
-    def _handle(self, signum, frame) -> None:  # pragma: no cover - always overridden
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # pragma: no cover - always overridden
         raise NotImplementedError
 
     def _restore(self) -> None:
@@ -78,7 +80,7 @@ class SignalScope:
             signal.signal(sig, old)
         self._old = {}
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._restore()
 
 

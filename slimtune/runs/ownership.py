@@ -17,6 +17,7 @@ import fnmatch
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError
@@ -160,7 +161,7 @@ class Lock:
     when its process dies, however it dies, so a lock left by a killed run is taken over (with a line
     saying so) and a live one is refused, naming its PID."""
 
-    def __init__(self, out: Path, log=print):
+    def __init__(self, out: Path, log: Callable[[str], None] = print) -> None:
         self.path, self.log, self.fd = Path(out) / LOCK, log, None
 
     def __enter__(self) -> Lock:
@@ -188,7 +189,7 @@ class Lock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)  # while still held: no other process can be between open and flock
         os.close(self.fd)
         self.fd = None
