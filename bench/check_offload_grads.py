@@ -3,8 +3,9 @@ tests/kernels/test_qlora.py's GPU case sets it up (loaded from a folder, quantiz
 slimtune.prepare with the fast paths), then three passes: fused LoRA, fused again, peft's layers after
 lora.disable. Each case changes one thing from that test's: the method, activation offload (off; on, which on
 this model moves nothing, every saved tensor being under 1 MiB; all, min_bytes=1, every saved tensor through the
-reused pinned buffers and the side stream), train.compile (auto or off) and the mode (eval: the loaded model as
-the test leaves it, so its layers are not checkpointed; train: as fit runs it, checkpointed).
+reused pinned buffers and the side stream), train.compile (auto or off), the mode (eval: the loaded model as
+the test leaves it, so its layers are not checkpointed; train: as fit runs it, checkpointed) and the batch (one
+packed row, varlen attention, as the test's; or padded rows, transformers' SDPA).
 
     python bench/check_offload_grads.py [--budget-s 150] [--out offload_grads.jsonl]
 
@@ -36,12 +37,14 @@ from slimtune.kernels import lora  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 400
-# (method, offload, compile, mode): the failing test's case first, then one change at a time from it
-CASES = [("qlora", "on", "auto", "eval"), ("qlora", "off", "auto", "eval"), ("qlora", "on", "off", "eval"),
-         ("lora", "on", "auto", "eval"), ("qlora", "on", "auto", "train"), ("qlora", "all", "auto", "train"),
-         ("qlora", "all", "off", "train"), ("lora", "all", "auto", "train"), ("lora", "all", "off", "train"),
-         ("qlora", "off", "auto", "train"), ("lora", "off", "auto", "train"), ("qlora", "all", "off", "eval"),
-         ("lora", "off", "off", "eval"), ("lora", "all", "off", "eval")]
+# the failing test's case first, then one change at a time from it, then a few together
+TEST = dict(method="qlora", offload="on", compile="auto", mode="eval", packing="rows")
+CHANGES = [{}, dict(offload="off"), dict(compile="off"), dict(packing="off"), dict(method="lora"), dict(mode="train"),
+           dict(mode="train", offload="all"), dict(mode="train", offload="all", compile="off"),
+           dict(method="lora", mode="train", offload="all"), dict(method="lora", offload="off"),
+           dict(offload="off", compile="off", packing="off"), dict(method="lora", offload="off", compile="off"),
+           dict(method="lora", offload="off", compile="off", packing="off")]
+CASES = [dict(TEST, **c) for c in CHANGES]
 
 
 def model_folder() -> str:
@@ -75,9 +78,10 @@ def context_for(plan: precision.Plan, hooks: OffloadActivations | None) -> Calla
     return context
 
 
-def run_case(folder: str, case: tuple[str, str, str, str], batch: dict, out) -> bool:
+def run_case(folder: str, case: dict, batches: dict[str, dict], out) -> bool:
     """The three passes of one case, printed; whether any gave a gradient of zeros."""
-    method, offload, compile_mode, mode = case
+    method, offload, compile_mode, mode = case["method"], case["offload"], case["compile"], case["mode"]
+    batch = batches[case["packing"]]
     torch._dynamo.reset()  # each case compiles its own layers (the recompile limit is per code object)
     cfg = config.Config()
     cfg.method = config.MethodConfig(name=method, r=8, alpha=16, dropout=0.0, target_modules=ALL)
@@ -93,8 +97,8 @@ def run_case(folder: str, case: tuple[str, str, str, str], batch: dict, out) -> 
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     took = prep.kernels
-    label = (f"{method} offload={offload} compile={compile_mode} mode={mode} (compiled layers "
-             f"{took.compiled_layers}, fused {took.fused_lora_layers})")
+    label = (" ".join(f"{k}={v}" for k, v in case.items()) + f" (compiled layers {took.compiled_layers}, fused "
+             f"{took.fused_lora_layers}, attention {model.config._attn_implementation})")
     print(f"== {label}", flush=True)
     first, bad = None, False
     for pass_name in ("fused-1", "fused-2", "peft"):
@@ -106,7 +110,8 @@ def run_case(folder: str, case: tuple[str, str, str, str], batch: dict, out) -> 
         grads = {n.split("layers.")[-1]: p.grad.float().clone() for n, p in model.named_parameters()
                  if p.requires_grad and p.grad is not None}
         first = first or grads
-        zeros = [n for n, g in grads.items() if float(g.abs().max()) == 0]
+        zeros = [n.replace(".default.weight", "").replace("self_attn.", "").replace("mlp.", "")
+                 for n, g in grads.items() if float(g.abs().max()) == 0]
         cos = min(float(torch.nn.functional.cosine_similarity(g.flatten(), first[n].flatten(), dim=0))
                   for n, g in grads.items())
         norms = {}
@@ -116,7 +121,7 @@ def run_case(folder: str, case: tuple[str, str, str, str], batch: dict, out) -> 
         layers = " | ".join(f"L{k} " + " ".join(f"{v:.2e}" for v in vals) for k, vals in norms.items())
         moved = len(hooks.moved) if hooks is not None else 0
         print(f"  {pass_name:8s} loss {float(loss):.5f} moved {moved:3d} zeros {len(zeros)}/{len(grads)} "
-              f"{zeros[:4]} min cos vs fused-1 {cos:.4f}\n    A norms {layers}", flush=True)
+              f"{' '.join(zeros)} min cos vs fused-1 {cos:.4f}\n    A norms {layers}", flush=True)
         bad = bad or bool(zeros)
         if out is not None:
             out.write(json.dumps(dict(bench="offload_grads", case=label, pass_=pass_name, loss=float(loss),
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(2)
     records = [Encoded(torch.randint(0, VOCAB, (n,), generator=g).tolist(),
                        [-100] * 5 + torch.randint(0, VOCAB, (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]
-    batch = collate_micro(records, True, 0, "cuda")  # one packed row, as the test's
+    # one packed row, as the test's (varlen attention); or padded rows (transformers' SDPA with a mask)
+    batches = {"rows": collate_micro(records, True, 0, "cuda"), "off": collate_micro(records, False, 0, "cuda")}
     zeros = []
     with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
         for case in CASES:
@@ -146,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"budget spent: {CASES.index(case)} of {len(CASES)} cases ran")
                 break
             try:
-                if run_case(folder, case, batch, out):
+                if run_case(folder, case, batches, out):
                     zeros.append(case)
             except Exception as err:  # one case's failure (a compile error) is itself a finding; go on
                 print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
-    print("cases with a gradient of zeros: " + ("; ".join(" ".join(c) for c in zeros) if zeros else "none"))
+    print("cases with a gradient of zeros: " + ("; ".join(" ".join(f"{k}={v}" for k, v in c.items()) for c in zeros)
+                                                 if zeros else "none"))
     return 1 if zeros else 0
 
 

@@ -24,7 +24,8 @@ MIN_BYTES = 1 << 20  # below this a copy costs more (launch, sync points) than t
 # memory is a slow driver call, and the caching host allocator made new blocks whenever a longer row reached a
 # new power-of-two size (H200, 8B, 16 records a row: 1.44 s for such a step against a 0.60 s median). A buffer
 # is first made for the longest forward the run can have (max_tokens), at most HEADROOM x what it is asked for;
-# a forward that still outgrows it makes it GROWTH x larger.
+# a forward that still outgrows it makes it GROWTH x larger. A buffer still held by a graph that has not run its
+# backward (two forwards, then one backward of both) is never rewritten: that forward gets a new one.
 HEADROOM, GROWTH = 4.0, 1.5
 
 
@@ -77,7 +78,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return host, t.device, copy_out(t, host)
 
     def _buffer(self, nbytes: int, tokens: int) -> torch.Tensor:
-        """The next pinned buffer of this forward, `nbytes` long (a view of the reused one, grown if needed)."""
+        """The next pinned buffer of this forward, `nbytes` long (a view of the reused one; a new one where it is
+        too small or still held by a live graph)."""
         i, self._next = self._next, self._next + 1
         lent = self._lent.get(i)
         busy = lent is not None and lent() is not None
