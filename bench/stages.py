@@ -106,6 +106,10 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
               "--caps", "{CAPS}", "--out", "{OUT}/long_context.jsonl"], 420)]),
     "offload-test": ("the GPU test of activation offload (tests/engine/test_offload_gpu.py)", [
         tests(150, "tests/engine/test_offload_gpu.py", tail=12)]),
+    "offload-grads": ("which pass (fused LoRA, again, peft's after lora.disable) gives LoRA gradients of zeros, "
+                      "lora and qlora with offload off/on/all, compile auto/off, eval/train mode, tiny Llama in bf16 "
+                      "(bench/check_offload_grads.py)", [
+        Step(["bench/check_offload_grads.py", "--budget-s", "150", "--out", "{OUT}/offload_grads.jsonl"], 200)]),
     "kernel-tests": ("every GPU test of the kernels, the split plan and the one host sync per step", [
         tests(480, "tests/kernels", "tests/engine/test_plan.py",
               "tests/engine/test_host_reads.py::test_one_gpu_sync_per_step", tail=30)]),

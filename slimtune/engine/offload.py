@@ -24,7 +24,8 @@ MIN_BYTES = 1 << 20  # below this a copy costs more (launch, sync points) than t
 # memory is a slow driver call, and the caching host allocator made new blocks whenever a longer row reached a
 # new power-of-two size (H200, 8B, 16 records a row: 1.44 s for such a step against a 0.60 s median). A buffer
 # is first made for the longest forward the run can have (max_tokens), at most HEADROOM x what it is asked for;
-# a forward that still outgrows it makes it GROWTH x larger.
+# a forward that still outgrows it makes it GROWTH x larger. A buffer still held by a graph that has not run its
+# backward (two forwards, then one backward of both) is never rewritten: that forward gets a new one.
 HEADROOM, GROWTH = 4.0, 1.5
 
 
@@ -42,10 +43,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.min_bytes = min_bytes
         self.max_tokens = max_tokens  # the most tokens a forward can hold (0: unknown, buffers as asked)
         self.pool: list[torch.Tensor] = []  # the i-th moved tensor's host buffer, reused forward after forward
+        self._lent: dict[int, weakref.ref] = {}  # i -> the view of pool[i] the latest forward saved
         self._next = 0
-        self.device_type = device_type  # "cpu" only in tests: a copy stands in for the move
+        self.device_type = device_type  # "cpu" only in tests: plain copies stand in for the stream copies
         self.params = _storages(model) if model is not None else set()
-        self.stream = None
         self.moved: list[tuple[tuple[int, ...], int]] = []
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), this forward's
         super().__init__(self._pack, self._unpack)
@@ -73,30 +74,24 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.moved.append((tuple(t.shape), t.numel() * t.element_size()))
         return packed
 
-    def _move(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.device, torch.cuda.Event | None]:
-        if t.device.type == "cpu":
-            return t.clone(), t.device, None
-        if self.stream is None:
-            self.stream = _side_stream(t.device)
-        # the buffer's last use, the H2D copy of the previous backward, is queued on the current stream before
-        # this forward, and the side stream waits for it below: rewriting the buffer is safe
+    def _move(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.device, object]:
+        i = self._next
         host = self._buffer(t.numel() * t.element_size(), t.numel() // max(t.shape[-1], 1) if t.dim() else 1)
         host = host.view(t.dtype).view(t.shape)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written before it is read
-        with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        t.record_stream(self.stream)  # its memory is not handed out again before the copy has read it
-        return host, t.device, done
+        self._lent[i] = weakref.ref(host)  # alive while the graph that saved it is: _buffer then leaves it alone
+        return host, t.device, copy_out(t, host)
 
     def _buffer(self, nbytes: int, tokens: int) -> torch.Tensor:
-        """The next pinned buffer of this forward, `nbytes` long (a view of the reused one, grown if needed)."""
+        """The next pinned buffer of this forward, `nbytes` long (a view of the reused one; a new one where it is
+        too small or still held by a live graph)."""
         i, self._next = self._next, self._next + 1
-        if i < len(self.pool) and self.pool[i].numel() >= nbytes:
+        lent = self._lent.get(i)
+        busy = lent is not None and lent() is not None
+        if i < len(self.pool) and self.pool[i].numel() >= nbytes and not busy:
             return self.pool[i][:nbytes]
-        if i < len(self.pool):
-            size = int(max(nbytes, GROWTH * self.pool[i].numel()))
+        if i < len(self.pool):  # too small, or still lent to a live graph (which keeps the old one): a new one
+            grow = GROWTH if self.pool[i].numel() < nbytes else 1.0
+            size = int(max(nbytes, grow * self.pool[i].numel()))
         else:
             ahead = min(HEADROOM, self.max_tokens / tokens) if self.max_tokens and tokens else 1.0
             size = int(nbytes * max(ahead, 1.0))
@@ -116,11 +111,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def _unpack(packed: Packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
-        host, device, done = packed
-        if done is None:
-            return host
-        torch.cuda.current_stream(device).wait_event(done)
-        return host.to(device, non_blocking=True)  # autograd gives it back its graph links
+        return copy_back(*packed)  # autograd gives it back its graph links
 
 
 def _storages(model: torch.nn.Module) -> set[int]:
@@ -131,6 +122,36 @@ def _storages(model: torch.nn.Module) -> set[int]:
         local = p.to_local() if hasattr(p, "to_local") else p
         out.add(local.untyped_storage().data_ptr())
     return out
+
+
+def copy_out(t: torch.Tensor, host: torch.Tensor) -> torch.cuda.Event | None:
+    """Start copying `t` into the pinned `host`; the event the copy back waits for (None: done already).
+
+    Orderings on CUDA: the side stream first waits for the current stream, so the copy reads `t` after the
+    kernels that write it, and writes `host` after the last read of that reused buffer: the previous graph's
+    copy back, which autograd queued on this same stream (backward runs each node on its forward's stream) and
+    which the backward that freed that graph enqueued before this forward began (_buffer never hands out a
+    buffer whose graph is alive). record_stream keeps the caching allocator from giving `t`'s memory to a
+    later kernel before the side stream has read it."""
+    if t.device.type != "cuda":  # CPU tests: the same buffers and views, copied in order
+        host.copy_(t)
+        return None
+    stream = _side_stream(t.device)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    t.record_stream(stream)
+    return done
+
+
+def copy_back(host: torch.Tensor, device: torch.device, done: torch.cuda.Event | None) -> torch.Tensor:
+    """A new `device` tensor of `host`'s values, ordered after copy_out's copy; never `host` itself, which the
+    next forward rewrites."""
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    return host.to(device, non_blocking=done is not None, copy=True)
 
 
 _STREAMS: dict = {}
