@@ -111,7 +111,7 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
                       "(bench/check_offload_grads.py)", [
         Step(["bench/check_offload_grads.py", "--budget-s", "150", "--out", "{OUT}/offload_grads.jsonl"], 200)]),
     "kernel-tests": ("every GPU test of the kernels, the split plan and the one host sync per step", [
-        tests(480, "tests/kernels", "tests/engine/test_plan.py",
+        tests(480, "tests/kernels", "tests/engine/test_split.py",
               "tests/engine/test_host_reads.py::test_one_gpu_sync_per_step", tail=30)]),
     "memory-grid-fast": ("the estimator's grid on the fast engine path (lora bf16), 1B and 8B, with and without "
                          "offload", [
