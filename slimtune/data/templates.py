@@ -1,7 +1,8 @@
 """Chat templates: a conversation to text, with the character spans of the answers that are trained.
 
 Each answer span covers the assistant's text and the end-of-turn token after it (the EOS, or the
-family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop. Where a
+family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop. The fixed families
+(llama2, llama3, chatglm3, bloom, chatml, gemma3, phi3, phi4, qwen3, qwen3-thinking) live in families.py. Where a
 family's answer header ends with a space ("[/INST] ", "Assistant: "), that space starts the span and
 the generation prompt stops before it: tokenizers join it to the answer's first word ("ĠThe").
 
@@ -18,9 +19,14 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SlimtuneError
 from . import sandbox
+from .families import FAMILIES, Family, think_turns
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -38,56 +44,6 @@ class RecordTemplateError(TemplateError):
     """The template cannot render one record (others may render): data.on_bad_record=skip skips it."""
 
 
-@dataclass(frozen=True)
-class Family:
-    """A fixed template: strings around each turn. {bos}/{eos} are the tokenizer's special tokens."""
-    name: str
-    prefix: str  # text before the first turn
-    system: str  # format of the system message, with {content}
-    user_first: str  # format of the first user turn (after the system part), ends with the answer header
-    user_next: str  # format of later user turns
-    answer_end: str  # text after each answer: the end-of-turn token; trained with the answer
-    after_answer: str = ""  # text between an answer's end token and the next turn (not trained)
-    stop: str = "{eos}"  # the token generation stops on
-    system_inside_user: bool = False  # llama2 puts <<SYS>> inside the first [INST]
-    controls: tuple[str, ...] = ()  # control tokens the tokenizer must hold as single tokens
-
-
-FAMILIES = {
-    "llama2": Family(
-        name="llama2", prefix="", system="<<SYS>>\n{content}\n<</SYS>>\n\n",
-        user_first="{bos}[INST] {system}{content} [/INST] ", user_next="{bos}[INST] {content} [/INST] ",
-        answer_end=" {eos}", system_inside_user=True,
-    ),
-    "llama3": Family(
-        name="llama3", prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user_first="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        user_next="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        answer_end="<|eot_id|>", stop="<|eot_id|>",
-        controls=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    ),
-    # As ChatGLM3's build_chat_input: role token, "\n" (sentencepiece writes it " \n"), content.
-    "chatglm3": Family(
-        name="chatglm3", prefix="[gMASK]sop", system="<|system|> \n{content}",
-        user_first="<|user|> \n{content}<|assistant|> \n", user_next="<|user|> \n{content}<|assistant|> \n",
-        answer_end="{eos}", controls=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>"),
-    ),
-    "bloom": Family(
-        name="bloom", prefix="", system="{content}\n\n",
-        user_first="Human: {content}\n\nAssistant: ", user_next="\n\nHuman: {content}\n\nAssistant: ",
-        answer_end="{eos}",
-    ),
-    "chatml": Family(
-        name="chatml", prefix="", system="<|im_start|>system\n{content}<|im_end|>\n",
-        user_first="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        user_next="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", controls=("<|im_start|>", "<|im_end|>"),
-    ),
-}
-
 NAMES = ("auto", *FAMILIES)
 
 
@@ -100,10 +56,13 @@ def _fill(fmt: str, content: str, **kw) -> tuple[str, int]:
     return fmt.format(content=content, **kw), len(fmt.split("{content}", 1)[0].format(**kw))
 
 
-def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
+def _render_family(fam: Family, messages: list[dict], tokenizer, add_generation_prompt: bool,
+                   keep_think: bool = False) -> Rendered:
     tok = _special(tokenizer)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = messages[1:] if system or (messages and messages[0]["role"] == "system") else messages
+    if fam.think:
+        turns = think_turns(turns, keep_think)
     text, content = fam.prefix.format(**tok), []
     if system and not fam.system_inside_user:
         piece, at = _fill(fam.system, system, **tok)
@@ -289,13 +248,19 @@ def _move(s: int, e: int, moved: list[tuple[int, int]], size: int) -> tuple[int,
     return (start, start + e - s) if start + e - s <= size else None
 
 
-def render(name: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> Rendered:
-    """Render a conversation; with add_generation_prompt the text ends with the answer header."""
+def render(name: str, messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool = False,
+           keep_think: bool = False) -> Rendered:
+    """Render a conversation; with add_generation_prompt the text ends with the answer header.
+
+    Args:
+        keep_think: qwen3-thinking keeps the <think> blocks of answers before the last user message, which
+            Qwen3's template drops (data.think_history=keep).
+    """
     if name == "auto":
         return _render_auto(messages, tokenizer, add_generation_prompt)
     if name not in FAMILIES:
         raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(NAMES)}")
-    return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt)
+    return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt, keep_think)
 
 
 def _single(tokenizer, text: str) -> bool:
