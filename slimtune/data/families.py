@@ -30,11 +30,12 @@ class Family:
     think: bool = False  # Qwen3's thinking template: answers carry <think>...</think> blocks (see the module doc)
 
 
-def _chatml(name: str, header: str = "", **kw) -> Family:
+def _chatml(name: str, header: str = "", qwen3: bool = False, think: bool = False) -> Family:
     user = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n" + header
+    controls = ("<|im_start|>", "<|im_end|>") + ((THINK_OPEN, THINK_CLOSE) if qwen3 else ())
     return Family(name=name, prefix="", system="<|im_start|>system\n{content}<|im_end|>\n", user_first=user,
                   user_next=user, answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>",
-                  controls=("<|im_start|>", "<|im_end|>"), **kw)
+                  controls=controls, think=think)
 
 
 _GEMMA_USER = "<start_of_turn>user\n{system}{content}<end_of_turn>\n<start_of_turn>model\n"
@@ -86,8 +87,8 @@ FAMILIES = {
         user_next=_PHI4_USER, answer_end="<|im_end|>", stop="<|im_end|>",
         controls=("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
     ),
-    "qwen3": _chatml("qwen3", header="<think>\n\n</think>\n\n"),
-    "qwen3-thinking": _chatml("qwen3-thinking", think=True),
+    "qwen3": _chatml("qwen3", header="<think>\n\n</think>\n\n", qwen3=True),
+    "qwen3-thinking": _chatml("qwen3-thinking", qwen3=True, think=True),
 }
 
 
