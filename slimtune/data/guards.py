@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 SHOWN = 3  # records named per guard
 
 WHAT = {
-    "empty": ("no trained token: the template's answer span is empty",
+    "empty": ("no trained token (the template's answer spans are empty)",
               "check the answers are not empty and that data.template marks them (slimtune inspect shows the spans)"),
     "all": ("every token trained although the record has a prompt",
             "the template marks the prompt as answer: fix it or choose another data.template (set "
             "data.train_on_prompt=true if training on prompts is meant)"),
-    "eos": ("the answer's end-of-turn token is not trained, so the model would not learn to stop",
+    "eos": ("an answer whose end-of-turn token is not trained (the model would not learn to stop)",
             "choose a data.template whose answers end with the tokenizer's end token (slimtune inspect shows it)"),
     "think": ("<think> reasoning in answers before the last user message, which the template drops (as Qwen3's "
               "chat template does): only the reasoning after the last user message would be trained",
