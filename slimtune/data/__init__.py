@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import guards, readers
 from .checks import skip_entry
@@ -22,8 +22,6 @@ from .templates import RecordTemplateError, check_tokens, render
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from ..config.fields import DataConfig
 
 
 @dataclass
@@ -59,7 +57,7 @@ def _turns(ex: Example, max_turns: int) -> None:
                         "conversation, or raise data.max_turns (0 = no cap)")
 
 
-def _encode_one(ex: Example, tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig,
+def _encode_one(ex: Example, tokenizer: PreTrainedTokenizerBase, cfg_data: Any,
                 found: Findings | None = None) -> Encoded:
     _turns(ex, cfg_data.max_turns)
     messages, keep = guards.think_messages(with_system(ex, cfg_data.system), cfg_data.template, tokenizer,

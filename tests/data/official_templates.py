@@ -4,6 +4,8 @@ templates and the tests run offline, so these are transcribed by hand (Qwen3's t
 test record calls tools). tests/data/test_families.py renders each on a tiny tokenizer and compares."""
 from __future__ import annotations
 
+# ruff: noqa: E501  (the templates are kept line for line as their authors wrote them)
+
 GEMMA3 = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}

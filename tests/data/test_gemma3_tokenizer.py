@@ -14,8 +14,8 @@ from slimtune import models
 from slimtune.data.encode import IGNORE, encode
 from slimtune.data.templates import check_tokens, render, stop_ids
 
-GGUF = Path(os.environ.get("SLIMTUNE_GEMMA3_GGUF") or
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimtune/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+GGUF = Path(os.environ.get("SLIMTUNE_GEMMA3_GGUF") or CACHE / "slimtune/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
 pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason=f"opt-in: {GGUF} not found (bash scripts/get_gemma3.sh, "
                                                            "or set SLIMTUNE_GEMMA3_GGUF)")
 

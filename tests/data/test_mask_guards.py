@@ -130,8 +130,8 @@ def test_inspect_shows_the_guards(tmp_path, tiny_model_dir, capsys):
     path = write_jsonl(tmp_path / "think.jsonl", [{"messages": THINK}])
     assert cli.main(["inspect", str(path), "--model", str(tmp_path / "tok"), "--template", "qwen3-thinking"]) == 0
     out = capsys.readouterr().out
-    assert f"GUARD: data.template=qwen3-thinking: 1 record with <think> reasoning in answers before the last user " \
-           f"message" in out and f"({path} line 1)" in out
+    assert "GUARD: data.template=qwen3-thinking: 1 record with <think> reasoning in answers before the last user " \
+           "message" in out and f"({path} line 1)" in out
     assert cli.main(["inspect", str(path), "--model", str(tmp_path / "tok"), "--template", "qwen3-thinking",
                      "--think-history", "keep"]) == 0
     assert "guards: every record trains its answers and their end tokens" in capsys.readouterr().out
