@@ -187,7 +187,7 @@ def _prompt_ends(messages, answers: list[int], tokenizer, full: str, where: list
 def _render_auto(messages: list[dict], tokenizer, add_generation_prompt: bool) -> Rendered:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template 'auto': this tokenizer has no chat_template; choose data.template "
-                            f"from {', '.join(FAMILIES)}")
+                            f"from {', '.join(FAMILIES)} ({_matching(tokenizer)})")
     if add_generation_prompt:
         text = _apply(tokenizer, messages, True)
         return Rendered(text, [], _auto_content(messages, tokenizer, text, True))
@@ -267,11 +267,17 @@ def _single(tokenizer, text: str) -> bool:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
 
 
+def fitting(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The families whose control tokens are all single tokens of this tokenizer (a Gemma 3 GGUF file carries
+    no chat_template, but its <start_of_turn> and <end_of_turn> say gemma3)."""
+    return [n for n, f in FAMILIES.items() if f.controls and all(_single(tokenizer, t) for t in f.controls)]
+
+
 def _matching(tokenizer) -> str:
     """Which template suits this tokenizer, for messages."""
     if getattr(tokenizer, "chat_template", None):
         return "the tokenizer's own chat_template fits it: use data.template=auto"
-    fits = [n for n, f in FAMILIES.items() if f.controls and all(_single(tokenizer, t) for t in f.controls)]
+    fits = fitting(tokenizer)
     if fits:
         return f"templates whose control tokens it has: {', '.join(fits)}"
     return "it has no family's control tokens: use a plain-text template (llama2 or bloom)"

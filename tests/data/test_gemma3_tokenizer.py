@@ -12,7 +12,7 @@ from test_families import CONVS
 
 from slimtune import models
 from slimtune.data.encode import IGNORE, encode
-from slimtune.data.templates import check_tokens, render, stop_ids
+from slimtune.data.templates import check_tokens, fitting, render, stop_ids
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 GGUF = Path(os.environ.get("SLIMTUNE_GEMMA3_GGUF") or CACHE / "slimtune/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
@@ -29,7 +29,7 @@ def gemma():
 
 
 def test_control_tokens_and_stops(gemma):
-    assert check_tokens("gemma3", gemma) == ""
+    assert check_tokens("gemma3", gemma) == "" and fitting(gemma) == ["gemma3"]
     assert (gemma.bos_token, gemma.eos_token) == ("<bos>", "<eos>")
     assert stop_ids("gemma3", gemma) == [1, 106]  # <eos>, <end_of_turn>
 

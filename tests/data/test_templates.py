@@ -190,7 +190,8 @@ def test_auto_without_chat_template_names_the_alternatives():
     with pytest.raises(TemplateError) as err:
         render("auto", CONVOS["single"], tok)
     assert str(err.value) == ("template 'auto': this tokenizer has no chat_template; choose data.template "
-                              "from llama2, llama3, chatglm3, bloom, chatml, gemma3, phi3, phi4, qwen3, qwen3-thinking")
+                              "from llama2, llama3, chatglm3, bloom, chatml, gemma3, phi3, phi4, qwen3, qwen3-thinking "
+                              "(templates whose control tokens it has: llama3, chatglm3, chatml)")
     assert stop_tokens("auto", tok) == ["<|im_end|>"]
 
 
