@@ -81,6 +81,7 @@ def encode_pairs(examples: list[Example], tokenizer, cfg_data, skipped: list[dic
     if warning and check:
         log(warning)
     stats, out = Stats(), []
+    guards.check_choice(cfg_data.template, tokenizer, getattr(cfg_data, "think_history", "error"))
     found = stats.guards = Findings(cfg_data.template)
     stops = guards.stop_set(cfg_data.template, tokenizer)
     for ex in examples:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .checks import DataError
 from .encode import IGNORE, Encoded, segments
-from .families import FAMILIES, earlier_thinking, think_turns
+from .families import FAMILIES, drop_think, earlier_thinking
 from .templates import stop_ids
 
 if TYPE_CHECKING:
@@ -75,16 +75,21 @@ def think_messages(messages: list[dict], template: str, tokenizer: PreTrainedTok
                    where: str, found: Findings | None) -> tuple[list[dict], bool]:
     """(messages to render, keep_think) under data.think_history: an earlier answer's reasoning that the
     template would drop is flagged (error), removed as the template does (drop) or kept (keep)."""
-    if not drops_think(template, tokenizer) or not earlier_thinking(messages):
+    earlier = earlier_thinking(messages) if drops_think(template, tokenizer) else []
+    if not earlier:
         return messages, False
-    if choice == "keep" and template == "auto":
-        raise DataError(f"{where}: data.think_history=keep with data.template=auto: the tokenizer's chat_template "
-                        "drops the reasoning of earlier answers; use data.template=qwen3-thinking to keep it")
     if choice == "keep":
         return messages, True
     if choice == "error" and found is not None:
         found.add("think", where)
-    return think_turns(messages), False
+    return [{**m, "content": drop_think(m["content"])} if i in earlier else m for i, m in enumerate(messages)], False
+
+
+def check_choice(template: str, tokenizer: PreTrainedTokenizerBase, choice: str) -> None:
+    """data.think_history=keep needs a template that can keep earlier reasoning: refuse it for `auto`."""
+    if choice == "keep" and template == "auto" and drops_think(template, tokenizer):
+        raise DataError("data.think_history=keep with data.template=auto: the tokenizer's chat_template drops the "
+                        "reasoning of answers before the last user message; use data.template=qwen3-thinking to keep it")
 
 
 def stop_set(template: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
