@@ -89,7 +89,8 @@ def check_choice(template: str, tokenizer: PreTrainedTokenizerBase, choice: str)
     """data.think_history=keep needs a template that can keep earlier reasoning: refuse it for `auto`."""
     if choice == "keep" and template == "auto" and drops_think(template, tokenizer):
         raise DataError("data.think_history=keep with data.template=auto: the tokenizer's chat_template drops the "
-                        "reasoning of answers before the last user message; use data.template=qwen3-thinking to keep it")
+                        "reasoning of answers before the last user message; use data.template=qwen3-thinking to "
+                        "keep it")
 
 
 def stop_set(template: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
