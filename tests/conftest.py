@@ -42,6 +42,19 @@ def make_tokenizer(eos: str = "<|im_end|>", pad: str | None = "<|im_end|>", chat
     return fast
 
 
+# Control tokens of the gemma3, phi3, phi4 and qwen3 templates, added after SPECIAL so the ids of the other
+# tokens stay those every other test was written against; Qwen3 holds <think> as a plain (not special) token.
+FAMILY_SPECIAL = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|im_sep|>"]
+
+
+def family_tokenizer(chat_template: str | None = CHATML):
+    """make_tokenizer() with the newer families' control tokens (FAMILY_SPECIAL) and Qwen3's <think> tokens."""
+    tok = make_tokenizer(chat_template=chat_template)
+    tok.add_special_tokens({"additional_special_tokens": FAMILY_SPECIAL})
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

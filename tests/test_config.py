@@ -143,7 +143,8 @@ def test_unknown_key_without_close_match_lists_known_keys():
 @pytest.mark.parametrize("item, line", [
     ("method.name=lora2", "method.name: 'lora2' is not one of lora, dora, rslora, pissa, qlora, full, freeze, "
                           "bitfit, prompt_tuning, p_tuning, prefix_tuning, ia3"),
-    ("data.template=alpaca", "data.template: 'alpaca' is not one of auto, llama2, llama3, chatglm3, bloom, chatml"),
+    ("data.template=alpaca", "data.template: 'alpaca' is not one of auto, llama2, llama3, chatglm3, bloom, chatml, "
+                              "gemma3, phi3, phi4, qwen3, qwen3-thinking"),
     ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of auto, fp32, bf16, fp16"),
     ("data.format=csv", "data.format: 'csv' is not one of auto, alpaca, messages, sharegpt"),

@@ -74,6 +74,9 @@ def inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=100_000)
     p.add_argument("--system", default="", help="default system prompt")
     p.add_argument("--train-on-prompt", action="store_true")
+    p.add_argument("--think-history", default="error", choices=config_mod.CHOICES["data.think_history"],
+                   help="reasoning in answers before the last user message, which Qwen3's template drops "
+                        "(data.think_history)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 

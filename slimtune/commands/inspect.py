@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         examples = examples[: args.n]
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
     cfg_data = config_mod.DataConfig(template=args.template, max_len=args.max_len, system=args.system,
-                                     train_on_prompt=args.train_on_prompt)
+                                     train_on_prompt=args.train_on_prompt, think_history=args.think_history)
     encoded, stats = encode_examples(examples, tokenizer, cfg_data)
     for enc in encoded:
         if args.json:
@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(f"{tag} | {line}" for line in text.split("\n")))
     if not args.json:
         print(stats.summary("inspect", args.max_len))
+        lines = stats.guards.lines() if stats.guards else []
+        print("\n".join(f"GUARD: {line}" for line in lines) if lines else
+              f"guards: every record trains its answers and their end tokens (data.template={args.template})")
     return 0
 
 

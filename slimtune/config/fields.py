@@ -25,7 +25,8 @@ class DataConfig:
     format: str = "auto"
     """auto | alpaca | messages | sharegpt"""
     template: str = "auto"
-    """auto (tokenizer's chat_template) | llama2 | llama3 | chatglm3 | bloom | chatml"""
+    """auto (tokenizer's chat_template) | llama2 | llama3 | chatglm3 | bloom | chatml | gemma3 | phi3 | phi4 | qwen3
+    (non-thinking: empty <think> block in the prompt) | qwen3-thinking (answers carry <think>...</think>)"""
     system: str = ""
     """default system prompt for records without one ("" = the template's own default)"""
     max_len: int = 512
@@ -44,6 +45,9 @@ class DataConfig:
     """encode control-token text inside messages (<|im_end|>) as control tokens; default: as plain text, counted"""
     force_template: bool = False
     """apply a data.template whose control tokens this tokenizer lacks (encoded as text pieces) instead of refusing"""
+    think_history: str = "error"
+    """<think> blocks in answers before the last user message, which Qwen3's template drops: error (refuse) |
+    drop (as the template: neither in context nor trained) | keep (qwen3-thinking: trained as written)"""
 
 
 METHODS = ("lora", "dora", "rslora", "pissa", "qlora", "full", "freeze", "bitfit", "prompt_tuning", "p_tuning",

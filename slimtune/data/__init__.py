@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import readers
+from . import guards, readers
 from .checks import skip_entry
 from .encode import Encoded, Stats, encode
+from .guards import Findings
 from .readers import DataError, Example
 from .templates import RecordTemplateError, check_tokens, render
 
@@ -58,10 +59,13 @@ def _turns(ex: Example, max_turns: int) -> None:
                         "conversation, or raise data.max_turns (0 = no cap)")
 
 
-def _encode_one(ex: Example, tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig) -> Encoded:
+def _encode_one(ex: Example, tokenizer: PreTrainedTokenizerBase, cfg_data: DataConfig,
+                found: Findings | None = None) -> Encoded:
     _turns(ex, cfg_data.max_turns)
+    messages, keep = guards.think_messages(with_system(ex, cfg_data.system), cfg_data.template, tokenizer,
+                                           getattr(cfg_data, "think_history", "error"), ex.where, found)
     try:
-        rendered = render(cfg_data.template, with_system(ex, cfg_data.system), tokenizer)
+        rendered = render(cfg_data.template, messages, tokenizer, keep_think=keep)
     except RecordTemplateError as err:
         raise RecordTemplateError(f"{ex.where}: {err}") from None
     return encode(rendered, tokenizer, cfg_data.max_len, cfg_data.train_on_prompt, ex.where,
@@ -80,14 +84,20 @@ def encode_pairs(examples: list[Example], tokenizer: PreTrainedTokenizerBase, cf
     if warning and check:
         log(warning)
     stats, out = Stats(), []
+    guards.check_choice(cfg_data.template, tokenizer, getattr(cfg_data, "think_history", "error"))
+    found = stats.guards = Findings(cfg_data.template)
+    stops = guards.stop_set(cfg_data.template, tokenizer)
     for ex in examples:
         try:
-            enc = _encode_one(ex, tokenizer, cfg_data)
+            enc = _encode_one(ex, tokenizer, cfg_data, found)
         except (DataError, RecordTemplateError) as err:
             if skipped is None:
                 raise
             skipped.append(skip_entry(ex.where, str(err), ex.raw))
             continue
+        has_prompt = any(m["role"] != "assistant" for m in ex.messages)
+        for kind in guards.check(enc, has_prompt, cfg_data.train_on_prompt, stops):
+            found.add(kind, ex.where)
         stats.add(enc)
         out.append((ex, enc))
     if stats.special_records and not cfg_data.allow_special_tokens:
@@ -131,6 +141,8 @@ def build(cfg_data: DataConfig, tokenizer: PreTrainedTokenizerBase, log: Callabl
         log(f"skipped {read_bad} bad records (data.on_bad_record=skip); first: {skipped[0]['reason']}")
     train, tstats = encode_pairs(train_ex, tokenizer, cfg_data, skipped, log)
     held, estats = encode_pairs(eval_ex, tokenizer, cfg_data, skipped, log, check=False)
+    tstats.guards.merge(estats.guards)
+    tstats.guards.refuse()  # a template that masks answers wrongly stops the run here, before the model loads
     skipped = skipped if skipped is not None else []
     if len(skipped) > read_bad:
         log(f"skipped {len(skipped) - read_bad} records that cannot be encoded (data.on_bad_record=skip); "

@@ -8,7 +8,7 @@ counted, unless data.allow_special_tokens says it is meant as control tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .templates import Rendered
 
@@ -40,6 +40,7 @@ class Stats:
     lengths: list[int] = field(default_factory=list)
     special_records: int = 0  # records holding control-token text in their messages
     first_special: str = ""  # the first of them
+    guards: Any = None  # guards.Findings: the records each mask guard flagged
 
     def add(self, enc: Encoded) -> None:
         self.records += 1

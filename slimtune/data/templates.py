@@ -1,7 +1,8 @@
 """Chat templates: a conversation to text, with the character spans of the answers that are trained.
 
 Each answer span covers the assistant's text and the end-of-turn token after it (the EOS, or the
-family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop. Where a
+family's own end token such as <|eot_id|> or <|im_end|>), so the model learns to stop. The fixed families
+(llama2, llama3, chatglm3, bloom, chatml, gemma3, phi3, phi4, qwen3, qwen3-thinking) live in families.py. Where a
 family's answer header ends with a space ("[/INST] ", "Assistant: "), that space starts the span and
 the generation prompt stops before it: tokenizers join it to the answer's first word ("ĠThe").
 
@@ -22,6 +23,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import SlimtuneError
 from . import sandbox
+from .families import FAMILIES, Family, think_turns
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,56 +47,6 @@ class RecordTemplateError(TemplateError):
     """The template cannot render one record (others may render): data.on_bad_record=skip skips it."""
 
 
-@dataclass(frozen=True)
-class Family:
-    """A fixed template: strings around each turn. {bos}/{eos} are the tokenizer's special tokens."""
-    name: str
-    prefix: str  # text before the first turn
-    system: str  # format of the system message, with {content}
-    user_first: str  # format of the first user turn (after the system part), ends with the answer header
-    user_next: str  # format of later user turns
-    answer_end: str  # text after each answer: the end-of-turn token; trained with the answer
-    after_answer: str = ""  # text between an answer's end token and the next turn (not trained)
-    stop: str = "{eos}"  # the token generation stops on
-    system_inside_user: bool = False  # llama2 puts <<SYS>> inside the first [INST]
-    controls: tuple[str, ...] = ()  # control tokens the tokenizer must hold as single tokens
-
-
-FAMILIES = {
-    "llama2": Family(
-        name="llama2", prefix="", system="<<SYS>>\n{content}\n<</SYS>>\n\n",
-        user_first="{bos}[INST] {system}{content} [/INST] ", user_next="{bos}[INST] {content} [/INST] ",
-        answer_end=" {eos}", system_inside_user=True,
-    ),
-    "llama3": Family(
-        name="llama3", prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user_first="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        user_next="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        answer_end="<|eot_id|>", stop="<|eot_id|>",
-        controls=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    ),
-    # As ChatGLM3's build_chat_input: role token, "\n" (sentencepiece writes it " \n"), content.
-    "chatglm3": Family(
-        name="chatglm3", prefix="[gMASK]sop", system="<|system|> \n{content}",
-        user_first="<|user|> \n{content}<|assistant|> \n", user_next="<|user|> \n{content}<|assistant|> \n",
-        answer_end="{eos}", controls=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>"),
-    ),
-    "bloom": Family(
-        name="bloom", prefix="", system="{content}\n\n",
-        user_first="Human: {content}\n\nAssistant: ", user_next="\n\nHuman: {content}\n\nAssistant: ",
-        answer_end="{eos}",
-    ),
-    "chatml": Family(
-        name="chatml", prefix="", system="<|im_start|>system\n{content}<|im_end|>\n",
-        user_first="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        user_next="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", controls=("<|im_start|>", "<|im_end|>"),
-    ),
-}
-
 NAMES = ("auto", *FAMILIES)
 
 
@@ -105,10 +60,12 @@ def _fill(fmt: str, content: str, **kw: str) -> tuple[str, int]:
 
 
 def _render_family(fam: Family, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
-                   add_generation_prompt: bool) -> Rendered:
+                   add_generation_prompt: bool, keep_think: bool = False) -> Rendered:
     tok = _special(tokenizer)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = messages[1:] if system or (messages and messages[0]["role"] == "system") else messages
+    if fam.think:
+        turns = think_turns(turns, keep_think)
     text, content = fam.prefix.format(**tok), []
     if system and not fam.system_inside_user:
         piece, at = _fill(fam.system, system, **tok)
@@ -234,7 +191,7 @@ def _prompt_ends(messages: list[dict], answers: list[int], tokenizer: PreTrained
 def _render_auto(messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> Rendered:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("template 'auto': this tokenizer has no chat_template; choose data.template "
-                            f"from {', '.join(FAMILIES)}")
+                            f"from {', '.join(FAMILIES)} ({_matching(tokenizer)})")
     if add_generation_prompt:
         text = _apply(tokenizer, messages, True)
         return Rendered(text, [], _auto_content(messages, tokenizer, text, True))
@@ -296,25 +253,36 @@ def _move(s: int, e: int, moved: list[tuple[int, int]], size: int) -> tuple[int,
     return (start, start + e - s) if start + e - s <= size else None
 
 
-def render(name: str, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
-           add_generation_prompt: bool = False) -> Rendered:
-    """Render a conversation; with add_generation_prompt the text ends with the answer header."""
+def render(name: str, messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool = False,
+           keep_think: bool = False) -> Rendered:
+    """Render a conversation; with add_generation_prompt the text ends with the answer header.
+
+    Args:
+        keep_think: qwen3-thinking keeps the <think> blocks of answers before the last user message, which
+            Qwen3's template drops (data.think_history=keep).
+    """
     if name == "auto":
         return _render_auto(messages, tokenizer, add_generation_prompt)
     if name not in FAMILIES:
         raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(NAMES)}")
-    return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt)
+    return _render_family(FAMILIES[name], messages, tokenizer, add_generation_prompt, keep_think)
 
 
 def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
 
 
+def fitting(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The families whose control tokens are all single tokens of this tokenizer (a Gemma 3 GGUF file carries
+    no chat_template, but its <start_of_turn> and <end_of_turn> say gemma3)."""
+    return [n for n, f in FAMILIES.items() if f.controls and all(_single(tokenizer, t) for t in f.controls)]
+
+
 def _matching(tokenizer: PreTrainedTokenizerBase) -> str:
     """Which template suits this tokenizer, for messages."""
     if getattr(tokenizer, "chat_template", None):
         return "the tokenizer's own chat_template fits it: use data.template=auto"
-    fits = [n for n, f in FAMILIES.items() if f.controls and all(_single(tokenizer, t) for t in f.controls)]
+    fits = fitting(tokenizer)
     if fits:
         return f"templates whose control tokens it has: {', '.join(fits)}"
     return "it has no family's control tokens: use a plain-text template (llama2 or bloom)"

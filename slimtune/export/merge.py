@@ -115,6 +115,23 @@ def _expr(fmt: str, tok: dict, **variables: str) -> str:
     return " + ".join(parts) or "''"
 
 
+PLAIN_ANSWER = "{%- set c = m['content'] -%}"
+THINK_HEAD, THINK_TAIL = "<think>\n", "\n</think>\n\n"
+
+
+def _think_jinja() -> str:
+    """Jinja setting `c` to an answer as Qwen3's thinking template writes it (data.families.think_turns)."""
+    nl = _literal("\n")
+    return (
+        "{%- set c = m['content'] -%}{%- if loop.index0 > ns.last -%}"
+        "{%- if '</think>' in c -%}"
+        f"{{%- set r = c.split('</think>')[0].rstrip({nl}).split('<think>')[-1].lstrip({nl}) -%}}"
+        "{%- set c = c.split('</think>')[-1] -%}{%- else -%}{%- set r = '' -%}{%- endif -%}"
+        f"{{%- set c = {_literal(THINK_HEAD)} + r.strip({nl}) + {_literal(THINK_TAIL)} + c.lstrip({nl}) -%}}"
+        f"{{%- elif '</think>' in c -%}}{{%- set c = c.split('</think>')[-1].lstrip({nl}) -%}}{{%- endif -%}}"
+    )
+
+
 def jinja_template(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """A chat_template that renders a family template as `data.templates.render` does: the same text
     for generation prompts and for earlier turns (after the final answer it also writes the family's
@@ -132,14 +149,16 @@ def jinja_template(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
         "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
         "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
         f"{{{{- {_literal(fam.prefix.format(**tok))} -}}}}{own_system}"
-        "{%- set ns = namespace(first=true) -%}"
+        "{%- set ns = namespace(first=true, last=-1) -%}"
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}"
+        "{%- endfor -%}"
         "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
         f"{{%- if ns.first -%}}{{%- set head = {first} -%}}"
         f"{{%- else -%}}{{%- set head = {following} -%}}{{%- endif -%}}"
         # the generation prompt stops before the header's final space: training joins it to the answer
         "{%- if loop.last and add_generation_prompt -%}{{- head.rstrip(' ') -}}{%- else -%}{{- head -}}{%- endif -%}"
         "{%- set ns.first = false -%}"
-        f"{{%- else -%}}{{{{- m['content'] + {answer} -}}}}{{%- endif -%}}"
+        f"{{%- else -%}}{_think_jinja() if fam.think else PLAIN_ANSWER}{{{{- c + {answer} -}}}}{{%- endif -%}}"
         "{%- endfor -%}"
     )
 

@@ -11,6 +11,14 @@ from .base import MethodError
 from .freeze import decoder_layers
 
 
+# Phi-3 and Phi-4 (model_type phi3) compute q, k and v in one qkv_proj and the MLP's gate and up in one
+# gate_up_proj; peft's tables have no default for them. Its default is the fused attention input, as q_proj,v_proj
+# is for Llama (peft cannot adapt part of a fused Linear).
+FUSED_DEFAULTS = {"phi3": ["qkv_proj"]}
+FUSED_NAMES = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                        "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}}
+
+
 class TargetError(MethodError):
     """No module matches method.target_modules (a MethodError, so callers of apply catch both)."""
 
@@ -33,6 +41,8 @@ def default_targets(model: torch.nn.Module, table: str = "LORA") -> list[str]:
 
     mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{table}_TARGET_MODULES_MAPPING")
     model_type = kinds.model_type(model)  # a user's wrapper takes that of the transformers model inside it
+    if table == "LORA" and model_type in FUSED_DEFAULTS:
+        return list(FUSED_DEFAULTS[model_type])
     if table == "LORA" and experts.is_moe(model):
         return moe_defaults(model, mapping.get(model_type))
     if model_type not in mapping:
@@ -79,7 +89,9 @@ def resolve(model: torch.nn.Module, targets: list[str]) -> list[str] | str:
         return pattern
     missing = [t for t in targets if t not in short and not any(n == t or n.endswith("." + t) for n in names + fused)]
     if missing:
-        raise TargetError(f"method.target_modules: {', '.join(missing)} match no Linear module; "
+        parts = FUSED_NAMES.get(kinds.model_type(model), {})
+        hint = "".join(f" ({t} is part of {parts[t]} in this architecture)" for t in missing if t in parts)
+        raise TargetError(f"method.target_modules: {', '.join(missing)} match no Linear module{hint}; "
                           f"{_available(short)}" + (f"; fused expert weights: {_fused_names(fused)}" if fused else ""))
     # a name that only a fused expert weight carries goes to peft's target_parameters, not its target_modules
     return [t for t in targets if t in short or any(n == t or n.endswith("." + t) for n in names)]

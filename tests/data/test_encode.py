@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CHATML, make_tokenizer, write_jsonl
+from conftest import CHATML, family_tokenizer, make_tokenizer, write_jsonl
 from slimtune.config import DataConfig
 from slimtune.data import DataError, build
 from slimtune.data.collate import collate, pad_id
@@ -23,7 +23,10 @@ CHINESE = [{"role": "system", "content": "你好，世界。"},
            {"role": "user", "content": "世界"}, {"role": "assistant", "content": "中文，字符。"}]
 NO_END = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-ALL = ["auto", *FAMILIES]
+# qwen3-thinking writes an answer differently once a later user turn follows (its reasoning block is dropped),
+# so the prefix construction of expected_labels does not apply: tests/data/test_families.py checks it exactly.
+ALL = ["auto", *(name for name, fam in FAMILIES.items() if not fam.think)]
+NEW = ("gemma3", "phi3", "phi4", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,14 @@ def s_tok():
     return tok
 
 
-def tok_for(name, tokenizer, s_tok):
+@pytest.fixture(scope="module")
+def f_tok():
+    return family_tokenizer()
+
+
+def tok_for(name, tokenizer, s_tok, f_tok=None):
+    if name in NEW:
+        return f_tok or family_tokenizer()
     return s_tok if name in ("llama2", "chatglm3", "bloom") else tokenizer
 
 
@@ -70,13 +80,15 @@ def trained_runs(tok, labels: list[int]) -> list[str]:
 
 
 def end_id(name: str, tok) -> int:
-    return tok.convert_tokens_to_ids("<|eot_id|>") if name == "llama3" else tok.eos_token_id
+    if name in FAMILIES:
+        return tok.convert_tokens_to_ids(FAMILIES[name].stop.format(eos=tok.eos_token, bos=tok.bos_token))
+    return tok.eos_token_id
 
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("msgs", [SINGLE, MULTI, CHINESE], ids=["single", "multi", "chinese"])
-def test_ids_and_exact_masks(name, msgs, tokenizer, s_tok):
-    tok = tok_for(name, tokenizer, s_tok)
+def test_ids_and_exact_masks(name, msgs, tokenizer, s_tok, f_tok):
+    tok = tok_for(name, tokenizer, s_tok, f_tok)
     rendered = render(name, msgs, tok)
     enc = encode(rendered, tok, max_len=1024, where="rec 1")
     assert enc.input_ids == tokens(tok, rendered.text)
@@ -94,12 +106,17 @@ TRAINED = {
     "bloom": [" The capital of France is Paris.</s>", " the quick brown fox jumps over the lazy dog</s>"],
     "chatml": ["The capital of France is Paris.<|im_end|>", "the quick brown fox jumps over the lazy dog<|im_end|>"],
     "auto": ["The capital of France is Paris.<|im_end|>", "the quick brown fox jumps over the lazy dog<|im_end|>"],
+    "gemma3": ["The capital of France is Paris.<end_of_turn>",
+               "the quick brown fox jumps over the lazy dog<end_of_turn>"],
+    "phi3": ["The capital of France is Paris.<|end|>", "the quick brown fox jumps over the lazy dog<|end|>"],
+    "phi4": ["The capital of France is Paris.<|im_end|>", "the quick brown fox jumps over the lazy dog<|im_end|>"],
+    "qwen3": ["The capital of France is Paris.<|im_end|>", "the quick brown fox jumps over the lazy dog<|im_end|>"],
 }
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_multi_turn_trains_every_answer_and_its_end(name, tokenizer, s_tok):
-    tok = tok_for(name, tokenizer, s_tok)
+def test_multi_turn_trains_every_answer_and_its_end(name, tokenizer, s_tok, f_tok):
+    tok = tok_for(name, tokenizer, s_tok, f_tok)
     enc = encode(render(name, MULTI, tok), tok, max_len=1024)
     assert trained_runs(tok, enc.labels) == TRAINED[name]
     ends = [i for i, x in enumerate(enc.labels) if x != IGNORE and (i + 1 == len(enc.labels)
@@ -111,10 +128,11 @@ def test_multi_turn_trains_every_answer_and_its_end(name, tokenizer, s_tok):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_chinese_answers(name, tokenizer, s_tok):
-    tok = tok_for(name, tokenizer, s_tok)
+def test_chinese_answers(name, tokenizer, s_tok, f_tok):
+    tok = tok_for(name, tokenizer, s_tok, f_tok)
     enc = encode(render(name, CHINESE, tok), tok, max_len=1024)
-    end = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "auto": "<|im_end|>"}.get(name, "</s>")
+    end = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "auto": "<|im_end|>", "gemma3": "<end_of_turn>",
+           "phi3": "<|end|>", "phi4": "<|im_end|>", "qwen3": "<|im_end|>"}.get(name, "</s>")
     lead = " " if name in ("llama2", "bloom") else ""
     tail = " " if name == "llama2" else ""
     assert trained_runs(tok, enc.labels) == [f"{lead}你好，世界。中文字符{tail}{end}",
@@ -140,9 +158,9 @@ def test_auto_template_without_end_token_trains_the_added_eos():
     assert enc.labels[-1] == tok.eos_token_id
 
 
-def test_generation_prompt_tokens_are_a_prefix_of_training_tokens(tokenizer, s_tok):
-    for name in ALL:
-        tok = tok_for(name, tokenizer, s_tok)
+def test_generation_prompt_tokens_are_a_prefix_of_training_tokens(tokenizer, s_tok, f_tok):
+    for name in [*ALL, "qwen3-thinking"]:
+        tok = tok_for(name, tokenizer, s_tok, f_tok)
         ids = encode(render(name, MULTI, tok), tok, max_len=1024).input_ids
         prompt = prompt_ids(render(name, MULTI[:-1], tok, add_generation_prompt=True), tok)
         assert ids[: len(prompt)] == prompt, name

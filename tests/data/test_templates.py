@@ -190,7 +190,8 @@ def test_auto_without_chat_template_names_the_alternatives():
     with pytest.raises(TemplateError) as err:
         render("auto", CONVOS["single"], tok)
     assert str(err.value) == ("template 'auto': this tokenizer has no chat_template; choose data.template "
-                              "from llama2, llama3, chatglm3, bloom, chatml")
+                              "from llama2, llama3, chatglm3, bloom, chatml, gemma3, phi3, phi4, qwen3, qwen3-thinking "
+                              "(templates whose control tokens it has: llama3, chatglm3, chatml)")
     assert stop_tokens("auto", tok) == ["<|im_end|>"]
 
 
@@ -210,7 +211,8 @@ def test_auto_template_that_rewrites_earlier_turns():
 def test_unknown_template(tokenizer):
     with pytest.raises(TemplateError) as err:
         render("vicuna", CONVOS["single"], tokenizer)
-    assert str(err.value) == "unknown template 'vicuna'; choose one of auto, llama2, llama3, chatglm3, bloom, chatml"
+    assert str(err.value) == ("unknown template 'vicuna'; choose one of auto, llama2, llama3, chatglm3, bloom, chatml, "
+                              "gemma3, phi3, phi4, qwen3, qwen3-thinking")
 
 
 # ---- stop tokens --------------------------------------------------------------------------------------

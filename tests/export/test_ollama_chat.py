@@ -37,7 +37,7 @@ def test_modelfile_has_the_template_and_stops(exported, capsys):
     assert f"cd {exported.parent} && ollama create tiny -f Modelfile" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["auto", "llama3", "llama2", "bloom", "chatml"])
+@pytest.mark.parametrize("family", ["auto", "llama3", "llama2", "bloom", "chatml", "gemma3", "phi3", "phi4", "qwen3"])
 def test_go_template_renders_as_the_chat_template(family):
     """Rendering the Modelfile's pieces as Ollama does gives the Jinja template's text for every
     conversation ending in a user turn (what Ollama sends the model)."""
