@@ -192,7 +192,7 @@ def test_a_moe_run_resumes_to_the_same_losses(tmp_path, tokenizer):
     """Checkpoints hold the experts' LoRA by parameter name: back at step 2, steps 3 and 4 repeat (fp32, CPU)."""
     import shutil
 
-    from slimtune.engine import checkpoint
+    from slimtune.runs import checkpoint
     from slimtune.runs.metrics_log import read_metrics
 
     model_dir = tmp_path / "qwen3_moe"
