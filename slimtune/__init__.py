@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; at run time 
 
 
 def __getattr__(name: str):
-    if name == "train":  # the module slimtune/train.py, callable: slimtune.train(cfg) runs train.run
+    if name == "train":  # the module slimtune/train.py, callable: slimtune.train(cfg) runs train.from_config
         return importlib.import_module(".train", __name__)
     if name not in _WHERE:
         raise AttributeError(f"module 'slimtune' has no attribute {name!r}")

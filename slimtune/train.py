@@ -186,8 +186,8 @@ def prepare(model: torch.nn.Module, cfg: Config, device: str = "cpu", log: Log =
     return Prepared(model, dtypes, took)
 
 
-def run(cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print, resume: bool = False,
-        protect: tuple[str | Path, ...] = ()) -> dict:
+def from_config(cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print,
+                resume: bool = False, protect: tuple[str | Path, ...] = ()) -> dict:
     """Train per the config; returns the run summary (losses, steps, timings; "interrupted": the signal's
     name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
     checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
@@ -324,7 +324,7 @@ class _Callable(types.ModuleType):
     def __call__(self, cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print,
                  resume: bool = False) -> dict:
         """Train per the config, as `slimtune train` does; returns the run summary."""
-        return self.run(cfg, overwrite=overwrite, show_progress=show_progress, log=log, resume=resume)
+        return self.from_config(cfg, overwrite=overwrite, show_progress=show_progress, log=log, resume=resume)
 
 
 sys.modules[__name__].__class__ = _Callable

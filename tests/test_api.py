@@ -320,7 +320,7 @@ def test_train_is_what_the_cli_runs(tiny_model_dir, tmp_path):
     cfg = slimtune.load_config(lora_run_config(tmp_path, tiny_model_dir, "run", max_steps=2))
     result = slimtune.train(cfg, show_progress=False, log=lambda *a: None)
     assert result["steps"] == 2 and (tmp_path / "run" / "adapter_config.json").is_file()
-    assert callable(train.run) and slimtune.train is train  # still the module, as tests import it
+    assert callable(train.from_config) and slimtune.train is train  # still the module, as tests import it
 
 
 def test_the_api_doc_examples_run(tiny_model_dir, tmp_path, monkeypatch, capsys):

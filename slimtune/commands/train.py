@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         return _torchrun(n, args.raw)
     protect = (args.config,) if args.config and Path(args.config).is_file() else ()
     try:
-        result = training.run(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, resume=args.resume,
-                              protect=protect)
+        result = training.from_config(cfg, overwrite=args.overwrite, show_progress=not args.no_progress,
+                                      resume=args.resume, protect=protect)
     finally:
         distributed.close()
     # a stopped run is not a finished one: 128 + the signal number, as a shell reports it, so a

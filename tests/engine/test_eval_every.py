@@ -32,7 +32,7 @@ def _config(tmp: Path, model_dir: Path, name: str, **train) -> config.Config:
 
 
 def _train(cfg: config.Config) -> dict:
-    return train_mod.run(cfg, show_progress=False, log=lambda *a: None)
+    return train_mod.from_config(cfg, show_progress=False, log=lambda *a: None)
 
 
 def _rows(run: Path, key: str) -> list[dict]:

@@ -73,7 +73,7 @@ def test_the_loop_trains_the_same_with_offload(tiny_model_dir, tmp_path):
     for offload in (False, True):
         cfg = config.load(lora_run_config(tmp_path, tiny_model_dir, f"run{offload}", max_steps=3,
                                           micro_batch_size=4, offload_activations=offload))
-        train_mod.run(cfg, show_progress=False, log=lambda *a: None)
+        train_mod.from_config(cfg, show_progress=False, log=lambda *a: None)
         losses[offload] = [r["loss"] for r in read_metrics(tmp_path / f"run{offload}" / "metrics.jsonl") if "loss" in r]
     assert len(losses[True]) == 3 and losses[True] == losses[False]
 

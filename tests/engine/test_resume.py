@@ -231,7 +231,7 @@ def test_resume_with_another_train_loss_uses_the_new_one(tmp_path, tiny_model_di
     the tallies the checkpoint holds (its "result" entry) go on."""
     import slimtune.engine.loop as loop
     from slimtune import config as config_mod
-    from slimtune.train import run as train_run
+    from slimtune.train import from_config as train_run
 
     real, chunked = loop.token_loss_sum, []
 
@@ -266,7 +266,7 @@ def test_resume_reads_a_checkpoint_that_holds_the_old_result_dict(tmp_path, tiny
     """Checkpoints written before the run's state was typed hold the whole result dict (kernel keys, steps,
     precision...) under "result": a resume reads its tallies back and keeps this run's kernel choice."""
     from slimtune import config as config_mod
-    from slimtune.train import run as train_run
+    from slimtune.train import from_config as train_run
 
     cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=3, keep_checkpoints=0, loss="plain")
     quiet = dict(show_progress=False, log=lambda *a: None)

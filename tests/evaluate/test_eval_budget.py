@@ -43,7 +43,7 @@ def test_records_within_a_cap():
 def _run(tmp: Path, model_dir: Path, name: str, **train) -> tuple[dict, list[str]]:
     lines: list[str] = []
     cfg = config.load(lora_run_config(tmp, model_dir, name, copies=3, max_steps=2, micro_batch_size=4, **train))
-    return train_mod.run(cfg, show_progress=False, log=lines.append), lines
+    return train_mod.from_config(cfg, show_progress=False, log=lines.append), lines
 
 
 def test_eval_before_training_is_reused_by_the_next_run(tmp_path, tiny_model_dir):
@@ -75,11 +75,11 @@ def test_a_long_held_out_split_is_capped_and_says_so(tmp_path, tiny_model_dir):
 def test_in_training_evals_show_a_progress_bar(tmp_path, tiny_model_dir, capsys):
     cfg = config.load(lora_run_config(tmp_path, tiny_model_dir, "bar", copies=3, max_steps=1, micro_batch_size=4,
                                       eval_generate=True, eval_max_new_tokens=2))
-    train_mod.run(cfg, show_progress=True, log=lambda *a: None)
+    train_mod.from_config(cfg, show_progress=True, log=lambda *a: None)
     err = capsys.readouterr().err
     # before and after training: the loss over the 4 held-out records, then their generation
     assert len(re.findall(r"eval loss: 100%.*4/4", err)) == 2 and len(re.findall(r"generate: 100%.*4/4", err)) == 2
-    train_mod.run(cfg, show_progress=False, log=lambda *a: None, overwrite=True)
+    train_mod.from_config(cfg, show_progress=False, log=lambda *a: None, overwrite=True)
     assert "eval loss" not in capsys.readouterr().err
 
 

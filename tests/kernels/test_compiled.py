@@ -32,7 +32,7 @@ def _train(tmp, model_dir, name: str, **train):
     path = lora_run_config(tmp, model_dir, name, method={"dropout": 0.0, "target_modules": ["all-linear"]},
                            max_steps=STEPS, micro_batch_size=2, grad_accum=2, eval_at_start=False, **TRAIN, **train)
     lines: list[str] = []
-    result = train_mod.run(load_config(path), show_progress=False, log=lambda *a, **k: lines.append(" ".join(
+    result = train_mod.from_config(load_config(path), show_progress=False, log=lambda *a, **k: lines.append(" ".join(
         map(str, a))))
     losses = [r["loss"] for r in read_metrics(tmp / name / "metrics.jsonl") if "loss" in r]
     return result, losses, lines

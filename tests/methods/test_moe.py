@@ -164,7 +164,8 @@ def test_a_trained_moe_run_merges_to_the_adapter_models_outputs(arch, tmp_path, 
                            method={"target_modules": [], "dropout": 0.0, "train_router": router},
                            max_steps=2, micro_batch_size=2, grad_accum=1, eval_at_start=False)
     lines: list[str] = []
-    train_mod.run(load_config(path), show_progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    train_mod.from_config(load_config(path), show_progress=False,
+                          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     said = "router trained in full (method.train_router)" if router else \
         "router frozen (method.train_router=true trains it)"
     assert f"experts: 2 of 2 layers' expert weights adapted (down_proj, gate_up_proj; 4 experts each); {said}" in lines
@@ -202,12 +203,12 @@ def test_a_moe_run_resumes_to_the_same_losses(tmp_path, tokenizer):
                            max_steps=4, micro_batch_size=2, grad_accum=1, eval_at_start=False, save_every=1,
                            keep_checkpoints=0)
     quiet = dict(show_progress=False, log=lambda *a: None)
-    train_mod.run(load_config(path), **quiet)
+    train_mod.from_config(load_config(path), **quiet)
     run = tmp_path / "run"
     first = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     for step in (3, 4):
         shutil.rmtree(checkpoint.step_folder(run, step))
-    train_mod.run(load_config(path), resume=True, **quiet)
+    train_mod.from_config(load_config(path), resume=True, **quiet)
     again = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(first) == len(again) == 4 and again[:2] == first[:2]
     assert again[2:] == pytest.approx(first[2:], abs=1e-6) and first[3] != first[1]

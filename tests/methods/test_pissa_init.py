@@ -9,7 +9,7 @@ import tempfile
 from conftest import lora_run_config, make_model
 from slimtune import config, methods
 from slimtune.methods import lora
-from slimtune.train import run as train_run
+from slimtune.train import from_config as train_run
 
 
 def _pissa(vocab: int = 100):
