@@ -228,7 +228,7 @@ def test_dump_loads_back_equal(tmp_path):
 def test_dump_of_defaults_loads_back_and_lists_every_section(tmp_path):
     text = config.dump(Config())
     assert [line for line in text.splitlines() if not line.startswith(" ")] == ["model:", "data:", "method:",
-                                                                                "train:", "preference:"]
+                                                                                "train:", "preference:", "grpo:"]
     assert config.load(write(tmp_path, text)) == Config()
 
 
@@ -461,7 +461,8 @@ def test_top_level_keys_of_other_tools_suggested_in_yaml(tmp_path):
 def test_every_field_has_a_docstring():
     """The string under each field is its documentation; a field added without one fails here."""
     sections = config.field_docs(Config)
-    assert list(sections) == ["model", "data", "method", "train", "preference"] and all(doc for _, doc in sections.values())
+    assert list(sections) == ["model", "data", "method", "train", "preference", "grpo"] and \
+        all(doc for _, doc in sections.values())
     for section in sections:
         cls = typing.get_type_hints(Config)[section]
         docs = config.field_docs(cls)
