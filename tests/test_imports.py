@@ -25,7 +25,7 @@ INSIDE_ALLOWED = ("cli.py", "commands/", "ui/__init__.py")
 # - export: the run folder format (peft_format.py) and what is written from a run (merge, GGUF, Modelfile);
 # - trust: when a run's or model's own code may run (reads the engine's run-folder marks);
 # - engine: the training loop, checkpoints, memory estimates;
-# - methods and kernels: what is trained (LoRA...) and the fast ops of a step;
+# - methods, kernels and objectives: what is trained (LoRA...), the fast ops of a step, the preference losses;
 # - models and outputs: loading a model; where a command may write;
 # - inputs: data (records, templates), config, packaged files, the GGUF header reader;
 # - errors: slimtune's error types, which import nothing of slimtune.
@@ -39,7 +39,7 @@ LAYERS = [
     ("export", ("export",)),
     ("trust", ("trust",)),
     ("engine", ("engine",)),
-    ("methods and kernels", ("methods", "kernels")),
+    ("methods and kernels", ("methods", "kernels", "objectives")),
     ("models and outputs", ("models", "outputs")),
     ("inputs", ("data", "config", "assets", "gguf_header")),
     ("errors", ("errors",)),

@@ -3,6 +3,7 @@ numeric guards, checkpoints that resume exactly, and logs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -116,7 +117,7 @@ def forward_context(p: Plan, device: str, offload: bool, model: torch.nn.Module 
 
 def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir: Path, device: str,
         log=print, show_progress: bool = True, plan: Plan | None = None, resume: Path | None = None,
-        evaluate=None) -> dict:
+        evaluate=None, objective=None) -> dict:
     """Train for the configured steps, from the checkpoint folder `resume` when given; eval before
     (optionally), every train.eval_every steps and after. Metrics go to metrics.jsonl and TensorBoard,
     checkpoints to out_dir/checkpoints, the final eval to out_dir/eval. SIGINT/SIGTERM/SIGHUP save a checkpoint
@@ -126,6 +127,8 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
         evaluate: (model, context, step) -> Report on the held-out split `held` (evaluate.report.in_training,
             which can also generate; evaluate.perplexity.loss_eval for the loss alone); needed when `held`
             holds records.
+        objective: a preference objective (engine/preference_step.PairObjective) that trains on `train`, its
+            records (preference_step.items), in place of the answers' next-token loss.
     """
     if held and evaluate is None:  # the loop imports no evaluation: the caller says how to score `held`
         raise ValueError("fit: held-out records need an evaluate callable (evaluate.perplexity.loss_eval scores "
@@ -136,20 +139,22 @@ def fit(model, train: list[Encoded], held: list[Encoded], cfg, pad: int, out_dir
     if note := precision.cpu_note(plan, device):
         log(note)
     torch.manual_seed(tc.seed)
-    took = enable_kernels(model, tc, device, log)
-    stream = micro_batches(train, tc, cfg.data.max_len, took.packing)
+    took = enable_kernels(model, dataclasses.replace(tc, packing="off") if objective else tc, device, log)
+    stream = objective.stream(train, tc) if objective else micro_batches(train, tc, cfg.data.max_len, took.packing)
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, plan, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),
-              precision.scaler(plan, device), stream, fingerprint(train), took,
-              Tally(start_max_abs=guards.trainable_max(model)))  # a resume keeps the first run's
+              precision.scaler(plan, device), stream, (objective.fingerprint if objective else fingerprint)(train),
+              took, Tally(start_max_abs=guards.trainable_max(model)), objective=objective)  # a resume keeps the first
     if stream.packed:
         log(_describe_packing(stream, device, plan))
+    context = forward_context(plan, device, tc.offload_activations, model, tc.micro_batch_size * cfg.data.max_len)
+    if objective:  # its reference, from the model as loaded: before a resume puts trained weights in
+        objective.start(model, {"train": train, "eval": held}, run.out_dir, device, tc.micro_batch_size, context, log)
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log) \
         if distributed.is_main() else NullLog()
     show_progress = show_progress and distributed.is_main()
-    context = forward_context(plan, device, tc.offload_activations, model, tc.micro_batch_size * cfg.data.max_len)
     measure = functools.partial(_evaluate, run, context, logs, evaluate) if held else None
     try:
         if measure and tc.eval_at_start and not resume:
@@ -201,24 +206,9 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     """One guarded optimizer step: an all-masked batch or a NaN/inf is an error naming step and records."""
     tc = run.cfg.train
     wheres = [r.where for rs in records for r in rs]
-    rank, world = distributed.rank(), distributed.size()
-    began = time.perf_counter()
-    batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
-    data_s = time.perf_counter() - began
-    # counted from the records over every rank's share, on the host: nothing waits on the device (the
-    # previous step's update) before this step's first kernel is queued, and no collective is needed
-    n_tokens, seen = (sum(c) for c in zip(*(counts(rs, world) for rs in records)))
-    run.seen += seen
-    try:
-        row = step(run.model, batches, run.optimizer, run.scheduler, tc.max_grad_norm, context, run.scaler,
-                   guard=True, chunked=run.kernels.chunked_loss, n_tokens=n_tokens)
-    except DataError:
-        raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
-                        f"(records {', '.join(wheres)}); each record needs an answer token after its first "
-                        "position within data.max_len") from None
+    row = run.objective.step(run, records, context) if run.objective else _answers_step(run, records, pad, context,
+                                                                                          wheres)
     run.step += 1
-    row["data_s"] = data_s
-    row["computed_tokens"] = sum(b["input_ids"].numel() for b in batches)  # padding too: what the step computed
     bad = row.pop("nonfinite", None)
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]
@@ -234,6 +224,28 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context, log) -> dic
     else:
         run.losses = (run.losses + [row["loss"]])[-20:]
     run.tally.skipped_steps += int(row.pop("skipped", False))
+    return row
+
+
+def _answers_step(run: Run, records: list[list[Encoded]], pad: int, context, wheres: list[str]) -> dict:
+    """Collate, forward, backward and update on the answers' next-token loss."""
+    rank, world = distributed.rank(), distributed.size()
+    began = time.perf_counter()
+    batches = [collate_micro(share(rs, rank, world), run.stream.packed, pad, run.device) for rs in records]
+    data_s = time.perf_counter() - began
+    # counted from the records over every rank's share, on the host: nothing waits on the device (the
+    # previous step's update) before this step's first kernel is queued, and no collective is needed
+    n_tokens, seen = (sum(c) for c in zip(*(counts(rs, world) for rs in records)))
+    run.seen += seen
+    try:
+        row = step(run.model, batches, run.optimizer, run.scheduler, run.cfg.train.max_grad_norm, context,
+                   run.scaler, guard=True, chunked=run.kernels.chunked_loss, n_tokens=n_tokens)
+    except DataError:
+        raise DataError(f"step {run.step + 1}: every label in this step's batch is -100, nothing to train on "
+                        f"(records {', '.join(wheres)}); each record needs an answer token after its first "
+                        "position within data.max_len") from None
+    row["data_s"] = data_s
+    row["computed_tokens"] = sum(b["input_ids"].numel() for b in batches)  # padding too: what the step computed
     return row
 
 

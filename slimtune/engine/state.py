@@ -73,6 +73,7 @@ class Run:
     elapsed: float = 0.0  # training seconds, those of the runs this one resumes included
     losses: list[float] = field(default_factory=list)  # recent losses, for the NaN message
     clock: StepClock = field(default_factory=StepClock)  # this process's step times (engine/timing.py)
+    objective: object | None = None  # a preference objective's step (engine/preference_step.py); None: answers
 
 
 def result(run: Run) -> dict:
