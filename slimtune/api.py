@@ -16,7 +16,8 @@ from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
-from .engine import loop, plan, user_loss
+from .data.prompts import PromptRecord
+from .engine import grpo_step, loop, plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
 from .export import peft_format
@@ -25,6 +26,7 @@ from .kernels.select import use_chunked_loss
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
+from .objectives.rewards import from_callable
 from .train import match_checkpointing
 
 
@@ -79,7 +81,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
         eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
-        pad_id: int = 0, log=print, show_progress: bool = False) -> dict:
+        pad_id: int = 0, log=print, show_progress: bool = False, rewards: Sequence = (), tokenizer=None) -> dict:
     """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
 
     Args:
@@ -88,6 +90,9 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
             with loss_fn, dict batches of tensors (a list or a DataLoader), moved to `device`.
         loss_fn: (model, batch) -> scalar loss tensor, for models whose forward returns no LM loss.
         device: where batches go; None: where the model's parameters are.
+        rewards: train.objective=grpo: reward functions fn(prompts, completions, answers) -> list[float],
+            beside the built-ins cfg.grpo.rewards names; data are then prompts (slimtune.data.prompts.build_prompts)
+            and `tokenizer` decodes the completions.
     """
     device = device or str(on_device_of(model))
     if loss_fn is not None:
@@ -97,6 +102,8 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
         raise MethodError(f"fit: {type(base).__name__} is not a transformers causal LM, so slimtune's language-model "
                           "loss does not apply; pass loss_fn=(model, batch) -> loss and dict batches")
     records = list(data)
+    if cfg.train.objective == "grpo":
+        return _fit_grpo(model, records, cfg, rewards, tokenizer, device, out_dir, pad_id, log, show_progress)
     if records and not isinstance(records[0], Encoded):
         raise DataError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
@@ -106,6 +113,19 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
     match_checkpointing(model, cfg, log)  # the split may have chosen checkpointing after prepare ran
     scored = loss_eval(held, pad_id, cfg.train.micro_batch_size, device, use_chunked_loss(cfg.train.loss, device))
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
+
+
+def _fit_grpo(model: torch.nn.Module, records: list, cfg: Config, rewards: Sequence, tokenizer, device: str,
+              out_dir: str | Path | None, pad_id: int, log, show_progress: bool) -> dict:
+    """fit for train.objective=grpo: prompts, the rewards given here and cfg's built-ins."""
+    if tokenizer is None:
+        raise ConfigError("fit: train.objective=grpo decodes completions for the rewards: pass tokenizer=")
+    if not records or not isinstance(records[0], PromptRecord):
+        raise DataError("fit: train.objective=grpo takes prompts (slimtune.data.prompts.build_prompts(...).train)")
+    objective = grpo_step.make(cfg, tokenizer, pad_id, tuple(from_callable(f) for f in rewards))
+    cfg = plan.resolve(cfg, device, log, model=model)
+    return loop.fit(model, records, [], cfg, pad_id, Path(out_dir or cfg.train.output_dir), device, log,
+                    show_progress, objective=objective)
 
 
 def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) -> Path:

@@ -7,6 +7,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -15,8 +16,9 @@ from . import methods, models, outputs
 from .config import ConfigError, batch
 from .data import build
 from .data.collate import pad_id
+from .data.prompts import PromptRecord, build_prompts
 from .engine import precision
-from .engine import checkpoint, distributed, host_memory, memory, plan as split_plan, runfolder
+from .engine import checkpoint, distributed, grpo_step, host_memory, memory, plan as split_plan, runfolder
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
@@ -31,6 +33,10 @@ from .export.peft_format import read_config, save
 from .methods import kinds, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import quantization_config
+from .objectives import rewards as rewards_mod
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _check_output(out: Path, cfg, overwrite: bool, resume: bool, keep: list[Path],
@@ -153,6 +159,8 @@ def _check_split(cfg, kept: int, held: int, log) -> None:
 
 def _sizes(built) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
+    if built.train and isinstance(built.train[0], PromptRecord):  # GRPO: a prompt and its longest completion
+        return sorted(((len(r.prompt_ids) + built.max_new, built.max_new) for r in built.train), reverse=True)
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
 
 
@@ -207,10 +215,13 @@ def prepare(model, cfg, device: str = "cpu", log=print, kernels: bool = False,
 
 
 def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, resume: bool = False,
-        protect: tuple = ()) -> dict:
+        protect: tuple = (), rewards: tuple[rewards_mod.Reward, ...] = ()) -> dict:
     """Train per the config; returns the run summary (losses, steps, timings; "interrupted": the signal's
     name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
-    checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
+    checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file).
+    rewards: train.objective=grpo's rewards written in Python (--reward), beside grpo.rewards' built-ins."""
+    if rewards and cfg.train.objective != "grpo":
+        raise ConfigError(f"--reward: rewards are read by train.objective=grpo only (it is {cfg.train.objective})")
     if not cfg.data.train:
         raise MissingFileError("data.train: no training data given (set data.train=path/to/data.jsonl)")
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -231,7 +242,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
     keep = [Path.cwd(), *(Path(p) for p in (cfg.data.train, cfg.data.eval, *protect) if p)]
     try:
         with runfolder.Lock(out, log) if main else contextlib.nullcontext():
-            return _run(cfg, out, device, out in made, keep, overwrite, resume, show_progress, log)
+            return _run(cfg, out, device, out in made, keep, overwrite, resume, show_progress, log, tuple(rewards))
     except OSError as err:  # a disk that fills mid-run, a folder made read-only: one line, not a traceback
         nice = runfolder.environment_error(err, out)
         if nice is None:
@@ -242,7 +253,7 @@ def run(cfg, overwrite: bool = False, show_progress: bool = True, log=print, res
 
 
 def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite: bool, resume: bool,
-         show_progress: bool, log) -> dict:
+         show_progress: bool, log, rewards: tuple[rewards_mod.Reward, ...] = ()) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
     why = distributed.check_method(cfg.method.name)
     if why:
@@ -253,14 +264,18 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    built = build(cfg.data, tokenizer, log)  # every record is checked before the model is loaded
+    objective = grpo_step.make(cfg, tokenizer, pad_id(tokenizer), rewards) if cfg.train.objective == "grpo" else None
+    if objective and start is not None:
+        rewards_mod.check_record(out, objective.rewards)  # the same reward code as the run it goes on with
+    # every record is checked before the model is loaded
+    built = _grpo_prompts(cfg, tokenizer, objective, log) if objective else build(cfg.data, tokenizer, log)
     _check_split(cfg, len(built.train), len(built.eval), log)
     auto = split_plan.is_auto(cfg.train)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
     cfg = split_plan.resolve(cfg, device, log, sizes=_sizes(built), gpus=distributed.size())  # before the load
-    predicted = _predict(cfg, built, log, device, hint=not auto)
-    if device == "cpu":  # before the load: a record too long for this machine is one line, not a dead allocator
+    predicted = None if objective else _predict(cfg, built, log, device, hint=not auto)  # GRPO: its own, in fit
+    if device == "cpu" and not objective:  # before the load: a record too long for the machine is one line
         host_memory.check(cfg, built.train, built.eval)
     # several processes: loaded on the CPU, then each layer moves to the GPU as FSDP2 shards it
     home = "cpu" if distributed.active() else device
@@ -280,9 +295,11 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
             runfolder.adopt(out)
         checkpoint.clean(out)
         _write_skipped(out, built.skipped, log)
+        if objective and start is None:
+            rewards_mod.write_record(out, objective.rewards)
     distributed.barrier()
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
-                 resume=start, evaluate=hook)
+                 resume=start, evaluate=hook, objective=objective)
     if result.get("interrupted"):
         log(f"{result['interrupted']}: stopped after step {result['stopped_at']} of {result['steps']}; checkpoint "
             f"{checkpoint.latest(out)}; `slimtune train CONFIG --resume` goes on from there")
@@ -298,6 +315,15 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     if distributed.is_main():
         summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
+
+
+def _grpo_prompts(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, objective: grpo_step.GrpoObjective,
+                  log: Callable[[str], None]) -> types.SimpleNamespace:
+    """GRPO's prompts of data.train (held-out evaluation is not run for grpo: data.eval is not read)."""
+    if cfg.data.eval:
+        log(f"grpo: data.eval ({cfg.data.eval}) is not read; grpo runs no held-out evaluation")
+    built = build_prompts(cfg.data, tokenizer, grpo_step.needs_answer(objective), log)
+    return types.SimpleNamespace(train=built.train, eval=[], skipped=built.skipped, max_new=cfg.grpo.max_new_tokens)
 
 
 def _compare_memory(result: dict, predicted: float | None, log) -> None:

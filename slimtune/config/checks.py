@@ -157,8 +157,8 @@ def _check_rewards(specs: list[str]) -> list[str]:
             return [f"grpo.rewards: {spec!r} names Python code, which a config file never runs; pass it on the command "
                     f"line (--reward {spec}) or to slimtune.fit(rewards=[fn])"]
         if name not in REWARDS:
-            return [f"grpo.rewards: {name!r} is not a built-in reward ({', '.join(REWARDS)}); rewards written in Python "
-                    "are passed with --reward file.py:fn"]
+            return [f"grpo.rewards: {name!r} is not a built-in reward ({', '.join(REWARDS)}); rewards written in "
+                    "Python are passed with --reward file.py:fn"]
         try:
             ok = not weight or math.isfinite(float(weight))
         except ValueError:
