@@ -189,7 +189,7 @@ def _one(r: Reward, prompts: list[str], completions: list[str], answers: list[st
     """Reward r for every completion; a failure names the record and the completion (or, skipping, is NaN)."""
     try:
         values = _call(r, prompts, completions, answers, lengths)
-    except RewardError:  # find which completions it fails on: one call each
+    except RewardError as whole:  # find which completions it fails on: one call each
         values = []
         for i in range(len(completions)):
             try:
@@ -199,6 +199,11 @@ def _one(r: Reward, prompts: list[str], completions: list[str], answers: list[st
                     raise RewardError(f"reward {r.name} {err} on {wheres[i]}, completion {_short(completions[i])}; "
                                       "fix the reward (data.on_bad_record=skip leaves such groups out)") from None
                 values.append(None)
+        if None not in values:  # each alone passes, the batch does not: no completion is to blame
+            if not skip:
+                raise RewardError(f"reward {r.name} {whole} on the batch of {wheres[0]} to {wheres[-1]} (first "
+                                  f"completion {_short(completions[0])}); fix the reward") from None
+            values = [None] * len(completions)
     for i, v in enumerate(values):
         if v is None and not skip:
             raise RewardError(f"reward {r.name} returned a non-number for {wheres[i]}, completion "
