@@ -264,9 +264,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    objective = grpo_step.make(cfg, tokenizer, pad_id(tokenizer), rewards) if cfg.train.objective == "grpo" else None
-    if objective and start is not None:
-        rewards_mod.check_record(out, objective.rewards)  # the same reward code as the run it goes on with
+    objective = _grpo(cfg, tokenizer, rewards, out, start is not None)
     # every record is checked before the model is loaded
     built = _grpo_prompts(cfg, tokenizer, objective, log) if objective else build(cfg.data, tokenizer, log)
     _check_split(cfg, len(built.train), len(built.eval), log)
@@ -295,8 +293,6 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
             runfolder.adopt(out)
         checkpoint.clean(out)
         _write_skipped(out, built.skipped, log)
-        if objective and start is None:
-            rewards_mod.write_record(out, objective.rewards)
     distributed.barrier()
     result = fit(model, built.train, built.eval, cfg, pad_id(tokenizer), out, device, log, show_progress, plan,
                  resume=start, evaluate=hook, objective=objective)
@@ -315,6 +311,18 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     if distributed.is_main():
         summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
+
+
+def _grpo(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, rewards: tuple[rewards_mod.Reward, ...],
+          out: Path, resuming: bool) -> grpo_step.GrpoObjective | None:
+    """train.objective=grpo's step (None for other objectives); a resume checks that the user's rewards are the
+    code the run trained with."""
+    if cfg.train.objective != "grpo":
+        return None
+    objective = grpo_step.make(cfg, tokenizer, pad_id(tokenizer), rewards)
+    if resuming:
+        rewards_mod.check_record(out, objective.rewards)
+    return objective
 
 
 def _grpo_prompts(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, objective: grpo_step.GrpoObjective,

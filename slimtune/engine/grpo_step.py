@@ -23,7 +23,7 @@ from ..data.prompts import PromptRecord, fingerprint
 from ..data.stream import MicroBatches
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
-from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, builtins, score
+from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, builtins, score, write_record
 from . import distributed, guards, precision
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
     sample_seed, stop_ids
@@ -83,8 +83,12 @@ class GrpoObjective:
     def start(self, model: torch.nn.Module, splits: dict[str, list[PromptRecord]], out_dir: Path, device: str,
               batch_size: int, context: Callable = contextlib.nullcontext,
               log: Callable[[str], None] = print) -> None:
-        """Checks that need the model, and the memory estimate, before step 1."""
+        """Checks that need the model, the memory estimate, and the run folder's record of the rewards (the
+        user's files' sha256, which a resume checks), before step 1."""
         check_reference(model, self.g)
+        if distributed.is_main():
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_record(out_dir, self.rewards)
         longest = max(len(r.prompt_ids) for r in splits["train"])
         rows = batch_size * self.g.num_generations
         self.estimate = estimate(model, longest, rows, self.g)
