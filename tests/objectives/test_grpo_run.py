@@ -12,14 +12,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from slimtune import cli
+from slimtune import cli, fit
+from slimtune.config import Config, MethodConfig
 from slimtune.config.fields import GrpoConfig
-from slimtune.data.prompts import PromptRecord
+from slimtune.data.prompts import PromptRecord, build_prompts
 from slimtune.engine import checkpoint, grpo_sample
 from slimtune.engine.log import read_metrics
 from slimtune.engine.runfolder import MANIFEST
 from slimtune.methods import apply
-from slimtune.config import MethodConfig
 
 from conftest import make_model, write_jsonl
 
@@ -129,3 +129,25 @@ def test_a_reward_named_in_the_config_is_refused_before_anything_runs(tmp_path, 
     assert cli.main(["train", str(cfg), "--no-progress"]) == 2
     assert "names Python code, which a config file never runs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_takes_reward_functions_from_the_calling_program(tmp_path, tokenizer):
+    cfg = Config()
+    cfg.data.train = str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"About {w}."} for w in WORDS]))
+    cfg.data.max_len, cfg.method = 64, MethodConfig(name="lora", r=4, target_modules=["q_proj", "v_proj"])
+    cfg.train.objective, cfg.train.max_steps, cfg.train.device, cfg.train.precision = "grpo", 2, "cpu", "fp32"
+    cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.batch_size = 2, 1, 2
+    cfg.grpo.num_generations, cfg.grpo.max_new_tokens, cfg.grpo.rewards = 4, 6, []
+    prompts = build_prompts(cfg.data, tokenizer, needs_answer=False, log=lambda m: None).train
+    model = apply(make_model(len(tokenizer)), cfg.method)
+    seen = []
+
+    def longer(prompts: list[str], completions: list[str], answers: list[str | None]) -> list[float]:
+        seen.append(len(completions))
+        return [float(len(c)) for c in completions]
+    result = fit(model, prompts, cfg, out_dir=tmp_path / "run", rewards=[longer], tokenizer=tokenizer,
+                 pad_id=tokenizer.pad_token_id, log=lambda m: None)
+    assert result["steps"] == 2 and seen == [8, 8]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rewards/longer/mean"] > 0 for r in rows)
+    assert json.loads((tmp_path / "run" / "rewards.json").read_text())[0]["source"] == "python"
