@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord, fingerprint
 from ..data.stream import MicroBatches
@@ -167,6 +167,9 @@ class GrpoObjective:
 
 def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Reward, ...] = ()) -> GrpoObjective:
     """The GRPO step for a config: its built-in rewards (grpo.rewards) and the user's, the template's stops."""
+    if distributed.size() > 1:
+        raise ConfigError(f"train.objective=grpo on {distributed.size()} processes: GRPO trains on one GPU (or the "
+                          "CPU) for now; run it without --gpus/torchrun")
     chosen = builtins(cfg.grpo) + list(user)
     names = [r.name for r in chosen]
     if dup := next((n for n in names if names.count(n) > 1), None):
