@@ -8,6 +8,7 @@ is not moved by generating."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -76,10 +77,17 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    width = batch["prompt_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logits = logits[:, width - 1:-1].float() / temperature
+    keep = batch["completion_ids"].shape[1] + 1  # the head runs on these positions only, where the model allows
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **_keep_only(model, keep)).logits
+    logits = logits[:, -keep:-1].float() / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+def _keep_only(model: torch.nn.Module, n: int) -> dict[str, int]:
+    """transformers' logits_to_keep where the model's forward takes it: the fp32 logits of a long prompt's
+    positions (vocab x prompt tokens per row) are never computed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
 @torch.no_grad()
@@ -130,7 +138,7 @@ def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, 
     kv = 2 * layers * kv_heads * head_dim * width * tokens
     coef = LAYER_COEF.get(method, LAYER_COEF["lora"])
     activations = int(coef * tokens * layers * (hidden + get("intermediate_size", 4 * hidden)))
-    logits = 12 * tokens * get("vocab_size")  # fp32 logits, their log-softmax and its gradient
+    logits = 12 * rows * (g.max_new_tokens + 1) * get("vocab_size")  # fp32 logits, log-softmax, its gradient
     return {"weights": weights, "kv_cache": kv, "train_pass": activations + logits,
             "peak": weights + max(kv, activations + logits)}
 

@@ -151,3 +151,23 @@ def test_fit_takes_reward_functions_from_the_calling_program(tmp_path, tokenizer
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["rewards/longer/mean"] > 0 for r in rows)
     assert json.loads((tmp_path / "run" / "rewards.json").read_text())[0]["source"] == "python"
+
+
+PICKY = "def picky(prompts, completions, answers):\n" \
+        "    if any('fox' in p for p in prompts):\n" \
+        "        raise ValueError('no foxes')\n" \
+        "    return [1.0] * len(completions)\n"
+
+
+def test_a_failing_reward_stops_naming_the_record_or_with_skip_leaves_its_group_out(tmp_path, tiny_model_dir,
+                                                                                     capsys):
+    (tmp_path / "picky.py").write_text(PICKY)
+    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=2)  # 2 steps of 4 prompts: each prompt once
+    picky = ["--reward", f"{tmp_path / 'picky.py'}:picky"]
+    assert cli.main(["train", str(cfg), "--no-progress", *picky]) == 2
+    err = capsys.readouterr().err
+    assert f"reward picky raised ValueError: no foxes on {tmp_path / 'prompts.jsonl'} line 4, completion '" in err
+    assert cli.main(["train", str(cfg), "--no-progress", "--overwrite", *picky, "data.on_bad_record=skip"]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert sum(r["reward_failures"] for r in rows) == 8  # the fox prompt's G completions, left out
+    assert all(r["rewards/picky/mean"] == 1.0 for r in rows)  # every other group kept
