@@ -6,8 +6,9 @@ language-model loss or the caller's own, and the artifact saved in peft's format
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
 from .objectives.rewards import from_callable
 from .train import match_checkpointing
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -81,7 +85,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
         eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
-        pad_id: int = 0, log=print, show_progress: bool = False, rewards: Sequence = (), tokenizer=None) -> dict:
+        pad_id: int = 0, log=print, show_progress: bool = False, rewards: Sequence[Callable] = (),
+        tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
     """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
 
     Args:
@@ -115,8 +120,9 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, evaluate=scored)
 
 
-def _fit_grpo(model: torch.nn.Module, records: list, cfg: Config, rewards: Sequence, tokenizer, device: str,
-              out_dir: str | Path | None, pad_id: int, log, show_progress: bool) -> dict:
+def _fit_grpo(model: torch.nn.Module, records: list, cfg: Config, rewards: Sequence[Callable],
+              tokenizer: PreTrainedTokenizerBase | None, device: str, out_dir: str | Path | None, pad_id: int,
+              log: Callable[[str], None], show_progress: bool) -> dict:
     """fit for train.objective=grpo: prompts, the rewards given here and cfg's built-ins."""
     if tokenizer is None:
         raise ConfigError("fit: train.objective=grpo decodes completions for the rewards: pass tokenizer=")

@@ -23,7 +23,7 @@ from ..data.prompts import PromptRecord, fingerprint
 from ..data.stream import MicroBatches
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
-from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, builtins, score, write_record
+from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, builtins, score, write_record
 from . import distributed, guards, precision
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
     sample_seed, stop_ids
@@ -196,7 +196,7 @@ def advantages(total: torch.Tensor, group: int, scale: str) -> tuple[torch.Tenso
     return adv.reshape(-1), ok.repeat_interleave(group).to(torch.long)
 
 
-def reward_metrics(scored: list, total: torch.Tensor, keep: torch.Tensor, lengths: list[int],
+def reward_metrics(scored: list[Scored], total: torch.Tensor, keep: torch.Tensor, lengths: list[int],
                    g: GrpoConfig) -> dict[str, float]:
     """The step's reward numbers over its kept completions (TRL's names): mean and std of the total and of each
     reward, the mean std within a group, the share of groups whose rewards are all equal, completion lengths."""
