@@ -129,7 +129,7 @@ def _fit_grpo(model: torch.nn.Module, records: list, cfg: Config, rewards: Seque
     if not records or not isinstance(records[0], PromptRecord):
         raise DataError("fit: train.objective=grpo takes prompts (slimtune.data.prompts.build_prompts(...).train)")
     objective = grpo_step.make(cfg, tokenizer, pad_id, tuple(from_callable(f) for f in rewards))
-    cfg = plan.resolve(cfg, device, log, model=model)
+    cfg = plan.resolve(grpo_step.one_prompt_per_micro_batch(cfg, log), device, log, model=model)
     return loop.fit(model, records, [], cfg, pad_id, Path(out_dir or cfg.train.output_dir), device, log,
                     show_progress, objective=objective)
 

@@ -264,7 +264,7 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     plan = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)  # so do fp16 traps
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    objective = _grpo(cfg, tokenizer, rewards, out, start is not None)
+    cfg, objective = _grpo(cfg, tokenizer, rewards, out, start is not None, log)
     # every record is checked before the model is loaded
     built = _grpo_prompts(cfg, tokenizer, objective, log) if objective else build(cfg.data, tokenizer, log)
     _check_split(cfg, len(built.train), len(built.eval), log)
@@ -314,15 +314,16 @@ def _run(cfg, out: Path, device: str, created: bool, keep: list[Path], overwrite
 
 
 def _grpo(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, rewards: tuple[rewards_mod.Reward, ...],
-          out: Path, resuming: bool) -> grpo_step.GrpoObjective | None:
-    """train.objective=grpo's step (None for other objectives); a resume checks that the user's rewards are the
-    code the run trained with."""
+          out: Path, resuming: bool, log: Callable[[str], None]
+          ) -> tuple[config_mod.Config, grpo_step.GrpoObjective | None]:
+    """(cfg, train.objective=grpo's step; None for other objectives); a resume checks that the user's rewards are
+    the code the run trained with."""
     if cfg.train.objective != "grpo":
-        return None
+        return cfg, None
     objective = grpo_step.make(cfg, tokenizer, pad_id(tokenizer), rewards)
     if resuming:
         rewards_mod.check_record(out, objective.rewards)
-    return objective
+    return grpo_step.one_prompt_per_micro_batch(cfg, log), objective
 
 
 def _grpo_prompts(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, objective: grpo_step.GrpoObjective,

@@ -10,6 +10,7 @@ checkpoint holds them and a resume goes on with them)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..config.convert import AUTO
 from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord, fingerprint
 from ..data.stream import MicroBatches
@@ -178,6 +180,15 @@ def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Rew
         raise RewardError("grpo: no reward given; set grpo.rewards (built-ins) or pass --reward file.py:fn")
     return GrpoObjective(cfg.grpo, chosen, tokenizer, pad, stop_ids(tokenizer, template_stops(cfg.data.template,
                          tokenizer)), cfg.data.on_bad_record == "skip")
+
+
+def one_prompt_per_micro_batch(cfg: Any, log: Callable[[str], None] = print) -> Any:
+    """cfg with an auto train.micro_batch_size set to 1 prompt: a GRPO micro-batch is G rows a prompt, which the
+    batch split's memory estimate (one row a record) does not count, and 1 x G rows is TRL's default too."""
+    if cfg.train.micro_batch_size != AUTO:
+        return cfg
+    log(f"grpo: train.micro_batch_size=auto takes 1 prompt ({cfg.grpo.num_generations} completions) per micro-batch")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=1))
 
 
 def needs_answer(objective: GrpoObjective) -> bool:

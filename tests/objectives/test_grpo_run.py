@@ -112,9 +112,11 @@ def test_a_killed_run_resumes_to_the_same_completions_and_losses(tmp_path, tiny_
 
 
 def test_resume_of_a_run_with_a_user_reward_needs_that_reward_again(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=2, save_every=1)
+    cfg = _config(tmp_path, tiny_model_dir, "run", max_steps=2, save_every=1, micro_batch_size="auto",
+                  grad_accum="auto", batch_size=2)
     assert _train(cfg) == 0
-    capsys.readouterr()
+    assert "grpo: train.micro_batch_size=auto takes 1 prompt (8 completions) per micro-batch" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["grad_accum"] == 2
     shutil.rmtree(checkpoint.step_folder(tmp_path / "run", 2))
     assert cli.main(["train", str(cfg), "--no-progress", "--resume"]) == 2
     err = capsys.readouterr().err
@@ -122,6 +124,10 @@ def test_resume_of_a_run_with_a_user_reward_needs_that_reward_again(tmp_path, ti
     (tmp_path / "rewards.py").write_text(E_REWARD + "# changed\n")
     assert _train(cfg, "--resume") == 2
     assert "the file differs from the one this run trained with" in capsys.readouterr().err
+    (tmp_path / "rewards.py").write_text(E_REWARD)
+    assert _train(cfg, "--resume") == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_reward_named_in_the_config_is_refused_before_anything_runs(tmp_path, tiny_model_dir, capsys):
