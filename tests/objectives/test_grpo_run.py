@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from slimtune import cli, fit
-from slimtune.config import Config, MethodConfig
+from slimtune.config import Config, ConfigError, MethodConfig
 from slimtune.config.fields import GrpoConfig
 from slimtune.data.prompts import PromptRecord, build_prompts
 from slimtune.engine import checkpoint, grpo_sample
@@ -177,3 +177,21 @@ def test_a_failing_reward_stops_naming_the_record_or_with_skip_leaves_its_group_
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert sum(r["reward_failures"] for r in rows) == 8  # the fox prompt's G completions, left out
     assert all(r["rewards/picky/mean"] == 1.0 for r in rows)  # every other group kept
+
+
+def test_the_memory_estimate_counts_the_kv_cache_of_every_completion(tokenizer):
+    model = make_model(len(tokenizer))  # 2 layers, 2 KV heads of 16, fp32
+    g = GrpoConfig(num_generations=8, max_new_tokens=8)
+    est = grpo_sample.estimate(model, prompt_len=29, rows=16, g=g)
+    assert est["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 16 * (29 + 8)  # K and V, layers, heads, dims, bytes, rows, tokens
+    assert est["weights"] == sum(p.numel() * 4 for p in model.parameters())
+    assert est["peak"] == est["weights"] + max(est["kv_cache"], est["train_pass"])
+    assert grpo_sample.estimate_line(est, 16, 29, g).startswith("grpo memory estimate: weights 0.00 GiB; sampling 16 "
+                                                                "completions of up to 29+8 tokens: KV cache ")
+
+
+def test_a_kl_reference_needs_an_adapter_to_switch_off(tokenizer):
+    with pytest.raises(ConfigError, match=r"grpo.beta=0.1: the KL reference is the model with its adapter switched "
+                                          "off, and LlamaForCausalLM has no adapter"):
+        grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.1))
+    grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.0))
