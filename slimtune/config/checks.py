@@ -3,6 +3,7 @@ fields the chosen method ignores (warnings)."""
 from __future__ import annotations
 
 import math
+import re
 
 from .convert import AUTO, fields_of, show, types_of
 from .fields import METHODS, PROMPT_METHODS, REWARDS, Config, MethodConfig
@@ -145,6 +146,10 @@ def _check_relations(cfg: Config) -> list[str]:
     size = cfg.data.eval_size
     if size >= 1 and size != int(size):
         problems.append(f"data.eval_size: {size} is neither a fraction below 1 nor a whole number of records")
+    try:
+        re.compile(cfg.grpo.format_regex)
+    except re.error as err:
+        problems.append(f"grpo.format_regex: not a regular expression Python's re reads ({err})")
     return problems + _check_split(cfg.train) + _check_rewards(cfg.grpo.rewards)
 
 

@@ -52,6 +52,14 @@ def test_a_config_naming_reward_code_or_an_unknown_reward_is_refused(tmp_path, s
     assert message in str(err.value)
 
 
+def test_a_format_regex_that_does_not_compile_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpo:\n  format_regex: '<answer>(.*'\n")
+    with pytest.raises(ConfigError, match=r"grpo.format_regex: not a regular expression Python's re reads "
+                                          r"\(missing \), unterminated subpattern"):
+        config.load(path)
+
+
 def _user(tmp_path, body: str) -> R.Reward:
     (tmp_path / "mine.py").write_text(body)
     return R.load_user(f"{tmp_path / 'mine.py'}:fn")
