@@ -109,7 +109,9 @@ class GrpoObjective:
         if run.step % self.g.steps_per_generation == 0 or stream.buffer is None:
             stream.buffer = self.generate(run, records, run.step // self.g.steps_per_generation, context)
         gen_s = time.perf_counter() - began
-        batches, metrics = stream.buffer["batches"], dict(stream.buffer["metrics"])
+        # a resumed run's kept completions come back from the checkpoint on the CPU
+        batches = [{k: v.to(run.device) for k, v in b.items()} for b in stream.buffer["batches"]]
+        metrics = dict(stream.buffer["metrics"])
         cfg = self.loss_config()
         step_tokens = int(sum(int(b["mask"].sum()) for b in batches))
         step_rows = sum(int(b["mask"].any(dim=1).sum()) for b in batches)
