@@ -74,7 +74,7 @@ class GrpoObjective:
     tokenizer: Any  # PreTrainedTokenizerBase: decodes completions for the rewards
     pad: int
     stops: list[int]  # token ids that end a completion
-    skip_bad: bool = False  # data.on_bad_record=skip: a failed reward leaves its group out
+    skip_bad: bool = False  # data.on_bad_record=skip: a completion a reward fails on is left out
     estimate: dict = field(default_factory=dict)  # the memory estimate start() logged
 
     fingerprint = staticmethod(fingerprint)
@@ -198,31 +198,49 @@ def needs_answer(objective: GrpoObjective) -> bool:
     return any(r.source == "built-in" and r.name in NEEDS_ANSWER for r in objective.rewards)
 
 
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """The unbiased standard deviation of the values that are not NaN (TRL's nanstd): inf where one value is left,
+    NaN where none is."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True) if dim is not None else torch.nanmean(x)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keepdim) if dim is not None else (~torch.isnan(x)).sum()
+    squares = torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) if dim is not None else torch.nansum(
+        (x - mean) ** 2)
+    return torch.sqrt(squares / (count - 1))
+
+
 def advantages(total: torch.Tensor, group: int, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantage, kept) of every completion: a group holding a failed reward (NaN) is left out (advantage 0,
-    kept 0) and the others' advantages are computed without it."""
-    grouped = total.view(-1, group)
-    ok = ~torch.isnan(grouped).any(dim=1)
-    adv = torch.zeros_like(grouped, dtype=torch.float32)
-    if ok.any():
-        adv[ok] = grpo.advantages(grouped[ok].reshape(-1), group, scale).view(-1, group)
-    return adv.reshape(-1), ok.repeat_interleave(group).to(torch.long)
+    """(advantage, kept) of every completion, as TRL computes them when a reward could not score a completion
+    (NaN): that completion is left out (advantage 0, kept 0) and its group's mean and std, or the step's std
+    (scale_rewards=batch), are taken over the others."""
+    failed = torch.isnan(total)
+    if not failed.any():
+        return grpo.advantages(total, group, scale), torch.ones_like(total, dtype=torch.long)
+    grouped = total.double().view(-1, group)
+    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (nanstd(grouped, dim=1, keepdim=True) + grpo.STD_EPS)
+    elif scale == "batch":
+        centred = centred / (nanstd(total.double()) + grpo.STD_EPS)
+    adv = torch.nan_to_num(centred.reshape(-1), nan=0.0, posinf=0.0, neginf=0.0).float()
+    return adv.masked_fill(failed, 0.0), (~failed).long()
 
 
 def reward_metrics(scored: list[Scored], total: torch.Tensor, keep: torch.Tensor, lengths: list[int],
                    g: GrpoConfig) -> dict[str, float]:
-    """The step's reward numbers over its kept completions (TRL's names): mean and std of the total and of each
-    reward, the mean std within a group, the share of groups whose rewards are all equal, completion lengths."""
-    kept = keep.bool()
+    """The step's reward numbers over the completions that were scored (TRL's names): mean and std of the total
+    and of each reward, the share of groups whose rewards are all equal (they teach nothing), completion lengths."""
     out: dict[str, float] = {}
-    good = total[kept]
+    good = total[keep.bool()]
     if good.numel():
-        grouped = good.view(-1, g.num_generations)
-        out.update(reward=float(good.mean()), reward_std=float(grouped.std(dim=1).mean()),
-                   frac_reward_zero_std=grpo.zero_variance_share(good.float(), g.num_generations))
+        spread = nanstd(total.view(-1, g.num_generations), dim=1)
+        scored_groups = ~torch.isnan(spread)
+        out.update(reward=float(good.mean()), reward_std=float(nanstd(total)) if good.numel() > 1 else 0.0,
+                   frac_reward_zero_std=float(torch.isclose(spread[scored_groups],
+                                                            torch.zeros_like(spread[scored_groups])).double().mean()))
         for name in scored[0].per:
-            values = torch.cat([s.per[name] for s in scored])[kept]
-            out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = float(values.mean()), float(values.std())
+            values = torch.cat([s.per[name] for s in scored])
+            out[f"rewards/{name}/mean"] = float(torch.nanmean(values))
+            out[f"rewards/{name}/std"] = float(nanstd(values)) if (~torch.isnan(values)).sum() > 1 else 0.0
     n = torch.tensor(lengths, dtype=torch.float64)
     out.update(completion_length=float(n.mean()),
                completions_clipped=float((n >= g.max_new_tokens).double().mean()),

@@ -197,7 +197,7 @@ def _one(r: Reward, prompts: list[str], completions: list[str], answers: list[st
             except RewardError as err:
                 if not skip:
                     raise RewardError(f"reward {r.name} {err} on {wheres[i]}, completion {_short(completions[i])}; "
-                                      "fix the reward (data.on_bad_record=skip leaves such groups out)") from None
+                                      "fix the reward (data.on_bad_record=skip leaves such completions out)") from None
                 values.append(None)
         if None not in values:  # each alone passes, the batch does not: no completion is to blame
             if not skip:

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from slimtune.engine.grpo_step import advantages as kept_advantages
+from slimtune.config.fields import GrpoConfig
+from slimtune.engine.grpo_step import advantages as kept_advantages, reward_metrics
+from slimtune.objectives.rewards import Scored
 from slimtune.objectives import grpo
 
 REWARDS = [1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.0]  # 3 groups of 4; the second all equal
@@ -46,15 +48,38 @@ def test_a_group_of_equal_rewards_gets_zero_advantage_and_counts_in_the_zero_std
     assert grpo.zero_variance_share(torch.tensor(REWARDS), G) == pytest.approx(1 / 3)
 
 
-def test_a_group_with_a_failed_reward_is_left_out_and_the_others_scaled_without_it():
+def test_a_completion_whose_reward_failed_is_left_out_of_its_group_and_the_step():
+    """As TRL: the failed completion (NaN) gets advantage 0, its group's mean and std are those of the others."""
     rewards = torch.tensor(REWARDS, dtype=torch.float64)
-    rewards[9] = math.nan  # the third group's reward failed
-    adv, kept = kept_advantages(rewards, G, "batch")
-    assert kept.tolist() == [1] * 8 + [0] * 4 and adv[8:].tolist() == [0.0] * 4
-    first_two = REWARDS[:8]
-    want = [(x - _mean(first_two[g * G:(g + 1) * G])) / (_std(first_two) + 1e-4) for g in range(2)
-            for x in first_two[g * G:(g + 1) * G]]
-    assert adv[:8].tolist() == pytest.approx(want, abs=1e-6)
+    rewards[9] = math.nan  # the third group's second completion
+    valid = [x for i, x in enumerate(REWARDS) if i != 9]
+    for scale in ("group", "batch", "none"):
+        adv, kept = kept_advantages(rewards, G, scale)
+        assert kept.tolist() == [1] * 9 + [0] + [1] * 2 and adv[9] == 0.0
+        third = [-1.0, 0.0, 1.0]  # the group's scored rewards
+        std = {"group": _std(third), "batch": _std(valid), "none": None}[scale]
+        want = [(x - _mean(third)) / (std + 1e-4) if std else x - _mean(third) for x in third]
+        assert [adv[8].item(), adv[10].item(), adv[11].item()] == pytest.approx(want, abs=1e-6)
+        first = _expected_adv(scale)[:4] if scale != "batch" else \
+            [(x - _mean(REWARDS[:4])) / (_std(valid) + 1e-4) for x in REWARDS[:4]]
+        assert adv[:4].tolist() == pytest.approx(first, abs=1e-6)
+    every = kept_advantages(torch.tensor(REWARDS), G, "group")  # nothing failed: the plain formula
+    assert every[0].tolist() == pytest.approx(_expected_adv("group"), abs=1e-6) and every[1].tolist() == [1] * 12
+
+
+def test_the_logged_reward_numbers_are_trls():
+    total = torch.tensor(REWARDS, dtype=torch.float64)
+    total[9] = math.nan
+    per = {"a": total.clone(), "b": torch.ones(12, dtype=torch.float64)}
+    lengths = [1, 5, 3, 5, 2, 2, 2, 2, 4, 4, 4, 4]
+    m = reward_metrics([Scored(total, per, 1)], total, (~torch.isnan(total)).long(), lengths,
+                       GrpoConfig(num_generations=G, max_new_tokens=5))
+    valid = [x for i, x in enumerate(REWARDS) if i != 9]
+    assert m["reward"] == pytest.approx(_mean(valid)) and m["reward_std"] == pytest.approx(_std(valid))
+    assert m["frac_reward_zero_std"] == pytest.approx(1 / 3)  # the second group's rewards are all 2.0
+    assert m["rewards/a/mean"] == pytest.approx(_mean(valid)) and m["rewards/b/std"] == 0.0
+    assert m["completion_length"] == pytest.approx(38 / 12) and m["completions_clipped"] == pytest.approx(2 / 12)
+    assert m["reward_failures"] == 1
 
 
 def test_rewards_that_do_not_split_into_groups_are_refused():
