@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,7 +17,8 @@ from . import methods
 from .config import Config, ConfigError, MethodConfig
 from .data.encode import Encoded
 from .data.readers import DataError
-from .engine import loop, run_plan, user_loss
+from .data.prompts import PromptRecord
+from .engine import grpo_step, loop, run_plan, user_loss
 from .evaluate.perplexity import loss_eval
 from .errors import MissingFileError
 from . import trained
@@ -25,6 +27,10 @@ from .methods import parts
 from .methods import kinds
 from .methods.base import MethodError, is_peft, on_device_of
 from .methods.heads import warn_frozen
+from .objectives.rewards import from_callable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -78,7 +84,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.LossFn | None = None, *,
         eval_data: Sequence[Encoded] = (), device: str | None = None, out_dir: str | Path | None = None,
-        pad_id: int = 0, log: Callable[[str], None] = print, show_progress: bool = False) -> dict:
+        pad_id: int = 0, log: Callable[[str], None] = print, show_progress: bool = False,
+        rewards: Sequence[Callable] = (), tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
     """Train a prepared model per cfg.train; returns the run summary (losses, steps, timings).
 
     Args:
@@ -87,6 +94,9 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
             with loss_fn, dict batches of tensors (a list or a DataLoader), moved to `device`.
         loss_fn: (model, batch) -> scalar loss tensor, for models whose forward returns no LM loss.
         device: where batches go; None: where the model's parameters are.
+        rewards: train.objective=grpo: reward functions fn(prompts, completions, answers) -> list[float],
+            beside the built-ins cfg.grpo.rewards names; data are then prompts (slimtune.data.prompts.build_prompts)
+            and `tokenizer` decodes the completions.
     """
     device = device or str(on_device_of(model))
     if loss_fn is not None:
@@ -96,6 +106,8 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
         raise MethodError(f"fit: {type(base).__name__} is not a transformers causal LM, so slimtune's language-model "
                           "loss does not apply; pass loss_fn=(model, batch) -> loss and dict batches")
     records = list(data)
+    if cfg.train.objective == "grpo":
+        return _fit_grpo(model, records, cfg, rewards, tokenizer, device, out_dir, pad_id, log, show_progress)
     if records and not isinstance(records[0], Encoded):
         raise DataError(f"fit: data holds {type(records[0]).__name__} items; without loss_fn it takes encoded "
                           "records (slimtune.data.encode_examples), with loss_fn dict batches")
@@ -106,6 +118,21 @@ def fit(model: torch.nn.Module, data: Iterable, cfg: Config, loss_fn: user_loss.
     cfg = plan.apply(cfg)
     scored = loss_eval(held, pad_id, plan.micro_batch_size, device, plan.chunked_loss)
     return loop.fit(model, records, held, cfg, pad_id, out, device, log, show_progress, plan, evaluate=scored)
+
+
+def _fit_grpo(model: torch.nn.Module, records: list, cfg: Config, rewards: Sequence[Callable],
+              tokenizer: PreTrainedTokenizerBase | None, device: str, out_dir: str | Path | None, pad_id: int,
+              log: Callable[[str], None], show_progress: bool) -> dict:
+    """fit for train.objective=grpo: prompts, the rewards given here and cfg's built-ins."""
+    if tokenizer is None:
+        raise ConfigError("fit: train.objective=grpo decodes completions for the rewards: pass tokenizer=")
+    if not records or not isinstance(records[0], PromptRecord):
+        raise DataError("fit: train.objective=grpo takes prompts (slimtune.data.prompts.build_prompts(...).train)")
+    objective = grpo_step.make(cfg, tokenizer, pad_id, tuple(from_callable(f) for f in rewards))
+    plan = run_plan.resolve(grpo_step.one_prompt_per_micro_batch(cfg, log), device, model=model)
+    log(plan.describe())
+    return loop.fit(model, records, [], plan.apply(cfg), pad_id, Path(out_dir or cfg.train.output_dir), device, log,
+                    show_progress, plan, objective=objective)
 
 
 def save(model: torch.nn.Module, folder: str | Path, cfg: Config | None = None) -> Path:

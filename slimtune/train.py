@@ -17,7 +17,8 @@ from . import methods, models, outputs
 from .config import Config, ConfigError, batch
 from .data import Built, build
 from .data.collate import pad_id
-from .engine import host_memory, memory, precision, preference_step, run_plan, split
+from .data.prompts import PromptRecord, build_prompts
+from .engine import grpo_step, host_memory, memory, precision, preference_step, run_plan, split
 from .engine import reference as pref_reference
 from .engine.distributed import Processes
 from .engine.loop import fit
@@ -39,6 +40,7 @@ from .runs.adapter import read_config, save
 from .methods import experts, lora
 from .methods.heads import describe_parameters, warn_frozen
 from .methods.quant import check_base, quantization_config
+from .objectives import rewards as rewards_mod
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,6 +132,8 @@ def _sizes(built: Built | BuiltPairs) -> list[tuple[int, int]]:
     """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
     if built.train and isinstance(built.train[0], EncodedPair):  # two rows each: engine/memory.py counts both
         return preference_step.sizes(built.train)
+    if built.train and isinstance(built.train[0], PromptRecord):  # GRPO: a prompt and its longest completion
+        return sorted(((len(r.prompt_ids) + built.max_new, built.max_new) for r in built.train), reverse=True)
     return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
 
 
@@ -187,10 +191,14 @@ def prepare(model: torch.nn.Module, cfg: Config, device: str = "cpu", log: Log =
 
 
 def from_config(cfg: Config, overwrite: bool = False, show_progress: bool = True, log: Log = print,
-                resume: bool = False, protect: tuple[str | Path, ...] = ()) -> dict:
+                resume: bool = False, protect: tuple[str | Path, ...] = (),
+                rewards: tuple[rewards_mod.Reward, ...] = ()) -> dict:
     """Train per the config; returns the run summary (losses, steps, timings; "interrupted": the signal's
     name when SIGINT/SIGTERM stopped it). resume (or train.resume=auto) continues from the newest complete
-    checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file)."""
+    checkpoint in train.output_dir. protect: files a fresh start must not remove (the config file).
+    rewards: train.objective=grpo's rewards written in Python (--reward), beside grpo.rewards' built-ins."""
+    if rewards and cfg.train.objective != "grpo":
+        raise ConfigError(f"--reward: rewards are read by train.objective=grpo only (it is {cfg.train.objective})")
     if not cfg.data.train:
         raise MissingFileError("data.train: no training data given (set data.train=path/to/data.jsonl)")
     for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -209,7 +217,7 @@ def from_config(cfg: Config, overwrite: bool = False, show_progress: bool = True
     keep = [Path.cwd(), *(Path(p) for p in (cfg.data.train, cfg.data.eval, *protect) if p)]
     try:
         with runfolder.Lock(out, log) if procs.is_main else contextlib.nullcontext():
-            return _run(cfg, out, procs, out in made, keep, overwrite, resume, show_progress, log)
+            return _run(cfg, out, procs, out in made, keep, overwrite, resume, show_progress, log, tuple(rewards))
     except OSError as err:  # a disk that fills mid-run, a folder made read-only: one line, not a traceback
         nice = runfolder.environment_error(err, out)
         if nice is None:
@@ -220,7 +228,7 @@ def from_config(cfg: Config, overwrite: bool = False, show_progress: bool = True
 
 
 def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Path], overwrite: bool, resume: bool,
-         show_progress: bool, log: Log) -> dict:
+         show_progress: bool, log: Log, rewards: tuple[rewards_mod.Reward, ...] = ()) -> dict:
     """The run itself, holding the folder's lock: checks first, then the first write to output_dir."""
     procs.refuse(cfg.method.name)
     procs.barrier()  # rank 0 has probed and locked the folder before every rank looks at it
@@ -230,9 +238,11 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     if quant is not None:
         check_base(cfg.model.path, cfg.model.trust_remote_code)  # and qlora of fused experts
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    objective = _objective(cfg, pad_id(tokenizer), procs.world_size)  # None for sft; a refused combination stops
+    cfg, grpo = _grpo(cfg, tokenizer, rewards, out, start is not None, log)
+    objective = grpo or _objective(cfg, pad_id(tokenizer), procs.world_size)  # None for sft; refusals stop here
     # every record is checked before the model is loaded
-    built = build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
+    built = _grpo_prompts(cfg, tokenizer, grpo, log) if grpo else \
+        build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
     auto, sizes = split.is_auto(cfg.train), _sizes(built)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
@@ -240,7 +250,7 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     _check_split(cfg, plan.batch_size, len(built.train), len(built.eval), log)
     cfg = plan.apply(cfg)
     log(plan.describe())
-    predicted = _predict(cfg, plan, sizes, log, hint=not auto)
+    predicted = None if grpo else _predict(cfg, plan, sizes, log, hint=not auto)  # GRPO: its own, in fit
     if plan.device == "cpu" and not objective:  # before the load: a record too long for this machine is one line
         host_memory.check(cfg, built.train, built.eval)
     model, _ = models.load(cfg.model.path, base_dtype_name(cfg, plan.device, plan.precision),
@@ -262,13 +272,14 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
 
 def _objective(cfg: Config, pad: int, world_size: int) -> preference_step.PairObjective | None:
     """The preference objective's step for train.objective (None for sft), its reference resolved."""
-    if cfg.train.objective == "sft":
+    if cfg.train.objective in ("sft", "grpo"):
         return None
     preference_step.check(cfg, world_size)
     return preference_step.PairObjective(cfg.train.objective, cfg.preference, pref_reference.resolve(cfg), pad)
 
 
-def _records(cfg: Config, built: Built | BuiltPairs, objective: preference_step.PairObjective | None,
+def _records(cfg: Config, built: Built | BuiltPairs,
+             objective: preference_step.PairObjective | grpo_step.GrpoObjective | None,
              tokenizer: PreTrainedTokenizerBase, plan: RunPlan, show_progress: bool,
              log: Log) -> tuple[list, list, Callable | None]:
     """(training records, held-out records, the evaluate hook fit calls, None without held-out records) as fit
@@ -277,6 +288,8 @@ def _records(cfg: Config, built: Built | BuiltPairs, objective: preference_step.
         hook = in_training(tokenizer, cfg, built.eval_examples, built.eval, plan.device, show_progress, built.train,
                            log, chunked=plan.chunked_loss) if built.eval else None
         return built.train, built.eval, hook
+    if not isinstance(objective, preference_step.PairObjective):  # grpo: its prompts, no held-out evaluation
+        return built.train, [], None
     train = preference_step.items(built.train, objective.objective, "train", cfg.data.max_len)
     held = preference_step.items(built.eval, objective.objective, "eval", cfg.data.max_len)
     hook = pref_eval.InTraining(objective, held, plan.micro_batch_size, plan.device) if held else None
@@ -307,6 +320,28 @@ def _save(model: torch.nn.Module, cfg: Config, out: Path, procs: Processes, resu
     if procs.is_main:
         summary.write(out, result, model, log)  # summary.json + loss.png; never fails the run
     return result
+
+
+def _grpo(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, rewards: tuple[rewards_mod.Reward, ...],
+          out: Path, resuming: bool, log: Callable[[str], None]
+          ) -> tuple[config_mod.Config, grpo_step.GrpoObjective | None]:
+    """(cfg, train.objective=grpo's step; None for other objectives); a resume checks that the user's rewards are
+    the code the run trained with."""
+    if cfg.train.objective != "grpo":
+        return cfg, None
+    objective = grpo_step.make(cfg, tokenizer, pad_id(tokenizer), rewards)
+    if resuming:
+        rewards_mod.check_record(out, objective.rewards)
+    return grpo_step.one_prompt_per_micro_batch(cfg, log), objective
+
+
+def _grpo_prompts(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, objective: grpo_step.GrpoObjective,
+                  log: Callable[[str], None]) -> types.SimpleNamespace:
+    """GRPO's prompts of data.train (held-out evaluation is not run for grpo: data.eval is not read)."""
+    if cfg.data.eval:
+        log(f"grpo: data.eval ({cfg.data.eval}) is not read; grpo runs no held-out evaluation")
+    built = build_prompts(cfg.data, tokenizer, grpo_step.needs_answer(objective), log)
+    return types.SimpleNamespace(train=built.train, eval=[], skipped=built.skipped, max_new=cfg.grpo.max_new_tokens)
 
 
 def _compare_memory(result: dict, predicted: float | None, log: Log) -> None:

@@ -229,7 +229,7 @@ def test_dump_loads_back_equal(tmp_path):
 def test_dump_of_defaults_loads_back_and_lists_every_section(tmp_path):
     text = config.dump(Config())
     assert [line for line in text.splitlines() if not line.startswith(" ")] == ["model:", "data:", "method:",
-                                                                                "train:", "preference:"]
+                                                                                "train:", "preference:", "grpo:"]
     assert config.load(write(tmp_path, text)) == Config()
 
 
@@ -251,7 +251,7 @@ def no_training(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("--print-config must not load a model or train")
 
-    for mod, name in ((train, "run"), (models, "load"), (models, "load_tokenizer")):
+    for mod, name in ((train, "from_config"), (models, "load"), (models, "load_tokenizer")):
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -462,7 +462,7 @@ def test_top_level_keys_of_other_tools_suggested_in_yaml(tmp_path):
 def test_every_field_has_a_docstring():
     """The string under each field is its documentation; a field added without one fails here."""
     sections = config.field_docs(Config)
-    assert list(sections) == ["model", "data", "method", "train", "preference"]
+    assert list(sections) == ["model", "data", "method", "train", "preference", "grpo"]
     assert all(doc for _, doc in sections.values())
     for section in sections:
         cls = typing.get_type_hints(Config)[section]

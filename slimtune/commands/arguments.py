@@ -54,6 +54,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir "
                    "(only the files slimtune wrote there are removed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN[:WEIGHT]",
+                   help="train.objective=grpo: a reward written in Python, fn(prompts, completions, answers) -> "
+                   "list[float] (repeatable; the file's code runs: only name files you trust)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
                    "train.output_dir (same as train.resume=auto)")
     p.add_argument("--gpus", type=gpus, default=0, help="train on N GPUs of this machine through torchrun + FSDP2 "

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import config as config_mod
 from .. import train as training
 from ..engine import distributed, split
+from ..objectives.rewards import load_user
 from .options import allow_code, config_from
 
 
@@ -28,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if n > 1 and not distributed.launched():
         return _torchrun(n, args.raw)
     protect = (args.config,) if args.config and Path(args.config).is_file() else ()
+    rewards = tuple(load_user(spec) for spec in args.reward)  # code named on this command line, never by a file
     try:
         result = training.from_config(cfg, overwrite=args.overwrite, show_progress=not args.no_progress,
-                                      resume=args.resume, protect=protect)
+                                      resume=args.resume, protect=protect, rewards=rewards)
     finally:
         distributed.close()
     # a stopped run is not a finished one: 128 + the signal number, as a shell reports it, so a

@@ -3,10 +3,11 @@ fields the chosen method ignores (warnings)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .convert import AUTO, fields_of, show, types_of
-from .fields import METHODS, PROMPT_METHODS, Config, MethodConfig, TrainConfig
+from .fields import METHODS, PROMPT_METHODS, REWARDS, Config, MethodConfig, TrainConfig
 
 CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -29,7 +30,9 @@ CHOICES = {
     "train.tiled_mlp": ("auto", "on", "off"),
     "train.compile": ("auto", "on", "off"),
     "data.on_bad_record": ("error", "skip"),
-    "train.objective": ("sft", "dpo", "ipo", "simpo", "orpo", "kto"),
+    "train.objective": ("sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"),
+    "grpo.loss_type": ("grpo", "dr_grpo", "dapo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
     "train.reference": ("auto", "adapter_off", "precomputed", "copy"),
 }
 
@@ -56,6 +59,10 @@ RANGES: dict[str, str | tuple] = {
     "preference.beta": "(0, inf)", "preference.label_smoothing": "[0, 0.5)", "preference.simpo_gamma": "[0, inf)",
     "preference.orpo_lambda": "[0, inf)", "preference.kto_desirable_weight": "(0, inf)",
     "preference.kto_undesirable_weight": "(0, inf)",
+    "grpo.num_generations": "[2, inf)", "grpo.max_new_tokens": "[1, inf)", "grpo.temperature": "(0, inf)",
+    "grpo.top_p": "(0, 1]", "grpo.steps_per_generation": "[1, inf)", "grpo.epsilon": "[0, 1)",
+    "grpo.epsilon_high": "[0, inf)", "grpo.beta": "[0, inf)", "grpo.length_target": "[0, inf)",
+    "grpo.length_penalty": "[0, inf)",
 }
 # what a value outside its range is told, where the interval alone says too little
 RANGE_TEXT = {
@@ -142,7 +149,31 @@ def _check_relations(cfg: Config) -> list[str]:
     size = cfg.data.eval_size
     if size >= 1 and size != int(size):
         problems.append(f"data.eval_size: {size} is neither a fraction below 1 nor a whole number of records")
-    return problems + _check_split(cfg.train)
+    try:
+        re.compile(cfg.grpo.format_regex)
+    except re.error as err:
+        problems.append(f"grpo.format_regex: not a regular expression Python's re reads ({err})")
+    return problems + _check_split(cfg.train) + _check_rewards(cfg.grpo.rewards)
+
+
+def _check_rewards(specs: list[str]) -> list[str]:
+    """grpo.rewards: built-in names with an optional weight. A reward written in Python is code, which runs only
+    when the person or program starting the run names it (--reward, fit(rewards=...)), never a config file."""
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        if ".py" in spec or "/" in spec or "\\" in spec:
+            return [f"grpo.rewards: {spec!r} names Python code, which a config file never runs; pass it on the command "
+                    f"line (--reward {spec}) or to slimtune.fit(rewards=[fn])"]
+        if name not in REWARDS:
+            return [f"grpo.rewards: {name!r} is not a built-in reward ({', '.join(REWARDS)}); rewards written in "
+                    "Python are passed with --reward file.py:fn"]
+        try:
+            ok = not weight or math.isfinite(float(weight))
+        except ValueError:
+            ok = False
+        if not ok:
+            return [f"grpo.rewards: {spec!r}: the weight after ':' must be a finite number, e.g. {name}:0.5"]
+    return []
 
 
 def _check_split(tc: TrainConfig) -> list[str]:

@@ -185,7 +185,8 @@ class TrainConfig:
     1 = kept whole, one all-gather per step instead of two; N dividing the GPU count: groups of N)"""
     objective: str = "sft"
     """what is learned: sft (answers) | dpo | ipo | simpo | orpo (preference pairs: prompt, chosen, rejected) |
-    kto (answers labelled desirable or not); the knobs of the preference objectives are under preference."""
+    kto (answers labelled desirable or not) | grpo (rewards of sampled completions of prompts); the knobs of the
+    preference objectives are under preference, those of grpo under grpo."""
     reference: str = "auto"
     """the reference model of dpo, ipo and kto: adapter_off (the same model with the adapter switched off: no
     second copy) | precomputed (its log-probabilities computed once before training, kept in the run folder) |
@@ -210,6 +211,48 @@ class PreferenceConfig:
     """kto: weight of the undesirable records' loss (raise it when they are fewer)"""
 
 
+REWARDS = ("contains", "equals", "format", "length", "numeric")  # the built-in rewards (objectives/rewards.py)
+
+
+@dataclass
+class GrpoConfig:
+    loss_type: str = "dapo"
+    """how token losses are averaged: grpo (per completion, then over completions: long completions weigh less
+    per token) | dr_grpo (sum over a constant, completions x max_new_tokens: no length bias) | dapo (sum over
+    every completion token of the step); dapo is TRL's default: each token counts the same, whatever the length
+    of its completion"""
+    num_generations: int = 8
+    """completions sampled per prompt (G); advantages compare the completions of one prompt"""
+    max_new_tokens: int = 256
+    """the most tokens a completion may have (it ends earlier at the tokenizer's end token)"""
+    temperature: float = 1.0
+    """sampling temperature of the completions (the log-probabilities are taken at the same temperature)"""
+    top_p: float = 1.0
+    """nucleus sampling: sample from the smallest set of tokens holding this much probability (1.0 = all)"""
+    steps_per_generation: int = 1
+    """optimizer steps trained on one batch of completions (TRL's num_iterations): > 1 keeps their
+    log-probabilities at sampling time, so the clipped ratio bounds how far later steps move"""
+    epsilon: float = 0.2
+    """lower clip of the probability ratio: it may fall to 1 - epsilon"""
+    epsilon_high: float = 0.2
+    """upper clip of the probability ratio: it may rise to 1 + epsilon_high (DAPO uses 0.28)"""
+    beta: float = 0.0
+    """weight of the KL to the reference (TRL's default 0: no reference pass); > 0: the reference is the model
+    with the adapter switched off"""
+    scale_rewards: str = "group"
+    """advantages: reward minus the group's mean, divided by the std of the group | batch | none (Dr. GRPO)"""
+    rewards: list[str] = field(default_factory=lambda: ["contains"])
+    """built-in rewards, each `name` or `name:weight`: contains | equals | format | length | numeric (docs/grpo.md);
+    rewards written in Python are named on the command line (--reward file.py:fn), never here"""
+    format_regex: str = ""
+    """the `format` reward's pattern, matched against the whole completion (empty:
+    ^<think>.*?</think>\\s*<answer>.*?</answer>$, dot matching newlines)"""
+    length_target: int = 128
+    """the `length` reward: completions longer than this many tokens are penalised"""
+    length_penalty: float = 0.01
+    """the `length` reward: minus this much per token over length_target"""
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,4 +265,6 @@ class Config:
     """the optimizer, schedule, precision, evaluation, checkpoints and fast paths"""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """the knobs of the preference objectives (train.objective dpo, ipo, simpo, orpo, kto)"""
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    """the knobs of train.objective=grpo: sampling, rewards, advantages and the clipped loss"""
 

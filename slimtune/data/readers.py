@@ -316,7 +316,7 @@ def _warn(message: str) -> None:
 
 
 def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict] | None = None,
-         log: Callable[[str], None] = _warn, prompts: bool = False) -> list[Example]:
+         log: Callable[[str], None] = _warn, prompts: bool = False, answers: bool = False) -> list[Example]:
     """Every record of a file or folder, each checked; an empty source is an error. With `skipped` given
     (data.on_bad_record=skip), a bad record is appended there with its reason instead of stopping the read.
     Odd records that are still read are counted and reported through `log`, one line per kind.
@@ -324,6 +324,8 @@ def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict
     Args:
         prompts: read generation prompts: the answer is optional (alpaca) or absent (a chat ending with
             a user turn), and each Example ends with the user's turn.
+        answers: with prompts, a chat may end with an assistant turn (the reference answer, left in the raw
+            record), and {"prompt", "answer"} records are read too (GRPO's prompts).
     """
     p = Path(path)
     if limit < 0:
@@ -333,7 +335,7 @@ def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict
     examples, first, notes = [], len(skipped or []), Notes(p, unknown_keys=not prompts)
     for where, rec in _raw_records(p, lenient=True):
         try:
-            examples.append(_check(rec, where, fmt, notes, prompts))
+            examples.append(_check(rec, where, fmt, notes, prompts, answers))
         except DataError as err:
             if skipped is None:
                 raise
@@ -349,23 +351,30 @@ def read(path: str | Path, fmt: str = "auto", limit: int = 0, skipped: list[dict
     return examples
 
 
-def _check(rec: Any, where: str, fmt: str, notes: Notes, prompts: bool) -> Example:
+def _check(rec: Any, where: str, fmt: str, notes: Notes, prompts: bool, answers: bool = False) -> Example:
     if isinstance(rec, DataError):
         raise rec
     scan(rec, where, notes)
     if not prompts:
         return parse(rec, where, fmt, notes)
-    ex = parse(_as_prompt(rec, where), where, fmt, notes)
+    ex = parse(_as_prompt(rec, where, answers), where, fmt, notes)
     return Example(ex.messages[:-1], where, rec)
 
 
-def _as_prompt(rec: Any, where: str) -> Any:
-    """A prompt record with a placeholder answer, so that it parses as a training record does."""
+def _as_prompt(rec: Any, where: str, answers: bool = False) -> Any:
+    """A prompt record with a placeholder answer, so that it parses as a training record does. answers: a
+    chat's last assistant turn is its reference answer, dropped here; {"prompt", "answer"} reads as alpaca."""
     if not isinstance(rec, dict):
         return rec
+    if answers and "prompt" in rec and not {"instruction", "messages", "conversations"} & rec.keys():
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            raise DataError(f'{where}: field "prompt" must be a non-empty string')
+        rec = {"instruction": rec["prompt"], **({"system": rec["system"]} if "system" in rec else {})}
     for key in ("messages", "conversations"):
         if key in rec and isinstance(rec[key], list):
             prev = rec[key][-1] if rec[key] else None
+            if answers and isinstance(prev, dict) and (prev.get("role") or prev.get("from")) in ("assistant", "gpt"):
+                rec, prev = dict(rec, **{key: rec[key][:-1]}), (rec[key][-2] if len(rec[key]) > 1 else None)
             if isinstance(prev, dict) and (prev.get("role") or prev.get("from")) in ("assistant", "gpt"):
                 raise DataError(f'{where}: field "{key}": a prompt must end with a user message')
             role = {"role": "assistant"} if key == "messages" or (isinstance(prev, dict) and "role" in prev) \

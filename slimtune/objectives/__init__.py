@@ -1,7 +1,8 @@
-"""Preference objectives: the losses (losses.py) and the answer log-probabilities they read (logps.py).
+"""What a step optimises beyond the answers' next-token loss: the preference losses (losses.py) and the answer
+log-probabilities they read (logps.py); GRPO's advantages and clipped loss (grpo.py) and its rewards (rewards.py).
 
-The training step (engine/preference_step.py) computes the log-probabilities and calls `loss`; nothing here
-knows the loop."""
+The training steps (engine/preference_step.py, engine/grpo_step.py) compute the log-probabilities and call these;
+nothing here knows the loop."""
 from __future__ import annotations
 
 import torch

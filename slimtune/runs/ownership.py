@@ -26,7 +26,7 @@ MANIFEST, LOCK, PROBE, OLD = ".slimtune-run.json", ".slimtune-lock", ".slimtune-
 # everything `slimtune train` writes at the top of its output folder (peft's save_pretrained adds README.md)
 WRITES = ["config.yaml", "metrics.jsonl", "skipped_records.jsonl", "checkpoints", "eval", "adapter_config.json",
           "adapter_model.safetensors", "slimtune_parts.safetensors", "README.md", "events.out.tfevents.*",
-          "loss.png", "summary.json", "profile.txt",
+          "loss.png", "summary.json", "profile.txt", "rewards.json",
           "reference_logps.safetensors", "reference_logps.safetensors.tmp-*",
           MANIFEST, MANIFEST + ".tmp-*", OLD + "*"]
 # a fresh run's folder before its first step: a run stopped there (a failed check, a kill) left nothing else

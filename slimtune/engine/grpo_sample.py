@@ -1,0 +1,151 @@
+"""GRPO's model passes: sampling G completions of each prompt with a KV cache (the training model, adapter on,
+in eval mode so dropout does not reach the samples), the completion tokens' log-probabilities (with gradients
+for the loss; without, for the old and reference ones), and the memory such a step needs.
+
+Sampling is seeded per (train.seed, generation, micro-batch) in a forked RNG, so the completions of a step
+depend on nothing else: a resumed run samples what the uninterrupted one did, and the training RNG (dropout)
+is not moved by generating."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from transformers import GenerationConfig
+
+from ..config import ConfigError
+from ..config.fields import GrpoConfig
+from ..data.prompts import PromptRecord
+from .memory import LAYER_COEF
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+GIB = 2 ** 30
+
+
+def sample_seed(seed: int, generation: int, micro: int) -> int:
+    """The sampling seed of one micro-batch of one generation: a function of nothing but these three."""
+    return (seed * 1_000_003 + generation * 10_007 + micro) % 2 ** 63
+
+
+def left_pad(rows: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of rows padded on the left, as generation continues every row at the right end."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def completion_mask(completions: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """1 for each completion token up to and including its first stop token, 0 after it."""
+    is_stop = torch.isin(completions, torch.tensor(stops, device=completions.device))
+    after = (is_stop.cumsum(dim=1) - is_stop.long()) > 0  # tokens after the first stop
+    return (~after).long()
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, records: list[PromptRecord], g: GrpoConfig, pad: int, stops: list[int],
+           device: str, seed: int, context: Callable = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """G completions of each record (rows ordered record by record): prompt ids and mask (left-padded),
+    completion ids and mask."""
+    prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in records for _ in range(g.num_generations)], pad,
+                                       device)
+    gen = GenerationConfig(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                           max_new_tokens=g.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
+    was = model.training
+    model.eval()
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    try:
+        with torch.random.fork_rng(devices=devices), context():
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    finally:
+        model.train(was)
+    completions = out[:, prompt_ids.shape[1]:]
+    if completions.shape[1] == 0:  # every row stopped at once: keep one token (the stop) per row
+        completions = torch.full((len(out), 1), stops[0], device=out.device)
+    mask = completion_mask(completions, stops)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completions.masked_fill(mask == 0, pad), "completion_mask": mask}
+
+
+def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """log p(token) of every completion token [rows, completion tokens], at the sampling temperature as TRL
+    takes them; positions follow the attention mask, as generation gave them."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    keep = batch["completion_ids"].shape[1] + 1  # the head runs on these positions only, where the model allows
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **_keep_only(model, keep)).logits
+    logits = logits[:, -keep:-1].float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+def _keep_only(model: torch.nn.Module, n: int) -> dict[str, int]:
+    """transformers' logits_to_keep where the model's forward takes it: the fp32 logits of a long prompt's
+    positions (vocab x prompt tokens per row) are never computed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
+                    context: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """The completion log-probabilities of the model with its adapter switched off (the reference), eval mode."""
+    was = model.training
+    model.eval()
+    try:
+        with model.disable_adapter(), context():
+            return completion_logps(model, batch, temperature)
+    finally:
+        model.train(was)
+
+
+def check_reference(model: torch.nn.Module, g: GrpoConfig) -> None:
+    """grpo.beta > 0 takes the reference as the model with its adapter off: a model without one has none."""
+    if g.beta > 0 and not hasattr(model, "disable_adapter"):
+        raise ConfigError(f"grpo.beta={g.beta:g}: the KL reference is the model with its adapter switched off, and "
+                          f"{type(model).__name__} has no adapter to switch off; use an adapter method (lora...) or "
+                          "grpo.beta=0")
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> list[int]:
+    """The ids that end a completion: the template's end-of-turn tokens and the tokenizer's EOS."""
+    ids = list(dict.fromkeys([*template_stops, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+                                                  else [])]))
+    if not ids:
+        raise ConfigError("grpo: the tokenizer has no EOS token and the template no end-of-turn token, so a "
+                          "completion never ends; set the tokenizer's eos_token")
+    return ids
+
+
+def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora") -> dict:
+    """Bytes a GRPO step needs beside the weights, for `rows` sequences of prompt_len + max_new_tokens tokens:
+    the KV cache of sampling, the saved activations of the training forward and its fp32 logits (with their
+    log-softmax and gradient), each for one micro-batch of completions."""
+    mc = model.config if hasattr(model, "config") else None
+
+    def get(key: str, default: int = 0) -> int:
+        return getattr(mc, key, None) or default
+    layers, hidden = get("num_hidden_layers"), get("hidden_size")
+    heads = get("num_attention_heads", 1)
+    kv_heads, head_dim = get("num_key_value_heads", heads), get("head_dim", hidden // max(heads, 1))
+    width = max(p.element_size() for p in model.parameters())
+    tokens = rows * (prompt_len + g.max_new_tokens)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = 2 * layers * kv_heads * head_dim * width * tokens
+    coef = LAYER_COEF.get(method, LAYER_COEF["lora"])
+    activations = int(coef * tokens * layers * (hidden + get("intermediate_size", 4 * hidden)))
+    logits = 12 * rows * (g.max_new_tokens + 1) * get("vocab_size")  # fp32 logits, log-softmax, its gradient
+    return {"weights": weights, "kv_cache": kv, "train_pass": activations + logits,
+            "peak": weights + max(kv, activations + logits)}
+
+
+def estimate_line(est: dict, rows: int, prompt_len: int, g: GrpoConfig) -> str:
+    """The estimate as the run's log prints it."""
+    return (f"grpo memory estimate: weights {est['weights'] / GIB:.2f} GiB; sampling {rows} completions of up to "
+            f"{prompt_len}+{g.max_new_tokens} tokens: KV cache {est['kv_cache'] / GIB:.2f} GiB; training pass over "
+            f"them {est['train_pass'] / GIB:.2f} GiB; peak about {est['peak'] / GIB:.2f} GiB (optimizer state "
+            "not counted)")
