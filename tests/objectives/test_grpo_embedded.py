@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from slimtune import cli
-from slimtune.engine.log import read_metrics
+from slimtune.runs.metrics_log import read_metrics
 
 from conftest import write_jsonl
 

@@ -16,9 +16,10 @@ from slimtune import cli, fit
 from slimtune.config import Config, ConfigError, MethodConfig
 from slimtune.config.fields import GrpoConfig
 from slimtune.data.prompts import PromptRecord, build_prompts
-from slimtune.engine import checkpoint, grpo_sample
-from slimtune.engine.log import read_metrics
-from slimtune.engine.runfolder import MANIFEST
+from slimtune.engine import grpo_sample
+from slimtune.runs import checkpoint
+from slimtune.runs.metrics_log import read_metrics
+from slimtune.runs.ownership import MANIFEST
 from slimtune.methods import apply
 
 from conftest import make_model, write_jsonl
