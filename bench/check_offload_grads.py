@@ -68,7 +68,7 @@ def load(folder: str, method: str) -> torch.nn.Module:
                                                 device_map="cuda")
 
 
-def context_for(plan: precision.Plan, hooks: OffloadActivations | None) -> Callable[[], contextlib.ExitStack]:
+def context_for(plan: precision.Dtypes, hooks: OffloadActivations | None) -> Callable[[], contextlib.ExitStack]:
     def context() -> contextlib.ExitStack:  # as engine/loop.forward_context builds it, the hooks at hand
         stack = contextlib.ExitStack()
         stack.enter_context(precision.autocast(plan, "cuda"))
@@ -92,7 +92,7 @@ def run_case(folder: str, case: dict, batches: dict[str, dict], out) -> bool:
     if mode == "train":
         model.train()
     hooks = None if offload == "off" else OffloadActivations(model, min_bytes=1 if offload == "all" else 1 << 20)
-    context = context_for(prep.plan, hooks)
+    context = context_for(prep.dtypes, hooks)
     for name, p in model.named_parameters():  # B starts at 0: give it values so A's gradient is not zero
         if "lora_B" in name:
             p.data.normal_(0, 0.05)

@@ -77,7 +77,7 @@ def worker(a) -> None:
                                                  attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
     prepared = slimtune.prepare(model, cfg, device, log=lambda *_: None)  # checkpointing, method, fp32 trainable
-    model, plan = prepared.model, prepared.plan
+    model, plan = prepared.model, prepared.dtypes
     if world > 1:
         model = distributed.shard(model, device, reshard=a.reshard, prefetch=a.prefetch)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -87,7 +87,7 @@ def _slimtune_model(a):
     model, took = prep.model, prep.kernels
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, 100, cfg.train)
-    context = loop.forward_context(prep.plan, DEV, True, model)
+    context = loop.forward_context(prep.dtypes, DEV, True, model)
     vocab = model.get_input_embeddings().weight.shape[0]
     model.train()
 

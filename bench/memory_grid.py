@@ -118,7 +118,7 @@ def main() -> None:
                     help="fast: what train does on CUDA (packed rows, chunked loss, fused LoRA, Liger norm/MLP auto)")
     ap.add_argument("--offload", action="store_true", help="train.offload_activations (with --engine fast)")
     args = ap.parse_args()
-    plan = precision.plan(args.precision, "cuda")
+    plan = precision.choose_dtypes(args.precision, "cuda")
     total = torch.cuda.mem_get_info()[1]
     head = {"bench": "memory_grid", "shape": args.shape, "method": args.method, "precision": args.precision,
             "device": torch.cuda.get_device_name(), "device_total_gib": total / GIB, "date": time.strftime("%Y-%m-%d"),

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--ckpt", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
-    plan = precision.plan(a.precision, "cuda")
+    plan = precision.choose_dtypes(a.precision, "cuda")
     model, mcfg = build(a.shape, a.method, plan, None)
     tc = config.TrainConfig(precision=a.precision, gradient_checkpointing=a.ckpt)
     model = slimtune.prepare(model, config.Config(method=mcfg, train=tc), "cuda", log=lambda *_: None).model

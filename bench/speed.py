@@ -100,7 +100,7 @@ def loop_worker(a) -> dict:
         from slimtune.models import load
         model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
     prep = slimtune.prepare(model, cfg, dev, log=lambda *_: None, kernels=True)  # as train does
-    model, plan, took = prep.model, prep.plan, prep.kernels
+    model, plan, took = prep.model, prep.dtypes, prep.kernels
     packed, chunked = took["packing"], took["chunked_loss"]
     fused, fused_nm, fused_rope = took["fused_lora_layers"], took["fused_norm_mlp"], took["fused_rope"]
     compiled_layers = took["compiled_layers"]

@@ -164,7 +164,7 @@ def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log,
 class Prepared:
     """A model made ready to train, and what prepare chose on the way."""
     model: torch.nn.Module  # with the method applied (a PeftModel for peft methods)
-    plan: precision.Plan  # dtypes of the base, the trainable weights and autocast; fp16 loss scaling
+    dtypes: precision.Dtypes  # dtypes of the base, the trainable weights and autocast; fp16 loss scaling
     kernels: Kernels | None = None  # the fast paths switched on (kernels/select.py); None unless asked
 
 
@@ -176,7 +176,7 @@ def prepare(model: torch.nn.Module, cfg: Config, device: str = "cpu", log: Log =
     driving engine steps yourself). plan: the run's (engine/run_plan.py), whose dtypes, checkpointing and
     kernels are used; without one they follow train.* (fit then turns on what its plan adds). Warns when a new
     module (a wrapper's head, or one named in `heads`) stays frozen."""
-    dtypes = plan.precision if plan else precision.plan(cfg.train.precision, device, cfg.train.adam_eps)
+    dtypes = plan.precision if plan else precision.choose_dtypes(cfg.train.precision, device, cfg.train.adam_eps)
     if plan.checkpointing if plan else cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.method, log)
     torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume

@@ -211,7 +211,7 @@ def test_prepare_runs_trains_sequence_and_reports_it():
     trainable, total = slimtune.count_parameters(prep.model)
     assert lines == [f"method lora: trainable params: {trainable:,} || all params: {total:,} || "
                      f"trainable%: {100 * trainable / total:.4f}"]
-    assert prep.plan.name == "fp32" and prep.kernels is None
+    assert prep.dtypes.name == "fp32" and prep.kernels is None
     assert prep.model.get_base_model().is_activation_checkpointing
     took = slimtune.prepare(make_model(100), cfg, "cpu", log=lambda *a: None, kernels=True).kernels
     assert took["packing"] == "off" and took["fused_lora_layers"] == 0  # auto: off on the CPU

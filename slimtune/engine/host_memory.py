@@ -54,7 +54,7 @@ def need(cfg: Config, rows: list[tuple[int, int]], heads: int) -> tuple[float, f
     the padded engine's estimate in the CPU's precision (auto is fp32 there) plus the scores."""
     name = precision.resolve(cfg.train.precision, "cpu")
     cpu = replace(cfg, train=replace(cfg.train, precision=name, packing="off"))  # padded rows: an upper bound
-    plan = precision.plan(name, "cpu", cfg.train.adam_eps)
+    plan = precision.choose_dtypes(name, "cpu", cfg.train.adam_eps)
     scores = attention_scores(heads, len(rows), max(n for n, _ in rows), BYTES[plan.autocast or plan.weights])
     return memory.estimate(cpu, rows).peak_allocated + scores, scores
 

@@ -144,7 +144,7 @@ def _step(run: Run, records: list[list[Encoded]], pad: int, context: Context, lo
     if bad:
         value = row["loss"] if bad == "loss" else row["grad_norm"]
         start = run.tally.start_max_abs
-        cause = guards.likely_cause(bad, run.model, run.plan.name, tc.lr, run.losses, start)
+        cause = guards.likely_cause(bad, run.model, run.dtypes.name, tc.lr, run.losses, start)
         text = guards.message(bad, run.step, value, wheres, cause)
         if tc.on_nan == "stop":
             raise guards.NumericError(f"{text} Stopped before applying this update (train.on_nan=stop); "
@@ -180,7 +180,7 @@ def _answers_step(run: Run, records: list[list[Encoded]], pad: int, context, whe
     return row
 
 
-def _describe_packing(stream: MicroBatches, device: str, plan: precision.Plan) -> str:
+def _describe_packing(stream: MicroBatches, device: str, plan: precision.Dtypes) -> str:
     lengths = [len(r.input_ids) for r in stream.records]
     fast = device.startswith("cuda") and attention.varlen_available() and plan.name != "fp32"
     rows = (f"{stream.size} records per row" if stream.rows else
@@ -197,7 +197,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar: tqdm, log: Log = print) -> N
     seconds = max(run.elapsed, 1e-9)
     row.update(step=run.step, lr=run.scheduler.get_last_lr()[0], input_tokens_per_s=run.seen / seconds,
                trained_tokens_per_s=run.trained / seconds, elapsed_s=run.elapsed)
-    if run.plan.scaler:
+    if run.dtypes.scaler:
         row["skipped_steps"] = run.tally.skipped_steps  # each one an fp16 overflow
     mem_key, mem = memory_gib(run.device)
     row[mem_key] = mem
@@ -206,7 +206,7 @@ def _report(run: Run, row: dict, logs: RunLog, bar: tqdm, log: Log = print) -> N
         if bar.disable:  # --no-progress: logs only, so the log says how the run goes
             log(step_line(row, run.steps))
     post = dict(loss=f"{row['loss']:.4f}", tok_s=f"{row['input_tokens_per_s']:.0f}", mem=f"{mem:.1f}G")
-    if run.plan.scaler:
+    if run.dtypes.scaler:
         post["scale"] = f"{row['loss_scale']:.0f}"
     bar.set_postfix(**post, refresh=False)
     bar.update(1)
@@ -298,7 +298,7 @@ def _new_peak_lr(run: Run, log: Log) -> None:
 
 def _finish(run: Run, measure: Measure | None, logs: RunLog, log: Log) -> None:
     t, end = run.tally, run.end
-    if run.plan.scaler:
+    if run.dtypes.scaler:
         log(f"fp16 loss scaling: final scale {run.scaler.get_scale():.0f}, {t.skipped_steps} of {run.steps} "
             "steps skipped for overflow")
     if t.nan_steps:

@@ -134,7 +134,7 @@ def _build_meta(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torc
 
 def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int = 1,
              mcfg: PretrainedConfig | None = None, kernels: select.Kernels | None = None,
-             dtypes: precision.Plan | None = None) -> Estimate:
+             dtypes: precision.Dtypes | None = None) -> Estimate:
     """Predicted peak for a config, per GPU. rows: (length, trained tokens) of the largest micro-batch; by
     default micro_batch_size rows of data.max_len tokens, all trained (the worst case). gpus > 1: FSDP2
     over that many (engine/distributed.py): the micro-batch split by tokens, every persistent part
@@ -146,7 +146,7 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     if gpus > 1:
         return _sharded(cfg, rows, gpus, mcfg, kernels, dtypes)
     model, mcfg = _meta_model(cfg, mcfg)
-    plan = dtypes or precision.gpu_plan(cfg.train)
+    plan = dtypes or precision.gpu_dtypes(cfg.train)
     est = Estimate(grad_accum=cfg.train.grad_accum)
     trainable_n = _parameters(est, model, cfg, plan)
     h = mcfg.hidden_size
@@ -189,7 +189,7 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     return moe_memory.expert_copies(est, model, cfg, plan)
 
 
-def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precision.Plan) -> int:
+def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precision.Dtypes) -> int:
     """Fill est's frozen weights, trainable parameters, gradients and AdamW state from the meta model;
     returns the count of trainable parameters."""
     wbytes, tbytes = BYTES[plan.weights], BYTES[plan.trainable]
@@ -214,7 +214,7 @@ def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precis
 
 
 def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: PretrainedConfig | None = None,
-             kernels: select.Kernels | None = None, dtypes: precision.Plan | None = None) -> Estimate:
+             kernels: select.Kernels | None = None, dtypes: precision.Dtypes | None = None) -> Estimate:
     """One rank of an FSDP2 run: its share of the micro-batch (split by tokens, as the loop does), 1/gpus
     of weights, trainable parameters, gradients and AdamW state, plus what is gathered whole while it
     computes: the root (embeddings, head: kept from forward to backward), the layers in flight and what
@@ -228,7 +228,7 @@ def _sharded(cfg: Config, rows: list[tuple[int, int]] | None, gpus: int, mcfg: P
     for part in ("weights", "trainable", "gradients", "optimizer", "optimizer_step_extra"):
         setattr(est, part, getattr(est, part) / gpus)
     est.optimizer_step_extra *= FSDP_STEP_EXTRA
-    plan = dtypes or precision.gpu_plan(cfg.train)
+    plan = dtypes or precision.gpu_dtypes(cfg.train)
     u = fsdp_memory.units(_meta_model(cfg, mcfg)[0], BYTES[plan.weights], BYTES[plan.trainable])
     held = fsdp_memory.held(u, gpus, cfg.train.fsdp_reshard, cfg.train.fsdp_prefetch)
     # gathered weights land in buffers of their own beside the shards (the root's stay from forward to
@@ -295,7 +295,7 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
 
 
 def faster(cfg: Config, rows: list[tuple[int, int]] | None = None, kernels: select.Kernels | None = None,
-           dtypes: precision.Plan | None = None) -> tuple[str, float] | None:
+           dtypes: precision.Dtypes | None = None) -> tuple[str, float] | None:
     """On the fast engine with gradient accumulation: the same records per step in one offloaded
     micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
     (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x the
@@ -357,7 +357,7 @@ def suggestions(cfg: Config, budget: float, rows: list[tuple[int, int]] | None =
         cands.append(("method.name=qlora", replace(cfg, method=replace(cfg.method, name="qlora"))))
     if cfg.method.name in ("full",):
         cands.append(("method.name=lora", replace(cfg, method=replace(cfg.method, name="lora"))))
-    if precision.gpu_plan(cfg.train).weights == torch.float32:
+    if precision.gpu_dtypes(cfg.train).weights == torch.float32:
         cands.append(("train.precision=bf16", replace(cfg, train=replace(tc, precision="bf16"))))
     out = []
     for text, c in cands:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ..config import Config
     from .memory import Estimate
-    from .precision import Plan
+    from .precision import Dtypes
 
 GIB = 2 ** 30
 
@@ -45,7 +45,7 @@ def stacks(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Plan) -> Estimate:
+def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Dtypes) -> Estimate:
     """LoRA on fused expert weights: peft's ParamWrapper forms W + BA for a layer's whole expert stack at each
     forward (in the weights' dtype) and the expert matmuls keep it for backward, whose gradient of it is as
     large again: every adapted layer's copy without checkpointing, one layer's with it, plus that gradient.

@@ -30,7 +30,7 @@ class PrecisionError(SlimtuneError, ValueError):
 
 
 @dataclass(frozen=True)
-class Plan:
+class Dtypes:
     name: str
     weights: torch.dtype  # the frozen base
     trainable: torch.dtype  # trainable weights, their gradients and AdamW state
@@ -51,7 +51,7 @@ def resolve(precision: str, device: str) -> str:
     return "bf16" if device.startswith("cuda") and bf16_supported(device) else "fp32"
 
 
-def plan(precision: str, device: str, adam_eps: float = 1e-8) -> Plan:
+def choose_dtypes(precision: str, device: str, adam_eps: float = 1e-8) -> Dtypes:
     """The dtypes of a run, after refusing the settings that cannot train correctly."""
     name = resolve(precision, device)
     if name.startswith("bf16") and not bf16_supported(device):
@@ -66,14 +66,14 @@ def plan(precision: str, device: str, adam_eps: float = 1e-8) -> Plan:
             "and optimizer state, fp16 base), or bf16 where the GPU has it, or raise train.adam_eps to >= 1e-4")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "fp32":
-        return Plan(name, torch.float32, torch.float32, None, False)
+        return Dtypes(name, torch.float32, torch.float32, None, False)
     base = half[name.split("-")[0]]
     if name.endswith("-pure"):
-        return Plan(name, base, base, None, False)
-    return Plan(name, base, torch.float32, base, name == "fp16")
+        return Dtypes(name, base, base, None, False)
+    return Dtypes(name, base, torch.float32, base, name == "fp16")
 
 
-def cpu_note(p: Plan, device: str) -> str | None:
+def cpu_note(p: Dtypes, device: str) -> str | None:
     """A line for half precision on the CPU, where PyTorch's fp16/bf16 kernels are slower than fp32: mixed fp16
     trained SmolLM2-135M about 10x slower than fp32 (a user's report); the tests' tiny model took 2.3x (fp16) and 1.9x
     (bf16) the time of fp32 for 8 steps on a 2-core AVX512 CPU. None on a GPU or for fp32."""
@@ -91,13 +91,13 @@ def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def autocast(p: Plan, device: str) -> contextlib.AbstractContextManager:
+def autocast(p: Dtypes, device: str) -> contextlib.AbstractContextManager:
     if p.autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=p.autocast)
 
 
-def scaler(p: Plan, device: str) -> torch.amp.GradScaler:
+def scaler(p: Dtypes, device: str) -> torch.amp.GradScaler:
     """Dynamic loss scaling for fp16 mixed precision (a disabled no-op otherwise)."""
     return torch.amp.GradScaler(device.split(":")[0], enabled=p.scaler)
 
@@ -112,16 +112,16 @@ def scaler_state(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer)
     return [scale, sum(f.to(scale.device) for f in found)]
 
 
-def base_dtype_name(cfg: Config, device: str, p: Plan | None = None) -> str:
-    """model.dtype, or the precision plan's base dtype when it is auto: fp32 | bf16 | fp16. p: the run's plan
+def base_dtype_name(cfg: Config, device: str, p: Dtypes | None = None) -> str:
+    """model.dtype, or the run's base dtype when it is auto: fp32 | bf16 | fp16. p: the run's dtypes
     (default: decided here, for a model loaded outside a run)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    dtype = (p or plan(cfg.train.precision, device, cfg.train.adam_eps)).weights
+    dtype = (p or choose_dtypes(cfg.train.precision, device, cfg.train.adam_eps)).weights
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def gpu_plan(tc: TrainConfig) -> Plan:
+def gpu_dtypes(tc: TrainConfig) -> Dtypes:
     """A GPU run's dtypes, decided without the GPU (no bf16 check): what an estimate without a run plan counts."""
     name = "bf16" if tc.precision == "auto" else tc.precision  # an estimate is for a GPU
-    return plan(name, "cpu", tc.adam_eps)
+    return choose_dtypes(name, "cpu", tc.adam_eps)

@@ -13,7 +13,7 @@ from ..kernels import select
 from ..kernels.select import Kernels
 from ..models import load_config
 from . import distributed, precision, split
-from .precision import Plan
+from .precision import Dtypes
 from .split import CPU_MICRO, Sizes, Split
 
 FAST_PATHS = (("fused_lora_layers", "fused LoRA layers"), ("fused_norm_mlp", "Liger norm/MLP"),
@@ -25,7 +25,7 @@ class RunPlan:
     """What a run trains with, resolved from the config, the model's shape, the records and the device."""
     device: str  # cpu | cuda | cuda:N (this process's GPU under torchrun)
     split: Split  # train.batch_size as micro_batch_size x grad_accum, and why (engine/split.py)
-    precision: Plan  # dtypes of the frozen base, the trainable weights and autocast; fp16 loss scaling
+    precision: Dtypes  # dtypes of the frozen base, the trainable weights and autocast; fp16 loss scaling
     kernels: Kernels  # the fast paths chosen (1 stands for "on"; what each took in the model is fit's result)
     checkpointing: bool  # activations recomputed in backward (prefix_tuning trains without, whatever is asked)
     world_size: int = 1  # processes (torchrun); over 1 the model is sharded with FSDP2
@@ -108,11 +108,11 @@ def resolve(cfg: Config, device: str, *, model: torch.nn.Module | None = None, s
         free: GPU bytes the run may use (default: what the GPU has free, the least over the processes).
         world_size, rank: the processes (default: torchrun's, engine/distributed.py).
     """
-    dtypes = precision.plan(cfg.train.precision, device, cfg.train.adam_eps)
+    dtypes = precision.choose_dtypes(cfg.train.precision, device, cfg.train.adam_eps)
     return _build(cfg, device, dtypes, model, sizes, free, world_size, rank)
 
 
-def _build(cfg: Config, device: str, dtypes: Plan, model: torch.nn.Module | None, sizes: Sizes | None,
+def _build(cfg: Config, device: str, dtypes: Dtypes, model: torch.nn.Module | None, sizes: Sizes | None,
            free: float | None, world_size: int | None, rank: int | None, chosen: Split | None = None) -> RunPlan:
     world = distributed.size() if world_size is None else world_size
     kernels = select.choose(cfg.train, device, _hidden(cfg, model))
@@ -132,11 +132,11 @@ def for_estimate(cfg: Config, budget: float | None, sizes: Sizes | None = None, 
     device = "cpu" if cfg.train.device == "cpu" and budget is None and gpus <= 1 else \
         cfg.train.device if cfg.train.device.startswith("cuda") else "cuda"
     if device == "cpu" or torch.cuda.is_available():
-        return _build(cfg, device, precision.plan(cfg.train.precision, device, cfg.train.adam_eps), None, sizes,
-                      budget, gpus, 0)
+        dtypes = precision.choose_dtypes(cfg.train.precision, device, cfg.train.adam_eps)
+        return _build(cfg, device, dtypes, None, sizes, budget, gpus, 0)
     chosen = None
     if budget is None and split.is_auto(cfg.train):
         chosen = split.on_cpu(cfg, f"no GPU here and no --budget: the CPU's rule (at most {CPU_MICRO} records "
                                    "a micro-batch); pass --budget N (the GPU's GiB) for the split train picks on "
                                    "that GPU")
-    return _build(cfg, device, precision.gpu_plan(cfg.train), None, sizes, budget, gpus, 0, chosen)
+    return _build(cfg, device, precision.gpu_dtypes(cfg.train), None, sizes, budget, gpus, 0, chosen)

@@ -32,7 +32,7 @@ from ..kernels.select import Kernels
 from ..models import load_config, pick_device
 from . import distributed, memory
 from .memory import GIB
-from .precision import Plan
+from .precision import Dtypes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -127,7 +127,7 @@ def on_cpu(cfg: Config, reason: str = "") -> Split:
 
 
 def choose(cfg: Config, device: str, free: float | None = None, sizes: Sizes | None = None, gpus: int = 1,
-           model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Plan | None = None) -> Split:
+           model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Dtypes | None = None) -> Split:
     """The fastest split of the batch whose predicted peak fits `free` bytes (default: what the GPU has free)
     less MARGIN; deterministic for a given model shape, config and free figure.
 
@@ -188,7 +188,7 @@ def _config_of(model: torch.nn.Module | None) -> PretrainedConfig | None:
 
 
 def _estimated(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg: PretrainedConfig | None = None,
-               kernels: Kernels | None = None, dtypes: Plan | None = None) -> Option:
+               kernels: Kernels | None = None, dtypes: Dtypes | None = None) -> Option:
     trial = replace(cfg, train=replace(cfg.train, micro_batch_size=option.micro_batch_size,
                                        grad_accum=option.grad_accum,
                                        gradient_checkpointing=option.gradient_checkpointing,
@@ -210,7 +210,7 @@ def free_memory(device: str) -> float:
 
 
 def split(cfg: Config, device: str, free: float | None = None, sizes: Sizes | None = None, gpus: int = 1,
-          model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Plan | None = None) -> Split:
+          model: torch.nn.Module | None = None, kernels: Kernels | None = None, dtypes: Dtypes | None = None) -> Split:
     """The split this config trains with on `device`: as stated, or chosen (choose) when auto."""
     return choose(cfg, device, free, sizes, gpus, model, kernels, dtypes) if is_auto(cfg.train) else fixed(cfg)
 

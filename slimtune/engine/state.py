@@ -15,7 +15,7 @@ import torch
 
 from ..data.stream import MicroBatches
 from ..kernels.select import Kernels
-from .precision import Plan
+from .precision import Dtypes
 from .timing import StepClock
 
 
@@ -55,7 +55,7 @@ class Run:
     """What the loop carries from step to step; all of it but `end` goes into a checkpoint."""
     model: torch.nn.Module
     cfg: object
-    plan: Plan
+    dtypes: Dtypes
     device: str
     out_dir: Path
     steps: int
@@ -80,7 +80,7 @@ def result(run: Run) -> dict:
     """What fit returns (and train writes to summary.json): steps, precision, the kernel record, tallies,
     evaluation scores and timings. Keys whose value this run never learned (no eval, no GPU) are left out."""
     seconds = max(run.elapsed, 1e-9)
-    out = {"steps": run.steps, "precision": run.plan.name, **run.kernels.as_dict(), **run.tally.state_dict(),
+    out = {"steps": run.steps, "precision": run.dtypes.name, **run.kernels.as_dict(), **run.tally.state_dict(),
            **{k: v for k, v in dataclasses.asdict(run.end).items() if v is not None}}
     out.update(train_seconds=run.elapsed, input_tokens_per_s=run.seen / seconds,
                trained_tokens_per_s=run.trained / seconds, **run.clock.summary())

@@ -91,7 +91,7 @@ def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimiz
     return row
 
 
-def forward_context(p: precision.Plan, device: str, offload: bool, model: torch.nn.Module | None = None,
+def forward_context(p: precision.Dtypes, device: str, offload: bool, model: torch.nn.Module | None = None,
                     max_tokens: int = 0) -> Context:
     """Autocast per the precision plan, plus saved activations kept in CPU memory when asked (engine/offload.py;
     `model`'s parameters are never copied out; max_tokens: the most tokens a micro-batch can hold, which sizes

@@ -58,7 +58,7 @@ def fit(model: torch.nn.Module, batches: Iterable[dict], cfg: Config, loss_fn: L
     if len(batches) == 0:
         raise DataError("fit: data holds no batch; give a list (or DataLoader) of dict batches")
     steps = steps_for(len(batches), tc)
-    plan = precision.plan(tc.precision, device, tc.adam_eps)
+    plan = precision.choose_dtypes(tc.precision, device, tc.adam_eps)
     torch.manual_seed(tc.seed)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, steps, tc)

@@ -33,7 +33,7 @@ def _config(tmp: Path, model_dir: Path, **train) -> Path:
 @pytest.fixture
 def nan_at_step_3(monkeypatch):
     """The loss of step 3's batch turns NaN (one micro-batch per step; eval has its own loss function)."""
-    import slimtune.engine.loop as loop
+    import slimtune.engine.step as loop  # where each micro-batch's loss is taken
 
     real, calls = loop.token_loss_sum, []
 
@@ -73,7 +73,7 @@ def test_nan_loss_with_on_nan_skip_skips_that_update(tmp_path, tiny_model_dir, n
     assert all(bool(torch.isfinite(w).all()) for w in final.values())
 
 
-def _tiny(tiny_model_dir, tokenizer, plan=precision.plan("fp32", "cpu")):
+def _tiny(tiny_model_dir, tokenizer, plan=precision.choose_dtypes("fp32", "cpu")):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_caught(tiny_model_dir, tokenizer):
 
 
 def test_fp16_loss_scaling_overflow_is_not_a_nan_error(tiny_model_dir, tokenizer):
-    plan = precision.plan("fp16", "cpu")
+    plan = precision.choose_dtypes("fp16", "cpu")
     model, records = _tiny(tiny_model_dir, tokenizer, plan)
     tc = config.TrainConfig(lr=1e-2)
     opt = build_optimizer(model, tc)
@@ -163,7 +163,7 @@ def test_gradient_clipping_by_config(tiny_model_dir, tokenizer):
 @pytest.fixture
 def nan_after_step_1(monkeypatch):
     """Every loss after the first step's turns NaN."""
-    import slimtune.engine.loop as loop
+    import slimtune.engine.step as loop
 
     real, calls = loop.token_loss_sum, []
 
@@ -271,7 +271,7 @@ def test_the_settings_that_trained_an_all_nan_adapter_are_refused(tmp_path, tiny
 
 def test_a_run_ending_on_a_nan_loss_fails_naming_the_finite_checkpoint(tmp_path, tiny_model_dir, monkeypatch,
                                                                         capsys):
-    import slimtune.engine.loop as loop
+    import slimtune.engine.step as loop
 
     real, calls = loop.token_loss_sum, []
 

@@ -39,7 +39,7 @@ def _run(offload: bool):
     records = [Encoded(torch.randint(0, 4096, (n,), generator=g).tolist(), [-100] * 20 +
                        torch.randint(0, 4096, (n - 20,), generator=g).tolist()) for n in (3000, 2500, 1692, 1000)]
     batch = collate_micro(records, True, 0, "cuda")
-    plan = precision.plan("bf16", "cuda")
+    plan = precision.choose_dtypes("bf16", "cuda")
     hooks = OffloadActivations(model)
 
     def context():  # as loop.forward_context builds it, with the hooks at hand

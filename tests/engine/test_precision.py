@@ -23,7 +23,7 @@ from slimtune.engine.precision import PrecisionError
     ("fp16", torch.float16, torch.float32, torch.float16, True),
 ])
 def test_plan_dtypes(name, weights, trainable, autocast, scaler):
-    p = precision.plan(name, "cpu")
+    p = precision.choose_dtypes(name, "cpu")
     assert (p.weights, p.trainable, p.autocast, p.scaler) == (weights, trainable, autocast, scaler)
 
 
@@ -37,10 +37,10 @@ def test_auto_is_fp32_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
 def test_pure_fp16_with_default_adam_eps_is_refused():
     assert float(torch.tensor(1e-8, dtype=torch.float16)) == 0.0  # the trap itself
     with pytest.raises(PrecisionError) as err:
-        precision.plan("fp16-pure", "cpu", adam_eps=1e-8)
+        precision.choose_dtypes("fp16-pure", "cpu", adam_eps=1e-8)
     msg = str(err.value)
     assert "adam_eps=1e-08 becomes 0" in msg and "train.precision=fp16" in msg and ">= 1e-4" in msg
-    assert precision.plan("fp16-pure", "cpu", adam_eps=1e-4).trainable == torch.float16
+    assert precision.choose_dtypes("fp16-pure", "cpu", adam_eps=1e-4).trainable == torch.float16
 
 
 def test_bf16_on_a_gpu_without_it_names_fp16(monkeypatch):
@@ -48,7 +48,7 @@ def test_bf16_on_a_gpu_without_it_names_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     with pytest.raises(PrecisionError, match="Tesla T4.*has no bf16.*train.precision=fp16"):
-        precision.plan("bf16", "cuda")
+        precision.choose_dtypes("bf16", "cuda")
 
 
 def test_cli_refuses_pure_fp16_before_loading(tmp_path, tiny_model_dir, capsys):
@@ -83,8 +83,8 @@ def _losses(plan, model_dir, tokenizer, steps=20):
 
 
 def test_fp16_mixed_tracks_fp32_within_two_percent(tiny_model_dir, tokenizer):
-    fp32, _, _ = _losses(precision.plan("fp32", "cpu"), tiny_model_dir, tokenizer)
-    fp16, rows, model = _losses(precision.plan("fp16", "cpu"), tiny_model_dir, tokenizer)
+    fp32, _, _ = _losses(precision.choose_dtypes("fp32", "cpu"), tiny_model_dir, tokenizer)
+    fp16, rows, model = _losses(precision.choose_dtypes("fp16", "cpu"), tiny_model_dir, tokenizer)
     assert fp16[-1] < 0.8 * fp16[0]  # it trains
     assert abs(fp16[-1] - fp32[-1]) <= 0.02 * fp32[-1], (fp16[-1], fp32[-1])
     assert all("loss_scale" in r for r in rows)
@@ -94,7 +94,7 @@ def test_fp16_mixed_tracks_fp32_within_two_percent(tiny_model_dir, tokenizer):
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny_model_dir, tokenizer):
-    plan = precision.plan("fp16", "cpu")
+    plan = precision.choose_dtypes("fp16", "cpu")
     model, batch = _setup(tiny_model_dir, tokenizer, plan)
     tc = config.TrainConfig(lr=1e-2, scheduler="constant")
     opt = build_optimizer(model, tc)
@@ -118,7 +118,7 @@ def test_train_run_logs_precision_and_keeps_adapters_fp32(tmp_path, tiny_model_d
 
 
 def test_activation_offload_gives_the_same_loss(tiny_model_dir, tokenizer):
-    plan = precision.plan("fp32", "cpu")
+    plan = precision.choose_dtypes("fp32", "cpu")
     losses = []
     for offload in (False, True):
         model, batch = _setup(tiny_model_dir, tokenizer, plan)
@@ -150,6 +150,6 @@ def test_fp16_on_the_cpu_says_it_is_slower_when_it_starts(tmp_path, tiny_model_d
 @pytest.mark.parametrize("name, device, said", [("fp32", "cpu", False), ("auto", "cpu", False), ("fp16", "cpu", True),
                                                 ("bf16-pure", "cpu", True), ("fp16", "cuda", False)])
 def test_the_cpu_note_is_for_half_precision_on_the_cpu_only(name, device, said):
-    p = precision.Plan(name, torch.float16, torch.float32, torch.float16, True) if device == "cuda" \
-        else precision.plan(name, device)
+    p = precision.Dtypes(name, torch.float16, torch.float32, torch.float16, True) if device == "cuda" \
+        else precision.choose_dtypes(name, device)
     assert (precision.cpu_note(p, device) is not None) == said

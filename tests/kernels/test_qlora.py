@@ -231,7 +231,7 @@ def test_qlora_as_train_loads_it_takes_the_fast_paths_with_peft_s_loss_and_gradi
     records = [Encoded(torch.randint(0, len(tok), (n,), generator=g).tolist(),
                        [-100] * 5 + torch.randint(0, len(tok), (n - 5,), generator=g).tolist()) for n in (90, 61, 33)]
     batch = collate_micro(records, True, 0, device)
-    context = forward_context(prep.plan, device, cfg.train.offload_activations, prep.model)
+    context = forward_context(prep.dtypes, device, cfg.train.offload_activations, prep.model)
 
     def run():
         prep.model.zero_grad(set_to_none=True)
