@@ -262,7 +262,8 @@ INF_HOOK = """
 import os
 if os.environ.get("RANK", "1") == "1":
     import slimtune.engine.loop as loop
-    real_accumulate, real_step, calls = loop.accumulate, loop.step, []
+    import slimtune.engine.step as one_step  # step() calls accumulate() from its own module
+    real_accumulate, real_step, calls = one_step.accumulate, loop.step, []
     def accumulate(model, *a, **k):
         out = real_accumulate(model, *a, **k)
         calls.append(1)
@@ -276,7 +277,7 @@ if os.environ.get("RANK", "1") == "1":
         with open(os.path.join(os.path.dirname(__file__), "steps-" + os.environ.get("RANK", "1")), "a") as fh:
             fh.write(f"{len(calls)} {row['skipped']}\\n")
         return row
-    loop.accumulate, loop.step = accumulate, step
+    one_step.accumulate, loop.step = accumulate, step
 """
 
 
