@@ -229,7 +229,7 @@ def test_resume_with_another_train_loss_uses_the_new_one(tmp_path, tiny_model_di
     """train.loss may change on a resume (checkpoint.FREE_KEYS): the resumed steps compute the new loss, and the
     run reports it, not the checkpoint's (whose result dict once restored the old choice over the fresh one);
     the tallies the checkpoint holds (its "result" entry) go on."""
-    import slimtune.engine.loop as loop
+    import slimtune.engine.step as loop  # where each micro-batch's loss is taken
     from slimtune import config as config_mod
     from slimtune.train import from_config as train_run
 
