@@ -19,7 +19,8 @@ def meta(plan: Plan, config_path: str, device: str) -> dict:
     budget = f"{tc.max_steps} steps" if tc.max_steps else f"{tc.epochs:g} epochs"
     return {"config": str(config_path), "metric": plan.metric, "device": device, "seed": tc.seed,
             "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}", "pairs": plan.pairs,
-            "eval_records": "all" if plan.pairs else tc.eval_max_records or "all", "eval_max_tokens": tc.eval_max_tokens}
+            "eval_records": "all" if plan.pairs else tc.eval_max_records or "all",
+            "eval_max_tokens": tc.eval_max_tokens}
 
 
 def _span(values: set[int]) -> str:

@@ -195,7 +195,8 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward,
     if res.rc != 0 or scores is None:
         return {}, res.failure(log_path)
     metric = plan.metric
-    return {**(pairs.scores(scores) if plan.pairs else {}), "eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
+    return {**(pairs.scores(scores) if plan.pairs else {}),
+            "eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
             "eval_tokens": scores.get("eval_tokens"),  # answer tokens the loss is over (report.loss_note)
             "score": scores[metric] / 100 if metric and metric in scores else None,  # scores.json is in percent
             "eval_seconds": scores.get("seconds"), "eval_wall_seconds": res.seconds, "infer_rss_gib": res.rss_gib,
@@ -238,7 +239,8 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
     """Train (unless base) and evaluate one row; its result, also in results/<label>.json."""
     run_dir = out / "runs" / row.label
     result = {"label": row.label, "method": row.method, "overrides": row.overrides, "status": "done",
-              "reason": None, "run_dir": str(run_dir), "metric": plan.metric, "objective": plan.objective(row)}
+              "reason": None, "run_dir": str(run_dir), "metric": plan.metric,
+              "objective": plan.objective(row)}
     if row.method == BASE:
         total = _base_total(plan.cfg)
         result.update(trainable_params=0, total_params=total, trainable_share=0.0 if total else None)

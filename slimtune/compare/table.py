@@ -121,8 +121,8 @@ def legend(meta: dict) -> str:
                 "rejected reward, each as the row's objective defines its reward (dpo, ipo, kto: beta x the log-ratio "
                 "to the reference; simpo: beta x the mean log-probability; orpo: lambda x it; an sft row, trained "
                 "on the chosen answers, scored as dpo against its base model), so margins compare within one "
-                "objective; eval loss is each row's own objective on the pairs; test time is the eval process's "
-                "wall time, model load included.")
+                "objective; eval loss is each row's own objective on the pairs (an sft row's: dpo's); test time is "
+                "the eval process's wall time, model load included.")
     else:
         test = (f"Test: {meta.get('eval_records', '?')} held-out records, greedy decoding; test time excludes the "
                 "model load.")

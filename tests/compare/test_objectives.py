@@ -40,8 +40,8 @@ def _config(tmp: Path, model_dir: Path, section: dict | None = None, **train) ->
 def by_objective(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("objectives")
     cfg, out = _config(tmp, tiny_model_dir), tmp / "out"
-    cmd = [sys.executable, "-m", "slimtune", "compare", str(cfg), "--objectives", ",".join(OBJECTIVES),
-           "preference.beta=0.5", "--output", str(out)]
+    cmd = [sys.executable, "-m", "slimtune", "compare", str(cfg), "preference.beta=0.5", "--objectives",
+           ",".join(OBJECTIVES), "--output", str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "compare.json").read_text())
