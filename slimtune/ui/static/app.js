@@ -150,8 +150,8 @@ function makeCharts() {
   CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"], v => v.toExponential(2));
   CH.tps = new StepChart($("#chart-tps"), "tokens/s", ["input", "trained"]);
   CH.mem = new StepChart($("#chart-mem"), "memory (GiB)", []);
-  CH.rewards = new StepChart($("#chart-rewards"), "rewards (preference runs)", []);
-  CH.accuracy = new StepChart($("#chart-accuracy"), "preference accuracy", []);
+  CH.rewards = new StepChart($("#chart-rewards"), "rewards", ["margins", "chosen", "rejected", "eval margins"]);
+  CH.accuracy = new StepChart($("#chart-accuracy"), "preference accuracy", ["accuracy", "eval accuracy"]);
   Object.values(CH).forEach(c => c.draw());
 }
 const REWARDS = [["rewards/margins", "margins"], ["rewards/chosen", "chosen"], ["rewards/rejected", "rejected"]];
