@@ -78,7 +78,8 @@ def charts(out: Path, rows: list[dict], metric: str | None, note: str = "") -> d
 def write(out: Path, rows: list[dict], info: dict, log: Callable[[str], None] = print) -> None:
     info = {**info, "loss_note": loss_note(rows, curves(rows), info.get("eval_max_tokens"))}
     if info.get("pairs"):  # the pairs scored: every row scores the same held-out file
-        info["eval_records"] = next((r["eval_records"] for r in rows if r.get("eval_records")), "all")
+        info["eval_records"] = next((r["eval_records"] for r in rows if r.get("eval_records")  # kto: 2 a pair
+                                     and r.get("scored_as") != "kto"), "all")
     json_path, md_path = table.write(out, rows, info)
     drawn = charts(out, rows, info.get("metric"), info["loss_note"])
     html_path = page.write(out, rows, info, drawn)
