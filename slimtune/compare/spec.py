@@ -34,6 +34,7 @@ import yaml
 from .. import config as config_mod
 from .. import trust
 from ..config import ConfigError
+from ..engine import reference as pref_reference
 from . import pairs
 
 BASE = "base"  # the untrained model's row
@@ -147,9 +148,14 @@ def _check_rows(plan: Plan, where: str) -> None:
     """Each row's config loads; preference rows need pairs; the untrained model cannot be scored on pairs."""
     for row in plan.rows:  # each row's config is checked now: a typo must not surface after an hour of runs
         try:
-            load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+            cfg = load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+            pref_reference.resolve(cfg)  # what `slimtune train` refuses for this objective and method
         except ConfigError as err:
             raise ConfigError(f"{_where(row)}: {err}") from None
+        if plan.pairs and row.method in config_mod.PROMPT_METHODS:
+            raise ConfigError(f"{_where(row)}: method.name={row.method}: rows on preference pairs are scored from the "
+                              "decoder's hidden states, which the virtual tokens of prompt methods bypass; compare "
+                              "them on answers, or use lora")
         if plan.pairs and row.method == BASE:
             raise ConfigError(f"{where}: compare.methods.base: on preference pairs every row is scored against the "
                               "untrained model (its margins are 0 by definition); leave base out")

@@ -138,10 +138,17 @@ def test_plan_of_objectives_and_methods(tmp_path, tiny_model_dir):
                                       "on held-out pairs, and "),
     ("pairs", None, ["sft", "dpx"], "compare.objectives.dpx: "),
     ("pairs", None, ["dpo", "dpo"], "--objectives: a label is listed twice: dpo,dpo"),
+    ("pairs", ["prompt_tuning"], ["sft"], "compare.objectives.sft: method.name=prompt_tuning: rows on preference "
+                                          "pairs are scored from the decoder's hidden states"),
+    ("pairs", ["full"], ["dpo"], None),
 ])
 def test_objective_plan_errors_are_one_line(tmp_path, tiny_model_dir, data, methods, objectives, message):
     cfg = _config(tmp_path, tiny_model_dir)
     over = [f"data.train={tmp_path / 'train.jsonl'}"] if data == "answers" else []
+    if message is None:  # full fine-tuning's reference: precomputed under train.reference=auto; adapter_off refused
+        assert spec.load(cfg, methods, over, objectives).rows[0].objective == "dpo"
+        over, message = ["train.reference=adapter_off"], ("compare.objectives.dpo: train.reference=adapter_off with "
+                                                          "method.name=full: full trains the model's own weights")
     with pytest.raises(config.ConfigError) as err:
         spec.load(cfg, methods, over, objectives)
     assert message in str(err.value) and "\n" not in str(err.value)
