@@ -168,6 +168,9 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides for every row, e.g. train.max_steps=50")
     p.add_argument("--methods", help="comma-separated rows, e.g. base,lora,dora,freeze,prompt_tuning,full "
                                       "(default: the config's compare.methods; base = the model untrained)")
+    p.add_argument("--objectives", help="comma-separated train.objective per row, e.g. sft,dpo,orpo (of the "
+                                        "config's method, or of each --methods one); on preference pairs every row "
+                                        "is scored on the same held-out pairs (default: compare.objectives)")
     p.add_argument("--output", help="folder for the runs and compare.json/.md/.html (default: "
                                      "compare/<config name>); run again to go on after an interruption")
 

@@ -10,8 +10,9 @@ from ..compare.runner import Interrupted
 
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    objectives = [m.strip() for m in args.objectives.split(",") if m.strip()] if args.objectives else None
     try:
-        rows = compare(args.config, methods, args.overrides, args.output)
+        rows = compare(args.config, methods, args.overrides, args.output, objectives=objectives)
     except Interrupted as err:
         print(f"slimtune compare: {err}; run the same command again to go on (finished rows are kept)",
               file=sys.stderr)

@@ -1,6 +1,6 @@
-"""`slimtune compare CONFIG --methods lora,dora,...`: which method for this model, data and machine,
-answered by training and scoring each one the same way (spec: what runs; runner: the child processes;
-report, table, page: what comes out)."""
+"""`slimtune compare CONFIG --methods lora,dora,... [--objectives sft,dpo,orpo]`: which method (or objective) for
+this model, data and machine, answered by training and scoring each one the same way (spec: what runs; runner:
+the child processes; pairs: a compare on preference pairs; report, table, page: what comes out)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,9 +13,11 @@ from .spec import Plan, load
 
 
 def compare(config_path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
-            output: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or go on with) a compare; its rows, as compare.json holds them."""
-    plan = load(config_path, methods, overrides)
+            output: str | Path | None = None, log: Callable[[str], None] = print,
+            objectives: list[str] | None = None) -> list[dict]:
+    """Run (or go on with) a compare; its rows, as compare.json holds them. objectives: a row per
+    train.objective (of each method)."""
+    plan = load(config_path, methods, overrides, objectives)
     runner.check_data(plan, str(config_path))  # before any row: data no row can train on stops here
     out = Path(output) if output else Path("compare") / Path(config_path).stem
     outputs.check(out, "compare --output", plan.cfg.model.path, [plan.cfg.data.train, plan.cfg.data.eval],

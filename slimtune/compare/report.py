@@ -18,8 +18,9 @@ def meta(plan: Plan, config_path: str, device: str) -> dict:
     tc = plan.cfg.train
     budget = f"{tc.max_steps} steps" if tc.max_steps else f"{tc.epochs:g} epochs"
     return {"config": str(config_path), "metric": plan.metric, "device": device, "seed": tc.seed,
-            "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}",
-            "eval_records": tc.eval_max_records or "all", "eval_max_tokens": tc.eval_max_tokens}
+            "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}", "pairs": plan.pairs,
+            "eval_records": "all" if plan.pairs else tc.eval_max_records or "all",
+            "eval_max_tokens": tc.eval_max_tokens}
 
 
 def _span(values: set[int]) -> str:
@@ -59,8 +60,10 @@ def charts(out: Path, rows: list[dict], metric: str | None, note: str = "") -> d
     paths = dict(zip(CHARTS, (out / name for name in CHARTS.values())))
     plots.compare_losses(curves(rows), paths["loss curves"], note)
     gpu = table.on_gpu(rows)
-    name = table.SCORE_NAMES.get(metric, metric) if metric else "eval loss"
-    value = (lambda r: r.get("score")) if metric else (lambda r: r.get("eval_loss"))
+    name = "preference accuracy" if table.on_pairs(rows) else table.SCORE_NAMES.get(metric, metric) if metric \
+        else "eval loss"
+    key = "pref_accuracy" if table.on_pairs(rows) else "score" if metric else "eval_loss"
+    value = lambda r: r.get(key)  # noqa: E731
     kind = "GPU reserved" if gpu else "peak RSS"
     base = next((value(r) for r in rows if r.get("method") == "base"), None)
     mem = [(r["label"], table.memory(r, "train", gpu), value(r)) for r in rows if r.get("method") != "base"]
@@ -74,6 +77,9 @@ def charts(out: Path, rows: list[dict], metric: str | None, note: str = "") -> d
 
 def write(out: Path, rows: list[dict], info: dict, log: Callable[[str], None] = print) -> None:
     info = {**info, "loss_note": loss_note(rows, curves(rows), info.get("eval_max_tokens"))}
+    if info.get("pairs"):  # the pairs scored: every row scores the same held-out file
+        info["eval_records"] = next((r["eval_records"] for r in rows if r.get("eval_records")  # kto: 2 a pair
+                                     and r.get("scored_as") != "kto"), "all")
     json_path, md_path = table.write(out, rows, info)
     drawn = charts(out, rows, info.get("metric"), info["loss_note"])
     html_path = page.write(out, rows, info, drawn)

@@ -4,6 +4,7 @@ split, seed and budget; one result file per row, so an interrupted compare goes 
 Folder layout (DIR = --output):
     config.yaml          the shared config every row starts from (a second run must find the same)
     heldout.jsonl        the held-out records every row is scored on (unless data.eval names a file)
+    sft-*.jsonl          on preference pairs: the chosen answers an sft row trains on (compare/pairs.py)
     runs/<label>/        the row's `slimtune train` folder; runs/<label>/compare-eval its `slimtune eval`
     logs/<label>.*.log   each child's output; a failed row's reason is its log's last line
     child.json           the running child's PID (a compare killed where Linux's parent-death signal did not
@@ -22,20 +23,22 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import ConfigError
 from ..data import DataError, build, read, split
+from ..data.preference import build_pairs
 from ..runs import checkpoint, ownership
 from ..runs.ownership import RunFolderError
 from ..methods.parts import PARTS
 from ..runs.adapter import read_config
 from ..methods import count_on_meta
 from ..models import load_tokenizer
-from . import child
+from . import child, pairs
 from .spec import BASE, Plan, Row, load_config, row_overrides
 
 
 CHILD = "child.json"  # names the running child (child.run_measured's record)
 
 
-WRITES = ("config.yaml", "heldout.jsonl", "runs", "logs", "results", "compare.json", "compare.md", "compare.html")
+WRITES = ("config.yaml", "heldout.jsonl", *pairs.SFT_FILES, "runs", "logs", "results", "compare.json", "compare.md",
+          "compare.html")
 
 
 class Interrupted(Exception):
@@ -83,15 +86,22 @@ def check_data(plan: Plan, where: str = "compare") -> None:
         if path not in tokenizers:
             tokenizers[path] = load_tokenizer(path, cfg.model.trust_remote_code)
         try:
-            build(cfg.data, tokenizers[path], log=lambda *a, **k: None)
+            sft_own = row is not None and plan.objective(row) == "sft" and pairs.own_data(row.overrides)
+            if plan.pairs and not sft_own:  # the pairs, read as `slimtune train` reads them for the row
+                build_pairs(cfg, tokenizers[path], log=lambda *a, **k: None)
+            else:
+                build(cfg.data, tokenizers[path], log=lambda *a, **k: None)
         except DataError as err:
             if cfg is plan.cfg:
                 raise
             raise DataError(f"compare.methods.{row.label}: {err}") from None  # the row's own data.* overrides
 
 
-def _heldout(cfg: config_mod.Config, out: Path) -> Path:
+def _heldout(plan: Plan, out: Path) -> Path:
     """The held-out records, as `slimtune train` splits them (same reader, size and seed)."""
+    cfg = plan.cfg
+    if plan.pairs:
+        return pairs.write_heldout(cfg, out)
     if cfg.data.eval:
         return Path(cfg.data.eval)
     skipped = [] if cfg.data.on_bad_record == "skip" else None
@@ -106,7 +116,8 @@ def _heldout(cfg: config_mod.Config, out: Path) -> Path:
 def _overrides(row: Row, run_dir: Path) -> list[str]:
     """The row's overrides for `slimtune train`. Generation is left to the eval child, which measures its
     time and memory; in-training evals keep their loss (the loss curves)."""
-    return [*row_overrides(row), f"train.output_dir={run_dir}", "train.eval_generate=false", "train.eval_separator="]
+    return [*row_overrides(row), *row.data, f"train.output_dir={run_dir}", "train.eval_generate=false",
+            "train.eval_separator="]
 
 
 def _same_run(folder: Path | None, shared: Path, row: Row, run_dir: Path) -> bool:
@@ -132,6 +143,9 @@ def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
 
 def _eval_args(plan: Plan, row: Row, run_dir: Path, data: Path) -> list[str]:
     cfg, tc = plan.cfg, plan.cfg.train
+    if plan.pairs:  # preference accuracy and mean margin of the run on the held-out pairs
+        return ["eval", str(run_dir), "--data", str(data), "--output", str(run_dir / "compare-eval"), "--device",
+                tc.device]
     args = ["eval", "--data", str(data), "--output", str(run_dir / "compare-eval"), "--device", tc.device,
             "--max-new-tokens", str(tc.eval_max_new_tokens), "--limit", str(tc.eval_max_records)]
     if row.method == BASE:
@@ -181,7 +195,8 @@ def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward,
     if res.rc != 0 or scores is None:
         return {}, res.failure(log_path)
     metric = plan.metric
-    return {"eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
+    return {**(pairs.scores(scores) if plan.pairs else {}),
+            "eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
             "eval_tokens": scores.get("eval_tokens"),  # answer tokens the loss is over (report.loss_note)
             "score": scores[metric] / 100 if metric and metric in scores else None,  # scores.json is in percent
             "eval_seconds": scores.get("seconds"), "eval_wall_seconds": res.seconds, "infer_rss_gib": res.rss_gib,
@@ -224,7 +239,8 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
     """Train (unless base) and evaluate one row; its result, also in results/<label>.json."""
     run_dir = out / "runs" / row.label
     result = {"label": row.label, "method": row.method, "overrides": row.overrides, "status": "done",
-              "reason": None, "run_dir": str(run_dir), "metric": plan.metric}
+              "reason": None, "run_dir": str(run_dir), "metric": plan.metric,
+              "objective": plan.objective(row)}
     if row.method == BASE:
         total = _base_total(plan.cfg)
         result.update(trainable_params=0, total_params=total, trainable_share=0.0 if total else None)
@@ -271,7 +287,10 @@ def run_plan(plan: Plan, out: Path, log: Callable[[str], None] = print) -> list[
 
 def _rows(plan: Plan, out: Path, log: Callable[[str], None]) -> list[dict]:
     shared = _shared_config(plan, out)
-    data = _heldout(plan.cfg, out)
+    data = _heldout(plan, out)
+    for row in plan.rows:  # an sft row on pairs trains on their chosen answers (compare/pairs.py)
+        if plan.pairs and row.method != BASE and plan.objective(row) == "sft" and not pairs.own_data(row.overrides):
+            row.data = pairs.sft_overrides(out)
     results = []
     with child.Forward() as fwd:
         for row in plan.rows:

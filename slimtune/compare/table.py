@@ -1,6 +1,7 @@
 """compare's table: the rows as compare.json and, in the shape of the tutorials' method table, as
 compare.md (method, training memory, trainable / total parameters, trainable share, inference memory,
-training time, eval loss, test score, test time, size)."""
+training time, eval loss, test score (on preference pairs: preference accuracy and mean margin), test time,
+size)."""
 from __future__ import annotations
 
 import json
@@ -49,24 +50,50 @@ def score_header(metric: str | None) -> str:
     return f"Test {SCORE_NAMES.get(metric, metric)}" if metric else "Test score"
 
 
+def on_pairs(rows: list[dict]) -> bool:
+    """Whether the rows were scored on held-out preference pairs (compare/pairs.py)."""
+    return any("pref_accuracy" in r for r in rows)
+
+
+def _number(x: float | None, digits: int) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _notes(r: dict, pref: bool) -> str:
+    if r.get("status") == "failed":
+        return f"failed: {r['reason']}"
+    if r.get("method") == "base":
+        return "untrained model"
+    over = ", ".join(r.get("overrides") or [])
+    if not pref:
+        return over
+    scored = r.get("scored_as")
+    how = f"{r.get('objective')}" + (f", scored as {scored}" if scored and scored != r.get("objective") else "")
+    how += f" (reference: {r['reference']})" if r.get("reference") else ""
+    return how + (f"; {over}" if over else "")
+
+
 def cells(rows: list[dict], metric: str | None) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the table, shared by compare.md and compare.html."""
-    gpu = on_gpu(rows)
+    """Header and cells of the table, shared by compare.md and compare.html; on preference pairs two more
+    columns after the eval loss: preference accuracy and mean margin."""
+    gpu, pref = on_gpu(rows), on_pairs(rows)
     kind = "GPU reserved" if gpu else "peak RSS"
     header = ["Method", f"Training memory ({kind})", "Trainable params", "Total params", "Trainable share",
               f"Inference memory ({kind})", "Training time", "Eval loss", score_header(metric), "Test time",
               "Size", "Notes"]
+    if pref:
+        header[8:9] = ["Preference accuracy", "Mean margin"]
     body = []
     for r in rows:
         share = r.get("trainable_share")
-        notes = f"failed: {r['reason']}" if r.get("status") == "failed" else \
-            ("untrained model" if r.get("method") == "base" else ", ".join(r.get("overrides") or []))
+        scores = [_number(r.get("pref_accuracy"), 3), _number(r.get("pref_margin"), 4)] if pref else \
+            [_number(r.get("score"), 3)]
         body.append([r["label"], _gib(memory(r, "train", gpu)), _count(r.get("trainable_params")),
                      _count(r.get("total_params")), "—" if share is None else f"{100 * share:.3f}%",
                      _gib(memory(r, "infer", gpu)), _seconds(r.get("train_seconds")),
-                     "—" if r.get("eval_loss") is None else f"{r['eval_loss']:.4f}",
-                     "—" if r.get("score") is None else f"{r['score']:.3f}", _seconds(r.get("eval_seconds")),
-                     _size(r.get("artifact_bytes")), notes])
+                     _number(r.get("eval_loss"), 4), *scores, _seconds(r.get("eval_seconds") or
+                                                                     (r.get("eval_wall_seconds") if pref else None)),
+                     _size(r.get("artifact_bytes")), _notes(r, pref)])
     return header, body
 
 
@@ -88,9 +115,19 @@ def write(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
 
 def legend(meta: dict) -> str:
     """What the columns measured, under the table."""
+    if meta.get("pairs"):
+        test = (f"Test: {meta.get('eval_records', '?')} held-out preference pairs; preference accuracy is the share "
+                "of pairs whose chosen answer gets the higher implicit reward, mean margin the mean of chosen minus "
+                "rejected reward, each as the row's objective defines its reward (dpo, ipo, kto: beta x the log-ratio "
+                "to the reference; simpo: beta x the mean log-probability; orpo: lambda x it; an sft row, trained "
+                "on the chosen answers, scored as dpo against its base model), so margins compare within one "
+                "objective; eval loss is each row's own objective on the pairs (an sft row's: dpo's); test time is "
+                "the eval process's wall time, model load included.")
+    else:
+        test = (f"Test: {meta.get('eval_records', '?')} held-out records, greedy decoding; test time excludes the "
+                "model load.")
     return (f"Device: {meta.get('device', '?')}. Every method in its own process, same data, split, seed and "
             f"budget ({meta.get('budget', '?')}). Training time: the training loop (model load excluded); memory: "
-            "the whole process's peak (model load included). Test: "
-            f"{meta.get('eval_records', '?')} held-out records, greedy decoding; test time excludes the model load. "
+            f"the whole process's peak (model load included). {test} "
             "Size: the saved adapter or trained parameters."
             + (f" {meta['loss_note']}" if meta.get("loss_note") else ""))

@@ -7,20 +7,35 @@ import json
 from pathlib import Path
 
 from .. import config as config_mod
-from ..compare import report, table
+from ..compare import report, spec, table
 from . import runs
 
 METHODS = "base,lora"  # the rows when the page names none: the untrained model and the default method
 
 
-def start(launcher: runs.Launcher, cfg: config_mod.Config, methods: str, output: Path) -> dict:
-    """`slimtune compare YAML --methods M --output DIR` in the background."""
+def _names(text: str) -> str:
+    return ",".join(m.strip() for m in text.split(",") if m.strip())
+
+
+def _split(names: str | None) -> list[str] | None:
+    return names.split(",") if names else None
+
+
+def start(launcher: runs.Launcher, cfg: config_mod.Config, methods: str, output: Path, objectives: str = "") -> dict:
+    """`slimtune compare YAML --methods M [--objectives O] --output DIR` in the background; with objectives and
+    no methods, a row per objective of the config's method."""
     launcher.roots.ui.mkdir(parents=True, exist_ok=True)
     yaml_path = launcher.roots.ui / f"{runs.slug(output)}.compare.yaml"
     yaml_path.write_text(config_mod.dump(cfg), encoding="utf-8")
-    names = ",".join(m.strip() for m in (methods or METHODS).split(",") if m.strip())
-    return launcher.launch(output, ["compare", str(yaml_path), "--methods", names, "--output", str(output)],
-                           "compare")
+    rows = ["--objectives", _names(objectives)] if _names(objectives) else []
+    if _names(methods) or not rows:
+        rows = ["--methods", _names(methods or METHODS), *rows]
+    named = dict(zip(rows[::2], rows[1::2]))
+    try:  # the plan's errors as `slimtune compare` words them, before anything starts
+        spec.load(yaml_path, _split(named.get("--methods")), None, _split(named.get("--objectives")))
+    except config_mod.ConfigError as err:
+        raise config_mod.ConfigError(str(err).replace(str(yaml_path), "setup")) from None
+    return launcher.launch(output, ["compare", str(yaml_path), *rows, "--output", str(output)], "compare")
 
 
 def _rows(out: Path) -> list[dict]:

@@ -12,15 +12,31 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import models
-from ..data import encode_examples, read
+from ..config.fields import PreferenceConfig
+from ..data import encode_examples, pref_read, read
 from ..data.encode import segments
-from ..engine import memory, run_plan, split
+from ..data.pref_encode import encode_records, summary
+from ..data.preference import build_pairs, for_objective
+from ..engine import memory, preference_step, run_plan, split
+from ..engine import reference as pref_reference
 from ..errors import SlimtuneError
 from ..methods import count_on_meta
 from .paths import PathRefused, Roots
 
-FIELD = re.compile(r"\b((?:model|data|method|train)\.\w+)")
+FIELD = re.compile(r"\b((?:model|data|method|train|preference)\.\w+)")
 PREVIEW_RECORDS = 200  # records read for the preview's counts: enough to see truncation, quick on any file
+# the knobs each preference objective reads (objectives.loss), shown when the form picks it
+OBJECTIVE_FIELDS = {"sft": [], "dpo": ["train.reference", "preference.beta", "preference.label_smoothing"],
+                    "ipo": ["train.reference", "preference.beta"],
+                    "simpo": ["preference.beta", "preference.simpo_gamma"],
+                    "orpo": ["preference.orpo_lambda"],
+                    "kto": ["train.reference", "preference.beta", "preference.kto_desirable_weight",
+                            "preference.kto_undesirable_weight"]}
+PAIRS = 'pairs JSONL: {"prompt", "chosen", "rejected"} (TRL), or LLaMA-Factory\'s alpaca/ShareGPT pairs'
+DATA_HINTS = {"sft": "answers JSONL: alpaca {\"instruction\", \"output\"} or {\"messages\": [...]}",
+              "dpo": PAIRS, "ipo": PAIRS, "simpo": PAIRS, "orpo": PAIRS,
+              "kto": 'labelled answers JSONL: {"prompt", "completion", "label": true|false}, or pairs (each answer '
+                     "becomes one record)"}
 
 
 class FormError(SlimtuneError):
@@ -50,11 +66,13 @@ def schema() -> dict:
     """What the form needs to draw itself: methods and the fields each reads, choices, defaults, docs."""
     sections = {}
     for section, cls in (("model", config_mod.ModelConfig), ("data", config_mod.DataConfig),
-                         ("method", config_mod.MethodConfig), ("train", config_mod.TrainConfig)):
+                         ("method", config_mod.MethodConfig), ("train", config_mod.TrainConfig),
+                         ("preference", PreferenceConfig)):
         docs = config_mod.field_docs(cls)
         sections[section] = {k: {"default": v, "type": docs[k][0], "doc": docs[k][1]}
                              for k, v in dataclasses.asdict(cls()).items()}
-    return {"sections": sections, "choices": config_mod.CHOICES, "method_fields": config_mod.METHOD_FIELDS}
+    return {"sections": sections, "choices": config_mod.CHOICES, "method_fields": config_mod.METHOD_FIELDS,
+            "objective_fields": OBJECTIVE_FIELDS, "data_hints": DATA_HINTS}
 
 
 def build(tree: dict, roots: Roots) -> config_mod.Config:
@@ -80,6 +98,11 @@ def build(tree: dict, roots: Roots) -> config_mod.Config:
         raise (RefusedForm if refused else FormError)(fields) from None
     if fields:
         raise (RefusedForm if refused else FormError)(fields)
+    try:  # what `slimtune train` refuses before it loads anything, in its words
+        pref_reference.resolve(cfg)
+        preference_step.check(cfg, cfg.train.gpus)
+    except config_mod.ConfigError as err:
+        raise FormError(field_errors(err, "train.objective")) from None
     return cfg
 
 
@@ -103,9 +126,12 @@ def _guard(default: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 def preview(cfg: config_mod.Config, n: int = 3) -> dict:
     """The first n records as `slimtune inspect` shows them (prompt and trained parts apart, token counts) and
-    the counts over the first PREVIEW_RECORDS records (truncated, lost EOS or answer)."""
+    the counts over the first PREVIEW_RECORDS records (truncated, lost EOS or answer); preference records as
+    prompt, chosen and rejected (pairs_preview)."""
     if not cfg.data.train:
         raise FormError({"data.train": "data.train: empty; give a data file (alpaca or messages JSONL)"})
+    if cfg.train.objective != "sft":
+        return pairs_preview(cfg, n)
     examples = _guard("data.train", read, cfg.data.train, cfg.data.format, PREVIEW_RECORDS)
     tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
     encoded, stats = _guard("data.train", encode_examples, examples, tok, cfg.data)
@@ -122,6 +148,37 @@ def preview(cfg: config_mod.Config, n: int = 3) -> dict:
                       "truncated": stats.truncated, "lost_eos": stats.lost_eos, "lost_answer": stats.lost_answer}}
 
 
+def pairs_preview(cfg: config_mod.Config, n: int = 3) -> dict:
+    """The first n preference records as `slimtune inspect --objective` shows them: the prompt (masked), the
+    chosen and the rejected answer (kto: the completion and its label), and the totals line."""
+    objective = cfg.train.objective
+    kind, recs = _guard("data.train", pref_read.read, cfg.data.train, cfg.data.format, PREVIEW_RECORDS)
+    recs = _guard("data.train", for_objective, kind, recs, objective, cfg.data.train)
+    tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
+    pairs, stats = _guard("data.train", encode_records, recs, tok, cfg.data)
+    records = []
+    for p in pairs[:n]:
+        answers = [("chosen", p.chosen), ("rejected", p.rejected)] if p.paired else \
+            [("desirable" if p.label else "undesirable", p.chosen)]
+        parts = [{"trained": False, "kind": "prompt", "text": tok.decode(p.prompt, skip_special_tokens=False)}]
+        parts += [{"trained": True, "kind": k, "text": tok.decode(ids, skip_special_tokens=False)}
+                  for k, ids in answers]
+        records.append({"where": p.where, "tokens": len(p.prompt) + len(p.chosen) + len(p.rejected),
+                        "prompt": len(p.prompt), "trained": len(p.chosen) + len(p.rejected),
+                        "truncated": p.truncated, "parts": parts})
+    return {"records": records, "read": len(recs), "limit": PREVIEW_RECORDS, "pairs": True,
+            "summary": summary(stats, "preview", cfg.data.max_len),
+            "stats": {"records": stats.records, "tokens": stats.tokens, "truncated": stats.truncated,
+                      "identical": stats.identical, "empty": stats.empty}}
+
+
+def _sizes(cfg: config_mod.Config, tok: Any) -> list[tuple[int, int]]:
+    """The training records' sizes as `slimtune train` measures them (a preference record: its two rows)."""
+    if cfg.train.objective == "sft":
+        return split.record_sizes(cfg, tok)
+    return preference_step.sizes(build_pairs(cfg, tok, lambda *a: None).train)
+
+
 PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits", "optimizer_step_extra",
          "gathered", "allocator")
 
@@ -133,7 +190,7 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
     sizes = None
     if cfg.data.train:
         tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-        sizes = _guard("data.train", split.record_sizes, cfg, tok)
+        sizes = _guard("data.train", _sizes, cfg, tok)
     plan = _guard("model.path", run_plan.for_estimate, cfg, size, sizes, cfg.train.gpus)  # as `slimtune estimate`
     auto, cfg = split.is_auto(cfg.train), plan.apply(cfg)
     rows = sizes[:cfg.train.micro_batch_size] if sizes else None

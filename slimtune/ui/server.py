@@ -110,10 +110,11 @@ def _chat_compare_routes(app: FastAPI, roots: Roots, launcher: runs.Launcher, lo
         return StreamingResponse(sse.tokens(start, streamer), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/api/compare/start")
-    def compare_start(tree: dict = Body(...), methods: str = Body(""), output: str = Body("")):
+    def compare_start(tree: dict = Body(...), methods: str = Body(""), output: str = Body(""),
+                      objectives: str = Body("")):
         cfg = forms.build(tree, roots)
         out = roots.check(output or roots.runs / "compare", "output")
-        return comparing.start(launcher, cfg, methods, out)
+        return comparing.start(launcher, cfg, methods, out, objectives)
 
     @app.get("/api/compare")
     def compare_state(folder: str):

@@ -195,7 +195,7 @@ def test_plan_rows_overrides_and_labels(tmp_path, tiny_model_dir):
     ({"methods": {"base": {"train.lr": 1}}}, None, "compare.methods.base: the untrained model takes no overrides"),
     ({"methods": ["lora"], "metric": "accuracy"}, None, "compare.metric: 'accuracy' is not one of extraction_f1"),
     ({"methods": ["lora"], "metric": "extraction_f1"}, None, "extraction_f1 splits answers on train.eval_separator"),
-    ({"methods": ["lora"], "metrics": "f1"}, None, "compare: unknown key metrics (known: methods, metric)"),
+    ({"methods": ["lora"], "metrics": "f1"}, None, "compare: unknown key metrics (known: methods, objectives, metric)"),
     ({}, None, "no methods to compare: pass --methods"),
     ({}, ["lora", "lora"], "--methods: a label is listed twice"),
     ({"methods": {"a/b": None}}, None, "compare.methods.a/b: a label names folders"),

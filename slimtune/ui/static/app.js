@@ -51,10 +51,22 @@ function methodFields() {
   }).join("") || '<p class="muted">no other settings for this method</p>';
 }
 const choicesFor = (key) => INFO.choices[key];
+function objectiveFields() {
+  // the knobs the chosen objective reads (forms.OBJECTIVE_FIELDS) and the data format it takes
+  const name = $('[name="train.objective"]').value;
+  $("#objective-fields").innerHTML = (INFO.objective_fields[name] || []).map(dotted => {
+    const [section, k] = dotted.split("."), f = INFO.sections[section][k], choices = choicesFor(dotted);
+    const input = choices ? `<select name="${dotted}">${choices.map(c => `<option${c === f.default ? " selected" : ""}>${esc(c)}</option>`).join("")}</select>`
+      : `<input name="${dotted}" value="${esc(f.default)}" type="number" step="any">`;
+    return `<label title="${esc(f.doc)}">${k} ${input}</label><div class="err" data-for="${dotted}"></div>`;
+  }).join("");
+  $("#data-hint").textContent = INFO.data_hints[name] || "";
+  $('[name="data.train"]').placeholder = name === "sft" ? "train.jsonl (alpaca or messages)" : "pairs.jsonl";
+}
 
 function tree() {
   // the form as YAML's nested mapping; values typed as the config declares them
-  const out = {model: {}, data: {}, method: {}, train: {}};
+  const out = {model: {}, data: {}, method: {}, train: {}, preference: {}};
   $$("#setup-form [name]").forEach(el => {
     const [section, key] = el.name.split(".");
     if (!key || !(section in out)) return;
@@ -110,6 +122,10 @@ function showEstimate(e) {
 }
 function previewHtml(p) {
   const s = p.stats;
+  if (p.pairs) return `<p id="preview-counts">${esc(p.summary)} (first ${p.limit} records at most)</p>` +
+    p.records.map(r => `<div class="record"><div class="muted">${esc(r.where)}: ${r.tokens} tokens, ${r.prompt} prompt (masked),
+    ${r.trained} in the answers${r.truncated ? ", TRUNCATED" : ""}</div>` + r.parts.map(x =>
+    `<div class="seg ${x.trained ? "trained" : "prompt"} ${esc(x.kind)}"><b>${esc(x.kind)}</b> ${esc(x.text)}</div>`).join("") + "</div>").join("");
   let html = `<p id="preview-counts">${s.records} records read (first ${p.limit} at most): ${s.tokens} tokens, ${s.trained_tokens} trained;
     <b>${s.truncated} truncated</b> at max length, ${s.lost_eos} lost their EOS, ${s.lost_answer} lost their whole answer</p>`;
   return html + p.records.map(r => `<div class="record"><div class="muted">${esc(r.where)}: ${r.tokens} tokens, ${r.prompt} prompt (masked),
@@ -134,10 +150,21 @@ function makeCharts() {
   CH.lr = new StepChart($("#chart-lr"), "learning rate", ["lr"], v => v.toExponential(2));
   CH.tps = new StepChart($("#chart-tps"), "tokens/s", ["input", "trained"]);
   CH.mem = new StepChart($("#chart-mem"), "memory (GiB)", []);
+  CH.rewards = new StepChart($("#chart-rewards"), "rewards", ["margins", "chosen", "rejected", "eval margins"]);
+  CH.accuracy = new StepChart($("#chart-accuracy"), "preference accuracy", ["accuracy", "eval accuracy"]);
   Object.values(CH).forEach(c => c.draw());
+}
+const REWARDS = [["rewards/margins", "margins"], ["rewards/chosen", "chosen"], ["rewards/rejected", "rejected"]];
+function addRewards(chart, acc, r, prefix) {
+  // a preference run's reward curves (engine/preference_step.py's metrics); eval rows carry them as eval_*
+  const key = (k) => prefix ? "eval_" + k : k, name = (n) => prefix ? "eval " + n : n;
+  REWARDS.forEach(([k, n]) => { if (key(k) in r) chart.add(name(n), r.step, r[key(k)]); });
+  if (key("rewards/accuracy") in r) acc.add(name("accuracy"), r.step, r[key("rewards/accuracy")]);
+  return key("rewards/margins") in r;
 }
 function addRows(rows) {
   rows.forEach(r => {
+    if (addRewards(CH.rewards, CH.accuracy, r, "loss" in r ? "" : "eval")) { $("#chart-rewards").hidden = false; $("#chart-accuracy").hidden = false; }
     if ("loss" in r) {
       CH.loss.add("train loss", r.step, r.loss); CH.lr.add("lr", r.step, r.lr);
       CH.tps.add("input", r.step, r.input_tokens_per_s); CH.tps.add("trained", r.step, r.trained_tokens_per_s);
@@ -164,6 +191,7 @@ function watch(folder) {
   if (SOURCE) SOURCE.close();
   WATCHING = folder; $("#run-folder").value = folder; $("#chat-folder").value ||= folder;
   Object.values(CH).forEach(c => c.clear());
+  $("#chart-rewards").hidden = true; $("#chart-accuracy").hidden = true;
   SOURCE = new EventSource("/api/run/events?folder=" + encodeURIComponent(folder));
   SOURCE.addEventListener("rows", ev => addRows(JSON.parse(ev.data)));
   SOURCE.addEventListener("reset", () => Object.values(CH).forEach(c => c.clear()));
@@ -194,11 +222,13 @@ async function runDetail(folder) {
   const scores = s.summary ? Object.entries(s.summary.eval_after || {}).map(([k, v]) => `${k} ${typeof v === "number" ? v.toFixed(4) : v}`).join(", ") : "not finished";
   $("#run-detail").innerHTML = `<div><h3>${esc(folder)}</h3><p>${esc(s.status)}; final scores: ${esc(scores)}</p>
     <p><a href="#train?folder=${encodeURIComponent(folder)}">watch in Train</a> · <a href="#chat" id="chat-this">chat with it</a></p>
-    <div id="detail-chart"></div></div><div><pre>${esc(s.config)}</pre></div>`;
+    <div id="detail-chart"></div><div id="detail-rewards"></div></div><div><pre>${esc(s.config)}</pre></div>`;
   $("#chat-this").addEventListener("click", () => { $("#chat-folder").value = folder; });
   const c = new StepChart($("#detail-chart"), "loss", ["train loss", "eval loss"]);
   s.rows.forEach(r => { if ("loss" in r) c.add("train loss", r.step, r.loss); if ("eval_loss" in r) c.add("eval loss", r.step, r.eval_loss); });
   c.draw();
+  const rw = new StepChart($("#detail-rewards"), "rewards", []);
+  if (s.rows.map(r => addRewards(rw, rw, r, "loss" in r ? "" : "eval")).some(Boolean)) rw.draw();
 }
 
 // ---- Chat: answers streamed as server-sent events over a POST
@@ -246,7 +276,8 @@ let COMPARE = null, COMPARE_TIMER = null;
 async function compareStart() {
   $("#compare-error").textContent = "";
   try {
-    const r = await api("/api/compare/start", {tree: tree(), methods: $("#compare-methods").value, output: $("#compare-output").value});
+    const r = await api("/api/compare/start", {tree: tree(), methods: $("#compare-methods").value,
+                                                objectives: $("#compare-objectives").value, output: $("#compare-output").value});
     compareWatch(r.folder);
   } catch (e) { $("#compare-error").textContent = e.message + (Object.keys(e.fields).length ? " (see Setup)" : ""); showErrors("#setup-form", e.fields); }
 }
@@ -277,8 +308,11 @@ async function main() {
   fillSelect("method.name", INFO.choices["method.name"], "lora");
   fillSelect("train.precision", INFO.choices["train.precision"], "auto");
   fillSelect("train.device", INFO.choices["train.device"], "auto");
+  fillSelect("train.objective", INFO.choices["train.objective"], "sft");
   methodFields();
+  objectiveFields();
   $('[name="method.name"]').addEventListener("change", methodFields);
+  $('[name="train.objective"]').addEventListener("change", objectiveFields);
   $("#setup-form").addEventListener("input", setupChanged);
   $("#setup-form").addEventListener("change", setupChanged);
   $("#start-run").addEventListener("click", startRun);
