@@ -15,20 +15,28 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The slowest test modules, slowest first (docs/development.md): under pytest-xdist (scripts/test.sh) they are
+# handed out first, so the workers finish together instead of one starting a minutes-long module at the end.
+SLOWEST = ["tests/export/test_gguf_embedded.py", "tests/engine/test_distributed.py", "tests/compare/test_compare.py",
+           "tests/ui/test_browser.py", "tests/engine/test_resume.py", "tests/test_embedded.py"]
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into work units
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole modules to the next free worker (a module-scoped fixture is built once), in the order the workers
+    collected them (pytest_collection_modifyitems: SLOWEST first), not reordered by their number of tests."""
+    from xdist.scheduler import LoadFileScheduling
+
+    if config.getvalue("dist") != "load":  # -n alone means load; another --dist is the caller's choice
+        return None
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's `--dist loadgroup` (scripts/test.sh) every test goes to whichever worker is free,
-    except that the tests sharing a module- or class-scoped fixture run on one worker one after another (their
-    module's group), so that fixture is built once; a module's own xdist_group mark wins."""
-    if getattr(config.option, "dist", "no") == "no":
-        return
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group") is not None:
-            continue
-        if any(d.scope in ("module", "class", "package") for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of scripts/test.sh: SLOWEST's modules first
+        rank = {path: i for i, path in enumerate(SLOWEST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOWEST)))
 
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
