@@ -32,7 +32,7 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 extra=""; check="import slimtune, transformers, peft"; stamp="$VENV/.slimtune-installed"
 if [ "${1:-}" = test ]; then
-  extra="[test]"; check="$check, pytest, hypothesis, bitsandbytes"; stamp="$VENV/.slimtune-installed-test"
+  extra="[test]"; check="$check, pytest, xdist, hypothesis, bitsandbytes"; stamp="$VENV/.slimtune-installed-test"
 fi
 if ! "$VENV/bin/python" -c "$check" 2>/dev/null || [ pyproject.toml -nt "$stamp" ] \
    || { [ -n "$PIN0" ] && [ "$PIN0" -nt "$stamp" ]; }; then

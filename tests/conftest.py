@@ -15,6 +15,31 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The slowest test modules, slowest first (docs/development.md): under pytest-xdist (scripts/test.sh) they are
+# handed out first, so the workers finish together instead of one starting a minutes-long module at the end.
+SLOWEST = ["tests/export/test_gguf_embedded.py", "tests/engine/test_distributed.py", "tests/test_embedded.py",
+           "tests/ui/test_browser.py", "tests/kernels/test_compiled.py", "tests/engine/test_resume.py",
+           "tests/compare/test_compare.py"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole modules to the next free worker (a module-scoped fixture is built once), in the order the workers
+    collected them (pytest_collection_modifyitems: SLOWEST first), not reordered by their number of tests."""
+    from xdist.scheduler import LoadFileScheduling
+
+    if config.getvalue("dist") != "load":  # -n alone means load; another --dist is the caller's choice
+        return None
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of scripts/test.sh: SLOWEST's modules first
+        rank = {path: i for i, path in enumerate(SLOWEST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOWEST)))
+
+
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<|begin_of_text|>",
