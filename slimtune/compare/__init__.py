@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import outputs
 from ..models import pick_device
 from . import report, runner
-from .spec import Plan, load
+from .spec import Comparison, load
 
 
 def compare(config_path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
@@ -17,14 +17,15 @@ def compare(config_path: str | Path, methods: list[str] | None = None, overrides
             objectives: list[str] | None = None) -> list[dict]:
     """Run (or go on with) a compare; its rows, as compare.json holds them. objectives: a row per
     train.objective (of each method)."""
-    plan = load(config_path, methods, overrides, objectives)
-    runner.check_data(plan, str(config_path))  # before any row: data no row can train on stops here
+    comparison = load(config_path, methods, overrides, objectives)
+    runner.check_data(comparison, str(config_path))  # before any row: data no row can train on stops here
     out = Path(output) if output else Path("compare") / Path(config_path).stem
-    outputs.check(out, "compare --output", plan.cfg.model.path, [plan.cfg.data.train, plan.cfg.data.eval],
+    data = comparison.cfg.data
+    outputs.check(out, "compare --output", comparison.cfg.model.path, [data.train, data.eval],
                   files=runner.WRITES)
-    rows = runner.run_plan(plan, out, log)
-    report.write(out, rows, report.meta(plan, str(config_path), pick_device(plan.cfg.train.device)), log)
+    rows = runner.run_comparison(comparison, out, log)
+    report.write(out, rows, report.meta(comparison, str(config_path), pick_device(comparison.cfg.train.device)), log)
     return rows
 
 
-__all__ = ["Plan", "compare", "load"]
+__all__ = ["Comparison", "compare", "load"]

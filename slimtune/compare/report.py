@@ -8,18 +8,18 @@ from ..runs.metrics_log import read_metrics
 from ..config.batch import records_per_step
 from ..evaluate import plots
 from . import page, table
-from .spec import Plan
+from .spec import Comparison
 
 CHARTS = {"loss curves": "loss_curves.png", "score vs training memory": "score_vs_memory.png",
           "score vs training time": "score_vs_time.png"}
 
 
-def meta(plan: Plan, config_path: str, device: str) -> dict:
-    tc = plan.cfg.train
+def meta(comparison: Comparison, config_path: str, device: str) -> dict:
+    tc = comparison.cfg.train
     budget = f"{tc.max_steps} steps" if tc.max_steps else f"{tc.epochs:g} epochs"
-    return {"config": str(config_path), "metric": plan.metric, "device": device, "seed": tc.seed,
-            "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}", "pairs": plan.pairs,
-            "eval_records": "all" if plan.pairs else tc.eval_max_records or "all",
+    return {"config": str(config_path), "metric": comparison.metric, "device": device, "seed": tc.seed,
+            "budget": f"{budget} x {records_per_step(tc)} records, lr {tc.lr:g}", "pairs": comparison.pairs,
+            "eval_records": "all" if comparison.pairs else tc.eval_max_records or "all",
             "eval_max_tokens": tc.eval_max_tokens}
 
 

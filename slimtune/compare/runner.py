@@ -1,4 +1,4 @@
-"""`slimtune compare`: every row of a plan trained and evaluated in its own processes, on the same data,
+"""`slimtune compare`: every row of a comparison trained and evaluated in its own processes, on the same data,
 split, seed and budget; one result file per row, so an interrupted compare goes on where it stopped.
 
 Folder layout (DIR = --output):
@@ -31,7 +31,7 @@ from ..runs.adapter import read_config
 from ..methods import count_on_meta
 from ..models import load_tokenizer
 from . import child, pairs
-from .spec import BASE, Plan, Row, load_config, row_overrides
+from .spec import BASE, Comparison, Row, load_config, row_overrides
 
 
 CHILD = "child.json"  # names the running child (child.run_measured's record)
@@ -57,27 +57,27 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _shared_config(plan: Plan, out: Path) -> Path:
+def _shared_config(comparison: Comparison, out: Path) -> Path:
     """DIR/config.yaml; a DIR holding another config's compare is refused (rows would not be comparable)."""
     path = out / "config.yaml"
     if path.is_file():
-        diff = checkpoint.differences(read_config(out), plan.cfg)
+        diff = checkpoint.differences(read_config(out), comparison.cfg)
         if diff:
             raise ConfigError(f"{out}: holds a compare of another config ({'; '.join(diff[:3])}); use another "
                               "--output, or the same config to go on with that compare")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_mod.dump(plan.cfg), encoding="utf-8")
+    path.write_text(config_mod.dump(comparison.cfg), encoding="utf-8")
     return path
 
 
-def check_data(plan: Plan, where: str = "compare") -> None:
+def check_data(comparison: Comparison, where: str = "compare") -> None:
     """The records read, encoded and truncated as `slimtune train` does it (data.build), once per distinct
     model and data section among the rows, before any row starts: data that no row can train on stops
     compare with train's own error, not after the base row's eval and one failed child per row."""
     seen, tokenizers = set(), {}
-    for row in [None, *plan.rows]:
-        cfg = plan.cfg if row is None or row.method == BASE else \
-            load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+    for row in [None, *comparison.rows]:
+        cfg = comparison.cfg if row is None or row.method == BASE else \
+            load_config(config_mod.to_dict(comparison.cfg), where, row_overrides(row))
         key = json.dumps([cfg.model.path, config_mod.to_dict(cfg)["data"]], sort_keys=True, default=str)
         if key in seen:
             continue
@@ -86,21 +86,21 @@ def check_data(plan: Plan, where: str = "compare") -> None:
         if path not in tokenizers:
             tokenizers[path] = load_tokenizer(path, cfg.model.trust_remote_code)
         try:
-            sft_own = row is not None and plan.objective(row) == "sft" and pairs.own_data(row.overrides)
-            if plan.pairs and not sft_own:  # the pairs, read as `slimtune train` reads them for the row
+            sft_own = row is not None and comparison.objective(row) == "sft" and pairs.own_data(row.overrides)
+            if comparison.pairs and not sft_own:  # the pairs, read as `slimtune train` reads them for the row
                 build_pairs(cfg, tokenizers[path], log=lambda *a, **k: None)
             else:
                 build(cfg.data, tokenizers[path], log=lambda *a, **k: None)
         except DataError as err:
-            if cfg is plan.cfg:
+            if cfg is comparison.cfg:
                 raise
             raise DataError(f"compare.methods.{row.label}: {err}") from None  # the row's own data.* overrides
 
 
-def _heldout(plan: Plan, out: Path) -> Path:
+def _heldout(comparison: Comparison, out: Path) -> Path:
     """The held-out records, as `slimtune train` splits them (same reader, size and seed)."""
-    cfg = plan.cfg
-    if plan.pairs:
+    cfg = comparison.cfg
+    if comparison.pairs:
         return pairs.write_heldout(cfg, out)
     if cfg.data.eval:
         return Path(cfg.data.eval)
@@ -141,9 +141,9 @@ def _train_args(row: Row, shared: Path, run_dir: Path) -> list[str]:
     return args
 
 
-def _eval_args(plan: Plan, row: Row, run_dir: Path, data: Path) -> list[str]:
-    cfg, tc = plan.cfg, plan.cfg.train
-    if plan.pairs:  # preference accuracy and mean margin of the run on the held-out pairs
+def _eval_args(comparison: Comparison, row: Row, run_dir: Path, data: Path) -> list[str]:
+    cfg, tc = comparison.cfg, comparison.cfg.train
+    if comparison.pairs:  # preference accuracy and mean margin of the run on the held-out pairs
         return ["eval", str(run_dir), "--data", str(data), "--output", str(run_dir / "compare-eval"), "--device",
                 tc.device]
     args = ["eval", "--data", str(data), "--output", str(run_dir / "compare-eval"), "--device", tc.device,
@@ -155,7 +155,7 @@ def _eval_args(plan: Plan, row: Row, run_dir: Path, data: Path) -> list[str]:
         args.insert(1, str(run_dir))
     if tc.eval_separator:
         args += ["--extraction", f"--separator={tc.eval_separator}"]
-    elif plan.metric:
+    elif comparison.metric:
         args.append("--generate")
     return args
 
@@ -180,22 +180,22 @@ def _train(row: Row, shared: Path, out: Path, fwd: child.Forward, log: Callable[
     return done
 
 
-def _evaluate(plan: Plan, row: Row, out: Path, data: Path, fwd: child.Forward,
+def _evaluate(comparison: Comparison, row: Row, out: Path, data: Path, fwd: child.Forward,
               log: Callable[[str], None]) -> tuple[dict, str | None]:
     """The eval child's scores and measurements, or the reason it failed."""
     run_dir = out / "runs" / row.label
     log(f"compare: {row.label}: evaluating on {data}")
     log_path = out / "logs" / f"{row.label}.eval.log"
     (run_dir / "compare-eval" / "scores.json").unlink(missing_ok=True)  # an earlier attempt's must not count
-    res = child.run_measured(_eval_args(plan, row, run_dir, data), log_path,
+    res = child.run_measured(_eval_args(comparison, row, run_dir, data), log_path,
                              out / "logs" / f"{row.label}.eval.peak.json", fwd, out / CHILD)
     scores = _read_json(run_dir / "compare-eval" / "scores.json")
     if res.interrupted and not (res.rc == 0 and scores):
         raise Interrupted(f"stopped while evaluating {row.label}")
     if res.rc != 0 or scores is None:
         return {}, res.failure(log_path)
-    metric = plan.metric
-    return {**(pairs.scores(scores) if plan.pairs else {}),
+    metric = comparison.metric
+    return {**(pairs.scores(scores) if comparison.pairs else {}),
             "eval_loss": scores.get("eval_loss"), "eval_records": scores.get("records"),
             "eval_tokens": scores.get("eval_tokens"),  # answer tokens the loss is over (report.loss_note)
             "score": scores[metric] / 100 if metric and metric in scores else None,  # scores.json is in percent
@@ -234,15 +234,15 @@ def _base_total(cfg: config_mod.Config) -> int | None:
         return None
 
 
-def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: child.Forward,
+def run_row(comparison: Comparison, row: Row, out: Path, shared: Path, data: Path, fwd: child.Forward,
             log: Callable[[str], None]) -> dict:
     """Train (unless base) and evaluate one row; its result, also in results/<label>.json."""
     run_dir = out / "runs" / row.label
     result = {"label": row.label, "method": row.method, "overrides": row.overrides, "status": "done",
-              "reason": None, "run_dir": str(run_dir), "metric": plan.metric,
-              "objective": plan.objective(row)}
+              "reason": None, "run_dir": str(run_dir), "metric": comparison.metric,
+              "objective": comparison.objective(row)}
     if row.method == BASE:
-        total = _base_total(plan.cfg)
+        total = _base_total(comparison.cfg)
         result.update(trainable_params=0, total_params=total, trainable_share=0.0 if total else None)
     else:
         train = _train(row, shared, out, fwd, log)
@@ -251,7 +251,7 @@ def run_row(plan: Plan, row: Row, out: Path, shared: Path, data: Path, fwd: chil
         else:
             result.update(_trained(train, run_dir))
     if result["status"] == "done":
-        scores, reason = _evaluate(plan, row, out, data, fwd, log)
+        scores, reason = _evaluate(comparison, row, out, data, fwd, log)
         result.update(scores)
         if reason:
             result.update(status="failed", reason=f"eval: {reason}")
@@ -278,22 +278,23 @@ def _locked(out: Path, log: Callable[[str], None]) -> Iterator[None]:
         lock.__exit__(None, None, None)
 
 
-def run_plan(plan: Plan, out: Path, log: Callable[[str], None] = print) -> list[dict]:
-    """Every row of the plan, finished rows (results/<label>.json) skipped; the rows' results in order."""
+def run_comparison(comparison: Comparison, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """Every row of the comparison, finished rows (results/<label>.json) skipped; the rows' results in order."""
     with _locked(out, log):
         child.stop_orphan(out / CHILD, log)  # an earlier compare's child still training here: it checkpoints
-        return _rows(plan, out, log)
+        return _rows(comparison, out, log)
 
 
-def _rows(plan: Plan, out: Path, log: Callable[[str], None]) -> list[dict]:
-    shared = _shared_config(plan, out)
-    data = _heldout(plan, out)
-    for row in plan.rows:  # an sft row on pairs trains on their chosen answers (compare/pairs.py)
-        if plan.pairs and row.method != BASE and plan.objective(row) == "sft" and not pairs.own_data(row.overrides):
+def _rows(comparison: Comparison, out: Path, log: Callable[[str], None]) -> list[dict]:
+    shared = _shared_config(comparison, out)
+    data = _heldout(comparison, out)
+    for row in comparison.rows:  # an sft row on pairs trains on their chosen answers (compare/pairs.py)
+        sft_on_pairs = comparison.pairs and comparison.objective(row) == "sft" and not pairs.own_data(row.overrides)
+        if sft_on_pairs and row.method != BASE:
             row.data = pairs.sft_overrides(out)
     results = []
     with child.Forward() as fwd:
-        for row in plan.rows:
+        for row in comparison.rows:
             if fwd.requested:
                 raise Interrupted(f"{fwd.requested} between rows, before {row.label}")
             done = _read_json(out / "results" / f"{row.label}.json")
@@ -302,5 +303,5 @@ def _rows(plan: Plan, out: Path, log: Callable[[str], None]) -> list[dict]:
                     f"{out / 'results' / (row.label + '.json')} to run it again")
                 results.append(done)
                 continue
-            results.append(run_row(plan, row, out, shared, data, fwd, log))
+            results.append(run_row(comparison, row, out, shared, data, fwd, log))
     return results

@@ -52,7 +52,7 @@ class Row:
 
 
 @dataclass
-class Plan:
+class Comparison:
     cfg: config_mod.Config  # the shared config, command-line overrides applied, before any row's own
     rows: list[Row]
     metric: str | None  # a key of scores.json, or None: eval loss only
@@ -144,30 +144,30 @@ def _where(row: Row) -> str:
         f"compare.methods.{row.label}"
 
 
-def _check_rows(plan: Plan, where: str) -> None:
+def _check_rows(comparison: Comparison, where: str) -> None:
     """Each row's config loads; preference rows need pairs; the untrained model cannot be scored on pairs."""
-    for row in plan.rows:  # each row's config is checked now: a typo must not surface after an hour of runs
+    for row in comparison.rows:  # each row's config is checked now: a typo must not surface after an hour of runs
         try:
-            cfg = load_config(config_mod.to_dict(plan.cfg), where, row_overrides(row))
+            cfg = load_config(config_mod.to_dict(comparison.cfg), where, row_overrides(row))
             pref_reference.resolve(cfg)  # what `slimtune train` refuses for this objective and method
         except ConfigError as err:
             raise ConfigError(f"{_where(row)}: {err}") from None
-        if plan.pairs and row.method in config_mod.PROMPT_METHODS:
+        if comparison.pairs and row.method in config_mod.PROMPT_METHODS:
             raise ConfigError(f"{_where(row)}: method.name={row.method}: rows on preference pairs are scored from the "
                               "decoder's hidden states, which the virtual tokens of prompt methods bypass; compare "
                               "them on answers, or use lora")
-        if plan.pairs and row.method == BASE:
+        if comparison.pairs and row.method == BASE:
             raise ConfigError(f"{where}: compare.methods.base: on preference pairs every row is scored against the "
                               "untrained model (its margins are 0 by definition); leave base out")
-        if not plan.pairs and plan.objective(row) != "sft":
-            raise ConfigError(f"{_where(row)}: train.objective={plan.objective(row)}: compare scores preference "
-                              f"rows on held-out pairs, and {plan.cfg.data.train} holds none; give pairs "
+        if not comparison.pairs and comparison.objective(row) != "sft":
+            raise ConfigError(f"{_where(row)}: train.objective={comparison.objective(row)}: compare scores preference "
+                              f"rows on held-out pairs, and {comparison.cfg.data.train} holds none; give pairs "
                               '("prompt", "chosen", "rejected") as data.train')
 
 
 def load(path: str | Path, methods: list[str] | None = None, overrides: list[str] | None = None,
-         objectives: list[str] | None = None) -> Plan:
-    """The plan of `slimtune compare PATH [overrides] --methods ... --objectives ...`; every row's config is
+         objectives: list[str] | None = None) -> Comparison:
+    """The comparison of `slimtune compare PATH [overrides] --methods ... --objectives ...`; every row's config is
     validated here, before any run starts."""
     where = str(path)
     if not Path(path).is_file():
@@ -201,11 +201,11 @@ def load(path: str | Path, methods: list[str] | None = None, overrides: list[str
     if not (cfg.data.eval or cfg.data.eval_size > 0):
         raise ConfigError(f"{where}: compare scores every method on held-out records: set data.eval, or "
                           "data.eval_size above 0")
-    plan = Plan(cfg, rows, _metric(section, cfg, where), pairs.holds_pairs(cfg.data))
-    _check_rows(plan, where)
-    if plan.pairs:
-        plan.metric = None  # the pairs' scores (preference accuracy, mean margin) are the test
-    return plan
+    comparison = Comparison(cfg, rows, _metric(section, cfg, where), pairs.holds_pairs(cfg.data))
+    _check_rows(comparison, where)
+    if comparison.pairs:
+        comparison.metric = None  # the pairs' scores (preference accuracy, mean margin) are the test
+    return comparison
 
 
 def row_overrides(row: Row) -> list[str]:

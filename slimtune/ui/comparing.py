@@ -31,7 +31,7 @@ def start(launcher: runs.Launcher, cfg: config_mod.Config, methods: str, output:
     if _names(methods) or not rows:
         rows = ["--methods", _names(methods or METHODS), *rows]
     named = dict(zip(rows[::2], rows[1::2]))
-    try:  # the plan's errors as `slimtune compare` words them, before anything starts
+    try:  # the comparison's errors as `slimtune compare` words them, before anything starts
         spec.load(yaml_path, _split(named.get("--methods")), None, _split(named.get("--objectives")))
     except config_mod.ConfigError as err:
         raise config_mod.ConfigError(str(err).replace(str(yaml_path), "setup")) from None

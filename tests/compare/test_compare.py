@@ -176,11 +176,12 @@ def test_plan_rows_overrides_and_labels(tmp_path, tiny_model_dir):
                                                        "prompt_tuning": {"train.lr": 0.03},
                                                        "lora_r8": {"method.name": "lora", "method.r": 8,
                                                                    "method.target_modules": ["q_proj"]}}})
-    plan = spec.load(cfg)
-    assert [(r.label, r.method) for r in plan.rows] == [("base", "base"), ("lora", "lora"),
+    comparison = spec.load(cfg)
+    assert [(r.label, r.method) for r in comparison.rows] == [("base", "base"), ("lora", "lora"),
                                                         ("prompt_tuning", "prompt_tuning"), ("lora_r8", "lora")]
-    assert spec.row_overrides(plan.rows[3]) == ["method.name=lora", "method.r=8", "method.target_modules=[q_proj]"]
-    assert plan.metric is None and plan.cfg.train.max_steps == 2
+    assert spec.row_overrides(comparison.rows[3]) == ["method.name=lora", "method.r=8",
+                                                      "method.target_modules=[q_proj]"]
+    assert comparison.metric is None and comparison.cfg.train.max_steps == 2
     picked = spec.load(cfg, ["full", "prompt_tuning"], ["train.max_steps=5"])
     assert [(r.label, r.overrides) for r in picked.rows] == [("full", []), ("prompt_tuning", ["train.lr=0.03"])]
     assert picked.cfg.train.max_steps == 5
@@ -220,7 +221,7 @@ def test_cli_reports_plan_errors_as_one_line(tmp_path, tiny_model_dir, capsys):
     assert cli.main(["compare", str(cfg), "--methods", "lora,nope", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slimtune compare: error: ") and "compare.methods.nope" in err and "\n" not in err
-    assert not (tmp_path / "o").exists()  # nothing starts before the plan is valid
+    assert not (tmp_path / "o").exists()  # nothing starts before the comparison is valid
 
 
 def test_a_row_goes_on_from_its_checkpoint_unless_its_overrides_changed(compared, tmp_path):

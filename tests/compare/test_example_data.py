@@ -29,8 +29,8 @@ def test_bio_spans_become_type_text_items_in_order_once():
 def test_the_example_config_is_a_valid_compare_plan(monkeypatch):
     monkeypatch.chdir(ROOT)
     path = ROOT / "examples" / "compare-extraction.yaml"
-    plan = spec.load(path)
-    labels = [r.label for r in plan.rows]
+    comparison = spec.load(path)
+    labels = [r.label for r in comparison.rows]
     assert labels == ["base", "lora", "dora", "freeze", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "full"]
-    assert plan.metric == "extraction_f1" and plan.cfg.train.eval_separator == "\n"
-    assert yaml.safe_load(path.read_text())["data"]["eval"] == plan.cfg.data.eval
+    assert comparison.metric == "extraction_f1" and comparison.cfg.train.eval_separator == "\n"
+    assert yaml.safe_load(path.read_text())["data"]["eval"] == comparison.cfg.data.eval

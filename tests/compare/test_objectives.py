@@ -114,14 +114,15 @@ def test_the_table_shows_accuracy_and_margin_from_the_rows(by_objective):
     assert "<th>Preference accuracy</th>" in page and page.count('src="data:image/png;base64,') == 3
 
 
-# --- the plan, checked before any run (no processes) ---
+# --- the comparison, checked before any run (no processes) ---
 
 def test_plan_of_objectives_and_methods(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, {"objectives": {"sft": None, "dpo": {"preference.beta": 0.3}}})
-    plan = spec.load(cfg)
-    assert plan.pairs and plan.metric is None
-    assert [(r.label, r.method, r.objective) for r in plan.rows] == [("sft", "lora", "sft"), ("dpo", "lora", "dpo")]
-    assert spec.row_overrides(plan.rows[1]) == ["method.name=lora", "train.objective=dpo", "preference.beta=0.3"]
+    comparison = spec.load(cfg)
+    assert comparison.pairs and comparison.metric is None
+    rows = [(r.label, r.method, r.objective) for r in comparison.rows]
+    assert rows == [("sft", "lora", "sft"), ("dpo", "lora", "dpo")]
+    assert spec.row_overrides(comparison.rows[1]) == ["method.name=lora", "train.objective=dpo", "preference.beta=0.3"]
     one = spec.load(cfg, ["lora", "dora"], None, ["dpo"])
     assert [(r.label, r.method, r.objective) for r in one.rows] == [("lora", "lora", "dpo"), ("dora", "dora", "dpo")]
     both = spec.load(cfg, ["lora", "ia3"], None, ["sft", "orpo"])

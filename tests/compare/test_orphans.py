@@ -83,7 +83,7 @@ def test_a_new_compare_on_the_folder_stops_a_child_left_running(tmp_path, tiny_m
     """Where no parent-death signal reached it (not Linux, or compare died between fork and prctl), the
     orphan is named in DIR/child.json: the next compare there sends it SIGTERM before going on."""
     cfg, out = _config(tmp_path, tiny_model_dir, max_steps=2), tmp_path / "out"
-    plan = spec.load(cfg)
+    comparison = spec.load(cfg)
     (out / "results").mkdir(parents=True)
     (out / "results" / "lora.json").write_text(json.dumps({"label": "lora", "status": "done"}))  # nothing to run
     peak = out / "logs" / "lora.train.peak.json"
@@ -93,7 +93,7 @@ def test_a_new_compare_on_the_folder_stops_a_child_left_running(tmp_path, tiny_m
         _wait(lambda: Path(f"{peak}.ready").is_file(), 60, "the stand-in child did not start")
         (out / runner.CHILD).write_text(json.dumps({"pid": orphan.pid, "peak": str(peak), "log": "x.log"}))
         lines = []
-        rows = runner.run_plan(plan, out, lines.append)
+        rows = runner.run_comparison(comparison, out, lines.append)
         assert orphan.wait(timeout=10) == 0 and Path(f"{peak}.stopped").read_text() == "SIGTERM"
     finally:
         orphan.kill()
@@ -113,5 +113,5 @@ def test_a_second_compare_on_a_folder_in_use_is_refused(tmp_path, tiny_model_dir
     with ownership.Lock(out, log=lambda *a: None):
         with pytest.raises(ownership.RunFolderError, match=rf"^--output: {out} is in use by another slimtune "
                            rf"compare \(PID {os.getpid()}\); wait for it, stop it, or choose another --output$"):
-            runner.run_plan(spec.load(cfg), out, print)
+            runner.run_comparison(spec.load(cfg), out, print)
     assert not (out / "runs").exists() and not (out / "config.yaml").exists()
