@@ -31,7 +31,10 @@ BUILTINS = {"ValueError", "RuntimeError", "FileNotFoundError", "FileExistsError"
 INTERNAL = {("data/pack.py", "ValueError"): "the row budget is derived from data.max_len by the caller",
             ("kernels/attention.py", "ValueError"): "the packed collate builds one full causal row",
             ("engine/loop.py", "ValueError"): "fit called with held-out records and no evaluate callable",
-            ("ui/paths.py", "OSError"): "raised by _stat and caught at once by Roots.check, which answers NotAPath"}
+            ("ui/paths.py", "OSError"): "raised by _stat and caught at once by Roots.check, which answers NotAPath",
+            ("objectives/__init__.py", "ValueError"): "train.objective is one of the config's choices before a step",
+            ("objectives/grpo.py", "ValueError"): "grpo.* values are checked with the config, and the GRPO step "
+                                                  "passes whole groups and the reference when beta > 0"}
 
 
 def _modules():

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import models
-from ..config.fields import PreferenceConfig
+from ..config.fields import GrpoConfig, PreferenceConfig
 from ..data import encode_examples, pref_read, read
 from ..data.encode import segments
 from ..data.pref_encode import encode_records, summary
@@ -23,7 +23,7 @@ from ..errors import SlimtuneError
 from ..methods import count_on_meta
 from .paths import PathRefused, Roots
 
-FIELD = re.compile(r"\b((?:model|data|method|train|preference)\.\w+)")
+FIELD = re.compile(r"\b((?:model|data|method|train|preference|grpo)\.\w+)")
 PREVIEW_RECORDS = 200  # records read for the preview's counts: enough to see truncation, quick on any file
 # the knobs each preference objective reads (objectives.loss), shown when the form picks it
 OBJECTIVE_FIELDS = {"sft": [], "dpo": ["train.reference", "preference.beta", "preference.label_smoothing"],
@@ -31,12 +31,16 @@ OBJECTIVE_FIELDS = {"sft": [], "dpo": ["train.reference", "preference.beta", "pr
                     "simpo": ["preference.beta", "preference.simpo_gamma"],
                     "orpo": ["preference.orpo_lambda"],
                     "kto": ["train.reference", "preference.beta", "preference.kto_desirable_weight",
-                            "preference.kto_undesirable_weight"]}
+                            "preference.kto_undesirable_weight"],
+                    # the built-in rewards only: a reward written in Python runs only when the command line names it
+                    "grpo": ["grpo.rewards", "grpo.num_generations", "grpo.max_new_tokens", "grpo.loss_type",
+                             "grpo.beta", "grpo.temperature"]}
 PAIRS = 'pairs JSONL: {"prompt", "chosen", "rejected"} (TRL), or LLaMA-Factory\'s alpaca/ShareGPT pairs'
 DATA_HINTS = {"sft": "answers JSONL: alpaca {\"instruction\", \"output\"} or {\"messages\": [...]}",
               "dpo": PAIRS, "ipo": PAIRS, "simpo": PAIRS, "orpo": PAIRS,
               "kto": 'labelled answers JSONL: {"prompt", "completion", "label": true|false}, or pairs (each answer '
-                     "becomes one record)"}
+                     "becomes one record)",
+              "grpo": 'prompts JSONL: {"prompt", "answer"}, alpaca (output = the reference answer) or messages'}
 
 
 class FormError(SlimtuneError):
@@ -67,7 +71,7 @@ def schema() -> dict:
     sections = {}
     for section, cls in (("model", config_mod.ModelConfig), ("data", config_mod.DataConfig),
                          ("method", config_mod.MethodConfig), ("train", config_mod.TrainConfig),
-                         ("preference", PreferenceConfig)):
+                         ("preference", PreferenceConfig), ("grpo", GrpoConfig)):
         docs = config_mod.field_docs(cls)
         sections[section] = {k: {"default": v, "type": docs[k][0], "doc": docs[k][1]}
                              for k, v in dataclasses.asdict(cls()).items()}

@@ -143,6 +143,7 @@ def test_auto_leaves_the_layers_eager_beside_liger_and_says_so(monkeypatch):
     assert select.use_compile("on", "cuda", beside_liger=97)
     monkeypatch.setattr(norm_mlp, "enable", lambda model: 5)  # stands for Liger on a GPU
     monkeypatch.setattr(select, "use_fused_norm_mlp", lambda *a: True)
+    monkeypatch.setattr(select, "chosen", lambda *a: True)  # the run plan's Liger choice for this width
     model, lines = _lora_model(), []
     took = select.enable(model, config.TrainConfig(packing="off", fused_lora="off", fused_rope="off", tiled_mlp="off"),
                          "cuda", log=lines.append)

@@ -46,11 +46,12 @@ def _tree(work, objective="dpo", **over) -> dict:
 
 def test_the_schema_names_objectives_their_knobs_and_data_formats(client):
     info = client.get("/api/info").json()
-    assert info["choices"]["train.objective"] == ["sft", "dpo", "ipo", "simpo", "orpo", "kto"]
+    assert info["choices"]["train.objective"] == ["sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"]
     assert info["objective_fields"]["dpo"] == ["train.reference", "preference.beta", "preference.label_smoothing"]
     assert info["objective_fields"]["orpo"] == ["preference.orpo_lambda"] and info["objective_fields"]["sft"] == []
     assert info["sections"]["preference"]["beta"]["default"] == 0.1
     assert '"chosen", "rejected"' in info["data_hints"]["dpo"] and '"label"' in info["data_hints"]["kto"]
+    assert info["objective_fields"]["grpo"][0] == "grpo.rewards" and "grpo" in info["sections"]
 
 
 def test_a_preference_config_is_accepted_with_its_knobs(client, work):
