@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 import slimtune
-from slimtune import models
+from slimtune import cli, models
 from slimtune.assets import data_file
 from slimtune.config import Config
 from slimtune.data.collate import pad_id
@@ -110,8 +110,8 @@ def table(before: dict[str, float], after: dict[str, float], n: int) -> str:
              f"preference accuracy (mean log-prob)   {before['accuracy']:8.3f} {after['accuracy']:8.3f}",
              f"mean margin (nats per token)          {before['margin']:8.4f} {after['margin']:8.4f}",
              f"chosen answers' SFT loss              {before['chosen_loss']:8.4f} {after['chosen_loss']:8.4f}",
-             f"DPO reward accuracy / mean margin     {0:8.3f} {after['dpo_accuracy']:8.3f} / "
-             f"{after['dpo_margin']:.4f}"]
+             f"DPO reward accuracy (vs the base)     {before['dpo_accuracy']:8.3f} {after['dpo_accuracy']:8.3f}",
+             f"DPO mean reward margin                {before['dpo_margin']:8.4f} {after['dpo_margin']:8.4f}"]
     return "\n".join(lines)
 
 
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_pairs(Path(args.out))
         print(f"wrote {N_TRAIN} pairs to {paths[0]} and {N_HELD} to {paths[1]} (from llamafactory's {SOURCE})")
         return 0
-    got = run(Path(args.out), Path(args.run), tuple(args.overrides))
+    with cli.quiet_warnings():  # the foreign warnings `slimtune train` hides
+        got = run(Path(args.out), Path(args.run), tuple(args.overrides))
     before, after = got["before"], got["after"]
     print(table(before, after, got["pairs"]))
     print(f"(`slimtune eval {args.run} --data {Path(args.out) / 'held.jsonl'}` reports the DPO reward accuracy and "
