@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(`slimtune eval {args.run} --data {Path(args.out) / 'held.jsonl'}` reports the DPO reward accuracy and "
           f"margin); {got['summary']['steps']} steps in {got['summary']['train_seconds']:.0f} s, "
           f"{got['seconds']:.0f} s in all")
-    ok = after["accuracy"] > before["accuracy"] and after["margin"] > before["margin"] \
+    ok = after["margin"] > before["margin"] and after["accuracy"] >= before["accuracy"] \
         and after["chosen_loss"] <= 1.5 * before["chosen_loss"]
-    print("dpo demo: OK" if ok else "dpo demo: FAILED (accuracy or margin did not rise, or the chosen loss exploded)")
+    print("dpo demo: OK" if ok else "dpo demo: FAILED (the margin did not rise, the accuracy fell, or the chosen "
+          "answers' loss grew by more than half)")
     return 0 if ok else 1
 
 
