@@ -1,6 +1,7 @@
 """TensorBoard event files in the output folder, read back with tensorboard's own event reader."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def test_a_resumed_run_replaces_what_the_crashed_one_logged_after_its_checkpoint
     run = tmp_path / "run"
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     monkeypatch.setattr(loop, "step", real)
+    # TensorBoard reads a folder's event files in name order: the second a writer started, then the host, the pid
+    # and a per-process counter compared as text (".10" before ".9"); a resume in a new second sorts after
+    time.sleep(max(0.0, 1.05 - (time.time() % 1.0)))
     assert cli.main(["train", str(cfg), "--no-progress", "--resume"]) == 0
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl cut back to the checkpoint
