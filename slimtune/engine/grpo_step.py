@@ -26,9 +26,10 @@ from ..data.stream import MicroBatches
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
 from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, builtins, score, write_record
-from . import distributed, guards, precision
+from . import distributed
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
     sample_seed, stop_ids
+from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -126,7 +127,8 @@ class GrpoObjective:
             (run.scaler.scale(parts.loss) if run.scaler.is_enabled() else parts.loss).backward()
             total += parts.loss.detach().double()
             kl, clipped = kl + parts.kl * parts.tokens, clipped + parts.clipped * parts.tokens
-        row = update(run, total)
+        read = clip_and_read(run.model, run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
+        row = apply_update(run.optimizer, run.scheduler, run.scaler, read, {"loss": read[0]})
         if (run.step + 1) % self.g.steps_per_generation == 0:  # its last step: no checkpoint needs to keep them
             stream.buffer = None
         run.seen += sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches)
@@ -248,30 +250,3 @@ def reward_metrics(scored: list[Scored], total: torch.Tensor, keep: torch.Tensor
     return out
 
 
-def update(run: Run, loss: torch.Tensor) -> dict:
-    """Clip, the numeric guard, the fp16 scaler, the optimizer and the schedule, as engine/loop.step applies them
-    to accumulated gradients; the device is read once."""
-    optimizer, scaler = run.optimizer, run.scaler
-    scaling = scaler.is_enabled()
-    if scaling:
-        scaler.unscale_(optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    limit = run.cfg.train.max_grad_norm if run.cfg.train.max_grad_norm > 0 else float("inf")
-    clip = distributed.grad_norm if distributed.size() > 1 else torch.nn.utils.clip_grad_norm_
-    norm = clip(params, limit)
-    parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else [])
-    read = torch.stack([t.double() for t in parts]).tolist()
-    row = {"loss": read[0], "grad_norm": read[1]}
-    bad = guards.nonfinite(read[0], read[1], scaling)
-    if scaling:
-        if bad is None and read[3] <= 0:
-            optimizer.step()
-        scaler.update()
-        row.update(loss_scale=read[2], skipped=read[3] > 0)
-    elif bad is None:
-        optimizer.step()
-    run.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if bad:
-        row["nonfinite"] = bad
-    return row

@@ -24,8 +24,9 @@ from ..config import Config, ConfigError, TrainConfig
 from ..config.fields import PreferenceConfig
 from ..data.pairs import EncodedPair
 from ..data.stream import MicroBatches
-from . import distributed, guards, precision, reference as ref_mod
+from . import distributed, reference as ref_mod
 from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequence_logps, share
+from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
     from .state import Run
@@ -150,39 +151,11 @@ class PairObjective:
                 metrics[k].append(v)
         distributed.all_sum_(total)
         run.seen += sum(input_tokens(rs) for rs in records)
-        row = update(run, total)
+        read = clip_and_read(run.model, run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
+        row = apply_update(run.optimizer, run.scheduler, run.scaler, read, {"loss": read[0]})
         row.update(summarize(metrics, run.device), trained_tokens=sum(answer_tokens(rs) for rs in records),
                    data_s=data_s, computed_tokens=sum(b["input_ids"].numel() for b in batches))
         return row
-
-
-def update(run: Run, loss: torch.Tensor) -> dict:
-    """Clip, the numeric guard, the fp16 scaler, the optimizer and the schedule, as engine/loop.step applies
-    them to accumulated gradients; the device is read once."""
-    optimizer, scaler = run.optimizer, run.scaler
-    scaling = scaler.is_enabled()
-    if scaling:
-        scaler.unscale_(optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    limit = run.cfg.train.max_grad_norm if run.cfg.train.max_grad_norm > 0 else float("inf")
-    clip = distributed.grad_norm if distributed.size() > 1 else torch.nn.utils.clip_grad_norm_
-    norm = clip(params, limit)
-    parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else [])
-    read = torch.stack([t.double() for t in parts]).tolist()
-    row = {"loss": read[0], "grad_norm": read[1]}
-    bad = guards.nonfinite(read[0], read[1], scaling)
-    if scaling:
-        if bad is None and read[3] <= 0:
-            optimizer.step()
-        scaler.update()
-        row.update(loss_scale=read[2], skipped=read[3] > 0)
-    elif bad is None:
-        optimizer.step()
-    run.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if bad:
-        row["nonfinite"] = bad
-    return row
 
 
 def check(cfg: Config, world: int) -> None:

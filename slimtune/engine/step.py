@@ -59,22 +59,40 @@ def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimiz
     world = distributed.size()
     loss, count = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world), unread=True)
     distributed.all_sum_(loss)  # each rank's part of the mean
+    read = clip_and_read(model, optimizer, max_grad_norm, scaler, loss,
+                         [count] if isinstance(count, torch.Tensor) else [])
+    n_tokens = int(read[-1]) if isinstance(count, torch.Tensor) else count
+    if n_tokens == 0:  # counted on the device: known only now, before any update
+        optimizer.zero_grad(set_to_none=True)
+        raise DataError("a training step has no trained token (every label is -100)")
+    return apply_update(optimizer, scheduler, scaler, read, {"loss": read[0], "trained_tokens": n_tokens}, guard)
+
+
+def clip_and_read(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  scaler: torch.amp.GradScaler | None, loss: torch.Tensor,
+                  extra: list[torch.Tensor] | None = None) -> list[float]:
+    """Unscale (fp16 loss scaling) and clip the accumulated gradients, then read the device once: [loss, gradient
+    norm, (loss scale, overflow) when scaling, *extra] as floats. Each read makes the CPU wait for every queued
+    kernel, and a small model's step is paced by the CPU launching them."""
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for p in model.parameters() if p.requires_grad]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norm = distributed.grad_norm(params, limit) if world > 1 else torch.nn.utils.clip_grad_norm_(params, limit)
+    norm = distributed.grad_norm(params, limit) if distributed.size() > 1 else \
+        torch.nn.utils.clip_grad_norm_(params, limit)
     parts = [loss, norm.to(loss.device)] + (precision.scaler_state(scaler, optimizer) if scaling else []) \
-        + ([count] if isinstance(count, torch.Tensor) else [])
-    read = torch.stack([t.double() for t in parts]).tolist()  # the step's one read of the device
-    loss, norm = read[0], read[1]
-    n_tokens = int(read[-1]) if isinstance(count, torch.Tensor) else count
-    if n_tokens == 0:  # counted on the device: known only now, before any update
-        optimizer.zero_grad(set_to_none=True)
-        raise DataError("a training step has no trained token (every label is -100)")
-    row = {"loss": loss, "trained_tokens": n_tokens}
-    bad = guards.nonfinite(loss, norm, scaling) if guard else None
+        + list(extra or [])
+    return torch.stack([t.double() for t in parts]).tolist()
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 scaler: torch.amp.GradScaler | None, read: list[float], row: dict, guard: bool = True) -> dict:
+    """The update from clip_and_read's numbers: guard=True skips it on a NaN/inf loss or gradient (reported as
+    row["nonfinite"]); an fp16 overflow skips it too (the scaler lowers its scale); the schedule always steps.
+    `row` gets the gradient norm and the scaler's state."""
+    scaling = scaler is not None and scaler.is_enabled()
+    bad = guards.nonfinite(read[0], read[1], scaling) if guard else None
     if scaling:
         scale, overflow = read[2], read[3] > 0
         if bad is None and not overflow:
@@ -85,7 +103,7 @@ def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimiz
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    row["grad_norm"] = norm
+    row["grad_norm"] = read[1]
     if bad:
         row["nonfinite"] = bad
     return row
