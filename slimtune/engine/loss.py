@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,13 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """(sum of next-token cross-entropy over trained positions, their count) for one batch, both device
     tensors that nothing has read (training counts its tokens on the host and reads once a step).
     chunked=True: head and loss a chunk of rows at a time (kernels/linear_ce.py), never all the logits."""
-    if _sharded(model):
-        return _in_root_forward(model, batch, chunked)
+    if sharded(model):
+        return as_root_forward(model, lambda b, forward: _loss_sum(model, b, chunked, forward), batch)
     return _loss_sum(model, batch, chunked, model)
 
 
-def _sharded(model: torch.nn.Module) -> bool:
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards this module (its root's parameters are gathered only around its own forward)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
@@ -65,13 +67,14 @@ def _sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _in_root_forward(model: torch.nn.Module, batch: dict, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """FSDP2 gathers the root's parameters (embeddings, final norm, head) in hooks around the model's own
-    forward; the loss calls decoder and head apart, so it runs as that forward for the length of the call,
-    and the hooks (gather before, reduce-scatter of their gradients after backward) still fire."""
+def as_root_forward(model: torch.nn.Module, compute: Callable[[dict, Callable[..., object]], Any], batch: dict) -> Any:
+    """compute(batch, the model's own forward) run as the model's forward. FSDP2 gathers the root's parameters
+    (embeddings, final norm, head) in hooks around that forward; a loss that calls decoder and head apart runs
+    as it for the length of the call, so the hooks (gather before, reduce-scatter of their gradients after
+    backward) still fire."""
     own = model.__dict__.get("forward")
     plain = model.forward
-    model.forward = lambda b: _loss_sum(model, b, chunked, plain)
+    model.forward = lambda b: compute(b, plain)
     try:
         return model(batch)
     finally:

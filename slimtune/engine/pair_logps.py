@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from ..config import Config
 from ..data.collate import TRAINED, collate, trained_index
@@ -19,7 +18,7 @@ from ..data.pairs import EncodedPair
 from ..data.stream import split
 from ..kernels import linear_ce
 from ..objectives.logps import plain_token_logps, sequence_sums, token_logps
-from .loss import model_inputs, split_head
+from .loss import as_root_forward, model_inputs, sharded, split_head
 
 
 @dataclass(frozen=True)
@@ -81,16 +80,8 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """(summed answer log-probability (2B,) in fp32, answer tokens (2B,)) of each row of `batch`. Under FSDP2 the
     computation runs as the root module's forward, whose hooks gather the embeddings, final norm and head that the
     decoder and head calls read (engine/loss.py does the same for the answers' loss)."""
-    if isinstance(model, FSDPModule):
-        own, plain = model.__dict__.get("forward"), model.forward
-        model.forward = lambda b: _logps(model, b, chunked, plain)
-        try:
-            return model(batch)
-        finally:
-            if own is None:
-                del model.forward
-            else:
-                model.forward = own
+    if sharded(model):
+        return as_root_forward(model, lambda b, forward: _logps(model, b, chunked, forward), batch)
     return _logps(model, batch, chunked, model)
 
 
