@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..data.pref_read import peek_kind
 from ..data.readers import DataError
 from ..evaluate.generate import Sampling
 from ..evaluate.report import main as eval_main
@@ -40,14 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_pairs(path: str) -> bool:
-    """The file's first record has chosen and rejected answers."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            first = next((line for line in fh if line.strip()), "")
-        record = json.loads(first)
-    except (OSError, ValueError):
-        return False  # the answers reader says what is wrong with it
-    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+    """The file (JSON, JSONL or a saved dataset) holds preference pairs, as the preference readers detect them."""
+    return Path(path).exists() and peek_kind(path) == "pairs"
 
 
 def _read_pairs(cfg: Config, tokenizer: PreTrainedTokenizerBase, path: str) -> list[EncodedPair]:

@@ -55,6 +55,8 @@ def test_eval_scores_an_sft_run_on_pairs(sft_run, tmp_path, monkeypatch, capsys)
 def test_answers_files_still_go_to_the_answers_eval(tmp_path):
     assert not eval_cmd._is_pairs(str(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])))
     assert eval_cmd._is_pairs(str(write_jsonl(tmp_path / "p.jsonl", PAIRS)))
+    (tmp_path / "p.json").write_text(json.dumps(PAIRS))  # a JSON array, as LLaMA-Factory's dpo_en_demo.json
+    assert eval_cmd._is_pairs(str(tmp_path / "p.json"))
 
 
 def test_loss_png_draws_a_preference_runs_accuracy(tmp_path):
