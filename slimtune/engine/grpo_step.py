@@ -80,7 +80,7 @@ class GrpoObjective:
 
     fingerprint = staticmethod(fingerprint)
 
-    def stream(self, records: list[PromptRecord], tc: TrainConfig) -> Generations:
+    def stream(self, records: list[PromptRecord], tc: TrainConfig, packing: str = "off") -> Generations:
         return Generations(records, tc.micro_batch_size, tc.seed, tc.grad_accum, self.g.steps_per_generation)
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[PromptRecord]], out_dir: Path, device: str,

@@ -64,7 +64,8 @@ def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: 
         log(note)
     torch.manual_seed(tc.seed)
     took = enable_kernels(model, tc, device, log, plan.kernels)
-    stream = objective.stream(train, tc) if objective else micro_batches(train, tc, cfg.data.max_len, took.packing)
+    stream = (objective.stream(train, tc, took.packing) if objective
+              else micro_batches(train, tc, cfg.data.max_len, took.packing))
     steps = total_steps(len(train), tc, stream.per_epoch() if stream.binned else 0)
     optimizer = build_optimizer(model, tc)
     run = Run(model, cfg, dtypes, device, Path(out_dir), steps, optimizer, build_scheduler(optimizer, steps, tc),

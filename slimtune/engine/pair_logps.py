@@ -3,8 +3,10 @@ mismatched partner) stacked as the rows of one right-padded batch, and each sequ
 log-probability read from the decoder's hidden states through the output head a chunk at a time
 (objectives/logps.py), never all tokens x vocabulary logits at once.
 
-Rows are padded, not packed, on every device: a packed row would need its own trained-position map per sequence
-and the varlen attention path; padding costs the difference in length between a pair's two answers."""
+Packed (the run's packing is on: CUDA with varlen attention, or train.packing=rows), the sequences go back to
+back in one row instead (data/pack.collate: position ids restart per sequence, varlen attention keeps each to
+itself) and SEQUENCE says which sequence each trained position belongs to, so no padding is computed; padded,
+a pair's rows cost the difference in length between its two answers and every row the longest one's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..config import Config
+from ..data import pack
 from ..data.collate import TRAINED, collate, trained_index
 from ..data.pairs import EncodedPair
 from ..data.stream import split
@@ -34,12 +37,19 @@ class Item:
         return self.pair.where
 
 
-def collate_pairs(items: list[Item], pad: int, device: str) -> dict[str, torch.Tensor]:
-    """Rows 0..B-1 the chosen sequences, B..2B-1 the rejected ones, right-padded, with TRAINED on the device."""
+SEQUENCE = "pair_sequence"  # a packed batch's key: the sequence (0..2B-1) of each trained position, on the device
+
+
+def collate_pairs(items: list[Item], pad: int, device: str, packed: bool = False) -> dict:
+    """Sequences 0..B-1 the chosen ones, B..2B-1 the rejected ones, with TRAINED on the device: right-padded
+    rows, or (packed) one row of them back to back with SEQUENCE."""
     seqs = [i.pair.chosen_sequence() for i in items] + [i.pair.rejected_sequence() for i in items]
-    batch = collate(seqs, pad)
+    batch = pack.collate(seqs) if packed else collate(seqs, pad)
     batch[TRAINED] = trained_index(batch["labels"])
-    return {k: v.to(device) for k, v in batch.items()}
+    if packed:  # a trained position p predicts token p + 1, never a sequence's first (its label is -100)
+        starts = torch.tensor(batch[pack.BOUNDS][1:-1], dtype=torch.long)
+        batch[SEQUENCE] = torch.bucketize(batch[TRAINED][1] + 1, starts, right=True)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def input_tokens(items: list[Item]) -> int:
@@ -89,7 +99,9 @@ def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool
            forward: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     rows, positions = batch[TRAINED][0], batch[TRAINED][1]
     targets = batch["labels"][:, 1:][rows, positions]
-    n = batch["input_ids"].shape[0]
+    seq = batch.get(SEQUENCE, rows)
+    n = len(batch[pack.BOUNDS]) - 1 if SEQUENCE in batch else batch["input_ids"].shape[0]
+    batch = {k: v for k, v in batch.items() if k != SEQUENCE}
     parts = split_head(model)
     if parts is None:  # a head that post-processes logits: the model's own forward, all logits
         logits = forward(**model_inputs(batch, model)).logits[:, -batch["input_ids"].shape[1]:][:, :-1]
@@ -102,5 +114,4 @@ def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool
             per = (token_logps if chunked else plain_token_logps)(hidden, head.weight, head.bias, targets)
         else:  # an adapter on the head (or a quantized one): its own forward
             per = torch.log_softmax(head(hidden).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    counts = torch.bincount(rows, minlength=n)
-    return sequence_sums(per, rows, n), counts
+    return sequence_sums(per, seq, n), torch.bincount(seq, minlength=n)

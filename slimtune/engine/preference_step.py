@@ -94,11 +94,14 @@ class PairObjective:
     pad: int
     chunked: bool = True
     ref: Callable | None = None  # (model, items, batch) -> (ref chosen, ref rejected); set by start()
+    packed: bool = False  # each micro-batch's sequences in one packed row (set by stream from the run's packing)
 
     fingerprint = staticmethod(fingerprint)
 
-    def stream(self, records: list[Item], tc: TrainConfig) -> MicroBatches:
-        """Micro-batches of micro_batch_size records (two sequences each), padded: never packed."""
+    def stream(self, records: list[Item], tc: TrainConfig, packing: str = "off") -> MicroBatches:
+        """Micro-batches of micro_batch_size records (two sequences each); with the run's packing on, each
+        micro-batch's sequences are collated as one packed row (bins of records do not apply to pairs)."""
+        self.packed = packing != "off"
         return MicroBatches(records, tc.micro_batch_size, tc.seed)
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[Item]], out_dir: Path, device: str,
@@ -136,7 +139,7 @@ class PairObjective:
         rank, world = distributed.rank(), distributed.size()
         began = time.perf_counter()
         shares = [share(rs, rank, world) for rs in records]
-        batches = [collate_pairs(mine, self.pad, run.device) for mine, _ in shares]
+        batches = [collate_pairs(mine, self.pad, run.device, self.packed) for mine, _ in shares]
         data_s = time.perf_counter() - began
         total_records = sum(len(rs) for rs in records)
         total, metrics = torch.zeros((), dtype=torch.float64, device=run.device), defaultdict(list)
@@ -178,7 +181,8 @@ def evaluate(model: torch.nn.Module, objective: PairObjective, records: list[Ite
             rs = records[start:start + batch_size]
             with context():
                 loss, parts = objectives.loss(objective.objective,
-                                              objective.logps(model, rs, collate_pairs(rs, objective.pad, device)),
+                                              objective.logps(model, rs, collate_pairs(rs, objective.pad, device,
+                                                                                    objective.packed)),
                                               objective.pref)
             total += float(loss) * len(rs)
             for k, v in parts.items():

@@ -163,9 +163,11 @@ def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
     """The fast paths train.* asks for on `device` for a model `hidden` wide, decided once per run (the run
     plan's record: 1 stands for "on"; enable then says what each took in a given model)."""
     liger = chosen(tc.fused_norm_mlp, device, hidden)
-    # a preference objective's rows are a pair's chosen and rejected, padded: its step packs nothing
-    packing = "off" if tc.packing == "off" or tc.objective != "sft" or (
-        tc.packing == "auto" and not device.startswith("cuda")) else "bins" if tc.packing == "on" else "rows"
+    # a preference objective packs each micro-batch's chosen and rejected sequences into one row (never bins: a
+    # step's records are its pairs); GRPO's step collates its completions itself
+    packing = "off"
+    if tc.packing != "off" and tc.objective != "grpo" and (tc.packing != "auto" or device.startswith("cuda")):
+        packing = "bins" if tc.packing == "on" and tc.objective == "sft" else "rows"
     return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
                    fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),
                    fused_rope=int(use_fused_rope(tc.fused_rope, device)),
@@ -181,6 +183,7 @@ def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[
     if want is None:
         want = choose(tc, device, getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     packed = use_packing(tc.packing, model, device) if want.packing != "off" else None
+    packed = want.packing if packed else None  # bins only where choose chose them (a preference objective: rows)
     try:
         if packed:
             attention.enable(model)
