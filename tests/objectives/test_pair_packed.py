@@ -58,3 +58,16 @@ def test_dpo_trains_the_same_packed_as_padded(tmp_path):
     assert len(packed) == len(padded) == 4
 
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention runs on CUDA only; the CPU "
+                    "tests above check the packed row through the per-record attention")
+def test_packed_logps_equal_padded_on_cuda_varlen():
+    torch.manual_seed(0)
+    model = make_model(400, seed=3).to("cuda", torch.bfloat16).eval()
+    attention.enable(model)
+    recs = items(random_pairs(6, seed=9), "dpo")
+    with torch.no_grad():
+        padded, _ = sequence_logps(model, collate_pairs(recs, 0, "cuda"))
+        packed, _ = sequence_logps(model, collate_pairs(recs, 0, "cuda", packed=True))
+    assert torch.allclose(packed, padded, atol=0.05 * padded.abs().max().item() + 0.05), (packed - padded).abs().max()
