@@ -8,7 +8,6 @@ is not moved by generating."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -17,6 +16,8 @@ from transformers import GenerationConfig
 from ..config import ConfigError
 from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord
+from ..kernels.linear_ce import CHUNK_BYTES
+from .completion_logps import completion_logps
 from .memory import LAYER_COEF
 
 if TYPE_CHECKING:
@@ -71,25 +72,6 @@ def sample(model: torch.nn.Module, records: list[PromptRecord], g: GrpoConfig, p
             "completion_ids": completions.masked_fill(mask == 0, pad), "completion_mask": mask}
 
 
-def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """log p(token) of every completion token [rows, completion tokens], at the sampling temperature as TRL
-    takes them; positions follow the attention mask, as generation gave them."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    keep = batch["completion_ids"].shape[1] + 1  # the head runs on these positions only, where the model allows
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **_keep_only(model, keep)).logits
-    logits = logits[:, -keep:-1].float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-
-
-def _keep_only(model: torch.nn.Module, n: int) -> dict[str, int]:
-    """transformers' logits_to_keep where the model's forward takes it: the fp32 logits of a long prompt's
-    positions (vocab x prompt tokens per row) are never computed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-
-
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
                     context: Callable = contextlib.nullcontext) -> torch.Tensor:
@@ -123,8 +105,8 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> l
 
 def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora") -> dict:
     """Bytes a GRPO step needs beside the weights, for `rows` sequences of prompt_len + max_new_tokens tokens:
-    the KV cache of sampling, the saved activations of the training forward and its fp32 logits (with their
-    log-softmax and gradient), each for one micro-batch of completions."""
+    the KV cache of sampling, the saved activations of the training forward and a chunk of its fp32 logits (with
+    their log-softmax and gradient), each for one micro-batch of completions."""
     mc = model.config if hasattr(model, "config") else None
 
     def get(key: str, default: int = 0) -> int:
@@ -138,7 +120,8 @@ def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, 
     kv = 2 * layers * kv_heads * head_dim * width * tokens
     coef = LAYER_COEF.get(method, LAYER_COEF["lora"])
     activations = int(coef * tokens * layers * (hidden + get("intermediate_size", 4 * hidden)))
-    logits = 12 * rows * (g.max_new_tokens + 1) * get("vocab_size")  # fp32 logits, log-softmax, its gradient
+    # fp32 logits with their log-softmax and gradient, a chunk of rows at a time (engine/completion_logps.py)
+    logits = 3 * min(4 * rows * (g.max_new_tokens + 1) * get("vocab_size"), CHUNK_BYTES)
     return {"weights": weights, "kv_cache": kv, "train_pass": activations + logits,
             "peak": weights + max(kv, activations + logits)}
 

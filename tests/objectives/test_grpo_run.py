@@ -196,3 +196,16 @@ def test_a_kl_reference_needs_an_adapter_to_switch_off(tokenizer):
                                           "off, and LlamaForCausalLM has no adapter"):
         grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.1))
     grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.0))
+
+
+def test_the_memory_estimate_counts_one_chunk_of_logits_not_all():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):  # a 128k vocabulary: 64 completions of 256 tokens would be 8.4 GB of fp32 logits
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    g = GrpoConfig(num_generations=8, max_new_tokens=256)
+    small = grpo_sample.estimate(model, prompt_len=64, rows=1, g=g)
+    big = grpo_sample.estimate(model, prompt_len=64, rows=64, g=g)
+    activations = lambda est, rows: est["train_pass"] - 3 * min(4 * rows * 257 * 128256, 2**27)  # noqa: E731
+    assert activations(big, 64) == 64 * activations(small, 1)
+    assert big["train_pass"] - activations(big, 64) == 3 * 2**27  # a chunk: 128 MiB of logits, its softmax, gradient
