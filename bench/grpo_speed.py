@@ -48,18 +48,18 @@ from typing import TYPE_CHECKING, Any, Callable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SMOKE = ["--size", "tiny", "--generations", "2", "--new-tokens", "8", "--prompts", "2", "--steps", "2",
-         "--warmup", "1"]
+SMOKE = ["--size", "tiny", "--vocab", "1024", "--generations", "2", "--new-tokens", "8", "--prompts", "2",
+         "--steps", "2", "--warmup", "1"]
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
 
-def prompt_ids(n: int, seed: int = 0) -> list[list[int]]:
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """n synthetic prompts: 15..120 token ids each, from ids 10..120000 (clear of the special ones)."""
     rng = random.Random(seed)
-    return [[rng.randint(10, 120000) for _ in range(rng.randint(15, 120))] for _ in range(n)]
+    return [[rng.randint(10, min(120000, vocab - 1)) for _ in range(rng.randint(15, 120))] for _ in range(n)]
 
 
 def as_text(ids: list[int]) -> str:
@@ -83,16 +83,21 @@ def sevens(prompts: list, completions: list, answers: list | None = None, **_: A
     return [len(re.findall(r"\bt\d*7\b", c)) / max(len(c.split()), 1) for c in completions]
 
 
-def build_model(size: str, dev: str) -> torch.nn.Module:
-    """seed_recipe's random-init model of this size, seed 0, bf16 on a GPU (fp32 on the CPU)."""
+def build_model(size: str, dev: str, vocab: int = 0) -> torch.nn.Module:
+    """seed_recipe's random-init model of this size (a vocabulary of `vocab` tokens where given), seed 0, bf16 on a
+    GPU (fp32 on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(HERE / "peers"))
     from seed_recipe import model_config
     torch.manual_seed(0)
+    mcfg = model_config(size, max_position_embeddings=4096)
+    mcfg.vocab_size = vocab or mcfg.vocab_size
+    if dev == "cpu":
+        torch.set_num_threads(1)  # the smoke run: tiny matrices, where a second thread on a busy CPU costs 10x
     with torch.device(dev):
-        return AutoModelForCausalLM.from_config(model_config(size, max_position_embeddings=4096),
+        return AutoModelForCausalLM.from_config(mcfg,
                                                 attn_implementation="sdpa",
                                                 dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
 
@@ -113,6 +118,7 @@ def summary(tool: str, a: argparse.Namespace, steps: list[dict], dev: str, extra
                 step_max_s=round(max(per), 4), steps=len(timed), warmup=a.warmup,
                 tokens=sum(s["tokens"] for s in timed), step_tokens=[s["tokens"] for s in steps],
                 step_s=[round(s["step_s"], 4) for s in steps], step_gen_s=[round(s["gen_s"], 4) for s in steps],
+                step_train_s=[round(s["train_s"], 4) for s in steps],
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else 0.0,
                 device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                 date=str(datetime.date.today()), versions=versions(), **extra)
@@ -146,10 +152,10 @@ def slimtune_worker(a: argparse.Namespace) -> dict:
             "train.eval_at_start": "false", "grpo.num_generations": a.generations,
             "grpo.max_new_tokens": a.new_tokens, "grpo.temperature": 1.0}
     cfg = slimtune.load_config(out / "base.yaml", [f"{k}={v}" for k, v in keys.items()])
-    model = build_model(a.size, dev)
+    model = build_model(a.size, dev, a.vocab)
     tok = word_tokenizer(model.config.vocab_size)
     records = [PromptRecord(tok(as_text(ids))["input_ids"], as_text(ids), None, f"synthetic {i}")
-               for i, ids in enumerate(prompt_ids(a.prompts * total))]
+               for i, ids in enumerate(prompt_ids(a.prompts * total, model.config.vocab_size))]
     say = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)  # noqa: E731
     model = slimtune.prepare(model, cfg, dev, log=say).model
     slimtune.fit(model, records, cfg, device=dev, log=say, rewards=[sevens], tokenizer=tok, pad_id=tok.pad_token_id)
@@ -172,9 +178,10 @@ def trl_worker(a: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     micro = a.micro or a.prompts
     total = a.warmup + a.steps
-    model = build_model(a.size, dev)
+    model = build_model(a.size, dev, a.vocab)
     tok = word_tokenizer(model.config.vocab_size)
-    data = Dataset.from_dict({"prompt": [as_text(ids) for ids in prompt_ids(a.prompts * total)]})
+    data = Dataset.from_dict({"prompt": [as_text(ids) for ids in prompt_ids(a.prompts * total,
+                                                                            model.config.vocab_size)]})
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-speed-trl-"), per_device_train_batch_size=micro *
                       a.generations, gradient_accumulation_steps=a.prompts // micro, num_generations=a.generations,
                       max_completion_length=a.new_tokens, temperature=1.0, max_steps=total, learning_rate=1e-5,
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=["slimtune", "trl"], help="run this recipe in this process")
     ap.add_argument("--recipes", default="slimtune,trl")
     ap.add_argument("--size", default="1b")
+    ap.add_argument("--vocab", type=int, default=0, help="the model's vocabulary (0: the shape's)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts a step")
     ap.add_argument("--micro", type=int, default=0, help="prompts a micro-batch (0: all of the step's)")
     ap.add_argument("--generations", type=int, default=8, help="completions a prompt (G)")
@@ -311,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print("RESULT " + json.dumps(slimtune_worker(a) if a.worker == "slimtune" else trl_worker(a)), flush=True)
         return 0
-    passed = ["--size", a.size, "--prompts", str(a.prompts), "--micro", str(micro), "--generations",
-              str(a.generations), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    passed = [f"--{k}={v}" for k, v in (("size", a.size), ("vocab", a.vocab), ("prompts", a.prompts), ("micro", micro),
+                                         ("generations", a.generations), ("new-tokens", a.new_tokens),
+                                         ("steps", a.steps), ("warmup", a.warmup))]
     rows = []
     for tool in a.recipes.split(","):
         row = run_recipe(tool, passed, a.limit)
