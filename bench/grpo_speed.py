@@ -37,16 +37,19 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+STARTED = time.perf_counter()
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOKE = ["--size", "tiny", "--vocab", "1024", "--generations", "2", "--new-tokens", "8", "--prompts", "2",
          "--steps", "2", "--warmup", "1"]
@@ -108,13 +111,15 @@ def summary(tool: str, a: argparse.Namespace, steps: list[dict], dev: str, extra
 
     timed = steps[a.warmup:]
     total = sum(s["step_s"] for s in timed)
-    per = [s["step_s"] for s in timed]
+    per = [s["step_s"] for s in timed] or [0.0]
+    if not timed:
+        extra = dict(extra, error=f"no timed step within --budget {a.budget:g} s ({len(steps)} warm-up steps done)")
     return dict(bench="grpo", tool=tool, size=a.size, recipe=recipe_name(tool, a), prompts=a.prompts,
                 generations=a.generations, new_tokens=a.new_tokens, micro=a.micro or a.prompts,
                 tok_s=round(sum(s["tokens"] for s in timed) / total, 1) if total else 0.0,
-                gen_s=round(statistics.mean(s["gen_s"] for s in timed), 4),
-                train_s=round(statistics.mean(s["train_s"] for s in timed), 4),
-                step_mean_s=round(total / len(timed), 4), step_median_s=round(statistics.median(per), 4),
+                gen_s=round(statistics.mean([s["gen_s"] for s in timed] or [0.0]), 4),
+                train_s=round(statistics.mean([s["train_s"] for s in timed] or [0.0]), 4),
+                step_mean_s=round(total / max(len(timed), 1), 4), step_median_s=round(statistics.median(per), 4),
                 step_max_s=round(max(per), 4), steps=len(timed), warmup=a.warmup,
                 tokens=sum(s["tokens"] for s in timed), step_tokens=[s["tokens"] for s in steps],
                 step_s=[round(s["step_s"], 4) for s in steps], step_gen_s=[round(s["gen_s"], 4) for s in steps],
@@ -151,19 +156,29 @@ def slimtune_worker(a: argparse.Namespace) -> dict:
             "train.lr": 1e-5, "train.seed": 0, "train.save_every": 0, "train.log_every": 1,
             "train.eval_at_start": "false", "grpo.num_generations": a.generations,
             "grpo.max_new_tokens": a.new_tokens, "grpo.temperature": 1.0}
-    cfg = slimtune.load_config(out / "base.yaml", [f"{k}={v}" for k, v in keys.items()])
+    cfg = slimtune.load_config(out / "base.yaml", [f"{k}={v}" for k, v in keys.items()] + a.key)
     model = build_model(a.size, dev, a.vocab)
     tok = word_tokenizer(model.config.vocab_size)
     records = [PromptRecord(tok(as_text(ids))["input_ids"], as_text(ids), None, f"synthetic {i}")
                for i, ids in enumerate(prompt_ids(a.prompts * total, model.config.vocab_size))]
     say = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)  # noqa: E731
     model = slimtune.prepare(model, cfg, dev, log=say).model
-    slimtune.fit(model, records, cfg, device=dev, log=say, rewards=[sevens], tokenizer=tok, pad_id=tok.pad_token_id)
+    # past the budget, SIGINT: fit's own stop (the step in flight ends, a checkpoint is saved, fit returns)
+    stop = threading.Timer(max(a.budget - (time.perf_counter() - STARTED), 0.1),
+                           lambda: os.kill(os.getpid(), signal.SIGINT))
+    if a.budget:
+        stop.start()
+    try:
+        slimtune.fit(model, records, cfg, device=dev, log=say, rewards=[sevens], tokenizer=tok,
+                     pad_id=tok.pad_token_id)
+    finally:
+        stop.cancel()
     rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "gen_s" in r]
     seen = [0] + [round(r["input_tokens_per_s"] * r["elapsed_s"]) for r in rows]  # fit's running token count
     steps = [dict(step_s=r["step_s"], gen_s=r["gen_s"], train_s=r["train_s"], tokens=seen[i + 1] - seen[i])
              for i, r in enumerate(rows)]
-    return summary("slimtune", a, steps, dev, {"completion_length": rows[-1]["completion_length"]})
+    return summary("slimtune", a, steps, dev, {"completion_length": rows[-1]["completion_length"] if rows else 0,
+                                               "keys": a.key})
 
 
 def trl_worker(a: argparse.Namespace) -> dict:
@@ -195,11 +210,13 @@ def trl_worker(a: argparse.Namespace) -> dict:
             sync()
             steps.append(dict(began=time.perf_counter(), gen_s=0.0, tokens=0))
 
-        def on_step_end(self, *args: Any, **kw: Any) -> None:
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
             sync()
             s = steps[-1]
             s["step_s"] = time.perf_counter() - s.pop("began")
             s["train_s"] = s["step_s"] - s["gen_s"]
+            control.should_training_stop |= bool(a.budget) and time.perf_counter() - STARTED > a.budget
+            return control
 
     import trl.trainer.utils as trl_utils
     if trl_utils._ChunkedLogProbFunction is None:  # no Triton (the CPU smoke run): the same numbers in plain torch
@@ -254,25 +271,31 @@ def versions() -> dict:
 
 
 def run_recipe(tool: str, argv: list[str], limit: float) -> dict:
-    """One recipe in its own process under `limit` seconds: its JSON row, or a row with the error."""
+    """One recipe in its own process, its output passed on as it comes, killed at `limit` seconds (its worker
+    stops training 30 s before): its JSON row, or a row with the error."""
     began = time.perf_counter()
-    cmd = [sys.executable, str(Path(__file__)), "--worker", tool, *argv]
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              timeout=limit or None)
-        err, rc = proc.stderr, proc.returncode
-        found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT {")]
-    except subprocess.TimeoutExpired as ex:
-        err, rc, found = (ex.stderr or b"").decode(errors="replace") if isinstance(ex.stderr, bytes) else \
-            (ex.stderr or ""), f"killed at its {limit:.0f} s limit", []
+    budget = ["--budget", str(max(limit - 30, 0.8 * limit))] if limit else []
+    proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--worker", tool, *argv, *budget], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill = threading.Timer(limit, proc.kill)
+    if limit:
+        kill.start()
+    found, tail = [], []
+    for line in proc.stdout:
+        if line.startswith("RESULT {"):
+            found.append(json.loads(line[len("RESULT "):]))
+            continue
+        print(f"  {tool}| {line}", end="", file=sys.stderr, flush=True)
+        tail = (tail + [line.strip()])[-20:] if line.strip() else tail
+    rc = proc.wait()
+    kill.cancel()
     took = time.perf_counter() - began
     print(f"{tool}: rc {rc}, {took:.0f} s", file=sys.stderr, flush=True)
     if found:
         return dict(found[-1], wall_s=round(took, 1))
-    print(err[-4000:], file=sys.stderr, flush=True)
-    lines = [x for x in err.splitlines() if x.strip()]
-    return dict(bench="grpo", tool=tool, tok_s=0.0, error=lines[-1][:300] if lines else str(rc), rc=str(rc),
-                date=str(datetime.date.today()), wall_s=round(took, 1))
+    why = f"killed at its {limit:g} s limit" if limit and took >= limit else (tail[-1][:300] if tail else f"rc {rc}")
+    return dict(bench="grpo", tool=tool, tok_s=0.0, error=why, rc=rc, date=str(datetime.date.today()),
+                wall_s=round(took, 1))
 
 
 def compare(rows: list[dict]) -> list[str]:
@@ -301,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro", type=int, default=0, help="prompts a micro-batch (0: all of the step's)")
     ap.add_argument("--generations", type=int, default=8, help="completions a prompt (G)")
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (fewer when --limit stops a recipe first)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--limit", type=float, default=0, help="seconds each recipe's process may run (0: no limit)")
+    ap.add_argument("--budget", type=float, default=0, help="worker: seconds after its start past which it stops "
+                    "training after the step in flight and reports the steps done (0: none)")
+    ap.add_argument("--key", action="append", default=[], help="slimtune: a config override (train.compile=off)")
     ap.add_argument("--smoke", action="store_true", help="the CPU check: " + " ".join(SMOKE))
     ap.add_argument("--out", default="", help="append each recipe's JSON row to this file")
     ap.add_argument("--compare", default="", help="print slimtune / trl from the rows of this file")
@@ -312,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(compare([json.loads(x) for x in open(a.compare) if x.startswith("{")])) or "no pair")
         return 0
     if a.smoke:
-        a = ap.parse_args([*(argv if argv is not None else sys.argv[1:]), *SMOKE])
+        a = ap.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])  # what is given wins
     micro = a.micro or a.prompts
     if a.prompts % micro:
         ap.error(f"--prompts {a.prompts} is not a multiple of --micro {micro}")
@@ -322,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = [f"--{k}={v}" for k, v in (("size", a.size), ("vocab", a.vocab), ("prompts", a.prompts), ("micro", micro),
                                          ("generations", a.generations), ("new-tokens", a.new_tokens),
                                          ("steps", a.steps), ("warmup", a.warmup))]
+    passed += [f"--key={k}" for k in a.key]
     rows = []
     for tool in a.recipes.split(","):
         row = run_recipe(tool, passed, a.limit)

@@ -15,7 +15,7 @@ import grpo_speed  # noqa: E402
 def test_smoke_row_splits_each_step_and_counts_every_prompt_and_completion_token(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folder under tmp_path
     a = argparse.Namespace(size="tiny", vocab=1024, generations=2, new_tokens=8, prompts=2, micro=0, steps=2,
-                           warmup=1)
+                           warmup=1, key=[], budget=0)
     threads = torch.get_num_threads()
     try:
         row = grpo_speed.slimtune_worker(a)
