@@ -21,10 +21,13 @@ scoring of the step; TRL: its _generate_and_score_completions, timed with a sync
 (slimtune: train_s; TRL: step - generation), tokens = prompt + completion tokens of every completion (padding
 excluded; slimtune: fit's count of seen tokens, TRL: the prompt and completion masks of its batch). tok_s =
 tokens of the timed steps / their summed step time, the same formula for both. peak_gib: the process's peak
-allocated GPU memory.
+allocated GPU memory. 2 warm-up steps (the first holds slimtune's torch.compile), then 20 timed steps (--steps);
+with --limit each recipe's process stops training 30 s before its limit and reports the steps it timed, so a
+slow recipe gives fewer (the row's `steps`; --compare flags under 10).
 
   python bench/grpo_speed.py --size 1b --recipes slimtune,trl --out /tmp/out/grpo.jsonl
   python bench/grpo_speed.py --smoke            # both recipes on the CPU in seconds (tiny shape, G=2, 8 tokens)
+  python bench/grpo_speed.py --recipes slimtune --key train.compile=off   # a slimtune config override
   python bench/grpo_speed.py --compare FILE     # each slimtune row's tok/s over the trl row's
 
 trl is not a slimtune dependency: bench/gpu.sh installs the carried wheels (trl, datasets, dill, multiprocess).
@@ -310,7 +313,8 @@ def compare(rows: list[dict]) -> list[str]:
                      f"{ours['gen_s']:.2f} + train {ours['train_s']:.2f}, peak {ours['peak_gib']} GiB) / trl "
                      f"{peer['tok_s']:,.0f} tok/s (step {peer['step_median_s']:.2f} s: gen {peer['gen_s']:.2f} + "
                      f"train {peer['train_s']:.2f}, peak {peer['peak_gib']} GiB) = "
-                     f"{ours['tok_s'] / peer['tok_s']:.2f}x")
+                     f"{ours['tok_s'] / peer['tok_s']:.2f}x over {ours['steps']} and {peer['steps']} timed steps"
+                     + (" (under 10 timed steps: a rough figure)" if min(ours["steps"], peer["steps"]) < 10 else ""))
     return lines
 
 

@@ -40,11 +40,12 @@ def test_smoke_row_splits_each_step_and_counts_every_prompt_and_completion_token
 def test_compare_divides_the_newest_slimtune_row_by_the_newest_trl_row_of_its_size():
     def row(tool: str, size: str, tok_s: float) -> dict:
         return dict(bench="grpo", tool=tool, size=size, tok_s=tok_s, step_median_s=2.0, gen_s=1.5, train_s=0.5,
-                    peak_gib=9.0)
+                    peak_gib=9.0, steps=12)
     rows = [row("trl", "1b", 900), row("trl", "1b", 1000), row("slimtune", "1b", 2500), row("slimtune", "8b", 10),
             dict(bench="grpo", tool="trl", size="8b", tok_s=0.0, error="out of memory")]
     lines = grpo_speed.compare(rows)
-    assert len(lines) == 1 and lines[0].startswith("1b: slimtune 2,500 tok/s") and lines[0].endswith("= 2.50x")
+    assert len(lines) == 1 and lines[0].startswith("1b: slimtune 2,500 tok/s")
+    assert lines[0].endswith("= 2.50x over 12 and 12 timed steps")
     tok = grpo_speed.word_tokenizer(50)
     assert tok("t7 t12")["input_ids"] == [7, 12] and tok.eos_token_id == 50 and tok.pad_token_id == 0
     assert grpo_speed.sevens([], ["t7 t17 t8 t70"]) == [0.5]
