@@ -211,7 +211,8 @@ def trl_worker(a: argparse.Namespace) -> dict:
     class Clock(TrainerCallback):
         def on_step_begin(self, *args: Any, **kw: Any) -> None:
             sync()
-            steps.append(dict(began=time.perf_counter(), gen_s=0.0, tokens=0))
+            if not steps or "step_s" in steps[-1]:  # once per optimizer step, whatever the accumulation
+                steps.append(dict(began=time.perf_counter(), gen_s=0.0, tokens=0))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
             sync()
@@ -228,7 +229,7 @@ def trl_worker(a: argparse.Namespace) -> dict:
                           peft_config=lora, callbacks=[Clock()])
     trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, steps, sync)
     trainer.train()
-    return summary("trl", a, steps, dev, {})
+    return summary("trl", a, steps, dev, {"completion_length": steps[-1].get("completion_length", 0) if steps else 0})
 
 
 class PlainLogProbs:
@@ -258,6 +259,7 @@ def timed(generate: Callable, steps: list[dict], sync: Callable[[], None]) -> Ca
         sync()
         steps[-1]["gen_s"] += time.perf_counter() - began
         steps[-1]["tokens"] += int(out["prompt_mask"].sum()) + int(out["completion_mask"].sum())
+        steps[-1]["completion_length"] = float(out["completion_mask"].sum(dim=1).double().mean())
         return out
     return run
 
