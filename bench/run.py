@@ -33,6 +33,7 @@ SCRIPTS = {  # command: (script, what it measures)
     "fsdp-estimator-check": ("check_fsdp_estimator.py", "the estimator's per-GPU prediction beside fsdp results"),
     "gguf-export": ("gguf_export.py", "GGUF export time, file size and held-out loss per quant type (CPU)"),
     "loss-curve": ("loss_curve.py", "slimtune's loss curve beside the Trainer + peft on the same data"),
+    "grpo-speed": ("grpo_speed.py", "GRPO step time (generation, training) and tokens/s beside TRL's GRPOTrainer"),
 }
 
 

@@ -146,6 +146,11 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
           ((), ("--prefetch", "1"), ("--prefetch", "2"), ("--reshard", "1", "--prefetch", "1"),
            ("--per-gpu", "32", "--prefetch", "1"))),
         Step(["bench/stages.py", "--speedup", "{OUT}/fsdp_knobs.jsonl"], 30)]),
+    "grpo-1b": ("GRPO at 1B, 8 prompts x 8 completions of 256 tokens a step: slimtune, then TRL's GRPOTrainer + peft "
+                "(step time split into generation and training, tokens/s, slimtune / trl)", [
+        Step(["bench/grpo_speed.py", "--recipes", "slimtune", "--limit", "240", "--out", "{OUT}/grpo.jsonl"], 250),
+        Step(["bench/grpo_speed.py", "--recipes", "trl", "--limit", "280", "--out", "{OUT}/grpo.jsonl"], 290),
+        Step(["bench/grpo_speed.py", "--compare", "{OUT}/grpo.jsonl"], 20)]),
 }
 DEFAULTS = {"TOOLS": "slimtune,unsloth", "METHODS": "lora,qlora", "CAPS": "0,24"}
 
