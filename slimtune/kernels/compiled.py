@@ -11,9 +11,10 @@ not its __call__: transformers' checkpointing (GradientCheckpointingLayer.__call
 recompute in backward calls the compiled forward again.
 
 Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
-masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. A compile that
-fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with one printed
-line saying why: the run goes on at eager speed rather than stopping.
+masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Fused 4-bit LoRA
+layers (kernels/qlora.py) are opaque to dynamo: each splits its layer's graph and runs eagerly in between.
+A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
+one printed line saying why: the run goes on at eager speed rather than stopping.
 """
 from __future__ import annotations
 

@@ -76,10 +76,15 @@ class _Lora4bit(torch.autograd.Function):
         return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None, None, None, None
 
 
+@torch.compiler.disable
 def lora_4bit_linear(x: torch.Tensor, qweight: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
                      a: torch.Tensor, b: torch.Tensor, scale: float, compute: torch.dtype | None = None,
                      dequant: Callable[[torch.Tensor, QuantState], torch.Tensor] = dequantize) -> torch.Tensor:
     """x @ dequant(qweight, state).T + bias + scale * (x @ a.T) @ b.T as one autograd node, in x's dtype.
+
+    Opaque to torch.compile: inside compiled decoder layers (kernels/compiled.py) the node runs eagerly between
+    the compiled regions. Traced by dynamo (torch 2.11, inductor, CUDA; args a QuantState object and a callable),
+    its A and B gradients came back all zeros while the eager node's matched peft's.
 
     Args:
         qweight, state: the packed 4-bit weight and its bitsandbytes QuantState (no gradient flows to them).

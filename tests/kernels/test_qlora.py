@@ -162,6 +162,40 @@ def test_select_takes_qlora_layers_and_its_gpu_record_is_the_fast_engine():
     assert select.on_gpu(cfg).fused_lora_layers == 0
 
 
+@pytest.fixture
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_node_runs_eagerly_inside_compiled_code(_fresh_dynamo):
+    """Dynamo never traces the 4-bit node (traced, torch 2.11 + inductor on CUDA gave all-zero A and B gradients):
+    its dequantization, forward and backward, runs outside compilation, and the compiled function's gradients are
+    the eager call's."""
+    g = torch.Generator().manual_seed(0)
+    packed, state = bnbf.quantize_4bit(torch.randn(32, 64, generator=g), quant_type="nf4", compress_statistics=True)
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    a = torch.randn(4, 64, generator=g, requires_grad=True)
+    b = torch.randn(32, 4, generator=g, requires_grad=True)
+    compiling = []
+
+    def dequant(p, s):
+        compiling.append(torch.compiler.is_compiling())
+        return reference.dequantize_nf4(p, s)
+
+    def f(x, a, b):
+        return (qlora.lora_4bit_linear(x * 2, packed, state, None, a, b, 2.0, None, dequant) + 1).square().sum()
+
+    want = torch.autograd.grad(f(x, a, b), (x, a, b))
+    compiling.clear()
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", dynamic=True)(x, a, b), (x, a, b))
+    assert compiling == [False, False]  # forward's dequantization and backward's, both eager
+    for gg, ww in zip(got, want):
+        assert float(ww.abs().max()) > 0
+        torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-6)
+
+
 @CUDA
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_equals_peft_bnb_layer_on_gpu_under_bf16_autocast(arch):
@@ -176,6 +210,35 @@ def test_fused_equals_peft_bnb_layer_on_gpu_under_bf16_autocast(arch):
         assert g.dtype == want[2][name].dtype, name
         cos = torch.nn.functional.cosine_similarity(g.flatten(), want[2][name].flatten(), dim=0)
         assert cos > 0.99, (name, float(cos))
+
+
+@CUDA
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fused_layers_in_compiled_decoder_layers_match_peft_on_gpu(base_dtype, _fresh_dynamo):
+    """train.compile=auto on CUDA (inductor) around the fused 4-bit layers, the base loaded in fp32 or bf16: every
+    LoRA gradient nonzero, the eager fused layers' up to inductor's bf16 rounding and peft's up to bf16 rounding
+    (traced by dynamo, the node's were all zeros)."""
+    base = quantize(make_model(VOCAB).to(base_dtype), "cuda", torch.bfloat16)
+    model = lora_model(base=base, name="qlora")
+    ids = torch.randint(0, VOCAB, (2, 61), generator=torch.Generator().manual_seed(0)).cuda()
+    peft = loss_and_grads(model, ids, autocast=True)
+    assert lora.enable(model) == 14
+    eager = loss_and_grads(model, ids, autocast=True)
+    lora.disable(model)
+    tc = TrainConfig(fused_lora="on", compile="auto", fused_norm_mlp="off", packing="off", tiled_mlp="off")
+    try:
+        took = select.enable(model, tc, "cuda", log=lambda *_: None)
+        assert took.fused_lora_layers == 14 and took.compiled_layers == 2
+        got = loss_and_grads(model, ids, autocast=True)
+    finally:
+        select.disable(model)
+    assert abs(float(got[0] - peft[0])) < 1e-2 * float(peft[0])
+    assert got[2].keys() == peft[2].keys() and len(got[2]) == 28
+    for name, g in got[2].items():
+        assert float(g.abs().max()) > 0, name
+        for want, least in ((eager, 0.999), (peft, 0.99)):
+            cos = torch.nn.functional.cosine_similarity(g.flatten(), want[2][name].flatten(), dim=0)
+            assert cos > least, (name, least, float(cos))
 
 
 @CUDA
