@@ -63,7 +63,7 @@ def synthetic_pairs(n: int, max_len: int, vocab: int = 120001,
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        p = rng.randint(15, 120)
+        p = min(rng.randint(15, 120), max_len // 2)  # max_len // 2 below 120 only in the smoke's short rows
         answers = [min(int(min(max(8, rng.lognormvariate(math.log(180), 0.7)), 2000)), max_len - p - 1)
                    for _ in range(2)]
         prompt, chosen, rejected = ([rng.randint(10, vocab - 1) for _ in range(k)] for k in (p, *answers))
@@ -89,22 +89,37 @@ def padded_tokens(pairs: list[tuple[list[int], list[int], list[int]]], per_batch
 
 
 def make(size: str, folder: Path, n: int, max_len: int) -> None:
-    """The model folder (unsloth_recipe.make_model: weights + word-level tokenizer, given the chat template) and
+    """The model folder (unsloth_recipe.make_model: weights + word-level tokenizer, given the chat template; made
+    in FOLDER.partial and renamed when complete, so a run killed meanwhile leaves no half folder to reuse) and
     pairs.jsonl (n pairs), unless already there."""
+    import shutil
+
     from transformers import AutoTokenizer
 
     import seed_recipe
     from unsloth_recipe import make_model
-    if size == "tiny":  # a small head keeps the CPU smoke to seconds
-        seed_recipe.SIZES["tiny"] = dict(seed_recipe.SIZES["tiny"], vocab_size=TINY_VOCAB)
-    if not (folder / "config.json").exists():
-        make_model(size, str(folder))
-        tok = AutoTokenizer.from_pretrained(folder)
+    vocab = TINY_VOCAB if size == "tiny" else seed_recipe.SIZES[size]["vocab_size"]  # tiny: a small head
+    shape = dict(seed_recipe.SIZES[size], vocab_size=vocab)
+    made = json.dumps({"size": size, **shape}, sort_keys=True)
+    marker = folder / "made.json"
+    if folder.exists() and not (marker.is_file() and marker.read_text() == made):
+        raise SystemExit(f"{folder} is not a model this script made for size {size}: remove it or pass --folder")
+    if not folder.exists():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # this script's own unfinished folder
+        saved, seed_recipe.SIZES[size] = seed_recipe.SIZES[size], shape  # make_model reads the shape from there
+        try:
+            make_model(size, str(partial))
+        finally:
+            seed_recipe.SIZES[size] = saved
+        tok = AutoTokenizer.from_pretrained(partial)
         tok.chat_template = TEMPLATE
-        tok.save_pretrained(folder)
+        tok.save_pretrained(partial)
+        (partial / "made.json").write_text(made)
+        partial.rename(folder)
     words = lambda ids: "".join(f" t{i}" for i in ids)  # noqa: E731
     with (folder / "pairs.jsonl").open("w") as fh:
-        for p, c, r in synthetic_pairs(n, max_len, min(seed_recipe.SIZES[size]["vocab_size"], 120001)):
+        for p, c, r in synthetic_pairs(n, max_len, min(shape["vocab_size"], 120001)):
             fh.write(json.dumps({"prompt": words(p)[1:], "chosen": words(c), "rejected": words(r)}) + "\n")
 
 
@@ -313,15 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_len", type=int, default=1024)
     ap.add_argument("--trl_bs", type=int, default=8, help="trl: per_device_train_batch_size")
     ap.add_argument("--trl_ga", type=int, default=1, help="trl: gradient_accumulation_steps")
-    ap.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps after 1 warm-up step, CPU is enough")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shape (vocabulary 512), at most 2 pairs a step, 2 steps after 1 warm-up, rows of at "
+                    "most 96 tokens: seconds on the CPU")
     ap.add_argument("--make", action="store_true", help="only make the model folder and pairs.jsonl")
     ap.add_argument("--folder", default="", help="model folder (default /dev/shm/slimtune-dpo-SIZE)")
     ap.add_argument("--worker", default="", help="run this recipe in this process (slimtune or trl)")
     ap.add_argument("--out", default="", help="append each result as a JSON line to this file")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.size, a.steps, a.warmup, a.max_len = "tiny", 2, 1, 160
-        a.pairs, a.trl_bs = min(a.pairs, 2), min(a.trl_bs, 2)
+        a.size, a.steps, a.warmup, a.max_len = "tiny", min(a.steps, 2), min(a.warmup, 1), min(a.max_len, 96)
+        a.pairs, a.trl_bs, a.trl_ga = min(a.pairs, 2), min(a.pairs, 2), 1
     folder = folder_for(a)
     if a.worker:
         run = {"slimtune": slimtune_worker, "trl": trl_worker}[a.worker]
