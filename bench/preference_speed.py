@@ -1,8 +1,8 @@
 """DPO speed and memory on one GPU: slimtune beside TRL's DPOTrainer + peft, each recipe in its own process.
 
-The workload: a random-init model of bench/speed.py's sizes (seed_recipe.model_config: 1b, 8b, qwen7b; tiny for
---smoke) saved once with a word-level tokenizer (unsloth_recipe.make_model: word "t<i>" is token i, so a text's
-tokens are known exactly) and a chat template that writes the messages' text alone and an EOS after each answer;
+The workload: a random-init model of bench/speed.py's sizes (seed_recipe.model_config: 1b, 8b, qwen7b; a tiny
+Llama for --smoke) saved once with unsloth_recipe.make_model's word-level tokenizer (word "t<i>" is token i, so a
+text's tokens are known exactly) and a chat template that writes the messages' text alone and an EOS after each answer;
 synthetic pairs drawn as seed_recipe.synthetic_examples draws a record (fixed seed): prompt 15..120 tokens, each
 of chosen and rejected a response of that record's length distribution (lognormal around 180 tokens, sigma 0.7,
 8..2000), plus its EOS, each answer cut so that prompt + answer fits --max_len (no tool truncates anything, so
@@ -53,7 +53,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
             "{% endfor %}")
 GIB = 2 ** 30
-TINY_VOCAB = 512  # --smoke's vocabulary
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512)  # seed_recipe's tiny with a small head: seconds on a CPU
 
 
 def synthetic_pairs(n: int, max_len: int, vocab: int = 120001,
@@ -88,38 +89,51 @@ def padded_tokens(pairs: list[tuple[list[int], list[int], list[int]]], per_batch
     return total
 
 
+def _shape(size: str) -> tuple[dict, object]:
+    """(the shape's fields, its transformers config): seed_recipe.model_config's for the bench sizes (importing
+    seed_recipe loads transformers' Trainer: seconds), a tiny Llama with a 512-token vocabulary for the smoke."""
+    ids = dict(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if size == "tiny":
+        from transformers import LlamaConfig
+        return SMOKE_SHAPE, LlamaConfig(**SMOKE_SHAPE, **ids)
+    import seed_recipe
+    return seed_recipe.SIZES[size], seed_recipe.model_config(size, **ids)
+
+
 def make(size: str, folder: Path, n: int, max_len: int) -> None:
-    """The model folder (unsloth_recipe.make_model: weights + word-level tokenizer, given the chat template; made
-    in FOLDER.partial and renamed when complete, so a run killed meanwhile leaves no half folder to reuse) and
-    pairs.jsonl (n pairs), unless already there."""
+    """The model folder (random-init weights in bf16 on the GPU, fp32 on the CPU; a word-level tokenizer, word "t<i>"
+    being token i as in unsloth_recipe.make_model, with TEMPLATE), made in FOLDER.partial and renamed when complete
+    so that a run killed meanwhile leaves no half folder to reuse, unless already there; then pairs.jsonl (n pairs)."""
     import shutil
 
-    from transformers import AutoTokenizer
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    import seed_recipe
-    from unsloth_recipe import make_model
-    vocab = TINY_VOCAB if size == "tiny" else seed_recipe.SIZES[size]["vocab_size"]  # tiny: a small head
-    shape = dict(seed_recipe.SIZES[size], vocab_size=vocab)
-    made = json.dumps({"size": size, **shape}, sort_keys=True)
+    fields, mcfg = _shape(size)
+    made = json.dumps({"size": size, **fields}, sort_keys=True)
     marker = folder / "made.json"
     if folder.exists() and not (marker.is_file() and marker.read_text() == made):
         raise SystemExit(f"{folder} is not a model this script made for size {size}: remove it or pass --folder")
     if not folder.exists():
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # this script's own unfinished folder
-        saved, seed_recipe.SIZES[size] = seed_recipe.SIZES[size], shape  # make_model reads the shape from there
-        try:
-            make_model(size, str(partial))
-        finally:
-            seed_recipe.SIZES[size] = saved
-        tok = AutoTokenizer.from_pretrained(partial)
-        tok.chat_template = TEMPLATE
-        tok.save_pretrained(partial)
+        torch.manual_seed(0)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(dev):
+            AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16 if dev == "cuda" else torch.float32
+                                             ).save_pretrained(partial)
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, fields["vocab_size"])}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", model_max_length=4096, padding_side="right",
+                                chat_template=TEMPLATE).save_pretrained(partial)
         (partial / "made.json").write_text(made)
         partial.rename(folder)
     words = lambda ids: "".join(f" t{i}" for i in ids)  # noqa: E731
     with (folder / "pairs.jsonl").open("w") as fh:
-        for p, c, r in synthetic_pairs(n, max_len, min(shape["vocab_size"], 120001)):
+        for p, c, r in synthetic_pairs(n, max_len, min(fields["vocab_size"], 120001)):
             fh.write(json.dumps({"prompt": words(p)[1:], "chosen": words(c), "rejected": words(r)}) + "\n")
 
 
@@ -351,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--trl_bs {a.trl_bs} x --trl_ga {a.trl_ga} must equal --pairs {a.pairs}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if a.smoke:  # tiny models gain nothing from a second thread, and on a busy CPU two spin waiting for each other
+        env.setdefault("OMP_NUM_THREADS", "1")
     flags = ["--size", a.size, "--steps", str(a.steps), "--warmup", str(a.warmup), "--pairs", str(a.pairs),
              "--max_len", str(a.max_len), "--trl_bs", str(a.trl_bs), "--trl_ga", str(a.trl_ga), "--folder", str(folder)]
     make_cmd = [sys.executable, "-c", f"import sys; sys.path[:0] = [{str(HERE)!r}]; import preference_speed as p; "

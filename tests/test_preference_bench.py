@@ -34,12 +34,12 @@ def test_slimtune_smoke_row_counts_every_real_token(tmp_path, capsys, monkeypatc
     bench.make("tiny", folder, 2, 64)  # 1 warm-up step and 1 timed step of 1 pair
     with (folder / "pairs.jsonl").open() as fh:
         assert [len(json.loads(line)["prompt"].split()) for line in fh] == \
-            [len(p) for p, _, _ in bench.synthetic_pairs(2, 64, bench.TINY_VOCAB)]
+            [len(p) for p, _, _ in bench.synthetic_pairs(2, 64, bench.SMOKE_SHAPE["vocab_size"])]
     flags = ["--smoke", "--steps", "1", "--pairs", "1", "--max_len", "64", "--folder", str(folder)]
     assert bench.main(["--worker", "slimtune", *flags]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT "))
     row = json.loads(line[len("RESULT "):])
-    pairs = bench.synthetic_pairs(2, 64, bench.TINY_VOCAB)
+    pairs = bench.synthetic_pairs(2, 64, bench.SMOKE_SHAPE["vocab_size"])
     assert row["tool"] == "slimtune" and row["size"] == "tiny" and row["steps"] == 1 and row["tok_s"] > 0
     assert row["tokens_all_steps"] == bench.real_tokens(pairs)  # slimtune's count over both steps, by our formula
     assert row["real_tokens"] == row["stream_real_tokens"]  # metrics.jsonl's count and the stream's
@@ -57,4 +57,4 @@ def test_trl_smoke_row_counts_the_same_tokens(tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT "))
     row = json.loads(line[len("RESULT "):])
     assert row["tool"] == "trl" and row["tok_s"] > 0
-    assert row["tokens_all_steps"] == bench.real_tokens(bench.synthetic_pairs(2, 64, bench.TINY_VOCAB))
+    assert row["tokens_all_steps"] == bench.real_tokens(bench.synthetic_pairs(2, 64, bench.SMOKE_SHAPE["vocab_size"]))
