@@ -148,8 +148,12 @@ def _memory(dev: str) -> dict:
     import torch
     if dev != "cuda":
         return dict(peak_gib=0.0, peak_reserved_gib=0.0)
-    return dict(peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
+    return dict(peak_gib=_gib(torch.cuda.max_memory_allocated()),
+                peak_reserved_gib=_gib(torch.cuda.max_memory_reserved()))
+
+
+def _gib(n: float) -> float:
+    return round(n / GIB, 2)
 
 
 def _timing(times: list[float], real: int, wall: float) -> dict:
@@ -182,11 +186,14 @@ def slimtune_worker(a: argparse.Namespace, folder: Path) -> dict:
     pairs = build_pairs(cfg, tokenizer, lambda _: None).train
     sizes = preference_step.sizes(pairs)
     plan = run_plan.resolve(cfg, dev, sizes=sizes)
-    est = memory.estimate(plan.apply(cfg), sizes[:plan.micro_batch_size], 1, kernels=plan.kernels,
-                          dtypes=plan.precision)
     stream = MicroBatches(preference_step.items(pairs, "dpo"), plan.micro_batch_size, cfg.train.seed)
-    micro = [next(stream) for _ in range((a.steps + a.warmup) * plan.grad_accum)][a.warmup * plan.grad_accum:]
-    padded = sum(collate_pairs(m, 0, "cpu")["input_ids"].numel() for m in micro)
+    every = [next(stream) for _ in range((a.steps + a.warmup) * plan.grad_accum)]
+    micro = every[a.warmup * plan.grad_accum:]  # the timed steps'
+    width = lambda m: collate_pairs(m, 0, "cpu")["input_ids"].numel()  # noqa: E731
+    widest = max(every, key=width)  # the run's largest micro-batch
+    # as train predicts (its plan's longest records), and for the largest micro-batch this run trains on
+    est, ran = (memory.estimate(plan.apply(cfg), rows, 1, kernels=plan.kernels, dtypes=plan.precision)
+                for rows in (sizes[:plan.micro_batch_size], preference_step.sizes([i.pair for i in widest])))
     result = slimtune.train(cfg, show_progress=False, log=lambda text: print(text, file=sys.stderr, flush=True))
     rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
     seen = [round(r["input_tokens_per_s"] * r["elapsed_s"]) for r in rows]  # input tokens of the steps so far
@@ -194,14 +201,16 @@ def slimtune_worker(a: argparse.Namespace, folder: Path) -> dict:
     row = dict(tool="slimtune", recipe=f"slimtune dpo ({plan.micro_batch_size} x {plan.grad_accum} pairs)",
                plan=plan.describe(), **_memory(dev), **_timing([r["step_s"] for r in rows[a.warmup:]], real, wall),
                tokens_all_steps=seen[-1], stream_real_tokens=sum(input_tokens(m) for m in micro),
-               padded_tokens=padded, pad_ratio=round(padded / real - 1, 3),
-               predicted_gib=round(est.peak / GIB, 2), predicted_allocated_gib=round(est.peak_allocated / GIB, 2),
+               padded_tokens=sum(map(width, micro)), pad_ratio=round(sum(map(width, micro)) / real - 1, 3),
+               predicted_gib=_gib(est.peak), predicted_allocated_gib=_gib(est.peak_allocated),
+               predicted_run_gib=_gib(ran.peak), predicted_run_allocated_gib=_gib(ran.peak_allocated),
                train_predicted_gib=round(result["predicted_peak_gib"], 2) if "predicted_peak_gib" in result else None,
                micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
                losses=[round(r["loss"], 4) for r in rows[a.warmup:]], device=name)
     if dev == "cuda":
         row["measured_over_predicted"] = round(row["peak_reserved_gib"] / row["predicted_gib"], 3)
         row["allocated_over_predicted"] = round(row["peak_gib"] / row["predicted_allocated_gib"], 3)
+        row["measured_over_predicted_run"] = round(row["peak_reserved_gib"] / row["predicted_run_gib"], 3)
     return row
 
 
