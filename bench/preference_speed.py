@@ -1,21 +1,23 @@
 """DPO speed and memory on one GPU: slimtune beside TRL's DPOTrainer + peft, each recipe in its own process.
 
 The workload: a random-init model of bench/speed.py's sizes (seed_recipe.model_config: 1b, 8b, qwen7b; a tiny
-Llama for --smoke) saved once with unsloth_recipe.make_model's word-level tokenizer (word "t<i>" is token i, so a
-text's tokens are known exactly) and a chat template that writes the messages' text alone and an EOS after each answer;
-synthetic pairs drawn as seed_recipe.synthetic_examples draws a record (fixed seed): prompt 15..120 tokens, each
-of chosen and rejected a response of that record's length distribution (lognormal around 180 tokens, sigma 0.7,
-8..2000), plus its EOS, each answer cut so that prompt + answer fits --max_len (no tool truncates anything, so
-both train on the same tokens). The pairs are written once as TRL's {"prompt", "chosen", "rejected"} strings
-(pairs.jsonl), exactly --pairs x (--steps + --warmup) of them: one pass over the file in both tools.
+Llama for --smoke) saved once with a word-level tokenizer as unsloth_recipe.make_model's (word "t<i>" is token i,
+so a text's tokens are known exactly) and a chat template that writes the messages' text alone and an EOS after
+each answer; synthetic pairs drawn as seed_recipe.synthetic_examples draws a record (fixed seed): prompt 15..120
+tokens, each of chosen and rejected a response of that record's length distribution (lognormal around 180
+tokens, sigma 0.7, 8..2000), plus its EOS, each answer cut so that prompt + answer fits --max_len (no tool
+truncates anything, so both train on the same tokens). The pairs are written once as TRL's {"prompt", "chosen",
+"rejected"} strings (pairs.jsonl), exactly --pairs x (--steps + --warmup) of them: one pass over the file in
+both tools.
 
 Recipes:
   slimtune  slimtune.train (what `slimtune train` runs) on that folder and file: method lora r16 / alpha 16 /
             dropout 0 on the seven projections, train.objective=dpo, train.batch_size=--pairs, lr 1e-4; every
             other key at its default (precision, split, checkpointing, kernels, reference: the engine's
-            choices). Step times and tokens from its metrics.jsonl. The estimator's prediction is computed as
-            train computes it before the load (engine/memory.estimate of the plan's longest micro-batch, a pair
-            being two rows: engine/pair_logps.pair_rows).
+            choices). Step times and tokens from its metrics.jsonl. The estimator's prediction (peak reserved,
+            without the CUDA context) as train computes it before the load (engine/memory.estimate of the plan's
+            longest records, a pair being two rows: engine/pair_logps.pair_rows), and for the largest micro-batch
+            the run trains on (predicted_run_gib; its stream's seeded order, replayed).
   trl       trl.DPOTrainer + peft LoraConfig(r=16, alpha 16, dropout 0, the seven projections), bf16, gradient
             checkpointing, per_device_train_batch_size --trl_bs x gradient_accumulation_steps --trl_ga (8 x 1),
             beta 0.1, sigmoid loss, the reference the adapter switched off (TRL's default with peft),
@@ -294,20 +296,8 @@ def _plain_logps_without_triton() -> bool:
 
 def _versions() -> dict:
     import importlib.metadata as md
-    out = {}
-    for p in ("torch", "transformers", "peft", "trl"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def _append(row: dict, out: str) -> None:
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    import importlib.util
+    return {p: md.version(p) if importlib.util.find_spec(p) else None for p in ("torch", "transformers", "peft", "trl")}
 
 
 def _run(cmd: list[str], env: dict) -> list[dict]:
@@ -330,8 +320,9 @@ def folder_for(a: argparse.Namespace) -> Path:
 def summary(rows: list[dict]) -> list[str]:
     lines = [f"{r['size']} {r['tool']}: {r.get('tok_s', 0):,} tok/s, peak {r['peak_gib']} GiB allocated "
              f"({r['peak_reserved_gib']} reserved), median step {r.get('step_median_s')} s, slowest "
-             f"{r.get('step_max_s')} s, padding {r.get('pad_ratio')}"
-             + (f", predicted {r['predicted_gib']} GiB" if "predicted_gib" in r else "")
+             f"{r.get('step_max_s')} s, padded/real tokens - 1: {r.get('pad_ratio')}"
+             + (f", predicted {r['predicted_gib']} GiB reserved ({r['predicted_run_gib']} for the run's largest "
+                "micro-batch)" if "predicted_gib" in r else "")
              + (f" ({r['error']})" if "error" in r else "") for r in rows]
     ours = next((r for r in rows if r["tool"] == "slimtune" and r.get("tok_s")), None)
     peer = next((r for r in rows if r["tool"] == "trl" and r.get("tok_s")), None)
@@ -364,9 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         a.pairs, a.trl_bs, a.trl_ga = min(a.pairs, 2), min(a.pairs, 2), 1
     folder = folder_for(a)
     if a.worker:
-        run = {"slimtune": slimtune_worker, "trl": trl_worker}[a.worker]
-        row = dict(run(a, folder), bench="dpo", size=a.size, pairs_per_step=a.pairs, max_len=a.max_len,
-                   lora="r16 all-linear", versions=_versions(), date=str(datetime.date.today()))
+        import torch
+        try:
+            row = {"slimtune": slimtune_worker, "trl": trl_worker}[a.worker](a, folder)
+        except torch.OutOfMemoryError as err:  # a row that says so (trl: try --trl_bs 4 --trl_ga 2)
+            row = dict(tool=a.worker, tok_s=0, error=f"out of memory: {str(err)[:200]}", **_memory("cuda"),
+                       device=_device()[1])
+        row = dict(row, bench="dpo", size=a.size, pairs_per_step=a.pairs, max_len=a.max_len, lora="r16 all-linear",
+                   versions=_versions(), date=str(datetime.date.today()))
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     n = a.pairs * (a.steps + a.warmup)
@@ -389,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for recipe in a.recipes.split(","):
         for row in _run([sys.executable, str(Path(__file__)), "--worker", recipe, *flags], env):
-            _append(row, a.out)
+            if a.out:  # each recipe's row at once: a time limit keeps the finished ones
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                with open(a.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             rows.append(row)
     print("\n".join(summary(rows)))
     return 0 if rows else 1
