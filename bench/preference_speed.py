@@ -55,6 +55,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
             "{% endfor %}")
 GIB = 2 ** 30
+KERNELS = ("precision", "chunked_loss", "fused_lora_layers", "fused_norm_mlp", "fused_rope", "tiled_mlp",
+           "compiled_layers")  # of slimtune's summary.json
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512)  # seed_recipe's tiny with a small head: seconds on a CPU
 
@@ -70,8 +72,6 @@ def synthetic_pairs(n: int, max_len: int, vocab: int = 120001,
         answers = [min(int(min(max(8, rng.lognormvariate(math.log(180), 0.7)), 2000)), max_len - p - 1)
                    for _ in range(2)]
         prompt, chosen, rejected = ([rng.randint(10, vocab - 1) for _ in range(k)] for k in (p, *answers))
-        if chosen == rejected:  # equal only when both are empty, which the lengths rule out
-            raise ValueError("identical answers")
         out.append((prompt, chosen, rejected))
     return out
 
@@ -198,6 +198,7 @@ def slimtune_worker(a: argparse.Namespace, folder: Path) -> dict:
                 for rows in (sizes[:plan.micro_batch_size], preference_step.sizes([i.pair for i in widest])))
     result = slimtune.train(cfg, show_progress=False, log=lambda text: print(text, file=sys.stderr, flush=True))
     rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
+    done = json.loads((out / "run" / "summary.json").read_text())  # what the run took: kernels, parameters
     seen = [round(r["input_tokens_per_s"] * r["elapsed_s"]) for r in rows]  # input tokens of the steps so far
     real, wall = seen[-1] - seen[a.warmup - 1], rows[-1]["elapsed_s"] - rows[a.warmup - 1]["elapsed_s"]
     row = dict(tool="slimtune", recipe=f"slimtune dpo ({plan.micro_batch_size} x {plan.grad_accum} pairs)",
@@ -207,7 +208,8 @@ def slimtune_worker(a: argparse.Namespace, folder: Path) -> dict:
                predicted_gib=_gib(est.peak), predicted_allocated_gib=_gib(est.peak_allocated),
                predicted_run_gib=_gib(ran.peak), predicted_run_allocated_gib=_gib(ran.peak_allocated),
                train_predicted_gib=round(result["predicted_peak_gib"], 2) if "predicted_peak_gib" in result else None,
-               micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
+               micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, trainable_params=done.get(
+                   "trainable_params"), kernels={k: done.get(k) for k in KERNELS},
                losses=[round(r["loss"], 4) for r in rows[a.warmup:]], device=name)
     if dev == "cuda":
         row["measured_over_predicted"] = round(row["peak_reserved_gib"] / row["predicted_gib"], 3)
@@ -239,19 +241,17 @@ def trl_worker(a: argparse.Namespace, folder: Path) -> dict:
             tokens.append((self.state.global_step, inputs["attention_mask"].sum(), inputs["input_ids"].numel()))
             return super().training_step(model, inputs, *args, **kwargs)
 
-    class Clock(TrainerCallback):
-        began = 0.0
-        ends: list[float] = []
-        times: list[float] = []
+    ends, times = [], []  # each step's end, and its time from on_step_begin
 
+    class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             sync()
             self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             sync()
-            Clock.ends.append(time.perf_counter())
-            Clock.times.append(Clock.ends[-1] - self.began)
+            ends.append(time.perf_counter())
+            times.append(ends[-1] - self.began)
 
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-trl-"), per_device_train_batch_size=a.trl_bs,
                      gradient_accumulation_steps=a.trl_ga, max_steps=a.steps + a.warmup, learning_rate=1e-4,
@@ -265,9 +265,10 @@ def trl_worker(a: argparse.Namespace, folder: Path) -> dict:
     real = sum(int(n) for step, n, _ in tokens if step >= a.warmup)
     padded = sum(p for step, _, p in tokens if step >= a.warmup)
     row = dict(tool="trl", recipe=f"trl DPOTrainer + peft ({a.trl_bs} x {a.trl_ga} pairs, gradient checkpointing)",
-               **_memory(dev), **_timing(Clock.times[a.warmup:], real, Clock.ends[-1] - Clock.ends[a.warmup - 1]),
+               **_memory(dev), **_timing(times[a.warmup:], real, ends[-1] - ends[a.warmup - 1]),
                tokens_all_steps=sum(int(n) for _, n, _ in tokens), padded_tokens=padded,
-               pad_ratio=round(padded / real - 1, 3), micro_batch_size=a.trl_bs, grad_accum=a.trl_ga, device=name)
+               pad_ratio=round(padded / real - 1, 3), micro_batch_size=a.trl_bs, grad_accum=a.trl_ga, device=name,
+               trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     if plain:
         row["note"] = "TRL's Triton log-prob kernel replaced by plain torch (no Triton here): a plumbing check only"
     return row
