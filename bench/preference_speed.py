@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,8 +107,6 @@ def make(size: str, folder: Path, n: int, max_len: int) -> None:
     """The model folder (random-init weights in bf16 on the GPU, fp32 on the CPU; a word-level tokenizer, word "t<i>"
     being token i as in unsloth_recipe.make_model, with TEMPLATE), made in FOLDER.partial and renamed when complete
     so that a run killed meanwhile leaves no half folder to reuse, unless already there; then pairs.jsonl (n pairs)."""
-    import shutil
-
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -141,9 +140,7 @@ def make(size: str, folder: Path, n: int, max_len: int) -> None:
 
 def _device() -> tuple[str, str]:
     import torch
-    if torch.cuda.is_available():
-        return "cuda", torch.cuda.get_device_name()
-    return "cpu", "cpu"
+    return ("cuda", torch.cuda.get_device_name()) if torch.cuda.is_available() else ("cpu", "cpu")
 
 
 def _memory(dev: str) -> dict:
@@ -237,18 +234,19 @@ def trl_worker(a: argparse.Namespace, folder: Path) -> dict:
     tokens: list[tuple[int, torch.Tensor, int]] = []  # (step it trained in, real tokens, padded tokens)
 
     class Counted(DPOTrainer):
-        def training_step(self, model, inputs, *args, **kwargs):  # the batch the step trains on, on the device
+        def training_step(self, model: torch.nn.Module, inputs: dict, *args: object, **kwargs: object) -> torch.Tensor:
+            # the batch the step trains on, on the device: its real and padded tokens, kept without a device read
             tokens.append((self.state.global_step, inputs["attention_mask"].sum(), inputs["input_ids"].numel()))
             return super().training_step(model, inputs, *args, **kwargs)
 
     ends, times = [], []  # each step's end, and its time from on_step_begin
 
     class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
+        def on_step_begin(self, args: DPOConfig, state: object, control: object, **kw: object) -> None:
             sync()
             self.began = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, args: DPOConfig, state: object, control: object, **kw: object) -> None:
             sync()
             ends.append(time.perf_counter())
             times.append(ends[-1] - self.began)
@@ -285,7 +283,9 @@ def _plain_logps_without_triton() -> bool:
 
     class Plain:
         @staticmethod
-        def apply(hidden, weight, bias, targets, temperature, chunk, softcap=None, scale=1.0, outputs=()):
+        def apply(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                  temperature: float, chunk: int, softcap: float | None = None, scale: float = 1.0,
+                  outputs: tuple[str, ...] = ()) -> tuple[torch.Tensor | None, ...]:
             logits = torch.nn.functional.linear(hidden, weight, bias).float() * scale / temperature
             every = logits.log_softmax(-1)
             extra = {"entropy": -(every.exp() * every).sum(-1), "log_sum_sq_probs": (2 * every).logsumexp(-1),
