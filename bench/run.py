@@ -3,6 +3,7 @@
     python bench/run.py speed --sizes 1b,8b --recipes defaults,unsloth   # bench/speed.py
     python bench/run.py long-context --quick                             # bench/long_context.py
     python bench/run.py fsdp --gpus 1,4 --size 8b                        # bench/fsdp_speed.py
+    python bench/run.py dpo --size 8b                                    # bench/preference_speed.py
     python bench/run.py table                                            # docs/benchmarks.md
     python bench/run.py speed-8b                                         # a named GPU session (bench/stages.py)
     python bench/run.py stages                                           # lists the sessions
@@ -34,6 +35,7 @@ SCRIPTS = {  # command: (script, what it measures)
     "gguf-export": ("gguf_export.py", "GGUF export time, file size and held-out loss per quant type (CPU)"),
     "loss-curve": ("loss_curve.py", "slimtune's loss curve beside the Trainer + peft on the same data"),
     "grpo-speed": ("grpo_speed.py", "GRPO step time (generation, training) and tokens/s beside TRL's GRPOTrainer"),
+    "dpo": ("preference_speed.py", "DPO tokens/s and peak memory on one GPU, slimtune beside TRL's DPOTrainer + peft"),
 }
 
 

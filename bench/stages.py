@@ -62,6 +62,10 @@ def fsdp(gpus: str, limit: int, *extra: str, out: str = "fsdp", budget: int = 0)
                 budget=budget)
 
 
+def dpo(size: str, recipes: str, limit: int) -> Step:
+    return Step(["bench/preference_speed.py", "--size", size, "--recipes", recipes, "--out", "{OUT}/dpo.jsonl"], limit)
+
+
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
 TUNE = ["--offload", "--steps", "5", "--warmup", "2"]
 STAGES: dict[str, tuple[str, list[Step]]] = {
@@ -151,6 +155,10 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         Step(["bench/grpo_speed.py", "--recipes", "slimtune", "--limit", "240", "--out", "{OUT}/grpo.jsonl"], 250),
         Step(["bench/grpo_speed.py", "--recipes", "trl", "--limit", "280", "--out", "{OUT}/grpo.jsonl"], 290),
         Step(["bench/grpo_speed.py", "--compare", "{OUT}/grpo.jsonl"], 20)]),
+    "dpo-8b": ("DPO, 8 pairs a step: slimtune (the model saved first) beside TRL's DPOTrainer + peft, 8B "
+               "(bench/preference_speed.py: tokens/s, peak memory, the estimator's prediction)", [
+        dpo("8b", "slimtune", 300), dpo("8b", "trl", 260)]),
+    "dpo-1b": ("the same as dpo-8b at 1B", [dpo("1b", "slimtune", 150), dpo("1b", "trl", 150)]),
 }
 DEFAULTS = {"TOOLS": "slimtune,unsloth", "METHODS": "lora,qlora", "CAPS": "0,24"}
 
