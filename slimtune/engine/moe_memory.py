@@ -1,15 +1,18 @@
 """What a mixture-of-experts model adds to the memory estimate (engine/memory.py).
 
 Weights: every expert is resident, and the meta model's parameters already hold them all (fused 3-D expert
-weights included), as do their LoRA parameters and AdamW state. Activations: a token runs through its top-k
-experts only, so the feed-forward width its saved activations scale with is top-k x one expert's (ffn_width).
-LoRA on fused expert weights adds a term of its own (expert_copies).
+weights included), as do their LoRA parameters and AdamW state; qlora holds fused expert weights in NF4 as it
+holds Linear layers (methods/quant_experts.py), NF4_BYTES a weight (packed_stack tells them). Activations: a
+token runs through its top-k experts only, so the feed-forward width its saved activations scale with is top-k
+x one expert's (ffn_width). LoRA on fused expert weights adds a term of its own (expert_copies).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..methods import experts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -19,6 +22,13 @@ if TYPE_CHECKING:
     from .precision import Dtypes
 
 GIB = 2 ** 30
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 + an fp32 scale per 256 absmax
+
+
+def packed_stack(owner: torch.nn.Module | None, p: torch.Tensor) -> bool:
+    """Whether qlora packs parameter `p` of module `owner` in NF4 beside the Linear layers: a fused 3-D expert
+    weight (methods/experts.fused)."""
+    return owner is not None and p.ndim == 3 and experts.is_experts_module(owner)
 
 
 def ffn_width(mcfg: PretrainedConfig) -> int:
