@@ -25,28 +25,28 @@ BLOCK = 64
 
 
 class Nf4Stack(torch.Tensor):
-    """A frozen fused expert weight held in NF4 (packed two per byte) that reads as its dense `dtype` tensor."""
+    """A frozen fused expert weight held in NF4 (packed two per byte) that reads as a dense tensor of its dtype.
+
+    The wrapper's own device and dtype are the truth: Module.to() may assign a moved stack to `.data`, which
+    changes them and not the packed tensors, so those follow on the next read (_synced)."""
 
     packed: torch.Tensor
     state: QuantState
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, state: QuantState) -> Nf4Stack:
-        return torch.Tensor._make_wrapper_subclass(cls, state.shape, dtype=state.dtype, device=packed.device,
+    def __new__(cls, packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> Nf4Stack:
+        return torch.Tensor._make_wrapper_subclass(cls, state.shape, dtype=dtype or state.dtype, device=packed.device,
                                                    requires_grad=False)
 
-    def __init__(self, packed: torch.Tensor, state: QuantState) -> None:
+    def __init__(self, packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> None:
         self.packed, self.state = packed, state
 
     def __repr__(self, *, tensor_contents: object = None) -> str:
         return f"Nf4Stack(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
-    def __tensor_flatten__(self) -> tuple[list[str], QuantState]:
-        return ["packed"], self.state
-
-    @staticmethod
-    def __tensor_unflatten__(inner: dict, state: QuantState, size: object, stride: object) -> Nf4Stack:
-        return Nf4Stack(inner["packed"], state)
+    def __deepcopy__(self, memo: dict) -> Nf4Stack:
+        out = Nf4Stack(self.packed.clone(), _state_to(self.state, self.packed.device), self.dtype)
+        return torch.nn.Parameter(out, requires_grad=False) if isinstance(self, torch.nn.Parameter) else out
 
     @property
     def nbytes_stored(self) -> int:
@@ -56,16 +56,22 @@ class Nf4Stack(torch.Tensor):
         extra = s.state2.absmax.numel() * s.state2.absmax.element_size() if s.nested else 0
         return self.packed.numel() * self.packed.element_size() + s.absmax.numel() * s.absmax.element_size() + extra
 
+    def _synced(self) -> tuple[torch.Tensor, QuantState]:
+        if self.packed.device != self.device:
+            self.packed, self.state = self.packed.to(self.device), _state_to(self.state, self.device)
+        return self.packed, self.state
+
     def dequantize(self) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(self.packed, self.state).view(self.shape)
+        packed, state = self._synced()
+        return dequantize_4bit(packed, state).view(self.shape).to(self.dtype)
 
     def expert(self, index: int) -> torch.Tensor:
         """Expert `index`'s [out, in] weight, from its own blocks (a stack whose experts start on a block edge)."""
         from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
 
-        s, n = self.state, self.shape[1] * self.shape[2]
+        (packed, s), n = self._synced(), self.shape[1] * self.shape[2]
         if n % BLOCK:
             return self.dequantize()[index]
         index = index % self.shape[0]
@@ -73,18 +79,15 @@ class Nf4Stack(torch.Tensor):
         one = QuantState(absmax=absmax[index * n // BLOCK:(index + 1) * n // BLOCK].contiguous(),
                          shape=torch.Size(self.shape[1:]), code=s.code, blocksize=s.blocksize,
                          quant_type=s.quant_type, dtype=s.dtype)
-        return dequantize_4bit(self.packed[index * n // 2:(index + 1) * n // 2], one).view(self.shape[1:])
+        return dequantize_4bit(packed[index * n // 2:(index + 1) * n // 2], one).view(self.shape[1:]).to(self.dtype)
 
     def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> Nf4Stack:
         """The same stack on `device`, read as `dtype` (the packed weights stay 4-bit whatever the dtype)."""
-        s = self.state
+        packed, state = self._synced()
         device = torch.device(device) if device is not None else self.device
         if device != self.device:
-            s = _state_to(s, device)
-        if dtype is not None and dtype != s.dtype:
-            s = _state_to(s, device)
-            s.dtype = dtype
-        return Nf4Stack(self.packed.to(device), s)
+            packed, state = packed.to(device), _state_to(state, device)
+        return Nf4Stack(packed, state, dtype or self.dtype)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -93,7 +96,7 @@ class Nf4Stack(torch.Tensor):
         kwargs = kwargs or {}
         first = args[0] if args else None
         if func in (aten.detach.default, aten.alias.default):
-            return Nf4Stack(first.packed, first.state)
+            return Nf4Stack(first.packed, first.state, first.dtype)
         if func is aten.set_.source_Tensor and args[1] is first:  # torch.nn.utils.parametrize re-sets the original
             return first
         if func is aten._to_copy.default and isinstance(first, Nf4Stack):
@@ -124,8 +127,7 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> Nf4Stack
 
     packed, state = quantize_4bit(weight.detach().contiguous(), blocksize=BLOCK, compress_statistics=True,
                                   quant_type="nf4")
-    state.dtype = dtype or weight.dtype
-    return Nf4Stack(packed, state)
+    return Nf4Stack(packed, state, dtype or weight.dtype)
 
 
 def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[str]:

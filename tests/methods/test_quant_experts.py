@@ -91,3 +91,15 @@ def test_one_expert_read_by_index_dequantizes_its_own_blocks():
     assert (dense - w).abs().max() < 0.2 * w.abs().max()  # NF4: 16 levels per block's absmax
     moved = stack.to(torch.bfloat16)
     assert quant_experts.is_nf4(moved) and moved.dtype == torch.bfloat16 and moved.packed is stack.packed
+
+
+def test_a_stack_moved_by_module_to_reads_in_its_new_dtype_and_copies_whole():
+    model = tiny()
+    quant_experts.quantize_experts(model)
+    model.to(torch.bfloat16)  # Module._apply assigns the moved stack to .data: the wrapper's dtype changes
+    stack = model.get_parameter("model.layers.0.mlp.experts.down_proj")
+    assert quant_experts.is_nf4(stack) and stack.dtype == torch.bfloat16
+    assert stack.dequantize().dtype == stack[2].dtype == torch.bfloat16
+    twin = copy.deepcopy(model).get_parameter("model.layers.0.mlp.experts.down_proj")
+    assert quant_experts.is_nf4(twin) and isinstance(twin, torch.nn.Parameter) and twin.packed is not stack.packed
+    assert torch.equal(twin.dequantize(), stack.dequantize())
