@@ -92,3 +92,16 @@ def test_qlora_packs_the_fused_experts_into_nf4_beside_the_linears():
     assert moe_memory.NF4_BYTES == nf4
     cfg.method.name = "lora"
     assert memory.estimate(cfg, mcfg=_mcfg("qwen3_moe")).weights == pytest.approx((attention + stacks + dense) * 2)
+
+
+def test_qlora_counts_the_dequantized_stack_w_plus_ba_is_formed_from():
+    """With checkpointing: one layer's W + BA and its gradient (bf16), plus the largest stack dequantized while
+    W + BA is formed (gate_up, [4, 64, 64])."""
+    cfg = _cfg(precision="bf16", gradient_checkpointing=True)
+    cfg.method.name = "qlora"
+    adapted = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    cfg.method.target_modules = ["q_proj", "v_proj"]  # the experts left out: no copies
+    plain = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    stack, gate_up = (4 * 64 * 64 + 4 * 64 * 32) * 2, 4 * 64 * 64 * 2
+    assert adapted.activations - plain.activations == pytest.approx(2 * stack + gate_up)
+    assert adapted.notes[-1].endswith("checkpointing), from a dequantized stack (0.00 GiB)")
