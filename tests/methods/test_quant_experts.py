@@ -103,3 +103,22 @@ def test_a_stack_moved_by_module_to_reads_in_its_new_dtype_and_copies_whole():
     twin = copy.deepcopy(model).get_parameter("model.layers.0.mlp.experts.down_proj")
     assert quant_experts.is_nf4(twin) and isinstance(twin, torch.nn.Parameter) and twin.packed is not stack.packed
     assert torch.equal(twin.dequantize(), stack.dequantize())
+
+
+def test_a_qlora_run_loads_for_use_with_its_experts_in_nf4_as_it_trained(monkeypatch, tmp_path):
+    """trained.load_run: bitsandbytes' load (CUDA) stood in for by the tiny model; the adapter load by identity."""
+    from slimtune import trained
+
+    cfg = config.Config()
+    cfg.method = config.MethodConfig(name="qlora", r=4, dropout=0.0)
+    monkeypatch.setattr(trained, "read_config", lambda folder: cfg)
+    monkeypatch.setattr(trained.trust, "decide", lambda *a, **k: False)
+    monkeypatch.setattr(trained, "quantization_config", lambda *a: "4-bit")
+    monkeypatch.setattr(trained.models, "load", lambda *a: (tiny(), None))
+    monkeypatch.setattr(trained, "load_adapter", lambda base, folder: base)
+    model, _, _ = trained.load_run(tmp_path)
+    names = quant_experts.experts.fused(model)
+    assert len(names) == 4 and all(quant_experts.is_nf4(model.get_parameter(n)) for n in names)
+    monkeypatch.setattr(trained.models, "load", lambda *a: (tiny(), None))
+    full, _, _ = trained.load_run(tmp_path, quantized=False)  # merge's full-precision base keeps them dense
+    assert not any(quant_experts.is_nf4(full.get_parameter(n)) for n in names)
