@@ -19,7 +19,9 @@ Recipes:
   unsloth-qlora   unsloth on the same shape and records (unsloth_recipe.py --load-in-4bit, padded mode: one
                   record a step, so nothing is padded). unsloth quantizes the fused experts itself under
                   transformers 5 (unsloth_zoo temporary_patches/moe_utils_bnb4bit.py); it loads a folder, so
-                  --make saves the random bf16 model first (61 GB, in --folder).
+                  --make saves one first, in --folder: a sparse file whose expert weights are holes of zeros
+                  (unsloth_recipe.save_sparse: 2.5 GB instead of 61; the rest random, so the random routers
+                  spread tokens over the experts as in slimtune's model; matmuls take as long on zeros).
   families        bench/speed.py's defaults and unsloth recipes on the gemma3 (Gemma-3-4B text) and phi3
                   (Phi-3-mini, fused qkv_proj / gate_up_proj) shapes: bf16 LoRA, its 16-record workload.
 
@@ -176,10 +178,10 @@ def commands(name: str, a: argparse.Namespace) -> list[list[str]]:
     if name == "slimtune-qlora":
         return [[py, str(Path(__file__)), "--worker", "--shape", a.shape, "--len", str(a.len), *steps]]
     if name == "unsloth-qlora":
-        path = str(Path(a.folder) / f"m{a.shape}")
+        path = str(Path(a.folder) / f"m{a.shape}z")
         make = [] if Path(path, "config.json").exists() else \
             [[py, str(PEERS / "unsloth_recipe.py"), "--size", a.shape, "--make", "--path", path,
-              "--max_pos", str(max(4096, a.len))]]
+              "--max_pos", str(max(4096, a.len)), "--zero-experts"]]
         return make + [[py, str(PEERS / "unsloth_recipe.py"), "--size", a.shape, "--path", path, "--modes", "padded",
                         "--load-in-4bit", "--bs", "1", "--ga", "1", "--max_len", str(a.len),
                         "--record_len", str(a.len), *steps]]
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     "slimtune-qlora,families)")
     ap.add_argument("--shape", default="qwen3moe", help=f"the MoE shape: {', '.join(k for k in SIZES if 'moe' in k)}")
     ap.add_argument("--len", type=int, default=4096, help="tokens a record (one record a step)")
-    ap.add_argument("--steps", type=int, default=12, help="timed steps")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--folder", default="/dev/shm", help="unsloth-qlora: where --make saves the bf16 model")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: slimtune-qlora and families")
