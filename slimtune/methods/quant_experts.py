@@ -1,7 +1,7 @@
 """QLoRA's fused expert weights: each 3-D expert stack ([experts, out, in]) held as bitsandbytes NF4.
 
 transformers' bitsandbytes integration replaces nn.Linear layers only, so a mixture of experts loaded with a
-4-bit config keeps its fused experts (most of its weights: 97% of Qwen3-30B-A3B) in 16-bit. quantize_experts
+4-bit config keeps its fused experts (most of its weights: 95% of Qwen3-30B-A3B) in 16-bit. quantize_experts
 packs them after the load, one stack at a time, into Nf4Stack: a tensor that reads as the dense [E, out, in]
 weight of its dtype and dequantizes whenever an op reads it. peft's LoRA on a fused weight (lora.ParamWrapper)
 forms W + BA for the whole stack at each forward, so one dequantized stack per layer exists at a time, as
