@@ -27,6 +27,7 @@ SCRIPTS = {  # command: (script, what it measures)
     "speed": ("speed.py", "tokens/s and peak memory on one GPU, slimtune's recipes beside its peers"),
     "long-context": ("long_context.py", "the longest single record that trains on one GPU"),
     "fsdp": ("fsdp_speed.py", "tokens/s on several GPUs (FSDP2) beside one GPU and the Trainer under DDP"),
+    "moe-speed": ("moe_speed.py", "QLoRA of a mixture of experts (Qwen3-30B-A3B shape) on one GPU beside unsloth"),
     "memory-grid": ("memory_grid.py", "measured peak GPU memory over a grid of runs (the estimator's check data)"),
     "methods-memory": ("methods_memory.py", "GPU memory of lora against qlora at 1B"),
     "memory-trace": ("memory_trace.py", "what is alive at a grid cell's peak GPU memory"),

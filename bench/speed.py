@@ -65,7 +65,14 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def _workload(size: str, n: int, max_len: int):
     sys.path.insert(0, str(PEERS))
     from seed_recipe import SIZES, synthetic_examples
-    return SIZES[size], synthetic_examples(n, max_len)
+    return SIZES[size], synthetic_examples(n, max_len, vocab=SIZES[size]["vocab_size"])
+
+
+def _targets(size: str) -> list[str]:
+    """LoRA's targets on this size (seed_recipe.lora_targets: Phi-3's are fused)."""
+    sys.path.insert(0, str(PEERS))
+    from seed_recipe import lora_targets
+    return lora_targets(size)
 
 
 def loop_worker(a) -> dict:
@@ -221,7 +228,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="speed-fit-"))
     base = out / "base.yaml"
     base.write_text(yaml.safe_dump({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
-                                               "target_modules": ALL_LINEAR},
+                                               "target_modules": _targets(a.size)},
                                     "train": {"output_dir": str(out / "run")}, "data": {"max_len": a.max_len}}))
     keys = _defaults_train(steps + warmup, tuple(a.train_key))
     if explicit is not None:  # the slimtune recipe: its split and kernels, not the defaults' batch_size
@@ -247,7 +254,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         "".join(f", {k}" for k in a.train_key)
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
-               size=a.size, params=n_params, max_len=a.max_len, lora_targets=ALL_LINEAR, r=16, train_keys=keys,
+               size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=_versions())
     try:
         model = slimtune.prepare(model, cfg, dev, log=say).model

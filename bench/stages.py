@@ -159,6 +159,14 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
                "(bench/preference_speed.py: tokens/s, peak memory, the estimator's prediction)", [
         dpo("8b", "slimtune", 300), dpo("8b", "trl", 260)]),
     "dpo-1b": ("the same as dpo-8b at 1B", [dpo("1b", "slimtune", 150), dpo("1b", "trl", 150)]),
+    "moe-30b": ("NF4 expert GPU tests, then QLoRA of the Qwen3-30B-A3B shape (experts adapted, 4096-token records) "
+                "on one GPU: slimtune (peak beside its estimate) and unsloth (bench/moe_speed.py)", [
+        tests(50, "tests/methods/test_quant_experts_gpu.py", tail=6),
+        Step(["bench/moe_speed.py", "--recipes", "slimtune-qlora", "--out", "{OUT}/speed.jsonl"], 200),
+        Step(["bench/moe_speed.py", "--recipes", "unsloth-qlora", "--out", "{OUT}/speed.jsonl"], 320)]),
+    "families": ("bf16 LoRA on the Gemma-3-4B and Phi-3-mini shapes: the defaults beside unsloth (padded)", [
+        speed("gemma3,phi3", "defaults", 230),
+        speed("gemma3,phi3", "unsloth", 330, **PADDED)]),
 }
 DEFAULTS = {"TOOLS": "slimtune,unsloth", "METHODS": "lora,qlora", "CAPS": "0,24"}
 

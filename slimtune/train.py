@@ -236,7 +236,7 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     procs.barrier()  # every rank has looked at the folder before rank 0 writes to it
     quant = quantization_config(cfg.method, cfg.train.precision)  # qlora without CUDA stops here, before anything loads
     if quant is not None:
-        check_base(cfg.model.path, cfg.model.trust_remote_code)  # and qlora of fused experts
+        check_base(cfg.model.path, cfg.model.trust_remote_code, cfg.method.quant_bits)  # 8-bit qlora of fused experts
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     cfg, grpo = _grpo(cfg, tokenizer, rewards, out, start is not None, log)
     objective = grpo or _objective(cfg, pad_id(tokenizer), procs.world_size)  # None for sft; refusals stop here

@@ -201,9 +201,10 @@ def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precis
             trainable_n += p.numel()
             continue
         owner = modules.get(name.rsplit(".", 1)[0])
-        if cfg.method.name == "qlora" and isinstance(owner, torch.nn.Linear) and owner is not head:
+        if cfg.method.name == "qlora" and (isinstance(owner, torch.nn.Linear) and owner is not head
+                                           or moe_memory.packed_stack(owner, p)):
             # NF4: half a byte per weight + an 8-bit absmax per 64 (double quantization) + fp32 per 256 of those
-            per = 0.5 + 1 / 64 + 4 / (64 * 256) if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
+            per = moe_memory.NF4_BYTES if cfg.method.quant_bits == 4 else 1 + 4 / p.shape[-1]
             est.weights += p.numel() * per
         else:
             est.weights += p.numel() * wbytes

@@ -1,15 +1,18 @@
 """What a mixture-of-experts model adds to the memory estimate (engine/memory.py).
 
 Weights: every expert is resident, and the meta model's parameters already hold them all (fused 3-D expert
-weights included), as do their LoRA parameters and AdamW state. Activations: a token runs through its top-k
-experts only, so the feed-forward width its saved activations scale with is top-k x one expert's (ffn_width).
-LoRA on fused expert weights adds a term of its own (expert_copies).
+weights included), as do their LoRA parameters and AdamW state; qlora holds fused expert weights in NF4 as it
+holds Linear layers (methods/quant_experts.py), NF4_BYTES a weight (packed_stack tells them). Activations: a
+token runs through its top-k experts only, so the feed-forward width its saved activations scale with is top-k
+x one expert's (ffn_width). LoRA on fused expert weights adds a term of its own (expert_copies).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..methods import experts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -19,6 +22,13 @@ if TYPE_CHECKING:
     from .precision import Dtypes
 
 GIB = 2 ** 30
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 + an fp32 scale per 256 absmax
+
+
+def packed_stack(owner: torch.nn.Module | None, p: torch.Tensor) -> bool:
+    """Whether qlora packs parameter `p` of module `owner` in NF4 beside the Linear layers: a fused 3-D expert
+    weight (methods/experts.fused)."""
+    return owner is not None and p.ndim == 3 and experts.is_experts_module(owner)
 
 
 def ffn_width(mcfg: PretrainedConfig) -> int:
@@ -33,15 +43,14 @@ def ffn_width(mcfg: PretrainedConfig) -> int:
     return top_k * each + (getattr(mcfg, "shared_expert_intermediate_size", 0) or 0)
 
 
-def stacks(model: torch.nn.Module) -> dict[str, int]:
-    """Elements of the LoRA-adapted fused expert weights, by experts module (one per MoE layer)."""
+def stacks(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Elements of each LoRA-adapted fused expert weight, by experts module (one per MoE layer)."""
     from peft.tuners.lora import LoraLayer
 
-    out: dict[str, int] = {}
+    out: dict[str, list[int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and getattr(module, "parameter_name", None):  # peft's ParamWrapper
-            layer = name.split(".base_layer")[0]
-            out[layer] = out.get(layer, 0) + module.get_param().numel()
+            out.setdefault(name.split(".base_layer")[0], []).append(module.get_param().numel())
     return out
 
 
@@ -49,17 +58,20 @@ def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Dtyp
     """LoRA on fused expert weights: peft's ParamWrapper forms W + BA for a layer's whole expert stack at each
     forward (in the weights' dtype) and the expert matmuls keep it for backward, whose gradient of it is as
     large again: every adapted layer's copy without checkpointing, one layer's with it, plus that gradient.
-    Read from peft's code (lora.ParamWrapper, _LoraFactorsProxy), not yet measured on a GPU."""
+    qlora first dequantizes the stack W + BA is formed from (methods/quant_experts.py): one more copy of the
+    largest stack while it is formed. Read from peft's code (lora.ParamWrapper, _LoraFactorsProxy), not yet
+    measured on a GPU."""
     sizes = stacks(model)
     if not sizes:
         return est
     width = torch.finfo(plan.weights).bits // 8
-    one, every = max(sizes.values()) * width, sum(sizes.values()) * width
-    with_ckpt, without = 2 * one, every + one
+    one, every = max(map(sum, sizes.values())) * width, sum(map(sum, sizes.values())) * width
+    dense = max(map(max, sizes.values())) * width if cfg.method.name == "qlora" else 0
+    with_ckpt, without = 2 * one + dense, every + one + dense
     ckpt = cfg.train.gradient_checkpointing
     est.activations += with_ckpt if ckpt else without
     est.activations_other += without if ckpt else with_ckpt
     est.notes.append(f"LoRA on fused experts: W + BA of a layer's expert stack ({one / GIB:.2f} GiB) is formed each "
                      f"forward and kept for backward ({'one layer at a time with' if ckpt else 'every layer without'} "
-                     "checkpointing)")
+                     "checkpointing)" + (f", from a dequantized stack ({dense / GIB:.2f} GiB)" if dense else ""))
     return est

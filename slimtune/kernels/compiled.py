@@ -48,11 +48,20 @@ def available() -> bool:
     return bool(has_triton())
 
 
+def parametrized(model: torch.nn.Module) -> bool:
+    """Whether `model` holds peft's LoRA on a fused weight (lora.ParamWrapper, which names the parameter it adapts):
+    it registers a parametrization at each forward, a new class each time, where dynamo breaks the graph and
+    recompiles until its limit (tiny Qwen3-MoE with LoRA on its experts, aot_eager: 31 graph breaks and the
+    recompile limit in 3 steps), so such layers stay eager."""
+    return any(getattr(m, "parameter_name", None) for m in model.modules())
+
+
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
-    """Compile each decoder layer's forward (already-bound fast paths inside it included); how many."""
+    """Compile each decoder layer's forward (already-bound fast paths inside it included); how many (none in a
+    model with LoRA on fused expert weights: parametrized)."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
-    for layer in layers(model):
+    for layer in [] if parametrized(model) else layers(model):
         if hasattr(layer, ATTR):
             n += 1
             continue

@@ -151,7 +151,10 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
               "Llama-style MLP (gate_proj, up_proj, down_proj)"),
              ("compile", k.compiled_layers, use_compile(tc.compile, device), "transformers decoder layers"))
     for key, took, wanted_here, what in asked:
-        if key == "compile" and wanted_here and not took and k.fused_norm_mlp:
+        if key == "compile" and wanted_here and not took and compiled.parametrized(model):
+            out.append(f"train.compile={tc.compile}: layers left eager: peft's LoRA on fused expert weights registers "
+                       "a parametrization at each forward, which torch.compile cannot trace")
+        elif key == "compile" and wanted_here and not took and k.fused_norm_mlp:
             out.append("train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
                        "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)")
         elif wanted_here and not took:

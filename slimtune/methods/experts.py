@@ -23,6 +23,11 @@ def _is_experts(name: str, module: torch.nn.Module) -> bool:
     return name.rsplit(".", 1)[-1] == "experts" or type(module).__name__.endswith("Experts")
 
 
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """Whether `module` holds experts by its class (`*Experts`: the owner of fused expert weights)."""
+    return type(module).__name__.endswith("Experts")
+
+
 def fused(model: torch.nn.Module) -> list[str]:
     """Full names of the fused expert weights: the 3-D parameters ([experts, in/out, out/in]) held directly by
     an experts module (their 2-D biases are not LoRA targets)."""

@@ -80,7 +80,7 @@ def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     from peft import get_peft_model
 
     if cfg.name == "qlora":
-        model = quant.prepare(model)
+        model = quant.prepare(model, cfg.quant_bits)
     peft_model = get_peft_model(model, lora_config(model, cfg))
     if cfg.dropout and peft_model.peft_config["default"].target_parameters:
         _linear_dropout(peft_model, cfg.dropout)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models import load_config
-from . import experts
+from . import experts, quant_experts
 from .base import MethodError
 
 if TYPE_CHECKING:
@@ -37,8 +37,10 @@ def quantization_config(cfg: MethodConfig, compute: str = "auto") -> BitsAndByte
                               bnb_4bit_compute_dtype=dtype)
 
 
-def prepare(model: torch.nn.Module) -> torch.nn.Module:
-    """Freeze the quantized base, keeping its half-precision parts (embedding, head, norms) as they are.
+def prepare(model: torch.nn.Module, bits: int = 4) -> torch.nn.Module:
+    """Freeze the quantized base, keeping its half-precision parts (embedding, head, norms) as they are, and
+    pack a mixture of experts' fused expert weights into NF4 (methods/quant_experts.py: bitsandbytes leaves
+    them in 16-bit).
 
     peft's prepare_model_for_kbit_training also casts every bf16/fp16 parameter to fp32: on a 1B Llama
     with a 128k vocabulary that is the tied embedding/head, +0.53 GiB (more than the 4-bit body) and an
@@ -46,25 +48,26 @@ def prepare(model: torch.nn.Module) -> torch.nn.Module:
     and RMSNorm computes in fp32 internally, so nothing is lost. Checkpointing is the run's choice
     (train.enable_checkpointing), already set up before the method is applied.
     """
-    refuse_fused_experts(model)
+    refuse_fused_experts(model, bits)
+    quant_experts.quantize_experts(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def refuse_fused_experts(model: torch.nn.Module) -> None:
-    """qlora's base must be quantizable: fused 3-D expert weights are not (bitsandbytes replaces nn.Linear layers
-    only), and they hold most of a mixture of experts' weights."""
+def refuse_fused_experts(model: torch.nn.Module, bits: int) -> None:
+    """8-bit qlora's base must be quantizable: fused 3-D expert weights are packed in 4-bit NF4 only
+    (bitsandbytes' own 8-bit replaces nn.Linear layers only), and they hold most of a mixture of experts'
+    weights."""
     fused = experts.fused(model)
-    if fused:
+    if fused and bits != 4:
         share = sum(model.get_parameter(n).numel() for n in fused) / sum(p.numel() for p in model.parameters())
-        raise MethodError(f"method qlora: {type(model).__name__} stores its experts as fused 3-D weights ({fused[0]} "
-                          f"and {len(fused) - 1} more, {share:.0%} of the model), which bitsandbytes does not "
-                          "quantize (it replaces nn.Linear layers only): they would stay in 16-bit; use "
-                          "method.name=lora")
+        raise MethodError(f"method qlora with method.quant_bits={bits}: {type(model).__name__} stores its experts as "
+                          f"fused 3-D weights ({fused[0]} and {len(fused) - 1} more, {share:.0%} of the model), "
+                          "which slimtune packs in 4-bit only; set method.quant_bits=4, or use method.name=lora")
 
 
-def check_base(model_path: str, trust_remote_code: bool = False) -> None:
+def check_base(model_path: str, trust_remote_code: bool = False, bits: int = 4) -> None:
     """refuse_fused_experts from config.json alone (the model built on the meta device), before a load that
     would read the whole model onto the GPU first."""
     from transformers import AutoModelForCausalLM
@@ -72,4 +75,4 @@ def check_base(model_path: str, trust_remote_code: bool = False) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(model_path, trust_remote_code),
                                                  trust_remote_code=trust_remote_code)
-    refuse_fused_experts(model)
+    refuse_fused_experts(model, bits)

@@ -76,3 +76,32 @@ def test_a_dense_model_keeps_its_intermediate_size():
     from transformers import AutoConfig
 
     assert moe_memory.ffn_width(AutoConfig.for_model("llama", **SHAPE)) == 128
+
+
+def test_qlora_packs_the_fused_experts_into_nf4_beside_the_linears():
+    """Qwen3-MoE, 2 layers: attention q 64x64, k 32x64, v 32x64, o 64x64 per layer and the experts' gate_up
+    [4, 64, 64] + down [4, 64, 32] per layer in NF4; embedding (tied), norms and routers in bf16."""
+    cfg = _cfg(precision="bf16")
+    cfg.method.name = "qlora"
+    est = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 + an fp32 scale per 256 absmax
+    attention = 2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64)
+    stacks = 2 * (4 * 64 * 64 + 4 * 64 * 32)
+    dense = 300 * 64 + 2 * (64 + 64 + 16 + 16) + 64 + 2 * 4 * 64  # embedding, norms (q/k norms too), routers
+    assert est.weights == pytest.approx((attention + stacks) * nf4 + dense * 2)
+    assert moe_memory.NF4_BYTES == nf4
+    cfg.method.name = "lora"
+    assert memory.estimate(cfg, mcfg=_mcfg("qwen3_moe")).weights == pytest.approx((attention + stacks + dense) * 2)
+
+
+def test_qlora_counts_the_dequantized_stack_w_plus_ba_is_formed_from():
+    """With checkpointing: one layer's W + BA and its gradient (bf16), plus the largest stack dequantized while
+    W + BA is formed (gate_up, [4, 64, 64])."""
+    cfg = _cfg(precision="bf16", gradient_checkpointing=True)
+    cfg.method.name = "qlora"
+    adapted = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    cfg.method.target_modules = ["q_proj", "v_proj"]  # the experts left out: no copies
+    plain = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    stack, gate_up = (4 * 64 * 64 + 4 * 64 * 32) * 2, 4 * 64 * 64 * 2
+    assert adapted.activations - plain.activations == pytest.approx(2 * stack + gate_up)
+    assert adapted.notes[-1].endswith("checkpointing), from a dequantized stack (0.00 GiB)")

@@ -152,3 +152,24 @@ def test_auto_leaves_the_layers_eager_beside_liger_and_says_so(monkeypatch):
     assert [line for line in lines if "train.compile" in line] == [
         "fast path off: train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
         "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)"]
+
+
+def test_layers_with_lora_on_fused_experts_stay_eager_with_the_reason():
+    """peft's ParamWrapper registers a parametrization each forward: dynamo would break the graph at each one."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mcfg = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = methods.apply(AutoModelForCausalLM.from_config(mcfg), config.MethodConfig(r=2, dropout=0.0))
+    assert compiled.parametrized(model) and compiled.enable(model, log=lambda _: None) == 0
+    lines: list[str] = []
+    took = select.enable(model, config.TrainConfig(compile="on", packing="off", fused_lora="off"), "cpu", lines.append)
+    assert took.compiled_layers == 0 and not compiled.enabled(model)
+    assert "fast path off: train.compile=on: layers left eager: peft's LoRA on fused expert weights registers a " \
+           "parametrization at each forward, which torch.compile cannot trace" in lines
+    select.disable(model)

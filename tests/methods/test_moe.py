@@ -1,7 +1,7 @@
 """LoRA on mixture-of-experts models (tiny random Qwen3-MoE, Mixtral and gpt-oss: 2 layers, hidden 64, 4
 experts, top-2): the default targets and all-linear reach the fused expert weights, counted as peft counts
 them; training moves every expert; the router stays frozen unless method.train_router; merging reproduces
-the adapter model; qlora refuses fused experts, which bitsandbytes leaves unquantized."""
+the adapter model; 8-bit qlora refuses fused experts, which bitsandbytes leaves unquantized."""
 from __future__ import annotations
 
 import warnings
@@ -139,19 +139,20 @@ def test_an_expert_weight_named_alone_is_a_target_parameter():
         _apply(tiny("qwen3_moe"), r=48, target_modules=["q_proj", "down_proj"])  # experts' intermediate: 32
 
 
-def test_qlora_refuses_fused_experts_with_the_reason():
-    """bitsandbytes replaces nn.Linear only: fused 3-D experts would stay 16-bit (checked on the CPU model)."""
-    with pytest.raises(methods.MethodError, match=r"method qlora: Qwen3MoeForCausalLM stores its experts as fused "
-                       r"3-D weights \(model.layers.0.mlp.experts.gate_up_proj and 3 more, \d+% of the model\), "
-                       r"which bitsandbytes does not quantize"):
-        quant.prepare(tiny("qwen3_moe"))
+def test_8bit_qlora_refuses_fused_experts_with_the_reason():
+    """Fused 3-D experts are packed in 4-bit only (methods/quant_experts.py; checked on the CPU model)."""
+    with pytest.raises(methods.MethodError, match=r"method qlora with method.quant_bits=8: Qwen3MoeForCausalLM stores "
+                       r"its experts as fused 3-D weights \(model.layers.0.mlp.experts.gate_up_proj and 3 more, "
+                       r"\d+% of the model\), which slimtune packs in 4-bit only; set method.quant_bits=4"):
+        quant.prepare(tiny("qwen3_moe"), 8)
 
 
-def test_qlora_of_fused_experts_is_refused_from_config_json_before_the_load(tmp_path):
+def test_8bit_qlora_of_fused_experts_is_refused_from_config_json_before_the_load(tmp_path):
     """train checks this right after quantization_config (CUDA), before bitsandbytes would load the whole model."""
     tiny("mixtral").config.save_pretrained(tmp_path)  # config.json alone: no weights to read
-    with pytest.raises(methods.MethodError, match=r"method qlora: MixtralForCausalLM stores its experts as fused"):
-        quant.check_base(str(tmp_path))
+    with pytest.raises(methods.MethodError, match=r"method qlora with method.quant_bits=8: MixtralForCausalLM"):
+        quant.check_base(str(tmp_path), bits=8)
+    quant.check_base(str(tmp_path), bits=4)  # 4-bit packs them
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
