@@ -90,8 +90,8 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, length: int = 0, compiled: bool = True,
                  backend: str | Callable | None = None, log: Callable[[str], None] = print) -> None:
         self.model, self.base, self.log, self.length = model, _base(model), log, length
-        self.cache: Any = None
-        self.shape: tuple[int, int] = (0, 0)  # (rows, length) the cache holds
+        self.caches: dict[int, tuple[int, Any]] = {}  # rows -> (length, StaticCache): a smaller last micro-batch
+        # keeps its own, so going back to full ones finds their buffers where the CUDA graphs recorded them
         params = inspect.signature(self.base.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -108,16 +108,17 @@ class StaticDecoder:
                         **{self.cache_kw: cache}, **self.keep)
         return out.logits[:, -1]
 
-    def _reserve(self, rows: int, length: int) -> Any:
-        """The kept cache, reset, when it holds rows x length; a new one (rounded up) otherwise."""
+    def _reserve(self, rows: int, length: int) -> tuple[int, Any]:
+        """(length, cache) of `rows`: the kept one, reset, when it holds `length` tokens; a new one (rounded up)
+        otherwise."""
         length = -(-max(length, self.length) // LENGTH_STEP) * LENGTH_STEP
-        if self.cache is None or self.shape[0] != rows or self.shape[1] < length:
-            self.cache = None  # the old buffers go before the new ones are allocated
-            self.cache = StaticCache(config=self.base.config, max_cache_len=length)
-            self.shape = (rows, length)
-        else:
-            self.cache.reset()
-        return self.cache
+        held = self.caches.get(rows)
+        if held is not None and held[0] >= length:
+            held[1].reset()
+            return held
+        self.caches.pop(rows, None)  # the old buffers go before the new ones are allocated
+        self.caches[rows] = (length, StaticCache(config=self.base.config, max_cache_len=length))
+        return self.caches[rows]
 
     def _mask(self, mask2d: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
         """The 4D mask of this step, made outside the compiled step as transformers' generate makes it."""
@@ -129,8 +130,8 @@ class StaticDecoder:
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, s: Sampling) -> torch.Tensor:
         """Completion ids [rows, steps] of left-padded prompts; rows that stopped carry the pad token."""
         rows, width = ids.shape
-        cache = self._reserve(rows, width + s.max_new_tokens)
-        full = torch.cat([mask, mask.new_ones(rows, self.shape[1] - width)], dim=1)
+        length, cache = self._reserve(rows, width + s.max_new_tokens)
+        full = torch.cat([mask, mask.new_ones(rows, length - width)], dim=1)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, positions, self._mask(full, ids, positions, cache), cache)
         out = torch.full((rows, s.max_new_tokens), s.pad, dtype=torch.long, device=ids.device)
@@ -159,7 +160,8 @@ class StaticDecoder:
                 return self.step(token, pos, mask, cache).clone()
             except torch._dynamo.exc.TorchDynamoException as err:
                 inner = getattr(err, "inner_exception", None) or err
-                self.failed = f"{type(inner).__name__}: {str(inner).strip()[:300]}"
+                first = str(inner).strip().splitlines()[0][:300] if str(inner).strip() else ""
+                self.failed = f"{type(inner).__name__}: {first}"
                 self.log(f"fast path off: grpo.decode=compiled: torch.compile failed on the decode step "
                          f"({self.failed}); sampling runs the step eagerly (set grpo.decode=eager to skip it)")
         return self._forward(token, pos, mask, cache)

@@ -168,3 +168,17 @@ def test_a_grpo_run_with_the_compiled_decoder_logs_what_the_eager_one_does(tmp_p
     assert any(line.startswith("grpo.decode=compiled: sampling with a static KV cache of") for line in said)
     assert sum("KV cache 0.00 GiB (kept between steps)" in line for line in said) == 1
     assert not any("failed on the decode step" in line for line in said)
+
+
+def test_a_step_that_does_not_compile_runs_eagerly_after_one_line(tokenizer, compiled):
+    def broken(gm: torch.fx.GraphModule, inputs: list) -> object:
+        raise RuntimeError("no kernel for this op\nsecond line")
+    said, pad = [], tokenizer.pad_token_id
+    decoder = decode.StaticDecoder(compiled.model, backend=broken, log=said.append)
+    ids, mask = _prompts(tokenizer)
+    for _ in range(2):
+        with torch.no_grad():
+            got = decoder.generate(ids, mask, decode.Sampling(1.0, 1.0, NEW, (pad,), pad, greedy=True))
+        assert torch.equal(got, _generate(compiled.model, ids, mask, [pad], pad))
+    assert said == ["fast path off: grpo.decode=compiled: torch.compile failed on the decode step (RuntimeError: no "
+                    "kernel for this op); sampling runs the step eagerly (set grpo.decode=eager to skip it)"]
