@@ -33,6 +33,7 @@ CHOICES = {
     "train.objective": ("sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"),
     "grpo.loss_type": ("grpo", "dr_grpo", "dapo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.decode": ("auto", "eager", "compiled"),
     "train.reference": ("auto", "adapter_off", "precomputed", "copy"),
 }
 

@@ -229,6 +229,10 @@ class GrpoConfig:
     """sampling temperature of the completions (the log-probabilities are taken at the same temperature)"""
     top_p: float = 1.0
     """nucleus sampling: sample from the smallest set of tokens holding this much probability (1.0 = all)"""
+    decode: str = "auto"
+    """how completions are sampled: compiled (a static KV cache and the one-token step through torch.compile with
+    CUDA graphs; the cache stays allocated between steps) | eager (transformers' generate, growing its cache) |
+    auto (compiled on CUDA, eager elsewhere)"""
     steps_per_generation: int = 1
     """optimizer steps trained on one batch of completions (TRL's num_iterations): > 1 keeps their
     log-probabilities at sampling time, so the clipped ratio bounds how far later steps move"""

@@ -18,6 +18,7 @@ from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord
 from ..kernels.linear_ce import CHUNK_BYTES
 from .completion_logps import completion_logps
+from .decode import Sampling, StaticDecoder
 from .memory import LAYER_COEF
 
 if TYPE_CHECKING:
@@ -48,28 +49,36 @@ def completion_mask(completions: torch.Tensor, stops: list[int]) -> torch.Tensor
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, records: list[PromptRecord], g: GrpoConfig, pad: int, stops: list[int],
-           device: str, seed: int, context: Callable = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+           device: str, seed: int, context: Callable = contextlib.nullcontext,
+           decoder: StaticDecoder | None = None) -> dict[str, torch.Tensor]:
     """G completions of each record (rows ordered record by record): prompt ids and mask (left-padded),
-    completion ids and mask."""
+    completion ids and mask. With a `decoder` (grpo.decode=compiled) its static cache and compiled step draw
+    them, else transformers' generate: the same tokens under one seed."""
     prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in records for _ in range(g.num_generations)], pad,
                                        device)
-    gen = GenerationConfig(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
-                           max_new_tokens=g.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
     was = model.training
     model.eval()
     devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
     try:
         with torch.random.fork_rng(devices=devices), context():
             torch.manual_seed(seed)
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+            completions = _draw(model, prompt_ids, prompt_mask, g, pad, stops, decoder)
     finally:
         model.train(was)
-    completions = out[:, prompt_ids.shape[1]:]
     if completions.shape[1] == 0:  # every row stopped at once: keep one token (the stop) per row
-        completions = torch.full((len(out), 1), stops[0], device=out.device)
+        completions = torch.full((len(completions), 1), stops[0], device=completions.device)
     mask = completion_mask(completions, stops)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": completions.masked_fill(mask == 0, pad), "completion_mask": mask}
+
+
+def _draw(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, g: GrpoConfig, pad: int, stops: list[int],
+          decoder: StaticDecoder | None) -> torch.Tensor:
+    if decoder is not None:
+        return decoder.generate(ids, mask, Sampling(g.temperature, g.top_p, g.max_new_tokens, tuple(stops), pad))
+    gen = GenerationConfig(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                           max_new_tokens=g.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
+    return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, ids.shape[1]:]
 
 
 @torch.no_grad()
@@ -103,10 +112,12 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> l
     return ids
 
 
-def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora") -> dict:
+def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora",
+             kept: bool = False) -> dict:
     """Bytes a GRPO step needs beside the weights, for `rows` sequences of prompt_len + max_new_tokens tokens:
     the KV cache of sampling, the saved activations of the training forward and a chunk of its fp32 logits (with
-    their log-softmax and gradient), each for one micro-batch of completions."""
+    their log-softmax and gradient), each for one micro-batch of completions. kept: the cache stays allocated
+    through the training pass (grpo.decode=compiled), so the peak holds both."""
     mc = model.config if hasattr(model, "config") else None
 
     def get(key: str, default: int = 0) -> int:
@@ -123,12 +134,13 @@ def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, 
     # fp32 logits with their log-softmax and gradient, a chunk of rows at a time (engine/completion_logps.py)
     logits = 3 * min(4 * rows * (g.max_new_tokens + 1) * get("vocab_size"), CHUNK_BYTES)
     return {"weights": weights, "kv_cache": kv, "train_pass": activations + logits,
-            "peak": weights + max(kv, activations + logits)}
+            "peak": weights + (kv + activations + logits if kept else max(kv, activations + logits)), "kept": kept}
 
 
 def estimate_line(est: dict, rows: int, prompt_len: int, g: GrpoConfig) -> str:
     """The estimate as the run's log prints it."""
     return (f"grpo memory estimate: weights {est['weights'] / GIB:.2f} GiB; sampling {rows} completions of up to "
-            f"{prompt_len}+{g.max_new_tokens} tokens: KV cache {est['kv_cache'] / GIB:.2f} GiB; training pass over "
+            f"{prompt_len}+{g.max_new_tokens} tokens: KV cache {est['kv_cache'] / GIB:.2f} GiB"
+            f"{' (kept between steps)' if est.get('kept') else ''}; training pass over "
             f"them {est['train_pass'] / GIB:.2f} GiB; peak about {est['peak'] / GIB:.2f} GiB (optimizer state "
             "not counted)")

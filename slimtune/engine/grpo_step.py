@@ -26,7 +26,8 @@ from ..data.stream import MicroBatches
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
 from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, builtins, score, write_record
-from . import distributed
+from . import decode, distributed
+from .decode import StaticDecoder
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
     sample_seed, stop_ids
 from .step import apply_update, clip_and_read
@@ -77,6 +78,7 @@ class GrpoObjective:
     stops: list[int]  # token ids that end a completion
     skip_bad: bool = False  # data.on_bad_record=skip: a completion a reward fails on is left out
     estimate: dict = field(default_factory=dict)  # the memory estimate start() logged
+    decoder: StaticDecoder | None = None  # grpo.decode=compiled: the static cache and compiled step, from start()
 
     fingerprint = staticmethod(fingerprint)
 
@@ -94,7 +96,8 @@ class GrpoObjective:
             write_record(out_dir, self.rewards)
         longest = max(len(r.prompt_ids) for r in splits["train"])
         rows = batch_size * self.g.num_generations
-        self.estimate = estimate(model, longest, rows, self.g)
+        self.decoder = decode.make(model, self.g.decode, device, longest + self.g.max_new_tokens, log)
+        self.estimate = estimate(model, longest, rows, self.g, kept=self.decoder is not None)
         log(estimate_line(self.estimate, rows, longest, self.g))
         log("grpo rewards: " + ", ".join(f"{r.name} x{r.weight:g} ({r.source})" for r in self.rewards))
 
@@ -146,7 +149,7 @@ class GrpoObjective:
         batches, scored, lengths = [], [], []
         for j, rs in enumerate(records):
             b = sample(run.model, rs, g, self.pad, self.stops, run.device, sample_seed(tc.seed, generation, j),
-                       context)
+                       context, self.decoder)
             texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
                      for ids, m in zip(b["completion_ids"], b["completion_mask"])]
             n = [int(x) for x in b["completion_mask"].sum(dim=1)]
