@@ -11,8 +11,8 @@ not its __call__: transformers' checkpointing (GradientCheckpointingLayer.__call
 recompute in backward calls the compiled forward again.
 
 Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
-masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Fused 4-bit LoRA
-layers (kernels/qlora.py) are opaque to dynamo: each splits its layer's graph and runs eagerly in between.
+masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Layers over a
+4-bit base stay eager (four_bit); the fused 4-bit node is also kept out of any graph (kernels/qlora.py).
 A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
 one printed line saying why: the run goes on at eager speed rather than stopping.
 """
@@ -56,12 +56,21 @@ def parametrized(model: torch.nn.Module) -> bool:
     return any(getattr(m, "parameter_name", None) for m in model.modules())
 
 
+def four_bit(model: torch.nn.Module) -> bool:
+    """Whether `model` holds a bitsandbytes 4-bit layer (qlora's base). Decoder layers compiled around LoRA over
+    4-bit layers gave LoRA gradients of all zeros on an H100 (torch 2.11, inductor; bench/check_offload_grads.py,
+    2026-12-05), fused (kernels/qlora.py) or, with its node kept out of the graph, still wrong with a bf16 base;
+    eager they match peft's. So such layers stay eager."""
+    return any(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+               for m in model.modules())
+
+
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
     """Compile each decoder layer's forward (already-bound fast paths inside it included); how many (none in a
-    model with LoRA on fused expert weights: parametrized)."""
+    model with LoRA on fused expert weights, parametrized, or over a 4-bit base, four_bit)."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
-    for layer in [] if parametrized(model) else layers(model):
+    for layer in [] if parametrized(model) or four_bit(model) else layers(model):
         if hasattr(layer, ATTR):
             n += 1
             continue

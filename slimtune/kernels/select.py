@@ -154,6 +154,9 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
         if key == "compile" and wanted_here and not took and compiled.parametrized(model):
             out.append(f"train.compile={tc.compile}: layers left eager: peft's LoRA on fused expert weights registers "
                        "a parametrization at each forward, which torch.compile cannot trace")
+        elif key == "compile" and wanted_here and not took and compiled.four_bit(model):
+            out.append(f"train.compile={tc.compile}: layers left eager over the 4-bit base: compiled, their LoRA "
+                       "gradients differed from eager's on an H100 (torch 2.11); eager they match peft's")
         elif key == "compile" and wanted_here and not took and k.fused_norm_mlp:
             out.append("train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
                        "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)")
