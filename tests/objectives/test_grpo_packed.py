@@ -96,13 +96,14 @@ def test_grpo_packs_in_rows_where_the_preference_objectives_do():
         assert select.choose(tc, device).packing == want, (mode, device)
 
 
-def _run(tmp_path: object, tokenizer: object, packing: str, monkeypatch: pytest.MonkeyPatch,
-         mode: str = "eager") -> tuple[dict, list[dict], list[str]]:
+def _run(tmp_path: object, tokenizer: object, packing: str, monkeypatch: pytest.MonkeyPatch, mode: str = "eager",
+         device: str = "cpu") -> tuple[dict, list[dict], list[str]]:
     cfg = Config()
     texts = ["hello there", "The capital of France is", "1 2", "the quick brown fox jumps over"]
     cfg.data.train = str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in texts]))
     cfg.data.max_len, cfg.method = 64, MethodConfig(name="lora", r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    cfg.train.objective, cfg.train.max_steps, cfg.train.device, cfg.train.precision = "grpo", 3, "cpu", "fp32"
+    cfg.train.objective, cfg.train.max_steps, cfg.train.device = "grpo", 3, device
+    cfg.train.precision = "fp32" if device == "cpu" else "bf16"
     cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.batch_size, cfg.train.lr = 2, 1, 2, 3e-2
     cfg.train.packing, cfg.grpo.decode = packing, mode
     cfg.grpo.num_generations, cfg.grpo.max_new_tokens, cfg.grpo.rewards = 4, 6, []
@@ -131,6 +132,7 @@ def test_a_grpo_run_trains_to_the_same_losses_packed_as_padded(tmp_path, tokeniz
     for a, b in zip(padded, packed):
         assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]  # the same samples
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["kl"] - b["kl"]) < 1e-5, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"], (a, b)
         assert b["computed_tokens"] < a["computed_tokens"]  # real tokens only, no padding
     assert any(line.startswith("grpo.decode=compiled") for line in said) == (mode == "compiled")
     assert not any("failed on the decode step" in line for line in said)
@@ -147,3 +149,20 @@ def test_packed_logps_equal_padded_on_cuda_varlen():
         packed = cl.completion_logps(model, batch, 0.7, packed=True) * mask
     assert attention._fast(torch.empty(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16), 0.0, None)
     assert torch.allclose(packed, padded, atol=0.05 * padded.abs().max().item() + 0.05), (packed - padded).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention and the CUDA-graph decoder run on "
+                    "CUDA only; the CPU tests above run the same fit through the per-record attention")
+def test_a_grpo_run_on_cuda_packs_by_default_and_samples_and_steps_as_the_padded_one(tmp_path, tokenizer, monkeypatch):
+    """packing and grpo.decode on auto (varlen attention, the compiled decoder with CUDA graphs) against
+    train.packing=off: step 1 samples the same completions from the same weights; its loss and gradient norm agree
+    to bf16's precision."""
+    padded_result, padded, _ = _run(tmp_path, tokenizer, "off", monkeypatch, "auto", "cuda")
+    packed_result, packed, said = _run(tmp_path, tokenizer, "auto", monkeypatch, "auto", "cuda")
+    assert padded_result["packing"] == "off" and packed_result["packing"] == "rows"
+    assert any(line.startswith("grpo.decode=auto: sampling with a static KV cache") for line in said), said
+    assert not any("failed on the decode step" in line for line in said)
+    a, b = padded[0], packed[0]
+    assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+    assert abs(a["loss"] - b["loss"]) < 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 0.05 * a["grad_norm"] + 1e-4
+    assert b["computed_tokens"] < a["computed_tokens"] and len(packed) == 3
