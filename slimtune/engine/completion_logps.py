@@ -6,23 +6,41 @@ at the sampling temperature (logits / T = the head applied to hidden / T, a bias
 completion tokens x vocabulary fp32 logits, their log-softmax and its gradient (64 completions of 256 tokens at a
 128k vocabulary: 25 GB) are never held. A model whose head post-processes logits (soft-capping, a logit scale) or a
 prompt method runs its own forward with all logits, as before. Under FSDP2 the computation runs as the root
-module's forward (engine/loss.as_root_forward), so the root's gathered parameters are there."""
+module's forward (engine/loss.as_root_forward), so the root's gathered parameters are there.
+
+Packed (the run's packing is on: CUDA with varlen attention, or train.packing=rows), every row's real tokens (its
+prompt where prompt_mask is 1, then its completion where completion_mask is 1) go back to back in one row with the
+keys varlen attention reads (data/pack.collate's), position ids restarting per row as the padded forward numbers
+them: no row costs the longest prompt + max_new_tokens. The head runs on the hidden states at the positions that
+predict a completion token, and the log-probabilities go back to [rows, completion tokens] (0 past a row's stop,
+where the loss's mask is 0)."""
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
 
+from ..data.pack import BOUNDS
 from ..kernels import linear_ce
 from ..objectives.logps import token_logps
 from .loss import as_root_forward, model_inputs, sharded, split_head
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
-                     chunked: bool = True) -> torch.Tensor:
+                     chunked: bool = True, packed: bool = False) -> torch.Tensor:
     """log p(token) of every completion token [rows, completion tokens], at the sampling temperature as TRL
-    takes them; positions follow the attention mask, as generation gave them."""
+    takes them; positions follow the attention mask, as generation gave them. packed: one packed row (the model's
+    attention switched to kernels/attention.py's), 0 at the positions completion_mask leaves out."""
+    if packed:
+        inputs, predicts = pack_rows(batch)
+        mask = batch["completion_mask"].bool()
+        targets = batch["completion_ids"][mask]
+        if sharded(model):
+            return as_root_forward(model, lambda b, fwd: _packed(model, b, predicts, targets, mask, temperature,
+                                                                 chunked, fwd), inputs)
+        return _packed(model, inputs, predicts, targets, mask, temperature, chunked, model)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
@@ -45,6 +63,42 @@ def _logps(model: torch.nn.Module, inputs: dict, targets: torch.Tensor, temperat
     bias = head.bias / temperature if head.bias is not None else None
     flat = hidden.reshape(-1, hidden.shape[-1]) / temperature
     return token_logps(flat, head.weight, bias, targets.reshape(-1)).reshape(targets.shape)
+
+
+def pack_rows(batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    """(inputs, predicts) of the packed row: every row's prompt tokens (prompt_mask 1) then its completion tokens
+    (completion_mask 1), and for each completion token (row by row) the packed position whose hidden state
+    predicts it, the one before it (a prompt holds at least one token: sampling continues it)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).bool()
+    place = mask.flatten().cumsum(0).view(mask.shape) - 1  # each real token's position in the packed row
+    predicts = place[:, batch["prompt_ids"].shape[1]:][batch["completion_mask"].bool()] - 1
+    lengths = mask.sum(dim=1).tolist()
+    bounds = (0, *itertools.accumulate(lengths))
+    cu = torch.tensor(bounds, dtype=torch.int32, device=ids.device)
+    longest = max(lengths, default=0)
+    inputs = {"input_ids": ids[mask][None], "position_ids": (mask.cumsum(dim=1) - 1)[mask][None],
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+              BOUNDS: bounds}
+    return inputs, predicts
+
+
+def _packed(model: torch.nn.Module, inputs: dict, predicts: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+            temperature: float, chunked: bool, forward: Callable) -> torch.Tensor:
+    parts = split_head(model) if chunked else None
+    if parts is None:  # a head that post-processes logits (or the plain reference): all positions' logits
+        logits = forward(**model_inputs(inputs, model)).logits[0, predicts].float() / temperature
+        per = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    else:
+        decoder, head = parts
+        hidden = decoder(**model_inputs(inputs, decoder)).last_hidden_state[0, predicts]
+        if linear_ce.fits(head):
+            bias = head.bias / temperature if head.bias is not None else None
+            per = token_logps(hidden / temperature, head.weight, bias, targets)
+        else:  # an adapter on the head (or a quantized one): its own forward on the gathered positions
+            logits = head(hidden).float() / temperature
+            per = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return torch.zeros(mask.shape, dtype=per.dtype, device=per.device).masked_scatter(mask, per)
 
 
 def keep_only(model: torch.nn.Module, n: int) -> dict[str, int]:

@@ -83,13 +83,14 @@ def _draw(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, g: Grpo
 
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float,
-                    context: Callable = contextlib.nullcontext) -> torch.Tensor:
-    """The completion log-probabilities of the model with its adapter switched off (the reference), eval mode."""
+                    context: Callable = contextlib.nullcontext, packed: bool = False) -> torch.Tensor:
+    """The completion log-probabilities of the model with its adapter switched off (the reference), eval mode;
+    packed as the training pass is."""
     was = model.training
     model.eval()
     try:
         with model.disable_adapter(), context():
-            return completion_logps(model, batch, temperature)
+            return completion_logps(model, batch, temperature, packed=packed)
     finally:
         model.train(was)
 
@@ -126,6 +127,8 @@ def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, 
     heads = get("num_attention_heads", 1)
     kv_heads, head_dim = get("num_key_value_heads", heads), get("head_dim", hidden // max(heads, 1))
     width = max(p.element_size() for p in model.parameters())
+    # sampling's cache holds every row padded to this; a packed training pass holds only the real tokens, so its
+    # activations counted at this width are an upper bound (the longest prompt, every completion max_new_tokens)
     tokens = rows * (prompt_len + g.max_new_tokens)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = 2 * layers * kv_heads * head_dim * width * tokens

@@ -79,10 +79,13 @@ class GrpoObjective:
     skip_bad: bool = False  # data.on_bad_record=skip: a completion a reward fails on is left out
     estimate: dict = field(default_factory=dict)  # the memory estimate start() logged
     decoder: StaticDecoder | None = None  # grpo.decode=compiled: the static cache and compiled step, from start()
+    packed: bool = False  # the training passes over each micro-batch as one packed row (set by stream)
 
     fingerprint = staticmethod(fingerprint)
 
     def stream(self, records: list[PromptRecord], tc: TrainConfig, packing: str = "off") -> Generations:
+        """The prompts' stream; with the run's packing on, the log-prob passes run over packed rows."""
+        self.packed = packing != "off"
         return Generations(records, tc.micro_batch_size, tc.seed, tc.grad_accum, self.g.steps_per_generation)
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[PromptRecord]], out_dir: Path, device: str,
@@ -123,7 +126,7 @@ class GrpoObjective:
         kl = clipped = 0.0
         for b in batches:
             with context():
-                logps = completion_logps(run.model, b, self.g.temperature)
+                logps = completion_logps(run.model, b, self.g.temperature, packed=self.packed)
             old = b["old_logps"] if "old_logps" in b else logps.detach()
             parts = grpo.policy_loss(logps, old, b["advantages"], b["mask"], cfg, b.get("ref_logps"),
                                      max(step_tokens, 1), max(step_rows, 1))
@@ -137,8 +140,9 @@ class GrpoObjective:
         run.seen += sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches)
         metrics.update(kl=kl / max(step_tokens, 1), clip_ratio=clipped / max(step_tokens, 1), gen_s=gen_s,
                        train_s=time.perf_counter() - began - gen_s)
-        row.update(metrics, trained_tokens=step_tokens, data_s=0.0,
-                   computed_tokens=sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in batches))
+        computed = (int(b["prompt_mask"].sum() + b["completion_mask"].sum()) if self.packed
+                    else b["prompt_ids"].numel() + b["completion_ids"].numel() for b in batches)
+        row.update(metrics, trained_tokens=step_tokens, data_s=0.0, computed_tokens=sum(computed))
         return row
 
     def generate(self, run: Run, records: list[list[PromptRecord]], generation: int, context: Callable) -> dict:
@@ -168,9 +172,9 @@ class GrpoObjective:
             start += rows
             if g.steps_per_generation > 1:
                 with torch.no_grad(), context():
-                    b["old_logps"] = completion_logps(run.model, b, g.temperature).detach()
+                    b["old_logps"] = completion_logps(run.model, b, g.temperature, packed=self.packed).detach()
             if g.beta > 0:
-                b["ref_logps"] = reference_logps(run.model, b, g.temperature, context)
+                b["ref_logps"] = reference_logps(run.model, b, g.temperature, context, self.packed)
         return {"batches": batches, "metrics": reward_metrics(scored, total, keep, lengths, g)}
 
 

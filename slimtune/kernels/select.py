@@ -169,10 +169,10 @@ def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
     """The fast paths train.* asks for on `device` for a model `hidden` wide, decided once per run (the run
     plan's record: 1 stands for "on"; enable then says what each took in a given model)."""
     liger = chosen(tc.fused_norm_mlp, device, hidden)
-    # a preference objective packs each micro-batch's chosen and rejected sequences into one row (never bins: a
-    # step's records are its pairs); GRPO's step collates its completions itself
+    # a preference objective packs each micro-batch's chosen and rejected sequences into one row, GRPO each
+    # micro-batch's prompts + completions (never bins: a step's records are its pairs or prompts)
     packing = "off"
-    if tc.packing != "off" and tc.objective != "grpo" and (tc.packing != "auto" or device.startswith("cuda")):
+    if tc.packing != "off" and (tc.packing != "auto" or device.startswith("cuda")):
         packing = "bins" if tc.packing == "on" and tc.objective == "sft" else "rows"
     return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
                    fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),

@@ -41,8 +41,8 @@ def test_packed_logps_equal_padded(chunked):
     assert torch.allclose(packed, padded, atol=1e-5, rtol=0), (packed - padded).abs().max()
 
 
-def test_preference_objectives_pack_in_rows_and_grpo_does_not():
-    for objective, want in (("dpo", "rows"), ("kto", "rows"), ("sft", "bins"), ("grpo", "off")):
+def test_preference_objectives_and_grpo_pack_in_rows():
+    for objective, want in (("dpo", "rows"), ("kto", "rows"), ("sft", "bins"), ("grpo", "rows")):
         cfg = _cfg("/tmp/unused", **{"train.objective": objective, "train.packing": "on"})
         assert select.choose(cfg.train, "cpu").packing == want, objective
     cfg = _cfg("/tmp/unused", **{"train.objective": "dpo", "train.packing": "auto"})
