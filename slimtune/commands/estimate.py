@@ -5,7 +5,6 @@ import argparse
 
 from .. import models
 from ..config import Config
-from ..data.prompts import PromptRecord
 from ..engine import grpo_step, memory, preflight, run_plan, split
 from ..engine.memory import Estimate
 from .options import allow_code, config_from
@@ -59,17 +58,15 @@ def _grpo(cfg: Config, plan: run_plan.RunPlan, built: preflight.Records | None, 
     """GRPO's estimate as the run logs it when it starts (grpo_sample.estimate: the KV cache of sampling G
     completions of a micro-batch's prompts and the training pass over them), for the longest prompt of data.train
     (without data: a prompt of data.max_len tokens)."""
-    prompts = built.train if built else [PromptRecord([0] * cfg.data.max_len, "", None, "data.max_len")]
+    prompts = built.train if built else preflight.worst_prompt(cfg)
     est, line = preflight.grpo_predict(preflight.meta_model(cfg, plan), plan, prompts, cfg.grpo,
                                        cfg.train.micro_batch_size)
     print(_header(cfg, plan, f"{cfg.train.micro_batch_size} prompt(s) x {cfg.grpo.num_generations} completions"))
     print(line)
     if budget is None:
         return 0
-    total = est["peak"] + memory.CUDA_CONTEXT
-    fits = total <= budget
-    print(f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA context "
-          f"(optimizer state not counted): {'fits' if fits else 'does NOT fit'}")
+    fits, verdict = preflight.grpo_verdict(est, budget)
+    print(verdict)
     return 0 if fits else 1
 
 

@@ -95,3 +95,16 @@ def grpo_predict(model: torch.nn.Module, plan: RunPlan, records: list[PromptReco
     kept = decode.resolve(g.decode, plan.device) == "compiled" and decode.supports(model) is None
     est = grpo_sample.estimate(model, longest, rows, g, kept=kept)
     return est, grpo_sample.estimate_line(est, rows, longest, g)
+
+
+def grpo_verdict(est: dict, budget: float) -> tuple[bool, str]:
+    """(whether GRPO's predicted peak with the CUDA context fits `budget` bytes, the line that says so)."""
+    total = est["peak"] + memory.CUDA_CONTEXT
+    fits = total <= budget
+    return fits, (f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA "
+                  f"context (optimizer state not counted): {'fits' if fits else 'does NOT fit'}")
+
+
+def worst_prompt(cfg: Config) -> list[PromptRecord]:
+    """Without data: one prompt of data.max_len tokens, the longest a GRPO prompt may be."""
+    return [PromptRecord([0] * cfg.data.max_len, "", None, "data.max_len")]
