@@ -5,6 +5,7 @@ import argparse
 
 from .. import models
 from ..config import Config
+from ..data.preference import PAIRED
 from ..engine import grpo_step, memory, preflight, run_plan, split
 from ..engine.memory import Estimate
 from .options import allow_code, config_from
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return _grpo(cfg, plan, built, budget)
     rows = sizes[:cfg.train.micro_batch_size] if sizes else None
     est = preflight.predict(cfg, plan, sizes)  # the prediction train prints before the model loads
-    records = "pairs" if cfg.train.objective != "sft" else "records"
+    records = "pairs" if cfg.train.objective in PAIRED else "records"
     where = f"the longest {len(rows)} {records} of {cfg.data.train}" if rows else \
         f"{cfg.train.micro_batch_size} x {cfg.data.max_len} tokens (no data given: worst case)"
     print(_header(cfg, plan, where))

@@ -4,11 +4,13 @@ the same numbers, from the same function (engine/preflight.py); a bad record is 
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from conftest import WORDS, write_jsonl
-from slimtune import cli, models
-from slimtune.engine import grpo_sample, grpo_step, preflight
+from slimtune import cli, load_config, models
+from slimtune.engine import grpo_sample, grpo_step, precision, preflight, run_plan
+from slimtune.train import prepare
 
 
 class Stop(Exception):
@@ -48,8 +50,9 @@ def _train_until_load(cfg: str, monkeypatch) -> None:
         cli.main(["train", cfg, "--no-progress"])
 
 
-@pytest.mark.parametrize("objective, rows", [("dpo", PAIRS), ("kto", UNPAIRED)])
-def test_estimate_predicts_what_train_predicts(tmp_path, tiny_model_dir, monkeypatch, capsys, objective, rows):
+@pytest.mark.parametrize("objective, rows, noun", [("dpo", PAIRS, "pairs"), ("kto", UNPAIRED, "records")])
+def test_estimate_predicts_what_train_predicts(tmp_path, tiny_model_dir, monkeypatch, capsys, objective, rows,
+                                               noun):
     cfg = _config(tmp_path, tiny_model_dir, objective, rows)
     seen = _predictions(monkeypatch)
     assert cli.main(["estimate", cfg]) == 0
@@ -60,7 +63,7 @@ def test_estimate_predicts_what_train_predicts(tmp_path, tiny_model_dir, monkeyp
     assert estimated.peak == trained.peak > 0 and estimated.activations == trained.activations > 0
     plan = shown[shown.index("batch split:"):shown.index("slimtune estimate:")].strip()
     assert plan.startswith("batch split: 4 records per step as ") and plan in logged  # the same plan
-    assert f"slimtune estimate: {objective}, lora, fp32, micro-batch the longest " in shown
+    assert f"slimtune estimate: {objective}, lora, fp32, micro-batch the longest 4 {noun} of " in shown
     assert f"{'predicted peak (reserved)':<28} {trained.peak / 2 ** 30:8.2f} GiB" in shown
 
 
@@ -99,3 +102,15 @@ def test_a_bad_pair_is_trains_one_line_error(tmp_path, tiny_model_dir, capsys):
     assert said[0] == "slimtune estimate" and told[0] == "slimtune train"
     assert said[1] == told[1] and said[1].startswith(f"{tmp_path / 'data.jsonl'} line 4") and "rejected" in said[1]
     assert "\n" not in said[1]
+
+
+def test_the_meta_model_is_the_prepared_models_shapes_and_dtypes(tiny_model_dir):
+    """GRPO's estimate reads the weights' bytes: on a GPU plan a bf16 base with fp32 adapter weights, as loaded."""
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "method.target_modules=[q_proj,v_proj]"])
+    plan = run_plan.for_estimate(cfg, 2 ** 30)  # a GPU's plan, made here without one
+    assert plan.precision.weights == torch.bfloat16 and plan.precision.trainable == torch.float32
+    loaded, _ = models.load(str(tiny_model_dir), precision.base_dtype_name(cfg, plan.device, plan.precision))
+    real = prepare(loaded, cfg, "cpu", lambda _: None, plan=plan).model
+    shapes = lambda m: sorted((n, p.dtype, tuple(p.shape), p.requires_grad) for n, p in m.named_parameters())  # noqa: E731
+    assert shapes(preflight.meta_model(cfg, plan)) == shapes(real)
+    assert {p.dtype for p in real.parameters()} == {torch.bfloat16, torch.float32}
