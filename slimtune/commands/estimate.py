@@ -1,4 +1,6 @@
-"""`slimtune estimate`: predicted peak GPU memory of a config, by component, and what fits a budget."""
+"""`slimtune estimate`: predicted peak GPU memory of a config, by component, and what fits a budget. The data are
+read as train.objective reads them and the prediction is the one `slimtune train` prints before its model loads
+(engine/preflight.py); for grpo, the line its run logs when the first step starts."""
 from __future__ import annotations
 
 import argparse
