@@ -15,9 +15,10 @@ Recipes:
             dropout 0 on the seven projections, train.objective=dpo, train.batch_size=--pairs, lr 1e-4; every
             other key at its default (precision, split, checkpointing, kernels, reference: the engine's
             choices). Step times and tokens from its metrics.jsonl. The estimator's prediction (peak reserved,
-            without the CUDA context) as train computes it before the load (engine/memory.estimate of the plan's
-            longest records, a pair being two rows: engine/pair_logps.pair_rows), and for the largest micro-batch
-            the run trains on (predicted_run_gib; its stream's seeded order, replayed).
+            without the CUDA context) as train computes it before the load and `slimtune estimate` prints it
+            (engine/preflight.predict: engine/memory.estimate of the plan's longest records, a pair being two
+            rows), and for the largest micro-batch the run trains on (predicted_run_gib; its stream's seeded
+            order, replayed).
   trl       trl.DPOTrainer + peft LoraConfig(r=16, alpha 16, dropout 0, the seven projections), bf16, gradient
             checkpointing, per_device_train_batch_size --trl_bs x gradient_accumulation_steps --trl_ga (8 x 1),
             beta 0.1, sigmoid loss, the reference the adapter switched off (TRL's default with peft),
@@ -161,38 +162,41 @@ def _timing(times: list[float], real: int, wall: float) -> dict:
                 step_s=[round(t, 3) for t in times])
 
 
+def slimtune_overrides(a: argparse.Namespace, folder: Path, run: Path) -> list[str]:
+    """The slimtune recipe's config as command-line overrides (`slimtune estimate` takes the same)."""
+    keys = {"model.path": folder, "data.train": folder / "pairs.jsonl", "data.eval_size": 0, "data.max_len": a.max_len,
+            "method.name": "lora", "method.r": 16, "method.alpha": 16, "method.dropout": 0.0,
+            "method.target_modules": "[" + ",".join(ALL_LINEAR) + "]", "train.objective": "dpo",
+            "train.batch_size": a.pairs, "train.lr": 1e-4, "train.seed": 0, "train.max_steps": a.steps + a.warmup,
+            "train.save_every": 0, "train.log_every": 1, "train.eval_at_start": "false", "train.output_dir": run}
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
 def slimtune_worker(a: argparse.Namespace, folder: Path) -> dict:
     """slimtune.train on the folder's model and pairs; the estimator's prediction as train makes it, and the
     padding of the micro-batches its stream gives (the same seeded order fit reads)."""
     import slimtune
     from slimtune import models
-    from slimtune.data.preference import build_pairs
     from slimtune.data.stream import MicroBatches
-    from slimtune.engine import memory, preference_step, run_plan
+    from slimtune.engine import preference_step, preflight, run_plan
     from slimtune.engine.pair_logps import collate_pairs, input_tokens
     from slimtune.runs.metrics_log import read_metrics
 
     dev, name = _device()
     out = Path(tempfile.mkdtemp(prefix="dpo-run-"))
-    keys = {"model.path": folder, "data.train": folder / "pairs.jsonl", "data.eval_size": 0, "data.max_len": a.max_len,
-            "method.name": "lora", "method.r": 16, "method.alpha": 16, "method.dropout": 0.0,
-            "method.target_modules": "[" + ",".join(ALL_LINEAR) + "]", "train.objective": "dpo",
-            "train.batch_size": a.pairs, "train.lr": 1e-4, "train.seed": 0, "train.max_steps": a.steps + a.warmup,
-            "train.save_every": 0, "train.log_every": 1, "train.eval_at_start": "false",
-            "train.output_dir": out / "run"}
-    cfg = slimtune.load_config(None, [f"{k}={v}" for k, v in keys.items()])
+    cfg = slimtune.load_config(None, slimtune_overrides(a, folder, out / "run"))
     tokenizer = models.load_tokenizer(str(folder), False)
-    pairs = build_pairs(cfg, tokenizer, lambda _: None).train
-    sizes = preference_step.sizes(pairs)
+    built = preflight.records(cfg, tokenizer, lambda _: None)  # as train reads them, and `slimtune estimate`
+    pairs, sizes = built.train, preflight.sizes(built)
     plan = run_plan.resolve(cfg, dev, sizes=sizes)
     stream = MicroBatches(preference_step.items(pairs, "dpo"), plan.micro_batch_size, cfg.train.seed)
     every = [next(stream) for _ in range((a.steps + a.warmup) * plan.grad_accum)]
     micro = every[a.warmup * plan.grad_accum:]  # the timed steps'
     width = lambda m: collate_pairs(m, 0, "cpu")["input_ids"].numel()  # noqa: E731
     widest = max(every, key=width)  # the run's largest micro-batch
-    # as train predicts (its plan's longest records), and for the largest micro-batch this run trains on
-    est, ran = (memory.estimate(plan.apply(cfg), rows, 1, kernels=plan.kernels, dtypes=plan.precision)
-                for rows in (sizes[:plan.micro_batch_size], preference_step.sizes([i.pair for i in widest])))
+    # train's prediction (its plan's longest records: what `slimtune estimate` prints), and for the largest
+    # micro-batch this run trains on
+    est, ran = (preflight.predict(cfg, plan, rows) for rows in (sizes, preference_step.sizes([i.pair for i in widest])))
     result = slimtune.train(cfg, show_progress=False, log=lambda text: print(text, file=sys.stderr, flush=True))
     rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
     done = json.loads((out / "run" / "summary.json").read_text())  # what the run took: kernels, parameters

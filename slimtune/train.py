@@ -15,10 +15,9 @@ import torch
 from . import config as config_mod
 from . import methods, models, outputs
 from .config import Config, ConfigError, batch
-from .data import Built, build
+from .data import Built
 from .data.collate import pad_id
-from .data.prompts import PromptRecord, build_prompts
-from .engine import grpo_step, host_memory, memory, precision, preference_step, run_plan, split
+from .engine import grpo_step, host_memory, memory, precision, preference_step, preflight, run_plan, split
 from .engine import reference as pref_reference
 from .engine.distributed import Processes
 from .engine.loop import fit
@@ -29,8 +28,7 @@ from .engine.run_plan import RunPlan
 from .runs import checkpoint, ownership as runfolder
 from .runs.ownership import RunFolderError
 from .errors import ExistingFileError, MissingFileError
-from .data.pairs import BuiltPairs, EncodedPair
-from .data.preference import build_pairs
+from .data.pairs import BuiltPairs
 from .evaluate import preference as pref_eval, summary
 from .evaluate.report import in_training
 from .methods.parts import PARTS
@@ -128,21 +126,12 @@ def _check_split(cfg: Config, per_step: int, kept: int, held: int, log: Log) -> 
                       "or give held-out records in data.eval")
 
 
-def _sizes(built: Built | BuiltPairs) -> list[tuple[int, int]]:
-    """(length, trained tokens) of every training record, longest first: the worst micro-batches."""
-    if built.train and isinstance(built.train[0], EncodedPair):  # two rows each: engine/memory.py counts both
-        return preference_step.sizes(built.train)
-    if built.train and isinstance(built.train[0], PromptRecord):  # GRPO: a prompt and its longest completion
-        return sorted(((len(r.prompt_ids) + built.max_new, built.max_new) for r in built.train), reverse=True)
-    return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in built.train), reverse=True)
-
-
 def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log, hint: bool = True) -> float | None:
     """The memory estimate of the plan's worst micro-batch, printed before the model loads; on a GPU, a faster
     split of the same records per step when there is one (memory.faster) and hint is set."""
     worst, cuda = sizes[:plan.micro_batch_size], plan.device.startswith("cuda")
     try:
-        est = memory.estimate(cfg, worst, plan.world_size, kernels=plan.kernels, dtypes=plan.precision)
+        est = preflight.predict(cfg, plan, sizes)
         quick = memory.faster(cfg, worst, plan.kernels, plan.precision) if hint and cuda and not plan.fsdp else None
     except Exception as err:  # an estimate must never stop a run: architectures differ in ways it can't see
         log(f"memory estimate unavailable: {err}")
@@ -241,9 +230,8 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     cfg, grpo = _grpo(cfg, tokenizer, rewards, out, start is not None, log)
     objective = grpo or _objective(cfg, pad_id(tokenizer), procs.world_size)  # None for sft; refusals stop here
     # every record is checked before the model is loaded
-    built = _grpo_prompts(cfg, tokenizer, grpo, log) if grpo else \
-        build_pairs(cfg, tokenizer, log) if objective else build(cfg.data, tokenizer, log)
-    auto, sizes = split.is_auto(cfg.train), _sizes(built)
+    built = preflight.records(cfg, tokenizer, log, grpo is not None and grpo_step.needs_answer(grpo))
+    auto, sizes = split.is_auto(cfg.train), preflight.sizes(built)
     if start is not None:  # an auto split goes on as the checkpoint's run chose it
         cfg = batch.adopt(read_config(start), cfg)
     plan = run_plan.resolve(cfg, procs.device, sizes=sizes, world_size=procs.world_size, rank=procs.rank)
@@ -333,15 +321,6 @@ def _grpo(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, rewards: t
     if resuming:
         rewards_mod.check_record(out, objective.rewards)
     return grpo_step.one_prompt_per_micro_batch(cfg, log), objective
-
-
-def _grpo_prompts(cfg: config_mod.Config, tokenizer: PreTrainedTokenizerBase, objective: grpo_step.GrpoObjective,
-                  log: Callable[[str], None]) -> types.SimpleNamespace:
-    """GRPO's prompts of data.train (held-out evaluation is not run for grpo: data.eval is not read)."""
-    if cfg.data.eval:
-        log(f"grpo: data.eval ({cfg.data.eval}) is not read; grpo runs no held-out evaluation")
-    built = build_prompts(cfg.data, tokenizer, grpo_step.needs_answer(objective), log)
-    return types.SimpleNamespace(train=built.train, eval=[], skipped=built.skipped, max_new=cfg.grpo.max_new_tokens)
 
 
 def _compare_memory(result: dict, predicted: float | None, log: Log) -> None:

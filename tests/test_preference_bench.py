@@ -1,10 +1,14 @@
 """bench/preference_speed.py: its token counts, and the slimtune recipe of its --smoke mode on the CPU."""
+import argparse
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from slimtune import cli
+from slimtune.engine import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -30,6 +34,8 @@ def test_synthetic_pairs_fit_max_len_and_repeat():
 
 def test_slimtune_smoke_row_counts_every_real_token(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("slimtune.evaluate.summary.loss_png", lambda *a, **k: None)  # matplotlib: seconds, not read
+    seen, real = [], preflight.predict
+    monkeypatch.setattr(preflight, "predict", lambda *a: seen.append(real(*a)) or seen[-1])
     folder = tmp_path / "model"
     bench.make("tiny", folder, 2, 64)  # 1 warm-up step and 1 timed step of 1 pair
     with (folder / "pairs.jsonl").open() as fh:
@@ -45,6 +51,12 @@ def test_slimtune_smoke_row_counts_every_real_token(tmp_path, capsys, monkeypatc
     assert row["real_tokens"] == row["stream_real_tokens"]  # metrics.jsonl's count and the stream's
     assert row["real_tokens"] in (bench.real_tokens(pairs[:1]), bench.real_tokens(pairs[1:]))  # the timed step's pair
     assert row["padded_tokens"] >= row["real_tokens"] and isinstance(row["predicted_gib"], float)
+    # `slimtune estimate` of the recipe's config (on the CPU, as the smoke ran) predicts what the bench and train did
+    a = argparse.Namespace(max_len=64, pairs=1, steps=1, warmup=1)
+    assert cli.main(["estimate", *bench.slimtune_overrides(a, folder, tmp_path / "run"), "train.device=cpu"]) == 0
+    assert row["plan"] in capsys.readouterr().out
+    bench_est, _, train_est, estimate_est = seen
+    assert bench_est.peak == train_est.peak == estimate_est.peak > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed here (the GPU machine gets "

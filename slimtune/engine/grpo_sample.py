@@ -113,6 +113,11 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> l
     return ids
 
 
+def step_shape(records: list[PromptRecord], micro_batch_size: int, g: GrpoConfig) -> tuple[int, int]:
+    """(the longest prompt's tokens, completions sampled per micro-batch): the sizes estimate() is given."""
+    return max(len(r.prompt_ids) for r in records), micro_batch_size * g.num_generations
+
+
 def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora",
              kept: bool = False) -> dict:
     """Bytes a GRPO step needs beside the weights, for `rows` sequences of prompt_len + max_new_tokens tokens:

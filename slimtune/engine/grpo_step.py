@@ -29,7 +29,7 @@ from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, buil
 from . import decode, distributed
 from .decode import StaticDecoder
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
-    sample_seed, stop_ids
+    sample_seed, step_shape, stop_ids
 from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ class GrpoObjective:
         if distributed.is_main():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_record(out_dir, self.rewards)
-        longest = max(len(r.prompt_ids) for r in splits["train"])
-        rows = batch_size * self.g.num_generations
+        longest, rows = step_shape(splits["train"], batch_size, self.g)
         self.decoder = decode.make(model, self.g.decode, device, longest + self.g.max_new_tokens, log)
         self.estimate = estimate(model, longest, rows, self.g, kept=self.decoder is not None)
         log(estimate_line(self.estimate, rows, longest, self.g))

@@ -27,7 +27,6 @@ import torch
 from ..config import Config
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
-from ..data import encode_examples, read
 from ..kernels.select import Kernels
 from ..models import load_config, pick_device
 from . import distributed, memory
@@ -35,7 +34,7 @@ from .memory import GIB
 from .precision import Dtypes
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig
 
 Sizes = list[tuple[int, int]]  # (length, trained tokens) of training records, longest first
 
@@ -256,10 +255,3 @@ def for_print(cfg: Config) -> tuple[Config, str]:
         f"fewest micro-batches whose predicted peak (from model.path's config.json and the longest training "
         f"records) fits the GPU memory free then, less {MARGIN:.0%}, {mode}; `slimtune estimate CONFIG` prints "
         "the split this GPU allows now")
-
-
-def record_sizes(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Sizes:
-    """(length, trained tokens) of every training record of data.train, longest first."""
-    encoded, _ = encode_examples(read(cfg.data.train, cfg.data.format, cfg.data.limit), tokenizer, cfg.data)
-    return sorted(((len(e.input_ids), sum(x != -100 for x in e.labels)) for e in encoded), reverse=True)
-

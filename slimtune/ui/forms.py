@@ -16,8 +16,8 @@ from ..config.fields import GrpoConfig, PreferenceConfig
 from ..data import encode_examples, pref_read, read
 from ..data.encode import segments
 from ..data.pref_encode import encode_records, summary
-from ..data.preference import build_pairs, for_objective
-from ..engine import memory, preference_step, run_plan, split
+from ..data.preference import for_objective
+from ..engine import grpo_step, memory, preference_step, preflight, run_plan, split
 from ..engine import reference as pref_reference
 from ..errors import SlimtuneError
 from ..methods import count_on_meta
@@ -176,11 +176,9 @@ def pairs_preview(cfg: config_mod.Config, n: int = 3) -> dict:
                       "identical": stats.identical, "empty": stats.empty}}
 
 
-def _sizes(cfg: config_mod.Config, tok: Any) -> list[tuple[int, int]]:
-    """The training records' sizes as `slimtune train` measures them (a preference record: its two rows)."""
-    if cfg.train.objective == "sft":
-        return split.record_sizes(cfg, tok)
-    return preference_step.sizes(build_pairs(cfg, tok, lambda *a: None).train)
+def _records(cfg: config_mod.Config, tok: Any) -> preflight.Records:
+    """The training records as `slimtune train` reads them for train.objective (pairs, unpaired records, prompts)."""
+    return preflight.records(cfg, tok, lambda *a: None, preflight.answers_needed(cfg.grpo))
 
 
 PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits", "optimizer_step_extra",
@@ -191,15 +189,19 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
     """`slimtune estimate CONFIG [--budget B]` as data: the same parts, table, faster setting and the changes
     that fit; plus `slimtune params`' counts."""
     size = _guard("budget", memory.parse_size, budget) if budget else None
-    sizes = None
+    if cfg.train.objective == "grpo":  # as train: a micro-batch of one prompt's G completions unless set
+        cfg = grpo_step.one_prompt_per_micro_batch(cfg, lambda *a: None)
+    built = None
     if cfg.data.train:
         tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)
-        sizes = _guard("data.train", _sizes, cfg, tok)
+        built = _guard("data.train", _records, cfg, tok)
+    sizes = preflight.sizes(built) if built else None
     plan = _guard("model.path", run_plan.for_estimate, cfg, size, sizes, cfg.train.gpus)  # as `slimtune estimate`
     auto, cfg = split.is_auto(cfg.train), plan.apply(cfg)
+    if cfg.train.objective == "grpo":
+        return _grpo_estimate(cfg, plan, built, size)
     rows = sizes[:cfg.train.micro_batch_size] if sizes else None
-    est = _guard("model.path", functools.partial(memory.estimate, kernels=plan.kernels, dtypes=plan.precision), cfg,
-                 rows, cfg.train.gpus)
+    est = _guard("model.path", preflight.predict, cfg, plan, sizes)
     trainable, total = _guard("method.name", count_on_meta, cfg.model.path, cfg.method, cfg.model.trust_remote_code)
     out = {"parts": {k: getattr(est, k) / memory.GIB for k in PARTS}, "peak_gib": est.peak / memory.GIB,
            "cuda_context_gib": est.cuda_context / memory.GIB, "notes": est.notes, "table": est.table(),
@@ -214,6 +216,23 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
         if total_bytes > size:
             fixes = memory.suggestions(cfg, size, rows, plan.kernels)
             out["fixes"] = [{"change": t, "gib": p / memory.GIB} for t, p in sorted(fixes, key=lambda x: -x[1])]
+    return out
+
+
+def _grpo_estimate(cfg: config_mod.Config, plan: run_plan.RunPlan, built: preflight.Records | None,
+                   size: float | None) -> dict:
+    """`slimtune estimate` of a grpo config as data: the line the run logs when it starts and its parts."""
+    prompts = built.train if built else preflight.worst_prompt(cfg)
+    model = _guard("model.path", preflight.meta_model, cfg, plan)
+    est, line = preflight.grpo_predict(model, plan, prompts, cfg.grpo, cfg.train.micro_batch_size)
+    trainable, total = _guard("method.name", count_on_meta, cfg.model.path, cfg.method, cfg.model.trust_remote_code)
+    out = {"parts": {k: est[k] / memory.GIB for k in ("weights", "kv_cache", "train_pass")},
+           "peak_gib": est["peak"] / memory.GIB, "cuda_context_gib": memory.CUDA_CONTEXT / memory.GIB, "notes": [],
+           "table": line, "trainable": trainable, "total": total, "faster": None, "budget_gib": None, "fits": None,
+           "fixes": [], "plan": plan.describe()}
+    if size is not None:
+        fits, verdict = preflight.grpo_verdict(est, size)
+        out.update(budget_gib=size / memory.GIB, fits=fits, verdict=verdict)
     return out
 
 

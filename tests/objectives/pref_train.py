@@ -9,7 +9,7 @@ sys.path[:0] = [str(Path(__file__).parent)]
 
 from pairs_fixture import random_pairs  # noqa: E402
 from slimtune import cli  # noqa: E402
-from slimtune import train as train_mod  # noqa: E402
+from slimtune.engine import preflight  # noqa: E402
 from slimtune.data.pairs import BuiltPairs, PairStats  # noqa: E402
 
 
@@ -19,5 +19,5 @@ def built(cfg, tokenizer, log) -> BuiltPairs:
 
 
 if __name__ == "__main__":
-    train_mod.build_pairs = built
+    preflight.build_pairs = built
     sys.exit(cli.main(["train", *sys.argv[1:]]))

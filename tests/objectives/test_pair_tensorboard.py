@@ -6,7 +6,7 @@ import pref_train
 import pytest
 
 from slimtune import cli
-from slimtune import train as train_mod
+from slimtune.engine import preflight
 from slimtune.runs.metrics_log import read_metrics
 from test_pair_training import _run_config, dpo_run
 
@@ -34,7 +34,7 @@ def test_rewards_reach_tensorboard_as_logged(tmp_path):
 
 def test_held_out_rewards_reach_tensorboard_as_eval_scalars(tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("tensorboard")
-    monkeypatch.setattr(train_mod, "build_pairs", pref_train.built)
+    monkeypatch.setattr(preflight, "build_pairs", pref_train.built)
     assert cli.main(["train", _run_config(tmp_path, tiny_model_dir), "--no-progress"]) == 0
     run = tmp_path / "run"
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]

@@ -12,9 +12,9 @@ from conftest import make_model
 from pairs_fixture import pref, random_pairs
 from slimtune import config as config_mod
 from slimtune import cli, methods
-from slimtune import train as train_mod
 from slimtune.objectives import needs_reference
 from slimtune.runs.metrics_log import read_metrics
+from slimtune.engine import preflight
 from slimtune.engine.loop import fit
 from slimtune.engine.preference_step import PairObjective, items
 
@@ -70,7 +70,7 @@ def _run_config(tmp, model_dir, **train) -> str:
 
 
 def test_slimtune_train_writes_preference_metrics_and_eval(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "build_pairs", pref_train.built)
+    monkeypatch.setattr(preflight, "build_pairs", pref_train.built)
     assert cli.main(["train", _run_config(tmp_path, tiny_model_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
@@ -88,7 +88,7 @@ def test_slimtune_train_writes_preference_metrics_and_eval(tmp_path, tiny_model_
 
 
 def test_refused_combinations_stop_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "build_pairs", pref_train.built)
+    monkeypatch.setattr(preflight, "build_pairs", pref_train.built)
     cfg = _run_config(tmp_path, tiny_model_dir)
     assert cli.main(["train", cfg, "method.name=full", "train.reference=adapter_off", "--no-progress"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # method.r: warnings

@@ -19,6 +19,7 @@ import yaml
 
 from conftest import lora_run_config, write_jsonl
 from slimtune import cli, train
+from slimtune.engine import preflight
 from slimtune.runs import checkpoint, ownership
 
 
@@ -147,7 +148,7 @@ def test_overwrite_never_removes_what_the_run_reads(tmp_path, tiny_model_dir, mo
     run = tmp_path / "run"
     data = write_jsonl(run / "eval" / "data.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(8)])
     before = _snapshot(run)
-    monkeypatch.setattr(train, "build", _never_encode)  # refused before the slow work
+    monkeypatch.setattr(preflight, "build", _never_encode)  # refused before the slow work
     assert cli.main(["train", str(cfg), f"data.train={data}", "--overwrite", "--no-progress"]) == 2
     assert f"train.output_dir: --overwrite would remove {run / 'eval'}, which is or holds {data} that this run " \
         "reads; move it out of the run folder first" in capsys.readouterr().err
@@ -309,7 +310,7 @@ def _never_encode(*args, **kwargs):
 def test_an_unwritable_output_folder_is_one_line_before_the_data_are_encoded(tmp_path, tiny_model_dir, monkeypatch,
                                                                               capsys):
     cfg = _run(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(train, "build", _never_encode)
+    monkeypatch.setattr(preflight, "build", _never_encode)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert cli.main(["train", str(cfg), f"train.output_dir={blocker / 'run'}", "--no-progress"]) == 2
@@ -336,14 +337,14 @@ def test_an_unwritable_output_folder_is_one_line_before_the_data_are_encoded(tmp
 def test_a_read_only_folder_really(tmp_path, tiny_model_dir, monkeypatch, capsys):
     cfg = _run(tmp_path, tiny_model_dir)
     (tmp_path / "run").mkdir(mode=0o555)
-    monkeypatch.setattr(train, "build", _never_encode)
+    monkeypatch.setattr(preflight, "build", _never_encode)
     assert cli.main(["train", str(cfg), "--no-progress"]) == 2
     assert "Permission denied (EACCES)" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_one_line_before_the_data_are_encoded(tmp_path, tiny_model_dir, monkeypatch, capsys):
     cfg = _run(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(train, "build", _never_encode)
+    monkeypatch.setattr(preflight, "build", _never_encode)
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -374,7 +375,7 @@ def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path, tiny_model
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_model_dir / name, bare / name)
     cfg = _run(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(train, "build", _never_encode)
+    monkeypatch.setattr(preflight, "build", _never_encode)
     assert cli.main(["train", str(cfg), f"model.path={bare}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"slimtune train: error: model.path: {bare} has no tokenizer files (expected one of "

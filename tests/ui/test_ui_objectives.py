@@ -1,6 +1,7 @@
 """The web app and train.objective (FastAPI's TestClient, no browser): the form's schema names the objectives,
-their knobs and data formats; a preference config is accepted, previewed and estimated on pairs; a combination
-`slimtune train` refuses is refused with its one-line message; a compare over objectives starts as the CLI's."""
+their knobs and data formats; a preference config is accepted, previewed and estimated on pairs (grpo on prompts)
+as `slimtune estimate` does; a combination `slimtune train` refuses is refused with its one-line message; a compare
+over objectives starts as the CLI's."""
 from __future__ import annotations
 
 import shutil
@@ -97,6 +98,24 @@ def test_the_estimate_reads_pairs_as_train_does(client, work):
     r = client.post("/api/estimate", json={"tree": _tree(work)})
     assert r.status_code == 200, r.json()  # the answers reader refused a pairs file before
     assert r.json()["trainable"] == 1792 and r.json()["peak_gib"] > 0
+
+
+@pytest.mark.parametrize("objective", ["kto", "grpo"])
+def test_the_estimate_is_the_clis_for_each_objective(client, work, capsys, objective):
+    tree = _tree(work, objective)
+    if objective == "grpo":
+        write_jsonl(work / "prompts.jsonl", [{"prompt": f"Say something about {w}.", "answer": w} for w in WORDS])
+        tree["data"]["train"] = str(work / "prompts.jsonl")
+        tree["grpo"] = {"num_generations": 4, "max_new_tokens": 8, "rewards": ["contains:0.1"]}
+    r = client.post("/api/estimate", json={"tree": tree, "budget": "1"})
+    assert r.status_code == 200, r.json()
+    e = r.json()
+    path = work / f"estimate-{objective}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert cli.main(["estimate", str(path), "--budget", "1"]) == 0
+    out = capsys.readouterr().out
+    assert e["plan"] in out and e["table"] in out and e["verdict"] in out and e["fits"] and e["peak_gib"] > 0
+    assert e["table"].startswith("grpo memory estimate: ") == (objective == "grpo")
 
 
 def test_a_compare_over_objectives_starts_as_the_cli_would(client, work, monkeypatch):
