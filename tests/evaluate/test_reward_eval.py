@@ -12,6 +12,9 @@ import yaml
 from transformers import GenerationConfig
 
 from slimtune import cli
+from slimtune.config import load
+from slimtune.evaluate.rewarded import objective_for
+from slimtune.objectives.rewards import from_callable
 from slimtune.trained import load_run
 
 from conftest import write_jsonl
@@ -132,3 +135,14 @@ def test_refusals(grpo_run, tmp_path, capsys):
              "sample completions to score with rewards: add --reward file.py:fn, or evaluate a GRPO run")]:
         assert cli.main(["eval", *argv]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_a_run_is_scored_by_its_own_builtin_rewards_only_if_it_trained_on_them(tokenizer, tiny_model_dir):
+    def mine(prompts: list[str], completions: list[str], answers: list) -> list[float]:
+        return [0.0] * len(completions)
+
+    user = (from_callable(mine),)
+    grpo = load(None, [f"model.path={tiny_model_dir}", "train.objective=grpo", "grpo.rewards=[format,length]"])
+    sft = load(None, [f"model.path={tiny_model_dir}", "grpo.rewards=[format,length]"])
+    assert [r.name for r in objective_for(grpo, tokenizer, user).rewards] == ["format", "length", "mine"]
+    assert [r.name for r in objective_for(sft, tokenizer, user).rewards] == ["mine"]
