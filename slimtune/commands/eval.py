@@ -67,7 +67,8 @@ def _rewards(args: argparse.Namespace, pairs: bool) -> int:
                             max_new_tokens=args.max_new_tokens or cfg.grpo.max_new_tokens,
                             seed=cfg.train.seed if args.seed is None else args.seed)
     rewarded.main(args.folder, args.data, user, how=how, output=args.output, batch_size=args.batch_size or 8,
-                  device=pick_device(args.device), max_len=args.max_len, trust_remote_code=args.trust_remote_code)
+                  device=pick_device(args.device), max_len=args.max_len, limit=args.limit,
+                  trust_remote_code=args.trust_remote_code)
     return 0
 
 

@@ -130,7 +130,7 @@ def objective_for(cfg: Config, tokenizer: PreTrainedTokenizerBase, user: tuple[R
 
 
 def main(folder: str, data: str, user: tuple[Reward, ...] = (), *, how: Decoding | None = None,
-         output: str | None = None, batch_size: int = 8, device: str = "cpu", max_len: int = 0,
+         output: str | None = None, batch_size: int = 8, device: str = "cpu", max_len: int = 0, limit: int = 0,
          trust_remote_code: bool = False, log: Callable[[str], None] = print) -> RewardReport:
     """`slimtune eval RUN --data prompts.jsonl [--reward f.py:fn]`: scores.json and predictions.jsonl into `output`
     (default RUN/eval-<data>). how: default greedy, up to the run's grpo.max_new_tokens, seeded by train.seed."""
@@ -140,7 +140,8 @@ def main(folder: str, data: str, user: tuple[Reward, ...] = (), *, how: Decoding
     model, tokenizer, cfg = load_run(folder, device, trust_remote_code=trust_remote_code)
     how = how or Decoding(max_new_tokens=cfg.grpo.max_new_tokens, seed=cfg.train.seed)
     objective = objective_for(cfg, tokenizer, user)
-    cfg_data = dataclasses.replace(cfg.data, train=data, eval="", eval_size=0, max_len=max_len or cfg.data.max_len)
+    cfg_data = dataclasses.replace(cfg.data, train=data, eval="", eval_size=0, max_len=max_len or cfg.data.max_len,
+                                   limit=limit)
     records = build_prompts(cfg_data, tokenizer, grpo_step.needs_answer(objective), log).train
     report = score_prompts(model, records, objective, how, device, batch_size)
     report.scores = {"model": str(folder), "data": str(data), "trained_with": cfg.train.objective,

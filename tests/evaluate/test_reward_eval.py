@@ -97,8 +97,9 @@ def test_greedy_mean_rewards_equal_a_hand_computation(grpo_run, capsys):
 def test_a_file_reward_runs_only_when_named(grpo_run):
     out = grpo_run.parent / "eval-builtins"
     assert cli.main(["eval", str(grpo_run), "--data", str(grpo_run.parent / "held.jsonl"), "--output",
-                     str(out)]) == 0
+                     str(out), "--limit", "3"]) == 0
     scores, rows = _scores(out)
+    assert scores["prompts"] == 3 and len(rows) == 3
     assert [r["name"] for r in scores["rewards"]] == ["length", "contains"]
     assert "rewards/share_of_e/mean" not in scores and "share_of_e" not in rows[0]
 
