@@ -33,7 +33,8 @@ COMMANDS = {
     "merge": "merge a run's adapter or trained parts into a plain transformers model",
     "export": "write a run (merged first) or a merged folder as GGUF for llama.cpp / Ollama",
     "eval": "loss and perplexity on the answer tokens of a test set; with --generate also EM, F1, BLEU-4, ROUGE "
-            "(and --extraction item-set P/R/F1)",
+            "(and --extraction item-set P/R/F1); on preference pairs, preference accuracy; on prompts with --reward "
+            "(or for a GRPO run), the mean reward of its completions",
     "compare": "train and score several methods on the same data, seed and budget: table, charts and a report page",
     "config": "print the resolved config; --explain: every key with its type, default, allowed values and what it "
               "does",

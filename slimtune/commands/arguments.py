@@ -153,7 +153,16 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extraction", action="store_true", help="also score answers as sets of items "
                                                               "(implies --generate)")
     p.add_argument("--separator", default="\\n", help="between extraction items (default: newline; \\t = tab)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 256; with rewards the run's "
+                   "grpo.max_new_tokens)")
+    p.add_argument("--reward", action="append", default=[], metavar="FILE.py:FN[:WEIGHT]",
+                   help="score completions of the prompts with this reward (repeatable; a GRPO run's own built-in "
+                   "rewards are always scored; the file's code runs: only name files you trust)")
+    p.add_argument("--samples", type=int, default=1, help="with rewards: completions per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="with rewards: 0 = greedy (default), else "
+                   "sampling at this temperature, seeded by --seed")
+    p.add_argument("--seed", type=int, help="with rewards and --temperature: the sampling seed (default: the run's "
+                   "train.seed)")
     p.add_argument("--batch-size", type=int, help="records per batch (default: 8; generation 64 on CUDA)")
     p.add_argument("--max-len", type=int, default=0, help="tokens per record (default: the run's data.max_len)")
     p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")

@@ -30,6 +30,7 @@ from . import decode, distributed
 from .decode import StaticDecoder
 from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
     sample_seed, step_shape, stop_ids
+from .loss import as_root_forward, sharded
 from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class GrpoObjective:
         """Checks that need the model, the memory estimate, and the run folder's record of the rewards (the
         user's files' sha256, which a resume checks), before step 1."""
         check_reference(model, self.g)
+        if distributed.size() > 1:
+            synced_generation(model)
         if distributed.is_main():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_record(out_dir, self.rewards)
@@ -118,9 +121,11 @@ class GrpoObjective:
         # a resumed run's kept completions come back from the checkpoint on the CPU
         batches = [{k: v.to(run.device) for k, v in b.items()} for b in stream.buffer["batches"]]
         metrics = dict(stream.buffer["metrics"])
-        cfg = self.loss_config()
-        step_tokens = int(sum(int(b["mask"].sum()) for b in batches))
-        step_rows = sum(int(b["mask"].any(dim=1).sum()) for b in batches)
+        cfg, world = self.loss_config(), distributed.size()
+        # the loss is normalised by the whole step's counts, every process's completions included
+        step_tokens, step_rows = (int(x) for x in distributed.all_sum(
+            [sum(int(b["mask"].sum()) for b in batches), sum(int(b["mask"].any(dim=1).sum()) for b in batches)],
+            run.device))
         total = torch.zeros((), dtype=torch.float64, device=run.device)
         kl = clipped = 0.0
         for b in batches:
@@ -129,19 +134,23 @@ class GrpoObjective:
             old = b["old_logps"] if "old_logps" in b else logps.detach()
             parts = grpo.policy_loss(logps, old, b["advantages"], b["mask"], cfg, b.get("ref_logps"),
                                      max(step_tokens, 1), max(step_rows, 1))
-            (run.scaler.scale(parts.loss) if run.scaler.is_enabled() else parts.loss).backward()
+            scaled = parts.loss * world if world > 1 else parts.loss  # FSDP averages the gradients over processes
+            (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
             total += parts.loss.detach().double()
             kl, clipped = kl + parts.kl * parts.tokens, clipped + parts.clipped * parts.tokens
+        distributed.all_sum_(total)
+        kl, clipped, seen, computed = distributed.all_sum(
+            [kl, clipped, sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches),
+             sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) if self.packed
+                 else b["prompt_ids"].numel() + b["completion_ids"].numel() for b in batches)], run.device)
         read = clip_and_read(run.model, run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
         row = apply_update(run.optimizer, run.scheduler, run.scaler, read, {"loss": read[0]})
         if (run.step + 1) % self.g.steps_per_generation == 0:  # its last step: no checkpoint needs to keep them
             stream.buffer = None
-        run.seen += sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches)
+        run.seen += int(seen)
         metrics.update(kl=kl / max(step_tokens, 1), clip_ratio=clipped / max(step_tokens, 1), gen_s=gen_s,
                        train_s=time.perf_counter() - began - gen_s)
-        computed = (int(b["prompt_mask"].sum() + b["completion_mask"].sum()) if self.packed
-                    else b["prompt_ids"].numel() + b["completion_ids"].numel() for b in batches)
-        row.update(metrics, trained_tokens=step_tokens, data_s=0.0, computed_tokens=sum(computed))
+        row.update(metrics, trained_tokens=step_tokens, data_s=0.0, computed_tokens=int(computed))
         return row
 
     def generate(self, run: Run, records: list[list[PromptRecord]], generation: int, context: Callable) -> dict:
@@ -149,10 +158,13 @@ class GrpoObjective:
         completions of one prompt; scale_rewards=batch takes the std over the whole step), the old log-probs
         (steps_per_generation > 1) and the reference's (beta > 0)."""
         g, tc = self.g, run.cfg.train
+        rank, world = distributed.rank(), distributed.size()
         batches, scored, lengths = [], [], []
-        for j, rs in enumerate(records):
-            b = sample(run.model, rs, g, self.pad, self.stops, run.device, sample_seed(tc.seed, generation, j),
-                       context, self.decoder)
+        for j, everyone in enumerate(records):
+            share = len(everyone) // world  # whole prompts per process: a group of G never straddles two
+            rs = everyone[rank * share:(rank + 1) * share]
+            b = draw(run.model, rs, g, self.pad, self.stops, run.device,
+                     sample_seed(tc.seed, generation, j * world + rank), context, self.decoder)
             texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
                      for ids, m in zip(b["completion_ids"], b["completion_mask"])]
             n = [int(x) for x in b["completion_mask"].sum(dim=1)]
@@ -161,9 +173,9 @@ class GrpoObjective:
                                 [r.where for r in per], self.skip_bad))
             batches.append(b)
             lengths += n
-        total = torch.cat([s.total for s in scored])
+        scored, lengths, total, mine = gather_rewards(scored, lengths)
         adv, keep = advantages(total, g.num_generations, g.scale_rewards)
-        start = 0
+        start = mine
         for b in batches:
             rows = b["completion_ids"].shape[0]
             b["advantages"] = adv[start:start + rows].to(run.device)
@@ -177,11 +189,56 @@ class GrpoObjective:
         return {"batches": batches, "metrics": reward_metrics(scored, total, keep, lengths, g)}
 
 
+def draw(model: torch.nn.Module, records: list[PromptRecord], g: GrpoConfig, pad: int, stops: list[int], device: str,
+         seed: int, context: Callable, decoder: StaticDecoder | None = None) -> dict[str, torch.Tensor]:
+    """grpo_sample.sample (through `decoder` where one is given); under FSDP2 run as the model's forward, so the
+    root's hooks gather the embeddings and head around the whole generation (and its first forward sets FSDP up as
+    the root's, not a layer's), through transformers' generate, whose synced_gpus keeps every process stepping
+    until all have stopped (the static decoder does not)."""
+    if not sharded(model):
+        return sample(model, records, g, pad, stops, device, seed, context, decoder)
+    return as_root_forward(model, lambda batch, forward: sample(model, records, g, pad, stops, device, seed, context),
+                           {})
+
+
+def synced_generation(model: torch.nn.Module) -> None:
+    """Marks the model's generating modules as FSDP-managed, so transformers' generate runs with synced_gpus: a
+    process whose completions have all ended keeps taking decoding steps (discarded) until every process's have,
+    since each step's forward all-gathers the sharded layers and every process must join it."""
+    for m in model.modules():
+        if hasattr(m, "generate"):
+            m._is_fsdp_managed_module = True
+
+
+def gather_rewards(scored: list[Scored], lengths: list[int]) -> tuple[list[Scored], list[int], torch.Tensor, int]:
+    """Every process's rewards and completion lengths in rank order (the scale_rewards=batch std and the logged
+    means are over the whole step), their totals, and where this process's rows start among them."""
+    if distributed.size() == 1:
+        return scored, lengths, torch.cat([s.total for s in scored]), 0
+    everyone = distributed.all_gather_object((scored, lengths))
+    start = sum(len(n) for _, n in everyone[:distributed.rank()])
+    scored, lengths = [s for part, _ in everyone for s in part], [x for _, n in everyone for x in n]
+    return scored, lengths, torch.cat([s.total for s in scored]), start
+
+
+def check_processes(cfg: Any, world: int) -> None:
+    """Refuse, in one line, what GRPO cannot run on `world` processes: each process samples and trains whole
+    groups of its own prompts of every micro-batch."""
+    mb, reuse = cfg.train.micro_batch_size, cfg.grpo.steps_per_generation
+    if mb != AUTO and mb % world:
+        raise ConfigError(f"train.micro_batch_size={mb} on {world} processes: each process samples the G completions "
+                          f"of whole prompts, so a micro-batch's prompts must split evenly; make it a multiple of "
+                          f"{world} (auto takes {world})")
+    if reuse > 1:
+        raise ConfigError(f"grpo.steps_per_generation={reuse} on {world} processes: the completions kept between "
+                          "steps are each process's own, and a checkpoint (written by rank 0) would hold rank 0's "
+                          "only; use grpo.steps_per_generation=1, or one process")
+
+
 def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Reward, ...] = ()) -> GrpoObjective:
     """The GRPO step for a config: its built-in rewards (grpo.rewards) and the user's, the template's stops."""
     if distributed.size() > 1:
-        raise ConfigError(f"train.objective=grpo on {distributed.size()} processes: GRPO trains on one GPU (or the "
-                          "CPU) for now; run it without --gpus/torchrun")
+        check_processes(cfg, distributed.size())
     chosen = builtins(cfg.grpo) + list(user)
     names = [r.name for r in chosen]
     if dup := next((n for n in names if names.count(n) > 1), None):
@@ -193,12 +250,14 @@ def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Rew
 
 
 def one_prompt_per_micro_batch(cfg: Any, log: Callable[[str], None] = print) -> Any:
-    """cfg with an auto train.micro_batch_size set to 1 prompt: a GRPO micro-batch is G rows a prompt, which the
-    batch split's memory estimate (one row a record) does not count, and 1 x G rows is TRL's default too."""
+    """cfg with an auto train.micro_batch_size set to 1 prompt per process: a GRPO micro-batch is G rows a prompt,
+    which the batch split's memory estimate (one row a record) does not count, and 1 x G rows is TRL's default."""
     if cfg.train.micro_batch_size != AUTO:
         return cfg
-    log(f"grpo: train.micro_batch_size=auto takes 1 prompt ({cfg.grpo.num_generations} completions) per micro-batch")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=1))
+    world = distributed.size()
+    log(f"grpo: train.micro_batch_size=auto takes 1 prompt ({cfg.grpo.num_generations} completions) per micro-batch"
+        + (f" on each of {world} processes" if world > 1 else ""))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=world))
 
 
 def needs_answer(objective: GrpoObjective) -> bool:
