@@ -21,7 +21,7 @@ REAL = grpo_step.sample
 
 
 def fixed(model: torch.nn.Module, records: list, g: Any, pad: int, stops: list[int], device: str, seed: int,
-          context: Any = None) -> dict[str, torch.Tensor]:
+          context: Any = None, decoder: Any = None) -> dict[str, torch.Tensor]:
     rows = []
     for r in records:
         gen = torch.Generator().manual_seed(sum(r.prompt_ids) * 7919 + len(r.prompt_ids))
