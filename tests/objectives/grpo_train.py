@@ -37,18 +37,18 @@ def fixed(model: torch.nn.Module, records: list, g: Any, pad: int, stops: list[i
 
 
 def real(model: torch.nn.Module, records: list, g: Any, pad: int, stops: list[int], device: str, seed: int,
-         context: Any = None) -> dict[str, torch.Tensor]:
-    b = REAL(model, records, g, pad, stops, device, seed, context)
+         context: Any = None, decoder: Any = None) -> dict[str, torch.Tensor]:
+    b = REAL(model, records, g, pad, stops, device, seed, context, decoder)
     if os.environ.get("GRPO_DUMP"):
         torch.save(b["completion_ids"], os.path.join(os.environ["GRPO_DUMP"], f"rank{distributed.rank()}-{seed}.pt"))
     return b
 
 
 def rank0_stops(model: torch.nn.Module, records: list, g: Any, pad: int, stops: list[int], device: str, seed: int,
-                context: Any = None) -> dict[str, torch.Tensor]:
+                context: Any = None, decoder: Any = None) -> dict[str, torch.Tensor]:
     if distributed.rank() == 0:
         stops = list(range(model.get_input_embeddings().num_embeddings))
-    return real(model, records, g, pad, stops, device, seed, context)
+    return real(model, records, g, pad, stops, device, seed, context, decoder)
 
 
 if __name__ == "__main__":
