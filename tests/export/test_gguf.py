@@ -3,6 +3,7 @@ transformers' GGUF loader gives the merged model's logits, tokens, chat template
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -265,7 +266,7 @@ def test_model_vocab_larger_than_the_tokenizer(tokenizer, tmp_path):
     assert rel_error(tmp_path / "wide-vocab", model, tokenizer) <= REL["f16"]
 
 
-def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tmp_path):
+def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tmp_path, monkeypatch):
     """Llama-3.1+ RoPE: llama.cpp divides frequency i by rope_freqs[i]. Expected values from the formula
     in Meta's reference (and llama.cpp's converter), independent of transformers' function we use."""
     import math
@@ -297,9 +298,22 @@ def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tm
             want.append(1 / ((1 - smooth) / 8.0 + smooth))
     assert np.allclose(got, want, rtol=1e-5)  # float32 ratios: 8.000001 where the formula says 8
     # transformers' reader alone builds default RoPE (0.34 relative off here); slimtune's load restores it
+    # from the metadata its own header check read, without parsing the file again (gguf.GGUFReader reads every
+    # vocabulary string in Python: ~2 s of CPU for a 49k-token vocabulary)
+    import gguf
+
     from slimtune import models
 
+    readers = []
+
+    class Counted(GGUFReader):
+        def __init__(self, *args, **kwargs) -> None:
+            readers.append(sys._getframe(1).f_globals.get("__name__", ""))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
     loaded, _ = models.load(str(tmp_path / "l3.gguf"))
+    assert readers and not [r for r in readers if r.startswith("slimtune")], readers  # transformers' reads only
     enc = tokenizer([" ".join(CORPUS)], return_tensors="pt")
     with torch.no_grad():
         want_logits = source(**enc).logits
