@@ -25,6 +25,7 @@ from .config import ConfigError
 from .errors import MismatchError, MissingFileError, SlimtuneError
 from .gguf_header import GGUFFileError
 from .gguf_header import check as check_gguf
+from .gguf_header import name_maps_once as gguf_name_maps_once
 from .gguf_header import refusals as gguf_refusals
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def load_gguf(path: Path, dtype: str = "fp32"):
 
     metadata = check_gguf(path).metadata  # read once: the tokenizer, expert width and RoPE checks share it
     tokenizer = _gguf_tokenizer(path, checked=True)
-    with gguf_refusals(path), _no_load_report():
+    with gguf_refusals(path), _no_load_report(), gguf_name_maps_once():
         config = _expert_width(path, metadata)
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
                                                            trust_remote_code=False, output_loading_info=True,

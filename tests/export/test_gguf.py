@@ -311,9 +311,13 @@ def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tm
             readers.append(sys._getframe(1).f_globals.get("__name__", ""))
             super().__init__(*args, **kwargs)
 
+    maps = []  # transformers builds gguf's name map anew for each submodule it walks (~400 times for SmolLM2)
+    init = gguf.TensorNameMap.__init__
     monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    monkeypatch.setattr(gguf.TensorNameMap, "__init__", lambda self, *a: maps.append(a) or init(self, *a))
     loaded, _ = models.load(str(tmp_path / "l3.gguf"))
     assert readers and not [r for r in readers if r.startswith("slimtune")], readers  # transformers' reads only
+    assert len(maps) == 1, maps  # one name map per (arch, layers) while slimtune loads
     enc = tokenizer([" ".join(CORPUS)], return_tensors="pt")
     with torch.no_grad():
         want_logits = source(**enc).logits
