@@ -58,7 +58,10 @@ def export(trained, quant, tmp_path):
 def load_gguf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    from slimtune.gguf_header import name_maps_once
+
+    with name_maps_once():  # transformers' own reader, without rebuilding gguf's name map for every submodule
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
