@@ -232,12 +232,22 @@ def refusals(path: Path):
 
 
 @contextlib.contextmanager
-def name_maps_once() -> Iterator[None]:
-    """transformers' GGUF loader builds gguf's TensorNameMap (every llama.cpp name of every layer) anew for each
-    submodule it walks, ~400 times for SmolLM2-135M (4.6 of its 13 s of CPU): one per (arch, layers) while inside."""
-    build = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
+def reads_once() -> Iterator[None]:
+    """While inside, transformers' GGUF loading parses each file once and builds gguf's TensorNameMap once per
+    (arch, layers): it parsed the file for the tokenizer, the config and the weights (each ~2 s of CPU for a
+    49k-token vocabulary: gguf.GGUFReader reads every string in Python) and built the name map anew for each
+    submodule it walks (~400 times, 4.6 s, for SmolLM2-135M). The readers are read-only memory maps."""
+    read, build = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+    def reader(path: str | Path, mode: str = "r") -> gguf.GGUFReader:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = read(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(build)
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = build
+        gguf.GGUFReader, gguf.get_tensor_name_map = read, build

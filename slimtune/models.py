@@ -25,7 +25,7 @@ from .config import ConfigError
 from .errors import MismatchError, MissingFileError, SlimtuneError
 from .gguf_header import GGUFFileError
 from .gguf_header import check as check_gguf
-from .gguf_header import name_maps_once as gguf_name_maps_once
+from .gguf_header import reads_once as gguf_reads_once
 from .gguf_header import refusals as gguf_refusals
 
 if TYPE_CHECKING:
@@ -192,15 +192,16 @@ def load_gguf(path: Path, dtype: str = "fp32"):
     from transformers import AutoModelForCausalLM
 
     metadata = check_gguf(path).metadata  # read once: the tokenizer, expert width and RoPE checks share it
-    tokenizer = _gguf_tokenizer(path, checked=True)
-    with gguf_refusals(path), _no_load_report(), gguf_name_maps_once():
-        config = _expert_width(path, metadata)
-        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
-                                                           trust_remote_code=False, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True,
-                                                           **({"config": config} if config is not None else {}))
-        check_weights(model, info, path)
-        _restore_rope(model, path, metadata)
+    with gguf_reads_once():  # and transformers parses the file once for the tokenizer, config and weights
+        tokenizer = _gguf_tokenizer(path, checked=True)
+        with gguf_refusals(path), _no_load_report():
+            config = _expert_width(path, metadata)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=DTYPES[dtype], trust_remote_code=False,
+                output_loading_info=True, ignore_mismatched_sizes=True,
+                **({"config": config} if config is not None else {}))
+            check_weights(model, info, path)
+            _restore_rope(model, path, metadata)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
         # the weights are already dense, so nothing is lost.
