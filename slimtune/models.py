@@ -186,7 +186,7 @@ def refusals(p: Path):
                               f"you ask: {TRUST_HINT}") from None
 
 
-def load_gguf(path: Path, dtype: str = "fp32"):
+def load_gguf(path: Path, dtype: str = "fp32") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package); the file is checked
     first (gguf_header.check) and a model its weights do not fill is refused (check_weights)."""
     from transformers import AutoModelForCausalLM
