@@ -6,12 +6,16 @@ transformers built its default 32 layers around a 2-layer file's weights."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import struct
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import gguf
 from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import DamagedFileError, SlimtuneError
@@ -226,3 +230,30 @@ def refusals(path: Path):
         said = said if len(said) <= 300 else said[:297] + "..."
         raise GGUFFileError(f"{path}: transformers cannot load this GGUF file ({type(err).__name__}: {said}); "
                             "export or convert it again") from None
+
+
+_READS = threading.RLock()  # reads_once patches the gguf module for the whole process
+
+
+@contextlib.contextmanager
+def reads_once() -> Iterator[None]:
+    """While inside, transformers' GGUF loading parses each file once and builds gguf's TensorNameMap once per
+    (arch, layers): it parsed the file for the tokenizer, the config and the weights (each ~2 s of CPU for a
+    49k-token vocabulary: gguf.GGUFReader reads every string in Python) and built the name map anew for each
+    submodule it walks (~400 times, 4.6 s, for SmolLM2-135M). The readers are read-only memory maps, kept only
+    inside; one thread at a time (the web app's), so each puts back what it found."""
+    with _READS:
+        read, build = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+        def reader(path: str | Path, mode: str = "r") -> gguf.GGUFReader:
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = read(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(build)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = read, build

@@ -25,10 +25,11 @@ from .config import ConfigError
 from .errors import MismatchError, MissingFileError, SlimtuneError
 from .gguf_header import GGUFFileError
 from .gguf_header import check as check_gguf
+from .gguf_header import reads_once as gguf_reads_once
 from .gguf_header import refusals as gguf_refusals
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED = "embedded"
@@ -185,20 +186,22 @@ def refusals(p: Path):
                               f"you ask: {TRUST_HINT}") from None
 
 
-def load_gguf(path: Path, dtype: str = "fp32"):
+def load_gguf(path: Path, dtype: str = "fp32") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file into a dense transformers model (needs the `gguf` package); the file is checked
     first (gguf_header.check) and a model its weights do not fill is refused (check_weights)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _gguf_tokenizer(path)
-    with gguf_refusals(path), _no_load_report():
-        config = _expert_width(path)
-        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype],
-                                                           trust_remote_code=False, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True,
-                                                           **({"config": config} if config is not None else {}))
-        check_weights(model, info, path)
-        _restore_rope(model, path)
+    metadata = check_gguf(path).metadata  # read once: the tokenizer, expert width and RoPE checks share it
+    with gguf_reads_once():  # and transformers parses the file once for the tokenizer, config and weights
+        tokenizer = _gguf_tokenizer(path, checked=True)
+        with gguf_refusals(path), _no_load_report():
+            config = _expert_width(path, metadata)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=DTYPES[dtype], trust_remote_code=False,
+                output_loading_info=True, ignore_mismatched_sizes=True,
+                **({"config": config} if config is not None else {}))
+            check_weights(model, info, path)
+            _restore_rope(model, path, metadata)
     if getattr(model, "hf_quantizer", None) is not None:
         # a GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
         # the weights are already dense, so nothing is lost.
@@ -206,11 +209,13 @@ def load_gguf(path: Path, dtype: str = "fp32"):
     return model, tokenizer
 
 
-def _gguf_tokenizer(path: Path):
-    """The tokenizer a checked GGUF file describes, named by the file (its chat template's errors name it)."""
+def _gguf_tokenizer(path: Path, checked: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file describes (checked first unless `checked`), named by the file (its chat
+    template's errors name it)."""
     from transformers import AutoTokenizer
 
-    check_gguf(path)
+    if not checked:
+        check_gguf(path)
     with gguf_refusals(path):
         # trust_remote_code=False said outright: left unset, transformers may stop at an interactive [y/N]
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
@@ -278,35 +283,31 @@ def check_weights(model: torch.nn.Module, info: dict, where: Path) -> None:
                             "complete model")
 
 
-def _expert_width(path: Path) -> PretrainedConfig | None:
-    """The config with each expert's width (llama.cpp's expert_feed_forward_length) restored, which transformers'
-    GGUF reader leaves at the class default for Qwen3-MoE (768); None where there is nothing to restore."""
-    from gguf import GGUFReader
+def _expert_width(path: Path, metadata: dict) -> PretrainedConfig | None:
+    """The config with each expert's width (llama.cpp's expert_feed_forward_length, from the file's checked
+    `metadata`) restored, which transformers' GGUF reader leaves at the class default for Qwen3-MoE (768); None
+    where there is nothing to restore."""
     from transformers import AutoConfig
 
-    fields = GGUFReader(str(path)).fields
-    key = next((k for k in fields if k.endswith(".expert_feed_forward_length")), None)
+    key = next((k for k in metadata if k.endswith(".expert_feed_forward_length")), None)
     if key is None:
         return None
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     if not hasattr(config, "moe_intermediate_size"):
         return None
-    config.moe_intermediate_size = int(fields[key].contents())
+    config.moe_intermediate_size = int(metadata[key])
     return config
 
 
-def _restore_rope(model: torch.nn.Module, path: Path) -> None:
+def _restore_rope(model: torch.nn.Module, path: Path, metadata: dict) -> None:
     """RoPE scaling (Llama-3.1+ "llama3", "linear") that slimtune's export stored beside llama.cpp's own
-    form: transformers' GGUF reader builds default RoPE, which moves every logit of such a model."""
-    import json
-
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("slimtune.rope_parameters")
+    form (in the file's checked `metadata`): transformers' GGUF reader builds default RoPE, which moves every
+    logit of such a model."""
+    text = metadata.get("slimtune.rope_parameters")
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if field is None or rotary is None:
+    if text is None or rotary is None:
         return
-    rope = json.loads(field.contents())
+    rope = json.loads(text) if isinstance(text, str) else text
     if not isinstance(rope, dict):
         raise GGUFFileError(f"{path}: metadata slimtune.rope_parameters is {type(rope).__name__}, not a JSON object; "
                             "export it again")

@@ -265,7 +265,7 @@ def test_model_vocab_larger_than_the_tokenizer(tokenizer, tmp_path):
     assert rel_error(tmp_path / "wide-vocab", model, tokenizer) <= REL["f16"]
 
 
-def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tmp_path):
+def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tmp_path, monkeypatch):
     """Llama-3.1+ RoPE: llama.cpp divides frequency i by rope_freqs[i]. Expected values from the formula
     in Meta's reference (and llama.cpp's converter), independent of transformers' function we use."""
     import math
@@ -297,9 +297,21 @@ def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tm
             want.append(1 / ((1 - smooth) / 8.0 + smooth))
     assert np.allclose(got, want, rtol=1e-5)  # float32 ratios: 8.000001 where the formula says 8
     # transformers' reader alone builds default RoPE (0.34 relative off here); slimtune's load restores it
+    # from the metadata its own header check read. The file is parsed by gguf.GGUFReader once (transformers
+    # asked for it for the tokenizer, the config and the weights; slimtune twice more: each parse ~2 s of CPU
+    # for a 49k-token vocabulary) and gguf's name map built once (transformers built it for each submodule)
+    import gguf
+
     from slimtune import models
 
+    readers, maps = [], []
+    read, init, build = gguf.GGUFReader, gguf.TensorNameMap.__init__, gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: readers.append(a) or read(*a, **k))
+    monkeypatch.setattr(gguf.TensorNameMap, "__init__", lambda self, *a: maps.append(a) or init(self, *a))
+    counted = gguf.GGUFReader
     loaded, _ = models.load(str(tmp_path / "l3.gguf"))
+    assert len(readers) == 1 and len(maps) == 1, (readers, maps)
+    assert gguf.GGUFReader is counted and gguf.get_tensor_name_map is build  # both put back after the load
     enc = tokenizer([" ".join(CORPUS)], return_tensors="pt")
     with torch.no_grad():
         want_logits = source(**enc).logits

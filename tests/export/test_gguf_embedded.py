@@ -58,8 +58,11 @@ def export(trained, quant, tmp_path):
 def load_gguf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from slimtune.gguf_header import reads_once
+
+    with reads_once():  # transformers' own reader, parsing the file once instead of once for each part
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def answers(model, tokenizer, prompts, n=24):
