@@ -61,6 +61,8 @@ KNOWN_NOISE = [
 # kernel from a hub, which slimtune never uses (QLoRA trains on CUDA only) and this machine cannot reach.
 KNOWN_LOG_NOISE = [
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # the same attempt, where the hub counts as offline (no network): the kernels package says it skips its check
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
 ]
 
 

@@ -45,6 +45,12 @@ def test_the_bitsandbytes_hub_kernel_line_is_dropped_and_other_lines_kept(caplog
     with caplog.at_level(logging.WARNING, logger=logger.name):  # outside a command, nothing is filtered
         logger.warning(BNB_LINE, "x")
     assert len(caplog.records) == 2
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=hub.name), cli.quiet_warnings():
+        hub.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+                    "Hugging Face Hub is in offline mode.")
+    assert caplog.records == []
 
 
 def test_a_command_prints_no_foreign_warning():
