@@ -182,7 +182,7 @@ def quantize_q6_k(data: np.ndarray, columns: np.ndarray | None = None) -> np.nda
 # put the largest value on the positive side (+nmax-1), and the codes are refit to the f16 d the reader
 # will use.
 QK = 32
-CHUNK = 1 << 22  # values per quantize_legacy step: bounds its memory on 8B-model matrices
+CHUNK = 1 << 16  # values per quantize_legacy step: its ~8 float copies stay in the CPU's cache
 SCALE_STEPS = np.arange(-9, 10) * 0.1  # llama.cpp's make_qx_quants: nmax + 0.1 * is, is in -9..9
 # the largest value of a block mapped near -nmax (llama.cpp's candidates) or near +(nmax - 1)
 TARGETS = {n: np.concatenate([-(n + SCALE_STEPS), n - 1 + SCALE_STEPS]).astype(np.float32) for n in (8, 16)}
@@ -207,6 +207,19 @@ def _werr(x: np.ndarray, w: np.ndarray, d: np.ndarray, q: np.ndarray) -> np.ndar
     return (w * (d * q - x) ** 2).sum(axis=1)
 
 
+def _candidate(x: np.ndarray, w: np.ndarray, wx: np.ndarray, scale: np.ndarray, nmax: int, q: np.ndarray,
+               tmp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum w*x*q, sum w*q*q) per row for the codes q = clip(rint(x * scale)), computed into the buffers q and
+    tmp in place (the same float32 operations in the same order as the expressions they replace)."""
+    np.multiply(x, scale, out=q)
+    np.rint(q, out=q)
+    np.maximum(q, -nmax, out=q)
+    np.minimum(q, nmax - 1, out=q)
+    sumlx = np.multiply(wx, q, out=tmp).sum(axis=1, keepdims=True)
+    np.multiply(w, q, out=tmp)
+    return sumlx, np.multiply(tmp, q, out=tmp).sum(axis=1, keepdims=True)
+
+
 def fit_symmetric_weighted(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(f16 d as float32 (n, 1), codes (n, 32) in -nmax..nmax-1) per block row of x minimizing
     sum w * (d*q - x)^2 over the candidate scales; never worse than the absmax scale (gguf.quants')."""
@@ -221,9 +234,9 @@ def fit_symmetric_weighted(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.
     sumx2 = (wx * x).sum(axis=1, keepdims=True)
     # error of scale d with codes q, from two sums: sum w (dq - x)^2 = d^2 sum wq^2 - 2d sum wxq + sum wx^2
     best, best_t = np.full_like(sumx2, np.inf), np.zeros_like(sumx2)
+    q, tmp = np.empty_like(x), np.empty_like(x)  # reused by every candidate: no new arrays in the loop
     for target in TARGETS[nmax]:
-        q = np.clip(np.rint(x * (target / peak)), -nmax, nmax - 1)
-        sumlx, suml2 = (wx * q).sum(axis=1, keepdims=True), ((w * q) * q).sum(axis=1, keepdims=True)
+        sumlx, suml2 = _candidate(x, w, wx, target / peak, nmax, q, tmp)
         d = _f16(sumlx / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
         err = d * d * suml2 - 2 * d * sumlx + sumx2
         better = err < best

@@ -302,11 +302,13 @@ def test_llama3_rope_writes_rope_freqs_and_other_ropes_are_refused(tokenizer, tm
     # for a 49k-token vocabulary) and gguf's name map built once (transformers built it for each submodule)
     import gguf
 
-    from slimtune import models
+    from slimtune import gguf_header, models
 
     readers, maps = [], []
     read, init, build = gguf.GGUFReader, gguf.TensorNameMap.__init__, gguf.get_tensor_name_map
+    plain = gguf_header._PlainReader  # the subclass reads_once parses with
     monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: readers.append(a) or read(*a, **k))
+    monkeypatch.setattr(gguf_header, "_PlainReader", lambda *a, **k: readers.append(a) or plain(*a, **k))
     monkeypatch.setattr(gguf.TensorNameMap, "__init__", lambda self, *a: maps.append(a) or init(self, *a))
     counted = gguf.GGUFReader
     loaded, _ = models.load(str(tmp_path / "l3.gguf"))

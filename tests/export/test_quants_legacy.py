@@ -1,0 +1,57 @@
+"""quantize_legacy's in-place candidate search against the plain expressions it replaced: the same Q4_0 / Q5_0
+bytes, block for block, whatever the chunking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimtune.export import quants
+from slimtune.export.quants import LEGACY, TARGETS, _codes, _f16, _werr, block_weights, quantize_legacy
+
+
+def reference_fit(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """fit_symmetric_weighted as first written: a new array for each candidate's codes and products."""
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    zero = np.abs(peak) < 1e-30
+    peak = np.where(zero, 1.0, peak)
+    d0 = np.where(zero, 0.0, peak / -nmax)
+    abs_d = _f16(d0).astype(np.float32)
+    abs_q = np.clip(np.trunc(x / np.where(zero, 1.0, d0) + nmax + 0.5) - nmax, -nmax, nmax - 1)
+    wx = w * x
+    sumx2 = (wx * x).sum(axis=1, keepdims=True)
+    best, best_t = np.full_like(sumx2, np.inf), np.zeros_like(sumx2)
+    for target in TARGETS[nmax]:
+        q = np.clip(np.rint(x * (target / peak)), -nmax, nmax - 1)
+        sumlx, suml2 = (wx * q).sum(axis=1, keepdims=True), ((w * q) * q).sum(axis=1, keepdims=True)
+        d = _f16(sumlx / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
+        err = d * d * suml2 - 2 * d * sumlx + sumx2
+        better = err < best
+        best, best_t = np.where(better, err, best), np.where(better, target, best_t)
+    q = np.clip(np.rint(x * (best_t / peak)), -nmax, nmax - 1)
+    suml2 = ((w * q) * q).sum(axis=1, keepdims=True)
+    d = _f16((wx * q).sum(axis=1, keepdims=True) / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
+    refit = _codes(x, d, nmax)
+    q = np.where((_werr(x, w, d, refit) < _werr(x, w, d, q))[:, None], refit, q)
+    keep = (_werr(x, w, abs_d, abs_q) <= _werr(x, w, d, q)) | zero[:, 0]
+    return np.where(keep[:, None], abs_d, d), np.where(keep[:, None], abs_q, q)
+
+
+def weights(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Gaussian rows of mixed magnitude, with an all-zero block, a constant block and a lone spike."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-4, 2, (rows, 1))).astype(np.float32)
+    x[0, :32], x[1, 32:64], x[2, 5] = 0.0, 0.25, 40.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q5_0"])
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+def test_same_blocks_as_the_plain_search(kind, with_imatrix, monkeypatch):
+    x = weights(24, 192, seed=3 + with_imatrix)
+    imatrix = np.random.default_rng(5).random(192).astype(np.float32) if with_imatrix else None
+    nmax, pack, _ = LEGACY[kind]
+    want = pack(*reference_fit(x.reshape(-1, 32), block_weights(x, imatrix).reshape(-1, 32), nmax)).reshape(24, -1)
+    for chunk in (1 << 16, 192 * 5, 1):  # one step, steps of 5 rows (the last one short), one row at a time
+        monkeypatch.setattr(quants, "CHUNK", chunk)
+        got = quantize_legacy(x, kind, imatrix)
+        assert got.dtype == np.uint8 and got.tobytes() == want.tobytes(), chunk
