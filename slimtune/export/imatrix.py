@@ -69,13 +69,20 @@ def calibration(choice: str, run_cfg: config_mod.Config | None,
     return read(path, limit=MAX_RECORDS), cfg, str(path)
 
 
-def _hook(sums: dict, name: str) -> Callable[[torch.nn.Module, tuple, object], None]:
+def _hook(sums: dict, name: str, last: list) -> Callable[[torch.nn.Module, tuple, object], None]:
+    """A forward hook adding the column sums of the input's squares into sums[name]; `last` holds the latest
+    (input, sums) pair, so Linears fed the same tensor (q/k/v, gate/up) square and sum it once."""
     def record(_module: torch.nn.Module, args: tuple, _output: object) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        if name in sums:
-            sums[name] += (x * x).sum(dim=0)
+        if last and last[0] is args[0]:  # the held reference keeps the tensor, so `is` cannot see a reused id
+            col = last[1]
         else:
-            sums[name] = (x * x).sum(dim=0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            col = (x * x).sum(dim=0)
+            last[:] = [args[0], col]
+        if name in sums:
+            sums[name] += col
+        else:
+            sums[name] = col.clone()
 
     return record
 
@@ -84,7 +91,8 @@ def collect(model: torch.nn.Module, batches: list[list[int]]) -> tuple[dict[str,
     """Mean squared input per column of every nn.Linear but the output head, over the token batches."""
     sums: dict[str, torch.Tensor] = {}
     out_head = model.get_output_embeddings()
-    hooks = [m.register_forward_hook(_hook(sums, f"{name}.weight")) for name, m in model.named_modules()
+    last: list = []
+    hooks = [m.register_forward_hook(_hook(sums, f"{name}.weight", last)) for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and m is not out_head]
     device = next(model.parameters()).device
     tokens = 0
@@ -94,6 +102,7 @@ def collect(model: torch.nn.Module, batches: list[list[int]]) -> tuple[dict[str,
                 model.base_model(torch.tensor([ids], device=device))
                 tokens += len(ids)
     finally:
+        last.clear()
         for h in hooks:
             h.remove()
     return {k: (v / max(tokens, 1)).float().cpu().numpy() for k, v in sums.items()}, tokens

@@ -104,6 +104,38 @@ def test_collect_is_the_mean_squared_input_of_each_linear(tokenizer, tiny_model_
                           columns["model.layers.0.self_attn.v_proj.weight"])  # same input
 
 
+def test_collect_squares_a_shared_input_once_with_the_same_sums(tokenizer, tiny_model_dir):
+    """Linears fed the same tensor share one squared sum: every column equal, bit for bit, to a separate
+    hook on each Linear (the first implementation), and each Linear's own input still its own."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batches = [tokenizer(t)["input_ids"] for t in CORPUS[:4]]
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_m, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums[name] + (x * x).sum(dim=0) if name in sums else (x * x).sum(dim=0)
+        return record
+
+    hooks = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for ids in batches:
+            model.base_model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    tokens = sum(map(len, batches))
+    columns, counted = imatrix_mod.collect(model, batches)
+    assert counted == tokens and set(columns) == set(sums)
+    for name, total in sums.items():
+        assert np.array_equal(columns[name], (total / tokens).float().numpy()), name
+    first = "model.layers.0."
+    assert not np.array_equal(columns[first + "self_attn.o_proj.weight"], columns[first + "self_attn.q_proj.weight"])
+    assert not np.array_equal(columns[first + "mlp.down_proj.weight"], columns[first + "mlp.up_proj.weight"])
+
+
 def test_export_says_what_it_used_and_off_turns_it_off(tokenizer, tiny_model_dir, tmp_path, capsys):
     rows = [{"instruction": t, "output": t[::-1]} for t in CORPUS]
     data = write_jsonl(tmp_path / "calib.jsonl", rows)
