@@ -44,10 +44,17 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 20, rmi
     best_min = lo.copy()
     q = np.clip(_nearest((x - lo[:, None]) * (nmax / span)[:, None]), 0, nmax)
     best_err = (w * (best_scale[:, None] * q + lo[:, None] - x) ** 2).sum(axis=1)
+    shifted = x - lo[:, None]  # never negative: _nearest's rounding is floor(v + 0.5) here
+    q, wq, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # reused by every step
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * step + nmax) / span
-        q = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-        sum_l, sum_l2, sum_xl = (w * q).sum(axis=1), (w * q * q).sum(axis=1), (w * q * x).sum(axis=1)
+        np.multiply(iscale[:, None], shifted, out=q)
+        np.add(q, 0.5, out=q)
+        np.floor(q, out=q)
+        np.minimum(np.maximum(q, 0, out=q), nmax, out=q)
+        np.multiply(w, q, out=wq)
+        sum_l, sum_l2 = wq.sum(axis=1), np.multiply(wq, q, out=tmp).sum(axis=1)
+        sum_xl = np.multiply(wq, x, out=tmp).sum(axis=1)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         det = np.where(ok, det, 1.0)
@@ -56,7 +63,10 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int = 20, rmi
         pos = mn > 0  # a positive min is not representable: pin it to 0 and refit the scale alone
         scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
         mn = np.where(pos, 0.0, mn)
-        err = (w * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(axis=1)
+        np.multiply(scale[:, None], q, out=tmp)
+        np.add(tmp, mn[:, None], out=tmp)
+        np.subtract(tmp, x, out=tmp)
+        err = np.multiply(w, np.square(tmp, out=tmp), out=tmp).sum(axis=1)
         better = ok & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)

@@ -1,12 +1,13 @@
-"""quantize_legacy's in-place candidate search against the plain expressions it replaced: the same Q4_0 / Q5_0
-bytes, block for block, whatever the chunking."""
+"""The in-place scale searches against the plain expressions they replaced: the same Q4_0 / Q5_0 bytes, block
+for block, whatever the chunking, and the same Q4_K (scale, min) fits bit for bit."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from slimtune.export import quants
-from slimtune.export.quants import LEGACY, TARGETS, _codes, _f16, _werr, block_weights, quantize_legacy
+from slimtune.export.quants import (LEGACY, TARGETS, _codes, _f16, _fit_scale_min, _nearest, _werr, block_weights,
+                                    quantize_legacy)
 
 
 def reference_fit(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,3 +56,45 @@ def test_same_blocks_as_the_plain_search(kind, with_imatrix, monkeypatch):
         monkeypatch.setattr(quants, "CHUNK", chunk)
         got = quantize_legacy(x, kind, imatrix)
         assert got.dtype == np.uint8 and got.tobytes() == want.tobytes(), chunk
+
+
+def reference_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int, rmin: float,
+                        rdelta: float) -> tuple[np.ndarray, np.ndarray]:
+    """_fit_scale_min as first written (llama.cpp's make_qkx2_quants on every row at once)."""
+    lo, hi = np.minimum(x.min(axis=1), 0.0), x.max(axis=1)
+    span = hi - lo
+    flat = span <= 0
+    span = np.where(flat, 1.0, span)
+    sum_w, sum_x = w.sum(axis=1), (w * x).sum(axis=1)
+    best_scale, best_min = span / nmax, lo.copy()
+    q = np.clip(_nearest((x - lo[:, None]) * (nmax / span)[:, None]), 0, nmax)
+    best_err = (w * (best_scale[:, None] * q + lo[:, None] - x) ** 2).sum(axis=1)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / span
+        q = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+        sum_l, sum_l2, sum_xl = (w * q).sum(axis=1), (w * q * q).sum(axis=1), (w * q * x).sum(axis=1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = np.where(ok, det, 1.0)
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        mn = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        pos = mn > 0
+        scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1.0), scale)
+        mn = np.where(pos, 0.0, mn)
+        err = (w * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(axis=1)
+        better = ok & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_min = np.where(better, mn, best_min)
+    return np.where(flat, 0.0, best_scale), 0.0 - best_min
+
+
+@pytest.mark.parametrize("search", [(20, -1.0, 0.1), (36, -0.9, 0.05)], ids=["plain", "imatrix"])
+def test_q4_k_fit_same_as_the_plain_search(search):
+    x = weights(16, 256, seed=7)
+    x[3, :32] = np.abs(x[3, :32])  # an all-positive sub-block: its min is pinned to 0
+    sub = x.reshape(-1, 32)
+    w = np.random.default_rng(8).random(sub.shape).astype(np.float32) + np.abs(sub)
+    got, want = _fit_scale_min(sub, w, 15, *search), reference_scale_min(sub, w, 15, *search)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
