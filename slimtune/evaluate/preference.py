@@ -8,7 +8,6 @@ base loaded beside it for full fine-tuning), with preference.beta."""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,6 @@ from ..config import Config, ConfigError
 from ..data.collate import pad_id
 from ..data.pairs import EncodedPair
 from ..engine import reference as ref_mod
-from ..runs.metrics_log import strict_json
 from ..engine.pair_logps import Item
 from ..engine.precision import base_dtype_name
 from ..engine.preference_step import PairObjective, evaluate, items
@@ -28,8 +26,8 @@ from ..runs.adapter import READS, read_config
 from ..trained import load_run
 from ..methods.base import is_peft
 from ..objectives import OBJECTIVES, needs_reference
+from .report import SCORES, write_files
 
-SCORES = "scores.json"
 
 
 @dataclass
@@ -49,10 +47,7 @@ class PairReport:
                 f"{s['rewards/accuracy']:.3f}, mean margin {s['rewards/margins']:.4f}, loss {s['eval_loss']:.4f}")
 
     def write(self, folder: str | Path) -> Path:
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SCORES).write_text(json.dumps(strict_json(self.scores), indent=2) + "\n", encoding="utf-8")
-        return out
+        return write_files(folder, self.scores, self.predictions)
 
 
 def score(model: torch.nn.Module, objective: PairObjective, records: list[Item], batch_size: int, device: str,

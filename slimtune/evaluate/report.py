@@ -44,7 +44,8 @@ Context = Callable[[], contextlib.AbstractContextManager]  # wraps each loss for
 LOGGED = ("eval_loss", "eval_ppl", "eval_tokens", "em", "f1", "bleu4", "rouge1", "rouge2", "rougeL",
           "extraction_precision", "extraction_recall", "extraction_f1", "unfinished", "generate_seconds")
 
-FILES = ("scores.json", "predictions.jsonl")  # what Report.write puts in an eval folder
+FILES = ("scores.json", "predictions.jsonl")  # what write_files puts in an eval folder
+SCORES, PREDICTIONS = FILES
 
 
 @dataclass
@@ -76,16 +77,25 @@ class Report:
 
     def write(self, folder: str | Path) -> Path:
         """scores.json, and predictions.jsonl beside it when answers were generated."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        scores = strict_json(self.scores, lambda key, value: _why_not_finite(self.scores, key, value))
-        (out / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                                         encoding="utf-8")
-        if self.predictions:
-            with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
-                for row in self.predictions:
-                    fh.write(dumps(row, ensure_ascii=False) + "\n")
-        return out
+        return write_files(folder, self.scores, self.predictions,
+                           lambda key, value: _why_not_finite(self.scores, key, value))
+
+
+def write_files(folder: str | Path, scores: dict, predictions: list[dict],
+                reason: Callable[[str, float], str] | None = None) -> Path:
+    """An eval folder's files (every eval report writes them this way): scores.json, strict JSON with each
+    non-finite score as null and `reason` (default: metrics_log.strict_json's) saying why, and predictions.jsonl
+    beside it when there are predictions."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = strict_json(scores, reason) if reason else strict_json(scores)
+    (out / SCORES).write_text(json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                              encoding="utf-8")
+    if predictions:
+        with (out / PREDICTIONS).open("w", encoding="utf-8") as fh:
+            for row in predictions:
+                fh.write(dumps(row, ensure_ascii=False) + "\n")
+    return out
 
 
 def _why_not_finite(scores: dict, key: str, value: float) -> str:

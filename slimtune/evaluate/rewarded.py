@@ -5,7 +5,6 @@ when named there, never because a run folder says so)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -21,15 +20,14 @@ from ..engine import grpo_step
 from ..engine.grpo_sample import completion_mask, left_pad, sample, sample_seed
 from ..objectives.rewards import Reward, score
 from ..runs.adapter import READS, read_config
-from ..runs.metrics_log import strict_json
 from ..trained import load_run
+from .report import PREDICTIONS, SCORES, write_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..config import Config
 
-SCORES, PREDICTIONS = "scores.json", "predictions.jsonl"
 
 
 @dataclass
@@ -55,13 +53,7 @@ class RewardReport:
                 f"{s['reward']:.4f} ({per}); completion length {s['completion_length']:.1f} tokens")
 
     def write(self, folder: str | Path) -> Path:
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SCORES).write_text(json.dumps(strict_json(self.scores), indent=2) + "\n", encoding="utf-8")
-        with open(out / PREDICTIONS, "w", encoding="utf-8") as f:
-            for p in self.predictions:
-                f.write(json.dumps(strict_json(p), ensure_ascii=False) + "\n")
-        return out
+        return write_files(folder, self.scores, self.predictions)
 
 
 @torch.no_grad()
