@@ -1,6 +1,7 @@
 """Fixtures: a tiny byte-level BPE tokenizer and a tiny random Llama-style model, built in-process."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -113,6 +114,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     make_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_script(path: Path) -> object:
+    """A script of the repository (examples/, bench/, scripts/: not a package) as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -3,12 +3,12 @@ spans, only LoRA and the heads change, plain peft reloads it; and the tutorial's
 bert-base shape on the meta device."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "bert_span_lora.py"
@@ -16,10 +16,7 @@ SCRIPT = ROOT / "examples" / "bert_span_lora.py"
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("bert_span_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ its own, and no parts import each other round in a cycle. Read from the source's
 imported to check it; scripts/import_graph.py draws the same graph into docs/architecture.md."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "slimtune"
@@ -55,10 +55,7 @@ LEVEL = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}  # 0 
 
 def _script():
     """scripts/import_graph.py, which holds the scan (and draws docs/architecture.md from it)."""
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "import_graph.py")
 
 
 GRAPH = _script()

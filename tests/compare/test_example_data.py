@@ -1,17 +1,15 @@
 """examples/prepare_extraction.py: BIO-tagged tweets to `type_text` answers (the example's gold items)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
 
+from conftest import load_script
 from slimtune.compare import spec
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("prepare_extraction", ROOT / "examples" / "prepare_extraction.py")
-prep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prep)
+prep = load_script(ROOT / "examples" / "prepare_extraction.py")
 
 TEXT = "Empire\tB-facility\nState\tI-facility\nBuilding\tI-facility\n=\tO\nESB\tB-facility\nin\tO\nNew\tB-geo-loc\n" \
        "York\tI-geo-loc\nJoe\tI-person\nESB\tB-facility\n\t\nnothing\tO\nhere\tO\n"

@@ -3,22 +3,18 @@ transformers Trainer + peft, on the same records in the same micro-batches from 
 same loss at each of 50 optimizer steps (fp32, CPU). bench/loss_curve.py runs it on the embedded model."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, load_script, write_jsonl
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "loss_curve.py"
 
 
 @pytest.fixture(scope="module")
 def curve():
-    spec = importlib.util.spec_from_file_location("loss_curve", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def test_fifty_steps_match_the_trainer(curve, tiny_model_dir, tmp_path):

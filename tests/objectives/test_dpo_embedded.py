@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, load_script, write_jsonl
 from slimtune import cli, models
 from slimtune.errors import MissingFileError
 from slimtune.trained import load_run
@@ -28,10 +28,7 @@ SHORT = ("train.batch_size=4", "train.max_steps=10", "train.lr=4e-3")
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("dpo_embedded", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE)
 
 
 def test_the_split_is_the_first_200_and_40_of_the_other_100(example, tmp_path, monkeypatch):
