@@ -4,8 +4,9 @@ The decoder runs on prompt + completion; the output head then runs on the comple
 chunk at a time (objectives/logps.token_logps: each chunk's fp32 logits exist alone, backward recomputes them),
 at the sampling temperature (logits / T = the head applied to hidden / T, a bias divided by T too). All rows x
 completion tokens x vocabulary fp32 logits, their log-softmax and its gradient (64 completions of 256 tokens at a
-128k vocabulary: 25 GB) are never held. A model whose head post-processes logits (soft-capping, a logit scale) or a
-prompt method runs its own forward with all logits, as before. Under FSDP2 the computation runs as the root
+128k vocabulary: 25 GB) are never held (objectives/logps.head_logps; an adapted or quantized head runs its own
+forward on those positions). A model whose head post-processes logits (soft-capping, a logit scale) or a prompt
+method runs its own forward with all logits, as before. Under FSDP2 the computation runs as the root
 module's forward (engine/loss.as_root_forward), so the root's gathered parameters are there.
 
 Packed (the run's packing is on: CUDA with varlen attention, or train.packing=rows), every row's real tokens (its
@@ -23,8 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.pack import BOUNDS
-from ..kernels import linear_ce
-from ..objectives.logps import token_logps
+from ..objectives.logps import head_logps
 from .loss import as_root_forward, model_inputs, sharded, split_head
 
 
@@ -54,15 +54,14 @@ def _logps(model: torch.nn.Module, inputs: dict, targets: torch.Tensor, temperat
            forward: Callable) -> torch.Tensor:
     keep = targets.shape[1] + 1  # the positions whose next token is a completion token, and the last
     parts = split_head(model) if chunked else None
-    if parts is None or not linear_ce.fits(parts[1]):
+    if parts is None:
         logits = forward(**inputs, **keep_only(model, keep)).logits
         logits = logits[:, -keep:-1].float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     decoder, head = parts
     hidden = decoder(**model_inputs(inputs, decoder)).last_hidden_state[:, -keep:-1]
-    bias = head.bias / temperature if head.bias is not None else None
-    flat = hidden.reshape(-1, hidden.shape[-1]) / temperature
-    return token_logps(flat, head.weight, bias, targets.reshape(-1)).reshape(targets.shape)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return head_logps(flat, head, targets.reshape(-1), temperature).reshape(targets.shape)
 
 
 def pack_rows(batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
@@ -92,12 +91,7 @@ def _packed(model: torch.nn.Module, inputs: dict, predicts: torch.Tensor, target
     else:
         decoder, head = parts
         hidden = decoder(**model_inputs(inputs, decoder)).last_hidden_state[0, predicts]
-        if linear_ce.fits(head):
-            bias = head.bias / temperature if head.bias is not None else None
-            per = token_logps(hidden / temperature, head.weight, bias, targets)
-        else:  # an adapter on the head (or a quantized one): its own forward on the gathered positions
-            logits = head(hidden).float() / temperature
-            per = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        per = head_logps(hidden, head, targets, temperature)
     return torch.zeros(mask.shape, dtype=per.dtype, device=per.device).masked_scatter(mask, per)
 
 

@@ -19,8 +19,7 @@ from ..data import pack
 from ..data.collate import TRAINED, collate, trained_index
 from ..data.pairs import EncodedPair
 from ..data.stream import split
-from ..kernels import linear_ce
-from ..objectives.logps import plain_token_logps, sequence_sums, token_logps
+from ..objectives.logps import head_logps, sequence_sums
 from .loss import as_root_forward, model_inputs, sharded, split_head
 
 
@@ -110,8 +109,5 @@ def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool
     else:
         decoder, head = parts
         hidden = decoder(**model_inputs(batch, decoder)).last_hidden_state[:, :-1][rows, positions]
-        if linear_ce.fits(head):
-            per = (token_logps if chunked else plain_token_logps)(hidden, head.weight, head.bias, targets)
-        else:  # an adapter on the head (or a quantized one): its own forward
-            per = torch.log_softmax(head(hidden).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        per = head_logps(hidden, head, targets, chunked=chunked)
     return sequence_sums(per, seq, n), torch.bincount(seq, minlength=n)

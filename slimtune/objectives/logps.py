@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import linear_ce
 from ..kernels.linear_ce import sized_rows
 
 
@@ -39,6 +40,21 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         else:
             parts.append(_row_logps(h, weight, bias, t))
     return torch.cat(parts)
+
+
+def head_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+               chunked: bool = True) -> torch.Tensor:
+    """log p(target) of every row (N,) of hidden (N, H) under the output head at `temperature` (logits / T: the head
+    applied to hidden / T, its bias / T): a plain Linear head a chunk of rows at a time (token_logps; all rows at
+    once when not chunked), any other head (an adapter on it, a quantized one) through its own forward."""
+    if not linear_ce.fits(head):
+        logits = head(hidden).float()
+        logits = logits / temperature if temperature != 1.0 else logits
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    bias = head.bias
+    if temperature != 1.0:
+        hidden, bias = hidden / temperature, bias / temperature if bias is not None else None
+    return (token_logps if chunked else plain_token_logps)(hidden, head.weight, bias, targets)
 
 
 def sequence_sums(values: torch.Tensor, sequence: torch.Tensor, n: int) -> torch.Tensor:

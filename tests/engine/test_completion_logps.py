@@ -8,6 +8,7 @@ import torch
 from conftest import make_model
 from slimtune import config, methods
 from slimtune.engine import completion_logps as cl
+from slimtune.objectives import logps as logps_mod
 
 
 def _batch(rows: int = 4, prompt: int = 6, new: int = 5) -> dict[str, torch.Tensor]:
@@ -29,7 +30,8 @@ def test_chunked_equals_plain_values_and_gradients(temperature, monkeypatch):
             p.data.normal_(0, 0.1)
     batch = _batch()
     out = {}
-    monkeypatch.setattr(cl, "token_logps", lambda *a, _f=cl.token_logps: _f(*a, rows=3))  # 20 rows in 7 chunks
+    chunks = lambda *a, _f=logps_mod.token_logps: _f(*a, rows=3)  # noqa: E731 (20 rows in 7 chunks)
+    monkeypatch.setattr(logps_mod, "token_logps", chunks)
     for chunked in (False, True):
         model.zero_grad(set_to_none=True)
         logps = cl.completion_logps(model, batch, temperature, chunked=chunked)
@@ -46,6 +48,6 @@ def test_a_head_that_post_processes_logits_runs_the_model_forward(monkeypatch):
     model = make_model(400, seed=2).float()
     monkeypatch.setattr(cl, "split_head", lambda m: None)
     called = []
-    monkeypatch.setattr(cl, "token_logps", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(logps_mod, "token_logps", lambda *a, **k: called.append(1))
     logps = cl.completion_logps(model, _batch(), 1.0)
     assert logps.shape == (4, 5) and not called and bool((logps <= 0).all())

@@ -12,6 +12,7 @@ from slimtune.config import Config, MethodConfig
 from slimtune.data import pack
 from slimtune.data.prompts import build_prompts
 from slimtune.engine import completion_logps as cl
+from slimtune.objectives import logps as logps_mod
 from slimtune.engine import decode, grpo_sample, timing
 from slimtune.kernels import attention, select
 from slimtune.methods import apply
@@ -61,7 +62,8 @@ def test_the_packed_row_holds_each_rows_real_tokens_and_where_each_completion_to
 @pytest.mark.parametrize("chunked", [True, False])
 def test_packed_logps_and_lora_gradients_equal_the_padded_ones(chunked, monkeypatch):
     model, batch, mask = _model(), _batch(), _batch()["completion_mask"]
-    monkeypatch.setattr(cl, "token_logps", lambda *a, _f=cl.token_logps: _f(*a, rows=5))  # 12 tokens in 3 chunks
+    chunks = lambda *a, _f=logps_mod.token_logps: _f(*a, rows=5)  # noqa: E731 (12 tokens in 3 chunks)
+    monkeypatch.setattr(logps_mod, "token_logps", chunks)
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(4))
     out = {}
     for packed in (False, True):
