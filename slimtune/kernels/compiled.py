@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import bind
+from . import bind, qlora
 
 ATTR = "_slimtune_compiled"
 BACKEND = "inductor"  # tests on the CPU pass "aot_eager": the same graphs, no C++/Triton code generation
@@ -61,8 +61,7 @@ def four_bit(model: torch.nn.Module) -> bool:
     4-bit layers gave LoRA gradients of all zeros on an H100 (torch 2.11, inductor; bench/check_offload_grads.py,
     2026-12-05), fused (kernels/qlora.py) or, with its node kept out of the graph, still wrong with a bf16 base;
     eager they match peft's. So such layers stay eager."""
-    return any(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
-               for m in model.modules())
+    return any(qlora.linear_4bit(m) for m in model.modules())
 
 
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:

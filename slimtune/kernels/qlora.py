@@ -94,9 +94,14 @@ def lora_4bit_linear(x: torch.Tensor, qweight: torch.Tensor, state: QuantState, 
     return _Lora4bit.apply(x, qweight, bias, a, b, state, float(scale), compute, dequant)
 
 
+def linear_4bit(module: torch.nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (by its type's name: bitsandbytes is imported only for a 4-bit base)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
 def is_4bit(base: torch.nn.Module) -> bool:
     """A bitsandbytes Linear4bit whose weight is packed as dequantize_4bit reads it."""
-    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
+    if not linear_4bit(base):
         return False
     state = getattr(base.weight, "quant_state", None)
     # bitsandbytes repacks the weight for its AVX512 CPU kernel in inference; dequantize_4bit does not read that
