@@ -29,6 +29,8 @@ from transformers import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.masking_utils import create_masks_for_generate
 
+from .loss import sharded
+
 CHECK_EVERY = 8  # decode steps between reads of "every row has stopped" (a device sync each)
 BACKEND = "inductor"  # tests on the CPU pass "eager" or a counting backend: the same graph, no code generation
 LENGTH_STEP = 64  # cache lengths are rounded up to this: a prompt longer than the run's hint costs few compiles
@@ -71,6 +73,9 @@ def supports(model: torch.nn.Module) -> str | None:
     """Why the static-cache decoder cannot run `model` (None when it can): prompt-learning adapters put their
     virtual tokens in the cache themselves, and transformers marks the models whose forward compiles whole
     with a static cache (_can_compile_fullgraph, the test its own generate uses before compiling)."""
+    if sharded(model):
+        return ("FSDP2 shards it, and every process must take each decoding step together (generate's "
+                "synced_gpus)")
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         return f"{type(config).__name__} keeps its virtual tokens in the KV cache"

@@ -128,7 +128,7 @@ def test_a_changed_lora_weight_reaches_the_compiled_step_with_the_runs_fast_path
     assert not torch.equal(before[0], before[1]) and backend.graphs == 1
 
 
-def test_decode_modes_and_their_config_key(tokenizer):
+def test_decode_modes_and_their_config_key(tokenizer, monkeypatch):
     assert [decode.resolve(m, d) for m, d in [("auto", "cuda"), ("auto", "cuda:1"), ("auto", "cpu"),
                                               ("eager", "cuda"), ("compiled", "cpu")]] == \
         ["compiled", "compiled", "eager", "eager", "compiled"]
@@ -140,6 +140,10 @@ def test_decode_modes_and_their_config_key(tokenizer):
     assert decode.make(prompt, "compiled", "cuda", 40, said.append) is None
     assert said[-1] == ("grpo.decode=compiled: sampling runs transformers' generate: PromptTuningConfig keeps its "
                         "virtual tokens in the KV cache")
+    monkeypatch.setattr(decode, "sharded", lambda m: True)  # several processes: every one steps with the others
+    assert decode.make(model, "compiled", "cuda", 40, said.append) is None
+    assert said[-1] == ("grpo.decode=compiled: sampling runs transformers' generate: FSDP2 shards it, and every "
+                        "process must take each decoding step together (generate's synced_gpus)")
     est = grpo_sample.estimate(model, prompt_len=29, rows=16, g=GrpoConfig(max_new_tokens=8), kept=True)
     assert est["peak"] == est["weights"] + est["kv_cache"] + est["train_pass"]  # the kept cache beside the pass
     assert "  grpo.decode (str, default \"auto\"; one of: auto, eager, compiled)\n      how completions are " \
