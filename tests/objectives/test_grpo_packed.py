@@ -111,7 +111,7 @@ def _run(tmp_path: object, tokenizer: object, packing: str, monkeypatch: pytest.
     cfg.grpo.num_generations, cfg.grpo.max_new_tokens, cfg.grpo.rewards = 4, 6, []
     cfg.grpo.beta, cfg.grpo.steps_per_generation = 0.05, 2  # the reference and the old log-probs passes too
     prompts = build_prompts(cfg.data, tokenizer, needs_answer=False, log=lambda m: None).train
-    model = apply(make_model(len(tokenizer), seed=1), cfg.method)
+    model = apply(make_model(len(tokenizer), seed=1).to(device), cfg.method)  # fit trains where the model is
     computed = []  # the tokens each step computed, as the step clock gets them
     monkeypatch.setattr(timing.StepClock, "stop", lambda self, step, tokens=0, _f=timing.StepClock.stop:
                         computed.append(tokens) or _f(self, step, tokens))
