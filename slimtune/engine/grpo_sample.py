@@ -8,7 +8,7 @@ is not moved by generating."""
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from transformers import GenerationConfig
@@ -78,7 +78,28 @@ def _draw(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, g: Grpo
         return decoder.generate(ids, mask, Sampling(g.temperature, g.top_p, g.max_new_tokens, tuple(stops), pad))
     gen = GenerationConfig(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
                            max_new_tokens=g.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
-    return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, ids.shape[1]:]
+    with own_settings_only(model):
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, ids.shape[1]:]
+
+
+@contextlib.contextmanager
+def own_settings_only(model: torch.nn.Module) -> Iterator[None]:
+    """model.generate draws with the settings of the GenerationConfig it is passed and nothing of the model's own:
+    transformers fills every setting the passed config leaves None from the model's generation_config (its
+    generation_config.json: repetition_penalty, top_k, min_p, no_repeat_ngram_size, suppress_tokens...), which
+    would draw from another distribution than the one GRPO's log-probabilities and the static decoder take. Every
+    module holding a generation_config (the transformers model inside an adapter's wrapper) holds a bare one, with
+    only its start token ids, inside the block, and its own again after it, even on an error."""
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    kept = [m.generation_config for m in owners]
+    try:
+        for m, c in zip(owners, kept):
+            m.generation_config = GenerationConfig(bos_token_id=c.bos_token_id,
+                                                   decoder_start_token_id=c.decoder_start_token_id)
+        yield
+    finally:
+        for m, c in zip(owners, kept):
+            m.generation_config = c
 
 
 @torch.no_grad()

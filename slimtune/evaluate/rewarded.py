@@ -17,7 +17,7 @@ from ..config import ConfigError
 from ..data.collate import pad_id
 from ..data.prompts import PromptRecord, build_prompts
 from ..engine import grpo_step
-from ..engine.grpo_sample import completion_mask, left_pad, sample, sample_seed
+from ..engine.grpo_sample import completion_mask, left_pad, own_settings_only, sample, sample_seed
 from ..objectives.rewards import Reward, score
 from ..runs.adapter import READS, read_config
 from ..trained import load_run
@@ -63,7 +63,8 @@ def greedy(model: torch.nn.Module, records: list[PromptRecord], max_new_tokens: 
     prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in records], pad, device)
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                            use_cache=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    with own_settings_only(model):  # the argmax of the distribution GRPO samples, as sampled eval draws from it
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     completions = out[:, prompt_ids.shape[1]:]
     if completions.shape[1] == 0:
         completions = torch.full((len(out), 1), stops[0], device=out.device)

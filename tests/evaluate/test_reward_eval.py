@@ -12,12 +12,14 @@ import yaml
 from transformers import GenerationConfig
 
 from slimtune import cli
-from slimtune.config import load
-from slimtune.evaluate.rewarded import objective_for
+from slimtune.config import MethodConfig, load
+from slimtune.data.prompts import PromptRecord
+from slimtune.evaluate.rewarded import greedy, objective_for
+from slimtune.methods import apply
 from slimtune.objectives.rewards import from_callable
 from slimtune.trained import load_run
 
-from conftest import write_jsonl
+from conftest import make_model, write_jsonl
 
 E_REWARD = "def share_of_e(prompts, completions, answers):\n" \
            "    return [sum(ch == 'e' for ch in c) / max(len(c), 1) for c in completions]\n"
@@ -147,3 +149,18 @@ def test_a_run_is_scored_by_its_own_builtin_rewards_only_if_it_trained_on_them(t
     sft = load(None, [f"model.path={tiny_model_dir}", "grpo.rewards=[format,length]"])
     assert [r.name for r in objective_for(grpo, tokenizer, user).rewards] == ["format", "length", "mine"]
     assert [r.name for r in objective_for(sft, tokenizer, user).rewards] == ["mine"]
+
+
+def test_greedy_completions_are_the_argmax_of_the_logits_whatever_the_models_generation_config(tokenizer):
+    """Greedy eval draws the most likely token of the distribution GRPO samples from: a generation_config.json's
+    repetition penalty, top-k, n-gram ban or minimum length does not reach it, and stays the model's own."""
+    model = apply(make_model(len(tokenizer)), MethodConfig(name="lora", r=4, target_modules=["q_proj"])).eval()
+    records = [PromptRecord(tokenizer(t)["input_ids"], t, None, f"line {i}") for i, t in enumerate(("hi", "a b c"))]
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    plain = greedy(model, records, 10, tokenizer.pad_token_id, stops, "cpu")
+    gen = model.get_base_model().generation_config
+    gen.update(repetition_penalty=5.0, top_k=2, no_repeat_ngram_size=1, min_new_tokens=10)
+    set_up = gen.to_dict()
+    got = greedy(model, records, 10, tokenizer.pad_token_id, stops, "cpu")
+    assert torch.equal(plain["completion_ids"], got["completion_ids"]), (plain["completion_ids"], got["completion_ids"])
+    assert model.get_base_model().generation_config is gen and gen.to_dict() == set_up

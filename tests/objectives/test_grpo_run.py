@@ -75,6 +75,42 @@ def test_sampling_with_a_fixed_seed_is_reproducible(tokenizer):
     assert len({tuple(row) for row in first.tolist()}) > 1  # G different completions of one prompt
 
 
+def set_generation_defaults(model: torch.nn.Module) -> None:
+    """Settings a generation_config.json may hold, on the transformers model inside the adapter."""
+    model.get_base_model().generation_config.update(repetition_penalty=5.0, top_k=2, no_repeat_ngram_size=1,
+                                                    min_new_tokens=12, suppress_tokens=[5, 6])
+
+
+def test_the_models_own_generation_config_does_not_reach_the_samples(tokenizer):
+    """generate fills what its config leaves unset from the model's generation_config: GRPO samples from temperature
+    and top-p alone, as its log-probabilities and the static decoder assume, and leaves the model's config as it
+    was, also when generate fails."""
+    model = apply(make_model(len(tokenizer)), MethodConfig(name="lora", r=4, target_modules=["q_proj"]))
+    records = [PromptRecord(tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+                            "hi", None, "p line 1")]
+    g = GrpoConfig(num_generations=4, max_new_tokens=12, temperature=0.8, top_p=0.95)
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def draw() -> dict[str, torch.Tensor]:
+        return grpo_sample.sample(model, records, g, tokenizer.pad_token_id, stops, "cpu", 11)
+    plain = draw()
+    set_generation_defaults(model)
+    gen = model.get_base_model().generation_config
+    set_up = gen.to_dict()
+    got = draw()
+    assert all(torch.equal(plain[k], got[k]) for k in plain), (plain["completion_ids"], got["completion_ids"])
+    assert model.get_base_model().generation_config is gen and gen.to_dict() == set_up
+    assert gen.repetition_penalty == 5.0 and gen.top_k == 2
+    inner = model.get_base_model().model
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+    inner.forward = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        draw()
+    assert model.get_base_model().generation_config is gen and gen.to_dict() == set_up
+
+
 def test_a_reward_for_the_letter_e_raises_its_mean(tmp_path, tiny_model_dir):
     assert _train(_config(tmp_path, tiny_model_dir, "run", max_steps=20)) == 0
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
