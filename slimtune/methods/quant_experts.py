@@ -130,9 +130,12 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> Nf4Stack
     return Nf4Stack(packed, state, dtype or weight.dtype)
 
 
-def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> list[str]:
     """Replace every fused expert weight of `model` by its frozen NF4 stack, one stack at a time (each 16-bit
-    stack is freed as soon as it is packed, unless something else holds it); returns their names."""
+    stack is freed as soon as it is packed, unless something else holds it); returns their names. device: where
+    the stacks are packed and kept (default: where each weight is); a 16-bit stack moves there alone, so a model
+    loaded on the CPU brings one 16-bit stack at a time to the GPU."""
     names = experts.fused(model)
     for name in names:
         owner, _, leaf = name.rpartition(".")
@@ -140,8 +143,9 @@ def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -
         weight = module._parameters[leaf]
         if isinstance(weight, Nf4Stack):
             continue
-        module._parameters[leaf] = torch.nn.Parameter(quantize(weight, dtype), requires_grad=False)
-        del weight
+        source = weight.detach() if device is None else weight.detach().to(device)
+        module._parameters[leaf] = torch.nn.Parameter(quantize(source, dtype), requires_grad=False)
+        del weight, source
     return names
 
 
