@@ -88,13 +88,18 @@ def load_base(path: str, dtype: str, trust_remote_code: bool, device: str,
     bitsandbytes quantizes nn.Linear layers only, so loading straight onto the GPU puts every fused expert
     there in 16-bit first: 54 GiB of Qwen3-30B-A3B's 57, where its 4-bit model holds about 16. A model with
     fused experts therefore loads onto the CPU (bitsandbytes quantizes its Linear layers there), each 16-bit
-    expert stack then goes to `device` alone to be packed, and the 4-bit rest follows: the GPU's peak is the
-    4-bit model plus one stack. The host holds the 16-bit model meanwhile. No accelerate dispatch is involved
-    (a device_map that splits the model adds offload hooks that move weights at every forward)."""
+    expert stack goes to `device` to be packed as transformers sets it (quant_experts.packed_on_arrival), and
+    the 4-bit rest follows: the GPU's peak is the 4-bit model plus one stack, and the host's the 16-bit model
+    less its experts plus one stack. No accelerate dispatch is involved (a device_map that splits the model
+    adds offload hooks that move weights at every forward)."""
     fused = quantization is not None and models.resolve(path).suffix != ".gguf" and bool(
         experts.fused(_meta_model(path, trust_remote_code)))
-    model, tokenizer = models.load(path, dtype, trust_remote_code, "cpu" if fused else device, quantization)
-    if quantization is None:
+    if not fused:
+        model, tokenizer = models.load(path, dtype, trust_remote_code, device, quantization)
+        if quantization is not None:
+            quant_experts.quantize_experts(model)
         return model, tokenizer
-    quant_experts.quantize_experts(model, device=device)
-    return (model.to(device) if fused else model), tokenizer
+    with quant_experts.packed_on_arrival(device):
+        model, tokenizer = models.load(path, dtype, trust_remote_code, "cpu", quantization)
+    quant_experts.quantize_experts(model, device=device)  # any stack that did not arrive through setattr
+    return model.to(device), tokenizer

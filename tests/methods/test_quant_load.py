@@ -77,36 +77,38 @@ def test_a_qlora_run_asks_transformers_for_the_cpu_where_its_experts_are_fused(m
     assert asked["quantization_config"].load_in_4bit
 
 
-def test_each_16_bit_stack_goes_alone_to_the_device_to_be_packed(moe_dirs, monkeypatch):
-    """load_base onto a second device (meta stands in for the GPU): transformers loads onto the CPU, and every
-    16-bit stack reaches the device only when it is packed, the ones not yet packed still on the CPU; then the
-    model moves to the device (Module.to, recorded here: bitsandbytes' Linear4bit moves to a GPU, not to meta)
-    and carries no accelerate hook."""
+def test_each_16_bit_stack_is_packed_on_the_device_as_it_arrives(moe_dirs, monkeypatch):
+    """load_base onto a second device (meta stands in for the GPU): transformers loads onto the CPU, and each
+    16-bit expert stack it sets goes to the device and is packed before the next one arrives; then the model
+    moves to the device (Module.to, recorded here: bitsandbytes' Linear4bit moves to a GPU, not to meta) and
+    carries no accelerate hook."""
     import transformers
 
-    seen, loaded, real_load, real_quantize = [], [], models.load, quant_experts.quantize
-    moved = []
+    events, devices, moved, real_load, real_quantize = [], [], [], models.load, quant_experts.quantize
 
-    def load(*args: object) -> tuple:
-        loaded.append(args[3])
-        loaded.append(real_load(*args))
-        return loaded[-1]
+    def arrive(module: torch.nn.Module, name: str, param: torch.Tensor | None) -> None:
+        if param is not None and param.ndim == 3 and not param.is_meta and not quant_experts.is_nf4(param):
+            events.append(("arrives", name, param.device.type))
 
     def quantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> quant_experts.Nf4Stack:
-        model = loaded[1][0]
-        stacks = [model.get_parameter(n) for n in experts.fused(model)]
-        seen.append((weight.device.type, sum(quant_experts.is_nf4(p) for p in stacks),
-                     {p.device.type for p in stacks if not quant_experts.is_nf4(p)}))
-        return real_quantize(weight, dtype)
+        events.append(("packed", weight.device.type))
+        # packed on the CPU and moved: bitsandbytes caches its code tables on the device of its first call
+        return real_quantize(torch.zeros(weight.shape, dtype=weight.dtype), dtype).moved(weight.device, None)
 
-    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(models, "load", lambda *args: devices.append(args[3]) or real_load(*args))
     monkeypatch.setattr(quant_experts, "quantize", quantize)
     monkeypatch.setattr(transformers.PreTrainedModel, "to", lambda self, device: moved.append(device) or self)
-    model, _ = quant.load_base(str(moe_dirs["qwen3_moe"]), "fp32", False, "meta", _quant())
-    assert loaded[0] == "cpu"  # the device models.load was given
-    # 2 layers x (gate_up_proj, down_proj), packed in turn: stack i finds i packed and the rest 16-bit on the CPU
-    assert seen == [("meta", i, {"cpu"}) for i in range(4)]
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(arrive)  # runs before load_base's
+    try:
+        model, _ = quant.load_base(str(moe_dirs["qwen3_moe"]), "fp32", False, "meta", _quant())
+    finally:
+        handle.remove()
+    assert devices == ["cpu"]  # what models.load was asked for
+    # 2 layers x (down_proj, gate_up_proj): each arrives on the CPU and is packed on the device before the next
+    assert events == [e for name in ("down_proj", "gate_up_proj", "down_proj", "gate_up_proj")
+                      for e in (("arrives", name, "cpu"), ("packed", "meta"))]
     assert {model.get_parameter(n).device.type for n in experts.fused(model)} == {"meta"} and moved == ["meta"]
+    assert all(quant_experts.is_nf4(model.get_parameter(n)) for n in experts.fused(model))
     assert not [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
 
 
