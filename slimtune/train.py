@@ -37,7 +37,7 @@ from .kernels.select import Kernels
 from .runs.adapter import read_config, save
 from .methods import experts, lora
 from .methods.heads import describe_parameters, warn_frozen
-from .methods.quant import check_base, quantization_config
+from .methods.quant import check_base, load_base, quantization_config
 from .objectives import rewards as rewards_mod
 
 if TYPE_CHECKING:
@@ -241,8 +241,8 @@ def _run(cfg: Config, out: Path, procs: Processes, created: bool, keep: list[Pat
     predicted = None if grpo else _predict(cfg, plan, sizes, log, hint=not auto)  # GRPO: its own, in fit
     if plan.device == "cpu" and not objective:  # before the load: a record too long for this machine is one line
         host_memory.check(cfg, built.train, built.eval)
-    model, _ = models.load(cfg.model.path, base_dtype_name(cfg, plan.device, plan.precision),
-                           cfg.model.trust_remote_code, procs.load_device, quant)
+    model, _ = load_base(cfg.model.path, base_dtype_name(cfg, plan.device, plan.precision),
+                         cfg.model.trust_remote_code, procs.load_device, quant)
     model = procs.shard(prepare(model, cfg, plan.device, log, plan=plan).model, cfg.train, log)
     train, held, hook = _records(cfg, built, objective, tokenizer, plan, show_progress, log)
     if procs.is_main:  # every check has passed: only now does output_dir get its first file

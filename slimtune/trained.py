@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 from . import config as config_mod
 from . import models, trust
 from .engine.precision import base_dtype_name
-from .methods.quant import quantization_config
-from .methods.quant_experts import quantize_experts
+from .methods.quant import load_base, quantization_config
 from .runs.adapter import load_adapter, read_config
 from .runs.checks import check_run
 
@@ -35,9 +34,8 @@ def load_run(folder: str | Path, device: str = "cpu", quantized: bool = True, dt
     cfg.model.trust_remote_code = trust.decide(cfg, folder / "config.yaml", trust_remote_code, run=True)
     quant = quantization_config(cfg.method, cfg.train.precision) if quantized else None  # as the run trained
     dtype = dtype or base_dtype_name(cfg, device)
-    base, tokenizer = models.load(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
-    if quant is not None:  # fused experts in NF4, as qlora trained them (bitsandbytes quantized the Linear layers)
-        quantize_experts(base)
+    # a qlora base as it trained: fused experts packed in NF4 beside bitsandbytes' Linear layers
+    base, tokenizer = load_base(cfg.model.path, dtype, cfg.model.trust_remote_code, device, quant)
     model = load_adapter(base, folder)
     model.eval()
     return model, tokenizer, cfg

@@ -5,6 +5,9 @@ weights included), as do their LoRA parameters and AdamW state; qlora holds fuse
 holds Linear layers (methods/quant_experts.py), NF4_BYTES a weight (packed_stack tells them). Activations: a
 token runs through its top-k experts only, so the feed-forward width its saved activations scale with is top-k
 x one expert's (ffn_width). LoRA on fused expert weights adds a term of its own (expert_copies).
+The load is no larger moment: qlora loads such a model onto the CPU and brings one 16-bit stack at a time to the
+GPU to pack it (methods/quant.load_base), so its peak is the 4-bit weights plus one stack, under a step that forms
+W + BA of a whole stack (LoRA on the experts, the default).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..models import load_config
+from .. import models
 from . import experts, quant_experts
 from .base import MethodError
 
@@ -69,10 +69,37 @@ def refuse_fused_experts(model: torch.nn.Module, bits: int) -> None:
 
 def check_base(model_path: str, trust_remote_code: bool = False, bits: int = 4) -> None:
     """refuse_fused_experts from config.json alone (the model built on the meta device), before a load that
-    would read the whole model onto the GPU first."""
+    would read the whole model first."""
+    refuse_fused_experts(_meta_model(model_path, trust_remote_code), bits)
+
+
+def _meta_model(model_path: str, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_config(model_path, trust_remote_code),
-                                                 trust_remote_code=trust_remote_code)
-    refuse_fused_experts(model, bits)
+        return AutoModelForCausalLM.from_config(models.load_config(model_path, trust_remote_code),
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_base(path: str, dtype: str, trust_remote_code: bool, device: str,
+              quantization: BitsAndBytesConfig | None) -> tuple:
+    """models.load, with a qlora base's fused expert weights packed in NF4 on `device` (quant_experts).
+
+    bitsandbytes quantizes nn.Linear layers only, so loading straight onto the GPU puts every fused expert
+    there in 16-bit first: 54 GiB of Qwen3-30B-A3B's 57, where its 4-bit model holds about 16. A model with
+    fused experts therefore loads onto the CPU (bitsandbytes quantizes its Linear layers there), each 16-bit
+    expert stack goes to `device` to be packed as transformers sets it (quant_experts.packed_on_arrival), and
+    the 4-bit rest follows: the GPU's peak is the 4-bit model plus one stack, and the host's the 16-bit model
+    less its experts plus one stack. No accelerate dispatch is involved (a device_map that splits the model
+    adds offload hooks that move weights at every forward)."""
+    fused = quantization is not None and models.resolve(path).suffix != ".gguf" and bool(
+        experts.fused(_meta_model(path, trust_remote_code)))
+    if not fused:
+        model, tokenizer = models.load(path, dtype, trust_remote_code, device, quantization)
+        if quantization is not None:
+            quant_experts.quantize_experts(model)
+        return model, tokenizer
+    with quant_experts.packed_on_arrival(device):
+        model, tokenizer = models.load(path, dtype, trust_remote_code, "cpu", quantization)
+    quant_experts.quantize_experts(model, device=device)  # any stack that did not arrive through setattr
+    return model.to(device), tokenizer

@@ -2,15 +2,17 @@
 
 transformers' bitsandbytes integration replaces nn.Linear layers only, so a mixture of experts loaded with a
 4-bit config keeps its fused experts (most of its weights: 95% of Qwen3-30B-A3B) in 16-bit. quantize_experts
-packs them after the load, one stack at a time, into Nf4Stack: a tensor that reads as the dense [E, out, in]
-weight of its dtype and dequantizes whenever an op reads it. peft's LoRA on a fused weight (lora.ParamWrapper)
-forms W + BA for the whole stack at each forward, so one dequantized stack per layer exists at a time, as
-large as the 16-bit weight it replaces (engine/moe_memory.expert_copies counts it); a single expert read by
-index (the experts' loop with the adapters off) dequantizes that expert's blocks only.
+(after a load) or packed_on_arrival (during one) packs them one stack at a time into Nf4Stack: a tensor that
+reads as the dense [E, out, in] weight of its dtype and dequantizes whenever an op reads it. peft's LoRA on a
+fused weight (lora.ParamWrapper) forms W + BA for the whole stack at each forward, so one dequantized stack per
+layer exists at a time, as large as the 16-bit weight it replaces (engine/moe_memory.expert_copies counts it);
+a single expert read by index (the experts' loop with the adapters off) dequantizes that expert's blocks only.
 Same format as the Linear layers' (NF4, blocks of 64, 8-bit absmax over blocks of 256: double quantization).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +20,8 @@ import torch
 from . import experts
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from bitsandbytes.functional import QuantState
 
 aten = torch.ops.aten
@@ -130,9 +134,12 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> Nf4Stack
     return Nf4Stack(packed, state, dtype or weight.dtype)
 
 
-def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> list[str]:
     """Replace every fused expert weight of `model` by its frozen NF4 stack, one stack at a time (each 16-bit
-    stack is freed as soon as it is packed, unless something else holds it); returns their names."""
+    stack is freed as soon as it is packed, unless something else holds it); returns their names. device: where
+    the stacks are packed and kept (default: where each weight is); a 16-bit stack moves there alone, so a model
+    loaded on the CPU brings one 16-bit stack at a time to the GPU."""
     names = experts.fused(model)
     for name in names:
         owner, _, leaf = name.rpartition(".")
@@ -140,9 +147,33 @@ def quantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None) -
         weight = module._parameters[leaf]
         if isinstance(weight, Nf4Stack):
             continue
-        module._parameters[leaf] = torch.nn.Parameter(quantize(weight, dtype), requires_grad=False)
-        del weight
+        source = weight.detach() if device is None else weight.detach().to(device)
+        module._parameters[leaf] = torch.nn.Parameter(quantize(source, dtype), requires_grad=False)
+        del weight, source
     return names
+
+
+@contextlib.contextmanager
+def packed_on_arrival(device: torch.device | str, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """While a model loads in this thread: each fused expert weight set on an experts module (transformers sets
+    them one at a time) is packed on `device` as it arrives, so the load holds one 16-bit stack at a time, not
+    all of them (quantize_experts afterwards packs any that arrived another way)."""
+    thread = threading.get_ident()
+
+    def pack(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> torch.nn.Parameter | None:
+        if (param is None or param.ndim != 3 or param.is_meta or isinstance(param, Nf4Stack)
+                or threading.get_ident() != thread or not experts.is_experts_module(module)):
+            return None  # the meta model's own weights, and anything another thread registers, as they are
+        packed = torch.nn.Parameter(quantize(param.detach().to(device), dtype), requires_grad=False)
+        # what transformers marks a loaded weight with, so that its initialization leaves it alone
+        packed._is_hf_initialized = getattr(param, "_is_hf_initialized", False)
+        return packed
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(pack)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def is_nf4(p: torch.Tensor) -> bool:
