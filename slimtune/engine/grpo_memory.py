@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..config import Config
 from ..kernels import linear_ce
 from ..data.prompts import PromptRecord
@@ -97,7 +99,10 @@ def estimate(cfg: Config, plan: RunPlan, mcfg: PretrainedConfig, prompts: list[i
     packed = plan.kernels.packing != "off"
     # the rows are already the sequences (no pair doubling); a GRPO micro-batch packs into one row, never bins
     tc = replace(cfg.train, objective="sft", micro_batch_size=len(rows), packing="rows" if packed else "off")
-    train = memory.estimate(replace(cfg, train=tc), rows, world, mcfg, plan.kernels, plan.precision)
+    # memory.estimate builds a meta model, whose init draws from the CPU RNG: forked, so a run's training RNG
+    # (dropout) is the same whether or not an earlier estimate built it (estimates cache their meta model)
+    with torch.random.fork_rng(devices=[]):
+        train = memory.estimate(replace(cfg, train=tc), rows, world, mcfg, plan.kernels, plan.precision)
     vocab, h = mcfg.vocab_size, mcfg.hidden_size
     chunk = linear_ce.chunk_rows(vocab)
     if not memory.fast_engine(replace(cfg, train=tc), plan.kernels):

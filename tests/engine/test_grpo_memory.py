@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from slimtune import load_config
@@ -129,3 +130,15 @@ def test_the_bench_configuration_is_pinned(tiny_model_dir):
     assert round(est.kv_cache / GIB, 2) == 0.75  # bf16, 64 rows x 384 tokens (119 + 256 rounded up to 64)
     assert round(est.train_pass / GIB, 2) == 39.69 and round(est.peak_allocated / GIB, 2) == 42.87
     assert "(23872 tokens, packed rows, the longest prompts)" in line
+
+
+def test_the_estimate_leaves_the_training_rng_alone(tiny_model_dir):
+    """Building the estimator's meta model draws from the CPU RNG: a run's dropout must not depend on whether an
+    earlier estimate had already built (and cached) it."""
+    cfg, plan = _setup(tiny_model_dir)
+    mcfg = LlamaConfig(vocab_size=1031, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)  # a shape no other test has cached
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    grpo_memory.estimate(cfg, plan, mcfg, [30, 20], kept=False)
+    assert torch.equal(torch.get_rng_state(), before)
