@@ -58,12 +58,11 @@ def _header(cfg: Config, plan: run_plan.RunPlan, where: str) -> str:
 
 
 def _grpo(cfg: Config, plan: run_plan.RunPlan, built: preflight.Records | None, budget: float | None) -> int:
-    """GRPO's estimate as the run logs it when it starts (grpo_sample.estimate: the KV cache of sampling G
-    completions of a micro-batch's prompts and the training pass over them), for the longest prompt of data.train
-    (without data: a prompt of data.max_len tokens)."""
+    """GRPO's estimate as the run logs it when it starts (engine/grpo_memory.py: the KV cache of sampling G
+    completions of a micro-batch's prompts, the training pass over them as memory.estimate counts a micro-batch,
+    the optimizer state), for the longest prompts of data.train (without data: prompts of data.max_len tokens)."""
     prompts = built.train if built else preflight.worst_prompt(cfg)
-    est, line = preflight.grpo_predict(preflight.meta_model(cfg, plan), plan, prompts, cfg.grpo,
-                                       cfg.train.micro_batch_size)
+    est, line = preflight.grpo_predict(preflight.meta_model(cfg, plan), plan, prompts, cfg)
     print(_header(cfg, plan, f"{cfg.train.micro_batch_size} prompt(s) x {cfg.grpo.num_generations} completions"))
     print(line)
     if budget is None:

@@ -1,6 +1,6 @@
 """GRPO's model passes: sampling G completions of each prompt with a KV cache (the training model, adapter on,
 in eval mode so dropout does not reach the samples), the completion tokens' log-probabilities (with gradients
-for the loss; without, for the old and reference ones), and the memory such a step needs.
+for the loss; without, for the old and reference ones); engine/grpo_memory.py predicts the memory of such a step.
 
 Sampling is seeded per (train.seed, generation, micro-batch) in a forked RNG, so the completions of a step
 depend on nothing else: a resumed run samples what the uninterrupted one did, and the training RNG (dropout)
@@ -16,16 +16,11 @@ from transformers import GenerationConfig
 from ..config import ConfigError
 from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord
-from ..kernels.linear_ce import CHUNK_BYTES
 from .completion_logps import completion_logps
 from .decode import Sampling, StaticDecoder
-from .memory import LAYER_COEF
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-GIB = 2 ** 30
-
 
 def sample_seed(seed: int, generation: int, micro: int) -> int:
     """The sampling seed of one micro-batch of one generation: a function of nothing but these three."""
@@ -135,41 +130,6 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> l
 
 
 def step_shape(records: list[PromptRecord], micro_batch_size: int, g: GrpoConfig) -> tuple[int, int]:
-    """(the longest prompt's tokens, completions sampled per micro-batch): the sizes estimate() is given."""
+    """(the longest prompt's tokens, completions sampled per micro-batch): the static decoder's cache length is
+    the first + max_new_tokens."""
     return max(len(r.prompt_ids) for r in records), micro_batch_size * g.num_generations
-
-
-def estimate(model: torch.nn.Module, prompt_len: int, rows: int, g: GrpoConfig, method: str = "lora",
-             kept: bool = False) -> dict:
-    """Bytes a GRPO step needs beside the weights, for `rows` sequences of prompt_len + max_new_tokens tokens:
-    the KV cache of sampling, the saved activations of the training forward and a chunk of its fp32 logits (with
-    their log-softmax and gradient), each for one micro-batch of completions. kept: the cache stays allocated
-    through the training pass (grpo.decode=compiled), so the peak holds both."""
-    mc = model.config if hasattr(model, "config") else None
-
-    def get(key: str, default: int = 0) -> int:
-        return getattr(mc, key, None) or default
-    layers, hidden = get("num_hidden_layers"), get("hidden_size")
-    heads = get("num_attention_heads", 1)
-    kv_heads, head_dim = get("num_key_value_heads", heads), get("head_dim", hidden // max(heads, 1))
-    width = max(p.element_size() for p in model.parameters())
-    # sampling's cache holds every row padded to this; a packed training pass holds only the real tokens, so its
-    # activations counted at this width are an upper bound (the longest prompt, every completion max_new_tokens)
-    tokens = rows * (prompt_len + g.max_new_tokens)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = 2 * layers * kv_heads * head_dim * width * tokens
-    coef = LAYER_COEF.get(method, LAYER_COEF["lora"])
-    activations = int(coef * tokens * layers * (hidden + get("intermediate_size", 4 * hidden)))
-    # fp32 logits with their log-softmax and gradient, a chunk of rows at a time (engine/completion_logps.py)
-    logits = 3 * min(4 * rows * (g.max_new_tokens + 1) * get("vocab_size"), CHUNK_BYTES)
-    return {"weights": weights, "kv_cache": kv, "train_pass": activations + logits,
-            "peak": weights + (kv + activations + logits if kept else max(kv, activations + logits)), "kept": kept}
-
-
-def estimate_line(est: dict, rows: int, prompt_len: int, g: GrpoConfig) -> str:
-    """The estimate as the run's log prints it."""
-    return (f"grpo memory estimate: weights {est['weights'] / GIB:.2f} GiB; sampling {rows} completions of up to "
-            f"{prompt_len}+{g.max_new_tokens} tokens: KV cache {est['kv_cache'] / GIB:.2f} GiB"
-            f"{' (kept between steps)' if est.get('kept') else ''}; training pass over "
-            f"them {est['train_pass'] / GIB:.2f} GiB; peak about {est['peak'] / GIB:.2f} GiB (optimizer state "
-            "not counted)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -26,16 +26,18 @@ from ..data.stream import MicroBatches
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
 from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, builtins, score, write_record
-from . import decode, distributed
+from . import decode, distributed, grpo_memory
 from .decode import StaticDecoder
-from .grpo_sample import check_reference, completion_logps, estimate, estimate_line, reference_logps, sample, \
-    sample_seed, step_shape, stop_ids
+from .grpo_memory import GrpoEstimate
+from .grpo_sample import check_reference, completion_logps, reference_logps, sample, sample_seed, step_shape, \
+    stop_ids
 from .loss import as_root_forward, sharded
 from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from .run_plan import RunPlan
     from .state import Run
 
 
@@ -78,7 +80,8 @@ class GrpoObjective:
     pad: int
     stops: list[int]  # token ids that end a completion
     skip_bad: bool = False  # data.on_bad_record=skip: a completion a reward fails on is left out
-    estimate: dict = field(default_factory=dict)  # the memory estimate start() logged
+    cfg: Any = None  # the run's Config (make's): the memory estimate reads its method and train.*
+    estimate: GrpoEstimate | None = None  # the memory estimate start() logged
     decoder: StaticDecoder | None = None  # grpo.decode=compiled: the static cache and compiled step, from start()
     packed: bool = False  # the training passes over each micro-batch as one packed row (set by stream)
 
@@ -91,19 +94,21 @@ class GrpoObjective:
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[PromptRecord]], out_dir: Path, device: str,
               batch_size: int, context: Callable = contextlib.nullcontext,
-              log: Callable[[str], None] = print) -> None:
-        """Checks that need the model, the memory estimate, and the run folder's record of the rewards (the
-        user's files' sha256, which a resume checks), before step 1."""
+              log: Callable[[str], None] = print, plan: RunPlan | None = None) -> None:
+        """Checks that need the model, the memory estimate (with the run's `plan`; none without one), and the run
+        folder's record of the rewards (the user's files' sha256, which a resume checks), before step 1."""
         check_reference(model, self.g)
         if distributed.size() > 1:
             synced_generation(model)
         if distributed.is_main():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_record(out_dir, self.rewards)
-        longest, rows = step_shape(splits["train"], batch_size, self.g)
+        longest, _ = step_shape(splits["train"], batch_size, self.g)
         self.decoder = decode.make(model, self.g.decode, device, longest + self.g.max_new_tokens, log)
-        self.estimate = estimate(model, longest, rows, self.g, kept=self.decoder is not None)
-        log(estimate_line(self.estimate, rows, longest, self.g))
+        if plan is not None and self.cfg is not None:
+            self.estimate, line = grpo_memory.predict(model.config, plan, splits["train"], plan.apply(self.cfg),
+                                                      kept=self.decoder is not None)
+            log(line)
         log("grpo rewards: " + ", ".join(f"{r.name} x{r.weight:g} ({r.source})" for r in self.rewards))
 
     def loss_config(self) -> grpo.LossConfig:
@@ -246,7 +251,7 @@ def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Rew
     if not chosen:
         raise RewardError("grpo: no reward given; set grpo.rewards (built-ins) or pass --reward file.py:fn")
     return GrpoObjective(cfg.grpo, chosen, tokenizer, pad, stop_ids(tokenizer, template_stops(cfg.data.template,
-                         tokenizer)), cfg.data.on_bad_record == "skip")
+                         tokenizer)), cfg.data.on_bad_record == "skip", cfg)
 
 
 def one_prompt_per_micro_batch(cfg: Any, log: Callable[[str], None] = print) -> Any:

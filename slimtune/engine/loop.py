@@ -76,7 +76,8 @@ def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: 
     rows = plan.micro_batch_size * (2 if objective else 1)  # a preference record is two rows
     context = forward_context(dtypes, device, plan.offload, model, rows * cfg.data.max_len)
     if objective:  # its reference, from the model as loaded: before a resume puts trained weights in
-        objective.start(model, {"train": train, "eval": held}, run.out_dir, device, tc.micro_batch_size, context, log)
+        objective.start(model, {"train": train, "eval": held}, run.out_dir, device, tc.micro_batch_size, context, log,
+                        plan=plan)
     offset = _restore(run, resume, log) if resume else None
     logs = RunLog(run.out_dir, truncate_to=offset, purge_step=run.step + 1 if resume else None, log=log) \
         if distributed.is_main() else NullLog()

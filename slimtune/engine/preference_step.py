@@ -29,6 +29,7 @@ from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequen
 from .step import apply_update, clip_and_read
 
 if TYPE_CHECKING:
+    from .run_plan import RunPlan
     from .state import Run
 
 # the metrics of a step and of an evaluation: per-record means, logged as they are named (TRL's names)
@@ -106,9 +107,10 @@ class PairObjective:
 
     def start(self, model: torch.nn.Module, splits: dict[str, list[Item]], out_dir: Path, device: str,
               batch_size: int, context: Callable = contextlib.nullcontext,
-              log: Callable[[str], None] = print) -> None:
+              log: Callable[[str], None] = print, plan: RunPlan | None = None) -> None:
         """The reference, before the first step's update and before a resume loads trained weights: a
-        precomputed one is computed (or read back) from the model as loaded."""
+        precomputed one is computed (or read back) from the model as loaded. plan: the run's, unused here (a
+        preference step's memory is the run's estimate, printed before the model loads)."""
         if self.reference == "adapter_off":
             self.ref = ref_mod.AdapterOff()
         elif self.reference == "copy":

@@ -21,7 +21,7 @@ from ..data.preference import build_pairs
 from ..data.prompts import PromptRecord, build_prompts
 from ..models import DTYPES, load_config
 from ..objectives.rewards import NEEDS_ANSWER, builtins
-from . import decode, grpo_sample, memory, precision, preference_step
+from . import decode, grpo_memory, memory, precision, preference_step
 from .memory import Estimate
 from .run_plan import RunPlan
 from .split import Sizes
@@ -87,24 +87,23 @@ def meta_model(cfg: Config, plan: RunPlan) -> torch.nn.Module:
     return model
 
 
-def grpo_predict(model: torch.nn.Module, plan: RunPlan, records: list[PromptRecord], g: GrpoConfig,
-                 micro_batch_size: int) -> tuple[dict, str]:
-    """(grpo_sample.estimate of a step, the line the run logs when it starts): the KV cache of sampling G
-    completions of a micro-batch's prompts and the training pass over them, for `model` (loaded, or meta_model)."""
-    longest, rows = grpo_sample.step_shape(records, micro_batch_size, g)
-    kept = decode.resolve(g.decode, plan.device) == "compiled" and decode.supports(model) is None
-    est = grpo_sample.estimate(model, longest, rows, g, kept=kept)
-    return est, grpo_sample.estimate_line(est, rows, longest, g)
+def grpo_predict(model: torch.nn.Module, plan: RunPlan, records: list[PromptRecord],
+                 cfg: Config) -> tuple[grpo_memory.GrpoEstimate, str]:
+    """(grpo_memory's estimate of a step, the line the run logs when it starts) for `model` (loaded, or meta_model)
+    under `plan` (cfg: the plan applied): the training pass over the worst micro-batch's G completions of each
+    prompt as engine/memory.py counts any micro-batch, beside sampling's KV cache and the no-grad passes."""
+    kept = decode.resolve(cfg.grpo.decode, plan.device) == "compiled" and decode.supports(model) is None
+    return grpo_memory.predict(model.config, plan, records, cfg, kept)
 
 
-def grpo_verdict(est: dict, budget: float) -> tuple[bool, str]:
+def grpo_verdict(est: grpo_memory.GrpoEstimate, budget: float) -> tuple[bool, str]:
     """(whether GRPO's predicted peak with the CUDA context fits `budget` bytes, the line that says so)."""
-    total = est["peak"] + memory.CUDA_CONTEXT
+    total = est.peak + memory.CUDA_CONTEXT
     fits = total <= budget
     return fits, (f"budget {budget / memory.GIB:.1f} GiB: predicted {total / memory.GIB:.2f} GiB with the CUDA "
-                  f"context (optimizer state not counted): {'fits' if fits else 'does NOT fit'}")
+                  f"context: {'fits' if fits else 'does NOT fit'}")
 
 
 def worst_prompt(cfg: Config) -> list[PromptRecord]:
-    """Without data: one prompt of data.max_len tokens, the longest a GRPO prompt may be."""
-    return [PromptRecord([0] * cfg.data.max_len, "", None, "data.max_len")]
+    """Without data: a micro-batch of prompts of data.max_len tokens, the longest a GRPO prompt may be."""
+    return [PromptRecord([0] * cfg.data.max_len, "", None, "data.max_len")] * cfg.train.micro_batch_size

@@ -224,9 +224,9 @@ def _grpo_estimate(cfg: config_mod.Config, plan: run_plan.RunPlan, built: prefli
     """`slimtune estimate` of a grpo config as data: the line the run logs when it starts and its parts."""
     prompts = built.train if built else preflight.worst_prompt(cfg)
     model = _guard("model.path", preflight.meta_model, cfg, plan)
-    est, line = preflight.grpo_predict(model, plan, prompts, cfg.grpo, cfg.train.micro_batch_size)
+    est, line = preflight.grpo_predict(model, plan, prompts, cfg)
     trainable, total = _guard("method.name", count_on_meta, cfg.model.path, cfg.method, cfg.model.trust_remote_code)
-    out = {"parts": {k: est[k] / memory.GIB for k in ("weights", "kv_cache", "train_pass")},
+    out = {"parts": {k: est[k] / memory.GIB for k in ("weights", "optimizer", "kv_cache", "train_pass")},
            "peak_gib": est["peak"] / memory.GIB, "cuda_context_gib": memory.CUDA_CONTEXT / memory.GIB, "notes": [],
            "table": line, "trainable": trainable, "total": total, "faster": None, "budget_gib": None, "fits": None,
            "fixes": [], "plan": plan.describe()}

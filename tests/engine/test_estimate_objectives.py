@@ -9,7 +9,7 @@ import yaml
 
 from conftest import WORDS, write_jsonl
 from slimtune import cli, load_config, models
-from slimtune.engine import grpo_sample, grpo_step, precision, preflight, run_plan
+from slimtune.engine import grpo_memory, precision, preflight, run_plan
 from slimtune.train import prepare
 
 
@@ -71,21 +71,23 @@ def test_estimate_of_grpo_is_the_line_train_logs(tmp_path, tiny_model_dir, monke
     rows = [{"prompt": f"Say something about {w}." + " Please." * (i % 3), "answer": w} for i, w in enumerate(WORDS)]
     cfg = _config(tmp_path, tiny_model_dir, "grpo", rows, num_generations=4, max_new_tokens=8,
                   rewards=["contains:0.1"])
-    seen, real = [], grpo_sample.estimate
-    monkeypatch.setattr(grpo_sample, "estimate", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-    monkeypatch.setattr(grpo_step, "estimate", grpo_sample.estimate)
+    seen, real = [], grpo_memory.predict
 
-    def line_then_stop(*args) -> str:  # train's line, logged when its step starts: the run goes no further
-        print(grpo_sample.estimate_line(*args))
-        raise Stop()
-    monkeypatch.setattr(grpo_step, "estimate_line", line_then_stop)
+    def spy(*args, **kw) -> tuple:  # estimate's prediction, then train's, logged when its step starts: no further
+        est, line = real(*args, **kw)
+        seen.append(est)
+        if len(seen) == 2:
+            print(line)
+            raise Stop()
+        return est, line
+    monkeypatch.setattr(grpo_memory, "predict", spy)
     assert cli.main(["estimate", cfg]) == 0
     shown = capsys.readouterr().out
     with pytest.raises(Stop):
         cli.main(["train", cfg, "--no-progress"])
     logged = capsys.readouterr().out
     estimated, trained = seen
-    assert estimated == trained and estimated["weights"] > 0 and estimated["kv_cache"] > 0
+    assert estimated == trained and estimated.weights > 0 and estimated.kv_cache > 0 and estimated.optimizer > 0
     assert "slimtune estimate: grpo, lora, fp32, micro-batch 1 prompt(s) x 4 completions" in shown
     line = next(x for x in shown.splitlines() if x.startswith("grpo memory estimate:"))
     assert line in logged.splitlines() and "sampling 4 completions of up to " in line

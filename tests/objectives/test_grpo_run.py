@@ -216,32 +216,8 @@ def test_a_failing_reward_stops_naming_the_record_or_with_skip_leaves_its_group_
     assert all(r["rewards/picky/mean"] == 1.0 for r in rows)  # every other group kept
 
 
-def test_the_memory_estimate_counts_the_kv_cache_of_every_completion(tokenizer):
-    model = make_model(len(tokenizer))  # 2 layers, 2 KV heads of 16, fp32
-    g = GrpoConfig(num_generations=8, max_new_tokens=8)
-    est = grpo_sample.estimate(model, prompt_len=29, rows=16, g=g)
-    assert est["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 16 * (29 + 8)  # K and V, layers, heads, dims, bytes, rows, tokens
-    assert est["weights"] == sum(p.numel() * 4 for p in model.parameters())
-    assert est["peak"] == est["weights"] + max(est["kv_cache"], est["train_pass"])
-    assert grpo_sample.estimate_line(est, 16, 29, g).startswith("grpo memory estimate: weights 0.00 GiB; sampling 16 "
-                                                                "completions of up to 29+8 tokens: KV cache ")
-
-
 def test_a_kl_reference_needs_an_adapter_to_switch_off(tokenizer):
     with pytest.raises(ConfigError, match=r"grpo.beta=0.1: the KL reference is the model with its adapter switched "
                                           "off, and LlamaForCausalLM has no adapter"):
         grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.1))
     grpo_sample.check_reference(make_model(len(tokenizer)), GrpoConfig(beta=0.0))
-
-
-def test_the_memory_estimate_counts_one_chunk_of_logits_not_all():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with torch.device("meta"):  # a 128k vocabulary: 64 completions of 256 tokens would be 8.4 GB of fp32 logits
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    g = GrpoConfig(num_generations=8, max_new_tokens=256)
-    small = grpo_sample.estimate(model, prompt_len=64, rows=1, g=g)
-    big = grpo_sample.estimate(model, prompt_len=64, rows=64, g=g)
-    activations = lambda est, rows: est["train_pass"] - 3 * min(4 * rows * 257 * 128256, 2**27)  # noqa: E731
-    assert activations(big, 64) == 64 * activations(small, 1)
-    assert big["train_pass"] - activations(big, 64) == 3 * 2**27  # a chunk: 128 MiB of logits, its softmax, gradient
