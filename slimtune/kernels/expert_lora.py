@@ -187,14 +187,14 @@ def _why_not(wrappers: dict[str, torch.nn.Module], module: torch.nn.Module) -> s
     name = type(module).__name__
     if not experts_mod.is_experts_module(module) or set(wrappers) - set(PROJECTIONS):
         return f"LoRA on {', '.join(sorted(wrappers))} of a {name} (fused: gate_up_proj and down_proj of *Experts)"
-    stacks = [getattr(module, p, None) for p in PROJECTIONS]
-    if any(s is None or s.ndim != 3 for s in stacks) or not hasattr(module, "act_fn"):
-        return f"a {name} without 3-D gate_up_proj and down_proj weights and an act_fn"
     layout = (getattr(module, "is_transposed", False), getattr(module, "is_concatenated", True),
               getattr(module, "has_gate", True), getattr(module, "has_bias", False),
               getattr(module, "has_post_expert_norm", False))
     if layout != (False, True, True, False, False) or any(hasattr(module, f"{p}_bias") for p in PROJECTIONS):
         return f"a {name} laid out otherwise than [experts, out, in] with gate and up concatenated, no biases"
+    stacks = [getattr(module, p, None) for p in PROJECTIONS]
+    if any(s is None or s.ndim != 3 for s in stacks) or not hasattr(module, "act_fn"):
+        return f"a {name} without 3-D gate_up_proj and down_proj weights and an act_fn"
     for w in wrappers.values():
         adapters = [n for n in w.active_adapters if n in w.lora_A]
         if len(adapters) != 1:
