@@ -165,3 +165,16 @@ def test_three_fit_steps_give_the_same_losses_with_the_fast_path(tmp_path):
     assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], rel=1e-5)
     assert losses["on"][2] != losses["on"][0]
     assert select.choose(config.load(None, ["train.fused_lora=on"]).train, "cpu", 64, moe=True).fused_expert_layers
+
+
+def test_select_takes_fused_experts_with_fused_lora_and_keeps_their_layers_eager():
+    model = adapted(tiny())
+    lines: list[str] = []
+    took = select.enable(model, config.TrainConfig(compile="on", packing="off", fused_lora="on"), "cpu", lines.append)
+    assert (took.fused_lora_layers, took.fused_expert_layers, took.compiled_layers) == (4, 2, 0)
+    assert "fast path off: train.compile=on: layers left eager: LoRA on fused expert weights runs per expert " \
+           "(kernels/expert_lora.py), not yet traced by torch.compile" in lines
+    select.disable(model)
+    assert expert_lora.enabled(model) == 0
+    off = select.enable(model, config.TrainConfig(packing="off", fused_lora="off"), "cpu", lines.append)
+    assert off.fused_expert_layers == 0 and expert_lora.enabled(model) == 0
