@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..methods import experts as experts_mod
 from . import bind
 
 if TYPE_CHECKING:
@@ -185,7 +184,7 @@ def _chain(outer: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], torch.nn
 def _why_not(wrappers: dict[str, torch.nn.Module], module: torch.nn.Module) -> str | None:
     """Why these wrappers over `module` keep peft's forward (said once per run), or None when they can fuse."""
     name = type(module).__name__
-    if not experts_mod.is_experts_module(module) or set(wrappers) - set(PROJECTIONS):
+    if not name.endswith("Experts") or set(wrappers) - set(PROJECTIONS):
         return f"LoRA on {', '.join(sorted(wrappers))} of a {name} (fused: gate_up_proj and down_proj of *Experts)"
     layout = (getattr(module, "is_transposed", False), getattr(module, "is_concatenated", True),
               getattr(module, "has_gate", True), getattr(module, "has_bias", False),
