@@ -160,7 +160,7 @@ def moe_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_ind
     projection in `loras` (None: the base weight alone)."""
     dtype = _compute_dtype(hidden_states)
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    widths = [gate_up.shape[-1], gate_up.shape[1], down.shape[1]] + [lo[0].shape[1] for lo in loras.values() if lo]
+    widths = [*gate_up.shape[1:], *down.shape[1:]] + [lo[0].shape[1] for lo in loras.values() if lo]
     grouped = _grouped(hidden_states.device, dtype, widths)
     order, tokens, groups = route(top_k_index, gate_up.shape[0], grouped)
     with torch.autocast(hidden_states.device.type, enabled=False):
@@ -211,7 +211,7 @@ def _forward(outer: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **
     wrappers, module = _chain(outer)
     live = all(not w.disable_adapters and not w.merged and len(w.active_adapters) == 1
                and w.active_adapters[0] in w.lora_A for w in wrappers.values())
-    if len(args) != 2 or kwargs or not live:
+    if len(args) != 2 or kwargs or not live or getattr(module, "_is_expert_parallel", False):
         return getattr(outer, ATTR)(hidden_states, *args, **kwargs)
     loras = {p: factors(wrappers[p]) if p in wrappers else None for p in PROJECTIONS}
     return moe_forward(module, hidden_states, args[0], args[1], loras)
