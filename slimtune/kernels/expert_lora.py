@@ -132,7 +132,7 @@ def _grouped(device: torch.device, dtype: torch.dtype, widths: list[int]) -> boo
 def route(top_k_index: torch.Tensor, num_experts: int, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, Groups]:
     """(order of the flattened (token, slot) pairs sorted by expert, each sorted pair's token, the groups)."""
     ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
-    counts = torch.bincount(ids, minlength=num_experts)
+    counts = ids.new_zeros(num_experts).index_add_(0, ids, torch.ones_like(ids))  # bincount's shape follows the data
     offs = counts.cumsum(0).to(torch.int32)
     spans = None
     if not grouped:
@@ -179,6 +179,11 @@ def _chain(outer: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], torch.nn
         wrappers[module.parameter_name] = module
         module = module.base_layer
     return wrappers, module
+
+
+def wrappers(outer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ParamWrappers nested from `outer` down."""
+    return list(_chain(outer)[0].values())
 
 
 def _why_not(wrappers: dict[str, torch.nn.Module], module: torch.nn.Module) -> str | None:

@@ -152,10 +152,7 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
               "Llama-style MLP (gate_proj, up_proj, down_proj)"),
              ("compile", k.compiled_layers, use_compile(tc.compile, device), "transformers decoder layers"))
     for key, took, wanted_here, what in asked:
-        if key == "compile" and wanted_here and not took and k.fused_expert_layers:
-            out.append(f"train.compile={tc.compile}: layers left eager: LoRA on fused expert weights runs per expert "
-                       "(kernels/expert_lora.py), not yet traced by torch.compile")
-        elif key == "compile" and wanted_here and not took and compiled.parametrized(model):
+        if key == "compile" and wanted_here and not took and compiled.parametrized(model):
             out.append(f"train.compile={tc.compile}: layers left eager: peft's LoRA on fused expert weights registers "
                        "a parametrization at each forward, which torch.compile cannot trace")
         elif key == "compile" and wanted_here and not took and compiled.four_bit(model):

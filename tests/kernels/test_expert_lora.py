@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -167,14 +168,41 @@ def test_three_fit_steps_give_the_same_losses_with_the_fast_path(tmp_path):
     assert select.choose(config.load(None, ["train.fused_lora=on"]).train, "cpu", 64, moe=True).fused_expert_layers
 
 
-def test_select_takes_fused_experts_with_fused_lora_and_keeps_their_layers_eager():
+def test_select_takes_fused_experts_and_leaves_their_layers_to_compile(monkeypatch):
+    """With the fused expert path no parametrization is registered, so train.compile takes the decoder layers."""
+    from slimtune.kernels import compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     model = adapted(tiny())
     lines: list[str] = []
     took = select.enable(model, config.TrainConfig(compile="on", packing="off", fused_lora="on"), "cpu", lines.append)
-    assert (took.fused_lora_layers, took.fused_expert_layers, took.compiled_layers) == (4, 2, 0)
-    assert "fast path off: train.compile=on: layers left eager: LoRA on fused expert weights runs per expert " \
-           "(kernels/expert_lora.py), not yet traced by torch.compile" in lines
+    assert (took.fused_lora_layers, took.fused_expert_layers, took.compiled_layers) == (4, 2, 2), lines
+    assert not compiled.parametrized(model) and not [line for line in lines if "fast path off" in line]
     select.disable(model)
-    assert expert_lora.enabled(model) == 0
-    off = select.enable(model, config.TrainConfig(packing="off", fused_lora="off"), "cpu", lines.append)
-    assert off.fused_expert_layers == 0 and expert_lora.enabled(model) == 0
+    assert expert_lora.enabled(model) == 0 and compiled.parametrized(model)
+
+
+def test_the_grouped_path_traces_in_one_graph_with_eager_gradients(monkeypatch):
+    """torch.compile(fullgraph=True) through aot_eager (the graphs inductor would get) on the grouped_mm path,
+    bf16 (grouped_mm's only dtype under dynamo; r=8 keeps A's rows 16-byte aligned): eager's output and gradients."""
+    monkeypatch.setattr(expert_lora, "MODE", "grouped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = methods.apply(tiny().to(torch.bfloat16), config.MethodConfig(r=8, dropout=0.0))
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    params = [p for n, p in experts.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)
+    assert expert_lora.enable(model) == 2
+    gen = torch.Generator().manual_seed(4)
+    x, grad = torch.randn(7, 64, generator=gen).bfloat16(), torch.randn(7, 64, generator=gen).bfloat16()
+    index, weights = torch.randint(0, 8, (7, 2), generator=gen), torch.rand(7, 2, generator=gen).bfloat16()
+
+    def run(forward: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        rows = x.clone().requires_grad_()
+        y = forward(rows, index, weights)
+        return [y.detach(), *torch.autograd.grad(y, [rows, *params], grad)]
+    eager = run(experts.forward)
+    traced = run(torch.compile(experts.forward, backend="aot_eager", fullgraph=True))
+    assert all(torch.equal(a, b) for a, b in zip(traced, eager))  # the same ops, run one by one

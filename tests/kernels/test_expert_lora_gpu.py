@@ -100,3 +100,27 @@ def test_grouped_path_gives_peft_output_and_gradients_and_its_time(nf4):
         assert _rel(a, b) < TOL, (i, _rel(a, b))
     print(f"\nexperts 64 x (1024 -> 2 x 768 -> 1024), 512 tokens top-8, LoRA r16, {'NF4' if nf4 else 'bf16'} base, "
           f"forward + backward: peft {peft_s * 1e3:.1f} ms, grouped {ours_s * 1e3:.1f} ms")
+
+
+def test_inductor_compiled_layer_gives_eager_loss_and_lora_gradients():
+    """Layers with the fused expert path compile (kernels/compiled.py); inductor's graph, grouped_mm inside the
+    path's autograd node, must give eager's LoRA gradients (compiled layers over a 4-bit base once gave zeros)."""
+    from slimtune.kernels import compiled
+
+    model, _ = _experts(nf4=False)
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    ids = torch.randint(0, 256, (1, 384), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+
+    def run() -> list[torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        return [loss.detach(), *torch.autograd.grad(loss, list(params.values()))]
+    assert expert_lora.enable(model) == 1
+    eager = run()
+    lines: list[str] = []
+    assert compiled.enable(model, lines.append, backend="inductor") == 1 and not compiled.parametrized(model)
+    traced = run()
+    assert not [line for line in lines if "fast path off" in line], lines
+    for name, a, b in zip(["loss", *params], traced, eager):
+        assert _rel(a, b) < TOL and float(b.abs().max()) > 0, (name, _rel(a, b))
+    compiled.disable(model)
