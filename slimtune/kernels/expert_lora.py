@@ -8,7 +8,7 @@ stack (methods/quant_experts.py) the whole stack is dequantized first. Here the 
 replaced by one that sorts the (token, expert) pairs by expert and computes, for the rows of each expert e,
 x W_e^T + s (x A_e^T) B_e^T: B A is never formed, the base weight gets no gradient, and the LoRA factors get
 theirs from the rows that reached their expert. Then the model's own gate (SwiGLU on gate_up), the down
-projection likewise, the routing weights, and a scatter-add back to the tokens, as the original forward does.
+projection likewise, the routing weights, and each token's sum over its experts, as the original forward does.
 
 The matmuls are torch._grouped_mm on CUDA in bf16 (one kernel for all experts; offsets int32; every row
 width 16-byte aligned), a loop over the experts that got rows elsewhere (MODE overrides it, for tests). One
@@ -168,8 +168,9 @@ def moe_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_ind
         h = _gate(experts, expert_linear(x, gate_up, loras["gate_up_proj"], groups))
         y = expert_linear(h, down, loras["down_proj"], groups)
         y = y * top_k_weights.reshape(-1)[order, None]
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, tokens, y.to(out.dtype))
+        # back to (token, slot) order and summed over the slots: deterministic, unlike index_add_'s atomics on CUDA
+        pairs = y.new_empty(y.shape).index_copy_(0, order, y)
+        return pairs.view(*top_k_index.shape, y.shape[-1]).sum(1).to(hidden_states.dtype)
 
 
 def _chain(outer: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], torch.nn.Module]:
