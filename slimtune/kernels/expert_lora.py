@@ -198,8 +198,9 @@ def _why_not(wrappers: dict[str, torch.nn.Module], module: torch.nn.Module) -> s
     if layout != (False, True, True, False, False) or any(hasattr(module, f"{p}_bias") for p in PROJECTIONS):
         return f"a {name} laid out otherwise than [experts, out, in] with gate and up concatenated, no biases"
     stacks = [getattr(module, p, None) for p in PROJECTIONS]
-    if any(s is None or s.ndim != 3 for s in stacks) or not hasattr(module, "act_fn"):
-        return f"a {name} without 3-D gate_up_proj and down_proj weights and an act_fn"
+    if any(s is None or s.ndim != 3 for s in stacks) or not hasattr(module, "act_fn") or (
+            stacks[0].shape[1] != 2 * stacks[1].shape[2] or stacks[0].shape[2] != stacks[1].shape[1]):
+        return f"a {name} without gate_up_proj [E, 2I, H] and down_proj [E, H, I] weights and an act_fn"
     for w in wrappers.values():
         adapters = [n for n in w.active_adapters if n in w.lora_A]
         if len(adapters) != 1:
