@@ -153,7 +153,8 @@ def qlora_worker(a: argparse.Namespace) -> dict:
         prepared = slimtune.prepare(model, cfg, dev, log=say)
         trainable, total = slimtune.count_parameters(prepared.model)
         say(f"trainable {trainable:,} of {total:,}")
-        slimtune.fit(prepared.model, records, cfg, device=dev, log=say)
+        took = slimtune.fit(prepared.model, records, cfg, device=dev, log=say)
+        row["fused_expert_layers"] = took.get("fused_expert_layers")
     except torch.OutOfMemoryError as err:
         return dict(row, real_tok_s=0, peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                     error=f"out of memory: {str(err)[:200]}", log=lines[-20:])

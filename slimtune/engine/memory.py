@@ -153,10 +153,12 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     inter = moe_memory.ffn_width(mcfg)  # a mixture of experts: the top-k experts' width
     if rows is None:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
+    # train.fused_lora runs LoRA on fused experts per expert (kernels/expert_lora.py); a plan's kernels say so
+    experts = bool(kernels.fused_expert_layers) if kernels else cfg.train.fused_lora != "off"
     kernels = kernels or replace(select.on_gpu(cfg, h), tiled_mlp=int(select.tiled_mlp_from(cfg.train.tiled_mlp,
                                                                                         "cuda") is not None))
     if kernels.fast and select.fusable(cfg.method):
-        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows, kernels), model, cfg, plan)
+        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows, kernels), model, cfg, plan, experts)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
     width = max(length for length, _ in rows)
@@ -186,7 +188,7 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
                         * (est.peak_allocated - est.persistent))
     if cfg.method.name == "prefix_tuning" and cfg.train.gradient_checkpointing:
         est.notes.append("prefix_tuning trains without checkpointing (the prefix travels as a KV cache)")
-    return moe_memory.expert_copies(est, model, cfg, plan)
+    return moe_memory.expert_copies(est, model, cfg, plan, experts)
 
 
 def _parameters(est: Estimate, model: torch.nn.Module, cfg: Config, plan: precision.Dtypes) -> int:

@@ -6,8 +6,8 @@ holds Linear layers (methods/quant_experts.py), NF4_BYTES a weight (packed_stack
 token runs through its top-k experts only, so the feed-forward width its saved activations scale with is top-k
 x one expert's (ffn_width). LoRA on fused expert weights adds a term of its own (expert_copies).
 The load is no larger moment: qlora loads such a model onto the CPU and brings one 16-bit stack at a time to the
-GPU to pack it (methods/quant.load_base), so its peak is the 4-bit weights plus one stack, under a step that forms
-W + BA of a whole stack (LoRA on the experts, the default).
+GPU to pack it (methods/quant.load_base), so its peak is the 4-bit weights plus one stack, under a step that
+dequantizes a whole stack (LoRA on the experts, the default).
 """
 from __future__ import annotations
 
@@ -57,19 +57,27 @@ def stacks(model: torch.nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Dtypes) -> Estimate:
-    """LoRA on fused expert weights: peft's ParamWrapper forms W + BA for a layer's whole expert stack at each
-    forward (in the weights' dtype) and the expert matmuls keep it for backward, whose gradient of it is as
-    large again: every adapted layer's copy without checkpointing, one layer's with it, plus that gradient.
-    qlora first dequantizes the stack W + BA is formed from (methods/quant_experts.py): one more copy of the
-    largest stack while it is formed. Read from peft's code (lora.ParamWrapper, _LoraFactorsProxy), not yet
-    measured on a GPU."""
+def expert_copies(est: Estimate, model: torch.nn.Module, cfg: Config, plan: Dtypes, fused: bool = False) -> Estimate:
+    """LoRA on fused expert weights. fused (train.fused_lora: kernels/expert_lora.py): each expert's rows through
+    x W^T + s (x A^T) B^T, so no [experts, out, in] copy exists beyond qlora's dequantized stack, one projection
+    at a time (in forward, and again in backward). Otherwise peft's ParamWrapper forms W + BA for a layer's whole
+    expert stack at each forward (in the weights' dtype) and the expert matmuls keep it for backward, whose
+    gradient of it is as large again: every adapted layer's copy without checkpointing, one layer's with it, plus
+    that gradient; qlora first dequantizes the stack W + BA is formed from: one more copy of the largest stack
+    while it is formed. Read from the code (peft's lora.ParamWrapper, _LoraFactorsProxy), not yet measured on a
+    GPU."""
     sizes = stacks(model)
     if not sizes:
         return est
     width = torch.finfo(plan.weights).bits // 8
     one, every = max(map(sum, sizes.values())) * width, sum(map(sum, sizes.values())) * width
     dense = max(map(max, sizes.values())) * width if cfg.method.name == "qlora" else 0
+    if fused:
+        est.activations += dense
+        est.activations_other += dense
+        est.notes.append("LoRA on fused experts: per expert from the low-rank factors (no W + BA)" + (
+            f", over one dequantized stack at a time ({dense / GIB:.2f} GiB)" if dense else ""))
+        return est
     with_ckpt, without = 2 * one + dense, every + one + dense
     ckpt = cfg.train.gradient_checkpointing
     est.activations += with_ckpt if ckpt else without

@@ -16,7 +16,8 @@ from . import distributed, precision, split
 from .precision import Dtypes
 from .split import CPU_MICRO, Sizes, Split
 
-FAST_PATHS = (("fused_lora_layers", "fused LoRA layers"), ("fused_norm_mlp", "Liger norm/MLP"),
+FAST_PATHS = (("fused_lora_layers", "fused LoRA layers"), ("fused_expert_layers", "fused expert LoRA"),
+              ("fused_norm_mlp", "Liger norm/MLP"),
               ("fused_rope", "Liger RoPE"), ("tiled_mlp", "tiled MLP"), ("compiled_layers", "compiled layers"))
 
 
@@ -86,15 +87,17 @@ def _dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def _hidden(cfg: Config, model: torch.nn.Module | None) -> int:
-    """The model's hidden size (the fused norm/MLP's choice reads it): the model's own config, or model.path's."""
+def _shape(cfg: Config, model: torch.nn.Module | None) -> tuple[int, bool]:
+    """The model's hidden size (the fused norm/MLP's choice reads it) and whether it is a mixture of experts
+    (fused expert LoRA): the model's own config, or model.path's."""
     mcfg = getattr(model, "config", None) if model is not None else None
     if mcfg is None:
         try:
             mcfg = load_config(cfg.model.path, cfg.model.trust_remote_code)
         except Exception:  # a model built in code may have no folder behind model.path: no width, no Liger
-            return 0
-    return int(getattr(mcfg, "hidden_size", 0) or 0)
+            return 0, False
+    moe = bool(getattr(mcfg, "num_experts", 0) or getattr(mcfg, "num_local_experts", 0))
+    return int(getattr(mcfg, "hidden_size", 0) or 0), moe
 
 
 def resolve(cfg: Config, device: str, *, model: torch.nn.Module | None = None, sizes: Sizes | None = None,
@@ -115,7 +118,7 @@ def resolve(cfg: Config, device: str, *, model: torch.nn.Module | None = None, s
 def _build(cfg: Config, device: str, dtypes: Dtypes, model: torch.nn.Module | None, sizes: Sizes | None,
            free: float | None, world_size: int | None, rank: int | None, chosen: Split | None = None) -> RunPlan:
     world = distributed.size() if world_size is None else world_size
-    kernels = select.choose(cfg.train, device, _hidden(cfg, model))
+    kernels = select.choose(cfg.train, device, *_shape(cfg, model))
     chosen = chosen or split.split(cfg, device, free, sizes, world, model, kernels, dtypes)
     checkpointing, notes = chosen.chosen.gradient_checkpointing, ()
     if cfg.method.name == "prefix_tuning" and checkpointing:

@@ -12,7 +12,8 @@ recompute in backward calls the compiled forward again.
 
 Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
 masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Layers over a
-4-bit base stay eager (four_bit); the fused 4-bit node is also kept out of any graph (kernels/qlora.py).
+4-bit base stay eager (four_bit); the fused 4-bit node is also kept out of any graph (kernels/qlora.py). So do
+layers with peft's LoRA on fused expert weights, unless kernels/expert_lora.py took them (parametrized).
 A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
 one printed line saying why: the run goes on at eager speed rather than stopping.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import bind, qlora
+from . import bind, expert_lora, qlora
 
 ATTR = "_slimtune_compiled"
 BACKEND = "inductor"  # tests on the CPU pass "aot_eager": the same graphs, no C++/Triton code generation
@@ -49,11 +50,13 @@ def available() -> bool:
 
 
 def parametrized(model: torch.nn.Module) -> bool:
-    """Whether `model` holds peft's LoRA on a fused weight (lora.ParamWrapper, which names the parameter it adapts):
-    it registers a parametrization at each forward, a new class each time, where dynamo breaks the graph and
-    recompiles until its limit (tiny Qwen3-MoE with LoRA on its experts, aot_eager: 31 graph breaks and the
-    recompile limit in 3 steps), so such layers stay eager."""
-    return any(getattr(m, "parameter_name", None) for m in model.modules())
+    """Whether `model` holds peft's LoRA on a fused weight (lora.ParamWrapper, which names the parameter it adapts)
+    that runs peft's forward: it registers a parametrization at each forward, a new class each time, where dynamo
+    breaks the graph and recompiles until its limit (tiny Qwen3-MoE with LoRA on its experts, aot_eager: 31 graph
+    breaks and the recompile limit in 3 steps), so such layers stay eager. Wrappers kernels/expert_lora.py took
+    run its forward instead, which traces (one graph on the grouped_mm path)."""
+    taken = {id(w) for m in model.modules() if hasattr(m, expert_lora.ATTR) for w in expert_lora.wrappers(m)}
+    return any(getattr(m, "parameter_name", None) and id(m) not in taken for m in model.modules())
 
 
 def four_bit(model: torch.nn.Module) -> bool:

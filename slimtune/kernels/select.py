@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import Config, ConfigError, MethodConfig, TrainConfig
-from . import attention, compiled, lora, norm_mlp, rope, tiled_mlp
+from . import attention, compiled, expert_lora, lora, norm_mlp, rope, tiled_mlp
 
 if TYPE_CHECKING:
     from ..config import Config, TrainConfig
@@ -35,6 +35,7 @@ class Kernels:
     packing: str = "off"  # bins | rows | off
     chunked_loss: bool = False  # head + cross-entropy a chunk of rows at a time (engine/loss.py)
     fused_lora_layers: int = 0
+    fused_expert_layers: int = 0  # experts modules whose LoRA on fused weights runs per expert (kernels/expert_lora.py)
     fused_norm_mlp: int = 0
     fused_rope: int = 0
     tiled_mlp: int = 0  # MLPs sliced over the sequence, in forwards of more than TILE_TOKENS tokens under auto
@@ -165,9 +166,10 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
     return out
 
 
-def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
-    """The fast paths train.* asks for on `device` for a model `hidden` wide, decided once per run (the run
-    plan's record: 1 stands for "on"; enable then says what each took in a given model)."""
+def choose(tc: TrainConfig, device: str, hidden: int = 0, moe: bool = False) -> Kernels:
+    """The fast paths train.* asks for on `device` for a model `hidden` wide (`moe`: a mixture of experts),
+    decided once per run (the run plan's record: 1 stands for "on"; enable then says what each took in a given
+    model). train.fused_lora also takes LoRA on fused expert weights (kernels/expert_lora.py)."""
     liger = chosen(tc.fused_norm_mlp, device, hidden)
     # a preference objective packs each micro-batch's chosen and rejected sequences into one row, GRPO each
     # micro-batch's prompts + completions (never bins: a step's records are its pairs or prompts)
@@ -175,7 +177,8 @@ def choose(tc: TrainConfig, device: str, hidden: int = 0) -> Kernels:
     if tc.packing != "off" and (tc.packing != "auto" or device.startswith("cuda")):
         packing = "bins" if tc.packing == "on" and tc.objective == "sft" else "rows"
     return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
-                   fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),
+                   fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)),
+                   fused_expert_layers=int(moe and use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),
                    fused_rope=int(use_fused_rope(tc.fused_rope, device)),
                    tiled_mlp=int(tiled_mlp_from(tc.tiled_mlp, device) is not None),
                    compiled_layers=int(use_compile(tc.compile, device, int(liger))))
@@ -196,6 +199,7 @@ def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[
         liger = norm_mlp.enable(model) if want.fused_norm_mlp else 0
         took = Kernels(packing=packed or "off", chunked_loss=want.chunked_loss,
                        fused_lora_layers=lora.enable(model, log) if want.fused_lora_layers else 0,
+                       fused_expert_layers=expert_lora.enable(model, log) if want.fused_lora_layers else 0,
                        fused_norm_mlp=liger,
                        fused_rope=rope.enable(model) if want.fused_rope else 0,
                        tiled_mlp=_tile(model, tc, device) if want.tiled_mlp else 0,  # after norm_mlp: it slices
@@ -212,6 +216,7 @@ def disable(model: torch.nn.Module) -> None:
     compiled.disable(model)  # first: it holds the layers' forwards as the other kernels left them
     tiled_mlp.disable(model)  # first: it gives back the forward norm_mlp bound
     lora.disable(model)
+    expert_lora.disable(model)
     norm_mlp.disable(model)
     rope.disable(model)
     attention.disable(model)

@@ -4,8 +4,9 @@ transformers' bitsandbytes integration replaces nn.Linear layers only, so a mixt
 4-bit config keeps its fused experts (most of its weights: 95% of Qwen3-30B-A3B) in 16-bit. quantize_experts
 (after a load) or packed_on_arrival (during one) packs them one stack at a time into Nf4Stack: a tensor that
 reads as the dense [E, out, in] weight of its dtype and dequantizes whenever an op reads it. peft's LoRA on a
-fused weight (lora.ParamWrapper) forms W + BA for the whole stack at each forward, so one dequantized stack per
-layer exists at a time, as large as the 16-bit weight it replaces (engine/moe_memory.expert_copies counts it);
+fused weight (lora.ParamWrapper) forms W + BA for the whole stack at each forward, and the per-expert path
+(kernels/expert_lora.py) dequantizes the stack whole for its matmuls, so one dequantized stack per layer exists
+at a time, as large as the 16-bit weight it replaces (engine/moe_memory.expert_copies counts it);
 a single expert read by index (the experts' loop with the adapters off) dequantizes that expert's blocks only.
 Same format as the Linear layers' (NF4, blocks of 64, 8-bit absmax over blocks of 256: double quantization).
 """

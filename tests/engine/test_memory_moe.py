@@ -1,6 +1,6 @@
 """The memory estimator on mixture-of-experts configs: every expert resident in the weights (and their LoRA
 parameters and AdamW state), activations for the top-k experts a token runs through, and the W + BA copies
-peft forms for LoRA on fused expert weights."""
+peft forms for LoRA on fused expert weights (train.fused_lora=off; on, kernels/expert_lora.py forms none)."""
 from __future__ import annotations
 
 import warnings
@@ -56,12 +56,13 @@ def test_activations_grow_with_the_experts_a_token_runs_through(arch):
 
 
 def test_lora_on_fused_experts_counts_the_w_plus_ba_copies():
-    """Per layer: gate_up [4, 64, 64] + down [4, 64, 32] fp32 = 98,304 bytes formed each forward, kept for
-    backward: both layers' without checkpointing, one with it, plus the gradient of one."""
+    """peft's path (train.fused_lora=off), per layer: gate_up [4, 64, 64] + down [4, 64, 32] fp32 = 98,304 bytes
+    formed each forward, kept for backward: both layers' without checkpointing, one with it, plus the gradient of
+    one."""
     stack = (4 * 64 * 64 + 4 * 64 * 32) * 4
     for ckpt, copies in ((False, 3), (True, 2)):
-        adapted = memory.estimate(_cfg(gradient_checkpointing=ckpt), mcfg=_mcfg("qwen3_moe"))
-        cfg = _cfg(gradient_checkpointing=ckpt)
+        adapted = memory.estimate(_cfg(gradient_checkpointing=ckpt, fused_lora="off"), mcfg=_mcfg("qwen3_moe"))
+        cfg = _cfg(gradient_checkpointing=ckpt, fused_lora="off")
         cfg.method.target_modules = ["q_proj", "v_proj"]  # the experts left out: no copies
         plain = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
         assert adapted.activations - plain.activations == pytest.approx(copies * stack)
@@ -95,9 +96,9 @@ def test_qlora_packs_the_fused_experts_into_nf4_beside_the_linears():
 
 
 def test_qlora_counts_the_dequantized_stack_w_plus_ba_is_formed_from():
-    """With checkpointing: one layer's W + BA and its gradient (bf16), plus the largest stack dequantized while
-    W + BA is formed (gate_up, [4, 64, 64])."""
-    cfg = _cfg(precision="bf16", gradient_checkpointing=True)
+    """peft's path, with checkpointing: one layer's W + BA and its gradient (bf16), plus the largest stack
+    dequantized while W + BA is formed (gate_up, [4, 64, 64])."""
+    cfg = _cfg(precision="bf16", gradient_checkpointing=True, fused_lora="off")
     cfg.method.name = "qlora"
     adapted = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
     cfg.method.target_modules = ["q_proj", "v_proj"]  # the experts left out: no copies
@@ -105,3 +106,21 @@ def test_qlora_counts_the_dequantized_stack_w_plus_ba_is_formed_from():
     stack, gate_up = (4 * 64 * 64 + 4 * 64 * 32) * 2, 4 * 64 * 64 * 2
     assert adapted.activations - plain.activations == pytest.approx(2 * stack + gate_up)
     assert adapted.notes[-1].endswith("checkpointing), from a dequantized stack (0.00 GiB)")
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_the_per_expert_path_holds_no_w_plus_ba(name, ckpt):
+    """train.fused_lora on (auto on a GPU): kernels/expert_lora.py forms no [experts, out, in] delta and no
+    gradient of one; qlora still dequantizes one stack at a time (the largest: gate_up, [4, 64, 64] bf16)."""
+    cfg = _cfg(precision="bf16", gradient_checkpointing=ckpt)
+    cfg.method.name = name
+    adapted = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    cfg.method.target_modules = ["q_proj", "v_proj"]
+    plain = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    dense = 4 * 64 * 64 * 2 if name == "qlora" else 0
+    assert adapted.activations - plain.activations == pytest.approx(dense)
+    assert adapted.activations_other - plain.activations_other == pytest.approx(dense)
+    assert [n for n in adapted.notes if n.startswith("LoRA on fused experts")] == [
+        "LoRA on fused experts: per expert from the low-rank factors (no W + BA)"
+        + (", over one dequantized stack at a time (0.00 GiB)" if dense else "")]

@@ -62,7 +62,8 @@ def test_the_fast_path_trains_as_the_plain_one(arch, tmp_path, tokenizer):
     assert plain[-1] < plain[0] - 0.05  # it trains: a test that compared two frozen runs would pass too
     took = {k: result[k] for k in select.Kernels().as_dict()}
     assert took == {"packing": "rows", "chunked_loss": True, "fused_lora_layers": 14,  # 2 layers x 7 linears
-                    "fused_norm_mlp": 0, "fused_rope": 0, "tiled_mlp": 2, "compiled_layers": 0}  # Liger, compile: CUDA
+                    "fused_expert_layers": 0, "fused_norm_mlp": 0, "fused_rope": 0, "tiled_mlp": 2,
+                    "compiled_layers": 0}  # Liger, compile: CUDA
     assert not [line for line in lines if line.startswith("fast path off")]
 
 

@@ -18,8 +18,8 @@ def test_enable_on_the_cpu_returns_a_frozen_record_with_a_dict_view():
         k = select.enable(model, tc, "cpu")
         assert k == select.Kernels(packing="off", chunked_loss=True, fused_lora_layers=4)  # 2 layers x q, v
         assert k["fused_lora_layers"] == 4 and list(k.as_dict()) == ["packing", "chunked_loss", "fused_lora_layers",
-                                                                    "fused_norm_mlp", "fused_rope", "tiled_mlp",
-                                                                    "compiled_layers"]
+                                                                    "fused_expert_layers", "fused_norm_mlp",
+                                                                    "fused_rope", "tiled_mlp", "compiled_layers"]
         with pytest.raises(dataclasses.FrozenInstanceError):
             k.chunked_loss = False
     finally:
