@@ -110,7 +110,7 @@ def _config(a: argparse.Namespace, out: Path, steps: int, dev: str) -> object:
     keys = {"micro_batch_size": 1, "grad_accum": 1, "gradient_checkpointing": "true", "lr": 1e-4, "seed": 0,
             "max_steps": steps, "save_every": 0, "log_every": 1, "eval_at_start": "false",
             "precision": "bf16" if dev == "cuda" else "fp32"}
-    return slimtune.load_config(base, [f"train.{k}={v}" for k, v in keys.items()])
+    return slimtune.load_config(base, [f"train.{k}={v}" for k, v in keys.items()] + a.key)
 
 
 def qlora_worker(a: argparse.Namespace) -> dict:
@@ -145,7 +145,8 @@ def qlora_worker(a: argparse.Namespace) -> dict:
     say(f"built {a.shape} in 4-bit in {build_s:.1f}s: {n_params / 1e9:.2f}B parameters, {len(stacks)} NF4 expert "
         f"stacks, {built_gib:.2f} GiB allocated; estimate {est.peak / GIB:.2f} GiB")
     records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
-    row = dict(recipe="slimtune qlora (experts in NF4, LoRA on attention + experts)", size=a.shape,
+    row = dict(recipe="slimtune qlora (experts in NF4, LoRA on attention + experts)" + "".join(f", {k}" for k in a.key),
+               size=a.shape,
                params=n_params, max_len=a.len, record_len=a.len, bs=1, ga=1, r=16, lora_targets=MOE_TARGETS,
                build_s=round(build_s, 1), built_gib=round(built_gib, 2), estimate_gib=round(est.peak / GIB, 2),
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=speed._versions())
@@ -177,7 +178,8 @@ def commands(name: str, a: argparse.Namespace) -> list[list[str]]:
     """The processes of recipe `name`: this script's worker, unsloth_recipe.py, or speed.py's recipes."""
     py, steps = sys.executable, ["--steps", str(a.steps), "--warmup", str(a.warmup)]
     if name == "slimtune-qlora":
-        return [[py, str(Path(__file__)), "--worker", "--shape", a.shape, "--len", str(a.len), *steps]]
+        keys = [x for k in a.key for x in ("--key", k)]
+        return [[py, str(Path(__file__)), "--worker", "--shape", a.shape, "--len", str(a.len), *steps, *keys]]
     if name == "unsloth-qlora":
         path = str(Path(a.folder) / f"m{a.shape}z")
         make = [] if Path(path, "config.json").exists() else \
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", default="/dev/shm", help="unsloth-qlora: where --make saves the bf16 model")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: slimtune-qlora and families")
     ap.add_argument("--worker", action="store_true", help="run slimtune-qlora in this process")
+    ap.add_argument("--key", action="append", default=[], help="slimtune-qlora: a config override, e.g. "
+                    "train.fused_lora=on (repeatable; named in the row's recipe)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.smoke:

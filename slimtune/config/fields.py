@@ -155,8 +155,8 @@ class TrainConfig:
     loss: str = "auto"
     """head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)"""
     fused_lora: str = "auto"
-    """LoRA layers (qlora's 4-bit too) as one autograd node each (kernels/lora.py, qlora.py), LoRA on fused expert
-    weights per expert (kernels/expert_lora.py): auto (CUDA) | on | off"""
+    """LoRA layers (qlora's 4-bit too) as one autograd node each (kernels/lora.py, qlora.py): auto (CUDA) | on | off;
+    on also runs LoRA on fused expert weights per expert (kernels/expert_lora.py), not yet measured on a GPU"""
     fused_rope: str = "auto"
     """Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off"""
     fused_norm_mlp: str = "auto"

@@ -84,6 +84,12 @@ def use_fused_lora(mode: str, device: str) -> bool:
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
+def use_fused_experts(mode: str) -> bool:
+    """train.fused_lora=on also runs LoRA on fused expert weights per expert (kernels/expert_lora.py); auto keeps
+    peft's path for them, the one measured on a GPU, until the per-expert path is too."""
+    return mode == "on"
+
+
 def wanted(key: str, mode: str, device: str) -> bool:
     """A Liger kernel's train.<key>: on (CUDA only: an error elsewhere), off, or auto (CUDA with Liger installed)."""
     cuda = device.startswith("cuda")
@@ -178,7 +184,7 @@ def choose(tc: TrainConfig, device: str, hidden: int = 0, moe: bool = False) -> 
         packing = "bins" if tc.packing == "on" and tc.objective == "sft" else "rows"
     return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
                    fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)),
-                   fused_expert_layers=int(moe and use_fused_lora(tc.fused_lora, device)), fused_norm_mlp=int(liger),
+                   fused_expert_layers=int(moe and use_fused_experts(tc.fused_lora)), fused_norm_mlp=int(liger),
                    fused_rope=int(use_fused_rope(tc.fused_rope, device)),
                    tiled_mlp=int(tiled_mlp_from(tc.tiled_mlp, device) is not None),
                    compiled_layers=int(use_compile(tc.compile, device, int(liger))))
@@ -199,7 +205,7 @@ def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[
         liger = norm_mlp.enable(model) if want.fused_norm_mlp else 0
         took = Kernels(packing=packed or "off", chunked_loss=want.chunked_loss,
                        fused_lora_layers=lora.enable(model, log) if want.fused_lora_layers else 0,
-                       fused_expert_layers=expert_lora.enable(model, log) if want.fused_lora_layers else 0,
+                       fused_expert_layers=expert_lora.enable(model, log) if use_fused_experts(tc.fused_lora) else 0,
                        fused_norm_mlp=liger,
                        fused_rope=rope.enable(model) if want.fused_rope else 0,
                        tiled_mlp=_tile(model, tc, device) if want.tiled_mlp else 0,  # after norm_mlp: it slices

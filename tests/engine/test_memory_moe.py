@@ -111,9 +111,10 @@ def test_qlora_counts_the_dequantized_stack_w_plus_ba_is_formed_from():
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_the_per_expert_path_holds_no_w_plus_ba(name, ckpt):
-    """train.fused_lora on (auto on a GPU): kernels/expert_lora.py forms no [experts, out, in] delta and no
-    gradient of one; qlora still dequantizes one stack at a time (the largest: gate_up, [4, 64, 64] bf16)."""
+    """train.fused_lora=on: kernels/expert_lora.py forms no [experts, out, in] delta and no gradient of one; qlora
+    still dequantizes one stack at a time (the largest: gate_up, [4, 64, 64] bf16)."""
     cfg = _cfg(precision="bf16", gradient_checkpointing=ckpt)
+    cfg.train.fused_lora = "on"
     cfg.method.name = name
     adapted = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
     cfg.method.target_modules = ["q_proj", "v_proj"]

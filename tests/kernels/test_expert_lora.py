@@ -206,3 +206,13 @@ def test_the_grouped_path_traces_in_one_graph_with_eager_gradients(monkeypatch):
     eager = run(experts.forward)
     traced = run(torch.compile(experts.forward, backend="aot_eager", fullgraph=True))
     assert all(torch.equal(a, b) for a, b in zip(traced, eager))  # the same ops, run one by one
+
+
+def test_the_per_expert_path_is_taken_with_fused_lora_on_only():
+    """auto keeps peft's path for fused experts on a GPU (the one measured there); on takes the per-expert one."""
+    from slimtune.config import TrainConfig
+    from slimtune.kernels import select
+
+    for mode, want in (("auto", 0), ("on", 1), ("off", 0)):
+        assert select.choose(TrainConfig(fused_lora=mode), "cuda", 64, moe=True).fused_expert_layers == want, mode
+    assert select.choose(TrainConfig(fused_lora="on"), "cuda", 64, moe=False).fused_expert_layers == 0
