@@ -21,7 +21,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 SLOWEST = ["tests/export/test_gguf_embedded.py", "tests/engine/test_distributed.py",
            "tests/objectives/test_dpo_embedded.py", "tests/test_embedded.py", "tests/ui/test_browser.py",
            "tests/kernels/test_compiled.py", "tests/compare/test_compare.py", "tests/compare/test_objectives.py",
-           "tests/engine/test_resume.py"]
+           "tests/engine/test_resume.py", "tests/objectives/test_grpo_embedded.py"]
 
 
 @pytest.hookimpl(optionalhook=True)
