@@ -18,11 +18,11 @@ def run(args: argparse.Namespace) -> int:
     allow_code(args, cfg)
     budget = memory.parse_size(args.budget) if args.budget else None
     grpo = cfg.train.objective == "grpo"
-    if grpo:  # as train: a micro-batch of one prompt's G completions unless the config sets it
-        cfg = grpo_step.one_prompt_per_micro_batch(cfg)
+    n = args.gpus or cfg.train.gpus
+    if grpo:  # as train: a micro-batch of one prompt's G completions (per process) unless the config sets it
+        cfg = grpo_step.one_prompt_per_micro_batch(cfg, world=n)
     built = _records(cfg) if cfg.data.train else None  # read as the run's objective reads them
     sizes = preflight.sizes(built) if built else None
-    n = args.gpus or cfg.train.gpus
     auto = split.is_auto(cfg.train)
     plan = run_plan.for_estimate(cfg, budget, sizes, n)  # the plan train would start with, printed
     print(plan.describe())

@@ -254,12 +254,13 @@ def make(cfg: Any, tokenizer: PreTrainedTokenizerBase, pad: int, user: tuple[Rew
                          tokenizer)), cfg.data.on_bad_record == "skip", cfg)
 
 
-def one_prompt_per_micro_batch(cfg: Any, log: Callable[[str], None] = print) -> Any:
+def one_prompt_per_micro_batch(cfg: Any, log: Callable[[str], None] = print, world: int = 0) -> Any:
     """cfg with an auto train.micro_batch_size set to 1 prompt per process: a GRPO micro-batch is G rows a prompt,
-    which the batch split's memory estimate (one row a record) does not count, and 1 x G rows is TRL's default."""
+    which the batch split's memory estimate (one row a record) does not count, and 1 x G rows is TRL's default.
+    world: the processes (default: this run's; an estimate passes the GPUs it is asked about)."""
     if cfg.train.micro_batch_size != AUTO:
         return cfg
-    world = distributed.size()
+    world = world or distributed.size()
     log(f"grpo: train.micro_batch_size=auto takes 1 prompt ({cfg.grpo.num_generations} completions) per micro-batch"
         + (f" on each of {world} processes" if world > 1 else ""))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=world))

@@ -11,6 +11,7 @@ from conftest import WORDS, write_jsonl
 from slimtune import cli, load_config, models
 from slimtune.engine import grpo_memory, precision, preflight, run_plan
 from slimtune.train import prepare
+from slimtune.ui import forms
 
 
 class Stop(Exception):
@@ -93,6 +94,18 @@ def test_estimate_of_grpo_is_the_line_train_logs(tmp_path, tiny_model_dir, monke
     assert line in logged.splitlines() and "sampling 4 completions of up to " in line
     plan = shown[shown.index("batch split:"):shown.index("slimtune estimate:")].strip()
     assert plan.startswith("batch split: 4 records per step as 1 x 4") and plan in logged
+
+
+def test_estimate_of_grpo_on_two_gpus_samples_one_prompt_per_process(tmp_path, tiny_model_dir, capsys):
+    """--gpus 2 with an auto micro-batch: train takes 1 prompt per process (2 a micro-batch), so each process
+    samples and trains that prompt's 4 completions, not half of them."""
+    rows = [{"prompt": f"Say something about {w}.", "answer": w} for w in WORDS]
+    cfg = _config(tmp_path, tiny_model_dir, "grpo", rows, num_generations=4, max_new_tokens=8, rewards=["contains:0.1"])
+    assert cli.main(["estimate", cfg, "--gpus", "2", "--budget", "24"]) == 0
+    shown = capsys.readouterr().out
+    assert "micro-batch 2 prompt(s) x 4 completions" in shown and "sampling 4 completions of up to " in shown, shown
+    app = forms.estimate(load_config(cfg, ["train.gpus=2"]), "24GB")  # the web app's estimate, train.gpus=2
+    assert "sampling 4 completions of up to " in app["table"], app["table"]
 
 
 def test_a_bad_pair_is_trains_one_line_error(tmp_path, tiny_model_dir, capsys):
