@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
     n = args.gpus or cfg.train.gpus
     if grpo:  # as train: a micro-batch of one prompt's G completions (per process) unless the config sets it
         cfg = grpo_step.one_prompt_per_micro_batch(cfg, world=n)
+        if n > 1:  # what train refuses on n processes, refused here in its words
+            grpo_step.check_processes(cfg, n)
     built = _records(cfg) if cfg.data.train else None  # read as the run's objective reads them
     sizes = preflight.sizes(built) if built else None
     auto = split.is_auto(cfg.train)

@@ -191,6 +191,8 @@ def estimate(cfg: config_mod.Config, budget: str = "") -> dict:
     size = _guard("budget", memory.parse_size, budget) if budget else None
     if cfg.train.objective == "grpo":  # as train: a micro-batch of one prompt's G completions unless set
         cfg = grpo_step.one_prompt_per_micro_batch(cfg, lambda *a: None, cfg.train.gpus)
+        if cfg.train.gpus > 1:
+            _guard("train.micro_batch_size", grpo_step.check_processes, cfg, cfg.train.gpus)
     built = None
     if cfg.data.train:
         tok = _guard("model.path", tokenizer, cfg.model.path, cfg.model.trust_remote_code)

@@ -106,6 +106,8 @@ def test_estimate_of_grpo_on_two_gpus_samples_one_prompt_per_process(tmp_path, t
     assert "micro-batch 2 prompt(s) x 4 completions" in shown and "sampling 4 completions of up to " in shown, shown
     app = forms.estimate(load_config(cfg, ["train.gpus=2"]), "24GB")  # the web app's estimate, train.gpus=2
     assert "sampling 4 completions of up to " in app["table"], app["table"]
+    assert cli.main(["estimate", cfg, "--gpus", "2", "train.micro_batch_size=1"]) == 2  # train refuses it
+    assert "train.micro_batch_size=1 on 2 processes" in capsys.readouterr().err
 
 
 def test_a_bad_pair_is_trains_one_line_error(tmp_path, tiny_model_dir, capsys):
