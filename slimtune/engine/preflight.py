@@ -81,7 +81,7 @@ def meta_model(cfg: Config, plan: RunPlan) -> torch.nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(cfg.model.path, cfg.model.trust_remote_code),
                                                  dtype=DTYPES[name], trust_remote_code=cfg.model.trust_remote_code)
-    shaped = dataclasses.replace(cfg.method, name="lora") if cfg.method.name in ("pissa", "qlora") else cfg.method
+    shaped = dataclasses.replace(cfg.method, name="lora") if cfg.method.name == "qlora" else cfg.method
     model = methods.apply(model, shaped)
     precision.cast_trainable(model, plan.precision.trainable)
     return model

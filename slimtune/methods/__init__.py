@@ -41,14 +41,14 @@ def save(model: nn.Module, out_dir: Path, weights: dict | None = None) -> None:
 
 def count_on_meta(model_path: str, cfg: MethodConfig, trust_remote_code: bool = False) -> tuple[int, int]:
     """(trainable, total) for a method from the model's config.json alone: built on the meta device,
-    no weights read. PiSSA and QLoRA have LoRA's shapes (no SVD or quantization runs on meta)."""
+    no weights read. QLoRA has LoRA's shapes (no quantization runs on meta), PiSSA its own without its SVD."""
     import torch
     from transformers import AutoModelForCausalLM  # transformers loads when a count asks for it
 
     mcfg = load_config(model_path, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
-    shaped = replace(cfg, name="lora") if cfg.name in ("pissa", "qlora") else cfg
+    shaped = replace(cfg, name="lora") if cfg.name == "qlora" else cfg
     return count_parameters(apply(model, shaped))
 
 

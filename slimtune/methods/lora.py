@@ -70,9 +70,14 @@ def lora_config(model: nn.Module, cfg: MethodConfig) -> LoraConfig:
         modules_to_save=(list(cfg.modules_to_save) + routers) or None,
         use_dora=cfg.name == "dora",
         use_rslora=cfg.name == "rslora",
-        # a fast randomized SVD: the residual is exact whatever the precision of the principal part
-        init_lora_weights="pissa_niter_16" if cfg.name == "pissa" else True,
+        # a fast randomized SVD: the residual is exact whatever the precision of the principal part (on the meta
+        # device, where no SVD runs, LoRA's init: the same shapes, and the same targets, without fused experts)
+        init_lora_weights="pissa_niter_16" if cfg.name == "pissa" and not _on_meta(model) else True,
     )
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return str(next(model.parameters()).device) == "meta"
 
 
 def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -84,7 +89,7 @@ def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     peft_model = get_peft_model(model, lora_config(model, cfg))
     if cfg.dropout and peft_model.peft_config["default"].target_parameters:
         _linear_dropout(peft_model, cfg.dropout)
-    if cfg.name == "pissa" and not str(next(model.parameters()).device) == "meta":
+    if cfg.name == "pissa" and not _on_meta(model):
         # keep the initial adapter: saving converts against it. init_lora_weights=True so that loading
         # the initial adapter later does not run the SVD again.
         peft_model.peft_config["default"].init_lora_weights = True

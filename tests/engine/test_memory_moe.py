@@ -125,3 +125,18 @@ def test_the_per_expert_path_holds_no_w_plus_ba(name, ckpt):
     assert [n for n in adapted.notes if n.startswith("LoRA on fused experts")] == [
         "LoRA on fused experts: per expert from the low-rank factors (no W + BA)"
         + (", over one dequantized stack at a time (0.00 GiB)" if dense else "")]
+
+
+def test_pissa_counts_the_linear_layers_it_adapts_and_no_experts():
+    """PiSSA leaves fused expert weights alone by default (peft adapts them with plain LoRA only): the estimate
+    counts the trainable parameters the run has (fp32, 4 bytes each) and no W + BA copies."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg()
+    cfg.method.name = "pissa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = methods.apply(AutoModelForCausalLM.from_config(_mcfg("qwen3_moe")), cfg.method)
+    est = memory.estimate(cfg, mcfg=_mcfg("qwen3_moe"))
+    assert est.trainable == 4 * sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert not [n for n in est.notes if n.startswith("LoRA on fused experts")], est.notes
