@@ -40,7 +40,7 @@ def ffn_width(mcfg: PretrainedConfig) -> int:
     plus a shared expert's."""
     dense = getattr(mcfg, "intermediate_size", None) or 4 * mcfg.hidden_size
     top_k = getattr(mcfg, "num_experts_per_tok", 0) or 0
-    if not top_k or not (getattr(mcfg, "num_experts", 0) or getattr(mcfg, "num_local_experts", 0)):
+    if not top_k or not experts.per_layer(mcfg):
         return dense
     each = getattr(mcfg, "moe_intermediate_size", None) or dense
     return top_k * each + (getattr(mcfg, "shared_expert_intermediate_size", 0) or 0)

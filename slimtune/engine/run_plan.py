@@ -11,6 +11,7 @@ import torch
 from ..config import Config
 from ..kernels import select
 from ..kernels.select import Kernels
+from ..methods import experts
 from ..models import load_config
 from . import distributed, precision, split
 from .precision import Dtypes
@@ -96,7 +97,7 @@ def _shape(cfg: Config, model: torch.nn.Module | None) -> tuple[int, bool]:
             mcfg = load_config(cfg.model.path, cfg.model.trust_remote_code)
         except Exception:  # a model built in code may have no folder behind model.path: no width, no Liger
             return 0, False
-    moe = bool(getattr(mcfg, "num_experts", 0) or getattr(mcfg, "num_local_experts", 0))
+    moe = bool(experts.per_layer(mcfg))
     return int(getattr(mcfg, "hidden_size", 0) or 0), moe
 
 

@@ -177,7 +177,7 @@ def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, imat: imatrix_mod.
     if freqs is not None:  # Llama-3.1+: llama.cpp divides each RoPE frequency by these
         w.add_tensor("rope_freqs.weight", freqs)
         counts["F32"] = 1
-    for name, data in gguf_experts.stacked(_source_tensors(folder), gguf_experts.count(cfg), str(folder)):
+    for name, data in gguf_experts.stacked(_source_tensors(folder), gguf_experts.per_layer(cfg), str(folder)):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue  # recomputed by llama.cpp / the same matrix as token_embd
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..methods.experts import per_layer
 from . import ExportError
 
 if TYPE_CHECKING:
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 
 ARCHS = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
 PER_EXPERT = re.compile(r"(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
-
-
-def count(cfg: PretrainedConfig) -> int:
-    """The number of experts per layer (0 for a dense model)."""
-    return getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0) or 0
 
 
 def check(cfg: PretrainedConfig, where: str) -> None:
@@ -46,7 +42,7 @@ def check(cfg: PretrainedConfig, where: str) -> None:
 
 def hparams(w: GGUFWriter, cfg: PretrainedConfig) -> None:
     """expert_count, expert_used_count and (qwen3moe) each expert's feed-forward width."""
-    experts = count(cfg)
+    experts = per_layer(cfg)
     if not experts:
         return
     w.add_expert_count(experts)

@@ -56,6 +56,12 @@ def routers(model: torch.nn.Module) -> list[str]:
     return out
 
 
+def per_layer(mcfg: object) -> int:
+    """The number of experts per layer a transformers config names (num_experts, Mixtral's num_local_experts; 0 for
+    a dense model)."""
+    return getattr(mcfg, "num_experts", 0) or getattr(mcfg, "num_local_experts", 0) or 0
+
+
 def is_moe(model: torch.nn.Module) -> bool:
     return bool(fused(model)) or any(_is_experts(n, m) for n, m in model.named_modules())
 
