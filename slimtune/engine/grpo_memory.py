@@ -27,6 +27,7 @@ from ..config import Config
 from ..kernels import linear_ce
 from ..data.prompts import PromptRecord
 from . import decode, memory, moe_memory
+from .grpo_sample import cache_length
 from .memory import BYTES, GIB, Estimate
 
 if TYPE_CHECKING:
@@ -135,10 +136,9 @@ def predict(model_config: PretrainedConfig, plan: RunPlan, records: list[PromptR
     """(the estimate of a step over the worst micro-batch of `records`, the line the run logs when it starts), the
     compiled decoder's cache sized as the run sizes it: the longest prompt of all + max_new_tokens."""
     lengths = [len(r.prompt_ids) for r in records]
-    new = cfg.grpo.max_new_tokens
     est = estimate(cfg, plan, model_config, worst_prompts(lengths, cfg.train.micro_batch_size), kept,
-                   max(lengths, default=0) + new)
-    return est, line(est, new)
+                   cache_length(records, cfg.grpo))
+    return est, line(est, cfg.grpo.max_new_tokens)
 
 
 def line(est: GrpoEstimate, g_new: int) -> str:

@@ -129,7 +129,6 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, template_stops: list[int]) -> l
     return ids
 
 
-def step_shape(records: list[PromptRecord], micro_batch_size: int, g: GrpoConfig) -> tuple[int, int]:
-    """(the longest prompt's tokens, completions sampled per micro-batch): the static decoder's cache length is
-    the first + max_new_tokens."""
-    return max(len(r.prompt_ids) for r in records), micro_batch_size * g.num_generations
+def cache_length(records: list[PromptRecord], g: GrpoConfig) -> int:
+    """The tokens of a row of the static decoder's cache: the longest prompt + max_new_tokens."""
+    return max((len(r.prompt_ids) for r in records), default=0) + g.max_new_tokens

@@ -29,7 +29,7 @@ from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, buil
 from . import decode, distributed, grpo_memory
 from .decode import StaticDecoder
 from .grpo_memory import GrpoEstimate
-from .grpo_sample import check_reference, completion_logps, reference_logps, sample, sample_seed, step_shape, \
+from .grpo_sample import cache_length, check_reference, completion_logps, reference_logps, sample, sample_seed, \
     stop_ids
 from .loss import as_root_forward, sharded
 from .step import apply_update, clip_and_read
@@ -103,8 +103,7 @@ class GrpoObjective:
         if distributed.is_main():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_record(out_dir, self.rewards)
-        longest, _ = step_shape(splits["train"], batch_size, self.g)
-        self.decoder = decode.make(model, self.g.decode, device, longest + self.g.max_new_tokens, log)
+        self.decoder = decode.make(model, self.g.decode, device, cache_length(splits["train"], self.g), log)
         if plan is not None and self.cfg is not None:
             self.estimate, line = grpo_memory.predict(model.config, plan, splits["train"], plan.apply(self.cfg),
                                                       kept=self.decoder is not None)
