@@ -128,8 +128,7 @@ def _build_meta(cfg: Config, mcfg: PretrainedConfig | None = None) -> tuple[torc
     mcfg = mcfg if mcfg is not None else load_config(cfg.model.path, cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
-    shaped = replace(cfg.method, name="lora") if cfg.method.name == "qlora" else cfg.method
-    return methods.apply(model, shaped), mcfg
+    return methods.apply(model, cfg.method), mcfg
 
 
 def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int = 1,

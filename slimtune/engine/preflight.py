@@ -5,7 +5,6 @@ the run plan's worst micro-batch is predicted to need (grpo: its sampling and tr
 a run is the one the run makes."""
 from __future__ import annotations
 
-import dataclasses
 import types
 from typing import TYPE_CHECKING, Callable
 
@@ -81,8 +80,7 @@ def meta_model(cfg: Config, plan: RunPlan) -> torch.nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(cfg.model.path, cfg.model.trust_remote_code),
                                                  dtype=DTYPES[name], trust_remote_code=cfg.model.trust_remote_code)
-    shaped = dataclasses.replace(cfg.method, name="lora") if cfg.method.name == "qlora" else cfg.method
-    model = methods.apply(model, shaped)
+    model = methods.apply(model, cfg.method)
     precision.cast_trainable(model, plan.precision.trainable)
     return model
 

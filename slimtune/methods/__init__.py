@@ -5,7 +5,6 @@ peft's format; ours (full, freeze, bitfit) save only the parameters they train, 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,15 +40,14 @@ def save(model: nn.Module, out_dir: Path, weights: dict | None = None) -> None:
 
 def count_on_meta(model_path: str, cfg: MethodConfig, trust_remote_code: bool = False) -> tuple[int, int]:
     """(trainable, total) for a method from the model's config.json alone: built on the meta device,
-    no weights read. QLoRA has LoRA's shapes (no quantization runs on meta), PiSSA its own without its SVD."""
+    no weights read. QLoRA has LoRA's shapes and PiSSA its own, without quantization or SVD (methods/lora.py)."""
     import torch
     from transformers import AutoModelForCausalLM  # transformers loads when a count asks for it
 
     mcfg = load_config(model_path, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
-    shaped = replace(cfg, name="lora") if cfg.name == "qlora" else cfg
-    return count_parameters(apply(model, shaped))
+    return count_parameters(apply(model, cfg))
 
 
 __all__ = ["MethodError", "REGISTRY", "apply", "count_on_meta", "count_parameters", "save", "trainable"]

@@ -84,7 +84,7 @@ def apply(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Wrap the model with LoRA adapters; only adapters (and modules_to_save) train."""
     from peft import get_peft_model
 
-    if cfg.name == "qlora":
+    if cfg.name == "qlora" and not _on_meta(model):  # on the meta device (estimates, counts): LoRA's shapes
         model = quant.prepare(model, cfg.quant_bits)
     peft_model = get_peft_model(model, lora_config(model, cfg))
     if cfg.dropout and peft_model.peft_config["default"].target_parameters:
