@@ -2,7 +2,6 @@
 and the sparse folder unsloth's recipe loads (expert weights as holes of zeros)."""
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def test_the_moe_shape_is_built_in_4bit_one_tensor_at_a_time():
     assert torch.isfinite(loss)
 
 
-def test_the_recipes_run_this_script_unsloth_recipe_and_speed_py():
+def test_the_recipes_run_this_script_unsloth_recipe_and_speed_py(tmp_path):
     a = argparse.Namespace(shape="qwen3moe", len=4096, steps=10, warmup=2, folder="/dev/shm", smoke=False,
                            max_len=1024, key=[])
     (ours,) = moe_speed.commands("slimtune-qlora", a)
@@ -37,7 +36,7 @@ def test_the_recipes_run_this_script_unsloth_recipe_and_speed_py():
     a.key = ["train.fused_lora=on"]
     (keyed,) = moe_speed.commands("slimtune-qlora", a)
     assert keyed[len(ours):] == ["--key", "train.fused_lora=on"]
-    assert moe_speed._config(a, Path(tempfile.mkdtemp()), 3, "cpu").train.fused_lora == "on"
+    assert moe_speed._config(a, tmp_path, 3, "cpu").train.fused_lora == "on"
     *make, theirs = moe_speed.commands("unsloth-qlora", a)
     assert [c for c in make if "--make" in c] == make and all("--zero-experts" in c for c in make)
     assert theirs[theirs.index("--record_len") + 1] == "4096" and "--load-in-4bit" in theirs
