@@ -168,11 +168,9 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         tests(50, "tests/methods/test_quant_experts_gpu.py", tail=6),
         Step(["bench/moe_speed.py", "--recipes", "slimtune-qlora", "--out", "{OUT}/speed.jsonl"], 200),
         Step(["bench/moe_speed.py", "--recipes", "unsloth-qlora", "--out", "{OUT}/speed.jsonl"], 320)]),
-    "moe-30b-experts": ("the per-expert LoRA path's GPU tests, then the Qwen3-30B-A3B QLoRA of moe-30b with "
-                        "train.fused_lora=on beside peft's path (the default) and unsloth", [
-        tests(100, "tests/kernels/test_expert_lora_gpu.py", tail=12),
-        Step(["bench/moe_speed.py", "--recipes", "slimtune-qlora", "--key", "train.fused_lora=on", "--out",
-              "{OUT}/speed.jsonl"], 130),
+    "moe-30b-experts": ("the per-expert LoRA path's GPU tests, then the Qwen3-30B-A3B QLoRA of moe-30b (the "
+                        "experts' LoRA per expert, the GPU default) beside unsloth", [
+        tests(160, "tests/kernels/test_expert_lora_gpu.py", tail=12),
         Step(["bench/moe_speed.py", "--recipes", "slimtune-qlora,unsloth-qlora", "--out", "{OUT}/speed.jsonl"], 340)]),
     "families": ("bf16 LoRA on the Gemma-3-4B and Phi-3-mini shapes: the defaults beside unsloth (padded)", [
         speed("gemma3,phi3", "defaults", 230),

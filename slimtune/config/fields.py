@@ -156,7 +156,7 @@ class TrainConfig:
     """head + cross-entropy: chunked (never all the logits) | plain | auto (chunked on CUDA)"""
     fused_lora: str = "auto"
     """LoRA layers (qlora's 4-bit too) as one autograd node each (kernels/lora.py, qlora.py): auto (CUDA) | on | off;
-    on also runs LoRA on fused expert weights per expert (kernels/expert_lora.py), not yet measured on a GPU"""
+    auto and on also run LoRA on fused expert weights per expert (kernels/expert_lora.py; auto: on CUDA)"""
     fused_rope: str = "auto"
     """Liger's RoPE in this model's attention (kernels/rope.py): auto (CUDA, installed) | on | off"""
     fused_norm_mlp: str = "auto"

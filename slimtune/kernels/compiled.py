@@ -13,7 +13,7 @@ recompute in backward calls the compiled forward again.
 Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
 masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Layers over a
 4-bit base stay eager (four_bit); the fused 4-bit node is also kept out of any graph (kernels/qlora.py). So do
-layers with peft's LoRA on fused expert weights, unless kernels/expert_lora.py took them (parametrized).
+layers with LoRA on fused expert weights, peft's (parametrized) or kernels/expert_lora.py's (grouped_experts).
 A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
 one printed line saying why: the run goes on at eager speed rather than stopping.
 """
@@ -67,12 +67,20 @@ def four_bit(model: torch.nn.Module) -> bool:
     return any(qlora.linear_4bit(m) for m in model.modules())
 
 
+def grouped_experts(model: torch.nn.Module) -> bool:
+    """Whether kernels/expert_lora.py runs LoRA on fused expert weights in `model`. Compiled by inductor on an H200
+    (torch 2.11), the layer's torch._grouped_mm got an operand in a layout it refuses ("Invalid strides/sizes",
+    tests/kernels/test_expert_lora_gpu.py, 2026-12-05), so such layers stay eager: the path itself is the speed-up
+    (no W + BA of the whole stack), and peft's path left them eager too."""
+    return any(hasattr(m, expert_lora.ATTR) for m in model.modules())
+
+
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
     """Compile each decoder layer's forward (already-bound fast paths inside it included); how many (none in a
-    model with LoRA on fused expert weights, parametrized, or over a 4-bit base, four_bit)."""
+    model with LoRA on fused expert weights, parametrized or grouped_experts, or over a 4-bit base, four_bit)."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
-    for layer in [] if parametrized(model) or four_bit(model) else layers(model):
+    for layer in [] if parametrized(model) or grouped_experts(model) or four_bit(model) else layers(model):
         if hasattr(layer, ATTR):
             n += 1
             continue

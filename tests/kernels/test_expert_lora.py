@@ -168,18 +168,22 @@ def test_three_fit_steps_give_the_same_losses_with_the_fast_path(tmp_path):
     assert select.choose(config.load(None, ["train.fused_lora=on"]).train, "cpu", 64, moe=True).fused_expert_layers
 
 
-def test_select_takes_fused_experts_and_leaves_their_layers_to_compile(monkeypatch):
-    """With the fused expert path no parametrization is registered, so train.compile takes the decoder layers."""
+def test_select_takes_fused_experts_and_keeps_their_layers_eager_with_the_reason(monkeypatch):
+    """The per-expert path registers no parametrization, but inductor's code for its grouped matmuls failed on an
+    H200: train.compile leaves such layers eager and says why once."""
     from slimtune.kernels import compiled
 
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     model = adapted(tiny())
     lines: list[str] = []
     took = select.enable(model, config.TrainConfig(compile="on", packing="off", fused_lora="on"), "cpu", lines.append)
-    assert (took.fused_lora_layers, took.fused_expert_layers, took.compiled_layers) == (4, 2, 2), lines
-    assert not compiled.parametrized(model) and not [line for line in lines if "fast path off" in line]
+    assert (took.fused_lora_layers, took.fused_expert_layers, took.compiled_layers) == (4, 2, 0), lines
+    assert not compiled.parametrized(model) and compiled.grouped_experts(model) and not compiled.enabled(model)
+    assert [line for line in lines if "fast path off" in line] == [
+        "fast path off: train.compile=on: layers left eager around the per-expert LoRA path: inductor's code for its "
+        "grouped matmuls failed on an H200 (torch 2.11: invalid strides); eager it is peft's within 1e-5"]
     select.disable(model)
-    assert expert_lora.enabled(model) == 0 and compiled.parametrized(model)
+    assert expert_lora.enabled(model) == 0 and compiled.parametrized(model) and not compiled.grouped_experts(model)
 
 
 def test_the_grouped_path_traces_in_one_graph_with_eager_gradients(monkeypatch):
@@ -208,11 +212,13 @@ def test_the_grouped_path_traces_in_one_graph_with_eager_gradients(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(traced, eager))  # the same ops, run one by one
 
 
-def test_the_per_expert_path_is_taken_with_fused_lora_on_only():
-    """auto keeps peft's path for fused experts on a GPU (the one measured there); on takes the per-expert one."""
+def test_the_per_expert_path_is_taken_on_cuda_by_default_and_anywhere_with_on():
+    """auto takes the per-expert path for fused experts on a GPU (measured there: 1.34x peft's path at 30B) and
+    keeps peft's on the CPU, where the per-expert loop has nothing to gain; on takes it anywhere, off nowhere."""
     from slimtune.config import TrainConfig
     from slimtune.kernels import select
 
-    for mode, want in (("auto", 0), ("on", 1), ("off", 0)):
-        assert select.choose(TrainConfig(fused_lora=mode), "cuda", 64, moe=True).fused_expert_layers == want, mode
+    for mode, device, want in (("auto", "cuda", 1), ("auto", "cpu", 0), ("on", "cpu", 1), ("on", "cuda", 1),
+                               ("off", "cuda", 0)):
+        assert select.choose(TrainConfig(fused_lora=mode), device, 64, moe=True).fused_expert_layers == want, mode
     assert select.choose(TrainConfig(fused_lora="on"), "cuda", 64, moe=False).fused_expert_layers == 0
