@@ -1,26 +1,23 @@
 """Write a GGUF file for llama.cpp and Ollama from a run folder or a merged transformers folder.
 
 Plain Python: the `gguf` package's writer and numpy, no llama.cpp build. A run folder is first merged
-(`export.merge.merge` into a temporary folder, with its own logit checks); a merged folder is read
-tensor by tensor from its safetensors. The file holds:
+(`export.merge.merge` into a temporary folder, with its own logit checks); a merged folder is read tensor by
+tensor from its safetensors. The file holds:
 - the weights under llama.cpp's names (gguf.TensorNameMap), Q/K rows permuted for the `llama` arch as
   llama.cpp's convert_hf_to_gguf.py does (its RoPE pairs dimension i with i+1, transformers' with i+d/2);
+  experts stacked (export/gguf_experts.py), Gemma 3's norms as 1 + w (export/gguf_gemma.py);
 - the tokenizer (BPE vocab and merges, byte-level "gpt2" or SentencePiece-style "llama"), token types
-  (special = CONTROL), BOS/EOS/PAD/UNK and the end-of-turn (eot/eom) ids the run stops on;
-- the chat template the run trained with (merge writes the family template as Jinja);
-- RoPE: the base, and for Llama-3.1+ ("llama3" scaling) the rope_freqs tensor llama.cpp divides each
-  frequency by; non-default rope_parameters also as JSON under slimtune.rope_parameters, which
-  models.load_gguf applies (transformers' GGUF reader builds default RoPE for llama). yarn, dynamic
-  and longrope are refused.
+  (special = CONTROL), BOS/EOS/PAD/UNK, the end-of-turn (eot/eom) ids the run stops on, its chat template;
+- RoPE: the base, and for Llama-3.1+ ("llama3" scaling) the rope_freqs tensor llama.cpp divides each frequency
+  by; non-default rope_parameters also as JSON under slimtune.rope_parameters, which models.load_gguf applies
+  (transformers' GGUF reader builds default RoPE for llama). yarn, dynamic and longrope are refused.
 
 Quant types (--quant): f16, bf16, q8_0 (gguf.quants), q4_0 and q4_k_m (export/quants.py: scales fit to an
-importance matrix of the run's records, export/imatrix.py, as llama.cpp's imatrix path). 1-D tensors
-(norms, biases) stay F32 in every type, as llama.cpp keeps them. The q4_k_m mix follows llama.cpp's
-llama_tensor_get_type: Q4_K everywhere except Q6_K for output.weight (token_embd.weight when tied: it is then
-also the output) and for attn_v / ffn_down in the layers `_more_bits` picks (the first and last eighth and
-every third between: about half of them). q4_0 also writes the output matrix as Q6_K, as llama.cpp does. A row
-length that the type's block does not divide falls back as llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0, and a
-32-block type -> F16 (SmolLM2's hidden size 576 is not a multiple of 256: most of its matrices are Q5_0 / Q8_0).
+importance matrix of the run's records, export/imatrix.py, as llama.cpp's imatrix path). 1-D tensors stay F32.
+The q4_k_m mix follows llama.cpp's llama_tensor_get_type: Q4_K except Q6_K for output.weight (token_embd.weight
+when tied) and for attn_v / ffn_down in the layers `_more_bits` picks (the first and last eighth and every third
+between). q4_0 also writes the output matrix as Q6_K. A row length the type's block does not divide falls back as
+llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0, a 32-block type -> F16 (SmolLM2's hidden size 576).
 """
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ import numpy as np
 from .. import config as config_mod, models, outputs
 from ..data.templates import stop_ids as template_stops
 from ..errors import MissingFileError
-from . import ExportError, gguf_experts
+from . import ExportError, gguf_experts, gguf_gemma
 from . import imatrix as imatrix_mod
 from . import quants as kquants
 from .merge import merge
@@ -45,7 +42,8 @@ from ..runs.adapter import read_config
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # llama.cpp's Q8_0 ignores an importance matrix; f16/bf16 round only
 # transformers model_type -> llama.cpp architecture; Mistral is written as llama, as llama.cpp does
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", **gguf_experts.ARCHS}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", **gguf_experts.ARCHS,
+         **gguf_gemma.ARCHS}
 PERMUTED = {"llama"}  # archs whose Q/K rows llama.cpp expects interleaved
 ROPE_KEY = "slimtune.rope_parameters"  # the model's rope_parameters as JSON, where they are not the default
 
@@ -95,8 +93,8 @@ def _rope(cfg) -> tuple[dict, float]:
     if kind not in ("default", "linear", "llama3"):
         raise ExportError(f"config.json: rope type {kind!r} is not written by slimtune's GGUF export yet (default, "
                           "linear and llama3 are); convert this model with llama.cpp's convert_hf_to_gguf.py")
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-    return params, float(theta if theta is not None else 10000.0)
+    theta = gguf_gemma.rope_theta(cfg) or params.get("rope_theta", getattr(cfg, "rope_theta", None)) or 10000.0
+    return params, float(theta)
 
 
 def rope_freqs(cfg) -> np.ndarray | None:
@@ -149,7 +147,8 @@ def _hparams(w, cfg, arch: str, quant: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(files[quant])
-    gguf_experts.hparams(w, cfg)
+    for extra in (gguf_experts, gguf_gemma):
+        extra.hparams(w, cfg)
 
 
 def _source_tensors(folder: Path):
@@ -186,6 +185,7 @@ def _add_tensors(w, folder: Path, cfg, arch: str, quant: str, imat: imatrix_mod.
                               "differs from the architectures slimtune exports")
         if arch in PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute_qk(data, heads if "q_proj" in name else kv)
+        data = gguf_gemma.tensor(arch, name, data)
         qtype = pick_type(quant, new, data.shape, n_layers, tied)
         columns = imat.columns.get(name) if imat else None  # Q/K permutes rows: the columns stay put
         raw = None if qtype.name in ("F32", "F16") else qtype
@@ -327,14 +327,14 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: 
     start = time.perf_counter()
     cfg = AutoConfig.from_pretrained(folder)
     arch = check_arch(cfg.model_type, str(folder / "config.json"))
-    gguf_experts.check(cfg, str(folder / "config.json"))
+    for extra in (gguf_experts, gguf_gemma):
+        extra.check(cfg, str(folder / "config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".part")  # a half-written file never takes the final name
     w = GGUFWriter(tmp, arch)
     name = name or folder.name
-    # transformers' GGUF loader takes general.name == "mistral" as a request for its mistral path, which
-    # gguf 0.19 cannot map; the file is the llama arch either way
+    # transformers' GGUF loader takes general.name "mistral" for its mistral path, which gguf 0.19 cannot map
     w.add_name(name if name != "mistral" else "mistral-model")
     _hparams(w, cfg, arch, quant)
     meta = _tokenizer_meta(w, tokenizer, cfg.vocab_size, stop_ids(folder, tokenizer))

@@ -203,7 +203,7 @@ def test_refusals_are_one_clear_line(tmp_path, tokenizer, capsys):
     tokenizer.save_pretrained(tmp_path / "gpt2")
     assert cli.main(["export", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err
-    assert "config.json: model_type 'gpt2' cannot be exported to GGUF" in err and "supported: llama" in err
+    assert "config.json: model_type 'gpt2' cannot be exported to GGUF" in err and "supported: gemma3_text, llama" in err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.part").exists()
     assert cli.main(["export", str(tmp_path), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "neither a run folder (config.yaml) nor a transformers model folder" in capsys.readouterr().err

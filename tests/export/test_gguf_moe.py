@@ -91,5 +91,5 @@ def test_gpt_oss_is_refused_in_one_line_naming_it(tmp_path, tokenizer, capsys):
     capsys.readouterr()  # save_pretrained's progress bars
     assert cli.main(["export", str(folder), "--output", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "config.json: model_type 'gpt_oss' cannot be exported to GGUF by slimtune; supported: llama, " \
-           "mistral, mixtral, qwen2, qwen3, qwen3_moe" in err and len(err.splitlines()) == 1
+    assert "config.json: model_type 'gpt_oss' cannot be exported to GGUF by slimtune; supported: gemma3_text, " \
+           "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe" in err and len(err.splitlines()) == 1
