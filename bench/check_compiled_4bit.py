@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
         for method in ("lora", "qlora"):
             for dtype in (torch.bfloat16, torch.float32):
+                t0 = time.perf_counter()
                 eager_loss, eager, _ = grads_of(folder, method, dtype, "off", batch)
+                print(f"{method} {dtype}: eager in {time.perf_counter() - t0:.0f} s", flush=True)
                 loss, got, n = grads_of(folder, method, dtype, "on", batch)
+                print(f"{method} {dtype}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
                 zeros = [k for k, v in got.items() if float(v.abs().max()) == 0]
                 cos = {k: float(torch.nn.functional.cosine_similarity(v.flatten(), eager[k].flatten(), dim=0))
                        for k, v in got.items()}

@@ -92,10 +92,13 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "fit-vs-loop-8b": ("the same as fit-vs-loop-1b at 8B", [
         speed("8b", f"loop:{OFFLOADED}:profile={LOGS}/prof_loop.txt,slimtune:{OFFLOADED}:profile={LOGS}/prof_fit.txt,"
               "defaults,defaults-qlora", 500)]),
-    "compile-8b": ("the compiled 4-bit check (bench/check_compiled_4bit.py), then the 8B defaults (Liger's "
-                   "norm/MLP, eager layers) beside the same with fused_norm_mlp=off (compiled layers instead)", [
-        Step(["bench/check_compiled_4bit.py", "--out", "{OUT}/compiled_4bit.jsonl"], 90),
-        speed("8b", "defaults,defaults:fused_norm_mlp=off", 480)]),
+    "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
+                   "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
+    "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "
+                      "(bench/check_compiled_4bit.py: lora and qlora, bf16 and fp32 bases, against eager), then the "
+                      "1B qlora defaults beside unsloth", [
+        Step(["bench/check_compiled_4bit.py", "--out", "{OUT}/compiled_4bit.jsonl"], 240),
+        speed("1b", "defaults-qlora,unsloth-qlora", 320, **PADDED)]),
     "peers-1b": ("slimtune (16 x 1 offloaded, and 8 x 2) beside unsloth, Liger and the Trainer + peft, 1B", [
         speed("1b", f"slimtune:{OFFLOADED},slimtune", 100),
         speed("1b", "unsloth,liger,hf", 400)]),
