@@ -1,7 +1,7 @@
 """Opt-in, on Gemma 3 270M (scripts/get_gemma3.sh; skipped when absent): a short LoRA run on its GGUF base with the
 gemma3 template lowers the held-out loss; `slimtune export RUN` to f16, and the file read back as `slimtune chat`
 reads it: the adapter's logits within 1e-2, the same greedy answer, the same token ids and chat template.
-Measured when written: held-out loss 3.8 -> 1.4 in 4 steps, relative logit error 1.9e-3."""
+Measured when written: held-out loss 7.233 -> 2.999 in 4 steps, relative logit error 2.0e-3."""
 from __future__ import annotations
 
 import os
