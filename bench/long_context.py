@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 ROOT = HERE.parent
 QUICK = [16384, 32768, 65536, 131072]
-DEV = "cuda"  # tests/test_bench_long_context.py runs a slimtune trial on "cpu"
+DEV = "cuda"  # tests/test_bench_long_context.py runs the step loop on "cpu"
 
 
 def _record(n: int, vocab: int, prompt: int = 64):

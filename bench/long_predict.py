@@ -102,5 +102,5 @@ def projected_s(t: float, n: int, n_next: int) -> float:
 
 def stretch(t: float, n: int, limit: float) -> int:
     """The longest length on the GRID projected to train within limit seconds, if STRETCH times n or more, else 0."""
-    m = int(n * math.sqrt(limit / t)) // GRID * GRID if t > 0 else 0
+    m = int(n * math.sqrt(limit / t)) // GRID * GRID if t > 0 and limit > 0 else 0
     return m if m >= STRETCH * n else 0

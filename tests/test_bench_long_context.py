@@ -82,6 +82,7 @@ def test_a_length_projected_past_max_step_s_is_skipped_after_the_longest_project
     assert rows[2] == {"tokens": 126976, "ok": False, "skipped": "time", "projected_s": 240.2, "limit_s": 240}
     rows = _steps(monkeypatch, capsys, [16384, 32768, 65536], quadratic, max_step_s=20)  # 32,768 projected 16 s
     assert [(r["tokens"], r.get("skipped")) for r in rows] == [(16384, None), (32768, None), (65536, "time")]
+    assert lp.stretch(4.0, 16384, -5.0) == 0  # no time left: nothing is stretched to
     rows = _steps(monkeypatch, capsys, [16384, 32768, 65536], quadratic, fail_at=32768)
     assert [(r["tokens"], r["ok"], r.get("oom")) for r in rows] == [(16384, True, None), (32768, False, True)]
 
