@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                            tool=tool, method=method, r=a.r, cap_gib=cap or round(total, 1), quick=a.quick)
                 if a.predict and tool == "slimtune" and not a.quick:
                     pred, gib = long_predict.predict(method, a.r, cap, a.gpu_gib or total, mcfg, a.resolution)
-                    row.update(predicted_tokens=pred, predicted_gib=gib)
+                    row.update(predicted_tokens=pred, predicted_gib=gib,
+                               predicted_offload_gib=long_predict.offloaded_gib(pred, mcfg))
                 if a.predict_only:
                     if "predicted_tokens" in row:
                         print(json.dumps(dict(row, lengths=near(pred, a.resolution) if pred else None)), flush=True)

@@ -87,6 +87,12 @@ def predict(method: str, r: int, cap_gib: float, gpu_gib: float, mcfg: Pretraine
     return n, round(peak_bytes(method, r, n, mcfg) / GIB, 2) if n else 0.0
 
 
+def offloaded_gib(n: int, mcfg: PretrainedConfig) -> float:
+    """CPU memory the offloaded layer inputs of one record of n tokens take (bf16, every layer): the estimate counts
+    none of it on the GPU, and past ~400k tokens of an 8B model it passes a 128 GiB host."""
+    return round(n * mcfg.num_hidden_layers * mcfg.hidden_size * 2 / GIB, 1)
+
+
 def near(predicted: int, resolution: int, start: int = START) -> list[int]:
     """The lengths tried around a prediction, ascending: start (timed), then predicted - resolution, predicted,
     predicted + resolution on the GRID, each above start."""

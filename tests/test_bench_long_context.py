@@ -167,3 +167,4 @@ def test_predict_only_runs_without_a_gpu_from_the_model_folders_config(tmp_path,
     want = lp.longest(lambda n: lp.peak_bytes("lora", 32, n, mcfg) <= 0.3 * GIB, 8192, 65536)
     assert 16384 < want < 65536 and row["predicted_tokens"] == want and row["device"] == "cpu"
     assert row["lengths"] == lp.near(want, 8192) and not (tmp_path / "no.jsonl").exists()
+    assert row["predicted_offload_gib"] == round(want * 2 * 64 * 2 / GIB, 1)  # tokens x layers x hidden x bf16
