@@ -209,6 +209,8 @@ def _one(a, n: int, step: Callable[[int], None]) -> dict:
     except Exception as err:  # OOM above all; anything else ends the search at this length too
         row.update(ok=False, oom=_oom(err), error=f"{type(err).__name__}: {str(err)[:300]}")
     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else 0.0
+    if cuda:  # what the estimate (predicted_gib) predicts, and what the cap bounds
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
     return row
 
 
