@@ -66,6 +66,27 @@ def dpo(size: str, recipes: str, limit: int) -> Step:
     return Step(["bench/preference_speed.py", "--size", size, "--recipes", recipes, "--out", "{OUT}/dpo.jsonl"], limit)
 
 
+def longest(tool: str, method: str, cap: str, limit: int, *extra: str) -> Step:
+    """bench/long_context.py for one cell, its --budget-s 20 s inside the step's limit."""
+    return Step(["bench/long_context.py", "--tools", tool, "--methods", method, "--caps", cap, "--budget-s",
+                 str(limit - 20), *extra, "--out", "{OUT}/long_context.jsonl"], limit)
+
+
+def long_context(method: str, cap: int, max_step_s: int, slimtune: tuple[int, int], unsloth: tuple[int, int]
+                 ) -> tuple[str, list[Step]]:
+    """One cell of bench/long_context.py per tool: slimtune with --predict, then unsloth; (time limit, --resolution)
+    of each."""
+    guard = ("--max-step-s", str(max_step_s))
+    return (f"the longest single record that trains in {cap} GiB (set_per_process_memory_fraction; on a GPU of "
+            f"{cap} GiB or less, the whole GPU), 8B {method} r=32, slimtune beside unsloth: slimtune tries 16k "
+            "(tokens/s) and the lengths near its memory estimator's prediction in one process, unsloth doubles from "
+            f"16k and bisects; a length projected to take over {max_step_s} s a step is not tried (the cell's "
+            "longest is then a lower bound)", [
+                longest("slimtune", method, str(cap), slimtune[0], "--predict", "--resolution", str(slimtune[1]),
+                        *guard),
+                longest("unsloth", method, str(cap), unsloth[0], "--resolution", str(unsloth[1]), *guard)])
+
+
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
 TUNE = ["--offload", "--steps", "5", "--warmup", "2"]
 STAGES: dict[str, tuple[str, list[Step]]] = {
@@ -115,6 +136,12 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
               "tests/kernels/test_architectures.py", tail=12),
         Step(["bench/long_context.py", "--quick", "--budget-s", "400", "--tools", "{TOOLS}", "--methods", "{METHODS}",
               "--caps", "{CAPS}", "--out", "{OUT}/long_context.jsonl"], 420)]),
+    "long-context-24-qlora": long_context("qlora", 24, 240, (250, 8192), (310, 16384)),
+    "long-context-24-lora": long_context("lora", 24, 240, (200, 4096), (300, 4096)),
+    # the estimator's whole-GPU lengths (~500k tokens on 80 GiB) take many minutes a step: these cells end at the
+    # longest length projected to train within 120 s, a lower bound
+    "long-context-80-qlora": long_context("qlora", 80, 120, (250, 8192), (310, 16384)),
+    "long-context-80-lora": long_context("lora", 80, 120, (250, 8192), (310, 16384)),
     "offload-test": ("the GPU test of activation offload (tests/engine/test_offload_gpu.py)", [
         tests(150, "tests/engine/test_offload_gpu.py", tail=12)]),
     "offload-grads": ("which pass (fused LoRA, again, peft's after lora.disable) gives LoRA gradients of zeros, "
