@@ -153,7 +153,7 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     if rows is None:
         rows = [(cfg.data.max_len, cfg.data.max_len)] * cfg.train.micro_batch_size
     # train.fused_lora runs LoRA on fused experts per expert (kernels/expert_lora.py); a plan's kernels say so
-    experts = bool(kernels.fused_expert_layers) if kernels else select.use_fused_experts(cfg.train.fused_lora, "cuda")
+    experts = bool(kernels.fused_expert_layers) if kernels else select.use_fused_lora(cfg.train.fused_lora, "cuda")
     kernels = kernels or replace(select.on_gpu(cfg, h), tiled_mlp=int(select.tiled_mlp_from(cfg.train.tiled_mlp,
                                                                                         "cuda") is not None))
     if kernels.fast and select.fusable(cfg.method):

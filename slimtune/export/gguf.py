@@ -89,12 +89,12 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _rope(cfg) -> tuple[dict, float]:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = params.get("full_attention", params)  # per layer type (Gemma 3): llama.cpp's base is the global one
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind not in ("default", "linear", "llama3"):
         raise ExportError(f"config.json: rope type {kind!r} is not written by slimtune's GGUF export yet (default, "
                           "linear and llama3 are); convert this model with llama.cpp's convert_hf_to_gguf.py")
-    theta = gguf_gemma.rope_theta(cfg) or params.get("rope_theta", getattr(cfg, "rope_theta", None)) or 10000.0
-    return params, float(theta)
+    return params, float(params.get("rope_theta", getattr(cfg, "rope_theta", None)) or 10000.0)
 
 
 def rope_freqs(cfg) -> np.ndarray | None:

@@ -57,13 +57,6 @@ def check(cfg: PretrainedConfig, where: str) -> None:
             raise ExportError(f"{where}: {why}; convert this model with llama.cpp's convert_hf_to_gguf.py")
 
 
-def rope_theta(cfg: PretrainedConfig) -> float | None:
-    """The full-attention layers' RoPE base (llama.cpp's rope.freq_base for gemma3); None for other models."""
-    if cfg.model_type not in ARCHS:
-        return None
-    return float(_rope(cfg, "full_attention").get("rope_theta", getattr(cfg, "rope_theta", 1e6)))
-
-
 def hparams(w: GGUFWriter, cfg: PretrainedConfig) -> None:
     """gemma3's sliding window."""
     if cfg.model_type in ARCHS:

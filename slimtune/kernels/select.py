@@ -79,14 +79,10 @@ def use_chunked_loss(mode: str, device: str) -> bool:
 
 
 def use_fused_lora(mode: str, device: str) -> bool:
-    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py); auto on CUDA, where peft's
-    chain of small ops leaves the GPU waiting on the CPU."""
-    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
-
-
-def use_fused_experts(mode: str, device: str) -> bool:
-    """train.fused_lora also runs LoRA on fused expert weights per expert (kernels/expert_lora.py): on, or auto on
-    CUDA (Qwen3-30B-A3B QLoRA on an H200: 3,995 tok/s against 2,974 through peft's W + BA, at less memory)."""
+    """train.fused_lora: one autograd node per LoRA layer (kernels/lora.py), and LoRA on fused expert weights per
+    expert (kernels/expert_lora.py); auto on CUDA, where peft's chain of small ops leaves the GPU waiting on the
+    CPU and its W + BA of a whole expert stack is the slow part (Qwen3-30B-A3B QLoRA on an H200: 3,995 tok/s per
+    expert against 2,974 through peft, at less memory)."""
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
@@ -186,9 +182,9 @@ def choose(tc: TrainConfig, device: str, hidden: int = 0, moe: bool = False) -> 
     packing = "off"
     if tc.packing != "off" and (tc.packing != "auto" or device.startswith("cuda")):
         packing = "bins" if tc.packing == "on" and tc.objective == "sft" else "rows"
-    return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device),
-                   fused_lora_layers=int(use_fused_lora(tc.fused_lora, device)),
-                   fused_expert_layers=int(moe and use_fused_experts(tc.fused_lora, device)), fused_norm_mlp=int(liger),
+    fused = use_fused_lora(tc.fused_lora, device)
+    return Kernels(packing=packing, chunked_loss=use_chunked_loss(tc.loss, device), fused_lora_layers=int(fused),
+                   fused_expert_layers=int(moe and fused), fused_norm_mlp=int(liger),
                    fused_rope=int(use_fused_rope(tc.fused_rope, device)),
                    tiled_mlp=int(tiled_mlp_from(tc.tiled_mlp, device) is not None),
                    compiled_layers=int(use_compile(tc.compile, device, int(liger))))
@@ -203,14 +199,13 @@ def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[
         want = choose(tc, device, getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     packed = use_packing(tc.packing, model, device) if want.packing != "off" else None
     packed = want.packing if packed else None  # bins only where choose chose them (a preference objective: rows)
-    experts = use_fused_experts(tc.fused_lora, device)  # finds nothing to take in a model without fused experts
     try:
         if packed:
             attention.enable(model)
         liger = norm_mlp.enable(model) if want.fused_norm_mlp else 0
         took = Kernels(packing=packed or "off", chunked_loss=want.chunked_loss,
                        fused_lora_layers=lora.enable(model, log) if want.fused_lora_layers else 0,
-                       fused_expert_layers=expert_lora.enable(model, log) if experts else 0,
+                       fused_expert_layers=expert_lora.enable(model, log) if want.fused_lora_layers else 0,
                        fused_norm_mlp=liger,
                        fused_rope=rope.enable(model) if want.fused_rope else 0,
                        tiled_mlp=_tile(model, tc, device) if want.tiled_mlp else 0,  # after norm_mlp: it slices
