@@ -18,8 +18,8 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # The slowest test modules, slowest first (docs/development.md): under pytest-xdist (scripts/test.sh) they are
 # handed out first, so the workers finish together instead of one starting a minutes-long module at the end.
-SLOWEST = ["tests/export/test_gguf_embedded.py", "tests/engine/test_distributed.py",
-           "tests/objectives/test_dpo_embedded.py", "tests/test_embedded.py", "tests/ui/test_browser.py",
+SLOWEST = ["tests/test_embedded_run.py", "tests/engine/test_distributed.py",
+           "tests/objectives/test_dpo_embedded.py", "tests/ui/test_browser.py",
            "tests/kernels/test_compiled.py", "tests/compare/test_compare.py", "tests/compare/test_objectives.py",
            "tests/engine/test_resume.py", "tests/objectives/test_grpo_embedded.py"]
 

