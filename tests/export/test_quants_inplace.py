@@ -7,11 +7,11 @@ import pytest
 
 from slimtune.export import quants
 from slimtune.export.quants import (LEGACY, TARGETS, _codes, _f16, _fit_scale_min, _nearest, _werr, block_weights,
-                                    quantize_legacy)
+                                    quantize_legacy, rowdot)
 
 
 def reference_fit(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """fit_symmetric_weighted as first written: a new array for each candidate's codes and products."""
+    """fit_symmetric_weighted in plain expressions: a new array for each candidate's codes and products."""
     peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
     zero = np.abs(peak) < 1e-30
     peak = np.where(zero, 1.0, peak)
@@ -19,18 +19,18 @@ def reference_fit(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, 
     abs_d = _f16(d0).astype(np.float32)
     abs_q = np.clip(np.trunc(x / np.where(zero, 1.0, d0) + nmax + 0.5) - nmax, -nmax, nmax - 1)
     wx = w * x
-    sumx2 = (wx * x).sum(axis=1, keepdims=True)
+    sumx2 = rowdot(wx, x)
     best, best_t = np.full_like(sumx2, np.inf), np.zeros_like(sumx2)
     for target in TARGETS[nmax]:
         q = np.clip(np.rint(x * (target / peak)), -nmax, nmax - 1)
-        sumlx, suml2 = (wx * q).sum(axis=1, keepdims=True), ((w * q) * q).sum(axis=1, keepdims=True)
+        sumlx, suml2 = rowdot(wx, q), rowdot(w * q, q)
         d = _f16(sumlx / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
         err = d * d * suml2 - 2 * d * sumlx + sumx2
         better = err < best
         best, best_t = np.where(better, err, best), np.where(better, target, best_t)
     q = np.clip(np.rint(x * (best_t / peak)), -nmax, nmax - 1)
-    suml2 = ((w * q) * q).sum(axis=1, keepdims=True)
-    d = _f16((wx * q).sum(axis=1, keepdims=True) / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
+    suml2 = rowdot(w * q, q)
+    d = _f16(rowdot(wx, q) / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32)
     refit = _codes(x, d, nmax)
     q = np.where((_werr(x, w, d, refit) < _werr(x, w, d, q))[:, None], refit, q)
     keep = (_werr(x, w, abs_d, abs_q) <= _werr(x, w, d, q)) | zero[:, 0]
