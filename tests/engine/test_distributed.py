@@ -4,6 +4,8 @@ resumed on 2 processes (bit-identical) and on 1, an error on one rank ending eve
 and a two-node launch simulated on one host."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slimtune import cli
 from slimtune.engine import distributed
 from conftest import lora_run_config
 
@@ -52,10 +55,13 @@ def _run(n: int, cfg: Path, *extra: str, env: dict | None = None) -> str:
 
 
 def _single(cfg: Path, *extra: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "slimtune", "train", str(cfg), "--no-progress", *extra],
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done.stdout + done.stderr
+    """One process: `slimtune train` in this one (the same code as a fresh process, without its seconds of
+    imports); what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(["train", str(cfg), "--no-progress", *extra])
+    assert code == 0, out.getvalue()[-4000:]
+    return out.getvalue()
 
 
 def _losses(folder: Path) -> dict[int, float]:
