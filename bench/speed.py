@@ -32,6 +32,8 @@ Recipes:
            + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key,
            typed as the config types it (defaults:offload_activations=true)
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder)
+  defaults-qlora-compiled  DIAGNOSTIC: defaults-qlora with kernels/compiled.py's 4-bit guard lifted, so decoder
+           layers over the 4-bit base compile: what turning them on would give (no README figure comes from it)
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
@@ -236,6 +238,9 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     if a.profile:
         keys.append(f"train.profile_step={steps + warmup - 1}")  # the last two steps, in the run folder
     cfg = slimtune.load_config(base, keys)
+    if a.compiled_4bit:  # diagnostic: what compiled decoder layers over the 4-bit base would give
+        from slimtune.kernels import compiled
+        compiled.four_bit = lambda model: False
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     model = _model(a.size, dev, meta=a.method == "qlora")
@@ -251,7 +256,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         lines.append(text)
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
     shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
-        "".join(f", {k}" for k in a.train_key)
+        "".join(f", {k}" for k in a.train_key) + (", 4-bit guard lifted (diagnostic)" if a.compiled_4bit else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
                size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
@@ -372,10 +377,11 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
     keys = [arg for k in keys for arg in ("--train_key", k)]
     if base == "defaults":
         return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps, *keys]]
-    if base == "defaults-qlora":  # loads the saved folder unsloth's recipe also reads
+    if base in ("defaults-qlora", "defaults-qlora-compiled"):  # load the saved folder unsloth's recipe also reads
         path = f"/dev/shm/m{size}"
+        lift = ["--compiled_4bit"] if base == "defaults-qlora-compiled" else []
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
-                                     "--method", "qlora", "--path", path, *keys]]
+                                     "--method", "qlora", "--path", path, *keys, *lift]]
     if base == "loop":  # diagnostic: the bench's own step loop, with the slimtune recipe's keys
         return [[py, str(Path(__file__)), "--worker", "--loop", "--size", size, *steps] + _keys(name.split(":")[1:])]
     if name.startswith("slimtune"):
@@ -453,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fused_rope", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
+    ap.add_argument("--compiled_4bit", action="store_true",
+                    help="defaults worker, DIAGNOSTIC: compiled.py's 4-bit guard lifted (compiled qlora layers)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
