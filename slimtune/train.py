@@ -140,6 +140,7 @@ def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log,
     if cuda:
         log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA "
             "context; `slimtune estimate` shows the parts)")
+        _host_line(est.host, host_memory.available(), log)
     else:  # the estimate counts tensors, which the CPU holds too; the process adds its own memory
         log(f"predicted peak memory of the run's tensors: {est.peak / GIB:.2f} GiB (weights, gradients, optimizer "
             f"state, activations; on the CPU the process adds its own: metrics.jsonl logs its peak as rss_gib)")
@@ -147,6 +148,17 @@ def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log,
         log(f"hint: {quick[0]} trains the same records per step in fewer, larger micro-batches, usually faster "
             f"(predicted {quick[1] / GIB:.2f} GiB with the CUDA context)")
     return est.peak
+
+
+def _host_line(need: float, have: float | None, log: Log) -> None:
+    """The pinned CPU memory offloaded layer inputs take, said beside the GPU's peak; a warning where it passes
+    what is available (auto keeps them on the GPU then: engine/split.py; this is train.offload_activations=true)."""
+    if not need:
+        return
+    log(f"predicted CPU memory for the offloaded layer inputs: {need / GIB:.2f} GiB (pinned)")
+    if have is not None and need > have:
+        log(f"warning: {have / GIB:.1f} GiB of CPU memory is available, less than the offloaded layer inputs need: "
+            "the system may kill the run; set train.offload_activations=false or lower data.max_len")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ Activation bytes per token per layer are proportional to (hidden + intermediate)
 family, measured on an H100 (bench/memory_grid.py, 2026-11-23; bench/check_estimator.py compares every cell).
 Allocator slack (reserved - allocated) and the CUDA context are added on top.
 
-LoRA on the fast engine (what `train` does on CUDA by default: packed rows, chunked loss, fused LoRA layers, Liger's
-norm/MLP where auto takes it, optionally offloaded layer inputs) has its own model, fitted on
-bench/results/2026-11-23-h100-memory_grid_fast.jsonl: tokens are the real ones (no padding), the loss holds one
-chunk of logits at a time, and the peak is the larger of the loss moment and a layer's backward.
+LoRA on the fast engine (CUDA's default: packed rows, chunked loss, fused LoRA layers, Liger's norm/MLP where auto
+takes it, optionally offloaded layer inputs, counted as `host`) has its own model, fitted on
+bench/results/2026-11-23-h100-memory_grid_fast.jsonl: real tokens (no padding), one chunk of logits at a time,
+the peak the larger of the loss moment and a layer's backward.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ class Estimate:
     gathered: float = 0.0  # several GPUs (FSDP2): whole layers and the root gathered while they compute
     allocator: float = 0.0  # reserved - allocated slack
     cuda_context: float = CUDA_CONTEXT
+    host: float = 0.0  # pinned CPU memory: the offloaded layer inputs (fast engine), not in the GPU's peak
     grad_accum: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +100,7 @@ class Estimate:
         lines.append(f"  {'predicted peak (reserved)':<28} {self.peak / GIB:8.2f} GiB")
         lines.append(f"  {'+ CUDA context':<28} {self.cuda_context / GIB:8.2f} GiB")
         lines.append(f"  {'activations if checkpointing toggled':<28} {self.activations_other / GIB:.2f} GiB")
+        lines += [f"  {'CPU memory: offloaded inputs':<28} {self.host / GIB:8.2f} GiB (pinned)"] if self.host else []
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -283,6 +285,7 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
 
     acts, logits = moments(tc.gradient_checkpointing)
     est.activations, est.logits = acts, logits
+    est.host = tokens * layers * h * 2 if tc.offload_activations and tc.gradient_checkpointing else 0.0
     est.activations_other = sum(moments(not tc.gradient_checkpointing))
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "
@@ -298,18 +301,17 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
 
 def faster(cfg: Config, rows: list[tuple[int, int]] | None = None, kernels: select.Kernels | None = None,
            dtypes: precision.Dtypes | None = None) -> tuple[str, float] | None:
-    """On the fast engine with gradient accumulation: the same records per step in one offloaded
-    micro-batch, and its predicted peak (with the CUDA context). The CPU paces a small model's step
-    (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x the
-    tokens/s of 8 x 2 on an H100 (README). None where it does not apply."""
+    """On the fast engine with gradient accumulation: the same records per step in one offloaded micro-batch
+    (rows: the longest, repeated: a bound), and its predicted peak (with the CUDA context). The CPU paces a small
+    model's step (kernel launches), so fewer, larger micro-batches are faster: bench/speed.py measured 1.5-2.0x
+    the tokens/s of 8 x 2 on an H100 (README). None where it does not apply."""
     cfg = with_split(cfg)
     tc = cfg.train
     if not (fast_engine(cfg, kernels) and tc.grad_accum > 1 and tc.gradient_checkpointing):
         return None
     mb = tc.micro_batch_size * tc.grad_accum
     one = replace(cfg, train=replace(tc, micro_batch_size=mb, grad_accum=1, offload_activations=True))
-    est = estimate(one, None if rows is None else list(rows) * tc.grad_accum, kernels=kernels,
-                   dtypes=dtypes)  # the longest, repeated: a bound
+    est = estimate(one, None if rows is None else list(rows) * tc.grad_accum, kernels=kernels, dtypes=dtypes)
     return (f"train.micro_batch_size={mb} train.grad_accum=1 train.offload_activations=true",
             est.peak + est.cuda_context)
 

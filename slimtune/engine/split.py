@@ -18,6 +18,7 @@ launch cost to hide: the largest micro-batch up to CPU_MICRO records that divide
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
 from ..kernels.select import Kernels
 from ..models import load_config, pick_device
-from . import distributed, memory
+from . import distributed, host_memory, memory
 from .memory import GIB
 from .precision import Dtypes
 
@@ -53,6 +54,7 @@ class Option:
     gradient_checkpointing: bool
     offload_activations: bool
     peak: float | None = None
+    host: float = 0.0  # pinned CPU memory its offloaded layer inputs take (bytes)
 
     def text(self) -> str:
         extra = ", checkpointing" if self.gradient_checkpointing else ""
@@ -151,11 +153,12 @@ def choose(cfg: Config, device: str, free: float | None = None, sizes: Sizes | N
     try:
         for micro in divisors(batch):
             option = _estimated(cfg, Option(micro, batch // micro, ck, off), sizes, gpus, mcfg, kernels, dtypes)
+            option, host_note = _host_fit(cfg, option, sizes, gpus, mcfg, kernels, dtypes)
             if option.peak <= free * (1 - MARGIN):
                 why = "the fewest micro-batches that fit" + (
-                    ", without checkpointing" if not ck else ", with checkpointing" if not off
-                    else ", with checkpointing and the layer inputs offloaded")
-                return Split(batch, option, why, free, tuple(rejected))
+                    ", without checkpointing" if not option.gradient_checkpointing else ", with checkpointing"
+                    if not option.offload_activations else ", with checkpointing and the layer inputs offloaded")
+                return Split(batch, option, why + host_note, free, tuple(rejected))
             rejected.append(option)
     except Exception as err:  # an estimate never stops a run: architectures differ in ways it can't see
         return on_cpu(cfg, f"memory estimate unavailable ({err}); the CPU's rule: at most {CPU_MICRO} records "
@@ -164,6 +167,20 @@ def choose(cfg: Config, device: str, free: float | None = None, sizes: Sizes | N
     return Split(batch, smallest, "nothing is predicted to fit: the split with the smallest predicted peak "
                  "(`slimtune estimate CONFIG --budget N` says what else would bring it down)", free,
                  tuple(o for o in rejected if o is not smallest))
+
+
+def _host_fit(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg: PretrainedConfig | None,
+              kernels: Kernels | None, dtypes: Dtypes | None) -> tuple[Option, str]:
+    """An offload auto chose whose layer inputs the CPU memory available cannot hold (less MARGIN; every process
+    of this machine offloads its own): the same split with them kept on the GPU, and the reason said; the option
+    as it is otherwise, and the user's own train.offload_activations=true always (train.py warns)."""
+    have, ranks = host_memory.available(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not option.offload_activations or cfg.train.offload_activations or have is None \
+            or option.host * ranks <= have * (1 - MARGIN):
+        return option, ""
+    kept = _estimated(cfg, replace(option, offload_activations=False), sizes, gpus, mcfg, kernels, dtypes)
+    return kept, (f" (layer inputs kept on the GPU: offloaded they would take {option.host * ranks / GIB:.1f} GiB "
+                  f"of CPU memory, {have / GIB:.1f} GiB is available)")
 
 
 def _other_shape(cfg: Config, model: torch.nn.Module) -> str | None:
@@ -194,7 +211,7 @@ def _estimated(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg
                                        offload_activations=option.offload_activations))
     est = memory.estimate(trial, None if sizes is None else sizes[:option.micro_batch_size], gpus, mcfg, kernels,
                           dtypes)
-    return replace(option, peak=est.peak + est.cuda_context)
+    return replace(option, peak=est.peak + est.cuda_context, host=est.host)
 
 
 def free_memory(device: str) -> float:

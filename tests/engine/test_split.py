@@ -89,6 +89,33 @@ def test_gpu_choice_offloads_on_the_fast_engine(tiny_model_dir):
         == (16, True, True)
 
 
+def test_offloaded_inputs_the_cpu_cannot_hold_stay_on_the_gpu(tiny_model_dir, monkeypatch):
+    from transformers import AutoConfig
+
+    from slimtune.train import _host_line
+
+    cfg = _cfg(tiny_model_dir, batch_size=16)
+    cfg.method.dropout = 0.0
+    if not split.memory.fast_engine(cfg):
+        pytest.skip("this config is not on the fast engine")
+    mcfg = AutoConfig.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(split.host_memory, "available", lambda: 64 * GIB)
+    roomy = split.choose(cfg, "cuda", free=80 * GIB).chosen
+    # each layer's input, bf16, for the 16 records of max_len tokens
+    assert roomy.offload_activations and roomy.host == 16 * 512 * mcfg.num_hidden_layers * mcfg.hidden_size * 2
+    monkeypatch.setattr(split.host_memory, "available", lambda: roomy.host)  # less the margin: too little
+    kept = split.choose(cfg, "cuda", free=80 * GIB)
+    assert (kept.chosen.micro_batch_size, kept.chosen.gradient_checkpointing, kept.chosen.offload_activations,
+            kept.chosen.host) == (16, True, False, 0.0)
+    assert kept.chosen.peak > roomy.peak and "layer inputs kept on the GPU" in kept.why
+    cfg.train.offload_activations = True  # the user's own choice stays, and the run warns
+    assert split.choose(cfg, "cuda", free=80 * GIB).chosen.offload_activations
+    said = []
+    _host_line(roomy.host, roomy.host / 2, said.append)
+    assert said[0].startswith(f"predicted CPU memory for the offloaded layer inputs: {roomy.host / GIB:.2f} GiB")
+    assert said[1].startswith("warning:") and "train.offload_activations=false" in said[1]
+
+
 def test_gpu_choice_splits_when_one_micro_batch_cannot_fit(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, batch_size=16)
     peaks = {o: split._estimated(cfg, split.Option(*o), None, 1).peak
