@@ -261,7 +261,7 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
     tc = cfg.train
     layers, vocab = mcfg.num_hidden_layers, mcfg.vocab_size
     tokens, trained = sum(n for n, _ in rows), sum(t for _, t in rows)
-    if tc.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
+    if kernels.packing != "rows":  # bins: a micro-batch holds up to micro_batch_size x max_len tokens
         budget = tc.micro_batch_size * cfg.data.max_len
         trained, tokens = trained * budget / max(tokens, 1), budget
     liger = kernels.fused_norm_mlp

@@ -157,11 +157,15 @@ def test_fast_engine_loss_holds_one_chunk(tiny_model_dir, monkeypatch):
     assert est.logits == pytest.approx(max(0.0, loss - stored - 40 * memory.FAST_BACKWARD * 64))
 
 
-def test_bins_take_the_whole_token_budget(tiny_model_dir):
+def test_bins_take_the_whole_token_budget_and_auto_the_real_tokens(tiny_model_dir):
     rows = [(10, 5), (6, 3)]
-    bins = memory.estimate(_fast(tiny_model_dir, packing="auto"), rows)
+    bins = memory.estimate(_fast(tiny_model_dir, packing="on"), rows)
     full = memory.estimate(_fast(tiny_model_dir, packing="rows"), [(10, 5), (10, 5)])
     assert bins.activations == pytest.approx(full.activations)  # 2 x max_len = 20 tokens either way
+    # auto packs rows on a GPU (kernels/select.py): the 16 tokens the records have, as packing=rows counts them
+    auto = memory.estimate(_fast(tiny_model_dir, packing="auto"), rows)
+    assert auto.activations == pytest.approx(memory.estimate(_fast(tiny_model_dir, packing="rows"), rows).activations)
+    assert auto.activations < bins.activations
 
 
 def test_offload_is_suggested_on_the_fast_engine(tiny_model_dir):
