@@ -133,8 +133,9 @@ def export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
                     help="ollama: also a Modelfile beside the GGUF (template and stop tokens)")
     p.add_argument("--output", required=True, help="the .gguf file to write")
-    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
-                    help="weight type (1-D tensors stay F32); q4_k_m keeps output and some attn_v/ffn_down at 6 bits")
+    p.add_argument("--quant", default="f16", metavar="f16|bf16|q8_0|q4_0|q4_k_m[,...]",
+                    help="weight type (1-D tensors stay F32); q4_k_m keeps output and some attn_v/ffn_down at 6 bits; "
+                         "several comma-separated share one merge: files named OUTPUT-TYPE.gguf")
     p.add_argument("--imatrix", default="auto", metavar="auto|off|FILE",
                     help="q4_0/q4_k_m: weigh each column's rounding error by its mean squared activation on records "
                          "(auto: the run's training data, for a merged folder the demo's; FILE: records; off: none)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..export.gguf import export
+from ..export.to_gguf import export
 
 
 def run(args: argparse.Namespace) -> int:

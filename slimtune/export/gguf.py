@@ -1,7 +1,7 @@
-"""Write a GGUF file for llama.cpp and Ollama from a run folder or a merged transformers folder.
+"""Write a GGUF file for llama.cpp and Ollama from a merged transformers folder (`slimtune export` merges a run
+folder first: export/to_gguf.py).
 
-Plain Python: the `gguf` package's writer and numpy, no llama.cpp build. A run folder is first merged
-(`export.merge.merge` into a temporary folder, with its own logit checks); a merged folder is read tensor by
+Plain Python: the `gguf` package's writer and numpy, no llama.cpp build. The merged folder is read tensor by
 tensor from its safetensors. The file holds:
 - the weights under llama.cpp's names (gguf.TensorNameMap), Q/K rows permuted for the `llama` arch as
   llama.cpp's convert_hf_to_gguf.py does (its RoPE pairs dimension i with i+1, transformers' with i+d/2);
@@ -22,22 +22,17 @@ llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0, a 32-block type -> F16 (SmolLM2's 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .. import config as config_mod, models, outputs
+from .. import config as config_mod
 from ..data.templates import stop_ids as template_stops
-from ..errors import MissingFileError
 from . import ExportError, gguf_experts, gguf_gemma
 from . import imatrix as imatrix_mod
 from . import quants as kquants
-from .merge import merge
-from .ollama import write_modelfile
-from ..runs.adapter import read_config
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 IMATRIX_QUANTS = ("q4_0", "q4_k_m")  # llama.cpp's Q8_0 ignores an importance matrix; f16/bf16 round only
@@ -315,9 +310,11 @@ def _tokenizer_meta(w, tokenizer, n_vocab: int, stops: list[int]) -> dict:
 
 
 def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: Callable[[str], None] = print,
-               name: str = "", imatrix: str = "auto", run_cfg: config_mod.Config | None = None) -> dict:
+               name: str = "", imatrix: str | imatrix_mod.Imatrix | None = "auto",
+               run_cfg: config_mod.Config | None = None) -> dict:
     """Write a merged transformers folder as one GGUF file; returns what was written and how long it took.
-    imatrix (q4_0, q4_k_m): 'auto' (run_cfg's training data, else the demo's), 'off', or a records file."""
+    imatrix (q4_0, q4_k_m): 'auto' (run_cfg's training data, else the demo's), 'off', a records file, or one
+    already computed for this folder (imatrix.compute; None: it found no records)."""
     from gguf import GGUFWriter
     from transformers import AutoConfig, AutoTokenizer
 
@@ -339,7 +336,8 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: 
     _hparams(w, cfg, arch, quant)
     meta = _tokenizer_meta(w, tokenizer, cfg.vocab_size, stop_ids(folder, tokenizer))
     w.add_quantization_version(2)
-    imat = imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if quant in IMATRIX_QUANTS else None
+    imat = imatrix if not isinstance(imatrix, str) else \
+        imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if quant in IMATRIX_QUANTS else None
     if quant in IMATRIX_QUANTS:
         why = "--imatrix off" if imatrix == "off" else "no calibration records"
         log(f"{quant}: " + (imat.describe() if imat else f"no importance matrix ({why}): every column alike"))
@@ -356,45 +354,3 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: 
         f"{meta['stops']}")
     return {"path": str(output), "arch": arch, "quant": quant, "bytes": size, "seconds": seconds,
             "tensor_types": counts, "imatrix": imat.describe() if imat else None, **meta}
-
-
-def _base_model_type(folder: Path) -> str:
-    """The run's base model_type from its config alone (no weights): refuse early, before merging."""
-    cfg = read_config(folder)
-    return models.load_config(cfg.model.path, cfg.model.trust_remote_code).model_type
-
-
-def _check_output(source: Path, output: Path, fmt: str, imatrix: str) -> None:
-    """Before anything loads: the GGUF (and an ollama Modelfile beside it) never overwrites what it reads."""
-    run = read_config(source) if (source / "config.yaml").is_file() else None
-    base = run.model.path if run else (source if (source / "config.json").is_file() else None)  # a merged folder
-    data = [run.data.train if run else None, None if imatrix in ("auto", "off") else imatrix]
-    outputs.check(output, "export --output", base, data)
-    if fmt == "ollama":
-        outputs.check(output.with_name("Modelfile"), "export --format ollama: Modelfile beside --output", base, data)
-
-
-def export(source: str | Path, output: str | Path, quant: str = "f16", fmt: str = "gguf",
-           log: Callable[[str], None] = print, imatrix: str = "auto") -> dict:
-    """`slimtune export`: a run folder (merged first, in fp32) or a merged folder -> GGUF (+ Modelfile)."""
-    source, output = Path(source), Path(output)
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
-    if output.suffix != ".gguf":  # chat, eval and models.load know a GGUF by its suffix
-        raise ExportError(f"--output {output}: name the file *.gguf (e.g. {output.with_suffix('.gguf').name})")
-    _check_output(source, output, fmt, imatrix)
-    if (source / "config.yaml").is_file():
-        check_arch(_base_model_type(source), f"{source / 'config.yaml'}: model.path")
-        with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None,
-                                         prefix=".merge-") as tmp:
-            merge(source, tmp, "fp32", log=log)
-            result = write_gguf(tmp, output, quant, log, source.name, imatrix, read_config(source))
-    elif (source / "config.json").is_file():
-        result = write_gguf(source, output, quant, log, imatrix=imatrix)
-    else:
-        raise MissingFileError(f"{source}: neither a run folder (config.yaml) nor a transformers model folder "
-                               "(config.json); give the folder `slimtune train` or `slimtune merge` wrote")
-    if fmt == "ollama":
-        result["modelfile"] = str(write_modelfile(output, log))
-    log(f"try it here first: slimtune chat {output}")
-    return result

@@ -198,6 +198,32 @@ def test_run_export_keeps_template_stops_and_adapter(template, runs, tokenizer, 
         assert eot == tokenizer.convert_tokens_to_ids("<|eot_id|>") != tokenizer.eos_token_id
 
 
+def test_several_quant_types_share_one_merge_and_one_importance_matrix(runs, tmp_path, capsys, monkeypatch):
+    from gguf import GGUFReader, LlamaFileType as F
+
+    from slimtune.export import imatrix as imatrix_mod
+
+    computed, real = [], imatrix_mod.compute
+    monkeypatch.setattr(imatrix_mod, "compute", lambda *a, **k: computed.append(1) or real(*a, **k))
+    path = tmp_path / "run.gguf"
+    assert cli.main(["export", str(runs["auto"]), "--output", str(path), "--quant", "q4_0,q8_0,q4_k_m"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("merge check") == 1 and len(computed) == 1 and not path.exists()
+    want = {"q4_0": F.MOSTLY_Q4_0, "q8_0": F.MOSTLY_Q8_0, "q4_k_m": F.MOSTLY_Q4_K_M}
+    for quant, file_type in want.items():
+        assert GGUFReader(str(tmp_path / f"run-{quant}.gguf")).fields["general.file_type"].contents() == file_type
+    # the shared merge and matrix change nothing: the same bytes as the type exported alone
+    assert cli.main(["export", str(runs["auto"]), "--output", str(tmp_path / "alone.gguf"), "--quant", "q4_0"]) == 0
+    assert (tmp_path / "alone.gguf").read_bytes() == (tmp_path / "run-q4_0.gguf").read_bytes()
+    capsys.readouterr()
+    for quant, why in [("q4_0,q9", "choose one or more of f16, bf16"), ("q8_0,q8_0", "a type is named twice")]:
+        assert cli.main(["export", str(runs["auto"]), "--output", str(tmp_path / "x.gguf"), "--quant", quant]) == 2
+        assert why in capsys.readouterr().err
+    assert cli.main(["export", str(runs["auto"]), "--output", str(tmp_path / "x.gguf"), "--quant", "q8_0,f16",
+                     "--format", "ollama"]) == 2
+    assert "a Modelfile names one GGUF file" in capsys.readouterr().err and not list(tmp_path.glob("x*"))
+
+
 def test_refusals_are_one_clear_line(tmp_path, tokenizer, capsys):
     tiny_model(len(tokenizer), "gpt2").save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
