@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import load_script
+from slimtune import cli
 from slimtune.config import ConfigError, load
 from slimtune.engine import grpo_step
 
@@ -55,8 +57,10 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir):
-    _go([sys.executable, str(SCRIPT), "fixed", str(_config(tmp_path, tiny_model_dir, "one")), "--no-progress"])
+def test_two_processes_match_one(tmp_path, tiny_model_dir, monkeypatch):
+    # one process: grpo_train.py's fixed sampler, in this process (the same code as the script, without its imports)
+    monkeypatch.setattr(grpo_step, "sample", load_script(SCRIPT).fixed)
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir, "one")), "--no-progress"]) == 0
     out = _go(_two("fixed", str(_config(tmp_path, tiny_model_dir, "two")), "--no-progress"))
     assert "FSDP2: 2 processes" in out
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")

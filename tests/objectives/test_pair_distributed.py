@@ -13,6 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import load_script
+from slimtune import cli
+from slimtune.engine import preflight
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("pref_train.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
@@ -44,8 +48,10 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir):
-    _go([sys.executable, str(SCRIPT), str(_config(tmp_path, tiny_model_dir, "one")), "--no-progress"])
+def test_two_processes_match_one(tmp_path, tiny_model_dir, monkeypatch):
+    # one process: pref_train.py's records, in this process (the same code as the script, without its imports)
+    monkeypatch.setattr(preflight, "build_pairs", load_script(SCRIPT).built)
+    assert cli.main(["train", str(_config(tmp_path, tiny_model_dir, "one")), "--no-progress"]) == 0
     out = _go([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
                str(_config(tmp_path, tiny_model_dir, "two")), "--no-progress"])
     assert "FSDP2: 2 processes" in out
