@@ -140,7 +140,7 @@ def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log,
     if cuda:
         log(f"predicted peak GPU memory{per}: {est.peak / GIB:.2f} GiB (+{est.cuda_context / GIB:.1f} GiB CUDA "
             "context; `slimtune estimate` shows the parts)")
-        _host_line(est.host, host_memory.available(), log)
+        _host_line(est.host * host_memory.local_processes(), host_memory.available(), log)
     else:  # the estimate counts tensors, which the CPU holds too; the process adds its own memory
         log(f"predicted peak memory of the run's tensors: {est.peak / GIB:.2f} GiB (weights, gradients, optimizer "
             f"state, activations; on the CPU the process adds its own: metrics.jsonl logs its peak as rss_gib)")
@@ -151,8 +151,9 @@ def _predict(cfg: Config, plan: RunPlan, sizes: list[tuple[int, int]], log: Log,
 
 
 def _host_line(need: float, have: float | None, log: Log) -> None:
-    """The pinned CPU memory offloaded layer inputs take, said beside the GPU's peak; a warning where it passes
-    what is available (auto keeps them on the GPU then: engine/split.py; this is train.offload_activations=true)."""
+    """The pinned CPU memory offloaded layer inputs take (every process of this machine's), said beside the GPU's
+    peak; a warning where it passes what is available (auto keeps them on the GPU then: engine/split.py; this is
+    train.offload_activations=true)."""
     if not need:
         return
     log(f"predicted CPU memory for the offloaded layer inputs: {need / GIB:.2f} GiB (pinned)")

@@ -42,6 +42,11 @@ def available() -> float | None:
         return None
 
 
+def local_processes() -> int:
+    """How many training processes share this machine's memory (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def attention_scores(heads: int, rows: int, width: int, nbytes: int) -> float:
     """Bytes of one layer's attention scores over a padded micro-batch. Measured on the CPU (torch SDPA,
     fp32): 2 rows x 4 heads x 4096 tokens with a padding mask raised the peak RSS by 0.42 GB (this: 0.54 GB);

@@ -272,10 +272,11 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
     # tiled MLP (kernels/tiled_mlp.py): the recomputed layer holds one slice's intermediates, not every token's
     # (the intermediate share of the fitted coefficient, scaled to a slice: modelled, not yet measured)
     mlp_tokens = tiled_mlp.tile_rows(h, int(tokens)) if past is not None and tokens > past else tokens
+    inputs = tokens * layers * h * 2  # every layer's input, bf16: what checkpointing keeps (or offloads)
 
     def moments(ckpt: bool) -> tuple[float, float]:
         if ckpt:
-            stored = 0.0 if tc.offload_activations else tokens * layers * h * 2
+            stored = 0.0 if tc.offload_activations else inputs
             backward = stored + tokens * (coef * h + FAST_BACKWARD * h) + mlp_tokens * coef * inter
         else:
             stored = tokens * layers * per_layer
@@ -283,9 +284,8 @@ def _fast(est: Estimate, cfg: Config, mcfg: PretrainedConfig, h: int, inter: int
         loss = stored + tokens * h * FAST_FINAL_HIDDEN + chunk
         return backward + FAST_CONST, max(0.0, loss - backward)
 
-    acts, logits = moments(tc.gradient_checkpointing)
-    est.activations, est.logits = acts, logits
-    est.host = tokens * layers * h * 2 if tc.offload_activations and tc.gradient_checkpointing else 0.0
+    est.activations, est.logits = moments(tc.gradient_checkpointing)
+    est.host = inputs if tc.offload_activations and tc.gradient_checkpointing else 0.0
     est.activations_other = sum(moments(not tc.gradient_checkpointing))
     est.allocator = min(ALLOC_SLACK_CAP, ALLOC_SLACK * (est.peak_allocated - est.persistent))
     est.notes.append(f"fast engine: packed rows of {int(tokens)} tokens, loss in chunks of "

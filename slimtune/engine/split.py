@@ -18,7 +18,6 @@ launch cost to hide: the largest micro-batch up to CPU_MICRO records that divide
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -174,7 +173,7 @@ def _host_fit(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg:
     """An offload auto chose whose layer inputs the CPU memory available cannot hold (less MARGIN; every process
     of this machine offloads its own): the same split with them kept on the GPU, and the reason said; the option
     as it is otherwise, and the user's own train.offload_activations=true always (train.py warns)."""
-    have, ranks = host_memory.available(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    have, ranks = host_memory.available(), host_memory.local_processes()
     if not option.offload_activations or cfg.train.offload_activations or have is None \
             or option.host * ranks <= have * (1 - MARGIN):
         return option, ""

@@ -336,9 +336,9 @@ def write_gguf(folder: str | Path, output: str | Path, quant: str = "f16", log: 
     _hparams(w, cfg, arch, quant)
     meta = _tokenizer_meta(w, tokenizer, cfg.vocab_size, stop_ids(folder, tokenizer))
     w.add_quantization_version(2)
-    imat = imatrix if not isinstance(imatrix, str) else \
-        imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if quant in IMATRIX_QUANTS else None
+    imat = None
     if quant in IMATRIX_QUANTS:
+        imat = imatrix_mod.compute(folder, tokenizer, imatrix, run_cfg, log) if isinstance(imatrix, str) else imatrix
         why = "--imatrix off" if imatrix == "off" else "no calibration records"
         log(f"{quant}: " + (imat.describe() if imat else f"no importance matrix ({why}): every column alike"))
     counts = _add_tensors(w, folder, cfg, arch, quant, imat)

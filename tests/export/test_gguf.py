@@ -53,11 +53,12 @@ def load_gguf(path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def rel_error(folder, gguf_model, tokenizer) -> float:
+def rel_error(folder, gguf_model, tokenizer, prompts: list[str] = PROMPTS) -> float:
+    """|logits read back from the GGUF - the merged folder's| / |the merged folder's| over the prompts."""
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(folder).eval()
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         want, got = merged(**enc).logits, gguf_model(**enc).logits
     return float((got - want).norm() / want.norm())

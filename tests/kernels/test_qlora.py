@@ -330,5 +330,5 @@ def test_decoder_layers_over_a_4bit_base_stay_eager_with_the_reason():
         assert took.compiled_layers == 0 and not compiled.enabled(model) and took.fused_lora_layers == 14
     finally:
         select.disable(model)
-    assert "fast path off: train.compile=on: layers left eager over the 4-bit base: compiled, their LoRA gradients " \
-           "differed from eager's on an H100 (torch 2.11); eager they match peft's" in lines
+    assert "fast path off: train.compile=on: layers left eager over the 4-bit base: compiled, they trained slower " \
+           "than eager on an H100 (1B QLoRA: 16,378 against 22,290 tok/s, torch 2.11)" in lines
