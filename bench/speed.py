@@ -30,7 +30,9 @@ Recipes:
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
   defaults slimtune as a user who names only the method and the batch gets it (defaults_worker): slimtune.prepare
            + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key,
-           typed as the config types it (defaults:offload_activations=true)
+           typed as the config types it
+           (defaults:offload_activations=true); defaults:profile=PATH profiles its last two steps;
+           defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder)
   defaults-qlora-compiled  DIAGNOSTIC: defaults-qlora with kernels/compiled.py's 4-bit guard lifted, so decoder
            layers over the 4-bit base compile: what turning them on would give (no README figure comes from it)
@@ -238,6 +240,9 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     if a.profile:
         keys.append(f"train.profile_step={steps + warmup - 1}")  # the last two steps, in the run folder
     cfg = slimtune.load_config(base, keys)
+    if a.no_ahead:  # diagnostic: offloaded tensors brought back only when backward reads them
+        from slimtune.engine import offload
+        offload.AHEAD = False
     if a.compiled_4bit:  # diagnostic: what compiled decoder layers over the 4-bit base would give
         from slimtune.kernels import compiled
         compiled.four_bit = lambda model: False
@@ -256,7 +261,8 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         lines.append(text)
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
     shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
-        "".join(f", {k}" for k in a.train_key) + (", 4-bit guard lifted (diagnostic)" if a.compiled_4bit else "")
+        "".join(f", {k}" for k in a.train_key) + (", 4-bit guard lifted (diagnostic)" if a.compiled_4bit else "") + \
+        (", offload's copy ahead off (diagnostic)" if a.no_ahead else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
                size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
@@ -374,7 +380,8 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                      "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
                                      "--load-in-4bit", *steps]]
     base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
-    keys = [arg for k in keys for arg in ("--train_key", k)]
+    keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else ("--no_ahead",)
+                                          if k == "ahead=off" else ("--train_key", k))]
     if base == "defaults":
         return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps, *keys]]
     if base in ("defaults-qlora", "defaults-qlora-compiled"):  # load the saved folder unsloth's recipe also reads
@@ -459,6 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fused_rope", default="auto")
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
+    ap.add_argument("--no_ahead", action="store_true", help="worker, diagnostic: engine/offload.py's AHEAD off")
     ap.add_argument("--compiled_4bit", action="store_true",
                     help="defaults worker, DIAGNOSTIC: compiled.py's 4-bit guard lifted (compiled qlora layers)")
     ap.add_argument("--out", default="")

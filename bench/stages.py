@@ -88,6 +88,9 @@ def long_context(method: str, cap: int, max_step_s: int, slimtune: tuple[int, in
 
 
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
+FIT_VS_LOOP = ",".join(f"{recipe}:profile={LOGS}/prof_{name}.txt" for recipe, name in  # each its last two steps
+                       ((f"loop:{OFFLOADED}", "loop"), (f"slimtune:{OFFLOADED}", "fit"), ("defaults", "defaults"),
+                        ("defaults-qlora", "defaults_qlora")))
 TUNE = ["--offload", "--steps", "5", "--warmup", "2"]
 STAGES: dict[str, tuple[str, list[Step]]] = {
     "speed-1b": ("the defaults (lora, lora with compile=off, qlora) beside unsloth (16-bit and 4-bit, padded), 1B", [
@@ -107,12 +110,15 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         tests(90, "tests/engine/test_offload_gpu.py", tail=4),
         speed("8b", "defaults", 360, "--steps", "200")]),
     "fit-vs-loop-1b": ("the bench's own step loop beside fit with the same keys (each profiled over its last "
-                       "two steps), then the defaults, lora and qlora, 1B; profiles in logs.tgz", [
-        speed("1b", f"loop:{OFFLOADED}:profile={LOGS}/prof_loop.txt,slimtune:{OFFLOADED}:profile={LOGS}/prof_fit.txt,"
-              "defaults,defaults-qlora", 500)]),
+                       "two steps), then the defaults, lora and qlora, 1B (all four profiled); profiles in logs.tgz", [
+        speed("1b", FIT_VS_LOOP, 500)]),
     "fit-vs-loop-8b": ("the same as fit-vs-loop-1b at 8B", [
-        speed("8b", f"loop:{OFFLOADED}:profile={LOGS}/prof_loop.txt,slimtune:{OFFLOADED}:profile={LOGS}/prof_fit.txt,"
-              "defaults,defaults-qlora", 500)]),
+        speed("8b", FIT_VS_LOOP, 500)]),
+    "ahead-8b": ("the offload GPU test, then the 8B defaults (lora, profiled) beside the same with offload's copy "
+                 "ahead off (diagnostic), and the qlora defaults (profiled); profiles in logs.tgz", [
+        tests(90, "tests/engine/test_offload_gpu.py", tail=4),
+        speed("8b", f"defaults:profile={LOGS}/prof_defaults.txt,defaults:ahead=off,"
+              f"defaults-qlora:profile={LOGS}/prof_defaults_qlora.txt", 470)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "

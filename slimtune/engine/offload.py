@@ -9,7 +9,9 @@ memory takes layers x tokens x hidden x 2 bytes off the peak (a 1B model at 4,09
 `torch.autograd.graph.save_on_cpu` copies synchronously: the CPU waits for the GPU at every layer, and on a
 step the CPU already paces (launching kernels), that wait is the GPU's idle time too. Here the copy runs on a
 side stream (non-blocking into pinned memory) and the GPU tensor's memory is only reused once that copy is
-done (`record_stream`); backward brings it back with a non-blocking copy ordered after an event. Parameters
+done (`record_stream`). Backward brings each one back while the layer after it in forward order runs its
+backward: unpacking one saved tensor starts the copy of the one moved just before it (the next backward needs),
+on the side stream, so the compute stream never waits on a host-to-device copy but the first. Parameters
 (frozen weights the head keeps for its input gradient), small tensors and non-contiguous views stay where
 they are: copying those would cost more than it frees.
 """
@@ -27,10 +29,22 @@ MIN_BYTES = 1 << 20  # below this a copy costs more (launch, sync points) than t
 # a forward that still outgrows it makes it GROWTH x larger. A buffer still held by a graph that has not run its
 # backward (two forwards, then one backward of both) is never rewritten: that forward gets a new one.
 HEADROOM, GROWTH = 4.0, 1.5
+AHEAD = True  # unpacking a tensor starts bringing back the one before it (off: bench/speed.py's diagnostic)
 
 
-# what a saved tensor becomes: itself (kept), or (host copy, its device, the copy's event) while in CPU memory
-Packed = torch.Tensor | tuple[torch.Tensor, torch.device, "torch.cuda.Event | None"]
+class Moved:
+    """A saved tensor while in CPU memory: its pinned copy, its device, the event of the copy out (None: done);
+    `prev` the tensor the same forward moved before it (backward needs it next); `ahead` its device copy and that
+    copy's event, once an unpack started bringing it back early."""
+    __slots__ = ("host", "device", "done", "prev", "ahead")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, done: torch.cuda.Event | None,
+                 prev: Moved | None) -> None:
+        self.host, self.device, self.done, self.prev = host, device, done, prev
+        self.ahead: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+
+Packed = torch.Tensor | Moved  # what a saved tensor becomes: itself (kept), or its move to CPU memory
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -49,14 +63,16 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.params = _storages(model) if model is not None else set()
         self.moved: list[tuple[tuple[int, ...], int]] = []
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), this forward's
+        self._last: Moved | None = None  # the latest tensor this forward moved
+        self.early = 0  # unpacks served by a copy started ahead of them (tests read it)
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> None:
-        self.moved, self._seen, self._next = [], {}, 0
+        self.moved, self._seen, self._next, self._last = [], {}, 0, None
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self._seen = {}
+        self._seen, self._last = {}, None
         return super().__exit__(*exc)
 
     def _keep(self, t: torch.Tensor) -> bool:
@@ -74,12 +90,13 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.moved.append((tuple(t.shape), t.numel() * t.element_size()))
         return packed
 
-    def _move(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.device, object]:
+    def _move(self, t: torch.Tensor) -> Moved:
         i = self._next
         host = self._buffer(t.numel() * t.element_size(), t.numel() // max(t.shape[-1], 1) if t.dim() else 1)
         host = host.view(t.dtype).view(t.shape)
         self._lent[i] = weakref.ref(host)  # alive while the graph that saved it is: _buffer then leaves it alone
-        return host, t.device, copy_out(t, host)
+        self._last = Moved(host, t.device, copy_out(t, host), self._last)
+        return self._last
 
     def _buffer(self, nbytes: int, tokens: int) -> torch.Tensor:
         """The next pinned buffer of this forward, `nbytes` long (a view of the reused one; a new one where it is
@@ -107,11 +124,21 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             self.pool.append(buf)
         return buf[:nbytes]
 
-    @staticmethod
-    def _unpack(packed: Packed) -> torch.Tensor:
+    def _unpack(self, packed: Packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
-        return copy_back(*packed)  # autograd gives it back its graph links
+        if packed.ahead is not None:  # brought back early: the compute stream waits only for that copy's end
+            out, ready = packed.ahead
+            packed.ahead = None  # a second unpack of the same tensor copies again: this one is autograd's now
+            if ready is not None:
+                torch.cuda.current_stream(packed.device).wait_event(ready)
+            self.early += 1
+        else:
+            out = copy_back(packed.host, packed.device, packed.done)
+        prev, packed.prev = packed.prev, None  # started once: what it brings back is then held by `prev` alone
+        if prev is not None and prev.ahead is None and AHEAD:
+            prev.ahead = copy_ahead(prev.host, prev.device)
+        return out  # autograd gives it back its graph links
 
 
 def _storages(model: torch.nn.Module) -> set[int]:
@@ -152,6 +179,27 @@ def copy_back(host: torch.Tensor, device: torch.device, done: torch.cuda.Event |
     if done is not None:
         torch.cuda.current_stream(device).wait_event(done)
     return host.to(device, non_blocking=done is not None, copy=True)
+
+
+def copy_ahead(host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start bringing `host` back on the side stream while the compute stream runs on: a new `device` tensor and
+    the event the compute stream waits for before reading it (None: done already).
+
+    The tensor is the compute stream's memory; the side stream waits for the work queued there so far (which
+    may still use that memory's previous tenant) and, being the stream copy_out wrote `host` on, copies after
+    that write. record_stream keeps the memory from going to a later kernel before the copy is done, should the
+    graph be freed without reading it."""
+    if device.type != "cuda":  # CPU tests: the copy itself
+        return host.to(device, copy=True), None
+    out = torch.empty_like(host, device=device)
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        out.copy_(host, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    out.record_stream(stream)
+    return out, ready
 
 
 _STREAMS: dict = {}

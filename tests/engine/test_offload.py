@@ -48,6 +48,9 @@ def test_checkpointed_layers_offload_exactly_their_inputs():
     assert {shape for shape, _ in hooks.moved} == {(*TOKENS, model.config.hidden_size), (TOKENS[0] * TOKENS[1], 400)}
     assert loss1 == loss0
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # backward reads them in reverse: each unpack started bringing back the one moved before it, so all but the
+    # first read came back from a copy started early
+    assert hooks.early == len(hooks.moved) - 1
 
 
 def test_parameters_and_small_tensors_stay():

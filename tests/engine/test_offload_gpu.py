@@ -55,13 +55,14 @@ def _run(offload: bool):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss, grads, peak, hooks.moved
+    return loss, grads, peak, hooks
 
 
 def test_offloaded_layer_inputs_same_gradients_lower_peak():
     loss0, ref, peak0, _ = _run(False)
     _, again, _, _ = _run(False)  # attention's backward adds in a varying order: the gradients' own noise
-    loss1, got, peak1, moved = _run(True)
+    loss1, got, peak1, hooks = _run(True)
+    moved = hooks.moved
     assert loss1 == loss0  # the forward is deterministic: the same values went in
     assert ref.keys() == got.keys()
     rel = lambda a, k: float((a[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))  # noqa: E731
@@ -76,3 +77,4 @@ def test_offloaded_layer_inputs_same_gradients_lower_peak():
     print(f"peak {peak0 / 2**20:.0f} -> {peak1 / 2**20:.0f} MiB (-{saved / 2**20:.0f}); layer input "
           f"{layer_input / 2**20:.0f} MiB x {LAYERS}; moved {len(moved)} tensors")
     assert saved >= 0.8 * (LAYERS - 1) * layer_input
+    assert hooks.early == len(moved) - 1  # all but the first read back came from a copy started ahead of it

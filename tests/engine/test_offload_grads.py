@@ -212,3 +212,8 @@ def test_cuda_stream_copies_are_what_copy_out_and_copy_back_do(monkeypatch):
     back = offload.copy_back(host, torch.device("cpu"), done)
     assert calls == [("current waits for", done)] and torch.equal(back, host)
     assert back.data_ptr() != host.data_ptr()
+    calls.clear()  # copy_ahead: after the compute stream's queued work, on the side stream, an event after it
+    monkeypatch.setattr(torch, "empty_like", lambda h, device=None: torch.zeros_like(h).as_subclass(Fake))
+    ahead, ready = offload.copy_ahead(host, torch.device("cuda", 0))
+    assert isinstance(ready, Event) and torch.equal(ahead, host) and ahead.data_ptr() != host.data_ptr()
+    assert calls == [("side waits for", current), ("on", side), ("event recorded on", side), ("record_stream", side)]
