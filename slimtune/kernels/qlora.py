@@ -14,7 +14,6 @@ format in plain PyTorch.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +32,30 @@ def dequantize(weight: torch.Tensor, state: QuantState) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight, state)
 
 
+# what the node's dequantization reads besides the packed weight: (absmax, absmax2, code2, offset), the last three
+# None unless the absmax is itself quantized (double quant); and (blocksize, blocksize2, quant_type, shape, dtype)
+Parts = tuple["torch.Tensor", "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+Meta = tuple[int, int, str, tuple[int, ...], torch.dtype]
+
+
+def parts(state: QuantState) -> tuple[Parts, Meta]:
+    """A QuantState as tensors and constants: what the node takes, so that dynamo traces it (inside compiled
+    decoder layers) without a Python object among its inputs; the same for every layer of one projection's shape."""
+    nested = (state.state2.absmax, state.state2.code, state.offset) if state.nested else (None, None, None)
+    blocksize2 = state.state2.blocksize if state.nested else 0
+    return (state.absmax, *nested), (state.blocksize, blocksize2, state.quant_type, tuple(state.shape), state.dtype)
+
+
+def dequantize_parts(qweight: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                     code2: torch.Tensor | None, offset: torch.Tensor | None, meta: Meta) -> torch.Tensor:
+    """dequantize_4bit from parts(): bitsandbytes' two operators (the nested absmax, then the 4-bit weight),
+    which it registers with shape functions, so dynamo and inductor keep them as calls in the graph."""
+    blocksize, blocksize2, quant_type, shape, dtype = meta
+    if absmax2 is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit(qweight, absmax.float(), blocksize, quant_type, list(shape), dtype)
+
+
 def _matmul_dtype(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
     """The matmuls' dtype: autocast's where it is on (as peft's adapter chain runs), else the layer's
     compute dtype (bitsandbytes casts x to it), else x's."""
@@ -43,55 +66,58 @@ def _matmul_dtype(x: torch.Tensor, compute: torch.dtype | None) -> torch.dtype:
 
 
 class _Lora4bit(torch.autograd.Function):
+    """Inputs 2, 3, 4 are bias, A, B (lora_math.adapter_grads reads their needs_input_grad there)."""
+
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None,
-                a: torch.Tensor, b: torch.Tensor, state: QuantState, scale: float, compute: torch.dtype | None,
-                dequant: Callable[[torch.Tensor, QuantState], torch.Tensor]) -> torch.Tensor:
+                a: torch.Tensor, b: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                code2: torch.Tensor | None, offset: torch.Tensor | None, meta: Meta, scale: float,
+                compute: torch.dtype | None) -> torch.Tensor:
         dtype = _matmul_dtype(x, compute)
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            w = dequant(qweight, state).to(dtype)
+            w = dequantize_parts(qweight, absmax, absmax2, code2, offset, meta).to(dtype)
             ac, bc = a.to(dtype), b.to(dtype)
             xa = x2 @ ac.T
             y = lora_math.output(x2, w, bias, xa, bc, scale)
             del w  # the 16-bit weight lives only for this node's forward: backward dequantizes it again
-        ctx.save_for_backward(x2, xa, qweight, a, b)
-        ctx.state, ctx.dequant, ctx.scale, ctx.dtype, ctx.x_dtype = state, dequant, scale, dtype, x.dtype
+        ctx.save_for_backward(x2, xa, a, b, qweight, absmax, absmax2, code2, offset)
+        ctx.meta, ctx.scale, ctx.dtype, ctx.x_dtype = meta, scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)  # bitsandbytes returns x's dtype
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, xa, qweight, a, b = ctx.saved_tensors
+        x2, xa, a, b, *quantized = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
         gx = None
         if ctx.needs_input_grad[0]:
-            w = ctx.dequant(qweight, ctx.state).to(dtype)
+            w = dequantize_parts(*quantized, ctx.meta).to(dtype)
             gx = torch.addmm(g @ w, gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
             del w
-        return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None, None, None, None
+        return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), *[None] * 7
 
 
-@torch.compiler.disable
 def lora_4bit_linear(x: torch.Tensor, qweight: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
-                     a: torch.Tensor, b: torch.Tensor, scale: float, compute: torch.dtype | None = None,
-                     dequant: Callable[[torch.Tensor, QuantState], torch.Tensor] = dequantize) -> torch.Tensor:
+                     a: torch.Tensor, b: torch.Tensor, scale: float, compute: torch.dtype | None = None
+                     ) -> torch.Tensor:
     """x @ dequant(qweight, state).T + bias + scale * (x @ a.T) @ b.T as one autograd node, in x's dtype.
 
-    Opaque to torch.compile: inside compiled decoder layers (kernels/compiled.py) the node runs eagerly between
-    the compiled regions. Traced by dynamo (torch 2.11, inductor, CUDA; args a QuantState object and a callable),
-    its A and B gradients came back all zeros while the eager node's matched peft's.
+    Its inputs are tensors and constants (parts(state)), so inside compiled decoder layers (kernels/compiled.py)
+    dynamo traces it into the layer's graph, bitsandbytes' operators as calls (a node that took the QuantState
+    object and the dequantizer as inputs gave all-zero A and B gradients there on an H100, torch 2.11). The
+    dequantizer is this module's dequantize_parts (tests put reference.dequantize_nf4 in its place).
 
     Args:
         qweight, state: the packed 4-bit weight and its bitsandbytes QuantState (no gradient flows to them).
         compute: the dtype the matmuls run in outside autocast (bitsandbytes' compute_dtype); None: x's.
-        dequant: (qweight, state) -> the (out, in) weight; reference.dequantize_nf4 is the same in plain PyTorch.
     """
-    return _Lora4bit.apply(x, qweight, bias, a, b, state, float(scale), compute, dequant)
+    tensors, meta = parts(state)
+    return _Lora4bit.apply(x, qweight, bias, a, b, *tensors, meta, float(scale), compute)
 
 
 def linear_4bit(module: torch.nn.Module) -> bool:

@@ -75,17 +75,29 @@ def test_reference_dequantize_is_bitsandbytes_bit_for_bit(shape, dtype, nested):
     assert 0.05 < float((got.float() - w.float()).abs().max()) < 1.0  # 4 bits: a coarse copy, not w itself
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_parts_is_bitsandbytes_dequantize_4bit(nested):
+    """The node's dequantization from tensors and constants (what dynamo traces) is bitsandbytes' own, bit for bit."""
+    w = torch.randn(48, 80, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(5))
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    tensors, meta = qlora.parts(state)
+    assert (tensors[1] is not None) is nested and meta == (64, 256 if nested else 0, "nf4", (48, 80), torch.bfloat16)
+    got = qlora.dequantize_parts(packed, *tensors, meta)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, bnbf.dequantize_4bit(packed, state))
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_node_alone_equals_the_reference_formula(bias):
+def test_node_alone_equals_the_reference_formula(bias, monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(23, 40, generator=g)
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     wq = reference.dequantize_nf4(packed, state)
+    monkeypatch.setattr(qlora, "dequantize_parts", lambda q, *parts: reference.dequantize_nf4(q, state))
     x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
     a = torch.randn(4, 40, generator=g, requires_grad=True)
     b = torch.randn(23, 4, generator=g, requires_grad=True)
     bvec = torch.randn(23, generator=g, requires_grad=True) if bias else None
-    out = qlora.lora_4bit_linear(x, packed, state, bvec, a, b, 0.5, dequant=reference.dequantize_nf4)
+    out = qlora.lora_4bit_linear(x, packed, state, bvec, a, b, 0.5)
     want = reference.lora_linear(x, wq, bvec, a, b, 0.5)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # fp32: only the summation order differs
     grad = torch.randn_like(out)
@@ -169,10 +181,9 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_node_runs_eagerly_inside_compiled_code(_fresh_dynamo):
-    """Dynamo never traces the 4-bit node (traced, torch 2.11 + inductor on CUDA gave all-zero A and B gradients):
-    its dequantization, forward and backward, runs outside compilation, and the compiled function's gradients are
-    the eager call's."""
+def test_node_traces_into_compiled_code_with_the_eager_gradients(_fresh_dynamo, monkeypatch):
+    """Its inputs tensors and constants, dynamo traces the 4-bit node (forward's dequantization and backward's run
+    while compiling) and the compiled function's gradients are the eager call's."""
     g = torch.Generator().manual_seed(0)
     packed, state = bnbf.quantize_4bit(torch.randn(32, 64, generator=g), quant_type="nf4", compress_statistics=True)
     x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
@@ -180,20 +191,53 @@ def test_node_runs_eagerly_inside_compiled_code(_fresh_dynamo):
     b = torch.randn(32, 4, generator=g, requires_grad=True)
     compiling = []
 
-    def dequant(p, s):
+    def dequant(q, *parts):
         compiling.append(torch.compiler.is_compiling())
-        return reference.dequantize_nf4(p, s)
+        return reference.dequantize_nf4(q, state)
+    monkeypatch.setattr(qlora, "dequantize_parts", dequant)
 
     def f(x, a, b):
-        return (qlora.lora_4bit_linear(x * 2, packed, state, None, a, b, 2.0, None, dequant) + 1).square().sum()
+        return (qlora.lora_4bit_linear(x * 2, packed, state, None, a, b, 2.0) + 1).square().sum()
 
     want = torch.autograd.grad(f(x, a, b), (x, a, b))
     compiling.clear()
     got = torch.autograd.grad(torch.compile(f, backend="aot_eager", dynamic=True)(x, a, b), (x, a, b))
-    assert compiling == [False, False]  # forward's dequantization and backward's, both eager
+    assert True in compiling  # traced, not run beside the graph
     for gg, ww in zip(got, want):
         assert float(ww.abs().max()) > 0
         torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_layers_over_a_4bit_base_one_graph_and_the_eager_gradients(_fresh_dynamo, monkeypatch):
+    """With compiled.four_bit's guard lifted (bench/speed.py's defaults-qlora-compiled), the decoder layers over
+    the 4-bit base compile with the fused node inside: one graph for every layer (two: the first layer's input
+    needs no gradient) over three lengths, and every LoRA gradient the eager layers' (aot_eager, fp32)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+    def grads(compile_mode):
+        torch._dynamo.reset()
+        model = lora_model(base=quantize(make_model(VOCAB)), name="qlora").train()
+        tc = TrainConfig(compile=compile_mode, packing="off", fused_lora="on", fused_norm_mlp="off", tiled_mlp="off")
+        monkeypatch.setattr(compiled, "four_bit", lambda model: False)
+        took = select.enable(model, tc, "cpu", lambda *_: None)
+        counters.clear()
+        try:
+            assert took.fused_lora_layers == 14 and took.compiled_layers == (2 if compile_mode == "on" else 0)
+            for length in (9, 13, 21):
+                ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+                model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, \
+                counters["stats"]["unique_graphs"]
+        finally:
+            select.disable(model)
+    want, _ = grads("off")
+    got, graphs = grads("on")
+    assert graphs == 2 and len(got) == len(want) == 28
+    for name in want:
+        assert float(want[name].abs().max()) > 0, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 @CUDA
