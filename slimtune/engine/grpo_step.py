@@ -147,7 +147,7 @@ class GrpoObjective:
             [kl, clipped, sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches),
              sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) if self.packed
                  else b["prompt_ids"].numel() + b["completion_ids"].numel() for b in batches)], run.device)
-        read = clip_and_read(run.model, run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
+        read = clip_and_read(run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
         row = apply_update(run.optimizer, run.scheduler, run.scaler, read, {"loss": read[0]})
         if (run.step + 1) % self.g.steps_per_generation == 0:  # its last step: no checkpoint needs to keep them
             stream.buffer = None

@@ -156,7 +156,7 @@ class PairObjective:
                 metrics[k].append(v)
         distributed.all_sum_(total)
         run.seen += sum(input_tokens(rs) for rs in records)
-        read = clip_and_read(run.model, run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
+        read = clip_and_read(run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)
         row = apply_update(run.optimizer, run.scheduler, run.scaler, read, {"loss": read[0]})
         row.update(summarize(metrics, run.device), trained_tokens=sum(answer_tokens(rs) for rs in records),
                    data_s=data_s, computed_tokens=sum(b["input_ids"].numel() for b in batches))

@@ -59,7 +59,7 @@ def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimiz
     world = distributed.size()
     loss, count = accumulate(model, batches, context, scaler, chunked, n_tokens, float(world), unread=True)
     distributed.all_sum_(loss)  # each rank's part of the mean
-    read = clip_and_read(model, optimizer, max_grad_norm, scaler, loss,
+    read = clip_and_read(optimizer, max_grad_norm, scaler, loss,
                          [count] if isinstance(count, torch.Tensor) else [])
     n_tokens = int(read[-1]) if isinstance(count, torch.Tensor) else count
     if n_tokens == 0:  # counted on the device: known only now, before any update
@@ -68,7 +68,7 @@ def step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], optimiz
     return apply_update(optimizer, scheduler, scaler, read, {"loss": read[0], "trained_tokens": n_tokens}, guard)
 
 
-def clip_and_read(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+def clip_and_read(optimizer: torch.optim.Optimizer, max_grad_norm: float,
                   scaler: torch.amp.GradScaler | None, loss: torch.Tensor,
                   extra: list[torch.Tensor] | None = None) -> list[float]:
     """Unscale (fp16 loss scaling) and clip the accumulated gradients, then read the device once: [loss, gradient
@@ -77,7 +77,9 @@ def clip_and_read(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    params = [p for p in model.parameters() if p.requires_grad]
+    # the optimizer's parameters are the trained ones: walking the model's modules for them took ~8 ms a step
+    # on a 16-layer LoRA model (CPU probe), time a host-paced GPU step waits for
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = distributed.grad_norm(params, limit) if distributed.size() > 1 else \
         torch.nn.utils.clip_grad_norm_(params, limit)
