@@ -82,14 +82,17 @@ class _Lora4bit(torch.autograd.Function):
             xa = x2 @ ac.T
             y = lora_math.output(x2, w, bias, xa, bc, scale)
             del w  # the 16-bit weight lives only for this node's forward: backward dequantizes it again
-        ctx.save_for_backward(x2, xa, a, b, qweight, absmax, absmax2, code2, offset)
+        ctx.save_for_backward(x2, xa)  # activations: checkpointing drops and recomputes them
+        # the adapter's and the 4-bit base's tensors live in the model anyway: on ctx without saved-tensor hooks
+        ctx.weights, ctx.quantized = (a, b), (qweight, absmax, absmax2, code2, offset)
         ctx.meta, ctx.scale, ctx.dtype, ctx.x_dtype = meta, scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)  # bitsandbytes returns x's dtype
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, xa, a, b, *quantized = ctx.saved_tensors
+        x2, xa = ctx.saved_tensors
+        (a, b), quantized = ctx.weights, ctx.quantized
         dtype, scale = ctx.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
