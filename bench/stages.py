@@ -107,18 +107,17 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         tests(120, "tests/kernels/test_qlora.py", tail=8),
         speed("8b", "defaults-qlora,unsloth-qlora", 400, **PADDED)]),
     "stalls-8b": ("the offload GPU test, then 200 timed steps of the 8B defaults: median, slowest step, stalls", [
-        tests(90, "tests/engine/test_offload_gpu.py", tail=4),
+        tests(150, "tests/engine/test_offload_gpu.py", tail=6),
         speed("8b", "defaults", 360, "--steps", "200")]),
     "fit-vs-loop-1b": ("the bench's own step loop beside fit with the same keys (each profiled over its last "
                        "two steps), then the defaults, lora and qlora, 1B (all four profiled); profiles in logs.tgz", [
         speed("1b", FIT_VS_LOOP, 500)]),
     "fit-vs-loop-8b": ("the same as fit-vs-loop-1b at 8B", [
         speed("8b", FIT_VS_LOOP, 500)]),
-    "ahead-8b": ("the offload GPU test, then the 8B defaults (lora, profiled) beside the same with offload's copy "
-                 "ahead off (diagnostic), and the qlora defaults (profiled); profiles in logs.tgz", [
-        tests(90, "tests/engine/test_offload_gpu.py", tail=4),
-        speed("8b", f"defaults:profile={LOGS}/prof_defaults.txt,defaults:ahead=off,"
-              f"defaults-qlora:profile={LOGS}/prof_defaults_qlora.txt", 470)]),
+    "ahead-8b": ("the offload GPU test, then the 8B defaults beside the same with offload's copy ahead off "
+                 "(diagnostic), twice each, alternating", [
+        tests(150, "tests/engine/test_offload_gpu.py", tail=6),
+        speed("8b", "defaults,defaults:ahead=off,defaults,defaults:ahead=off", 300)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "

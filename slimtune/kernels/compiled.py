@@ -61,9 +61,12 @@ def parametrized(model: torch.nn.Module) -> bool:
 
 def four_bit(model: torch.nn.Module) -> bool:
     """Whether `model` holds a bitsandbytes 4-bit layer (qlora's base); such layers stay eager. Compiled around
-    the fused 4-bit node they now train right on an H100 (torch 2.11, inductor: every LoRA gradient within cosine
-    0.9995 of eager's, as close as 16-bit LoRA's; bench/check_compiled_4bit.py, 2026-12-06; an earlier run gave
-    all-zero gradients) but slower: 1B QLoRA 16,378 tok/s compiled against 22,290 eager in the same call."""
+    the fused 4-bit node kept out of the graph they trained right on an H100 (torch 2.11, inductor: every LoRA
+    gradient within cosine 0.9995 of eager's; bench/check_compiled_4bit.py, 2026-12-06) but slower: 1B QLoRA 16,378
+    tok/s compiled against 22,290 eager in the same call (a graph break at each of the 7 nodes a layer). The node
+    now traces into the layer's graph (kernels/qlora.py); on an H200 that build ran 1B QLoRA at 30,040 tok/s against
+    19,273 eager, but with all-zero LoRA gradients (its output a view of an in-place updated tensor, since copied
+    when traced), so the guard stays until bench/gpu.sh compiled-4bit shows the fixed node right on a GPU."""
     return any(qlora.linear_4bit(m) for m in model.modules())
 
 

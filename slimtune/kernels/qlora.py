@@ -87,7 +87,9 @@ class _Lora4bit(torch.autograd.Function):
         ctx.weights, ctx.quantized = (a, b), (qweight, absmax, absmax2, code2, offset)
         ctx.meta, ctx.scale, ctx.dtype, ctx.x_dtype = meta, scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)  # bitsandbytes returns x's dtype
+        # x's dtype, as bitsandbytes returns it. Traced (compiled layers), an output that is a view of the in-place
+        # updated y got all-zero gradients (x, A and B) on an H200, torch 2.11, whenever no cast made it a new tensor
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype, copy=torch.compiler.is_compiling())
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
