@@ -7,7 +7,8 @@ queueing the copies of its records, and `host_s` what the loop spent between the
 median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
 median in seconds per computed token (a lazily built kernel, an allocator growing, a recompile; not a step whose
 records are longer). With train.profile_step = N, torch.profiler
-records steps N and N + 1 and their busiest ops go to profile.txt in the run folder.
+records steps N and N + 1 and their busiest ops go to profile.txt in the run folder, with the device's idle time
+over those steps and its longest gaps, each with the host op that was running where it began and where it ended.
 """
 from __future__ import annotations
 
@@ -84,6 +85,45 @@ def summary_line(times: dict) -> str | None:
             "and host_s)")
 
 
+def idle(busy: list[tuple[float, float]], host: list[tuple[float, float, str]], window: tuple[float, float],
+         top: int = 8) -> dict:
+    """The device's idle time within `window` (start, end): the window less the union of the `busy` intervals (its
+    kernels and copies, every stream), and the `top` longest gaps, longest first, as (length, the innermost `host`
+    op (start, end, name) running where the gap began, and where it ended: what the device waited on)."""
+    lo, hi = window
+    merged: list[list[float]] = []
+    for start, end in sorted((max(a, lo), min(b, hi)) for a, b in busy if b > lo and a < hi):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    edges = [lo] + [t for span in merged for t in span] + [hi]
+    gaps = sorted(((b - a, a, b) for a, b in zip(edges[::2], edges[1::2]) if b > a), reverse=True)[:top]
+
+    def at(t: float) -> str:
+        inside = [h for h in host if h[0] <= t <= h[1]]
+        return max(inside, key=lambda h: (h[0], -h[1]))[2] if inside else "-"
+    return dict(window=hi - lo, busy=sum(b - a for a, b in merged),
+                gaps=[(length, at(a), at(b)) for length, a, b in gaps])
+
+
+def _idle_text(events: list) -> str:
+    """idle() over a profile's events (microseconds), as the lines profile.txt ends with."""
+    steps = [e for e in events if e.name.startswith("slimtune step ")]
+    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    if not steps or not device:
+        return ""
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith(("slimtune step ", "cu"))]
+    got = idle([(e.time_range.start, e.time_range.end) for e in device], host,
+               (min(e.time_range.start for e in steps), max(e.time_range.end for e in steps)))
+    lines = [f"\nDevice idle: {got['window'] / 1e3:.1f} ms of steps, busy {got['busy'] / 1e3:.1f} ms "
+             f"({got['busy'] / max(got['window'], 1e-9):.0%}); the longest gaps (ms: host op where it began -> where "
+             "it ended):"]
+    lines += [f"  {length / 1e3:8.2f}  {began} -> {ended}" for length, began, ended in got["gaps"]]
+    return "\n".join(lines) + "\n"
+
+
 class Profiler:
     """torch.profiler over steps `first` and `first + 1` (train.profile_step; 0 = off): `around(step)` wraps each
     step, and once the last one is done the table of the busiest ops, by device time and by host time, is written
@@ -124,7 +164,7 @@ class Profiler:
         head = (f"torch.profiler over steps {self.first}-{self.first + PROFILED_STEPS - 1} "
                 f"(train.profile_step={self.first})\n")
         text = head + "\nBy device time:\n" + table.table(sort_by=by_device, row_limit=40) + \
-            "\nBy host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40)
+            "\nBy host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40) + _idle_text(self.prof.events())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
         self.prof = None

@@ -87,3 +87,33 @@ def test_profile_step_past_the_end_writes_nothing_and_a_run_ending_inside_writes
     assert not (run / "profile.txt").exists()
     run, _, _ = _train(tmp_path, tiny_model_dir, "last", profile_step=STEPS)  # step STEPS + 1 never runs
     assert "slimtune step 8" in (run / "profile.txt").read_text()
+
+
+def test_idle_is_the_window_less_the_union_of_device_intervals_with_the_longest_gaps_named():
+    from slimtune.engine.timing import idle
+
+    busy = [(10, 30), (20, 40), (70, 80), (85, 95), (0, 5)]  # overlapping, and one before the window
+    host = [(0, 100, "step"), (38, 50, "launch a"), (45, 72, "aten::copy_"), (80, 90, "aten::mm")]
+    got = idle(busy, host, (8, 100), top=3)
+    assert got["window"] == 92 and got["busy"] == 30 + 10 + 10  # [10, 40], [70, 80], [85, 95]
+    # gaps: [40, 70] 30, [95, 100] 5, [80, 85] 5, [8, 10] 2; each named by the innermost op at its ends
+    assert got["gaps"] == [(30, "launch a", "aten::copy_"), (5, "step", "step"), (5, "aten::mm", "aten::mm")]
+
+
+def test_profile_text_gets_the_device_idle_lines_from_the_events():
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from slimtune.engine.timing import _idle_text
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, start, end, kind=cpu):
+        return NS(name=name, device_type=kind, time_range=NS(start=start, end=end))
+    events = [ev("slimtune step 3", 0, 10_000), ev("aten::mm", 100, 900), ev("cudaLaunchKernel", 100, 110),
+              ev("gemm", 200, 4_000, cuda), ev("_LoraLinearBackward", 3_900, 9_000), ev("gemm", 6_000, 10_000, cuda)]
+    text = _idle_text(events)
+    assert "Device idle: 10.0 ms of steps, busy 7.8 ms (78%)" in text
+    assert "2.00  _LoraLinearBackward -> _LoraLinearBackward" in text  # the 4-6 ms gap; cudaLaunchKernel not named
+    assert _idle_text([e for e in events if e.device_type == cpu]) == ""  # the CPU: no device, no lines
