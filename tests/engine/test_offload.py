@@ -103,3 +103,28 @@ def test_host_buffers_are_made_once_for_the_longest_forward_and_reused():
     exact._next = 0
     exact._buffer(1024 * 64 * 2, 1024)
     assert exact.pool[0].numel() == 1024 * 64 * 2
+
+
+def test_checkpointing_skips_torch_s_per_tensor_metadata_check_with_the_same_gradients(monkeypatch):
+    """engine/recompute.py turns checkpointing on with determinism_check="none": torch no longer builds and
+    compares a metadata dict for every tensor the layers save (twice a step), host time on a CPU-paced GPU; the
+    gradients are the same as with the check."""
+    import torch.utils.checkpoint as ckpt
+
+    from slimtune.engine import recompute
+
+    assert recompute.KWARGS == {"use_reentrant": False, "determinism_check": "none"}  # what runs use
+    calls = []
+    default = ckpt._allowed_determinism_checks_to_fns["default"]
+    monkeypatch.setitem(ckpt._allowed_determinism_checks_to_fns, "default",
+                        lambda t: calls.append(1) or default(t))
+    grads = {}
+    for check in ("default", "none"):
+        model = _model(checkpointing=False)
+        monkeypatch.setattr(recompute, "KWARGS", {"use_reentrant": False, "determinism_check": check})
+        assert recompute.enable_checkpointing(model, config.MethodConfig(name="lora"), log=lambda *_: None)
+        calls.clear()
+        grads[check] = _grads(model)
+        assert (len(calls) > 0) is (check == "default")
+    assert grads["none"][0] == grads["default"][0]
+    assert all(torch.equal(grads["none"][1][k], grads["default"][1][k]) for k in grads["default"][1])
