@@ -13,4 +13,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+# fail at once, not after a model build, when a dependency the image lacks was not carried
+python3 -c "import slimtune, gguf, bitsandbytes, liger_kernel" 2>/dev/null || {
+  echo "bench/gpu.sh: slimtune or a carried wheel does not import; run bash bench/peers/peer_wheels.sh .whl and carry .whl"
+  python3 -c "import slimtune, gguf, bitsandbytes, liger_kernel"; exit 3; }
 exec python3 bench/run.py "$@"
