@@ -11,7 +11,9 @@ Every other forward (padded batches in eval, generation with a cache, left paddi
 own SDPA with the mask it builds, so a model left switched over still evaluates and generates correctly.
 
 torch.nn.attention.varlen changed between releases (is_causal became window_size=(-1, 0) in early 2026,
-enable_gqa came later), so the call is built from the installed signature: see _varlen_kwargs.
+enable_gqa came later), so the call is built from the installed signature: see _varlen_kwargs. Without
+enable_gqa, a model with fewer key/value heads gives them to the kernel as they are where check_kernel_gqa found
+that right on this GPU (once, at enable()), and repeats them otherwise.
 """
 from __future__ import annotations
 
@@ -47,6 +49,37 @@ def _varlen_params() -> frozenset:
     return frozenset(inspect.signature(_varlen_fn()).parameters)
 
 
+# Whether the installed varlen_attn, without enable_gqa, computes grouped-query attention from fewer key/value
+# heads as they are (None: not checked; check_kernel_gqa sets it, enable() runs that on a GPU)
+KERNEL_GQA: bool | None = None
+
+
+def check_kernel_gqa(device: str = "cuda") -> bool:
+    """Whether varlen_attn, given a key/value head per group of query heads and no enable_gqa (the releases before
+    it document equal heads and check nothing), gives the output and the q/k/v gradients that repeated heads give:
+    its FlashAttention-2 kernel reads each group's head itself, which saves a repeat_interleave of k and v per
+    layer and forward, and their sum in backward. Tried once on a small random case; any error or difference
+    beyond bf16 rounding: False (the heads are then repeated)."""
+    fn, params = _varlen_fn(), _varlen_params()
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(96, h, 64, generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for h in (4, 2, 2))
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device=device)
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    weight = torch.randn(96, 4, 64, generator=g, device=device, dtype=torch.bfloat16)
+    try:
+        with torch.enable_grad():
+            got_out = fn(q, k, v, cu, cu, 56, 56, **kw)
+            got = torch.autograd.grad((got_out.float() * weight).sum(), (q, k, v))
+            want_out = fn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 56, 56, **kw)
+            want = torch.autograd.grad((want_out.float() * weight).sum(), (q, k, v))
+    except Exception:  # noqa: BLE001 - refused in any way: repeat the heads
+        return False
+    pairs = [(got_out, want_out), *zip(got, want)]
+    return all(a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max())
+               for a, b in pairs)
+
+
 def _varlen_kwargs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """q/k/v and keyword arguments for the installed varlen_attn."""
@@ -54,7 +87,7 @@ def _varlen_kwargs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
-        else:  # older releases check nothing and document equal heads: do not rely on the kernel's GQA
+        elif not KERNEL_GQA:  # unchecked, or the kernel did not compute it right: equal heads
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if "scale" in params:
@@ -179,7 +212,11 @@ def unsupported(model: torch.nn.Module) -> str | None:
 
 
 def enable(model: torch.nn.Module) -> None:
-    """Switch the model (through a peft wrapper) to packed attention; disable() switches back."""
+    """Switch the model (through a peft wrapper) to packed attention; disable() switches back. On a GPU whose
+    varlen_attn has no enable_gqa, whether its kernel takes fewer key/value heads is checked once first."""
+    global KERNEL_GQA
+    if KERNEL_GQA is None and varlen_available() and "enable_gqa" not in _varlen_params():
+        KERNEL_GQA = check_kernel_gqa()
     base = _base(model)
     if getattr(base, "_slimtune_attn_before", None) is None:
         base._slimtune_attn_before = base.config._attn_implementation

@@ -229,3 +229,43 @@ def test_varlen_call_fits_each_torch_signature(monkeypatch, fake, kv_heads, wind
     want = reference.packed_attention(q.float(), k.float(), v.float(), cu, scale, window=window).transpose(1, 2)
     assert out.shape == (1, 60, 4, 16) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)  # bf16 inputs and output: ~3 digits
+
+
+def _fake_no_gqa_flag(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    """A release between the two above: window_size, no enable_gqa; computes GQA from fewer kv heads (the
+    reference reads each group's head), as FlashAttention-2's kernel does."""
+    window = window_size[0] + 1 if window_size[0] >= 0 else None
+    out = reference.packed_attention(*(t.transpose(0, 1)[None].float() for t in (query, key, value)), cu_seq_q,
+                                     scale, window=window)
+    return out[0].transpose(0, 1).to(query.dtype)
+
+
+def _fake_first_head(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """A kernel that, given fewer kv heads, reads kv head 0 for every query head: wrong where the heads differ."""
+    if key.shape[1] != query.shape[1]:
+        key, value = (t[:, :1].expand(-1, query.shape[1], -1).contiguous() for t in (key, value))
+    return _fake_no_gqa_flag(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size)
+
+
+@pytest.mark.parametrize("fake, works", [(_fake_no_gqa_flag, True), (_fake_first_head, False), (_fake_old, False)])
+def test_kernel_gqa_is_taken_only_where_it_gives_the_repeated_heads_answer(monkeypatch, fake, works):
+    """Without enable_gqa, fewer kv heads go to the kernel as they are only once check_kernel_gqa found the output
+    and gradients of repeated heads (a kernel that refuses them, or reads the wrong head, keeps the repeat); the
+    packed attention's answer is the same either way."""
+    import inspect
+
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: fake)
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset(inspect.signature(fake).parameters))
+    assert attention.check_kernel_gqa("cpu") is works
+    monkeypatch.setattr(attention, "KERNEL_GQA", works)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 60, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
+    q2, k2, v2, _ = attention._varlen_kwargs(*(t[0].transpose(0, 1) for t in (q, k, v)), None, None)
+    assert k2.shape[1] == v2.shape[1] == (2 if works else 4) and q2.shape[1] == 4
+    cu = torch.tensor([0, 7, 38, 40, 60], dtype=torch.int32)
+    out = attention.varlen(q, k, v, cu.long(), 31, 0.2)
+    want = reference.packed_attention(q.float(), k.float(), v.float(), cu, 0.2).transpose(1, 2)
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)

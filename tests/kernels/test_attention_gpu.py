@@ -68,6 +68,17 @@ def test_sliding_window_and_the_older_signature_paths(monkeypatch):
     assert _err(native, full) < 2e-2
 
 
+def test_kernel_gqa_check_and_the_path_it_opens(monkeypatch):
+    """check_kernel_gqa on this GPU (printed); where it holds, fewer kv heads go to the kernel as they are and the
+    packed attention still equals the reference."""
+    works = "enable_gqa" in attention._varlen_params() or attention.check_kernel_gqa()
+    print(f"torch {torch.__version__}: grouped-query attention without repeated heads: {works}")
+    monkeypatch.setattr(attention, "KERNEL_GQA", works)
+    q, k, v, cu = _qkv([123, 431, 7], 8, 2, 64, torch.bfloat16)
+    full = reference.packed_attention(q.float(), k.float(), v.float(), cu, 0.1).transpose(1, 2)
+    assert _err(attention.varlen(q, k, v, cu, 431, 0.1), full) < 2e-2
+
+
 def test_what_the_installed_varlen_attn_offers():
     """Prints what the GPU session needs to know; fails only if causal masking has no way in."""
     params = attention._varlen_params()
