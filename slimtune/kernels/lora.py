@@ -46,7 +46,7 @@ class _LoraLinear(torch.autograd.Function):
             xa = x2 @ ac.T
             y = lora_math.output(x2, w, bias, xa, bc, scale)
         ctx.save_for_backward(x2, xa)  # activations: checkpointing drops and recomputes them
-        ctx.weights = weight, a, b  # parameters, alive anyway: no saved-tensor hooks (~30 us of host time each)
+        ctx.weights = weight, a, b  # parameters, alive anyway: no saved-tensor hook calls for them
         ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -25,13 +25,6 @@ if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
 
-def dequantize(weight: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit: the (out, in) weight in the dtype it was quantized from."""
-    import bitsandbytes.functional as bnbf  # optional dependency, loaded only for a 4-bit base
-
-    return bnbf.dequantize_4bit(weight, state)
-
-
 # what the node's dequantization reads besides the packed weight: (absmax, absmax2, code2, offset), the last three
 # None unless the absmax is itself quantized (double quant); and (blocksize, blocksize2, quant_type, shape, dtype)
 Parts = tuple["torch.Tensor", "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
@@ -113,9 +106,8 @@ def lora_4bit_linear(x: torch.Tensor, qweight: torch.Tensor, state: QuantState, 
     """x @ dequant(qweight, state).T + bias + scale * (x @ a.T) @ b.T as one autograd node, in x's dtype.
 
     Its inputs are tensors and constants (parts(state)), so inside compiled decoder layers (kernels/compiled.py)
-    dynamo traces it into the layer's graph, bitsandbytes' operators as calls (a node that took the QuantState
-    object and the dequantizer as inputs gave all-zero A and B gradients there on an H100, torch 2.11). The
-    dequantizer is this module's dequantize_parts (tests put reference.dequantize_nf4 in its place).
+    dynamo traces it into the layer's graph, bitsandbytes' operators as calls. The dequantizer is this module's
+    dequantize_parts (tests put reference.dequantize_nf4 in its place).
 
     Args:
         qweight, state: the packed 4-bit weight and its bitsandbytes QuantState (no gradient flows to them).
