@@ -290,6 +290,10 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
                 stalls=result.get("stalls", []), step_s=[round(t, 3) for t in times],
                 data_s=[round(r["data_s"], 3) for r in rows[warmup:]],
                 host_s=[round(r["host_s"], 3) for r in rows[warmup:]],
+                gc_s=[round(r.get("gc_s", 0.0), 3) for r in rows[warmup:]],  # garbage collection in each step
+                alloc_retries=sum(r.get("alloc_retries", 0) for r in rows[warmup:]),
+                stall_causes=result.get("stall_causes", {}),
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # slimtune's CLI sets expandable segments
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
                 first_step_s=round(rows[0]["step_s"], 1),  # the compile, when on, is in it
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])

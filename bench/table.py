@@ -4,7 +4,8 @@
     python bench/run.py table --check    # exit 1 when docs/benchmarks.md differs from what the results give
 
 Only rows of one group (one date, one machine) were measured side by side; rows of different groups are not
-comparable. Newest first. A short section lists the multi-GPU rows and every results file with its benches.
+comparable. Newest first. Short sections list the longest records that trained, the multi-GPU rows and every
+results file with its benches.
 `run.py table --results DIR --out FILE` renders another folder.
 """
 from __future__ import annotations
@@ -135,6 +136,36 @@ def fsdp_section(named: list[tuple[str, dict]]) -> list[str]:
     return out + [""]
 
 
+def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
+    """bench/long_context.py's cells (not its --quick ones), newest file first: per model size, method and cap, each
+    tool's longest trained record."""
+    seen, rows = set(), []
+    for name, r in named:
+        key = json.dumps(r, sort_keys=True)
+        if r.get("bench") == "long_context" and not r.get("quick") and "longest_tokens" in r and key not in seen:
+            seen.add(key)
+            rows.append(dict(r, file=name))
+    if not rows:
+        return []
+    out = ["## The longest record that trains (bench/long_context.py)", "",
+           "One record a step; *longest*: the longest length that trained (>= where a longer one was not tried "
+           "because its step was projected to take too long: a lower bound); *failed*: the shortest that ran out "
+           "of memory; *peak*: allocated GiB at the longest.", "",
+           "| file | device | size | method | cap GiB | tool | longest tokens | failed | peak GiB | tok/s at 16k |",
+           "|---|---|---|---|--:|---|--:|--:|--:|--:|"]
+    for r in sorted(rows, key=lambda r: (r["file"], r.get("size", ""), r.get("method", ""), r.get("cap_gib", 0)),
+                    reverse=True):
+        longest = f"{r['longest_tokens']:,}" if r["longest_tokens"] else "none"
+        longest = f">= {longest}" if r.get("bounded_by_time") else longest
+        peak = [t.get("peak_gib") for t in r.get("tried", []) if t.get("tokens") == r["longest_tokens"]]
+        failed = f"{r['shortest_failed']:,}" if r.get("shortest_failed") else ""
+        at16k = f"{r['tok_s_at_16k']:,}" if r.get("tok_s_at_16k") else ""
+        out.append(f"| {r['file']} | {_cell(r.get('device', '?'))} | {r.get('size', '?')} | {r.get('method', '?')} "
+                   f"| {r.get('cap_gib', '?')} | {r.get('tool', '?')} | {longest} | {failed} "
+                   f"| {peak[0] if peak and peak[0] is not None else ''} | {at16k} |")
+    return out + [""]
+
+
 def files_section(named: list[tuple[str, dict]]) -> list[str]:
     counts = collections.defaultdict(collections.Counter)
     for name, r in named:
@@ -147,7 +178,8 @@ def files_section(named: list[tuple[str, dict]]) -> list[str]:
 
 
 def render(named: list[tuple[str, dict]]) -> str:
-    lines = [HEAD, "## One GPU (bench/speed.py)", ""] + speed_section(named) + fsdp_section(named)
+    lines = [HEAD, "## One GPU (bench/speed.py)", ""] + speed_section(named) + long_context_section(named)
+    lines += fsdp_section(named)
     lines += files_section(named)
     return "\n".join(lines).rstrip("\n") + "\n"
 

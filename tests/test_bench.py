@@ -53,6 +53,26 @@ def test_table_splits_a_day_into_runs_where_a_recipe_repeats_and_keeps_their_not
     assert "| 30 |" in second and "Note:" not in second
 
 
+def test_table_lists_each_long_context_cell_once_with_its_bound_and_peak(tmp_path):
+    cell = dict(bench="long_context", device="GPU A", size="8b", method="qlora", cap_gib=24.0, r=32, quick=False)
+    tried = [dict(tokens=16384, ok=True, peak_gib=10.1), dict(tokens=147456, ok=True, peak_gib=22.53)]
+    lines = [dict(cell, tool="slimtune", longest_tokens=147456, shortest_failed=None, bounded_by_time=True,
+                  tok_s_at_16k=6502, tried=tried),
+             dict(cell, tool="unsloth", longest_tokens=65536, shortest_failed=81920, bounded_by_time=False,
+                  tok_s_at_16k=3000, tried=[dict(tokens=65536, ok=True, peak_gib=21.0)]),
+             dict(cell, tool="slimtune", quick=True, longest_tokens=131072, tried=[]),  # --quick: not a cell
+             dict(cell, tool="unsloth", not_run="no wheel")]  # no longest: nothing to show
+    text = "\n".join(json.dumps(r) for r in lines) + "\n"
+    (tmp_path / "2026-01-04-h100.jsonl").write_text(text + json.dumps(lines[0]) + "\n")  # a repeat: once
+    md = table.render(table.load(tmp_path))
+    assert "## The longest record that trains (bench/long_context.py)" in md
+    ours = "| 2026-01-04-h100.jsonl | GPU A | 8b | qlora | 24.0 | slimtune | >= 147,456 |  | 22.53 | 6,502 |"
+    assert md.count(ours) == 1
+    assert "| 2026-01-04-h100.jsonl | GPU A | 8b | qlora | 24.0 | unsloth | 65,536 | 81,920 | 21.0 | 3,000 |" in md
+    assert "131,072" not in md and "no wheel" not in md
+    assert "## The longest record" not in table.render([])
+
+
 def test_docs_benchmarks_md_is_generated_from_bench_results():
     want = table.render(table.load(ROOT / "bench" / "results"))
     assert (ROOT / "docs" / "benchmarks.md").read_text() == want, "run: python bench/run.py table"

@@ -115,13 +115,16 @@ def _train(run: Run, pad: int, context: Context, logs: RunLog, log: Log, show_pr
     profiler = timing.Profiler(tc.profile_step if distributed.is_main() else 0, run.out_dir / "profile.txt",
                                run.device)
     try:
-        with checkpoint.StopOnSignal(log) as stop:
+        with checkpoint.StopOnSignal(log) as stop, timing.Pauses(run.device) as pauses:
             while run.step < run.steps:
                 host = run.clock.start()
+                pauses.read()  # what paused the loop between steps is in host_s
                 with profiler.around(run.step + 1):  # its table is written after the step's clock stopped
                     records = [next(run.stream) for _ in range(tc.grad_accum)]
                     row = _step(run, records, pad, context, log)
-                    row.update(step_s=run.clock.stop(run.step, row.pop("computed_tokens")), host_s=host)
+                    paused = pauses.read()
+                    row.update(step_s=run.clock.stop(run.step, row.pop("computed_tokens"), paused), host_s=host,
+                               **paused)
                 run.elapsed = time.perf_counter() - start
                 _report(run, row, logs, bar, log)
                 _maybe_eval(run, measure, log)  # before the save: the checkpoint's metrics hold its row

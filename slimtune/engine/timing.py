@@ -6,13 +6,16 @@ queueing the copies of its records, and `host_s` what the loop spent between the
 (metrics, TensorBoard, checkpoints, evaluation). metrics.jsonl gets the three per step; the summary gets the
 median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
 median in seconds per computed token (a lazily built kernel, an allocator growing, a recompile; not a step whose
-records are longer). With train.profile_step = N, torch.profiler
+records are longer). Two pauses outside a step's own work are counted per step (Pauses): seconds in Python's
+garbage collector (`gc_s`) and, on CUDA, the caching allocator's retries (`alloc_retries`); a stall's line names
+them. With train.profile_step = N, torch.profiler
 records steps N and N + 1 and their busiest ops go to profile.txt in the run folder, with the device's idle time
 over those steps and its longest gaps, each with the host op that was running where it began and where it ended.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from collections.abc import Iterator
@@ -40,11 +43,71 @@ def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR,
     return [(s, step_s[s]) for s in steps if per[s] > factor * median]
 
 
+class Pauses:
+    """What can pause a step besides its own work, counted between two read()s: seconds in Python's garbage
+    collector (a full collection scans every tracked object: 0.23 s for 454,000 with torch, transformers and peft
+    loaded, on a 2-core CPU) and, on CUDA, the caching allocator's retries (a cudaMalloc that failed, every cached
+    block freed, then tried again, waiting for the device).
+
+    As a context manager around training on CUDA (or with freeze=True) it also collects, then freezes the objects
+    alive when training starts (the model, the imported libraries: gc.freeze), so full collections scan only what
+    the run made since; they are unfrozen at the end (unless something else had frozen objects before). Not on the
+    CPU by default: there a run is short and its step no faster, and the collection up front would cost each of
+    the test suite's hundreds of runs."""
+
+    def __init__(self, device: str, freeze: bool | None = None) -> None:
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self.freeze = device.startswith("cuda") if freeze is None else freeze
+        self.gc_s, self._began, self._froze = 0.0, None, False
+        self._retries = self._count()
+
+    def _count(self) -> int:
+        return int(torch.cuda.memory_stats().get("num_alloc_retries", 0)) if self.cuda else 0
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.gc_s += time.perf_counter() - self._began
+            self._began = None
+
+    def __enter__(self) -> Pauses:
+        if self.freeze and not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
+            self._froze = True
+        gc.callbacks.append(self._gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._gc)
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
+
+    def read(self) -> dict:
+        """{"gc_s", "alloc_retries"} since the previous read."""
+        retries = self._count()
+        out = {"gc_s": round(self.gc_s, 4), "alloc_retries": retries - self._retries}
+        self.gc_s, self._retries = 0.0, retries
+        return out
+
+
+def cause(pauses: dict | None) -> str:
+    """What a stalled step's pauses held, as a short text ("" when nothing)."""
+    if not pauses:
+        return ""
+    said = ([f"{pauses['gc_s']:.2f} s in garbage collection"] if pauses.get("gc_s", 0) >= 0.01 else []) + \
+        ([f"{pauses['alloc_retries']} allocator retries"] if pauses.get("alloc_retries") else [])
+    return f" ({', '.join(said)})" if said else ""
+
+
 @dataclass
 class StepClock:
     """This process's step times (a resumed run's own steps only)."""
     step_s: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)  # tokens each step computed (padding included)
+    pauses: dict[int, dict] = field(default_factory=dict)  # each step's Pauses.read()
     _mark: float | None = None  # when the previous step's compute ended
     _began: float = 0.0
 
@@ -55,12 +118,14 @@ class StepClock:
         self._began = now
         return host
 
-    def stop(self, step: int, tokens: int = 0) -> float:
+    def stop(self, step: int, tokens: int = 0, pauses: dict | None = None) -> float:
         """Called once the step's update is queued; returns its seconds."""
         self._mark = time.perf_counter()
         self.step_s[step] = self._mark - self._began
         if tokens:
             self.tokens[step] = tokens
+        if pauses is not None:
+            self.pauses[step] = pauses
         return self.step_s[step]
 
     def summary(self) -> dict:
@@ -72,17 +137,19 @@ class StepClock:
         found = stalls(self.step_s, tokens=self.tokens)
         return {"step_s_median": statistics.median(self.step_s[s] for s in steps),
                 "step_s_max": self.step_s[slowest], "slowest_step": slowest,
-                "stalls": [[s, round(t, 4)] for s, t in found[:20]], "stall_count": len(found)}
+                "stalls": [[s, round(t, 4)] for s, t in found[:20]], "stall_count": len(found),
+                "stall_causes": {s: why for s, _ in found[:20] if (why := cause(self.pauses.get(s)))}}
 
 
 def summary_line(times: dict) -> str | None:
     """One printed line about the stalls, or None when there were none."""
     if not times.get("stall_count"):
         return None
-    shown = ", ".join(f"step {s}: {t:.2f} s" for s, t in times["stalls"][:5])
+    causes = times.get("stall_causes", {})
+    shown = ", ".join(f"step {s}: {t:.2f} s{causes.get(s, '')}" for s, t in times["stalls"][:5])
     return (f"warning: {times['stall_count']} step(s) took over {STALL_FACTOR:g}x the median step's time per token "
-            f"(median step {times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s "
-            "and host_s)")
+            f"(median step {times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s, "
+            "host_s, gc_s and alloc_retries)")
 
 
 def idle(busy: list[tuple[float, float]], host: list[tuple[float, float, str]], window: tuple[float, float],

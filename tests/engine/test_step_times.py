@@ -2,6 +2,7 @@
 (engine/timing.py). No test here asserts a speed: a planted stall is what must be found."""
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -40,6 +41,7 @@ def test_every_step_has_its_seconds_and_the_summary_its_median_and_slowest(tmp_p
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         assert 0 < r["data_s"] < r["step_s"] < 60 and r["host_s"] >= 0
+        assert 0 <= r["gc_s"] < r["step_s"] and r["alloc_retries"] == 0  # no CUDA allocator here
     assert rows[0]["host_s"] == 0  # nothing ran before the first step
     later = sorted(r["step_s"] for r in rows[1:])
     assert summary["step_s_median"] == pytest.approx(statistics.median(later))  # steps 2..8
@@ -69,6 +71,65 @@ def test_a_planted_stall_is_found_named_and_printed(tmp_path, tiny_model_dir, mo
     n = summary["stall_count"]
     assert f"warning: {n} step(s) took over 2x the median step's time per token" in out
     assert f"step 5: {rows[4]['step_s']:.2f} s" in out
+
+
+def test_a_planted_garbage_collection_is_counted_and_named(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Step 5 runs a full garbage collection made to last 4x the longest step before it, plus 1 s (a callback
+    registered before fit's sleeps as the collection ends): its gc_s holds that time and the stall's line says
+    so. On the CPU nothing is frozen (timing.Pauses freezes on CUDA)."""
+    import slimtune.engine.loop as loop
+    real, calls, frozen, slow = loop.collate_micro, [], [], {}
+
+    def slow_end(phase, info):
+        if phase == "stop" and slow.pop("s", None):
+            time.sleep(slow_end.seconds)
+
+    def collate(*args, **kwargs):
+        calls.append(time.perf_counter())
+        frozen.append(gc.get_freeze_count())
+        if len(calls) == 9:  # two micro-batches a step: the first of step 5
+            slow_end.seconds = 4 * max(b - a for a, b in zip(calls[2:9:2], calls[4:9:2])) + 1.0
+            slow["s"] = True
+            gc.collect()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, "collate_micro", collate)
+    gc.callbacks.append(slow_end)
+    try:
+        before = gc.get_freeze_count()
+        _, rows, summary = _train(tmp_path, tiny_model_dir, "gc")
+    finally:
+        gc.callbacks.remove(slow_end)
+    assert before == 0 and max(frozen) == 0 and gc.get_freeze_count() == 0
+    assert rows[4]["gc_s"] >= slow_end.seconds and rows[4]["step_s"] >= rows[4]["gc_s"]
+    assert max(r["gc_s"] for i, r in enumerate(rows) if i != 4) < 1.0
+    assert 5 in [s for s, _ in summary["stalls"]]
+    assert f"step 5: {rows[4]['step_s']:.2f} s ({rows[4]['gc_s']:.2f} s in garbage collection)" in \
+        capsys.readouterr().out
+
+
+def test_pauses_freezes_the_objects_alive_at_its_start_and_unfreezes_them_after():
+    """freeze=True (the default on CUDA): inside, every object alive at the start is frozen, so a full collection
+    scans only the newer ones; after, none is; where objects were already frozen it leaves them as they were."""
+    with timing.Pauses("cpu", freeze=True) as pauses:
+        assert gc.get_freeze_count() > 100_000  # torch, transformers, the test session
+        kept = [[i] for i in range(50_000)]
+        assert 50_000 <= len(gc.get_objects()) < 80_000  # what a full collection now scans: the newer objects
+        gc.collect()
+        assert pauses.read()["gc_s"] > 0 and pauses.read()["gc_s"] == 0  # read resets
+    assert gc.get_freeze_count() == 0 and len(kept) == 50_000
+    gc.freeze()
+    try:
+        n = gc.get_freeze_count()
+        with timing.Pauses("cpu", freeze=True):
+            pass
+        assert gc.get_freeze_count() == n  # someone else's freeze: left alone
+    finally:
+        gc.unfreeze()
+
+
+def test_pauses_names_what_a_stalled_step_held():
+    assert timing.cause({"gc_s": 0.314, "alloc_retries": 2}) == " (0.31 s in garbage collection, 2 allocator retries)"
+    assert timing.cause({"gc_s": 0.002, "alloc_retries": 0}) == "" and timing.cause(None) == ""
 
 
 def test_profile_step_writes_the_busiest_ops_of_two_steps(tmp_path, tiny_model_dir):
