@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     # expandable segments: far less fragmentation, so reserved memory stays close to allocated (and to
     # `slimtune estimate`); must be set before CUDA initializes
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # slimtune reads models and data from local paths only; offline, no library fetches from a hub either
+    # (bitsandbytes' import asks the kernels package for a CPU kernel from kernels-community on AVX512-BF16 CPUs)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = _parse(raw)
     args.raw = raw

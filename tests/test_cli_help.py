@@ -98,3 +98,16 @@ def test_running_a_verb_imports_its_module():
     done, seen = _slimtune("config", "--explain")
     assert seen["code"] == 0 and "slimtune.commands.config" in seen["commands"]
     assert "train.lr" in done.stdout
+
+
+def test_the_command_line_runs_offline_unless_told_otherwise(monkeypatch):
+    """main sets HF_HUB_OFFLINE=1 before any verb imports a Hugging Face library (bitsandbytes' import would
+    otherwise try to fetch a CPU kernel from the hub), and leaves a value the user set."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
