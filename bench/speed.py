@@ -292,6 +292,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
                 host_s=[round(r["host_s"], 3) for r in rows[warmup:]],
                 gc_s=[round(r.get("gc_s", 0.0), 3) for r in rows[warmup:]],  # garbage collection in each step
                 alloc_retries=sum(r.get("alloc_retries", 0) for r in rows[warmup:]),
+                device_allocs=[r.get("device_allocs", 0) for r in rows[warmup:]],
                 stall_causes=result.get("stall_causes", {}),
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # slimtune's CLI sets expandable segments
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,

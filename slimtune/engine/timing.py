@@ -7,8 +7,8 @@ queueing the copies of its records, and `host_s` what the loop spent between the
 median and slowest step and the stalls: steps after this process's first that took over STALL_FACTOR x the
 median in seconds per computed token (a lazily built kernel, an allocator growing, a recompile; not a step whose
 records are longer). Two pauses outside a step's own work are counted per step (Pauses): seconds in Python's
-garbage collector (`gc_s`) and, on CUDA, the caching allocator's retries (`alloc_retries`); a stall's line names
-them. With train.profile_step = N, torch.profiler
+garbage collector (`gc_s`) and, on CUDA, the caching allocator's retries and new device allocations
+(`alloc_retries`, `device_allocs`); a stall's line names them. With train.profile_step = N, torch.profiler
 records steps N and N + 1 and their busiest ops go to profile.txt in the run folder, with the device's idle time
 over those steps and its longest gaps, each with the host op that was running where it began and where it ended.
 """
@@ -47,7 +47,8 @@ class Pauses:
     """What can pause a step besides its own work, counted between two read()s: seconds in Python's garbage
     collector (a full collection scans every tracked object: 0.23 s for 454,000 with torch, transformers and peft
     loaded, on a 2-core CPU) and, on CUDA, the caching allocator's retries (a cudaMalloc that failed, every cached
-    block freed, then tried again, waiting for the device).
+    block freed, then tried again, waiting for the device) and its new device allocations (cudaMalloc calls: its
+    cache growing).
 
     As a context manager around training on CUDA (or with freeze=True) it also collects, then freezes the objects
     alive when training starts (the model, the imported libraries: gc.freeze), so full collections scan only what
@@ -59,10 +60,13 @@ class Pauses:
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.freeze = device.startswith("cuda") if freeze is None else freeze
         self.gc_s, self._began, self._froze = 0.0, None, False
-        self._retries = self._count()
+        self._counts = self._count()
 
-    def _count(self) -> int:
-        return int(torch.cuda.memory_stats().get("num_alloc_retries", 0)) if self.cuda else 0
+    def _count(self) -> tuple[int, int]:
+        if not self.cuda:
+            return 0, 0
+        stats = torch.cuda.memory_stats()
+        return int(stats.get("num_alloc_retries", 0)), int(stats.get("num_device_alloc", 0))
 
     def _gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -86,10 +90,11 @@ class Pauses:
             self._froze = False
 
     def read(self) -> dict:
-        """{"gc_s", "alloc_retries"} since the previous read."""
-        retries = self._count()
-        out = {"gc_s": round(self.gc_s, 4), "alloc_retries": retries - self._retries}
-        self.gc_s, self._retries = 0.0, retries
+        """{"gc_s", "alloc_retries", "device_allocs"} since the previous read."""
+        counts = self._count()
+        out = {"gc_s": round(self.gc_s, 4), "alloc_retries": counts[0] - self._counts[0],
+               "device_allocs": counts[1] - self._counts[1]}
+        self.gc_s, self._counts = 0.0, counts
         return out
 
 
@@ -98,7 +103,8 @@ def cause(pauses: dict | None) -> str:
     if not pauses:
         return ""
     said = ([f"{pauses['gc_s']:.2f} s in garbage collection"] if pauses.get("gc_s", 0) >= 0.01 else []) + \
-        ([f"{pauses['alloc_retries']} allocator retries"] if pauses.get("alloc_retries") else [])
+        ([f"{pauses['alloc_retries']} allocator retries"] if pauses.get("alloc_retries") else []) + \
+        ([f"{pauses['device_allocs']} new device allocations"] if pauses.get("device_allocs") else [])
     return f" ({', '.join(said)})" if said else ""
 
 
@@ -149,7 +155,7 @@ def summary_line(times: dict) -> str | None:
     shown = ", ".join(f"step {s}: {t:.2f} s{causes.get(s, '')}" for s, t in times["stalls"][:5])
     return (f"warning: {times['stall_count']} step(s) took over {STALL_FACTOR:g}x the median step's time per token "
             f"(median step {times['step_s_median']:.3f} s): {shown} (metrics.jsonl has every step's step_s, data_s, "
-            "host_s, gc_s and alloc_retries)")
+            "host_s, gc_s, alloc_retries and device_allocs)")
 
 
 def idle(busy: list[tuple[float, float]], host: list[tuple[float, float, str]], window: tuple[float, float],

@@ -8,6 +8,7 @@ import statistics
 import time
 
 import pytest
+import torch
 
 from conftest import lora_run_config
 from slimtune import cli
@@ -41,7 +42,7 @@ def test_every_step_has_its_seconds_and_the_summary_its_median_and_slowest(tmp_p
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         assert 0 < r["data_s"] < r["step_s"] < 60 and r["host_s"] >= 0
-        assert 0 <= r["gc_s"] < r["step_s"] and r["alloc_retries"] == 0  # no CUDA allocator here
+        assert 0 <= r["gc_s"] < r["step_s"] and r["alloc_retries"] == r["device_allocs"] == 0  # no CUDA allocator
     assert rows[0]["host_s"] == 0  # nothing ran before the first step
     later = sorted(r["step_s"] for r in rows[1:])
     assert summary["step_s_median"] == pytest.approx(statistics.median(later))  # steps 2..8
@@ -127,9 +128,24 @@ def test_pauses_freezes_the_objects_alive_at_its_start_and_unfreezes_them_after(
         gc.unfreeze()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator's counters need a GPU")
+def test_pauses_counts_the_cuda_allocators_new_device_allocations_and_freezes_on_cuda():
+    with timing.Pauses("cuda") as pauses:
+        assert gc.get_freeze_count() > 0  # the default on CUDA
+        pauses.read()
+        big = torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda")  # more than any cached block
+        got = pauses.read()
+        assert got["device_allocs"] >= 1 and got["alloc_retries"] == 0
+        assert pauses.read()["device_allocs"] == 0
+        del big
+    assert gc.get_freeze_count() == 0
+
+
 def test_pauses_names_what_a_stalled_step_held():
-    assert timing.cause({"gc_s": 0.314, "alloc_retries": 2}) == " (0.31 s in garbage collection, 2 allocator retries)"
-    assert timing.cause({"gc_s": 0.002, "alloc_retries": 0}) == "" and timing.cause(None) == ""
+    assert timing.cause({"gc_s": 0.314, "alloc_retries": 2, "device_allocs": 0}) == \
+        " (0.31 s in garbage collection, 2 allocator retries)"
+    assert timing.cause({"gc_s": 0.0, "alloc_retries": 0, "device_allocs": 3}) == " (3 new device allocations)"
+    assert timing.cause({"gc_s": 0.002, "alloc_retries": 0, "device_allocs": 0}) == "" and timing.cause(None) == ""
 
 
 def test_profile_step_writes_the_busiest_ops_of_two_steps(tmp_path, tiny_model_dir):
