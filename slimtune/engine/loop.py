@@ -72,7 +72,7 @@ def fit(model: torch.nn.Module, train: list[Encoded], held: list[Encoded], cfg: 
               precision.scaler(dtypes, device), stream, (objective.fingerprint if objective else fingerprint)(train),
               took, Tally(start_max_abs=guards.trainable_max(model)), objective=objective)  # a resume keeps the first
     if stream.packed:
-        log(_describe_packing(stream, device, dtypes))
+        log(_describe_packing(stream, device, dtypes, model))
     rows = plan.micro_batch_size * (2 if objective else 1)  # a preference record is two rows
     context = forward_context(dtypes, device, plan.offload, model, rows * cfg.data.max_len)
     if objective:  # its reference, from the model as loaded: before a resume puts trained weights in
@@ -185,14 +185,15 @@ def _answers_step(run: Run, records: list[list[Encoded]], pad: int, context, whe
     return row
 
 
-def _describe_packing(stream: MicroBatches, device: str, plan: precision.Dtypes) -> str:
+def _describe_packing(stream: MicroBatches, device: str, plan: precision.Dtypes, model: torch.nn.Module) -> str:
     lengths = [len(r.input_ids) for r in stream.records]
     fast = device.startswith("cuda") and attention.varlen_available() and plan.name != "fp32"
     rows = (f"{stream.size} records per row" if stream.rows else
             f"{len(lengths)} records in {stream.per_epoch()} rows of at most {stream.budget} tokens "
             f"({100 * pack.fill(lengths, stream.order, stream.budget):.1f}% full)")
     return (f"packing: {rows}; attention within each record: "
-            + ("varlen flash attention" if fast else "one SDPA call per record (plain PyTorch)"))
+            + ("varlen flash attention" + attention.heads_note(model) if fast else
+               "one SDPA call per record (plain PyTorch)"))
 
 
 def _report(run: Run, row: dict, logs: RunLog, bar: tqdm, log: Log = print) -> None:

@@ -223,6 +223,19 @@ def enable(model: torch.nn.Module) -> None:
     base.set_attn_implementation(register())
 
 
+def heads_note(model: torch.nn.Module) -> str:
+    """How the varlen kernel gets a grouped-query model's key/value heads ("" where every query head has its own):
+    as they are (enable_gqa, or check_kernel_gqa held on this GPU), or repeated per group."""
+    cfg = _base(model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads, kv = getattr(cfg, "num_attention_heads", 0), getattr(cfg, "num_key_value_heads", None)
+    if not heads or not kv or kv >= heads:
+        return ""
+    if "enable_gqa" in _varlen_params() or KERNEL_GQA:
+        return f"; {kv} key/value heads for {heads} query heads, as they are"
+    return f"; {kv} key/value heads repeated for {heads} query heads (this kernel did not take them as they are)"
+
+
 def disable(model: torch.nn.Module) -> None:
     base = _base(model)
     before = getattr(base, "_slimtune_attn_before", None)

@@ -269,3 +269,19 @@ def test_kernel_gqa_is_taken_only_where_it_gives_the_repeated_heads_answer(monke
     out = attention.varlen(q, k, v, cu.long(), 31, 0.2)
     want = reference.packed_attention(q.float(), k.float(), v.float(), cu, 0.2).transpose(1, 2)
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_the_run_says_how_the_kernel_gets_grouped_key_value_heads(monkeypatch):
+    """heads_note (the run's packing line): as they are where the kernel takes them (enable_gqa, or the check
+    held), repeated where not; nothing for a model whose query heads each have their own."""
+    model = make_model(64)  # 4 query heads, 2 key/value heads
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset({"window_size"}))
+    monkeypatch.setattr(attention, "KERNEL_GQA", True)
+    assert attention.heads_note(model) == "; 2 key/value heads for 4 query heads, as they are"
+    monkeypatch.setattr(attention, "KERNEL_GQA", False)
+    assert attention.heads_note(model) == \
+        "; 2 key/value heads repeated for 4 query heads (this kernel did not take them as they are)"
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset({"window_size", "enable_gqa"}))
+    assert attention.heads_note(model).endswith("as they are")
+    model.config.num_key_value_heads = 4
+    assert attention.heads_note(model) == ""
