@@ -113,8 +113,8 @@ def _run(tmp_path: object, tokenizer: object, packing: str, monkeypatch: pytest.
     prompts = build_prompts(cfg.data, tokenizer, needs_answer=False, log=lambda m: None).train
     model = apply(make_model(len(tokenizer), seed=1).to(device), cfg.method)  # fit trains where the model is
     computed = []  # the tokens each step computed, as the step clock gets them
-    monkeypatch.setattr(timing.StepClock, "stop", lambda self, step, tokens=0, _f=timing.StepClock.stop:
-                        computed.append(tokens) or _f(self, step, tokens))
+    monkeypatch.setattr(timing.StepClock, "stop", lambda self, step, tokens=0, pauses=None, _f=timing.StepClock.stop:
+                        computed.append(tokens) or _f(self, step, tokens, pauses))
     said: list[str] = []
     result = fit(model.train(), prompts, cfg, out_dir=tmp_path / f"{packing}-{mode}", tokenizer=tokenizer,
                  rewards=[lambda p, c, a: [float(len(x)) for x in c]], pad_id=tokenizer.pad_token_id, log=said.append)

@@ -28,8 +28,8 @@ WORDS = ["Paris", "blue", "seven", "the fox", "water", "sleep", "a dog", "health
 # the share of the completion's characters that are "e": the tiny model writes few at first
 E_REWARD = "def share_of_e(prompts, completions, answers):\n" \
            "    return [sum(ch == 'e' for ch in c) / max(len(c), 1) for c in completions]\n"
-TIMING = ("elapsed_s", "input_tokens_per_s", "trained_tokens_per_s", "step_s", "host_s", "data_s", "rss_gib", "time",
-          "gen_s", "train_s")
+TIMING = ("elapsed_s", "input_tokens_per_s", "trained_tokens_per_s", "step_s", "host_s", "data_s", "gc_s",
+          "alloc_retries", "device_allocs", "rss_gib", "time", "gen_s", "train_s")
 
 
 def _config(tmp: Path, model_dir: Path, name: str, grpo: dict | None = None, **train) -> Path:

@@ -49,8 +49,8 @@ def _train(cfg: Path, *extra: str) -> subprocess.Popen:
 
 
 def _rows(run: Path) -> list[dict]:
-    drop = ("elapsed_s", "input_tokens_per_s", "trained_tokens_per_s", "step_s", "host_s", "data_s", "rss_gib",
-            "time")
+    drop = ("elapsed_s", "input_tokens_per_s", "trained_tokens_per_s", "step_s", "host_s", "data_s", "gc_s",
+            "alloc_retries", "device_allocs", "rss_gib", "time")
     return [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run / "metrics.jsonl")]
 
 
