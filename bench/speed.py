@@ -28,8 +28,9 @@ Recipes:
   slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
-  defaults slimtune as a user who names only the method and the batch gets it (defaults_worker): slimtune.prepare
-           + slimtune.fit, every train.* speed key left at its default; defaults:compile=off sets one key,
+  defaults slimtune as a user who names the method (with the peers' LoRA settings: r 16, alpha 16, dropout 0,
+           the seven projections) and the batch gets it (defaults_worker): slimtune.prepare + slimtune.fit,
+           every train.* speed key left at its default; defaults:compile=off sets one key,
            typed as the config types it
            (defaults:offload_activations=true); defaults:profile=PATH profiles its last two steps;
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them

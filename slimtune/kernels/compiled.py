@@ -14,8 +14,10 @@ Only training forwards take the compiled path (grad enabled); evaluation and gen
 masks) run the layer's eager forward, so they neither wait for new graphs nor depend on them. Layers over a
 4-bit base compile with the fused 4-bit node traced inside (kernels/qlora.py): on an H100 (torch 2.11, 2026-12-06)
 every LoRA gradient within cosine 0.9991 of the eager layers' (bench/check_compiled_4bit.py), and 1B QLoRA at
-23,051 / 25,606 tok/s against 16,402 eager. Layers with LoRA on fused expert weights, peft's (parametrized) or
-kernels/expert_lora.py's (grouped_experts), stay eager.
+23,051 / 25,606 tok/s against 16,402 eager. Where any 4-bit layer runs bitsandbytes' own forward instead (no LoRA
+on it, or LoRA the node does not take: dropout, DoRA), the layers stay eager (unfused_4bit): that path was never
+checked compiled. So do layers with LoRA on fused expert weights, peft's (parametrized) or
+kernels/expert_lora.py's (grouped_experts).
 A compile that fails (an op inductor cannot lower) puts every layer of the model back on its eager forward, with
 one printed line saying why: the run goes on at eager speed rather than stopping.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import bind, expert_lora
+from . import bind, expert_lora, lora, qlora
 
 ATTR = "_slimtune_compiled"
 BACKEND = "inductor"  # tests on the CPU pass "aot_eager": the same graphs, no C++/Triton code generation
@@ -61,6 +63,14 @@ def parametrized(model: torch.nn.Module) -> bool:
     return any(getattr(m, "parameter_name", None) and id(m) not in taken for m in model.modules())
 
 
+def unfused_4bit(model: torch.nn.Module) -> int:
+    """How many bitsandbytes 4-bit layers of `model` run bitsandbytes' own forward, not kernels/qlora.py's node (no
+    LoRA on them, or LoRA that stayed peft's): compiled layers were checked on a GPU around the node only, so a
+    model with any stays eager."""
+    fused = {id(m.get_base_layer()) for m in model.modules() if hasattr(m, lora.ATTR)}
+    return sum(qlora.linear_4bit(m) and id(m) not in fused for m in model.modules())
+
+
 def grouped_experts(model: torch.nn.Module) -> bool:
     """Whether kernels/expert_lora.py runs LoRA on fused expert weights in `model`. Compiled by inductor on an H200
     (torch 2.11), the layer's torch._grouped_mm got an operand in a layout it refuses ("Invalid strides/sizes",
@@ -71,10 +81,11 @@ def grouped_experts(model: torch.nn.Module) -> bool:
 
 def enable(model: torch.nn.Module, log: Callable[[str], None] = print, backend: str | None = None) -> int:
     """Compile each decoder layer's forward (already-bound fast paths inside it included); how many (none in a
-    model with LoRA on fused expert weights, parametrized or grouped_experts)."""
+    model with LoRA on fused expert weights, parametrized or grouped_experts, or with 4-bit layers off the fused
+    node, unfused_4bit)."""
     state, backend = {"failed": None, "log": log}, backend or BACKEND
     n = 0
-    for layer in [] if parametrized(model) or grouped_experts(model) else layers(model):
+    for layer in [] if parametrized(model) or grouped_experts(model) or unfused_4bit(model) else layers(model):
         if hasattr(layer, ATTR):
             n += 1
             continue

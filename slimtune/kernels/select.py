@@ -164,6 +164,10 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
         elif key == "compile" and wanted_here and not took and k.fused_norm_mlp:
             out.append("train.compile=auto: layers left eager beside Liger's norm/MLP kernels (dynamo failed on them "
                        "inside checkpointed layers; set train.compile=on to try, or fused_norm_mlp=off)")
+        elif key == "compile" and wanted_here and not took and (n := compiled.unfused_4bit(model)):
+            out.append(f"train.compile={tc.compile}: layers left eager: {n} 4-bit layers run bitsandbytes' own "
+                       "forward (no LoRA on them, or LoRA the fused node does not take), which compiled layers were "
+                       "not checked with (LoRA on every linear layer with method.dropout=0 takes the node)")
         elif wanted_here and not took:
             out.append(f"train.{key}={getattr(tc, key)}: {name} has no {what}; its own forward runs")
     return out

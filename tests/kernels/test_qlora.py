@@ -362,6 +362,24 @@ def test_qlora_as_train_loads_it_takes_the_fast_paths_with_peft_s_loss_and_gradi
         assert cos > 0.99, (name, float(cos))
 
 
+@pytest.mark.parametrize("kw, unfused", [({"dropout": 0.1}, 14), ({"target_modules": ["q_proj", "v_proj"]}, 10)])
+def test_decoder_layers_stay_eager_where_a_4bit_layer_runs_bitsandbytes_own_forward(kw, unfused):
+    """LoRA dropout (peft's layers keep those), or projections without LoRA: 4-bit layers off the fused node, a
+    path compiled layers were never checked with on a GPU: every layer stays eager, with one line saying why."""
+    model = lora_model(base=quantize(make_model(VOCAB)), name="qlora", **kw)
+    lines: list[str] = []
+    tc = TrainConfig(compile="on", packing="off", fused_lora="on", fused_norm_mlp="off", tiled_mlp="off")
+    try:
+        took = select.enable(model, tc, "cpu", lines.append)
+        assert took.compiled_layers == 0 and not compiled.enabled(model)
+        assert compiled.unfused_4bit(model) == unfused and took.fused_lora_layers == 14 - unfused
+    finally:
+        select.disable(model)
+    assert f"fast path off: train.compile=on: layers left eager: {unfused} 4-bit layers run bitsandbytes' own " \
+           "forward (no LoRA on them, or LoRA the fused node does not take), which compiled layers were not " \
+           "checked with (LoRA on every linear layer with method.dropout=0 takes the node)" in lines
+
+
 def test_decoder_layers_over_a_4bit_base_compile_with_no_fallback_line(_fresh_dynamo, monkeypatch):
     """train.compile=on over 4-bit layers: every decoder layer compiled, the fused node inside, and no "fast path
     off" line for compile (the layers were left eager with one before the node traced)."""
