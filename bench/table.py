@@ -117,13 +117,19 @@ def speed_section(named: list[tuple[str, dict]]) -> list[str]:
     return out
 
 
-def fsdp_section(named: list[tuple[str, dict]]) -> list[str]:
+def _unique(named: list[tuple[str, dict]], bench: str) -> list[dict]:
+    """The rows of one bench, each once (exact repeats dropped), with the file each came from."""
     seen, rows = set(), []
     for name, r in named:
         key = json.dumps(r, sort_keys=True)
-        if r.get("bench") == "fsdp_speed" and key not in seen:
+        if r.get("bench") == bench and key not in seen:
             seen.add(key)
             rows.append(dict(r, file=name))
+    return rows
+
+
+def fsdp_section(named: list[tuple[str, dict]]) -> list[str]:
+    rows = _unique(named, "fsdp_speed")
     if not rows:
         return []
     out = ["## Several GPUs (bench/fsdp_speed.py)", "", "Rows of one file ran on one machine in one sitting.", "",
@@ -139,12 +145,7 @@ def fsdp_section(named: list[tuple[str, dict]]) -> list[str]:
 def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
     """bench/long_context.py's cells (not its --quick ones), newest file first: per model size, method and cap, each
     tool's longest trained record."""
-    seen, rows = set(), []
-    for name, r in named:
-        key = json.dumps(r, sort_keys=True)
-        if r.get("bench") == "long_context" and not r.get("quick") and "longest_tokens" in r and key not in seen:
-            seen.add(key)
-            rows.append(dict(r, file=name))
+    rows = [r for r in _unique(named, "long_context") if not r.get("quick") and "longest_tokens" in r]
     if not rows:
         return []
     out = ["## The longest record that trains (bench/long_context.py)", "",

@@ -194,6 +194,11 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _text_config(base: torch.nn.Module) -> Any:
+    """The language model's config (a multimodal config keeps it under get_text_config)."""
+    return base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+
+
 def unsupported(model: torch.nn.Module) -> str | None:
     """Why packed rows would not be exact for this model, or None when they are."""
     peft_cfg = getattr(model, "active_peft_config", None)
@@ -202,7 +207,7 @@ def unsupported(model: torch.nn.Module) -> str | None:
     base = _base(model)
     if not getattr(base, "_supports_attention_backend", False):
         return f"{type(base).__name__} does not route its attention through transformers' AttentionInterface"
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cfg = _text_config(base)
     for key in ("attn_logit_softcapping", "attention_chunk_size"):
         if getattr(cfg, key, None):
             return f"its config sets {key}, which packed attention does not implement"
@@ -226,8 +231,7 @@ def enable(model: torch.nn.Module) -> None:
 def heads_note(model: torch.nn.Module) -> str:
     """How the varlen kernel gets a grouped-query model's key/value heads ("" where every query head has its own):
     as they are (enable_gqa, or check_kernel_gqa held on this GPU), or repeated per group."""
-    cfg = _base(model).config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = _text_config(_base(model))
     heads, kv = getattr(cfg, "num_attention_heads", 0), getattr(cfg, "num_key_value_heads", None)
     if not heads or not kv or kv >= heads:
         return ""
