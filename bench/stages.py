@@ -109,7 +109,7 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "stalls-8b": ("the offload GPU test and the allocator counters' GPU test, then 200 timed steps of the 8B "
                   "defaults: median, slowest step, stalls and what they held (gc_s, alloc_retries, device_allocs)", [
         tests(150, "tests/engine/test_offload_gpu.py", "tests/engine/test_step_times.py::"
-              "test_pauses_counts_the_cuda_allocators_new_device_allocations_and_freezes_on_cuda", tail=6),
+              "test_pauses_counts_the_cuda_allocators_new_device_allocations_and_freezes_on_cuda", tail=40),
         speed("8b", "defaults", 360, "--steps", "200")]),
     "fit-vs-loop-1b": ("the bench's own step loop beside fit with the same keys (each profiled over its last "
                        "two steps), then the defaults, lora and qlora, 1B (all four profiled); profiles in logs.tgz", [

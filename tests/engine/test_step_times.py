@@ -128,6 +128,30 @@ def test_pauses_freezes_the_objects_alive_at_its_start_and_unfreezes_them_after(
         gc.unfreeze()
 
 
+def test_settle_freezes_what_the_first_step_made_and_what_a_later_full_collection_found_alive():
+    """After the first step: collect, then freeze what is left; later, only after a full collection, freeze its
+    survivors (each object scanned by one full collection at most); nothing where Pauses did not freeze."""
+    with timing.Pauses("cpu", freeze=True) as pauses:
+        start = gc.get_freeze_count()
+        made = [[i] for i in range(20_000)]  # the first step's long-lived objects
+        pauses.settle(first=True)
+        assert gc.get_freeze_count() >= start + 20_000 and len(gc.get_objects()) < 20_000
+        later = [[i] for i in range(10_000)]
+        pauses.settle()  # no full collection since: nothing frozen
+        assert len(gc.get_objects()) >= 10_000
+        gc.collect(1)  # a young collection: still nothing
+        pauses.settle()
+        assert len(gc.get_objects()) >= 10_000
+        gc.collect()  # a full one: its survivors frozen
+        pauses.settle()
+        assert len(gc.get_objects()) < 10_000 and gc.get_freeze_count() >= start + 30_000
+    assert gc.get_freeze_count() == 0 and len(made) + len(later) == 30_000
+    with timing.Pauses("cpu") as pauses:  # no freeze on the CPU by default: settle leaves gc alone
+        gc.collect()
+        pauses.settle(first=True)
+        assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator's counters need a GPU")
 def test_pauses_counts_the_cuda_allocators_new_device_allocations_and_freezes_on_cuda():
     with timing.Pauses("cuda") as pauses:
