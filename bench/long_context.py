@@ -25,8 +25,11 @@ free memory; fused LoRA; tiled MLP past 16k tokens; Liger where installed), grad
 layer inputs offloaded to CPU memory (train.offload_activations): what `slimtune train` runs with
 micro_batch_size=1, gradient_checkpointing=true, offload_activations=true.
 unsloth: FastLanguageModel.from_pretrained(load_in_4bit for QLoRA, unsloth_tiled_mlp=True where the release has
-it) + get_peft_model(use_gradient_checkpointing="unsloth"), then the same step written by hand (its patched
-forward with labels: its chunked loss), imported before transformers in its own process as unsloth requires.
+it) + get_peft_model(use_gradient_checkpointing="unsloth") + for_training (what its trainer runs first), then the
+same step written by hand (its patched forward with labels: its chunked loss), imported before transformers in its
+own process as unsloth requires; its per-layer torch.compile (UNSLOTH_BLOCK_COMPILE, on from torch 2.11) is off
+unless the environment sets it: with the tiled MLP inside a compiled layer the first backward raises "A view was
+created in no_grad mode ..." (_unsloth_model says why); the row's load.kernels records both settings.
 
   python bench/long_context.py --make                     # save the random 8B model folder (once)
   python bench/long_context.py --quick --budget-s 540     # the fixed list, every cell
@@ -110,22 +113,35 @@ def _slimtune_model(a):
 
 
 def _unsloth_model(a):
+    # Per-layer torch.compile off (unsloth compiles each decoder layer from torch 2.11: models/_block_compile.py,
+    # llama.py _legacy_block_compile). Its tiled MLP (a torch.autograd.Function whose backward runs the LoRA MLP
+    # again chunk by chunk) breaks the compiled layer and runs eagerly on the compiled graph's output, a tensor whose
+    # base requires grad; the fused LoRA MLP's backward writes dX into its input in place (kernels/fast_lora.py,
+    # out=X), i.e. into that base, under a chunk view the tiled backward made in no_grad mode, and autograd refuses:
+    # "A view was created in no_grad mode and its base ... has been modified inplace". Eager, the MLP's input is
+    # the fast RMS norm's output, a view of a buffer that needs no grad, and the same code trains.
+    os.environ.setdefault("UNSLOTH_BLOCK_COMPILE", "0")
     import unsloth  # noqa: F401  (before transformers, as unsloth requires)
     from unsloth import FastLanguageModel
     import torch
 
     load = dict(max_seq_length=max(a.lengths), dtype=torch.bfloat16, load_in_4bit=a.method == "qlora",
                 full_finetuning=False)
+    tiled = True
     try:  # its long-context setting (off by default): the MLP in ceil(tokens / hidden) slices
         model, _ = FastLanguageModel.from_pretrained(a.model_dir, unsloth_tiled_mlp=True, **load)
     except TypeError:  # a release before the option
+        tiled = False
         model, _ = FastLanguageModel.from_pretrained(a.model_dir, **load)
     model = FastLanguageModel.get_peft_model(model, r=a.r, lora_alpha=a.r, lora_dropout=0, bias="none",
                                              target_modules=ALL_LINEAR, use_gradient_checkpointing="unsloth",
                                              random_state=3407, max_seq_length=max(a.lengths))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
-    model.train()
+    if hasattr(FastLanguageModel, "for_training"):  # what its trainer runs first: train mode, checkpointing, no cache
+        FastLanguageModel.for_training(model)
+    else:  # an older release
+        model.train()
 
     def step(n: int) -> None:
         ids, labels = _record(n, vocab)
@@ -135,7 +151,8 @@ def _unsloth_model(a):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"gradient_checkpointing": "unsloth"}, step
+    return {"gradient_checkpointing": "unsloth", "tiled_mlp": tiled,
+            "block_compile": os.environ["UNSLOTH_BLOCK_COMPILE"] != "0"}, step
 
 
 def _oom(err: BaseException) -> bool:
