@@ -28,8 +28,8 @@ Recipes:
   slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
-  defaults slimtune as a user who names the method (with the peers' LoRA settings: r 16, alpha 16, dropout 0,
-           the seven projections) and the batch gets it (defaults_worker): slimtune.prepare + slimtune.fit,
+  defaults slimtune as a user who names the method (with the peers' LoRA settings: r 16, alpha 16, the seven
+           projections; dropout is the default, 0, as the peers') and the batch gets it (defaults_worker): slimtune.prepare + slimtune.fit,
            every train.* speed key left at its default; defaults:compile=off sets one key,
            typed as the config types it
            (defaults:offload_activations=true); defaults:profile=PATH profiles its last two steps;
@@ -231,7 +231,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     _, raw = _workload(a.size, 16 * (steps + warmup + 2), a.max_len)
     out = Path(tempfile.mkdtemp(prefix="speed-fit-"))
     base = out / "base.yaml"
-    base.write_text(yaml.safe_dump({"method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0,
+    base.write_text(yaml.safe_dump({"method": {"name": a.method, "r": 16, "alpha": 16,  # dropout: the default, 0
                                                "target_modules": _targets(a.size)},
                                     "train": {"output_dir": str(out / "run")}, "data": {"max_len": a.max_len}}))
     keys = _defaults_train(steps + warmup, tuple(a.train_key))

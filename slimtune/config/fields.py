@@ -64,8 +64,9 @@ class MethodConfig:
     """LoRA rank (lora, dora, rslora, pissa, qlora)"""
     alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) for rslora)"""
-    dropout: float = 0.05
-    """dropout on the LoRA input"""
+    dropout: float = 0.0
+    """dropout on the LoRA input (0, as in peft, LLaMA-Factory and unsloth; above 0 keeps peft's own layers, not
+    the fused ones)"""
     target_modules: list[str] = field(default_factory=list)
     """[] = the architecture's default; names, all-linear, or one "re:<regex>" pattern"""
     bias: str = "none"

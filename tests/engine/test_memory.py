@@ -17,7 +17,8 @@ LORA_QV = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # r=4 on q (64->64) and v
 def _cfg(tiny_model_dir, **train) -> config.Config:
     cfg = config.Config()
     cfg.model.path = str(tiny_model_dir)
-    cfg.method = config.MethodConfig(r=4, target_modules=["q_proj", "v_proj"])
+    # LoRA dropout: peft's own layers, the padded engine's estimate (_fast: dropout 0, the default)
+    cfg.method = config.MethodConfig(r=4, dropout=0.05, target_modules=["q_proj", "v_proj"])
     cfg.train = config.TrainConfig(**{"precision": "bf16", "micro_batch_size": 2, **train})
     cfg.data.max_len = 10
     return cfg

@@ -53,7 +53,8 @@ def test_auto_split_trains_the_same_numbers_as_16x1_and_8x2(tmp_path, tiny_model
 def _cfg(tiny_model_dir, **train) -> config.Config:
     cfg = config.Config()
     cfg.model.path = str(tiny_model_dir)
-    cfg.method = config.MethodConfig(r=4, target_modules=["q_proj", "v_proj"])
+    # LoRA dropout: peft's own layers, the padded engine (no offload); tests that want the fast engine set 0
+    cfg.method = config.MethodConfig(r=4, dropout=0.05, target_modules=["q_proj", "v_proj"])
     cfg.train = config.TrainConfig(**{"precision": "bf16", **train})
     cfg.data.max_len = 512
     return cfg

@@ -35,3 +35,15 @@ def test_the_estimators_record_is_what_a_gpu_run_chooses():
     assert select.on_gpu(cfg).fused_lora_layers == 0 and not select.on_gpu(cfg).fast
     cfg.train = config.TrainConfig(packing="rows", loss="plain")
     assert select.on_gpu(cfg) == select.Kernels(packing="rows")
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "rslora"])
+def test_a_config_that_names_only_the_method_gets_the_fused_layers(tmp_path, name):
+    """method.dropout defaults to 0, as in peft, LLaMA-Factory and unsloth: `method: {name: lora}` trains on
+    the fused LoRA layers (and the fast engine's estimate); a dropout above 0 keeps peft's layers."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"method: {{name: {name}}}\n")
+    cfg = config.load(path)
+    assert cfg.method.dropout == 0.0 and select.fusable(cfg.method)
+    cfg.method.dropout = 0.05
+    assert not select.fusable(cfg.method)

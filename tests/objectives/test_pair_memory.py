@@ -10,7 +10,7 @@ from slimtune.engine import memory, preference_step
 def _cfg(tiny_model_dir, objective: str) -> config.Config:
     cfg = config.Config()
     cfg.model.path = str(tiny_model_dir)
-    cfg.method = config.MethodConfig(r=4, target_modules=["q_proj", "v_proj"])
+    cfg.method = config.MethodConfig(r=4, dropout=0.05, target_modules=["q_proj", "v_proj"])  # padded engine
     cfg.train = config.TrainConfig(precision="bf16", micro_batch_size=2, objective=objective)
     cfg.data.max_len = 40
     return cfg
