@@ -29,10 +29,10 @@ Recipes:
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
   defaults slimtune as a user who names the method (with the peers' LoRA settings: r 16, alpha 16, the seven
-           projections; dropout is the default, 0, as the peers') and the batch gets it (defaults_worker): slimtune.prepare + slimtune.fit,
-           every train.* speed key left at its default; defaults:compile=off sets one key,
-           typed as the config types it
-           (defaults:offload_activations=true); defaults:profile=PATH profiles its last two steps;
+           projections; dropout is the default, 0, as the peers') and the batch gets it (defaults_worker):
+           slimtune.prepare + slimtune.fit, every train.* speed key left at its default; defaults:compile=off
+           sets one key, typed as the config types it (defaults:offload_activations=true);
+           defaults:profile=PATH profiles its last two steps;
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
            (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
