@@ -33,7 +33,8 @@ Recipes:
            slimtune.prepare + slimtune.fit, every train.* speed key left at its default; defaults:compile=off
            sets one key, typed as the config types it (defaults:offload_activations=true);
            defaults:profile=PATH profiles its last two steps;
-           defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them
+           defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them;
+           defaults:cast_once=off (DIAGNOSTIC) casts each LoRA adapter in every forward, recompute and backward
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
            (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
 
@@ -240,6 +241,9 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     if a.profile:
         keys.append(f"train.profile_step={steps + warmup - 1}")  # the last two steps, in the run folder
     cfg = slimtune.load_config(base, keys)
+    if a.no_cast_once:  # diagnostic: each adapter cast in every forward, recompute and backward
+        from slimtune.kernels import lora_math
+        lora_math.ENABLED = False
     if a.no_ahead:  # diagnostic: offloaded tensors brought back only when backward reads them
         from slimtune.engine import offload
         offload.AHEAD = False
@@ -259,7 +263,8 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
     shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
         "".join(f", {k}" for k in a.train_key) + \
-        (", offload's copy ahead off (diagnostic)" if a.no_ahead else "")
+        (", offload's copy ahead off (diagnostic)" if a.no_ahead else "") + \
+        (", adapter casts every pass (diagnostic)" if a.no_cast_once else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
                size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
@@ -382,8 +387,9 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                      "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
                                      "--load-in-4bit", *steps]]
     base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
-    keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else ("--no_ahead",)
-                                          if k == "ahead=off" else ("--train_key", k))]
+    flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",)}
+    keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else flags[k]
+                                          if k in flags else ("--train_key", k))]
     if base == "defaults":
         return [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps, *keys]]
     if base == "defaults-qlora":  # load the saved folder unsloth's recipe also reads
@@ -468,6 +474,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk_bytes", type=int, default=0, help="fp32 logits per loss chunk (kernels/linear_ce.py)")
     ap.add_argument("--profile", default="", help="worker: profile the last step, table to this file")
     ap.add_argument("--no_ahead", action="store_true", help="worker, diagnostic: engine/offload.py's AHEAD off")
+    ap.add_argument("--no_cast_once", action="store_true",
+                    help="worker, diagnostic: kernels/lora_math.py's ENABLED off (adapters cast every pass)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:

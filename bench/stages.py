@@ -120,6 +120,9 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
                  "(diagnostic), twice each, alternating", [
         tests(150, "tests/engine/test_offload_gpu.py", tail=6),
         speed("8b", "defaults,defaults:ahead=off,defaults,defaults:ahead=off", 300)]),
+    "casts-8b": ("the 8B defaults beside the same with each adapter cast in every pass (defaults:cast_once=off, "
+                 "diagnostic), twice each, alternating", [
+        speed("8b", "defaults,defaults:cast_once=off,defaults,defaults:cast_once=off", 330)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "

@@ -23,6 +23,7 @@ from ..config.convert import AUTO
 from ..config.fields import GrpoConfig
 from ..data.prompts import PromptRecord, fingerprint
 from ..data.stream import MicroBatches
+from ..kernels.lora_math import cast_once
 from ..objectives import grpo
 from ..data.templates import stop_ids as template_stops
 from ..objectives.rewards import NEEDS_ANSWER, Reward, RewardError, Scored, builtins, score, write_record
@@ -132,16 +133,17 @@ class GrpoObjective:
             run.device))
         total = torch.zeros((), dtype=torch.float64, device=run.device)
         kl = clipped = 0.0
-        for b in batches:
-            with context():
-                logps = completion_logps(run.model, b, self.g.temperature, packed=self.packed)
-            old = b["old_logps"] if "old_logps" in b else logps.detach()
-            parts = grpo.policy_loss(logps, old, b["advantages"], b["mask"], cfg, b.get("ref_logps"),
-                                     max(step_tokens, 1), max(step_rows, 1))
-            scaled = parts.loss * world if world > 1 else parts.loss  # FSDP averages the gradients over processes
-            (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
-            total += parts.loss.detach().double()
-            kl, clipped = kl + parts.kl * parts.tokens, clipped + parts.clipped * parts.tokens
+        with cast_once():  # each adapter cast once for the step's forwards and backwards
+            for b in batches:
+                with context():
+                    logps = completion_logps(run.model, b, self.g.temperature, packed=self.packed)
+                old = b["old_logps"] if "old_logps" in b else logps.detach()
+                parts = grpo.policy_loss(logps, old, b["advantages"], b["mask"], cfg, b.get("ref_logps"),
+                                         max(step_tokens, 1), max(step_rows, 1))
+                scaled = parts.loss * world if world > 1 else parts.loss  # FSDP averages the gradients over processes
+                (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
+                total += parts.loss.detach().double()
+                kl, clipped = kl + parts.kl * parts.tokens, clipped + parts.clipped * parts.tokens
         distributed.all_sum_(total)
         kl, clipped, seen, computed = distributed.all_sum(
             [kl, clipped, sum(int(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in batches),

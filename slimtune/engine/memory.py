@@ -158,8 +158,10 @@ def estimate(cfg: Config, rows: list[tuple[int, int]] | None = None, gpus: int =
     experts = bool(kernels.fused_expert_layers) if kernels else select.use_fused_lora(cfg.train.fused_lora, "cuda")
     kernels = kernels or replace(select.on_gpu(cfg, h), tiled_mlp=int(select.tiled_mlp_from(cfg.train.tiled_mlp,
                                                                                         "cuda") is not None))
-    if kernels.fast and select.fusable(cfg.method):
-        return moe_memory.expert_copies(_fast(est, cfg, mcfg, h, inter, rows, kernels), model, cfg, plan, experts)
+    if kernels.fast and select.fusable(cfg.method):  # fused LoRA: each adapter cast once a step (lora_math.cast_once)
+        est = _fast(est, cfg, mcfg, h, inter, rows, kernels)
+        est.activations += trainable_n * BYTES[plan.autocast] if plan.autocast not in (None, plan.trainable) else 0
+        return moe_memory.expert_copies(est, model, cfg, plan, experts)
     layers = mcfg.num_hidden_layers
     vocab = mcfg.vocab_size
     width = max(length for length, _ in rows)
@@ -386,12 +388,10 @@ def suggestions(cfg: Config, budget: float, rows: list[tuple[int, int]] | None =
 
 def _merge(acc: Config, changed: Config, original: Config) -> Config:
     """acc with the fields where `changed` differs from `original` taken from `changed`."""
-    parts = {}
-    for section in ("model", "data", "method", "train"):
-        a, c, o = getattr(acc, section), getattr(changed, section), getattr(original, section)
-        diff = {k: getattr(c, k) for k in vars(o) if getattr(c, k) != getattr(o, k)}
-        parts[section] = replace(a, **diff)
-    return replace(acc, **parts)
+    def part(a: object, c: object, o: object) -> object:
+        return replace(a, **{k: getattr(c, k) for k in vars(o) if getattr(c, k) != getattr(o, k)})
+    return replace(acc, **{s: part(getattr(acc, s), getattr(changed, s), getattr(original, s))
+                           for s in ("model", "data", "method", "train")})
 
 
 def _trim(rows: list[tuple[int, int]], cfg: Config) -> list[tuple[int, int]]:

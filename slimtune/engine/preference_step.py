@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, TrainConfig
 from ..config.fields import PreferenceConfig
 from ..data.pairs import EncodedPair
 from ..data.stream import MicroBatches
+from ..kernels.lora_math import cast_once
 from . import distributed, reference as ref_mod
 from .pair_logps import Item, answer_tokens, collate_pairs, input_tokens, sequence_logps, share
 from .step import apply_update, clip_and_read
@@ -145,15 +146,16 @@ class PairObjective:
         data_s = time.perf_counter() - began
         total_records = sum(len(rs) for rs in records)
         total, metrics = torch.zeros((), dtype=torch.float64, device=run.device), defaultdict(list)
-        for (mine, counts), batch in zip(shares, batches):
-            with context():
-                loss, parts = objectives.loss(self.objective, self.logps(run.model, mine, batch), self.pref)
-            weighted = loss * (len(mine) * counts / total_records)
-            scaled = weighted * world if world > 1 else weighted
-            (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
-            total += weighted.detach().double()
-            for k, v in parts.items() if counts else ():
-                metrics[k].append(v)
+        with cast_once():  # each adapter cast once for the step's forwards and backwards
+            for (mine, counts), batch in zip(shares, batches):
+                with context():
+                    loss, parts = objectives.loss(self.objective, self.logps(run.model, mine, batch), self.pref)
+                weighted = loss * (len(mine) * counts / total_records)
+                scaled = weighted * world if world > 1 else weighted
+                (run.scaler.scale(scaled) if run.scaler.is_enabled() else scaled).backward()
+                total += weighted.detach().double()
+                for k, v in parts.items() if counts else ():
+                    metrics[k].append(v)
         distributed.all_sum_(total)
         run.seen += sum(input_tokens(rs) for rs in records)
         read = clip_and_read(run.optimizer, run.cfg.train.max_grad_norm, run.scaler, total)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..data.readers import DataError
+from ..kernels.lora_math import cast_once
 from . import distributed, guards, precision
 from .loss import token_loss_sum
 from .offload import OffloadActivations
@@ -37,13 +38,14 @@ def accumulate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     if isinstance(n_tokens, int) and n_tokens == 0:
         raise DataError("a training step has no trained token (every label is -100)")
     total = None
-    for b in batches:
-        with context():
-            s, _ = token_loss_sum(model, b, chunked)
-        loss = s * scale / n_tokens if scale != 1.0 else s / n_tokens  # the step's token count: exact accumulation
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        # summed on the device in float64: the very additions of the Python floats each .item() once gave
-        total = s.detach().double() if total is None else total + s.detach().double()
+    with cast_once():  # the fused LoRA nodes cast each adapter once for all of them (kernels/lora_math.py)
+        for b in batches:
+            with context():
+                s, _ = token_loss_sum(model, b, chunked)
+            loss = s * scale / n_tokens if scale != 1.0 else s / n_tokens  # the step's tokens: exact accumulation
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # summed on the device in float64: the very additions of the Python floats each .item() once gave
+            total = s.detach().double() if total is None else total + s.detach().double()
     return (total / n_tokens, n_tokens) if unread else (total.item() / n_tokens, n_tokens)
 
 

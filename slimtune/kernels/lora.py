@@ -42,7 +42,7 @@ class _LoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            w, ac, bc = weight.to(dtype), a.to(dtype), b.to(dtype)
+            w, ac, bc = weight.to(dtype), lora_math.cast(a, dtype), lora_math.cast(b, dtype)
             xa = x2 @ ac.T
             y = lora_math.output(x2, w, bias, xa, bc, scale)
         ctx.save_for_backward(x2, xa)  # activations: checkpointing drops and recomputes them
@@ -58,7 +58,7 @@ class _LoraLinear(torch.autograd.Function):
         dtype, scale = ctx.dtype, ctx.scale
         need_x, need_w = ctx.needs_input_grad[:2]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        ac, bc = a.to(dtype), b.to(dtype)
+        ac, bc = lora_math.cast(a, dtype), lora_math.cast(b, dtype)
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
         gx = gw = None
         if need_x:

@@ -71,7 +71,7 @@ class _Lora4bit(torch.autograd.Function):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             w = dequantize_parts(qweight, absmax, absmax2, code2, offset, meta).to(dtype)
-            ac, bc = a.to(dtype), b.to(dtype)
+            ac, bc = lora_math.cast(a, dtype), lora_math.cast(b, dtype)
             xa = x2 @ ac.T
             y = lora_math.output(x2, w, bias, xa, bc, scale)
             del w  # the 16-bit weight lives only for this node's forward: backward dequantizes it again
@@ -90,7 +90,7 @@ class _Lora4bit(torch.autograd.Function):
         (a, b), quantized = ctx.weights, ctx.quantized
         dtype, scale = ctx.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        ac, bc = a.to(dtype), b.to(dtype)
+        ac, bc = lora_math.cast(a, dtype), lora_math.cast(b, dtype)
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
         gx = None
         if ctx.needs_input_grad[0]:

@@ -48,10 +48,11 @@ def _est(folder, **train) -> memory.Estimate:
 
 def test_8b_on_4_gpus_default_unchanged_and_kept_whole_near_the_measured_peak(shape_8b):
     default, whole = _est(shape_8b), _est(shape_8b, fsdp_reshard=1)
-    # the default's figures before the knobs were modelled (check_fsdp_estimator.py, 2026-12-03): measured
-    # 8.7 GiB allocated, 9.86 reserved
-    assert default.peak_allocated / GIB == pytest.approx(7.99, abs=0.005)
-    assert default.peak / GIB == pytest.approx(9.19, abs=0.005)
+    # the default's figures before the knobs were modelled (check_fsdp_estimator.py, 2026-12-03: 7.99 and 9.19),
+    # plus the adapters' bf16 copies held for the step (kernels/lora_math.cast_once: 42M x 2 bytes, 0.08 GiB):
+    # measured 8.7 GiB allocated, 9.86 reserved
+    assert default.peak_allocated / GIB == pytest.approx(8.07, abs=0.005)
+    assert default.peak / GIB == pytest.approx(9.28, abs=0.005)
     # measured 20.09 GiB allocated, 22.8 reserved (layers kept whole forward to backward)
     assert whole.peak_allocated / GIB == pytest.approx(20.09, rel=0.10)
     assert whole.peak / GIB == pytest.approx(22.8, rel=0.10)

@@ -64,3 +64,63 @@ def test_disabled_adapter_falls_back_to_the_base_model():
     with model.disable_adapter():
         peft_off = model(input_ids=ids).logits
     assert torch.equal(fused_off, peft_off)
+
+
+def _two_steps(cached: bool) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """Two optimizer steps of two micro-batches each, checkpointed layers, bf16 autocast, fused LoRA layers:
+    (losses, trained weights after, adapter casts made)."""
+    from slimtune.engine import step as engine_step
+    from slimtune.kernels import lora_math
+
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    lora.enable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    gen = torch.Generator().manual_seed(3)
+    casts, real = [0], torch.Tensor.to
+
+    def counting(t, *args, **kw):  # adapter weights (fp32 parameters of LoRA) cast to bf16
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad and args and args[0] == torch.bfloat16:
+            casts[0] += 1
+        return real(t, *args, **kw)
+    lora_math.ENABLED, losses = cached, []
+    torch.Tensor.to = counting
+    try:
+        for _ in range(2):
+            batches = [{"input_ids": (ids := torch.randint(0, VOCAB, (2, 23), generator=gen)),
+                        "labels": ids.clone(), "attention_mask": torch.ones_like(ids)} for _ in range(2)]
+            row = engine_step.step(model, batches, opt, sched, 1.0,
+                                   context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            losses.append(row["loss"])
+    finally:
+        torch.Tensor.to, lora_math.ENABLED = real, True
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, casts[0]
+
+
+def test_each_adapter_is_cast_once_a_step_and_training_is_bit_identical():
+    """cast_once (around engine/step.accumulate): 28 adapter matrices cast once per optimizer step instead of in
+    every forward, recompute and backward of its two micro-batches; losses and trained weights bit-identical,
+    the second step's casts made from the updated weights."""
+    losses, weights, casts = _two_steps(cached=True)
+    ref_losses, ref_weights, ref_casts = _two_steps(cached=False)
+    assert casts == 2 * 28  # 14 fused layers x (A, B), once in each of the two steps
+    assert ref_casts == 2 * 2 * 3 * 28  # two steps x two micro-batches x (forward, recompute, backward)
+    assert losses == ref_losses and losses[1] != losses[0]
+    for name, w in weights.items():
+        assert torch.equal(w, ref_weights[name]), name
+
+
+def test_outside_a_step_every_cast_is_new_and_inside_the_copy_is_shared():
+    from slimtune.kernels import lora_math
+
+    a = torch.nn.Parameter(torch.randn(4, 8))
+    assert lora_math.cast(a, torch.bfloat16) is not lora_math.cast(a, torch.bfloat16)
+    with lora_math.cast_once():
+        one = lora_math.cast(a, torch.bfloat16)
+        assert lora_math.cast(a, torch.bfloat16) is one and lora_math.cast(a, torch.float32) is not one
+    with lora_math.cast_once():
+        assert lora_math.cast(a, torch.bfloat16) is not one  # a new step: cast again
+    assert lora_math._STEP is None
