@@ -23,8 +23,6 @@ Recipes:
            slimtune:bs=16:ga=1:offload is the README's headline (16 records in one micro-batch, layer
            inputs offloaded); also packing=, loss=, fused_lora=, fused_norm_mlp=, fused_rope=, chunk_bytes=,
            compile, profile=PATH (train.profile_step over the last two steps)
-  loop     DIAGNOSTIC: the bench's own step loop over engine.loop.step (not fit) with the slimtune recipe's
-           keys, to tell fit's own cost from the engine's (no README figure comes from it)
   slimtune-qlora  the slimtune recipe with method qlora: the base loaded through bitsandbytes 4-bit NF4
            (double quant, bf16 compute) from a saved folder, as `slimtune train` loads it; the same keys
   unsloth-qlora   unsloth with load_in_4bit=True (unsloth_recipe.py --load-in-4bit; two results)
@@ -79,96 +77,6 @@ def _targets(size: str) -> list[str]:
     from seed_recipe import lora_targets
     return lora_targets(size)
 
-
-def loop_worker(a) -> dict:
-    """DIAGNOSTIC ONLY (recipe `loop`): a step loop of the bench's own over engine.loop.step, beside fit on one
-    machine it tells fit's own cost from the engine's; README figures come from fit (worker)."""
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    import slimtune
-    from slimtune import config as config_mod
-    from slimtune.data.encode import Encoded
-    from slimtune.data.stream import collate_micro, counts, micro_batches
-    from slimtune.engine import loop
-    from slimtune.engine.optim import build_optimizer, build_scheduler
-    from slimtune.kernels import linear_ce
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bs, ga, steps, warmup = a.bs, a.ga, a.steps, a.warmup
-    _, raw = _workload(a.size, bs * ga * (steps + warmup + 2), a.max_len)
-    cfg = config_mod.from_dict({
-        "method": {"name": a.method, "r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
-        "train": {"micro_batch_size": bs, "grad_accum": ga, "lr": 1e-4,
-                  "precision": "bf16" if dev == "cuda" else "fp32",
-                  "gradient_checkpointing": True, "packing": a.packing, "loss": a.loss, "max_steps": steps + warmup,
-                  "fused_lora": a.fused_lora, "fused_norm_mlp": a.fused_norm_mlp, "fused_rope": a.fused_rope,
-                  "offload_activations": a.offload, "compile": "on" if a.compile else a.compile_mode, "seed": 0},
-        "data": {"max_len": a.max_len}})
-    model = _model(a.size, dev, meta=a.method == "qlora")  # qlora: quantized while loading, below
-    n_params = sum(p.numel() for p in model.parameters())
-    if a.method == "qlora":  # quantized while loading, as train loads it (the folder unsloth_recipe --make saves)
-        from slimtune.methods.quant import quantization_config
-        from slimtune.models import load
-        model, _ = load(a.path, "bf16", False, dev, quantization_config(cfg.method, "bf16"))
-    prep = slimtune.prepare(model, cfg, dev, log=lambda *_: None, kernels=True)  # as train does
-    model, plan, took = prep.model, prep.dtypes, prep.kernels
-    packed, chunked = took["packing"], took["chunked_loss"]
-    fused, fused_nm, fused_rope = took["fused_lora_layers"], took["fused_norm_mlp"], took["fused_rope"]
-    compiled_layers = took["compiled_layers"]
-    if a.chunk_bytes:
-        linear_ce.CHUNK_BYTES = a.chunk_bytes
-    records = [Encoded(r["input_ids"], r["labels"], where=f"synthetic {i}") for i, r in enumerate(raw)]
-    stream = micro_batches(records, cfg.train, a.max_len, packed)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, steps + warmup, cfg.train)
-    context = loop.forward_context(plan, dev, cfg.train.offload_activations, model)
-    model.train()
-
-    def one_step():
-        micro = [next(stream) for _ in range(ga)]
-        batches = [collate_micro(rs, stream.packed, 0, dev) for rs in micro]
-        real = sum(counts(rs)[1] for rs in micro)  # on the host: no read of the device before the step
-        padded = sum(b["input_ids"].numel() for b in batches)
-        row = loop.step(model, batches, optimizer, scheduler, 1.0, context, None, guard=True, chunked=chunked)
-        return real, padded, row
-
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        one_step()
-    sync()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    real = padded = 0
-    times, losses = [], []
-    for i in range(steps):
-        ts = time.perf_counter()
-        if a.profile and i == steps - 1:
-            _profile(one_step, a.profile)
-            continue
-        r, p, row = one_step()
-        sync()
-        times.append(time.perf_counter() - ts)
-        real, padded = real + r, padded + p
-        losses.append(round(row["loss"], 4))
-    dt = sum(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    label = f"slimtune{' qlora' if a.method == 'qlora' else ''} ({bs}x{ga} records, packing={packed}" + \
-        f", loss={'chunked' if chunked else 'plain'}" + \
-        f", fused LoRA layers={fused}" + (f", loss chunks of {a.chunk_bytes} B" if a.chunk_bytes else "") + \
-        (f", compiled layers={compiled_layers}" if compiled_layers else "") + \
-        (", activations offloaded" if a.offload else "") + \
-        (f", Liger norm/MLP modules={fused_nm}" if fused_nm else "") + \
-        (f", Liger RoPE layers={fused_rope}" if fused_rope else "") + ")"
-    return dict(recipe=label, size=a.size, params=n_params, bs=bs, ga=ga, grad_ckpt=True, lora_targets=ALL_LINEAR,
-                r=16, max_len=a.max_len, steps=len(times), real_tok_s=round(real / dt), padded_tok_s=round(padded / dt),
-                pad_fraction=round(1 - real / padded, 3), peak_gib=round(peak, 2),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev == "cuda" else 0.0,
-                mfu_real=round(real / dt * 4 * n_params / PEAK_FLOPS, 3),
-                mfu_recompute=round(real / dt * 6 * n_params / PEAK_FLOPS, 3),
-                step_s=[round(t, 3) for t in times], losses=losses,
-                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                versions=_versions())
 
 def _slimtune_train_keys(a) -> list[str]:
     """The slimtune recipe's keys (bs=16:ga=1:offload...) as typed train.* overrides: what a user who sets
@@ -396,8 +304,6 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
         path = f"/dev/shm/m{size}"
         return _make(size, path) + [[py, str(Path(__file__)), "--worker", "--defaults", "--size", size, *steps,
                                      "--method", "qlora", "--path", path, *keys]]
-    if base == "loop":  # diagnostic: the bench's own step loop, with the slimtune recipe's keys
-        return [[py, str(Path(__file__)), "--worker", "--loop", "--size", size, *steps] + _keys(name.split(":")[1:])]
     if name.startswith("slimtune"):
         extra = name.split(":")[1:]  # slimtune:packing=bins:loss=plain:compile
         args = [py, str(Path(__file__)), "--worker", "--size", size, *steps]
@@ -451,7 +357,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help="run slimtune's engine in this process")
     ap.add_argument("--defaults", action="store_true", help="worker: the defaults recipe (defaults_worker)")
-    ap.add_argument("--loop", action="store_true", help="worker: the bench's own step loop (diagnostic only)")
     ap.add_argument("--size", default="1b")
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--recipes", default="slimtune,hf,liger,unsloth")
@@ -479,7 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:
-        run = defaults_worker if a.defaults else loop_worker if a.loop else worker
+        run = defaults_worker if a.defaults else worker
         print(json.dumps(run(a)), flush=True)
         return 0
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

@@ -88,9 +88,8 @@ def long_context(method: str, cap: int, max_step_s: int, slimtune: tuple[int, in
 
 
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
-FIT_VS_LOOP = ",".join(f"{recipe}:profile={LOGS}/prof_{name}.txt" for recipe, name in  # each its last two steps
-                       ((f"loop:{OFFLOADED}", "loop"), (f"slimtune:{OFFLOADED}", "fit"), ("defaults", "defaults"),
-                        ("defaults-qlora", "defaults_qlora")))
+PROFILED = ",".join(f"{recipe}:profile={LOGS}/prof_{name}.txt" for recipe, name in  # each its last two steps
+                    ((f"slimtune:{OFFLOADED}", "fit"), ("defaults", "defaults"), ("defaults-qlora", "defaults_qlora")))
 TUNE = ["--offload", "--steps", "5", "--warmup", "2"]
 STAGES: dict[str, tuple[str, list[Step]]] = {
     "speed-1b": ("the defaults (lora, lora with compile=off, qlora) beside unsloth (16-bit and 4-bit, padded), 1B", [
@@ -111,11 +110,9 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         tests(150, "tests/engine/test_offload_gpu.py", "tests/engine/test_step_times.py::"
               "test_pauses_counts_the_cuda_allocators_new_device_allocations_and_freezes_on_cuda", tail=40),
         speed("8b", "defaults", 360, "--steps", "200")]),
-    "fit-vs-loop-1b": ("the bench's own step loop beside fit with the same keys (each profiled over its last "
-                       "two steps), then the defaults, lora and qlora, 1B (all four profiled); profiles in logs.tgz", [
-        speed("1b", FIT_VS_LOOP, 500)]),
-    "fit-vs-loop-8b": ("the same as fit-vs-loop-1b at 8B", [
-        speed("8b", FIT_VS_LOOP, 500)]),
+    "profile-1b": ("fit with the 16 x 1 offloaded keys, then the defaults, lora and qlora, 1B, each profiled over its "
+                   "last two steps (torch.profiler tables in logs.tgz)", [speed("1b", PROFILED, 420)]),
+    "profile-8b": ("the same as profile-1b at 8B", [speed("8b", PROFILED, 480)]),
     "ahead-8b": ("the offload GPU test, then the 8B defaults beside the same with offload's copy ahead off "
                  "(diagnostic), twice each, alternating", [
         tests(150, "tests/engine/test_offload_gpu.py", tail=6),
