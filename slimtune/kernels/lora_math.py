@@ -6,8 +6,8 @@ The adapters are trained in fp32 and multiplied in the compute dtype: each node 
 in the recompute of a checkpointed layer and again in its backward. While an optimizer step's forwards and
 backwards run (cast_once(), around engine/step.accumulate) the weights cannot change, so each adapter is cast once
 a step and the copy reused: at 8B (LoRA r=16 on 224 layers) about 900 of the step's 1,800 small cast kernels,
-which the CPU launches and the GPU waits for (profile of 2026-12-06), are gone. The copies are freed when the step's last
-backward ends. Traced inside compiled layers the cast stays in the graph (no cache).
+which the CPU launches and the GPU waits for (profile of 2026-12-06), are gone. The copies are freed when the
+step's last backward ends. Traced inside compiled layers the cast stays in the graph (no cache).
 """
 from __future__ import annotations
 
