@@ -10,7 +10,8 @@ longest record for which one training step (forward, backward, AdamW) runs:
     down to --resolution tokens; a process that fails on memory (or any error) counts as "does not train".
 It also times tokens/s at 16k (--timed steps after the first). --quick tries only 16k, 32k, 64k, 128k.
 --predict (slimtune cells): slimtune's memory estimator (slimtune.engine.memory.estimate) first gives the longest
-record whose predicted reserved peak fits the cap (the whole GPU: its memory less the CUDA context), checked on every
+record whose predicted reserved peak fits the cap (the whole GPU: its memory less the CUDA context) and whose offloaded
+layer inputs fit the CPU memory available less 10% (--host-gib to set it; the row's host_gib), checked on every
 --resolution step from 16k and then every 1024 tokens within the last step that fits (the estimate drops where the
 tiled MLP turns on past 65,536 tokens); one process then tries 16k (timed) and prediction - resolution, prediction,
 prediction + resolution; if the lowest of those fails, bisection between it and the longest that trained follows.
@@ -317,6 +318,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--predict", action="store_true", help="slimtune cells: try only lengths near the estimator's")
     ap.add_argument("--predict-only", action="store_true", help="print each slimtune cell's prediction and stop")
     ap.add_argument("--gpu-gib", type=float, default=0, help="the GPU's memory for the prediction (default: its own)")
+    ap.add_argument("--host-gib", type=float, default=0,
+                    help="the CPU memory the prediction's offloaded inputs may take (default: what is available)")
     ap.add_argument("--max-step-s", type=float, default=240, help="skip a length projected to train slower than this")
     ap.add_argument("--budget-s", type=float, default=540, help="seconds for the whole run")
     ap.add_argument("--resolution", type=int, default=8192, help="bisect until the bracket is this narrow")
@@ -374,14 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     slug = "h100" if "H100" in device else "h200" if "H200" in device else device.lower().replace(" ", "-")
     out = Path(a.out or HERE / "results" / f"{date}-{slug}.jsonl")
     rows = []
+    from slimtune.engine import host_memory  # the CPU memory the offloaded layer inputs may take
+    host = a.host_gib or (host_memory.available() or 0) / GIB
     for cap in (float(c) for c in a.caps.split(",")):
         for method in a.methods.split(","):
             for tool in a.tools.split(","):
                 row = dict(bench="long_context", date=date, device=device, gpu_gib=round(total, 1), size=a.size,
                            tool=tool, method=method, r=a.r, cap_gib=cap or round(total, 1), quick=a.quick)
                 if a.predict and tool == "slimtune" and not a.quick:
-                    pred, gib = long_predict.predict(method, a.r, cap, a.gpu_gib or total, mcfg, a.resolution)
-                    row.update(predicted_tokens=pred, predicted_gib=gib,
+                    pred, gib = long_predict.predict(method, a.r, cap, a.gpu_gib or total, mcfg, a.resolution,
+                                                     host_gib=host)
+                    row.update(predicted_tokens=pred, predicted_gib=gib, host_gib=round(host, 1),
                                predicted_offload_gib=long_predict.offloaded_gib(pred, mcfg))
                 if a.predict_only:
                     if "predicted_tokens" in row:

@@ -41,6 +41,16 @@ def test_the_prediction_is_the_longest_length_on_the_grid_whose_estimate_fits_th
     assert peak(65536) > 24 * GIB and tokens > 65536
 
 
+def test_the_prediction_also_fits_the_offloaded_inputs_in_cpu_memory(llama_8b):
+    """On the whole GPU the estimate alone named ~550-640k tokens, whose offloaded layer inputs (134-156 GiB)
+    pass a 128 GiB host; with host_gib the longest is also bounded by it, less the margin."""
+    top = 1 << 20
+    free, _ = lp.predict("qlora", 32, 0, 80, llama_8b, 65536, top)
+    bound, _ = lp.predict("qlora", 32, 0, 80, llama_8b, 65536, top, host_gib=100)
+    assert lp.offloaded_gib(free, llama_8b) > 90 >= lp.offloaded_gib(bound, llama_8b)
+    assert lp.offloaded_gib(bound + 1024, llama_8b) > 90 and bound < free
+
+
 def test_the_grid_search_takes_the_longest_fit_past_a_gap_and_the_cap_is_what_the_allocator_may_reserve():
     fits = lambda n: n <= 40000 or 70000 <= n <= 100000  # noqa: E731
     assert lp.longest(fits, 8192, 200000) == 99328  # 98,304 on the 8,192 grid, then 1,024 at a time
