@@ -208,7 +208,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
                 alloc_retries=sum(r.get("alloc_retries", 0) for r in rows[warmup:]),
                 device_allocs=[r.get("device_allocs", 0) for r in rows[warmup:]],
                 stall_causes=result.get("stall_causes", {}),
-                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # slimtune's CLI sets expandable segments
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # as slimtune's CLI: expandable segments
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
                 first_step_s=round(rows[0]["step_s"], 1),  # the compile, when on, is in it
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
@@ -383,7 +383,8 @@ def main(argv=None) -> int:
                     help="worker, diagnostic: kernels/lora_math.py's ENABLED off (adapters cast every pass)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
-    if a.worker:
+    if a.worker:  # slimtune through its Python API, in the allocator setting `slimtune train` runs with (cli.main)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         run = defaults_worker if a.defaults else worker
         print(json.dumps(run(a)), flush=True)
         return 0
