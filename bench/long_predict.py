@@ -81,15 +81,15 @@ def predict(method: str, r: int, cap_gib: float, gpu_gib: float, mcfg: Pretraine
             top: int = 0, host_gib: float = 0.0) -> tuple[int, float]:
     """(the longest record predicted to fit, its predicted peak in GiB); lengths up to top (default: the model's
     max_position_embeddings, at most 2**20). host_gib > 0: the offloaded layer inputs must also fit that much CPU
-    memory less HOST_MARGIN (a whole-GPU 8B cell's estimate passes a 128 GiB host; the process was killed there)."""
+    memory less the run plan's margin (engine/split.MARGIN; a whole-GPU 8B cell's estimate passes a 128 GiB host, and
+    the process was killed there)."""
+    from slimtune.engine.split import MARGIN
+
     top = top or min(getattr(mcfg, "max_position_embeddings", 0) or 1 << 20, 1 << 20)
     room = budget_bytes(cap_gib, gpu_gib)
-    host = host_gib * (1 - HOST_MARGIN) if host_gib > 0 else float("inf")
+    host = host_gib * (1 - MARGIN) if host_gib > 0 else float("inf")
     n = longest(lambda m: offloaded_gib(m, mcfg) <= host and peak_bytes(method, r, m, mcfg) <= room, resolution, top)
     return n, round(peak_bytes(method, r, n, mcfg) / GIB, 2) if n else 0.0
-
-
-HOST_MARGIN = 0.10  # of the CPU memory available, kept free (as engine/split.py keeps of it)
 
 
 def offloaded_gib(n: int, mcfg: PretrainedConfig) -> float:

@@ -62,7 +62,6 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 ROOT = HERE.parent
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _workload(size: str, n: int, max_len: int):
@@ -212,18 +211,6 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
                 first_step_s=round(rows[0]["step_s"], 1),  # the compile, when on, is in it
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
-
-
-def _profile(one_step, path: str) -> None:
-    """One step under torch.profiler: the top CUDA-time ops and the CPU/GPU totals, printed and saved."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        one_step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    Path(path).write_text(table)
-    print(table[:6000], file=sys.stderr, flush=True)
 
 
 def _versions() -> dict:

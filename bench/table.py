@@ -160,9 +160,9 @@ def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
         longest = f">= {longest}" if r.get("bounded_by_time") else longest
         peak = [t.get("peak_gib") for t in r.get("tried", []) if t.get("tokens") == r["longest_tokens"]]
         failed = f"{r['shortest_failed']:,}" if r.get("shortest_failed") else ""
-        why = [t.get("error", "") for t in r.get("tried", []) if t.get("tokens") == r.get("shortest_failed")]
-        if failed and why and not any(t.get("oom") for t in r["tried"] if t.get("tokens") == r["shortest_failed"]):
-            failed += f" (not out of GPU memory: {_cell(why[0].split(':')[0])})"  # a killed process, a harness error
+        at = [t for t in r.get("tried", []) if t.get("tokens") == r.get("shortest_failed")]
+        if failed and at and not any(t.get("oom") for t in at):  # a killed process, a harness error
+            failed += f" (not out of GPU memory: {_cell(at[0].get('error', '').split(':')[0])})"
         at16k = f"{r['tok_s_at_16k']:,}" if r.get("tok_s_at_16k") else ""
         out.append(f"| {r['file']} | {_cell(r.get('device', '?'))} | {r.get('size', '?')} | {r.get('method', '?')} "
                    f"| {r.get('cap_gib', '?')} | {r.get('tool', '?')} | {longest} | {failed} "

@@ -116,14 +116,13 @@ def _train(run: Run, pad: int, context: Context, logs: RunLog, log: Log, show_pr
                                run.device)
     try:
         with checkpoint.StopOnSignal(log) as stop, timing.Pauses(run.device) as pauses:
-            first = run.step + 1  # this process's first step (a resumed run's too)
             while run.step < run.steps:
                 host = run.clock.start()
                 pauses.read()  # what paused the loop between steps is in host_s
                 with profiler.around(run.step + 1):  # its table is written after the step's clock stopped
                     records = [next(run.stream) for _ in range(tc.grad_accum)]
                     row = _step(run, records, pad, context, log)
-                    pauses.settle(first=run.step == first)
+                    pauses.settle()  # its first call: this process's first step (a resumed run's too)
                     paused = pauses.read()
                     row.update(step_s=run.clock.stop(run.step, row.pop("computed_tokens"), paused), host_s=host,
                                **paused)

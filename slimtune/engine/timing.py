@@ -66,7 +66,7 @@ class Pauses:
     def __init__(self, device: str, freeze: bool | None = None) -> None:
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.freeze = device.startswith("cuda") if freeze is None else freeze
-        self.gc_s, self._began, self._froze, self._full = 0.0, None, False, False
+        self.gc_s, self._began, self._froze, self._full, self._settled = 0.0, None, False, False, False
         self._counts = self._count()
 
     def _count(self) -> tuple[int, int]:
@@ -97,8 +97,10 @@ class Pauses:
             gc.unfreeze()
             self._froze = False
 
-    def settle(self, first: bool = False) -> None:
-        """Freeze what a full collection found alive (after the first step: collect first), where this froze."""
+    def settle(self) -> None:
+        """Called after each step: freeze what a full collection found alive (after the first step, the first call:
+        collect first), where this froze."""
+        first, self._settled = not self._settled, True
         if self._froze and (first or self._full):
             if first:
                 gc.collect()

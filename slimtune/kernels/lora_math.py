@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
 
-_STEP: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # id(adapter) -> (adapter, its cast), in a step
+# id(adapter) -> (adapter, its cast), in a step; holding the adapter keeps its id from naming another tensor
+_STEP: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 ENABLED = True  # cast_once() caches (off: bench/speed.py's diagnostic)
 
 
@@ -42,7 +43,7 @@ def cast(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.compiler.is_compiling() or p.dtype == dtype or _STEP is None:  # traced: first, _STEP never read
         return p.to(dtype)
     hit = _STEP.get(id(p))
-    if hit is not None and hit[0] is p and hit[1].dtype == dtype:
+    if hit is not None and hit[1].dtype == dtype:
         return hit[1]
     out = p.to(dtype)
     _STEP[id(p)] = (p, out)

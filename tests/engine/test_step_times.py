@@ -134,7 +134,7 @@ def test_settle_freezes_what_the_first_step_made_and_what_a_later_full_collectio
     with timing.Pauses("cpu", freeze=True) as pauses:
         start = gc.get_freeze_count()
         made = [[i] for i in range(20_000)]  # the first step's long-lived objects
-        pauses.settle(first=True)
+        pauses.settle()  # its first call: the first step
         assert gc.get_freeze_count() >= start + 20_000 and len(gc.get_objects()) < 20_000
         later = [[i] for i in range(10_000)]
         pauses.settle()  # no full collection since: nothing frozen
@@ -148,7 +148,7 @@ def test_settle_freezes_what_the_first_step_made_and_what_a_later_full_collectio
     assert gc.get_freeze_count() == 0 and len(made) + len(later) == 30_000
     with timing.Pauses("cpu") as pauses:  # no freeze on the CPU by default: settle leaves gc alone
         gc.collect()
-        pauses.settle(first=True)
+        pauses.settle()  # its first call: the first step
         assert gc.get_freeze_count() == 0
 
 
