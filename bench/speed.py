@@ -33,6 +33,7 @@ Recipes:
            defaults:profile=PATH profiles its last two steps;
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them;
            defaults:cast_once=off (DIAGNOSTIC) casts each LoRA adapter in every forward, recompute and backward
+           defaults:gc_probe (DIAGNOSTIC) records what each full garbage collection scanned and freed
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
            (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
 
@@ -151,6 +152,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     if a.no_cast_once:  # diagnostic: each adapter cast in every forward, recompute and backward
         from slimtune.kernels import lora_math
         lora_math.ENABLED = False
+    probe = _gc_probe() if a.gc_probe else None
     if a.no_ahead:  # diagnostic: offloaded tensors brought back only when backward reads them
         from slimtune.engine import offload
         offload.AHEAD = False
@@ -171,7 +173,8 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
         "".join(f", {k}" for k in a.train_key) + \
         (", offload's copy ahead off (diagnostic)" if a.no_ahead else "") + \
-        (", adapter casts every pass (diagnostic)" if a.no_cast_once else "")
+        (", adapter casts every pass (diagnostic)" if a.no_cast_once else "") + \
+        (", gc probe (diagnostic)" if a.gc_probe else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
                size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
@@ -210,7 +213,32 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # as slimtune's CLI: expandable segments
                 losses=[round(r["loss"], 4) for r in rows[warmup:]], kernels=kernels,
                 first_step_s=round(rows[0]["step_s"], 1),  # the compile, when on, is in it
+                **({"gc_probe": probe} if probe is not None else {}),
                 chose=[line for line in lines if "micro" in line or "fast path" in line or "packing" in line][:10])
+
+
+def _gc_probe() -> list[dict]:
+    """Diagnostic: for each full garbage collection during the run, what it had to scan (the tracked objects
+    outside the frozen ones, by type), what it freed, its seconds and the other gc callbacks registered."""
+    import collections
+    import gc
+    found: list[dict] = []
+
+    def probe(phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            objs = gc.get_objects(2)
+            found.append({"at": time.time(), "scanned": len(objs), "frozen": gc.get_freeze_count(),
+                          "types": collections.Counter(type(o).__name__ for o in objs).most_common(15),
+                          "callbacks": [getattr(c, "__qualname__", repr(c))[:80] for c in gc.callbacks]})
+            del objs
+            found[-1]["t0"] = time.perf_counter()
+        elif found:
+            found[-1].update(s=round(time.perf_counter() - found[-1].pop("t0"), 4), collected=info.get("collected"),
+                             uncollectable=info.get("uncollectable"))
+    gc.callbacks.insert(0, probe)  # first: its own counting is outside the collection it times
+    return found
 
 
 def _versions() -> dict:
@@ -282,7 +310,7 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                      "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
                                      "--load-in-4bit", *steps]]
     base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
-    flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",)}
+    flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",), "gc_probe": ("--gc_probe",)}
     keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else flags[k]
                                           if k in flags else ("--train_key", k))]
     if base == "defaults":
@@ -368,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no_ahead", action="store_true", help="worker, diagnostic: engine/offload.py's AHEAD off")
     ap.add_argument("--no_cast_once", action="store_true",
                     help="worker, diagnostic: kernels/lora_math.py's ENABLED off (adapters cast every pass)")
+    ap.add_argument("--gc_probe", action="store_true",
+                    help="worker, diagnostic: what each full garbage collection scanned and freed (row gc_probe)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:  # slimtune through its Python API, in the allocator setting `slimtune train` runs with (cli.main)
