@@ -13,7 +13,7 @@ It also times tokens/s at 16k (--timed steps after the first). --quick tries onl
 record whose predicted reserved peak fits the cap (the whole GPU: its memory less the CUDA context) and whose offloaded
 layer inputs fit the CPU memory available less 10% (--host-gib to set it; the row's host_gib), checked on every
 --resolution step from 16k and then every 1024 tokens within the last step that fits (the estimate drops where the
-tiled MLP turns on past 65,536 tokens); one process then tries 16k (timed) and prediction - resolution, prediction,
+tiled MLP turns on past 24,576 tokens); one process then tries 16k (timed) and prediction - resolution, prediction,
 prediction + resolution; if the lowest of those fails, bisection between it and the longest that trained follows.
 --predict-only prints the predictions and those lengths without a GPU (--gpu-gib stands for the device's memory).
 --max-step-s (every tool): a step's time is projected from the last length that trained as t x (n' / n)^2; a length
@@ -22,7 +22,7 @@ instead, if 1.25x the last or more, then the row {"skipped": "time"} ends the pr
 failure: the cell records bounded_by_time and its longest_tokens is a lower bound (">= N (time)" in the table).
 
 slimtune: slimtune.prepare with kernels (packing of the one record: varlen attention; chunked loss sized from
-free memory; fused LoRA; tiled MLP past 16k tokens; Liger where installed), gradient checkpointing with
+free memory; fused LoRA; tiled MLP past 24,576 tokens; Liger where installed), gradient checkpointing with
 layer inputs offloaded to CPU memory (train.offload_activations): what `slimtune train` runs with
 micro_batch_size=1, gradient_checkpointing=true, offload_activations=true.
 unsloth: FastLanguageModel.from_pretrained(load_in_4bit for QLoRA, unsloth_tiled_mlp=True where the release has

@@ -1,9 +1,9 @@
 """bench/long_context.py's lengths to try: slimtune's memory estimator asked for the longest record that fits a cap,
 and the time guard that keeps one training step within a limit.
 
-The estimate (slimtune.engine.memory.estimate) is not monotonic in the record's length: past 65,536 tokens the MLP
-runs in slices (train.tiled_mlp auto), so 66,560 tokens predict less than 65,536. The search therefore checks every
-length of a grid rather than stopping at the first that does not fit.
+The estimate (slimtune.engine.memory.estimate) is not monotonic in the record's length: past select.TILE_TOKENS
+(24,576) tokens the MLP runs in slices (train.tiled_mlp auto), so 25,600 tokens predict less than 24,576. The search
+therefore checks every length of a grid rather than stopping at the first that does not fit.
 """
 from __future__ import annotations
 

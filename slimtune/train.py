@@ -23,7 +23,7 @@ from .engine.distributed import Processes
 from .engine.loop import fit
 from .engine.memory import GIB
 from .engine.precision import base_dtype_name
-from .engine.recompute import enable_checkpointing
+from .engine.recompute import drop_input_grads, enable_checkpointing
 from .engine.run_plan import RunPlan
 from .runs import checkpoint, ownership as runfolder
 from .runs.ownership import RunFolderError
@@ -183,6 +183,7 @@ def prepare(model: torch.nn.Module, cfg: Config, device: str = "cpu", log: Log =
         enable_checkpointing(model, cfg.method, log)
     torch.manual_seed(cfg.train.seed)  # adapter init (PiSSA's randomized SVD too) is the same on every resume
     model = methods.apply(model, cfg.method)
+    drop_input_grads(model)  # peft hooks the embedding output again when it wraps a checkpointed model
     warn_frozen(model, cfg.method.name, heads)
     precision.cast_trainable(model, dtypes.trainable)
     log(f"method {cfg.method.name}: {describe_parameters(model)}")

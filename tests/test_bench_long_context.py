@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import long_context as lc  # noqa: E402
 import long_predict as lp  # noqa: E402
+from slimtune.kernels.select import TILE_TOKENS  # noqa: E402
 
 GIB = 2**30
 # Llama-3.1-8B's shape (bench/peers/seed_recipe.py SIZES["8b"]), as unsloth_recipe.py --make saves it for this bench
@@ -36,9 +37,8 @@ def test_the_prediction_is_the_longest_length_on_the_grid_whose_estimate_fits_th
     assert 100_000 < tokens < 250_000 and tokens % 1024 == 0
     assert peak(tokens) <= 24 * GIB < peak(tokens + 1024) and gib == round(peak(tokens) / GIB, 2)
     assert all(peak(n) > 24 * GIB for n in range(tokens + 8192, top + 1, 8192))
-    # below the tiled MLP (65,536 tokens and less) the estimate passes the cap first: a scan that stopped at the
-    # first length over the cap would have answered less than 65,536
-    assert peak(65536) > 24 * GIB and tokens > 65536
+    # the estimate drops where the tiled MLP turns on (past select.TILE_TOKENS), so the scan checks every length
+    assert peak(TILE_TOKENS + 1024) < peak(TILE_TOKENS) and tokens > TILE_TOKENS
 
 
 def test_the_prediction_also_fits_the_offloaded_inputs_in_cpu_memory(llama_8b):

@@ -19,10 +19,9 @@ def enable_checkpointing(model: torch.nn.Module, cfg_method: MethodConfig,
                          log: Callable[[str], None] = print) -> bool:
     """Recompute activations in backward; returns whether it is on. Non-reentrant checkpointing needs no
     input that requires grad, so with a frozen embedding (every method but full) gradients still reach the
-    adapters, and `enable_input_require_grads` is not needed: that hook would also make frozen layers
-    below a `freeze` run's trainable ones keep activations for a backward they never need. Prefix tuning
-    passes its prefix as a KV cache, which checkpointed layers drop (peft refuses the pair): it trains
-    without checkpointing."""
+    adapters, and the hook of `enable_input_require_grads`, which transformers adds here, is taken off again
+    (drop_input_grads). Prefix tuning passes its prefix as a KV cache, which checkpointed layers drop (peft
+    refuses the pair): it trains without checkpointing."""
     if cfg_method.name == "prefix_tuning":
         log("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers would drop the learned "
             "prefix (its keys/values travel as a KV cache); activations take the memory they need")
@@ -36,8 +35,26 @@ def enable_checkpointing(model: torch.nn.Module, cfg_method: MethodConfig,
         owner.activation_checkpointing_enable(activation_checkpointing_kwargs=KWARGS)
     else:
         owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=KWARGS)
+    drop_input_grads(owner)
     owner.config.use_cache = False
     return True
+
+
+def drop_input_grads(model: torch.nn.Module) -> None:
+    """Take off the hook `enable_input_require_grads` puts on the input embeddings, which transformers adds with
+    checkpointing (whatever use_reentrant says) and peft when it wraps a checkpointed model. It makes the frozen
+    embedding output a leaf that requires grad: held on the GPU all step by its gradient's accumulator (the offload
+    of layer inputs moves only the copy the checkpoint saves), given a gradient nothing reads (tokens x hidden
+    again) and the first layer's input-gradient matmuls; frozen layers below a `freeze` run's trainable ones would
+    keep activations for a backward they never need. Kept for a model's own code (trust_remote_code), which may
+    call torch.utils.checkpoint itself, reentrant, where layers whose inputs need no gradient give their adapters
+    none."""
+    base = kinds.pretrained_base(model)
+    if base is None or not type(base).__module__.startswith("transformers."):
+        return
+    owner = model if hasattr(model, "disable_input_require_grads") else base
+    if getattr(owner, "_require_grads_hooks", None) or getattr(owner, "_require_grads_hook", None):
+        owner.disable_input_require_grads()
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:

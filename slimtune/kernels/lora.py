@@ -62,7 +62,8 @@ class _LoraLinear(torch.autograd.Function):
         gxa = (g @ bc).mul_(scale)  # d loss / d (x A^T), (N, r)
         gx = gw = None
         if need_x:
-            gx = torch.addmm(g @ weight.to(dtype), gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+            gx = lora_math.input_grad(g, weight.to(dtype), gxa, ac)
+            gx = gx.reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
         if need_w:
             gw = (g.T @ x2).to(weight.dtype)
         return gx, gw, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), None

@@ -95,7 +95,7 @@ class _Lora4bit(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             w = dequantize_parts(*quantized, ctx.meta).to(dtype)
-            gx = torch.addmm(g @ w, gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+            gx = lora_math.input_grad(g, w, gxa, ac).reshape(*grad_y.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
             del w
         return gx, None, *lora_math.adapter_grads(ctx, g, gxa, x2, xa, a, b), *[None] * 7
 

@@ -22,9 +22,12 @@ MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% t
 # weights and the other activations, and tiling costs one more MLP forward a step (the recompute: about +20%
 # FLOPs at short lengths, estimated in kernels/tiled_mlp.py): it pays only where memory limits the run. At
 # 16,384 it caught bench/speed.py's 16 x 1,024-token micro-batch (packed rows hold ~16.4k tokens) and the 1B
-# defaults ran at 10.2k tok/s on an H200 with 139 GiB free (2026-12-03); 65,536 (6 GiB of 8B intermediates)
-# leaves ordinary batches alone and still tiles the long records it is for.
-TILE_TOKENS = 65536
+# defaults ran at 10.2k tok/s on an H200 with 139 GiB free (2026-12-03). At 65,536 it left whole the records it
+# is for: 8B LoRA r=32 under a 24 GiB cap (H100, bench/long_context.py, 2026-12-06) trained 29,696 tokens and ran
+# out of memory at 33,792 on one tokens x intermediate tensor (924 MiB), its peak growing 216 KB a token, where
+# sliced records grow about 115 KB a token (8B QLoRA from 139,264 to 147,456 tokens). 24,576 is above that
+# micro-batch with room and below the longest record that trained whole there.
+TILE_TOKENS = 24576
 LORA_METHODS = ("lora", "rslora", "pissa", "qlora")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 
 

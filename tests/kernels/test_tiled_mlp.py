@@ -191,6 +191,6 @@ def test_the_config_key_and_the_record():
         assert select.enable(model, config.TrainConfig(), "cpu").tiled_mlp == 0  # auto: CUDA only
     finally:
         select.disable(model)
-    assert select.tiled_mlp_from("auto", "cuda") == select.TILE_TOKENS == 65536
+    assert select.tiled_mlp_from("auto", "cuda") == select.TILE_TOKENS == 24576
     assert select.tiled_mlp_from("on", "cpu") == 0 and select.tiled_mlp_from("auto", "cpu") is None
     assert select.tiled_mlp_from("off", "cuda") is None
