@@ -13,6 +13,7 @@ from ..methods import kinds
 # longer builds a {shape, dtype, device} dict for each saved tensor, in the forward and the recompute, and compares
 # them: host time a CPU-paced GPU step waits for
 KWARGS = {"use_reentrant": False, "determinism_check": "none"}
+HOOK = "enable_input_require_grads.<locals>.make_inputs_require_grads"  # transformers' hook, which peft calls too
 
 
 def enable_checkpointing(model: torch.nn.Module, cfg_method: MethodConfig,
@@ -46,15 +47,28 @@ def drop_input_grads(model: torch.nn.Module) -> None:
     embedding output a leaf that requires grad: held on the GPU all step by its gradient's accumulator (the offload
     of layer inputs moves only the copy the checkpoint saves), given a gradient nothing reads (tokens x hidden
     again) and the first layer's input-gradient matmuls; frozen layers below a `freeze` run's trainable ones would
-    keep activations for a backward they never need. Kept for a model's own code (trust_remote_code), which may
-    call torch.utils.checkpoint itself, reentrant, where layers whose inputs need no gradient give their adapters
-    none."""
+    keep activations for a backward they never need. Kept where checkpointing may be reentrant (a layer whose
+    input needs no gradient then gives its adapters none): a model's own code (trust_remote_code), which may call
+    torch.utils.checkpoint itself, and layers checkpointed without use_reentrant=False (the user's own switch)."""
     base = kinds.pretrained_base(model)
     if base is None or not type(base).__module__.startswith("transformers."):
+        return
+    funcs = [getattr(m, "_gradient_checkpointing_func", None) for m in base.modules()
+             if getattr(m, "gradient_checkpointing", False) is True]
+    if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
         return
     owner = model if hasattr(model, "disable_input_require_grads") else base
     if getattr(owner, "_require_grads_hooks", None) or getattr(owner, "_require_grads_hook", None):
         owner.disable_input_require_grads()
+    try:
+        emb = base.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # a model without one: no hook there either
+        return
+    # and by the function: each enable_input_require_grads call forgets the handle of the one before
+    hooks = getattr(emb, "_forward_hooks", {})
+    for key, fn in list(hooks.items()):
+        if getattr(fn, "__qualname__", "").endswith(HOOK):
+            del hooks[key]
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:

@@ -70,3 +70,15 @@ def test_a_models_own_code_keeps_the_hook():
     base.enable_input_require_grads()
     drop_input_grads(base)
     assert not base.get_input_embeddings()._forward_hooks
+
+
+def test_reentrant_checkpointing_keeps_the_hook():
+    """Layers checkpointed reentrant (a user's own switch) give their adapters no gradient unless the input needs
+    one: there the hook stays; the switch slimtune turns on (use_reentrant=False) takes it off."""
+    from slimtune.engine.recompute import drop_input_grads
+    model = make_model(300)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    drop_input_grads(model)
+    assert model.get_input_embeddings()._forward_hooks
+    assert enable_checkpointing(model, CFG.method, log=lambda _: None)
+    assert not model.get_input_embeddings()._forward_hooks
