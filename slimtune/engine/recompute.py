@@ -57,9 +57,8 @@ def drop_input_grads(model: torch.nn.Module) -> None:
              if getattr(m, "gradient_checkpointing", False) is True]
     if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
         return
-    owner = model if hasattr(model, "disable_input_require_grads") else base
-    if getattr(owner, "_require_grads_hooks", None) or getattr(owner, "_require_grads_hook", None):
-        owner.disable_input_require_grads()
+    if getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None):
+        base.disable_input_require_grads()  # where the handles are (a peft wrapper forwards to its base)
     try:
         emb = base.get_input_embeddings()
     except (NotImplementedError, AttributeError):  # a model without one: no hook there either
