@@ -4,7 +4,7 @@ the loss. The loop, the memory estimator, the in-training evaluation, `slimtune.
 the web app read it; `describe()` is the text each of them prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -121,6 +121,8 @@ def _build(cfg: Config, device: str, dtypes: Dtypes, model: torch.nn.Module | No
     world = distributed.size() if world_size is None else world_size
     kernels = select.choose(cfg.train, device, *_shape(cfg, model))
     chosen = chosen or split.split(cfg, device, free, sizes, world, model, kernels, dtypes)
+    if chosen.whole_mlp:  # its micro-batches fit with the MLP unsliced (split._whole_mlp)
+        kernels = replace(kernels, tiled_mlp=0)
     checkpointing, notes = chosen.chosen.gradient_checkpointing, ()
     if cfg.method.name == "prefix_tuning" and checkpointing:
         checkpointing, notes = False, ("train.gradient_checkpointing is off for prefix_tuning: checkpointed layers "

@@ -27,6 +27,7 @@ import torch
 from ..config import Config
 from ..config.batch import is_auto, records_per_step, stated
 from ..config.convert import AUTO
+from ..kernels import select
 from ..kernels.select import Kernels
 from ..models import load_config, pick_device
 from . import distributed, host_memory, memory
@@ -69,6 +70,7 @@ class Split:
     why: str
     free: float | None = None  # GPU memory free for this run (bytes)
     rejected: tuple[Option, ...] = ()
+    whole_mlp: bool = False  # micro-batches past select.TILE_TOKENS tokens that fit with the MLP unsliced
 
     @property
     def budget(self) -> float | None:
@@ -157,7 +159,9 @@ def choose(cfg: Config, device: str, free: float | None = None, sizes: Sizes | N
                 why = "the fewest micro-batches that fit" + (
                     ", without checkpointing" if not option.gradient_checkpointing else ", with checkpointing"
                     if not option.offload_activations else ", with checkpointing and the layer inputs offloaded")
-                return Split(batch, option, why + host_note, free, tuple(rejected))
+                option, whole = _whole_mlp(cfg, option, sizes, gpus, mcfg, kernels, dtypes, free)
+                why += "; the MLP unsliced (it fits whole)" if whole else ""
+                return Split(batch, option, why + host_note, free, tuple(rejected), whole)
             rejected.append(option)
     except Exception as err:  # an estimate never stops a run: architectures differ in ways it can't see
         return on_cpu(cfg, f"memory estimate unavailable ({err}); the CPU's rule: at most {CPU_MICRO} records "
@@ -180,6 +184,20 @@ def _host_fit(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg:
     kept = _estimated(cfg, replace(option, offload_activations=False), sizes, gpus, mcfg, kernels, dtypes)
     return kept, (f" (layer inputs kept on the GPU: offloaded they would take {option.host * ranks / GIB:.1f} GiB "
                   f"of CPU memory, {have / GIB:.1f} GiB is available)")
+
+
+def _whole_mlp(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg: PretrainedConfig | None,
+               kernels: Kernels | None, dtypes: Dtypes | None, free: float) -> tuple[Option, bool]:
+    """train.tiled_mlp=auto slices the MLP of a forward past select.TILE_TOKENS tokens, at the cost of one more MLP
+    forward in its backward. Where the chosen option's micro-batches can pass that and the option still fits with
+    the MLP whole, the plan leaves it whole: (that option, its peak unsliced, True); else (option, False)."""
+    if kernels is None or not kernels.tiled_mlp or cfg.train.tiled_mlp != "auto" or gpus > 1:
+        return option, False
+    longest = sizes[0][0] if sizes else cfg.data.max_len
+    if option.micro_batch_size * longest <= select.TILE_TOKENS:
+        return option, False  # never sliced: no micro-batch holds more tokens
+    whole = _estimated(cfg, option, sizes, gpus, mcfg, replace(kernels, tiled_mlp=0), dtypes)
+    return (whole, True) if whole.peak <= free * (1 - MARGIN) else (option, False)
 
 
 def _other_shape(cfg: Config, model: torch.nn.Module) -> str | None:

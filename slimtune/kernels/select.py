@@ -26,7 +26,8 @@ MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% t
 # is for: 8B LoRA r=32 under a 24 GiB cap (H100, bench/long_context.py, 2026-12-06) trained 29,696 tokens and ran
 # out of memory at 33,792 on one tokens x intermediate tensor (924 MiB), its peak growing 216 KB a token, where
 # sliced records grow about 115 KB a token (8B QLoRA from 139,264 to 147,456 tokens). 24,576 is above that
-# micro-batch with room and below the longest record that trained whole there.
+# micro-batch with room and below the longest record that trained whole there. Where a batch split the plan
+# chose (engine/split.py) fits with the MLP whole, its run leaves it whole, however many tokens a micro-batch holds.
 TILE_TOKENS = 24576
 LORA_METHODS = ("lora", "rslora", "pissa", "qlora")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 
@@ -144,8 +145,10 @@ def _tile(model: torch.nn.Module, tc: TrainConfig, device: str) -> int:
     return tiled_mlp.enable(model, past) if past is not None else 0
 
 
-def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) -> list[str]:
-    """One line for each fast path train.* asks for on this device that this model keeps out of, with why."""
+def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels, want: Kernels | None = None
+              ) -> list[str]:
+    """One line for each fast path train.* asks for on this device that this model keeps out of, with why
+    (`want`: the run plan's record, which leaves the MLP whole where its micro-batches fit unsliced)."""
     name, out = type(attention._base(model)).__name__, []
     why = attention.unsupported(model)
     if k.packing == "off" and why and (tc.packing == "auto" and device.startswith("cuda")):
@@ -153,7 +156,8 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels) 
     asked = (("fused_norm_mlp", k.fused_norm_mlp, use_fused_norm_mlp(tc.fused_norm_mlp, device, model),
               "Llama-style RMSNorm or SwiGLU MLP"),
              ("fused_rope", k.fused_rope, use_fused_rope(tc.fused_rope, device), "Llama-style attention with RoPE"),
-             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None,
+             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None
+              and (want is None or bool(want.tiled_mlp)),
               "Llama-style MLP (gate_proj, up_proj, down_proj)"),
              ("compile", k.compiled_layers, use_compile(tc.compile, device), "transformers decoder layers"))
     for key, took, wanted_here, what in asked:
@@ -214,7 +218,7 @@ def enable(model: torch.nn.Module, tc: TrainConfig, device: str, log: Callable[[
                        fused_rope=rope.enable(model) if want.fused_rope else 0,
                        tiled_mlp=_tile(model, tc, device) if want.tiled_mlp else 0,  # after norm_mlp: it slices
                        compiled_layers=compiled.enable(model, log) if want.compiled_layers else 0)  # Liger's MLP
-        for line in fallbacks(model, tc, device, took):
+        for line in fallbacks(model, tc, device, took, want):
             log(f"fast path off: {line}")
         return took
     except Exception:

@@ -258,3 +258,60 @@ def replace_path(cfg, path: str):
     import dataclasses
 
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
+
+
+def test_long_micro_batches_keep_the_mlp_whole_where_it_fits_and_slice_it_where_not(tmp_path):
+    """train.tiled_mlp=auto slices the MLP past select.TILE_TOKENS tokens a forward, at one more MLP forward a
+    step: an auto split whose micro-batch fits unsliced leaves it whole (the plan's kernels say so, its peak is
+    the unsliced one); where only the sliced one fits, the slices stay on."""
+    from dataclasses import replace
+
+    from transformers import LlamaConfig
+
+    from slimtune.engine import run_plan
+    from slimtune.kernels import select
+
+    # a wide MLP over a small vocabulary: the backward of a layer's MLP sets the peak (the estimate reads only
+    # config.json, on the meta device)
+    LlamaConfig(hidden_size=256, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=512).save_pretrained(tmp_path)
+    cfg = _cfg(tmp_path, batch_size=16)
+    cfg.method.dropout = 0.0  # fused LoRA: the fast engine, whose estimate models the slices
+    if not split.memory.fast_engine(cfg):
+        pytest.skip("this config is not on the fast engine")
+    cfg.data.max_len = 4096
+    sizes = [(4096, 4000)] * 16  # one micro-batch of 65,536 tokens, past TILE_TOKENS
+    roomy = run_plan.for_estimate(cfg, 80 * GIB, sizes)
+    assert roomy.micro_batch_size == 16 and roomy.split.whole_mlp and roomy.kernels.tiled_mlp == 0
+    assert "the MLP unsliced (it fits whole)" in roomy.split.why and "tiled MLP" not in roomy.describe()
+    option = roomy.split.chosen
+    sliced = split._estimated(cfg, option, sizes, 1, None, replace(roomy.kernels, tiled_mlp=1))
+    assert option.peak - sliced.peak > 2**20  # one layer's intermediates for every token, not for one slice
+    tight = run_plan.for_estimate(cfg, (sliced.peak + option.peak) / 2 / (1 - split.MARGIN), sizes)
+    assert (tight.micro_batch_size, tight.split.whole_mlp, tight.kernels.tiled_mlp) == (16, False, 1)
+    assert tight.split.chosen.peak == sliced.peak and "tiled MLP" in tight.describe()
+    short = run_plan.for_estimate(cfg, 80 * GIB, [(1024, 1000)] * 16)  # 16,384 tokens: never sliced
+    assert not short.split.whole_mlp and short.kernels.tiled_mlp == 1
+    cfg.train.tiled_mlp = "on"  # the user's switch stays
+    assert run_plan.for_estimate(cfg, 80 * GIB, sizes).kernels.tiled_mlp == 1
+    assert select.TILE_TOKENS < 16 * 4096
+
+
+def test_a_plan_that_keeps_the_mlp_whole_prints_no_fallback_for_it(tiny_model_dir):
+    """select.enable with the plan's record (tiled_mlp 0: the MLP left whole) says nothing about the tiled MLP;
+    a record that wants it and a model that took none would."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.kernels import select
+
+    tiny_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tc = config.TrainConfig()
+    asked = select.choose(tc, "cuda", 0)
+    assert asked.tiled_mlp == 1
+    none = select.Kernels()
+    said = select.fallbacks(tiny_model, tc, "cuda", none, replace(asked, tiled_mlp=0))
+    assert not [line for line in said if line.startswith("train.tiled_mlp")]
+    said = select.fallbacks(tiny_model, tc, "cuda", none, asked)
+    assert [line for line in said if line.startswith("train.tiled_mlp=auto")]
