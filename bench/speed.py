@@ -170,8 +170,9 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
     def say(text: str) -> None:  # kept for the row, and on stderr at once (SPEED_LOG_DIR keeps it past a kill)
         lines.append(text)
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-    shown = ", ".join(explicit) if explicit is not None else f"{a.method} + 16 records a step" + \
-        "".join(f", {k}" for k in a.train_key) + \
+    batch = next((k.split("=", 1)[1] for k in a.train_key if k.startswith("batch_size=")), "16")
+    shown = ", ".join(explicit) if explicit is not None else f"{a.method} + {batch} records a step" + \
+        "".join(f", {k}" for k in a.train_key if not k.startswith("batch_size=")) + \
         (", offload's copy ahead off (diagnostic)" if a.no_ahead else "") + \
         (", adapter casts every pass (diagnostic)" if a.no_cast_once else "") + \
         (", gc probe (diagnostic)" if a.gc_probe else "")

@@ -122,6 +122,11 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         speed("8b", "defaults,defaults:cast_once=off,defaults,defaults:cast_once=off", 330)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
+    # 96 records of up to 1,024 tokens a micro-batch pass select.TILE_TOKENS: the plan leaves the MLP whole where
+    # the micro-batch fits so (engine/split.py); tiled_mlp=on slices it, which costs one more MLP forward a step
+    "tiles-8b": ("the 8B defaults with 96 records a step (the MLP whole, as the plan keeps it where it fits) beside "
+                 "the same with the MLP sliced (tiled_mlp=on): what the slices cost a step", [
+        speed("8b", "defaults:batch_size=96,defaults:batch_size=96:tiled_mlp=on", 420)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "
                       "(bench/check_compiled_4bit.py: lora and qlora, bf16 and fp32 bases, against eager), then the "
                       "1B qlora defaults (compiled layers), the same with compile=off (eager layers), and unsloth", [
