@@ -37,6 +37,8 @@ SCRIPTS = {  # command: (script, what it measures)
     "loss-curve": ("loss_curve.py", "slimtune's loss curve beside the Trainer + peft on the same data"),
     "grpo-speed": ("grpo_speed.py", "GRPO step time (generation, training) and tokens/s beside TRL's GRPOTrainer"),
     "dpo": ("preference_speed.py", "DPO tokens/s and peak memory on one GPU, slimtune beside TRL's DPOTrainer + peft"),
+    "attention-speed": ("attention_speed.py", "causal attention of one record, forward + backward: the varlen kernel "
+                        "beside SDPA's backends"),
 }
 
 

@@ -127,6 +127,10 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "tiles-8b": ("the 8B defaults with 96 records a step (the MLP whole, as the plan keeps it where it fits) beside "
                  "the same with the MLP sliced (tiled_mlp=on): what the slices cost a step", [
         speed("8b", "defaults:batch_size=96,defaults:batch_size=96:tiled_mlp=on", 420)]),
+    "attention-speed": ("causal attention of one record (8B heads), forward + backward, 1k-64k tokens: the varlen "
+                        "FlashAttention-2 kernel packed rows take beside SDPA's cuDNN, flash and efficient backends "
+                        "(bench/attention_speed.py)", [
+        Step(["bench/attention_speed.py", "--out", "{OUT}/attention.jsonl"], 300)]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "
                       "(bench/check_compiled_4bit.py: lora and qlora, bf16 and fp32 bases, against eager), then the "
                       "1B qlora defaults (compiled layers), the same with compile=off (eager layers), and unsloth", [
