@@ -16,6 +16,8 @@ layer inputs fit the CPU memory available less 10% (--host-gib to set it; the ro
 tiled MLP turns on past 24,576 tokens); one process then tries 16k (timed) and prediction - resolution, prediction,
 prediction + resolution; if the lowest of those fails, bisection between it and the longest that trained follows.
 --predict-only prints the predictions and those lengths without a GPU (--gpu-gib stands for the device's memory).
+--one-record sdpa|cudnn (DIAGNOSTIC, slimtune cells): the record's attention through SDPA (torch's backend, or
+cuDNN's first) instead of the varlen kernel (slimtune.kernels.attention.ONE_RECORD); the row says so.
 --max-step-s (every tool): a step's time is projected from the last length that trained as t x (n' / n)^2; a length
 projected past it (or past the run's time left) is not tried: first the longest length projected to fit is tried
 instead, if 1.25x the last or more, then the row {"skipped": "time"} ends the process. A skipped length is no memory
@@ -95,6 +97,8 @@ def _slimtune_model(a):
     from slimtune.methods.quant import quantization_config
 
     cfg = long_predict.slimtune_config(a.method, a.r, max(a.lengths))
+    from slimtune.kernels import attention
+    attention.ONE_RECORD = a.one_record  # diagnostic: the record's attention through SDPA instead of varlen
     model, _ = models.load(a.model_dir, "bf16", device=DEV, quantization=quantization_config(cfg.method, "bf16"))
     prep = slimtune.prepare(model, cfg, DEV, log=lambda *_: None, kernels=True)
     model, took = prep.model, prep.kernels
@@ -236,7 +240,7 @@ def _spawn(a, tool: str, method: str, cap: float, lengths: list[int], timeout: f
     cmd = [sys.executable, str(Path(__file__)), "--trial", "--tool", tool, "--method", method, "--cap-gib", str(cap),
            "--lengths", ",".join(map(str, lengths)), "--model-dir", a.model_dir, "--r", str(a.r),
            "--tps-at", str(a.tps_at), "--timed", str(a.timed), "--max-step-s", str(a.max_step_s),
-           "--time-left", str(max(timeout, 1))]
+           "--time-left", str(max(timeout, 1)), "--one-record", getattr(a, "one_record", "varlen")]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(timeout, 1))
@@ -328,6 +332,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tps-at", type=int, default=16384)
     ap.add_argument("--timed", type=int, default=2, help="steps timed at --tps-at after the first")
     ap.add_argument("--out", default="")
+    ap.add_argument("--one-record", default="varlen", choices=("varlen", "sdpa", "cudnn"),
+                    help="DIAGNOSTIC, slimtune cells: the record's attention (slimtune.kernels.attention.ONE_RECORD)")
     ap.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tool", default="slimtune", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="lora", help=argparse.SUPPRESS)
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in a.methods.split(","):
             for tool in a.tools.split(","):
                 row = dict(bench="long_context", date=date, device=device, gpu_gib=round(total, 1), size=a.size,
-                           tool=tool, method=method, r=a.r, cap_gib=cap or round(total, 1), quick=a.quick)
+                           tool=tool, method=method, r=a.r, cap_gib=cap or round(total, 1), quick=a.quick,
+                           **({"one_record": a.one_record} if tool == "slimtune" and a.one_record != "varlen" else {}))
                 if a.predict and tool == "slimtune" and not a.quick:
                     pred, gib = long_predict.predict(method, a.r, cap, a.gpu_gib or total, mcfg, a.resolution,
                                                      host_gib=host)

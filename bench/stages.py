@@ -131,6 +131,12 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
                         "FlashAttention-2 kernel packed rows take beside SDPA's cuDNN, flash and efficient backends "
                         "(bench/attention_speed.py)", [
         Step(["bench/attention_speed.py", "--out", "{OUT}/attention.jsonl"], 300)]),
+    "one-record-8b": ("8B LoRA r=32, one record of 16k, 32k and 64k tokens on the whole GPU (tokens/s at 16k, each "
+                      "length's first step), its attention through the varlen kernel, SDPA (torch's backend) and SDPA "
+                      "with cuDNN first (long_context.py --quick --one-record, diagnostic rows)", [
+        Step(["bench/long_context.py", "--quick", "--tools", "slimtune", "--methods", "lora", "--caps", "0",
+              "--max-step-s", "30", "--budget-s", "130", "--one-record", kind, "--out", "{OUT}/long_context.jsonl"],
+             150) for kind in ("varlen", "sdpa", "cudnn")]),
     "compiled-4bit": ("whether compiled decoder layers train right around the fused 4-bit node "
                       "(bench/check_compiled_4bit.py: lora and qlora, bf16 and fp32 bases, against eager), then the "
                       "1B qlora defaults (compiled layers), the same with compile=off (eager layers), and unsloth", [

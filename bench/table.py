@@ -142,6 +142,11 @@ def fsdp_section(named: list[tuple[str, dict]]) -> list[str]:
     return out + [""]
 
 
+def _tool(r: dict) -> str:
+    """The tool, and the record's attention where a diagnostic changed it (long_context.py --one-record)."""
+    return r.get("tool", "?") + (f" ({r['one_record']} attention)" if r.get("one_record") else "")
+
+
 def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
     """bench/long_context.py's cells (not its --quick ones), newest file first: per model size, method and cap, each
     tool's longest trained record."""
@@ -165,7 +170,7 @@ def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
             failed += f" (not out of GPU memory: {_cell(at[0].get('error', '').split(':')[0])})"
         at16k = f"{r['tok_s_at_16k']:,}" if r.get("tok_s_at_16k") else ""
         out.append(f"| {r['file']} | {_cell(r.get('device', '?'))} | {r.get('size', '?')} | {r.get('method', '?')} "
-                   f"| {r.get('cap_gib', '?')} | {r.get('tool', '?')} | {longest} | {failed} "
+                   f"| {r.get('cap_gib', '?')} | {_tool(r)} | {longest} | {failed} "
                    f"| {peak[0] if peak and peak[0] is not None else ''} | {at16k} |")
     return out + [""]
 

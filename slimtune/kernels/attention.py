@@ -29,6 +29,10 @@ from . import reference
 
 NAME = "slimtune_packed"
 HALF = (torch.bfloat16, torch.float16)
+# A row of one record (a long record, micro_batch_size 1) on the fast path: "varlen" the kernel every packed row
+# takes; "sdpa" transformers' SDPA call with torch's backend choice; "cudnn" the same with SDPA's cuDNN backend
+# first (reported 1.7-2.3x FlashAttention-2's speed on Hopper). bench/attention_speed.py times them.
+ONE_RECORD = "varlen"
 
 
 @functools.cache
@@ -159,10 +163,25 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     window = kwargs.get("sliding_window")
     window = window if window and window < longest else None  # a window wider than every record changes nothing
     if _fast(query, dropout, window):
+        if ONE_RECORD != "varlen" and cu.shape[0] == 2 and window is None:
+            return _one_record(module, query, key, value, scaling)
         return varlen(query, key, value, cu, longest, scaling, window), None
     # the offsets as host ints where the batch brings them (data/pack.BOUNDS): no wait for the GPU per layer
     out = reference.packed_attention(query, key, value, kwargs.get(BOUNDS) or cu, scaling, dropout, window)
     return out.transpose(1, 2), None
+
+
+def _one_record(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                scaling: float | None) -> tuple[torch.Tensor, None]:
+    """A row of one record through SDPA, causal and unmasked: what its unpacked forward computes (ONE_RECORD)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if ONE_RECORD != "cudnn":
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):  # a preference: a shape cuDNN refuses takes the next
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
 
 
 def _mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,

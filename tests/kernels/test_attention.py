@@ -285,3 +285,30 @@ def test_the_run_says_how_the_kernel_gets_grouped_key_value_heads(monkeypatch):
     assert attention.heads_note(model).endswith("as they are")
     model.config.num_key_value_heads = 4
     assert attention.heads_note(model) == ""
+
+
+@pytest.mark.parametrize("one_record", ["varlen", "sdpa", "cudnn"])
+def test_a_row_of_one_record_goes_where_one_record_says(monkeypatch, one_record):
+    """attention.ONE_RECORD on the fast path (made to hold here on the CPU): a row of one record goes to SDPA (the
+    unpacked forward's answer) unless it is "varlen"; a row of several records always goes to varlen."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 16) for h in (4, 2, 2))
+
+    class Attn(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 2
+
+    calls = []
+    monkeypatch.setattr(attention, "_fast", lambda *a: True)
+    monkeypatch.setattr(attention, "varlen", lambda q, k, v, cu, *a: calls.append(cu.tolist()) or q.transpose(1, 2))
+    monkeypatch.setattr(attention, "ONE_RECORD", one_record)
+    one = torch.tensor([0, 9], dtype=torch.int32)
+    out, _ = attention.attention(Attn(), q, k, v, None, scaling=0.3, cu_seq_lens_q=one, max_length_q=9)
+    want = reference.packed_attention(q, k, v, one, 0.3).transpose(1, 2)
+    if one_record == "varlen":
+        assert calls == [[0, 9]]
+    else:
+        assert calls == [] and torch.allclose(out, want, atol=1e-5)
+    two = torch.tensor([0, 4, 9], dtype=torch.int32)
+    attention.attention(Attn(), q, k, v, None, scaling=0.3, cu_seq_lens_q=two, max_length_q=5)
+    assert calls[-1] == [0, 4, 9]

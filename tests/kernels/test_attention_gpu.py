@@ -135,3 +135,39 @@ def test_tiny_model_packed_vs_unpacked_on_the_gpu():
         other = model.model(**{k: v for k, v in dev(pack.collate(changed)).items() if k != "labels"})
     assert torch.equal(base.last_hidden_state[0, 7:], other.last_hidden_state[0, 7:])
     attention.disable(model)
+
+
+class _Attn(torch.nn.Module):
+    """What transformers' SDPA call reads of an attention module: causal, and its key/value head groups."""
+    is_causal = True
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("one_record", ["sdpa", "cudnn"])
+@pytest.mark.parametrize("length", [7, 1000, 4096])
+def test_one_record_through_sdpa_equals_the_reference_in_bf16(monkeypatch, one_record, length):
+    """attention.ONE_RECORD: a row of one record through SDPA (torch's backend, or cuDNN's first) is as close to an
+    fp32 reference as the varlen kernel is, forward and every gradient; a row of two records stays on varlen."""
+    heads, kv_heads, d = 32, 8, 128
+    q, k, v, cu = _qkv([length], heads, kv_heads, d, torch.bfloat16)
+    scale = d ** -0.5 * 0.9
+    exact = reference.packed_attention(q.float(), k.float(), v.float(), cu, scale).transpose(1, 2)
+    base = attention.varlen(q, k, v, cu, length, scale)
+    monkeypatch.setattr(attention, "ONE_RECORD", one_record)
+    out, _ = attention.attention(_Attn(heads // kv_heads), q, k, v, None, scaling=scale, cu_seq_lens_q=cu,
+                                 max_length_q=length)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+    assert _err(out, exact) <= 2 * _err(base, exact) + 1e-3
+    grad = torch.randn_like(exact)
+    got, want, varlen = (torch.autograd.grad(o.float(), (q, k, v), grad) for o in (out, exact, base))
+    for name, a, b, c in zip("qkv", got, want, varlen):
+        assert _err(a, b) <= 2 * _err(c, b) + 1e-2, name
+    q2, k2, v2, cu2 = _qkv([length, 5], heads, kv_heads, d, torch.bfloat16)
+    called = []
+    monkeypatch.setattr(attention, "varlen", lambda *a, **kw: called.append(a[3].shape[0]) or base)
+    attention.attention(_Attn(heads // kv_heads), q2, k2, v2, None, scaling=scale, cu_seq_lens_q=cu2,
+                        max_length_q=length)
+    assert called == [3]
