@@ -122,8 +122,8 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
         speed("8b", "defaults,defaults:cast_once=off,defaults,defaults:cast_once=off", 330)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
-    # 96 records of up to 1,024 tokens a micro-batch pass select.TILE_TOKENS: the plan leaves the MLP whole where
-    # the micro-batch fits so (engine/split.py); tiled_mlp=on slices it, which costs one more MLP forward a step
+    # 96 records a micro-batch (about 30,000 tokens, the 96 longest 53,770) pass select.TILE_TOKENS: the plan leaves
+    # the MLP whole where the micro-batch fits so (engine/split.py); tiled_mlp=on slices it, one more MLP forward
     "tiles-8b": ("the 8B defaults with 96 records a step (the MLP whole, as the plan keeps it where it fits) beside "
                  "the same with the MLP sliced (tiled_mlp=on): what the slices cost a step", [
         speed("8b", "defaults:batch_size=96,defaults:batch_size=96:tiled_mlp=on", 420)]),

@@ -164,7 +164,8 @@ class TrainConfig:
     """Liger's RMSNorm + SwiGLU (kernels/norm_mlp.py): auto (CUDA, installed, hidden >= 3072) | on | off"""
     tiled_mlp: str = "auto"
     """the MLP a slice of the sequence at a time, recomputed in backward (kernels/tiled_mlp.py): auto (on CUDA
-    for forwards of over 24,576 tokens, unless an auto split's micro-batches fit with it whole) | on | off"""
+    for forwards of over 24,576 tokens, unless an auto split's micro-batches of up to 65,536 fit with it whole)
+    | on | off"""
     compile: str = "auto"
     """each decoder layer's forward through torch.compile, one graph for all layers (kernels/compiled.py): auto
     (CUDA with Triton, one process; the first step waits for the compile) | on | off"""

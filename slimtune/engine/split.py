@@ -43,6 +43,9 @@ CPU_MICRO = 8  # CPU: bounds a padded micro-batch's activations; no launch overh
 # kept free beyond the predicted peak: the estimator was within 10% (max 9.9%) of 367 measured H100 cells
 # (README, bench/check_estimator.py)
 MARGIN = 0.10
+# the most tokens a micro-batch may hold for the plan to leave its MLP whole: the slices began past this many
+# tokens until 2026-12-06, so micro-batches up to it trained whole in every GPU run and estimate check before
+WHOLE_TOKENS = 65536
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")  # what the estimate reads
 
 
@@ -193,9 +196,11 @@ def _whole_mlp(cfg: Config, option: Option, sizes: Sizes | None, gpus: int, mcfg
     the MLP whole, the plan leaves it whole: (that option, its peak unsliced, True); else (option, False)."""
     if kernels is None or not kernels.tiled_mlp or cfg.train.tiled_mlp != "auto" or gpus > 1:
         return option, False
-    longest = sizes[0][0] if sizes else cfg.data.max_len
-    if option.micro_batch_size * longest <= select.TILE_TOKENS:
-        return option, False  # never sliced: no micro-batch holds more tokens
+    micro = option.micro_batch_size
+    tokens = sum(n for n, _ in sizes[:micro]) if sizes and kernels.packing == "rows" else \
+        micro * (sizes[0][0] if sizes else cfg.data.max_len)  # the most a forward holds: packed, or padded
+    if not select.TILE_TOKENS < tokens <= WHOLE_TOKENS:
+        return option, False  # never sliced, or longer than any micro-batch the MLP has trained whole on a GPU
     whole = _estimated(cfg, option, sizes, gpus, mcfg, replace(kernels, tiled_mlp=0), dtypes)
     return (whole, True) if whole.peak <= free * (1 - MARGIN) else (option, False)
 

@@ -27,7 +27,7 @@ MIN_HIDDEN = 3072  # H100, LoRA r=16, 16 records a step: 8B (hidden 4096) +15% t
 # out of memory at 33,792 on one tokens x intermediate tensor (924 MiB), its peak growing 216 KB a token, where
 # sliced records grow about 115 KB a token (8B QLoRA from 139,264 to 147,456 tokens). 24,576 is above that
 # micro-batch with room and below the longest record that trained whole there. Where a batch split the plan
-# chose (engine/split.py) fits with the MLP whole, its run leaves it whole, however many tokens a micro-batch holds.
+# chose (engine/split.py) fits with the MLP whole, its run leaves it whole (up to split.WHOLE_TOKENS a micro-batch).
 TILE_TOKENS = 24576
 LORA_METHODS = ("lora", "rslora", "pissa", "qlora")  # peft's plain LoRA layers, the ones kernels/lora.py fuses
 

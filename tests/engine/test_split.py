@@ -262,8 +262,8 @@ def replace_path(cfg, path: str):
 
 def test_long_micro_batches_keep_the_mlp_whole_where_it_fits_and_slice_it_where_not(tmp_path):
     """train.tiled_mlp=auto slices the MLP past select.TILE_TOKENS tokens a forward, at one more MLP forward a
-    step: an auto split whose micro-batch fits unsliced leaves it whole (the plan's kernels say so, its peak is
-    the unsliced one); where only the sliced one fits, the slices stay on."""
+    step: an auto split whose micro-batch (of at most split.WHOLE_TOKENS) fits unsliced leaves it whole (the plan's
+    kernels say so, its peak is the unsliced one); where only the sliced one fits, the slices stay on."""
     from dataclasses import replace
 
     from transformers import LlamaConfig
@@ -292,6 +292,10 @@ def test_long_micro_batches_keep_the_mlp_whole_where_it_fits_and_slice_it_where_
     assert tight.split.chosen.peak == sliced.peak and "tiled MLP" in tight.describe()
     short = run_plan.for_estimate(cfg, 80 * GIB, [(1024, 1000)] * 16)  # 16,384 tokens: never sliced
     assert not short.split.whole_mlp and short.kernels.tiled_mlp == 1
+    cfg.data.max_len = 8192  # 131,072 tokens a micro-batch: past WHOLE_TOKENS, sliced however much memory is free
+    longer = run_plan.for_estimate(cfg, 1024 * GIB, [(8192, 8000)] * 16)
+    assert 16 * 8192 > split.WHOLE_TOKENS and not longer.split.whole_mlp and longer.kernels.tiled_mlp == 1
+    cfg.data.max_len = 4096
     cfg.train.tiled_mlp = "on"  # the user's switch stays
     assert run_plan.for_estimate(cfg, 80 * GIB, sizes).kernels.tiled_mlp == 1
     assert select.TILE_TOKENS < 16 * 4096
