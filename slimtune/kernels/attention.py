@@ -17,6 +17,7 @@ that right on this GPU (once, at enable()), and repeats them otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -177,10 +178,10 @@ def _one_record(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if ONE_RECORD != "cudnn":
-        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):  # a preference: a shape cuDNN refuses takes the next
+    # cudnn: a preference, not a restriction (a shape cuDNN refuses takes the next backend)
+    backends = sdpa_kernel(order, set_priority=True) if ONE_RECORD == "cudnn" else contextlib.nullcontext()
+    with backends:
         return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
 
 

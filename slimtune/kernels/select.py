@@ -145,10 +145,9 @@ def _tile(model: torch.nn.Module, tc: TrainConfig, device: str) -> int:
     return tiled_mlp.enable(model, past) if past is not None else 0
 
 
-def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels, want: Kernels | None = None
-              ) -> list[str]:
+def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels, want: Kernels) -> list[str]:
     """One line for each fast path train.* asks for on this device that this model keeps out of, with why
-    (`want`: the run plan's record, which leaves the MLP whole where its micro-batches fit unsliced)."""
+    (`want`: what enable was asked for, the run plan's record, which leaves the MLP whole where it fits unsliced)."""
     name, out = type(attention._base(model)).__name__, []
     why = attention.unsupported(model)
     if k.packing == "off" and why and (tc.packing == "auto" and device.startswith("cuda")):
@@ -156,8 +155,7 @@ def fallbacks(model: torch.nn.Module, tc: TrainConfig, device: str, k: Kernels, 
     asked = (("fused_norm_mlp", k.fused_norm_mlp, use_fused_norm_mlp(tc.fused_norm_mlp, device, model),
               "Llama-style RMSNorm or SwiGLU MLP"),
              ("fused_rope", k.fused_rope, use_fused_rope(tc.fused_rope, device), "Llama-style attention with RoPE"),
-             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None
-              and (want is None or bool(want.tiled_mlp)),
+             ("tiled_mlp", k.tiled_mlp, tiled_mlp_from(tc.tiled_mlp, device) is not None and bool(want.tiled_mlp),
               "Llama-style MLP (gate_proj, up_proj, down_proj)"),
              ("compile", k.compiled_layers, use_compile(tc.compile, device), "transformers decoder layers"))
     for key, took, wanted_here, what in asked:
