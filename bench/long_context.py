@@ -240,7 +240,7 @@ def _spawn(a, tool: str, method: str, cap: float, lengths: list[int], timeout: f
     cmd = [sys.executable, str(Path(__file__)), "--trial", "--tool", tool, "--method", method, "--cap-gib", str(cap),
            "--lengths", ",".join(map(str, lengths)), "--model-dir", a.model_dir, "--r", str(a.r),
            "--tps-at", str(a.tps_at), "--timed", str(a.timed), "--max-step-s", str(a.max_step_s),
-           "--time-left", str(max(timeout, 1)), "--one-record", getattr(a, "one_record", "varlen")]
+           "--time-left", str(max(timeout, 1)), "--one-record", a.one_record]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=max(timeout, 1))

@@ -115,7 +115,8 @@ def _canned(monkeypatch, answer) -> list:
 
 
 def _a(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{**dict(quick=False, resolution=8192, max_doublings=6, tps_at=16384, max_step_s=240),
+    return argparse.Namespace(**{**dict(quick=False, resolution=8192, max_doublings=6, tps_at=16384, max_step_s=240,
+                                        one_record="varlen"),
                                  **kw})
 
 
