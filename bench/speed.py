@@ -34,6 +34,7 @@ Recipes:
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them;
            defaults:cast_once=off (DIAGNOSTIC) casts each LoRA adapter in every forward, recompute and backward
            defaults:gc_probe (DIAGNOSTIC) records what each full garbage collection scanned and freed
+           defaults:profile=PATH:stacks (DIAGNOSTIC) the profile also groups copies by the stack that made them
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
            (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
 
@@ -153,6 +154,9 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         from slimtune.kernels import lora_math
         lora_math.ENABLED = False
     probe = _gc_probe() if a.gc_probe else None
+    if a.stacks:  # diagnostic: the profile's copies by the Python stack that made them
+        from slimtune.engine import timing
+        timing.STACKS = True
     if a.no_ahead:  # diagnostic: offloaded tensors brought back only when backward reads them
         from slimtune.engine import offload
         offload.AHEAD = False
@@ -311,7 +315,8 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                      "--modes", os.environ.get("UNSLOTH_MODES", "padded,padding_free"),
                                      "--load-in-4bit", *steps]]
     base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
-    flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",), "gc_probe": ("--gc_probe",)}
+    flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",), "gc_probe": ("--gc_probe",),
+             "stacks": ("--stacks",)}
     keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else flags[k]
                                           if k in flags else ("--train_key", k))]
     if base == "defaults":
@@ -399,6 +404,8 @@ def main(argv=None) -> int:
                     help="worker, diagnostic: kernels/lora_math.py's ENABLED off (adapters cast every pass)")
     ap.add_argument("--gc_probe", action="store_true",
                     help="worker, diagnostic: what each full garbage collection scanned and freed (row gc_probe)")
+    ap.add_argument("--stacks", action="store_true",
+                    help="worker, with --profile: the profile also groups copies by the Python stack that made them")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:  # slimtune through its Python API, in the allocator setting `slimtune train` runs with (cli.main)

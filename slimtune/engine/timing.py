@@ -26,6 +26,8 @@ import torch
 
 STALL_FACTOR = 2.0  # a step over twice the median is a stall
 PROFILED_STEPS = 2  # profile_step and the one after: the second shows the steady state if the first is special
+STACKS = False  # the profile also groups these ops by the Python stack that called them (bench/speed.py's diagnostic)
+STACK_OPS = ("aten::clone", "aten::copy_", "aten::contiguous", "aten::_to_copy", "aten::add", "aten::mul")
 
 
 def stalls(step_s: dict[int, float], factor: float = STALL_FACTOR,
@@ -217,6 +219,31 @@ def _idle_text(events: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stacks_text(events: list, on_device: bool) -> str:
+    """STACK_OPS' calls grouped by op, input shapes and where they were called: the innermost Python frames, and
+    in backward the autograd node that ran them first (backward's Python frames are only where it was started)."""
+    groups: dict[tuple, list] = {}
+    for e in events:
+        if e.name not in STACK_OPS or (e.cpu_parent is not None and e.cpu_parent.name in STACK_OPS):
+            continue
+        node, parent = [], e.cpu_parent
+        while parent is not None and not node:
+            node = [parent.name] if parent.name.startswith("autograd::engine::evaluate_function") else []
+            parent = parent.cpu_parent
+        frames = node + [f for f in e.stack if ".py(" in f][:6]
+        key = (e.name, str(e.input_shapes), tuple(frames))
+        got = groups.setdefault(key, [0, 0.0, 0.0])
+        got[0] += 1
+        got[1] += e.device_time_total
+        got[2] += e.cpu_time_total
+    busiest = sorted(groups.items(), key=lambda kv: -kv[1][1 if on_device else 2])[:25]
+    lines = ["\nBy where they were called (the 25 busiest; an op inside another of these is counted in it):"]
+    for (name, shapes, frames), (n, dev, host) in busiest:
+        lines.append(f"{name} x{n}  device {dev / 1e3:.2f} ms  host {host / 1e3:.2f} ms  shapes {shapes}")
+        lines += [f"    {frame}" for frame in frames]
+    return "\n".join(lines) + "\n"
+
+
 class Profiler:
     """torch.profiler over steps `first` and `first + 1` (train.profile_step; 0 = off): `around(step)` wraps each
     step, and once the last one is done the table of the busiest ops, by device time and by host time, is written
@@ -238,7 +265,8 @@ class Profiler:
 
         if self.prof is None:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
-            self.prof = profile(activities=acts)
+            verbose = torch._C._profiler._ExperimentalConfig(verbose=True) if STACKS else None  # the frames kept
+            self.prof = profile(activities=acts, with_stack=STACKS, record_shapes=STACKS, experimental_config=verbose)
             self.prof.__enter__()
         with torch.profiler.record_function(f"slimtune step {step}"):
             yield
@@ -258,6 +286,8 @@ class Profiler:
                 f"(train.profile_step={self.first})\n")
         text = head + "\nBy device time:\n" + table.table(sort_by=by_device, row_limit=40) + \
             "\nBy host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40) + _idle_text(self.prof.events())
+        if STACKS:
+            text += _stacks_text(self.prof.events(), self.device.startswith("cuda"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
         self.prof = None

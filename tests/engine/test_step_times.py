@@ -185,6 +185,19 @@ def test_profile_step_writes_the_busiest_ops_of_two_steps(tmp_path, tiny_model_d
     assert len(rows) == STEPS
 
 
+def test_profile_with_stacks_names_the_frames_that_made_each_copy(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(timing, "STACKS", True)
+    run, _, _ = _train(tmp_path, tiny_model_dir, "stacks", profile_step=3)
+    text = (run / "profile.txt").read_text()
+    assert "By where they were called" in text
+    part = text.split("By where they were called")[1]
+    heads = [line for line in part.splitlines() if line.startswith("aten::")]
+    assert heads and all(line.split(" x")[0] in timing.STACK_OPS for line in heads)
+    frames = [line for line in part.splitlines() if line.startswith("    ")]
+    assert any(".py(" in line for line in frames)  # Python frames under a forward's copies
+    assert any("autograd::engine::evaluate_function" in line for line in frames)  # the node around a backward's
+
+
 def test_profile_step_past_the_end_writes_nothing_and_a_run_ending_inside_writes_its_table(tmp_path,
                                                                                           tiny_model_dir):
     run, _, _ = _train(tmp_path, tiny_model_dir, "late", profile_step=STEPS + 5)
