@@ -34,8 +34,6 @@ Recipes:
            defaults:ahead=off (DIAGNOSTIC) brings offloaded layer inputs back only when backward reads them;
            defaults:cast_once=off (DIAGNOSTIC) casts each LoRA adapter in every forward, recompute and backward
            defaults:gc_probe (DIAGNOSTIC) records what each full garbage collection scanned and freed
-           defaults:lean=off (DIAGNOSTIC) torch's non-reentrant checkpointing instead of engine/recompute.py's lean one;
-           defaults:reentrant (DIAGNOSTIC) torch's reentrant one
            defaults:profile=PATH:stacks (DIAGNOSTIC) the profile also groups copies by the stack that made them
   defaults-qlora  the same with method qlora (the 4-bit base loaded from the saved folder); the same keys
            (defaults-qlora:compile=off: eager decoder layers over the 4-bit base)
@@ -156,11 +154,6 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         from slimtune.kernels import lora_math
         lora_math.ENABLED = False
     probe = _gc_probe() if a.gc_probe else None
-    if a.reentrant or a.no_lean:  # diagnostic: torch's checkpoint (reentrant, or the non-reentrant one LEAN replaced)
-        from slimtune.engine import recompute
-        recompute.LEAN = False
-        if a.reentrant:
-            recompute.KWARGS = {"use_reentrant": True}
     if a.stacks:  # diagnostic: the profile's copies by the Python stack that made them
         from slimtune.engine import timing
         timing.STACKS = True
@@ -186,9 +179,7 @@ def defaults_worker(a, explicit: list[str] | None = None) -> dict:
         "".join(f", {k}" for k in a.train_key if not k.startswith("batch_size=")) + \
         (", offload's copy ahead off (diagnostic)" if a.no_ahead else "") + \
         (", adapter casts every pass (diagnostic)" if a.no_cast_once else "") + \
-        (", gc probe (diagnostic)" if a.gc_probe else "") + \
-        (", torch's reentrant checkpointing (diagnostic)" if a.reentrant else "") + \
-        (", torch's non-reentrant checkpointing (diagnostic)" if a.no_lean else "")
+        (", gc probe (diagnostic)" if a.gc_probe else "")
     name = "slimtune" if explicit is not None else "slimtune defaults"
     row = dict(recipe=f"{name}{' qlora' if a.method == 'qlora' and explicit is not None else ''} ({shown})",
                size=a.size, params=n_params, max_len=a.max_len, lora_targets=_targets(a.size), r=16, train_keys=keys,
@@ -325,7 +316,7 @@ def recipe_commands(name: str, size: str, a) -> list[list[str]]:
                                      "--load-in-4bit", *steps]]
     base, *keys = name.split(":")  # defaults:compile=off: one train.* key set over the defaults
     flags = {"ahead=off": ("--no_ahead",), "cast_once=off": ("--no_cast_once",), "gc_probe": ("--gc_probe",),
-             "stacks": ("--stacks",), "reentrant": ("--reentrant",), "lean=off": ("--no_lean",)}
+             "stacks": ("--stacks",)}
     keys = [arg for k in keys for arg in (("--profile", k[8:]) if k.startswith("profile=") else flags[k]
                                           if k in flags else ("--train_key", k))]
     if base == "defaults":
@@ -415,10 +406,6 @@ def main(argv=None) -> int:
                     help="worker, diagnostic: what each full garbage collection scanned and freed (row gc_probe)")
     ap.add_argument("--stacks", action="store_true",
                     help="worker, with --profile: the profile also groups copies by the Python stack that made them")
-    ap.add_argument("--reentrant", action="store_true",
-                    help="worker, diagnostic: torch's reentrant checkpointing (engine/recompute.py's KWARGS)")
-    ap.add_argument("--no_lean", action="store_true",
-                    help="worker, diagnostic: torch's non-reentrant checkpointing (engine/recompute.py's LEAN off)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.worker:  # slimtune through its Python API, in the allocator setting `slimtune train` runs with (cli.main)

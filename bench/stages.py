@@ -120,9 +120,6 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     "casts-8b": ("the 8B defaults beside the same with each adapter cast in every pass (defaults:cast_once=off, "
                  "diagnostic), twice each, alternating", [
         speed("8b", "defaults,defaults:cast_once=off,defaults,defaults:cast_once=off", 330)]),
-    "checkpoint-8b": ("the 8B defaults (engine/recompute.py's lean checkpoint: one node a layer) beside "
-                      "defaults:lean=off (torch's non-reentrant checkpoint), twice each, alternating", [
-        speed("8b", "defaults:lean=off,defaults,defaults:lean=off,defaults", 330)]),
     "compile-8b": ("the 8B defaults (Liger's norm/MLP, eager layers) beside the same with fused_norm_mlp=off "
                    "(compiled layers instead)", [speed("8b", "defaults,defaults:fused_norm_mlp=off", 520)]),
     # 96 records a micro-batch (about 30,000 tokens, the 96 longest 53,770) pass select.TILE_TOKENS: the plan leaves

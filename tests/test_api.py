@@ -302,9 +302,9 @@ def test_fit_turns_on_the_checkpointing_an_auto_split_chose_after_prepare(tiny_m
     def gpu_choice(cfg, device, *args, **kw):
         return split.Split(4, split.Option(4, 1, True, True), "planted")
     monkeypatch.setattr(split, "split", gpu_choice)
-    from slimtune.engine import recompute
-    calls, real = [], recompute.lean  # what transformers' layers call once checkpointing is on
-    monkeypatch.setattr(recompute, "lean", lambda *a: calls.append(1) or real(*a))
+    import transformers.modeling_utils as mu
+    calls, real = [], mu.checkpoint  # what transformers' layers call once checkpointing is on
+    monkeypatch.setattr(mu, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     lines = []
     slimtune.fit(model, records, cfg, log=lines.append)
     assert checkpointing_on(model)

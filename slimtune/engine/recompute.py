@@ -1,27 +1,9 @@
-"""Gradient (activation) checkpointing: transformers' switch, turned on as the run plan says, and the checkpoint
-function its layers call (LEAN: one autograd node per layer).
-
-torch's non-reentrant checkpoint records the layer's first forward with autograd and passes every tensor the
-layer's ops save through its saved-tensor hooks three times (the forward's placeholder, the recompute's copy,
-backward's unpack): at 8B that is about 30 saved tensors a layer, 32 layers, each a Python call, on a step whose
-GPU waits for the CPU at its start. LEAN runs the first forward without autograd, as one node that saves only
-the layer's inputs, and in backward recomputes the layer with autograd on (same autocast, same random numbers)
-and back-propagates through it at once, as unsloth's and torch's reentrant checkpoints do. Unlike torch's
-reentrant one it needs no input that requires grad (a frozen embedding's output does not): a constant leaf that
-requires grad rides along, so the node is always in the graph and the first layer's adapters get gradients
-without the embedding's input-grad hook. Layers whose forward is compiled (kernels/compiled.py takes only
-forwards with grad on) and sharded runs (FSDP2's hooks around the recompute) keep torch's checkpoint.
-"""
+"""Gradient (activation) checkpointing: transformers' switch, turned on as the run plan says."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import torch
-
-if TYPE_CHECKING:
-    from torch.autograd.function import FunctionCtx
 
 from ..config import ConfigError, MethodConfig
 from ..methods import kinds
@@ -31,66 +13,7 @@ from ..methods import kinds
 # longer builds a {shape, dtype, device} dict for each saved tensor, in the forward and the recompute, and compares
 # them: host time a CPU-paced GPU step waits for
 KWARGS = {"use_reentrant": False, "determinism_check": "none"}
-LEAN = True  # transformers' layers call lean() (off: torch's checkpoint with KWARGS; bench/speed.py's diagnostic)
 HOOK = "enable_input_require_grads.<locals>.make_inputs_require_grads"  # transformers' hook, which peft calls too
-_ANCHOR: torch.Tensor | None = None  # the leaf that requires grad lean() passes its node (no gradient reaches it)
-
-
-def _autocast() -> list[tuple[str, bool, torch.dtype, bool]]:
-    """The autocast state of the forward, per device type, for its recompute in backward."""
-    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled())
-            for d in ("cuda", "cpu")]
-
-
-class _Recompute(torch.autograd.Function):
-    """A layer's forward without autograd, its inputs saved; backward recomputes it with autograd and runs its
-    backward (torch.utils.checkpoint's reentrant scheme)."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, run: Callable[..., Any], anchor: torch.Tensor, *args: Any) -> Any:
-        ctx.run, ctx.autocast = run, _autocast()
-        devices = sorted({a.device.index for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
-        ctx.devices = devices
-        ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-        ctx.where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.save_for_backward(*(args[i] for i in ctx.where))
-        return run(*args)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        args = list(ctx.others)
-        for i, t in zip(ctx.where, ctx.saved_tensors):
-            args[i] = t.detach().requires_grad_(t.requires_grad)
-        with torch.random.fork_rng(devices=ctx.devices):
-            torch.set_rng_state(ctx.rng[0])
-            for d, state in zip(ctx.devices, ctx.rng[1]):
-                torch.cuda.set_rng_state(state, d)
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for dev, enabled, dtype, cache in ctx.autocast:
-                    stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=cache))
-                out = ctx.run(*args)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        got = [None] * len(args)
-        for i in ctx.where:
-            got[i] = args[i].grad if args[i].requires_grad else None
-        return None, None, *got
-
-
-def lean(run: Callable[..., Any], *args: Any) -> Any:
-    """The checkpoint function of transformers' layers under LEAN (its _gradient_checkpointing_func): run(*args)
-    as one node recomputed in backward. Traced by dynamo or in a sharded run: torch's checkpoint with KWARGS."""
-    global _ANCHOR
-    if torch.compiler.is_compiling() or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                                         and torch.distributed.get_world_size() > 1):
-        return torch.utils.checkpoint.checkpoint(run, *args, **KWARGS)
-    if _ANCHOR is None:
-        _ANCHOR = torch.zeros((), requires_grad=True)
-    return _Recompute.apply(run, _ANCHOR, *args)
 
 
 def enable_checkpointing(model: torch.nn.Module, cfg_method: MethodConfig,
@@ -113,10 +36,6 @@ def enable_checkpointing(model: torch.nn.Module, cfg_method: MethodConfig,
         owner.activation_checkpointing_enable(activation_checkpointing_kwargs=KWARGS)
     else:
         owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=KWARGS)
-    if LEAN:
-        for m in owner.modules():
-            if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func"):
-                m._gradient_checkpointing_func = lean
     drop_input_grads(owner)
     owner.config.use_cache = False
     return True
@@ -136,7 +55,7 @@ def drop_input_grads(model: torch.nn.Module) -> None:
         return
     funcs = [getattr(m, "_gradient_checkpointing_func", None) for m in base.modules()
              if getattr(m, "gradient_checkpointing", False) is True]
-    if any(f is not lean and getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
+    if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
         return
     if getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None):
         base.disable_input_require_grads()  # where the handles are (a peft wrapper forwards to its base)

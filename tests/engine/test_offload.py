@@ -106,14 +106,12 @@ def test_host_buffers_are_made_once_for_the_longest_forward_and_reused():
 
 
 def test_checkpointing_skips_torch_s_per_tensor_metadata_check_with_the_same_gradients(monkeypatch):
-    """engine/recompute.py turns torch's checkpointing (the path where LEAN is off or does not apply) on with
-    determinism_check="none": torch no longer builds and compares a metadata dict for every tensor the layers save
-    (twice a step), host time on a CPU-paced GPU; the gradients are the same as with the check."""
+    """engine/recompute.py turns checkpointing on with determinism_check="none": torch no longer builds and
+    compares a metadata dict for every tensor the layers save (twice a step), host time on a CPU-paced GPU; the
+    gradients are the same as with the check."""
     import torch.utils.checkpoint as ckpt
 
     from slimtune.engine import recompute
-
-    monkeypatch.setattr(recompute, "LEAN", False)
 
     assert recompute.KWARGS == {"use_reentrant": False, "determinism_check": "none"}  # what runs use
     calls = []
