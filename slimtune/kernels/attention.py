@@ -112,7 +112,9 @@ def varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_l
     dtype = query.dtype
     if dtype not in HALF:  # fp32 activations under autocast (RoPE in fp32): the kernel takes half only
         dtype = torch.get_autocast_dtype("cuda")
-    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (T, H, D)
+    # (T, H, D) views: squeeze, not t[0], whose backward writes each gradient into a new zero-filled (1, H, T, D)
+    # tensor (three per layer), in a layout RoPE's and the projections' backward then copy again
+    q, k, v = (t.squeeze(0).transpose(0, 1).to(dtype) for t in (query, key, value))
     q, k, v, kw = _varlen_kwargs(q, k, v, scale, window)
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     out = _varlen_fn()(q, k, v, cu, cu, int(max_length), int(max_length), **kw)

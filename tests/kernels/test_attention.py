@@ -231,6 +231,57 @@ def test_varlen_call_fits_each_torch_signature(monkeypatch, fake, kv_heads, wind
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)  # bf16 inputs and output: ~3 digits
 
 
+def test_varlen_gives_gradients_back_as_views_of_the_kernels_own(monkeypatch):
+    """Backward through the layout change is views only: the kernel's (T, H, D) gradient reaches q/k/v of the
+    (1, H, T, D) layout as a transposed view of itself (Llama's q/k/v views then read it contiguous, without a
+    copy), with no select backward writing it into a zero-filled tensor; values as the reference's."""
+    import inspect
+
+    grads = {}
+
+    class Kernel(torch.autograd.Function):  # one opaque node, as the CUDA kernel is: (T, H, D) gradients out
+        @staticmethod
+        def forward(ctx, query, key, value, cu, longest, scale, window_size):
+            ctx.inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+            with torch.enable_grad():
+                ctx.out = _fake_new(*ctx.inputs, cu, cu, longest, longest, scale=scale, window_size=window_size,
+                                    enable_gqa=key.shape[1] != query.shape[1])
+            return ctx.out.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            got = [t.contiguous() for t in torch.autograd.grad(ctx.out, ctx.inputs, g)]
+            grads.update(zip("qkv", got))
+            return *got, None, None, None, None
+
+    def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        return Kernel.apply(query, key, value, cu_seq_q, max_q, scale, window_size)
+
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: fake)
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset(inspect.signature(_fake_new).parameters))
+    torch.manual_seed(0)
+    # as Llama makes them: projections (1, T, H * D) viewed as (1, T, H, D), transposed to (1, H, T, D)
+    proj = [torch.randn(1, 60, h * 16, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2)]
+    q, k, v = (p.view(1, 60, -1, 16).transpose(1, 2) for p in proj)
+    cu = torch.tensor([0, 7, 38, 40, 60], dtype=torch.int32)
+    out = attention.varlen(q, k, v, cu.long(), 31, 0.2)
+    nodes, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    assert "SelectBackward0" not in nodes
+    out.float().square().sum().backward()
+    for name, p in zip("qkv", proj):
+        assert p.grad.data_ptr() == grads[name].data_ptr()  # the kernel's gradient itself: no copy on the way
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    reference.packed_attention(*ref, cu, 0.2).square().sum().backward()
+    for p, r in zip(proj, ref):
+        torch.testing.assert_close(p.grad.float(), r.grad.transpose(1, 2).reshape(p.shape), atol=0.1, rtol=3e-2)
+
+
 def _fake_no_gqa_flag(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                       window_size=(-1, -1)):
     """A release between the two above: window_size, no enable_gqa; computes GQA from fewer kv heads (the
