@@ -11,6 +11,8 @@ garbage collector (`gc_s`) and, on CUDA, the caching allocator's retries and new
 (`alloc_retries`, `device_allocs`); a stall's line names them. With train.profile_step = N, torch.profiler
 records steps N and N + 1 and their busiest ops go to profile.txt in the run folder, with the device's idle time
 over those steps and its longest gaps, each with the host op that was running where it began and where it ended.
+With STACKS on (bench/speed.py's diagnostic) it also lists the copies, casts and adds by the Python frames, and in
+backward the autograd node, that made them.
 """
 from __future__ import annotations
 
