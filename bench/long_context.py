@@ -9,6 +9,8 @@ longest record for which one training step (forward, backward, AdamW) runs:
   - bisecting between the longest that trained and the shortest that did not, one fresh process per try,
     down to --resolution tokens; a process that fails on memory (or any error) counts as "does not train".
 It also times tokens/s at 16k (--timed steps after the first). --quick tries only 16k, 32k, 64k, 128k.
+--from-tokens N starts the doubling at N (with --max-doublings 1: that one length, for a step that takes minutes);
+a cell where every length tried trained is a lower bound too (">= N (every length tried trained)").
 --predict (slimtune cells): slimtune's memory estimator (slimtune.engine.memory.estimate) first gives the longest
 record whose predicted reserved peak fits the cap (the whole GPU: its memory less the CUDA context) and whose offloaded
 layer inputs fit the CPU memory available less 10% (--host-gib to set it; the row's host_gib), checked on every
@@ -277,7 +279,7 @@ def search(a, tool: str, method: str, cap: float, deadline: float, log, predicte
     """One cell within the time left: doubling (or the lengths near `predicted`) in one process, then bisecting
     one fresh process per length while the bracket is wider than --resolution and no length was skipped for time."""
     ladder = QUICK if a.quick else near(predicted, a.resolution) if predicted else \
-        [16384 * 2**i for i in range(a.max_doublings)]
+        [a.from_tokens * 2**i for i in range(a.max_doublings)]
     tried, info = _spawn(a, tool, method, cap, ladder, deadline - time.perf_counter(), log)
     good, bad = _bracket(tried)
     while (not a.quick and good and bad and bad - good > a.resolution and time.perf_counter() < deadline - 30
@@ -294,7 +296,7 @@ def search(a, tool: str, method: str, cap: float, deadline: float, log, predicte
     timed_out = any(r.get("skipped") for r in tried)
     return {"longest_tokens": good, "shortest_failed": bad or None, "tok_s_at_16k": tps, "tried": tried,
             "load": info, "bounded": not a.quick and bool(bad) and bad - good > a.resolution,
-            "bounded_by_time": timed_out}
+            "bounded_by_time": timed_out, "ladder_ended": bool(good) and not bad and not timed_out}
 
 
 def _device(gpu_gib: float) -> tuple[str, float]:
@@ -327,7 +329,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-step-s", type=float, default=240, help="skip a length projected to train slower than this")
     ap.add_argument("--budget-s", type=float, default=540, help="seconds for the whole run")
     ap.add_argument("--resolution", type=int, default=8192, help="bisect until the bracket is this narrow")
-    ap.add_argument("--max-doublings", type=int, default=6, help="16k x 2^i for i below this")
+    ap.add_argument("--max-doublings", type=int, default=6, help="--from-tokens x 2^i for i below this")
+    ap.add_argument("--from-tokens", type=int, default=16384,
+                    help="the doubling's first length (a whole-GPU cell: one long length in a call of its own)")
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--tps-at", type=int, default=16384)
     ap.add_argument("--timed", type=int, default=2, help="steps timed at --tps-at after the first")
@@ -351,7 +355,9 @@ def _longest(r: dict) -> str:
     """The table's longest-tokens cell: a lower bound where a length was skipped for time."""
     if "longest_tokens" not in r:
         return str(r.get("not_run"))
-    return f">= {r['longest_tokens']} (time)" if r.get("bounded_by_time") else str(r["longest_tokens"])
+    if r.get("bounded_by_time") or r.get("ladder_ended"):
+        return f">= {r['longest_tokens']} ({'time' if r.get('bounded_by_time') else 'every length tried trained'})"
+    return str(r["longest_tokens"])
 
 
 def table(rows: list[dict]) -> str:

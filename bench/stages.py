@@ -87,6 +87,14 @@ def long_context(method: str, cap: int, max_step_s: int, slimtune: tuple[int, in
                 longest("unsloth", method, str(cap), unsloth[0], "--resolution", str(unsloth[1]), *guard)])
 
 
+def far(tool: str, method: str, tokens: int = 262144) -> tuple[str, list[Step]]:
+    """One whole-GPU length in a call of its own: past the lengths a doubling from 16k reaches within one call."""
+    return (f"{tool} 8B {method} r=32 on the whole GPU at one record of {tokens:,} tokens, one step (minutes at this "
+            "length: a whole-GPU cell's lower bound raised past what a search from 16k reaches in one call)", [
+                longest(tool, method, "80", 560, "--from-tokens", str(tokens), "--max-doublings", "1",
+                        "--max-step-s", "480", "--resolution", str(tokens))])
+
+
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only
 PROFILED = ",".join(f"{recipe}:profile={LOGS}/prof_{name}.txt" for recipe, name in  # each its last two steps
                     ((f"slimtune:{OFFLOADED}", "fit"), ("defaults", "defaults"), ("defaults-qlora", "defaults_qlora")))
@@ -164,6 +172,8 @@ STAGES: dict[str, tuple[str, list[Step]]] = {
     # longest length projected to train within 120 s, a lower bound
     "long-context-80-qlora": long_context("qlora", 80, 120, (250, 8192), (310, 16384)),
     "long-context-80-lora": long_context("lora", 80, 120, (250, 8192), (310, 16384)),
+    **{f"long-context-80-{method}-262k{'' if tool == 'slimtune' else '-unsloth'}": far(tool, method)
+       for method in ("lora", "qlora") for tool in ("slimtune", "unsloth")},
     "offload-test": ("the GPU test of activation offload (tests/engine/test_offload_gpu.py)", [
         tests(150, "tests/engine/test_offload_gpu.py", tail=12)]),
     "offload-grads": ("which pass (fused LoRA, again, peft's after lora.disable) gives LoRA gradients of zeros, "

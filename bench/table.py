@@ -155,14 +155,15 @@ def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
         return []
     out = ["## The longest record that trains (bench/long_context.py)", "",
            "One record a step; *longest*: the longest length that trained (>= where a longer one was not tried "
-           "because its step was projected to take too long: a lower bound); *failed*: the shortest that ran out "
+           "because its step was projected to take too long, or no length tried failed: a lower bound); *failed*: "
+           "the shortest that ran out "
            "of memory; *peak*: allocated GiB at the longest.", "",
            "| file | device | size | method | cap GiB | tool | longest tokens | failed | peak GiB | tok/s at 16k |",
            "|---|---|---|---|--:|---|--:|--:|--:|--:|"]
     for r in sorted(rows, key=lambda r: (r["file"], r.get("size", ""), r.get("method", ""), r.get("cap_gib", 0)),
                     reverse=True):
         longest = f"{r['longest_tokens']:,}" if r["longest_tokens"] else "none"
-        longest = f">= {longest}" if r.get("bounded_by_time") else longest
+        longest = f">= {longest}" if r.get("bounded_by_time") or r.get("ladder_ended") else longest
         peak = [t.get("peak_gib") for t in r.get("tried", []) if t.get("tokens") == r["longest_tokens"]]
         failed = f"{r['shortest_failed']:,}" if r.get("shortest_failed") else ""
         at = [t for t in r.get("tried", []) if t.get("tokens") == r.get("shortest_failed")]

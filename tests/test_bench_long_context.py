@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import long_context as lc  # noqa: E402
 import long_predict as lp  # noqa: E402
+import table  # noqa: E402
 from slimtune.kernels.select import TILE_TOKENS  # noqa: E402
 
 GIB = 2**30
@@ -116,7 +117,7 @@ def _canned(monkeypatch, answer) -> list:
 
 def _a(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**dict(quick=False, resolution=8192, max_doublings=6, tps_at=16384, max_step_s=240,
-                                        one_record="varlen"),
+                                        one_record="varlen", from_tokens=16384),
                                  **kw})
 
 
@@ -143,6 +144,22 @@ def test_search_bisects_below_the_lowest_length_near_the_prediction_when_it_fail
     cell = lc.search(_a(max_step_s=100), "slimtune", "qlora", 24, lc.time.perf_counter() + 500, print, 135168)
     assert asked == [[16384, 126976, 135168, 143360], [71680]] and cell["tried"][-1]["skipped"] == "time"
     assert (cell["longest_tokens"], cell["shortest_failed"], cell["bounded_by_time"]) == (71680, 126976, True)
+
+
+def test_one_long_length_in_a_call_of_its_own_is_a_lower_bound_when_it_trains(monkeypatch):
+    asked = _canned(monkeypatch, lambda n: dict(ok=True, first_step_s=230.0))
+    cell = lc.search(_a(from_tokens=262144, max_doublings=1, max_step_s=480, resolution=262144), "slimtune", "lora",
+                     0, lc.time.perf_counter() + 540, print)
+    assert asked == [[262144]]  # that length alone: no 16k first, no bisection
+    assert (cell["longest_tokens"], cell["shortest_failed"], cell["ladder_ended"]) == (262144, None, True)
+    assert cell["tok_s_at_16k"] is None and not cell["bounded_by_time"]
+    row = dict(tool="slimtune", method="lora", cap_gib=79.2, **cell)
+    assert "| >= 262144 (every length tried trained) | None |" in lc.table([row])
+    assert "| >= 262,144 |" in "\n".join(table.long_context_section([("x.jsonl", dict(row, bench="long_context"))]))
+    asked = _canned(monkeypatch, lambda n: dict(ok=False, oom=True, error="OutOfMemoryError"))
+    cell = lc.search(_a(from_tokens=262144, max_doublings=1, resolution=262144), "slimtune", "lora", 0,
+                     lc.time.perf_counter() + 540, print)
+    assert (cell["longest_tokens"], cell["shortest_failed"], cell["ladder_ended"]) == (0, 262144, False)
 
 
 def test_a_trial_that_runs_out_of_time_ends_in_a_skipped_row(monkeypatch):
