@@ -58,6 +58,7 @@ from typing import Callable
 
 import long_predict
 from long_predict import ALL_LINEAR, GIB, near, projected_s, stretch
+from table import lower_bound
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -296,7 +297,7 @@ def search(a, tool: str, method: str, cap: float, deadline: float, log, predicte
     timed_out = any(r.get("skipped") for r in tried)
     return {"longest_tokens": good, "shortest_failed": bad or None, "tok_s_at_16k": tps, "tried": tried,
             "load": info, "bounded": not a.quick and bool(bad) and bad - good > a.resolution,
-            "bounded_by_time": timed_out, "ladder_ended": bool(good) and not bad and not timed_out}
+            "bounded_by_time": timed_out}
 
 
 def _device(gpu_gib: float) -> tuple[str, float]:
@@ -355,7 +356,7 @@ def _longest(r: dict) -> str:
     """The table's longest-tokens cell: a lower bound where a length was skipped for time."""
     if "longest_tokens" not in r:
         return str(r.get("not_run"))
-    if r.get("bounded_by_time") or r.get("ladder_ended"):
+    if lower_bound(r):
         return f">= {r['longest_tokens']} ({'time' if r.get('bounded_by_time') else 'every length tried trained'})"
     return str(r["longest_tokens"])
 

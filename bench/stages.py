@@ -92,7 +92,7 @@ def far(tool: str, method: str, tokens: int = 262144) -> tuple[str, list[Step]]:
     return (f"{tool} 8B {method} r=32 on the whole GPU at one record of {tokens:,} tokens, one step (minutes at this "
             "length: a whole-GPU cell's lower bound raised past what a search from 16k reaches in one call)", [
                 longest(tool, method, "80", 560, "--from-tokens", str(tokens), "--max-doublings", "1",
-                        "--max-step-s", "480", "--resolution", str(tokens))])
+                        "--max-step-s", "480")])
 
 
 PADDED = {"UNSLOTH_MODES": "padded"}  # unsloth's faster mode only

@@ -147,6 +147,12 @@ def _tool(r: dict) -> str:
     return r.get("tool", "?") + (f" ({r['one_record']} attention)" if r.get("one_record") else "")
 
 
+def lower_bound(r: dict) -> bool:
+    """Whether a bench/long_context.py cell's longest length is a lower bound: a longer one was skipped for time, or
+    every length tried trained."""
+    return bool(r.get("bounded_by_time")) or (bool(r.get("longest_tokens")) and not r.get("shortest_failed"))
+
+
 def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
     """bench/long_context.py's cells (not its --quick ones), newest file first: per model size, method and cap, each
     tool's longest trained record."""
@@ -163,7 +169,7 @@ def long_context_section(named: list[tuple[str, dict]]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["file"], r.get("size", ""), r.get("method", ""), r.get("cap_gib", 0)),
                     reverse=True):
         longest = f"{r['longest_tokens']:,}" if r["longest_tokens"] else "none"
-        longest = f">= {longest}" if r.get("bounded_by_time") or r.get("ladder_ended") else longest
+        longest = f">= {longest}" if lower_bound(r) else longest
         peak = [t.get("peak_gib") for t in r.get("tried", []) if t.get("tokens") == r["longest_tokens"]]
         failed = f"{r['shortest_failed']:,}" if r.get("shortest_failed") else ""
         at = [t for t in r.get("tried", []) if t.get("tokens") == r.get("shortest_failed")]

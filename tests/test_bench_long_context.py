@@ -151,7 +151,7 @@ def test_one_long_length_in_a_call_of_its_own_is_a_lower_bound_when_it_trains(mo
     cell = lc.search(_a(from_tokens=262144, max_doublings=1, max_step_s=480, resolution=262144), "slimtune", "lora",
                      0, lc.time.perf_counter() + 540, print)
     assert asked == [[262144]]  # that length alone: no 16k first, no bisection
-    assert (cell["longest_tokens"], cell["shortest_failed"], cell["ladder_ended"]) == (262144, None, True)
+    assert (cell["longest_tokens"], cell["shortest_failed"], table.lower_bound(cell)) == (262144, None, True)
     assert cell["tok_s_at_16k"] is None and not cell["bounded_by_time"]
     row = dict(tool="slimtune", method="lora", cap_gib=79.2, **cell)
     assert "| >= 262144 (every length tried trained) | None |" in lc.table([row])
@@ -159,7 +159,7 @@ def test_one_long_length_in_a_call_of_its_own_is_a_lower_bound_when_it_trains(mo
     asked = _canned(monkeypatch, lambda n: dict(ok=False, oom=True, error="OutOfMemoryError"))
     cell = lc.search(_a(from_tokens=262144, max_doublings=1, resolution=262144), "slimtune", "lora", 0,
                      lc.time.perf_counter() + 540, print)
-    assert (cell["longest_tokens"], cell["shortest_failed"], cell["ladder_ended"]) == (0, 262144, False)
+    assert (cell["longest_tokens"], cell["shortest_failed"], table.lower_bound(cell)) == (0, 262144, False)
 
 
 def test_a_trial_that_runs_out_of_time_ends_in_a_skipped_row(monkeypatch):

@@ -228,11 +228,10 @@ def _stacks_text(events: list, on_device: bool) -> str:
     for e in events:
         if e.name not in STACK_OPS or (e.cpu_parent is not None and e.cpu_parent.name in STACK_OPS):
             continue
-        node, parent = [], e.cpu_parent
-        while parent is not None and not node:
-            node = [parent.name] if parent.name.startswith("autograd::engine::evaluate_function") else []
-            parent = parent.cpu_parent
-        frames = node + [f for f in e.stack if ".py(" in f][:6]
+        node = e.cpu_parent  # the nearest autograd node around it, in backward
+        while node is not None and not node.name.startswith("autograd::engine::evaluate_function"):
+            node = node.cpu_parent
+        frames = ([node.name] if node is not None else []) + [f for f in e.stack if ".py(" in f][:6]
         key = (e.name, str(e.input_shapes), tuple(frames))
         got = groups.setdefault(key, [0, 0.0, 0.0])
         got[0] += 1
